@@ -1,0 +1,1 @@
+"""pcn node agent: the eBPF cube runtime, the cubes' control code and node wiring."""

@@ -1,0 +1,1 @@
+"""Control code of each cube type."""

@@ -1,0 +1,434 @@
+"""The cube runtime of one agent instance.
+
+One Runtime drives the data plane of one node (one network namespace): it
+compiles each cube type once, puts each loaded program in a slot of the shared
+program array, keeps per-instance and per-port state in pinned maps keyed by
+id, attaches the single entry program to every peered netdev, and removes
+exactly what it created.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from . import bpffs, maps, tc
+from .compiler import compile_cube
+
+log = logging.getLogger(__name__)
+
+ENTRY = "entry"
+
+
+class RuntimeError_(RuntimeError):
+    """A data-plane operation that cannot be carried out (bad name, no room...)."""
+
+
+@dataclass
+class CubeType:
+    name: str
+    module: object  # bcc.BPF
+    program: str
+    slot: int
+    fd: int
+
+
+@dataclass
+class Cube:
+    id: int
+    name: str
+    type: str
+    ports: dict[str, int] = field(default_factory=dict)  # port name -> port id
+
+
+@dataclass
+class StackedCube:
+    """A transparent cube placed on a port hook: its program slot and instance id."""
+
+    slot: int
+    instance: int
+
+
+@dataclass
+class PortState:
+    id: int
+    cube: str
+    name: str
+    mac: str = "00:00:00:00:00:00"
+    ip: str | None = None
+    prefixlen: int = 0
+    peer_kind: int = maps.PEER_NONE
+    peer: int = 0  # ifindex or port id
+    netdev: str | None = None
+    hooks: dict[int, list[StackedCube]] = field(
+        default_factory=lambda: {maps.HOOK_INGRESS: [], maps.HOOK_EGRESS: []}
+    )
+
+
+@dataclass
+class PortCounters:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    drops: int = 0
+
+
+class _IdPool:
+    def __init__(self, limit: int, what: str) -> None:
+        self._free = list(range(limit - 1, 0, -1))
+        self._what = what
+
+    def take(self) -> int:
+        if not self._free:
+            raise RuntimeError_(f"no free {self._what} id left")
+        return self._free.pop()
+
+    def give(self, value: int) -> None:
+        self._free.append(value)
+
+
+class Runtime:
+    """Data plane of one agent instance inside network namespace `netns`
+    (None: the namespace of this process)."""
+
+    def __init__(self, name: str, netns: str | None = None,
+                 pin_root: Path = bpffs.DEFAULT_ROOT) -> None:
+        self.name = name
+        self.netns = netns
+        self.pin_root = pin_root
+        self.pin_dir: Path | None = None
+        self.ipr: IPRoute | None = None
+        self.types: dict[str, CubeType] = {}
+        self.cubes: dict[str, Cube] = {}
+        self.ports: dict[int, PortState] = {}
+        self._cube_ids = _IdPool(maps.MAX_CUBES, "cube")
+        self._port_ids = _IdPool(maps.MAX_PORTS, "port")
+        self._slots = _IdPool(maps.MAX_SLOTS, "program slot")
+        self._attached: dict[int, set[str]] = {}  # ifindex -> tc parents we attached
+        self._own_clsact: set[int] = set()
+        self._entry_fds: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._entry = None
+        self._watchers: dict[str, Callable[[PortState], None]] = {}
+
+    # ----------------------------------------------------------------- life cycle
+    def open(self) -> Runtime:
+        self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
+        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        self._entry = compile_cube(ENTRY, self.pin_dir)
+        for prog in ("pcn_ingress", "pcn_egress"):
+            self._entry_fds[prog] = self._entry.load_func(prog, _sched_cls()).fd
+        log.info("runtime %s opened (netns %s, pins %s)", self.name, self.netns or "-", self.pin_dir)
+        return self
+
+    def close(self, remove: bool = True) -> None:
+        """Detach from netdevs and unpin everything this runtime created."""
+        with self._lock:
+            if self.ipr is None:
+                return
+            for ifindex, parents in list(self._attached.items()):
+                for parent in parents:
+                    tc.detach(self.ipr, ifindex, parent)
+                if ifindex in self._own_clsact:
+                    tc.remove_clsact(self.ipr, ifindex)
+            self._attached.clear()
+            self._own_clsact.clear()
+            for t in self.types.values():
+                t.module.cleanup()
+            if self._entry is not None:
+                self._entry.cleanup()
+            self.types.clear()
+            self.ipr.close()
+            self.ipr = None
+            if remove and self.pin_dir is not None:
+                bpffs.remove_instance(self.pin_dir)
+            log.info("runtime %s closed", self.name)
+
+    def __enter__(self) -> Runtime:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- tables
+    def table(self, name: str, cube_type: str = ENTRY):
+        module = self._entry if cube_type == ENTRY else self.load_type(cube_type).module
+        return module[name]
+
+    # ---------------------------------------------------------------- types
+    def load_type(self, type_name: str, program: str | None = None) -> CubeType:
+        """Compile a cube type once and register its program in the program array."""
+        with self._lock:
+            if type_name in self.types:
+                return self.types[type_name]
+            assert self.pin_dir is not None, "Runtime.open() first"
+            module = compile_cube(type_name, self.pin_dir)
+            prog = program or f"{type_name}_rx"
+            fd = module.load_func(prog, _sched_cls()).fd
+            slot = self._slots.take()
+            self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
+            t = CubeType(type_name, module, prog, slot, fd)
+            self.types[type_name] = t
+            return t
+
+    # ---------------------------------------------------------------- cubes
+    def add_cube(self, name: str, type_name: str) -> Cube:
+        with self._lock:
+            if name in self.cubes:
+                raise RuntimeError_(f"cube {name!r} already exists")
+            self.load_type(type_name)
+            cube = Cube(self._cube_ids.take(), name, type_name)
+            self._zero_cube_stats(cube.id)
+            self.cubes[name] = cube
+            log.info("cube %s (%s) created with id %d", name, type_name, cube.id)
+            return cube
+
+    def remove_cube(self, name: str) -> None:
+        with self._lock:
+            cube = self.cube(name)
+            for port_name in list(cube.ports):
+                self.remove_port(name, port_name)
+            del self.cubes[name]
+            self._watchers.pop(name, None)
+            self._cube_ids.give(cube.id)
+            log.info("cube %s removed", name)
+
+    def cube(self, name: str) -> Cube:
+        try:
+            return self.cubes[name]
+        except KeyError:
+            raise RuntimeError_(f"no cube named {name!r}") from None
+
+    # ---------------------------------------------------------------- ports
+    def add_port(self, cube_name: str, port_name: str, mac: str | None = None,
+                 ip: str | None = None, prefixlen: int = 0) -> PortState:
+        with self._lock:
+            cube = self.cube(cube_name)
+            if port_name in cube.ports:
+                raise RuntimeError_(f"cube {cube_name!r} already has a port {port_name!r}")
+            pid = self._port_ids.take()
+            port = PortState(pid, cube_name, port_name, mac or _local_mac(self.name, pid), ip,
+                             prefixlen)
+            cube.ports[port_name] = pid
+            self.ports[pid] = port
+            self._zero_port_stats(pid)
+            self._write_port(port)
+            return port
+
+    def port(self, cube_name: str, port_name: str) -> PortState:
+        cube = self.cube(cube_name)
+        try:
+            return self.ports[cube.ports[port_name]]
+        except KeyError:
+            raise RuntimeError_(f"cube {cube_name!r} has no port {port_name!r}") from None
+
+    def remove_port(self, cube_name: str, port_name: str) -> None:
+        with self._lock:
+            port = self.port(cube_name, port_name)
+            self.disconnect(port)
+            del self.table("pcn_ports")[ct.c_uint32(port.id)]
+            del self.cube(cube_name).ports[port_name]
+            del self.ports[port.id]
+            self._port_ids.give(port.id)
+
+    def update_port(self, port: PortState) -> None:
+        with self._lock:
+            self._write_port(port)
+
+    def _write_port(self, port: PortState) -> None:
+        cube = self.cubes[port.cube]
+        v = maps.Port()
+        v.cube_id = cube.id
+        v.cube_slot = self.types[cube.type].slot
+        v.peer_kind = port.peer_kind
+        v.peer = port.peer
+        v.ip = maps.ip_be(port.ip) if port.ip else 0
+        v.prefixlen = port.prefixlen
+        v.mac = maps.mac_bytes(port.mac)
+        for hook, stack in port.hooks.items():
+            v.hooks[hook].n = len(stack)
+            for i, s in enumerate(stack):
+                v.hooks[hook].slot[i] = s.slot
+                v.hooks[hook].inst[i] = s.instance
+        self.table("pcn_ports")[ct.c_uint32(port.id)] = v
+        watcher = self._watchers.get(port.cube)
+        if watcher is not None:
+            watcher(port)
+
+    def watch_ports(self, cube_name: str, fn: Callable[[PortState], None] | None) -> None:
+        """Call `fn` after any change to a port of `cube_name` reaches the map."""
+        if fn is None:
+            self._watchers.pop(cube_name, None)
+        else:
+            self._watchers[cube_name] = fn
+
+    # ---------------------------------------------------------------- peering
+    def ifindex(self, ifname: str) -> int:
+        assert self.ipr is not None
+        found = self.ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise RuntimeError_(f"no netdev {ifname!r} in netns {self.netns or '(current)'}")
+        return found[0]
+
+    def connect_netdev(self, port: PortState, ifname: str) -> None:
+        """Peer a port with a netdev: the entry program on its tc ingress."""
+        with self._lock:
+            self.disconnect(port)
+            ifindex = self.ifindex(ifname)
+            self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(port.id, maps.IFACE_PORT)
+            port.peer_kind, port.peer, port.netdev = maps.PEER_NETDEV, ifindex, ifname
+            self._write_port(port)
+            self._attach(ifindex, tc.INGRESS, "pcn_ingress")
+            self._sync_egress_attach(port)
+            log.info("port %s:%s peered with netdev %s (ifindex %d)", port.cube, port.name,
+                     ifname, ifindex)
+
+    def attach_inject(self, ifname: str) -> None:
+        """Mark a netdev as this runtime's slow-path injection device."""
+        with self._lock:
+            ifindex = self.ifindex(ifname)
+            self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(0, maps.IFACE_INJECT)
+            self._attach(ifindex, tc.INGRESS, "pcn_ingress")
+
+    def connect_ports(self, a: PortState, b: PortState) -> None:
+        with self._lock:
+            self.disconnect(a)
+            self.disconnect(b)
+            a.peer_kind, a.peer = maps.PEER_PORT, b.id
+            b.peer_kind, b.peer = maps.PEER_PORT, a.id
+            self._write_port(a)
+            self._write_port(b)
+            log.info("port %s:%s peered with %s:%s", a.cube, a.name, b.cube, b.name)
+
+    def disconnect(self, port: PortState) -> None:
+        with self._lock:
+            if port.peer_kind == maps.PEER_NETDEV:
+                ifindex = port.peer
+                for parent in self._attached.pop(ifindex, set()):
+                    tc.detach(self.ipr, ifindex, parent)
+                if ifindex in self._own_clsact:
+                    tc.remove_clsact(self.ipr, ifindex)
+                    self._own_clsact.discard(ifindex)
+                try:
+                    del self.table("pcn_ifaces")[ct.c_uint32(ifindex)]
+                except KeyError:
+                    pass
+            elif port.peer_kind == maps.PEER_PORT:
+                other = self.ports.get(port.peer)
+                if other is not None and other.peer == port.id:
+                    other.peer_kind, other.peer = maps.PEER_NONE, 0
+                    self._write_port(other)
+            if port.peer_kind != maps.PEER_NONE:
+                port.peer_kind, port.peer, port.netdev = maps.PEER_NONE, 0, None
+                self._write_port(port)
+
+    def _attach(self, ifindex: int, parent: str, prog: str) -> None:
+        assert self.ipr is not None
+        if tc.ensure_clsact(self.ipr, ifindex):
+            self._own_clsact.add(ifindex)
+        tc.attach(self.ipr, ifindex, parent, self._entry_fds[prog], prog)
+        self._attached.setdefault(ifindex, set()).add(parent)
+
+    def _sync_egress_attach(self, port: PortState) -> None:
+        """A netdev-peered port with an egress hook needs the egress entry program."""
+        if port.peer_kind != maps.PEER_NETDEV:
+            return
+        parents = self._attached.get(port.peer, set())
+        if port.hooks[maps.HOOK_EGRESS] and tc.EGRESS not in parents:
+            self._attach(port.peer, tc.EGRESS, "pcn_egress")
+        elif not port.hooks[maps.HOOK_EGRESS] and tc.EGRESS in parents:
+            tc.detach(self.ipr, port.peer, tc.EGRESS)
+            parents.discard(tc.EGRESS)
+
+    # ---------------------------------------------------------------- chains
+    def set_hook(self, port: PortState, hook: int, stack: Iterable[StackedCube]) -> None:
+        """Replace the transparent cubes on one side of a port in one map update."""
+        stack = list(stack)
+        if len(stack) > maps.CHAIN_MAX:
+            raise RuntimeError_(f"at most {maps.CHAIN_MAX} cubes fit on one port hook")
+        with self._lock:
+            port.hooks[hook] = stack
+            if hook == maps.HOOK_EGRESS and stack:
+                self._sync_egress_attach(port)  # program in place before the hook is used
+            self._write_port(port)
+            if hook == maps.HOOK_EGRESS and not stack:
+                self._sync_egress_attach(port)
+
+    def set_slot(self, slot: int, fd: int) -> None:
+        self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
+
+    def take_slot(self) -> int:
+        return self._slots.take()
+
+    def free_slot(self, slot: int) -> None:
+        try:
+            del self.table("pcn_progs")[ct.c_int(slot)]
+        except KeyError:
+            pass
+        self._slots.give(slot)
+
+    # ---------------------------------------------------------------- counters
+    def port_counters(self, port: PortState) -> PortCounters:
+        per_cpu = self.table("pcn_port_stats")[ct.c_uint32(port.id)]
+        total = PortCounters()
+        for s in per_cpu:
+            total.rx_packets += s.rx_packets
+            total.rx_bytes += s.rx_bytes
+            total.tx_packets += s.tx_packets
+            total.tx_bytes += s.tx_bytes
+            total.drops += s.drops
+        return total
+
+    def cube_drops(self, cube_name: str) -> dict[str, int]:
+        """Drops of a cube by reason name (only reasons with a non-zero count)."""
+        cube = self.cube(cube_name)
+        t = self.table("pcn_cube_stats")
+        out = {}
+        for reason in maps.DropReason:
+            n = sum(t[ct.c_uint32(cube.id * maps.DROP_REASONS + reason)])
+            if n:
+                out[reason.name.lower()] = int(n)
+        return out
+
+    def _zero_port_stats(self, pid: int) -> None:
+        t = self.table("pcn_port_stats")
+        t[ct.c_uint32(pid)] = _zeros(t)
+
+    def _zero_cube_stats(self, cid: int) -> None:
+        t = self.table("pcn_cube_stats")
+        for reason in range(maps.DROP_REASONS):
+            t[ct.c_uint32(cid * maps.DROP_REASONS + reason)] = _zeros(t)
+
+    # ---------------------------------------------------------------- introspection
+    def describe(self) -> Mapping[str, object]:
+        return {
+            "name": self.name,
+            "netns": self.netns,
+            "cubes": {c.name: {"type": c.type, "id": c.id, "ports": dict(c.ports)}
+                      for c in self.cubes.values()},
+        }
+
+
+def _zeros(table):
+    return (table.Leaf * table.total_cpu)()
+
+
+def _sched_cls() -> int:
+    from bcc import BPF
+
+    return BPF.SCHED_CLS
+
+
+def _local_mac(instance: str, port_id: int) -> str:
+    """A stable, locally administered unicast MAC for a cube port."""
+    import zlib
+
+    h = zlib.crc32(instance.encode()) & 0xFFFF
+    return f"0a:58:{h >> 8:02x}:{h & 0xff:02x}:{port_id >> 8:02x}:{port_id & 0xff:02x}"

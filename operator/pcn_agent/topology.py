@@ -1,0 +1,177 @@
+"""A multi-node pcn topology on one machine, for tests, the demo and benchmarks.
+
+A "node" is a network namespace running its own data plane; a "pod" is a
+namespace behind a veth into its node; nodes are joined by a veth pair (two
+nodes) as their physical network. Nothing touches the root namespace; every
+name carries a per-run id, and `close()` removes all of it, also after a
+failure half-way through `build()`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from . import bpffs
+from .node import NodeConfig, NodeDataplane, PeerNode, Pod
+
+log = logging.getLogger(__name__)
+
+UNDERLAY = ipaddress.IPv4Network("192.168.250.0/24")
+POD_SUPERNET = ipaddress.IPv4Network("10.244.0.0/16")
+VTEPS = ipaddress.IPv4Network("10.18.0.0/16")
+PREFIX = "pcnt"
+
+
+@dataclass
+class LabPod:
+    name: str
+    node: str
+    netns: str
+    ip: str
+    pod: Pod | None = None
+
+
+@dataclass
+class Lab:
+    nodes_count: int = 2
+    pods_per_node: int = 2
+    mtu: int = 1450
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    pin_root: Path = bpffs.DEFAULT_ROOT
+    nodes: dict[str, NodeDataplane] = field(default_factory=dict)
+    pods: dict[str, LabPod] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes_count <= 2:
+            raise ValueError("the lab joins one or two nodes with a veth pair")
+
+    # ------------------------------------------------------------------ names
+    @property
+    def prefix(self) -> str:
+        return f"{PREFIX}-{self.run_id}"
+
+    def node_name(self, i: int) -> str:
+        return f"{self.prefix}-n{i}"
+
+    def node_ip(self, i: int) -> str:
+        return str(UNDERLAY.network_address + i)
+
+    def pod_cidr(self, i: int) -> str:
+        return str(list(POD_SUPERNET.subnets(new_prefix=24))[i])
+
+    def vtep_ip(self, i: int) -> str:
+        return str(VTEPS.network_address + i)
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> Lab:
+        try:
+            for i in range(1, self.nodes_count + 1):
+                self._netns(self.node_name(i))
+            self._underlay()
+            for i in range(1, self.nodes_count + 1):
+                cfg = NodeConfig(
+                    name=self.node_name(i), netns=self.node_name(i), uplink="uplink",
+                    node_ip=self.node_ip(i), pod_cidr=self.pod_cidr(i),
+                    vtep=f"{self.vtep_ip(i)}/{VTEPS.prefixlen}", mtu=self.mtu)
+                self.nodes[cfg.name] = NodeDataplane(cfg, self.pin_root).up()
+            peers = [PeerNode(self.node_name(i), self.node_ip(i), self.pod_cidr(i), self.vtep_ip(i))
+                     for i in range(1, self.nodes_count + 1)]
+            for node in self.nodes.values():
+                node.set_peers(peers)
+            for i in range(1, self.nodes_count + 1):
+                for j in range(1, self.pods_per_node + 1):
+                    self.add_pod(i, j)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_pod(self, node_index: int, pod_index: int) -> LabPod:
+        node = self.nodes[self.node_name(node_index)]
+        net = ipaddress.IPv4Network(self.pod_cidr(node_index))
+        name = f"n{node_index}p{pod_index}"
+        ns = f"{self.prefix}-{name}"
+        ip = str(net.network_address + 10 + pod_index)
+        self._netns(ns)
+        lp = LabPod(name, node.cfg.name, ns, ip)
+        lp.pod = node.add_pod(name, ns, f"{ip}/{net.prefixlen}")
+        self.pods[name] = lp
+        return lp
+
+    def _netns(self, name: str) -> None:
+        pr_netns.create(name)
+        self.namespaces.append(name)
+        with IPRoute(netns=name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    def _underlay(self) -> None:
+        n1 = self.node_name(1)
+        with IPRoute(netns=n1) as ipr:
+            if self.nodes_count == 2:
+                ipr.link("add", ifname="uplink", kind="veth",
+                         peer={"ifname": "uplink", "net_ns_fd": self.node_name(2)})
+            else:
+                ipr.link("add", ifname="uplink", kind="veth", peer="uplink-peer")
+        for i in range(1, self.nodes_count + 1):
+            with IPRoute(netns=self.node_name(i)) as ipr:
+                idx = ipr.link_lookup(ifname="uplink")[0]
+                ipr.addr("add", index=idx, address=self.node_ip(i), prefixlen=UNDERLAY.prefixlen)
+                ipr.link("set", index=idx, state="up")
+                if self.nodes_count == 1:
+                    ipr.link("set", index=ipr.link_lookup(ifname="uplink-peer")[0], state="up")
+
+    # ------------------------------------------------------------------ use
+    def node(self, i: int) -> NodeDataplane:
+        return self.nodes[self.node_name(i)]
+
+    def exec(self, netns: str, argv: list[str], timeout: float = 30,
+             check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
+                              text=True, timeout=timeout, check=check)
+
+    def popen(self, netns: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **kw)
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        errors = []
+        for node in list(self.nodes.values()):
+            try:
+                node.down()
+            except Exception as exc:  # keep tearing down the rest
+                errors.append(exc)
+                log.exception("teardown of %s failed", node.cfg.name)
+        self.nodes.clear()
+        self.pods.clear()
+        for ns in reversed(self.namespaces):
+            try:
+                pr_netns.remove(ns)
+            except OSError as exc:
+                errors.append(exc)
+        self.namespaces.clear()
+        if errors:
+            raise RuntimeError(f"lab teardown left errors: {errors}")
+
+    def leftovers(self) -> list[str]:
+        """Anything of this run still present: namespaces and pinned objects."""
+        left = [ns for ns in pr_netns.listnetns() if ns.startswith(self.prefix)]
+        for i in range(1, self.nodes_count + 1):
+            d = self.pin_root / self.node_name(i)
+            if d.exists():
+                left.append(str(d))
+        return left
+
+    def __enter__(self) -> Lab:
+        return self.build()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
