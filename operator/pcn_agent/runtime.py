@@ -160,7 +160,7 @@ class Runtime:
     # ---------------------------------------------------------------- tables
     def table(self, name: str, cube_type: str = ENTRY):
         module = self._entry if cube_type == ENTRY else self.load_type(cube_type).module
-        return module[name]
+        return module[name.encode()]
 
     # ---------------------------------------------------------------- types
     def load_type(self, type_name: str, program: str | None = None) -> CubeType:

@@ -99,7 +99,7 @@ class SlowPath:
             except Exception:  # one bad message must not stop the thread
                 log.exception("slow path handler for reason %d failed", msg.reason)
 
-        module[table].open_perf_buffer(on_event, page_cnt=64)
+        module[table.encode()].open_perf_buffer(on_event, page_cnt=64)
         self._modules.append(module)
 
     def on(self, reason: int, handler: Handler) -> None:
@@ -173,7 +173,7 @@ class ArpResolver:
         key = (msg.cube_id, msg.arg)
         if self._known(key):
             if pkt:
-                self.slow.inject(pkt, msg.in_port, maps.INJECT_TO_CUBE)
+                self.slow.inject(complete_l4_checksum(pkt), msg.in_port, maps.INJECT_TO_CUBE)
             return
         with self._lock:
             held = self._held.get(key)
@@ -196,7 +196,7 @@ class ArpResolver:
         if held is None:
             return
         for in_port, pkt in held.packets:
-            self.slow.inject(pkt, in_port, maps.INJECT_TO_CUBE)
+            self.slow.inject(complete_l4_checksum(pkt), in_port, maps.INJECT_TO_CUBE)
             self.released += 1
 
     def _tick(self) -> None:
@@ -246,3 +246,41 @@ def arp_request(src_mac: str, src_ip: str, target_ip: str) -> bytes:
     arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + socket.inet_aton(src_ip)
     arp += b"\x00" * 6 + socket.inet_aton(target_ip)
     return eth + arp
+
+
+def _ones_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def complete_l4_checksum(frame: bytes) -> bytes:
+    """Fill in the TCP/UDP checksum of an IPv4 frame.
+
+    A packet copied to user space may carry a partial checksum (the sender's
+    veth left it to "hardware"); once re-injected as a fresh frame nobody would
+    finish it and the receiver would drop the packet. Recomputing is harmless
+    when the checksum was already complete.
+    """
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return frame
+    ihl = (frame[14] & 0x0F) * 4
+    proto = frame[23]
+    frag = struct.unpack("!H", frame[20:22])[0]
+    if proto not in (6, 17) or frag & 0x3FFF:  # not TCP/UDP, or a fragment
+        return frame
+    total_len = struct.unpack("!H", frame[16:18])[0]
+    l4_start, l4_end = 14 + ihl, 14 + total_len
+    if l4_end > len(frame) or l4_end - l4_start < (20 if proto == 6 else 8):
+        return frame
+    off = l4_start + (16 if proto == 6 else 6)
+    seg = bytearray(frame[l4_start:l4_end])
+    seg[off - l4_start: off - l4_start + 2] = b"\x00\x00"
+    pseudo = frame[26:34] + struct.pack("!BBH", 0, proto, len(seg))
+    csum = 0xFFFF - _ones_sum(pseudo + bytes(seg))
+    if proto == 17 and csum == 0:
+        csum = 0xFFFF
+    return frame[:off] + struct.pack("!H", csum) + frame[off + 2:]

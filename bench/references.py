@@ -1,0 +1,119 @@
+"""Reference topologies built from plain kernel parts, for comparison with pcn.
+
+* `veth_pair`: two namespaces joined directly by one veth pair, the limit of
+  any pod-to-pod path on one machine.
+* `LinuxBridgeCNI`: a "node" namespace and pod namespaces wired by the
+  reference CNI `bridge` plugin with `host-local` IPAM, called exactly as a
+  kubelet (container runtime) calls a CNI plugin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from .netns import Namespaces, exec_in
+
+log = logging.getLogger(__name__)
+
+CNI_BIN_DIR = Path("/usr/lib/cni")
+VETH_NET = ipaddress.IPv4Network("192.168.251.0/24")
+BRIDGE_NET = ipaddress.IPv4Network("10.245.1.0/24")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    netns: str
+    ip: str
+
+
+def veth_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
+    """Two fresh namespaces `<prefix>-va`/`-vb` joined by a veth pair `eth0`."""
+    a, b = nss.create("va"), nss.create("vb")
+    with IPRoute(netns=a) as ipr:
+        ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": b})
+    ends = []
+    for i, ns in enumerate((a, b), start=1):
+        ip = str(VETH_NET.network_address + i)
+        with IPRoute(netns=ns) as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.link("set", index=idx, mtu=mtu)
+            ipr.addr("add", index=idx, address=ip, prefixlen=VETH_NET.prefixlen)
+            ipr.link("set", index=idx, state="up")
+        ends.append(Endpoint(ns, ip))
+    return ends[0], ends[1]
+
+
+@dataclass
+class LinuxBridgeCNI:
+    """Pods attached to a Linux bridge in `node_ns` by /usr/lib/cni/bridge."""
+
+    nss: Namespaces
+    node_ns: str
+    data_dir: Path  # host-local's state, unique to this run
+    mtu: int
+    network_name: str = "pcnb-bridge"
+    bridge: str = "cni0"
+    subnet: ipaddress.IPv4Network = BRIDGE_NET
+    added: list[tuple[str, str]] = field(default_factory=list)  # (container id, pod netns)
+
+    def config(self) -> dict[str, object]:
+        return {
+            "cniVersion": "1.0.0",
+            "name": self.network_name,
+            "type": "bridge",
+            "bridge": self.bridge,
+            "isGateway": True,
+            "ipMasq": False,
+            "mtu": self.mtu,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": str(self.subnet)}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": str(self.data_dir),
+            },
+        }
+
+    def _invoke(self, command: str, container_id: str, pod_ns: str) -> str:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": f"/var/run/netns/{pod_ns}",
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": str(CNI_BIN_DIR),
+        }
+        proc = exec_in(self.node_ns, [str(CNI_BIN_DIR / "bridge")], env=env,
+                       stdin=json.dumps(self.config()), check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"CNI {command} of {container_id} failed ({proc.returncode}): "
+                               f"{proc.stdout.strip()} {proc.stderr.strip()}")
+        return proc.stdout
+
+    def add_pod(self, suffix: str) -> Endpoint:
+        pod_ns = self.nss.create(suffix)
+        container_id = pod_ns  # unique per run, as a runtime's sandbox id is
+        out = self._invoke("ADD", container_id, pod_ns)
+        self.added.append((container_id, pod_ns))
+        result = json.loads(out)
+        ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
+        log.info("CNI bridge: %s has %s", pod_ns, ip)
+        return Endpoint(pod_ns, ip)
+
+    def delete_all(self) -> None:
+        """CNI DEL of every pod added, newest first; keeps going after a failure."""
+        errors = []
+        while self.added:
+            container_id, pod_ns = self.added.pop()
+            try:
+                self._invoke("DEL", container_id, pod_ns)
+            except Exception as exc:  # noqa: BLE001 - report all, then raise
+                errors.append(str(exc))
+        if errors:
+            raise RuntimeError("; ".join(errors))

@@ -1,0 +1,122 @@
+"""Connectivity checks between lab namespaces, shared by the demo and the tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .topology import Lab
+
+TCP_PORT = 8080
+UDP_PORT = 8081
+_RTT = re.compile(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/")
+
+
+@dataclass
+class CheckResult:
+    source: str
+    target: str
+    protocol: str
+    ok: bool
+    latency_ms: float | None = None
+    detail: str = ""
+    expect_blocked: bool = False
+    side_condition: bool = True  # something else the check requires, e.g. a counter moved
+
+    @property
+    def passed(self) -> bool:
+        return (self.ok != self.expect_blocked) and self.side_condition
+
+
+def probe_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pcn_agent.probe", *args]
+
+
+@contextmanager
+def servers(lab: Lab, names: list[str] | None = None):
+    """Probe servers (TCP and UDP) in the given lab pods, stopped afterwards."""
+    procs = []
+    try:
+        for name in names or list(lab.pods):
+            pod = lab.pods[name]
+            p = lab.popen(pod.netns, probe_argv("serve", "--tcp", str(TCP_PORT), "--udp",
+                                                str(UDP_PORT)),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env={"PCN_PROBE_NAME": name, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            procs.append(p)
+            line = p.stdout.readline() if p.stdout else ""
+            if "listening" not in line:
+                raise RuntimeError(f"probe server in {name} did not start")
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def ping(lab: Lab, src: str, dst_ip: str, target: str | None = None, count: int = 3,
+         interval: float = 0.2, timeout: float = 1.0, expect_blocked: bool = False) -> CheckResult:
+    r = lab.exec(lab.pods[src].netns, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval),
+                                       "-W", str(timeout), dst_ip],
+                 timeout=count * (interval + timeout) + 10)
+    m = _RTT.search(r.stdout)
+    loss = re.search(r"(\d+(?:\.\d+)?)% packet loss", r.stdout)
+    detail = f"{loss.group(1)}% loss" if loss else (r.stderr.strip() or r.stdout.strip())[-80:]
+    return CheckResult(src, target or dst_ip, "icmp", r.returncode == 0 and loss is not None
+                       and float(loss.group(1)) == 0.0, float(m.group(1)) if m else None, detail,
+                       expect_blocked)
+
+
+def tcp(lab: Lab, src: str, dst_ip: str, target: str | None = None, nbytes: int = 1000,
+        port: int = TCP_PORT, timeout: float = 5.0, expect_blocked: bool = False) -> CheckResult:
+    out = _probe(lab, src, ["tcp", dst_ip, str(port), "--bytes", str(nbytes), "--timeout",
+                            str(timeout)], timeout + 10)
+    proto = "tcp" if nbytes < 100_000 else f"tcp {nbytes // 1000} kB sha256"
+    detail = out.get("error") or f"{out.get('received')} B, server saw {out.get('peer_seen')}"
+    return CheckResult(src, target or dst_ip, proto, bool(out.get("ok")), out.get("total_ms"),
+                       detail, expect_blocked)
+
+
+def udp(lab: Lab, src: str, dst_ip: str, target: str | None = None, port: int = UDP_PORT,
+        timeout: float = 3.0, expect_blocked: bool = False) -> CheckResult:
+    out = _probe(lab, src, ["udp", dst_ip, str(port), "--timeout", str(timeout)], timeout + 10)
+    detail = out.get("error") or f"server saw {out.get('peer_seen')}"
+    return CheckResult(src, target or dst_ip, "udp", bool(out.get("ok")), out.get("total_ms"),
+                       detail, expect_blocked)
+
+
+def _probe(lab: Lab, src: str, args: list[str], timeout: float) -> dict:
+    start = time.monotonic()
+    r = lab.exec(lab.pods[src].netns, probe_argv(*args), timeout=timeout)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"ok": False, "error": (r.stderr.strip() or "no output")[-120:],
+                "total_ms": (time.monotonic() - start) * 1000}
+
+
+def render(results: list[CheckResult]) -> str:
+    """A plain-text table, one row per check."""
+    head = ("from", "to", "protocol", "result", "latency", "detail")
+    rows = [head]
+    for r in results:
+        verdict = "PASS" if r.passed else "FAIL"
+        if r.expect_blocked:
+            verdict += " (blocked as expected)" if r.passed else " (expected to be blocked)"
+        lat = f"{r.latency_ms:.2f} ms" if r.latency_ms is not None and r.ok else "-"
+        rows.append((r.source, r.target, r.protocol, verdict, lat, r.detail))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
