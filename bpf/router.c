@@ -57,14 +57,23 @@ static __always_inline int router_arp(struct __sk_buff *skb, u32 cube, u32 in_po
     struct pcn_arp_eth *arp = pcn_arp(skb);
     if (!eth || !arp)
         return pcn_drop(skb, in_port, cube, PCN_DROP_PARSE);
+    /* On a port sharing its netdev with the host (the node's NIC), the host
+     * answers for the address; the router only listens, and every ARP frame
+     * goes on to the host stack. */
+    int shared = p->flags & PCN_PORT_HOST_SHARED;
     if (!p->ip || arp->tpa != p->ip)
-        return TC_ACT_SHOT; /* someone else's question on a shared segment */
+        return shared ? TC_ACT_OK : TC_ACT_SHOT; /* someone else's question */
 
     __be32 sender = arp->spa;
     if (arp->op == bpf_htons(PCN_ARP_REPLY)) {
         router_learn(cube, sender, arp->sha, in_port);
         pcn_slowpath_send(skb, PCN_SLOW_NEIGH_LEARNED, cube, in_port, in_port, sender, 0);
-        return TC_ACT_SHOT;
+        return shared ? TC_ACT_OK : TC_ACT_SHOT;
+    }
+    if (shared) {
+        if (arp->op == bpf_htons(PCN_ARP_REQUEST))
+            router_learn(cube, sender, arp->sha, in_port);
+        return TC_ACT_OK;
     }
     if (arp->op != bpf_htons(PCN_ARP_REQUEST))
         return pcn_drop(skb, in_port, cube, PCN_DROP_UNSUPPORTED);
@@ -135,6 +144,8 @@ int router_rx(struct __sk_buff *skb)
         return pcn_drop(skb, in_port, cube, PCN_DROP_PARSE);
     __be32 daddr = ip->daddr;
 
+    if ((p->flags & PCN_PORT_HOST_SHARED) && daddr == p->ip)
+        return TC_ACT_OK; /* the host's own traffic */
     struct router_addr_key ak = {.cube = cube, .ip = daddr};
     if (router_addrs.lookup(&ak))
         return router_local(skb, cube, in_port, p);

@@ -29,6 +29,9 @@
 #define PCN_CTX_CUBE 0        /* tail-called from a cube or the entry program */
 #define PCN_CTX_NETDEV_EGRESS 1 /* running on a netdev's tc egress hook */
 
+/* pcn_port.flags */
+#define PCN_PORT_HOST_SHARED 1 /* the netdev's addresses belong to the host stack too */
+
 #define PCN_IFACE_PORT 0   /* netdev peered with a port */
 #define PCN_IFACE_INJECT 1 /* the agent's slow-path injection device */
 

@@ -22,6 +22,7 @@ BRIDGE_MAX_PORTS = 128
 PEER_NONE, PEER_NETDEV, PEER_PORT = 0, 1, 2
 HOOK_INGRESS, HOOK_EGRESS = 0, 1
 IFACE_PORT, IFACE_INJECT = 0, 1
+PORT_HOST_SHARED = 1
 INJECT_MAGIC = 0x70636E21
 INJECT_TO_CUBE, INJECT_OUT_PORT = 1, 2
 
@@ -38,6 +39,10 @@ class DropReason(enum.IntEnum):
     FILTERED = 9
     UNSUPPORTED = 10
     SLOWPATH = 11
+    REJECTED = 12
+    NO_BACKEND = 13
+    NAT_EXHAUSTED = 14
+    REWRITE = 15
 
 
 class SlowReason(enum.IntEnum):
@@ -138,6 +143,36 @@ class RouterNeigh(ct.Structure):
     ]
 
 
+class SvcKey(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class Svc(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("n_slots", ct.c_uint32), ("flags", ct.c_uint32),
+                ("affinity_timeout_s", ct.c_uint32)]
+
+
+class SlotKey(ct.Structure):
+    _fields_ = [("svc", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
+class BackendVal(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Xlate(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("is_src", ct.c_uint8),
+                ("kind", ct.c_uint8), ("ip2", ct.c_uint32), ("port2", ct.c_uint16),
+                ("pad", ct.c_uint16), ("svc", ct.c_uint32), ("pad2", ct.c_uint32),
+                ("seen_ns", ct.c_uint64)]
+
+
+class Flow(ct.Structure):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
 RouterAddrKey = RouterNeighKey  # same layout: {cube, ip}
 
 # (map name in C, key struct, value struct) for the size check.
@@ -150,6 +185,10 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "router_routes": (RouterRouteKey, RouterRoute),
     "router_neigh": (RouterNeighKey, RouterNeigh),
     "router_addrs": (RouterAddrKey, ct.c_uint32),
+    "lb_services": (SvcKey, Svc),
+    "lb_slots": (SlotKey, BackendVal),
+    "lb_sessions": (Flow, Xlate),
+    "nat_sessions": (Flow, Xlate),
 }
 
 

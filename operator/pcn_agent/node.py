@@ -1,11 +1,17 @@
-"""Node wiring: the L2/L3 part of the default node topology (DESIGN §2).
+"""Node wiring: the default node topology of DESIGN §2.
 
-    pod eth0 == veth == bridge(br0) -- router(r0) -- vxlan netdev -- other nodes
+    pod eth0 == veth == [lbrp, extra cubes] bridge(br0) -- router(r0) --+-- vxlan netdev -- other nodes
+                                                                          +-- [k8sdispatcher] -- node NIC
 
 The bridge joins the node's pods on one L2 segment (the node's pod CIDR); the
-router is their gateway and reaches other nodes' pod CIDRs through the kernel
-VXLAN device, whose FDB holds one all-zero entry per remote node (flooding
-for ARP) and learns the rest.
+router is their gateway, reaches other nodes' pod CIDRs through the kernel
+VXLAN device (one all-zero FDB entry per remote node, the rest learned) and
+the outside world through the node's NIC, which it shares with the host
+stack. The lbrp on every pod port translates ClusterIP services; the
+k8sdispatcher on the NIC does NodePort and masquerading.
+
+Everything the node builds is recorded with the runtime's state, so an agent
+that restarts adopts it (`up(adopt=True)`) instead of rebuilding it.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ import errno
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import bpffs, podnet
+from . import bpffs, maps, podnet
 from .cubes.bridge import Bridge
+from .cubes.dispatcher import Dispatcher, DispatcherConfig
+from .cubes.lbrp import Backend, LoadBalancer, Service
 from .cubes.router import Router
-from .runtime import PortState, Runtime
+from .runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
 from .slowpath import ArpResolver, SlowPath
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ log = logging.getLogger(__name__)
 VXLAN_DEV = "pcn-vxlan"
 BRIDGE = "br0"
 ROUTER = "r0"
+LB = "lb"
+DISPATCHER = "k8s"
 
 
 @dataclass(frozen=True)
@@ -38,16 +48,25 @@ class NodeConfig:
     netns: str | None
     uplink: str  # the node's NIC
     node_ip: str  # address of the uplink, the VXLAN underlay source
-    pod_cidr: str  # e.g. 10.244.1.0/24
+    pod_cidr: str  # this node's pods, e.g. 10.244.1.0/24
     vtep: str  # router address on the overlay, e.g. 10.18.0.1/16 (ConfigMap vtepsRange)
     mtu: int = 1450
     vni: int = 42
     vxlan_port: int = 4789
+    cluster_pod_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
+    nodeport_range: tuple[int, int] = (30000, 32767)
+    snat_range: tuple[int, int] = (61000, 65535)
+    default_gateway: str | None = None  # next hop for the outside world, if any
 
     @property
     def gateway(self) -> str:
         net = ipaddress.IPv4Network(self.pod_cidr)
         return str(net.network_address + 1)
+
+    @property
+    def vtep_ip(self) -> str:
+        return str(ipaddress.IPv4Interface(self.vtep).ip)
 
 
 @dataclass(frozen=True)
@@ -64,63 +83,139 @@ class Pod:
     netns: str
     iface: podnet.PodInterface
     port: PortState
+    ingress: list[str] = field(default_factory=list)  # extra transparent cubes, in order
+    egress: list[str] = field(default_factory=list)
 
 
 @dataclass
 class NodeDataplane:
     cfg: NodeConfig
     pin_root: Path = bpffs.DEFAULT_ROOT
-    rt: Runtime = field(init=False)
+    state_root: Path = STATE_ROOT
     pods: dict[str, Pod] = field(default_factory=dict)
     peers: dict[str, PeerNode] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root)
+        self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root)
         self.slow: SlowPath | None = None
         self.bridge: Bridge | None = None
         self.router: Router | None = None
-        self._vxlan_created = False
+        self.lb: LoadBalancer | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.arp: ArpResolver | None = None
 
     # ---------------------------------------------------------------- up/down
-    def up(self) -> NodeDataplane:
+    def up(self, adopt: bool = True) -> NodeDataplane:
+        """Build the node's data plane, or adopt the one a previous agent left."""
         start = time.monotonic()
         try:
-            self.rt.open()
+            self.rt.open(adopt=adopt)
             self.slow = SlowPath(self.rt).start()
-            self.bridge = Bridge(self.rt, BRIDGE)
-            self.router = Router(self.rt, ROUTER)
-            gw = f"{self.cfg.gateway}/{ipaddress.IPv4Network(self.cfg.pod_cidr).prefixlen}"
-            r_pods = self.router.add_port("pods", gw)
-            b_up = self.bridge.add_port("uplink")
-            self.rt.connect_ports(r_pods, b_up)
-            vx_mac = self._create_vxlan()
-            r_vx = self.router.add_port("vxlan", self.cfg.vtep, mac=vx_mac)
-            self.rt.connect_netdev(r_vx, VXLAN_DEV)
+            if self.rt.adopted:
+                self._restore()
+            else:
+                self._build()
             self.slow.listen(self.rt.types["router"].module)
-            ArpResolver(self.rt, self.slow, self.rt.table("router_neigh", "router"))
+            self.arp = ArpResolver(self.rt, self.slow, self.rt.table("router_neigh", "router"))
+            self.save()
         except Exception:
             self.down()
             raise
-        log.info("node %s up in %.0f ms", self.cfg.name, (time.monotonic() - start) * 1000)
+        log.info("node %s %s in %.0f ms", self.cfg.name,
+                 "adopted" if self.rt.adopted else "up", (time.monotonic() - start) * 1000)
         return self
+
+    def _build(self) -> None:
+        c = self.cfg
+        self.bridge = Bridge(self.rt, BRIDGE)
+        self.router = Router(self.rt, ROUTER)
+        self.lb = LoadBalancer(self.rt, LB)
+        gw = f"{c.gateway}/{ipaddress.IPv4Network(c.pod_cidr).prefixlen}"
+        r_pods = self.router.add_port("pods", gw)
+        b_up = self.bridge.add_port("uplink")
+        self.rt.connect_ports(r_pods, b_up)
+
+        vx_mac = self._create_vxlan()
+        r_vx = self.router.add_port("vxlan", c.vtep, mac=vx_mac)
+        nic_addr, nic_mac = self._uplink_address()
+        r_up = self.router.add_port("uplink", nic_addr, mac=nic_mac, flags=maps.PORT_HOST_SHARED)
+        if c.default_gateway:
+            self.router.add_route("0.0.0.0/0", "uplink", nexthop=c.default_gateway)
+
+        vteps = str(ipaddress.IPv4Interface(c.vtep).network)
+        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services, DispatcherConfig(
+            node_ip=c.node_ip, vtep_ip=c.vtep_ip, local_pods=c.pod_cidr,
+            pod_networks=(c.cluster_pod_cidr,),
+            no_snat=(c.cluster_pod_cidr, c.service_cidr, vteps),
+            nodeport_range=c.nodeport_range, snat_range=c.snat_range))
+        self.dispatcher.configure(r_up.id, r_vx.id)
+        disp = [self.rt.stacked(DISPATCHER)]
+        # Hooks first, netdevs second: no packet crosses a port before its cubes are there.
+        self.rt.set_hook(r_up, maps.HOOK_INGRESS, disp)
+        self.rt.set_hook(r_up, maps.HOOK_EGRESS, disp)
+        self.rt.set_hook(r_vx, maps.HOOK_INGRESS, disp)
+        self.rt.connect_netdev(r_vx, VXLAN_DEV)
+        self.rt.connect_netdev(r_up, c.uplink)
+        self.rt.meta["vxlan_created"] = self._vxlan_created
+
+    def _restore(self) -> None:
+        c = self.cfg
+        self.bridge = Bridge(self.rt, BRIDGE)
+        self.router = Router(self.rt, ROUTER)
+        self.lb = LoadBalancer(self.rt, LB)
+        vteps = str(ipaddress.IPv4Interface(c.vtep).network)
+        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services, DispatcherConfig(
+            node_ip=c.node_ip, vtep_ip=c.vtep_ip, local_pods=c.pod_cidr,
+            pod_networks=(c.cluster_pod_cidr,),
+            no_snat=(c.cluster_pod_cidr, c.service_cidr, vteps),
+            nodeport_range=c.nodeport_range, snat_range=c.snat_range))
+        self._vxlan_created = self.rt.meta.get("vxlan_created", False)
+        for p in self.rt.meta.get("peers", []):
+            peer = PeerNode(**p)
+            self.peers[peer.name] = peer
+        for key, p in self.rt.meta.get("pods", {}).items():
+            port = self.rt.ports[p["port"]]
+            self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
+                                 p["ingress"], p["egress"])
+
+    def save(self) -> None:
+        """Record the node's state for a restarted agent (cheap; after each change)."""
+        if self.lb is not None:
+            self.lb.save()
+        if self.dispatcher is not None:
+            self.dispatcher.save()
+        self.rt.meta["peers"] = [asdict(p) for p in self.peers.values()]
+        self.rt.meta["pods"] = {k: {"netns": p.netns, "iface": asdict(p.iface), "port": p.port.id,
+                                    "ingress": p.ingress, "egress": p.egress}
+                                for k, p in self.pods.items()}
+        self.rt.save()
 
     def down(self) -> None:
         """Remove everything this node created; safe to call twice or after a failed up()."""
         for key in list(self.pods):
             self.remove_pod(key)
         if self.slow is not None:
-            self.slow.stop()
+            self.slow.stop(remove=True)
             self.slow = None
-        if self._vxlan_created and self.rt.ipr is not None:
+        if self.rt.ipr is not None and getattr(self, "_vxlan_created", False):
             _del_link(self.rt, VXLAN_DEV)
             self._vxlan_created = False
         self.rt.close(remove=True)
+
+    def crash(self) -> None:
+        """Stop as a killed agent would: threads and file descriptors go, the
+        data plane (programs, pinned maps, attachments, state file) stays."""
+        if self.slow is not None:
+            self.slow.stop(remove=False)
+            self.slow = None
+        self.rt.abandon()
 
     # ---------------------------------------------------------------- overlay
     def _create_vxlan(self) -> str:
         ipr = self.rt.ipr
         assert ipr is not None
         uplink = self.rt.ifindex(self.cfg.uplink)
+        self._vxlan_created = False
         if not ipr.link_lookup(ifname=VXLAN_DEV):
             ipr.link("add", ifname=VXLAN_DEV, kind="vxlan", vxlan_id=self.cfg.vni,
                      vxlan_local=self.cfg.node_ip, vxlan_link=uplink,
@@ -130,6 +225,18 @@ class NodeDataplane:
         podnet.write_sysctl(self.cfg.netns, f"net.ipv6.conf.{VXLAN_DEV}.disable_ipv6", "1")
         ipr.link("set", index=idx, state="up")
         return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+
+    def _uplink_address(self) -> tuple[str, str]:
+        """The NIC's address (interface notation) holding node_ip, and its MAC."""
+        ipr = self.rt.ipr
+        assert ipr is not None
+        idx = self.rt.ifindex(self.cfg.uplink)
+        for a in ipr.get_addr(index=idx, family=2):
+            if a.get_attr("IFA_ADDRESS") == self.cfg.node_ip:
+                mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+                return f"{self.cfg.node_ip}/{a['prefixlen']}", mac
+        raise RuntimeError_(f"node address {self.cfg.node_ip} is not configured on "
+                            f"{self.cfg.uplink}; set the node IP of the uplink interface")
 
     def set_peers(self, peers: list[PeerNode]) -> None:
         """Make the overlay match `peers` (idempotent): FDB flood entries and one
@@ -150,6 +257,7 @@ class NodeDataplane:
             self.peers[name] = peer
             log.info("node %s: route %s via %s (node %s)", self.cfg.name, peer.pod_cidr,
                      peer.vtep_ip, peer.node_ip)
+        self.save()
 
     def _fdb(self, op: str, idx: int, dst: str) -> None:
         assert self.rt.ipr is not None
@@ -158,6 +266,31 @@ class NodeDataplane:
         except NetlinkError as exc:
             if not (op == "del" and exc.code == errno.ENOENT) and exc.code != errno.EEXIST:
                 raise
+
+    # ---------------------------------------------------------------- services
+    def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
+                    affinity_timeout_s: int = 0) -> Service:
+        assert self.lb is not None
+        svc = self.lb.set_service(vip, port, proto, backends, affinity_timeout_s)
+        self.save()
+        return svc
+
+    def delete_service(self, vip: str, port: int, proto: str) -> bool:
+        assert self.lb is not None
+        found = self.lb.delete_service(vip, port, proto)
+        self.save()
+        return found
+
+    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend]) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.set_nodeport(port, proto, policy, backends)
+        self.save()
+
+    def delete_nodeport(self, port: int, proto: str) -> bool:
+        assert self.dispatcher is not None
+        found = self.dispatcher.delete_nodeport(port, proto)
+        self.save()
+        return found
 
     # ---------------------------------------------------------------- pods
     def add_pod(self, key: str, pod_netns: str, address: str) -> Pod:
@@ -171,17 +304,36 @@ class NodeDataplane:
             raise
         pod = Pod(key, pod_netns, iface, port)
         self.pods[key] = pod
+        self.save()
         return pod
 
     def attach_pod(self, key: str, host_if: str) -> PortState:
         assert self.bridge is not None
         port = self.bridge.add_port(f"pod-{key}")
         try:
+            self._write_pod_hooks(port, [], [])
             self.rt.connect_netdev(port, host_if)
         except Exception:
             self.bridge.remove_port(port.name)
             raise
         return port
+
+    def set_pod_chain(self, key: str, ingress: list[str], egress: list[str]) -> None:
+        """Stack transparent cubes (by name, in order) on a pod's port, each side
+        replaced in one map update. They see pod and backend addresses, never
+        service addresses: on ingress they follow the lbrp, on egress they
+        precede it."""
+        pod = self.pods.get(key)
+        if pod is None:
+            raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
+        self._write_pod_hooks(pod.port, ingress, egress)
+        pod.ingress, pod.egress = list(ingress), list(egress)
+        self.save()
+
+    def _write_pod_hooks(self, port: PortState, ingress: list[str], egress: list[str]) -> None:
+        lb = [self.rt.stacked(LB)]
+        self.rt.set_hook(port, maps.HOOK_INGRESS, lb + [self.rt.stacked(n) for n in ingress])
+        self.rt.set_hook(port, maps.HOOK_EGRESS, [self.rt.stacked(n) for n in egress] + lb)
 
     def remove_pod(self, key: str) -> None:
         pod = self.pods.pop(key, None)
@@ -190,6 +342,8 @@ class NodeDataplane:
         assert self.bridge is not None
         self.bridge.remove_port(pod.port.name)
         podnet.delete(self.rt.ipr, pod.iface.host_ifname)
+        if self.rt.ipr is not None and self.rt.pin_dir is not None:
+            self.save()
 
 
 def _del_link(rt: Runtime, name: str) -> None:

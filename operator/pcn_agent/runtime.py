@@ -10,10 +10,12 @@ exactly what it created.
 from __future__ import annotations
 
 import ctypes as ct
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -24,6 +26,7 @@ from .compiler import compile_cube
 log = logging.getLogger(__name__)
 
 ENTRY = "entry"
+STATE_ROOT = Path(os.environ.get("PCN_STATE_DIR", "/run/pcn/state"))
 
 
 class RuntimeError_(RuntimeError):
@@ -45,6 +48,8 @@ class Cube:
     name: str
     type: str
     ports: dict[str, int] = field(default_factory=dict)  # port name -> port id
+    slot: int | None = None  # a program slot of its own (specialised cubes)
+    config: dict = field(default_factory=dict)  # the controller's state, saved for adoption
 
 
 @dataclass
@@ -66,6 +71,7 @@ class PortState:
     peer_kind: int = maps.PEER_NONE
     peer: int = 0  # ifindex or port id
     netdev: str | None = None
+    flags: int = 0  # maps.PORT_* bits
     hooks: dict[int, list[StackedCube]] = field(
         default_factory=lambda: {maps.HOOK_INGRESS: [], maps.HOOK_EGRESS: []}
     )
@@ -93,19 +99,27 @@ class _IdPool:
     def give(self, value: int) -> None:
         self._free.append(value)
 
+    def reserve(self, value: int) -> None:
+        """Mark an id as used (adopting state left by a previous agent)."""
+        self._free.remove(value)
+
 
 class Runtime:
     """Data plane of one agent instance inside network namespace `netns`
     (None: the namespace of this process)."""
 
     def __init__(self, name: str, netns: str | None = None,
-                 pin_root: Path = bpffs.DEFAULT_ROOT) -> None:
+                 pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT) -> None:
         self.name = name
         self.netns = netns
         self.pin_root = pin_root
         self.pin_dir: Path | None = None
+        self.state_path = state_root / f"{name}.json"
+        self.adopted = False
+        self.meta: dict = {}  # state of whoever drives this runtime, saved with it
         self.ipr: IPRoute | None = None
         self.types: dict[str, CubeType] = {}
+        self.variants: dict[tuple, CubeType] = {}  # specialised compiles, by (type, defines)
         self.cubes: dict[str, Cube] = {}
         self.ports: dict[int, PortState] = {}
         self._cube_ids = _IdPool(maps.MAX_CUBES, "cube")
@@ -119,14 +133,85 @@ class Runtime:
         self._watchers: dict[str, Callable[[PortState], None]] = {}
 
     # ----------------------------------------------------------------- life cycle
-    def open(self) -> Runtime:
+    def open(self, adopt: bool = True) -> Runtime:
+        """Load the entry program; with `adopt`, take over the state a previous
+        agent of the same name left (pinned maps, program slots, attachments)
+        without disturbing the traffic that depends on it."""
+        pin_dir = self.pin_root / self.name
+        state = None
+        if adopt and self.state_path.is_file() and pin_dir.is_dir():
+            state = json.loads(self.state_path.read_text())
+        elif not adopt and pin_dir.is_dir():
+            bpffs.remove_instance(pin_dir)  # a fresh start must not inherit stale tables
         self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
         self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
         self._entry = compile_cube(ENTRY, self.pin_dir)
         for prog in ("pcn_ingress", "pcn_egress"):
             self._entry_fds[prog] = self._entry.load_func(prog, _sched_cls()).fd
-        log.info("runtime %s opened (netns %s, pins %s)", self.name, self.netns or "-", self.pin_dir)
+        if state is not None:
+            self._adopt(state)
+        log.info("runtime %s opened (netns %s, pins %s%s)", self.name, self.netns or "-",
+                 self.pin_dir, ", adopted" if self.adopted else "")
         return self
+
+    def _adopt(self, state: dict) -> None:
+        for type_name, slot in state["types"].items():
+            self._slots.reserve(slot)
+            self._load_type_into(type_name, slot)
+        for c in state["cubes"]:
+            cube = Cube(c["id"], c["name"], c["type"], dict(c["ports"]), c.get("slot"),
+                        c.get("config", {}))
+            self._cube_ids.reserve(cube.id)
+            if cube.slot is not None:
+                self._slots.reserve(cube.slot)
+            self.cubes[cube.name] = cube
+        for p in state["ports"]:
+            hooks = {int(h): [StackedCube(**s) for s in stack] for h, stack in p.pop("hooks").items()}
+            port = PortState(**p, hooks=hooks)
+            self._port_ids.reserve(port.id)
+            self.ports[port.id] = port
+        self._own_clsact = set(state.get("own_clsact", []))
+        self.meta = state.get("meta", {})
+        for ifindex, parents in state.get("attached", {}).items():
+            for parent in parents:
+                prog = "pcn_ingress" if parent == tc.INGRESS else "pcn_egress"
+                self._attach(int(ifindex), parent, prog)  # replaces the old program in place
+        self.adopted = True
+
+    def save(self) -> None:
+        """Record what this runtime built, for the next agent to adopt."""
+        with self._lock:
+            state = {
+                "types": {t.name: t.slot for t in self.types.values()},
+                "cubes": [{"id": c.id, "name": c.name, "type": c.type, "ports": c.ports,
+                           "slot": c.slot, "config": c.config} for c in self.cubes.values()],
+                "ports": [_port_dict(p) for p in self.ports.values()],
+                "attached": {str(k): sorted(v) for k, v in self._attached.items()},
+                "own_clsact": sorted(self._own_clsact),
+                "meta": self.meta,
+            }
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+            tmp.replace(self.state_path)
+
+    def _release_modules(self) -> None:
+        for t in [*self.types.values(), *self.variants.values()]:
+            t.module.cleanup()
+        if self._entry is not None:
+            self._entry.cleanup()
+            self._entry = None
+        self.types.clear()
+        self.variants.clear()
+
+    def abandon(self) -> None:
+        """Let go of the data plane as a crashing agent would: close every file
+        descriptor, leave programs attached, maps pinned and state on disk."""
+        with self._lock:
+            self._release_modules()
+            if self.ipr is not None:
+                self.ipr.close()
+                self.ipr = None
 
     def close(self, remove: bool = True) -> None:
         """Detach from netdevs and unpin everything this runtime created."""
@@ -140,15 +225,13 @@ class Runtime:
                     tc.remove_clsact(self.ipr, ifindex)
             self._attached.clear()
             self._own_clsact.clear()
-            for t in self.types.values():
-                t.module.cleanup()
-            if self._entry is not None:
-                self._entry.cleanup()
-            self.types.clear()
+            self._release_modules()
             self.ipr.close()
             self.ipr = None
             if remove and self.pin_dir is not None:
                 bpffs.remove_instance(self.pin_dir)
+            if remove:
+                self.state_path.unlink(missing_ok=True)
             log.info("runtime %s closed", self.name)
 
     def __enter__(self) -> Runtime:
@@ -163,28 +246,49 @@ class Runtime:
         return module[name.encode()]
 
     # ---------------------------------------------------------------- types
-    def load_type(self, type_name: str, program: str | None = None) -> CubeType:
+    def load_type(self, type_name: str) -> CubeType:
         """Compile a cube type once and register its program in the program array."""
         with self._lock:
             if type_name in self.types:
                 return self.types[type_name]
             assert self.pin_dir is not None, "Runtime.open() first"
-            module = compile_cube(type_name, self.pin_dir)
-            prog = program or f"{type_name}_rx"
-            fd = module.load_func(prog, _sched_cls()).fd
-            slot = self._slots.take()
-            self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
-            t = CubeType(type_name, module, prog, slot, fd)
-            self.types[type_name] = t
-            return t
+            return self._load_type_into(type_name, self._slots.take())
+
+    def load_variant(self, type_name: str, defines: Mapping[str, int | str]) -> CubeType:
+        """Compile (once) a cube type specialised by `defines`; the caller puts its
+        program in a slot of its own with set_slot()."""
+        with self._lock:
+            key = (type_name, tuple(sorted(defines.items())))
+            if key not in self.variants:
+                assert self.pin_dir is not None, "Runtime.open() first"
+                module = compile_cube(type_name, self.pin_dir, defines)
+                prog = f"{type_name}_rx"
+                fd = module.load_func(prog, _sched_cls()).fd
+                self.variants[key] = CubeType(type_name, module, prog, -1, fd)
+            return self.variants[key]
+
+    def _load_type_into(self, type_name: str, slot: int) -> CubeType:
+        assert self.pin_dir is not None
+        module = compile_cube(type_name, self.pin_dir)
+        prog = f"{type_name}_rx"
+        fd = module.load_func(prog, _sched_cls()).fd
+        self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
+        t = CubeType(type_name, module, prog, slot, fd)
+        self.types[type_name] = t
+        return t
 
     # ---------------------------------------------------------------- cubes
-    def add_cube(self, name: str, type_name: str) -> Cube:
+    def add_cube(self, name: str, type_name: str, own_slot: bool = False) -> Cube:
+        """Create a cube instance. A cube with `own_slot` gets a program slot of its
+        own (for a program specialised to its configuration); others share the
+        type's program."""
         with self._lock:
             if name in self.cubes:
                 raise RuntimeError_(f"cube {name!r} already exists")
-            self.load_type(type_name)
-            cube = Cube(self._cube_ids.take(), name, type_name)
+            if not own_slot:
+                self.load_type(type_name)
+            cube = Cube(self._cube_ids.take(), name, type_name,
+                        slot=self._slots.take() if own_slot else None)
             self._zero_cube_stats(cube.id)
             self.cubes[name] = cube
             log.info("cube %s (%s) created with id %d", name, type_name, cube.id)
@@ -197,8 +301,16 @@ class Runtime:
                 self.remove_port(name, port_name)
             del self.cubes[name]
             self._watchers.pop(name, None)
+            if cube.slot is not None:
+                self.free_slot(cube.slot)
             self._cube_ids.give(cube.id)
             log.info("cube %s removed", name)
+
+    def stacked(self, name: str) -> StackedCube:
+        """How to stack transparent cube `name` on a port hook."""
+        cube = self.cube(name)
+        slot = cube.slot if cube.slot is not None else self.types[cube.type].slot
+        return StackedCube(slot, cube.id)
 
     def cube(self, name: str) -> Cube:
         try:
@@ -208,14 +320,14 @@ class Runtime:
 
     # ---------------------------------------------------------------- ports
     def add_port(self, cube_name: str, port_name: str, mac: str | None = None,
-                 ip: str | None = None, prefixlen: int = 0) -> PortState:
+                 ip: str | None = None, prefixlen: int = 0, flags: int = 0) -> PortState:
         with self._lock:
             cube = self.cube(cube_name)
             if port_name in cube.ports:
                 raise RuntimeError_(f"cube {cube_name!r} already has a port {port_name!r}")
             pid = self._port_ids.take()
             port = PortState(pid, cube_name, port_name, mac or _local_mac(self.name, pid), ip,
-                             prefixlen)
+                             prefixlen, flags=flags)
             cube.ports[port_name] = pid
             self.ports[pid] = port
             self._zero_port_stats(pid)
@@ -246,12 +358,13 @@ class Runtime:
         cube = self.cubes[port.cube]
         v = maps.Port()
         v.cube_id = cube.id
-        v.cube_slot = self.types[cube.type].slot
+        v.cube_slot = cube.slot if cube.slot is not None else self.types[cube.type].slot
         v.peer_kind = port.peer_kind
         v.peer = port.peer
         v.ip = maps.ip_be(port.ip) if port.ip else 0
         v.prefixlen = port.prefixlen
         v.mac = maps.mac_bytes(port.mac)
+        v.flags = port.flags
         for hook, stack in port.hooks.items():
             v.hooks[hook].n = len(stack)
             for i, s in enumerate(stack):
@@ -414,6 +527,12 @@ class Runtime:
             "cubes": {c.name: {"type": c.type, "id": c.id, "ports": dict(c.ports)}
                       for c in self.cubes.values()},
         }
+
+
+def _port_dict(p: PortState) -> dict:
+    d = asdict(p)
+    d["hooks"] = {str(h): [asdict(s) for s in stack] for h, stack in p.hooks.items()}
+    return d
 
 
 def _zeros(table):

@@ -46,7 +46,6 @@ class SlowPath:
         self._tickers: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._created_link = False
         self.injected = 0
 
     # ------------------------------------------------------------------ life cycle
@@ -55,7 +54,6 @@ class SlowPath:
         assert ipr is not None, "open the runtime first"
         if not ipr.link_lookup(ifname=INJECT_TX):
             ipr.link("add", ifname=INJECT_TX, kind="veth", peer=INJECT_RX)
-            self._created_link = True
         for name in (INJECT_TX, INJECT_RX):
             idx = ipr.link_lookup(ifname=name)[0]
             ipr.link("set", index=idx, mtu=INJECT_MTU, state="up")
@@ -66,7 +64,9 @@ class SlowPath:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, remove: bool = True) -> None:
+        """Stop the thread; with `remove`, also delete the injection device (it
+        belongs to the runtime by name, whichever agent created it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -74,13 +74,12 @@ class SlowPath:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._created_link and self.rt.ipr is not None:
+        if remove and self.rt.ipr is not None:
             try:
                 self.rt.ipr.link("del", ifname=INJECT_TX)
             except NetlinkError as exc:
-                if exc.code != errno.ENODEV:
+                if exc.code not in (errno.ENODEV, errno.ENOENT):
                     raise
-            self._created_link = False
 
     # ------------------------------------------------------------------ wiring
     def listen(self, module, table: str = "pcn_slowpath") -> None:

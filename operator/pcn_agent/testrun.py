@@ -13,6 +13,7 @@ up there. Enter the namespace of the netdevs a test expects first.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ TC_ACT_REDIRECT = 7
 
 CB_WORDS = 5
 _HEADROOM = 256  # room for a program that grows the frame (bpf_skb_change_tail...)
-_CTX_OUT_SIZE = 512  # >= sizeof(struct __sk_buff) of any kernel; the kernel fails with
-# ENOSPC if ctx_out is smaller than its own struct
+# The kernel fails with ENOSPC if ctx_out is smaller than its own struct __sk_buff
+# (200 bytes on 6.x); leave room for kernels that grow it.
+_CTX_OUT_SIZE = 512
 
 
 class BpfTestRunOpts(ct.Structure):
@@ -71,8 +73,6 @@ class SkBuffPrefix(ct.Structure):
     ]
 
 
-assert SkBuffPrefix.cb.offset == 48 and SkBuffPrefix.ifindex.offset == 40
-
 
 @dataclass(frozen=True)
 class TestRunResult:
@@ -83,6 +83,14 @@ class TestRunResult:
 
     __test__ = False  # not a pytest test class
 
+
+_HINTS = {
+    errno.ENODEV: " (is `ifindex` a device of the calling thread's network namespace?)",
+    errno.ENOSPC: " (the program grew the frame beyond the output buffer)",
+    errno.EINVAL: " (not a SCHED_CLS program, or a context field tc test runs do not accept)",
+    errno.EPERM: " (BPF_PROG_TEST_RUN needs CAP_BPF / root)",
+    errno.EBADF: " (not an open file descriptor)",
+}
 
 _lib: ct.CDLL | None = None
 
@@ -141,8 +149,9 @@ def run_sched_cls(prog_fd: int, frame: bytes, *, cb: Sequence[int] = (),
     ret = _libbpf().bpf_prog_test_run_opts(prog_fd, ct.byref(opts))
     if ret != 0:
         err = -ret if ret < 0 else ct.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN of program fd {prog_fd} on a "
-                           f"{len(frame)}-byte frame failed: {os.strerror(err)}")
+        hint = _HINTS.get(err, "")
+        raise OSError(err, f"BPF_PROG_TEST_RUN of program fd {prog_fd} on a {len(frame)}-byte "
+                           f"frame failed: {os.strerror(err)}{hint}")
     out_ctx = SkBuffPrefix.from_buffer_copy(ctx_out.raw[: ct.sizeof(SkBuffPrefix)])
     return TestRunResult(
         retval=opts.retval,

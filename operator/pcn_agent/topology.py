@@ -28,6 +28,7 @@ UNDERLAY = ipaddress.IPv4Network("192.168.250.0/24")
 POD_SUPERNET = ipaddress.IPv4Network("10.244.0.0/16")
 VTEPS = ipaddress.IPv4Network("10.18.0.0/16")
 PREFIX = "pcnt"
+EXTERNAL_IP = str(UNDERLAY.network_address + 100)
 
 
 @dataclass
@@ -51,13 +52,22 @@ class Lab:
     namespaces: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.nodes_count <= 2:
-            raise ValueError("the lab joins one or two nodes with a veth pair")
+        if not 1 <= self.nodes_count <= 50:
+            raise ValueError("the lab holds 1 to 50 nodes")
 
     # ------------------------------------------------------------------ names
     @property
     def prefix(self) -> str:
         return f"{PREFIX}-{self.run_id}"
+
+    @property
+    def phy_ns(self) -> str:
+        return f"{self.prefix}-phy"
+
+    @property
+    def ext_ns(self) -> str:
+        """The external host, on the nodes' physical network but outside the cluster."""
+        return f"{self.prefix}-ext"
 
     def node_name(self, i: int) -> str:
         return f"{self.prefix}-n{i}"
@@ -114,20 +124,26 @@ class Lab:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
     def _underlay(self) -> None:
-        n1 = self.node_name(1)
-        with IPRoute(netns=n1) as ipr:
-            if self.nodes_count == 2:
-                ipr.link("add", ifname="uplink", kind="veth",
-                         peer={"ifname": "uplink", "net_ns_fd": self.node_name(2)})
-            else:
-                ipr.link("add", ifname="uplink", kind="veth", peer="uplink-peer")
-        for i in range(1, self.nodes_count + 1):
-            with IPRoute(netns=self.node_name(i)) as ipr:
-                idx = ipr.link_lookup(ifname="uplink")[0]
-                ipr.addr("add", index=idx, address=self.node_ip(i), prefixlen=UNDERLAY.prefixlen)
-                ipr.link("set", index=idx, state="up")
-                if self.nodes_count == 1:
-                    ipr.link("set", index=ipr.link_lookup(ifname="uplink-peer")[0], state="up")
+        """The physical network: a switch (a Linux bridge in a namespace of its
+        own) with every node's uplink and an external host on it."""
+        phy = self.phy_ns
+        self._netns(phy)
+        with IPRoute(netns=phy) as ipr:
+            ipr.link("add", ifname="sw", kind="bridge")
+            sw = ipr.link_lookup(ifname="sw")[0]
+            ipr.link("set", index=sw, state="up")
+            members = [(f"n{i}", self.node_name(i), "uplink", self.node_ip(i))
+                       for i in range(1, self.nodes_count + 1)]
+            members.append(("ext", self.ext_ns, "eth0", EXTERNAL_IP))
+            self._netns(self.ext_ns)
+            for port, ns, ifname, ip in members:
+                ipr.link("add", ifname=port, kind="veth", peer={"ifname": ifname, "net_ns_fd": ns})
+                idx = ipr.link_lookup(ifname=port)[0]
+                ipr.link("set", index=idx, master=sw, state="up")
+                with IPRoute(netns=ns) as peer:
+                    pidx = peer.link_lookup(ifname=ifname)[0]
+                    peer.addr("add", index=pidx, address=ip, prefixlen=UNDERLAY.prefixlen)
+                    peer.link("set", index=pidx, state="up")
 
     # ------------------------------------------------------------------ use
     def node(self, i: int) -> NodeDataplane:

@@ -24,8 +24,13 @@ class Bridge:
     def __init__(self, rt: Runtime, name: str, aging_s: float = DEFAULT_AGING_S) -> None:
         self.rt = rt
         self.name = name
+        if name in rt.cubes:  # adopted from a previous agent
+            self.cube = rt.cube(name)
+            aging_s = self.cube.config.get("aging_s", aging_s)
+        else:
+            self.cube = rt.add_cube(name, TYPE)
         self.aging_s = aging_s
-        self.cube = rt.add_cube(name, TYPE)
+        self.cube.config = {"aging_s": aging_s}
         self._cfg = rt.table("bridge_cfgs", TYPE)
         self._fdb = rt.table("bridge_fdb", TYPE)
         self._write_cfg()

@@ -24,19 +24,31 @@ class Router:
     def __init__(self, rt: Runtime, name: str) -> None:
         self.rt = rt
         self.name = name
-        self.cube = rt.add_cube(name, TYPE)
+        adopted = name in rt.cubes
+        self.cube = rt.cube(name) if adopted else rt.add_cube(name, TYPE)
         self._routes = rt.table("router_routes", TYPE)
         self._neigh = rt.table("router_neigh", TYPE)
         self._addrs = rt.table("router_addrs", TYPE)
         self.routes: dict[ipaddress.IPv4Network, Route] = {}
+        for r in self.cube.config.get("routes", []) if adopted else []:
+            net = ipaddress.IPv4Network(r["network"])
+            nh = ipaddress.IPv4Address(r["nexthop"]) if r["nexthop"] else None
+            self.routes[net] = Route(net, r["port"], nh)
+        self._save()
+
+    def _save(self) -> None:
+        self.cube.config = {"routes": [
+            {"network": str(r.network), "port": r.port,
+             "nexthop": str(r.nexthop) if r.nexthop else None} for r in self.routes.values()]}
 
     # ports ---------------------------------------------------------------
-    def add_port(self, port_name: str, address: str, mac: str | None = None) -> PortState:
+    def add_port(self, port_name: str, address: str, mac: str | None = None,
+                 flags: int = 0) -> PortState:
         """`address` is interface notation, e.g. 10.244.1.1/24: the port's IP and
         its directly connected network."""
         iface = ipaddress.IPv4Interface(address)
         port = self.rt.add_port(self.name, port_name, mac=mac, ip=str(iface.ip),
-                                prefixlen=iface.network.prefixlen)
+                                prefixlen=iface.network.prefixlen, flags=flags)
         self._addrs[maps.RouterAddrKey(self.cube.id, maps.ip_be(iface.ip))] = ct.c_uint32(port.id)
         self.add_route(str(iface.network), port_name)
         return port
@@ -70,12 +82,14 @@ class Router:
         self._routes[self._route_key(net)] = value
         route = Route(net, port_name, nh)
         self.routes[net] = route
+        self._save()
         return route
 
     def remove_route(self, cidr: str) -> None:
         net = ipaddress.IPv4Network(cidr, strict=True)
         self._delete(self._routes, self._route_key(net))
         self.routes.pop(net, None)
+        self._save()
 
     def _route_key(self, net: ipaddress.IPv4Network) -> maps.RouterRouteKey:
         return maps.RouterRouteKey(32 + net.prefixlen, self.cube.id, maps.ip_be(net.network_address))

@@ -1,0 +1,115 @@
+/* Service load balancing, shared by lbrp (ClusterIP, per pod) and the
+ * k8sdispatcher (NodePort): one node-wide service table in pinned maps, so a
+ * Service change is a few map updates however many pods use it.
+ *
+ * Each service owns a slot table in which every backend appears in
+ * proportion to its weight; a flow's hash picks the slot, so the choice is
+ * stable and needs no state until the session records it. */
+#ifndef PCN_LB_H
+#define PCN_LB_H
+
+#include "pcn_helpers.h"
+#include "pcn_parse.h"
+#include "pcn_session.h"
+
+#define PCN_LB_AFFINITY_CLIENT_IP 1
+
+struct pcn_svc_key {
+    __be32 vip;
+    __be16 port;
+    u8 proto;
+    u8 pad;
+};
+
+struct pcn_svc {
+    u32 id;
+    u32 n_slots;        /* 0: the service has no ready backend */
+    u32 flags;
+    u32 affinity_timeout_s;
+};
+
+struct pcn_slot_key {
+    u32 svc;
+    u32 slot;
+};
+
+struct pcn_backend {
+    __be32 ip;
+    __be16 port;
+    u16 pad;
+};
+
+struct pcn_affinity_key {
+    u32 svc;
+    __be32 client;
+};
+
+struct pcn_affinity {
+    struct pcn_backend backend;
+    u64 seen_ns;
+};
+
+BPF_TABLE_PINNED("hash", struct pcn_svc_key, struct pcn_svc, lb_services, 65536,
+                 PCN_PIN("lb_services"));
+BPF_TABLE_PINNED("hash", struct pcn_slot_key, struct pcn_backend, lb_slots, 524288,
+                 PCN_PIN("lb_slots"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct pcn_flow, struct pcn_xlate, lb_sessions, 262144,
+                 PCN_PIN("lb_sessions"));
+BPF_TABLE_PINNED("lru_hash", struct pcn_affinity_key, struct pcn_affinity, lb_affinity, 65536,
+                 PCN_PIN("lb_affinity"));
+
+static __always_inline u32 pcn_mix32(u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h;
+}
+
+/* Stable across agents and restarts: the same flow always picks the same slot. */
+static __always_inline u32 pcn_flow_hash(const struct pcn_flow *f)
+{
+    u32 ports = ((u32)f->sport << 16) | f->dport;
+    return pcn_mix32(f->saddr ^ pcn_mix32(f->daddr ^ pcn_mix32(ports ^ f->proto)));
+}
+
+/* Pick a backend for a new flow; 0 on success, -1 when there is none. */
+static __always_inline int pcn_lb_select(const struct pcn_svc *svc, const struct pcn_flow *f,
+                                         u64 now, struct pcn_backend *out)
+{
+    if (svc->n_slots == 0)
+        return -1;
+    struct pcn_affinity_key ak = {.svc = svc->id, .client = f->saddr};
+    if (svc->flags & PCN_LB_AFFINITY_CLIENT_IP) {
+        struct pcn_affinity *a = lb_affinity.lookup(&ak);
+        if (a && now - a->seen_ns < (u64)svc->affinity_timeout_s * 1000000000ULL) {
+            *out = a->backend;
+            a->seen_ns = now;
+            return 0;
+        }
+    }
+    struct pcn_slot_key sk = {.svc = svc->id, .slot = pcn_flow_hash(f) % svc->n_slots};
+    struct pcn_backend *b = lb_slots.lookup(&sk);
+    if (!b)
+        return -1;
+    *out = *b;
+    if (svc->flags & PCN_LB_AFFINITY_CLIENT_IP) {
+        struct pcn_affinity a = {.backend = *b, .seen_ns = now};
+        lb_affinity.update(&ak, &a);
+    }
+    return 0;
+}
+
+/* Record both directions of a translated connection. `fwd` is the flow as the
+ * client sent it; replies arrive as `rev_wire`. */
+static __always_inline void pcn_lb_record(const struct pcn_flow *fwd, const struct pcn_xlate *to,
+                                          const struct pcn_flow *rev_wire,
+                                          const struct pcn_xlate *back)
+{
+    lb_sessions.update(fwd, to);
+    lb_sessions.update(rev_wire, back);
+}
+
+#endif

@@ -1,0 +1,113 @@
+/* Rejecting a connection the way kube-proxy does: TCP RST for a SYN, ICMP
+ * port unreachable for UDP. The packet itself is turned into the answer and
+ * sent back where it came from. */
+#ifndef PCN_REJECT_H
+#define PCN_REJECT_H
+
+#include "pcn_helpers.h"
+#include "pcn_parse.h"
+#include "pcn_csum.h"
+
+static __always_inline void pcn_swap_macs(struct ethhdr *eth)
+{
+    u8 tmp[ETH_ALEN];
+    pcn_mac_copy(tmp, eth->h_dest);
+    pcn_mac_copy(eth->h_dest, eth->h_source);
+    pcn_mac_copy(eth->h_source, tmp);
+}
+
+/* SYN -> RST|ACK in place. The options and length stay, so every checksum
+ * change is incremental and valid whether the sender's checksum was complete
+ * or partial. Returns 0 when the packet now is the answer. */
+static __always_inline int pcn_reject_tcp(struct __sk_buff *skb, const struct pcn_l4info *info)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end)
+        return -1;
+    struct tcphdr *th = data + info->l4off;
+    if (info->l4off > 80 || (void *)(th + 1) > data_end)
+        return -1;
+    if ((info->tcp_flags & (PCN_TCP_SYN | PCN_TCP_ACK | PCN_TCP_RST)) != PCN_TCP_SYN)
+        return -1; /* only a connection attempt gets an answer */
+    if (info->l4len != th->doff * 4)
+        return -1; /* SYN with data: rare, just drop it */
+
+    __be32 a = ip->saddr;
+    ip->saddr = ip->daddr;
+    ip->daddr = a;
+    __be16 p = th->source;
+    th->source = th->dest;
+    th->dest = p;
+    pcn_swap_macs(eth);
+
+    u32 csum_off = info->l4off + offsetof(struct tcphdr, check);
+    __be32 old_seq = th->seq;
+    __be32 old_ack = th->ack_seq;
+    __be32 new_ack = bpf_htonl(bpf_ntohl(old_seq) + 1);
+    __be32 zero = 0;
+    u16 old_flags = *(u16 *)((u8 *)th + 12);
+    u16 new_flags = old_flags;
+    ((u8 *)&new_flags)[1] = PCN_TCP_RST | PCN_TCP_ACK;
+    th->seq = 0;
+    th->ack_seq = new_ack;
+    *(u16 *)((u8 *)th + 12) = new_flags;
+    bpf_l4_csum_replace(skb, csum_off, old_seq, zero, 4);
+    bpf_l4_csum_replace(skb, csum_off, old_ack, new_ack, 4);
+    bpf_l4_csum_replace(skb, csum_off, old_flags, new_flags, 2);
+    return 0;
+}
+
+/* UDP datagram -> ICMP destination/port unreachable quoting its IP header and
+ * first 8 bytes. Returns 0 when the packet now is the answer. */
+static __always_inline int pcn_reject_udp(struct __sk_buff *skb, const struct pcn_flow *f,
+                                          const struct pcn_l4info *info)
+{
+    if (info->l4off != sizeof(struct ethhdr) + sizeof(struct iphdr))
+        return -1; /* IP options: not worth quoting, drop instead */
+    struct ethhdr eth_copy;
+    if (bpf_skb_load_bytes(skb, 0, &eth_copy, sizeof(eth_copy)) < 0)
+        return -1;
+    u32 outer = sizeof(struct iphdr) + sizeof(struct icmphdr);
+    if (bpf_skb_adjust_room(skb, outer, BPF_ADJ_ROOM_MAC, 0) < 0)
+        return -1;
+    u32 total = sizeof(struct ethhdr) + outer + sizeof(struct iphdr) + 8;
+    if (bpf_skb_change_tail(skb, total, 0) < 0)
+        return -1;
+
+    struct {
+        struct iphdr ip;
+        struct icmphdr icmp;
+    } hdr = {};
+    hdr.ip.version = 4;
+    hdr.ip.ihl = 5;
+    hdr.ip.tot_len = bpf_htons(total - sizeof(struct ethhdr));
+    hdr.ip.ttl = 64;
+    hdr.ip.protocol = IPPROTO_ICMP;
+    hdr.ip.saddr = f->daddr;
+    hdr.ip.daddr = f->saddr;
+    hdr.ip.check = pcn_csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&hdr.ip, sizeof(hdr.ip), 0));
+    hdr.icmp.type = ICMP_DEST_UNREACH;
+    hdr.icmp.code = ICMP_PORT_UNREACH;
+
+    u8 quote[sizeof(struct iphdr) + 8];
+    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + outer, quote, sizeof(quote)) < 0)
+        return -1;
+    s64 sum = bpf_csum_diff(NULL, 0, (__be32 *)&hdr.icmp, sizeof(hdr.icmp), 0);
+    sum = bpf_csum_diff(NULL, 0, (__be32 *)quote, sizeof(quote), (u32)sum);
+    hdr.icmp.checksum = pcn_csum_fold((u32)sum);
+
+    u8 tmp[ETH_ALEN];
+    pcn_mac_copy(tmp, eth_copy.h_dest);
+    pcn_mac_copy(eth_copy.h_dest, eth_copy.h_source);
+    pcn_mac_copy(eth_copy.h_source, tmp);
+    if (bpf_skb_store_bytes(skb, 0, &eth_copy, sizeof(eth_copy), 0) < 0)
+        return -1;
+    if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &hdr, sizeof(hdr), 0) < 0)
+        return -1;
+    return 0;
+}
+
+#endif

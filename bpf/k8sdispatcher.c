@@ -1,0 +1,256 @@
+/* k8sdispatcher: the node's border with the outside world, a transparent cube
+ * stacked on the router's uplink port (both hooks) and on its overlay port
+ * (ingress hook).
+ *
+ *  uplink ingress (from the NIC): replies to masqueraded pod connections and
+ *      NodePort traffic go on to the router; everything else goes to the host
+ *      stack untouched (TC_ACT_OK), the node's own traffic and VXLAN included.
+ *  uplink egress (to the NIC): replies of local NodePort backends get the
+ *      node's address back; pod connections to the outside are masqueraded to
+ *      the node address with a port of their own.
+ *  overlay ingress: replies of remote NodePort backends (addressed to this
+ *      node's VTEP address by the Cluster policy) are translated back to the
+ *      client.
+ */
+#include "pcn_chain.h"
+#include "pcn_parse.h"
+#include "pcn_nat.h"
+#include "pcn_lb.h"
+
+#define DISP_POLICY_CLUSTER 0
+#define DISP_POLICY_LOCAL 1
+#define DISP_NET_POD 1       /* a pod network: its sources are masqueraded */
+#define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
+#define DISP_PORT_TRIES 16
+
+struct disp_cfg {
+    __be32 node_ip;
+    __be32 vtep_ip;
+    __be32 local_pods;      /* this node's pod network */
+    __be32 local_pods_mask;
+    u32 uplink_port;
+    u32 overlay_port;
+    u16 np_lo, np_hi;       /* NodePort range, host order */
+    u16 snat_lo, snat_hi;   /* masquerading ports, host order */
+};
+
+struct disp_net_key {
+    u32 prefixlen; /* 32 (instance) + prefix */
+    u32 inst;
+    __be32 ip;
+};
+
+struct disp_np_key {
+    u32 inst;
+    __be16 port;
+    u8 proto;
+    u8 pad;
+};
+
+struct disp_np_rule {
+    u32 policy;
+};
+
+BPF_TABLE_PINNED("hash", u32, struct disp_cfg, disp_cfgs, 64, PCN_PIN("disp_cfgs"));
+BPF_TABLE_PINNED("lpm_trie", struct disp_net_key, u32, disp_nets, 1024, PCN_PIN("disp_nets"),
+                 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct disp_np_key, struct disp_np_rule, disp_nodeports, 16384,
+                 PCN_PIN("disp_nodeports"));
+BPF_TABLE_PINNED("lru_hash", struct pcn_flow, struct pcn_xlate, nat_sessions, 262144,
+                 PCN_PIN("nat_sessions"));
+
+static __always_inline u32 disp_net_kind(u32 inst, __be32 ip)
+{
+    struct disp_net_key k = {.prefixlen = 64, .inst = inst, .ip = ip};
+    u32 *v = disp_nets.lookup(&k);
+    return v ? *v : 0;
+}
+
+/* Apply a recorded translation (one or two rewrites). */
+static __always_inline int disp_apply(struct __sk_buff *skb, struct pcn_flow *f,
+                                      struct pcn_l4info *info, struct pcn_xlate *x)
+{
+    if (pcn_nat_rewrite(skb, f, info, x->is_src, x->ip, x->port) < 0)
+        return -1;
+    if (x->is_src) {
+        f->saddr = x->ip;
+        f->sport = x->port;
+    } else {
+        f->daddr = x->ip;
+        f->dport = x->port;
+    }
+    if (x->ip2 && pcn_nat_rewrite(skb, f, info, !x->is_src, x->ip2, x->port2) < 0)
+        return -1;
+    return 0;
+}
+
+/* Reserve a port on `ip` for traffic from `peer` (the far end as it will
+ * reply): inserts the reverse session so that two connections never share a
+ * port towards the same peer. Returns the port (network order) or 0. */
+static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 ip, __be32 peer,
+                                              __be16 peer_port, u16 lo, u16 hi,
+                                              struct pcn_xlate *rev_val)
+{
+    u32 range = hi >= lo ? (u32)(hi - lo) + 1 : 1;
+    u32 h = pcn_flow_hash(f);
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < DISP_PORT_TRIES; i++) {
+        __be16 port = bpf_htons(lo + (h + i * 7919) % range);
+        struct pcn_flow rev = {.saddr = peer, .daddr = ip, .sport = peer_port, .dport = port,
+                               .proto = f->proto};
+        if (f->proto == IPPROTO_ICMP)
+            rev.sport = port; /* echo replies carry the identifier in both places */
+        if (nat_sessions.insert(&rev, rev_val) == 0)
+            return port;
+    }
+    return 0;
+}
+
+static __always_inline int disp_snat(struct __sk_buff *skb, struct disp_cfg *cfg,
+                                     struct pcn_flow *f, struct pcn_l4info *info, u64 now)
+{
+    if (f->proto == IPPROTO_ICMP && info->icmp_type != ICMP_ECHO)
+        return pcn_pass(skb);
+    if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP && f->proto != IPPROTO_ICMP)
+        return pcn_pass(skb);
+    struct pcn_xlate back = {.ip = f->saddr, .port = f->sport, .is_src = 0,
+                             .kind = PCN_SESS_SNAT_REV, .seen_ns = now};
+    __be16 port = disp_alloc_port(f, cfg->node_ip, f->daddr, f->dport, cfg->snat_lo,
+                                  cfg->snat_hi, &back);
+    if (!port)
+        return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
+    struct pcn_xlate to = {.ip = cfg->node_ip, .port = port, .is_src = 1, .kind = PCN_SESS_SNAT,
+                           .seen_ns = now};
+    nat_sessions.update(f, &to);
+    if (disp_apply(skb, f, info, &to) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    return pcn_pass(skb);
+}
+
+static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                         struct pcn_flow *f, struct pcn_l4info *info, u64 now)
+{
+    struct disp_np_key nk = {.inst = inst, .port = f->dport, .proto = f->proto};
+    struct disp_np_rule *rule = disp_nodeports.lookup(&nk);
+    if (!rule)
+        return TC_ACT_OK; /* a port of the host's own */
+    struct pcn_svc_key sk = {.vip = cfg->node_ip, .port = f->dport, .proto = f->proto};
+    struct pcn_svc *svc = lb_services.lookup(&sk);
+    struct pcn_backend b = {};
+    if (!svc || pcn_lb_select(svc, f, now, &b) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
+
+    int local = (b.ip & cfg->local_pods_mask) == cfg->local_pods;
+    struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0,
+                           .kind = PCN_SESS_NODEPORT, .svc = svc->id, .seen_ns = now};
+    struct pcn_xlate back = {.ip = cfg->node_ip, .port = f->dport, .is_src = 1,
+                             .kind = PCN_SESS_NODEPORT_REV, .svc = svc->id, .seen_ns = now};
+    if (rule->policy == DISP_POLICY_CLUSTER && !local) {
+        /* The backend answers our VTEP address over the overlay, never the
+         * client directly: the reply comes back through this node. */
+        back.ip2 = f->saddr;
+        back.port2 = f->sport;
+        __be16 port = disp_alloc_port(f, cfg->vtep_ip, b.ip, b.port, cfg->snat_lo,
+                                      cfg->snat_hi, &back);
+        if (!port)
+            return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
+        to.ip2 = cfg->vtep_ip;
+        to.port2 = port;
+    } else {
+        struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
+                               .dport = f->sport, .proto = f->proto};
+        nat_sessions.update(&rev, &back);
+    }
+    nat_sessions.update(f, &to);
+    if (disp_apply(skb, f, info, &to) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    return pcn_pass(skb);
+}
+
+static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
+                                            struct disp_cfg *cfg, u64 now)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return TC_ACT_OK;
+    if (eth->h_proto == bpf_htons(PCN_ETH_P_ARP))
+        return pcn_pass(skb); /* the router learns neighbours, then hands it to the host */
+    struct pcn_flow f = {};
+    struct pcn_l4info info = {};
+    if (pcn_parse_flow(skb, &f, &info) < 0)
+        return TC_ACT_OK;
+    if (f.daddr == cfg->node_ip) {
+        struct pcn_xlate *x = nat_sessions.lookup(&f);
+        if (x && (x->kind == PCN_SESS_SNAT_REV || x->kind == PCN_SESS_NODEPORT)) {
+            pcn_session_touch(x, now);
+            if (disp_apply(skb, &f, &info, x) < 0)
+                return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+            return pcn_pass(skb);
+        }
+        u16 dport = bpf_ntohs(f.dport);
+        if ((f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) && !info.is_fragment &&
+            dport >= cfg->np_lo && dport <= cfg->np_hi)
+            return disp_nodeport(skb, inst, cfg, &f, &info, now);
+        return TC_ACT_OK;
+    }
+    if (disp_net_kind(inst, f.daddr) & DISP_NET_POD)
+        return pcn_pass(skb); /* routed straight to a pod (direct routing) */
+    return TC_ACT_OK;
+}
+
+static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                          u64 now)
+{
+    struct pcn_flow f = {};
+    struct pcn_l4info info = {};
+    if (pcn_parse_flow(skb, &f, &info) < 0 || f.saddr == cfg->node_ip)
+        return pcn_pass(skb); /* not IPv4, or the host's own traffic */
+    struct pcn_xlate *x = nat_sessions.lookup(&f);
+    if (x && (x->kind == PCN_SESS_SNAT || x->kind == PCN_SESS_NODEPORT_REV)) {
+        pcn_session_touch(x, now);
+        if (disp_apply(skb, &f, &info, x) < 0)
+            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+        return pcn_pass(skb);
+    }
+    if (info.is_fragment)
+        return pcn_pass(skb);
+    if ((disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
+        !(disp_net_kind(inst, f.daddr) & DISP_NET_NO_SNAT))
+        return disp_snat(skb, cfg, &f, &info, now);
+    return pcn_pass(skb);
+}
+
+static __always_inline int disp_from_overlay(struct __sk_buff *skb, struct disp_cfg *cfg, u64 now)
+{
+    struct pcn_flow f = {};
+    struct pcn_l4info info = {};
+    if (pcn_parse_flow(skb, &f, &info) < 0 || f.daddr != cfg->vtep_ip)
+        return pcn_pass(skb);
+    struct pcn_xlate *x = nat_sessions.lookup(&f);
+    if (x && x->kind == PCN_SESS_NODEPORT_REV) {
+        pcn_session_touch(x, now);
+        if (disp_apply(skb, &f, &info, x) < 0)
+            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    }
+    return pcn_pass(skb);
+}
+
+int k8sdispatcher_rx(struct __sk_buff *skb)
+{
+    u32 inst = pcn_meta_instance(skb);
+    struct disp_cfg *cfg = disp_cfgs.lookup(&inst);
+    if (!cfg)
+        return pcn_pass(skb);
+    u32 port = pcn_meta_port(skb);
+    u64 now = bpf_ktime_get_ns();
+    if (port == cfg->uplink_port) {
+        if (pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
+            return disp_from_uplink(skb, inst, cfg, now);
+        return disp_to_uplink(skb, inst, cfg, now);
+    }
+    if (port == cfg->overlay_port && pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
+        return disp_from_overlay(skb, cfg, now);
+    return pcn_pass(skb);
+}

@@ -1,0 +1,78 @@
+/* lbrp: the service load balancer, a transparent cube stacked on every pod's
+ * port. On the ingress hook (from the pod) it translates a service's virtual
+ * address to a backend; on the egress hook (to the pod) it translates the
+ * backend's replies back, so the pod only ever sees the virtual address. */
+#include "pcn_chain.h"
+#include "pcn_parse.h"
+#include "pcn_nat.h"
+#include "pcn_lb.h"
+#include "pcn_reject.h"
+
+static __always_inline int lbrp_reject(struct __sk_buff *skb, const struct pcn_flow *f,
+                                       const struct pcn_l4info *info)
+{
+    u32 port_id = pcn_meta_port(skb);
+    pcn_count_drop(port_id, pcn_meta_instance(skb), PCN_DROP_REJECTED);
+    int r = f->proto == IPPROTO_TCP ? pcn_reject_tcp(skb, info) : pcn_reject_udp(skb, f, info);
+    if (r < 0)
+        return TC_ACT_SHOT;
+    struct pcn_port *p = pcn_ports.lookup(&port_id);
+    if (!p || p->peer_kind != PCN_PEER_NETDEV)
+        return TC_ACT_SHOT;
+    return bpf_redirect(p->peer, 0); /* back to the pod that asked */
+}
+
+static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *f,
+                                        struct pcn_l4info *info, u64 now)
+{
+    struct pcn_xlate *x = lb_sessions.lookup(f);
+    if (x && x->kind == PCN_SESS_LB) {
+        pcn_session_touch(x, now);
+        if (pcn_nat_rewrite(skb, f, info, 0, x->ip, x->port) < 0)
+            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+        return pcn_pass(skb);
+    }
+    struct pcn_svc_key sk = {.vip = f->daddr, .port = f->dport, .proto = f->proto};
+    struct pcn_svc *svc = lb_services.lookup(&sk);
+    if (!svc)
+        return pcn_pass(skb);
+    struct pcn_backend b = {};
+    if (pcn_lb_select(svc, f, now, &b) < 0)
+        return lbrp_reject(skb, f, info);
+
+    struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0, .kind = PCN_SESS_LB,
+                           .svc = svc->id, .seen_ns = now};
+    struct pcn_xlate back = {.ip = f->daddr, .port = f->dport, .is_src = 1,
+                             .kind = PCN_SESS_LB_REV, .svc = svc->id, .seen_ns = now};
+    struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
+                           .dport = f->sport, .proto = f->proto};
+    pcn_lb_record(f, &to, &rev, &back);
+    if (pcn_nat_rewrite(skb, f, info, 0, b.ip, b.port) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    return pcn_pass(skb);
+}
+
+static __always_inline int lbrp_reverse(struct __sk_buff *skb, struct pcn_flow *f,
+                                        struct pcn_l4info *info, u64 now)
+{
+    struct pcn_xlate *x = lb_sessions.lookup(f);
+    if (x && x->kind == PCN_SESS_LB_REV) {
+        pcn_session_touch(x, now);
+        if (pcn_nat_rewrite(skb, f, info, 1, x->ip, x->port) < 0)
+            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    }
+    return pcn_pass(skb);
+}
+
+int lbrp_rx(struct __sk_buff *skb)
+{
+    struct pcn_flow f = {};
+    struct pcn_l4info info = {};
+    if (pcn_parse_flow(skb, &f, &info) < 0 || info.is_fragment ||
+        (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP))
+        return pcn_pass(skb);
+    u64 now = bpf_ktime_get_ns();
+    if (pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
+        return lbrp_forward(skb, &f, &info, now);
+    return lbrp_reverse(skb, &f, &info, now);
+}

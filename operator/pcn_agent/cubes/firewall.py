@@ -1,0 +1,254 @@
+"""Control of `firewall` cubes: ordered rules, a default action, per-rule hit
+counters, and a program specialised to the rule set (bpf/firewall.c).
+
+Rule text, as people type it (also used by `kubectl pcn --rule`):
+
+    ACTION [PROTO] [from CIDR] [to CIDR] [sport PORT[-PORT]] [dport PORT[-PORT]]
+
+    drop tcp dport 22
+    allow udp to 10.96.0.10/32 dport 53
+    drop from 10.244.2.0/24
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+from dataclasses import asdict, dataclass
+
+from .. import maps
+from ..runtime import Runtime
+
+TYPE = "firewall"
+ACTIONS = {"allow": 0, "drop": 1}
+FW_PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132}
+MAX_RULES = 64
+HITS_PER_INSTANCE = 256
+
+
+class RuleError(ValueError):
+    """A rule that cannot be parsed; `column` is where the mistake starts (1-based)."""
+
+    def __init__(self, text: str, column: int, message: str) -> None:
+        super().__init__(f"invalid rule {text!r} at column {column}: {message}")
+        self.text = text
+        self.column = column
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str = "allow"
+    proto: str | None = None
+    src: str | None = None
+    dst: str | None = None
+    sport: tuple[int, int] | None = None
+    dport: tuple[int, int] | None = None
+
+    @property
+    def needs_l4(self) -> bool:
+        return self.sport is not None or self.dport is not None
+
+    def __str__(self) -> str:
+        parts = [self.action]
+        if self.proto:
+            parts.append(self.proto)
+        if self.src:
+            parts += ["from", self.src]
+        if self.dst:
+            parts += ["to", self.dst]
+        for name, rng in (("sport", self.sport), ("dport", self.dport)):
+            if rng:
+                parts += [name, str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}-{rng[1]}"]
+        return " ".join(parts)
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse one rule; RuleError names the column of the first mistake."""
+    tokens: list[tuple[str, int]] = []
+    col = 0
+    for word in text.split():
+        col = text.index(word, col)
+        tokens.append((word, col + 1))
+        col += len(word)
+    if not tokens:
+        raise RuleError(text, 1, "empty rule; start with allow or drop")
+    action, acol = tokens[0]
+    if action.lower() not in ACTIONS:
+        raise RuleError(text, acol, f"unknown action {action!r}; use allow or drop")
+    fields: dict[str, object] = {"action": action.lower()}
+    i = 1
+    if i < len(tokens) and tokens[i][0].lower() in FW_PROTOCOLS:
+        fields["proto"] = tokens[i][0].lower()
+        i += 1
+    while i < len(tokens):
+        word, wcol = tokens[i]
+        key = word.lower()
+        if key not in ("from", "to", "sport", "dport"):
+            hint = " (the protocol comes right after the action)" if key in FW_PROTOCOLS or \
+                key.isalpha() else ""
+            raise RuleError(text, wcol, f"unexpected {word!r}; expected from, to, sport or "
+                                        f"dport{hint}")
+        if i + 1 >= len(tokens):
+            raise RuleError(text, wcol + len(word), f"{key} needs a value")
+        value, vcol = tokens[i + 1]
+        field = {"from": "src", "to": "dst"}.get(key, key)
+        if field in fields:
+            raise RuleError(text, wcol, f"{key} given twice")
+        if key in ("from", "to"):
+            try:
+                fields[field] = str(ipaddress.IPv4Network(value, strict=False))
+            except ValueError:
+                raise RuleError(text, vcol, f"{value!r} is not an IPv4 address or CIDR") from None
+        else:
+            if fields.get("proto") not in ("tcp", "udp", "sctp"):
+                raise RuleError(text, wcol, f"{key} needs the protocol tcp, udp or sctp first")
+            fields[field] = _port_range(text, value, vcol)
+        i += 2
+    return Rule(**fields)  # type: ignore[arg-type]
+
+
+def _port_range(text: str, value: str, col: int) -> tuple[int, int]:
+    lo_s, _, hi_s = value.partition("-")
+    try:
+        lo = int(lo_s)
+        hi = int(hi_s) if hi_s else lo
+    except ValueError:
+        raise RuleError(text, col, f"{value!r} is not a port or a range like 8000-8080") from None
+    if not (1 <= lo <= 65535 and 1 <= hi <= 65535) or lo > hi:
+        raise RuleError(text, col, f"port range {value!r} must lie within 1-65535, low to high")
+    return lo, hi
+
+
+class FwRule(ct.Structure):
+    _fields_ = [("src", ct.c_uint32), ("src_mask", ct.c_uint32), ("dst", ct.c_uint32),
+                ("dst_mask", ct.c_uint32), ("sport_lo", ct.c_uint16), ("sport_hi", ct.c_uint16),
+                ("dport_lo", ct.c_uint16), ("dport_hi", ct.c_uint16), ("proto", ct.c_uint8),
+                ("action", ct.c_uint8), ("pad", ct.c_uint16)]
+
+
+class FwRuleKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("gen", ct.c_uint32), ("idx", ct.c_uint32)]
+
+
+class FwCfg(ct.Structure):
+    _fields_ = [("gen", ct.c_uint32), ("n_rules", ct.c_uint32), ("default_action", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+def _net(cidr: str | None) -> tuple[int, int]:
+    if not cidr:
+        return 0, 0
+    net = ipaddress.IPv4Network(cidr)
+    return maps.ip_be(net.network_address), maps.ip_be(net.netmask)
+
+
+def specialisation(rules: list[Rule]) -> dict[str, int]:
+    """Compile-time shape of a rule set: loop bound (a power of two, so rule
+    edits rarely need a new compile) and whether L4 must be parsed."""
+    bound = 1
+    while bound < len(rules):
+        bound *= 2
+    return {"FW_MAX_RULES": bound, "FW_NEED_L4": int(any(r.needs_l4 for r in rules))}
+
+
+class Firewall:
+    def __init__(self, rt: Runtime, name: str, rules: list[Rule] | None = None,
+                 default: str = "allow") -> None:
+        self.rt = rt
+        self.name = name
+        adopted = name in rt.cubes
+        self.cube = rt.cube(name) if adopted else rt.add_cube(name, TYPE, own_slot=True)
+        self.rules: list[Rule] = []
+        self.default = default
+        self.gen = 0
+        self.spec: dict[str, int] = {}
+        if adopted:
+            c = self.cube.config
+            self.rules = [Rule(**{**r, "sport": tuple(r["sport"]) if r["sport"] else None,
+                                  "dport": tuple(r["dport"]) if r["dport"] else None})
+                          for r in c["rules"]]
+            self.default, self.gen = c["default"], c["gen"]
+            self.spec = specialisation(self.rules)
+            variant = rt.load_variant(TYPE, self.spec)
+            self._bind_tables(variant.module)
+            rt.set_slot(self.cube.slot, variant.fd)  # new program, same slot: atomic
+        else:
+            self.set_rules(rules or [], default)
+
+    def _bind_tables(self, module) -> None:
+        self._rules_t = module[b"fw_rules"]
+        self._cfg_t = module[b"fw_cfgs"]
+        self._hits_t = module[b"fw_hits"]
+
+    def set_rules(self, rules: list[Rule], default: str = "allow") -> None:
+        """Replace the rule set. The new rules are written under a new
+        generation, then one config update switches to them; the program is
+        recompiled only when the rule set's shape changes, and swapped into
+        the instance's slot in one update, before or after the switch so that
+        the program in place can always evaluate the rules in force."""
+        if len(rules) > MAX_RULES:
+            raise ValueError(f"a firewall holds at most {MAX_RULES} rules, got {len(rules)}")
+        if default not in ACTIONS:
+            raise ValueError(f"default action must be allow or drop, not {default!r}")
+        spec = specialisation(rules)
+        variant = self.rt.load_variant(TYPE, spec)
+        self._bind_tables(variant.module)
+        old_spec, old_gen, old_n = self.spec, self.gen, len(self.rules)
+        gen = old_gen + 1
+        for i, r in enumerate(rules):
+            src, smask = _net(r.src)
+            dst, dmask = _net(r.dst)
+            sp = r.sport or (0, 65535)
+            dp = r.dport or (0, 65535)
+            self._rules_t[FwRuleKey(self.cube.id, gen, i)] = FwRule(
+                src, smask, dst, dmask, sp[0], sp[1], dp[0], dp[1],
+                FW_PROTOCOLS[r.proto] if r.proto else 0, ACTIONS[r.action])
+        grows = not old_spec or spec["FW_MAX_RULES"] >= old_spec["FW_MAX_RULES"] and \
+            spec["FW_NEED_L4"] >= old_spec["FW_NEED_L4"]
+        if grows:
+            self.rt.set_slot(self.cube.slot, variant.fd)
+        self._cfg_t[ct.c_uint32(self.cube.id)] = FwCfg(gen, len(rules), ACTIONS[default])
+        if not grows:
+            self.rt.set_slot(self.cube.slot, variant.fd)
+        for i in range(old_n):
+            try:
+                del self._rules_t[FwRuleKey(self.cube.id, old_gen, i)]
+            except KeyError:
+                pass
+        self._zero_hits()
+        self.rules, self.default, self.gen, self.spec = list(rules), default, gen, spec
+        self.cube.config = {"rules": [asdict(r) for r in self.rules], "default": default,
+                            "gen": gen}
+
+    def hits(self) -> dict[str, int]:
+        """Hits per rule (by its text) and of the default action."""
+        out = {}
+        base = self.cube.id * HITS_PER_INSTANCE
+        for i, r in enumerate(self.rules):
+            out[f"{i}: {r}"] = int(sum(self._hits_t[ct.c_uint32(base + i)]))
+        out[f"default: {self.default}"] = int(
+            sum(self._hits_t[ct.c_uint32(base + HITS_PER_INSTANCE - 1)]))
+        return out
+
+    def rule_hits(self) -> list[int]:
+        base = self.cube.id * HITS_PER_INSTANCE
+        return [int(sum(self._hits_t[ct.c_uint32(base + i)])) for i in range(len(self.rules))]
+
+    def _zero_hits(self) -> None:
+        base = self.cube.id * HITS_PER_INSTANCE
+        zeros = (self._hits_t.Leaf * self._hits_t.total_cpu)()
+        for i in [*range(MAX_RULES), HITS_PER_INSTANCE - 1]:
+            self._hits_t[ct.c_uint32(base + i)] = zeros
+
+    def delete(self) -> None:
+        for i in range(len(self.rules)):
+            try:
+                del self._rules_t[FwRuleKey(self.cube.id, self.gen, i)]
+            except KeyError:
+                pass
+        try:
+            del self._cfg_t[ct.c_uint32(self.cube.id)]
+        except KeyError:
+            pass
+        self.rt.remove_cube(self.name)
