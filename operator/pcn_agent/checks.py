@@ -38,14 +38,15 @@ def probe_argv(*args: str) -> list[str]:
 
 
 @contextmanager
-def servers(lab: Lab, names: list[str] | None = None):
-    """Probe servers (TCP and UDP) in the given lab pods, stopped afterwards."""
+def servers(lab: Lab, names: list[str] | None = None, tcp_ports: tuple[int, ...] = (TCP_PORT,),
+            udp_ports: tuple[int, ...] = (UDP_PORT,)):
+    """Probe servers in the given lab pods (or "ext"), stopped afterwards."""
     procs = []
+    ports = [a for p in tcp_ports for a in ("--tcp", str(p))]
+    ports += [a for p in udp_ports for a in ("--udp", str(p))]
     try:
         for name in names or list(lab.pods):
-            pod = lab.pods[name]
-            p = lab.popen(pod.netns, probe_argv("serve", "--tcp", str(TCP_PORT), "--udp",
-                                                str(UDP_PORT)),
+            p = lab.popen(netns_of(lab, name), probe_argv("serve", *ports),
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                           env={"PCN_PROBE_NAME": name, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
             procs.append(p)
@@ -66,7 +67,7 @@ def servers(lab: Lab, names: list[str] | None = None):
 
 def ping(lab: Lab, src: str, dst_ip: str, target: str | None = None, count: int = 3,
          interval: float = 0.2, timeout: float = 1.0, expect_blocked: bool = False) -> CheckResult:
-    r = lab.exec(lab.pods[src].netns, ["ping", "-n", "-q", "-c", str(count), "-i", str(interval),
+    r = lab.exec(netns_of(lab, src), ["ping", "-n", "-q", "-c", str(count), "-i", str(interval),
                                        "-W", str(timeout), dst_ip],
                  timeout=count * (interval + timeout) + 10)
     m = _RTT.search(r.stdout)
@@ -79,7 +80,7 @@ def ping(lab: Lab, src: str, dst_ip: str, target: str | None = None, count: int 
 
 def tcp(lab: Lab, src: str, dst_ip: str, target: str | None = None, nbytes: int = 1000,
         port: int = TCP_PORT, timeout: float = 5.0, expect_blocked: bool = False) -> CheckResult:
-    out = _probe(lab, src, ["tcp", dst_ip, str(port), "--bytes", str(nbytes), "--timeout",
+    out = probe(lab, src, ["tcp", dst_ip, str(port), "--bytes", str(nbytes), "--timeout",
                             str(timeout)], timeout + 10)
     proto = "tcp" if nbytes < 100_000 else f"tcp {nbytes // 1000} kB sha256"
     detail = out.get("error") or f"{out.get('received')} B, server saw {out.get('peer_seen')}"
@@ -89,15 +90,21 @@ def tcp(lab: Lab, src: str, dst_ip: str, target: str | None = None, nbytes: int 
 
 def udp(lab: Lab, src: str, dst_ip: str, target: str | None = None, port: int = UDP_PORT,
         timeout: float = 3.0, expect_blocked: bool = False) -> CheckResult:
-    out = _probe(lab, src, ["udp", dst_ip, str(port), "--timeout", str(timeout)], timeout + 10)
+    out = probe(lab, src, ["udp", dst_ip, str(port), "--timeout", str(timeout)], timeout + 10)
     detail = out.get("error") or f"server saw {out.get('peer_seen')}"
     return CheckResult(src, target or dst_ip, "udp", bool(out.get("ok")), out.get("total_ms"),
                        detail, expect_blocked)
 
 
-def _probe(lab: Lab, src: str, args: list[str], timeout: float) -> dict:
+def netns_of(lab: Lab, name: str) -> str:
+    """A lab pod's namespace, or "ext" for the external host."""
+    return lab.ext_ns if name == "ext" else lab.pods[name].netns
+
+
+def probe(lab: Lab, src: str, args: list[str], timeout: float) -> dict:
+    """Run the probe client from a pod (or "ext") and return its JSON answer."""
     start = time.monotonic()
-    r = lab.exec(lab.pods[src].netns, probe_argv(*args), timeout=timeout)
+    r = lab.exec(netns_of(lab, src), probe_argv(*args), timeout=timeout)
     try:
         return json.loads(r.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):

@@ -173,6 +173,46 @@ class Flow(ct.Structure):
                 ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
 
 
+class DispCfg(ct.Structure):
+    _fields_ = [("node_ip", ct.c_uint32), ("vtep_ip", ct.c_uint32), ("local_pods", ct.c_uint32),
+                ("local_pods_mask", ct.c_uint32), ("uplink_port", ct.c_uint32),
+                ("overlay_port", ct.c_uint32), ("np_lo", ct.c_uint16), ("np_hi", ct.c_uint16),
+                ("snat_lo", ct.c_uint16), ("snat_hi", ct.c_uint16)]
+
+
+class NetKey(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("inst", ct.c_uint32), ("ip", ct.c_uint32)]
+
+
+class NodePortKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class FwRule(ct.Structure):
+    _fields_ = [("src", ct.c_uint32), ("src_mask", ct.c_uint32), ("dst", ct.c_uint32),
+                ("dst_mask", ct.c_uint32), ("sport_lo", ct.c_uint16), ("sport_hi", ct.c_uint16),
+                ("dport_lo", ct.c_uint16), ("dport_hi", ct.c_uint16), ("proto", ct.c_uint8),
+                ("action", ct.c_uint8), ("pad", ct.c_uint16)]
+
+
+class FwRuleKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("gen", ct.c_uint32), ("idx", ct.c_uint32)]
+
+
+class FwCfg(ct.Structure):
+    _fields_ = [("gen", ct.c_uint32), ("n_rules", ct.c_uint32), ("default_action", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class AffinityKey(ct.Structure):
+    _fields_ = [("svc", ct.c_uint32), ("client", ct.c_uint32)]
+
+
+class Affinity(ct.Structure):
+    _fields_ = [("backend", BackendVal), ("seen_ns", ct.c_uint64)]
+
+
 RouterAddrKey = RouterNeighKey  # same layout: {cube, ip}
 
 # (map name in C, key struct, value struct) for the size check.
@@ -189,6 +229,13 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "lb_slots": (SlotKey, BackendVal),
     "lb_sessions": (Flow, Xlate),
     "nat_sessions": (Flow, Xlate),
+    "lb_affinity": (AffinityKey, Affinity),
+    "disp_cfgs": (ct.c_uint32, DispCfg),
+    "disp_nets": (NetKey, ct.c_uint32),
+    "disp_nodeports": (NodePortKey, ct.c_uint32),
+    "fw_rules": (FwRuleKey, FwRule),
+    "fw_cfgs": (ct.c_uint32, FwCfg),
+    "fw_hits": (ct.c_uint32, ct.c_uint64),
 }
 
 

@@ -35,14 +35,15 @@ class _TCPHandler(socketserver.StreamRequestHandler):
             h.update(chunk)
             n += len(chunk)
         reply = {"bytes": n, "sha256": h.hexdigest(), "peer": self.client_address[0],
-                 "server": os.uname().nodename, "host": _my_name()}
+                 "peer_port": self.client_address[1], "host": _my_name()}
         self.request.sendall(json.dumps(reply).encode() + b"\n")
 
 
 class _UDPHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data, sock = self.request
-        reply = {"len": len(data), "peer": self.client_address[0], "host": _my_name()}
+        reply = {"len": len(data), "peer": self.client_address[0],
+                 "peer_port": self.client_address[1], "host": _my_name()}
         sock.sendto(json.dumps(reply).encode(), self.client_address)
 
 
@@ -75,7 +76,9 @@ def serve(tcp_ports: list[int], udp_ports: list[int]) -> None:
         pass
 
 
-def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int = 0) -> dict:
+def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int = 0,
+               rate: float = 0.0) -> dict:
+    """Send `nbytes` (at `rate` bytes/s if set) and check the server's digest."""
     payload = random.Random(nbytes).randbytes(nbytes)
     start = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -85,35 +88,63 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
             s.bind(("0.0.0.0", src_port))
         s.connect((host, port))
         connected = time.monotonic()
-        s.sendall(payload)
+        if rate > 0:
+            chunk = max(1, int(rate / 50))
+            for off in range(0, nbytes, chunk):
+                s.sendall(payload[off:off + chunk])
+                ahead = (off + chunk) / rate - (time.monotonic() - connected)
+                if ahead > 0:
+                    time.sleep(ahead)
+        else:
+            s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         buf = b""
         while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
+            chunk_in = s.recv(4096)
+            if not chunk_in:
                 break
-            buf += chunk
+            buf += chunk_in
     done = time.monotonic()
     reply = json.loads(buf) if buf else {}
     expected = hashlib.sha256(payload).hexdigest()
     return {
         "ok": reply.get("sha256") == expected and reply.get("bytes") == nbytes,
         "bytes": nbytes, "received": reply.get("bytes"), "peer_seen": reply.get("peer"),
-        "host": reply.get("host"), "connect_ms": (connected - start) * 1000,
-        "total_ms": (done - start) * 1000,
+        "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
+        "connect_ms": (connected - start) * 1000, "total_ms": (done - start) * 1000,
     }
 
 
+def tcp_many(host: str, port: int, count: int, timeout: float) -> dict:
+    """`count` short connections, one after the other: which server answered each."""
+    hosts: dict[str, int] = {}
+    failures = 0
+    for _ in range(count):
+        try:
+            r = tcp_client(host, port, 16, timeout)
+        except OSError:
+            failures += 1
+            continue
+        if r["ok"]:
+            hosts[r["host"]] = hosts.get(r["host"], 0) + 1
+        else:
+            failures += 1
+    return {"ok": failures == 0, "count": count, "failures": failures, "hosts": hosts}
+
+
 def udp_client(host: str, port: int, timeout: float) -> dict:
+    """One datagram on a connected socket: the answer must come from where we sent."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
+        s.connect((host, port))
         start = time.monotonic()
-        s.sendto(b"pcn-probe", (host, port))
-        data, _ = s.recvfrom(4096)
+        s.send(b"pcn-probe")
+        data = s.recv(4096)
         rtt = (time.monotonic() - start) * 1000
     reply = json.loads(data)
     return {"ok": reply.get("len") == 9, "peer_seen": reply.get("peer"),
-            "host": reply.get("host"), "total_ms": rtt}
+            "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
+            "total_ms": rtt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--bytes", type=int, default=1000)
     t.add_argument("--timeout", type=float, default=5.0)
     t.add_argument("--src-port", type=int, default=0)
+    t.add_argument("--rate", type=float, default=0.0, help="pace the upload, bytes per second")
+    t.add_argument("--count", type=int, default=0,
+                   help="open COUNT short connections instead and tally the servers")
     u = sub.add_parser("udp", help="send one datagram and wait for the answer")
     u.add_argument("host")
     u.add_argument("port", type=int)
@@ -140,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.tcp, args.udp)
         return 0
     try:
-        if args.cmd == "tcp":
-            result = tcp_client(args.host, args.port, args.bytes, args.timeout, args.src_port)
+        if args.cmd == "tcp" and args.count:
+            result = tcp_many(args.host, args.port, args.count, args.timeout)
+        elif args.cmd == "tcp":
+            result = tcp_client(args.host, args.port, args.bytes, args.timeout, args.src_port,
+                                args.rate)
         else:
             result = udp_client(args.host, args.port, args.timeout)
     except (OSError, ValueError) as exc:

@@ -536,7 +536,8 @@ def _port_dict(p: PortState) -> dict:
 
 
 def _zeros(table):
-    return (table.Leaf * table.total_cpu)()
+    """A zero value for a per-CPU table (BCC's Leaf already holds one per CPU)."""
+    return table.Leaf()
 
 
 def _sched_cls() -> int:

@@ -16,22 +16,6 @@ POLICIES = {"Cluster": 0, "Local": 1}
 NET_POD, NET_NO_SNAT = 1, 2
 
 
-class DispCfg(ct.Structure):
-    _fields_ = [("node_ip", ct.c_uint32), ("vtep_ip", ct.c_uint32), ("local_pods", ct.c_uint32),
-                ("local_pods_mask", ct.c_uint32), ("uplink_port", ct.c_uint32),
-                ("overlay_port", ct.c_uint32), ("np_lo", ct.c_uint16), ("np_hi", ct.c_uint16),
-                ("snat_lo", ct.c_uint16), ("snat_hi", ct.c_uint16)]
-
-
-class NetKey(ct.Structure):
-    _fields_ = [("prefixlen", ct.c_uint32), ("inst", ct.c_uint32), ("ip", ct.c_uint32)]
-
-
-class NodePortKey(ct.Structure):
-    _fields_ = [("inst", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
-                ("pad", ct.c_uint8)]
-
-
 @dataclass(frozen=True)
 class DispatcherConfig:
     node_ip: str
@@ -78,7 +62,7 @@ class Dispatcher:
         """Write the node's addresses and networks (idempotent)."""
         c = self.cfg
         local = ipaddress.IPv4Network(c.local_pods)
-        v = DispCfg(maps.ip_be(c.node_ip), maps.ip_be(c.vtep_ip),
+        v = maps.DispCfg(maps.ip_be(c.node_ip), maps.ip_be(c.vtep_ip),
                     maps.ip_be(local.network_address), maps.ip_be(local.netmask),
                     uplink_port, overlay_port, c.nodeport_range[0], c.nodeport_range[1],
                     c.snat_range[0], c.snat_range[1])
@@ -91,7 +75,7 @@ class Dispatcher:
             net = ipaddress.IPv4Network(n)
             kinds[net] = kinds.get(net, 0) | NET_NO_SNAT
         for net, kind in kinds.items():
-            key = NetKey(32 + net.prefixlen, self.cube.id, maps.ip_be(net.network_address))
+            key = maps.NetKey(32 + net.prefixlen, self.cube.id, maps.ip_be(net.network_address))
             self._nets[key] = ct.c_uint32(kind)
         self._ports = (uplink_port, overlay_port)
         self.save()
@@ -110,7 +94,7 @@ class Dispatcher:
         chosen = [b for b in backends
                   if policy == "Cluster" or ipaddress.IPv4Address(b.ip) in local_net]
         self.services.set(self.cfg.node_ip, port, proto, chosen)
-        self._nodeports[NodePortKey(self.cube.id, be16(port), proto_number(proto))] = \
+        self._nodeports[maps.NodePortKey(self.cube.id, be16(port), proto_number(proto))] = \
             ct.c_uint32(POLICIES[policy])
         np_ = NodePort(port, proto, policy, tuple(backends))
         self.nodeports[(port, proto)] = np_
@@ -121,7 +105,7 @@ class Dispatcher:
         proto = proto.lower()
         found = self.nodeports.pop((port, proto), None) is not None
         try:
-            del self._nodeports[NodePortKey(self.cube.id, be16(port), proto_number(proto))]
+            del self._nodeports[maps.NodePortKey(self.cube.id, be16(port), proto_number(proto))]
         except KeyError:
             pass
         self.services.delete(self.cfg.node_ip, port, proto)

@@ -120,22 +120,6 @@ def _port_range(text: str, value: str, col: int) -> tuple[int, int]:
     return lo, hi
 
 
-class FwRule(ct.Structure):
-    _fields_ = [("src", ct.c_uint32), ("src_mask", ct.c_uint32), ("dst", ct.c_uint32),
-                ("dst_mask", ct.c_uint32), ("sport_lo", ct.c_uint16), ("sport_hi", ct.c_uint16),
-                ("dport_lo", ct.c_uint16), ("dport_hi", ct.c_uint16), ("proto", ct.c_uint8),
-                ("action", ct.c_uint8), ("pad", ct.c_uint16)]
-
-
-class FwRuleKey(ct.Structure):
-    _fields_ = [("inst", ct.c_uint32), ("gen", ct.c_uint32), ("idx", ct.c_uint32)]
-
-
-class FwCfg(ct.Structure):
-    _fields_ = [("gen", ct.c_uint32), ("n_rules", ct.c_uint32), ("default_action", ct.c_uint32),
-                ("pad", ct.c_uint32)]
-
-
 def _net(cidr: str | None) -> tuple[int, int]:
     if not cidr:
         return 0, 0
@@ -201,19 +185,19 @@ class Firewall:
             dst, dmask = _net(r.dst)
             sp = r.sport or (0, 65535)
             dp = r.dport or (0, 65535)
-            self._rules_t[FwRuleKey(self.cube.id, gen, i)] = FwRule(
+            self._rules_t[maps.FwRuleKey(self.cube.id, gen, i)] = maps.FwRule(
                 src, smask, dst, dmask, sp[0], sp[1], dp[0], dp[1],
                 FW_PROTOCOLS[r.proto] if r.proto else 0, ACTIONS[r.action])
         grows = not old_spec or spec["FW_MAX_RULES"] >= old_spec["FW_MAX_RULES"] and \
             spec["FW_NEED_L4"] >= old_spec["FW_NEED_L4"]
         if grows:
             self.rt.set_slot(self.cube.slot, variant.fd)
-        self._cfg_t[ct.c_uint32(self.cube.id)] = FwCfg(gen, len(rules), ACTIONS[default])
+        self._cfg_t[ct.c_uint32(self.cube.id)] = maps.FwCfg(gen, len(rules), ACTIONS[default])
         if not grows:
             self.rt.set_slot(self.cube.slot, variant.fd)
         for i in range(old_n):
             try:
-                del self._rules_t[FwRuleKey(self.cube.id, old_gen, i)]
+                del self._rules_t[maps.FwRuleKey(self.cube.id, old_gen, i)]
             except KeyError:
                 pass
         self._zero_hits()
@@ -237,14 +221,14 @@ class Firewall:
 
     def _zero_hits(self) -> None:
         base = self.cube.id * HITS_PER_INSTANCE
-        zeros = (self._hits_t.Leaf * self._hits_t.total_cpu)()
+        zeros = self._hits_t.Leaf()
         for i in [*range(MAX_RULES), HITS_PER_INSTANCE - 1]:
             self._hits_t[ct.c_uint32(base + i)] = zeros
 
     def delete(self) -> None:
         for i in range(len(self.rules)):
             try:
-                del self._rules_t[FwRuleKey(self.cube.id, self.gen, i)]
+                del self._rules_t[maps.FwRuleKey(self.cube.id, self.gen, i)]
             except KeyError:
                 pass
         try:

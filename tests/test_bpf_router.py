@@ -1,0 +1,333 @@
+"""The router cube's program on crafted frames (BPF_PROG_TEST_RUN).
+
+Topology: router `r` with port `a` (10.1.0.1/24, veth u1) and port `b`
+(10.2.0.1/24, veth u2) in a private namespace, plus a static route
+198.51.100.0/24 via 10.2.0.30 on `b`. Tests use their own host addresses and
+compare counters before and after, so they share one compiled runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import itertools
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+from bcc.utils import get_online_cpus
+from bpfunit import (
+    BROADCAST,
+    ETH_P_ARP,
+    ETH_P_IP,
+    UnitNet,
+    arp,
+    eth,
+    icmp_echo,
+    inet_csum,
+    ipv4,
+    parse_arp,
+    parse_eth,
+    parse_ipv4,
+    random_mac,
+    udp,
+    unit_net,
+)
+
+from pcn_agent import maps
+from pcn_agent.cubes.router import Router
+from pcn_agent.runtime import PortCounters, PortState
+from pcn_agent.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+
+pytestmark = [pytest.mark.bpf,
+              pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
+
+IPPROTO_ICMP, IPPROTO_UDP = 1, 17
+_host = itertools.count(10)
+
+
+def host(net: str) -> str:
+    """A fresh host address on 10.1.0.0/24 ("a") or 10.2.0.0/24 ("b")."""
+    n = next(_host)
+    assert n < 250, "ran out of test host addresses"
+    return f"10.{1 if net == 'a' else 2}.0.{n}"
+
+
+@dataclass
+class RouterLab:
+    net: UnitNet
+    r: Router
+    ports: dict[str, PortState]
+
+    @property
+    def module(self):
+        return self.net.rt.types["router"].module
+
+    def send(self, in_port: str, frame: bytes) -> TestRunResult:
+        port = self.ports[in_port]
+        return self.net.run(self.net.rt.types["router"].fd, frame, cb=[port.id],
+                            ifindex=self.net.ifindex[port.netdev or ""])
+
+    def counters(self) -> dict[str, PortCounters]:
+        return {name: self.net.rt.port_counters(p) for name, p in self.ports.items()}
+
+    def drops(self) -> dict[str, int]:
+        return self.net.rt.cube_drops("r")
+
+    def mac(self, port: str) -> str:
+        return self.ports[port].mac
+
+    def add_neighbour(self, ip: str, mac: str, port: str) -> None:
+        """Written straight into the map, as the ARP path would have."""
+        key = maps.RouterNeighKey(self.r.cube.id, maps.ip_be(ip))
+        value = maps.RouterNeigh(mac=maps.mac_bytes(mac), port=self.ports[port].id,
+                                 updated_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        self.net.rt.table("router_neigh", "router")[key] = value
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[RouterLab]:
+    with unit_net(veths=2) as net:
+        rt = net.rt
+        r = Router(rt, "r")
+        ports = {"a": r.add_port("a", "10.1.0.1/24"), "b": r.add_port("b", "10.2.0.1/24")}
+        rt.connect_netdev(ports["a"], "u1")
+        rt.connect_netdev(ports["b"], "u2")
+        r.add_route("198.51.100.0/24", "b", nexthop="10.2.0.30")
+        yield RouterLab(net, r, ports)
+
+
+@contextmanager
+def slowpath_listener(lab: RouterLab) -> Iterator[list[tuple[maps.SlowMsg, bytes]]]:
+    """Open the router's slow-path perf buffer (as the agent does) and collect
+    what arrives; closed again on exit."""
+    got: list[tuple[maps.SlowMsg, bytes]] = []
+
+    def on_event(_cpu: int, data: int, size: int) -> None:
+        raw = ct.string_at(data, size)
+        msg = maps.SlowMsg.from_buffer_copy(raw[: ct.sizeof(maps.SlowMsg)])
+        got.append((msg, raw[ct.sizeof(maps.SlowMsg): ct.sizeof(maps.SlowMsg) + msg.pkt_len]))
+
+    table = lab.module["pcn_slowpath"]
+    table.open_perf_buffer(on_event)
+    try:
+        yield got
+    finally:
+        for cpu in get_online_cpus():
+            del table[cpu]
+
+
+def poll(lab: RouterLab, got: list, want: int = 1, timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        lab.module.perf_buffer_poll(timeout=50)
+
+
+def udp_frame(lab: RouterLab, src: str, dst: str, ttl: int = 64, ident: int = 0x1234,
+              src_mac: str | None = None, dst_mac: str | None = None) -> bytes:
+    return eth(dst_mac or lab.mac("a"), src_mac or random_mac(), ETH_P_IP,
+               ipv4(src, dst, IPPROTO_UDP, udp(4000, 5000, b"hello pcn"), ttl=ttl, ident=ident))
+
+
+# ---------------------------------------------------------------------------- ARP
+def test_arp_request_for_port_address_gets_reply(lab: RouterLab) -> None:
+    asker_mac, asker_ip = random_mac(), host("a")
+    assert lab.r.neighbor(asker_ip) is None
+    req = eth(BROADCAST, asker_mac, ETH_P_ARP, arp(1, asker_mac, asker_ip, "00:00:00:00:00:00",
+                                                   "10.1.0.1"))
+    before = lab.counters()
+    res = lab.send("a", req)
+    after = lab.counters()
+
+    assert res.retval == TC_ACT_REDIRECT  # back out of u1
+    assert after["a"].tx_packets - before["a"].tx_packets == 1
+    assert after["b"].tx_packets == before["b"].tx_packets
+    assert len(res.data) == len(req)
+    e = parse_eth(res.data)
+    assert (e.dst, e.src, e.ethertype) == (asker_mac, lab.mac("a"), ETH_P_ARP)
+    reply = parse_arp(e.payload)
+    assert (reply.htype, reply.ptype, reply.hlen, reply.plen) == (1, ETH_P_IP, 6, 4)
+    assert reply.op == 2
+    assert (reply.sha, reply.spa) == (lab.mac("a"), "10.1.0.1")
+    assert (reply.tha, reply.tpa) == (asker_mac, asker_ip)
+    assert lab.r.neighbor(asker_ip) == asker_mac  # the asker is learned
+
+
+def test_arp_request_for_another_address_is_ignored(lab: RouterLab) -> None:
+    asker_mac, asker_ip = random_mac(), host("a")
+    req = eth(BROADCAST, asker_mac, ETH_P_ARP, arp(1, asker_mac, asker_ip, "00:00:00:00:00:00",
+                                                   host("a")))
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send("a", req)
+    assert res.retval == TC_ACT_SHOT
+    assert lab.counters() == before
+    assert lab.drops() == drops  # not an error: someone else's question
+    assert lab.r.neighbor(asker_ip) is None
+
+
+def test_arp_reply_is_learned_and_reported(lab: RouterLab) -> None:
+    peer_mac, peer_ip = random_mac(), host("b")
+    rep = eth(lab.mac("b"), peer_mac, ETH_P_ARP, arp(2, peer_mac, peer_ip, lab.mac("b"),
+                                                     "10.2.0.1"))
+    with slowpath_listener(lab) as got:
+        res = lab.send("b", rep)
+        poll(lab, got)
+    assert res.retval == TC_ACT_SHOT
+    assert lab.r.neighbor(peer_ip) == peer_mac
+    assert len(got) == 1
+    msg, pkt = got[0]
+    assert msg.reason == maps.SlowReason.NEIGH_LEARNED
+    assert (msg.cube_id, msg.in_port, msg.arg) == (lab.r.cube.id, lab.ports["b"].id,
+                                                   maps.ip_be(peer_ip))
+    assert (msg.pkt_len, pkt) == (0, b"")
+
+
+# ---------------------------------------------------------------------------- local
+@pytest.mark.parametrize("target", ["10.1.0.1", "10.2.0.1"])
+def test_echo_request_to_router_gets_reply(lab: RouterLab, target: str) -> None:
+    """Both the address of the input port and the other port's address answer."""
+    pinger_mac, pinger_ip = random_mac(), host("a")
+    payload = bytes(range(40))
+    req = eth(lab.mac("a"), pinger_mac, ETH_P_IP,
+              ipv4(pinger_ip, target, IPPROTO_ICMP, icmp_echo(0x4242, 7, payload)))
+    before = lab.counters()
+    res = lab.send("a", req)
+    after = lab.counters()
+
+    assert res.retval == TC_ACT_REDIRECT
+    assert after["a"].tx_packets - before["a"].tx_packets == 1
+    e = parse_eth(res.data)
+    assert (e.dst, e.src, e.ethertype) == (pinger_mac, lab.mac("a"), ETH_P_IP)
+    ip = parse_ipv4(e.payload)
+    assert (ip.src, ip.dst, ip.proto) == (target, pinger_ip, IPPROTO_ICMP)
+    assert inet_csum(ip.header) == 0, "IPv4 header checksum"
+    assert inet_csum(ip.payload) == 0, "ICMP checksum"
+    assert ip.payload == icmp_echo(0x4242, 7, payload, kind=0)  # type 0, same id/seq/data
+
+
+# ---------------------------------------------------------------------------- drops
+def test_ttl_1_is_dropped(lab: RouterLab) -> None:
+    lab.add_neighbour(dst := host("b"), random_mac(), "b")  # it would be forwardable
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send("a", udp_frame(lab, host("a"), dst, ttl=1))
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops().get("ttl", 0) == drops.get("ttl", 0) + 1
+    after = lab.counters()
+    assert after["b"].tx_packets == before["b"].tx_packets
+    assert after["a"].drops - before["a"].drops == 1
+
+
+def test_no_route_is_dropped(lab: RouterLab) -> None:
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send("a", udp_frame(lab, host("a"), "192.0.2.1"))
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops().get("no_route", 0) == drops.get("no_route", 0) + 1
+    after = lab.counters()
+    assert after["b"].tx_packets == before["b"].tx_packets
+    assert after["a"].drops - before["a"].drops == 1
+
+
+def test_unicast_for_another_mac_is_ignored(lab: RouterLab) -> None:
+    lab.add_neighbour(dst := host("b"), random_mac(), "b")
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send("a", udp_frame(lab, host("a"), dst, dst_mac=random_mac()))
+    assert res.retval == TC_ACT_SHOT
+    assert lab.counters() == before
+    assert lab.drops() == drops
+
+
+# ---------------------------------------------------------------------------- forwarding
+def check_forwarded(lab: RouterLab, sent: bytes, res: TestRunResult, next_hop_mac: str) -> None:
+    assert res.retval == TC_ACT_REDIRECT  # to u2
+    assert len(res.data) == len(sent)
+    e_in, e_out = parse_eth(sent), parse_eth(res.data)
+    assert (e_out.dst, e_out.src, e_out.ethertype) == (next_hop_mac, lab.mac("b"), ETH_P_IP)
+    ip_in, ip_out = parse_ipv4(e_in.payload), parse_ipv4(e_out.payload)
+    assert ip_out.ttl == ip_in.ttl - 1
+    assert inet_csum(ip_out.header) == 0, f"bad IPv4 checksum after TTL {ip_in.ttl}"
+    # nothing else in the header changed, and the payload is untouched
+    assert ip_out.header[:8] + ip_out.header[9:10] + ip_out.header[12:] == \
+        ip_in.header[:8] + ip_in.header[9:10] + ip_in.header[12:]
+    assert e_out.payload[20:] == e_in.payload[20:]
+
+
+def test_forwards_to_known_neighbour(lab: RouterLab) -> None:
+    dst, dst_mac = host("b"), random_mac()
+    lab.add_neighbour(dst, dst_mac, "b")
+    pkt = udp_frame(lab, host("a"), dst)
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send("a", pkt)
+    after = lab.counters()
+    check_forwarded(lab, pkt, res, dst_mac)
+    assert after["b"].tx_packets - before["b"].tx_packets == 1
+    assert after["b"].tx_bytes - before["b"].tx_bytes == len(pkt)
+    assert after["a"].tx_packets == before["a"].tx_packets
+    assert lab.drops() == drops
+
+
+def test_forwarding_keeps_checksum_valid_for_any_header(lab: RouterLab) -> None:
+    """Incremental checksum update over many TTLs and original checksums, the
+    edge values 0x0000 and 0x0001 / 0xfffe included. (0xffff cannot occur: the
+    folded one's-complement sum of a non-zero header is never 0.)"""
+    dst, dst_mac = host("b"), random_mac()
+    src = host("a")
+    lab.add_neighbour(dst, dst_mac, "b")
+
+    def csum_of(ident: int, ttl: int) -> int:
+        return struct.unpack("!H", ipv4(src, dst, IPPROTO_UDP, udp(4000, 5000, b"hello pcn"),
+                                        ttl=ttl, ident=ident)[10:12])[0]
+
+    def ident_for(want: int, ttl: int) -> int:
+        """The ident making the header checksum `want` (the sum is linear in it)."""
+        rest = ~csum_of(0, ttl) & 0xFFFF  # one's-complement sum without the ident
+        ident = ((~want & 0xFFFF) - rest) % 0xFFFF
+        assert csum_of(ident, ttl) == want
+        return ident
+
+    cases = [(ident, ttl) for ttl in (2, 3, 64, 128, 255) for ident in (0, 1, 0x8000, 0xFFFF)]
+    cases += [(ident_for(want, ttl), ttl) for want in (0x0000, 0x0001, 0xFFFE)
+              for ttl in (2, 64, 255)]
+    for ident, ttl in cases:
+        pkt = udp_frame(lab, src, dst, ttl=ttl, ident=ident)
+        check_forwarded(lab, pkt, lab.send("a", pkt), dst_mac)
+
+
+def test_forwards_through_static_route_to_its_next_hop(lab: RouterLab) -> None:
+    gw_mac = random_mac()
+    lab.add_neighbour("10.2.0.30", gw_mac, "b")
+    pkt = udp_frame(lab, host("a"), "198.51.100.7")
+    before = lab.counters()
+    res = lab.send("a", pkt)
+    check_forwarded(lab, pkt, res, gw_mac)
+    assert lab.counters()["b"].tx_packets - before["b"].tx_packets == 1
+
+
+def test_unknown_neighbour_goes_to_slow_path(lab: RouterLab) -> None:
+    src, dst = host("a"), host("b")
+    pkt = udp_frame(lab, src, dst)
+    drops, before = lab.drops(), lab.counters()
+    with slowpath_listener(lab) as got:
+        res = lab.send("a", pkt)
+        poll(lab, got)
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops() == drops, "a packet handed to the slow path is not a drop"
+    after = lab.counters()
+    assert after == before
+    assert len(got) == 1
+    msg, held = got[0]
+    assert msg.reason == maps.SlowReason.ARP_MISS
+    assert (msg.cube_id, msg.in_port, msg.out_port) == (lab.r.cube.id, lab.ports["a"].id,
+                                                         lab.ports["b"].id)
+    assert msg.arg == maps.ip_be(dst)  # the next hop to resolve
+    assert msg.pkt_len == len(pkt) and held == pkt  # untouched: TTL not yet decremented
+    assert lab.r.neighbor(dst) is None
+
+
+def test_unknown_neighbour_without_listener_counts_slowpath_drop(lab: RouterLab) -> None:
+    """No agent reading the perf buffer: the packet cannot be handed over."""
+    drops = lab.drops()
+    res = lab.send("a", udp_frame(lab, host("a"), host("b")))
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops().get("slowpath", 0) == drops.get("slowpath", 0) + 1
