@@ -1,8 +1,9 @@
 """A multi-node pcn topology on one machine, for tests, the demo and benchmarks.
 
 A "node" is a network namespace running its own data plane; a "pod" is a
-namespace behind a veth into its node; nodes are joined by a veth pair (two
-nodes) as their physical network. Nothing touches the root namespace; every
+namespace behind a veth into its node; the nodes' uplinks and an "external
+host" meet on a switch (a Linux bridge in a namespace of its own), their
+physical network. Nothing touches the root namespace; every
 name carries a per-run id, and `close()` removes all of it, also after a
 failure half-way through `build()`.
 """
@@ -20,6 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from . import bpffs
+from .cubes.lbrp import Backend
 from .node import NodeConfig, NodeDataplane, PeerNode, Pod
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,40 @@ class Lab:
 
     def popen(self, netns: str, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **kw)
+
+    def restart_node(self, i: int) -> NodeDataplane:
+        """Kill node i's agent (as a crash would: nothing torn down) and start a
+        new one that adopts the data plane it left."""
+        old = self.node(i)
+        old.crash()
+        new = NodeDataplane(old.cfg, self.pin_root, old.state_root).up(adopt=True)
+        self.nodes[old.cfg.name] = new
+        for lp in self.pods.values():
+            if lp.node == old.cfg.name:
+                lp.pod = new.pods[lp.name]
+        return new
+
+    # ------------------------------------------------------------------ services
+    def backend(self, pod: str, port: int, weight: int = 1) -> Backend:
+        return Backend(self.pods[pod].ip, port, weight)
+
+    def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
+                    affinity_timeout_s: int = 0) -> None:
+        """A ClusterIP service, realised on every node as the agents would."""
+        for node in self.nodes.values():
+            node.set_service(vip, port, proto, backends, affinity_timeout_s)
+
+    def delete_service(self, vip: str, port: int, proto: str) -> None:
+        for node in self.nodes.values():
+            node.delete_service(vip, port, proto)
+
+    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend]) -> None:
+        for node in self.nodes.values():
+            node.set_nodeport(port, proto, policy, backends)
+
+    def delete_nodeport(self, port: int, proto: str) -> None:
+        for node in self.nodes.values():
+            node.delete_nodeport(port, proto)
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:

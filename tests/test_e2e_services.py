@@ -1,0 +1,265 @@
+"""End to end: ClusterIP, NodePort, egress masquerading, the firewall, live
+chain edits and agent restarts, on two nodes with an external host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from pcn_agent import checks
+from pcn_agent.cubes.firewall import Firewall, parse_rule
+from pcn_agent.topology import EXTERNAL_IP, Lab
+
+pytestmark = pytest.mark.netns
+
+TCP, UDP = checks.TCP_PORT, checks.UDP_PORT
+VIP = "10.96.0.10"
+VIP_WEIGHTED = "10.96.0.11"
+VIP_UDP = "10.96.0.12"
+VIP_EMPTY = "10.96.0.13"
+VIP_AFFINITY = "10.96.0.14"
+VIP_LONG = "10.96.0.15"
+
+
+@pytest.fixture(scope="module")
+def svc_lab(lab: Lab):
+    backends = [lab.backend(p, TCP) for p in ("n1p2", "n2p1", "n2p2")]
+    lab.set_service(VIP, 80, "tcp", backends)
+    lab.set_service(VIP_WEIGHTED, 80, "tcp", [lab.backend("n1p2", TCP, 1),
+                                              lab.backend("n2p1", TCP, 2),
+                                              lab.backend("n2p2", TCP, 1)])
+    lab.set_service(VIP_UDP, 53, "udp", [lab.backend(p, UDP) for p in ("n1p2", "n2p1")])
+    lab.set_service(VIP_EMPTY, 80, "tcp", [])
+    lab.set_service(VIP_EMPTY, 53, "udp", [])
+    lab.set_service(VIP_AFFINITY, 80, "tcp", backends, affinity_timeout_s=60)
+    with checks.servers(lab, [*lab.pods, "ext"]):
+        yield lab
+
+
+def _tcp(lab: Lab, src: str, host: str, port: int, **kw) -> dict:
+    args = ["tcp", host, str(port), "--timeout", str(kw.pop("timeout", 5))]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return checks.probe(lab, src, args, 60)
+
+
+# --------------------------------------------------------------------- ClusterIP
+def test_clusterip_reaches_backends_on_both_nodes(svc_lab: Lab) -> None:
+    r = _tcp(svc_lab, "n1p1", VIP, 80, count=30)
+    assert r["ok"], r
+    assert {"n1p2", "n2p1", "n2p2"} == set(r["hosts"]), r
+
+
+def test_clusterip_weights_spread_new_connections(svc_lab: Lab) -> None:
+    r = _tcp(svc_lab, "n1p1", VIP_WEIGHTED, 80, count=200)
+    assert r["ok"], r
+    # Weights 1:2:1 put 16, 32 and 16 of 64 slots behind the backends; each new
+    # connection's source port picks a slot through a hash, so counts follow a
+    # binomial law: sd = sqrt(200 p (1-p)) = 6.1 for p = 1/4 and 7.1 for p = 1/2.
+    # +-4 sd (25) keeps a false failure below 1e-4 while a wrong weighting (for
+    # example equal thirds: 67 each) still fails.
+    h = r["hosts"]
+    assert abs(h.get("n1p2", 0) - 50) <= 25, h
+    assert abs(h.get("n2p1", 0) - 100) <= 25, h
+    assert abs(h.get("n2p2", 0) - 50) <= 25, h
+
+
+def test_one_connection_stays_on_one_backend(svc_lab: Lab) -> None:
+    # 2 MB in one connection: if any segment went to another backend the stream
+    # would break and the digest the backend computed could not match.
+    r = _tcp(svc_lab, "n1p1", VIP, 80, bytes=2_000_000)
+    assert r["ok"], r
+    mine = [s for s in svc_lab.node(1).lb.services.sessions()
+            if s["client"].endswith(f":{r['peer_port_seen']}")]
+    assert len(mine) == 1, mine
+
+
+def test_client_sees_only_the_service_address(svc_lab: Lab) -> None:
+    r = checks.probe(svc_lab, "n1p1", ["udp", VIP_UDP, "53", "--timeout", "3"], 20)
+    assert r["ok"], r  # connected UDP socket: a reply from the backend's own address is refused
+    assert r["host"] in ("n1p2", "n2p1")
+    assert r["peer_seen"] == svc_lab.pods["n1p1"].ip  # no source NAT inside the cluster
+
+
+def test_session_affinity_client_ip(svc_lab: Lab) -> None:
+    r = _tcp(svc_lab, "n1p1", VIP_AFFINITY, 80, count=20)
+    assert r["ok"], r
+    assert len(r["hosts"]) == 1, r
+
+
+def test_service_without_backends_rejects(svc_lab: Lab) -> None:
+    node = svc_lab.node(1)
+    before = node.rt.cube_drops("lb").get("rejected", 0)
+    r = _tcp(svc_lab, "n1p1", VIP_EMPTY, 80, timeout=5)
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
+    u = checks.probe(svc_lab, "n1p1", ["udp", VIP_EMPTY, "53", "--timeout", "3"], 20)
+    assert not u["ok"] and "ConnectionRefused" in u.get("error", ""), u
+    assert node.rt.cube_drops("lb").get("rejected", 0) - before >= 2
+
+
+def test_removing_a_backend_keeps_connections_to_the_others(svc_lab: Lab) -> None:
+    lab = svc_lab
+    keep, drop = lab.backend("n2p1", TCP), lab.backend("n2p2", TCP)
+    lab.set_service(VIP_LONG, 80, "tcp", [keep])
+    client = lab.popen(lab.pods["n1p1"].netns, checks.probe_argv(
+        "tcp", VIP_LONG, "80", "--bytes", "3000000", "--rate", "1000000", "--timeout", "20"),
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        lab.set_service(VIP_LONG, 80, "tcp", [keep, drop])  # add one
+        time.sleep(0.5)
+        lab.set_service(VIP_LONG, 80, "tcp", [drop])  # remove the one in use
+        out, _ = client.communicate(timeout=30)
+    finally:
+        client.kill()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["ok"] and r["host"] == "n2p1", r
+    r2 = _tcp(lab, "n1p1", VIP_LONG, 80)  # new connections go to the remaining backend
+    assert r2["ok"] and r2["host"] == "n2p2", r2
+
+
+# --------------------------------------------------------------------- NodePort
+def test_nodeport_local_preserves_client_address(svc_lab: Lab) -> None:
+    lab = svc_lab
+    lab.set_nodeport(30080, "tcp", "Local", [lab.backend("n1p2", TCP)])
+    r = _tcp(lab, "ext", lab.node_ip(1), 30080)
+    assert r["ok"] and r["host"] == "n1p2", r
+    assert r["peer_seen"] == EXTERNAL_IP
+
+
+def test_nodeport_local_without_local_backend_drops(svc_lab: Lab) -> None:
+    lab = svc_lab
+    lab.set_nodeport(30082, "tcp", "Local", [lab.backend("n1p2", TCP)])
+    before = lab.node(2).rt.cube_drops("k8s").get("no_backend", 0)
+    r = _tcp(lab, "ext", lab.node_ip(2), 30082, timeout=2)
+    assert not r["ok"], r
+    assert lab.node(2).rt.cube_drops("k8s").get("no_backend", 0) > before
+
+
+def test_nodeport_cluster_answers_through_the_entry_node(svc_lab: Lab) -> None:
+    lab = svc_lab
+    lab.set_nodeport(30081, "tcp", "Cluster", [lab.backend("n2p1", TCP)])
+    r = _tcp(lab, "ext", lab.node_ip(1), 30081)
+    assert r["ok"] and r["host"] == "n2p1", r
+    # The source was rewritten to node 1's overlay address, so the backend on
+    # node 2 answered through node 1 (the client only ever talked to node 1).
+    assert r["peer_seen"] == lab.vtep_ip(1)
+    u_args = ["udp", lab.node_ip(1), "30083", "--timeout", "3"]
+    lab.set_nodeport(30083, "udp", "Cluster", [lab.backend("n2p2", UDP)])
+    u = checks.probe(lab, "ext", u_args, 20)
+    assert u["ok"] and u["host"] == "n2p2", u
+
+
+# --------------------------------------------------------------------- egress
+def test_egress_is_masqueraded_to_the_node_address(svc_lab: Lab) -> None:
+    r = _tcp(svc_lab, "n1p1", EXTERNAL_IP, TCP)
+    assert r["ok"], r
+    assert r["peer_seen"] == svc_lab.node_ip(1)
+    assert checks.ping(svc_lab, "n2p1", EXTERNAL_IP).passed
+
+
+def test_two_pods_same_source_port_both_get_replies(svc_lab: Lab) -> None:
+    a = _tcp(svc_lab, "n1p1", EXTERNAL_IP, TCP, src_port=40000)
+    b = _tcp(svc_lab, "n1p2", EXTERNAL_IP, TCP, src_port=40000)
+    assert a["ok"] and b["ok"], (a, b)
+    assert a["peer_seen"] == b["peer_seen"] == svc_lab.node_ip(1)
+    assert a["peer_port_seen"] != b["peer_port_seen"]
+
+
+# --------------------------------------------------------------------- firewall
+@pytest.fixture
+def ssh_and_web(svc_lab: Lab):
+    with checks.servers(svc_lab, ["n1p2"], tcp_ports=(22, 80), udp_ports=()):
+        yield svc_lab
+
+
+def test_firewall_drops_ssh_but_not_web_or_icmp(ssh_and_web: Lab) -> None:
+    lab = ssh_and_web
+    node = lab.node(1)
+    fw = Firewall(node.rt, "fw-ssh", [parse_rule("drop tcp dport 22")])
+    try:
+        node.set_pod_chain("n1p2", ingress=[], egress=["fw-ssh"])
+        assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 80)["ok"]
+        assert checks.ping(lab, "n1p1", lab.pods["n1p2"].ip).passed
+        blocked = _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 22, timeout=2)
+        assert not blocked["ok"] and "timed out" in blocked.get("error", ""), blocked
+        hits = fw.rule_hits()
+        assert hits[0] >= 1
+        assert fw.hits()["default: allow"] >= 2  # the web connection and the echo
+        assert node.rt.cube_drops("fw-ssh").get("filtered", 0) >= 1
+    finally:
+        node.set_pod_chain("n1p2", ingress=[], egress=[])
+        fw.delete()
+    assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 22)["ok"]
+
+
+def test_live_chain_edits_lose_no_packet(svc_lab: Lab) -> None:
+    lab = svc_lab
+    node = lab.node(1)
+    a = Firewall(node.rt, "fw-a", [parse_rule("drop tcp dport 22")])
+    b = Firewall(node.rt, "fw-b", [parse_rule("allow icmp"), parse_rule("drop udp")])
+    ping = lab.popen(lab.pods["n1p1"].netns, ["ping", "-n", "-q", "-c", "500", "-i", "0.01",
+                                              "-W", "1", lab.pods["n1p2"].ip],
+                     stdout=subprocess.PIPE, text=True)
+    edits = 0
+    try:
+        chains = [(["fw-a"], []), (["fw-a", "fw-b"], ["fw-b"]), (["fw-b", "fw-a"], ["fw-a"]),
+                  ([], ["fw-a", "fw-b"]), ([], [])]
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            for ingress, egress in chains:
+                node.set_pod_chain("n1p2", ingress=ingress, egress=egress)
+                node.set_pod_chain("n1p1", ingress=egress, egress=ingress)
+                edits += 2
+                time.sleep(0.05)
+        out, _ = ping.communicate(timeout=30)
+    finally:
+        ping.kill()
+        node.set_pod_chain("n1p2", ingress=[], egress=[])
+        node.set_pod_chain("n1p1", ingress=[], egress=[])
+        a.delete()
+        b.delete()
+    assert edits >= 20
+    assert " 0% packet loss" in out, out
+
+
+def test_firewall_rule_change_swaps_a_specialised_program(svc_lab: Lab) -> None:
+    node = svc_lab.node(1)
+    fw = Firewall(node.rt, "fw-spec", [parse_rule("drop from 10.244.9.0/24")])
+    try:
+        assert fw.spec == {"FW_MAX_RULES": 1, "FW_NEED_L4": 0}
+        fw.set_rules([parse_rule("drop tcp dport 22"), parse_rule("allow udp dport 53")])
+        assert fw.spec == {"FW_MAX_RULES": 2, "FW_NEED_L4": 1}
+        keys = {k for k in node.rt.variants if k[0] == "firewall"}
+        assert len(keys) >= 2  # two programs, each compiled for its rule set's shape
+    finally:
+        fw.delete()
+
+
+# --------------------------------------------------------------------- restart
+def test_connections_survive_an_agent_restart(svc_lab: Lab) -> None:
+    lab = svc_lab
+    lab.set_service(VIP_LONG, 80, "tcp", [lab.backend("n2p1", TCP)])
+    argv_svc = checks.probe_argv("tcp", VIP_LONG, "80", "--bytes", "8000000", "--rate",
+                                 "1000000", "--timeout", "30")
+    argv_nat = checks.probe_argv("tcp", EXTERNAL_IP, str(TCP), "--bytes", "8000000", "--rate",
+                                 "1000000", "--timeout", "30")
+    via_svc = lab.popen(lab.pods["n1p1"].netns, argv_svc, stdout=subprocess.PIPE, text=True)
+    via_nat = lab.popen(lab.pods["n1p2"].netns, argv_nat, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        old = lab.node(1)
+        lab.restart_node(1)
+        assert lab.node(1) is not old and lab.node(1).rt.adopted
+        outs = [p.communicate(timeout=60)[0] for p in (via_svc, via_nat)]
+    finally:
+        via_svc.kill()
+        via_nat.kill()
+    for out in outs:
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["ok"], r  # every byte arrived, in one connection, no reset
+    assert _tcp(lab, "n1p1", VIP_LONG, 80)["ok"]  # and the adopted node keeps working
+    assert checks.ping(lab, "n1p1", lab.pods["n2p2"].ip).passed
