@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .topology import Lab
 
@@ -27,6 +27,7 @@ class CheckResult:
     detail: str = ""
     expect_blocked: bool = False
     side_condition: bool = True  # something else the check requires, e.g. a counter moved
+    extra: dict = field(default_factory=dict)  # the probe's full answer
 
     @property
     def passed(self) -> bool:
@@ -85,7 +86,7 @@ def tcp(lab: Lab, src: str, dst_ip: str, target: str | None = None, nbytes: int 
     proto = "tcp" if nbytes < 100_000 else f"tcp {nbytes // 1000} kB sha256"
     detail = out.get("error") or f"{out.get('received')} B, server saw {out.get('peer_seen')}"
     return CheckResult(src, target or dst_ip, proto, bool(out.get("ok")), out.get("total_ms"),
-                       detail, expect_blocked)
+                       detail, expect_blocked, extra=out)
 
 
 def udp(lab: Lab, src: str, dst_ip: str, target: str | None = None, port: int = UDP_PORT,
@@ -93,7 +94,7 @@ def udp(lab: Lab, src: str, dst_ip: str, target: str | None = None, port: int = 
     out = probe(lab, src, ["udp", dst_ip, str(port), "--timeout", str(timeout)], timeout + 10)
     detail = out.get("error") or f"server saw {out.get('peer_seen')}"
     return CheckResult(src, target or dst_ip, "udp", bool(out.get("ok")), out.get("total_ms"),
-                       detail, expect_blocked)
+                       detail, expect_blocked, extra=out)
 
 
 def netns_of(lab: Lab, name: str) -> str:
