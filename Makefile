@@ -5,13 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint crds clean
 
 setup:
 	@scripts/setup.sh
 
 test: setup
-	$(VENV)/bin/ruff check operator bpf tests bench
+	$(VENV)/bin/ruff check operator bpf crds tests bench
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 demo: setup
@@ -20,8 +20,11 @@ demo: setup
 bench: setup
 	$(PY) -m bench.run
 
+crds: setup
+	$(PY) -m pcn_crds.generate
+
 lint: setup
-	$(VENV)/bin/ruff check operator bpf tests bench
+	$(VENV)/bin/ruff check operator bpf crds tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -181,7 +181,7 @@ def test_firewall_drops_ssh_but_not_web_or_icmp(ssh_and_web: Lab) -> None:
     node = lab.node(1)
     fw = Firewall(node.rt, "fw-ssh", [parse_rule("drop tcp dport 22")])
     try:
-        node.set_pod_chain("n1p2", ingress=[], egress=["fw-ssh"])
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=["fw-ssh"])
         assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 80)["ok"]
         assert checks.ping(lab, "n1p1", lab.pods["n1p2"].ip).passed
         blocked = _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 22, timeout=2)
@@ -191,7 +191,7 @@ def test_firewall_drops_ssh_but_not_web_or_icmp(ssh_and_web: Lab) -> None:
         assert fw.hits()["default: allow"] >= 2  # the web connection and the echo
         assert node.rt.cube_drops("fw-ssh").get("filtered", 0) >= 1
     finally:
-        node.set_pod_chain("n1p2", ingress=[], egress=[])
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
         fw.delete()
     assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 22)["ok"]
 
@@ -211,15 +211,15 @@ def test_live_chain_edits_lose_no_packet(svc_lab: Lab) -> None:
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline:
             for ingress, egress in chains:
-                node.set_pod_chain("n1p2", ingress=ingress, egress=egress)
-                node.set_pod_chain("n1p1", ingress=egress, egress=ingress)
+                node.set_pod_chain("n1p2", from_pod=ingress, to_pod=egress)
+                node.set_pod_chain("n1p1", from_pod=egress, to_pod=ingress)
                 edits += 2
                 time.sleep(0.05)
         out, _ = ping.communicate(timeout=30)
     finally:
         ping.kill()
-        node.set_pod_chain("n1p2", ingress=[], egress=[])
-        node.set_pod_chain("n1p1", ingress=[], egress=[])
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
+        node.set_pod_chain("n1p1", from_pod=[], to_pod=[])
         a.delete()
         b.delete()
     assert edits >= 20

@@ -99,7 +99,7 @@ def firewall_checks(lab: Lab) -> list[checks.CheckResult]:
     fw = Firewall(node.rt, "demo-fw", [parse_rule("drop tcp dport 22")])
     try:
         with checks.servers(lab, ["n1p2"], tcp_ports=(22, 80), udp_ports=()):
-            node.set_pod_chain("n1p2", ingress=[], egress=["demo-fw"])
+            node.set_pod_chain("n1p2", from_pod=[], to_pod=["demo-fw"])
             ssh = checks.tcp(lab, "n1p1", target, "n1p2:22 (firewall)", port=22, timeout=2,
                              expect_blocked=True)
             web = checks.tcp(lab, "n1p1", target, "n1p2:80 (firewall)", port=80)
@@ -107,12 +107,12 @@ def firewall_checks(lab: Lab) -> list[checks.CheckResult]:
             ssh.protocol, web.protocol = "tcp/22 drop rule", "tcp/80 allowed"
             ssh.detail = f"rule 'drop tcp dport 22' hits: {hits}"
             ssh.side_condition = hits >= 1
-            node.set_pod_chain("n1p2", ingress=[], egress=[])
+            node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
             after = checks.tcp(lab, "n1p1", target, "n1p2:22 (no firewall)", port=22)
             after.protocol = "tcp/22 after removal"
             return [ssh, web, after]
     finally:
-        node.set_pod_chain("n1p2", ingress=[], egress=[])
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
         fw.delete()
 
 

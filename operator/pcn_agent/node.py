@@ -83,8 +83,8 @@ class Pod:
     netns: str
     iface: podnet.PodInterface
     port: PortState
-    ingress: list[str] = field(default_factory=list)  # extra transparent cubes, in order
-    egress: list[str] = field(default_factory=list)
+    ingress: list[str] = field(default_factory=list)  # extra cubes on the port's ingress hook
+    egress: list[str] = field(default_factory=list)  # (from the pod) and egress hook (to it)
 
 
 @dataclass
@@ -318,16 +318,17 @@ class NodeDataplane:
             raise
         return port
 
-    def set_pod_chain(self, key: str, ingress: list[str], egress: list[str]) -> None:
-        """Stack transparent cubes (by name, in order) on a pod's port, each side
-        replaced in one map update. They see pod and backend addresses, never
-        service addresses: on ingress they follow the lbrp, on egress they
-        precede it."""
+    def set_pod_chain(self, key: str, from_pod: list[str], to_pod: list[str]) -> None:
+        """Stack transparent cubes (by name, in order) on a pod's port: `from_pod`
+        sees what the pod sends (the port's ingress hook), `to_pod` what it
+        receives (the egress hook). Each side is replaced in one map update.
+        They see pod and backend addresses, never service addresses: they
+        follow the lbrp on the way out of the pod and precede it on the way in."""
         pod = self.pods.get(key)
         if pod is None:
             raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
-        self._write_pod_hooks(pod.port, ingress, egress)
-        pod.ingress, pod.egress = list(ingress), list(egress)
+        self._write_pod_hooks(pod.port, from_pod, to_pod)
+        pod.ingress, pod.egress = list(from_pod), list(to_pod)
         self.save()
 
     def _write_pod_hooks(self, port: PortState, ingress: list[str], egress: list[str]) -> None:

@@ -1,0 +1,16 @@
+"""pcn's custom resources (group pcn.dev, version v1alpha1) as pydantic models.
+
+The models are the single source of truth: the CRD YAML next to this file is
+generated from them (`make crds`), and a test fails when the two drift.
+"""
+
+from .common import GROUP, VERSION, Condition, ObjectMeta, ResourceStatus
+from .cubechain import CubeChain, CubeChainSpec, FunctionRef, LabelSelector
+from .networkfunction import FUNCTION_TYPES, FirewallConfig, FirewallRule, NetworkFunction
+from .nodeportrule import NodePortRule, NodePortRuleSpec
+
+__all__ = [
+    "GROUP", "VERSION", "Condition", "ObjectMeta", "ResourceStatus", "CubeChain",
+    "CubeChainSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES", "FirewallConfig",
+    "FirewallRule", "NetworkFunction", "NodePortRule", "NodePortRuleSpec",
+]

@@ -1,0 +1,159 @@
+"""Generate the CRD manifests from the pydantic models.
+
+    python -m pcn_crds.generate          # write crds/*.yaml
+    python -m pcn_crds.generate --check  # exit 1 when the files are out of date
+
+The JSON schema pydantic produces is turned into a structural OpenAPI v3
+schema as the API server requires: references inlined, nullable instead of
+anyOf-with-null, no titles, types on every node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .common import GROUP, VERSION, Resource
+from .cubechain import CubeChain
+from .networkfunction import FUNCTION_TYPES, NetworkFunction
+from .nodeportrule import NodePortRule
+
+HERE = Path(__file__).resolve().parent
+RESOURCES: list[type[Resource]] = [NetworkFunction, CubeChain, NodePortRule]
+CATEGORIES = ["pcn", "all-pcn"]
+_DROP = {"title", "$defs", "discriminator"}
+
+
+def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline references and rewrite a pydantic JSON schema node into a
+    structural OpenAPI v3 one."""
+    if "$ref" in schema:
+        target = defs[schema["$ref"].split("/")[-1]]
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return structural(merged, defs)
+    node = {k: v for k, v in schema.items() if k not in _DROP}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        non_null = [s for s in any_of if s.get("type") != "null"]
+        if len(non_null) != 1:
+            raise ValueError(f"cannot express a union as a structural schema: {any_of}")
+        inner = structural(non_null[0], defs)
+        node = {**inner, **node, "nullable": True} if len(non_null) < len(any_of) else \
+            {**inner, **node}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+        node.setdefault("type", "string")
+    if node.get("default", 0) is None:
+        del node["default"]
+    if node.get("format") == "cidr":
+        del node["format"]
+    if "properties" in node:
+        node["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+        node.setdefault("type", "object")
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]  # unknown fields are pruned; false is not structural
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = structural(node["additionalProperties"], defs)
+    if "items" in node:
+        node["items"] = structural(node["items"], defs)
+    if node.get("type") == "object" and "properties" not in node and \
+            "additionalProperties" not in node:
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    return node
+
+
+def _schema_of(model: type[Resource]) -> dict[str, Any]:
+    full = model.model_json_schema(mode="validation")
+    defs = full.get("$defs", {})
+    spec = structural(full["properties"]["spec"], defs)
+    status = structural(full["properties"]["status"], defs)
+    if model is NetworkFunction:
+        spec["properties"]["config"] = _function_config_schema()
+    return {
+        "type": "object",
+        "description": model.description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def _function_config_schema() -> dict[str, Any]:
+    """spec.config holds the fields of every function type's config (each
+    optional); which apply is decided by spec.type, as CEL rules check."""
+    props: dict[str, Any] = {}
+    for config_model in FUNCTION_TYPES.values():
+        full = config_model.model_json_schema(mode="validation")
+        node = structural(full, full.get("$defs", {}))
+        props.update(node.get("properties", {}))
+    return {"type": "object", "description": "Configuration, typed by spec.type.",
+            "properties": props}
+
+
+def crd(model: type[Resource]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{model.plural}.{GROUP}",
+                     "labels": {"app.kubernetes.io/part-of": "pcn"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced" if model.namespaced else "Cluster",
+            "names": {"kind": model.kind_name, "plural": model.plural,
+                      "singular": model.singular, "shortNames": list(model.short_names),
+                      "categories": list(CATEGORIES)},
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": copy.deepcopy(model.printer_columns),
+                "schema": {"openAPIV3Schema": _schema_of(model)},
+            }],
+        },
+    }
+
+
+def path_of(model: type[Resource]) -> Path:
+    return HERE / f"{GROUP}_{model.plural}.yaml"
+
+
+def render(model: type[Resource]) -> str:
+    header = ("# Generated from the pydantic model in crds/ by `make crds`; do not edit.\n")
+    return header + yaml.safe_dump(crd(model), sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pcn_crds.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true",
+                    help="do not write; exit 1 if a checked-in CRD differs from the models")
+    args = ap.parse_args(argv)
+    stale = []
+    for model in RESOURCES:
+        text, path = render(model), path_of(model)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(HERE.parent)}")
+    if stale:
+        print(f"out of date: {', '.join(stale)}; run `make crds` and commit the result",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Cluster-wide settings, from the pcn ConfigMap (seed 003, listing 5.8)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_FILE = Path("/etc/pcn/config.json")
+
+
+class ClusterSettings(BaseModel):
+    """Values are strings in a ConfigMap; they are parsed and checked here."""
+
+    model_config = ConfigDict(extra="ignore")
+    mtu: int = Field(1450, ge=576, le=9000,
+                     description="Pod MTU: 1450 leaves room for VXLAN on a 1500 network.")
+    serviceClusterIPRange: str = "10.96.0.0/12"
+    serviceNodePortRange: str = "30000-32767"
+    vtepsRange: str = "10.18.0.0/16"
+    podCIDR: str = Field("10.244.0.0/16", description="The cluster's pod network (all nodes).")
+    overlay: Literal["vxlan", "direct"] = "vxlan"
+    snatPortRange: str = "61000-65535"
+
+    @field_validator("serviceClusterIPRange", "vtepsRange", "podCIDR")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            return str(ipaddress.IPv4Network(v, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 network in CIDR notation: {exc}") from None
+
+    @field_validator("serviceNodePortRange", "snatPortRange")
+    @classmethod
+    def _range(cls, v: str) -> str:
+        lo, sep, hi = v.partition("-")
+        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+            raise ValueError(f"{v!r} is not a port range like 30000-32767")
+        if not 1 <= int(lo) <= int(hi) <= 65535:
+            raise ValueError(f"port range {v!r} must lie within 1-65535, low to high")
+        return f"{int(lo)}-{int(hi)}"
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> ClusterSettings:
+        nets = {"podCIDR": self.podCIDR, "serviceClusterIPRange": self.serviceClusterIPRange,
+                "vtepsRange": self.vtepsRange}
+        items = list(nets.items())
+        for i, (a, na) in enumerate(items):
+            for b, nb in items[i + 1:]:
+                if ipaddress.IPv4Network(na).overlaps(ipaddress.IPv4Network(nb)):
+                    raise ValueError(f"{a} {na} overlaps {b} {nb}")
+        return self
+
+    @property
+    def nodeport_range(self) -> tuple[int, int]:
+        lo, _, hi = self.serviceNodePortRange.partition("-")
+        return int(lo), int(hi)
+
+    @property
+    def snat_range(self) -> tuple[int, int]:
+        lo, _, hi = self.snatPortRange.partition("-")
+        return int(lo), int(hi)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ClusterSettings:
+        """From PCN_CONFIG (JSON or a directory of ConfigMap keys), else defaults."""
+        src = path or Path(os.environ.get("PCN_CONFIG", str(DEFAULT_FILE)))
+        if src.is_dir():  # a mounted ConfigMap: one file per key
+            data = {p.name: p.read_text().strip() for p in src.iterdir()
+                    if p.is_file() and not p.name.startswith(".")}
+            return cls.model_validate(data)
+        if src.is_file():
+            return cls.model_validate(json.loads(src.read_text()))
+        return cls()
