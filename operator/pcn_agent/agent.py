@@ -1,0 +1,381 @@
+"""pcn-agent: the node agent (one per node, a DaemonSet in a cluster).
+
+kopf handlers only record what they see and wake the reconcile loop; the loop
+runs the pure reconciler, applies its plan to the node's data plane in a
+worker thread, then writes status, Events and derived NodePortRules.
+
+Configuration comes from the environment, as a DaemonSet gives it:
+  NODE_NAME        this node's name (required)
+  PCN_NETNS        network namespace of the node's data plane (labs; default: own)
+  PCN_CONFIG       cluster settings: a JSON file or a mounted ConfigMap directory
+  PCN_SOCKET       local API socket for the CNI plugin (default /run/pcn/agent.sock)
+  PCN_METRICS_PORT Prometheus metrics port (default 9090; 0 disables)
+  PCN_KUBE_URL     API server URL (labs/tests; else in-cluster or kubeconfig)
+  PCN_BPF_ROOT / PCN_STATE_DIR  where maps are pinned / state is saved
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from . import bpffs
+from .kube import ApiError, Kube, discover
+from .manager import DataplaneManager
+from .node import NodeConfig, NodeDataplane
+from .reconcile import Inputs, Verdict, desired_state, node_addresses, vtep_for
+from .runtime import STATE_ROOT
+from .settings import ClusterSettings
+
+log = logging.getLogger("pcn_agent.agent")
+
+VERSION = "0.1.0"
+DEBOUNCE_S = 0.005
+GROUP_PATH = "/apis/pcn.dev/v1alpha1"
+KINDS = {  # store kind -> (api path, plural, namespaced)
+    "NetworkFunction": (GROUP_PATH, "networkfunctions", True),
+    "CubeChain": (GROUP_PATH, "cubechains", True),
+    "NodePortRule": (GROUP_PATH, "nodeportrules", False),
+}
+
+
+def _key(body: Mapping[str, Any]) -> tuple[str, str]:
+    m = body.get("metadata") or {}
+    return m.get("namespace") or "", m.get("name") or ""
+
+
+class Agent:
+    def __init__(self, node_name: str, settings: ClusterSettings, kube: Kube,
+                 netns: str | None = None, socket_path: str = "/run/pcn/agent.sock",
+                 pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT) -> None:
+        self.node_name = node_name
+        self.settings = settings
+        self.kube = kube
+        self.netns = netns
+        self.socket_path = socket_path
+        self.pin_root = pin_root
+        self.state_root = state_root
+        self.store: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+        self.node: NodeDataplane | None = None
+        self.manager: DataplaneManager | None = None
+        self.api = None
+        self.trigger = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.written: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.events_sent: set[tuple[Any, ...]] = set()
+        self.last_error = ""
+        self.reconciles = 0
+        self.reconcile_seconds: list[float] = []
+        self.apply_errors = 0
+        self.up_error = ""
+
+    # ------------------------------------------------------------------ events
+    def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = _key(body)
+        if event_type == "DELETED":
+            self.store[kind].pop(key, None)
+        else:
+            self.store[kind][key] = dict(body)
+        self.wake()
+
+    def wake(self) -> None:
+        """Thread-safe: ask the loop for a reconcile."""
+        if self.loop is None:
+            return
+        self.loop.call_soon_threadsafe(self.trigger.set)
+
+    # ------------------------------------------------------------------ loop
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        while True:
+            await self.trigger.wait()
+            await asyncio.sleep(DEBOUNCE_S)  # gather a burst of events into one pass
+            self.trigger.clear()
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("reconcile failed")
+                await asyncio.sleep(1)
+                self.trigger.set()  # level-based: try again
+
+    async def reconcile_once(self) -> None:
+        start = time.monotonic()
+        if self.node is None and not await self._bring_up():
+            return
+        assert self.node is not None and self.manager is not None
+        attachments = {k: (p.k8s_namespace, p.k8s_name)
+                       for k, p in list(self.node.pods.items()) if getattr(p, "k8s_name", "")}
+        inputs = Inputs(
+            node=self.node_name, settings=self.settings,
+            nodes=list(self.store["Node"].values()),
+            pods=[p for p in self.store["Pod"].values()
+                  if (p.get("spec") or {}).get("nodeName") == self.node_name],
+            attachments=attachments,
+            services=list(self.store["Service"].values()),
+            endpointslices=list(self.store["EndpointSlice"].values()),
+            functions=list(self.store["NetworkFunction"].values()),
+            chains=list(self.store["CubeChain"].values()),
+            nodeportrules=list(self.store["NodePortRule"].values()))
+        result = desired_state(inputs)
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, self.manager.apply, result.desired)
+        for op, err in report.errors:
+            self.apply_errors += 1
+            self.last_error = f"{op.kind} {op.key}: {err}"
+            self._blame(result.verdicts, op, err)
+        self.reconciles += 1
+        self.reconcile_seconds.append(time.monotonic() - start)
+        del self.reconcile_seconds[:-1000]
+        await self._sync_derived_rules(result.derived_rules)
+        await self._write_statuses(result.verdicts)
+
+    def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
+        """Turn a data-plane failure into the status of the object behind it."""
+        if op.kind in ("set-function", "delete-function") and isinstance(op.key, str):
+            _, ns, name = op.key.split(".", 2)
+            v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
+            v.fail("DataplaneError", err)
+
+    async def _bring_up(self) -> bool:
+        me = self.store["Node"].get(("", self.node_name))
+        if me is None:
+            return False
+        node_ip, pod_cidr = node_addresses(me)
+        if not node_ip or not pod_cidr:
+            self.up_error = "the Node has no InternalIP or spec.podCIDR yet"
+            return False
+        s = self.settings
+        vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
+        uplink = _interface_with(self.netns, node_ip)
+        if uplink is None:
+            self.up_error = f"no interface holds the node address {node_ip}"
+            log.error("%s; is NODE_NAME right and the agent in the host network?", self.up_error)
+            return False
+        vteps_len = int(s.vtepsRange.split("/")[1])
+        cfg = NodeConfig(name=self.node_name, netns=self.netns, uplink=uplink, node_ip=node_ip,
+                         pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
+                         cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
+                         nodeport_range=s.nodeport_range, snat_range=s.snat_range)
+        loop = asyncio.get_running_loop()
+        node = NodeDataplane(cfg, self.pin_root, self.state_root)
+        await loop.run_in_executor(None, node.up)
+        self.node = node
+        self.manager = DataplaneManager(node)
+        self._start_local_api()
+        log.info("node %s data plane %s (pod CIDR %s, VTEP %s, uplink %s)", self.node_name,
+                 "adopted" if node.rt.adopted else "built", pod_cidr, vtep, uplink)
+        return True
+
+    def _start_local_api(self) -> None:
+        try:
+            from .localapi import DataplaneHandler, LocalApiServer
+        except ImportError:  # pragma: no cover - the module ships with the package
+            log.error("local API unavailable: the CNI plugin cannot attach pods")
+            return
+        assert self.node is not None
+        handler = DataplaneHandler(self.node, on_change=self.wake)
+        self.api = LocalApiServer(self.socket_path, handler)
+        self.api.start()
+
+    # ------------------------------------------------------------------ writes
+    async def _sync_derived_rules(self, derived: Mapping[str, dict[str, Any]]) -> None:
+        have = self.store["NodePortRule"]
+        for name, obj in derived.items():
+            if ("", name) not in have:
+                await self._try(self.kube.create(GROUP_PATH, "nodeportrules", obj), {409})
+        for (_, name), obj in list(have.items()):
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            if labels.get("app.kubernetes.io/managed-by") == "pcn-agent" and name not in derived:
+                await self._try(self.kube.delete(GROUP_PATH, "nodeportrules", name), {404})
+
+    async def _write_statuses(self, verdicts: Mapping[tuple[str, str, str], Verdict]) -> None:
+        for kind, (path, plural, namespaced) in KINDS.items():
+            for (ns, name), obj in list(self.store[kind].items()):
+                v = verdicts.get((kind, ns, name), Verdict())
+                mine = {"ready": v.ready, "pods": v.pods, "message": v.message or v.reason}
+                nodes = dict((obj.get("status") or {}).get("nodes") or {})
+                nodes[self.node_name] = mine
+                ready_nodes = [n for n, s in nodes.items() if s.get("ready")]
+                failing = [(n, s) for n, s in sorted(nodes.items()) if not s.get("ready")]
+                gen = (obj.get("metadata") or {}).get("generation")
+                cond = {"type": "Ready", "status": "False" if failing else "True",
+                        "reason": v.reason if not v.ready else ("Realized" if not failing
+                                                                else "NotRealizedEverywhere"),
+                        "message": (v.message if not v.ready else
+                                    (f"node {failing[0][0]}: {failing[0][1].get('message')}"
+                                     if failing else f"realized on {len(ready_nodes)} node(s)")),
+                        "observedGeneration": gen}
+                status = {"observedGeneration": gen, "conditions": [cond],
+                          "nodes": {self.node_name: mine}, "realizedNodes": len(ready_nodes),
+                          "realizedPods": sum(int(s.get("pods", 0)) for s in nodes.values())}
+                wkey = (kind, ns, name)
+                if self.written.get(wkey) == status:
+                    continue
+                sent = copy.deepcopy(status)
+                old = ((obj.get("status") or {}).get("conditions") or [{}])[0]
+                sent["conditions"][0]["lastTransitionTime"] = old.get("lastTransitionTime") \
+                    if old.get("status") == cond["status"] else _now()
+                if await self._try(self.kube.patch_status(path, plural, ns if namespaced else None,
+                                                          name, sent), {404}):
+                    self.written[wkey] = status
+                if not v.ready:
+                    await self._warn(obj, v)
+
+    async def _warn(self, obj: Mapping[str, Any], v: Verdict) -> None:
+        key = (_key(obj), obj.get("kind"), v.reason, v.message)
+        if key in self.events_sent:
+            return
+        self.events_sent.add(key)
+        await self._try(self.kube.event(dict(obj), v.reason, v.message, self.node_name), set())
+
+    async def _try(self, coro: Any, ok_statuses: set[int]) -> bool:
+        try:
+            await coro
+            return True
+        except ApiError as exc:
+            if exc.status in ok_statuses:
+                return True
+            self.last_error = str(exc)
+            log.warning("API call failed: %s", exc)
+        except Exception as exc:  # network trouble: the next pass tries again
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("API call failed: %s", self.last_error)
+        return False
+
+    def shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _interface_with(netns: str | None, ip: str) -> str | None:
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        for a in ipr.get_addr(family=2):
+            if a.get_attr("IFA_ADDRESS") == ip:
+                links = ipr.get_links(a["index"])
+                return links[0].get_attr("IFLA_IFNAME") if links else None
+    return None
+
+
+# ---------------------------------------------------------------------- kopf wiring
+AGENT: Agent | None = None
+
+
+def _agent() -> Agent:
+    global AGENT
+    if AGENT is None:
+        node = os.environ.get("NODE_NAME")
+        if not node:
+            raise kopf.PermanentError("NODE_NAME is not set: give the agent its node's name "
+                                      "(a DaemonSet passes spec.nodeName through the downward API)")
+        AGENT = Agent(node, ClusterSettings.load(), Kube(discover()),
+                      netns=os.environ.get("PCN_NETNS") or None,
+                      socket_path=os.environ.get("PCN_SOCKET", "/run/pcn/agent.sock"),
+                      pin_root=Path(os.environ.get("PCN_BPF_ROOT", str(bpffs.DEFAULT_ROOT))),
+                      state_root=Path(os.environ.get("PCN_STATE_DIR", str(STATE_ROOT))))
+    return AGENT
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    ep = discover()
+    return kopf.ConnectionInfo(server=ep.server, token=ep.token, ca_path=ep.ca_file,
+                               certificate_path=ep.cert_file, private_key_path=ep.key_file,
+                               insecure=ep.insecure, scheme="Bearer" if ep.token else None)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    agent = _agent()
+    # One agent per node: no peering, no finalizers, no progress annotations on
+    # shared objects (event handlers keep none).
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    port = int(os.environ.get("PCN_METRICS_PORT", "9090"))
+    if port:
+        from .metrics import serve_metrics
+
+        serve_metrics(agent, port)
+    asyncio.get_running_loop().create_task(agent.run())
+    agent.wake()
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if AGENT is not None:
+        AGENT.shutdown()
+        await AGENT.kube.close()
+
+
+def _observer(kind: str):
+    def handler(event: Mapping[str, Any], **_: Any) -> None:
+        _agent().observe(kind, event.get("type"), event.get("object") or {})
+    return handler
+
+
+kopf.on.event("", "v1", "nodes")(_observer("Node"))
+kopf.on.event("", "v1", "pods",
+              when=lambda body, **_: (body.get("spec") or {}).get("nodeName") == _agent().node_name
+              )(_observer("Pod"))
+kopf.on.event("", "v1", "services")(_observer("Service"))
+kopf.on.event("discovery.k8s.io", "v1", "endpointslices")(_observer("EndpointSlice"))
+kopf.on.event("pcn.dev", "v1alpha1", "networkfunctions")(_observer("NetworkFunction"))
+kopf.on.event("pcn.dev", "v1alpha1", "cubechains")(_observer("CubeChain"))
+kopf.on.event("pcn.dev", "v1alpha1", "nodeportrules")(_observer("NodePortRule"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pcn-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--node-name", help="this node's name (default: $NODE_NAME)")
+    ap.add_argument("--netns", help="network namespace of the node's data plane")
+    ap.add_argument("--liveness", default=os.environ.get("PCN_LIVENESS", "http://0.0.0.0:8081/healthz"),
+                    help="health endpoint URL (default %(default)s; '' disables)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.node_name:
+        os.environ["NODE_NAME"] = args.node_name
+    if args.netns:
+        os.environ["PCN_NETNS"] = args.netns
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not os.environ.get("NODE_NAME"):
+        print("pcn-agent: NODE_NAME is not set; pass --node-name or set NODE_NAME",
+              file=sys.stderr)
+        return 2
+    try:
+        _agent()
+    except Exception as exc:
+        print(f"pcn-agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(kopf.operator(standalone=True, clusterwide=True,
+                                  liveness_endpoint=args.liveness or None))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The reconciler, with no kernel and no API server: objects in, plan out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pcn_agent.cubes.lbrp import Backend
+from pcn_agent.reconcile import (Desired, FunctionSpec, Inputs, NodePortSpec, Op, ServiceSpec,
+                                 cube_name, desired_state, plan, vtep_for)
+from pcn_agent.settings import ClusterSettings
+
+S = ClusterSettings()
+
+
+def node(name: str, ip: str, cidr: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"podCIDR": cidr},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+
+def pod(ns: str, name: str, labels: dict[str, str], node_name: str = "n1") -> dict[str, Any]:
+    return {"metadata": {"namespace": ns, "name": name, "labels": labels},
+            "spec": {"nodeName": node_name}}
+
+
+def service(ns: str, name: str, ip: str, ports: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": ns, "name": name, "uid": "u-" + name},
+            "spec": {"clusterIP": ip, "ports": ports, **spec}}
+
+
+def eps(ns: str, svc: str, endpoints: list[tuple[str, bool | None]],
+        ports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"metadata": {"namespace": ns, "name": f"{svc}-x",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4", "ports": ports,
+            "endpoints": [{"addresses": [ip], **({"conditions": {"ready": r}} if r is not None
+                                                   else {})} for ip, r in endpoints]}
+
+
+def nf(ns: str, name: str, rules: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"type": "firewall", "config": {"rules": rules, **extra}}}
+
+
+def chain(ns: str, name: str, ingress: list[str], egress: list[str] = (),
+          selector: dict[str, str] | None = None, priority: int = 100) -> dict[str, Any]:
+    return {"apiVersion": "pcn.dev/v1alpha1", "kind": "CubeChain",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"podSelector": {"matchLabels": selector or {}}, "priority": priority,
+                     "ingress": [{"function": f} for f in ingress],
+                     "egress": [{"function": f} for f in egress]}}
+
+
+def test_peers_and_vteps_from_nodes() -> None:
+    r = desired_state(Inputs("n1", S, nodes=[node("n1", "192.168.1.1", "10.244.1.0/24"),
+                                              node("n2", "192.168.1.2", "10.244.2.0/24"),
+                                              {"metadata": {"name": "n3"}}]))
+    peers = {p.name: p for p in r.desired.peers}
+    assert set(peers) == {"n1", "n2"}  # n3 has no address or CIDR yet
+    assert peers["n2"].vtep_ip == "10.18.0.2" and peers["n2"].node_ip == "192.168.1.2"
+    assert vtep_for(S, "10.244.7.0/24", {"pcn.dev/vtep": "10.18.9.9"}) == "10.18.9.9"
+
+
+def test_clusterip_backends_are_ready_endpoints_only() -> None:
+    svc = service("web", "api", "10.96.0.10", [{"name": "http", "port": 80, "protocol": "TCP"}],
+                  sessionAffinity="ClientIP")
+    sl = eps("web", "api", [("10.244.1.5", True), ("10.244.2.6", None), ("10.244.2.7", False)],
+             [{"name": "http", "port": 8080, "protocol": "TCP"}])
+    r = desired_state(Inputs("n1", S, services=[svc], endpointslices=[sl]))
+    spec = r.desired.services[("10.96.0.10", 80, "tcp")]
+    assert spec.backends == (Backend("10.244.1.5", 8080), Backend("10.244.2.6", 8080))
+    assert spec.affinity_timeout_s == 10800
+
+
+def test_nodeport_service_gives_rule_and_derived_object() -> None:
+    svc = service("web", "api", "10.96.0.10",
+                  [{"name": "", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
+                  type="NodePort", externalTrafficPolicy="Local")
+    sl = eps("web", "api", [("10.244.1.5", True)], [{"name": "", "port": 8080}])
+    r = desired_state(Inputs("n1", S, services=[svc], endpointslices=[sl]))
+    assert r.desired.nodeports[(30080, "tcp")] == NodePortSpec(
+        "Local", (Backend("10.244.1.5", 8080),))
+    rule = r.derived_rules["svc-web-api-30080-tcp"]
+    assert rule["spec"]["externalTrafficPolicy"] == "Local"
+    assert rule["metadata"]["ownerReferences"][0]["uid"] == "u-api"
+
+
+def test_static_nodeport_rule_validation_and_conflict() -> None:
+    ok = {"metadata": {"name": "static"}, "kind": "NodePortRule",
+          "apiVersion": "pcn.dev/v1alpha1",
+          "spec": {"port": 30100, "protocol": "UDP",
+                   "backends": [{"ip": "10.244.1.9", "port": 53}]}}
+    bad = {"metadata": {"name": "bad"}, "kind": "NodePortRule", "apiVersion": "pcn.dev/v1alpha1",
+           "spec": {"port": 80, "backends": [{"ip": "10.244.1.9", "port": 53}]}}
+    invalid = {"metadata": {"name": "inv"}, "kind": "NodePortRule",
+               "apiVersion": "pcn.dev/v1alpha1", "spec": {"port": 30101}}
+    r = desired_state(Inputs("n1", S, nodeportrules=[ok, bad, invalid]))
+    assert r.desired.nodeports[(30100, "udp")].backends == (Backend("10.244.1.9", 53),)
+    assert r.verdicts[("NodePortRule", "", "bad")].reason == "OutOfRange"
+    v = r.verdicts[("NodePortRule", "", "inv")]
+    assert not v.ready and v.reason == "Invalid" and "spec.service or spec.backends" in v.message
+
+
+def test_chain_selects_pods_in_order_with_user_semantics() -> None:
+    fns = [nf("web", "fw-a", [{"action": "drop", "protocol": "tcp", "destinationPorts": "22"}]),
+           nf("web", "fw-b", [{"action": "allow", "protocol": "icmp"}], defaultAction="drop")]
+    chains = [chain("web", "late", ["fw-b"], priority=200),
+              chain("web", "early", ["fw-a"], egress=["fw-b"], selector={"app": "api"})]
+    pods = [pod("web", "api-1", {"app": "api"}), pod("web", "db-1", {"app": "db"}),
+            pod("other", "x", {"app": "api"})]
+    att = {"c1": ("web", "api-1"), "c2": ("web", "db-1"), "c3": ("other", "x")}
+    r = desired_state(Inputs("n1", S, pods=pods, attachments=att, functions=fns, chains=chains))
+    a, b = cube_name("web", "fw-a"), cube_name("web", "fw-b")
+    # ingress = traffic to the pod = the port's egress side ("to_pod")
+    assert r.desired.chains["c1"] == ((b,), (a, b))
+    assert r.desired.chains["c2"] == ((), (b,))
+    assert "c3" not in r.desired.chains
+    assert r.desired.functions[a] == FunctionSpec("firewall", ("drop tcp dport 22",), "allow")
+    assert r.desired.functions[b].default == "drop"
+    assert r.verdicts[("CubeChain", "web", "early")].pods == 1
+    assert r.verdicts[("CubeChain", "web", "late")].pods == 2
+    assert r.verdicts[("NetworkFunction", "web", "fw-b")].pods >= 2
+
+
+def test_bad_objects_get_a_reason() -> None:
+    fns = [nf("web", "broken", [{"action": "drop", "protocol": "icmp", "destinationPorts": "22"}]),
+           nf("web", "cidr", [{"action": "drop", "source": "10.0.0.300/8"}])]
+    chains = [chain("web", "missing", ["nope"]), chain("web", "uses-broken", ["broken"]),
+              {**chain("web", "dupe", ["cidr"]),
+               "spec": {"ingress": [{"function": "x"}, {"function": "x"}]}}]
+    r = desired_state(Inputs("n1", S, functions=fns, chains=chains))
+    v = r.verdicts
+    assert v[("NetworkFunction", "web", "broken")].reason == "Invalid"
+    assert "destinationPorts needs protocol" in v[("NetworkFunction", "web", "broken")].message
+    assert "not an IPv4 address" in v[("NetworkFunction", "web", "cidr")].message
+    assert v[("CubeChain", "web", "missing")].reason == "FunctionNotFound"
+    assert "web/nope" in v[("CubeChain", "web", "missing")].message
+    assert v[("CubeChain", "web", "uses-broken")].reason == "InvalidFunction"
+    assert "more than once" in v[("CubeChain", "web", "dupe")].message
+    assert r.desired.functions == {} and r.desired.chains == {}
+
+
+def test_plan_orders_functions_around_chains() -> None:
+    f = FunctionSpec("firewall", ("drop tcp dport 22",))
+    old = Desired(functions={"nf.a.old": f}, chains={"p1": ((), ("nf.a.old",))})
+    new = Desired(functions={"nf.a.new": f}, chains={"p1": ((), ("nf.a.new",))},
+                  services={("10.96.0.1", 80, "tcp"): ServiceSpec(())})
+    ops = plan(old, new, attached=["p1"])
+    kinds = [o.kind for o in ops]
+    assert kinds.index("set-function") < kinds.index("set-chain") < kinds.index("delete-function")
+    assert Op("set-service", ("10.96.0.1", 80, "tcp"), ServiceSpec(())) in ops
+    assert plan(new, new, attached=["p1"]) == []
+    # chains of pods not attached here are not planned
+    assert all(o.key != "p9" for o in plan(Desired(), Desired(chains={"p9": ((), ("x",))})))
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="overlaps"):
+        ClusterSettings(podCIDR="10.96.0.0/16")
+    with pytest.raises(ValueError, match="port range"):
+        ClusterSettings(serviceNodePortRange="32767-30000")
+    assert ClusterSettings(mtu="1400").mtu == 1400  # ConfigMap values are strings
