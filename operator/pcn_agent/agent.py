@@ -12,6 +12,7 @@ Configuration comes from the environment, as a DaemonSet gives it:
   PCN_METRICS_PORT Prometheus metrics port (default 9090; 0 disables)
   PCN_KUBE_URL     API server URL (labs/tests; else in-cluster or kubeconfig)
   PCN_BPF_ROOT / PCN_STATE_DIR  where maps are pinned / state is saved
+  PCN_NAMESPACE    where the per-node status ConfigMap is written (default pcn-system)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import logging
 import os
 import sys
@@ -42,6 +44,8 @@ log = logging.getLogger("pcn_agent.agent")
 
 VERSION = "0.1.0"
 DEBOUNCE_S = 0.005
+STATUS_CONFIGMAP = "pcn-agent-status"  # one ConfigMap per node: <this>-<node>
+STATUS_PERIOD_S = 2.0
 GROUP_PATH = "/apis/pcn.dev/v1alpha1"
 KINDS = {  # store kind -> (api path, plural, namespaced)
     "NetworkFunction": (GROUP_PATH, "networkfunctions", True),
@@ -79,6 +83,8 @@ class Agent:
         self.reconcile_seconds: list[float] = []
         self.apply_errors = 0
         self.up_error = ""
+        self._published_at = 0.0
+        self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
 
     # ------------------------------------------------------------------ events
     def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -142,6 +148,78 @@ class Agent:
         del self.reconcile_seconds[:-1000]
         await self._sync_derived_rules(result.derived_rules)
         await self._write_statuses(result.verdicts)
+        await self.publish_status()
+
+    def node_status(self) -> dict[str, Any]:
+        """What `kubectl pcn status/chain/stats` show about this node (see
+        STATUS_CONFIGMAP). Sides use the user's words: ingress is traffic to
+        the pod, egress traffic from it."""
+        out: dict[str, Any] = {
+            "node": self.node_name, "version": VERSION, "dataplane": "up" if self.node else "down",
+            "healthy": self.node is not None and not self.up_error, "heartbeat": _now(),
+            "lastError": self.last_error or self.up_error, "reconciles": self.reconciles,
+            "applyErrors": self.apply_errors, "pods": {}, "functions": {}, "realized": {}}
+        if self.node is None or self.manager is None:
+            return out
+        node, cur = self.node, self.manager.current
+        out["realized"] = {"services": len(cur.services), "nodeports": len(cur.nodeports),
+                           "functions": len(cur.functions), "chains": len(cur.chains),
+                           "pods": len(node.pods), "peers": len(cur.peers)}
+        with self.manager.lock:
+            for key, pod in list(node.pods.items()):
+                c = node.rt.port_counters(pod.port)
+                name = f"{pod.k8s_namespace}/{pod.k8s_name}" if pod.k8s_name else key
+                out["pods"][name] = {
+                    "key": key, "ip": pod.iface.address.split("/")[0],
+                    "port": f"{pod.port.cube}:{pod.port.name}",
+                    "ingress": list(pod.egress), "egress": list(pod.ingress),
+                    "counters": {"rx_packets": c.tx_packets, "rx_bytes": c.tx_bytes,
+                                 "tx_packets": c.rx_packets, "tx_bytes": c.rx_bytes,
+                                 "drops": c.drops}}
+            for cname, fw in list(self.manager.functions.items()):
+                _, ns, fname = cname.split(".", 2)
+                hits = fw.rule_hits()
+                total = fw.hits()
+                out["functions"][cname] = {
+                    "namespace": ns, "name": fname, "type": "firewall",
+                    "rules": [str(r) for r in fw.rules], "default": fw.default, "hits": hits,
+                    "defaultHits": total.get(f"default: {fw.default}", 0),
+                    "drops": node.rt.cube_drops(cname).get("filtered", 0)}
+        return out
+
+    async def publish_status(self, force: bool = False) -> None:
+        """Write node_status() to this node's ConfigMap, at most every
+        STATUS_PERIOD_S unless forced."""
+        now = time.monotonic()
+        if not force and now - self._published_at < STATUS_PERIOD_S:
+            return
+        self._published_at = now
+        loop = asyncio.get_running_loop()
+        status = await loop.run_in_executor(None, self.node_status)
+        cm = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": f"{STATUS_CONFIGMAP}-{self.node_name}",
+                           "namespace": self.status_namespace,
+                           "labels": {"app.kubernetes.io/component": STATUS_CONFIGMAP,
+                                      "pcn.dev/node": self.node_name}},
+              "data": {"status.json": json.dumps(status, sort_keys=True)}}
+        path = f"/api/v1/namespaces/{self.status_namespace}/configmaps"
+        try:
+            await self.kube.request("PATCH", f"{path}/{cm['metadata']['name']}", cm,
+                                    "application/merge-patch+json")
+        except ApiError as exc:
+            if exc.status != 404:
+                log.warning("could not publish node status: %s", exc)
+                return
+            await self._try(self.kube.create("/api/v1", "configmaps", cm, self.status_namespace),
+                            {409})
+        except Exception as exc:
+            log.warning("could not publish node status: %s", exc)
+
+    async def heartbeat(self) -> None:
+        """Publish counters and health regularly, traffic or not."""
+        while True:
+            await asyncio.sleep(STATUS_PERIOD_S)
+            await self.publish_status()
 
     def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
         """Turn a data-plane failure into the status of the object behind it."""
@@ -160,7 +238,9 @@ class Agent:
             return False
         s = self.settings
         vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
-        uplink = _interface_with(self.netns, node_ip)
+        loop = asyncio.get_running_loop()
+        # pyroute2's synchronous API runs its own event loop: keep it off ours.
+        uplink = await loop.run_in_executor(None, _interface_with, self.netns, node_ip)
         if uplink is None:
             self.up_error = f"no interface holds the node address {node_ip}"
             log.error("%s; is NODE_NAME right and the agent in the host network?", self.up_error)
@@ -170,7 +250,6 @@ class Agent:
                          pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range)
-        loop = asyncio.get_running_loop()
         node = NodeDataplane(cfg, self.pin_root, self.state_root)
         await loop.run_in_executor(None, node.up)
         self.node = node
@@ -187,8 +266,16 @@ class Agent:
             log.error("local API unavailable: the CNI plugin cannot attach pods")
             return
         assert self.node is not None
-        handler = DataplaneHandler(self.node, on_change=self.wake)
-        self.api = LocalApiServer(self.socket_path, handler)
+        assert self.manager is not None
+        handler = DataplaneHandler(self.node, lock=self.manager.lock)
+
+        def serve(request: dict[str, Any]) -> dict[str, Any]:
+            response = handler(request)
+            if request.get("op") in ("attach", "detach", "gc"):
+                self.wake()  # a pod came or went: its chain may change
+            return response
+
+        self.api = LocalApiServer(self.socket_path, serve)
         self.api.start()
 
     # ------------------------------------------------------------------ writes
@@ -317,6 +404,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
         serve_metrics(agent, port)
     asyncio.get_running_loop().create_task(agent.run())
+    asyncio.get_running_loop().create_task(agent.heartbeat())
     agent.wake()
 
 

@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import os
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,9 @@ class Kube:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         ev = {
             "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{meta.get('name', 'pcn')}.", "namespace": ns},
+            # An explicit unique name, as kubectl and client-go do (<object>.<hex>).
+            "metadata": {"name": f"{meta.get('name', 'pcn')}.{secrets.token_hex(8)}",
+                         "namespace": ns},
             "involvedObject": {"apiVersion": involved.get("apiVersion"),
                                "kind": involved.get("kind"), "name": meta.get("name"),
                                "namespace": meta.get("namespace"), "uid": meta.get("uid")},

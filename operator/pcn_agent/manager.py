@@ -27,7 +27,7 @@ class DataplaneManager:
         self.node = node
         self.current = Desired()
         self.functions: dict[str, Firewall] = {}
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # shared with the local API: one writer at a time
         if node.rt.adopted:
             self._adopt()
 
@@ -55,7 +55,7 @@ class DataplaneManager:
     def apply(self, desired: Desired) -> ApplyReport:
         start = time.monotonic()
         report = ApplyReport()
-        with self._lock:
+        with self.lock, self.node.batch():
             for op in plan(self.current, desired, self.node.pods.keys()):
                 try:
                     self._do(op)

@@ -49,6 +49,7 @@ class Lab:
     mtu: int = 1450
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     pin_root: Path = bpffs.DEFAULT_ROOT
+    dataplane: bool = True  # False: namespaces and network only; agents build the data plane
     nodes: dict[str, NodeDataplane] = field(default_factory=dict)
     pods: dict[str, LabPod] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
@@ -89,6 +90,8 @@ class Lab:
             for i in range(1, self.nodes_count + 1):
                 self._netns(self.node_name(i))
             self._underlay()
+            if not self.dataplane:
+                return self
             for i in range(1, self.nodes_count + 1):
                 cfg = NodeConfig(
                     name=self.node_name(i), netns=self.node_name(i), uplink="uplink",
@@ -207,6 +210,8 @@ class Lab:
         for ns in reversed(self.namespaces):
             try:
                 pr_netns.remove(ns)
+            except FileNotFoundError:
+                pass  # already gone (e.g. a pod removed by its owner)
             except OSError as exc:
                 errors.append(exc)
         self.namespaces.clear()
