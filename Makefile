@@ -11,7 +11,7 @@ setup:
 	@scripts/setup.sh
 
 test: setup
-	$(VENV)/bin/ruff check operator bpf crds tests bench
+	$(VENV)/bin/ruff check operator bpf crds kubectl_pcn tests bench
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 demo: setup
@@ -24,7 +24,7 @@ crds: setup
 	$(PY) -m pcn_crds.generate
 
 lint: setup
-	$(VENV)/bin/ruff check operator bpf crds tests bench
+	$(VENV)/bin/ruff check operator bpf crds kubectl_pcn tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

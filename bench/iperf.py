@@ -7,7 +7,6 @@ import logging
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .netns import exec_in, popen_in, stop
@@ -76,18 +75,12 @@ def run_client(client_ns: str, server_ip: str, duration: float, pinning: Pinning
     return end["sum_received"]["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0))
 
 
-def measure(client_ns: str, server_ns: str, server_ip: str, *, runs: int, duration: float,
-            pinning: Pinning, progress: Callable[[str], None]) -> Throughput:
-    """`runs` iperf3 TCP runs from client_ns to server_ip (in server_ns)."""
-    server = popen_in(server_ns, ["iperf3", "-s", "-p", str(PORT), *_affinity(pinning.server)])
+def start_server(netns: str, pinning: Pinning, port: int = PORT) -> subprocess.Popen[str]:
+    """An iperf3 server in `netns`, listening when this returns; stop it with netns.stop()."""
+    server = popen_in(netns, ["iperf3", "-s", "-p", str(port), *_affinity(pinning.server)])
     try:
-        _wait_listening(server_ns, server, PORT)
-        result = Throughput()
-        for i in range(1, runs + 1):
-            gbps, retr = run_client(client_ns, server_ip, duration, pinning)
-            result.runs_gbps.append(gbps)
-            result.retransmits.append(retr)
-            progress(f"run {i}/{runs}: {gbps:.2f} Gbit/s ({retr} retransmits)")
-        return result
-    finally:
+        _wait_listening(netns, server, port)
+    except BaseException:
         stop(server)
+        raise
+    return server

@@ -2,6 +2,8 @@
 
 * `veth_pair`: two namespaces joined directly by one veth pair, the limit of
   any pod-to-pod path on one machine.
+* `switched_pair`: two "node" namespaces on a replica of the lab's physical
+  network (veth, Linux bridge switch, veth), the limit of a cross-node path.
 * `LinuxBridgeCNI`: a "node" namespace and pod namespaces wired by the
   reference CNI `bridge` plugin with `host-local` IPAM, called exactly as a
   kubelet (container runtime) calls a CNI plugin.
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 CNI_BIN_DIR = Path("/usr/lib/cni")
 VETH_NET = ipaddress.IPv4Network("192.168.251.0/24")
 BRIDGE_NET = ipaddress.IPv4Network("10.245.1.0/24")
+UNDERLAY_NET = ipaddress.IPv4Network("192.168.252.0/24")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,31 @@ def veth_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
             ipr.addr("add", index=idx, address=ip, prefixlen=VETH_NET.prefixlen)
             ipr.link("set", index=idx, state="up")
         ends.append(Endpoint(ns, ip))
+    return ends[0], ends[1]
+
+
+def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
+    """The lab's physical network without pcn: two "node" namespaces `-un1`/`-un2`
+    whose `uplink` veths meet on a Linux bridge `sw` in `-uphy`, as
+    pcn_agent.topology.Lab wires its nodes, with the uplinks at `mtu`."""
+    phy = nss.create("uphy")
+    nodes = [nss.create("un1"), nss.create("un2")]
+    ends = []
+    with IPRoute(netns=phy) as ipr:
+        ipr.link("add", ifname="sw", kind="bridge")
+        sw = ipr.link_lookup(ifname="sw")[0]
+        ipr.link("set", index=sw, state="up")
+        for i, ns in enumerate(nodes, start=1):
+            port = f"n{i}"
+            ipr.link("add", ifname=port, kind="veth", peer={"ifname": "uplink", "net_ns_fd": ns})
+            ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=sw, state="up")
+            ip = str(UNDERLAY_NET.network_address + i)
+            with IPRoute(netns=ns) as node:
+                idx = node.link_lookup(ifname="uplink")[0]
+                node.link("set", index=idx, mtu=mtu)
+                node.addr("add", index=idx, address=ip, prefixlen=UNDERLAY_NET.prefixlen)
+                node.link("set", index=idx, state="up")
+            ends.append(Endpoint(ns, ip))
     return ends[0], ends[1]
 
 

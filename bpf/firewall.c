@@ -91,10 +91,18 @@ int firewall_rx(struct __sk_buff *skb)
 #if FW_NEED_L4
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) == 0 && !info.is_fragment &&
-        (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
-        sport = bpf_ntohs(f.sport);
-        dport = bpf_ntohs(f.dport);
+    if (pcn_parse_flow(skb, &f, &info) == 0 && !info.is_fragment) {
+        if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+            sport = bpf_ntohs(f.sport);
+            dport = bpf_ntohs(f.dport);
+        } else if (proto == IPPROTO_SCTP) {
+            /* rules take SCTP ports too; the common header starts with them */
+            __be16 ports[2];
+            if (bpf_skb_load_bytes(skb, info.l4off, ports, sizeof(ports)) == 0) {
+                sport = bpf_ntohs(ports[0]);
+                dport = bpf_ntohs(ports[1]);
+            }
+        }
     }
 #endif
 

@@ -13,9 +13,10 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# 1. Debian packages: only touch apt when something is missing.
+# 1. Debian packages: only touch apt when something is missing. (lua5.1 runs the
+#    Argo CD health check in tests/test_manifests.py: Argo CD embeds Lua 5.1.)
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-6.12-amd64 iproute2
-      iperf3 iputils-ping containernetworking-plugins iptables ethtool)
+      iperf3 iputils-ping containernetworking-plugins iptables ethtool lua5.1)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

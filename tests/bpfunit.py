@@ -210,3 +210,87 @@ def parse_ipv4(payload: bytes) -> Ipv4:
     total_len = struct.unpack("!H", header[2:4])[0]
     return Ipv4(header, header[8], header[9], ip_s(header[12:16]), ip_s(header[16:20]),
                 total_len, payload[ihl:total_len])
+
+
+# ---------------------------------------------------------------------- L4 with checksums
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 1, 6, 17, 132
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+
+def pseudo_header(src: str, dst: str, proto: int, length: int) -> bytes:
+    return ip_b(src) + ip_b(dst) + struct.pack("!BBH", 0, proto, length)
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, flags: int = TCP_SYN, seq: int = 1000,
+        ack: int = 0, window: int = 64240, data: bytes = b"") -> bytes:
+    """A TCP segment (no options) with its checksum over the pseudo header of
+    `src` -> `dst`."""
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0, 0) + data
+    csum = inet_csum(pseudo_header(src, dst, IPPROTO_TCP, len(seg)) + seg)
+    return seg[:16] + struct.pack("!H", csum) + seg[18:]
+
+
+def udp_csum(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
+    """A UDP datagram with its checksum (0 is sent as 0xffff, RFC 768)."""
+    dgram = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+    csum = inet_csum(pseudo_header(src, dst, IPPROTO_UDP, len(dgram)) + dgram) or 0xFFFF
+    return dgram[:6] + struct.pack("!H", csum) + dgram[8:]
+
+
+def l4_csum_ok(ip: Ipv4) -> bool:
+    """Recompute the TCP/UDP checksum of a parsed datagram from scratch. A UDP
+    checksum must be present: 0 on the wire means "none" (a computed 0 is sent
+    as 0xffff)."""
+    if ip.proto == IPPROTO_UDP and ip.payload[6:8] == b"\0\0":
+        return False
+    return inet_csum(pseudo_header(ip.src, ip.dst, ip.proto, len(ip.payload)) + ip.payload) == 0
+
+
+def without_checksums(frame: bytes) -> bytes:
+    """An Ethernet/IPv4 frame with its IP and TCP/UDP/ICMP checksums zeroed: for
+    comparing a rewritten frame with a freshly built one field by field, the
+    checksums being verified on their own (one's complement has two zeros, so
+    a correct incremental update may differ from a full recomputation)."""
+    out = bytearray(frame)
+    out[24:26] = b"\0\0"
+    l4 = 14 + (frame[14] & 0x0F) * 4
+    off = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_ICMP: 2}.get(frame[23])
+    if off is not None and len(out) >= l4 + off + 2:
+        out[l4 + off: l4 + off + 2] = b"\0\0"
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Ports:
+    sport: int
+    dport: int
+
+
+def l4_ports(ip: Ipv4) -> Ports:
+    """TCP/UDP ports; for ICMP echo the identifier, as both (as the cubes track it)."""
+    if ip.proto == IPPROTO_ICMP:
+        ident = struct.unpack("!H", ip.payload[4:6])[0]
+        return Ports(ident, ident)
+    sport, dport = struct.unpack("!HH", ip.payload[:4])
+    return Ports(sport, dport)
+
+
+def assert_frame(got: bytes, want: bytes) -> None:
+    """`got` holds exactly the fields of `want` (a frame built from scratch) and
+    every checksum in it is right by full recomputation. A UDP datagram sent
+    without checksum must still have none."""
+    a, b = without_checksums(got), without_checksums(want)
+    if a != b:
+        first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+        raise AssertionError(f"frames differ from byte {first} (lengths {len(got)}/{len(want)}):"
+                             f"\n got  {got[first:first + 16].hex(' ')}"
+                             f"\n want {want[first:first + 16].hex(' ')}")
+    ip = parse_ipv4(parse_eth(got).payload)
+    assert inet_csum(ip.header) == 0, "IPv4 header checksum"
+    want_ip = parse_ipv4(parse_eth(want).payload)
+    if ip.proto == IPPROTO_UDP and want_ip.payload[6:8] == b"\0\0":
+        assert ip.payload[6:8] == b"\0\0", "a UDP datagram without checksum got one"
+    elif ip.proto in (IPPROTO_TCP, IPPROTO_UDP):
+        assert l4_csum_ok(ip), f"{'TCP' if ip.proto == IPPROTO_TCP else 'UDP'} checksum"
+    elif ip.proto == IPPROTO_ICMP:
+        assert inet_csum(ip.payload) == 0, "ICMP checksum"

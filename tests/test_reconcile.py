@@ -7,8 +7,18 @@ from typing import Any
 import pytest
 
 from pcn_agent.cubes.lbrp import Backend
-from pcn_agent.reconcile import (Desired, FunctionSpec, Inputs, NodePortSpec, Op, ServiceSpec,
-                                 cube_name, desired_state, plan, vtep_for)
+from pcn_agent.reconcile import (
+    Desired,
+    FunctionSpec,
+    Inputs,
+    NodePortSpec,
+    Op,
+    ServiceSpec,
+    cube_name,
+    desired_state,
+    plan,
+    vtep_for,
+)
 from pcn_agent.settings import ClusterSettings
 
 S = ClusterSettings()

@@ -353,9 +353,9 @@ def _now() -> str:
 
 
 def _interface_with(netns: str | None, ip: str) -> str | None:
-    from pyroute2 import IPRoute
+    from .nsutil import iproute
 
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+    with iproute(netns) as ipr:
         for a in ipr.get_addr(family=2):
             if a.get_attr("IFA_ADDRESS") == ip:
                 links = ipr.get_links(a["index"])

@@ -113,14 +113,19 @@ def probe(lab: Lab, src: str, args: list[str], timeout: float) -> dict:
                 "total_ms": (time.monotonic() - start) * 1000}
 
 
-def render(results: list[CheckResult]) -> str:
-    """A plain-text table, one row per check."""
+def render(results: list[CheckResult], symbols: bool = False) -> str:
+    """A plain-text table, one row per check (with ✓/✗ when `symbols`)."""
     head = ("from", "to", "protocol", "result", "latency", "detail")
     rows = [head]
     for r in results:
-        verdict = "PASS" if r.passed else "FAIL"
-        if r.expect_blocked:
-            verdict += " (blocked as expected)" if r.passed else " (expected to be blocked)"
+        if symbols:
+            verdict = "✓" if r.passed else "✗"
+            if r.expect_blocked:
+                verdict += " blocked" if r.passed else " NOT blocked"
+        else:
+            verdict = "PASS" if r.passed else "FAIL"
+            if r.expect_blocked:
+                verdict += " (blocked as expected)" if r.passed else " (expected to be blocked)"
         lat = f"{r.latency_ms:.2f} ms" if r.latency_ms is not None and r.ok else "-"
         rows.append((r.source, r.target, r.protocol, verdict, lat, r.detail))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]

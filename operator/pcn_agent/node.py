@@ -20,6 +20,8 @@ import errno
 import ipaddress
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,6 +87,9 @@ class Pod:
     port: PortState
     ingress: list[str] = field(default_factory=list)  # extra cubes on the port's ingress hook
     egress: list[str] = field(default_factory=list)  # (from the pod) and egress hook (to it)
+    k8s_namespace: str = ""
+    k8s_name: str = ""
+    origin: str = ""  # "cni" when the CNI plugin made the veth (see register_pod)
 
 
 @dataclass
@@ -103,6 +108,7 @@ class NodeDataplane:
         self.lb: LoadBalancer | None = None
         self.dispatcher: Dispatcher | None = None
         self.arp: ArpResolver | None = None
+        self._batch_depth = 0
 
     # ---------------------------------------------------------------- up/down
     def up(self, adopt: bool = True) -> NodeDataplane:
@@ -118,7 +124,7 @@ class NodeDataplane:
             self.slow.listen(self.rt.types["router"].module)
             self.arp = ArpResolver(self.rt, self.slow, self.rt.table("router_neigh", "router"))
             self.save()
-        except Exception:
+        except BaseException:  # Ctrl-C included: never leave a half-built node behind
             self.down()
             raise
         log.info("node %s %s in %.0f ms", self.cfg.name,
@@ -176,17 +182,34 @@ class NodeDataplane:
         for key, p in self.rt.meta.get("pods", {}).items():
             port = self.rt.ports[p["port"]]
             self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
-                                 p["ingress"], p["egress"])
+                                 p["ingress"], p["egress"], p.get("k8s_namespace", ""),
+                                 p.get("k8s_name", ""), p.get("origin", ""))
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group many changes under one save (a burst of Service updates)."""
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            if not self._batch_depth and self.rt.ipr is not None:
+                self.save()
 
     def save(self) -> None:
-        """Record the node's state for a restarted agent (cheap; after each change)."""
+        """Record the node's state for a restarted agent (after each change, or
+        once at the end of a batch)."""
+        if self._batch_depth:
+            return
         if self.lb is not None:
             self.lb.save()
         if self.dispatcher is not None:
             self.dispatcher.save()
         self.rt.meta["peers"] = [asdict(p) for p in self.peers.values()]
         self.rt.meta["pods"] = {k: {"netns": p.netns, "iface": asdict(p.iface), "port": p.port.id,
-                                    "ingress": p.ingress, "egress": p.egress}
+                                    "ingress": p.ingress, "egress": p.egress,
+                                    "k8s_namespace": p.k8s_namespace, "k8s_name": p.k8s_name,
+                                    "origin": p.origin}
                                 for k, p in self.pods.items()}
         self.rt.save()
 
@@ -335,6 +358,44 @@ class NodeDataplane:
         lb = [self.rt.stacked(LB)]
         self.rt.set_hook(port, maps.HOOK_INGRESS, lb + [self.rt.stacked(n) for n in ingress])
         self.rt.set_hook(port, maps.HOOK_EGRESS, [self.rt.stacked(n) for n in egress] + lb)
+
+    def register_pod(self, key: str, netns: str, iface: podnet.PodInterface,
+                     k8s_namespace: str = "", k8s_name: str = "", origin: str = "") -> Pod:
+        """Attach a pod whose veth pair someone else made (the CNI plugin) and
+        record it: a new bridge port peered with `iface.host_ifname`. Creates
+        no veth, compiles nothing."""
+        port = self.attach_pod(key, iface.host_ifname)
+        pod = Pod(key, netns, iface, port, k8s_namespace=k8s_namespace, k8s_name=k8s_name,
+                  origin=origin)
+        self.pods[key] = pod
+        self._forget_neighbor(iface.address)  # the address may have had another owner
+        self.save()
+        return pod
+
+    def detach_pod(self, key: str) -> Pod | None:
+        """Undo register_pod: remove the pod's bridge port and forget it; the
+        veth stays (its owner deletes it). None if the pod is unknown."""
+        pod = self.pods.pop(key, None)
+        if pod is None:
+            return None
+        assert self.bridge is not None
+        self.bridge.remove_port(pod.port.name)
+        self._forget_neighbor(pod.iface.address)
+        if self.rt.ipr is not None and self.rt.pin_dir is not None:
+            self.save()
+        return pod
+
+    def _forget_neighbor(self, address: str) -> None:
+        """Drop the router's ARP entry for a pod address, so a pod that later
+        gets the address is resolved afresh instead of sent the old MAC."""
+        if self.router is None:
+            return
+        ip = str(ipaddress.IPv4Interface(address).ip)
+        try:
+            del self.rt.table("router_neigh", "router")[
+                maps.RouterNeighKey(self.router.cube.id, maps.ip_be(ip))]
+        except KeyError:
+            pass
 
     def remove_pod(self, key: str) -> None:
         pod = self.pods.pop(key, None)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from .nsutil import entered, iproute
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,11 @@ def host_ifname(pod_key: str) -> str:
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:
     """Write a net.* sysctl as seen from `netns` (/proc/sys/net follows the
-    namespace of the writing thread)."""
+    namespace of the writing thread). A missing namespace is an error, never
+    created on the fly."""
     path = Path("/proc/sys") / key.replace(".", "/")
-    if netns:
-        pr_netns.pushns(netns)
-    try:
+    with entered(netns):
         path.write_text(value)
-    finally:
-        if netns:
-            pr_netns.popns()
 
 
 def create(node_ipr: IPRoute, node_netns: str | None, pod_netns: str, host_if: str,
@@ -61,7 +58,7 @@ def create(node_ipr: IPRoute, node_netns: str | None, pod_netns: str, host_if: s
         host_idx = node_ipr.link_lookup(ifname=host_if)[0]
         node_ipr.link("set", index=host_idx, mtu=mtu)
         _no_ipv6(node_netns, host_if)
-        with IPRoute(netns=pod_netns) as pod:
+        with iproute(pod_netns) as pod:  # never creates the namespace
             idx = pod.link_lookup(ifname=tmp)[0]
             pod.link("set", index=idx, ifname=ifname, mtu=mtu)
             _no_ipv6(pod_netns, ifname)

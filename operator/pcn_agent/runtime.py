@@ -22,6 +22,7 @@ from pyroute2 import IPRoute
 
 from . import bpffs, maps, tc
 from .compiler import compile_cube
+from .nsutil import iproute
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Runtime:
         self.state_path = state_root / f"{name}.json"
         self.adopted = False
         self.meta: dict = {}  # state of whoever drives this runtime, saved with it
-        self.ipr: IPRoute | None = None
+        self._netlink: NetlinkPerThread | None = None
         self.types: dict[str, CubeType] = {}
         self.variants: dict[tuple, CubeType] = {}  # specialised compiles, by (type, defines)
         self.cubes: dict[str, Cube] = {}
@@ -132,6 +133,11 @@ class Runtime:
         self._entry = None
         self._watchers: dict[str, Callable[[PortState], None]] = {}
 
+    @property
+    def ipr(self) -> IPRoute | None:
+        """This thread's rtnetlink socket in the runtime's namespace (None when closed)."""
+        return self._netlink.get() if self._netlink is not None else None
+
     # ----------------------------------------------------------------- life cycle
     def open(self, adopt: bool = True) -> Runtime:
         """Load the entry program; with `adopt`, take over the state a previous
@@ -144,7 +150,7 @@ class Runtime:
         elif not adopt and pin_dir.is_dir():
             bpffs.remove_instance(pin_dir)  # a fresh start must not inherit stale tables
         self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
-        self.ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        self._netlink = NetlinkPerThread(self.netns)
         self._entry = compile_cube(ENTRY, self.pin_dir)
         for prog in ("pcn_ingress", "pcn_egress"):
             self._entry_fds[prog] = self._entry.load_func(prog, _sched_cls()).fd
@@ -209,9 +215,9 @@ class Runtime:
         descriptor, leave programs attached, maps pinned and state on disk."""
         with self._lock:
             self._release_modules()
-            if self.ipr is not None:
-                self.ipr.close()
-                self.ipr = None
+            if self._netlink is not None:
+                self._netlink.close()
+                self._netlink = None
 
     def close(self, remove: bool = True) -> None:
         """Detach from netdevs and unpin everything this runtime created."""
@@ -226,8 +232,8 @@ class Runtime:
             self._attached.clear()
             self._own_clsact.clear()
             self._release_modules()
-            self.ipr.close()
-            self.ipr = None
+            self._netlink.close()
+            self._netlink = None
             if remove and self.pin_dir is not None:
                 bpffs.remove_instance(self.pin_dir)
             if remove:
@@ -527,6 +533,39 @@ class Runtime:
             "cubes": {c.name: {"type": c.type, "id": c.id, "ports": dict(c.ports)}
                       for c in self.cubes.values()},
         }
+
+
+class NetlinkPerThread:
+    """One rtnetlink socket per thread, each opened inside `netns` by setns.
+
+    pyroute2's synchronous IPRoute opens a fresh socket for every thread that
+    uses it, in that thread's namespace; a socket opened by setns therefore
+    only serves its own thread. `IPRoute(netns=...)` would follow the
+    namespace but forks a helper to do it (see nsutil)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._local = threading.local()
+        self._all: list[IPRoute] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> IPRoute:
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            ipr = iproute(self.netns)
+            self._local.ipr = ipr
+            with self._lock:
+                self._all.append(ipr)
+        return ipr
+
+    def close(self) -> None:
+        with self._lock:
+            for ipr in self._all:
+                try:
+                    ipr.close()
+                except Exception:  # a thread's socket may already be gone
+                    log.debug("closing a netlink socket failed", exc_info=True)
+            self._all.clear()
 
 
 def _port_dict(p: PortState) -> dict:

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import maps
+from .nsutil import entered
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,9 @@ class SlowPath:
 
 def _packet_socket(netns: str | None, ifname: str) -> socket.socket:
     """An AF_PACKET socket bound to `ifname`, created inside `netns`."""
-    if netns:
-        pr_netns.pushns(netns)
-    try:
+    with entered(netns):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         s.bind((ifname, 0))
-    finally:
-        if netns:
-            pr_netns.popns()
     return s
 
 

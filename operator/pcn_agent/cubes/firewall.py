@@ -169,16 +169,24 @@ class Firewall:
         """Replace the rule set. The new rules are written under a new
         generation, then one config update switches to them; the program is
         recompiled only when the rule set's shape changes, and swapped into
-        the instance's slot in one update, before or after the switch so that
-        the program in place can always evaluate the rules in force."""
+        the instance's slot in one update each time, before and/or after the
+        switch, so that the program in place can always evaluate the rules in
+        force."""
         if len(rules) > MAX_RULES:
             raise ValueError(f"a firewall holds at most {MAX_RULES} rules, got {len(rules)}")
         if default not in ACTIONS:
             raise ValueError(f"default action must be allow or drop, not {default!r}")
         spec = specialisation(rules)
         variant = self.rt.load_variant(TYPE, spec)
-        self._bind_tables(variant.module)
         old_spec, old_gen, old_n = self.spec, self.gen, len(self.rules)
+        # Around the switch, the program in the slot must evaluate the old rules
+        # and the new ones: the one specialised for the larger of each bound.
+        # That is the new program when the shape grows, the old one when it
+        # shrinks, and a third one when the loop bound shrinks while ports
+        # become needed, or the reverse.
+        span = {k: max(v, old_spec.get(k, 0)) for k, v in spec.items()}
+        bridge = self.rt.load_variant(TYPE, span)
+        self._bind_tables(variant.module)
         gen = old_gen + 1
         for i, r in enumerate(rules):
             src, smask = _net(r.src)
@@ -188,12 +196,10 @@ class Firewall:
             self._rules_t[maps.FwRuleKey(self.cube.id, gen, i)] = maps.FwRule(
                 src, smask, dst, dmask, sp[0], sp[1], dp[0], dp[1],
                 FW_PROTOCOLS[r.proto] if r.proto else 0, ACTIONS[r.action])
-        grows = not old_spec or spec["FW_MAX_RULES"] >= old_spec["FW_MAX_RULES"] and \
-            spec["FW_NEED_L4"] >= old_spec["FW_NEED_L4"]
-        if grows:
-            self.rt.set_slot(self.cube.slot, variant.fd)
+        if span != old_spec:
+            self.rt.set_slot(self.cube.slot, bridge.fd)
         self._cfg_t[ct.c_uint32(self.cube.id)] = maps.FwCfg(gen, len(rules), ACTIONS[default])
-        if not grows:
+        if span != spec:
             self.rt.set_slot(self.cube.slot, variant.fd)
         for i in range(old_n):
             try:

@@ -100,6 +100,7 @@ class ServiceTable:
         self._svcs = rt.table("lb_services", module_type)
         self._slots = rt.table("lb_slots", module_type)
         self._sessions = rt.table("lb_sessions", module_type)
+        self._affinity = rt.table("lb_affinity", module_type)
         self.services: dict[tuple[str, int, str], Service] = {}
         self._free_ids = list(range(MAX_SERVICES, 0, -1))
         for s in (state or {}).get("services", []):
@@ -123,6 +124,7 @@ class ServiceTable:
         pnum = proto_number(proto)
         key = (vip, port, proto)
         svc = self.services.get(key)
+        existed = svc is not None
         if svc is None:
             if not self._free_ids:
                 raise RuntimeError_("service table full")
@@ -135,6 +137,8 @@ class ServiceTable:
         self._svcs[maps.SvcKey(maps.ip_be(vip), be16(port), pnum)] = value
         for i in range(len(slots), svc.n_slots):
             self._delete(self._slots, maps.SlotKey(svc.id, i))
+        if existed:  # clients must not stick to a backend that left
+            self._forget_affinity(svc.id, {(maps.ip_be(b.ip), be16(b.port)) for b in slots})
         svc.backends, svc.affinity_timeout_s, svc.n_slots = list(backends), affinity_timeout_s, len(slots)
         self.services[key] = svc
         return svc
@@ -147,8 +151,19 @@ class ServiceTable:
         self._delete(self._svcs, maps.SvcKey(maps.ip_be(vip), be16(port), proto_number(key[2])))
         for i in range(svc.n_slots):
             self._delete(self._slots, maps.SlotKey(svc.id, i))
+        # the id goes to the next new service: so would the clients stuck to it
+        self._forget_affinity(svc.id, set())
         self._free_ids.append(svc.id)
         return True
+
+    def _forget_affinity(self, svc_id: int, keep: set[tuple[int, int]]) -> None:
+        """Drop the client -> backend choices that session affinity remembers for
+        service `svc_id`, except those for a backend in `keep` ((ip, port) as
+        the map holds them). Only services with affinity have entries, so the
+        walk is short unless many clients use such services."""
+        for k, v in list(self._affinity.items()):
+            if k.svc == svc_id and (v.backend.ip, v.backend.port) not in keep:
+                self._delete(self._affinity, k)
 
     def sessions(self) -> list[dict]:
         """Load-balanced connections: client, service address, backend."""

@@ -1,0 +1,219 @@
+"""`make bench`: pcn throughput against reference topologies, and pod-add latency.
+
+    .venv/bin/python -m bench.run [--only SCENARIO[,SCENARIO]] [--duration S] [--runs N]
+                                  [--output FILE] [--pin | --no-pin]
+
+Progress goes to stderr, the table to stdout; results are merged into
+bench/results/latest.json (entries of the scenarios measured now are replaced,
+the others kept). Everything is built in network namespaces named after this
+run (`pcnb-<id>` for the references, `pcnt-<id>` for pcn labs) and removed
+at the end, also on Ctrl-C; the run fails if any of them is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from pcn_agent import bpffs
+from pcn_agent.runtime import STATE_ROOT
+
+from . import iperf, netns, results
+from .scenarios import SCENARIOS, Context
+
+log = logging.getLogger("bench")
+
+# Not pinned by default: on the 2-vCPU VM pinning the client to CPU 0 and the
+# server to CPU 1 halved throughput and made runs less repeatable (coefficient of
+# variation 2-20 % against 6-12 %), the scheduler's own placement did better.
+PINNED = iperf.Pinning(client=0, server=1)
+BUSY_WARN_PCT = 10.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SCENARIOS),
+                   help=f"comma-separated scenarios (default: all of {', '.join(SCENARIOS)})")
+    p.add_argument("--duration", type=float, default=5.0,
+                   help="seconds per iperf3 run, after a 1 s warm-up not counted (default 5)")
+    p.add_argument("--runs", type=int, default=3, help="iperf3 runs per variant (default 3)")
+    p.add_argument("--pod-adds", type=int, default=20,
+                   help="pods added in the pod-add scenario (default 20)")
+    p.add_argument("--output", type=Path, default=results.DEFAULT_OUTPUT,
+                   help=f"results file to merge into (default {results.DEFAULT_OUTPUT})")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
+                   help="pin the iperf3 client to CPU 0 and the server to CPU 1 (default: off)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the agent's INFO messages")
+    args = p.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown or not args.scenarios:
+        p.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    if args.duration <= 0 or args.runs < 1 or args.pod_adds < 1:
+        p.error("--duration, --runs and --pod-adds must be positive")
+    if args.pin and (os.cpu_count() or 1) < 2:
+        p.error("--pin needs two CPUs; use --no-pin")
+    return args
+
+
+def preflight() -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench builds network namespaces and loads eBPF programs: run it as root")
+    for tool in ("iperf3", "ip", "ss", "ping"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: run scripts/setup.sh (make setup)")
+    for plugin in ("bridge", "host-local"):
+        if not os.access(f"/usr/lib/cni/{plugin}", os.X_OK):
+            sys.exit(f"/usr/lib/cni/{plugin} missing: install containernetworking-plugins")
+
+
+_MAIN_PID = os.getpid()
+_tearing_down = False
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy over `seconds` (checked before and after the run:
+    other work on the machine skews the results)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    b0, t0 = sample()
+    time.sleep(seconds)
+    b1, t1 = sample()
+    return 100.0 * (b1 - b0) / max(1, t1 - t0)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """SIGINT/SIGTERM: stop measuring and tear down; a second one waits for the teardown.
+
+    pyroute2 forks short-lived children (to open sockets in a namespace) and
+    stops them with SIGTERM: a child inherits this handler and must just exit,
+    never unwind into the benchmark's own teardown."""
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
+    if _tearing_down:
+        print("tearing down, please wait", file=sys.stderr, flush=True)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _node_files(ctx: Context) -> list[tuple[Path, Path]]:
+    """(pin directory, state file) of every node of this run's labs."""
+    return [(lab.pin_root / lab.node_name(i), STATE_ROOT / f"{lab.node_name(i)}.json")
+            for lab in ctx.labs for i in range(1, lab.nodes_count + 1)]
+
+
+def _remove_stray_node_files(ctx: Context) -> None:
+    """Pins (and state) of a node whose NodeDataplane.up() was interrupted: up()
+    only cleans up after an Exception, so a Ctrl-C there leaves the node's pin
+    directory, unknown to Lab.close(). The names belong to this run."""
+    for pins, state in _node_files(ctx):
+        if pins.exists():
+            log.warning("removing pins left by an interrupted node start: %s", pins)
+            bpffs.remove_instance(pins)
+        if state.exists():
+            log.warning("removing state left by an interrupted node start: %s", state)
+            state.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _MAIN_PID, _tearing_down
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("pyroute2").setLevel(logging.ERROR)
+    preflight()
+
+    prefix = netns.new_run_prefix()
+    pinning = PINNED if args.pin else iperf.Pinning()
+    busy = cpu_busy()
+    ctx = Context(nss=netns.Namespaces(prefix), tmp=Path(tempfile.gettempdir()) / prefix,
+                  duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
+                  pinning=pinning)
+    ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
+                 f"{args.duration:g} s per variant, {pinning.describe()}")
+    if busy > BUSY_WARN_PCT:
+        ctx.progress(f"WARNING: the CPUs were {busy:.0f}% busy before the run: other work "
+                     "competes with the benchmark and its numbers will be low and noisy")
+    measured: list[results.Result] = []
+    done: list[str] = []
+    failure: BaseException | None = None
+    _MAIN_PID, _tearing_down = os.getpid(), False
+    old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    tmp_created = False
+    try:
+        ctx.tmp.mkdir(mode=0o700)
+        tmp_created = True
+        for scenario in args.scenarios:
+            ctx.progress(f"== {scenario}")
+            measured += SCENARIOS[scenario](ctx)
+            done.append(scenario)
+    except BaseException as exc:  # noqa: BLE001 - reported below, after cleanup
+        failure = exc
+    finally:
+        _tearing_down = True  # a second Ctrl-C must not cut the teardown short
+        try:
+            for lab in ctx.labs:
+                try:
+                    lab.close()  # no-op if its scenario closed it already
+                except Exception as exc:  # noqa: BLE001
+                    log.error("closing lab %s: %s", lab.prefix, exc)
+            ctx.nss.remove_all()
+            _remove_stray_node_files(ctx)
+            if tmp_created:
+                shutil.rmtree(ctx.tmp, ignore_errors=True)
+            prefixes = [prefix, *(lab.prefix for lab in ctx.labs)]
+            left = netns.existing(prefixes)
+            for lab in ctx.labs:
+                left += [x for x in lab.leftovers() if x not in left]
+            left += [str(f) for pair in _node_files(ctx) for f in pair
+                     if f.exists() and str(f) not in left]
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+
+    if measured:
+        print(results.table(measured))
+        for line in results.acceptance(measured):
+            print(line)
+    busy_after = cpu_busy()
+    if max(busy, busy_after) > BUSY_WARN_PCT:
+        print(f"WARNING: CPUs {busy:.0f}% busy before the run and {busy_after:.0f}% after it: "
+              "other work was competing, the numbers are low and noisy", file=sys.stderr)
+    if done:
+        meta = {**results.machine_metadata(), "run": prefix, "iperf3": {
+            "duration_s": args.duration, "warmup_s": iperf.OMIT_S, "runs": args.runs,
+            "pinning": pinning.describe()}, "cpu_busy_before_pct": round(busy, 1),
+            "cpu_busy_after_pct": round(busy_after, 1)}
+        for r in measured:
+            r.extra["run"] = prefix  # kept entries of other scenarios carry their own run
+        results.merge_write(args.output, measured, done, meta)
+        print(f"\nresults for {', '.join(done)} merged into {args.output}", file=sys.stderr)
+    status = 0
+    if failure is not None:
+        if isinstance(failure, KeyboardInterrupt):
+            print(f"interrupted; cleaned up (scenarios completed: {done or 'none'})",
+                  file=sys.stderr)
+            status = 130
+        else:
+            log.error("bench failed: %s", failure, exc_info=failure)
+            status = 1
+    if left:
+        raise AssertionError(f"namespaces or pins of this run left behind: {left}")
+    print(f"no namespace left with prefixes {', '.join(prefixes)}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

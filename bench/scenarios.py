@@ -1,0 +1,217 @@
+"""The measured scenarios. Each builds all its variants side by side, measures
+them interleaved, returns its results and removes what it built, also when
+interrupted (everything it creates is registered on an ExitStack at once)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from pcn_agent.topology import Lab
+
+from . import iperf
+from .netns import Namespaces, exec_in, stop
+from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair
+from .results import THROUGHPUT, Result, now_iso
+
+log = logging.getLogger(__name__)
+
+MTU = 1450  # pcn pods' MTU (VXLAN overlay on a 1500 underlay); references use it too
+SAME_NODE = "pod-to-pod-same-node"
+CROSS_NODE = "pod-to-pod-cross-node"
+POD_ADD = "pod-add"
+
+
+@dataclass
+class Context:
+    nss: Namespaces
+    tmp: Path
+    duration: float
+    runs: int
+    pod_adds: int
+    pinning: iperf.Pinning
+    labs: list[Lab] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self, msg: str) -> None:
+        print(f"[bench +{time.monotonic() - self.started:6.1f}s] {msg}", file=sys.stderr,
+              flush=True)
+
+    def lab(self, stack: ExitStack, nodes: int, pods: int) -> Lab:
+        lab = Lab(nodes_count=nodes, pods_per_node=pods, mtu=MTU)
+        self.labs.append(lab)  # its prefix is checked for leftovers at the end
+        t = time.monotonic()
+        lab.build()  # closes itself if the build fails
+        stack.callback(lab.close)
+        self.progress(f"pcn lab {lab.prefix}: {nodes} node(s), {pods} pod(s) per node, "
+                      f"built in {time.monotonic() - t:.1f} s")
+        return lab
+
+    def compare(self, scenario: str, variants: list[Variant]) -> list[Result]:
+        """Throughput of every variant, interleaved: round i runs each variant once
+        (starting with a different one each round), so that drifts of the machine's
+        speed (a VM's neighbours) hit all variants alike, not the one run last."""
+        with ExitStack() as st:
+            for v in variants:
+                ping = exec_in(v.client.netns, ["ping", "-c", "3", "-i", "0.2", "-W", "2",
+                                                v.server.ip], check=False)
+                if ping.returncode != 0:
+                    raise RuntimeError(f"{scenario}/{v.name}: {v.client.netns} cannot reach "
+                                       f"{v.server.ip}:\n{ping.stdout}")
+                st.callback(stop, iperf.start_server(v.server.netns, self.pinning))
+                self.progress(f"{scenario}/{v.name}: iperf3 {v.client.netns} -> {v.server.ip} "
+                              f"({v.server.netns})")
+            self.progress(f"{scenario}: {self.runs} rounds of {len(variants)} x "
+                          f"{self.duration:g} s (+{iperf.OMIT_S} s warm-up)")
+            runs: dict[str, iperf.Throughput] = {v.name: iperf.Throughput() for v in variants}
+            for i in range(self.runs):
+                for k in range(len(variants)):
+                    v = variants[(i + k) % len(variants)]
+                    if v.before is not None:
+                        v.before()
+                    gbps, retr = iperf.run_client(v.client.netns, v.server.ip, self.duration,
+                                                  self.pinning)
+                    runs[v.name].runs_gbps.append(gbps)
+                    runs[v.name].retransmits.append(retr)
+                    self.progress(f"{scenario}/{v.name}: run {i + 1}/{self.runs}: "
+                                  f"{gbps:.2f} Gbit/s ({retr} retransmits)")
+        out = []
+        for v in variants:
+            tp = runs[v.name]
+            self.progress(f"{scenario}/{v.name}: median {tp.median:.2f} Gbit/s")
+            out.append(Result(scenario, v.name, THROUGHPUT, tp.median, "Gbit/s", {
+                "stat": "median", "runs": [round(x, 3) for x in tp.runs_gbps],
+                "retransmits": tp.retransmits, "duration_s": self.duration, "mtu": MTU,
+                "date": now_iso(), **v.extra}))
+        return out
+
+
+@dataclass
+class Variant:
+    name: str
+    client: Endpoint
+    server: Endpoint
+    before: Callable[[], None] | None = None  # run before each of its iperf3 runs
+    extra: dict[str, object] = field(default_factory=dict)  # into its JSON entry
+
+
+def _lab_endpoint(lab: Lab, pod: str) -> Endpoint:
+    p = lab.pods[pod]
+    return Endpoint(p.netns, p.ip)
+
+
+def _set_mtu(netns: str, ifname: str, mtu: int) -> None:
+    with IPRoute(netns=netns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=mtu)
+
+
+def same_node(ctx: Context) -> list[Result]:
+    with ExitStack() as st:
+        lab = ctx.lab(st, nodes=1, pods=2)
+        pcn = Variant("pcn", _lab_endpoint(lab, "n1p1"), _lab_endpoint(lab, "n1p2"))
+
+        a, b = veth_pair(ctx.nss, MTU)
+        for ep in (a, b):
+            st.callback(ctx.nss.remove, ep.netns)
+        veth = Variant("veth", a, b)
+
+        node = ctx.nss.create("brnode")
+        st.callback(ctx.nss.remove, node)
+        names = ("brp1", "brp2")
+        for name in names:
+            st.callback(ctx.nss.remove, f"{ctx.nss.prefix}-{name}")
+        cni = LinuxBridgeCNI(ctx.nss, node, ctx.tmp / "host-local", MTU)
+        st.callback(cni.delete_all)  # CNI DEL before the namespaces go, as on a real node
+        p1, p2 = (cni.add_pod(name) for name in names)
+        nf = exec_in(node, ["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"], check=False)
+        bridge = Variant("linux-bridge", p1, p2,
+                         extra={"bridge_nf_call_iptables": nf.stdout.strip() or None})
+        ctx.progress(f"linux-bridge: CNI bridge plugin attached {p1.ip} and {p2.ip} in {node}")
+
+        return ctx.compare(SAME_NODE, [pcn, veth, bridge])
+
+
+def cross_node(ctx: Context) -> list[Result]:
+    with ExitStack() as st:
+        lab = ctx.lab(st, nodes=2, pods=1)
+        pcn = Variant("pcn", _lab_endpoint(lab, "n1p1"), _lab_endpoint(lab, "n2p1"))
+
+        # The limit: the lab's physical network (veth, switch, veth) without pcn,
+        # node address to node address, the uplinks at the pods' MTU.
+        for name in ("un2", "un1", "uphy"):
+            st.callback(ctx.nss.remove, f"{ctx.nss.prefix}-{name}")
+        a, b = switched_pair(ctx.nss, MTU)
+        veth = Variant("veth", a, b, extra={"path": "uplink veth - Linux bridge switch - "
+                                                    "uplink veth, no pcn"})
+
+        # The lab's own underlay, node to node: the same path, but pcn's entry
+        # programs sit on both uplinks (shared with the host stack). Its MTU goes
+        # to the pods' MTU for these runs only (VXLAN needs 1500).
+        nodes = [lab.node_name(1), lab.node_name(2)]
+
+        def uplink_mtu(mtu: int) -> Callable[[], None]:
+            def apply() -> None:
+                for ns in nodes:
+                    _set_mtu(ns, "uplink", mtu)
+            return apply
+
+        st.callback(uplink_mtu(lab.mtu + 50))
+        pcn.before = uplink_mtu(lab.mtu + 50)
+        host = Variant("node-to-node", Endpoint(nodes[0], lab.node_ip(1)),
+                       Endpoint(nodes[1], lab.node_ip(2)), before=uplink_mtu(MTU),
+                       extra={"path": "the pcn lab's underlay, through pcn's programs on the "
+                                      "uplinks"})
+        return ctx.compare(CROSS_NODE, [pcn, veth, host])
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def pod_add(ctx: Context) -> list[Result]:
+    with ExitStack() as st:
+        lab = ctx.lab(st, nodes=1, pods=0)
+        node = lab.node(1)
+        net = ipaddress.IPv4Network(lab.pod_cidr(1))
+        samples_ms: list[float] = []
+        ctx.progress(f"{POD_ADD}/pcn: timing {ctx.pod_adds} NodeDataplane.add_pod calls")
+        for k in range(1, ctx.pod_adds + 1):
+            ns = ctx.nss.create(f"add{k:02d}")  # outside the timing, as the runtime does
+            st.callback(ctx.nss.remove, ns)
+            addr = f"{net.network_address + 100 + k}/{net.prefixlen}"
+            t = time.perf_counter()
+            node.add_pod(f"bench-add-{k}", ns, addr)
+            samples_ms.append((time.perf_counter() - t) * 1000)
+        for k in (1, ctx.pod_adds):  # the timed pods work (not timed)
+            ping = exec_in(f"{ctx.nss.prefix}-add{k:02d}",
+                           ["ping", "-c", "1", "-W", "2", lab.node(1).cfg.gateway], check=False)
+            if ping.returncode != 0:
+                raise RuntimeError(f"pod {k} added in the timing loop cannot ping its gateway")
+    med, p90 = statistics.median(samples_ms), _percentile(samples_ms, 90)
+    ctx.progress(f"{POD_ADD}/pcn: median {med:.1f} ms, p90 {p90:.1f} ms "
+                 f"(min {min(samples_ms):.1f}, max {max(samples_ms):.1f})")
+    common = {"samples": len(samples_ms), "date": now_iso()}
+    return [
+        Result(POD_ADD, "pcn", "latency", med, "ms",
+               {"stat": "median", "samples_ms": [round(x, 2) for x in samples_ms], **common}),
+        Result(POD_ADD, "pcn", "latency-p90", p90, "ms", {"stat": "p90", **common}),
+    ]
+
+
+SCENARIOS: dict[str, Callable[[Context], list[Result]]] = {
+    SAME_NODE: same_node,
+    CROSS_NODE: cross_node,
+    POD_ADD: pod_add,
+}

@@ -1,0 +1,140 @@
+"""add-cube and remove-cube: read what is there, decide (chains.py), write
+the NetworkFunction and the CubeChain, or with dry_run only say what would be
+written. Writes are idempotent: an object that would not change is not
+written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import chains as ch
+from . import objects
+from .client import CUBE_CHAINS, NETWORK_FUNCTIONS, Cluster, Resource
+from .errors import Conflict, PcnError
+from .rules import check_type, config_from_flags
+
+ATTEMPTS = 3  # read-modify-write of a chain, when someone else writes it meanwhile
+
+
+@dataclass
+class Change:
+    kind: str
+    namespace: str
+    name: str
+    action: str  # created, configured, unchanged, deleted, absent
+    obj: dict[str, Any] | None = None  # as written (or as it would be written)
+    note: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind.lower()}.pcn.dev/{self.name}"
+
+
+def _write(cluster: Cluster, res: Resource, desired: dict[str, Any],
+           existing: Mapping[str, Any] | None, dry_run: bool) -> Change:
+    meta = desired["metadata"]
+    change = Change(res.kind, meta["namespace"], meta["name"], "unchanged",
+                    objects.clean(desired))
+    if objects.same(desired, existing):
+        change.obj = objects.clean(dict(existing or desired), res.kind)
+        return change
+    if existing is None:
+        change.action = "created"
+        if not dry_run:
+            change.obj = cluster.create(res, desired)
+        return change
+    change.action = "configured"
+    if not dry_run:
+        change.obj = cluster.patch(res, meta["namespace"], meta["name"],
+                                   objects.update_patch(existing, desired))
+    return change
+
+
+def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
+             selector: dict[str, Any] | None, hook: str, placement: ch.Placement,
+             config_file: tuple[str, str] | None, rules: Sequence[str], default: str | None,
+             chain_name: str | None, priority: int | None, dry_run: bool,
+             progress: Callable[[str], None]) -> list[Change]:
+    check_type(type_)
+    config_from_flags(type_, None, config_file, rules, default)  # input errors first
+    progress(f"reading networkfunction {namespace}/{name}")
+    existing_nf = cluster.get(NETWORK_FUNCTIONS, namespace, name)
+    existing_config = None
+    if existing_nf is not None:
+        have_type = (existing_nf.get("spec") or {}).get("type")
+        if have_type != type_:
+            raise PcnError(f"networkfunction {namespace}/{name} exists with type {have_type}, "
+                           f"not {type_}", "choose another NAME, or remove-cube it first")
+        existing_config = (existing_nf.get("spec") or {}).get("config") or {}
+    config = config_from_flags(type_, existing_config, config_file, rules, default)
+    desired_nf = objects.network_function(namespace, name, type_, config, existing_nf)
+
+    nf_change: Change | None = None
+    for attempt in range(ATTEMPTS):
+        progress(f"reading cubechains of namespace {namespace}")
+        chains = cluster.list(CUBE_CHAINS, namespace)
+        choice = ch.choose_chain(chains, selector, chain_name, priority)
+        if choice.existing is not None:
+            objects.existing_model(choice.existing, "CubeChain")
+        sides = {s: ch.side_of(choice.existing or {}, s) for s in ch.SIDES}
+        sides[hook] = ch.place(sides[hook], name, placement, hook)
+        desired_chain = objects.cube_chain(namespace, choice.name, choice.selector,
+                                           sides["ingress"], sides["egress"], choice.priority,
+                                           choice.existing)
+        if nf_change is None:  # the function first: a chain never names a missing one
+            nf_change = _write(cluster, NETWORK_FUNCTIONS, desired_nf, existing_nf, dry_run)
+        try:
+            chain_change = _write(cluster, CUBE_CHAINS, desired_chain, choice.existing, dry_run)
+        except Conflict:
+            if attempt + 1 == ATTEMPTS:
+                raise
+            progress(f"cubechain {choice.name} changed meanwhile; trying again")
+            continue
+        position = sides[hook].index(name) + 1
+        chain_change.note = (f"{hook}: {' -> '.join(sides[hook])} ({name} at position "
+                             f"{position} of {len(sides[hook])}; selects "
+                             f"{ch.format_selector(choice.selector)})")
+        return [nf_change, chain_change]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def remove_cube(cluster: Cluster, *, namespace: str, name: str, dry_run: bool,
+                progress: Callable[[str], None]) -> list[Change]:
+    """Take the function out of every chain of its namespace (deleting chains
+    this plugin created that end up empty), then delete it."""
+    progress(f"reading cubechains of namespace {namespace}")
+    changes: list[Change] = []
+    for chain in cluster.list(CUBE_CHAINS, namespace):
+        sides = {s: ch.side_of(chain, s) for s in ch.SIDES}
+        if not any(name in v for v in sides.values()):
+            continue
+        cname = ch.name_of(chain)
+        rest = {s: ch.without(v, name) for s, v in sides.items()}
+        labels = (chain.get("metadata") or {}).get("labels") or {}
+        ours = labels.get(objects.MANAGED_BY[0]) == objects.MANAGED_BY[1]
+        if ours and not rest["ingress"] and not rest["egress"]:
+            if not dry_run:
+                cluster.delete(CUBE_CHAINS, namespace, cname)
+            changes.append(Change("CubeChain", namespace, cname, "deleted",
+                                  note="it held only this function"))
+            continue
+        patch = {"spec": {s: [{"function": f} for f in v] for s, v in rest.items()
+                          if v != sides[s]}}
+        rv = (chain.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            patch["metadata"] = {"resourceVersion": rv}
+        obj = objects.clean({**chain, "spec": {**(chain.get("spec") or {}),
+                                               **patch["spec"]}}, "CubeChain")
+        if not dry_run:
+            obj = cluster.patch(CUBE_CHAINS, namespace, cname, patch)
+        changes.append(Change("CubeChain", namespace, cname, "configured", obj,
+                              note=f"removed {name}"))
+    progress(f"deleting networkfunction {namespace}/{name}")
+    if dry_run:
+        gone = cluster.get(NETWORK_FUNCTIONS, namespace, name) is not None
+    else:
+        gone = cluster.delete(NETWORK_FUNCTIONS, namespace, name)
+    changes.append(Change("NetworkFunction", namespace, name, "deleted" if gone else "absent"))
+    return changes

@@ -1,0 +1,169 @@
+"""What the node agents report: one ConfigMap per node (pcn-agent-status-<node>
+in pcn-system) whose data["status.json"] is the agent's node_status(). Pure
+parsing and aggregation."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+STALE_AFTER_S = 30.0  # the agents publish every few seconds
+
+
+@dataclass
+class NodeReport:
+    node: str
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # why the report could not be read
+
+    @property
+    def pods(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("pods") or {}
+
+    @property
+    def functions(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("functions") or {}
+
+
+def parse_time(ts: str | None) -> float | None:
+    if not ts:
+        return None
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def reports(configmaps: Iterable[Mapping[str, Any]]) -> list[NodeReport]:
+    out = []
+    for cm in configmaps:
+        meta = cm.get("metadata") or {}
+        node = (meta.get("labels") or {}).get("pcn.dev/node") or \
+            str(meta.get("name", "")).removeprefix("pcn-agent-status-")
+        raw = (cm.get("data") or {}).get("status.json")
+        if raw is None:
+            out.append(NodeReport(node, error="no status.json in the ConfigMap"))
+            continue
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            out.append(NodeReport(node, error=f"unreadable status.json: {exc}"))
+            continue
+        out.append(NodeReport(str(data.get("node") or node), data))
+    return sorted(out, key=lambda r: r.node)
+
+
+def heartbeat_age(report: NodeReport, now: float | None = None) -> float | None:
+    at = parse_time(report.data.get("heartbeat"))
+    if at is None:
+        return None
+    return max(0.0, (time.time() if now is None else now) - at)
+
+
+def state(report: NodeReport, now: float | None = None) -> str:
+    """Healthy, Unhealthy, Stale (no heartbeat for STALE_AFTER_S) or Unknown."""
+    if report.error:
+        return "Unknown"
+    age = heartbeat_age(report, now)
+    if age is None or age > STALE_AFTER_S:
+        return "Stale"
+    return "Healthy" if report.data.get("healthy") else "Unhealthy"
+
+
+@dataclass
+class PodView:
+    namespace: str
+    name: str
+    node: str
+    entry: dict[str, Any]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (self.entry.get("counters") or {}).items()}
+
+
+def pods(reports_: Sequence[NodeReport], namespace: str | None = None) -> list[PodView]:
+    """Pods the agents attached, optionally of one namespace."""
+    out = []
+    for r in reports_:
+        for key, entry in r.pods.items():
+            ns, _, name = key.partition("/")
+            if not name:  # a pod the agent could not name: key is its attachment id
+                ns, name = "", key
+            if namespace is None or ns == namespace:
+                out.append(PodView(ns, name, r.node, entry))
+    return sorted(out, key=lambda p: (p.namespace, p.name, p.node))
+
+
+def pod(reports_: Sequence[NodeReport], namespace: str, name: str) -> PodView | None:
+    for p in pods(reports_, namespace):
+        if p.name == name:
+            return p
+    return None
+
+
+@dataclass
+class FunctionTotals:
+    """One NetworkFunction's counters, summed over the nodes that run it."""
+
+    namespace: str
+    name: str
+    type: str = ""
+    rules: list[str] = field(default_factory=list)
+    default: str = ""
+    hits: list[int] = field(default_factory=list)
+    default_hits: int = 0
+    drops: int = 0
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def cube(self) -> str:
+        return f"nf.{self.namespace}.{self.name}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "name": self.name, "type": self.type,
+                "nodes": self.nodes, "defaultAction": self.default,
+                "rules": [{"rule": r, "hits": h} for r, h in zip(self.rules, self.hits,
+                                                                   strict=False)],
+                "defaultHits": self.default_hits, "drops": self.drops}
+
+
+def functions(reports_: Sequence[NodeReport], namespace: str | None = None
+              ) -> dict[tuple[str, str], FunctionTotals]:
+    out: dict[tuple[str, str], FunctionTotals] = {}
+    for r in reports_:
+        for cube, f in r.functions.items():
+            parts = cube.split(".", 2)
+            ns = f.get("namespace") or (parts[1] if len(parts) == 3 else "")
+            name = f.get("name") or (parts[2] if len(parts) == 3 else cube)
+            if namespace is not None and ns != namespace:
+                continue
+            t = out.setdefault((ns, name), FunctionTotals(ns, name))
+            t.type = f.get("type") or t.type
+            rules = list(f.get("rules") or [])
+            hits = [int(h) for h in f.get("hits") or []]
+            if not t.nodes:
+                t.rules, t.hits = rules, hits
+            elif rules == t.rules:
+                t.hits = [a + b for a, b in zip(t.hits, hits, strict=False)]
+            # else the node still runs other rules (an update on its way): its
+            # per-rule hits do not add up with these
+            t.default = f.get("default") or t.default
+            t.default_hits += int(f.get("defaultHits") or 0)
+            t.drops += int(f.get("drops") or 0)
+            t.nodes.append(r.node)
+    return out
+
+
+def sum_counters(views: Iterable[PodView]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for v in views:
+        for k, n in v.counters.items():
+            total[k] = total.get(k, 0) + n
+    return total

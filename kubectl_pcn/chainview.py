@@ -1,0 +1,225 @@
+"""What `kubectl pcn chain` shows: a pod's ordered chain (which CubeChains
+select it, the functions per side with their rule hits and drops, the pod's
+counters) or a namespace's chains, pods and functions. Plain data (printed
+as is with -o yaml/json) and its text rendering. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import agents
+from . import chains as ch
+from .output import NONE, human_bytes, ready, table
+from .views import Obj, arrow, meta, rules_of
+
+
+def _valid_functions(nfs: Sequence[Obj]) -> dict[str, Obj]:
+    from pcn_crds import NetworkFunction
+    from pydantic import ValidationError
+
+    out = {}
+    for nf in nfs:
+        try:
+            NetworkFunction.model_validate({**nf, "apiVersion": "pcn.dev/v1alpha1",
+                                            "kind": "NetworkFunction", "status": None})
+        except ValidationError:
+            continue
+        out[meta(nf).get("name") or ""] = nf
+    return out
+
+
+def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
+                    counters: Mapping[str, Any] | None, realized: Sequence[str] | None,
+                    namespace: str) -> dict[str, Any]:
+    spec = (nf or {}).get("spec") or {}
+    config = spec.get("config") or {}
+    entry: dict[str, Any] = {"position": position, "function": slot.function,
+                             "chain": slot.chain, "type": spec.get("type"),
+                             "defaultAction": config.get("defaultAction", "allow")}
+    if counters is not None:
+        entry["rules"] = [{"rule": r, "hits": h} for r, h in
+                          zip(counters.get("rules") or [], counters.get("hits") or [],
+                              strict=False)]
+        entry["defaultHits"] = int(counters.get("defaultHits") or 0)
+        entry["drops"] = int(counters.get("drops") or 0)
+    else:
+        entry["rules"] = [{"rule": r, "hits": None} for r in rules_of(nf or {})]
+        entry["defaultHits"] = None
+        entry["drops"] = None
+    if realized is not None:
+        entry["realized"] = f"nf.{namespace}.{slot.function}" in realized
+    return entry
+
+
+def _chain_summary(c: Obj, skipped: Mapping[str, str]) -> dict[str, Any]:
+    spec = c.get("spec") or {}
+    status, reason, message = ready(c)
+    return {"name": ch.name_of(c), "priority": spec.get("priority", ch.DEFAULT_PRIORITY),
+            "selector": ch.format_selector(spec.get("podSelector")),
+            "ingress": ch.side_of(c, "ingress"), "egress": ch.side_of(c, "egress"),
+            "ready": status, "reason": reason, "message": message,
+            "pods": (c.get("status") or {}).get("realizedPods", 0),
+            "skipped": skipped.get(ch.name_of(c))}
+
+
+def pod_chain_data(pod: Obj, chains: Sequence[Obj], nfs: Sequence[Obj],
+                   reports: Sequence[agents.NodeReport]) -> dict[str, Any]:
+    m = meta(pod)
+    namespace, name = m.get("namespace") or "", m.get("name") or ""
+    labels = m.get("labels") or {}
+    functions = _valid_functions(nfs)
+    eff = ch.effective_chain(chains, labels, set(functions))
+    view = agents.pod(reports, namespace, name)
+    node = view.node if view else (pod.get("spec") or {}).get("nodeName")
+    node_report = next((r for r in reports if r.node == node), None)
+    by_name = {ch.name_of(c): c for c in chains}
+    out: dict[str, Any] = {
+        "namespace": namespace, "pod": name, "node": node, "labels": dict(labels),
+        "ip": view.entry.get("ip") if view else (pod.get("status") or {}).get("podIP"),
+        "port": view.entry.get("port") if view else None,
+        "counters": view.counters if view else None,
+        "chains": [{"name": c, "priority": (by_name[c].get("spec") or {}).get(
+            "priority", ch.DEFAULT_PRIORITY), "selector": ch.format_selector(
+            (by_name[c].get("spec") or {}).get("podSelector"))} for c in eff.chains],
+        "skippedChains": dict(eff.skipped),
+        "beyondLimit": list(eff.dropped)}
+    for side in ch.SIDES:
+        realized = view.entry.get(side) if view else None
+        out[side] = [
+            _function_entry(i, slot, functions.get(slot.function),
+                            (node_report.functions.get(f"nf.{namespace}.{slot.function}")
+                             if node_report else None), realized, namespace)
+            for i, slot in enumerate(getattr(eff, side), 1)]
+        if view is not None:
+            want = [f"nf.{namespace}.{s.function}" for s in getattr(eff, side)]
+            out.setdefault("realized", {})[side] = list(realized or [])
+            out.setdefault("inSync", True)
+            out["inSync"] = out["inSync"] and list(realized or []) == want
+    if view is None:
+        out["realized"] = None
+        out["inSync"] = None
+    return out
+
+
+def namespace_chain_data(namespace: str, chains: Sequence[Obj], nfs: Sequence[Obj],
+                         pods: Sequence[Obj] | None, reports: Sequence[agents.NodeReport]
+                         ) -> dict[str, Any]:
+    functions = _valid_functions(nfs)
+    usable, skipped = ch.usable_chains(chains, set(functions))
+    order = [name for _, name, _ in usable] + sorted(skipped)
+    by_name = {ch.name_of(c): c for c in chains}
+    pod_rows = []
+    for p in pods or []:
+        eff = ch.effective_chain(chains, meta(p).get("labels") or {}, set(functions))
+        view = agents.pod(reports, namespace, meta(p).get("name") or "")
+        pod_rows.append({"pod": meta(p).get("name"),
+                         "node": view.node if view else (p.get("spec") or {}).get("nodeName"),
+                         "chains": eff.chains,
+                         "ingress": [s.function for s in eff.ingress],
+                         "egress": [s.function for s in eff.egress]})
+    totals = agents.functions(reports, namespace)
+    fn_rows = []
+    for fname, nf in sorted(functions.items()):
+        t = totals.get((namespace, fname))
+        config = (nf.get("spec") or {}).get("config") or {}
+        fn_rows.append({"function": fname, "type": (nf.get("spec") or {}).get("type"),
+                        "defaultAction": config.get("defaultAction", "allow"),
+                        "rules": [{"rule": r, "hits": h} for r, h in zip(
+                            t.rules, t.hits, strict=False)] if t else
+                        [{"rule": r, "hits": None} for r in rules_of(nf)],
+                        "defaultHits": t.default_hits if t else None,
+                        "drops": t.drops if t else None, "nodes": t.nodes if t else []})
+    return {"namespace": namespace,
+            "chains": [_chain_summary(by_name[n], skipped) for n in order],
+            "pods": pod_rows if pods is not None else None,
+            "functions": fn_rows}
+
+
+def _n(v: Any) -> Any:
+    return NONE if v is None else v
+
+
+def pod_chain_text(d: Mapping[str, Any]) -> str:
+    lines = [f"Pod:       {d['namespace']}/{d['pod']}",
+             f"Node:      {d.get('node') or NONE}",
+             f"IP:        {d.get('ip') or NONE}    port {d.get('port') or NONE}",
+             f"Labels:    {','.join(f'{k}={v}' for k, v in sorted(d['labels'].items())) or NONE}",
+             "Chains:    " + (", ".join(f"{c['name']} (priority {c['priority']}, selects "
+                                        f"{c['selector']})" for c in d["chains"]) or NONE)]
+    c = d.get("counters")
+    if c is not None:
+        lines.append(f"Counters:  rx {c.get('rx_packets', 0)} packets / "
+                     f"{human_bytes(c.get('rx_bytes', 0))}   tx {c.get('tx_packets', 0)} "
+                     f"packets / {human_bytes(c.get('tx_bytes', 0))}   drops "
+                     f"{c.get('drops', 0)}")
+    else:
+        lines.append("Counters:  <none> (no agent reports this pod)")
+    if d.get("inSync") is False:
+        lines.append("Warning:   the agent's chain differs from the one above (it catches up "
+                     "within seconds; if not, see `kubectl pcn status`)")
+    for name, why in sorted(d["skippedChains"].items()):
+        lines.append(f"Skipped:   cubechain {name}: {why}")
+    if d["beyondLimit"]:
+        lines.append(f"Dropped:   {', '.join(d['beyondLimit'])} (more than "
+                     f"{ch.MAX_STACKED} functions on one side)")
+    rule_rows = []
+    for side, title in (("ingress", "INGRESS (traffic to the pod)"),
+                        ("egress", "EGRESS (traffic from the pod)")):
+        lines += ["", title]
+        entries = d[side]
+        if not entries:
+            lines.append(NONE)
+            continue
+        headers = ["#", "function", "type", "chain", "rules", "rule hits", "default",
+                   "default hits", "drops", "realized"]
+        rows = []
+        for e in entries:
+            hits = [r["hits"] for r in e["rules"] if r["hits"] is not None]
+            realized = e.get("realized")
+            rows.append([e["position"], e["function"], e["type"], e["chain"], len(e["rules"]),
+                         sum(hits) if hits else _n(None), e["defaultAction"],
+                         _n(e["defaultHits"]), _n(e["drops"]),
+                         NONE if realized is None else ("yes" if realized else "no")])
+            for i, r in enumerate(e["rules"], 1):
+                rule_rows.append([side, e["function"], i, r["rule"], _n(r["hits"])])
+            rule_rows.append([side, e["function"], "default", e["defaultAction"],
+                              _n(e["defaultHits"])])
+        lines.append(table(headers, rows))
+    if rule_rows:
+        lines += ["", f"RULES (hits on node {d.get('node') or NONE})",
+                  table(["side", "function", "#", "rule", "hits"], rule_rows)]
+    return "\n".join(lines)
+
+
+def namespace_chain_text(d: Mapping[str, Any], wide: bool) -> str:
+    lines = [f"Namespace: {d['namespace']}", "",
+             "CHAINS (applied in this order)"]
+    headers = ["chain", "priority", "selector", "ingress", "egress", "ready", "pods"]
+    if wide:
+        headers += ["reason", "message"]
+    rows = []
+    for c in d["chains"]:
+        row = [c["name"], c["priority"], c["selector"], arrow(c["ingress"]),
+               arrow(c["egress"]), "Skipped" if c["skipped"] else c["ready"], c["pods"]]
+        if wide:
+            row += [c["reason"], c["skipped"] or c["message"]]
+        rows.append(row)
+    lines.append(table(headers, rows) if rows else NONE)
+    if d["pods"] is not None:
+        lines += ["", "PODS (their chain, in order)"]
+        rows = [[p["pod"], _n(p["node"]), arrow(p["ingress"]), arrow(p["egress"])]
+                + ([",".join(p["chains"]) or NONE] if wide else [])
+                for p in d["pods"]]
+        lines.append(table(["pod", "node", "ingress", "egress"] + (["chains"] if wide else []),
+                           rows) if rows else NONE)
+    lines += ["", "FUNCTIONS (counters summed over nodes)"]
+    rows = []
+    for f in d["functions"]:
+        hits = [r["hits"] for r in f["rules"] if r["hits"] is not None]
+        rows.append([f["function"], f["type"], len(f["rules"]), sum(hits) if hits else NONE,
+                     f["defaultAction"], _n(f["defaultHits"]), _n(f["drops"]),
+                     ",".join(f["nodes"]) or NONE])
+    lines.append(table(["function", "type", "rules", "rule hits", "default", "default hits",
+                        "drops", "nodes"], rows) if rows else NONE)
+    return "\n".join(lines)

@@ -1,0 +1,525 @@
+"""`kubectl pcn`: the command line. Thin: each verb reads options, calls
+actions.py or the cluster, and prints through views.py and output.py."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, TypeVar
+
+import click
+from pcn_crds import FUNCTION_TYPES
+
+from . import __version__, actions, agents, chainview, completion, output, views
+from . import chains as ch
+from .client import (
+    CUBE_CHAINS,
+    NAMESPACES,
+    NETWORK_FUNCTIONS,
+    NODE_PORT_RULES,
+    NODES,
+    PODS,
+    STATUS_LABEL,
+    STATUS_NAMESPACE,
+    Cluster,
+)
+from .errors import Forbidden, InputError, PcnError
+
+F = TypeVar("F", bound=Callable[..., Any])
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass
+class Settings:
+    """The global flags; they may come before or after the verb, as with kubectl."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    all_namespaces: bool = False
+    output: str | None = None
+    request_timeout: float | None = None
+    system_namespace: str | None = None
+    verbosity: int = 0
+
+    @cached_property
+    def cluster(self) -> Cluster:
+        log = (lambda m: click.echo(f"[api] {m}", err=True)) if self.verbosity >= 6 else None
+        return Cluster(self.kubeconfig, self.context,
+                       30.0 if self.request_timeout is None else self.request_timeout, log)
+
+    @property
+    def ns(self) -> str:
+        return self.namespace or self.cluster.default_namespace
+
+    @property
+    def fmt(self) -> str:
+        return self.output or "table"
+
+    @property
+    def agents_namespace(self) -> str:
+        return self.system_namespace or STATUS_NAMESPACE
+
+    def progress(self, message: str) -> None:
+        """For anything slow: on stderr, when someone is watching (a terminal)
+        or asked for it (-v 1)."""
+        if self.verbosity >= 1 or sys.stderr.isatty():
+            click.echo(f"{message}...", err=True)
+
+
+def _store(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is None or value is False or (isinstance(value, tuple) and not value):
+        return
+    setattr(ctx.ensure_object(Settings), str(param.name), value)
+
+
+def global_options(f: F) -> F:
+    """kubectl's flags, accepted before the verb and after it."""
+    opts = [
+        click.option("--kubeconfig", metavar="FILE", expose_value=False, callback=_store,
+                     type=click.Path(dir_okay=False),
+                     help="The kubeconfig (default: $KUBECONFIG, else ~/.kube/config)."),
+        click.option("--context", metavar="NAME", expose_value=False, callback=_store,
+                     shell_complete=completion.names(_contexts),
+                     help="The kubeconfig context (default: its current context)."),
+        click.option("-n", "--namespace", metavar="NS", expose_value=False, callback=_store,
+                     shell_complete=completion.names(_namespaces),
+                     help="Namespace (default: the context's, else 'default')."),
+        click.option("-A", "--all-namespaces", is_flag=True, default=None,
+                     expose_value=False, callback=_store,
+                     help="Every namespace (read verbs)."),
+        click.option("-o", "--output", type=click.Choice(output.FORMATS),
+                     expose_value=False, callback=_store,
+                     help="table (default), wide, yaml or json."),
+        click.option("--request-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+                     expose_value=False, callback=_store,
+                     help="Give up on an API request after this long (0: never; default 30)."),
+        click.option("--system-namespace", metavar="NS", envvar="PCN_SYSTEM_NAMESPACE",
+                     expose_value=False, callback=_store,
+                     help=f"Where the pcn agents run (default {STATUS_NAMESPACE})."),
+        click.option("-v", "--v", "verbosity", type=click.IntRange(min=0), metavar="LEVEL",
+                     expose_value=False, callback=_store,
+                     help="1: progress on stderr; 6: also each API request."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def settings() -> Settings:
+    return click.get_current_context().ensure_object(Settings)
+
+
+# ----------------------------------------------------------------------------- completion
+def _contexts(ctx: click.Context) -> list[str]:
+    from kubernetes import config as kubeconfig
+
+    s = ctx.ensure_object(Settings)
+    contexts, _ = kubeconfig.list_kube_config_contexts(s.cluster.config_file)
+    return [c["name"] for c in contexts or []]
+
+
+def _namespaces(ctx: click.Context) -> list[str]:
+    s = ctx.ensure_object(Settings)
+    return [o["metadata"]["name"] for o in s.cluster.list(NAMESPACES)]
+
+
+def _functions(ctx: click.Context) -> list[str]:
+    s = ctx.ensure_object(Settings)
+    return [o["metadata"]["name"] for o in s.cluster.list(NETWORK_FUNCTIONS, s.ns)]
+
+
+def _pods(ctx: click.Context) -> list[str]:
+    s = ctx.ensure_object(Settings)
+    return [o["metadata"]["name"] for o in s.cluster.list(PODS, s.ns)]
+
+
+def _nodeports(ctx: click.Context) -> list[str]:
+    s = ctx.ensure_object(Settings)
+    return [o["metadata"]["name"] for o in s.cluster.list(NODE_PORT_RULES)]
+
+
+def _chains(ctx: click.Context) -> list[str]:
+    s = ctx.ensure_object(Settings)
+    return [o["metadata"]["name"] for o in s.cluster.list(CUBE_CHAINS, s.ns)]
+
+
+# ----------------------------------------------------------------------------- group
+class AliasedGroup(click.Group):
+    ALIASES = {"cubes": "functions", "cube": "functions", "nf": "functions",
+               "nodeport": "nodeports"}
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, self.ALIASES.get(cmd_name, cmd_name))
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        return (cmd.name if cmd else name), cmd, rest
+
+
+EPILOG = """\b
+Examples:
+  kubectl pcn add-cube firewall ssh-guard -n web --rule "drop tcp dport 22"
+  kubectl pcn add-cube firewall api-fw -n web --selector app=api --hook egress \\
+      --rule "allow udp to 10.96.0.10/32 dport 53" --default drop
+  kubectl pcn add-cube firewall ssh-guard -n web --dry-run=client -o yaml > fw.yaml
+  kubectl pcn chain web-7d9c -n web
+  kubectl pcn status
+Exit codes: 0 done, 1 the cluster failed or refused, 2 invalid input.
+"""
+
+
+@click.group(cls=AliasedGroup, epilog=EPILOG, context_settings={
+    "help_option_names": ["-h", "--help"], "max_content_width": 100})
+@global_options
+@click.version_option(__version__, "--version", prog_name="kubectl-pcn",
+                      message="%(prog)s %(version)s")
+def cli() -> None:
+    """Put cubes (eBPF network functions) in the data path of pods, and see
+    what each node's pcn agent made of it.
+
+    A NetworkFunction is a configured cube; a CubeChain puts functions, in
+    order, on the ingress (traffic to the pods) or egress (traffic from the
+    pods) side of the pods it selects."""
+
+
+def _output_changes(changes: Sequence[actions.Change], dry_run: bool) -> None:
+    s = settings()
+    if s.fmt in ("yaml", "json"):
+        objs = [c.obj for c in changes if c.obj is not None and c.action != "deleted"]
+        if objs or s.fmt == "json":
+            click.echo(output.documents(objs, s.fmt).rstrip("\n"))
+        return
+    suffix = " (dry run)" if dry_run else ""
+    for c in changes:
+        if c.action == "absent":
+            continue
+        note = f": {c.note}" if c.note else ""
+        click.echo(f"{c.ref} {c.action}{suffix}{note}")
+
+
+def _no_all_namespaces(verb: str) -> None:
+    if settings().all_namespaces:
+        raise InputError(f"-A/--all-namespaces does not apply to {verb}; give -n NAMESPACE")
+
+
+def _check_name(name: str, what: str) -> str:
+    if len(name) > 253 or not NAME_RE.match(name):
+        raise InputError(f"{what} {name!r} is not a valid Kubernetes name (lower-case letters, "
+                         f"digits, '-' and '.', starting and ending with a letter or digit)")
+    return name
+
+
+dry_run_option = click.option(
+    "--dry-run", type=click.Choice(["none", "client"]), default="none", is_flag=False,
+    flag_value="client", show_default=True,
+    help="client: print what would be written (with -o yaml: apply-able manifests, e.g. for "
+         "git and Argo CD) and write nothing.")
+
+
+# ----------------------------------------------------------------------------- add-cube
+@cli.command("add-cube", epilog="""\b
+Where the function goes:
+  no --selector       the chain "default" of the namespace (selects every pod)
+  --selector SEL      the namespace's chain whose podSelector is exactly SEL, else a
+                      new one named "pods-<keys-and-values>" (e.g. pods-app-web; with
+                      a short hash of SEL when it had to be cleaned or is taken)
+  --chain NAME        that chain (created with --selector, or selecting every pod)
+  --position N        1-based within the chain's side; --before/--after F: next to F;
+                      none: stays where it is, or goes last when new
+Re-running the same command changes nothing. A pod's chain is the sides of every
+chain selecting it, in ascending --priority then name (see `kubectl pcn chain POD`).
+""")
+@click.argument("type_", metavar="TYPE",
+                shell_complete=completion.names(lambda ctx: list(FUNCTION_TYPES)))
+@click.argument("name", required=False, shell_complete=completion.names(_functions))
+@click.option("-l", "--selector", metavar="SEL",
+              help="Pods it applies to, as kubectl selects: app=web,tier!=db,env in (a,b).")
+@click.option("--hook", type=click.Choice(ch.SIDES), default="ingress", show_default=True,
+              help="ingress: traffic to the pods; egress: traffic from them.")
+@click.option("--before", metavar="FUNCTION", shell_complete=completion.names(_functions),
+              help="Place it just before this function of the chain's side.")
+@click.option("--after", metavar="FUNCTION", shell_complete=completion.names(_functions),
+              help="Place it just after this function of the chain's side.")
+@click.option("--position", type=click.IntRange(min=1), metavar="N",
+              help="Place it at this 1-based position of the chain's side.")
+@click.option("--config", "config_file", type=click.File("r"), metavar="FILE",
+              help="The function's config (YAML/JSON, or a NetworkFunction); - for stdin.")
+@click.option("--rule", "rules", multiple=True, metavar="RULE",
+              help='A firewall rule, e.g. "drop tcp dport 22" (repeat, in order). Replaces '
+                   "the rules: ACTION [PROTO] [from CIDR] [to CIDR] [sport P[-P]] "
+                   "[dport P[-P]].")
+@click.option("--default", type=click.Choice(["allow", "drop"]),
+              help="What the firewall does with traffic no rule matches.")
+@click.option("--chain", "chain_name", metavar="NAME", shell_complete=completion.names(_chains),
+              help="The CubeChain to use (see below).")
+@click.option("--priority", type=click.IntRange(0, 1000), metavar="N",
+              help="The chain's priority (lower applies first; new chains: 100).")
+@dry_run_option
+@global_options
+def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
+             before: str | None, after: str | None, position: int | None,
+             config_file: Any, rules: tuple[str, ...], default: str | None,
+             chain_name: str | None, priority: int | None, dry_run: str) -> None:
+    """Create or update the NetworkFunction NAME (default: TYPE) of type TYPE
+    and insert it in a CubeChain of the namespace."""
+    from .rules import check_type
+
+    s = settings()
+    check_type(type_)
+    name = _check_name(name or type_, "NAME")
+    if chain_name is not None:
+        _check_name(chain_name, "--chain")
+    _no_all_namespaces("add-cube")
+    if sum(x is not None for x in (before, after, position)) > 1:
+        raise InputError("give at most one of --before, --after and --position")
+    sel = ch.parse_selector(selector) if selector is not None else None
+    config = None
+    if config_file is not None:
+        config = (getattr(config_file, "name", "-"), config_file.read())
+    changes = actions.add_cube(
+        s.cluster, namespace=s.ns, type_=type_, name=name, selector=sel, hook=hook,
+        placement=ch.Placement(before, after, position), config_file=config, rules=rules,
+        default=default, chain_name=chain_name, priority=priority,
+        dry_run=dry_run == "client", progress=s.progress)
+    _output_changes(changes, dry_run == "client")
+
+
+# ----------------------------------------------------------------------------- remove-cube
+@cli.command("remove-cube")
+@click.argument("name", shell_complete=completion.names(_functions))
+@dry_run_option
+@global_options
+def remove_cube(name: str, dry_run: str) -> None:
+    """Take the function NAME out of every CubeChain of the namespace (deleting
+    the chains add-cube created that become empty) and delete it."""
+    s = settings()
+    _no_all_namespaces("remove-cube")
+    changes = actions.remove_cube(s.cluster, namespace=s.ns, name=name,
+                                  dry_run=dry_run == "client", progress=s.progress)
+    if all(c.action == "absent" for c in changes):
+        if s.fmt == "json":
+            click.echo(output.documents([], s.fmt))
+        click.echo(f"networkfunction {s.ns}/{name} not found and no cubechain of {s.ns} "
+                   f"uses it: nothing to remove", err=s.fmt in ("yaml", "json"))
+        return
+    _output_changes(changes, dry_run == "client")
+    if dry_run == "client" and s.fmt in ("yaml", "json"):
+        for c in changes:
+            if c.action == "deleted":
+                click.echo(f"# would delete {c.ref} in {c.namespace}", err=True)
+
+
+# ----------------------------------------------------------------------------- reads
+def _agent_reports(s: Settings, optional: bool = False) -> list[agents.NodeReport]:
+    """The agents' reports; with optional, none (and a warning) when RBAC
+    forbids reading them, since the rest of the answer stands without."""
+    s.progress(f"reading agent status from namespace {s.agents_namespace}")
+    try:
+        return agents.reports(s.cluster.agent_status_configmaps(s.agents_namespace))
+    except Forbidden as exc:
+        if not optional:
+            raise
+        _warn(f"no counters: {exc.message.splitlines()[0]}")
+        return []
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _get_or_list(res: Any, name: str | None, namespace: str | None) -> list[dict[str, Any]]:
+    s = settings()
+    if name is not None:
+        obj = s.cluster.get(res, namespace, name)
+        if obj is None:
+            where = f"{namespace}/" if namespace and res.namespaced else ""
+            raise PcnError(f"{res.kind.lower()} {where}{name} not found")
+        obj.setdefault("apiVersion", "pcn.dev/v1alpha1")
+        obj.setdefault("kind", res.kind)
+        return [obj]
+    return s.cluster.list(res, namespace)
+
+
+def _print_objects(objs: Sequence[dict[str, Any]], single: bool, empty: str,
+                   render: Callable[[], str]) -> None:
+    s = settings()
+    if s.fmt in ("yaml", "json"):
+        click.echo(output.data(objs[0] if single else views.as_list(objs), s.fmt))
+    elif not objs:
+        click.echo(empty, err=True)
+    else:
+        click.echo(render())
+
+
+@cli.command("functions")
+@click.argument("name", required=False, shell_complete=completion.names(_functions))
+@global_options
+def functions(name: str | None) -> None:
+    """List NetworkFunctions (alias: cubes): type, rules, the chains that
+    place them, readiness."""
+    s = settings()
+    namespace = None if s.all_namespaces and name is None else s.ns
+    nfs = _get_or_list(NETWORK_FUNCTIONS, name, namespace)
+    chains = s.cluster.list(CUBE_CHAINS, namespace) if s.fmt in ("table", "wide") else []
+    where = "any namespace" if namespace is None else f"namespace {namespace}"
+    _print_objects(nfs, name is not None, f"No networkfunctions in {where}.",
+                   lambda: views.functions_table(nfs, chains, namespace is None,
+                                                 s.fmt == "wide"))
+
+
+@cli.command("nodeports")
+@click.argument("name", required=False, shell_complete=completion.names(_nodeports))
+@global_options
+def nodeports(name: str | None) -> None:
+    """List NodePortRules (cluster-wide): port, protocol, traffic policy,
+    target, readiness."""
+    s = settings()
+    rules = _get_or_list(NODE_PORT_RULES, name, None)
+    _print_objects(rules, name is not None, "No nodeportrules.",
+                   lambda: views.nodeports_table(rules, s.fmt == "wide"))
+
+
+@cli.command("status")
+@global_options
+def status() -> None:
+    """Each node's pcn agent: state, data plane, version, what it realised,
+    heartbeat age and last error."""
+    s = settings()
+    reports = _agent_reports(s)
+    try:
+        nodes: list[dict[str, Any]] | None = s.cluster.list(NODES)
+    except Forbidden as exc:  # listing nodes is a nicety: say so and go on
+        _warn(f"nodes without an agent are not shown: {exc.message.splitlines()[0]}")
+        nodes = None
+    data = views.status_data(reports, nodes)
+    if s.fmt in ("yaml", "json"):
+        click.echo(output.data({"nodes": data}, s.fmt))
+    elif not data:
+        click.echo(f"No pcn agent has reported (no ConfigMap labelled "
+                   f"{'='.join(STATUS_LABEL)} in namespace {s.agents_namespace}); is the "
+                   f"agent DaemonSet running? kubectl -n {s.agents_namespace} get pods", err=True)
+    else:
+        click.echo(views.status_table(data, s.fmt == "wide"))
+
+
+@cli.command("stats")
+@global_options
+def stats() -> None:
+    """Counters by pod (and its port on the node's bridge) and by function
+    (rule hits, default-action hits, drops), from the agents."""
+    s = settings()
+    namespace = None if s.all_namespaces else s.ns
+    data = views.stats_data(_agent_reports(s), namespace)
+    if s.fmt in ("yaml", "json"):
+        click.echo(output.data(data, s.fmt))
+    else:
+        click.echo(views.stats_table(data, namespace is None, s.fmt == "wide"))
+
+
+@cli.command("chain")
+@click.argument("pod", required=False, shell_complete=completion.names(_pods))
+@global_options
+def chain(pod: str | None) -> None:
+    """The ordered chain of POD (which CubeChains select it, the functions on
+    each side, their rule hits and drops, the pod's counters); without POD,
+    the chains, pods and functions of the namespace (-A: of every one)."""
+    s = settings()
+    if pod is not None:
+        _no_all_namespaces("chain POD")
+        namespace = s.ns
+        obj = s.cluster.get(PODS, namespace, pod)
+        if obj is None:
+            raise PcnError(f"pod {namespace}/{pod} not found",
+                           f"list them with: kubectl get pods -n {namespace}")
+        chains = s.cluster.list(CUBE_CHAINS, namespace)
+        nfs = s.cluster.list(NETWORK_FUNCTIONS, namespace)
+        data = chainview.pod_chain_data(obj, chains, nfs, _agent_reports(s, optional=True))
+        if s.fmt in ("yaml", "json"):
+            click.echo(output.data(data, s.fmt))
+        else:
+            click.echo(chainview.pod_chain_text(data))
+        return
+    namespace = None if s.all_namespaces else s.ns
+    chains = s.cluster.list(CUBE_CHAINS, namespace)
+    nfs = s.cluster.list(NETWORK_FUNCTIONS, namespace)
+    try:
+        pods: list[dict[str, Any]] | None = s.cluster.list(PODS, namespace)
+    except Forbidden as exc:
+        _warn(f"pods not shown: {exc.message.splitlines()[0]}")
+        pods = None
+    reports = _agent_reports(s, optional=True)
+    if namespace is None:
+        names = sorted({o["metadata"].get("namespace") or "" for o in [*chains, *nfs]})
+    else:
+        names = [namespace]
+    reports_out = []
+    for ns in names:
+        def mine(objs: Sequence[dict[str, Any]] | None, ns: str = ns
+                 ) -> list[dict[str, Any]] | None:
+            if objs is None:
+                return None
+            return [o for o in objs if (o["metadata"].get("namespace") or "") == ns]
+
+        reports_out.append(chainview.namespace_chain_data(
+            ns, mine(chains) or [], mine(nfs) or [], mine(pods), reports))
+    if s.fmt in ("yaml", "json"):
+        click.echo(output.data(reports_out if s.all_namespaces else reports_out[0], s.fmt))
+    elif not reports_out:
+        click.echo("No cubechains or networkfunctions in any namespace.", err=True)
+    else:
+        click.echo("\n\n".join(chainview.namespace_chain_text(d, s.fmt == "wide")
+                               for d in reports_out))
+
+
+@cli.command("version")
+@click.option("--client", "client_only", is_flag=True, help="Only this program's version.")
+@global_options
+def version(client_only: bool) -> None:
+    """kubectl-pcn's version; the API server's and each agent's."""
+    s = settings()
+    data: dict[str, Any] = {"clientVersion": __version__}
+    error: PcnError | None = None
+    if not client_only:
+        try:
+            data["server"] = s.cluster.server
+            data["serverVersion"] = s.cluster.server_version()
+            data["agents"] = [{"node": r.node, "version": r.data.get("version")}
+                              for r in _agent_reports(s)]
+        except PcnError as exc:
+            error = exc
+    if s.fmt in ("yaml", "json"):
+        click.echo(output.data(data, s.fmt))
+    else:
+        click.echo(f"Client Version: kubectl-pcn {__version__}")
+        if "serverVersion" in data:
+            click.echo(f"Server Version: {data['serverVersion']} ({data['server']})")
+        if data.get("agents"):
+            click.echo(output.table(["node", "agent version"],
+                                    [[a["node"], a["version"]] for a in data["agents"]]))
+        elif "agents" in data:
+            click.echo(f"Agents: none reported in namespace {s.agents_namespace}")
+    if error is not None:
+        raise error
+
+
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(completion.SHELLS))
+def completion_cmd(shell: str) -> None:
+    """Print the shell completion script.
+
+    \b
+    bash:  source <(kubectl-pcn completion bash)
+    zsh:   source <(kubectl-pcn completion zsh)
+    fish:  kubectl-pcn completion fish | source
+    For `kubectl pcn <TAB>` (kubectl 1.26+), the kubectl_complete-pcn program
+    installed next to kubectl-pcn answers kubectl."""
+    click.echo(completion.script(cli, shell))
+
+
+def main() -> None:
+    cli.main(prog_name="kubectl-pcn")

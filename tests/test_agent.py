@@ -1,0 +1,251 @@
+"""The real agent (kopf, through KopfRunner) against an emulated Kubernetes API
+(kmock's KubernetesEmulator, a real HTTP API in this process), with a real
+node data plane in namespaces and pods wired by the real pcn-cni."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+
+from pcn_agent import agent as agent_mod
+from pcn_agent import checks, kubelet
+from pcn_agent.apiserver import EmulatedApiServer, apply, delete, get
+from pcn_agent.topology import Lab
+
+pytestmark = pytest.mark.netns
+
+VIP = "10.96.0.20"
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except Exception as exc:  # not there yet
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.api = EmulatedApiServer().start()
+        self.lab = Lab(nodes_count=1, pods_per_node=0, dataplane=False).build()
+        self.node = self.lab.node_name(1)
+        self.socket = str(tmp / "agent.sock")
+        self.cni = kubelet.network_config(self.lab.pod_cidr(1), self._gateway(), self.socket,
+                                          str(tmp / "ipam"), mtu=1450)
+        self.pods: dict[str, kubelet.PodSandbox] = {}
+
+    def _gateway(self) -> str:
+        import ipaddress
+
+        return str(ipaddress.IPv4Network(self.lab.pod_cidr(1)).network_address + 1)
+
+    def node_object(self) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node},
+                "spec": {"podCIDR": self.lab.pod_cidr(1)},
+                "status": {"addresses": [{"type": "InternalIP", "address": self.lab.node_ip(1)}]}}
+
+    def env(self) -> dict[str, str]:
+        settings = self.tmp / "config.json"
+        settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": "1450"}))
+        return {"NODE_NAME": self.node, "PCN_NETNS": self.node, "PCN_KUBE_URL": self.api.url,
+                "PCN_SOCKET": self.socket, "PCN_CONFIG": str(settings),
+                "PCN_METRICS_PORT": "0", "PCN_STATE_DIR": str(self.tmp / "state")}
+
+    def add_pod(self, name: str, labels: dict[str, str], ns: str = "web") -> kubelet.PodSandbox:
+        sb = kubelet.PodSandbox(ns, name, secrets.token_hex(8), f"{self.lab.prefix}-{name}")
+        self.lab.namespaces.append(sb.netns)  # removed by lab.close() whatever happens
+        kubelet.start_pod(self.node, sb, self.cni)
+        apply(self.api, kubelet.pod_object(sb, self.node, labels))
+        self.pods[name] = sb
+        return sb
+
+    def probe(self, pod: str, args: list[str], timeout: float = 20) -> dict[str, Any]:
+        r = self.lab.exec(self.pods[pod].netns, checks.probe_argv(*args), timeout=timeout)
+        try:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"ok": False, "error": r.stderr[-200:]}
+
+    def close(self) -> None:
+        a = agent_mod.AGENT
+        try:
+            for sb in self.pods.values():
+                try:
+                    kubelet.stop_pod(self.node, sb, self.cni)
+                except Exception:
+                    pass
+            if a is not None and a.node is not None:
+                a.node.down()
+        finally:
+            agent_mod.AGENT = None
+            self.lab.close()
+            self.api.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("agent"))
+    mp = pytest.MonkeyPatch()
+    try:
+        for k, v in c.env().items():
+            mp.setenv(k, v)
+        agent_mod.AGENT = None
+        apply(c.api, c.node_object())
+        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "pcn_agent.agent"],
+                        timeout=60) as runner:
+            wait_for("the agent's data plane", lambda: agent_mod.AGENT and agent_mod.AGENT.node,
+                     timeout=90)
+            for name, labels in (("web-1", {"app": "web"}), ("web-2", {"app": "web"}),
+                                 ("client", {"app": "client"})):
+                c.add_pod(name, labels)
+            with _servers(c):
+                yield c
+        assert runner.exception is None or isinstance(runner.exception, SystemExit), \
+            runner.exception
+    finally:
+        mp.undo()
+        c.close()
+    assert c.lab.leftovers() == []
+
+
+class _servers:
+    """Probe servers in the web pods."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        self.procs: list[Any] = []
+
+    def __enter__(self) -> None:
+        import subprocess
+
+        for name in ("web-1", "web-2"):
+            p = self.c.lab.popen(self.c.pods[name].netns, checks.probe_argv(
+                "serve", "--tcp", "8080", "--udp", "8081"), stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True, env={"PCN_PROBE_NAME": name,
+                                                           "PATH": "/usr/bin:/bin"})
+            assert p.stdout is not None and "listening" in p.stdout.readline()
+            self.procs.append(p)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.terminate()
+            p.wait(timeout=5)
+
+
+def _svc_and_slice(c: Cluster, endpoints: list[str]) -> list[dict[str, Any]]:
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "namespace": "web", "uid": "svc-web"},
+           "spec": {"clusterIP": VIP, "type": "ClusterIP",
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}
+    sl = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+          "metadata": {"name": "web-abc", "namespace": "web",
+                       "labels": {"kubernetes.io/service-name": "web"}},
+          "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+          "endpoints": [{"addresses": [c.pods[p].ip], "conditions": {"ready": True}}
+                        for p in endpoints]}
+    return [svc, sl]
+
+
+def test_service_and_endpoints_make_the_service_reachable(cluster: Cluster) -> None:
+    for obj in _svc_and_slice(cluster, ["web-1", "web-2"]):
+        apply(cluster.api, obj)
+    r = wait_for("the service answering", lambda: (
+        x := cluster.probe("client", ["tcp", VIP, "80", "--count", "10", "--timeout", "2"])
+    )["ok"] and x)
+    assert set(r["hosts"]) <= {"web-1", "web-2"}
+
+
+def test_scaling_endpoints_moves_traffic(cluster: Cluster) -> None:
+    svc, sl = _svc_and_slice(cluster, ["web-2"])
+    apply(cluster.api, svc)
+    apply(cluster.api, sl)
+
+    def only_web2() -> bool:
+        r = cluster.probe("client", ["tcp", VIP, "80", "--count", "10", "--timeout", "2"])
+        return r["ok"] and set(r["hosts"]) == {"web-2"}
+
+    wait_for("traffic to move to web-2", only_web2)
+
+
+def _firewall_objects() -> list[dict[str, Any]]:
+    nf = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+          "metadata": {"name": "no-8080", "namespace": "web", "generation": 1},
+          "spec": {"type": "firewall", "config": {"rules": [
+              {"action": "drop", "protocol": "tcp", "destinationPorts": "8080"}]}}}
+    chain = {"apiVersion": "pcn.dev/v1alpha1", "kind": "CubeChain",
+             "metadata": {"name": "protect-web", "namespace": "web", "generation": 1},
+             "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                      "ingress": [{"function": "no-8080"}]}}
+    return [nf, chain]
+
+
+def _ready(c: Cluster, kind: str, name: str) -> dict[str, Any] | None:
+    obj = get(c.api, kind, name, "web")
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return obj if conds and conds[0]["status"] == "True" else None
+
+
+def test_chain_puts_a_firewall_on_matching_pods_only(cluster: Cluster) -> None:
+    nf, chain = _firewall_objects()
+    apply(cluster.api, nf)
+    apply(cluster.api, chain)
+    obj = wait_for("the chain to be Ready on both web pods", lambda: (
+        o := _ready(cluster, "CubeChain", "protect-web")) and o["status"]["realizedPods"] == 2
+        and o)
+    assert obj["status"]["realizedNodes"] == 1
+    assert obj["status"]["observedGeneration"] == 1
+    node = agent_mod.AGENT.node
+    by_name = {p.k8s_name: p for p in node.pods.values()}
+    assert by_name["web-1"].egress == ["nf.web.no-8080"]  # traffic to the pod
+    assert by_name["client"].egress == [] and by_name["client"].ingress == []
+    blocked = cluster.probe("client", ["tcp", cluster.pods["web-1"].ip, "8080", "--timeout", "2"])
+    assert not blocked["ok"] and "timed out" in blocked.get("error", ""), blocked
+    fw = agent_mod.AGENT.manager.functions["nf.web.no-8080"]
+    assert fw.rule_hits()[0] >= 1
+    wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "no-8080"))
+
+
+def test_deleting_the_chain_removes_the_cube(cluster: Cluster) -> None:
+    nf, chain = _firewall_objects()
+    delete(cluster.api, chain)
+    delete(cluster.api, nf)
+    wait_for("the cube to go", lambda: "nf.web.no-8080" not in agent_mod.AGENT.node.rt.cubes)
+    r = cluster.probe("client", ["tcp", cluster.pods["web-1"].ip, "8080", "--timeout", "3"])
+    assert r["ok"], r
+
+
+def test_bad_objects_get_a_status_that_says_why(cluster: Cluster) -> None:
+    apply(cluster.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": "CubeChain",
+                        "metadata": {"name": "dangling", "namespace": "web"},
+                        "spec": {"ingress": [{"function": "does-not-exist"}]}})
+    apply(cluster.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+                        "metadata": {"name": "bad-rule", "namespace": "web"},
+                        "spec": {"type": "firewall", "config": {"rules": [
+                            {"action": "drop", "protocol": "icmp", "destinationPorts": "22"}]}}})
+
+    def reason(kind: str, name: str) -> tuple[str, str] | None:
+        conds = (get(cluster.api, kind, name, "web").get("status") or {}).get("conditions")
+        return (conds[0]["reason"], conds[0]["message"]) if conds and \
+            conds[0]["status"] == "False" else None
+
+    r1 = wait_for("the chain's failure", lambda: reason("CubeChain", "dangling"))
+    assert r1[0] == "FunctionNotFound" and "does-not-exist" in r1[1]
+    r2 = wait_for("the function's failure", lambda: reason("NetworkFunction", "bad-rule"))
+    assert r2[0] == "Invalid" and "needs protocol" in r2[1]
+    events = cluster.api.request("GET", "/api/v1/namespaces/web/events")
+    assert any(e.get("reason") == "FunctionNotFound" for e in events.get("items", [])), events

@@ -1,0 +1,476 @@
+"""The k8sdispatcher cube's program on crafted frames (BPF_PROG_TEST_RUN).
+
+Topology, stacked as node.py does it: router `r` with port `uplink`
+(192.168.50.10/24, the node's NIC address, host-shared, veth u1, default route
+via 192.168.50.1), port `vxlan` (VTEP 10.250.0.1/24, veth u2 standing in for
+the VXLAN device, route to the other node's pods 10.244.2.0/24 via its VTEP
+10.250.0.2) and port `pods` (10.244.1.1/24, veth u3 standing in for the
+bridge). The dispatcher `k8s` sits on the uplink's ingress and egress hooks
+and on the vxlan port's ingress hook.
+
+Frames from outside enter through the entry program of u1 (or u2); frames
+leaving through the uplink run the egress entry program of u1, as the kernel
+does after the router redirected them there. The masquerading range is only
+16 ports wide, so that port collisions are certain, not a matter of luck.
+
+Every test uses its own pods, clients and outside servers and compares
+counters before and after, so the tests share one compiled runtime.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from bpfunit import (
+    BROADCAST,
+    ETH_P_ARP,
+    ETH_P_IP,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_SYN,
+    UnitNet,
+    arp,
+    assert_frame,
+    eth,
+    icmp_echo,
+    ipv4,
+    l4_ports,
+    parse_eth,
+    parse_ipv4,
+    random_mac,
+    tcp,
+    udp_csum,
+    unit_net,
+)
+
+from pcn_agent import maps
+from pcn_agent.cubes.dispatcher import Dispatcher, DispatcherConfig
+from pcn_agent.cubes.lbrp import Backend, ServiceTable
+from pcn_agent.cubes.router import Router
+from pcn_agent.runtime import PortCounters, PortState
+from pcn_agent.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+
+pytestmark = [pytest.mark.bpf,
+              pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
+
+NODE_IP, GATEWAY = "192.168.50.10", "192.168.50.1"
+VTEP, PEER_VTEP = "10.250.0.1", "10.250.0.2"
+SNAT_LO, SNAT_HI = 61000, 61015
+CFG = DispatcherConfig(
+    node_ip=NODE_IP, vtep_ip=VTEP, local_pods="10.244.1.0/24",
+    pod_networks=("10.244.0.0/16",),
+    no_snat=("10.244.0.0/16", "10.96.0.0/12", "10.250.0.0/24"),
+    nodeport_range=(30000, 32767), snat_range=(SNAT_LO, SNAT_HI))
+
+_pod = itertools.count(10)
+_remote_pod = itertools.count(10)
+_server = itertools.count(1)
+_client = itertools.count(1)
+_nodeport = itertools.count(30100)
+_asker = itertools.count(100)
+
+
+def counted(it: Iterator[int], fmt: str, limit: int = 250) -> str:
+    n = next(it)
+    assert n < limit, f"ran out of addresses for {fmt}"
+    return fmt.format(n)
+
+
+@dataclass
+class DispLab:
+    net: UnitNet
+    r: Router
+    disp: Dispatcher
+    services: ServiceTable
+    ports: dict[str, PortState]
+    gw_mac: str
+    peer_vtep_mac: str
+
+    def _run(self, prog: str, ifname: str, frame: bytes) -> TestRunResult:
+        return self.net.run(self.net.rt._entry_fds[prog], frame, ifindex=self.net.ifindex[ifname])
+
+    def from_uplink(self, frame: bytes) -> TestRunResult:
+        """Arrives on the NIC: tc ingress of u1."""
+        return self._run("pcn_ingress", "u1", frame)
+
+    def to_uplink(self, frame: bytes) -> TestRunResult:
+        """Leaves through the NIC (the router sent it there): tc egress of u1."""
+        return self._run("pcn_egress", "u1", frame)
+
+    def from_overlay(self, frame: bytes) -> TestRunResult:
+        return self._run("pcn_ingress", "u2", frame)
+
+    def mac(self, port: str) -> str:
+        return self.ports[port].mac
+
+    def counters(self) -> dict[str, PortCounters]:
+        return {name: self.net.rt.port_counters(p) for name, p in self.ports.items()}
+
+    def drops(self) -> dict[str, int]:
+        return self.net.rt.cube_drops("k8s")
+
+    def pod(self) -> tuple[str, str]:
+        """A fresh local pod the router knows how to reach."""
+        ip, mac = counted(_pod, "10.244.1.{}"), random_mac()
+        key = maps.RouterNeighKey(self.r.cube.id, maps.ip_be(ip))
+        self.net.rt.table("router_neigh", "router")[key] = maps.RouterNeigh(
+            mac=maps.mac_bytes(mac), port=self.ports["pods"].id,
+            updated_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        return ip, mac
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[DispLab]:
+    with unit_net(veths=3) as net:
+        rt = net.rt
+        r = Router(rt, "r")
+        up = r.add_port("uplink", f"{NODE_IP}/24", flags=maps.PORT_HOST_SHARED)
+        vx = r.add_port("vxlan", f"{VTEP}/24")
+        pods = r.add_port("pods", "10.244.1.1/24")
+        r.add_route("0.0.0.0/0", "uplink", nexthop=GATEWAY)
+        r.add_route("10.244.2.0/24", "vxlan", nexthop=PEER_VTEP)
+        services = ServiceTable(rt, "k8sdispatcher")
+        disp = Dispatcher(rt, "k8s", services, CFG)
+        disp.configure(up.id, vx.id)
+        stack = [rt.stacked("k8s")]
+        rt.set_hook(up, maps.HOOK_INGRESS, stack)
+        rt.set_hook(up, maps.HOOK_EGRESS, stack)
+        rt.set_hook(vx, maps.HOOK_INGRESS, stack)
+        rt.connect_netdev(up, "u1")
+        rt.connect_netdev(vx, "u2")
+        rt.connect_netdev(pods, "u3")
+        gw_mac, peer_vtep_mac = random_mac(), random_mac()
+        neigh = rt.table("router_neigh", "router")
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for ip, mac, port in ((GATEWAY, gw_mac, up), (PEER_VTEP, peer_vtep_mac, vx)):
+            neigh[maps.RouterNeighKey(r.cube.id, maps.ip_be(ip))] = maps.RouterNeigh(
+                mac=maps.mac_bytes(mac), port=port.id, updated_ns=now)
+        yield DispLab(net, r, disp, services, {"uplink": up, "vxlan": vx, "pods": pods},
+                      gw_mac, peer_vtep_mac)
+
+
+# ---------------------------------------------------------------------------- frames
+def ip_frame(dst_mac: str, src_mac: str, src: str, dst: str, proto: int, sport: int, dport: int,
+             flags: int = TCP_SYN, ttl: int = 64, data: bytes = b"hello") -> bytes:
+    """TCP (`flags`), UDP or ICMP echo (its identifier in both ports; a
+    request, or a reply when `flags` has ACK)."""
+    if proto == IPPROTO_TCP:
+        l4 = tcp(src, dst, sport, dport, flags, seq=2000 if flags & TCP_ACK else 1000,
+                 ack=1001 if flags & TCP_ACK else 0)
+    elif proto == IPPROTO_UDP:
+        l4 = udp_csum(src, dst, sport, dport, data)
+    else:  # ICMP echo: the identifier is both "ports"
+        assert sport == dport
+        l4 = icmp_echo(sport, 1, data, kind=0 if flags & TCP_ACK else 8)
+    return eth(dst_mac, src_mac, ETH_P_IP, ipv4(src, dst, proto, l4, ttl=ttl))
+
+
+def out_uplink(lab: DispLab, src: str, dst: str, proto: int, sport: int, dport: int,
+               flags: int = TCP_SYN) -> bytes:
+    """As the router hands it to the NIC: to the gateway, TTL already decremented."""
+    return ip_frame(lab.gw_mac, lab.mac("uplink"), src, dst, proto, sport, dport, flags, ttl=63)
+
+
+def in_uplink(lab: DispLab, src: str, dst: str, proto: int, sport: int, dport: int,
+              flags: int = TCP_SYN, dst_mac: str | None = None) -> bytes:
+    """As the gateway sends it to the node's NIC."""
+    return ip_frame(dst_mac or lab.mac("uplink"), lab.gw_mac, src, dst, proto, sport, dport,
+                    flags)
+
+
+def to_pod(lab: DispLab, pod_mac: str, src: str, dst: str, proto: int, sport: int, dport: int,
+           flags: int = TCP_SYN) -> bytes:
+    """As the router delivers it to a local pod."""
+    return ip_frame(pod_mac, lab.mac("pods"), src, dst, proto, sport, dport, flags, ttl=63)
+
+
+def src_of(res: TestRunResult) -> tuple[str, int]:
+    ip = parse_ipv4(parse_eth(res.data).payload)
+    return ip.src, l4_ports(ip).sport
+
+
+def tx(before: dict[str, PortCounters], after: dict[str, PortCounters]) -> dict[str, int]:
+    return {name: after[name].tx_packets - before[name].tx_packets for name in before}
+
+
+def session(kind: str, src: str, dst: str, rewrite: str, proto: int = IPPROTO_TCP) -> dict:
+    """An entry of Dispatcher.sessions()."""
+    return {"kind": kind, "proto": proto, "from": src, "to": dst, "rewrite": rewrite}
+
+
+# ---------------------------------------------------------------------------- masquerading
+def masquerade(lab: DispLab, pod: str, server: str, proto: int = IPPROTO_TCP,
+               sport: int = 40001, dport: int = 443) -> int:
+    """A pod's first packet to `server` leaves the node; returns its node port."""
+    pkt = out_uplink(lab, pod, server, proto, sport, dport)
+    res = lab.to_uplink(pkt)
+    assert res.retval == TC_ACT_OK  # end of the egress hook: the kernel transmits it
+    ip, port = src_of(res)
+    assert ip == NODE_IP
+    assert SNAT_LO <= port <= SNAT_HI
+    assert_frame(res.data, out_uplink(lab, NODE_IP, server, proto, port,
+                                      port if proto == IPPROTO_ICMP else dport))
+    return port
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_pod_connection_to_outside_is_masqueraded(lab: DispLab, proto: int) -> None:
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    drops = lab.drops()
+    port = masquerade(lab, pod, server, proto)
+    sessions = lab.disp.sessions()
+    assert session("snat", f"{pod}:40001", f"{server}:443", f"{NODE_IP}:{port}",
+                   proto) in sessions
+    assert session("snat-reverse", f"{server}:443", f"{NODE_IP}:{port}", f"{pod}:40001",
+                   proto) in sessions
+    for _ in range(3):  # the connection keeps its port
+        assert masquerade(lab, pod, server, proto) == port
+    assert lab.drops() == drops
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_reply_to_masqueraded_connection_reaches_the_pod(lab: DispLab, proto: int) -> None:
+    pod, pod_mac = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    port = masquerade(lab, pod, server, proto)
+    before = lab.counters()
+    res = lab.from_uplink(in_uplink(lab, server, NODE_IP, proto, 443, port, TCP_SYN | TCP_ACK))
+    assert res.retval == TC_ACT_REDIRECT  # the router sent it on to the pod
+    assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 0, "pods": 1}
+    assert_frame(res.data, to_pod(lab, pod_mac, server, pod, proto, 443, 40001,
+                                  TCP_SYN | TCP_ACK))
+
+
+def test_icmp_echo_is_masqueraded_by_identifier(lab: DispLab) -> None:
+    pod, pod_mac = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    ident = masquerade(lab, pod, server, IPPROTO_ICMP, sport=0x4242, dport=0x4242)
+    res = lab.from_uplink(in_uplink(lab, server, NODE_IP, IPPROTO_ICMP, ident, ident, TCP_ACK))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, to_pod(lab, pod_mac, server, pod, IPPROTO_ICMP, 0x4242, 0x4242,
+                                  TCP_ACK))
+
+
+def test_pods_sharing_a_source_port_get_different_node_ports(lab: DispLab) -> None:
+    """16 pods, one source port, one destination: the 16 node ports are all
+    taken, each once (first choices collide for sure), the replies find their
+    own pod, and a 17th connection has no port left."""
+    server = counted(_server, "203.0.113.{}")
+    pods = [lab.pod() for _ in range(SNAT_HI - SNAT_LO + 1)]
+    ports = [masquerade(lab, ip, server, sport=33333, dport=80) for ip, _ in pods]
+    assert sorted(ports) == list(range(SNAT_LO, SNAT_HI + 1))
+    for (ip, mac), port in zip(pods, ports, strict=True):
+        res = lab.from_uplink(in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 80, port,
+                                        TCP_SYN | TCP_ACK))
+        assert res.retval == TC_ACT_REDIRECT
+        assert_frame(res.data, to_pod(lab, mac, server, ip, IPPROTO_TCP, 80, 33333,
+                                      TCP_SYN | TCP_ACK))
+
+    late, _ = lab.pod()
+    drops, sessions = lab.drops(), lab.disp.sessions()
+    pkt = out_uplink(lab, late, server, IPPROTO_TCP, 33333, 80)
+    res = lab.to_uplink(pkt)
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+    assert lab.disp.sessions() == sessions
+    # the same pod to another destination still gets a port
+    masquerade(lab, late, counted(_server, "203.0.113.{}"), sport=33333, dport=80)
+
+
+@pytest.mark.parametrize("dst", ["10.96.0.10", "10.244.2.9", PEER_VTEP],
+                         ids=["service", "remote-pod", "vtep"])
+def test_no_snat_destinations_are_not_translated(lab: DispLab, dst: str) -> None:
+    pod, _ = lab.pod()
+    pkt = out_uplink(lab, pod, dst, IPPROTO_TCP, 40001, 80)
+    sessions, drops = lab.disp.sessions(), lab.drops()
+    res = lab.to_uplink(pkt)
+    assert res.retval == TC_ACT_OK
+    assert res.data == pkt
+    assert lab.disp.sessions() == sessions
+    assert lab.drops() == drops
+
+
+@pytest.mark.parametrize("src", [NODE_IP, "172.16.0.5"], ids=["node", "not-a-pod"])
+def test_traffic_not_from_pods_is_not_translated(lab: DispLab, src: str) -> None:
+    pkt = out_uplink(lab, src, counted(_server, "203.0.113.{}"), IPPROTO_TCP, 40001, 80)
+    sessions = lab.disp.sessions()
+    res = lab.to_uplink(pkt)
+    assert res.retval == TC_ACT_OK
+    assert res.data == pkt
+    assert lab.disp.sessions() == sessions
+
+
+# ---------------------------------------------------------------------------- NodePort
+def test_nodeport_local_goes_to_a_local_backend_keeping_the_client(lab: DispLab) -> None:
+    np_ = next(_nodeport)
+    (local, local_mac), remote = lab.pod(), counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(local, 8080), Backend(remote, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    drops = lab.drops()
+    for cport in range(5000, 5010):  # never the remote backend
+        before = lab.counters()
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, cport, np_))
+        assert res.retval == TC_ACT_REDIRECT
+        assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 0, "pods": 1}
+        assert_frame(res.data, to_pod(lab, local_mac, cl, local, IPPROTO_TCP, cport, 8080))
+    assert lab.drops() == drops
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5000, np_, TCP_ACK))
+    assert_frame(res.data, to_pod(lab, local_mac, cl, local, IPPROTO_TCP, 5000, 8080, TCP_ACK))
+
+    # The backend's reply leaves through the uplink with the node's address.
+    res = lab.to_uplink(out_uplink(lab, local, cl, IPPROTO_TCP, 8080, 5000, TCP_SYN | TCP_ACK))
+    assert res.retval == TC_ACT_OK
+    assert_frame(res.data, out_uplink(lab, NODE_IP, cl, IPPROTO_TCP, np_, 5000,
+                                      TCP_SYN | TCP_ACK))
+    sessions = lab.disp.sessions()
+    assert session("nodeport", f"{cl}:5000", f"{NODE_IP}:{np_}", f"{local}:8080") \
+        in sessions
+    assert session("nodeport-reverse", f"{local}:8080", f"{cl}:5000",
+                   f"{NODE_IP}:{np_}") in sessions
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_nodeport_cluster_to_remote_backend_goes_over_the_overlay(lab: DispLab,
+                                                                  proto: int) -> None:
+    np_ = next(_nodeport)
+    remote = counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}[proto], "Cluster",
+                          [Backend(remote, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    before = lab.counters()
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 5555, np_))
+    assert res.retval == TC_ACT_REDIRECT
+    assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 1, "pods": 0}
+    # DNAT to the backend, SNAT to our VTEP so the reply comes back through us
+    vtep_ip, vport = src_of(res)
+    assert vtep_ip == VTEP and SNAT_LO <= vport <= SNAT_HI
+    assert_frame(res.data, ip_frame(lab.peer_vtep_mac, lab.mac("vxlan"), VTEP, remote, proto,
+                                    vport, 8080, ttl=63))
+    # the connection's next packet: both rewrites again, from the session
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 5555, np_, TCP_ACK))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, ip_frame(lab.peer_vtep_mac, lab.mac("vxlan"), VTEP, remote, proto,
+                                    vport, 8080, TCP_ACK, ttl=63))
+
+    reply = ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, remote, VTEP, proto, 8080, vport,
+                     TCP_SYN | TCP_ACK)
+    before = lab.counters()
+    res = lab.from_overlay(reply)
+    assert res.retval == TC_ACT_REDIRECT  # to the client, through the uplink
+    assert tx(before, lab.counters()) == {"uplink": 1, "vxlan": 0, "pods": 0}
+    back = out_uplink(lab, NODE_IP, cl, proto, np_, 5555, TCP_SYN | TCP_ACK)
+    assert_frame(res.data, back)
+    # on its way out of the NIC it is the node's own traffic: left alone
+    out = lab.to_uplink(res.data)
+    assert (out.retval, out.data) == (TC_ACT_OK, res.data)
+
+
+def test_nodeport_cluster_with_local_backend_keeps_the_client(lab: DispLab) -> None:
+    np_ = next(_nodeport)
+    local, local_mac = lab.pod()
+    lab.disp.set_nodeport(np_, "tcp", "Cluster", [Backend(local, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 6000, np_))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, to_pod(lab, local_mac, cl, local, IPPROTO_TCP, 6000, 8080))
+
+
+@pytest.mark.parametrize("case", ["local-policy-remote-only", "no-backends-udp"])
+def test_nodeport_without_usable_backend_is_dropped(lab: DispLab, case: str) -> None:
+    np_ = next(_nodeport)
+    if case == "local-policy-remote-only":
+        proto = IPPROTO_TCP
+        lab.disp.set_nodeport(np_, "tcp", "Local",
+                              [Backend(counted(_remote_pod, "10.244.2.{}"), 8080)])
+    else:
+        proto = IPPROTO_UDP
+        lab.disp.set_nodeport(np_, "udp", "Cluster", [])
+    cl = counted(_client, "198.51.100.{}")
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 7000, np_))
+    after = lab.counters()
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops().get("no_backend", 0) == drops.get("no_backend", 0) + 1
+    assert after["uplink"].drops - before["uplink"].drops == 1
+    assert tx(before, after) == {"uplink": 0, "vxlan": 0, "pods": 0}
+
+
+def test_deleted_nodeport_goes_back_to_the_host(lab: DispLab) -> None:
+    np_ = next(_nodeport)
+    local, _ = lab.pod()
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(local, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    assert lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 7100, np_)).retval == \
+        TC_ACT_REDIRECT
+    assert lab.disp.delete_nodeport(np_, "tcp")
+    pkt = in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 7101, np_)  # a new connection
+    res = lab.from_uplink(pkt)
+    assert (res.retval, res.data) == (TC_ACT_OK, pkt)
+
+
+# ---------------------------------------------------------------------------- host traffic
+@pytest.mark.parametrize("what", ["ssh", "vxlan", "unused-nodeport", "ping"])
+def test_other_traffic_to_the_node_goes_to_the_host(lab: DispLab, what: str) -> None:
+    cl = counted(_client, "198.51.100.{}")
+    pkt = {
+        "ssh": lambda: in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 50000, 22),
+        "vxlan": lambda: in_uplink(lab, "192.168.50.20", NODE_IP, IPPROTO_UDP, 50001, 4789),
+        "unused-nodeport": lambda: in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 50002, 32767),
+        "ping": lambda: in_uplink(lab, cl, NODE_IP, IPPROTO_ICMP, 7, 7),
+    }[what]()
+    drops, sessions, before = lab.drops(), lab.disp.sessions(), lab.counters()
+    res = lab.from_uplink(pkt)
+    after = lab.counters()
+    assert res.retval == TC_ACT_OK
+    assert res.data == pkt
+    assert tx(before, after) == {"uplink": 0, "vxlan": 0, "pods": 0}
+    assert after["uplink"].drops == before["uplink"].drops
+    assert lab.drops() == drops
+    assert lab.disp.sessions() == sessions
+
+
+def test_other_outside_traffic_goes_to_the_host(lab: DispLab) -> None:
+    """Neither for the node nor for a pod (e.g. multicast or a stray frame)."""
+    pkt = in_uplink(lab, "192.168.50.20", "192.168.50.30", IPPROTO_UDP, 1000, 2000)
+    res = lab.from_uplink(pkt)
+    assert (res.retval, res.data) == (TC_ACT_OK, pkt)
+
+
+def test_outside_traffic_to_a_pod_is_routed(lab: DispLab) -> None:
+    """Direct routing to a pod address: on to the router, untranslated."""
+    pod, pod_mac = lab.pod()
+    res = lab.from_uplink(in_uplink(lab, "192.168.50.20", pod, IPPROTO_TCP, 1000, 80))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, to_pod(lab, pod_mac, "192.168.50.20", pod, IPPROTO_TCP, 1000, 80))
+
+
+def test_overlay_traffic_not_for_the_vtep_passes_untranslated(lab: DispLab) -> None:
+    pod, pod_mac = lab.pod()
+    remote = counted(_remote_pod, "10.244.2.{}")
+    pkt = ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, remote, pod, IPPROTO_UDP, 1000, 2000)
+    res = lab.from_overlay(pkt)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, ip_frame(pod_mac, lab.mac("pods"), remote, pod, IPPROTO_UDP, 1000,
+                                    2000, ttl=63))
+
+
+def test_arp_passes_on_to_the_router(lab: DispLab) -> None:
+    asker_ip, asker_mac = counted(_asker, "192.168.50.{}"), random_mac()
+    assert lab.r.neighbor(asker_ip) is None
+    req = eth(BROADCAST, asker_mac, ETH_P_ARP, arp(1, asker_mac, asker_ip, "00:00:00:00:00:00",
+                                                   NODE_IP))
+    drops = lab.drops()
+    res = lab.from_uplink(req)
+    # The router learned the asker (so the dispatcher let it through) and left
+    # the answer to the host, which owns the address.
+    assert lab.r.neighbor(asker_ip) == asker_mac
+    assert res.retval == TC_ACT_OK
+    assert res.data == req
+    assert lab.drops() == drops

@@ -1,0 +1,440 @@
+"""The firewall cube's programs on crafted frames (BPF_PROG_TEST_RUN).
+
+Topology: bridge `b` with port `a` (veth u1) and port `b` (veth u2), behind
+which the destination MAC of every test frame is learned. Each test stacks a
+firewall of its own on the ingress hook of `a` and removes it afterwards. A
+frame enters through the entry program of u1: the ingress hook runs the
+program in the firewall's own slot, then the bridge forwards what it let
+through to u2 (TC_ACT_REDIRECT, `b` tx +1).
+
+The runtime is shared by the module, so each specialisation of the firewall
+(rt.variants) is compiled once.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import itertools
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from bpfunit import (
+    BROADCAST,
+    ETH_P_ARP,
+    ETH_P_IP,
+    IPPROTO_ICMP,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    UnitNet,
+    arp,
+    eth,
+    icmp_echo,
+    ipv4,
+    random_mac,
+    tcp,
+    udp_csum,
+    unit_net,
+)
+
+from pcn_agent import maps
+from pcn_agent.cubes.bridge import Bridge
+from pcn_agent.cubes.firewall import Firewall, Rule, parse_rule, specialisation
+from pcn_agent.runtime import PortCounters, PortState
+from pcn_agent.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
+
+pytestmark = [pytest.mark.bpf,
+              pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
+
+_fw_names = itertools.count(1)
+
+
+@dataclass
+class FwLab:
+    net: UnitNet
+    b: Bridge
+    ports: dict[str, PortState]
+    dst_mac: str
+
+    def counters(self) -> dict[str, PortCounters]:
+        return {name: self.net.rt.port_counters(p) for name, p in self.ports.items()}
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[FwLab]:
+    with unit_net(veths=2) as net:
+        rt = net.rt
+        b = Bridge(rt, "b")
+        ports = {"a": b.add_port("a"), "b": b.add_port("b")}
+        rt.connect_netdev(ports["a"], "u1")
+        rt.connect_netdev(ports["b"], "u2")
+        dst_mac = random_mac()
+        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
+            maps.BridgeFdbVal(port=ports["b"].id,
+                              seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        yield FwLab(net, b, ports, dst_mac)
+
+
+FwFactory = Callable[..., Firewall]
+
+
+@pytest.fixture
+def stack(lab: FwLab) -> Iterator[FwFactory]:
+    """stack(rules, default, hook): a new firewall on a hook of port a (ingress
+    unless told), taken off and deleted after the test."""
+    made: list[Firewall] = []
+    rt = lab.net.rt
+    port = lab.ports["a"]
+
+    def make(rules: list[str], default: str = "allow", hook: int = maps.HOOK_INGRESS) -> Firewall:
+        assert not made, "one firewall per test"
+        fw = Firewall(rt, f"fw{next(_fw_names)}", [parse_rule(r) for r in rules], default)
+        made.append(fw)
+        rt.set_hook(port, hook, [rt.stacked(fw.name)])
+        return fw
+
+    try:
+        yield make
+    finally:
+        rt.set_hook(port, maps.HOOK_INGRESS, [])
+        rt.set_hook(port, maps.HOOK_EGRESS, [])
+        for fw in made:
+            slot = fw.cube.slot
+            fw.delete()
+            assert fw.name not in rt.cubes
+            with pytest.raises(KeyError):
+                rt.table("pcn_progs")[ct.c_int(slot)]  # the slot is empty again
+
+
+# ---------------------------------------------------------------------------- frames
+def frame(lab: FwLab, proto: int = IPPROTO_TCP, src: str = "10.0.1.1", dst: str = "10.0.2.1",
+          sport: int = 40000, dport: int = 80) -> bytes:
+    if proto == IPPROTO_TCP:
+        l4 = tcp(src, dst, sport, dport)
+    elif proto == IPPROTO_UDP:
+        l4 = udp_csum(src, dst, sport, dport, b"data")
+    elif proto == IPPROTO_ICMP:
+        l4 = icmp_echo(sport, 1, b"ping")
+    else:  # SCTP: common header (ports, verification tag, CRC32c left 0)
+        l4 = struct.pack("!HHII", sport, dport, 1, 0)
+    return eth(lab.dst_mac, random_mac(), ETH_P_IP, ipv4(src, dst, proto, l4))
+
+
+def verdict(lab: FwLab, fw: Firewall, pkt: bytes) -> str:
+    """Send `pkt` from port a's netdev: "pass" or "drop", after checking that
+    the retval, the frame and every counter tell the same story."""
+    drops, before = lab.net.rt.cube_drops(fw.name), lab.counters()
+    res = lab.net.run(lab.net.rt._entry_fds["pcn_ingress"], pkt, ifindex=lab.net.ifindex["u1"])
+    after = lab.counters()
+    assert after["a"].rx_packets - before["a"].rx_packets == 1
+    filtered = lab.net.rt.cube_drops(fw.name).get("filtered", 0) - drops.get("filtered", 0)
+    if res.retval == TC_ACT_REDIRECT:
+        assert res.data == pkt  # a firewall never touches the frame
+        assert after["b"].tx_packets - before["b"].tx_packets == 1
+        assert (after["a"].drops, filtered) == (before["a"].drops, 0)
+        return "pass"
+    assert res.retval == TC_ACT_SHOT, f"unexpected retval {res.retval}"
+    assert after["b"].tx_packets == before["b"].tx_packets
+    assert after["a"].drops - before["a"].drops == 1  # counted on the port it is stacked on
+    assert filtered == 1  # and on the firewall instance
+    return "drop"
+
+
+def default_hits(fw: Firewall) -> int:
+    return fw.hits()[f"default: {fw.default}"]
+
+
+def slot_prog_id(lab: FwLab, fw: Firewall) -> int:
+    """The program in the firewall's slot, by id (what the kernel reports for a
+    program array element)."""
+    assert fw.cube.slot is not None
+    return lab.net.rt.table("pcn_progs")[ct.c_int(fw.cube.slot)].value
+
+
+def prog_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise AssertionError(f"fd {fd} is not a BPF program")
+
+
+def variant_id(lab: FwLab, max_rules: int, need_l4: int) -> int:
+    key = ("firewall", (("FW_MAX_RULES", max_rules), ("FW_NEED_L4", need_l4)))
+    return prog_id(lab.net.rt.variants[key].fd)
+
+
+# ---------------------------------------------------------------------------- matching
+def test_first_matching_rule_wins(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(["allow tcp dport 80", "drop tcp", "allow udp"], default="drop")
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, dport=80)) == "pass"
+    assert fw.rule_hits() == [1, 0, 0]
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, dport=81)) == "drop"
+    assert fw.rule_hits() == [1, 1, 0]
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP, dport=80)) == "pass"
+    assert fw.rule_hits() == [1, 1, 1]
+    assert verdict(lab, fw, frame(lab, IPPROTO_ICMP)) == "drop"  # no rule: the default
+    assert fw.rule_hits() == [1, 1, 1]
+    assert default_hits(fw) == 1
+    assert fw.hits() == {"0: allow tcp dport 80": 1, "1: drop tcp": 1, "2: allow udp": 1,
+                         "default: drop": 1}
+
+    # the same rules in another order decide otherwise
+    fw.set_rules([parse_rule("drop tcp"), parse_rule("allow tcp dport 80")], "allow")
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, dport=80)) == "drop"
+    assert fw.rule_hits() == [1, 0]
+
+
+def test_match_after_many_rules(lab: FwLab, stack: FwFactory) -> None:
+    """The loop bound is the rule count rounded up to a power of two (8 here):
+    the fifth rule is reached, and rules past the count are never read."""
+    rules = [f"allow from 10.9.{i}.0/24" for i in range(4)] + ["drop from 10.0.1.0/24"]
+    fw = stack(rules)
+    assert fw.spec == {"FW_MAX_RULES": 8, "FW_NEED_L4": 0}
+    assert verdict(lab, fw, frame(lab, src="10.0.1.7")) == "drop"
+    assert verdict(lab, fw, frame(lab, src="10.9.3.7")) == "pass"
+    assert verdict(lab, fw, frame(lab, src="10.0.7.7")) == "pass"
+    assert fw.rule_hits() == [0, 0, 0, 1, 1]
+    assert default_hits(fw) == 1
+
+
+@pytest.mark.parametrize("default", ["allow", "drop"])
+def test_default_action_applies_when_no_rule_matches(lab: FwLab, stack: FwFactory,
+                                                      default: str) -> None:
+    fw = stack(["drop udp dport 9"], default=default)
+    want = "pass" if default == "allow" else "drop"
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP)) == want
+    assert verdict(lab, fw, frame(lab, IPPROTO_ICMP)) == want
+    assert fw.hits() == {"0: drop udp dport 9": 0, f"default: {default}": 2}
+
+
+def test_empty_rule_set_is_just_the_default(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack([], default="drop")
+    assert fw.spec == {"FW_MAX_RULES": 1, "FW_NEED_L4": 0}
+    assert verdict(lab, fw, frame(lab)) == "drop"
+    assert fw.hits() == {"default: drop": 1}
+
+
+@pytest.mark.parametrize("src,dst,want", [
+    ("10.0.1.0", "10.0.2.1", "drop"),
+    ("10.0.1.255", "10.0.2.1", "drop"),
+    ("10.0.0.255", "10.0.2.1", "pass"),   # just below the source network
+    ("10.0.2.1", "10.0.3.128", "drop"),
+    ("10.0.2.1", "10.0.3.255", "drop"),
+    ("10.0.2.1", "10.0.3.127", "pass"),   # just below the destination network
+    ("10.0.2.1", "10.0.4.128", "pass"),
+])
+def test_source_and_destination_networks(lab: FwLab, stack: FwFactory, src: str, dst: str,
+                                         want: str) -> None:
+    fw = stack(["drop from 10.0.1.0/24", "drop to 10.0.3.128/25"])
+    assert verdict(lab, fw, frame(lab, src=src, dst=dst)) == want
+
+
+def test_source_and_destination_together(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(["drop from 10.0.1.0/24 to 10.0.2.5/32"])
+    assert verdict(lab, fw, frame(lab, src="10.0.1.9", dst="10.0.2.5")) == "drop"
+    assert verdict(lab, fw, frame(lab, src="10.0.1.9", dst="10.0.2.6")) == "pass"
+    assert verdict(lab, fw, frame(lab, src="10.0.5.9", dst="10.0.2.5")) == "pass"
+
+
+@pytest.mark.parametrize("proto,want", [(IPPROTO_ICMP, "drop"), (IPPROTO_UDP, "pass"),
+                                        (IPPROTO_TCP, "pass")])
+def test_protocol(lab: FwLab, stack: FwFactory, proto: int, want: str) -> None:
+    fw = stack(["drop icmp"])
+    assert verdict(lab, fw, frame(lab, proto)) == want
+
+
+@pytest.mark.parametrize("rule,proto,sport,dport,want", [
+    ("drop tcp dport 8000-8080", IPPROTO_TCP, 40000, 7999, "pass"),
+    ("drop tcp dport 8000-8080", IPPROTO_TCP, 40000, 8000, "drop"),
+    ("drop tcp dport 8000-8080", IPPROTO_TCP, 40000, 8080, "drop"),
+    ("drop tcp dport 8000-8080", IPPROTO_TCP, 40000, 8081, "pass"),
+    ("drop tcp dport 8000-8080", IPPROTO_UDP, 40000, 8000, "pass"),  # another protocol
+    ("drop udp sport 53", IPPROTO_UDP, 53, 40000, "drop"),
+    ("drop udp sport 53", IPPROTO_UDP, 52, 40000, "pass"),
+    ("drop udp sport 53", IPPROTO_UDP, 54, 40000, "pass"),
+    ("drop udp sport 53", IPPROTO_UDP, 40000, 53, "pass"),  # a destination port 53
+    ("drop tcp sport 1000-2000 dport 22", IPPROTO_TCP, 1500, 22, "drop"),
+    ("drop tcp sport 1000-2000 dport 22", IPPROTO_TCP, 999, 22, "pass"),
+    ("drop tcp sport 1000-2000 dport 22", IPPROTO_TCP, 2001, 22, "pass"),
+    ("drop tcp sport 1000-2000 dport 22", IPPROTO_TCP, 1500, 23, "pass"),
+    ("drop tcp dport 65535", IPPROTO_TCP, 1, 65535, "drop"),
+    ("drop sctp dport 80", IPPROTO_SCTP, 40000, 80, "drop"),
+    ("drop sctp dport 80", IPPROTO_SCTP, 40000, 81, "pass"),
+])
+def test_port_ranges(lab: FwLab, stack: FwFactory, rule: str, proto: int, sport: int,
+                     dport: int, want: str) -> None:
+    fw = stack([rule])
+    assert fw.spec["FW_NEED_L4"] == 1
+    assert verdict(lab, fw, frame(lab, proto, sport=sport, dport=dport)) == want
+
+
+def test_arp_is_never_filtered(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(["drop from 0.0.0.0/0"], default="drop")
+    mac = random_mac()
+    req = eth(BROADCAST, mac, ETH_P_ARP, arp(1, mac, "10.0.1.1", "00:00:00:00:00:00", "10.0.2.1"))
+    res = lab.net.run(lab.net.rt._entry_fds["pcn_ingress"], req, ifindex=lab.net.ifindex["u1"])
+    assert res.retval == TC_ACT_SHOT  # flooded by the bridge, not dropped by the firewall
+    assert lab.net.rt.cube_drops(fw.name) == {}
+    assert fw.rule_hits() == [0] and default_hits(fw) == 0
+    # the bridge saw it: it learned the sender on port a
+    assert {e.mac: e.port for e in lab.b.fdb()}.get(mac) == "a"
+
+
+def test_egress_hook_filters_what_goes_to_the_netdev(lab: FwLab, stack: FwFactory) -> None:
+    """On the egress hook of a netdev-peered port the firewall runs in the tc
+    egress entry program: what it allows leaves (TC_ACT_OK), the rest is dropped."""
+    fw = stack(["drop tcp dport 22"], hook=maps.HOOK_EGRESS)
+    run = lab.net.rt._entry_fds["pcn_egress"]
+    ssh, web = frame(lab, dport=22), frame(lab, dport=80)
+    before = lab.counters()
+    assert lab.net.run(run, ssh, ifindex=lab.net.ifindex["u1"]).retval == TC_ACT_SHOT
+    res = lab.net.run(run, web, ifindex=lab.net.ifindex["u1"])
+    assert (res.retval, res.data) == (TC_ACT_OK, web)
+    assert lab.counters()["a"].drops - before["a"].drops == 1
+    assert lab.net.rt.cube_drops(fw.name) == {"filtered": 1}
+    assert fw.rule_hits() == [1] and default_hits(fw) == 1
+    # the ingress side has no firewall
+    assert verdict(lab, fw, ssh) == "pass"
+
+
+def test_variant_program_run_directly_with_chain_metadata(lab: FwLab, stack: FwFactory) -> None:
+    """The specialised program itself, with skb->cb as pcn_hook_run sets it
+    (port, hook | pos << 8 | ctx << 16, instance): a pass continues to the bridge."""
+    fw = stack(["drop udp"])
+    variant = lab.net.rt.variants[("firewall", (("FW_MAX_RULES", 1), ("FW_NEED_L4", 0)))]
+    cb = [lab.ports["a"].id, maps.HOOK_INGRESS, fw.cube.id]
+    before = lab.counters()
+    res = lab.net.run(variant.fd, frame(lab, IPPROTO_TCP), cb=cb, ifindex=lab.net.ifindex["u1"])
+    assert res.retval == TC_ACT_REDIRECT
+    assert lab.counters()["b"].tx_packets - before["b"].tx_packets == 1
+    res = lab.net.run(variant.fd, frame(lab, IPPROTO_UDP), cb=cb, ifindex=lab.net.ifindex["u1"])
+    assert res.retval == TC_ACT_SHOT
+    assert fw.rule_hits() == [1] and default_hits(fw) == 1
+
+
+# ---------------------------------------------------------------------------- specialisation
+@pytest.mark.parametrize("rules,want", [
+    ([], {"FW_MAX_RULES": 1, "FW_NEED_L4": 0}),
+    (["drop from 10.0.0.0/8"], {"FW_MAX_RULES": 1, "FW_NEED_L4": 0}),
+    (["drop tcp", "allow udp to 10.0.0.1"], {"FW_MAX_RULES": 2, "FW_NEED_L4": 0}),
+    (["drop tcp", "drop udp", "drop icmp"], {"FW_MAX_RULES": 4, "FW_NEED_L4": 0}),
+    (["drop tcp", "drop udp sport 5"], {"FW_MAX_RULES": 2, "FW_NEED_L4": 1}),
+    (["allow tcp dport 1-65535"] * 64, {"FW_MAX_RULES": 64, "FW_NEED_L4": 1}),
+])
+def test_specialisation(rules: list[str], want: dict[str, int]) -> None:
+    assert specialisation([parse_rule(r) for r in rules]) == want
+
+
+def test_program_in_the_slot_follows_the_shape_of_the_rules(lab: FwLab,
+                                                             stack: FwFactory) -> None:
+    fw = stack(["drop tcp"])
+    no_l4 = variant_id(lab, 1, 0)
+    assert slot_prog_id(lab, fw) == no_l4
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, dport=22)) == "drop"
+
+    fw.set_rules([parse_rule("drop tcp dport 22")])
+    with_l4 = variant_id(lab, 1, 1)
+    assert with_l4 != no_l4
+    assert slot_prog_id(lab, fw) == with_l4
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, dport=22)) == "drop"
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, dport=23)) == "pass"  # ports are read
+
+    fw.set_rules([parse_rule(r) for r in ("drop tcp", "drop udp", "allow icmp")])
+    four = variant_id(lab, 4, 0)
+    assert slot_prog_id(lab, fw) == four
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP)) == "drop"
+
+    # the same shape again: the compiled variant is reused, not rebuilt
+    compiled = dict(lab.net.rt.variants)
+    fw.set_rules([parse_rule("drop icmp")])
+    assert slot_prog_id(lab, fw) == no_l4
+    assert lab.net.rt.variants == compiled
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP)) == "pass"
+    assert verdict(lab, fw, frame(lab, IPPROTO_ICMP)) == "drop"
+
+
+class _CfgWatch:
+    """Stands in for a firewall's fw_cfgs table: runs `probe` just before and
+    just after the update that switches to the new rules, the moment a packet
+    may see the new rules with the program that was in the slot, or the old
+    rules with the new program."""
+
+    def __init__(self, table: object, probe: Callable[[str], None]) -> None:
+        self._table = table
+        self._probe = probe
+
+    def __setitem__(self, key: object, value: object) -> None:
+        self._probe("old rules")
+        self._table[key] = value  # type: ignore[index]
+        self._probe("new rules")
+
+    def __getitem__(self, key: object) -> object:
+        return self._table[key]  # type: ignore[index]
+
+    def __delitem__(self, key: object) -> None:
+        del self._table[key]  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._table, name)
+
+
+@pytest.mark.parametrize("old,new", [
+    # fewer rules, but the new ones need ports: neither program alone fits both sets
+    (["allow from 10.9.0.0/24", "allow from 10.9.1.0/24", "drop udp"], ["drop tcp dport 22"]),
+    (["drop tcp dport 22"], ["allow from 10.9.0.0/24", "allow from 10.9.1.0/24", "drop udp"]),
+], ids=["to-fewer-rules-with-ports", "to-more-rules-without-ports"])
+def test_every_packet_sees_rules_its_program_can_evaluate(
+        lab: FwLab, stack: FwFactory, monkeypatch: pytest.MonkeyPatch, old: list[str],
+        new: list[str]) -> None:
+    fw = stack(old)
+    packets = {"udp": frame(lab, IPPROTO_UDP), "ssh": frame(lab, dport=22),
+               "web": frame(lab, dport=80)}
+    want = {"old rules": {"udp": "drop" if "drop udp" in old else "pass",
+                          "ssh": "drop" if "drop tcp dport 22" in old else "pass",
+                          "web": "pass"}}
+    want["new rules"] = {"udp": want["old rules"]["ssh"], "ssh": want["old rules"]["udp"],
+                         "web": "pass"}
+    got: dict[str, dict[str, str]] = {}
+
+    def probe(moment: str) -> None:
+        got[moment] = {name: verdict(lab, fw, pkt) for name, pkt in packets.items()}
+
+    bind = Firewall._bind_tables
+
+    def watched_bind(self: Firewall, module: object) -> None:
+        bind(self, module)
+        self._cfg_t = _CfgWatch(self._cfg_t, probe)
+
+    monkeypatch.setattr(Firewall, "_bind_tables", watched_bind)
+    fw.set_rules([parse_rule(r) for r in new])
+    assert got == want
+    monkeypatch.undo()
+    assert {name: verdict(lab, fw, pkt) for name, pkt in packets.items()} == want["new rules"]
+
+
+def test_new_rules_apply_to_the_next_packet(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(["drop udp"])
+    pkt = frame(lab, IPPROTO_UDP, dport=5000)
+    assert verdict(lab, fw, pkt) == "drop"
+    assert fw.rule_hits() == [1]
+
+    fw.set_rules([parse_rule("allow udp")], default="drop")
+    assert fw.rule_hits() == [0]  # counters start again with the new rules
+    assert verdict(lab, fw, pkt) == "pass"
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP)) == "drop"
+    assert fw.hits() == {"0: allow udp": 1, "default: drop": 1}
+
+    fw.set_rules([], default="allow")
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP)) == "pass"
+    assert fw.rules == [] and fw.default == "allow"
+
+
+def test_rule_text_round_trips() -> None:
+    for text in ("drop tcp dport 22", "allow udp to 10.96.0.10/32 dport 53",
+                 "drop from 10.244.2.0/24", "allow tcp sport 1000-2000 dport 8080"):
+        assert str(parse_rule(text)) == text
+    assert parse_rule("DROP TCP from 10.1.2.3/16") == Rule("drop", "tcp", "10.1.0.0/16")

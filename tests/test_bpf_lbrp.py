@@ -1,0 +1,456 @@
+"""The lbrp cube's program on crafted frames (BPF_PROG_TEST_RUN).
+
+Topology, as a node stacks it: bridge `b` with ports `client` (veth u1) and
+`backend` (u2), each with the lbrp `lb` on its ingress and egress hooks, and
+port `gw` (u3, no hooks) behind which the gateway MAC is learned. A pod's
+frame enters through the entry program on its veth: ingress hook (lbrp), then
+the bridge, which forwards it to the gateway (TC_ACT_REDIRECT, `gw` tx +1). A
+frame for a pod leaves through the egress entry program of its veth: egress
+hook (lbrp), then TC_ACT_OK (the kernel transmits it).
+
+Every test has its own service address, clients and backends and compares
+counters before and after, so the tests share one compiled runtime.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from bpfunit import (
+    ETH_P_IP,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    UnitNet,
+    assert_frame,
+    eth,
+    icmp_echo,
+    inet_csum,
+    ipv4,
+    l4_ports,
+    parse_eth,
+    parse_ipv4,
+    random_mac,
+    tcp,
+    udp,
+    udp_csum,
+    unit_net,
+)
+
+from pcn_agent import maps, testrun
+from pcn_agent.cubes.bridge import Bridge
+from pcn_agent.cubes.lbrp import Backend, LoadBalancer, be16, weighted_slots
+from pcn_agent.runtime import PortCounters, PortState
+from pcn_agent.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+
+pytestmark = [pytest.mark.bpf,
+              pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
+
+CTX_CUBE = 0  # PCN_CTX_CUBE: how pcn_hook_run marks a hook run by tail calls
+_vip = itertools.count(10)
+_client = itertools.count(10)
+_backend = itertools.count(1)
+
+
+def vip() -> str:
+    n = next(_vip)
+    assert n < 250, "ran out of service addresses"
+    return f"10.96.0.{n}"
+
+
+def client() -> str:
+    n = next(_client)
+    assert n < 250, "ran out of client addresses"
+    return f"10.244.1.{n}"
+
+
+def backend_ip() -> str:
+    n = next(_backend)
+    assert n < 250 * 250, "ran out of backend addresses"
+    return f"10.244.{100 + n // 250}.{n % 250 + 1}"
+
+
+@dataclass
+class LbLab:
+    net: UnitNet
+    b: Bridge
+    lb: LoadBalancer
+    ports: dict[str, PortState]
+    gw_mac: str
+    client_mac: str
+
+    def from_pod(self, frame: bytes, port: str = "client") -> TestRunResult:
+        """`frame` sent by the pod behind `port`: tc ingress of its veth."""
+        return self.net.run(self.net.rt._entry_fds["pcn_ingress"], frame,
+                            ifindex=self.net.ifindex[self.ports[port].netdev or ""])
+
+    def to_pod(self, frame: bytes, port: str = "client") -> TestRunResult:
+        """`frame` on its way to the pod behind `port`: tc egress of its veth."""
+        return self.net.run(self.net.rt._entry_fds["pcn_egress"], frame,
+                            ifindex=self.net.ifindex[self.ports[port].netdev or ""])
+
+    def counters(self) -> dict[str, PortCounters]:
+        return {name: self.net.rt.port_counters(p) for name, p in self.ports.items()}
+
+    def drops(self) -> dict[str, int]:
+        return self.net.rt.cube_drops("lb")
+
+    def sessions(self) -> list[dict]:
+        return self.lb.services.sessions()
+
+    def raw_session(self, saddr: str, daddr: str, sport: int, dport: int,
+                    proto: int) -> maps.Xlate | None:
+        key = maps.Flow(maps.ip_be(saddr), maps.ip_be(daddr), be16(sport), be16(dport), proto)
+        try:
+            return self.net.rt.table("lb_sessions", "lbrp")[key]
+        except KeyError:
+            return None
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LbLab]:
+    with unit_net(veths=3) as net:
+        rt = net.rt
+        b = Bridge(rt, "b")
+        lb = LoadBalancer(rt, "lb")
+        ports = {name: b.add_port(name) for name in ("client", "backend", "gw")}
+        for name in ("client", "backend"):  # as node.py stacks it on pod ports
+            rt.set_hook(ports[name], maps.HOOK_INGRESS, [rt.stacked("lb")])
+            rt.set_hook(ports[name], maps.HOOK_EGRESS, [rt.stacked("lb")])
+        for i, name in enumerate(("client", "backend", "gw"), start=1):
+            rt.connect_netdev(ports[name], f"u{i}")
+        gw_mac = random_mac()
+        fdb = rt.table("bridge_fdb", "bridge")
+        fdb[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(gw_mac))] = maps.BridgeFdbVal(
+            port=ports["gw"].id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        yield LbLab(net, b, lb, ports, gw_mac, random_mac())
+
+
+# ---------------------------------------------------------------------------- frames
+def tcp_frame(lab: LbLab, src: str, dst: str, sport: int, dport: int, flags: int = TCP_SYN,
+              seq: int = 1000, ack: int = 0, outbound: bool = True) -> bytes:
+    """Outbound: from the client pod to the gateway; else from the gateway to it."""
+    macs = (lab.gw_mac, lab.client_mac) if outbound else (lab.client_mac, lab.gw_mac)
+    return eth(*macs, ETH_P_IP,
+               ipv4(src, dst, IPPROTO_TCP, tcp(src, dst, sport, dport, flags, seq, ack)))
+
+
+def udp_frame(lab: LbLab, src: str, dst: str, sport: int, dport: int, data: bytes = b"dns?",
+              outbound: bool = True, checksum: bool = True) -> bytes:
+    macs = (lab.gw_mac, lab.client_mac) if outbound else (lab.client_mac, lab.gw_mac)
+    dgram = udp_csum(src, dst, sport, dport, data) if checksum else udp(sport, dport, data)
+    return eth(*macs, ETH_P_IP, ipv4(src, dst, IPPROTO_UDP, dgram))
+
+
+def dest_of(res: TestRunResult) -> tuple[str, int]:
+    ip = parse_ipv4(parse_eth(res.data).payload)
+    return ip.dst, l4_ports(ip).dport
+
+
+def gw_tx(before: dict[str, PortCounters], after: dict[str, PortCounters]) -> int:
+    return after["gw"].tx_packets - before["gw"].tx_packets
+
+
+# The C hash (pcn_flow_hash in bpf/include/pcn_lb.h) over the flow as the
+# kernel holds it: addresses and ports are the network-order bytes read as
+# little-endian integers.
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    h ^= h >> 16
+    return h
+
+
+def flow_hash(saddr: str, daddr: str, sport: int, dport: int, proto: int) -> int:
+    ports = ((be16(sport) << 16) | be16(dport)) & _M32
+    return _mix32(maps.ip_be(saddr) ^ _mix32(maps.ip_be(daddr) ^ _mix32(ports ^ proto)))
+
+
+# ---------------------------------------------------------------------------- ClusterIP
+def test_syn_to_service_goes_to_a_backend(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    backends = [Backend(backend_ip(), 8080), Backend(backend_ip(), 8080)]
+    lab.lb.set_service(svc, 80, "tcp", backends)
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_pod(tcp_frame(lab, cl, svc, 40000, 80))
+    after = lab.counters()
+
+    assert res.retval == TC_ACT_REDIRECT  # the bridge sent it on to the gateway
+    assert gw_tx(before, after) == 1
+    assert after["client"].rx_packets - before["client"].rx_packets == 1
+    chosen, port = dest_of(res)
+    assert (chosen, port) in {(b.ip, b.port) for b in backends}
+    # Only the destination changed; IP and TCP checksums recomputed from scratch.
+    assert_frame(res.data, tcp_frame(lab, cl, chosen, 40000, 8080))
+    assert lab.drops() == drops
+
+    assert {"client": f"{cl}:40000", "service": f"{svc}:80", "backend": f"{chosen}:8080",
+            "proto": IPPROTO_TCP} in lab.sessions()
+    rev = lab.raw_session(chosen, cl, 8080, 40000, IPPROTO_TCP)  # the reply, as it will come
+    assert rev is not None
+    assert (rev.kind, rev.is_src, maps.ip_str(rev.ip), rev.port) == (2, 1, svc, be16(80))
+
+
+def test_same_flow_keeps_its_backend_even_after_the_service_changes(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    backends = [Backend(backend_ip(), 8080) for _ in range(4)]
+    lab.lb.set_service(svc, 80, "tcp", backends)
+    first = dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 41000, 80)))
+    for _ in range(5):  # retransmitted SYNs
+        assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 41000, 80))) == first
+
+    # The chosen backend leaves the slot table: established flows keep it,
+    # new flows never get it.
+    rest = [b for b in backends if (b.ip, b.port) != first]
+    lab.lb.set_service(svc, 80, "tcp", rest)
+    res = lab.from_pod(tcp_frame(lab, cl, svc, 41000, 80, flags=TCP_ACK, seq=1001, ack=1))
+    assert dest_of(res) == first
+    assert_frame(res.data, tcp_frame(lab, cl, first[0], 41000, 8080, flags=TCP_ACK, seq=1001,
+                                     ack=1))
+    for sport in range(42000, 42020):
+        assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, sport, 80))) in \
+            {(b.ip, b.port) for b in rest}
+
+
+def test_reply_from_backend_gets_the_service_address_back(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 9000)
+    lab.lb.set_service(svc, 443, "tcp", [be])
+    assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 43000, 443))) == (be.ip, 9000)
+
+    reply = tcp_frame(lab, be.ip, cl, 9000, 43000, flags=TCP_SYN | TCP_ACK, seq=777, ack=1001,
+                      outbound=False)
+    before = lab.counters()
+    res = lab.to_pod(reply)
+    assert res.retval == TC_ACT_OK  # end of the egress hook of a netdev: the kernel sends it
+    assert_frame(res.data, tcp_frame(lab, svc, cl, 443, 43000, flags=TCP_SYN | TCP_ACK, seq=777,
+                                     ack=1001, outbound=False))
+    assert lab.counters() == before  # the egress hook counts nothing of its own
+
+
+def test_lbrp_program_run_directly_with_chain_metadata(lab: LbLab) -> None:
+    """The lbrp's own program with skb->cb as pcn_hook_run sets it: after the
+    translation, pcn_pass continues to the owner of the port (the bridge)."""
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [be])
+    port = lab.ports["client"]
+    cb = [port.id, maps.HOOK_INGRESS | 0 << 8 | CTX_CUBE << 16, lab.lb.cube.id]
+    before = lab.counters()
+    res = lab.net.run(lab.net.rt.types["lbrp"].fd, tcp_frame(lab, cl, svc, 44000, 80), cb=cb,
+                      ifindex=lab.net.ifindex["u1"])
+    after = lab.counters()
+    assert res.retval == TC_ACT_REDIRECT
+    assert gw_tx(before, after) == 1
+    assert after["client"].rx_packets == before["client"].rx_packets  # no entry program ran
+    assert_frame(res.data, tcp_frame(lab, cl, be.ip, 44000, 8080))
+    assert res.cb[:3] == (port.id, maps.HOOK_INGRESS, 0)  # pcn_to_cube's metadata for the bridge
+
+
+@pytest.mark.parametrize("kind", ["other-port", "other-proto", "other-address", "icmp"])
+def test_traffic_not_for_a_service_passes_unchanged(lab: LbLab, kind: str) -> None:
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [Backend(backend_ip(), 8080)])
+    pkt = {
+        "other-port": lambda: tcp_frame(lab, cl, svc, 45000, 81),
+        "other-proto": lambda: udp_frame(lab, cl, svc, 45000, 80),
+        "other-address": lambda: tcp_frame(lab, cl, "10.96.255.1", 45000, 80),
+        "icmp": lambda: eth(lab.gw_mac, lab.client_mac, ETH_P_IP,
+                            ipv4(cl, svc, IPPROTO_ICMP, icmp_echo(1, 1, b"ping"))),
+    }[kind]()
+    sessions, drops, before = lab.sessions(), lab.drops(), lab.counters()
+    res = lab.from_pod(pkt)
+    assert res.retval == TC_ACT_REDIRECT
+    assert res.data == pkt
+    assert gw_tx(before, lab.counters()) == 1
+    assert lab.sessions() == sessions
+    assert lab.drops() == drops
+
+
+def test_reply_without_session_passes_unchanged(lab: LbLab) -> None:
+    pkt = tcp_frame(lab, "192.0.2.80", client(), 80, 46000, flags=TCP_SYN | TCP_ACK,
+                    outbound=False)
+    res = lab.to_pod(pkt)
+    assert res.retval == TC_ACT_OK
+    assert res.data == pkt
+
+
+@pytest.mark.parametrize("checksum", [True, False], ids=["checksum", "no-checksum"])
+def test_udp_service_both_directions(lab: LbLab, checksum: bool) -> None:
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp", [be])
+    res = lab.from_pod(udp_frame(lab, cl, svc, 47000, 53, checksum=checksum))
+    assert res.retval == TC_ACT_REDIRECT
+    # assert_frame also checks that a datagram sent without checksum keeps none
+    assert_frame(res.data, udp_frame(lab, cl, be.ip, 47000, 5353, checksum=checksum))
+    assert {"client": f"{cl}:47000", "service": f"{svc}:53", "backend": f"{be.ip}:5353",
+            "proto": IPPROTO_UDP} in lab.sessions()
+
+    res = lab.to_pod(udp_frame(lab, be.ip, cl, 5353, 47000, b"answer", outbound=False,
+                               checksum=checksum))
+    assert res.retval == TC_ACT_OK
+    assert_frame(res.data, udp_frame(lab, svc, cl, 53, 47000, b"answer", outbound=False,
+                                     checksum=checksum))
+
+
+# ---------------------------------------------------------------------------- selection
+def test_weighted_backends_share_new_flows_in_proportion(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    backends = [Backend(backend_ip(), 8080, weight=w) for w in (1, 2, 1)]
+    lab.lb.set_service(svc, 80, "tcp", backends)
+    slots = weighted_slots(backends)
+    slot_share = {b.ip: slots.count(b) / len(slots) for b in backends}
+    assert slot_share == {backends[0].ip: 0.25, backends[1].ip: 0.5, backends[2].ip: 0.25}
+
+    n = 2000
+    fd, ifindex = lab.net.rt._entry_fds["pcn_ingress"], lab.net.ifindex["u1"]
+    got: Counter[str] = Counter()
+    with lab.net.inside():
+        for sport in range(20000, 20000 + n):
+            res = testrun.run_sched_cls(fd, tcp_frame(lab, cl, svc, sport, 80), ifindex=ifindex)
+            got[dest_of(res)[0]] += 1
+    assert sum(got.values()) == n
+    # Each flow lands on a slot by a 32-bit mix of its 5-tuple, which spreads
+    # consecutive ports like independent uniform draws: a backend owning a
+    # share p of the slots gets Binomial(n, p) flows, whose standard deviation
+    # as a share is sqrt(p(1-p)/n) = 1.1 points for p=1/2 and 1.0 for p=1/4 at
+    # n=2000. A tolerance of 5 points is 4.5 sigma or more (a false alarm
+    # rarer than 1e-5), while ignoring the weights (1/3 each) would miss by
+    # 8 and 17 points.
+    for b in backends:
+        assert abs(got[b.ip] / n - slot_share[b.ip]) < 0.05, (b, got)
+
+
+def test_slot_choice_is_the_flow_hash_modulo_the_slot_table(lab: LbLab) -> None:
+    """Exact: the backend of a new flow is slot hash(flow) % n_slots of the
+    table weighted_slots() wrote, with the hash mirrored from pcn_lb.h (it must
+    stay stable: the same flow picks the same backend on every node)."""
+    svc, cl = vip(), client()
+    backends = [Backend(backend_ip(), 7000 + i, weight=w) for i, w in enumerate((3, 1, 2, 5))]
+    lab.lb.set_service(svc, 8443, "tcp", backends)
+    slots = weighted_slots(backends)
+    for sport in range(30000, 30200):
+        want = slots[flow_hash(cl, svc, sport, 8443, IPPROTO_TCP) % len(slots)]
+        assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, sport, 8443))) == (want.ip, want.port)
+
+
+def test_client_ip_affinity_sends_a_client_to_one_backend(lab: LbLab) -> None:
+    backends = [Backend(backend_ip(), 8080) for _ in range(3)]
+    sticky, plain = vip(), vip()
+    lab.lb.set_service(sticky, 80, "tcp", backends, affinity_timeout_s=10800)
+    lab.lb.set_service(plain, 80, "tcp", backends)
+    cl = client()
+    slots = weighted_slots(backends)
+    first = slots[flow_hash(cl, sticky, 50000, 80, IPPROTO_TCP) % len(slots)]
+
+    seen_sticky = {dest_of(lab.from_pod(tcp_frame(lab, cl, sticky, sport, 80)))
+                   for sport in range(50000, 50030)}
+    assert seen_sticky == {(first.ip, 8080)}  # the first flow's choice, for all of them
+    # Without affinity the same client's flows spread (all 30 on one of three
+    # equally weighted backends: probability 3^-29).
+    seen_plain = {dest_of(lab.from_pod(tcp_frame(lab, cl, plain, sport, 80)))
+                  for sport in range(50000, 50030)}
+    assert len(seen_plain) > 1
+
+
+def test_affinity_forgets_a_backend_that_left_the_service(lab: LbLab) -> None:
+    backends = [Backend(backend_ip(), 8080) for _ in range(3)]
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", backends, affinity_timeout_s=10800)
+    first = dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 51000, 80)))
+    rest = [b for b in backends if (b.ip, b.port) != first]
+    lab.lb.set_service(svc, 80, "tcp", rest, affinity_timeout_s=10800)
+    # New connections of the client go to a backend that is still there, and
+    # stick to it again.
+    seen = {dest_of(lab.from_pod(tcp_frame(lab, cl, svc, sport, 80)))
+            for sport in range(51001, 51011)}
+    assert len(seen) == 1 and seen <= {(b.ip, b.port) for b in rest}
+
+
+def test_affinity_does_not_outlive_its_service(lab: LbLab) -> None:
+    """A deleted service's id goes to the next new service: the new one must
+    not inherit the old one's client -> backend choices."""
+    old, cl = Backend(backend_ip(), 8080), client()
+    svc_a = vip()
+    a = lab.lb.set_service(svc_a, 80, "tcp", [old], affinity_timeout_s=10800)
+    assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc_a, 52000, 80))) == (old.ip, 8080)
+    assert lab.lb.delete_service(svc_a, 80, "tcp")
+    new = [Backend(backend_ip(), 9090), Backend(backend_ip(), 9090)]
+    b = lab.lb.set_service(vip(), 80, "tcp", new, affinity_timeout_s=10800)
+    assert b.id == a.id  # what makes the leak possible
+    got = dest_of(lab.from_pod(tcp_frame(lab, cl, b.vip, 52001, 80)))
+    assert got in {(x.ip, x.port) for x in new}
+
+
+# ---------------------------------------------------------------------------- reject
+def test_service_without_backends_answers_syn_with_rst(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [])
+    port = lab.ports["client"]
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_pod(tcp_frame(lab, cl, svc, 48000, 80, seq=0xFFFFFFFF))
+    after = lab.counters()
+
+    assert res.retval == TC_ACT_REDIRECT  # back out of the pod's own veth
+    # RST|ACK from the service to the client: MACs, addresses and ports
+    # swapped, seq 0, ack = seq + 1 (wrapping), checksums valid.
+    assert_frame(res.data, tcp_frame(lab, svc, cl, 80, 48000, flags=TCP_RST | TCP_ACK, seq=0,
+                                     ack=0, outbound=False))
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    assert after["client"].drops - before["client"].drops == 1
+    assert gw_tx(before, after) == 0
+    assert port.peer == lab.net.ifindex["u1"]
+
+    res = lab.from_pod(tcp_frame(lab, cl, svc, 48001, 80, seq=41))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, tcp_frame(lab, svc, cl, 80, 48001, flags=TCP_RST | TCP_ACK, seq=0,
+                                     ack=42, outbound=False))
+
+
+def test_service_without_backends_drops_what_is_not_a_connection_attempt(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [])
+    pkt = tcp_frame(lab, cl, svc, 48100, 80, flags=TCP_ACK, seq=5, ack=9)
+    before = lab.counters()
+    res = lab.from_pod(pkt)
+    assert res.retval == TC_ACT_SHOT  # never answer a RST or ACK with a RST
+    assert gw_tx(before, lab.counters()) == 0
+
+
+def test_service_without_backends_answers_udp_with_port_unreachable(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 53, "udp", [])
+    sent = udp_frame(lab, cl, svc, 49000, 53, b"a question longer than eight bytes")
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_pod(sent)
+    after = lab.counters()
+
+    assert res.retval == TC_ACT_REDIRECT
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    assert gw_tx(before, after) == 0
+    e = parse_eth(res.data)
+    assert (e.dst, e.src, e.ethertype) == (lab.client_mac, lab.gw_mac, ETH_P_IP)
+    assert len(res.data) == 14 + 20 + 8 + 20 + 8  # nothing past the quote
+    ip = parse_ipv4(e.payload)
+    assert (ip.src, ip.dst, ip.proto, ip.ttl, ip.total_len) == (svc, cl, IPPROTO_ICMP, 64, 56)
+    assert inet_csum(ip.header) == 0, "IPv4 header checksum"
+    assert inet_csum(ip.payload) == 0, "ICMP checksum"
+    icmp_type, code, _csum, unused = struct.unpack("!BBHI", ip.payload[:8])
+    assert (icmp_type, code, unused) == (3, 3, 0)  # destination / port unreachable
+    original = parse_eth(sent).payload
+    assert ip.payload[8:] == original[:20 + 8]  # its IP header and first 8 bytes

@@ -1,0 +1,515 @@
+"""pcn-cni run exactly as a container runtime runs it (CNI_* environment,
+network configuration on stdin) inside the node namespace of a one-node lab,
+whose data plane the agent's local API serves; Debian's host-local does IPAM."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from pcn_agent import cni, localapi, nsutil, podnet
+from pcn_agent.localapi import DataplaneHandler, LocalApiServer
+from pcn_agent.node import NodeDataplane
+from pcn_agent.topology import Lab
+
+pytestmark = pytest.mark.netns
+
+CNI_PATH = "/usr/lib/cni"
+HOST_LOCAL = Path(CNI_PATH) / "host-local"
+_SCRIPT = Path(sys.executable).with_name("pcn-cni")
+PLUGIN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcn_agent.cni"]
+
+
+@dataclass
+class Run:
+    rc: int
+    out: dict[str, Any] | None
+    stdout: str
+    stderr: str
+
+    def ok(self) -> dict[str, Any] | None:
+        assert self.rc == 0, f"pcn-cni failed ({self.rc}): {self.stdout} {self.stderr}"
+        return self.out
+
+    def error(self, code: int) -> dict[str, Any]:
+        assert self.rc != 0, f"pcn-cni succeeded: {self.stdout}"
+        assert self.out is not None, f"no CNI error JSON on stdout: {self.stdout!r}"
+        assert self.out["code"] == code, self.out
+        assert self.out["msg"] and "cniVersion" in self.out
+        return self.out
+
+
+@dataclass
+class CniLab:
+    lab: Lab
+    node: NodeDataplane
+    tmp: Path
+    sock: Path
+    network: str
+    _ids: Iterator[int] = field(default_factory=itertools.count)
+
+    @property
+    def node_ns(self) -> str:
+        assert self.node.cfg.netns is not None
+        return self.node.cfg.netns
+
+    @property
+    def data_dir(self) -> Path:
+        return self.tmp / "ipam"
+
+    def conf(self, **overrides: Any) -> dict[str, Any]:
+        net = ipaddress.IPv4Network(self.node.cfg.pod_cidr)
+        conf: dict[str, Any] = {
+            "cniVersion": "1.0.0", "name": self.network, "type": "pcn", "mtu": 1450,
+            "agentSocket": str(self.sock),
+            "ipam": {"type": "host-local", "dataDir": str(self.data_dir),
+                     "ranges": [[{"subnet": str(net), "rangeStart": str(net[100]),
+                                  "rangeEnd": str(net[150]), "gateway": self.node.cfg.gateway}]],
+                     "routes": [{"dst": "0.0.0.0/0"}]}}
+        conf.update(overrides)
+        return {k: v for k, v in conf.items() if v is not None}
+
+    def run(self, command: str | None, conf: dict[str, Any] | bytes | None = None,
+            container_id: str = "", netns: str = "", ifname: str = "eth0",
+            args: str = "", **env: str) -> Run:
+        environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_PATH": CNI_PATH}
+        for key, value in (("CNI_COMMAND", command), ("CNI_CONTAINERID", container_id),
+                           ("CNI_NETNS", netns), ("CNI_IFNAME", ifname), ("CNI_ARGS", args)):
+            if value:
+                environ[key] = value
+        environ.update(env)
+        environ = {k: v for k, v in environ.items() if v}
+        data = conf if isinstance(conf, bytes) else json.dumps(conf or self.conf()).encode()
+        proc = subprocess.run(["ip", "netns", "exec", self.node_ns, *PLUGIN], input=data,
+                              env=environ, capture_output=True, timeout=60, check=False)
+        stdout = proc.stdout.decode()
+        try:
+            out = json.loads(stdout) if stdout.strip() else None
+        except ValueError:
+            out = None
+        return Run(proc.returncode, out, stdout, proc.stderr.decode())
+
+    def pod_ns(self) -> tuple[str, str]:
+        """A fresh pod namespace (removed with the lab): its name and path."""
+        name = f"{self.lab.prefix}-c{next(self._ids)}"
+        pr_netns.create(name)
+        self.lab.namespaces.append(name)
+        return name, nsutil.netns_path(name)
+
+    def add(self, container_id: str | None = None, **kw: Any) -> tuple[str, str, str, dict]:
+        """ADD a new pod: (container id, netns name, netns path, result)."""
+        cid = container_id or secrets.token_hex(32)
+        name, path = self.pod_ns()
+        result = self.run("ADD", kw.pop("conf", None), cid, path,
+                          args="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;"
+                               f"K8S_POD_NAME=web-{cid[:6]}", **kw).ok()
+        assert result is not None
+        return cid, name, path, result
+
+    def delete(self, cid: str, path: str = "", conf: dict | None = None) -> Run:
+        return self.run("DEL", conf, cid, path)
+
+    def allocated(self) -> dict[str, str]:
+        """host-local's reservations: address -> container id."""
+        d = self.data_dir / self.network
+        if not d.is_dir():
+            return {}
+        out = {}
+        for f in d.iterdir():
+            try:
+                ipaddress.ip_address(f.name)
+            except ValueError:
+                continue
+            out[f.name] = f.read_text().split()[0]
+        return out
+
+    def node_links(self) -> set[str]:
+        with IPRoute(netns=self.node_ns) as ipr:
+            return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+    def pod_links(self, netns: str) -> set[str]:
+        with IPRoute(netns=netns) as ipr:
+            return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+    def exec(self, netns: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return self.lab.exec(netns, argv, timeout=30)
+
+    def cni_pods(self) -> set[str]:
+        return {k for k, p in self.node.pods.items() if p.origin == "cni"}
+
+
+def _root_links() -> set[str]:
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+@pytest.fixture(scope="module")
+def cl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CniLab]:
+    if not HOST_LOCAL.exists():
+        pytest.skip("host-local IPAM plugin missing (apt-get install containernetworking-plugins)")
+    root_before = _root_links()
+    lab = Lab(nodes_count=1, pods_per_node=0)
+    tmp = tmp_path_factory.mktemp("cni")
+    server = None
+    try:
+        lab.build()
+        node = lab.node(1)
+        sock = tmp / "agent.sock"
+        server = LocalApiServer(sock, DataplaneHandler(node)).start()
+        yield CniLab(lab, node, tmp, sock, f"pcn-test-{lab.run_id}")
+    finally:
+        if server is not None:
+            server.stop()
+        lab.close()
+    assert lab.leftovers() == [], f"teardown left {lab.leftovers()}"
+    assert _root_links() == root_before
+
+
+@pytest.fixture
+def clean(cl: CniLab) -> Iterator[CniLab]:
+    """Each test starts and must end without attachments, addresses or veths."""
+    assert cl.cni_pods() == set() and cl.allocated() == {}
+    links = cl.node_links()
+    yield cl
+    assert cl.cni_pods() == set(), "test left attachments"
+    assert cl.allocated() == {}, "test left addresses"
+    assert cl.node_links() == links, "test left links in the node namespace"
+
+
+def _ping(cl: CniLab, netns: str, dst: str) -> None:
+    p = cl.exec(netns, ["ping", "-c", "2", "-i", "0.2", "-W", "2", dst])
+    assert p.returncode == 0, f"ping {dst} from {netns}: {p.stdout} {p.stderr}"
+
+
+def _pod_addresses(netns: str, ifname: str = "eth0") -> set[str]:
+    with IPRoute(netns=netns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        return {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in ipr.get_addr(index=idx, family=2)}
+
+
+# ------------------------------------------------------------------ no kernel
+def test_version() -> None:
+    for asked, expected in (("1.0.0", "1.0.0"), ("0.4.0", "0.4.0"), (None, "1.1.0")):
+        data = json.dumps({"cniVersion": asked}).encode() if asked else b""
+        proc = subprocess.run(PLUGIN, input=data, env={"CNI_COMMAND": "VERSION"},
+                              capture_output=True, timeout=30, check=False)
+        assert proc.returncode == 0, proc.stdout
+        out = json.loads(proc.stdout)
+        assert out == {"cniVersion": expected, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+
+
+def test_help_explains_it_is_run_by_the_runtime() -> None:
+    proc = subprocess.run([*PLUGIN, "--help"], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert proc.returncode == 0
+    assert "CNI plugin" in proc.stdout and "container runtime" in proc.stdout
+    for word in ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC", "CNI_COMMAND",
+                 "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"):
+        assert word in proc.stdout
+
+
+def test_cni_args_and_env_parsing() -> None:
+    env = cni.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/var/run/netns/x",
+                               "CNI_IFNAME": "eth0", "CNI_PATH": "/a:/b",
+                               "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p"})
+    assert (env.k8s_namespace, env.k8s_name, env.path) == ("ns", "p", ["/a", "/b"])
+    with pytest.raises(cni.CniError) as err:
+        cni.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+                             "CNI_PATH": "/a", "CNI_ARGS": "novalue"})
+    assert err.value.code == 4
+    with pytest.raises(cni.CniError) as err:
+        cni.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/x",
+                             "CNI_IFNAME": "a-name-too-long-for-linux", "CNI_PATH": "/a"})
+    assert err.value.code == 4 and "CNI_IFNAME" in err.value.msg
+    # DEL does not need the namespace (it may be gone).
+    assert cni.read_env("DEL", {"CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0",
+                                "CNI_PATH": "/a"}).netns == ""
+    assert cni.parse_conf(b'{"cniVersion": "1.1.0", "name": "n", "type": "pcn", "mtu": "1400",'
+                          b'"ipam": {"type": "host-local"}}').mtu == 1400
+
+
+# ------------------------------------------------------------------ ADD/CHECK/DEL
+def test_add_check_ping_del(clean: CniLab) -> None:
+    cl = clean
+    a_id, a_ns, a_path, a = cl.add()
+    b_id, b_ns, b_path, b = cl.add()
+    gw = cl.node.cfg.gateway
+    net = ipaddress.IPv4Network(cl.node.cfg.pod_cidr)
+
+    # A spec-conformant result.
+    assert a["cniVersion"] == "1.0.0"
+    host, cont = a["interfaces"]
+    assert host == {"name": podnet.host_ifname(a_id), "mac": host["mac"]} and host["mac"]
+    assert cont["name"] == "eth0" and cont["sandbox"] == a_path and cont["mac"]
+    [ip] = a["ips"]
+    assert ip["gateway"] == gw and ip["interface"] == 1 and "version" not in ip
+    addr = ipaddress.IPv4Interface(ip["address"])
+    assert addr.network == net and net[100] <= addr.ip <= net[150]
+    assert a["routes"] == [{"dst": "0.0.0.0/0", "gw": gw}]
+    assert isinstance(a["dns"], dict)
+
+    # The pod has what the result says, the agent has the attachment.
+    assert _pod_addresses(a_ns) == {ip["address"]}
+    with IPRoute(netns=a_ns) as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0]
+        assert link.get_attr("IFLA_ADDRESS") == cont["mac"]
+        assert link.get_attr("IFLA_MTU") == 1450
+        routes = ipr.get_default_routes(family=2)
+        assert [r.get_attr("RTA_GATEWAY") for r in routes] == [gw]
+    pod = cl.node.pods[a_id]
+    assert (pod.k8s_namespace, pod.k8s_name, pod.origin) == ("default", f"web-{a_id[:6]}", "cni")
+    assert pod.port.netdev == podnet.host_ifname(a_id)
+    assert cl.allocated() == {str(addr.ip): a_id, b["ips"][0]["address"].split("/")[0]: b_id}
+
+    # Traffic: pod to pod across the bridge, pod to its gateway (the router).
+    b_ip = b["ips"][0]["address"].split("/")[0]
+    _ping(cl, a_ns, b_ip)
+    _ping(cl, b_ns, str(addr.ip))
+    _ping(cl, a_ns, gw)
+
+    # CHECK with the ADD result, as the runtime sends it.
+    cl.run("CHECK", cl.conf(prevResult=a), a_id, a_path).ok()
+    cl.run("CHECK", cl.conf(prevResult=b), b_id, b_path).ok()
+
+    # Attaching again is idempotent at the agent.
+    again = localapi.call(cl.sock, {
+        "op": "attach", "container_id": a_id, "netns": a_path, "ifname": "eth0",
+        "host_ifname": host["name"], "ip": ip["address"], "mac": cont["mac"]}, timeout=10)
+    assert again["already"] is True and cl.node.pods[a_id].port is pod.port
+
+    # DEL releases the link, the port and the address; twice is fine.
+    cl.delete(a_id, a_path).ok()
+    assert podnet.host_ifname(a_id) not in cl.node_links()
+    assert "eth0" not in cl.pod_links(a_ns)
+    assert a_id not in cl.node.pods
+    assert str(addr.ip) not in cl.allocated()
+    cl.delete(a_id, a_path).ok()
+    _ping(cl, b_ns, gw)  # the other pod is untouched
+    cl.delete(b_id, b_path).ok()
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.1.0"])
+def test_result_format_follows_cni_version(clean: CniLab, version: str) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add(conf=cl.conf(cniVersion=version))
+    assert result["cniVersion"] == version
+    if version == "0.4.0":
+        assert result["ips"][0]["version"] == "4"
+    else:  # 1.1.0, IPAM run as 1.0.0 (Debian's host-local stops there)
+        assert result["interfaces"][1]["mtu"] == 1450
+    cl.run("CHECK", cl.conf(cniVersion=version, prevResult=result), cid, path).ok()
+    _ping(cl, ns, cl.node.cfg.gateway)
+    cl.delete(cid, path, conf=cl.conf(cniVersion=version)).ok()
+
+
+def test_check_reports_a_missing_address(clean: CniLab) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add()
+    try:
+        assert cl.exec(ns, ["ip", "addr", "flush", "dev", "eth0"]).returncode == 0
+        err = cl.run("CHECK", cl.conf(prevResult=result), cid, path).error(999)
+        assert result["ips"][0]["address"] in err["msg"] and "lacks" in err["msg"]
+    finally:
+        cl.delete(cid, path).ok()
+    err = cl.run("CHECK", cl.conf(prevResult=result), cid, path).error(999)
+    assert "missing" in err["msg"]
+
+
+def test_del_after_the_namespace_is_gone(clean: CniLab) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add()
+    pr_netns.remove(ns)
+    cl.lab.namespaces.remove(ns)
+    cl.delete(cid, path).ok()  # the runtime still passes the old path
+    cl.delete(cid).ok()  # or none at all
+    assert cid not in cl.node.pods
+    assert podnet.host_ifname(cid) not in cl.node_links()
+
+
+def test_del_without_the_agent_still_releases_and_gc_drops_the_port(clean: CniLab) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add()
+    gone = cl.conf(agentSocket=str(cl.tmp / "no-agent.sock"))
+    run = cl.delete(cid, path, conf=gone)
+    run.ok()
+    assert "releasing the link and address without it" in run.stderr
+    assert podnet.host_ifname(cid) not in cl.node_links()
+    assert cl.allocated() == {}
+    assert cid in cl.node.pods  # the agent never heard of the DEL
+    cl.run("GC", cl.conf(**{"cni.dev/valid-attachments": []})).ok()
+    assert cid not in cl.node.pods
+
+
+def test_gc_removes_what_is_not_valid(clean: CniLab) -> None:
+    cl = clean
+    x, x_ns, x_path, xr = cl.add()
+    y, y_ns, y_path, yr = cl.add()
+    x_ip = xr["ips"][0]["address"].split("/")[0]
+    valid = [{"containerID": y, "ifname": "eth0"}]
+    cl.run("GC", cl.conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": valid})).ok()
+    assert x not in cl.node.pods and y in cl.node.pods
+    assert podnet.host_ifname(x) not in cl.node_links()
+    assert x_ip not in cl.allocated() and y in cl.allocated().values()
+    _ping(cl, y_ns, cl.node.cfg.gateway)
+    cl.run("GC", cl.conf(**{"cni.dev/valid-attachments": valid})).ok()  # nothing more to do
+    assert y in cl.node.pods
+    err = cl.run("GC", cl.conf()).error(7)
+    assert "cni.dev/valid-attachments" in err["msg"]
+    cl.delete(x, x_path).ok()  # DEL after GC is still fine
+    cl.delete(y, y_path).ok()
+
+
+def test_status(cl: CniLab) -> None:
+    cl.run("STATUS", cl.conf(cniVersion="1.1.0")).ok()
+    sock = cl.tmp / "status.sock"
+    conf = cl.conf(cniVersion="1.1.0", agentSocket=str(sock))
+    with LocalApiServer(sock, DataplaneHandler(cl.node)):
+        assert cl.run("STATUS", conf).ok() is None
+    assert not sock.exists()
+    err = cl.run("STATUS", conf).error(50)
+    assert "not available" in err["msg"] and str(sock) in err["msg"]
+
+
+# ------------------------------------------------------------------ failures
+def _no_leaks(cl: CniLab, links_before: set[str], pod_ns: str | None = None) -> None:
+    assert cl.allocated() == {}, "a failed ADD left an address"
+    assert cl.node_links() == links_before, "a failed ADD left a link"
+    assert cl.cni_pods() == set()
+    if pod_ns is not None:
+        assert cl.pod_links(pod_ns) == {"lo"}
+
+
+BAD_INPUTS = [
+    # (id, CNI_* changes, configuration changes or raw stdin, code, words in msg)
+    ("no-command", {"CNI_COMMAND": ""}, None, 4, "CNI_COMMAND is not set"),
+    ("unknown-command", {"CNI_COMMAND": "FROB"}, None, 4, "unknown CNI_COMMAND 'FROB'"),
+    ("no-container-id", {"CNI_CONTAINERID": ""}, None, 4, "CNI_CONTAINERID not set"),
+    ("no-netns", {"CNI_NETNS": ""}, None, 4, "CNI_NETNS not set"),
+    ("netns-missing", {"CNI_NETNS": "/var/run/netns/pcn-no-such-ns"}, None, 4,
+     "does not exist"),
+    ("netns-not-a-netns", {"CNI_NETNS": "/etc/hostname"}, None, 4, "not a network namespace"),
+    ("invalid-json", {}, b'{"cniVersion": "1.0.0", ', 6, "not valid JSON"),
+    ("empty-stdin", {}, b"", 6, "no network configuration"),
+    ("unsupported-version", {}, {"cniVersion": "0.3.1"}, 1, "incompatible CNI version 0.3.1"),
+    ("missing-ipam", {}, {"ipam": None}, 7, "no \"ipam\" section"),
+    ("unknown-ipam", {}, {"ipam": {"type": "pcn-no-such-ipam"}}, 7, "not found in CNI_PATH"),
+    ("bad-mtu", {}, {"mtu": "jumbo"}, 7, "invalid mtu"),
+    ("relative-socket", {}, {"agentSocket": "agent.sock"}, 7, "invalid agentSocket"),
+]
+
+
+@pytest.mark.parametrize("env,conf,code,words", [b[1:] for b in BAD_INPUTS],
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gives_the_right_error(clean: CniLab, env: dict[str, str],
+                                         conf: dict | bytes | None, code: int,
+                                         words: str) -> None:
+    cl = clean
+    links = cl.node_links()
+    ns, path = cl.pod_ns()
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": secrets.token_hex(32), "CNI_NETNS": path,
+               "CNI_IFNAME": "eth0", **env}
+    stdin = conf if isinstance(conf, bytes) else cl.conf(**(conf or {}))
+    run = cl.run(None, stdin, **environ)
+    err = run.error(code)
+    assert words in err["msg"], err
+    _no_leaks(cl, links, ns)
+
+
+def test_add_with_the_agent_unreachable_leaks_nothing(clean: CniLab) -> None:
+    cl = clean
+    links = cl.node_links()
+    ns, path = cl.pod_ns()
+    sock = cl.tmp / "no-agent.sock"
+    err = cl.run("ADD", cl.conf(agentSocket=str(sock)), secrets.token_hex(32), path).error(11)
+    assert "agent" in err["msg"] and str(sock) in err["msg"]
+    assert "agentSocket" in err["details"]
+    _no_leaks(cl, links, ns)
+
+
+def test_add_refused_by_the_agent_rolls_back(clean: CniLab) -> None:
+    # A range outside the node's pod CIDR: IPAM allocates and the veth is made
+    # before the agent refuses, so both must be undone.
+    cl = clean
+    links = cl.node_links()
+    ns, path = cl.pod_ns()
+    conf = cl.conf()
+    conf["ipam"]["ranges"] = [[{"subnet": "10.244.99.0/24", "gateway": "10.244.99.1"}]]
+    err = cl.run("ADD", conf, secrets.token_hex(32), path).error(7)
+    assert "pod CIDR" in err["msg"]
+    _no_leaks(cl, links, ns)
+
+
+def test_add_with_an_existing_interface_name_rolls_back(clean: CniLab) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add()
+    try:
+        links = cl.node_links()
+        err = cl.run("ADD", cl.conf(), secrets.token_hex(32), path).error(999)
+        assert err["msg"] == f"interface eth0 already exists in {path}"
+        assert cl.node_links() == links
+        assert set(cl.allocated().values()) == {cid}
+    finally:
+        cl.delete(cid, path).ok()
+
+
+def test_concurrent_adds_and_dels(clean: CniLab) -> None:
+    cl = clean
+    pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(6)]
+    with ThreadPoolExecutor(len(pods)) as pool:
+        runs = list(pool.map(lambda p: cl.run("ADD", None, p[0], p[2],
+                                              args="IgnoreUnknown=1"), pods))
+    results = [r.ok() for r in runs]
+    ips = {res["ips"][0]["address"] for res in results if res}
+    assert len(ips) == len(pods)
+    assert cl.cni_pods() == {p[0] for p in pods}
+    _ping(cl, pods[0][1], results[-1]["ips"][0]["address"].split("/")[0])
+    with ThreadPoolExecutor(len(pods)) as pool:
+        for r in pool.map(lambda p: cl.delete(p[0], p[2]), pods):
+            r.ok()
+
+
+def test_address_taken_over_from_a_stale_attachment(clean: CniLab) -> None:
+    # The agent missed a DEL (it was down); host-local hands the address to a
+    # new pod: the agent must drop the stale port and the router's ARP entry.
+    cl = clean
+    net = ipaddress.IPv4Network(cl.node.cfg.pod_cidr)
+    conf = cl.conf()
+    conf["ipam"]["ranges"] = [[{"subnet": str(net), "rangeStart": str(net[160]),
+                                "rangeEnd": str(net[160]), "gateway": cl.node.cfg.gateway}]]
+    a, a_ns, a_path, ar = cl.add(conf=conf)
+    _ping(cl, a_ns, cl.node.cfg.gateway)
+    assert cl.node.router is not None
+    assert cl.node.router.neighbor(str(net[160])) == ar["interfaces"][1]["mac"]
+    cl.delete(a, a_path, conf=cl.conf(agentSocket=str(cl.tmp / "no-agent.sock"))).ok()
+    assert a in cl.node.pods
+    b, b_ns, b_path, br = cl.add(conf=conf)
+    assert br["ips"][0]["address"] == f"{net[160]}/{net.prefixlen}"
+    assert a not in cl.node.pods and b in cl.node.pods
+    assert cl.node.router.neighbor(str(net[160])) is None
+    _ping(cl, b_ns, cl.node.cfg.gateway)
+    cl.delete(b, b_path, conf=conf).ok()
+
+
+def test_second_add_of_the_same_container_is_refused_without_harm(clean: CniLab) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add()
+    before = cl.allocated()
+    err = cl.run("ADD", cl.conf(), cid, path).error(999)
+    assert "already exists" in err["msg"] and "DEL" in err["details"]
+    assert cl.allocated() == before and cid in cl.node.pods
+    _ping(cl, ns, cl.node.cfg.gateway)
+    cl.delete(cid, path).ok()

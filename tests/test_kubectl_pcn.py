@@ -1,0 +1,741 @@
+"""kubectl-pcn against the emulated API server: every verb and output format,
+--dry-run=client, and the errors that name their fix (unreachable server, CRDs
+not installed, RBAC, unknown type, invalid rule). The agents' status comes
+from ConfigMaps seeded here in the shape of Agent.node_status()."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from kubectl_pcn import __version__
+from kubectl_pcn.cli import cli
+from kubectl_pcn.completion import kubectl_complete
+from pcn_agent.apiserver import RESOURCES, ApiServerError, EmulatedApiServer, apply, get
+
+BIN = Path(sys.executable).parent
+NF, CC, NPR = "NetworkFunction", "CubeChain", "NodePortRule"
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def write_kubeconfig(path: Path, server: str, namespace: str | None = None) -> Path:
+    ctx: dict[str, Any] = {"cluster": "lab", "user": "me"}
+    if namespace:
+        ctx["namespace"] = namespace
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": server}},
+                     {"name": "gone", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "me", "user": {}}],
+        "contexts": [{"name": "lab", "context": ctx},
+                     {"name": "other", "context": {"cluster": "lab", "user": "me",
+                                                   "namespace": "other"}}]}))
+    return path
+
+
+class Lab:
+    """An emulated API server, a kubeconfig pointing at it, and the CLI."""
+
+    def __init__(self, api: EmulatedApiServer, kubeconfig: Path) -> None:
+        self.api = api
+        self.kubeconfig = kubeconfig
+
+    def run(self, *args: str, code: int = 0, input: str | None = None) -> Result:
+        res = CliRunner().invoke(cli, ["--kubeconfig", str(self.kubeconfig), *args],
+                                 input=input, prog_name="kubectl-pcn")
+        assert res.exit_code == code, (args, res.exit_code, res.stdout, res.stderr,
+                                       res.exception)
+        if code == 0:
+            assert res.exception is None or isinstance(res.exception, SystemExit)
+        return res
+
+    def requests(self) -> list[str]:
+        return [f"{r.method.value} {r.url.path}" for r in list(self.api.emulator)]
+
+    def writes(self) -> list[str]:
+        return [r for r in self.requests() if r.split()[0] in WRITES]
+
+    def get(self, kind: str, name: str, namespace: str | None = "web") -> Any:
+        try:
+            return get(self.api, kind, name, namespace)
+        except ApiServerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def spec(self, kind: str, name: str, namespace: str | None = "web") -> Any:
+        obj = self.get(kind, name, namespace)
+        return None if obj is None else obj["spec"]
+
+
+@pytest.fixture
+def make_lab(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
+    started: list[EmulatedApiServer] = []
+
+    def make(namespace: str | None = None, **kwargs: Any) -> Lab:
+        api = EmulatedApiServer(**kwargs).start()
+        started.append(api)
+        kc = write_kubeconfig(tmp_path / f"kubeconfig-{len(started)}", api.url, namespace)
+        return Lab(api, kc)
+
+    yield make
+    for api in started:
+        api.stop()
+
+
+@pytest.fixture
+def lab(make_lab: Callable[..., Lab]) -> Lab:
+    return make_lab()
+
+
+# ----------------------------------------------------------------------------- seeds
+def now_ts(offset: float = 0) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + offset))
+
+
+def node_status(node: str, *, healthy: bool = True, heartbeat: str | None = None,
+                pods: dict[str, Any] | None = None, functions: dict[str, Any] | None = None,
+                error: str = "") -> dict[str, Any]:
+    """Shaped like Agent.node_status() (see test_sample_status_has_the_agents_shape)."""
+    return {"node": node, "version": "0.1.0", "dataplane": "up", "healthy": healthy,
+            "heartbeat": heartbeat or now_ts(), "lastError": error, "reconciles": 12,
+            "applyErrors": 1 if error else 0, "pods": pods or {}, "functions": functions or {},
+            "realized": {"services": 3, "nodeports": 1, "functions": len(functions or {}),
+                         "chains": 1, "pods": len(pods or {}), "peers": 1}}
+
+
+def pod_entry(ip: str, port: str, ingress: list[str], egress: list[str], rx: int, tx: int,
+              drops: int) -> dict[str, Any]:
+    return {"key": f"att-{ip}", "ip": ip, "port": port, "ingress": ingress, "egress": egress,
+            "counters": {"rx_packets": rx, "rx_bytes": rx * 100, "tx_packets": tx,
+                         "tx_bytes": tx * 100, "drops": drops}}
+
+
+def fw_entry(ns: str, name: str, rules: list[str], hits: list[int], default: str = "allow",
+             default_hits: int = 0, drops: int = 0) -> dict[str, Any]:
+    return {"namespace": ns, "name": name, "type": "firewall", "rules": rules,
+            "default": default, "hits": hits, "defaultHits": default_hits, "drops": drops}
+
+
+def seed_status(api: EmulatedApiServer, status: dict[str, Any]) -> None:
+    apply(api, {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": f"pcn-agent-status-{status['node']}",
+                             "namespace": "pcn-system",
+                             "labels": {"app.kubernetes.io/component": "pcn-agent-status",
+                                        "pcn.dev/node": status["node"]}},
+                "data": {"status.json": json.dumps(status, sort_keys=True)}})
+
+
+def seed_pod(api: EmulatedApiServer, ns: str, name: str, labels: dict[str, str],
+             node: str) -> None:
+    apply(api, {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
+                "spec": {"nodeName": node}, "status": {"podIP": "10.244.9.9"}})
+
+
+def seed_cluster(lab: Lab) -> None:
+    """Namespace web: web-1 (app=web, tier=fe) and db-1 on node-a, web-2 on
+    node-b; two firewalls in two chains; agents' counters for them."""
+    for ns, name, labels, node in (("web", "web-1", {"app": "web", "tier": "fe"}, "node-a"),
+                                   ("web", "web-2", {"app": "web"}, "node-b"),
+                                   ("web", "db-1", {"app": "db"}, "node-a"),
+                                   ("other", "api-1", {"app": "api"}, "node-b")):
+        seed_pod(lab.api, ns, name, labels, node)
+    lab.run("-n", "web", "add-cube", "firewall", "ssh-guard", "--rule", "drop tcp dport 22",
+            "--rule", "drop udp dport 53")
+    lab.run("-n", "web", "add-cube", "firewall", "web-fw", "--selector", "app=web",
+            "--rule", "allow tcp dport 80", "--default", "drop", "--hook", "egress")
+    lab.run("-n", "other", "add-cube", "firewall", "api-fw", "--rule", "allow icmp")
+    ssh = ["drop tcp dport 22", "drop udp dport 53"]
+    seed_status(lab.api, node_status("node-a", pods={
+        "web/web-1": pod_entry("10.244.1.5", "br0:p1", ["nf.web.ssh-guard"],
+                               ["nf.web.web-fw"], rx=40, tx=30, drops=4),
+        "web/db-1": pod_entry("10.244.1.6", "br0:p2", ["nf.web.ssh-guard"], [], 8, 2, 0)},
+        functions={"nf.web.ssh-guard": fw_entry("web", "ssh-guard", ssh, [3, 1], "allow", 50, 4),
+                   "nf.web.web-fw": fw_entry("web", "web-fw", ["allow tcp dport 80"], [20],
+                                             "drop", 7, 7)}))
+    seed_status(lab.api, node_status("node-b", pods={
+        "web/web-2": pod_entry("10.244.2.5", "br0:p1", ["nf.web.ssh-guard"],
+                               ["nf.web.web-fw"], rx=10, tx=10, drops=1),
+        "other/api-1": pod_entry("10.244.2.6", "br0:p2", ["nf.other.api-fw"], [], 5, 5, 0)},
+        functions={"nf.web.ssh-guard": fw_entry("web", "ssh-guard", ssh, [2, 0], "allow", 9, 1),
+                   "nf.web.web-fw": fw_entry("web", "web-fw", ["allow tcp dport 80"], [5],
+                                             "drop", 1, 1),
+                   "nf.other.api-fw": fw_entry("other", "api-fw", ["allow icmp"], [6])}))
+
+
+def test_sample_status_has_the_agents_shape() -> None:
+    from pcn_agent.agent import Agent
+    from pcn_agent.settings import ClusterSettings
+
+    real = Agent("node-z", ClusterSettings(), kube=None).node_status()  # type: ignore[arg-type]
+    assert set(node_status("node-z")) == set(real)
+
+
+# ----------------------------------------------------------------------------- add-cube
+def test_add_cube_creates_the_function_and_the_default_chain(lab: Lab) -> None:
+    res = lab.run("-n", "web", "add-cube", "firewall", "ssh-guard",
+                  "--rule", "drop tcp dport 22", "--rule", "allow udp to 10.96.0.10 dport 53",
+                  "--default", "drop")
+    assert res.stdout.splitlines()[0] == "networkfunction.pcn.dev/ssh-guard created"
+    assert res.stdout.splitlines()[1].startswith("cubechain.pcn.dev/default created: ingress: "
+                                                 "ssh-guard (ssh-guard at position 1 of 1")
+    nf = lab.get(NF, "ssh-guard")
+    assert nf["spec"] == {"type": "firewall", "config": {"defaultAction": "drop", "rules": [
+        {"action": "drop", "protocol": "tcp", "destinationPorts": "22"},
+        {"action": "allow", "protocol": "udp", "destination": "10.96.0.10/32",
+         "destinationPorts": "53"}]}}
+    assert nf["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "kubectl-pcn"}
+    assert lab.spec(CC, "default") == {"podSelector": {}, "ingress": [{"function": "ssh-guard"}],
+                                       "egress": [], "priority": 100}
+    # NAME defaults to TYPE; the namespace defaults to the context's, else "default"
+    lab.run("add-cube", "firewall")
+    assert lab.spec(CC, "default", "default")["ingress"] == [{"function": "firewall"}]
+
+
+def test_add_cube_again_changes_nothing(lab: Lab) -> None:
+    args = ("-n", "web", "add-cube", "firewall", "fw", "--selector", "app=web",
+            "--rule", "drop tcp dport 22", "--hook", "egress")
+    lab.run(*args)
+    before = len(lab.writes())
+    res = lab.run(*args)
+    assert len(lab.writes()) == before, "an idempotent re-run wrote to the API"
+    assert res.stdout.splitlines()[0] == "networkfunction.pcn.dev/fw unchanged"
+    assert res.stdout.splitlines()[1].startswith("cubechain.pcn.dev/pods-app-web unchanged")
+    # without config flags a re-run keeps the rules (it only places the function)
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--selector", "app=web", "--hook",
+            "egress")
+    assert len(lab.writes()) == before
+    assert lab.spec(NF, "fw")["config"]["rules"] == [
+        {"action": "drop", "protocol": "tcp", "destinationPorts": "22"}]
+
+
+def test_add_cube_updates_config(lab: Lab) -> None:
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--rule", "drop tcp dport 22")
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw", "--default", "drop")
+    assert "networkfunction.pcn.dev/fw configured" in res.stdout
+    assert "cubechain.pcn.dev/default unchanged" in res.stdout
+    assert lab.spec(NF, "fw")["config"] == {"defaultAction": "drop", "rules": [
+        {"action": "drop", "protocol": "tcp", "destinationPorts": "22"}]}
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--rule", "allow icmp")
+    assert lab.spec(NF, "fw")["config"]["rules"] == [{"action": "allow", "protocol": "icmp"}]
+
+
+def test_add_cube_positions(lab: Lab) -> None:
+    def ingress() -> list[str]:
+        return [r["function"] for r in lab.spec(CC, "default")["ingress"]]
+
+    for name in ("a", "b"):
+        lab.run("-n", "web", "add-cube", "firewall", name)
+    lab.run("-n", "web", "add-cube", "firewall", "c", "--before", "b")
+    assert ingress() == ["a", "c", "b"]
+    lab.run("-n", "web", "add-cube", "firewall", "d", "--position", "1")
+    assert ingress() == ["d", "a", "c", "b"]
+    res = lab.run("-n", "web", "add-cube", "firewall", "d", "--after", "b")  # a move
+    assert ingress() == ["a", "c", "b", "d"]
+    assert "ingress: a -> c -> b -> d (d at position 4 of 4" in res.stdout
+    lab.run("-n", "web", "add-cube", "firewall", "e", "--hook", "egress")
+    assert lab.spec(CC, "default")["egress"] == [{"function": "e"}]
+    res = lab.run("-n", "web", "add-cube", "firewall", "f", "--after", "zz", code=2)
+    assert "zz is not in the ingress side of the chain (it holds a, c, b, d)" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "firewall", "f", "--position", "9", code=2)
+    assert "use 1 to 5" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "firewall", "f", "--position", "1", "--before", "a",
+                  code=2)
+    assert "at most one of --before, --after and --position" in res.stderr
+    assert lab.get(NF, "f") is None
+
+
+def test_add_cube_chain_per_selector(lab: Lab) -> None:
+    # a chain someone else wrote, selecting app=api: reused whatever its name
+    apply(lab.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": CC,
+                    "metadata": {"name": "api-team", "namespace": "web"},
+                    "spec": {"podSelector": {"matchLabels": {"app": "api"}}, "priority": 10,
+                             "ingress": [{"function": "x"}]}})
+    apply(lab.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": NF,
+                    "metadata": {"name": "x", "namespace": "web"}, "spec": {"type": "firewall"}})
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "-l", "app=api")
+    chain = lab.get(CC, "api-team")
+    assert chain["spec"]["ingress"] == [{"function": "x"}, {"function": "fw"}]
+    assert chain["spec"]["priority"] == 10 and "labels" not in chain["metadata"]
+    lab.run("-n", "web", "add-cube", "firewall", "fw2", "-l", "app in (a,b),tier!=db",
+            "--priority", "5")
+    names = [c["metadata"]["name"] for c in lab.api.request(
+        "GET", "/apis/pcn.dev/v1alpha1/namespaces/web/cubechains")["items"]]
+    # a name cleaned of the selector's punctuation carries a hash of the selector
+    name, = (n for n in names if n.startswith("pods-app-in-a-b-tier-db-"))
+    assert len(name) == len("pods-app-in-a-b-tier-db-") + 6
+    assert lab.spec(CC, name) == {
+        "podSelector": {"matchExpressions": [
+            {"key": "app", "operator": "In", "values": ["a", "b"]},
+            {"key": "tier", "operator": "NotIn", "values": ["db"]}]},
+        "ingress": [{"function": "fw2"}], "egress": [], "priority": 5}
+    lab.run("-n", "web", "add-cube", "firewall", "fw3", "--chain", "mine", "-l", "app=x")
+    assert lab.spec(CC, "mine")["podSelector"] == {"matchLabels": {"app": "x"}}
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw3", "--chain", "mine", "-l", "app=y",
+                  code=2)
+    assert "cubechain mine selects app=x, not app=y" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw4", "-l", "app=", code=0)
+    assert lab.spec(CC, "pods-app")["podSelector"] == {"matchLabels": {"app": ""}}
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw5", "-l", "no way", code=2)
+    assert "invalid --selector" in res.stderr
+
+
+def test_add_cube_config_file(lab: Lab, tmp_path: Path) -> None:
+    cfg = tmp_path / "fw.yaml"
+    cfg.write_text("rules:\n- action: drop\n  protocol: tcp\n  source: 10.1.0.0/16\n"
+                   "defaultAction: drop\n")
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--config", str(cfg))
+    assert lab.spec(NF, "fw")["config"] == {"defaultAction": "drop", "rules": [
+        {"action": "drop", "protocol": "tcp", "source": "10.1.0.0/16"}]}
+    # stdin, and a whole NetworkFunction (what --dry-run=client -o yaml printed)
+    doc = lab.run("-n", "web", "add-cube", "firewall", "fw", "--rule", "allow icmp",
+                  "--dry-run=client", "-o", "yaml").stdout.split("---")[0]
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--config", "-", input=doc)
+    assert lab.spec(NF, "fw")["config"]["rules"] == [{"action": "allow", "protocol": "icmp"}]
+    cfg.write_text("rules: [{action: drop, protocol: tcp, destinationPorts: '70000'}]\n")
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw", "--config", str(cfg), code=2)
+    assert "invalid firewall config: rules.0" in res.stderr and "1-65535" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw", "--config", str(cfg),
+                  "--rule", "allow", code=2)
+    assert "either --config FILE or --rule/--default" in res.stderr
+
+
+def test_unknown_type_lists_the_known_ones(lab: Lab) -> None:
+    res = lab.run("add-cube", "nat", "--rule", "drop", code=2)
+    assert res.stderr.strip() == "Error: unknown function type 'nat'; known types: firewall"
+    assert lab.requests() == [], "an input error must not reach the cluster"
+
+
+def test_invalid_rule_shows_where(lab: Lab) -> None:
+    res = lab.run("add-cube", "firewall", "--rule", "drop tcp", "--rule", "drop tcp prot 22",
+                  code=2)
+    assert res.stderr.splitlines() == [
+        "Error: invalid rule at column 10: unexpected 'prot'; expected from, to, sport or "
+        "dport (the protocol comes right after the action)",
+        "    drop tcp prot 22",
+        "             ^"]
+    assert lab.requests() == []
+    res = lab.run("add-cube", "firewall", "--rule", "allow from 10.0.0.0/33", code=2)
+    assert res.stderr.splitlines()[1:] == ["    allow from 10.0.0.0/33", "               ^"]
+
+
+# ----------------------------------------------------------------------------- dry run
+def _state(lab: Lab) -> dict[str, Any]:
+    out = {}
+    for kind, names in ((NF, ("fw", "old")), (CC, ("default", "pods-app-web"))):
+        for name in names:
+            obj = lab.get(kind, name)
+            out[f"{kind}/{name}"] = None if obj is None else {
+                "spec": obj["spec"], "labels": obj["metadata"].get("labels")}
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ("add-cube", "firewall", "fw", "--rule", "drop tcp dport 22", "--before", "old"),
+    ("add-cube", "firewall", "fw", "-l", "app=web", "--hook", "egress", "--default", "drop"),
+    ("add-cube", "firewall", "old", "--rule", "allow icmp", "--position", "1"),
+])
+def test_dry_run_writes_nothing_and_its_yaml_applies_to_the_same_result(
+        make_lab: Callable[..., Lab], args: tuple[str, ...]) -> None:
+    labs = [make_lab(), make_lab()]
+    for lab in labs:
+        lab.run("-n", "web", "add-cube", "firewall", "old", "--rule", "drop udp")
+        lab.run("-n", "web", "add-cube", "firewall", "other")
+    gitops, real = labs
+    before, writes = _state(gitops), len(gitops.writes())
+    res = gitops.run("-n", "web", *args, "--dry-run=client", "-o", "yaml")
+    assert len(gitops.writes()) == writes and _state(gitops) == before, "dry run wrote"
+    docs = list(yaml.safe_load_all(res.stdout))
+    assert [d["kind"] for d in docs] == [NF, CC]
+    for d in docs:  # complete manifests, nothing only a server sets
+        assert set(d) == {"apiVersion", "kind", "metadata", "spec"}
+        assert d["apiVersion"] == "pcn.dev/v1alpha1" and d["metadata"]["namespace"] == "web"
+        apply(gitops.api, d)
+    real.run("-n", "web", *args)
+    assert _state(gitops) == _state(real)
+    assert _state(gitops) != before
+    # the table form says what it would do; JSON is a List kubectl apply takes
+    assert "(dry run)" in real.run("-n", "web", *args, "--dry-run").stdout
+    listed = json.loads(real.run("-n", "web", *args, "--dry-run=client", "-o", "json").stdout)
+    assert listed["kind"] == "List" and [i["kind"] for i in listed["items"]] == [NF, CC]
+
+
+# ----------------------------------------------------------------------------- remove-cube
+def test_remove_cube(lab: Lab) -> None:
+    lab.run("-n", "web", "add-cube", "firewall", "keep")
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--before", "keep")
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--hook", "egress")
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "-l", "app=web")
+    apply(lab.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": CC,
+                    "metadata": {"name": "hand-made", "namespace": "web"},
+                    "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                             "ingress": [{"function": "fw"}]}})
+    writes = len(lab.writes())
+    res = lab.run("-n", "web", "remove-cube", "fw", "--dry-run=client")
+    assert len(lab.writes()) == writes
+    assert "networkfunction.pcn.dev/fw deleted (dry run)" in res.stdout
+    res = lab.run("-n", "web", "remove-cube", "fw")
+    assert res.stdout.splitlines() == [
+        "cubechain.pcn.dev/default configured: removed fw",
+        "cubechain.pcn.dev/hand-made configured: removed fw",
+        "cubechain.pcn.dev/pods-app-web deleted: it held only this function",
+        "networkfunction.pcn.dev/fw deleted"]
+    assert lab.spec(CC, "default") == {"podSelector": {}, "ingress": [{"function": "keep"}],
+                                       "egress": [], "priority": 100}
+    assert lab.spec(CC, "hand-made")["ingress"] == []  # not ours: emptied, kept
+    assert lab.get(CC, "pods-app-web") is None and lab.get(NF, "fw") is None
+    res = lab.run("-n", "web", "remove-cube", "fw")
+    assert res.stdout.strip() == ("networkfunction web/fw not found and no cubechain of web "
+                                  "uses it: nothing to remove")
+
+
+# ----------------------------------------------------------------------------- functions
+def test_functions_every_format(lab: Lab) -> None:
+    seed_cluster(lab)
+    out = lab.run("-n", "web", "functions").stdout.splitlines()
+    assert out[0].split() == ["NAME", "TYPE", "RULES", "DEFAULT", "CHAINS", "READY", "PODS",
+                              "AGE"]
+    assert out[1].split()[:5] == ["ssh-guard", "firewall", "2", "allow", "default:ingress#1"]
+    assert out[2].split()[:5] == ["web-fw", "firewall", "1", "drop", "pods-app-web:egress#1"]
+    assert lab.run("-n", "web", "cubes").stdout.splitlines() == out  # the alias
+    wide = lab.run("-n", "web", "functions", "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-3:] == ["NODES", "REASON", "MESSAGE"]
+    every = lab.run("functions", "-A").stdout.splitlines()
+    assert [r.split()[:2] for r in every[1:]] == [["other", "api-fw"], ["web", "ssh-guard"],
+                                                  ["web", "web-fw"]]
+    as_yaml = yaml.safe_load(lab.run("-n", "web", "functions", "-o", "yaml").stdout)
+    assert as_yaml["kind"] == "List"
+    assert [(i["kind"], i["metadata"]["name"]) for i in as_yaml["items"]] == [
+        (NF, "ssh-guard"), (NF, "web-fw")]
+    one = json.loads(lab.run("-n", "web", "functions", "web-fw", "-o", "json").stdout)
+    assert one["kind"] == NF and one["spec"]["config"]["defaultAction"] == "drop"
+    res = lab.run("-n", "web", "functions", "nope", code=1)
+    assert "networkfunction web/nope not found" in res.stderr
+    res = lab.run("-n", "empty", "functions")
+    assert res.stdout == "" and "No networkfunctions in namespace empty" in res.stderr
+
+
+def test_nodeports_every_format(lab: Lab) -> None:
+    apply(lab.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": NPR, "metadata": {"name": "web-http"},
+                    "spec": {"port": 30080, "service": {"namespace": "web", "name": "web",
+                                                        "port": 80}},
+                    "status": {"realizedNodes": 2, "conditions": [
+                        {"type": "Ready", "status": "True", "reason": "Realized"}]}})
+    apply(lab.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": NPR, "metadata": {"name": "static"},
+                    "spec": {"port": 30053, "protocol": "UDP", "externalTrafficPolicy": "Local",
+                             "backends": [{"ip": "10.244.1.7", "port": 53}]}})
+    out = lab.run("nodeports").stdout.splitlines()
+    assert out[0].split() == ["NAME", "PORT", "PROTOCOL", "POLICY", "TARGET", "READY", "NODES",
+                              "AGE"]
+    assert out[1].split()[:7] == ["static", "30053", "UDP", "Local", "1", "backend(s)",
+                                  "Unknown"]
+    assert out[2].split()[:7] == ["web-http", "30080", "TCP", "Cluster", "service",
+                                  "web/web:80", "True"]
+    wide = lab.run("nodeports", "-o", "wide").stdout
+    assert "10.244.1.7:53" in wide and "Realized" in wide
+    items = yaml.safe_load(lab.run("nodeports", "-o", "yaml").stdout)["items"]
+    assert [i["spec"]["port"] for i in items] == [30053, 30080]
+    assert json.loads(lab.run("nodeports", "static", "-o", "json").stdout)["kind"] == NPR
+
+
+# ----------------------------------------------------------------------------- status
+def test_status_every_format(lab: Lab) -> None:
+    from pcn_agent.agent import Agent
+    from pcn_agent.settings import ClusterSettings
+
+    seed_status(lab.api, node_status("node-a"))
+    seed_status(lab.api, node_status("node-b", heartbeat=now_ts(-600)))
+    down = Agent("node-c", ClusterSettings(), kube=None)  # type: ignore[arg-type]
+    down.up_error = "the Node has no InternalIP or spec.podCIDR yet"
+    seed_status(lab.api, {**down.node_status(), "lastError": down.up_error})
+    for name in ("node-a", "node-d"):
+        apply(lab.api, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    out = lab.run("status").stdout.splitlines()
+    assert out[0].split() == ["NODE", "STATE", "DATAPLANE", "VERSION", "PODS", "FUNCTIONS",
+                              "CHAINS", "HEARTBEAT", "LAST", "ERROR"]
+    rows = {r.split()[0]: r for r in out[1:]}
+    assert rows["node-a"].split()[1:3] == ["Healthy", "up"]
+    assert rows["node-b"].split()[1] == "Stale" and "10m ago" in rows["node-b"]
+    assert rows["node-c"].split()[1:3] == ["Unhealthy", "down"]
+    assert rows["node-c"].endswith("the Node has no InternalIP or spec.podCIDR yet")
+    assert rows["node-d"].split()[1] == "NoAgent" and "is the agent running here?" in rows[
+        "node-d"]
+    wide = lab.run("status", "-o", "wide").stdout.splitlines()
+    assert "RECONCILES" in wide[0] and wide[1].split()[7:12] == ["3", "1", "1", "12", "0"]
+    data = json.loads(lab.run("status", "-o", "json").stdout)["nodes"]
+    assert [(d["node"], d["state"]) for d in data] == [
+        ("node-a", "Healthy"), ("node-b", "Stale"), ("node-c", "Unhealthy"),
+        ("node-d", "NoAgent")]
+    assert 590 <= data[1]["heartbeatAgeSeconds"] < 700
+    again = yaml.safe_load(lab.run("status", "-o", "yaml").stdout)["nodes"]
+    for d in (*data, *again):  # time has passed between the two
+        d.pop("heartbeatAgeSeconds")
+    assert again == data
+    assert data[0]["realized"]["services"] == 3
+
+
+def test_status_without_agents_says_what_to_check(lab: Lab) -> None:
+    res = lab.run("status")
+    assert res.stdout == ""
+    assert "No pcn agent has reported" in res.stderr and "kubectl -n pcn-system get pods" in \
+        res.stderr
+    seed_status(lab.api, node_status("node-x"))
+    assert "node-x" in lab.run("status").stdout
+    res = lab.run("status", "--system-namespace", "elsewhere")  # looks there, finds none
+    assert res.stdout == "" and "namespace elsewhere" in res.stderr
+
+
+# ----------------------------------------------------------------------------- stats
+def test_stats_every_format(lab: Lab) -> None:
+    seed_cluster(lab)
+    out = lab.run("-n", "web", "stats").stdout
+    pods, fns = out.split("\n\n")
+    rows = [r.split() for r in pods.splitlines()[2:]]
+    assert [r[:4] for r in rows] == [["db-1", "node-a", "br0:p2", "10.244.1.6"],
+                                     ["web-1", "node-a", "br0:p1", "10.244.1.5"],
+                                     ["web-2", "node-b", "br0:p1", "10.244.2.5"]]
+    assert rows[1][4:] == ["40", "3.9", "KiB", "30", "2.9", "KiB", "4"]
+    frows = [r.split() for r in fns.splitlines()[2:]]
+    # summed over nodes: hits 3+1+2+0, default hits 50+9, drops 4+1
+    assert frows[0] == ["ssh-guard", "firewall", "2", "6", "allow", "59", "5", "node-a,node-b"]
+    assert frows[1] == ["web-fw", "firewall", "1", "25", "drop", "8", "8", "node-a,node-b"]
+    wide = lab.run("-n", "web", "stats", "-o", "wide").stdout
+    assert "RULES" in wide and "drop udp dport 53" in wide
+    every = json.loads(lab.run("stats", "-A", "-o", "json").stdout)
+    assert {(p["namespace"], p["pod"]) for p in every["pods"]} == {
+        ("web", "web-1"), ("web", "web-2"), ("web", "db-1"), ("other", "api-1")}
+    web = yaml.safe_load(lab.run("-n", "web", "stats", "-o", "yaml").stdout)
+    assert web["functions"][0]["rules"] == [{"rule": "drop tcp dport 22", "hits": 5},
+                                            {"rule": "drop udp dport 53", "hits": 1}]
+    assert "NAMESPACE" in lab.run("stats", "-A").stdout.splitlines()[1]
+
+
+# ----------------------------------------------------------------------------- chain
+def test_chain_of_a_pod(lab: Lab) -> None:
+    seed_cluster(lab)
+    lab.run("-n", "web", "add-cube", "firewall", "first", "-l", "tier=fe", "--priority", "10")
+    out = lab.run("-n", "web", "chain", "web-1").stdout
+    assert "Chains:    pods-tier-fe (priority 10, selects tier=fe), default (priority 100, " \
+           "selects <all pods>), pods-app-web (priority 100, selects app=web)" in out
+    assert "Counters:  rx 40 packets / 3.9 KiB   tx 30 packets / 2.9 KiB   drops 4" in out
+    ingress = out.split("INGRESS (traffic to the pod)\n")[1].split("\n\n")[0].splitlines()
+    assert [r.split()[:4] for r in ingress[1:]] == [["1", "first", "firewall", "pods-tier-fe"],
+                                                    ["2", "ssh-guard", "firewall", "default"]]
+    # node-a's counters for ssh-guard: 2 rules, 4 rule hits, default allow hit 50, 4 drops
+    assert ingress[2].split()[4:] == ["2", "4", "allow", "50", "4", "yes"]
+    assert ingress[1].split()[-1] == "no"  # the agent has not realised `first` yet
+    assert "Warning:   the agent's chain differs" in out
+    rules = [r.split() for r in out.split("RULES (hits on node node-a)\n")[1].splitlines()]
+    assert ["ingress", "ssh-guard", "1", "drop", "tcp", "dport", "22", "3"] in rules
+    assert ["ingress", "first", "default", "allow", "<none>"] in rules
+    data = json.loads(lab.run("-n", "web", "chain", "web-1", "-o", "json").stdout)
+    assert [e["function"] for e in data["ingress"]] == ["first", "ssh-guard"]
+    assert [e["function"] for e in data["egress"]] == ["web-fw"]
+    assert data["egress"][0]["rules"] == [{"rule": "allow tcp dport 80", "hits": 20}]
+    assert data["node"] == "node-a" and data["counters"]["drops"] == 4
+    assert data["inSync"] is False and data["realized"]["egress"] == ["nf.web.web-fw"]
+    db = yaml.safe_load(lab.run("-n", "web", "chain", "db-1", "-o", "yaml").stdout)
+    assert [e["function"] for e in db["ingress"]] == ["ssh-guard"] and db["egress"] == []
+    assert db["inSync"] is True
+    res = lab.run("-n", "web", "chain", "ghost", code=1)
+    assert "pod web/ghost not found" in res.stderr
+
+
+def test_chain_of_a_namespace(lab: Lab) -> None:
+    seed_cluster(lab)
+    apply(lab.api, {"apiVersion": "pcn.dev/v1alpha1", "kind": CC,
+                    "metadata": {"name": "broken", "namespace": "web"},
+                    "spec": {"ingress": [{"function": "missing"}]}})
+    out = lab.run("-n", "web", "chain").stdout
+    chains = out.split("CHAINS (applied in this order)\n")[1].split("\n\n")[0].splitlines()
+    assert [r.split()[0] for r in chains[1:]] == ["default", "pods-app-web", "broken"]
+    assert chains[3].split()[-2] == "Skipped"
+    pods = out.split("PODS (their chain, in order)\n")[1].split("\n\n")[0].splitlines()
+    assert [r.split() for r in pods[1:]] == [["db-1", "node-a", "ssh-guard", "<none>"],
+                                             ["web-1", "node-a", "ssh-guard", "web-fw"],
+                                             ["web-2", "node-b", "ssh-guard", "web-fw"]]
+    assert "NetworkFunction missing is missing" in lab.run("-n", "web", "chain", "-o",
+                                                           "wide").stdout
+    data = json.loads(lab.run("-n", "web", "chain", "-o", "json").stdout)
+    assert [c["name"] for c in data["chains"]] == ["default", "pods-app-web", "broken"]
+    fw = {f["function"]: f for f in data["functions"]}
+    assert fw["web-fw"]["drops"] == 8 and fw["ssh-guard"]["defaultHits"] == 59
+    every = yaml.safe_load(lab.run("chain", "-A", "-o", "yaml").stdout)
+    assert [d["namespace"] for d in every] == ["other", "web"]
+    assert "Namespace: other" in lab.run("chain", "-A").stdout
+
+
+# ----------------------------------------------------------------------------- version
+def test_version(lab: Lab) -> None:
+    seed_status(lab.api, node_status("node-a"))
+    out = lab.run("version").stdout.splitlines()
+    assert out[0] == f"Client Version: kubectl-pcn {__version__}"
+    assert out[-1].split() == ["node-a", "0.1.0"]
+    data = json.loads(lab.run("version", "-o", "json").stdout)
+    assert data["clientVersion"] == __version__ and data["agents"] == [
+        {"node": "node-a", "version": "0.1.0"}] and data["server"] == lab.api.url
+    gone = lab.run("--context", "other", "version", "--client")
+    assert gone.stdout.strip() == f"Client Version: kubectl-pcn {__version__}"
+    assert lab.run("--version").stdout.strip() == f"kubectl-pcn {__version__}"
+
+
+# ----------------------------------------------------------------------------- flags
+def test_namespace_and_context_come_from_the_kubeconfig(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(namespace="web")
+    lab.run("add-cube", "firewall", "fw")
+    assert lab.get(NF, "fw", "web") is not None
+    lab.run("--context", "other", "add-cube", "firewall", "fw2")
+    assert lab.get(NF, "fw2", "other") is not None
+    # global flags work after the verb too, and the later one wins
+    lab.run("-n", "a", "add-cube", "firewall", "fw3", "-n", "b")
+    assert lab.get(NF, "fw3", "b") is not None and lab.get(NF, "fw3", "a") is None
+    res = lab.run("--context", "nope", "functions", code=1)
+    assert "context 'nope' is not in" in res.stderr and "lab, other" in res.stderr
+    res = lab.run("-A", "add-cube", "firewall", code=2)
+    assert "-A/--all-namespaces does not apply to add-cube" in res.stderr
+
+
+def test_progress_goes_to_stderr(lab: Lab) -> None:
+    res = lab.run("-v", "6", "-n", "web", "add-cube", "firewall", "fw", "--dry-run=client",
+                  "-o", "yaml")
+    assert "reading cubechains of namespace web..." in res.stderr
+    assert "[api] list cubechains.pcn.dev -n web" in res.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(res.stdout)] == [NF, CC]  # stdout clean
+
+
+# ----------------------------------------------------------------------------- errors
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args", [("functions",), ("add-cube", "firewall"), ("status",),
+                                  ("chain", "-A"), ("remove-cube", "fw")])
+def test_unreachable_server(tmp_path: Path, args: tuple[str, ...]) -> None:
+    server = f"http://127.0.0.1:{_closed_port()}"
+    kc = write_kubeconfig(tmp_path / "kc", server)
+    res = CliRunner().invoke(cli, ["--kubeconfig", str(kc), "--request-timeout", "5", *args])
+    assert res.exit_code == 1
+    assert f"cannot reach the Kubernetes API server at {server} (context 'lab' of {kc}): " \
+           "connection refused" in res.stderr
+    assert "--kubeconfig FILE or --context NAME" in res.stderr
+
+
+def test_missing_kubeconfig(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["--kubeconfig", str(tmp_path / "none"), "functions"])
+    assert res.exit_code == 1 and "cannot read a kubeconfig from" in res.stderr
+    assert "--kubeconfig FILE or the KUBECONFIG variable" in res.stderr
+
+
+@pytest.mark.parametrize("args", [("functions",), ("add-cube", "firewall", "--rule", "drop"),
+                                  ("chain",), ("remove-cube", "fw"), ("nodeports", "x"),
+                                  ("functions", "x")])
+def test_crds_not_installed(make_lab: Callable[..., Lab], args: tuple[str, ...]) -> None:
+    lab = make_lab(resources={k: v for k, v in RESOURCES.items()
+                              if not k.startswith("pcn.dev/")})
+    res = lab.run(*args, code=1)
+    assert "the pcn.dev custom resources are not installed in the cluster at " \
+           f"{lab.api.url}" in res.stderr
+    assert "kubectl apply -k manifests/" in res.stderr
+
+
+def _forbid(lab: Lab, method: str, plural: str, group: str = "pcn.dev",
+            version: str = "v1alpha1") -> None:
+    lab.api.emulator[method, kmock.resource(group, version, plural)] << 403 << {
+        "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 403,
+        "reason": "Forbidden", "message": f'{plural} is forbidden: User "bob" cannot {method} '
+                                          f'resource "{plural}"'}
+
+
+def test_forbidden_names_the_missing_permission(lab: Lab) -> None:
+    _forbid(lab, "post", "networkfunctions")
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw", code=1)
+    assert "forbidden: RBAC does not let you create networkfunctions.pcn.dev in namespace " \
+           "web" in res.stderr
+    assert "the verb 'create' on resource 'networkfunctions' of API group pcn.dev" in res.stderr
+    assert "kubectl auth can-i create networkfunctions.pcn.dev -n web" in res.stderr
+    assert lab.get(CC, "default") is None, "the chain must not name a function not written"
+    _forbid(lab, "get", "cubechains")
+    res = lab.run("-n", "web", "chain", code=1)
+    assert "RBAC does not let you list cubechains.pcn.dev in namespace web" in res.stderr
+    _forbid(lab, "get", "configmaps", "", "v1")
+    res = lab.run("status", code=1)
+    assert "list configmaps in namespace pcn-system" in res.stderr
+    assert "kubectl auth can-i list configmaps -n pcn-system" in res.stderr
+
+
+def test_chain_without_permission_for_counters_or_pods(lab: Lab) -> None:
+    seed_pod(lab.api, "web", "web-1", {"app": "web"}, "node-a")
+    lab.run("-n", "web", "add-cube", "firewall", "fw", "--rule", "drop icmp")
+    _forbid(lab, "get", "configmaps", "", "v1")
+    res = lab.run("-n", "web", "chain", "web-1")
+    assert "warning: no counters: forbidden: RBAC does not let you list configmaps" in \
+        res.stderr
+    assert "Counters:  <none> (no agent reports this pod)" in res.stdout
+    ingress = res.stdout.split("INGRESS (traffic to the pod)\n")[1].splitlines()
+    assert ingress[1].split() == ["1", "fw", "firewall", "default", "1", "<none>", "allow",
+                                  "<none>", "<none>", "<none>"]
+    _forbid(lab, "get", "pods", "", "v1")
+    res = lab.run("-n", "web", "chain")
+    assert "warning: pods not shown: forbidden" in res.stderr
+    assert "PODS (their chain" not in res.stdout and "fw" in res.stdout
+
+
+# ----------------------------------------------------------------------------- completion
+@pytest.mark.parametrize("shell,marker", [("bash", "complete -o nosort -F"),
+                                          ("zsh", "#compdef kubectl-pcn"),
+                                          ("fish", "complete --no-files --command kubectl-pcn")])
+def test_completion_scripts(shell: str, marker: str) -> None:
+    res = CliRunner().invoke(cli, ["completion", shell])
+    assert res.exit_code == 0 and marker in res.stdout and "_KUBECTL_PCN_COMPLETE" in res.stdout
+
+
+def test_names_complete_from_the_cluster(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    seed_cluster(lab)
+    words = f"kubectl-pcn --kubeconfig {lab.kubeconfig} -n web remove-cube "
+    res = CliRunner().invoke(cli, [], prog_name="kubectl-pcn", env={
+        "_KUBECTL_PCN_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": "6"})
+    assert res.stdout.splitlines() == ["plain,ssh-guard", "plain,web-fw"]
+    kubectl_complete(["--kubeconfig", str(lab.kubeconfig), "-n", "web", "chain", "web-"])
+    assert capsys.readouterr().out.splitlines() == ["web-1", "web-2", ":4"]
+    kubectl_complete(["add-"])
+    assert capsys.readouterr().out.splitlines()[0].startswith("add-cube\t")
+    # no cluster: no names, and no traceback in the shell
+    kubectl_complete(["--kubeconfig", "/nonexistent", "remove-cube", ""])
+    assert capsys.readouterr().out.splitlines() == [":4"]
+
+
+# ----------------------------------------------------------------------------- executable
+def test_installed_executables(lab: Lab) -> None:
+    res = subprocess.run([str(BIN / "kubectl-pcn"), "--help"], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    for verb in ("add-cube", "remove-cube", "chain", "functions", "nodeports", "status",
+                 "stats", "version", "completion"):
+        assert verb in res.stdout
+    res = subprocess.run([str(BIN / "kubectl-pcn"), "--kubeconfig", str(lab.kubeconfig), "-v",
+                          "1", "-n", "web", "add-cube", "firewall", "fw", "--rule", "drop icmp"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "networkfunction.pcn.dev/fw created" in res.stdout and "reading" in res.stderr
+    assert lab.spec(NF, "fw")["config"]["rules"] == [{"action": "drop", "protocol": "icmp"}]
+    res = subprocess.run([str(BIN / "kubectl-pcn"), "add-cube", "nat"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert res.returncode == 2 and "known types: firewall" in res.stderr
+    res = subprocess.run([str(BIN / "kubectl_complete-pcn"), "--kubeconfig",
+                          str(lab.kubeconfig), "-n", "web", "remove-cube", ""],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.stdout.splitlines() == ["fw", ":4"]
