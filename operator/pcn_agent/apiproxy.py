@@ -30,13 +30,40 @@ def printer_columns() -> dict[str, list[dict[str, Any]]]:
     from pcn_crds.generate import RESOURCES as MODELS
 
     cols = {m.kind_name: list(m.printer_columns) for m in MODELS}
+    age = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+    cols.update({
+        "Pod": [{"name": "Status", "type": "string", "jsonPath": ".status.phase"}, age,
+                {"name": "IP", "type": "string", "jsonPath": ".status.podIP", "priority": 1},
+                {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName", "priority": 1}],
+        "Service": [{"name": "Type", "type": "string", "jsonPath": ".spec.type"},
+                    {"name": "Cluster-IP", "type": "string", "jsonPath": ".spec.clusterIP"},
+                    age],
+        "Node": [{"name": "Pod-CIDR", "type": "string", "jsonPath": ".spec.podCIDR"}, age,
+                 {"name": "Internal-IP", "type": "string", "priority": 1,
+                  "jsonPath": '.status.addresses[?(@.type=="InternalIP")].address'}],
+    })
     return cols
+
+
+def _split(path: str) -> list[str]:
+    """Split a JSONPath on dots outside brackets."""
+    parts, cur, depth = [], "", 0
+    for ch in path.strip().lstrip("."):
+        if ch == "." and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    parts.append(cur)
+    return [p for p in parts if p]
 
 
 def jsonpath(obj: Any, path: str) -> Any:
     """The small JSONPath subset printer columns use: .a.b and .a[?(@.k=="v")].b"""
     cur = obj
-    for part in [p for p in path.strip().lstrip(".").split(".") if p]:
+    for part in _split(path):
         m = _JSONPATH_FILTER.match(part)
         if m:
             field, key, value = m.groups()
@@ -159,6 +186,8 @@ class ApiProxy:
             ctype = up.headers.get("Content-Type", "application/json")
             if up.status < 300 and res and request.method == "GET" and "json" in ctype:
                 data, ctype = self._decorate(data, res, wants_table), "application/json"
+            elif up.status < 300 and request.path.rstrip("/") == "/api/v1":
+                data = self._fix_core_discovery(data)
             return web.Response(status=up.status, body=data, content_type=ctype.split(";")[0])
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -171,6 +200,17 @@ class ApiProxy:
         except (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientError):
             pass
         return out
+
+    @staticmethod
+    def _fix_core_discovery(data: bytes) -> bytes:
+        """The emulator names the core group version "/v1"; clients expect "v1"."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return data
+        if isinstance(doc, dict) and doc.get("groupVersion") == "/v1":
+            doc["groupVersion"] = "v1"
+        return json.dumps(doc).encode()
 
     def _stamp(self, body: bytes) -> bytes:
         """What a real API server adds to a new object."""

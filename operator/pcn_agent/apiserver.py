@@ -8,6 +8,7 @@ Used by the agent's tests and by the local lab.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import threading
 import urllib.error
@@ -136,8 +137,13 @@ def object_path(obj: Mapping[str, Any], with_name: bool = True) -> str:
 def apply(api: EmulatedApiServer, obj: Mapping[str, Any]) -> str:
     """Create the object, or merge it into the existing one: `kubectl apply`'s
     effect on a fresh cluster. Returns 'created' or 'configured'."""
+    new = dict(obj)
+    meta = dict(new.get("metadata") or {})
+    meta.setdefault("creationTimestamp",
+                    datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    new["metadata"] = meta
     try:
-        api.request("POST", object_path(obj, with_name=False), dict(obj))
+        api.request("POST", object_path(obj, with_name=False), new)
         return "created"
     except ApiServerError as exc:
         if exc.status != 409:

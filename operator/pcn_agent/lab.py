@@ -162,8 +162,18 @@ class Supervisor:
     # -- life cycle ----------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        me = os.getpid()
+
+        def on_signal(_sig: int, _frame: object) -> None:
+            # pyroute2 forks helpers (namespace creation) that inherit this handler
+            # and are stopped with SIGTERM: in them, just exit. asyncio's own
+            # add_signal_handler would instead hear their signals as ours.
+            if os.getpid() != me:
+                os._exit(0)
+            loop.call_soon_threadsafe(self.stopping.set)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+            signal.signal(sig, on_signal)
         try:
             await loop.run_in_executor(None, self._build)
             from .apiproxy import ApiProxy
@@ -538,7 +548,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as exc:
         print(f"pcn-lab: cannot read {args.filename}: {exc}", file=sys.stderr)
         return 1
+    from .apiserver import PLURALS
+
     for doc in docs:
+        if doc.get("kind") not in PLURALS:
+            print(f"{str(doc.get('kind')).lower()}/{(doc.get('metadata') or {}).get('name')} "
+                  f"skipped (the lab serves no {doc.get('kind')} objects)")
+            continue
         try:
             print(f"{doc['kind'].lower()}/{doc['metadata']['name']} {apply(api, doc)}")
         except (ApiServerError, ValueError, KeyError) as exc:
