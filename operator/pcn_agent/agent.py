@@ -139,6 +139,9 @@ class Agent:
         result = desired_state(inputs)
         report = await asyncio.get_running_loop().run_in_executor(
             None, self.manager.apply, result.desired)
+        if any(op.kind == "set-function" for op in report.ops):
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, self.manager.specialise_pending)
         for op, err in report.errors:
             self.apply_errors += 1
             self.last_error = f"{op.kind} {op.key}: {err}"
@@ -251,10 +254,12 @@ class Agent:
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range)
         node = NodeDataplane(cfg, self.pin_root, self.state_root)
+        loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, node.up)
         self.node = node
         self.manager = DataplaneManager(node)
         self._start_local_api()
+        loop.run_in_executor(None, self.manager.warm_up)  # in the background
         log.info("node %s data plane %s (pod CIDR %s, VTEP %s, uplink %s)", self.node_name,
                  "adopted" if node.rt.adopted else "built", pod_cidr, vtep, uplink)
         return True

@@ -1,151 +1,173 @@
-"""pcn demo: two nodes with two pods each, wired by pcn's eBPF data plane.
+"""pcn demo: the README's walk-through, run end to end.
 
-Builds the lab in network namespaces (nothing in the root namespace) with an
-external host on the nodes' network, checks pod-to-pod connectivity on one
-node and across nodes over VXLAN, a ClusterIP service, NodePorts with both
-traffic policies, egress masquerading and a firewall rule, prints a table
-with one row per check, removes everything and exits non-zero if any check
-failed.
+1. `pcn-lab up -f examples/`: an emulated Kubernetes API on loopback, two
+   nodes (network namespaces) each with a real pcn-agent, the example app's
+   pods wired by the real pcn-cni, its Services and the GitOps firewall chain
+   applied as `kubectl apply` would.
+2. `pcn-lab check`: the connectivity matrix (pod to pod on one node and across
+   nodes, ClusterIP, NodePort with both traffic policies, egress SNAT).
+3. `kubectl pcn add-cube firewall ...` puts a firewall in front of the web
+   pods; the demo measures how soon traffic changes, shows `kubectl pcn
+   chain` and `kubectl get cubechains`, then removes it again.
+4. `pcn-lab down`, also when something fails; exit status non-zero if any
+   check failed or anything was left behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-from . import checks
-from .cubes.firewall import Firewall, parse_rule
-from .topology import EXTERNAL_IP, Lab
+from . import checks, lab
 
-NO_ROUTE_IP = "10.99.0.1"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+FIREWALL = "no-web"
 
 
 def _progress(msg: str) -> None:
     print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
-SVC_VIP = "10.96.0.10"
-NODEPORT_LOCAL = 30080
-NODEPORT_CLUSTER = 30081
+def _env() -> dict[str, str]:
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "KUBECONFIG": str(lab.LAB_ROOT / "kubeconfig")}
 
 
-def setup_services(lab: Lab) -> None:
-    """A ClusterIP service with a backend on each node, and two NodePorts."""
-    tcp = checks.TCP_PORT
-    lab.set_service(SVC_VIP, 80, "tcp", [lab.backend("n1p2", tcp), lab.backend("n2p1", tcp)])
-    lab.set_nodeport(NODEPORT_LOCAL, "tcp", "Local", [lab.backend("n1p2", tcp)])
-    lab.set_nodeport(NODEPORT_CLUSTER, "tcp", "Cluster", [lab.backend("n2p1", tcp)])
+def _run(argv: list[str], show: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+    if show:
+        print(f"\n$ {' '.join(argv)}", flush=True)
+    r = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=600)
+    if show and r.stdout.strip():
+        print(r.stdout.rstrip(), flush=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return r
 
 
-def _row(result: checks.CheckResult, protocol: str, expect_seen: str | None = None,
-         expect_host: str | None = None, what: str = "") -> checks.CheckResult:
-    result.protocol = protocol
-    out = result.extra
-    if expect_seen is not None:
-        result.side_condition &= out.get("peer_seen") == expect_seen
-    if expect_host is not None:
-        result.side_condition &= out.get("host") == expect_host
-    if result.ok:
-        result.detail = f"answered by {out.get('host')}, which saw {out.get('peer_seen')}{what}"
-    return result
+def _kubectl_pcn() -> list[str]:
+    """`kubectl pcn` when kubectl is installed (it finds kubectl-pcn on PATH)."""
+    return ["kubectl", "pcn"] if shutil.which("kubectl") else ["kubectl-pcn"]
 
 
-def run_checks(lab: Lab) -> list[checks.CheckResult]:
-    p = lab.pods
-    n1 = lab.node(1)
-    results = [
-        checks.ping(lab, "n1p1", n1.cfg.gateway, "gateway (router)"),
-        checks.ping(lab, "n1p1", p["n1p2"].ip, "n1p2"),
-        checks.tcp(lab, "n1p1", p["n1p2"].ip, "n1p2"),
-        checks.ping(lab, "n1p1", p["n2p1"].ip, "n2p1"),
-        checks.tcp(lab, "n1p1", p["n2p1"].ip, "n2p1"),
-        checks.udp(lab, "n1p1", p["n2p1"].ip, "n2p1"),
-        checks.tcp(lab, "n2p2", p["n1p2"].ip, "n1p2", nbytes=1_000_000),
-    ]
-    before = n1.rt.cube_drops("r0").get("no_route", 0)
-    blocked = checks.ping(lab, "n1p2", NO_ROUTE_IP, f"{NO_ROUTE_IP} (no route)", count=2,
-                          expect_blocked=True)
-    after = n1.rt.cube_drops("r0").get("no_route", 0)
-    blocked.detail += f", router no_route drops {before} -> {after}"
-    blocked.side_condition = after >= before + 2
-    results.append(blocked)
-
-    spread = checks.probe(lab, "n1p1", ["tcp", SVC_VIP, "80", "--count", "20"], 60)
-    hosts = spread.get("hosts", {})
-    results.append(checks.CheckResult(
-        "n1p1", f"{SVC_VIP}:80 (ClusterIP)", "tcp x20", bool(spread.get("ok")), None,
-        f"backends used: {hosts}", side_condition=set(hosts) == {"n1p2", "n2p1"}))
-    results.append(_row(checks.tcp(lab, "ext", lab.node_ip(1), f"node1:{NODEPORT_LOCAL}",
-                                   port=NODEPORT_LOCAL),
-                        "tcp NodePort Local", expect_seen=EXTERNAL_IP, expect_host="n1p2",
-                        what=" (client address kept)"))
-    results.append(_row(checks.tcp(lab, "ext", lab.node_ip(1), f"node1:{NODEPORT_CLUSTER}",
-                                   port=NODEPORT_CLUSTER),
-                        "tcp NodePort Cluster", expect_seen=lab.vtep_ip(1), expect_host="n2p1",
-                        what=" (node 1's overlay address: answered through node 1)"))
-    results.append(_row(checks.tcp(lab, "n2p2", EXTERNAL_IP, "external host"),
-                        "tcp egress SNAT", expect_seen=lab.node_ip(2),
-                        what=" (node 2's address)"))
-    results.extend(firewall_checks(lab))
-    return results
+def _wait_ready(state: lab.LabState, timeout: float = 120) -> None:
+    """Until the example's pods run and a first full matrix passes (the agents
+    realise Services within a second or two of their endpoints)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pods = lab._pods(state)
+        if all(pods.get(p, {}).get("status", {}).get("podIP") for p in ("web-1", "web-2",
+                                                                       "client")):
+            rows = lab.connectivity(state)
+            if len(rows) >= 8 and all(r.passed for r in rows):
+                return
+        time.sleep(1)
 
 
-def firewall_checks(lab: Lab) -> list[checks.CheckResult]:
-    """A firewall dropping tcp/22 towards n1p2 while web traffic still passes."""
-    node = lab.node(1)
-    target = lab.pods["n1p2"].ip
-    fw = Firewall(node.rt, "demo-fw", [parse_rule("drop tcp dport 22")])
-    try:
-        with checks.servers(lab, ["n1p2"], tcp_ports=(22, 80), udp_ports=()):
-            node.set_pod_chain("n1p2", from_pod=[], to_pod=["demo-fw"])
-            ssh = checks.tcp(lab, "n1p1", target, "n1p2:22 (firewall)", port=22, timeout=2,
-                             expect_blocked=True)
-            web = checks.tcp(lab, "n1p1", target, "n1p2:80 (firewall)", port=80)
-            hits = fw.rule_hits()[0]
-            ssh.protocol, web.protocol = "tcp/22 drop rule", "tcp/80 allowed"
-            ssh.detail = f"rule 'drop tcp dport 22' hits: {hits}"
-            ssh.side_condition = hits >= 1
-            node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
-            after = checks.tcp(lab, "n1p1", target, "n1p2:22 (no firewall)", port=22)
-            after.protocol = "tcp/22 after removal"
-            return [ssh, web, after]
-    finally:
-        node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
-        fw.delete()
+def _probe_web(state: lab.LabState) -> bool:
+    view = lab._LabView(state)
+    r = checks.probe(view, "client", ["tcp", view.pods["web-1"].ip, "8080", "--timeout", "0.3"],
+                     10)
+    return bool(r.get("ok"))
+
+
+def firewall_rows(state: lab.LabState) -> list[checks.CheckResult]:
+    rows: list[checks.CheckResult] = []
+    before = _probe_web(state)
+    rows.append(checks.CheckResult("client", "web-1:8080", "tcp (no firewall yet)", before))
+    _run([*_kubectl_pcn(), "add-cube", "firewall", FIREWALL, "-n", "demo", "--selector",
+          "app=web", "--hook", "ingress", "--rule", "drop tcp dport 8080"])
+    start = time.monotonic()
+    blocked_after = None
+    while time.monotonic() - start < 10:
+        sent = time.monotonic()  # the connection attempt that gets dropped starts here
+        if not _probe_web(state):
+            blocked_after = sent - start
+            break
+    rows.append(checks.CheckResult(
+        "client", "web-1:8080", "tcp after add-cube", blocked_after is None,
+        blocked_after * 1000 if blocked_after is not None else None,
+        f"first connection dropped was started {blocked_after * 1000:.0f} ms after "
+        "`kubectl pcn add-cube` returned"
+        if blocked_after is not None else "still answering 10 s later", expect_blocked=True))
+    time.sleep(2.5)  # let the agents publish counters (every 2 s)
+    _run([*_kubectl_pcn(), "chain", "web-1", "-n", "demo"])
+    _run(["kubectl", "get", "cubechains,networkfunctions", "-A"], check=False) \
+        if shutil.which("kubectl") else None
+    _run([*_kubectl_pcn(), "remove-cube", FIREWALL, "-n", "demo"])
+    restored = False
+    start = time.monotonic()
+    while time.monotonic() - start < 10 and not restored:
+        restored = _probe_web(state)
+    rows.append(checks.CheckResult("client", "web-1:8080", "tcp after remove-cube", restored,
+                                   (time.monotonic() - start) * 1000 if restored else None,
+                                   "answering again" if restored else "still blocked"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pcn-demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="store_true", help="log what the data plane does")
+    ap.add_argument("--nodes", type=int, default=2, help="nodes in the lab (default 2)")
+    ap.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    start = time.monotonic()
-    lab = Lab(nodes_count=2, pods_per_node=2)
-    _progress(f"building two nodes with two pods each (run {lab.run_id}); "
-              "compiling the cubes takes a few seconds")
+    if os.geteuid() != 0:
+        print("pcn-demo builds network namespaces and loads eBPF programs: run it as root",
+              file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    results: list[checks.CheckResult] = []
+    lab_bin = [sys.executable, "-m", "pcn_agent.lab"]
+    failed_step = ""
+    prefix = ""
     try:
-        lab.build()
-        setup_services(lab)
-        _progress(f"lab up in {time.monotonic() - start:.1f} s; running checks")
-        with checks.servers(lab, [*lab.pods, "ext"]):
-            results = run_checks(lab)
+        _progress("starting the lab (an API server, two nodes with an agent each, the example "
+                  "app); the first compile of the cubes takes a few seconds per node")
+        _run([*lab_bin, "down"], show=False, check=False)
+        _run([*lab_bin, "up", "--nodes", str(args.nodes), "--pods-per-node", "0",
+              "-f", str(EXAMPLES)])
+        state = lab.LabState.load(lab.LAB_ROOT)
+        assert state is not None
+        prefix = state.prefix
+        if shutil.which("kubectl"):
+            _run(["kubectl", "get", "pods,services", "-n", "demo", "-o", "wide"], check=False)
+        _progress("connectivity matrix")
+        _wait_ready(state)
+        results = lab.connectivity(state)
+        print("\n" + checks.render(results, symbols=True))
+        _progress("inserting a firewall with kubectl pcn add-cube")
+        results += firewall_rows(state)
+    except Exception as exc:
+        failed_step = f"{type(exc).__name__}: {exc}"
     finally:
-        _progress("tearing down")
-        lab.close()
-    left = lab.leftovers()
-    print(checks.render(results))
+        if not args.keep:
+            _progress("tearing the lab down")
+            _run([*lab_bin, "down"], show=False, check=False)
+    left = [ns for ns in _netns_list() if prefix and ns.startswith(prefix)] \
+        if not args.keep else []
+    if not args.keep and lab.LAB_ROOT.exists():
+        left.append(str(lab.LAB_ROOT))
+    print("\n" + checks.render(results, symbols=True))
     failed = [r for r in results if not r.passed]
+    if failed_step:
+        print(f"\ndemo stopped: {failed_step}", file=sys.stderr)
     if left:
-        print(f"\nteardown left objects behind: {left}", file=sys.stderr)
-        return 1
-    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed, nothing left behind "
-          f"({time.monotonic() - start:.1f} s)")
-    return 1 if failed else 0
+        print(f"\nleft behind: {left}", file=sys.stderr)
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed"
+          f"{', nothing left behind' if not left and not args.keep else ''} "
+          f"({time.monotonic() - started:.0f} s)")
+    return 1 if failed or failed_step or left or not results else 0
+
+
+def _netns_list() -> list[str]:
+    from pyroute2 import netns as pr_netns
+
+    return list(pr_netns.listnetns())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ApplyReport:
     applied: int = 0
+    ops: list[Op] = field(default_factory=list)  # the operations that took effect
     errors: list[tuple[Op, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -61,6 +62,7 @@ class DataplaneManager:
                     self._do(op)
                     self.current = _advance(self.current, op)
                     report.applied += 1
+                    report.ops.append(op)
                 except Exception as exc:  # keep going: one bad object must not block others
                     log.exception("could not apply %s %s", op.kind, op.key)
                     report.errors.append((op, f"{type(exc).__name__}: {exc}"))
@@ -75,10 +77,13 @@ class DataplaneManager:
         if op.kind == "set-function":
             rules = [parse_rule(t) for t in op.value.rules]
             fw = self.functions.get(op.key)
+            # fast: in force at once with the generic program; specialise_pending()
+            # swaps the specialised one in once it is compiled.
             if fw is None:
-                self.functions[op.key] = Firewall(n.rt, op.key, rules, op.value.default)
+                self.functions[op.key] = Firewall(n.rt, op.key, rules, op.value.default,
+                                                  fast=True)
             else:
-                fw.set_rules(rules, op.value.default)
+                fw.set_rules(rules, op.value.default, fast=True)
             n.save()
         elif op.kind == "delete-function":
             fw = self.functions.pop(op.key, None)
@@ -102,6 +107,25 @@ class DataplaneManager:
             n.set_pod_chain(op.key, list(from_pod), list(to_pod))
         else:
             raise ValueError(f"unknown operation {op.kind}")
+
+    def specialise_pending(self) -> int:
+        """Compile and swap in the specialised programs of functions running a
+        generic one (seed 004: code shaped by the configuration, hot-swapped).
+        Slow (a compile each); call it off the reconcile path."""
+        swapped = 0
+        for fw in list(self.functions.values()):
+            try:
+                swapped += fw.specialise(self.lock)
+            except Exception:
+                log.exception("could not specialise %s; it keeps the generic program", fw.name)
+        return swapped
+
+    def warm_up(self) -> None:
+        """Compile the generic firewall ahead of need, so the first NetworkFunction
+        takes effect without waiting for a compile."""
+        from .cubes.firewall import GENERIC, TYPE
+
+        self.node.rt.load_variant(TYPE, GENERIC)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-cube drop counters and per-port traffic, for metrics."""

@@ -262,16 +262,26 @@ class Runtime:
 
     def load_variant(self, type_name: str, defines: Mapping[str, int | str]) -> CubeType:
         """Compile (once) a cube type specialised by `defines`; the caller puts its
-        program in a slot of its own with set_slot()."""
+        program in a slot of its own with set_slot(). The compile runs outside
+        the runtime's lock, so pods attach meanwhile."""
+        key = (type_name, tuple(sorted(defines.items())))
         with self._lock:
-            key = (type_name, tuple(sorted(defines.items())))
-            if key not in self.variants:
-                assert self.pin_dir is not None, "Runtime.open() first"
-                module = compile_cube(type_name, self.pin_dir, defines)
-                prog = f"{type_name}_rx"
-                fd = module.load_func(prog, _sched_cls()).fd
+            if key in self.variants:
+                return self.variants[key]
+            assert self.pin_dir is not None, "Runtime.open() first"
+            pin_dir = self.pin_dir
+        module = compile_cube(type_name, pin_dir, defines)
+        prog = f"{type_name}_rx"
+        fd = module.load_func(prog, _sched_cls()).fd
+        with self._lock:
+            if key in self.variants:  # compiled twice at once: keep the first
+                module.cleanup()
+            else:
                 self.variants[key] = CubeType(type_name, module, prog, -1, fd)
             return self.variants[key]
+
+    def has_variant(self, type_name: str, defines: Mapping[str, int | str]) -> bool:
+        return (type_name, tuple(sorted(defines.items()))) in self.variants
 
     def _load_type_into(self, type_name: str, slot: int) -> CubeType:
         assert self.pin_dir is not None

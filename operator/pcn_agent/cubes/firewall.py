@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import logging
+import threading
 from dataclasses import asdict, dataclass
 
 from .. import maps
 from ..runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 TYPE = "firewall"
 ACTIONS = {"allow": 0, "drop": 1}
 FW_PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132}
 MAX_RULES = 64
 HITS_PER_INSTANCE = 256
+GENERIC = {"FW_MAX_RULES": MAX_RULES, "FW_NEED_L4": 1}  # evaluates any rule set
 
 
 class RuleError(ValueError):
@@ -138,7 +143,7 @@ def specialisation(rules: list[Rule]) -> dict[str, int]:
 
 class Firewall:
     def __init__(self, rt: Runtime, name: str, rules: list[Rule] | None = None,
-                 default: str = "allow") -> None:
+                 default: str = "allow", fast: bool = False) -> None:
         self.rt = rt
         self.name = name
         adopted = name in rt.cubes
@@ -146,26 +151,27 @@ class Firewall:
         self.rules: list[Rule] = []
         self.default = default
         self.gen = 0
-        self.spec: dict[str, int] = {}
+        self.spec: dict[str, int] = {}  # the shape of the program in the slot
+        self.wanted_spec: dict[str, int] = {}  # the shape the rules in force need
         if adopted:
             c = self.cube.config
             self.rules = [Rule(**{**r, "sport": tuple(r["sport"]) if r["sport"] else None,
                                   "dport": tuple(r["dport"]) if r["dport"] else None})
                           for r in c["rules"]]
             self.default, self.gen = c["default"], c["gen"]
-            self.spec = specialisation(self.rules)
+            self.spec = self.wanted_spec = specialisation(self.rules)
             variant = rt.load_variant(TYPE, self.spec)
             self._bind_tables(variant.module)
             rt.set_slot(self.cube.slot, variant.fd)  # new program, same slot: atomic
         else:
-            self.set_rules(rules or [], default)
+            self.set_rules(rules or [], default, fast)
 
     def _bind_tables(self, module) -> None:
         self._rules_t = module[b"fw_rules"]
         self._cfg_t = module[b"fw_cfgs"]
         self._hits_t = module[b"fw_hits"]
 
-    def set_rules(self, rules: list[Rule], default: str = "allow") -> None:
+    def set_rules(self, rules: list[Rule], default: str = "allow", fast: bool = False) -> None:
         """Replace the rule set. The new rules are written under a new
         generation, then one config update switches to them; the program is
         recompiled only when the rule set's shape changes, and swapped into
@@ -176,7 +182,11 @@ class Firewall:
             raise ValueError(f"a firewall holds at most {MAX_RULES} rules, got {len(rules)}")
         if default not in ACTIONS:
             raise ValueError(f"default action must be allow or drop, not {default!r}")
-        spec = specialisation(rules)
+        self.wanted_spec = specialisation(rules)
+        # fast: when the specialised program is not compiled yet, run the generic
+        # one (it evaluates any rule set) now and specialise() later.
+        spec = GENERIC if fast and not self.rt.has_variant(TYPE, self.wanted_spec) \
+            else self.wanted_spec
         variant = self.rt.load_variant(TYPE, spec)
         old_spec, old_gen, old_n = self.spec, self.gen, len(self.rules)
         # Around the switch, the program in the slot must evaluate the old rules
@@ -210,6 +220,27 @@ class Firewall:
         self.rules, self.default, self.gen, self.spec = list(rules), default, gen, spec
         self.cube.config = {"rules": [asdict(r) for r in self.rules], "default": default,
                             "gen": gen}
+
+    @property
+    def specialised(self) -> bool:
+        return self.spec == self.wanted_spec
+
+    def specialise(self, lock: threading.RLock) -> bool:
+        """Swap the program specialised to the rules in force in for the generic
+        one. The compile runs without `lock`; the swap (one program-array
+        update, same rules, same config) under it, and only if the rules did
+        not change meanwhile. True when a program was swapped."""
+        wanted = dict(self.wanted_spec)
+        if self.spec == wanted:
+            return False
+        variant = self.rt.load_variant(TYPE, wanted)
+        with lock:
+            if self.wanted_spec != wanted or self.spec == wanted:
+                return False
+            self.rt.set_slot(self.cube.slot, variant.fd)
+            self.spec = wanted
+        log.info("firewall %s now runs its specialised program %s", self.name, wanted)
+        return True
 
     def hits(self) -> dict[str, int]:
         """Hits per rule (by its text) and of the default action."""
