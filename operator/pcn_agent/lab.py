@@ -433,6 +433,7 @@ def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
     if state.prefix:
         for ns in pr_netns.listnetns():
             if ns.startswith(state.prefix):
+                _kill_processes_in(ns)  # e.g. pod servers orphaned by a crash
                 try:
                     pr_netns.remove(ns)
                     removed.append(f"netns {ns}")
@@ -453,6 +454,16 @@ def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
         state.dir.rmdir()
         removed.append(f"dir {state.dir}")
     return removed
+
+
+def _kill_processes_in(netns: str) -> None:
+    r = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                       timeout=10)
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 # ----------------------------------------------------------------------------- commands

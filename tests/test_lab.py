@@ -1,0 +1,196 @@
+"""pcn-lab as a person uses it: up, apply, kubectl, kubectl pcn, check, exec,
+down; and that nothing is left behind, also when `up` is interrupted or the
+lab crashed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns as pr_netns
+
+from pcn_agent import bpffs, lab
+
+pytestmark = pytest.mark.netns
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BIN = Path(sys.executable).parent
+
+
+def run(d: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pcn_agent.lab", "--dir", str(d), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kube_env(d: Path) -> dict[str, str]:
+    return {**os.environ, "KUBECONFIG": str(d / "kubeconfig"),
+            "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+def leftovers(prefix: str, d: Path) -> list[str]:
+    left = [ns for ns in pr_netns.listnetns() if ns.startswith(prefix)]
+    left += [str(p) for p in bpffs.DEFAULT_ROOT.glob(f"{prefix}-*")]
+    if d.exists():
+        left.append(str(d))
+    return left
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lab.LabState]]:
+    d = tmp_path_factory.mktemp("lab") / "run"
+    r = run(d, "up", "--nodes", "2", "--pods-per-node", "1", "-f", str(EXAMPLES))
+    state = lab.LabState.load(d)
+    try:
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert state is not None and state.ready
+        assert f"KUBECONFIG={d / 'kubeconfig'}" in r.stdout  # it says how to use it
+        yield d, state
+    finally:
+        prefix = state.prefix if state else ""
+        down = run(d, "down")
+        assert down.returncode == 0, down.stderr
+        assert prefix and leftovers(prefix, d) == []
+
+
+def _wait(what: str, fn, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+def test_check_matrix_passes(running) -> None:
+    d, _ = running
+
+    def ok():
+        r = run(d, "check", timeout=300)
+        return r if r.returncode == 0 else None
+
+    r = _wait("a passing matrix", ok, timeout=120)
+    for row in ("same node", "other node", "ClusterIP", "NodePort", "egress SNAT"):
+        assert row in r.stdout, r.stdout
+    assert "✗" not in r.stdout
+
+
+def test_status_and_exec(running) -> None:
+    d, state = running
+    st = run(d, "status")
+    assert st.returncode == 0 and "running" in st.stdout and "pod-1-1" in st.stdout
+    ex = run(d, "exec", "pod-1-1", "--", "ip", "-4", "-o", "addr", "show", "eth0")
+    assert ex.returncode == 0 and "10.244.1." in ex.stdout
+    bad = run(d, "exec", "nope", "--", "true")
+    assert bad.returncode != 0 and "no running pod" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_get_shows_readiness_columns(running) -> None:
+    d, _ = running
+
+    def ready():
+        r = subprocess.run(["kubectl", "get", "cubechains", "-A"], env=kube_env(d),
+                           capture_output=True, text=True, timeout=30)
+        return r.stdout if r.returncode == 0 and re.search(r"protect-web\s+True\s+2", r.stdout) \
+            else None
+
+    out = _wait("the chain Ready on both web pods", ready)
+    assert out.split("\n")[0].split()[:5] == ["NAMESPACE", "NAME", "READY", "PODS", "NODES"]
+    pods = subprocess.run(["kubectl", "get", "pods", "-n", "demo", "-o", "wide"],
+                          env=kube_env(d), capture_output=True, text=True, timeout=30)
+    assert pods.returncode == 0 and "Running" in pods.stdout and "10.244." in pods.stdout
+
+
+def test_kubectl_pcn_chain_counters_rise_with_traffic(running) -> None:
+    d, _ = running
+    cmd = [str(BIN / "kubectl-pcn"), "chain", "web-1", "-n", "demo", "-o", "json"]
+
+    def counters():
+        r = subprocess.run(cmd, env=kube_env(d), capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            return None
+        doc = json.loads(r.stdout)
+        text = json.dumps(doc)
+        return doc if "no-ssh" in text and doc else None
+
+    first = _wait("the firewall in web-1's chain", counters)
+    web1 = run(d, "exec", "client", "--", "ping", "-c", "5", "-i", "0.2", "-q",
+               _pod_ip(d, "web-1"))
+    assert web1.returncode == 0, web1.stdout + web1.stderr
+
+    def risen():
+        now = counters()
+        return now if now and _hits(now) > _hits(first) else None
+
+    _wait("the firewall's counters to rise", risen, timeout=30)
+
+
+def _pod_ip(d: Path, name: str) -> str:
+    r = subprocess.run([str(BIN / "kubectl-pcn"), "chain", name, "-n", "demo", "-o", "json"],
+                       env=kube_env(d), capture_output=True, text=True, timeout=60)
+    ip = re.search(r'"ip":\s*"(10\.244\.\d+\.\d+)', r.stdout)
+    assert ip, r.stdout
+    return ip.group(1)
+
+
+def _hits(doc) -> int:
+    """Sum of every hit/default-hit/packet counter in the chain view."""
+    total = 0
+
+    def walk(x):
+        nonlocal total
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if isinstance(v, int) and not isinstance(v, bool) and (
+                        "hits" in k.lower() or k.lower() in ("rx_packets", "tx_packets")):
+                    total += v
+                else:
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(doc)
+    return total
+
+
+def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "pcn_agent.lab", "--dir", str(d), "up",
+                          "--nodes", "1", "--pods-per-node", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = _wait("the lab to start building", lambda: (s := lab.LabState.load(d)) and
+                  s.prefix and any(ns.startswith(s.prefix) for ns in pr_netns.listnetns())
+                  and s, timeout=60)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    _wait("everything to be gone", lambda: leftovers(state.prefix, d) == [] or None,
+          timeout=60)
+    # `down` after that is harmless
+    assert run(d, "down").returncode == 0
+
+
+def test_down_after_a_crash_cleans_up(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    r = run(d, "up", "--nodes", "1", "--pods-per-node", "1")
+    state = lab.LabState.load(d)
+    assert r.returncode == 0 and state is not None, r.stderr
+    for pid in [state.supervisor_pid, *state.agents.values()]:
+        os.kill(pid, signal.SIGKILL)  # as a crash would
+    time.sleep(0.5)
+    assert run(d, "status").returncode != 0
+    down = run(d, "down")
+    assert down.returncode == 0, down.stderr
+    assert leftovers(state.prefix, d) == []
