@@ -257,3 +257,12 @@ def mac_bytes(mac: str) -> MacBytes:
 
 def mac_str(raw: bytes | MacBytes) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+def discard(table, key) -> bool:
+    """Delete a map entry if it is there; True when it was."""
+    try:
+        del table[key]
+        return True
+    except KeyError:
+        return False

@@ -148,12 +148,8 @@ class NodeDataplane:
         if c.default_gateway:
             self.router.add_route("0.0.0.0/0", "uplink", nexthop=c.default_gateway)
 
-        vteps = str(ipaddress.IPv4Interface(c.vtep).network)
-        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services, DispatcherConfig(
-            node_ip=c.node_ip, vtep_ip=c.vtep_ip, local_pods=c.pod_cidr,
-            pod_networks=(c.cluster_pod_cidr,),
-            no_snat=(c.cluster_pod_cidr, c.service_cidr, vteps),
-            nodeport_range=c.nodeport_range, snat_range=c.snat_range))
+        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
+                                     self._dispatcher_config())
         self.dispatcher.configure(r_up.id, r_vx.id)
         disp = [self.rt.stacked(DISPATCHER)]
         # Hooks first, netdevs second: no packet crosses a port before its cubes are there.
@@ -164,17 +160,21 @@ class NodeDataplane:
         self.rt.connect_netdev(r_up, c.uplink)
         self.rt.meta["vxlan_created"] = self._vxlan_created
 
-    def _restore(self) -> None:
+    def _dispatcher_config(self) -> DispatcherConfig:
         c = self.cfg
-        self.bridge = Bridge(self.rt, BRIDGE)
-        self.router = Router(self.rt, ROUTER)
-        self.lb = LoadBalancer(self.rt, LB)
         vteps = str(ipaddress.IPv4Interface(c.vtep).network)
-        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services, DispatcherConfig(
+        return DispatcherConfig(
             node_ip=c.node_ip, vtep_ip=c.vtep_ip, local_pods=c.pod_cidr,
             pod_networks=(c.cluster_pod_cidr,),
             no_snat=(c.cluster_pod_cidr, c.service_cidr, vteps),
-            nodeport_range=c.nodeport_range, snat_range=c.snat_range))
+            nodeport_range=c.nodeport_range, snat_range=c.snat_range)
+
+    def _restore(self) -> None:
+        self.bridge = Bridge(self.rt, BRIDGE)
+        self.router = Router(self.rt, ROUTER)
+        self.lb = LoadBalancer(self.rt, LB)
+        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
+                                     self._dispatcher_config())
         self._vxlan_created = self.rt.meta.get("vxlan_created", False)
         for p in self.rt.meta.get("peers", []):
             peer = PeerNode(**p)

@@ -253,10 +253,8 @@ def static_nodeports(inputs: Inputs, nodeports: dict[NodePortKey, NodePortSpec],
     for obj in inputs.nodeportrules:
         name = _meta(obj).get("name", "")
         v = verdicts.setdefault(("NodePortRule", "", name), Verdict())
-        try:
-            rule = NodePortRule.from_body(obj)
-        except ValidationError as exc:
-            v.fail("Invalid", _pydantic_message(exc))
+        rule = _validated(NodePortRule, obj, v)
+        if rule is None:
             continue
         s = rule.spec
         key = (s.port, s.protocol.lower())
@@ -299,16 +297,23 @@ def _pydantic_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _validated(model: Any, obj: Obj, v: Verdict) -> Any:
+    """The object as its pydantic model, or None with the verdict saying why."""
+    try:
+        return model.from_body(obj)
+    except ValidationError as exc:
+        v.fail("Invalid", _pydantic_message(exc))
+        return None
+
+
 def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict]
                  ) -> dict[tuple[str, str], FunctionSpec]:
     valid: dict[tuple[str, str], FunctionSpec] = {}
     for obj in inputs.functions:
         ns, name = _ns_name(obj)
         v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
-        try:
-            nf = NetworkFunction.from_body(obj)
-        except ValidationError as exc:
-            v.fail("Invalid", _pydantic_message(exc))
+        nf = _validated(NetworkFunction, obj, v)
+        if nf is None:
             continue
         cfg = nf.spec.typed_config()
         valid[(ns, name)] = FunctionSpec(nf.spec.type,
@@ -325,10 +330,8 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
     for obj in inputs.chains:
         ns, name = _ns_name(obj)
         v = verdicts.setdefault(("CubeChain", ns, name), Verdict())
-        try:
-            chain = CubeChain.from_body(obj)
-        except ValidationError as exc:
-            v.fail("Invalid", _pydantic_message(exc))
+        chain = _validated(CubeChain, obj, v)
+        if chain is None:
             continue
         refs = [r.function for r in (*chain.spec.ingress, *chain.spec.egress)]
         missing = [r for r in refs if (ns, r) not in functions]

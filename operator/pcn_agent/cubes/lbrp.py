@@ -136,7 +136,7 @@ class ServiceTable:
                     affinity_timeout_s)
         self._svcs[maps.SvcKey(maps.ip_be(vip), be16(port), pnum)] = value
         for i in range(len(slots), svc.n_slots):
-            self._delete(self._slots, maps.SlotKey(svc.id, i))
+            maps.discard(self._slots, maps.SlotKey(svc.id, i))
         if existed:  # clients must not stick to a backend that left
             self._forget_affinity(svc.id, {(maps.ip_be(b.ip), be16(b.port)) for b in slots})
         svc.backends, svc.affinity_timeout_s, svc.n_slots = list(backends), affinity_timeout_s, len(slots)
@@ -148,9 +148,9 @@ class ServiceTable:
         svc = self.services.pop(key, None)
         if svc is None:
             return False
-        self._delete(self._svcs, maps.SvcKey(maps.ip_be(vip), be16(port), proto_number(key[2])))
+        maps.discard(self._svcs, maps.SvcKey(maps.ip_be(vip), be16(port), proto_number(key[2])))
         for i in range(svc.n_slots):
-            self._delete(self._slots, maps.SlotKey(svc.id, i))
+            maps.discard(self._slots, maps.SlotKey(svc.id, i))
         # the id goes to the next new service: so would the clients stuck to it
         self._forget_affinity(svc.id, set())
         self._free_ids.append(svc.id)
@@ -163,7 +163,7 @@ class ServiceTable:
         walk is short unless many clients use such services."""
         for k, v in list(self._affinity.items()):
             if k.svc == svc_id and (v.backend.ip, v.backend.port) not in keep:
-                self._delete(self._affinity, k)
+                maps.discard(self._affinity, k)
 
     def sessions(self) -> list[dict]:
         """Load-balanced connections: client, service address, backend."""
@@ -179,14 +179,8 @@ class ServiceTable:
 
     def reset_sessions(self) -> None:
         for k in list(self._sessions.keys()):
-            self._delete(self._sessions, k)
+            maps.discard(self._sessions, k)
 
-    @staticmethod
-    def _delete(table, key) -> None:
-        try:
-            del table[key]
-        except KeyError:
-            pass
 
 
 class LoadBalancer:

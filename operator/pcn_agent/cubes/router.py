@@ -62,7 +62,7 @@ class Router:
             if r.port == port_name:
                 self.remove_route(str(net))
         if port.ip:
-            self._delete(self._addrs, maps.RouterAddrKey(self.cube.id, maps.ip_be(port.ip)))
+            maps.discard(self._addrs, maps.RouterAddrKey(self.cube.id, maps.ip_be(port.ip)))
         for k, v in list(self._neigh.items()):
             if k.cube == self.cube.id and v.port == port.id:
                 del self._neigh[k]
@@ -87,7 +87,7 @@ class Router:
 
     def remove_route(self, cidr: str) -> None:
         net = ipaddress.IPv4Network(cidr, strict=True)
-        self._delete(self._routes, self._route_key(net))
+        maps.discard(self._routes, self._route_key(net))
         self.routes.pop(net, None)
         self._save()
 
@@ -113,9 +113,3 @@ class Router:
             self.remove_port(port_name)
         self.rt.remove_cube(self.name)
 
-    @staticmethod
-    def _delete(table, key) -> None:
-        try:
-            del table[key]
-        except KeyError:
-            pass
