@@ -74,13 +74,15 @@ def _wait(what: str, fn, timeout: float = 60):
 def test_check_matrix_passes(running) -> None:
     d, _ = running
 
-    def ok():
-        r = run(d, "check", timeout=300)
-        return r if r.returncode == 0 else None
+    rows = ("same node", "other node", "ClusterIP", "NodePort", "egress SNAT")
 
-    r = _wait("a passing matrix", ok, timeout=120)
-    for row in ("same node", "other node", "ClusterIP", "NodePort", "egress SNAT"):
-        assert row in r.stdout, r.stdout
+    def ok():
+        # `up -f` returns once applied, like kubectl apply: the example's pods and
+        # Services may still be starting, so wait for a full matrix.
+        r = run(d, "check", timeout=300)
+        return r if r.returncode == 0 and all(row in r.stdout for row in rows) else None
+
+    r = _wait("a full, passing matrix", ok, timeout=180)
     assert "✗" not in r.stdout
 
 
