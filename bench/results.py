@@ -15,9 +15,17 @@ from typing import Any
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 REFERENCE_VARIANT = "linux-bridge"  # the acceptance compares pcn with it
 LIMIT_VARIANT = "veth"  # the cheapest path between two namespaces
+# Scenarios whose reference is another variant: services compare with
+# linux-bridge + kube-proxy's iptables rules.
+REFERENCES = {"pod-to-service": "iptables", "service-scale": "iptables"}
 THROUGHPUT = "throughput"
 SAME_NODE_TARGET = 0.80  # pcn same-node throughput / linux-bridge's (issue acceptance)
 POD_ADD_TARGET_MS = 100.0  # median pod-add latency (issue acceptance)
+SERVICE_TARGET = 1.0  # pcn pod-to-service throughput / iptables' (issue 3)
+SCALE_TARGET = 0.10  # pcn latency at the most services within 10% of at the fewest (issue 3)
+ENDPOINTS_P99_TARGET_MS = 200.0  # EndpointSlice write -> data plane, p99 (issue 4)
+COLD_START_TARGET_S = 10.0  # agent start -> 1000 Services realised (issue 4)
+CNI_ADD_P99_TARGET_MS = 200.0  # pcn-cni ADD, p99 (issue 4)
 
 
 @dataclass
@@ -42,10 +50,21 @@ def machine_metadata() -> dict[str, Any]:
     return {"date": now_iso(), "kernel": platform.release(), "cpu_count": os.cpu_count()}
 
 
+def reference_of(scenario: str) -> str:
+    return REFERENCES.get(scenario, REFERENCE_VARIANT)
+
+
+def _comparable(metric: str) -> bool:
+    return metric == THROUGHPUT or metric.startswith(("latency", "install"))
+
+
 def ratio_to_reference(results: Sequence[Result], r: Result,
-                       reference: str = REFERENCE_VARIANT) -> float | None:
-    """Throughput of `r` over the `reference` variant of the same scenario (same run)."""
-    if r.metric != THROUGHPUT:
+                       reference: str | None = None) -> float | None:
+    """`r` over the same metric of the `reference` variant (default: the
+    scenario's reference) of the same scenario (same run): throughput,
+    latencies and install times."""
+    reference = reference or reference_of(r.scenario)
+    if not _comparable(r.metric) or r.variant == reference:
         return None
     for ref in results:
         if (ref.scenario, ref.variant, ref.metric) == (r.scenario, reference, r.metric):
@@ -79,10 +98,10 @@ def merge_write(path: Path, results: Sequence[Result], scenarios: Iterable[str],
 
 
 def table(results: Sequence[Result]) -> str:
-    header = ("scenario", "variant", "metric", "value", "unit", "vs linux-bridge", "vs veth")
+    header = ("scenario", "variant", "metric", "value", "unit", "vs reference", "vs veth")
     rows = [header]
     for r in results:
-        ratios = [ratio_to_reference(results, r, ref) for ref in (REFERENCE_VARIANT, LIMIT_VARIANT)]
+        ratios = [ratio_to_reference(results, r, ref) for ref in (None, LIMIT_VARIANT)]
         rows.append((r.scenario, r.variant, r.metric, f"{r.value:.2f}", r.unit,
                      *(f"{x * 100:.0f}%" if x is not None else "" for x in ratios)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -93,6 +112,13 @@ def table(results: Sequence[Result]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    refs = sorted({f"{reference_of(r.scenario)} ({r.scenario})" for r in results
+                   if any(ratio_to_reference(results, x) is not None for x in results
+                          if x.scenario == r.scenario)})
+    if refs:
+        lines.append(f"vs reference: value / the reference variant's, same scenario and metric "
+                     f"(throughput: higher is better; latency and time: lower is better); "
+                     f"reference: {', '.join(refs)}")
     return "\n".join(lines)
 
 
@@ -116,4 +142,70 @@ def acceptance(results: Sequence[Result]) -> list[str]:
         lines.append(f"acceptance: pcn pod-add median {add.value:.1f} ms "
                      f"(target < {POD_ADD_TARGET_MS:.0f} ms): "
                      f"{'PASS' if add.value < POD_ADD_TARGET_MS else 'FAIL'}")
+    lines += _service_acceptance(results)
+    lines += _control_plane_acceptance(results)
+    return lines
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _service_acceptance(results: Sequence[Result]) -> list[str]:
+    lines = []
+    pcn = _find(results, "pod-to-service", "pcn", THROUGHPUT)
+    ipt = _find(results, "pod-to-service", "iptables", THROUGHPUT)
+    if pcn is not None and ipt is not None and ipt.value:
+        ratio = pcn.value / ipt.value
+        lat = [_find(results, "pod-to-service", v, m) for v in ("pcn", "iptables")
+               for m in ("latency", "latency-p99")]
+        tail = ""
+        if all(x is not None for x in lat):
+            tail = (f"; request latency p50/p99 pcn {lat[0].value:.0f}/{lat[1].value:.0f} us, "
+                    f"iptables {lat[2].value:.0f}/{lat[3].value:.0f} us")
+        lines.append(f"acceptance: pcn pod-to-service throughput {pcn.value:.2f} Gbit/s = "
+                     f"{ratio * 100:.0f}% of iptables' {ipt.value:.2f} Gbit/s (target >= "
+                     f"{SERVICE_TARGET * 100:.0f}%): {_verdict(ratio >= SERVICE_TARGET)}{tail}")
+    levels = sorted(int(r.metric.split("@")[1]) for r in results
+                    if r.scenario == "service-scale" and r.variant == "pcn"
+                    and r.metric.startswith("latency@"))
+    if len(levels) >= 2:
+        lo = _find(results, "service-scale", "pcn", f"latency@{levels[0]}")
+        hi = _find(results, "service-scale", "pcn", f"latency@{levels[-1]}")
+        assert lo is not None and hi is not None
+        change = hi.value / lo.value - 1
+        ipt_lo = _find(results, "service-scale", "iptables", f"latency@{levels[0]}")
+        ipt_hi = _find(results, "service-scale", "iptables", f"latency@{levels[-1]}")
+        tail = (f"; iptables {ipt_lo.value:.0f} -> {ipt_hi.value:.0f} us"
+                if ipt_lo is not None and ipt_hi is not None else "")
+        lines.append(f"acceptance: pcn service latency (p50) with {levels[-1]} services "
+                     f"{hi.value:.0f} us vs {lo.value:.0f} us with {levels[0]} "
+                     f"({change * 100:+.1f}%, target within {SCALE_TARGET * 100:.0f}%): "
+                     f"{_verdict(change <= SCALE_TARGET)}{tail}")
+    return lines
+
+
+def _control_plane_acceptance(results: Sequence[Result]) -> list[str]:
+    lines = []
+    p50 = _find(results, "endpoints-to-dataplane", "pcn", "latency")
+    p99 = _find(results, "endpoints-to-dataplane", "pcn", "latency-p99")
+    if p50 is not None and p99 is not None:
+        lines.append(f"acceptance: EndpointSlice change to data plane p50 {p50.value:.1f} ms, "
+                     f"p99 {p99.value:.1f} ms (target p99 < {ENDPOINTS_P99_TARGET_MS:.0f} ms): "
+                     f"{_verdict(p99.value < ENDPOINTS_P99_TARGET_MS)}")
+    cold = _find(results, "agent-cold-start", "pcn", "time")
+    if cold is not None:
+        up = _find(results, "agent-cold-start", "pcn", "dataplane-up")
+        svc = _find(results, "agent-cold-start", "pcn", "services-after-up")
+        tail = (f" (data plane up {up.value:.1f} s, then services {svc.value:.1f} s)"
+                if up is not None and svc is not None else "")
+        lines.append(f"acceptance: agent cold start with {cold.extra.get('services', '?')} "
+                     f"Services {cold.value:.1f} s{tail} (target < {COLD_START_TARGET_S:.0f} s): "
+                     f"{_verdict(cold.value < COLD_START_TARGET_S)}")
+    c50 = _find(results, "cni-add", "pcn", "latency")
+    c99 = _find(results, "cni-add", "pcn", "latency-p99")
+    if c50 is not None and c99 is not None:
+        lines.append(f"acceptance: CNI ADD p50 {c50.value:.0f} ms, p99 {c99.value:.0f} ms "
+                     f"(target p99 < {CNI_ADD_P99_TARGET_MS:.0f} ms): "
+                     f"{_verdict(c99.value < CNI_ADD_P99_TARGET_MS)}")
     return lines

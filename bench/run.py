@@ -1,7 +1,10 @@
-"""`make bench`: pcn throughput against reference topologies, and pod-add latency.
+"""`make bench`: pcn against reference topologies (throughput, service latency and
+scale) and the control plane's speed (pod add, EndpointSlice to data plane,
+agent cold start, CNI ADD).
 
     .venv/bin/python -m bench.run [--only SCENARIO[,SCENARIO]] [--duration S] [--runs N]
-                                  [--output FILE] [--pin | --no-pin]
+                                  [--requests N] [--scale N,N,...] [--output FILE]
+                                  [--pin | --no-pin]
 
 Progress goes to stderr, the table to stdout; results are merged into
 bench/results/latest.json (entries of the scenarios measured now are replaced,
@@ -26,8 +29,10 @@ from types import FrameType
 from pcn_agent import bpffs
 from pcn_agent.runtime import STATE_ROOT
 
-from . import iperf, netns, results
-from .scenarios import SCENARIOS, Context
+from . import controlplane, iperf, netns, results, scenarios, services
+from .scenarios import Context
+
+SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS}
 
 log = logging.getLogger("bench")
 
@@ -48,6 +53,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="iperf3 runs per variant (default 3)")
     p.add_argument("--pod-adds", type=int, default=20,
                    help="pods added in the pod-add scenario (default 20)")
+    p.add_argument("--requests", type=int, default=2000,
+                   help="requests per variant (and per level) in the service latency scenarios "
+                        "(default 2000)")
+    p.add_argument("--scale", default="10,1000,10000",
+                   help="numbers of services installed in service-scale (default 10,1000,10000)")
+    p.add_argument("--endpoint-changes", type=int, default=100,
+                   help="EndpointSlice changes timed in endpoints-to-dataplane (default 100)")
+    p.add_argument("--cold-services", type=int, default=1000,
+                   help="Services in the API before agent-cold-start's agent starts "
+                        "(default 1000)")
+    p.add_argument("--cni-adds", type=int, default=50,
+                   help="pods added by pcn-cni in cni-add (default 50)")
     p.add_argument("--output", type=Path, default=results.DEFAULT_OUTPUT,
                    help=f"results file to merge into (default {results.DEFAULT_OUTPUT})")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
@@ -60,6 +77,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
     if args.duration <= 0 or args.runs < 1 or args.pod_adds < 1:
         p.error("--duration, --runs and --pod-adds must be positive")
+    try:
+        args.scale_levels = tuple(sorted({int(x) for x in args.scale.split(",") if x.strip()}))
+    except ValueError:
+        p.error(f"--scale takes numbers separated by commas, not {args.scale!r}")
+    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
+        p.error("--scale levels must be between 1 and 60000")
+    if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds) < 1:
+        p.error("--requests, --endpoint-changes, --cold-services and --cni-adds must be "
+                "positive")
     if args.pin and (os.cpu_count() or 1) < 2:
         p.error("--pin needs two CPUs; use --no-pin")
     return args
@@ -68,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench builds network namespaces and loads eBPF programs: run it as root")
-    for tool in ("iperf3", "ip", "ss", "ping"):
+    for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/setup.sh (make setup)")
     for plugin in ("bridge", "host-local"):
@@ -140,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     busy = cpu_busy()
     ctx = Context(nss=netns.Namespaces(prefix), tmp=Path(tempfile.gettempdir()) / prefix,
                   duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
-                  pinning=pinning)
+                  pinning=pinning, requests=args.requests, scale=args.scale_levels,
+                  endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
+                  cni_adds=args.cni_adds)
     ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
                  f"{args.duration:g} s per variant, {pinning.describe()}")
     if busy > BUSY_WARN_PCT:
@@ -194,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if done:
         meta = {**results.machine_metadata(), "run": prefix, "iperf3": {
             "duration_s": args.duration, "warmup_s": iperf.OMIT_S, "runs": args.runs,
-            "pinning": pinning.describe()}, "cpu_busy_before_pct": round(busy, 1),
+            "pinning": pinning.describe()}, "requests_per_variant": args.requests,
+            "scale": list(args.scale_levels), "endpoint_changes": args.endpoint_changes,
+            "cold_services": args.cold_services, "cni_adds": args.cni_adds,
+            "cpu_busy_before_pct": round(busy, 1),
             "cpu_busy_after_pct": round(busy_after, 1)}
         for r in measured:
             r.extra["run"] = prefix  # kept entries of other scenarios carry their own run

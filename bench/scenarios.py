@@ -40,6 +40,11 @@ class Context:
     runs: int
     pod_adds: int
     pinning: iperf.Pinning
+    requests: int = 2000  # rr requests per variant (latency scenarios)
+    scale: tuple[int, ...] = (10, 1000, 10000)  # services installed in service-scale
+    endpoint_changes: int = 100  # EndpointSlice writes timed in endpoints-to-dataplane
+    cold_services: int = 1000  # Services in the API before agent-cold-start's agent starts
+    cni_adds: int = 50  # pods added in cni-add
     labs: list[Lab] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -69,8 +74,9 @@ class Context:
                     raise RuntimeError(f"{scenario}/{v.name}: {v.client.netns} cannot reach "
                                        f"{v.server.ip}:\n{ping.stdout}")
                 st.callback(stop, iperf.start_server(v.server.netns, self.pinning))
+                via = f" via {v.dest}:{v.dest_port}" if v.dest else ""
                 self.progress(f"{scenario}/{v.name}: iperf3 {v.client.netns} -> {v.server.ip} "
-                              f"({v.server.netns})")
+                              f"({v.server.netns}){via}")
             self.progress(f"{scenario}: {self.runs} rounds of {len(variants)} x "
                           f"{self.duration:g} s (+{iperf.OMIT_S} s warm-up)")
             runs: dict[str, iperf.Throughput] = {v.name: iperf.Throughput() for v in variants}
@@ -79,8 +85,9 @@ class Context:
                     v = variants[(i + k) % len(variants)]
                     if v.before is not None:
                         v.before()
-                    gbps, retr = iperf.run_client(v.client.netns, v.server.ip, self.duration,
-                                                  self.pinning)
+                    gbps, retr = iperf.run_client(v.client.netns, v.dest or v.server.ip,
+                                                  self.duration, self.pinning,
+                                                  v.dest_port if v.dest else iperf.PORT)
                     runs[v.name].runs_gbps.append(gbps)
                     runs[v.name].retransmits.append(retr)
                     self.progress(f"{scenario}/{v.name}: run {i + 1}/{self.runs}: "
@@ -103,6 +110,8 @@ class Variant:
     server: Endpoint
     before: Callable[[], None] | None = None  # run before each of its iperf3 runs
     extra: dict[str, object] = field(default_factory=dict)  # into its JSON entry
+    dest: str | None = None  # the client connects here (a service address), not server.ip
+    dest_port: int = iperf.PORT
 
 
 def _lab_endpoint(lab: Lab, pod: str) -> Endpoint:

@@ -172,3 +172,36 @@ def test_settings_validation() -> None:
     with pytest.raises(ValueError, match="port range"):
         ClusterSettings(serviceNodePortRange="32767-30000")
     assert ClusterSettings(mtu="1400").mtu == 1400  # ConfigMap values are strings
+
+
+def test_backends_are_found_per_service_as_by_scanning_every_slice() -> None:
+    """services_of() groups the EndpointSlices by service once per pass; each
+    Service must get exactly what service_backends() finds scanning them all."""
+    from pcn_agent.reconcile import service_backends, services_of
+
+    http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    dns = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    svcs = [service(ns, name, f"10.96.{i}.{j}",
+                    [{"name": "http", "port": 80, "protocol": "TCP"},
+                     {"name": "dns", "port": 53, "protocol": "UDP"}])
+            for i, ns in enumerate(("a", "b")) for j, name in enumerate(("web", "db", "x"), 1)]
+    slices = [eps("a", "web", [("10.244.1.2", True), ("10.244.1.3", False)], http),
+              eps("a", "web", [("10.244.1.4", None)], http + dns),
+              eps("b", "web", [("10.244.2.2", True)], http),
+              eps("a", "db", [("10.244.1.9", True)], dns),
+              {"metadata": {"namespace": "a", "name": "orphan"}, "ports": http,
+               "endpoints": [{"addresses": ["10.244.1.7"]}]},
+              eps("b", "nosuch", [("10.244.2.9", True)], http)]
+    slices[1]["metadata"]["name"] = "web-y"
+    services, _, _ = services_of(Inputs(node="n1", settings=S, services=svcs,
+                                        endpointslices=slices))
+    expected = {}
+    for s in svcs:
+        for port in s["spec"]["ports"]:
+            key = (s["spec"]["clusterIP"], port["port"], port["protocol"].lower())
+            expected[key] = service_backends(s, port, slices)
+    assert {k: v.backends for k, v in services.items()} == expected
+    assert services[("10.96.0.1", 80, "tcp")].backends == (
+        Backend("10.244.1.2", 8080), Backend("10.244.1.4", 8080))
+    assert services[("10.96.1.1", 80, "tcp")].backends == (Backend("10.244.2.2", 8080),)
+    assert services[("10.96.0.2", 53, "udp")].backends == (Backend("10.244.1.9", 53),)

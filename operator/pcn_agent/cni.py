@@ -6,6 +6,10 @@ address allocation to the IPAM plugin named in the configuration, creates the
 pod's veth pair (address, default route, MTU) and asks the node agent, over
 its local unix socket, to attach the host end to the data plane; no BPF is
 compiled on this path. DEL undoes it and is idempotent.
+
+The plugin's start-up is part of every pod's latency: it imports only the
+standard library and pcn_agent's small modules (links, addresses and routes
+through pcn_agent.rtnl on a netlink socket; no pyroute2, no `ip` processes).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from . import localapi
 from .localapi import (
@@ -32,9 +36,6 @@ from .localapi import (
     NOT_AVAILABLE,
     TRY_AGAIN_LATER,
 )
-
-if TYPE_CHECKING:
-    from pyroute2 import IPRoute
 
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
@@ -438,9 +439,75 @@ def _ipam_routes(ipam_result: dict[str, Any], gateway: str) -> list[dict[str, st
     return routes
 
 
-def _link_mac(ipr: IPRoute, ifname: str) -> str:
-    idx = ipr.link_lookup(ifname=ifname)
-    return ipr.get_links(idx[0])[0].get_attr("IFLA_ADDRESS") if idx else ""
+def _no_ipv6(ifname: str) -> None:
+    """pcn routes IPv4 only: keep the kernel from sending IPv6 neighbour and
+    router discovery into the data plane (the calling thread's namespace)."""
+    from . import rtnl
+
+    try:
+        rtnl.write_sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", "1")
+    except FileNotFoundError:
+        pass  # IPv6 disabled in this kernel
+
+
+@dataclass(frozen=True)
+class PodLink:
+    address: str  # interface notation
+    mac: str  # of the pod's interface
+    host_mac: str
+
+
+def create_pod_link(env: Env, host_if: str, address: str, gateway: str,
+                    mtu: int) -> PodLink:
+    """The pod's veth pair (podnet.create's contract, on pcn_agent.rtnl): the
+    host end `host_if` here, the pod end born in the pod's namespace, renamed
+    to CNI_IFNAME, MTU, no IPv6, the address, up, lo up, the default route
+    via `gateway`; then the host end up. On any failure nothing is left."""
+    from . import rtnl
+
+    iface = ipaddress.IPv4Interface(address)
+    gw = ipaddress.IPv4Address(gateway)
+    if gw not in iface.network:
+        raise ValueError(f"gateway {gw} is outside the pod network {iface.network}")
+    tmp = f"{host_if}p"[:15]
+    with rtnl.Rtnl() as node:
+        pod_fd = os.open(env.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            node.create_veth(host_if, tmp, pod_fd, mtu)
+        finally:
+            os.close(pod_fd)
+        try:
+            host_idx = rtnl.link_index(host_if)
+            if host_idx is None:
+                raise rtnl.NetlinkError(errno.ENODEV, f"{host_if} vanished")
+            _no_ipv6(host_if)
+            with rtnl.netns(env.netns), rtnl.Rtnl() as pod:
+                idx = rtnl.link_index(tmp)
+                if idx is None:
+                    raise rtnl.NetlinkError(errno.ENODEV, f"{tmp} is not in {env.netns}")
+                pod.set_link(idx, ifname=env.ifname, mtu=mtu)
+                _no_ipv6(env.ifname)
+                pod.add_address(idx, str(iface.ip), iface.network.prefixlen)
+                pod.set_link(idx, up=True)
+                lo = rtnl.link_index("lo")
+                if lo is not None:
+                    pod.set_link(lo, up=True)
+                pod.replace_route("0.0.0.0", 0, str(gw), idx)
+                mac = pod.link(idx).mac
+            node.set_link(host_idx, up=True)
+            host_mac = node.link(host_idx).mac
+        except BaseException:
+            node.delete_link(host_if)
+            raise
+    return PodLink(str(iface), mac, host_mac)
+
+
+def delete_host_link(host_if: str) -> bool:
+    """Delete a pod's veth pair by its host end. True if it existed."""
+    from . import rtnl
+
+    with rtnl.Rtnl() as node:
+        return node.delete_link(host_if)
 
 
 def _stderr(msg: str) -> None:
@@ -461,20 +528,15 @@ def cmd_version(data: bytes) -> dict[str, Any]:
 
 
 def cmd_add(conf: NetConf, env: Env, environ: dict[str, str]) -> dict[str, Any]:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    from . import podnet
-    from .nsutil import iproute
+    from . import rtnl
 
     _check_netns(env.netns)
     host_if = _host_ifname(env.container_id)
-    with IPRoute() as ipr:
-        if ipr.link_lookup(ifname=host_if):  # checked before IPAM: nothing to undo
-            raise CniError(INTERNAL, f"host interface {host_if} of container "
-                                     f"{env.container_id} already exists",
-                           "the container already has an attachment: the runtime must run DEL "
-                           "before another ADD")
+    if rtnl.link_index(host_if) is not None:  # checked before IPAM: nothing to undo
+        raise CniError(INTERNAL, f"host interface {host_if} of container "
+                                 f"{env.container_id} already exists",
+                       "the container already has an attachment: the runtime must run DEL "
+                       "before another ADD")
     ipam = Ipam(conf, env, environ)
     result = ipam.run("ADD")
     assert result is not None
@@ -482,26 +544,27 @@ def cmd_add(conf: NetConf, env: Env, environ: dict[str, str]) -> dict[str, Any]:
     try:
         address, gateway = _pick_address(result, ipam.type)
         routes = _ipam_routes(result, gateway)
-        with IPRoute() as ipr:
-            with _step(f"creating the veth pair {host_if} <-> {env.netns}:{env.ifname}"):
-                try:
-                    iface = podnet.create(ipr, None, env.netns, host_if, address, gateway,
-                                          conf.mtu, ifname=env.ifname)
-                except NetlinkError as exc:
-                    if exc.code != errno.EEXIST:
-                        raise
-                    raise CniError(INTERNAL, f"interface {env.ifname} already exists in "
-                                             f"{env.netns}",
-                                   "CNI_IFNAME must name an interface the pod does not have "
-                                   "yet") from None
-            created = True
-            if len(routes) > 1:
-                with _step(f"adding IPAM routes in {env.netns}"), \
-                        iproute(env.netns) as pod:
-                    idx = pod.link_lookup(ifname=env.ifname)[0]
-                    for r in routes[1:]:
-                        pod.route("replace", dst=r["dst"], gateway=r["gw"], oif=idx)
-            host_mac = _link_mac(ipr, host_if)
+        with _step(f"creating the veth pair {host_if} <-> {env.netns}:{env.ifname}"):
+            try:
+                iface = create_pod_link(env, host_if, address, gateway, conf.mtu)
+            except rtnl.NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+                raise CniError(INTERNAL, f"interface {env.ifname} already exists in "
+                                         f"{env.netns}",
+                               "CNI_IFNAME must name an interface the pod does not have "
+                               "yet") from None
+        created = True
+        if len(routes) > 1:
+            with _step(f"adding IPAM routes in {env.netns}"), rtnl.netns(env.netns), \
+                    rtnl.Rtnl() as pod:
+                idx = rtnl.link_index(env.ifname)
+                if idx is None:
+                    raise CniError(INTERNAL, f"interface {env.ifname} vanished from {env.netns}")
+                for r in routes[1:]:
+                    dst = ipaddress.IPv4Network(r["dst"])
+                    pod.replace_route(str(dst.network_address), dst.prefixlen, r["gw"], idx)
+        host_mac = iface.host_mac
         attach_sent = True
         _agent(conf, {"op": "attach", "container_id": env.container_id, "netns": env.netns,
                       "ifname": env.ifname, "host_ifname": host_if, "ip": iface.address,
@@ -533,10 +596,6 @@ def cmd_add(conf: NetConf, env: Env, environ: dict[str, str]) -> dict[str, Any]:
 def _rollback_add(conf: NetConf, env: Env, ipam: Ipam, host_if: str, created: bool,
                   attach_sent: bool) -> list[str]:
     """Undo a failed ADD: no port, no link and no address may stay behind."""
-    from pyroute2 import IPRoute
-
-    from . import podnet
-
     problems = []
     if attach_sent:
         try:
@@ -548,8 +607,7 @@ def _rollback_add(conf: NetConf, env: Env, ipam: Ipam, host_if: str, created: bo
             problems.append(f"agent detach: {exc}")
     if created:
         try:
-            with IPRoute() as ipr:
-                podnet.delete(ipr, host_if)
+            delete_host_link(host_if)
         except Exception as exc:
             problems.append(f"deleting {host_if}: {exc}")
     try:
@@ -560,10 +618,6 @@ def _rollback_add(conf: NetConf, env: Env, ipam: Ipam, host_if: str, created: bo
 
 
 def cmd_del(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
-    from pyroute2 import IPRoute
-
-    from . import podnet
-
     host_if = _host_ifname(env.container_id)
     try:
         localapi.call(conf.agent_socket, {"op": "detach", "container_id": env.container_id},
@@ -581,33 +635,29 @@ def cmd_del(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
     except localapi.AgentError as exc:
         raise CniError(exc.code, f"the pcn agent could not detach {env.container_id}: {exc}") \
             from None
-    with _step(f"deleting the host interface {host_if}"), IPRoute() as ipr:
-        podnet.delete(ipr, host_if)
+    with _step(f"deleting the host interface {host_if}"):
+        delete_host_link(host_if)
     Ipam(conf, env, environ).run("DEL")
 
 
 def cmd_check(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
-    from pyroute2 import IPRoute
-
-    from .nsutil import iproute
+    from . import rtnl
 
     _check_netns(env.netns)
     host_if = _host_ifname(env.container_id)
     expected = _expected_address(conf, env)
-    with IPRoute() as ipr:
-        if not ipr.link_lookup(ifname=host_if):
-            raise CniError(INTERNAL, f"host interface {host_if} of container {env.container_id} "
-                                     f"is missing", "delete and re-create the pod")
-    with _step(f"inspecting {env.netns}"), iproute(env.netns) as pod:
-        idx = pod.link_lookup(ifname=env.ifname)
-        if not idx:
+    if rtnl.link_index(host_if) is None:
+        raise CniError(INTERNAL, f"host interface {host_if} of container {env.container_id} "
+                                 f"is missing", "delete and re-create the pod")
+    with _step(f"inspecting {env.netns}"), rtnl.netns(env.netns), rtnl.Rtnl() as pod:
+        idx = rtnl.link_index(env.ifname)
+        if idx is None:
             raise CniError(INTERNAL, f"interface {env.ifname} is missing in {env.netns}",
                            "delete and re-create the pod")
-        link = pod.get_links(idx[0])[0]
-        have = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                for a in pod.get_addr(index=idx[0], family=2)}
-        mtu = link.get_attr("IFLA_MTU")
-        up = link.get_attr("IFLA_OPERSTATE") == "UP" or bool(link["flags"] & 1)
+        link = pod.link(idx)
+        have = pod.addresses(idx)
+        mtu = link.mtu
+        up = link.up
     attached = _agent(conf, {"op": "check", "container_id": env.container_id})
     want = expected or attached.get("ip", "")
     if want not in have:
@@ -662,10 +712,6 @@ def cmd_status(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
 
 
 def cmd_gc(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
-    from pyroute2 import IPRoute
-
-    from . import podnet
-
     valid = conf.raw.get("cni.dev/valid-attachments", conf.raw.get("cni.dev/attachments"))
     if not isinstance(valid, list) or not all(
             isinstance(a, dict) and isinstance(a.get("containerID"), str) for a in valid):
@@ -675,12 +721,11 @@ def cmd_gc(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
     removed = _agent(conf, {"op": "gc", "valid": sorted({a["containerID"] for a in valid})}
                      ).get("removed", [])
     problems = []
-    with IPRoute() as ipr:
-        for att in removed:
-            try:
-                podnet.delete(ipr, att["host_ifname"])
-            except Exception as exc:
-                problems.append(f"deleting {att['host_ifname']}: {exc}")
+    for att in removed:
+        try:
+            delete_host_link(att["host_ifname"])
+        except Exception as exc:
+            problems.append(f"deleting {att['host_ifname']}: {exc}")
     ipam = Ipam(conf, env, environ)
     if ipam.supports("1.1.0"):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.MULTILINE)
 _DEFINE_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# BCC's BPF() (clang front end, map creation and pinning) is not thread-safe
+# (iovisor/bcc#4500: concurrent compiles fail or crash), and the agent
+# compiles from several threads (warm-up, specialisation, reconcile): one at
+# a time. A lock of its own, not the runtime's: pods attach meanwhile.
+_COMPILE_LOCK = threading.Lock()
 
 
 class CompileError(RuntimeError):
@@ -72,9 +78,10 @@ def compile_cube(cube_type: str, pin_dir: Path, defines: Mapping[str, int | str]
     from bcc import BPF  # imported late: unit tests of pure code need no kernel
 
     text = source_text(cube_type)
-    start = time.monotonic()
     try:
-        module = BPF(text=text, cflags=cflags(pin_dir, defines))
+        with _COMPILE_LOCK:
+            start = time.monotonic()
+            module = BPF(text=text, cflags=cflags(pin_dir, defines))
     except Exception as exc:  # bcc raises plain Exception
         raise CompileError(f"BCC could not compile cube type {cube_type!r}: {exc}") from exc
     log.info("compiled %s in %.0f ms", cube_type, (time.monotonic() - start) * 1000)

@@ -291,16 +291,19 @@ class NodeDataplane:
                 raise
 
     # ---------------------------------------------------------------- services
+    # The service table is recorded by save() (LoadBalancer.save, a snapshot of
+    # every service), not after each change: inside a batch, installing N
+    # services must not snapshot N times.
     def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
                     affinity_timeout_s: int = 0) -> Service:
         assert self.lb is not None
-        svc = self.lb.set_service(vip, port, proto, backends, affinity_timeout_s)
+        svc = self.lb.services.set(vip, port, proto, backends, affinity_timeout_s)
         self.save()
         return svc
 
     def delete_service(self, vip: str, port: int, proto: str) -> bool:
         assert self.lb is not None
-        found = self.lb.delete_service(vip, port, proto)
+        found = self.lb.services.delete(vip, port, proto)
         self.save()
         return found
 

@@ -12,11 +12,10 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from .nsutil import entered, iproute
+if TYPE_CHECKING:  # pyroute2 is imported where it is used: pcn-cni imports this
+    from pyroute2 import IPRoute  # module for host_ifname() and must start fast
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ def write_sysctl(netns: str | None, key: str, value: str) -> None:
     """Write a net.* sysctl as seen from `netns` (/proc/sys/net follows the
     namespace of the writing thread). A missing namespace is an error, never
     created on the fly."""
+    from .nsutil import entered
+
     path = Path("/proc/sys") / key.replace(".", "/")
     with entered(netns):
         path.write_text(value)
@@ -48,6 +49,8 @@ def write_sysctl(netns: str | None, key: str, value: str) -> None:
 def create(node_ipr: IPRoute, node_netns: str | None, pod_netns: str, host_if: str,
            address: str, gateway: str, mtu: int, ifname: str = "eth0") -> PodInterface:
     """Create and configure the pod's veth pair; on any failure nothing is left."""
+    from .nsutil import iproute
+
     iface = ipaddress.IPv4Interface(address)
     gw = ipaddress.IPv4Address(gateway)
     if gw not in iface.network:
@@ -80,6 +83,8 @@ def create(node_ipr: IPRoute, node_netns: str | None, pod_netns: str, host_if: s
 
 def delete(node_ipr: IPRoute, host_if: str) -> bool:
     """Delete the veth pair (both ends go together). True if it existed."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         node_ipr.link("del", ifname=host_if)
         return True

@@ -201,12 +201,25 @@ def derived_rule_name(svc: Obj, port: Obj) -> str:
     return f"svc-{ns}-{name}-{port.get('nodePort')}-{proto}"
 
 
+def slices_by_service(slices: Iterable[Obj]) -> dict[tuple[str, str], list[Obj]]:
+    """EndpointSlices grouped by (namespace, kubernetes.io/service-name), in
+    their order: what service_backends() would pick for each Service, found
+    once per pass instead of once per Service port (O(services x slices))."""
+    out: dict[tuple[str, str], list[Obj]] = {}
+    for s in slices:
+        name = (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if name is not None:
+            out.setdefault((_ns_name(s)[0], name), []).append(s)
+    return out
+
+
 def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
                                         dict[NodePortKey, NodePortSpec],
                                         dict[str, dict[str, Any]]]:
     services: dict[ServiceKey, ServiceSpec] = {}
     nodeports: dict[NodePortKey, NodePortSpec] = {}
     derived: dict[str, dict[str, Any]] = {}
+    by_service = slices_by_service(inputs.endpointslices)
     for svc in inputs.services:
         spec = svc.get("spec") or {}
         vip = spec.get("clusterIP")
@@ -215,7 +228,7 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
             proto = (port.get("protocol") or "TCP").lower()
             if proto not in ("tcp", "udp"):
                 continue
-            backends = service_backends(svc, port, inputs.endpointslices)
+            backends = service_backends(svc, port, by_service.get(_ns_name(svc), ()))
             if vip and vip != "None":
                 try:
                     ipaddress.IPv4Address(vip)
@@ -250,6 +263,7 @@ def static_nodeports(inputs: Inputs, nodeports: dict[NodePortKey, NodePortSpec],
                      verdicts: dict[ObjectKey, Verdict]) -> None:
     """NodePortRules people wrote (derived ones repeat a Service and add nothing)."""
     svcs = {_ns_name(s): s for s in inputs.services}
+    by_service: dict[tuple[str, str], list[Obj]] | None = None
     for obj in inputs.nodeportrules:
         name = _meta(obj).get("name", "")
         v = verdicts.setdefault(("NodePortRule", "", name), Verdict())
@@ -274,7 +288,10 @@ def static_nodeports(inputs: Inputs, nodeports: dict[NodePortKey, NodePortSpec],
                 v.fail("ServicePortNotFound", f"Service {s.service.namespace}/"
                                               f"{s.service.name} has no port {s.service.port}")
                 continue
-            backends = service_backends(svc, ports[0], inputs.endpointslices)
+            if by_service is None:
+                by_service = slices_by_service(inputs.endpointslices)
+            backends = service_backends(svc, ports[0],
+                                        by_service.get((s.service.namespace, s.service.name), ()))
         else:
             backends = tuple(Backend(b.ip, b.port, b.weight) for b in s.backends)
         want = NodePortSpec(s.externalTrafficPolicy, backends)

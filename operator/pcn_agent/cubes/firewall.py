@@ -164,7 +164,11 @@ class Firewall:
             self._bind_tables(variant.module)
             rt.set_slot(self.cube.slot, variant.fd)  # new program, same slot: atomic
         else:
-            self.set_rules(rules or [], default, fast)
+            try:
+                self.set_rules(rules or [], default, fast)
+            except BaseException:
+                rt.remove_cube(name)  # no half-made cube for a retry to trip over
+                raise
 
     def _bind_tables(self, module) -> None:
         self._rules_t = module[b"fw_rules"]

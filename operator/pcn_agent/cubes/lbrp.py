@@ -8,7 +8,7 @@ both the lbrp (ClusterIP, stacked on every pod port) and the k8sdispatcher
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .. import maps
 from ..runtime import Runtime, RuntimeError_
@@ -102,16 +102,22 @@ class ServiceTable:
         self._sessions = rt.table("lb_sessions", module_type)
         self._affinity = rt.table("lb_affinity", module_type)
         self.services: dict[tuple[str, int, str], Service] = {}
-        self._free_ids = list(range(MAX_SERVICES, 0, -1))
         for s in (state or {}).get("services", []):
             svc = Service(s["id"], s["vip"], s["port"], s["proto"],
                           [Backend(**b) for b in s["backends"]], s["affinity_timeout_s"],
                           s["n_slots"])
             self.services[(svc.vip, svc.port, svc.proto)] = svc
-            self._free_ids.remove(svc.id)
+        used = {svc.id for svc in self.services.values()}
+        self._free_ids = [i for i in range(MAX_SERVICES, 0, -1) if i not in used]
 
     def snapshot(self) -> dict:
-        return {"services": [asdict(s) for s in self.services.values()]}
+        """What save() records: asdict() of every Service, written out by hand
+        (asdict's generic recursion cost seconds for thousands of services)."""
+        return {"services": [
+            {"id": s.id, "vip": s.vip, "port": s.port, "proto": s.proto,
+             "backends": [{"ip": b.ip, "port": b.port, "weight": b.weight} for b in s.backends],
+             "affinity_timeout_s": s.affinity_timeout_s, "n_slots": s.n_slots}
+            for s in self.services.values()]}
 
     def set(self, vip: str, port: int, proto: str, backends: list[Backend],
             affinity_timeout_s: int = 0) -> Service:
