@@ -82,6 +82,17 @@ def _rr_listener(port: int) -> socket.socket:
     return sock
 
 
+def _recv_line(sock: socket.socket) -> bytes:
+    """Read up to and including a newline, or until the peer closes."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def _rr_loop(sock: socket.socket) -> None:
     """Answer request lines one connection at a time: no thread per connection,
     so that the server adds as little as it can to the latency measured. The
@@ -91,12 +102,7 @@ def _rr_loop(sock: socket.socket) -> None:
         conn, _ = sock.accept()
         try:
             conn.settimeout(5.0)
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
+            buf = _recv_line(conn)
             if buf:
                 conn.sendall(answer)
         except OSError:
@@ -148,12 +154,7 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
         else:
             s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk_in = s.recv(4096)
-            if not chunk_in:
-                break
-            buf += chunk_in
+        buf = _recv_line(s)
     done = time.monotonic()
     reply = json.loads(buf) if buf else {}
     expected = hashlib.sha256(payload).hexdigest()
@@ -203,12 +204,7 @@ def rr_client(host: str, port: int, count: int, timeout: float, size: int = 32,
                 s.settimeout(timeout)
                 s.connect((host, port))
                 s.sendall(request)
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    buf += chunk
+                buf = _recv_line(s)
                 done = time.perf_counter()
             if not buf.endswith(b"\n"):
                 raise ConnectionError("connection closed before the answer")

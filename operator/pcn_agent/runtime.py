@@ -366,10 +366,6 @@ class Runtime:
             del self.ports[port.id]
             self._port_ids.give(port.id)
 
-    def update_port(self, port: PortState) -> None:
-        with self._lock:
-            self._write_port(port)
-
     def _write_port(self, port: PortState) -> None:
         cube = self.cubes[port.cube]
         v = maps.Port()
@@ -493,9 +489,6 @@ class Runtime:
     def set_slot(self, slot: int, fd: int) -> None:
         self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
 
-    def take_slot(self) -> int:
-        return self._slots.take()
-
     def free_slot(self, slot: int) -> None:
         try:
             del self.table("pcn_progs")[ct.c_int(slot)]
@@ -534,15 +527,6 @@ class Runtime:
         t = self.table("pcn_cube_stats")
         for reason in range(maps.DROP_REASONS):
             t[ct.c_uint32(cid * maps.DROP_REASONS + reason)] = _zeros(t)
-
-    # ---------------------------------------------------------------- introspection
-    def describe(self) -> Mapping[str, object]:
-        return {
-            "name": self.name,
-            "netns": self.netns,
-            "cubes": {c.name: {"type": c.type, "id": c.id, "ports": dict(c.ports)}
-                      for c in self.cubes.values()},
-        }
 
 
 class NetlinkPerThread:

@@ -183,11 +183,6 @@ class ServiceTable:
                         "proto": k.proto})
         return out
 
-    def reset_sessions(self) -> None:
-        for k in list(self._sessions.keys()):
-            maps.discard(self._sessions, k)
-
-
 
 class LoadBalancer:
     """The lbrp cube: one instance per node, stacked on every pod port."""
