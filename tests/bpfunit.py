@@ -20,7 +20,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pcn_agent import bpffs, testrun
+from pcn_agent import bpffs, podnet, testrun
 from pcn_agent.runtime import Runtime
 from pcn_agent.topology import PREFIX
 
@@ -75,6 +75,11 @@ def unit_net(veths: int, pin_root: Path = bpffs.DEFAULT_ROOT) -> Iterator[UnitNe
     try:
         pr_netns.create(name)
         created = True
+        # IPv6 off before any veth exists (new devices copy `default`): the
+        # kernel's own neighbour/router discovery frames would otherwise pass
+        # through the ports and make the tests' counter deltas drift
+        for scope in ("default", "all"):
+            podnet.write_sysctl(name, f"net.ipv6.conf.{scope}.disable_ipv6", "1")
         with IPRoute(netns=name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             for i in range(1, veths + 1):
