@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import copy
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -35,9 +37,9 @@ import kopf
 from . import bpffs
 from .kube import ApiError, Kube, discover
 from .manager import DataplaneManager
-from .node import NodeConfig, NodeDataplane
+from .node import NodeConfig, NodeDataplane, prepare_runtime
 from .reconcile import Inputs, Verdict, desired_state, node_addresses, vtep_for
-from .runtime import STATE_ROOT
+from .runtime import STATE_ROOT, Runtime
 from .settings import ClusterSettings
 
 log = logging.getLogger("pcn_agent.agent")
@@ -85,6 +87,25 @@ class Agent:
         self.up_error = ""
         self._published_at = 0.0
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
+        self._prepared: concurrent.futures.Future[Runtime] | None = None
+
+    def prepare(self) -> concurrent.futures.Future[Runtime]:
+        """Start, once, opening the runtime and compiling the node's cube types
+        in a thread of their own: seconds of work that needs no Node object,
+        done while kopf starts and lists the cluster."""
+        if self._prepared is None:
+            fut: concurrent.futures.Future[Runtime] = concurrent.futures.Future()
+
+            def work() -> None:
+                try:
+                    fut.set_result(prepare_runtime(self.node_name, self.netns, self.pin_root,
+                                                   self.state_root))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+            threading.Thread(target=work, name="pcn-prepare", daemon=True).start()
+            self._prepared = fut
+        return self._prepared
 
     # ------------------------------------------------------------------ events
     def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -253,10 +274,16 @@ class Agent:
                          pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range)
-        node = NodeDataplane(cfg, self.pin_root, self.state_root)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, node.up)
+        try:
+            rt = await asyncio.wrap_future(self.prepare())
+            node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)
+            await loop.run_in_executor(None, node.up)  # closes the runtime if it fails
+        except Exception as exc:
+            self._prepared = None  # the next try starts from scratch
+            self.up_error = f"could not build the node's data plane: {exc}"
+            raise
         self.node = node
+        self.up_error = ""
         self.manager = DataplaneManager(node)
         self._start_local_api()
         loop.run_in_executor(None, self.manager.warm_up)  # in the background
@@ -398,6 +425,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     agent = _agent()
+    agent.prepare()  # a no-op when main() already started it
     # One agent per node: no peering, no finalizers, no progress annotations on
     # shared objects (event handlers keep none).
     settings.peering.standalone = True
@@ -458,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        _agent()
+        _agent().prepare()  # compiling starts now, while kopf starts and lists
     except Exception as exc:
         print(f"pcn-agent: {exc}", file=sys.stderr)
         return 2

@@ -28,9 +28,13 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpffs, maps, podnet
+from .cubes.bridge import TYPE as BRIDGE_TYPE
 from .cubes.bridge import Bridge
+from .cubes.dispatcher import TYPE as DISPATCHER_TYPE
 from .cubes.dispatcher import Dispatcher, DispatcherConfig
+from .cubes.lbrp import TYPE as LB_TYPE
 from .cubes.lbrp import Backend, LoadBalancer, Service
+from .cubes.router import TYPE as ROUTER_TYPE
 from .cubes.router import Router
 from .runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
 from .slowpath import ArpResolver, SlowPath
@@ -92,6 +96,35 @@ class Pod:
     origin: str = ""  # "cni" when the CNI plugin made the veth (see register_pod)
 
 
+BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE)  # in _build's order
+
+
+def prepare_runtime(name: str, netns: str | None, pin_root: Path = bpffs.DEFAULT_ROOT,
+                    state_root: Path = STATE_ROOT) -> Runtime:
+    """Open node `name`'s runtime (adopting what a previous agent left) and
+    compile the cube types every node runs. This is most of an agent's start
+    and needs only the node's name, so the agent runs it while it still waits
+    for its Node object; NodeDataplane(..., prepared=rt).up() goes on from it.
+    On failure nothing new is left: a fresh runtime is removed, an adopting
+    one let go of (the data plane it found stays for the next try)."""
+    start = time.monotonic()
+    rt = Runtime(name, netns, pin_root, state_root)
+    try:
+        rt.open(adopt=True)
+        if not rt.adopted:
+            for type_name in BASE_TYPES:
+                rt.load_type(type_name)
+    except BaseException:
+        if rt.adopted or rt.state_path.is_file():
+            rt.abandon()
+        else:
+            rt.close(remove=True)
+        raise
+    log.info("runtime %s prepared in %.0f ms (%s)", name, (time.monotonic() - start) * 1000,
+             "adopted" if rt.adopted else f"compiled {', '.join(BASE_TYPES)}")
+    return rt
+
+
 @dataclass
 class NodeDataplane:
     cfg: NodeConfig
@@ -99,9 +132,17 @@ class NodeDataplane:
     state_root: Path = STATE_ROOT
     pods: dict[str, Pod] = field(default_factory=dict)
     peers: dict[str, PeerNode] = field(default_factory=dict)
+    # a runtime prepare_runtime() opened ahead of the node's configuration
+    prepared: Runtime | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root)
+        if self.prepared is not None:
+            if (self.prepared.name, self.prepared.netns) != (self.cfg.name, self.cfg.netns):
+                raise ValueError(f"prepared runtime {self.prepared.name} (netns "
+                                 f"{self.prepared.netns}) is not node {self.cfg.name}'s")
+            self.rt = self.prepared
+        else:
+            self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root)
         self.slow: SlowPath | None = None
         self.bridge: Bridge | None = None
         self.router: Router | None = None
@@ -114,8 +155,11 @@ class NodeDataplane:
     def up(self, adopt: bool = True) -> NodeDataplane:
         """Build the node's data plane, or adopt the one a previous agent left."""
         start = time.monotonic()
+        if self.rt.is_open and self.rt.adopted and not adopt:
+            raise ValueError("up(adopt=False) with a runtime that adopted a data plane")
         try:
-            self.rt.open(adopt=adopt)
+            if not self.rt.is_open:
+                self.rt.open(adopt=adopt)
             self.slow = SlowPath(self.rt).start()
             if self.rt.adopted:
                 self._restore()

@@ -134,6 +134,10 @@ class Runtime:
         self._watchers: dict[str, Callable[[PortState], None]] = {}
 
     @property
+    def is_open(self) -> bool:
+        return self._entry is not None
+
+    @property
     def ipr(self) -> IPRoute | None:
         """This thread's rtnetlink socket in the runtime's namespace (None when closed)."""
         return self._netlink.get() if self._netlink is not None else None
@@ -143,12 +147,18 @@ class Runtime:
         """Load the entry program; with `adopt`, take over the state a previous
         agent of the same name left (pinned maps, program slots, attachments)
         without disturbing the traffic that depends on it."""
+        if self.is_open:
+            raise RuntimeError_(f"runtime {self.name} is already open")
         pin_dir = self.pin_root / self.name
         state = None
         if adopt and self.state_path.is_file() and pin_dir.is_dir():
             state = json.loads(self.state_path.read_text())
-        elif not adopt and pin_dir.is_dir():
-            bpffs.remove_instance(pin_dir)  # a fresh start must not inherit stale tables
+        elif pin_dir.is_dir():
+            # Nothing to adopt (asked not to, or no saved state: an agent that
+            # died before its first save): a fresh start must not inherit the
+            # tables it left, which no state describes.
+            log.info("runtime %s: removing pins no saved state describes", self.name)
+            bpffs.remove_instance(pin_dir)
         self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
         self._netlink = NetlinkPerThread(self.netns)
         self._entry = compile_cube(ENTRY, self.pin_dir)
