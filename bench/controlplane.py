@@ -36,7 +36,7 @@ kmock's emulator records every request it serves and matches each new one
 against the whole record, so its requests get slower the more it has served
 (~0.15 ms more per request served: 44 ms per create after 300). A real API
 server does not; the bench keeps only the last REQUEST_LOG_KEEP records
-(trim_request_log, every 10 ms) so that the agent is measured rather than the
+(EmulatedApiServer's keep_requests) so that the agent is measured rather than the
 emulator's bookkeeping (then ~2-5 ms per request on this machine). A request
 is matched right after it is recorded, so the record must stay longer than
 the requests in flight at once (a few watches, a few writes).
@@ -44,7 +44,6 @@ the requests in flight at once (a few watches, a few writes).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -86,26 +85,6 @@ READY_TIMEOUT_S = 300.0  # the agent compiles its cubes on a shared 2-CPU machin
 REQUEST_LOG_KEEP = 16
 
 
-def trim_request_log(api: EmulatedApiServer, keep: int = REQUEST_LOG_KEEP,
-                     period: float = 0.01) -> None:
-    """Keep only the last `keep` requests in kmock's record (see the module
-    doc), from a task on the emulator's own event loop, for its lifetime."""
-    emulator, loop = api.emulator, getattr(api, "_loop", None)
-    if loop is None or not isinstance(getattr(emulator, "_requests", None), list):
-        log.warning("kmock has no request record to trim: its requests may slow down")
-        return
-
-    async def trim() -> None:
-        while True:
-            del emulator._requests[:-keep]
-            await asyncio.sleep(period)
-
-    def start() -> None:
-        loop.create_task(trim())
-
-    loop.call_soon_threadsafe(start)
-
-
 class AgentProcess:
     """A one-node lab (no data plane), an emulated API server with the Node,
     and the real pcn-agent for that node as a subprocess."""
@@ -116,9 +95,8 @@ class AgentProcess:
         ctx.labs.append(self.lab)  # its prefix and pins are checked for leftovers
         self.lab.build()
         st.callback(self.lab.close)
-        self.api = EmulatedApiServer().start()
+        self.api = EmulatedApiServer(keep_requests=REQUEST_LOG_KEEP).start()
         st.callback(self.api.stop)
-        trim_request_log(self.api)
         self.node = self.lab.node_name(1)
         self.dir = ctx.tmp / f"agent-{tag}"
         self.dir.mkdir()

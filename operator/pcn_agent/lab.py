@@ -49,6 +49,7 @@ log = logging.getLogger("pcn_agent.lab")
 LAB_ROOT = Path(os.environ.get("PCN_LAB_DIR", "/run/pcn-lab"))
 SERVICE_RANGE = ipaddress.IPv4Network("10.96.0.0/12")
 NODEPORT_RANGE = (30000, 32767)
+LAB_REQUEST_LOG_KEEP = 64  # see EmulatedApiServer: a long-running kmock slows with its record
 POD_TCP, POD_UDP = checks.TCP_PORT, checks.UDP_PORT
 
 
@@ -149,7 +150,8 @@ class Supervisor:
         self.pods_per_node = pods_per_node
         self.lab = Lab(nodes_count=nodes, pods_per_node=0, dataplane=False,
                        run_id=state.run_id)
-        self.api = EmulatedApiServer()
+        # a lab runs for hours: keep kmock's request record short (see its doc)
+        self.api = EmulatedApiServer(keep_requests=LAB_REQUEST_LOG_KEEP)
         self.proxy: Any = None
         self.agents: dict[str, subprocess.Popen] = {}
         self.sandboxes: dict[tuple[str, str], kubelet.PodSandbox] = {}
