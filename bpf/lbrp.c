@@ -7,6 +7,7 @@
 #include "pcn_nat.h"
 #include "pcn_lb.h"
 #include "pcn_reject.h"
+#include "pcn_icmperr.h"
 
 static __always_inline int lbrp_reject(struct __sk_buff *skb, const struct pcn_flow *f,
                                        const struct pcn_l4info *info)
@@ -64,14 +65,38 @@ static __always_inline int lbrp_reverse(struct __sk_buff *skb, struct pcn_flow *
     return pcn_pass(skb);
 }
 
+/* An ICMP error about a service connection: towards the client (egress hook)
+ * it quotes the packet as the backend got it, towards a backend (ingress
+ * hook, the client reporting) as the client got it. */
+static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flow *f,
+                                           struct pcn_l4info *info, u64 now)
+{
+    struct pcn_icmp_quote q = {};
+    if (pcn_icmp_quote_parse(skb, f, info, &q) < 0)
+        return pcn_pass(skb);
+    struct pcn_flow key = {};
+    pcn_icmp_quote_key(&q, &key);
+    struct pcn_xlate *x = lb_sessions.lookup(&key);
+    u8 want = pcn_meta_hook(skb) == PCN_HOOK_INGRESS ? PCN_SESS_LB : PCN_SESS_LB_REV;
+    if (!x || x->kind != want)
+        return pcn_pass(skb);
+    pcn_session_touch(x, now);
+    if (pcn_icmp_err_xlate(skb, f, info, &q, x) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    return pcn_pass(skb);
+}
+
 int lbrp_rx(struct __sk_buff *skb)
 {
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) < 0 || info.is_fragment ||
-        (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP))
+    if (pcn_parse_flow(skb, &f, &info) < 0 || info.is_fragment)
         return pcn_pass(skb);
     u64 now = bpf_ktime_get_ns();
+    if (f.proto == IPPROTO_ICMP)
+        return lbrp_icmp_error(skb, &f, &info, now);
+    if (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP)
+        return pcn_pass(skb);
     if (pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
         return lbrp_forward(skb, &f, &info, now);
     return lbrp_reverse(skb, &f, &info, now);

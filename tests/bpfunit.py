@@ -156,6 +156,39 @@ def icmp_echo(ident: int, seq: int, data: bytes, kind: int = 8) -> bytes:
     return msg[:2] + struct.pack("!H", csum) + msg[4:]
 
 
+def icmp_error(kind: int, code: int, quote: bytes, next_mtu: int = 0) -> bytes:
+    """An ICMP error (3: destination unreachable, 11: time exceeded) quoting
+    `quote`, the offending packet's IP header and the start of its payload."""
+    msg = struct.pack("!BBHHH", kind, code, 0, 0, next_mtu) + quote
+    csum = inet_csum(msg)
+    return msg[:2] + struct.pack("!H", csum) + msg[4:]
+
+
+def requote(quote: bytes, src: str | None = None, dst: str | None = None,
+            sport: int | None = None, dport: int | None = None) -> bytes:
+    """`quote` (IP header + start of TCP/UDP, or of an ICMP echo) with fields
+    replaced as a NAT translates it back: IP checksum recomputed, the L4
+    checksum left as the quote had it (it covers a datagram the quote cuts)."""
+    q = bytearray(quote)
+    ihl = (q[0] & 0x0F) * 4
+    if src is not None:
+        q[12:16] = ip_b(src)
+    if dst is not None:
+        q[16:20] = ip_b(dst)
+    q[10:12] = b"\0\0"
+    q[10:12] = struct.pack("!H", inet_csum(bytes(q[:ihl])))
+    if q[9] == 1:  # ICMP echo: one identifier for both "ports"
+        ident = sport if sport is not None else dport
+        if ident is not None:
+            q[ihl + 4: ihl + 6] = struct.pack("!H", ident)
+    else:
+        if sport is not None:
+            q[ihl: ihl + 2] = struct.pack("!H", sport)
+        if dport is not None:
+            q[ihl + 2: ihl + 4] = struct.pack("!H", dport)
+    return bytes(q)
+
+
 def udp(sport: int, dport: int, data: bytes) -> bytes:
     return struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data  # no checksum (IPv4)
 

@@ -39,11 +39,13 @@ from bpfunit import (
     assert_frame,
     eth,
     icmp_echo,
+    icmp_error,
     ipv4,
     l4_ports,
     parse_eth,
     parse_ipv4,
     random_mac,
+    requote,
     tcp,
     udp_csum,
     unit_net,
@@ -256,6 +258,97 @@ def test_icmp_echo_is_masqueraded_by_identifier(lab: DispLab) -> None:
     assert res.retval == TC_ACT_REDIRECT
     assert_frame(res.data, to_pod(lab, pod_mac, server, pod, IPPROTO_ICMP, 0x4242, 0x4242,
                                   TCP_ACK))
+
+
+# ---------------------------------------------------------------------------- ICMP errors
+def quote_of(frame: bytes, nbytes: int = 8) -> bytes:
+    """What an ICMP error quotes of `frame`: its IP header and `nbytes` more."""
+    ip = parse_eth(frame).payload
+    return ip[:(ip[0] & 0x0F) * 4 + nbytes]
+
+
+def error_frame(dst_mac: str, src_mac: str, src: str, dst: str, message: bytes,
+                ttl: int = 64) -> bytes:
+    return eth(dst_mac, src_mac, ETH_P_IP, ipv4(src, dst, IPPROTO_ICMP, message, ttl=ttl))
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP])
+@pytest.mark.parametrize("reporter", ["server", "router"])
+def test_icmp_error_about_a_masqueraded_flow_reaches_the_pod(lab: DispLab, proto: int,
+                                                             reporter: str) -> None:
+    """Path MTU discovery and unreachable ports work for masqueraded pods: the
+    error quotes the node's address and port, the pod gets it quoting its own."""
+    pod, pod_mac = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    sport, dport = (0x4343, 0x4343) if proto == IPPROTO_ICMP else (40001, 443)
+    port = masquerade(lab, pod, server, proto, sport=sport, dport=dport)
+    seen = out_uplink(lab, NODE_IP, server, proto, port, port if proto == IPPROTO_ICMP else dport)
+    source = server if reporter == "server" else "192.0.2.77"
+    kind, code, mtu = (3, 3, 0) if reporter == "server" else (3, 4, 1400)
+    quote = quote_of(seen, 20 if proto == IPPROTO_TCP else 8)
+    before = lab.counters()
+    res = lab.from_uplink(error_frame(lab.mac("uplink"), lab.gw_mac, source, NODE_IP,
+                                      icmp_error(kind, code, quote, mtu)))
+    assert res.retval == TC_ACT_REDIRECT
+    assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 0, "pods": 1}
+    want = requote(quote, src=pod, sport=sport)
+    assert_frame(res.data, error_frame(pod_mac, lab.mac("pods"), source, pod,
+                                       icmp_error(kind, code, want, mtu), ttl=63))
+
+
+def test_pod_icmp_error_about_a_masqueraded_flow_leaves_as_the_node(lab: DispLab) -> None:
+    """A pod's port unreachable about a late reply must not leak the pod's
+    address or port to the outside."""
+    pod, pod_mac = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    port = masquerade(lab, pod, server, IPPROTO_UDP)
+    got = to_pod(lab, pod_mac, server, pod, IPPROTO_UDP, 443, 40001)  # as the pod got it
+    quote = quote_of(got)
+    res = lab.to_uplink(error_frame(lab.gw_mac, lab.mac("uplink"), pod, server,
+                                    icmp_error(3, 3, quote), ttl=63))
+    assert res.retval == TC_ACT_OK
+    assert_frame(res.data, error_frame(lab.gw_mac, lab.mac("uplink"), NODE_IP, server,
+                                       icmp_error(3, 3, requote(quote, dst=NODE_IP, dport=port)),
+                                       ttl=63))
+
+
+@pytest.mark.parametrize("policy", ["Local", "Cluster"])
+def test_client_icmp_error_about_a_nodeport_reply_reaches_the_backend(lab: DispLab,
+                                                                      policy: str) -> None:
+    np_ = next(_nodeport)
+    cl = counted(_client, "198.51.100.{}")
+    if policy == "Local":
+        backend, backend_mac = lab.pod()
+    else:
+        backend = counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "udp", policy, [Backend(backend, 8080)])
+    first = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_UDP, 5300, np_))
+    assert first.retval == TC_ACT_REDIRECT
+    via, vport = src_of(first)  # the client (Local) or our VTEP address and a port (Cluster)
+    # what the client got back: the node's address and NodePort
+    reply = quote_of(out_uplink(lab, NODE_IP, cl, IPPROTO_UDP, np_, 5300))
+    res = lab.from_uplink(error_frame(lab.mac("uplink"), lab.gw_mac, cl, NODE_IP,
+                                      icmp_error(3, 3, reply)))
+    assert res.retval == TC_ACT_REDIRECT
+    # the backend gets it quoting what it sent, from whom it thinks the client is
+    want = requote(reply, src=backend, sport=8080, dst=via, dport=vport)
+    if policy == "Local":
+        assert via == cl
+        expect = error_frame(backend_mac, lab.mac("pods"), cl, backend,
+                             icmp_error(3, 3, want), ttl=63)
+    else:
+        assert via == VTEP
+        expect = error_frame(lab.peer_vtep_mac, lab.mac("vxlan"), VTEP, backend,
+                             icmp_error(3, 3, want), ttl=63)
+    assert_frame(res.data, expect)
+
+
+def test_icmp_error_about_no_flow_of_ours_goes_to_the_host(lab: DispLab) -> None:
+    server = counted(_server, "203.0.113.{}")
+    quote = quote_of(out_uplink(lab, NODE_IP, server, IPPROTO_UDP, 33333, 443))
+    frame = error_frame(lab.mac("uplink"), lab.gw_mac, server, NODE_IP, icmp_error(3, 3, quote))
+    res = lab.from_uplink(frame)
+    assert (res.retval, res.data) == (TC_ACT_OK, frame)
 
 
 def test_pods_sharing_a_source_port_get_different_node_ports(lab: DispLab) -> None:

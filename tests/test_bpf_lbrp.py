@@ -34,12 +34,14 @@ from bpfunit import (
     assert_frame,
     eth,
     icmp_echo,
+    icmp_error,
     inet_csum,
     ipv4,
     l4_ports,
     parse_eth,
     parse_ipv4,
     random_mac,
+    requote,
     tcp,
     udp,
     udp_csum,
@@ -306,6 +308,66 @@ def test_udp_service_both_directions(lab: LbLab, checksum: bool) -> None:
     assert res.retval == TC_ACT_OK
     assert_frame(res.data, udp_frame(lab, svc, cl, 53, 47000, b"answer", outbound=False,
                                      checksum=checksum))
+
+
+# ---------------------------------------------------------------------------- ICMP errors
+def quote_of(frame: bytes, nbytes: int = 8) -> bytes:
+    """What an ICMP error quotes of `frame`: its IP header and `nbytes` more."""
+    ip = parse_eth(frame).payload
+    return ip[:(ip[0] & 0x0F) * 4 + nbytes]
+
+
+def icmp_frame(lab: LbLab, src: str, dst: str, message: bytes, outbound: bool) -> bytes:
+    macs = (lab.gw_mac, lab.client_mac) if outbound else (lab.client_mac, lab.gw_mac)
+    return eth(*macs, ETH_P_IP, ipv4(src, dst, IPPROTO_ICMP, message))
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_UDP, IPPROTO_TCP])
+@pytest.mark.parametrize("reporter", ["backend", "router"])
+def test_icmp_error_about_a_service_flow_reaches_the_client_translated(
+        lab: LbLab, proto: int, reporter: str) -> None:
+    """The backend's port unreachable (or a router's error on the way) quotes
+    the packet as the backend got it; the client must see it quote what it
+    sent, to the service, or its socket never hears of the error."""
+    svc, cl, be = vip(), client(), Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp" if proto == IPPROTO_UDP else "tcp", [be])
+    sent = (udp_frame(lab, cl, svc, 47001, 53) if proto == IPPROTO_UDP
+            else tcp_frame(lab, cl, svc, 47001, 53))
+    res = lab.from_pod(sent)
+    assert dest_of(res) == (be.ip, 5353)
+    at_backend = quote_of(res.data, 20)  # a TCP header whole: its checksum must stay
+    source = be.ip if reporter == "backend" else "10.244.200.1"
+    kind, code = (3, 3) if reporter == "backend" else (11, 0)
+    res = lab.to_pod(icmp_frame(lab, source, cl, icmp_error(kind, code, at_backend), False))
+    assert res.retval == TC_ACT_OK
+    want_src = svc if reporter == "backend" else source
+    want = icmp_frame(lab, want_src, cl,
+                      icmp_error(kind, code, requote(at_backend, dst=svc, dport=53)), False)
+    assert_frame(res.data, want)
+    # the quote's IP header and ports are what the client sent
+    inner = parse_ipv4(parse_eth(res.data).payload).payload[8:]
+    assert inner[:24] == quote_of(sent, 4)
+
+
+def test_client_icmp_error_about_a_service_reply_goes_to_the_backend(lab: LbLab) -> None:
+    svc, cl, be = vip(), client(), Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp", [be])
+    lab.from_pod(udp_frame(lab, cl, svc, 47002, 53))
+    reply = lab.to_pod(udp_frame(lab, be.ip, cl, 5353, 47002, b"late", outbound=False)).data
+    assert dest_of(lab.from_pod(udp_frame(lab, cl, svc, 47002, 53))) == (be.ip, 5353)
+    at_client = quote_of(reply)
+    res = lab.from_pod(icmp_frame(lab, cl, svc, icmp_error(3, 3, at_client), True))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, icmp_frame(
+        lab, cl, be.ip, icmp_error(3, 3, requote(at_client, src=be.ip, sport=5353)), True))
+
+
+def test_icmp_error_about_no_service_flow_passes_unchanged(lab: LbLab) -> None:
+    cl, other = client(), backend_ip()
+    unrelated = quote_of(udp_frame(lab, cl, other, 47003, 9))
+    frame = icmp_frame(lab, other, cl, icmp_error(3, 3, unrelated), False)
+    res = lab.to_pod(frame)
+    assert res.retval == TC_ACT_OK and res.data == frame
 
 
 # ---------------------------------------------------------------------------- selection

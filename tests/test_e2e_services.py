@@ -22,6 +22,8 @@ VIP_UDP = "10.96.0.12"
 VIP_EMPTY = "10.96.0.13"
 VIP_AFFINITY = "10.96.0.14"
 VIP_LONG = "10.96.0.15"
+VIP_DEAF = {"n1p2": "10.96.0.16", "n2p1": "10.96.0.17"}  # a backend with no listener
+CLOSED = 9  # a port no probe server listens on
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,8 @@ def svc_lab(lab: Lab):
     lab.set_service(VIP_EMPTY, 80, "tcp", [])
     lab.set_service(VIP_EMPTY, 53, "udp", [])
     lab.set_service(VIP_AFFINITY, 80, "tcp", backends, affinity_timeout_s=60)
+    for pod, vip in VIP_DEAF.items():
+        lab.set_service(vip, 53, "udp", [lab.backend(pod, CLOSED)])
     with checks.servers(lab, [*lab.pods, "ext"]):
         yield lab
 
@@ -98,6 +102,25 @@ def test_service_without_backends_rejects(svc_lab: Lab) -> None:
     u = checks.probe(svc_lab, "n1p1", ["udp", VIP_EMPTY, "53", "--timeout", "3"], 20)
     assert not u["ok"] and "ConnectionRefused" in u.get("error", ""), u
     assert node.rt.cube_drops("lb").get("rejected", 0) - before >= 2
+
+
+def _udp_refused(lab: Lab, src: str, host: str, port: int) -> None:
+    """A connected UDP socket hears ECONNREFUSED only if the ICMP port
+    unreachable quotes exactly what it sent: translated back by the cube that
+    translated the datagram. Untranslated, the error matches no socket and
+    the client waits for its timeout."""
+    r = checks.probe(lab, src, ["udp", host, str(port), "--timeout", "4"], 20)
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
+
+
+@pytest.mark.parametrize("backend", sorted(VIP_DEAF))
+def test_udp_service_whose_backend_does_not_listen_is_refused(svc_lab: Lab,
+                                                              backend: str) -> None:
+    _udp_refused(svc_lab, "n1p1", VIP_DEAF[backend], 53)
+
+
+def test_masqueraded_udp_to_a_closed_outside_port_is_refused(svc_lab: Lab) -> None:
+    _udp_refused(svc_lab, "n1p1", EXTERNAL_IP, CLOSED)
 
 
 def test_removing_a_backend_keeps_connections_to_the_others(svc_lab: Lab) -> None:
