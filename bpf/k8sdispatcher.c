@@ -85,23 +85,29 @@ static __always_inline int disp_apply(struct __sk_buff *skb, struct pcn_flow *f,
     return 0;
 }
 
-/* An ICMP error about a connection we translated (one of the two session
- * kinds of this direction): 1 when translated, 0 when it is not about one of
- * ours, -1 when the rewrite failed. */
-static __always_inline int disp_icmp_error(struct __sk_buff *skb, struct pcn_flow *f,
-                                           struct pcn_l4info *info, u8 kind_a, u8 kind_b,
-                                           u64 now)
+/* A packet of a connection translated before, or an ICMP error about one, in
+ * one of the two session kinds of this direction: 1 when translated, 0 when
+ * it is not one of ours, -1 when the rewrite failed. */
+static __always_inline int disp_known(struct __sk_buff *skb, struct pcn_flow *f,
+                                      struct pcn_l4info *info, u8 kind_a, u8 kind_b, u64 now)
 {
-    struct pcn_icmp_quote q = {};
-    if (pcn_icmp_quote_parse(skb, f, info, &q) < 0)
-        return 0;
-    struct pcn_flow key = {};
-    pcn_icmp_quote_key(&q, &key);
-    struct pcn_xlate *x = nat_sessions.lookup(&key);
+    if (f->proto == IPPROTO_ICMP) {
+        struct pcn_icmp_quote q = {};
+        if (pcn_icmp_quote_parse(skb, f, info, &q) == 0) {
+            struct pcn_flow key = {};
+            pcn_icmp_quote_key(&q, &key);
+            struct pcn_xlate *e = nat_sessions.lookup(&key);
+            if (!e || (e->kind != kind_a && e->kind != kind_b))
+                return 0;
+            pcn_session_touch(e, now);
+            return pcn_icmp_err_xlate(skb, f, info, &q, e) < 0 ? -1 : 1;
+        }
+    }
+    struct pcn_xlate *x = nat_sessions.lookup(f);
     if (!x || (x->kind != kind_a && x->kind != kind_b))
         return 0;
     pcn_session_touch(x, now);
-    return pcn_icmp_err_xlate(skb, f, info, &q, x) < 0 ? -1 : 1;
+    return disp_apply(skb, f, info, x) < 0 ? -1 : 1;
 }
 
 /* Reserve a port on `ip` for traffic from `peer` (the far end as it will
@@ -202,20 +208,9 @@ static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
     if (pcn_parse_flow(skb, &f, &info) < 0)
         return TC_ACT_OK;
     if (f.daddr == cfg->node_ip) {
-        if (f.proto == IPPROTO_ICMP) {
-            int r = disp_icmp_error(skb, &f, &info, PCN_SESS_SNAT_REV, PCN_SESS_NODEPORT, now);
-            if (r < 0)
-                return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-            if (r > 0)
-                return pcn_pass(skb);
-        }
-        struct pcn_xlate *x = nat_sessions.lookup(&f);
-        if (x && (x->kind == PCN_SESS_SNAT_REV || x->kind == PCN_SESS_NODEPORT)) {
-            pcn_session_touch(x, now);
-            if (disp_apply(skb, &f, &info, x) < 0)
-                return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-            return pcn_pass(skb);
-        }
+        int r = disp_known(skb, &f, &info, PCN_SESS_SNAT_REV, PCN_SESS_NODEPORT, now);
+        if (r)
+            return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
         u16 dport = bpf_ntohs(f.dport);
         if ((f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) && !info.is_fragment &&
             dport >= cfg->np_lo && dport <= cfg->np_hi)
@@ -234,20 +229,9 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
     struct pcn_l4info info = {};
     if (pcn_parse_flow(skb, &f, &info) < 0 || f.saddr == cfg->node_ip)
         return pcn_pass(skb); /* not IPv4, or the host's own traffic */
-    if (f.proto == IPPROTO_ICMP) {
-        int r = disp_icmp_error(skb, &f, &info, PCN_SESS_SNAT, PCN_SESS_NODEPORT_REV, now);
-        if (r < 0)
-            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-        if (r > 0)
-            return pcn_pass(skb);
-    }
-    struct pcn_xlate *x = nat_sessions.lookup(&f);
-    if (x && (x->kind == PCN_SESS_SNAT || x->kind == PCN_SESS_NODEPORT_REV)) {
-        pcn_session_touch(x, now);
-        if (disp_apply(skb, &f, &info, x) < 0)
-            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-        return pcn_pass(skb);
-    }
+    int r = disp_known(skb, &f, &info, PCN_SESS_SNAT, PCN_SESS_NODEPORT_REV, now);
+    if (r)
+        return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
     if (info.is_fragment)
         return pcn_pass(skb);
     if ((disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
@@ -262,19 +246,8 @@ static __always_inline int disp_from_overlay(struct __sk_buff *skb, struct disp_
     struct pcn_l4info info = {};
     if (pcn_parse_flow(skb, &f, &info) < 0 || f.daddr != cfg->vtep_ip)
         return pcn_pass(skb);
-    if (f.proto == IPPROTO_ICMP) {
-        int r = disp_icmp_error(skb, &f, &info, PCN_SESS_NODEPORT_REV, PCN_SESS_NODEPORT_REV, now);
-        if (r < 0)
-            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-        if (r > 0)
-            return pcn_pass(skb);
-    }
-    struct pcn_xlate *x = nat_sessions.lookup(&f);
-    if (x && x->kind == PCN_SESS_NODEPORT_REV) {
-        pcn_session_touch(x, now);
-        if (disp_apply(skb, &f, &info, x) < 0)
-            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-    }
+    if (disp_known(skb, &f, &info, PCN_SESS_NODEPORT_REV, PCN_SESS_NODEPORT_REV, now) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     return pcn_pass(skb);
 }
 
