@@ -739,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pcn-lab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=LAB_ROOT, help="lab state directory (%(default)s)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True,
+                            metavar="{up,apply,exec,check,status,down}")  # not _supervise
     up = sub.add_parser("up", help="start a lab in the background")
     up.add_argument("--nodes", type=int, default=2, help="nodes (default 2)")
     up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
