@@ -212,6 +212,18 @@ def test_version() -> None:
         assert out == {"cniVersion": expected, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
 
 
+def test_plugin_code_never_imports_pyroute2() -> None:
+    """The CNI bundle ships no pyroute2 (manifests/cni/bundle.py): every module
+    the plugin may load, up front or on a command's path, must do without."""
+    code = ("import sys\n"
+            "import pcn_agent.cni, pcn_agent.localapi, pcn_agent.podnet, pcn_agent.rtnl\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2')\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_help_explains_it_is_run_by_the_runtime() -> None:
     proc = subprocess.run([*PLUGIN, "--help"], capture_output=True, text=True, timeout=30,
                           check=False)

@@ -3,15 +3,16 @@
 
 The container runtime executes CNI plugins on the host, outside every
 container, so `pcn-cni` can rely neither on the image's Python (not on the
-host's file system) nor on the host's (absent on many nodes, or another
-version without pyroute2). This script gathers everything `pcn-cni` needs
+host's file system) nor on the host's (absent on many nodes, or of another
+version). This script gathers everything `pcn-cni` needs
 into one relocatable directory:
 
   bin/python3      the interpreter running this script (the venv's base Python)
   lib/             its dynamic loader and every shared library that the
                    interpreter and the kept extension modules link, glibc included
   lib/python3.X/   the standard library, without tests, IDLE, tkinter, ...
-  site/            the packages pcn-cni imports (pcn_agent, pyroute2)
+  site/            the package pcn-cni imports (pcn_agent; its netlink is
+                   the stdlib-only pcn_agent.rtnl, so no pyroute2)
   cni/             the reference CNI plugins pcn delegates to (host-local, loopback
                    from Debian's containernetworking-plugins: linked against
                    glibc 2.34+, so they too run on the bundle's loader)
@@ -44,17 +45,16 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("pcn_agent", "pyroute2")
+PACKAGES = ("pcn_agent",)
 CNI_PLUGINS = ("/usr/lib/cni/host-local", "/usr/lib/cni/loopback")
 # Modules pcn-cni must be able to import from the bundle (checked after the build).
-SMOKE_IMPORTS = ("pcn_agent.cni", "pcn_agent.localapi", "pcn_agent.podnet", "pyroute2",
-                 "pyroute2.netns", "ctypes", "ssl", "json", "socket", "subprocess", "zlib")
+SMOKE_IMPORTS = ("pcn_agent.cni", "pcn_agent.localapi", "pcn_agent.podnet", "pcn_agent.rtnl",
+                 "ctypes", "ssl", "json", "socket", "subprocess", "zlib")
 # Parts of the standard library that a CNI plugin never imports.
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "lib2to3",
                "pydoc_data", "venv", "site-packages", "dist-packages", "__phello__"}
-# Extension modules that pcn-cni never loads and that would pull libraries in
-# (not _sqlite3: pyroute2 imports sqlite3 at import time).
-DYNLOAD_SKIP = re.compile(r"^(_dbm|_gdbm|readline|_curses|_curses_panel|nis|_tkinter"
+# Extension modules that pcn-cni never loads and that would pull libraries in.
+DYNLOAD_SKIP = re.compile(r"^(_dbm|_gdbm|_sqlite3|readline|_curses|_curses_panel|nis|_tkinter"
                           r"|_test\w*|_ctypes_test|xxlimited\w*|_xx\w*|xxsubtype)\.")
 LDD_RESOLVED = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)\s+\(0x[0-9a-f]+\)\s*$")
 LDD_MISSING = re.compile(r"^\s*(\S+)\s+=>\s+not found\s*$")
