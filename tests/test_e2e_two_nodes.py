@@ -8,6 +8,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from pcn_agent import checks, tc
+from pcn_agent import node as node_mod
 from pcn_agent.topology import Lab
 
 pytestmark = pytest.mark.netns
@@ -72,6 +73,32 @@ def _tx_packets(netns: str, ifname: str) -> int:
         return link.get_attr("IFLA_STATS64")["tx_packets"]
 
 
+NODE_TCP = 18081  # a service of the node's own (hostNetwork), not in any pod
+
+
+def test_node_reaches_its_own_pods(served: Lab) -> None:
+    """What a kubelet's probes need: the node's stack reaches its pods, from
+    the node's address."""
+    node = served.node_name(1)
+    for pod in ("n1p1", "n1p2"):
+        r = checks.tcp(served, node, served.pods[pod].ip)
+        _assert_ok(r)
+        assert r.extra["peer_seen"] == served.node_ip(1), r.extra
+    _assert_ok(checks.ping(served, node, served.pods["n1p2"].ip))
+
+
+def test_pods_reach_what_their_node_serves_on_its_address(served: Lab) -> None:
+    node = served.node_name(1)
+    with checks.servers(served, [node], tcp_ports=(NODE_TCP,), udp_ports=()):
+        r = checks.tcp(served, "n1p1", served.node_ip(1), port=NODE_TCP)
+        _assert_ok(r)
+        assert r.extra["peer_seen"] == served.pods["n1p1"].ip, r.extra  # not masqueraded
+        r = checks.tcp(served, "n2p1", served.node_ip(1), port=NODE_TCP)  # another node's pod
+        _assert_ok(r)
+        assert r.extra["peer_seen"] == served.node_ip(2), r.extra  # masqueraded by node 2
+    _assert_ok(checks.ping(served, "n1p1", served.node_ip(1)))  # answered by the host
+
+
 def test_port_counters_agree_with_traffic_sent(served: Lab) -> None:
     node = served.node(1)
     a, b = served.pods["n1p1"], served.pods["n1p2"]
@@ -121,6 +148,32 @@ def test_teardown_leaves_nothing() -> None:
     assert not set(names) & set(pr_netns.listnetns())
     assert not any(p.exists() for p in pins)
     assert _root_links() == root_before
+
+
+def _links_and_routes(netns: str) -> tuple[set[str], set[str]]:
+    with IPRoute(netns=netns) as ipr:
+        links = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        routes = {f"{r.get_attr('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(family=2)
+                  if r.get_attr("RTA_DST")}
+    return links, routes
+
+
+def test_node_down_removes_its_links_and_routes_from_the_node() -> None:
+    """On a real node the agent shares the host's namespace: down() must take
+    back every device and route it put there."""
+    with Lab(nodes_count=1, pods_per_node=1) as lab:
+        node = lab.node(1)
+        ns = node.cfg.netns or ""
+        links, routes = _links_and_routes(ns)
+        assert {node_mod.HOST_DEV, node_mod.HOST_CUBE_DEV, node_mod.VXLAN_DEV} <= links
+        assert node.cfg.pod_cidr in routes
+        node.down()
+        links, routes = _links_and_routes(ns)
+        assert not {node_mod.HOST_DEV, node_mod.HOST_CUBE_DEV, node_mod.VXLAN_DEV} & links
+        assert not any(link.startswith("pcn") for link in links), links
+        assert node.cfg.pod_cidr not in routes
+        node.down()  # twice is fine
+    assert lab.leftovers() == []
 
 
 def test_failed_build_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,7 @@ def probe_argv(*args: str) -> list[str]:
 @contextmanager
 def servers(lab: Lab, names: list[str] | None = None, tcp_ports: tuple[int, ...] = (TCP_PORT,),
             udp_ports: tuple[int, ...] = (UDP_PORT,)):
-    """Probe servers in the given lab pods (or "ext"), stopped afterwards."""
+    """Probe servers in the given lab pods (or "ext", or nodes), stopped afterwards."""
     procs = []
     ports = [a for p in tcp_ports for a in ("--tcp", str(p))]
     ports += [a for p in udp_ports for a in ("--udp", str(p))]
@@ -98,8 +98,16 @@ def udp(lab: Lab, src: str, dst_ip: str, target: str | None = None, port: int = 
 
 
 def netns_of(lab: Lab, name: str) -> str:
-    """A lab pod's namespace, or "ext" for the external host."""
-    return lab.ext_ns if name == "ext" else lab.pods[name].netns
+    """The namespace of a lab pod, of "ext" (the external host) or of a node
+    (by its name: the node's own stack, where a kubelet runs)."""
+    if name == "ext":
+        return lab.ext_ns
+    if name in lab.pods:
+        return lab.pods[name].netns
+    node = getattr(lab, "nodes", {}).get(name)  # pcn-lab's view of a lab has pods only
+    if node is None:
+        raise KeyError(f"no pod, node or 'ext' named {name!r} in the lab")
+    return node.cfg.netns or name
 
 
 def probe(lab: Lab, src: str, args: list[str], timeout: float) -> dict:

@@ -42,6 +42,12 @@ from .slowpath import ArpResolver, SlowPath
 log = logging.getLogger(__name__)
 
 VXLAN_DEV = "pcn-vxlan"
+# The host link: a veth pair between the node's own stack (HOST_DEV) and the
+# router's "host" port (HOST_CUBE_DEV), so that the kubelet's probes reach the
+# node's pods and pods reach services the node itself serves on its address.
+HOST_DEV = "pcn-host"
+HOST_CUBE_DEV = "pcn-host-r"
+HOST_PORT = "host"
 BRIDGE = "br0"
 ROUTER = "r0"
 LB = "lb"
@@ -64,6 +70,13 @@ class NodeConfig:
     nodeport_range: tuple[int, int] = (30000, 32767)
     snat_range: tuple[int, int] = (61000, 65535)
     default_gateway: str | None = None  # next hop for the outside world, if any
+    host_link: str = "169.254.42.0/30"  # router .1, host .2; never leaves the node
+
+    @property
+    def host_link_ips(self) -> tuple[str, str]:
+        """(the router's, the host's) address on the host link."""
+        net = ipaddress.IPv4Network(self.host_link)
+        return str(net.network_address + 1), str(net.network_address + 2)
 
     @property
     def gateway(self) -> str:
@@ -203,6 +216,39 @@ class NodeDataplane:
         self.rt.connect_netdev(r_vx, VXLAN_DEV)
         self.rt.connect_netdev(r_up, c.uplink)
         self.rt.meta["vxlan_created"] = self._vxlan_created
+        self._build_host_link()
+
+    def _build_host_link(self) -> None:
+        """The router's "host" port on a veth pair with the node's stack: the
+        host reaches this node's pods through it (route pod CIDR via the
+        router, from the node address: what a kubelet probe needs), and the
+        router sends what pods address to the node's own address there
+        (node_ip/32 via the host's end), to the host rather than out of the
+        NIC. The node's address is the host's: the router does not answer
+        for it."""
+        c = self.cfg
+        router_ip, host_ip = c.host_link_ips
+        prefix = ipaddress.IPv4Network(c.host_link).prefixlen
+        assert self.router is not None
+        r_host = self.router.add_port(HOST_PORT, f"{router_ip}/{prefix}")
+        self.rt.meta["host_link_created"] = True  # before: a failure half-way still cleans up
+        self._create_host_link(host_ip, prefix)
+        self.router.add_route(f"{c.node_ip}/32", HOST_PORT, nexthop=host_ip)
+        self.rt.connect_netdev(r_host, HOST_CUBE_DEV)
+        ipr = self.rt.ipr
+        assert ipr is not None
+        ipr.route("replace", dst=c.pod_cidr, gateway=router_ip,
+                  oif=self.rt.ifindex(HOST_DEV), prefsrc=c.node_ip)
+
+    def _create_host_link(self, host_ip: str, prefix: int) -> None:
+        ipr = self.rt.ipr
+        assert ipr is not None
+        if not ipr.link_lookup(ifname=HOST_DEV):  # else one an agent left: the name is ours
+            ipr.link("add", ifname=HOST_DEV, kind="veth", peer=HOST_CUBE_DEV)
+        for name in (HOST_DEV, HOST_CUBE_DEV):
+            podnet.no_ipv6(self.cfg.netns, name)
+            ipr.link("set", index=self.rt.ifindex(name), mtu=self.cfg.mtu, state="up")
+        ipr.addr("replace", index=self.rt.ifindex(HOST_DEV), address=host_ip, prefixlen=prefix)
 
     def _dispatcher_config(self) -> DispatcherConfig:
         c = self.cfg
@@ -267,6 +313,8 @@ class NodeDataplane:
         if self.rt.ipr is not None and getattr(self, "_vxlan_created", False):
             _del_link(self.rt, VXLAN_DEV)
             self._vxlan_created = False
+        if self.rt.ipr is not None and self.rt.meta.pop("host_link_created", False):
+            _del_link(self.rt, HOST_DEV)  # its peer and the host's route go with it
         self.rt.close(remove=True)
 
     def crash(self) -> None:
@@ -289,7 +337,7 @@ class NodeDataplane:
                      vxlan_port=self.cfg.vxlan_port, vxlan_learning=1)
             self._vxlan_created = True
         idx = self.rt.ifindex(VXLAN_DEV)
-        podnet.write_sysctl(self.cfg.netns, f"net.ipv6.conf.{VXLAN_DEV}.disable_ipv6", "1")
+        podnet.no_ipv6(self.cfg.netns, VXLAN_DEV)
         ipr.link("set", index=idx, state="up")
         return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
 

@@ -60,11 +60,11 @@ def create(node_ipr: IPRoute, node_netns: str | None, pod_netns: str, host_if: s
     try:
         host_idx = node_ipr.link_lookup(ifname=host_if)[0]
         node_ipr.link("set", index=host_idx, mtu=mtu)
-        _no_ipv6(node_netns, host_if)
+        no_ipv6(node_netns, host_if)
         with iproute(pod_netns) as pod:  # never creates the namespace
             idx = pod.link_lookup(ifname=tmp)[0]
             pod.link("set", index=idx, ifname=ifname, mtu=mtu)
-            _no_ipv6(pod_netns, ifname)
+            no_ipv6(pod_netns, ifname)
             pod.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             pod.link("set", index=idx, state="up")
             lo = pod.link_lookup(ifname="lo")
@@ -94,7 +94,7 @@ def delete(node_ipr: IPRoute, host_if: str) -> bool:
         raise
 
 
-def _no_ipv6(netns: str | None, ifname: str) -> None:
+def no_ipv6(netns: str | None, ifname: str) -> None:
     """pcn routes IPv4 only: keep the kernel from sending IPv6 neighbour and
     router discovery into the data plane."""
     key = f"net.ipv6.conf.{ifname}.disable_ipv6"

@@ -45,11 +45,16 @@ class Router:
     def add_port(self, port_name: str, address: str, mac: str | None = None,
                  flags: int = 0) -> PortState:
         """`address` is interface notation, e.g. 10.244.1.1/24: the port's IP and
-        its directly connected network."""
+        its directly connected network. The router answers pings to its
+        addresses, except on a port that shares its netdev with the host
+        (PORT_HOST_SHARED): that address is the host's, and what is sent to
+        it is the host's to answer."""
         iface = ipaddress.IPv4Interface(address)
         port = self.rt.add_port(self.name, port_name, mac=mac, ip=str(iface.ip),
                                 prefixlen=iface.network.prefixlen, flags=flags)
-        self._addrs[maps.RouterAddrKey(self.cube.id, maps.ip_be(iface.ip))] = ct.c_uint32(port.id)
+        if not flags & maps.PORT_HOST_SHARED:
+            self._addrs[maps.RouterAddrKey(self.cube.id, maps.ip_be(iface.ip))] = \
+                ct.c_uint32(port.id)
         self.add_route(str(iface.network), port_name)
         return port
 
