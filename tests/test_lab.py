@@ -74,7 +74,7 @@ def _wait(what: str, fn, timeout: float = 60):
 def test_check_matrix_passes(running) -> None:
     d, _ = running
 
-    rows = ("same node", "other node", "ClusterIP", "NodePort", "egress SNAT")
+    rows = ("same node", "from its node", "other node", "ClusterIP", "NodePort", "egress SNAT")
 
     def ok():
         # `up -f` returns once applied, like kubectl apply: the example's pods and

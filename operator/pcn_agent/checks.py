@@ -104,10 +104,7 @@ def netns_of(lab: Lab, name: str) -> str:
         return lab.ext_ns
     if name in lab.pods:
         return lab.pods[name].netns
-    node = getattr(lab, "nodes", {}).get(name)  # pcn-lab's view of a lab has pods only
-    if node is None:
-        raise KeyError(f"no pod, node or 'ext' named {name!r} in the lab")
-    return node.cfg.netns or name
+    return lab.node_netns(name)
 
 
 def probe(lab: Lab, src: str, args: list[str], timeout: float) -> dict:

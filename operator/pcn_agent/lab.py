@@ -621,6 +621,12 @@ class _LabView:
                 self.pods[name] = self.P(netns, ip, p["spec"].get("nodeName", ""))
         self.ext_ns = f"{state.prefix}-ext"
 
+    def node_netns(self, name: str) -> str:
+        """A lab node's own namespace is named after the node."""
+        if not name.startswith(f"{self.state.prefix}-n"):
+            raise KeyError(f"no pod, node or 'ext' named {name!r} in the lab")
+        return name
+
     def exec(self, netns: str, argv: list[str], timeout: float = 30,
              check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
@@ -645,6 +651,8 @@ def connectivity(state: LabState) -> list[checks.CheckResult]:
     if len(first) > 1:
         results.append(checks.ping(view, src, view.pods[first[1]].ip, f"{first[1]} (same node)"))
         results.append(checks.tcp(view, src, view.pods[first[1]].ip, f"{first[1]} (same node)"))
+    # what a kubelet's probes need: the node's own stack reaches its pods
+    results.append(checks.tcp(view, nodes[0], view.pods[src].ip, f"{src} (from its node)"))
     if len(nodes) > 1:
         other = by_node[nodes[1]][0]
         results.append(checks.ping(view, src, view.pods[other].ip, f"{other} (other node)"))
@@ -671,6 +679,8 @@ def connectivity(state: LabState) -> list[checks.CheckResult]:
     for r in results:
         if r.source == "ext":
             r.source = "external host"
+        elif r.source in by_node:
+            r.source = f"node {r.source.rsplit('-', 1)[-1]}"
     return results
 
 

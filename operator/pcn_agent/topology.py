@@ -154,6 +154,13 @@ class Lab:
     def node(self, i: int) -> NodeDataplane:
         return self.nodes[self.node_name(i)]
 
+    def node_netns(self, name: str) -> str:
+        """The namespace of node `name`'s own stack (where its kubelet would run)."""
+        if name not in self.nodes and name not in self.namespaces:
+            raise KeyError(f"no pod, node or 'ext' named {name!r} in lab {self.prefix}")
+        node = self.nodes.get(name)
+        return (node.cfg.netns if node is not None else None) or name
+
     def exec(self, netns: str, argv: list[str], timeout: float = 30,
              check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
