@@ -87,6 +87,17 @@ def test_node_reaches_its_own_pods(served: Lab) -> None:
     _assert_ok(checks.ping(served, node, served.pods["n1p2"].ip))
 
 
+def test_node_reaches_other_nodes_pods_over_the_overlay(served: Lab) -> None:
+    """What an API server calling a webhook needs: the node's stack reaches a
+    pod on another node, from the node's own address in its pod CIDR."""
+    node = served.node_name(1)
+    for pod in ("n2p1", "n2p2"):
+        r = checks.tcp(served, node, served.pods[pod].ip)
+        _assert_ok(r)
+        assert r.extra["peer_seen"] == served.node(1).cfg.host_pod_ip, r.extra
+    _assert_ok(checks.ping(served, node, served.pods["n2p1"].ip))
+
+
 def test_pods_reach_what_their_node_serves_on_its_address(served: Lab) -> None:
     node = served.node_name(1)
     with checks.servers(served, [node], tcp_ports=(NODE_TCP,), udp_ports=()):
@@ -166,12 +177,13 @@ def test_node_down_removes_its_links_and_routes_from_the_node() -> None:
         ns = node.cfg.netns or ""
         links, routes = _links_and_routes(ns)
         assert {node_mod.HOST_DEV, node_mod.HOST_CUBE_DEV, node_mod.VXLAN_DEV} <= links
-        assert node.cfg.pod_cidr in routes
+        ours = {node.cfg.pod_cidr, node.cfg.cluster_pod_cidr}
+        assert ours <= routes
         node.down()
         links, routes = _links_and_routes(ns)
         assert not {node_mod.HOST_DEV, node_mod.HOST_CUBE_DEV, node_mod.VXLAN_DEV} & links
         assert not any(link.startswith("pcn") for link in links), links
-        assert node.cfg.pod_cidr not in routes
+        assert not ours & routes
         node.down()  # twice is fine
     assert lab.leftovers() == []
 

@@ -73,6 +73,12 @@ class NodeConfig:
     host_link: str = "169.254.42.0/30"  # router .1, host .2; never leaves the node
 
     @property
+    def host_pod_ip(self) -> str:
+        """The node's own address inside its pod CIDR (the network address,
+        which IPAM never gives a pod): its source towards other nodes' pods."""
+        return str(ipaddress.IPv4Network(self.pod_cidr).network_address)
+
+    @property
     def host_link_ips(self) -> tuple[str, str]:
         """(the router's, the host's) address on the host link."""
         net = ipaddress.IPv4Network(self.host_link)
@@ -219,13 +225,18 @@ class NodeDataplane:
         self._build_host_link()
 
     def _build_host_link(self) -> None:
-        """The router's "host" port on a veth pair with the node's stack: the
-        host reaches this node's pods through it (route pod CIDR via the
-        router, from the node address: what a kubelet probe needs), and the
-        router sends what pods address to the node's own address there
-        (node_ip/32 via the host's end), to the host rather than out of the
-        NIC. The node's address is the host's: the router does not answer
-        for it."""
+        """The router's "host" port on a veth pair with the node's stack.
+
+        * The node reaches its own pods from its address (route pod CIDR via
+          the router, src node IP: what a kubelet probe needs); the router
+          sends what pods address to the node's address to the host
+          (node_ip/32 via the host's end) rather than out of the NIC. The
+          node's address is the host's: the router does not answer for it.
+        * The node reaches other nodes' pods over the overlay (route cluster
+          pod CIDR via the router) from its pod CIDR's network address, which
+          no pod gets and which every node routes to this one, so the
+          answers come back the same way (host_pod_ip/32 via the host's end):
+          what an API server needs to call webhooks served by pods."""
         c = self.cfg
         router_ip, host_ip = c.host_link_ips
         prefix = ipaddress.IPv4Network(c.host_link).prefixlen
@@ -234,11 +245,16 @@ class NodeDataplane:
         self.rt.meta["host_link_created"] = True  # before: a failure half-way still cleans up
         self._create_host_link(host_ip, prefix)
         self.router.add_route(f"{c.node_ip}/32", HOST_PORT, nexthop=host_ip)
+        self.router.add_route(f"{c.host_pod_ip}/32", HOST_PORT, nexthop=host_ip)
         self.rt.connect_netdev(r_host, HOST_CUBE_DEV)
         ipr = self.rt.ipr
         assert ipr is not None
-        ipr.route("replace", dst=c.pod_cidr, gateway=router_ip,
-                  oif=self.rt.ifindex(HOST_DEV), prefsrc=c.node_ip)
+        oif = self.rt.ifindex(HOST_DEV)
+        ipr.route("replace", dst=c.pod_cidr, gateway=router_ip, oif=oif, prefsrc=c.node_ip)
+        cluster = ipaddress.IPv4Network(c.cluster_pod_cidr)
+        if cluster != ipaddress.IPv4Network(c.pod_cidr):
+            ipr.route("replace", dst=str(cluster), gateway=router_ip, oif=oif,
+                      prefsrc=c.host_pod_ip)
 
     def _create_host_link(self, host_ip: str, prefix: int) -> None:
         ipr = self.rt.ipr
@@ -248,7 +264,9 @@ class NodeDataplane:
         for name in (HOST_DEV, HOST_CUBE_DEV):
             podnet.no_ipv6(self.cfg.netns, name)
             ipr.link("set", index=self.rt.ifindex(name), mtu=self.cfg.mtu, state="up")
-        ipr.addr("replace", index=self.rt.ifindex(HOST_DEV), address=host_ip, prefixlen=prefix)
+        idx = self.rt.ifindex(HOST_DEV)
+        ipr.addr("replace", index=idx, address=host_ip, prefixlen=prefix)
+        ipr.addr("replace", index=idx, address=self.cfg.host_pod_ip, prefixlen=32)
 
     def _dispatcher_config(self) -> DispatcherConfig:
         c = self.cfg
