@@ -1,4 +1,5 @@
-"""pcn-agent: the node agent (one per node, a DaemonSet in a cluster).
+"""pcn-agent: the node agent (one per node, a DaemonSet in a cluster); its
+command line is pcn_agent.agent_cli, which starts compiling before importing this.
 
 kopf handlers only record what they see and wake the reconcile loop; the loop
 runs the pure reconciler, applies its plan to the node's data plane in a
@@ -17,7 +18,6 @@ Configuration comes from the environment, as a DaemonSet gives it:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import copy
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -35,9 +34,10 @@ from typing import Any
 import kopf
 
 from . import bpffs
+from .agent_cli import start_prepare
 from .kube import ApiError, Kube, discover
 from .manager import DataplaneManager
-from .node import NodeConfig, NodeDataplane, prepare_runtime
+from .node import NodeConfig, NodeDataplane
 from .reconcile import Inputs, Verdict, desired_state, node_addresses, vtep_for
 from .runtime import STATE_ROOT, Runtime
 from .settings import ClusterSettings
@@ -89,22 +89,15 @@ class Agent:
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
         self._prepared: concurrent.futures.Future[Runtime] | None = None
 
-    def prepare(self) -> concurrent.futures.Future[Runtime]:
+    def prepare(self, started: concurrent.futures.Future[Runtime] | None = None
+                ) -> concurrent.futures.Future[Runtime]:
         """Start, once, opening the runtime and compiling the node's cube types
-        in a thread of their own: seconds of work that needs no Node object,
-        done while kopf starts and lists the cluster."""
+        in a thread of their own (or take the one the command line `started`):
+        seconds of work that needs no Node object, done while kopf starts and
+        lists the cluster."""
         if self._prepared is None:
-            fut: concurrent.futures.Future[Runtime] = concurrent.futures.Future()
-
-            def work() -> None:
-                try:
-                    fut.set_result(prepare_runtime(self.node_name, self.netns, self.pin_root,
-                                                   self.state_root))
-                except BaseException as exc:
-                    fut.set_exception(exc)
-
-            threading.Thread(target=work, name="pcn-prepare", daemon=True).start()
-            self._prepared = fut
+            self._prepared = started or start_prepare(self.node_name, self.netns,
+                                                      self.pin_root, self.state_root)
         return self._prepared
 
     # ------------------------------------------------------------------ events
@@ -465,38 +458,24 @@ kopf.on.event("pcn.dev", "v1alpha1", "cubechains")(_observer("CubeChain"))
 kopf.on.event("pcn.dev", "v1alpha1", "nodeportrules")(_observer("NodePortRule"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="pcn-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--node-name", help="this node's name (default: $NODE_NAME)")
-    ap.add_argument("--netns", help="network namespace of the node's data plane")
-    ap.add_argument("--liveness", default=os.environ.get("PCN_LIVENESS", "http://0.0.0.0:8081/healthz"),
-                    help="health endpoint URL (default %(default)s; '' disables)")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    if args.node_name:
-        os.environ["NODE_NAME"] = args.node_name
-    if args.netns:
-        os.environ["PCN_NETNS"] = args.netns
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kopf").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if not os.environ.get("NODE_NAME"):
-        print("pcn-agent: NODE_NAME is not set; pass --node-name or set NODE_NAME",
-              file=sys.stderr)
-        return 2
+def run(liveness: str | None, verbose: bool = False,
+        prepared: concurrent.futures.Future[Runtime] | None = None) -> int:
+    """Run the operator until stopped (pcn_agent.agent_cli.main parses the
+    command line and starts `prepared`)."""
+    logging.getLogger("kopf").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        _agent().prepare()  # compiling starts now, while kopf starts and lists
+        _agent().prepare(prepared)
     except Exception as exc:
         print(f"pcn-agent: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(kopf.operator(standalone=True, clusterwide=True,
-                                  liveness_endpoint=args.liveness or None))
+        asyncio.run(kopf.operator(standalone=True, clusterwide=True, liveness_endpoint=liveness))
     except KeyboardInterrupt:
         pass
     return 0
 
 
 if __name__ == "__main__":
+    from .agent_cli import main
+
     sys.exit(main())
