@@ -120,14 +120,15 @@ BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE)  # in _build's
 
 def prepare_runtime(name: str, netns: str | None, pin_root: Path = bpffs.DEFAULT_ROOT,
                     state_root: Path = STATE_ROOT) -> Runtime:
-    """Open node `name`'s runtime (adopting what a previous agent left) and
-    compile the cube types every node runs. This is most of an agent's start
+    """Open node `name`'s runtime (adopting what a previous agent left) with
+    the cube types every node runs compiled in one module with the entry
+    programs, and load them into their slots. This is most of an agent's start
     and needs only the node's name, so the agent runs it while it still waits
     for its Node object; NodeDataplane(..., prepared=rt).up() goes on from it.
     On failure nothing new is left: a fresh runtime is removed, an adopting
     one let go of (the data plane it found stays for the next try)."""
     start = time.monotonic()
-    rt = Runtime(name, netns, pin_root, state_root)
+    rt = Runtime(name, netns, pin_root, state_root, bundle=BASE_TYPES)
     try:
         rt.open(adopt=True)
         if not rt.adopted:
@@ -161,7 +162,8 @@ class NodeDataplane:
                                  f"{self.prepared.netns}) is not node {self.cfg.name}'s")
             self.rt = self.prepared
         else:
-            self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root)
+            self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root,
+                              bundle=BASE_TYPES)
         self.slow: SlowPath | None = None
         self.bridge: Bridge | None = None
         self.router: Router | None = None

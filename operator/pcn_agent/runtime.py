@@ -14,14 +14,14 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
 
 from . import bpffs, maps, tc
-from .compiler import compile_cube
+from .compiler import compile_bundle, compile_cube
 from .nsutil import iproute
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,13 @@ class Runtime:
     (None: the namespace of this process)."""
 
     def __init__(self, name: str, netns: str | None = None,
-                 pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT) -> None:
+                 pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT,
+                 bundle: Sequence[str] = ()) -> None:
+        """`bundle`: cube types compiled together with the entry programs, in
+        one module, when the runtime opens (one compile instead of several:
+        what a node always runs); others are compiled when first used."""
         self.name = name
+        self.bundle = tuple(bundle)
         self.netns = netns
         self.pin_root = pin_root
         self.pin_dir: Path | None = None
@@ -161,7 +166,7 @@ class Runtime:
             bpffs.remove_instance(pin_dir)
         self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
         self._netlink = NetlinkPerThread(self.netns)
-        self._entry = compile_cube(ENTRY, self.pin_dir)
+        self._entry = compile_bundle((ENTRY, *self.bundle), self.pin_dir)
         for prog in ("pcn_ingress", "pcn_egress"):
             self._entry_fds[prog] = self._entry.load_func(prog, _sched_cls()).fd
         if state is not None:
@@ -213,7 +218,8 @@ class Runtime:
 
     def _release_modules(self) -> None:
         for t in [*self.types.values(), *self.variants.values()]:
-            t.module.cleanup()
+            if t.module is not self._entry:  # bundled types share the entry's module
+                t.module.cleanup()
         if self._entry is not None:
             self._entry.cleanup()
             self._entry = None
@@ -295,7 +301,8 @@ class Runtime:
 
     def _load_type_into(self, type_name: str, slot: int) -> CubeType:
         assert self.pin_dir is not None
-        module = compile_cube(type_name, self.pin_dir)
+        module = (self._entry if type_name in self.bundle
+                  else compile_cube(type_name, self.pin_dir))
         prog = f"{type_name}_rx"
         fd = module.load_func(prog, _sched_cls()).fd
         self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
