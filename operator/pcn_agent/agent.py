@@ -1,19 +1,10 @@
-"""pcn-agent: the node agent (one per node, a DaemonSet in a cluster); its
-command line is pcn_agent.agent_cli, which starts compiling before importing this.
+"""The node agent's operator: kopf handlers only record what they see and
+wake the reconcile loop; the loop runs the pure reconciler, applies its plan
+to the node's data plane in a worker thread, then writes status, Events and
+derived NodePortRules.
 
-kopf handlers only record what they see and wake the reconcile loop; the loop
-runs the pure reconciler, applies its plan to the node's data plane in a
-worker thread, then writes status, Events and derived NodePortRules.
-
-Configuration comes from the environment, as a DaemonSet gives it:
-  NODE_NAME        this node's name (required)
-  PCN_NETNS        network namespace of the node's data plane (labs; default: own)
-  PCN_CONFIG       cluster settings: a JSON file or a mounted ConfigMap directory
-  PCN_SOCKET       local API socket for the CNI plugin (default /run/pcn/agent.sock)
-  PCN_METRICS_PORT Prometheus metrics port (default 9090; 0 disables)
-  PCN_KUBE_URL     API server URL (labs/tests; else in-cluster or kubeconfig)
-  PCN_BPF_ROOT / PCN_STATE_DIR  where maps are pinned / state is saved
-  PCN_NAMESPACE    where the per-node status ConfigMap is written (default pcn-system)
+The command line and the environment it reads are pcn_agent.agent_cli's
+(`pcn-agent --help`), which starts compiling before importing this module.
 """
 
 from __future__ import annotations
