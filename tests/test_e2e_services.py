@@ -176,6 +176,17 @@ def test_nodeport_cluster_answers_through_the_entry_node(svc_lab: Lab) -> None:
     assert u["ok"] and u["host"] == "n2p2", u
 
 
+def test_pods_reach_a_nodeport_through_any_node_address(svc_lab: Lab) -> None:
+    """Through their own node's address the pod's lbrp translates it (the
+    NodePort is in the node's service table); through another node's, the
+    pod is masqueraded and that node's dispatcher translates it."""
+    lab = svc_lab
+    lab.set_nodeport(30084, "tcp", "Cluster", [lab.backend("n2p2", TCP)])
+    for node in (1, 2):
+        r = _tcp(lab, "n1p1", lab.node_ip(node), 30084)
+        assert r["ok"] and r["host"] == "n2p2", (node, r)
+
+
 # --------------------------------------------------------------------- egress
 def test_egress_is_masqueraded_to_the_node_address(svc_lab: Lab) -> None:
     r = _tcp(svc_lab, "n1p1", EXTERNAL_IP, TCP)
