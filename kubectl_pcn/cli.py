@@ -25,6 +25,7 @@ from .client import (
     STATUS_LABEL,
     STATUS_NAMESPACE,
     Cluster,
+    Resource,
 )
 from .errors import Forbidden, InputError, PcnError
 
@@ -122,29 +123,22 @@ def _contexts(ctx: click.Context) -> list[str]:
     return [c["name"] for c in contexts or []]
 
 
-def _namespaces(ctx: click.Context) -> list[str]:
-    s = ctx.ensure_object(Settings)
-    return [o["metadata"]["name"] for o in s.cluster.list(NAMESPACES)]
+def _names_of(res: Resource) -> Callable[[click.Context], list[str]]:
+    """Names of `res` objects, in the chosen namespace when `res` is namespaced."""
+
+    def lister(ctx: click.Context) -> list[str]:
+        s = ctx.ensure_object(Settings)
+        return [o["metadata"]["name"]
+                for o in s.cluster.list(res, s.ns if res.namespaced else None)]
+
+    return lister
 
 
-def _functions(ctx: click.Context) -> list[str]:
-    s = ctx.ensure_object(Settings)
-    return [o["metadata"]["name"] for o in s.cluster.list(NETWORK_FUNCTIONS, s.ns)]
-
-
-def _pods(ctx: click.Context) -> list[str]:
-    s = ctx.ensure_object(Settings)
-    return [o["metadata"]["name"] for o in s.cluster.list(PODS, s.ns)]
-
-
-def _nodeports(ctx: click.Context) -> list[str]:
-    s = ctx.ensure_object(Settings)
-    return [o["metadata"]["name"] for o in s.cluster.list(NODE_PORT_RULES)]
-
-
-def _chains(ctx: click.Context) -> list[str]:
-    s = ctx.ensure_object(Settings)
-    return [o["metadata"]["name"] for o in s.cluster.list(CUBE_CHAINS, s.ns)]
+_namespaces = _names_of(NAMESPACES)
+_functions = _names_of(NETWORK_FUNCTIONS)
+_pods = _names_of(PODS)
+_nodeports = _names_of(NODE_PORT_RULES)
+_chains = _names_of(CUBE_CHAINS)
 
 
 # ----------------------------------------------------------------------------- group

@@ -44,13 +44,7 @@ def _raw(path: Path, payload: bytes) -> dict[str, Any]:
         s.settimeout(5)
         s.connect(str(path))
         s.sendall(payload)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
+        return json.loads(localapi._read_line(s))  # the client's own reader
 
 
 @pytest.fixture
