@@ -44,13 +44,18 @@ def veth_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
     ends = []
     for i, ns in enumerate((a, b), start=1):
         ip = str(VETH_NET.network_address + i)
-        with IPRoute(netns=ns) as ipr:
-            idx = ipr.link_lookup(ifname="eth0")[0]
-            ipr.link("set", index=idx, mtu=mtu)
-            ipr.addr("add", index=idx, address=ip, prefixlen=VETH_NET.prefixlen)
-            ipr.link("set", index=idx, state="up")
+        _address(ns, "eth0", ip, VETH_NET.prefixlen, mtu)
         ends.append(Endpoint(ns, ip))
     return ends[0], ends[1]
+
+
+def _address(netns: str, ifname: str, ip: str, prefixlen: int, mtu: int) -> None:
+    """Give `ifname` in `netns` its MTU and address, then bring it up."""
+    with IPRoute(netns=netns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=idx, mtu=mtu)
+        ipr.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+        ipr.link("set", index=idx, state="up")
 
 
 def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
@@ -69,11 +74,7 @@ def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
             ipr.link("add", ifname=port, kind="veth", peer={"ifname": "uplink", "net_ns_fd": ns})
             ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=sw, state="up")
             ip = str(UNDERLAY_NET.network_address + i)
-            with IPRoute(netns=ns) as node:
-                idx = node.link_lookup(ifname="uplink")[0]
-                node.link("set", index=idx, mtu=mtu)
-                node.addr("add", index=idx, address=ip, prefixlen=UNDERLAY_NET.prefixlen)
-                node.link("set", index=idx, state="up")
+            _address(ns, "uplink", ip, UNDERLAY_NET.prefixlen, mtu)
             ends.append(Endpoint(ns, ip))
     return ends[0], ends[1]
 
