@@ -66,7 +66,7 @@ from pcn_agent.apiserver import EmulatedApiServer, apply, object_path
 from pcn_agent.topology import Lab
 
 from .bpfmaps import ServiceMaps
-from .netns import exec_in
+from .netns import exec_in, stop
 from .results import Result, now_iso
 from .rr import percentile
 from .scenarios import MTU, Context
@@ -187,13 +187,7 @@ class AgentProcess:
                 self.profiler.wait()
             self.profiler = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop(self.proc, timeout=15)
             self.proc = None
         bpffs.remove_instance(self.pin_dir)
         (self.state_dir / f"{self.node}.json").unlink(missing_ok=True)

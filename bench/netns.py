@@ -11,6 +11,7 @@ import logging
 import secrets
 import subprocess
 from collections.abc import Sequence
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -37,7 +38,7 @@ def popen_in(netns: str, argv: Sequence[str]) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def stop(proc: subprocess.Popen[str], timeout: float = 5) -> None:
+def stop(proc: subprocess.Popen[Any], timeout: float = 5) -> None:
     """Terminate one process this run started (by its own Popen handle)."""
     if proc.poll() is None:
         proc.terminate()
