@@ -5,17 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint crds clean
+.PHONY: setup test demo bench lint typecheck layers crds clean
 
 setup:
 	@scripts/setup.sh
 
-test: setup
-	$(VENV)/bin/ruff check operator bpf crds kubectl_pcn tests bench
+test: setup lint layers typecheck
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m pcn_agent.demo
+	$(PY) -m pcn_lab.demo
 
 bench: setup
 	$(PY) -m bench.run
@@ -24,7 +23,18 @@ crds: setup
 	$(PY) -m pcn_crds.generate
 
 lint: setup
-	$(VENV)/bin/ruff check operator bpf crds kubectl_pcn tests bench
+	$(VENV)/bin/ruff check operator bpf crds kubectl_pcn tests bench manifests
+
+# The layers of pyproject.toml's [tool.importlinter] (ARCHITECTURE.md draws them).
+layers: setup
+	$(VENV)/bin/lint-imports
+
+# mypy finds packages by name: pcn_crds and pcn_bpf live in crds/ and bpf/.
+typecheck: setup
+	@mkdir -p build/typing
+	@ln -sfn ../../crds build/typing/pcn_crds
+	@ln -sfn ../../bpf build/typing/pcn_bpf
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

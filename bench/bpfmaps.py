@@ -9,8 +9,8 @@ import errno
 import os
 from pathlib import Path
 
-from pcn_agent import maps
-from pcn_agent.cubes.lbrp import PROTOCOLS, be16, from_be16
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.lbrp import PROTOCOLS, be16, from_be16
 
 _lib: ct.CDLL | None = None
 

@@ -24,7 +24,7 @@ Scenarios:
   was up (the agent's local API socket appears right after it), and the time
   from then to all services realised.
 * `cni-add`: N pods added by the real `pcn-cni`, run as the kubelet stand-in
-  runs it (pcn_agent.kubelet.run_cni: `ip netns exec <node> pcn-cni`, CNI_*
+  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> pcn-cni`, CNI_*
   environment, configuration on stdin, host-local IPAM) against the agent's
   local API; each sample is one run_cni ADD call. The pod namespaces are made
   outside the timing, as a runtime makes the sandbox before calling CNI.
@@ -61,9 +61,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from pcn_agent import bpffs, kubelet
-from pcn_agent.apiserver import EmulatedApiServer, apply, object_path
-from pcn_agent.topology import Lab
+from pcn_agent.dataplane import bpffs
+from pcn_lab import kubelet
+from pcn_lab.apiserver import EmulatedApiServer, apply, object_path
+from pcn_lab.topology import Lab
 
 from .bpfmaps import ServiceMaps
 from .netns import exec_in, stop
@@ -125,7 +126,7 @@ class AgentProcess:
         settings = self.dir / "config.json"
         settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": str(MTU)}))
         exe = Path(sys.executable).parent / "pcn-agent"
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "pcn_agent.agent"]
+        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "pcn_agent.control.cli"]
         env = {**os.environ, "NODE_NAME": self.node, "PCN_NETNS": self.node,
                "PCN_KUBE_URL": self.api.url, "PCN_SOCKET": str(self.socket),
                "PCN_CONFIG": str(settings), "PCN_METRICS_PORT": "0", "PCN_LIVENESS": "",

@@ -61,7 +61,7 @@ def _address(netns: str, ifname: str, ip: str, prefixlen: int, mtu: int) -> None
 def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
     """The lab's physical network without pcn: two "node" namespaces `-un1`/`-un2`
     whose `uplink` veths meet on a Linux bridge `sw` in `-uphy`, as
-    pcn_agent.topology.Lab wires its nodes, with the uplinks at `mtu`."""
+    pcn_lab.topology.Lab wires its nodes, with the uplinks at `mtu`."""
     phy = nss.create("uphy")
     nodes = [nss.create("un1"), nss.create("un2")]
     ends = []

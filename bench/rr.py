@@ -1,5 +1,5 @@
-"""Request latency between namespaces: `pcn_agent.probe serve --rr` servers and
-`pcn_agent.probe rr` clients (each request a new TCP connection, a small
+"""Request latency between namespaces: `pcn_lab.probe serve --rr` servers and
+`pcn_lab.probe rr` clients (each request a new TCP connection, a small
 request line and a small answer line)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def probe_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pcn_agent.probe", *args]
+    return [sys.executable, "-m", "pcn_lab.probe", *args]
 
 
 def start_server(netns: str, name: str, ports: tuple[int, ...] = (PORT,)

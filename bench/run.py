@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from pcn_agent import bpffs
-from pcn_agent.runtime import STATE_ROOT
+from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.runtime import STATE_ROOT
 
 from . import controlplane, iperf, netns, results, scenarios, services
 from .scenarios import Context

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from pcn_agent.topology import Lab
+from pcn_lab.topology import Lab
 
 from . import iperf
 from .netns import Namespaces, exec_in, stop

@@ -15,7 +15,7 @@ Both variants are built in the same run, side by side, with the same MTU:
 Scenarios:
 * `pod-to-service`: iperf3 TCP throughput through the ClusterIP (rounds
   interleaved as in pod-to-pod) and request latency: new TCP connection,
-  32-byte request, ~80-byte answer, connection closed (pcn_agent.probe rr),
+  32-byte request, ~80-byte answer, connection closed (pcn_lab.probe rr),
   pooled over interleaved rounds; median and p99.
 * `service-scale`: with N services installed (each with one or two
   backends; the last one installed has two real ones), the request latency to
@@ -40,8 +40,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from pcn_agent import podnet
-from pcn_agent.cubes.lbrp import Backend
+from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.node import podnet
 
 from . import iperf, kubeproxy, rr
 from .netns import exec_in, stop

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 GROUP = "pcn.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+# Spelled out, not an f-string, so that its type is the Literal Resource.apiVersion has.
+API_VERSION: Final = "pcn.dev/v1alpha1"
+assert API_VERSION == f"{GROUP}/{VERSION}"
 
 
 class Model(BaseModel):
@@ -92,7 +94,7 @@ class Resource(Model):
     status: ResourceStatus | None = None
 
     @classmethod
-    def from_body(cls, body: Any) -> Resource:
+    def from_body(cls, body: Any) -> Self:
         """Validate an object as read from the API (kopf body or dict)."""
         return cls.model_validate(dict(body))
 

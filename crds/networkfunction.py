@@ -37,7 +37,7 @@ class FirewallRule(Model):
 
     def to_text(self) -> str:
         """The rule in the firewall cube's rule language."""
-        parts = [self.action]
+        parts: list[str] = [self.action]
         if self.protocol:
             parts.append(self.protocol)
         if self.source:

@@ -27,8 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcn_crds import CubeChain
 from pydantic import ValidationError
+
+from pcn_crds import CubeChain
 
 from .errors import InputError
 

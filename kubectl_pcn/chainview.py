@@ -15,8 +15,9 @@ from .views import Obj, arrow, meta, rules_of
 
 
 def _valid_functions(nfs: Sequence[Obj]) -> dict[str, Obj]:
-    from pcn_crds import NetworkFunction
     from pydantic import ValidationError
+
+    from pcn_crds import NetworkFunction
 
     out = {}
     for nf in nfs:

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+
 from pcn_crds import FUNCTION_TYPES
 
 from . import __version__, actions, agents, chainview, completion, output, views
@@ -425,7 +426,7 @@ def chain(pod: str | None) -> None:
     s = settings()
     if pod is not None:
         _no_all_namespaces("chain POD")
-        namespace = s.ns
+        namespace: str | None = s.ns
         obj = s.cluster.get(PODS, namespace, pod)
         if obj is None:
             raise PcnError(f"pod {namespace}/{pod} not found",
@@ -517,3 +518,8 @@ def completion_cmd(shell: str) -> None:
 
 def main() -> None:
     cli.main(prog_name="kubectl-pcn")
+
+
+def kubectl_complete_main() -> NoReturn:
+    """`kubectl_complete-pcn`: kubectl (1.26+) runs it to complete `kubectl pcn <TAB>`."""
+    sys.exit(completion.kubectl_complete(cli))

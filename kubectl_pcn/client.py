@@ -4,12 +4,13 @@ translation of failures into errors that name their fix."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import urllib3
 from kubernetes import client as k8s
@@ -222,9 +223,12 @@ class Cluster:
     def crds_installed(self, res: Resource) -> bool:
         """Whether the server serves the resource (discovery of its group)."""
         try:
-            found = self.custom.get_api_resources(res.group, res.version,
-                                                  _preload_content=False,
-                                                  _request_timeout=self.timeout)
+            # _preload_content=False: the raw urllib3 response, not the model the
+            # client's annotations promise
+            found = cast("urllib3.BaseHTTPResponse",
+                         self.custom.get_api_resources(res.group, res.version,
+                                                       _preload_content=False,
+                                                       _request_timeout=self.timeout))
             names = {r.get("name") for r in json.loads(found.data).get("resources") or []}
         except k8s.ApiException as exc:
             return exc.status != 404
@@ -234,7 +238,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ verbs
     def list(self, res: Resource, namespace: str | None = None,
-             label_selector: str | None = None) -> list[dict[str, Any]]:
+             label_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         """Objects of a resource, in a namespace or in all (namespace None);
         each with kind and apiVersion set (some servers omit them in lists)."""
         extra = {"label_selector": label_selector} if label_selector else {}
@@ -314,15 +318,16 @@ class Cluster:
 
     def server_version(self) -> str:
         try:
-            resp = k8s.VersionApi(self.api_client).get_code(_preload_content=False,
-                                                           _request_timeout=self.timeout)
+            resp = cast("urllib3.BaseHTTPResponse",  # raw, as with get_api_resources above
+                        k8s.VersionApi(self.api_client).get_code(_preload_content=False,
+                                                                 _request_timeout=self.timeout))
         except k8s.ApiException as exc:
             return f"unknown (HTTP {exc.status})"
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._unreachable(exc) from None
         return str(json.loads(resp.data).get("gitVersion") or "unknown")
 
-    def agent_status_configmaps(self, namespace: str) -> list[dict[str, Any]]:
+    def agent_status_configmaps(self, namespace: str) -> builtins.list[dict[str, Any]]:
         items = self.list(CONFIG_MAPS, namespace, label_selector="=".join(STATUS_LABEL))
         return [cm for cm in items if cm["metadata"].get("name", "").startswith(
             STATUS_CONFIGMAP + "-")]

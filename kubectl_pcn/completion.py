@@ -1,12 +1,11 @@
 """Shell completion: click's scripts for bash, zsh and fish; the names of
-objects in the cluster for NAME/POD arguments; and `kubectl_complete-pcn`,
-which kubectl (1.26+) runs to complete `kubectl pcn <TAB>`."""
+objects in the cluster for NAME/POD arguments; and kubectl's plugin completion
+protocol, which `kubectl_complete-pcn` (kubectl_pcn.cli) serves for kubectl 1.26+."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import click
 from click.shell_completion import CompletionItem, ShellComplete, get_completion_class
@@ -40,12 +39,10 @@ def names(lister: Callable[[click.Context], Sequence[str]]
     return complete
 
 
-def kubectl_complete(argv: Sequence[str] | None = None) -> int:
-    """kubectl's plugin completion protocol: the words after `kubectl pcn`,
-    the last one being completed; one candidate per line ("value\\thelp"),
-    then ":<directive>"."""
-    from .cli import cli
-
+def kubectl_complete(cli: click.Command, argv: Sequence[str] | None = None) -> int:
+    """kubectl's plugin completion protocol for the command `cli`: the words
+    after `kubectl pcn`, the last one being completed; one candidate per line
+    ("value\\thelp"), then ":<directive>"."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["__complete"]:
         args = args[1:]
@@ -56,7 +53,3 @@ def kubectl_complete(argv: Sequence[str] | None = None) -> int:
         click.echo(f"{item.value}{help_}")
     click.echo(f":{NO_FILE_COMPLETION}")
     return 0
-
-
-def kubectl_complete_main() -> Any:
-    sys.exit(kubectl_complete())

@@ -7,8 +7,9 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pcn_crds import GROUP, VERSION, CubeChain, NetworkFunction
 from pydantic import ValidationError
+
+from pcn_crds import GROUP, VERSION, CubeChain, NetworkFunction
 
 from .chains import canonical_selector
 from .errors import InputError, PcnError
@@ -122,7 +123,8 @@ def clean(obj: Mapping[str, Any], kind: str | None = None) -> dict[str, Any]:
         meta["annotations"] = annotations
     else:
         meta.pop("annotations", None)
-    ordered = {k: out.pop(k) for k in ("apiVersion", "kind", "metadata") if k in out}
+    ordered: dict[str, Any] = {k: out.pop(k) for k in ("apiVersion", "kind", "metadata")
+                               if k in out}
     return {**ordered, **out}
 
 

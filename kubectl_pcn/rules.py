@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
-from pcn_crds import FUNCTION_TYPES
 from pydantic import ValidationError
+
+from pcn_crds import FUNCTION_TYPES
+from pcn_crds.rules import RuleError, parse_rule
 
 from .errors import InputError
 
@@ -37,10 +39,6 @@ def _ports(rng: tuple[int, int] | None) -> str | None:
 def rule_from_text(text: str) -> dict[str, Any]:
     """One rule as the NetworkFunction's spec.config.rules item. An invalid
     rule raises InputError that shows the rule and a caret under the mistake."""
-    # The cube's own parser, so that the plugin and the agent agree on the
-    # language; imported here to keep the plugin's start-up light.
-    from pcn_agent.cubes.firewall import RuleError, parse_rule
-
     try:
         r = parse_rule(text)
     except RuleError as exc:

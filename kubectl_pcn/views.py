@@ -64,9 +64,10 @@ def functions_table(nfs: Sequence[Obj], chains: Sequence[Obj], all_namespaces: b
         m, spec = meta(nf), nf.get("spec") or {}
         config = spec.get("config") or {}
         status, reason, message = ready(nf)
-        row = [m.get("name"), spec.get("type"), len(config.get("rules") or []),
-               config.get("defaultAction", "allow"),
-               ",".join(where.get((m.get("namespace") or "", m.get("name")), [])),
+        name = m.get("name")
+        chains_of = where.get((m.get("namespace") or "", name), []) if name is not None else []
+        row = [name, spec.get("type"), len(config.get("rules") or []),
+               config.get("defaultAction", "allow"), ",".join(chains_of),
                status, (nf.get("status") or {}).get("realizedPods", 0),
                age(m.get("creationTimestamp"), now)]
         if wide:

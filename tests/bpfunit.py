@@ -20,9 +20,11 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pcn_agent import bpffs, podnet, testrun
-from pcn_agent.runtime import Runtime
-from pcn_agent.topology import PREFIX
+from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.runtime import Runtime
+from pcn_agent.node import podnet
+from pcn_lab.topology import PREFIX
+from pcn_testsupport import testrun
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pcn_agent.topology import Lab
+from pcn_lab.topology import Lab
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
-from pcn_agent import agent as agent_mod
-from pcn_agent import checks, kubelet
-from pcn_agent.apiserver import EmulatedApiServer, apply, delete, get
-from pcn_agent.topology import Lab
+from pcn_agent.control import agent as agent_mod
+from pcn_lab import checks, kubelet
+from pcn_lab.apiserver import EmulatedApiServer, apply, delete, get
+from pcn_lab.topology import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -106,7 +106,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             mp.setenv(k, v)
         agent_mod.AGENT = None
         apply(c.api, c.node_object())
-        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "pcn_agent.agent"],
+        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "pcn_agent.control.agent"],
                         timeout=60) as runner:
             wait_for("the agent's data plane", lambda: agent_mod.AGENT and agent_mod.AGENT.node,
                      timeout=90)

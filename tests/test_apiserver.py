@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pcn_agent.apiserver import EmulatedApiServer, apply, get
+from pcn_lab.apiserver import EmulatedApiServer, apply, get
 
 
 def _config_map(i: int) -> dict:

@@ -51,12 +51,12 @@ from bpfunit import (
     unit_net,
 )
 
-from pcn_agent import maps
-from pcn_agent.cubes.dispatcher import Dispatcher, DispatcherConfig
-from pcn_agent.cubes.lbrp import Backend, ServiceTable
-from pcn_agent.cubes.router import Router
-from pcn_agent.runtime import PortCounters, PortState
-from pcn_agent.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
+from pcn_agent.dataplane.cubes.lbrp import Backend, ServiceTable
+from pcn_agent.dataplane.cubes.router import Router
+from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]

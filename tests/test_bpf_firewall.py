@@ -40,11 +40,12 @@ from bpfunit import (
     unit_net,
 )
 
-from pcn_agent import maps
-from pcn_agent.cubes.bridge import Bridge
-from pcn_agent.cubes.firewall import Firewall, Rule, parse_rule, specialisation
-from pcn_agent.runtime import PortCounters, PortState
-from pcn_agent.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.bridge import Bridge
+from pcn_agent.dataplane.cubes.firewall import Firewall, specialisation
+from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_crds.rules import Rule, parse_rule
+from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]

@@ -48,11 +48,12 @@ from bpfunit import (
     unit_net,
 )
 
-from pcn_agent import maps, testrun
-from pcn_agent.cubes.bridge import Bridge
-from pcn_agent.cubes.lbrp import Backend, LoadBalancer, be16, weighted_slots
-from pcn_agent.runtime import PortCounters, PortState
-from pcn_agent.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.bridge import Bridge
+from pcn_agent.dataplane.cubes.lbrp import Backend, LoadBalancer, be16, weighted_slots
+from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_testsupport import testrun
+from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]

@@ -36,10 +36,10 @@ from bpfunit import (
     unit_net,
 )
 
-from pcn_agent import maps
-from pcn_agent.cubes.router import Router
-from pcn_agent.runtime import PortCounters, PortState
-from pcn_agent.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.router import Router
+from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_testsupport.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]

@@ -20,10 +20,12 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pcn_agent import cni, localapi, nsutil, podnet
-from pcn_agent.localapi import DataplaneHandler, LocalApiServer
-from pcn_agent.node import NodeDataplane
-from pcn_agent.topology import Lab
+from pcn_agent.cni import localapi, spec
+from pcn_agent.cni.link import host_ifname
+from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
+from pcn_agent.dataplane import netns as nsutil
+from pcn_agent.node.wiring import NodeDataplane
+from pcn_lab.topology import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -216,7 +218,8 @@ def test_plugin_code_never_imports_pyroute2() -> None:
     """The CNI bundle ships no pyroute2 (manifests/cni/bundle.py): every module
     the plugin may load, up front or on a command's path, must do without."""
     code = ("import sys\n"
-            "import pcn_agent.cni, pcn_agent.localapi, pcn_agent.podnet, pcn_agent.rtnl\n"
+            "import pcn_agent.cni.commands, pcn_agent.cni.ipam, pcn_agent.cni.link, "
+            "pcn_agent.cni.localapi, pcn_agent.cni.spec, pcn_agent.node.rtnl\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2')\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -235,22 +238,22 @@ def test_help_explains_it_is_run_by_the_runtime() -> None:
 
 
 def test_cni_args_and_env_parsing() -> None:
-    env = cni.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/var/run/netns/x",
+    env = spec.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/var/run/netns/x",
                                "CNI_IFNAME": "eth0", "CNI_PATH": "/a:/b",
                                "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p"})
     assert (env.k8s_namespace, env.k8s_name, env.path) == ("ns", "p", ["/a", "/b"])
-    with pytest.raises(cni.CniError) as err:
-        cni.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
+    with pytest.raises(spec.CniError) as err:
+        spec.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/x", "CNI_IFNAME": "eth0",
                              "CNI_PATH": "/a", "CNI_ARGS": "novalue"})
     assert err.value.code == 4
-    with pytest.raises(cni.CniError) as err:
-        cni.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/x",
+    with pytest.raises(spec.CniError) as err:
+        spec.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/x",
                              "CNI_IFNAME": "a-name-too-long-for-linux", "CNI_PATH": "/a"})
     assert err.value.code == 4 and "CNI_IFNAME" in err.value.msg
     # DEL does not need the namespace (it may be gone).
-    assert cni.read_env("DEL", {"CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0",
+    assert spec.read_env("DEL", {"CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0",
                                 "CNI_PATH": "/a"}).netns == ""
-    assert cni.parse_conf(b'{"cniVersion": "1.1.0", "name": "n", "type": "pcn", "mtu": "1400",'
+    assert spec.parse_conf(b'{"cniVersion": "1.1.0", "name": "n", "type": "pcn", "mtu": "1400",'
                           b'"ipam": {"type": "host-local"}}').mtu == 1400
 
 
@@ -265,7 +268,7 @@ def test_add_check_ping_del(clean: CniLab) -> None:
     # A spec-conformant result.
     assert a["cniVersion"] == "1.0.0"
     host, cont = a["interfaces"]
-    assert host == {"name": podnet.host_ifname(a_id), "mac": host["mac"]} and host["mac"]
+    assert host == {"name": host_ifname(a_id), "mac": host["mac"]} and host["mac"]
     assert cont["name"] == "eth0" and cont["sandbox"] == a_path and cont["mac"]
     [ip] = a["ips"]
     assert ip["gateway"] == gw and ip["interface"] == 1 and "version" not in ip
@@ -284,7 +287,7 @@ def test_add_check_ping_del(clean: CniLab) -> None:
         assert [r.get_attr("RTA_GATEWAY") for r in routes] == [gw]
     pod = cl.node.pods[a_id]
     assert (pod.k8s_namespace, pod.k8s_name, pod.origin) == ("default", f"web-{a_id[:6]}", "cni")
-    assert pod.port.netdev == podnet.host_ifname(a_id)
+    assert pod.port.netdev == host_ifname(a_id)
     assert cl.allocated() == {str(addr.ip): a_id, b["ips"][0]["address"].split("/")[0]: b_id}
 
     # Traffic: pod to pod across the bridge, pod to its gateway (the router).
@@ -305,7 +308,7 @@ def test_add_check_ping_del(clean: CniLab) -> None:
 
     # DEL releases the link, the port and the address; twice is fine.
     cl.delete(a_id, a_path).ok()
-    assert podnet.host_ifname(a_id) not in cl.node_links()
+    assert host_ifname(a_id) not in cl.node_links()
     assert "eth0" not in cl.pod_links(a_ns)
     assert a_id not in cl.node.pods
     assert str(addr.ip) not in cl.allocated()
@@ -349,7 +352,7 @@ def test_del_after_the_namespace_is_gone(clean: CniLab) -> None:
     cl.delete(cid, path).ok()  # the runtime still passes the old path
     cl.delete(cid).ok()  # or none at all
     assert cid not in cl.node.pods
-    assert podnet.host_ifname(cid) not in cl.node_links()
+    assert host_ifname(cid) not in cl.node_links()
 
 
 def test_del_without_the_agent_still_releases_and_gc_drops_the_port(clean: CniLab) -> None:
@@ -359,7 +362,7 @@ def test_del_without_the_agent_still_releases_and_gc_drops_the_port(clean: CniLa
     run = cl.delete(cid, path, conf=gone)
     run.ok()
     assert "releasing the link and address without it" in run.stderr
-    assert podnet.host_ifname(cid) not in cl.node_links()
+    assert host_ifname(cid) not in cl.node_links()
     assert cl.allocated() == {}
     assert cid in cl.node.pods  # the agent never heard of the DEL
     cl.run("GC", cl.conf(**{"cni.dev/valid-attachments": []})).ok()
@@ -374,7 +377,7 @@ def test_gc_removes_what_is_not_valid(clean: CniLab) -> None:
     valid = [{"containerID": y, "ifname": "eth0"}]
     cl.run("GC", cl.conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": valid})).ok()
     assert x not in cl.node.pods and y in cl.node.pods
-    assert podnet.host_ifname(x) not in cl.node_links()
+    assert host_ifname(x) not in cl.node_links()
     assert x_ip not in cl.allocated() and y in cl.allocated().values()
     _ping(cl, y_ns, cl.node.cfg.gateway)
     cl.run("GC", cl.conf(**{"cni.dev/valid-attachments": valid})).ok()  # nothing more to do

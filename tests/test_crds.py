@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
 from pcn_crds import CubeChain, NetworkFunction, NodePortRule
 from pcn_crds.generate import RESOURCES, crd, main, path_of, render
-from pydantic import ValidationError
 
 
 @pytest.mark.parametrize("model", RESOURCES, ids=lambda m: m.kind_name)

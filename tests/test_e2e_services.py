@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from pcn_agent import checks
-from pcn_agent.cubes.firewall import Firewall, parse_rule
-from pcn_agent.topology import EXTERNAL_IP, Lab
+from pcn_agent.dataplane.cubes.firewall import Firewall
+from pcn_crds.rules import parse_rule
+from pcn_lab import checks
+from pcn_lab.topology import EXTERNAL_IP, Lab
 
 pytestmark = pytest.mark.netns
 

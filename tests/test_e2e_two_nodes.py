@@ -7,9 +7,10 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pcn_agent import checks, tc
-from pcn_agent import node as node_mod
-from pcn_agent.topology import Lab
+from pcn_agent.dataplane import tc
+from pcn_agent.node import wiring as node_mod
+from pcn_lab import checks
+from pcn_lab.topology import Lab
 
 pytestmark = pytest.mark.netns
 

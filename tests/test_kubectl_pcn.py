@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 from kubectl_pcn import __version__
 from kubectl_pcn.cli import cli
 from kubectl_pcn.completion import kubectl_complete
-from pcn_agent.apiserver import RESOURCES, ApiServerError, EmulatedApiServer, apply, get
+from pcn_lab.apiserver import RESOURCES, ApiServerError, EmulatedApiServer, apply, get
 
 BIN = Path(sys.executable).parent
 NF, CC, NPR = "NetworkFunction", "CubeChain", "NodePortRule"
@@ -176,8 +176,8 @@ def seed_cluster(lab: Lab) -> None:
 
 
 def test_sample_status_has_the_agents_shape() -> None:
-    from pcn_agent.agent import Agent
-    from pcn_agent.settings import ClusterSettings
+    from pcn_agent.control.agent import Agent
+    from pcn_agent.control.settings import ClusterSettings
 
     real = Agent("node-z", ClusterSettings(), kube=None).node_status()  # type: ignore[arg-type]
     assert set(node_status("node-z")) == set(real)
@@ -452,8 +452,8 @@ def test_nodeports_every_format(lab: Lab) -> None:
 
 # ----------------------------------------------------------------------------- status
 def test_status_every_format(lab: Lab) -> None:
-    from pcn_agent.agent import Agent
-    from pcn_agent.settings import ClusterSettings
+    from pcn_agent.control.agent import Agent
+    from pcn_agent.control.settings import ClusterSettings
 
     seed_status(lab.api, node_status("node-a"))
     seed_status(lab.api, node_status("node-b", heartbeat=now_ts(-600)))
@@ -709,12 +709,12 @@ def test_names_complete_from_the_cluster(lab: Lab, capsys: pytest.CaptureFixture
     res = CliRunner().invoke(cli, [], prog_name="kubectl-pcn", env={
         "_KUBECTL_PCN_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": "6"})
     assert res.stdout.splitlines() == ["plain,ssh-guard", "plain,web-fw"]
-    kubectl_complete(["--kubeconfig", str(lab.kubeconfig), "-n", "web", "chain", "web-"])
+    kubectl_complete(cli, ["--kubeconfig", str(lab.kubeconfig), "-n", "web", "chain", "web-"])
     assert capsys.readouterr().out.splitlines() == ["web-1", "web-2", ":4"]
-    kubectl_complete(["add-"])
+    kubectl_complete(cli, ["add-"])
     assert capsys.readouterr().out.splitlines()[0].startswith("add-cube\t")
     # no cluster: no names, and no traceback in the shell
-    kubectl_complete(["--kubeconfig", "/nonexistent", "remove-cube", ""])
+    kubectl_complete(cli, ["--kubeconfig", "/nonexistent", "remove-cube", ""])
     assert capsys.readouterr().out.splitlines() == [":4"]
 
 

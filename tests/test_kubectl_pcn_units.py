@@ -9,15 +9,15 @@ import json
 from typing import Any
 
 import pytest
-from pcn_crds import FirewallRule
 
 from kubectl_pcn import agents, objects, output
 from kubectl_pcn import chains as ch
 from kubectl_pcn.errors import InputError
 from kubectl_pcn.rules import caret, config_from_flags, load_config_file, rule_from_text
-from pcn_agent.cubes.firewall import parse_rule
-from pcn_agent.reconcile import MAX_STACKED, Inputs, chains_of, functions_of
-from pcn_agent.settings import ClusterSettings
+from pcn_agent.control.reconcile import MAX_STACKED, Inputs, chains_of, functions_of
+from pcn_agent.control.settings import ClusterSettings
+from pcn_crds import FirewallRule
+from pcn_crds.rules import parse_rule
 
 
 # ----------------------------------------------------------------------------- selectors

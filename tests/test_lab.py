@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pr_netns
 
-from pcn_agent import bpffs, lab
+from pcn_agent.dataplane import bpffs
+from pcn_lab import cli as lab
 
 pytestmark = pytest.mark.netns
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -26,7 +27,7 @@ BIN = Path(sys.executable).parent
 
 
 def run(d: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pcn_agent.lab", "--dir", str(d), *args],
+    return subprocess.run([sys.executable, "-m", "pcn_lab.cli", "--dir", str(d), *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -168,7 +169,7 @@ def _hits(doc) -> int:
 
 def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
     d = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "pcn_agent.lab", "--dir", str(d), "up",
+    p = subprocess.Popen([sys.executable, "-m", "pcn_lab.cli", "--dir", str(d), "up",
                           "--nodes", "1", "--pods-per-node", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = _wait("the lab to start building", lambda: (s := lab.LabState.load(d)) and

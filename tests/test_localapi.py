@@ -18,15 +18,9 @@ from typing import Any
 
 import pytest
 
-from pcn_agent import localapi
-from pcn_agent.localapi import (
-    AgentError,
-    AgentTimeout,
-    AgentUnavailable,
-    ApiError,
-    DataplaneHandler,
-    LocalApiServer,
-)
+from pcn_agent.cni import localapi, spec
+from pcn_agent.cni.localapi import AgentError, AgentTimeout, AgentUnavailable
+from pcn_agent.control.localapi import ApiError, DataplaneHandler, LocalApiServer
 
 
 def _echo(request: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +38,7 @@ def _raw(path: Path, payload: bytes) -> dict[str, Any]:
         s.settimeout(5)
         s.connect(str(path))
         s.sendall(payload)
-        return json.loads(localapi._read_line(s))  # the client's own reader
+        return json.loads(localapi.read_line(s))  # the client's own reader
 
 
 @pytest.fixture
@@ -91,10 +85,10 @@ def test_non_root_peer_is_refused_by_peer_credentials() -> None:
 
 def test_request_that_is_not_json(server: LocalApiServer) -> None:
     answer = _raw(server.path, b"attach please\n")
-    assert answer["ok"] is False and answer["code"] == localapi.DECODE_FAILURE
+    assert answer["ok"] is False and answer["code"] == spec.DECODE_FAILURE
     assert "not JSON" in answer["error"]
     answer = _raw(server.path, b"[1, 2]\n")
-    assert answer["ok"] is False and answer["code"] == localapi.DECODE_FAILURE
+    assert answer["ok"] is False and answer["code"] == spec.DECODE_FAILURE
 
 
 def test_handler_errors_become_error_responses(server: LocalApiServer) -> None:
@@ -109,11 +103,11 @@ def test_unknown_and_missing_op() -> None:
     handler = DataplaneHandler(SimpleNamespace())  # type: ignore[arg-type]
     with pytest.raises(ApiError) as err:
         handler({"op": "teleport"})
-    assert err.value.code == localapi.INTERNAL
+    assert err.value.code == spec.INTERNAL
     assert "unknown op 'teleport'" in str(err.value) and "attach" in str(err.value)
     with pytest.raises(ApiError) as err:
         handler({"container_id": "x"})
-    assert err.value.code == localapi.INVALID_ENV and "op" in str(err.value)
+    assert err.value.code == spec.INVALID_ENV and "op" in str(err.value)
 
 
 def test_unknown_op_over_the_socket(tmp_path: Path) -> None:
@@ -148,7 +142,7 @@ def test_client_missing_socket(tmp_path: Path) -> None:
     with pytest.raises(AgentUnavailable) as err:
         localapi.call(path, {"op": "status"}, timeout=1)
     assert str(path) in str(err.value) and "agent running" in str(err.value)
-    assert err.value.code == localapi.TRY_AGAIN_LATER
+    assert err.value.code == spec.TRY_AGAIN_LATER
 
 
 def _stale_socket(path: Path) -> None:

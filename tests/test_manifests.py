@@ -2,7 +2,7 @@
 
 Pure Python where possible: YAML, the kustomization tree (resolved here, not by
 kustomize), every object's fields against the Kubernetes API models of the
-`kubernetes` client, RBAC against what operator/pcn_agent/agent.py does, the
+`kubernetes` client, RBAC against what operator/pcn_agent/control/agent.py does, the
 DaemonSet's mounts and environment, the ConfigMap through ClusterSettings, the
 CNI bundle and installer (built and run for real, the plugin answering
 VERSION through the host launcher), the Argo CD health check run by a Lua
@@ -32,16 +32,16 @@ import kubernetes.client as k8s
 import pytest
 import yaml
 
-from pcn_agent.settings import ClusterSettings
+from pcn_agent.control.settings import ClusterSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 CRDS = ROOT / "crds"
-AGENT_PY = ROOT / "operator" / "pcn_agent" / "agent.py"
+AGENT_PY = ROOT / "operator" / "pcn_agent" / "control" / "agent.py"
 NAMESPACE = "pcn-system"
 KINDS = ("NetworkFunction", "CubeChain", "NodePortRule")
 
-# What the agent needs from the API, mirroring operator/pcn_agent/agent.py
+# What the agent needs from the API, mirroring operator/pcn_agent/control/agent.py
 # (kopf watches: list+watch, plus get; status patches; derived NodePortRules
 # created and deleted; Events posted by kube.event and kopf) and kopf itself
 # (a CRD watch, so that kinds whose CRD appears after start-up are served).
@@ -521,7 +521,7 @@ def _install(host: dict[str, Any], bundle: Path, *extra: str) -> int:
 
 def test_installer_writes_a_valid_cni_config(host: dict[str, Any], ds: dict[str, Any],
                                              bundle: tuple[Path, dict[str, str]]) -> None:
-    from pcn_agent.cni import parse_conf
+    from pcn_agent.cni.spec import parse_conf
 
     assert _install(host, bundle[0], "--pod-cidr", "10.244.3.0/24") == 0
     conf = json.loads((host["dirs"]["conf"] / "10-pcn.conflist").read_text())

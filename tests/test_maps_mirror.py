@@ -1,4 +1,4 @@
-"""The ctypes mirrors in pcn_agent.maps (and testrun's __sk_buff prefix) against
+"""The ctypes mirrors in pcn_agent.dataplane.maps (and testrun's __sk_buff prefix) against
 what BCC derives from the C sources, and the Python constants against the C
 #defines and enums they copy."""
 
@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import pytest
 from bpfunit import UnitNet, unit_net
 
-from pcn_agent import maps, testrun
-from pcn_agent.compiler import cflags, source_text
-from pcn_agent.runtime import ENTRY
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.compiler import cflags, source_text
+from pcn_agent.dataplane.runtime import ENTRY
 from pcn_bpf import SOURCE_DIR
+from pcn_testsupport import testrun
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
@@ -210,7 +211,7 @@ def test_constant_matches_c_define(c_name: str) -> None:
     defines = c_defines()
     assert c_name in defines, f"#define {c_name} not found in the C sources"
     assert PY_FOR_C[c_name] == defines[c_name], \
-        f"{c_name}: C says {defines[c_name]}, pcn_agent.maps says {PY_FOR_C[c_name]}"
+        f"{c_name}: C says {defines[c_name]}, pcn_agent.dataplane.maps says {PY_FOR_C[c_name]}"
 
 
 def test_drop_reasons_match_c_enum() -> None:

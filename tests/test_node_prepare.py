@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pr_netns
 
-from pcn_agent import bpffs
-from pcn_agent.node import BASE_TYPES, NodeConfig, NodeDataplane, prepare_runtime
-from pcn_agent.runtime import Runtime, RuntimeError_
-from pcn_agent.topology import PREFIX
+from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.runtime import Runtime, RuntimeError_
+from pcn_agent.node.wiring import BASE_TYPES, NodeConfig, NodeDataplane, prepare_runtime
+from pcn_lab.topology import PREFIX
 
 
 @dataclass

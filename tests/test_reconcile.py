@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from pcn_agent.cubes.lbrp import Backend
-from pcn_agent.reconcile import (
+from pcn_agent.control.reconcile import (
     Desired,
     FunctionSpec,
     Inputs,
@@ -19,7 +18,8 @@ from pcn_agent.reconcile import (
     plan,
     vtep_for,
 )
-from pcn_agent.settings import ClusterSettings
+from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.dataplane.cubes.lbrp import Backend
 
 S = ClusterSettings()
 
@@ -177,7 +177,7 @@ def test_settings_validation() -> None:
 def test_backends_are_found_per_service_as_by_scanning_every_slice() -> None:
     """services_of() groups the EndpointSlices by service once per pass; each
     Service must get exactly what service_backends() finds scanning them all."""
-    from pcn_agent.reconcile import service_backends, services_of
+    from pcn_agent.control.reconcile import service_backends, services_of
 
     http = [{"name": "http", "port": 8080, "protocol": "TCP"}]
     dns = [{"name": "dns", "port": 53, "protocol": "UDP"}]

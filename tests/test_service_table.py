@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from pcn_agent.cubes.lbrp import MAX_SERVICES, Backend, ServiceTable
+from pcn_agent.dataplane.cubes.lbrp import MAX_SERVICES, Backend, ServiceTable
 
 
 class _Map:

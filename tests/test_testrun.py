@@ -1,4 +1,4 @@
-"""pcn_agent.testrun, the BPF_PROG_TEST_RUN wrapper, on a tiny program of its own."""
+"""pcn_testsupport.testrun, the BPF_PROG_TEST_RUN wrapper, on a tiny program of its own."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from bpfunit import BROADCAST, ETH_P_IP, UnitNet, eth, random_mac, unit_net
 
-from pcn_agent import testrun
+from pcn_testsupport import testrun
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]

@@ -11,8 +11,8 @@ into one relocatable directory:
   lib/             its dynamic loader and every shared library that the
                    interpreter and the kept extension modules link, glibc included
   lib/python3.X/   the standard library, without tests, IDLE, tkinter, ...
-  site/            the package pcn-cni imports (pcn_agent; its netlink is
-                   the stdlib-only pcn_agent.rtnl, so no pyroute2)
+  site/            the package pcn-cni imports (pcn_agent: pcn_agent.cni and the
+                   stdlib-only pcn_agent.node.rtnl, so no pyroute2)
   cni/             the reference CNI plugins pcn delegates to (host-local, loopback
                    from Debian's containernetworking-plugins: linked against
                    glibc 2.34+, so they too run on the bundle's loader)
@@ -48,7 +48,7 @@ from typing import Any
 PACKAGES = ("pcn_agent",)
 CNI_PLUGINS = ("/usr/lib/cni/host-local", "/usr/lib/cni/loopback")
 # Modules pcn-cni must be able to import from the bundle (checked after the build).
-SMOKE_IMPORTS = ("pcn_agent.cni", "pcn_agent.localapi", "pcn_agent.podnet", "pcn_agent.rtnl",
+SMOKE_IMPORTS = ("pcn_agent.cni.commands", "pcn_agent.cni.localapi", "pcn_agent.node.rtnl",
                  "ctypes", "ssl", "json", "socket", "subprocess", "zlib")
 # Parts of the standard library that a CNI plugin never imports.
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "lib2to3",
@@ -117,7 +117,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "site"))
-from pcn_agent.cni import main  # noqa: E402
+from pcn_agent.cni.commands import main  # noqa: E402
 
 main()
 '''

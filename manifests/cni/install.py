@@ -106,7 +106,7 @@ def node_pod_cidr(node: dict[str, Any]) -> str | None:
 def fetch_pod_cidr(node_name: str, wait_s: float) -> str:
     """Read the Node from the API, waiting for the controller manager to give
     it a pod CIDR (it does so shortly after the node registers)."""
-    from pcn_agent.kube import discover
+    from pcn_agent.control.kube import discover
 
     ep = discover()
     url = f"{ep.server}/api/v1/nodes/{node_name}"
@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
-    from pcn_agent.settings import ClusterSettings
+    from pcn_agent.control.settings import ClusterSettings
 
     try:
         settings = ClusterSettings.load(args.config)

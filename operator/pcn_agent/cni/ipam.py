@@ -1,0 +1,168 @@
+"""IPAM delegation: the IPAM plugin named in the network configuration
+(host-local from the reference plugins, as in seed 003) runs exactly as a
+runtime runs a plugin (CNI spec 1.1.0 section 4 "Plugin Delegation"), and
+its result is read for the pod's one IPv4 address, gateway and routes."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+from typing import Any
+
+from pcn_agent.cni.spec import (
+    INCOMPATIBLE_VERSION,
+    INTERNAL,
+    INVALID_CONFIG,
+    SUPPORTED_VERSIONS,
+    TRY_AGAIN_LATER,
+    CniError,
+    Env,
+    NetConf,
+)
+
+IPAM_TIMEOUT_S = 60.0
+
+
+class Ipam:
+    """The delegated IPAM plugin, run exactly as a runtime runs a plugin: the
+    same environment (but CNI_COMMAND) and the network configuration on stdin.
+    A configuration of cniVersion 1.1.0 is handed down as 1.0.0 to plugins
+    that stop at 1.0.0 (the result format is the same)."""
+
+    def __init__(self, conf: NetConf, env: Env, environ: dict[str, str]) -> None:
+        self.conf = conf
+        self.env = env
+        self.environ = environ
+        self.type = conf.ipam_type
+        self._exe: str | None = None
+        self._versions: list[str] | None = None
+
+    @property
+    def exe(self) -> str:
+        return self.locate()
+
+    def locate(self) -> str:
+        """The plugin's path on CNI_PATH; CniError if it is not there."""
+        if self._exe is None:
+            for d in self.env.path:
+                candidate = os.path.join(d, self.type)
+                if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                    self._exe = candidate
+                    break
+            else:
+                raise CniError(INVALID_CONFIG, f"IPAM plugin {self.type!r} not found in CNI_PATH "
+                                               f"{':'.join(self.env.path) or '(empty)'}",
+                               "install it there (host-local comes with the CNI reference "
+                               "plugins, Debian package containernetworking-plugins) or fix "
+                               "ipam.type")
+        return self._exe
+
+    def versions(self) -> list[str]:
+        if self._versions is None:
+            self._versions = [self.conf.cni_version]
+            try:
+                out = self._exec("VERSION", json.dumps(
+                    {"cniVersion": self.conf.cni_version}).encode(), {})
+                got = json.loads(out).get("supportedVersions")
+                if isinstance(got, list) and got:
+                    self._versions = [str(v) for v in got]
+            except (CniError, ValueError, AttributeError):
+                pass  # the real call will say what is wrong
+        return self._versions
+
+    def supports(self, version: str) -> bool:
+        return version in self.versions()
+
+    def _stdin(self) -> bytes:
+        want = self.conf.cni_version
+        supported = self.versions()
+        if want in supported:
+            return json.dumps(self.conf.raw).encode()
+        if want == "1.1.0" and "1.0.0" in supported:
+            return json.dumps({**self.conf.raw, "cniVersion": "1.0.0"}).encode()
+        raise CniError(INCOMPATIBLE_VERSION,
+                       f"IPAM plugin {self.type} does not support cniVersion {want}",
+                       f"it supports {', '.join(supported)}; set the configuration's cniVersion "
+                       f"to one both pcn-cni ({', '.join(SUPPORTED_VERSIONS)}) and it support")
+
+    def run(self, command: str, overrides: dict[str, str] | None = None) -> dict[str, Any] | None:
+        out = self._exec(command, self._stdin(), overrides or {})
+        if command != "ADD":
+            return None
+        try:
+            result = json.loads(out)
+        except ValueError:
+            raise CniError(INTERNAL, f"IPAM plugin {self.type} printed a result that is not "
+                                     f"JSON", out[:500].decode(errors="replace")) from None
+        if not isinstance(result, dict):
+            raise CniError(INTERNAL, f"IPAM plugin {self.type} printed a result that is not "
+                                     f"an object")
+        return result
+
+    def _exec(self, command: str, stdin: bytes, overrides: dict[str, str]) -> bytes:
+        environ = {**self.environ, **overrides, "CNI_COMMAND": command}
+        try:
+            proc = subprocess.run([self.exe], input=stdin, env=environ, capture_output=True,
+                                  timeout=IPAM_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise CniError(TRY_AGAIN_LATER, f"IPAM plugin {self.type} did not finish {command} "
+                                            f"within {IPAM_TIMEOUT_S:g} s") from None
+        except OSError as exc:
+            raise CniError(INTERNAL, f"cannot run IPAM plugin {self.exe}: {exc}") from None
+        if proc.returncode != 0:
+            try:
+                err = json.loads(proc.stdout)
+                code, msg = int(err["code"]), str(err["msg"])
+                details = str(err.get("details") or "")
+            except (ValueError, KeyError, TypeError):
+                code, msg = INTERNAL, f"exit status {proc.returncode}"
+                details = (proc.stdout + proc.stderr).decode(errors="replace").strip()[:2000]
+            raise CniError(code, f"IPAM plugin {self.type} failed {command}: {msg}", details)
+        return proc.stdout
+
+
+def pick_address(ipam_result: dict[str, Any], ipam_type: str) -> tuple[str, str]:
+    """The IPv4 address (interface notation) and gateway from an IPAM result."""
+    ips = ipam_result.get("ips") or []
+    v4 = []
+    for entry in ips:
+        try:
+            iface = ipaddress.ip_interface(entry["address"])
+        except (KeyError, TypeError, ValueError):
+            raise CniError(INTERNAL, f"IPAM plugin {ipam_type} returned an invalid ips entry "
+                                     f"{entry!r}") from None
+        if iface.version != 4:
+            raise CniError(INVALID_CONFIG, f"IPAM plugin {ipam_type} returned {iface}, but pcn "
+                                           f"routes IPv4 only", "configure IPv4 ranges only")
+        v4.append((iface, entry.get("gateway")))
+    if len(v4) != 1:
+        raise CniError(INVALID_CONFIG, f"IPAM plugin {ipam_type} returned {len(v4)} IPv4 "
+                                       f"addresses; pcn needs exactly one per pod",
+                       "configure one IPv4 range set in ipam.ranges")
+    iface, gateway = v4[0]
+    if not gateway:
+        raise CniError(INVALID_CONFIG, f"IPAM plugin {ipam_type} returned no gateway for "
+                                       f"{iface}", "set the range's \"gateway\" to the node's "
+                                                   "pod gateway (the first address of its pod "
+                                                   "CIDR)")
+    return str(iface), str(gateway)
+
+
+def ipam_routes(ipam_result: dict[str, Any], gateway: str) -> list[dict[str, str]]:
+    """The routes to install in the pod: the default route via the gateway
+    always, plus any other IPv4 routes IPAM asks for."""
+    routes = [{"dst": "0.0.0.0/0", "gw": gateway}]
+    for r in ipam_result.get("routes") or []:
+        try:
+            dst = ipaddress.ip_network(r["dst"], strict=False)
+        except (KeyError, TypeError, ValueError):
+            raise CniError(INTERNAL, f"IPAM returned an invalid route {r!r}") from None
+        if dst.version != 4:
+            raise CniError(INVALID_CONFIG, f"IPAM asks for the IPv6 route {dst}; pcn routes "
+                                           f"IPv4 only", "remove IPv6 routes from ipam.routes")
+        if dst.prefixlen == 0:
+            continue
+        routes.append({"dst": str(dst), "gw": str(r.get("gw") or gateway)})
+    return routes

@@ -1,0 +1,502 @@
+"""The node agent's operator: kopf handlers only record what they see and
+wake the reconcile loop; the loop runs the pure reconciler, applies its plan
+to the node's data plane in a worker thread, then writes status, Events and
+derived NodePortRules.
+
+The command line and the environment it reads are pcn_agent.control.cli's
+(`pcn-agent --help`), which starts compiling before importing this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+
+import kopf
+
+from pcn_agent.control.kube import ApiError, Kube, discover
+from pcn_agent.control.manager import DataplaneManager
+from pcn_agent.control.prepare import start_prepare
+from pcn_agent.control.reconcile import Inputs, Verdict, desired_state, node_addresses, vtep_for
+from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
+from pcn_agent.node.wiring import NodeConfig, NodeDataplane
+
+if TYPE_CHECKING:
+    from pcn_agent.control.localapi import LocalApiServer
+
+log = logging.getLogger("pcn_agent.control.agent")
+
+VERSION = "0.1.0"
+DEBOUNCE_S = 0.005
+STATUS_CONFIGMAP = "pcn-agent-status"  # one ConfigMap per node: <this>-<node>
+STATUS_PERIOD_S = 2.0
+GROUP_PATH = "/apis/pcn.dev/v1alpha1"
+KINDS = {  # store kind -> (api path, plural, namespaced)
+    "NetworkFunction": (GROUP_PATH, "networkfunctions", True),
+    "CubeChain": (GROUP_PATH, "cubechains", True),
+    "NodePortRule": (GROUP_PATH, "nodeportrules", False),
+}
+
+
+class NodeVerdict(TypedDict):
+    """One node's entry in status.nodes of a pcn custom resource."""
+
+    ready: bool
+    pods: int
+    message: str
+
+
+class ReadyCondition(TypedDict):
+    type: str
+    status: str
+    reason: str
+    message: str
+    observedGeneration: int | None
+    lastTransitionTime: NotRequired[str | None]  # only in what is sent
+
+
+class WrittenStatus(TypedDict):
+    """The status this agent writes on a pcn custom resource (merge-patched:
+    other nodes' entries in `nodes` stay)."""
+
+    observedGeneration: int | None
+    conditions: list[ReadyCondition]
+    nodes: dict[str, NodeVerdict]
+    realizedNodes: int
+    realizedPods: int
+
+
+def _key(body: Mapping[str, Any]) -> tuple[str, str]:
+    m = body.get("metadata") or {}
+    return m.get("namespace") or "", m.get("name") or ""
+
+
+class Agent:
+    def __init__(self, node_name: str, settings: ClusterSettings, kube: Kube,
+                 netns: str | None = None, socket_path: str = "/run/pcn/agent.sock",
+                 pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT) -> None:
+        self.node_name = node_name
+        self.settings = settings
+        self.kube = kube
+        self.netns = netns
+        self.socket_path = socket_path
+        self.pin_root = pin_root
+        self.state_root = state_root
+        self.store: dict[str, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+        self.node: NodeDataplane | None = None
+        self.manager: DataplaneManager | None = None
+        self.api: LocalApiServer | None = None
+        self.trigger = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.written: dict[tuple[str, str, str], WrittenStatus] = {}
+        self.events_sent: set[tuple[Any, ...]] = set()
+        self.last_error = ""
+        self.reconciles = 0
+        self.reconcile_seconds: list[float] = []
+        self.apply_errors = 0
+        self.up_error = ""
+        self._published_at = 0.0
+        self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
+        self._prepared: concurrent.futures.Future[Runtime] | None = None
+
+    def prepare(self, started: concurrent.futures.Future[Runtime] | None = None
+                ) -> concurrent.futures.Future[Runtime]:
+        """Start, once, opening the runtime and compiling the node's cube types
+        in a thread of their own (or take the one the command line `started`):
+        seconds of work that needs no Node object, done while kopf starts and
+        lists the cluster."""
+        if self._prepared is None:
+            self._prepared = started or start_prepare(self.node_name, self.netns,
+                                                      self.pin_root, self.state_root)
+        return self._prepared
+
+    # ------------------------------------------------------------------ events
+    def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = _key(body)
+        if event_type == "DELETED":
+            self.store[kind].pop(key, None)
+        else:
+            self.store[kind][key] = dict(body)
+        self.wake()
+
+    def wake(self) -> None:
+        """Thread-safe: ask the loop for a reconcile."""
+        if self.loop is None:
+            return
+        self.loop.call_soon_threadsafe(self.trigger.set)
+
+    # ------------------------------------------------------------------ loop
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        while True:
+            await self.trigger.wait()
+            await asyncio.sleep(DEBOUNCE_S)  # gather a burst of events into one pass
+            self.trigger.clear()
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("reconcile failed")
+                await asyncio.sleep(1)
+                self.trigger.set()  # level-based: try again
+
+    async def reconcile_once(self) -> None:
+        start = time.monotonic()
+        if self.node is None and not await self._bring_up():
+            return
+        assert self.node is not None and self.manager is not None
+        attachments = {k: (p.k8s_namespace, p.k8s_name)
+                       for k, p in list(self.node.pods.items()) if getattr(p, "k8s_name", "")}
+        inputs = Inputs(
+            node=self.node_name, settings=self.settings,
+            nodes=list(self.store["Node"].values()),
+            pods=[p for p in self.store["Pod"].values()
+                  if (p.get("spec") or {}).get("nodeName") == self.node_name],
+            attachments=attachments,
+            services=list(self.store["Service"].values()),
+            endpointslices=list(self.store["EndpointSlice"].values()),
+            functions=list(self.store["NetworkFunction"].values()),
+            chains=list(self.store["CubeChain"].values()),
+            nodeportrules=list(self.store["NodePortRule"].values()))
+        result = desired_state(inputs)
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, self.manager.apply, result.desired)
+        if any(op.kind == "set-function" for op in report.ops):
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, self.manager.specialise_pending)
+        for op, err in report.errors:
+            self.apply_errors += 1
+            self.last_error = f"{op.kind} {op.key}: {err}"
+            self._blame(result.verdicts, op, err)
+        self.reconciles += 1
+        self.reconcile_seconds.append(time.monotonic() - start)
+        del self.reconcile_seconds[:-1000]
+        await self._sync_derived_rules(result.derived_rules)
+        await self._write_statuses(result.verdicts)
+        await self.publish_status()
+
+    def node_status(self) -> dict[str, Any]:
+        """What `kubectl pcn status/chain/stats` show about this node (see
+        STATUS_CONFIGMAP). Sides use the user's words: ingress is traffic to
+        the pod, egress traffic from it."""
+        out: dict[str, Any] = {
+            "node": self.node_name, "version": VERSION, "dataplane": "up" if self.node else "down",
+            "healthy": self.node is not None and not self.up_error, "heartbeat": _now(),
+            "lastError": self.last_error or self.up_error, "reconciles": self.reconciles,
+            "applyErrors": self.apply_errors, "pods": {}, "functions": {}, "realized": {}}
+        if self.node is None or self.manager is None:
+            return out
+        node, cur = self.node, self.manager.current
+        out["realized"] = {"services": len(cur.services), "nodeports": len(cur.nodeports),
+                           "functions": len(cur.functions), "chains": len(cur.chains),
+                           "pods": len(node.pods), "peers": len(cur.peers)}
+        with self.manager.lock:
+            for key, pod in list(node.pods.items()):
+                c = node.rt.port_counters(pod.port)
+                name = f"{pod.k8s_namespace}/{pod.k8s_name}" if pod.k8s_name else key
+                out["pods"][name] = {
+                    "key": key, "ip": pod.iface.address.split("/")[0],
+                    "port": f"{pod.port.cube}:{pod.port.name}",
+                    "ingress": list(pod.egress), "egress": list(pod.ingress),
+                    "counters": {"rx_packets": c.tx_packets, "rx_bytes": c.tx_bytes,
+                                 "tx_packets": c.rx_packets, "tx_bytes": c.rx_bytes,
+                                 "drops": c.drops}}
+            for cname, fw in list(self.manager.functions.items()):
+                _, ns, fname = cname.split(".", 2)
+                hits = fw.rule_hits()
+                total = fw.hits()
+                out["functions"][cname] = {
+                    "namespace": ns, "name": fname, "type": "firewall",
+                    "rules": [str(r) for r in fw.rules], "default": fw.default, "hits": hits,
+                    "defaultHits": total.get(f"default: {fw.default}", 0),
+                    "drops": node.rt.cube_drops(cname).get("filtered", 0)}
+        return out
+
+    async def publish_status(self, force: bool = False) -> None:
+        """Write node_status() to this node's ConfigMap, at most every
+        STATUS_PERIOD_S unless forced."""
+        now = time.monotonic()
+        if not force and now - self._published_at < STATUS_PERIOD_S:
+            return
+        self._published_at = now
+        loop = asyncio.get_running_loop()
+        status = await loop.run_in_executor(None, self.node_status)
+        cm_name = f"{STATUS_CONFIGMAP}-{self.node_name}"
+        cm = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": cm_name,
+                           "namespace": self.status_namespace,
+                           "labels": {"app.kubernetes.io/component": STATUS_CONFIGMAP,
+                                      "pcn.dev/node": self.node_name}},
+              "data": {"status.json": json.dumps(status, sort_keys=True)}}
+        path = f"/api/v1/namespaces/{self.status_namespace}/configmaps"
+        try:
+            await self.kube.request("PATCH", f"{path}/{cm_name}", cm,
+                                    "application/merge-patch+json")
+        except ApiError as exc:
+            if exc.status != 404:
+                log.warning("could not publish node status: %s", exc)
+                return
+            await self._try(self.kube.create("/api/v1", "configmaps", cm, self.status_namespace),
+                            {409})
+        except Exception as exc:
+            log.warning("could not publish node status: %s", exc)
+
+    async def heartbeat(self) -> None:
+        """Publish counters and health regularly, traffic or not."""
+        while True:
+            await asyncio.sleep(STATUS_PERIOD_S)
+            await self.publish_status()
+
+    def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
+        """Turn a data-plane failure into the status of the object behind it."""
+        if op.kind in ("set-function", "delete-function") and isinstance(op.key, str):
+            _, ns, name = op.key.split(".", 2)
+            v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
+            v.fail("DataplaneError", err)
+
+    async def _bring_up(self) -> bool:
+        me = self.store["Node"].get(("", self.node_name))
+        if me is None:
+            return False
+        node_ip, pod_cidr = node_addresses(me)
+        if not node_ip or not pod_cidr:
+            self.up_error = "the Node has no InternalIP or spec.podCIDR yet"
+            return False
+        s = self.settings
+        vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
+        loop = asyncio.get_running_loop()
+        # pyroute2's synchronous API runs its own event loop: keep it off ours.
+        uplink = await loop.run_in_executor(None, _interface_with, self.netns, node_ip)
+        if uplink is None:
+            self.up_error = f"no interface holds the node address {node_ip}"
+            log.error("%s; is NODE_NAME right and the agent in the host network?", self.up_error)
+            return False
+        vteps_len = int(s.vtepsRange.split("/")[1])
+        cfg = NodeConfig(name=self.node_name, netns=self.netns, uplink=uplink, node_ip=node_ip,
+                         pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
+                         cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
+                         nodeport_range=s.nodeport_range, snat_range=s.snat_range)
+        try:
+            rt = await asyncio.wrap_future(self.prepare())
+            node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)
+            await loop.run_in_executor(None, node.up)  # closes the runtime if it fails
+        except Exception as exc:
+            self._prepared = None  # the next try starts from scratch
+            self.up_error = f"could not build the node's data plane: {exc}"
+            raise
+        self.node = node
+        self.up_error = ""
+        self.manager = DataplaneManager(node)
+        self._start_local_api()
+        loop.run_in_executor(None, self.manager.warm_up)  # in the background
+        log.info("node %s data plane %s (pod CIDR %s, VTEP %s, uplink %s)", self.node_name,
+                 "adopted" if node.rt.adopted else "built", pod_cidr, vtep, uplink)
+        return True
+
+    def _start_local_api(self) -> None:
+        try:
+            from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
+        except ImportError:  # pragma: no cover - the module ships with the package
+            log.error("local API unavailable: the CNI plugin cannot attach pods")
+            return
+        assert self.node is not None
+        assert self.manager is not None
+        handler = DataplaneHandler(self.node, lock=self.manager.lock)
+
+        def serve(request: dict[str, Any]) -> dict[str, Any]:
+            response = handler(request)
+            if request.get("op") in ("attach", "detach", "gc"):
+                self.wake()  # a pod came or went: its chain may change
+            return response
+
+        self.api = LocalApiServer(self.socket_path, serve)
+        self.api.start()
+
+    # ------------------------------------------------------------------ writes
+    async def _sync_derived_rules(self, derived: Mapping[str, dict[str, Any]]) -> None:
+        have = self.store["NodePortRule"]
+        for name, obj in derived.items():
+            if ("", name) not in have:
+                await self._try(self.kube.create(GROUP_PATH, "nodeportrules", obj), {409})
+        for (_, name), obj in list(have.items()):
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            if labels.get("app.kubernetes.io/managed-by") == "pcn-agent" and name not in derived:
+                await self._try(self.kube.delete(GROUP_PATH, "nodeportrules", name), {404})
+
+    async def _write_statuses(self, verdicts: Mapping[tuple[str, str, str], Verdict]) -> None:
+        for kind, (path, plural, namespaced) in KINDS.items():
+            for (ns, name), obj in list(self.store[kind].items()):
+                v = verdicts.get((kind, ns, name), Verdict())
+                mine: NodeVerdict = {"ready": v.ready, "pods": v.pods,
+                                     "message": v.message or v.reason}
+                nodes = dict((obj.get("status") or {}).get("nodes") or {})
+                nodes[self.node_name] = mine
+                ready_nodes = [n for n, s in nodes.items() if s.get("ready")]
+                failing = [(n, s) for n, s in sorted(nodes.items()) if not s.get("ready")]
+                gen = (obj.get("metadata") or {}).get("generation")
+                cond: ReadyCondition = {
+                    "type": "Ready", "status": "False" if failing else "True",
+                    "reason": v.reason if not v.ready else ("Realized" if not failing
+                                                            else "NotRealizedEverywhere"),
+                    "message": (v.message if not v.ready else
+                                (f"node {failing[0][0]}: {failing[0][1].get('message')}"
+                                 if failing else f"realized on {len(ready_nodes)} node(s)")),
+                    "observedGeneration": gen}
+                status: WrittenStatus = {
+                    "observedGeneration": gen, "conditions": [cond],
+                    "nodes": {self.node_name: mine}, "realizedNodes": len(ready_nodes),
+                    "realizedPods": sum(int(s.get("pods", 0)) for s in nodes.values())}
+                wkey = (kind, ns, name)
+                if self.written.get(wkey) == status:
+                    continue
+                sent = copy.deepcopy(status)
+                old = ((obj.get("status") or {}).get("conditions") or [{}])[0]
+                sent["conditions"][0]["lastTransitionTime"] = old.get("lastTransitionTime") \
+                    if old.get("status") == cond["status"] else _now()
+                if await self._try(self.kube.patch_status(path, plural, ns if namespaced else None,
+                                                          name, sent), {404}):
+                    self.written[wkey] = status
+                if not v.ready:
+                    await self._warn(obj, v)
+
+    async def _warn(self, obj: Mapping[str, Any], v: Verdict) -> None:
+        key = (_key(obj), obj.get("kind"), v.reason, v.message)
+        if key in self.events_sent:
+            return
+        self.events_sent.add(key)
+        await self._try(self.kube.event(dict(obj), v.reason, v.message, self.node_name), set())
+
+    async def _try(self, coro: Any, ok_statuses: set[int]) -> bool:
+        try:
+            await coro
+            return True
+        except ApiError as exc:
+            if exc.status in ok_statuses:
+                return True
+            self.last_error = str(exc)
+            log.warning("API call failed: %s", exc)
+        except Exception as exc:  # network trouble: the next pass tries again
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("API call failed: %s", self.last_error)
+        return False
+
+    def shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _interface_with(netns: str | None, ip: str) -> str | None:
+    from pcn_agent.dataplane.netns import iproute
+
+    with iproute(netns) as ipr:
+        for a in ipr.get_addr(family=2):
+            if a.get_attr("IFA_ADDRESS") == ip:
+                links = ipr.get_links(a["index"])
+                return links[0].get_attr("IFLA_IFNAME") if links else None
+    return None
+
+
+# ---------------------------------------------------------------------- kopf wiring
+AGENT: Agent | None = None
+
+
+def _agent() -> Agent:
+    global AGENT
+    if AGENT is None:
+        node = os.environ.get("NODE_NAME")
+        if not node:
+            raise kopf.PermanentError("NODE_NAME is not set: give the agent its node's name "
+                                      "(a DaemonSet passes spec.nodeName through the downward API)")
+        AGENT = Agent(node, ClusterSettings.load(), Kube(discover()),
+                      netns=os.environ.get("PCN_NETNS") or None,
+                      socket_path=os.environ.get("PCN_SOCKET", "/run/pcn/agent.sock"),
+                      pin_root=Path(os.environ.get("PCN_BPF_ROOT", str(bpffs.DEFAULT_ROOT))),
+                      state_root=Path(os.environ.get("PCN_STATE_DIR", str(STATE_ROOT))))
+    return AGENT
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    ep = discover()
+    return kopf.ConnectionInfo(server=ep.server, token=ep.token, ca_path=ep.ca_file,
+                               certificate_path=ep.cert_file, private_key_path=ep.key_file,
+                               insecure=ep.insecure, scheme="Bearer" if ep.token else None)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    agent = _agent()
+    agent.prepare()  # a no-op when main() already started it
+    # One agent per node: no peering, no finalizers, no progress annotations on
+    # shared objects (event handlers keep none).
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    port = int(os.environ.get("PCN_METRICS_PORT", "9090"))
+    if port:
+        from pcn_agent.control.metrics import serve_metrics
+
+        serve_metrics(agent, port)
+    asyncio.get_running_loop().create_task(agent.run())
+    asyncio.get_running_loop().create_task(agent.heartbeat())
+    agent.wake()
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if AGENT is not None:
+        AGENT.shutdown()
+        await AGENT.kube.close()
+
+
+def _observer(kind: str) -> Callable[..., None]:
+    def handler(event: Mapping[str, Any], **_: Any) -> None:
+        _agent().observe(kind, event.get("type"), event.get("object") or {})
+    return handler
+
+
+kopf.on.event("", "v1", "nodes")(_observer("Node"))
+kopf.on.event("", "v1", "pods",
+              when=lambda body, **_: (body.get("spec") or {}).get("nodeName") == _agent().node_name
+              )(_observer("Pod"))
+kopf.on.event("", "v1", "services")(_observer("Service"))
+kopf.on.event("discovery.k8s.io", "v1", "endpointslices")(_observer("EndpointSlice"))
+kopf.on.event("pcn.dev", "v1alpha1", "networkfunctions")(_observer("NetworkFunction"))
+kopf.on.event("pcn.dev", "v1alpha1", "cubechains")(_observer("CubeChain"))
+kopf.on.event("pcn.dev", "v1alpha1", "nodeportrules")(_observer("NodePortRule"))
+
+
+def run(liveness: str | None, verbose: bool = False,
+        prepared: concurrent.futures.Future[Runtime] | None = None) -> int:
+    """Run the operator until stopped (pcn_agent.control.cli.main parses the
+    command line and starts `prepared`)."""
+    logging.getLogger("kopf").setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        _agent().prepare(prepared)
+    except Exception as exc:
+        print(f"pcn-agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(kopf.operator(standalone=True, clusterwide=True, liveness_endpoint=liveness))
+    except KeyboardInterrupt:
+        pass
+    return 0
+

@@ -1,0 +1,429 @@
+"""The agent's local API server: the unix socket the CNI plugin talks to
+(the protocol and its client are pcn_agent.cni.localapi) and the handler that
+turns attach/detach/check/status/gc requests into node data-plane calls.
+
+The socket is mode 0600 and root peers only, checked again with SO_PEERCRED;
+one JSON request line and one JSON response line per connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pcn_agent.cni.localapi import MAX_LINE, Request, Response, read_line
+from pcn_agent.cni.spec import (
+    DECODE_FAILURE,
+    INTERNAL,
+    INVALID_CONFIG,
+    INVALID_ENV,
+    IO_FAILURE,
+    TRY_AGAIN_LATER,
+    UNKNOWN_CONTAINER,
+)
+
+if TYPE_CHECKING:
+    from pcn_agent.node.wiring import NodeDataplane, Pod
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 5.0  # a client has this long to send its request
+LINGER_S = 1.0  # after answering, how long a client may go on sending before we close
+
+Handler = Callable[[Request], Response]
+
+
+class ApiError(Exception):
+    """A request the handler refuses: becomes {"ok": false, ...}."""
+
+    def __init__(self, message: str, code: int = INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------- server
+class LocalApiServer:
+    """Serve `handler` on a root-only unix socket, in a background thread."""
+
+    def __init__(self, path: str | os.PathLike[str], handler: Handler,
+                 allowed_uids: frozenset[int] = frozenset({0})) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self.allowed_uids = allowed_uids
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
+        self._inode: tuple[int, int] | None = None
+
+    def start(self) -> LocalApiServer:
+        if self._thread is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            self._unlink_own()
+            raise
+        self._sock = sock
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, name=f"localapi:{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("local API listening on %s", self.path)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let running requests finish, remove the socket file."""
+        if self._thread is None:
+            return
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout)
+        self._thread = None
+        with self._workers_lock:
+            workers = list(self._workers)
+        for w in workers:
+            w.join(timeout)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r, self._wake_w = -1, -1
+        self._unlink_own()
+        log.info("local API on %s stopped", self.path)
+
+    def __enter__(self) -> LocalApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- internals
+    def _remove_stale(self) -> None:
+        """A socket file nobody answers on is a dead agent's: remove it. A live
+        one, or a file that is not a socket, is left alone (and start fails)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose "
+                               f"another socket path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale socket %s", self.path)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        raise RuntimeError(f"another process serves {self.path}: is a pcn agent already running "
+                           f"on this node?")
+
+    def _unlink_own(self) -> None:
+        """Remove the socket file if it is still the one this server bound."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if self._inode is None or (st.st_dev, st.st_ino) == self._inode:
+            os.unlink(self.path)
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "stop")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "stop":
+                        return
+                    try:
+                        conn, _addr = self._sock.accept()
+                    except OSError as exc:
+                        if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                            continue
+                        log.exception("local API accept failed")
+                        return
+                    worker = threading.Thread(target=self._connection, args=(conn,),
+                                              name="localapi-conn", daemon=True)
+                    with self._workers_lock:
+                        self._workers.add(worker)
+                    worker.start()
+        finally:
+            sel.close()
+
+    def _connection(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(READ_TIMEOUT_S)
+                response = self._answer(conn)
+                try:
+                    conn.sendall(json.dumps(response, separators=(",", ":")).encode() + b"\n")
+                except OSError as exc:
+                    log.warning("local API: client went away before the answer: %s", exc)
+                    return
+                _linger(conn)
+        finally:
+            with self._workers_lock:
+                self._workers.discard(threading.current_thread())
+
+    def _answer(self, conn: socket.socket) -> Response:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        if uid not in self.allowed_uids:
+            log.warning("local API: refused pid %d uid %d", pid, uid)
+            return _error(f"permission denied: the pcn agent's local API serves root only "
+                          f"(peer uid {uid})", INTERNAL)
+        try:
+            line = read_line(conn)
+        except TimeoutError:
+            return _error(f"no request line within {READ_TIMEOUT_S:g} s", DECODE_FAILURE)
+        except ValueError as exc:
+            return _error(f"request too long: {exc}", DECODE_FAILURE)
+        except OSError as exc:
+            return _error(f"reading the request failed: {exc}", IO_FAILURE)
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return _error(f"request is not JSON ({exc}); send one JSON object per line",
+                          DECODE_FAILURE)
+        if not isinstance(request, dict):
+            return _error("request must be a JSON object with an \"op\"", DECODE_FAILURE)
+        try:
+            result = self.handler(request)
+        except ApiError as exc:
+            log.info("local API %s refused: %s", request.get("op"), exc)
+            return _error(str(exc), exc.code)
+        except Exception as exc:
+            log.exception("local API %s failed", request.get("op"))
+            return _error(f"{request.get('op')} failed in the agent: {exc}", INTERNAL)
+        return {"ok": True, **result}
+
+
+def _linger(conn: socket.socket) -> None:
+    """Close only after the client is done sending (or LINGER_S passed): an
+    answer given before the request was read in full (a refused peer, a
+    request too long) would otherwise make the client's own send fail with
+    EPIPE instead of letting it read the answer."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(LINGER_S)
+        drained = 0
+        while drained <= MAX_LINE:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except OSError:
+        pass  # reset or timed out: closing is all that is left
+
+
+def _error(message: str, code: int) -> Response:
+    return {"ok": False, "error": message, "code": code}
+
+
+# ------------------------------------------------------------------- handler
+def _str_field(request: Request, name: str, required: bool = True, default: str = "") -> str:
+    value = request.get(name, None)
+    if value is None or value == "":
+        if required:
+            raise ApiError(f"request field {name!r} is missing", INVALID_ENV)
+        return default
+    if not isinstance(value, str):
+        raise ApiError(f"request field {name!r} must be a string", INVALID_ENV)
+    return value
+
+
+class DataplaneHandler:
+    """The local API's ops on a NodeDataplane; one request at a time (a lock,
+    which callers that also change the node may share through `lock`).
+
+    attach   container_id, netns, ifname, host_ifname, ip (interface notation),
+             mac, [mtu], [gateway], [k8s_namespace], [k8s_name]
+             -> port; peers the existing host veth with a new bridge port.
+             Idempotent; an attachment holding the same address is replaced
+             (its DEL happened while the agent was away).
+    detach   container_id -> detached (false when unknown: not an error)
+    check    container_id -> the attachment, or an error saying what is wrong
+    status   -> node, ready, pods
+    gc       valid: [container_id, ...] -> removed: [attachment, ...]; detaches
+             every CNI attachment not listed (veths stay: the plugin deletes them)
+    """
+
+    OPS = ("attach", "detach", "check", "status", "gc")
+    ORIGIN = "cni"
+
+    def __init__(self, node: NodeDataplane, lock: threading.RLock | None = None) -> None:
+        self.node = node
+        self.lock = lock or threading.RLock()
+
+    def __call__(self, request: Request) -> Response:
+        op = request.get("op")
+        if not isinstance(op, str) or not op:
+            raise ApiError("request has no \"op\"; expected one of " + ", ".join(self.OPS),
+                           INVALID_ENV)
+        if op not in self.OPS:
+            raise ApiError(f"unknown op {op!r}; this agent knows {', '.join(self.OPS)} "
+                           f"(are pcn-cni and the agent the same version?)", INTERNAL)
+        with self.lock:
+            return getattr(self, f"op_{op}")(request)
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def ready(self) -> bool:
+        n = self.node
+        return n.bridge is not None and n.rt.ipr is not None and n.rt.pin_dir is not None
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise ApiError(f"the data plane of node {self.node.cfg.name} is not up yet; retry "
+                           f"shortly", TRY_AGAIN_LATER)
+
+    def _host_ifindex(self, host_ifname: str) -> int | None:
+        assert self.node.rt.ipr is not None
+        found = self.node.rt.ipr.link_lookup(ifname=host_ifname)
+        return found[0] if found else None
+
+    @staticmethod
+    def _describe(pod: Pod) -> Response:
+        return {"container_id": pod.key, "netns": pod.netns, "ifname": pod.iface.ifname,
+                "host_ifname": pod.iface.host_ifname, "ip": pod.iface.address,
+                "mac": pod.iface.mac, "port": pod.port.name,
+                "k8s_namespace": pod.k8s_namespace, "k8s_name": pod.k8s_name}
+
+    # ---------------------------------------------------------------- ops
+    def op_status(self, request: Request) -> Response:
+        return {"node": self.node.cfg.name, "ready": self.ready,
+                "pods": len(self.node.pods) if self.ready else 0}
+
+    def op_attach(self, request: Request) -> Response:
+        from pcn_agent.node import podnet
+
+        self._require_ready()
+        node = self.node
+        cid = _str_field(request, "container_id")
+        netns = _str_field(request, "netns")
+        ifname = _str_field(request, "ifname")
+        host_if = _str_field(request, "host_ifname")
+        mac = _str_field(request, "mac")
+        try:
+            addr = ipaddress.IPv4Interface(_str_field(request, "ip"))
+        except ValueError as exc:
+            raise ApiError(f"request field 'ip' is not an IPv4 address with a prefix: {exc}",
+                           INVALID_ENV) from None
+        pod_net = ipaddress.IPv4Network(node.cfg.pod_cidr)
+        if addr.ip not in pod_net or addr.network != pod_net:
+            raise ApiError(f"address {addr} is not in node {node.cfg.name}'s pod CIDR "
+                           f"{pod_net}: the IPAM range of the CNI configuration must lie in "
+                           f"this node's pod CIDR, with its prefix length", INVALID_CONFIG)
+        gateway = request.get("gateway") or node.cfg.gateway
+        if gateway != node.cfg.gateway:
+            raise ApiError(f"gateway {gateway} is not node {node.cfg.name}'s pod gateway "
+                           f"{node.cfg.gateway}: set the IPAM range's gateway to "
+                           f"{node.cfg.gateway}", INVALID_CONFIG)
+        mtu = request.get("mtu") or node.cfg.mtu
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
+            raise ApiError(f"request field 'mtu' must be an integer in 68..65535, not {mtu!r}",
+                           INVALID_ENV)
+        ifindex = self._host_ifindex(host_if)
+        if ifindex is None:
+            raise ApiError(f"no interface {host_if} in node {node.cfg.name}'s network namespace: "
+                           f"create the veth pair before asking to attach it", INTERNAL)
+
+        old = node.pods.get(cid)
+        if old is not None:
+            if (old.iface.host_ifname == host_if and old.port.netdev == host_if
+                    and old.port.peer == ifindex and old.iface.address == str(addr)):
+                return {**self._describe(old), "attached": True, "already": True}
+            log.warning("container %s re-attached (%s -> %s): replacing its old port", cid,
+                        old.iface.host_ifname, host_if)
+            node.detach_pod(cid)
+        for key, pod in list(node.pods.items()):
+            if pod.origin == self.ORIGIN and \
+                    ipaddress.IPv4Interface(pod.iface.address).ip == addr.ip:
+                log.warning("address %s moves from container %s to %s: detaching the old "
+                            "attachment (its DEL came while the agent was away)", addr.ip, key,
+                            cid)
+                node.detach_pod(key)
+        iface = podnet.PodInterface(host_if, ifname, str(addr), mac, str(gateway), mtu)
+        pod = node.register_pod(cid, netns, iface,
+                                k8s_namespace=_str_field(request, "k8s_namespace", False),
+                                k8s_name=_str_field(request, "k8s_name", False),
+                                origin=self.ORIGIN)
+        log.info("attached container %s (%s/%s, %s) on %s", cid, pod.k8s_namespace,
+                 pod.k8s_name, addr, host_if)
+        return {**self._describe(pod), "attached": True, "already": False}
+
+    def op_detach(self, request: Request) -> Response:
+        cid = _str_field(request, "container_id")
+        if cid not in self.node.pods:
+            return {"container_id": cid, "detached": False}
+        self._require_ready()
+        pod = self.node.detach_pod(cid)
+        assert pod is not None
+        log.info("detached container %s (%s)", cid, pod.iface.host_ifname)
+        return {**self._describe(pod), "detached": True}
+
+    def op_check(self, request: Request) -> Response:
+        self._require_ready()
+        cid = _str_field(request, "container_id")
+        pod = self.node.pods.get(cid)
+        if pod is None:
+            raise ApiError(f"container {cid} is not attached to node {self.node.cfg.name}'s "
+                           f"data plane", UNKNOWN_CONTAINER)
+        ifindex = self._host_ifindex(pod.iface.host_ifname)
+        if ifindex is None:
+            raise ApiError(f"container {cid}'s host interface {pod.iface.host_ifname} is gone "
+                           f"but the agent still has its port: delete and re-add the pod",
+                           INTERNAL)
+        if pod.port.netdev != pod.iface.host_ifname or pod.port.peer != ifindex:
+            raise ApiError(f"container {cid}'s bridge port is not peered with "
+                           f"{pod.iface.host_ifname} (ifindex {ifindex}): delete and re-add "
+                           f"the pod", INTERNAL)
+        return {**self._describe(pod), "attached": True}
+
+    def op_gc(self, request: Request) -> Response:
+        valid = request.get("valid")
+        if not isinstance(valid, list) or not all(isinstance(v, str) for v in valid):
+            raise ApiError("request field 'valid' must be a list of container ids", INVALID_ENV)
+        keep = set(valid)
+        stale = [k for k, p in self.node.pods.items()
+                 if p.origin == self.ORIGIN and k not in keep]
+        if stale:
+            self._require_ready()
+        removed = []
+        for key in stale:
+            pod = self.node.detach_pod(key)
+            if pod is not None:
+                removed.append(self._describe(pod))
+                log.info("gc: detached stale container %s (%s)", key, pod.iface.host_ifname)
+        return {"removed": removed}

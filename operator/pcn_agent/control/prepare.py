@@ -1,0 +1,35 @@
+"""Start-up in parallel: the node's runtime is opened and its cube types
+compiled (the bulk of an agent's start) in a thread from the first moment,
+while kopf and the Kubernetes client are imported and the cluster is listed.
+This module loads in milliseconds: everything heavy is imported in the thread."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pcn_agent.dataplane.runtime import Runtime
+
+
+def start_prepare(node_name: str, netns: str | None, pin_root: Path | None = None,
+                  state_root: Path | None = None) -> concurrent.futures.Future[Runtime]:
+    """Open the node's runtime and compile its cube types in a thread
+    (node.prepare_runtime); the roots default to PCN_BPF_ROOT / PCN_STATE_DIR."""
+    fut: concurrent.futures.Future[Runtime] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            from pcn_agent.dataplane import bpffs
+            from pcn_agent.dataplane.runtime import STATE_ROOT
+            from pcn_agent.node.wiring import prepare_runtime
+
+            fut.set_result(prepare_runtime(node_name, netns, pin_root or bpffs.DEFAULT_ROOT,
+                                           state_root or STATE_ROOT))
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    threading.Thread(target=work, name="pcn-prepare", daemon=True).start()
+    return fut

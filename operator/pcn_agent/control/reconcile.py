@@ -1,0 +1,449 @@
+"""The reconciler: Kubernetes objects in, the node's desired data plane out.
+
+Pure: no kernel, no API server, no clock. `desired_state()` turns what the
+agent has seen (Nodes, this node's Pods and attachments, Services,
+EndpointSlices, NetworkFunctions, CubeChains, NodePortRules) into a `Desired`
+state plus a status verdict per custom resource; `plan()` lists the
+data-plane operations that move one Desired state to another, in an order
+that never leaves a chain pointing at a missing cube.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.node.wiring import PeerNode
+from pcn_crds import CubeChain, FirewallConfig, NetworkFunction, NodePortRule
+from pcn_crds.common import Resource
+
+Obj = Mapping[str, Any]
+ServiceKey = tuple[str, int, str]  # (virtual IP, port, protocol)
+NodePortKey = tuple[int, str]  # (port, protocol)
+ObjectKey = tuple[str, str, str]  # (kind, namespace or "", name)
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MAX_STACKED = maps.CHAIN_MAX - 1  # the lbrp takes one place on each side
+R = TypeVar("R", bound=Resource)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    backends: tuple[Backend, ...]
+    affinity_timeout_s: int = 0
+
+
+@dataclass(frozen=True)
+class NodePortSpec:
+    policy: str
+    backends: tuple[Backend, ...]
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    type: str
+    rules: tuple[str, ...]  # in the cube's rule language
+    default: str = "allow"
+
+
+@dataclass(frozen=True)
+class Desired:
+    peers: frozenset[PeerNode] = frozenset()
+    services: Mapping[ServiceKey, ServiceSpec] = field(default_factory=dict)
+    nodeports: Mapping[NodePortKey, NodePortSpec] = field(default_factory=dict)
+    functions: Mapping[str, FunctionSpec] = field(default_factory=dict)  # by cube name
+    chains: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    """This node's view of one custom resource."""
+
+    ready: bool = True
+    reason: str = "Realized"
+    message: str = ""
+    pods: int = 0
+
+    def fail(self, reason: str, message: str) -> None:
+        if self.ready:  # the first problem is the one worth reporting
+            self.ready, self.reason, self.message = False, reason, message
+
+
+@dataclass
+class Result:
+    desired: Desired
+    verdicts: dict[ObjectKey, Verdict]
+    derived_rules: dict[str, dict[str, Any]]  # NodePortRule name -> object to create
+
+
+@dataclass
+class Inputs:
+    node: str
+    settings: ClusterSettings
+    nodes: list[Obj] = field(default_factory=list)
+    pods: list[Obj] = field(default_factory=list)  # Pods scheduled on this node
+    attachments: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # key -> (ns, name)
+    services: list[Obj] = field(default_factory=list)
+    endpointslices: list[Obj] = field(default_factory=list)
+    functions: list[Obj] = field(default_factory=list)
+    chains: list[Obj] = field(default_factory=list)
+    nodeportrules: list[Obj] = field(default_factory=list)
+
+
+def cube_name(namespace: str, name: str) -> str:
+    return f"nf.{namespace}.{name}"
+
+
+def _meta(o: Obj) -> Mapping[str, Any]:
+    return o.get("metadata") or {}
+
+
+def _ns_name(o: Obj) -> tuple[str, str]:
+    m = _meta(o)
+    return m.get("namespace") or "", m.get("name") or ""
+
+
+# ----------------------------------------------------------------------------- nodes
+def node_addresses(node: Obj) -> tuple[str | None, str | None]:
+    """(InternalIP, podCIDR) of a Node, either possibly missing."""
+    ip = None
+    for a in (node.get("status") or {}).get("addresses") or []:
+        if a.get("type") == "InternalIP":
+            try:
+                ip = str(ipaddress.IPv4Address(a.get("address")))
+                break
+            except ValueError:
+                continue
+    cidr = (node.get("spec") or {}).get("podCIDR")
+    return ip, cidr
+
+
+def vtep_for(settings: ClusterSettings, pod_cidr: str, annotations: Mapping[str, str]) -> str:
+    """A node's overlay address: the annotation pcn.dev/vtep, else derived from
+    the index of its pod CIDR inside the cluster pod CIDR (stable, no
+    coordination needed)."""
+    if annotations.get("pcn.dev/vtep"):
+        return str(ipaddress.IPv4Address(annotations["pcn.dev/vtep"]))
+    cluster = ipaddress.IPv4Network(settings.podCIDR)
+    net = ipaddress.IPv4Network(pod_cidr)
+    index = (int(net.network_address) - int(cluster.network_address)) >> (32 - net.prefixlen)
+    vteps = ipaddress.IPv4Network(settings.vtepsRange)
+    if not 0 < index < vteps.num_addresses - 1:
+        raise ValueError(f"pod CIDR {pod_cidr} gives VTEP index {index}, outside {vteps}")
+    return str(vteps.network_address + index)
+
+
+def peers_of(inputs: Inputs) -> frozenset[PeerNode]:
+    out = set()
+    for n in inputs.nodes:
+        ip, cidr = node_addresses(n)
+        if not ip or not cidr:
+            continue  # not ready for the overlay yet
+        try:
+            vtep = vtep_for(inputs.settings, cidr, _meta(n).get("annotations") or {})
+        except ValueError:
+            continue
+        out.add(PeerNode(_meta(n).get("name", ""), ip, cidr, vtep))
+    return frozenset(out)
+
+
+# ----------------------------------------------------------------------------- services
+def _ready(endpoint: Obj) -> bool:
+    # EndpointSlice semantics: a nil "ready" is to be read as ready.
+    return (endpoint.get("conditions") or {}).get("ready") is not False
+
+
+def service_backends(svc: Obj, port: Obj, slices: Iterable[Obj]) -> tuple[Backend, ...]:
+    """Ready IPv4 endpoints of one Service port, from its EndpointSlices."""
+    ns, name = _ns_name(svc)
+    pname = port.get("name") or ""
+    proto = (port.get("protocol") or "TCP").upper()
+    out: dict[tuple[str, int], Backend] = {}
+    for s in slices:
+        sns, _ = _ns_name(s)
+        if sns != ns or (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
+            continue
+        if s.get("addressType", "IPv4") != "IPv4":
+            continue
+        target = None
+        for sp in s.get("ports") or []:
+            if (sp.get("name") or "") == pname and (sp.get("protocol") or "TCP").upper() == proto:
+                target = sp.get("port")
+        if not target:
+            continue
+        for ep in s.get("endpoints") or []:
+            if not _ready(ep):
+                continue
+            for addr in ep.get("addresses") or []:
+                try:
+                    ipaddress.IPv4Address(addr)
+                except ValueError:
+                    continue
+                out[(addr, int(target))] = Backend(addr, int(target))
+    return tuple(sorted(out.values(), key=lambda b: (b.ip, b.port)))
+
+
+def _affinity(svc: Obj) -> int:
+    spec = svc.get("spec") or {}
+    if spec.get("sessionAffinity") != "ClientIP":
+        return 0
+    cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
+    return int(cfg.get("timeoutSeconds") or 10800)
+
+
+def derived_rule_name(svc: Obj, port: Obj) -> str:
+    ns, name = _ns_name(svc)
+    proto = (port.get("protocol") or "TCP").lower()
+    return f"svc-{ns}-{name}-{port.get('nodePort')}-{proto}"
+
+
+def slices_by_service(slices: Iterable[Obj]) -> dict[tuple[str, str], list[Obj]]:
+    """EndpointSlices grouped by (namespace, kubernetes.io/service-name), in
+    their order: what service_backends() would pick for each Service, found
+    once per pass instead of once per Service port (O(services x slices))."""
+    out: dict[tuple[str, str], list[Obj]] = {}
+    for s in slices:
+        name = (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if name is not None:
+            out.setdefault((_ns_name(s)[0], name), []).append(s)
+    return out
+
+
+def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
+                                        dict[NodePortKey, NodePortSpec],
+                                        dict[str, dict[str, Any]]]:
+    services: dict[ServiceKey, ServiceSpec] = {}
+    nodeports: dict[NodePortKey, NodePortSpec] = {}
+    derived: dict[str, dict[str, Any]] = {}
+    by_service = slices_by_service(inputs.endpointslices)
+    for svc in inputs.services:
+        spec = svc.get("spec") or {}
+        vip = spec.get("clusterIP")
+        policy = spec.get("externalTrafficPolicy") or "Cluster"
+        for port in spec.get("ports") or []:
+            proto = (port.get("protocol") or "TCP").lower()
+            if proto not in ("tcp", "udp"):
+                continue
+            backends = service_backends(svc, port, by_service.get(_ns_name(svc), ()))
+            if vip and vip != "None":
+                try:
+                    ipaddress.IPv4Address(vip)
+                    services[(vip, int(port["port"]), proto)] = ServiceSpec(backends,
+                                                                            _affinity(svc))
+                except (ValueError, KeyError):
+                    pass
+            if spec.get("type") in ("NodePort", "LoadBalancer") and port.get("nodePort"):
+                np_key = (int(port["nodePort"]), proto)
+                nodeports[np_key] = NodePortSpec(policy, backends)
+                derived[derived_rule_name(svc, port)] = _derived_rule(svc, port, policy)
+    return services, nodeports, derived
+
+
+def _derived_rule(svc: Obj, port: Obj, policy: str) -> dict[str, Any]:
+    ns, name = _ns_name(svc)
+    meta: dict[str, Any] = {"name": derived_rule_name(svc, port),
+                            "labels": {"app.kubernetes.io/managed-by": "pcn-agent",
+                                       "pcn.dev/service": f"{ns}.{name}"}}
+    uid = _meta(svc).get("uid")
+    if uid:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Service", "name": name,
+                                    "uid": uid, "blockOwnerDeletion": False}]
+    return {"apiVersion": "pcn.dev/v1alpha1", "kind": "NodePortRule", "metadata": meta,
+            "spec": {"port": int(port["nodePort"]),
+                     "protocol": (port.get("protocol") or "TCP").upper(),
+                     "externalTrafficPolicy": policy,
+                     "service": {"namespace": ns, "name": name, "port": int(port["port"])}}}
+
+
+def static_nodeports(inputs: Inputs, nodeports: dict[NodePortKey, NodePortSpec],
+                     verdicts: dict[ObjectKey, Verdict]) -> None:
+    """NodePortRules people wrote (derived ones repeat a Service and add nothing)."""
+    svcs = {_ns_name(s): s for s in inputs.services}
+    by_service: dict[tuple[str, str], list[Obj]] | None = None
+    for obj in inputs.nodeportrules:
+        name = _meta(obj).get("name", "")
+        v = verdicts.setdefault(("NodePortRule", "", name), Verdict())
+        rule = _validated(NodePortRule, obj, v)
+        if rule is None:
+            continue
+        s = rule.spec
+        key = (s.port, s.protocol.lower())
+        lo, hi = inputs.settings.nodeport_range
+        if not lo <= s.port <= hi:
+            v.fail("OutOfRange", f"port {s.port} is outside the NodePort range {lo}-{hi}")
+            continue
+        if s.service is not None:
+            svc = svcs.get((s.service.namespace, s.service.name))
+            if svc is None:
+                v.fail("ServiceNotFound", f"Service {s.service.namespace}/{s.service.name} "
+                                          "does not exist")
+                continue
+            ports = [p for p in (svc.get("spec") or {}).get("ports") or []
+                     if p.get("port") == s.service.port]
+            if not ports:
+                v.fail("ServicePortNotFound", f"Service {s.service.namespace}/"
+                                              f"{s.service.name} has no port {s.service.port}")
+                continue
+            if by_service is None:
+                by_service = slices_by_service(inputs.endpointslices)
+            backends = service_backends(svc, ports[0],
+                                        by_service.get((s.service.namespace, s.service.name), ()))
+        else:
+            backends = tuple(Backend(b.ip, b.port, b.weight) for b in s.backends)
+        want = NodePortSpec(s.externalTrafficPolicy, backends)
+        if key in nodeports and nodeports[key] != want and \
+                (_meta(obj).get("labels") or {}).get("app.kubernetes.io/managed-by") != "pcn-agent":
+            v.fail("Conflict", f"port {s.port}/{s.protocol} is already used by another rule or "
+                               "Service")
+            continue
+        nodeports[key] = want
+        if not backends:
+            v.message = "no ready backends yet"
+
+
+# ----------------------------------------------------------------------------- chains
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)
+
+
+def _validated(model: type[R], obj: Obj, v: Verdict) -> R | None:
+    """The object as its pydantic model, or None with the verdict saying why."""
+    try:
+        return model.from_body(obj)
+    except ValidationError as exc:
+        v.fail("Invalid", _pydantic_message(exc))
+        return None
+
+
+def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict]
+                 ) -> dict[tuple[str, str], FunctionSpec]:
+    valid: dict[tuple[str, str], FunctionSpec] = {}
+    for obj in inputs.functions:
+        ns, name = _ns_name(obj)
+        v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
+        nf = _validated(NetworkFunction, obj, v)
+        if nf is None:
+            continue
+        cfg = nf.spec.typed_config()
+        assert isinstance(cfg, FirewallConfig)  # the only type (NetworkFunctionSpec.type)
+        valid[(ns, name)] = FunctionSpec(nf.spec.type, tuple(r.to_text() for r in cfg.rules),
+                                         cfg.defaultAction)
+    return valid
+
+
+def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
+              verdicts: dict[ObjectKey, Verdict]
+              ) -> tuple[dict[str, tuple[tuple[str, ...], tuple[str, ...]]], dict[str, FunctionSpec]]:
+    pods_by_name = {_ns_name(p): p for p in inputs.pods}
+    parsed: list[tuple[int, str, str, CubeChain]] = []
+    for obj in inputs.chains:
+        ns, name = _ns_name(obj)
+        v = verdicts.setdefault(("CubeChain", ns, name), Verdict())
+        chain = _validated(CubeChain, obj, v)
+        if chain is None:
+            continue
+        refs = [r.function for r in (*chain.spec.ingress, *chain.spec.egress)]
+        missing = [r for r in refs if (ns, r) not in functions]
+        if missing:
+            bad = [r for r in missing if ("NetworkFunction", ns, r) in verdicts]
+            if bad:
+                v.fail("InvalidFunction", f"NetworkFunction {ns}/{bad[0]} is invalid: "
+                                          f"{verdicts[('NetworkFunction', ns, bad[0])].message}")
+            else:
+                v.fail("FunctionNotFound", f"NetworkFunction {ns}/{missing[0]} does not exist")
+            continue
+        parsed.append((chain.spec.priority, name, ns, chain))
+    parsed.sort(key=lambda t: (t[0], t[1]))
+
+    chains: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    used: dict[str, FunctionSpec] = {}
+    for key, (pns, pname) in sorted(inputs.attachments.items()):
+        pod = pods_by_name.get((pns, pname))
+        labels = (_meta(pod).get("labels") or {}) if pod else {}
+        from_pod: list[str] = []
+        to_pod: list[str] = []
+        for _, cname, ns, chain in parsed:
+            if ns != pns or pod is None or not chain.spec.podSelector.matches(dict(labels)):
+                continue
+            v = verdicts[("CubeChain", ns, cname)]
+            added = False
+            for side, side_refs in ((to_pod, chain.spec.ingress), (from_pod, chain.spec.egress)):
+                for r in side_refs:
+                    cn = cube_name(ns, r.function)
+                    if cn in side:
+                        continue
+                    if len(side) >= MAX_STACKED:
+                        v.fail("TooManyFunctions", f"pod {pns}/{pname} would carry more than "
+                                                   f"{MAX_STACKED} functions on one side")
+                        continue
+                    side.append(cn)
+                    used[cn] = functions[(ns, r.function)]
+                    fv = verdicts[("NetworkFunction", ns, r.function)]
+                    fv.pods += 1
+                    added = True
+            if added or chain.spec.ingress or chain.spec.egress:
+                v.pods += 1
+        if from_pod or to_pod:
+            chains[key] = (tuple(from_pod), tuple(to_pod))
+    return chains, used
+
+
+# ----------------------------------------------------------------------------- entry
+def desired_state(inputs: Inputs) -> Result:
+    verdicts: dict[ObjectKey, Verdict] = {}
+    services, nodeports, derived = services_of(inputs)
+    static_nodeports(inputs, nodeports, verdicts)
+    functions = functions_of(inputs, verdicts)
+    chains, used = chains_of(inputs, functions, verdicts)
+    desired = Desired(peers=peers_of(inputs), services=services, nodeports=nodeports,
+                      functions=used, chains=chains)
+    return Result(desired, verdicts, derived)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One data-plane operation; `apply` in the manager executes it."""
+
+    kind: str  # set-function, set-peers, set-service, delete-service, set-nodeport, ...
+    key: Any
+    value: Any = None
+
+
+def plan(current: Desired, desired: Desired, attached: Iterable[str] = ()) -> list[Op]:
+    """Operations from `current` to `desired`: functions come into being before
+    chains use them and go after chains stop using them."""
+    ops: list[Op] = []
+    for name, function in desired.functions.items():
+        if current.functions.get(name) != function:
+            ops.append(Op("set-function", name, function))
+    if current.peers != desired.peers:
+        ops.append(Op("set-peers", None, desired.peers))
+    for skey, service in desired.services.items():
+        if current.services.get(skey) != service:
+            ops.append(Op("set-service", skey, service))
+    for skey in current.services.keys() - desired.services.keys():
+        ops.append(Op("delete-service", skey))
+    for npkey, nodeport in desired.nodeports.items():
+        if current.nodeports.get(npkey) != nodeport:
+            ops.append(Op("set-nodeport", npkey, nodeport))
+    for npkey in current.nodeports.keys() - desired.nodeports.keys():
+        ops.append(Op("delete-nodeport", npkey))
+    attached = set(attached)
+    empty: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    for pod in sorted(attached | current.chains.keys() | desired.chains.keys()):
+        want = desired.chains.get(pod, empty)
+        if current.chains.get(pod, empty) != want and pod in attached:
+            ops.append(Op("set-chain", pod, want))
+    for name in current.functions.keys() - desired.functions.keys():
+        ops.append(Op("delete-function", name))
+    return ops

@@ -1,0 +1,120 @@
+"""Control of `router` cubes: addressed ports, connected and static routes,
+the neighbour (ARP) table."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+from dataclasses import dataclass
+
+from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.runtime import PortState, Runtime, RuntimeError_
+
+TYPE = "router"
+
+
+@dataclass(frozen=True)
+class Route:
+    network: ipaddress.IPv4Network
+    port: str
+    nexthop: ipaddress.IPv4Address | None
+
+
+class Router:
+    def __init__(self, rt: Runtime, name: str) -> None:
+        self.rt = rt
+        self.name = name
+        adopted = name in rt.cubes
+        self.cube = rt.cube(name) if adopted else rt.add_cube(name, TYPE)
+        self._routes = rt.table("router_routes", TYPE)
+        self._neigh = rt.table("router_neigh", TYPE)
+        self._addrs = rt.table("router_addrs", TYPE)
+        self.routes: dict[ipaddress.IPv4Network, Route] = {}
+        for r in self.cube.config.get("routes", []) if adopted else []:
+            net = ipaddress.IPv4Network(r["network"])
+            nh = ipaddress.IPv4Address(r["nexthop"]) if r["nexthop"] else None
+            self.routes[net] = Route(net, r["port"], nh)
+        self._save()
+
+    def _save(self) -> None:
+        self.cube.config = {"routes": [
+            {"network": str(r.network), "port": r.port,
+             "nexthop": str(r.nexthop) if r.nexthop else None} for r in self.routes.values()]}
+
+    # ports ---------------------------------------------------------------
+    def add_port(self, port_name: str, address: str, mac: str | None = None,
+                 flags: int = 0) -> PortState:
+        """`address` is interface notation, e.g. 10.244.1.1/24: the port's IP and
+        its directly connected network. The router answers pings to its
+        addresses, except on a port that shares its netdev with the host
+        (PORT_HOST_SHARED): that address is the host's, and what is sent to
+        it is the host's to answer."""
+        iface = ipaddress.IPv4Interface(address)
+        port = self.rt.add_port(self.name, port_name, mac=mac, ip=str(iface.ip),
+                                prefixlen=iface.network.prefixlen, flags=flags)
+        if not flags & maps.PORT_HOST_SHARED:
+            self._addrs[maps.RouterAddrKey(self.cube.id, maps.ip_be(iface.ip))] = \
+                ct.c_uint32(port.id)
+        self.add_route(str(iface.network), port_name)
+        return port
+
+    def port(self, port_name: str) -> PortState:
+        return self.rt.port(self.name, port_name)
+
+    def remove_port(self, port_name: str) -> None:
+        port = self.port(port_name)
+        for net, r in list(self.routes.items()):
+            if r.port == port_name:
+                self.remove_route(str(net))
+        if port.ip:
+            maps.discard(self._addrs, maps.RouterAddrKey(self.cube.id, maps.ip_be(port.ip)))
+        for k, v in list(self._neigh.items()):
+            if k.cube == self.cube.id and v.port == port.id:
+                del self._neigh[k]
+        self.rt.remove_port(self.name, port_name)
+
+    # routes --------------------------------------------------------------
+    def add_route(self, cidr: str, port_name: str, nexthop: str | None = None) -> Route:
+        """Add or replace the route for `cidr` (idempotent)."""
+        net = ipaddress.IPv4Network(cidr, strict=True)
+        port = self.port(port_name)
+        nh = ipaddress.IPv4Address(nexthop) if nexthop else None
+        if nh is not None and port.ip:
+            connected = ipaddress.IPv4Interface(f"{port.ip}/{port.prefixlen}").network
+            if nh not in connected:
+                raise RuntimeError_(f"next hop {nh} is not on port {port_name}'s network {connected}")
+        value = maps.RouterRoute(port.id, maps.ip_be(nh) if nh else 0)
+        self._routes[self._route_key(net)] = value
+        route = Route(net, port_name, nh)
+        self.routes[net] = route
+        self._save()
+        return route
+
+    def remove_route(self, cidr: str) -> None:
+        net = ipaddress.IPv4Network(cidr, strict=True)
+        maps.discard(self._routes, self._route_key(net))
+        self.routes.pop(net, None)
+        self._save()
+
+    def _route_key(self, net: ipaddress.IPv4Network) -> maps.RouterRouteKey:
+        return maps.RouterRouteKey(32 + net.prefixlen, self.cube.id, maps.ip_be(net.network_address))
+
+    # neighbours ----------------------------------------------------------
+    def neighbors(self) -> dict[str, str]:
+        return {maps.ip_str(k.ip): maps.mac_str(v.mac)
+                for k, v in self._neigh.items() if k.cube == self.cube.id}
+
+    def neighbor(self, ip: str) -> str | None:
+        try:
+            v = self._neigh[maps.RouterNeighKey(self.cube.id, maps.ip_be(ip))]
+        except KeyError:
+            return None
+        return maps.mac_str(v.mac)
+
+    def delete(self) -> None:
+        for net in list(self.routes):
+            self.remove_route(str(net))
+        for port_name in list(self.cube.ports):
+            self.remove_port(port_name)
+        self.rt.remove_cube(self.name)
+

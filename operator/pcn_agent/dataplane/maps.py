@@ -1,0 +1,295 @@
+"""ctypes mirrors of the C structs in bpf/include and bpf/*.c.
+
+Each struct is written once here; tests compare their sizes with the ones BCC
+derives from the C source, so a change on one side fails loudly.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import enum
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+# Sizes from bpf/include/pcn_helpers.h.
+MAX_PORTS = 4096
+MAX_CUBES = 1024
+MAX_SLOTS = 256
+CHAIN_MAX = 8
+DROP_REASONS = 16
+BRIDGE_MAX_PORTS = 128
+
+PEER_NONE, PEER_NETDEV, PEER_PORT = 0, 1, 2
+HOOK_INGRESS, HOOK_EGRESS = 0, 1
+IFACE_PORT, IFACE_INJECT = 0, 1
+PORT_HOST_SHARED = 1
+INJECT_MAGIC = 0x70636E21
+INJECT_TO_CUBE, INJECT_OUT_PORT = 1, 2
+
+
+class DropReason(enum.IntEnum):
+    NO_PORT = 1
+    NO_PEER = 2
+    TAIL_CALL = 3
+    PARSE = 4
+    NO_ROUTE = 5
+    TTL = 6
+    NOT_FOR_US = 7
+    HAIRPIN = 8
+    FILTERED = 9
+    UNSUPPORTED = 10
+    SLOWPATH = 11
+    REJECTED = 12
+    NO_BACKEND = 13
+    NAT_EXHAUSTED = 14
+    REWRITE = 15
+
+
+class SlowReason(enum.IntEnum):
+    ARP_MISS = 1
+    NEIGH_LEARNED = 2
+
+
+MacBytes = ct.c_uint8 * 6
+
+
+class Hook(ct.Structure):
+    _fields_ = [
+        ("n", ct.c_uint32),
+        ("slot", ct.c_uint32 * CHAIN_MAX),
+        ("inst", ct.c_uint32 * CHAIN_MAX),
+    ]
+
+
+class Port(ct.Structure):
+    _fields_ = [
+        ("cube_id", ct.c_uint32),
+        ("cube_slot", ct.c_uint32),
+        ("peer_kind", ct.c_uint32),
+        ("peer", ct.c_uint32),
+        ("ip", ct.c_uint32),
+        ("prefixlen", ct.c_uint32),
+        ("mac", MacBytes),
+        ("flags", ct.c_uint16),
+        ("hooks", Hook * 2),
+    ]
+
+
+class Iface(ct.Structure):
+    _fields_ = [("port", ct.c_uint32), ("kind", ct.c_uint32)]
+
+
+class PortStats(ct.Structure):
+    _fields_ = [
+        ("rx_packets", ct.c_uint64),
+        ("rx_bytes", ct.c_uint64),
+        ("tx_packets", ct.c_uint64),
+        ("tx_bytes", ct.c_uint64),
+        ("drops", ct.c_uint64),
+    ]
+
+
+class SlowMsg(ct.Structure):
+    _fields_ = [
+        ("reason", ct.c_uint32),
+        ("cube_id", ct.c_uint32),
+        ("in_port", ct.c_uint32),
+        ("out_port", ct.c_uint32),
+        ("arg", ct.c_uint32),
+        ("pkt_len", ct.c_uint32),
+    ]
+
+
+class InjectTrailer(ct.Structure):
+    _fields_ = [("port", ct.c_uint32), ("action", ct.c_uint32), ("magic", ct.c_uint32)]
+
+
+class BridgeFdbKey(ct.Structure):
+    _fields_ = [("cube", ct.c_uint32), ("mac", MacBytes), ("pad", ct.c_uint16)]
+
+
+class BridgeFdbVal(ct.Structure):
+    _fields_ = [("port", ct.c_uint32), ("pad", ct.c_uint32), ("seen_ns", ct.c_uint64)]
+
+
+class BridgeCfg(ct.Structure):
+    _fields_ = [
+        ("aging_ns", ct.c_uint64),
+        ("n_ports", ct.c_uint32),
+        ("cube_port", ct.c_uint32),
+        ("ports", ct.c_uint32 * BRIDGE_MAX_PORTS),
+        ("ifindex", ct.c_uint32 * BRIDGE_MAX_PORTS),
+    ]
+
+
+class RouterRouteKey(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("cube", ct.c_uint32), ("dst", ct.c_uint32)]
+
+
+class RouterRoute(ct.Structure):
+    _fields_ = [("port", ct.c_uint32), ("nexthop", ct.c_uint32)]
+
+
+class RouterNeighKey(ct.Structure):
+    _fields_ = [("cube", ct.c_uint32), ("ip", ct.c_uint32)]
+
+
+class RouterNeigh(ct.Structure):
+    _fields_ = [
+        ("mac", MacBytes),
+        ("pad", ct.c_uint16),
+        ("port", ct.c_uint32),
+        ("updated_ns", ct.c_uint64),
+    ]
+
+
+class SvcKey(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class Svc(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("n_slots", ct.c_uint32), ("flags", ct.c_uint32),
+                ("affinity_timeout_s", ct.c_uint32)]
+
+
+class SlotKey(ct.Structure):
+    _fields_ = [("svc", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
+class BackendVal(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Xlate(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("is_src", ct.c_uint8),
+                ("kind", ct.c_uint8), ("ip2", ct.c_uint32), ("port2", ct.c_uint16),
+                ("pad", ct.c_uint16), ("svc", ct.c_uint32), ("pad2", ct.c_uint32),
+                ("seen_ns", ct.c_uint64)]
+
+
+class Flow(ct.Structure):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class DispCfg(ct.Structure):
+    _fields_ = [("node_ip", ct.c_uint32), ("vtep_ip", ct.c_uint32), ("local_pods", ct.c_uint32),
+                ("local_pods_mask", ct.c_uint32), ("uplink_port", ct.c_uint32),
+                ("overlay_port", ct.c_uint32), ("np_lo", ct.c_uint16), ("np_hi", ct.c_uint16),
+                ("snat_lo", ct.c_uint16), ("snat_hi", ct.c_uint16)]
+
+
+class NetKey(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("inst", ct.c_uint32), ("ip", ct.c_uint32)]
+
+
+class NodePortKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class FwRule(ct.Structure):
+    _fields_ = [("src", ct.c_uint32), ("src_mask", ct.c_uint32), ("dst", ct.c_uint32),
+                ("dst_mask", ct.c_uint32), ("sport_lo", ct.c_uint16), ("sport_hi", ct.c_uint16),
+                ("dport_lo", ct.c_uint16), ("dport_hi", ct.c_uint16), ("proto", ct.c_uint8),
+                ("action", ct.c_uint8), ("pad", ct.c_uint16)]
+
+
+class FwRuleKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("gen", ct.c_uint32), ("idx", ct.c_uint32)]
+
+
+class FwCfg(ct.Structure):
+    _fields_ = [("gen", ct.c_uint32), ("n_rules", ct.c_uint32), ("default_action", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class AffinityKey(ct.Structure):
+    _fields_ = [("svc", ct.c_uint32), ("client", ct.c_uint32)]
+
+
+class Affinity(ct.Structure):
+    _fields_ = [("backend", BackendVal), ("seen_ns", ct.c_uint64)]
+
+
+RouterAddrKey = RouterNeighKey  # same layout: {cube, ip}
+
+class BpfTable(Protocol):
+    """What the agent uses of a BCC table (bcc.table.TableBase and subclasses).
+
+    Keys and values are ctypes objects whose types BCC derives from the C
+    source at compile time (the mirrors above describe them), so they are
+    Any here."""
+
+    Key: Any  # the ctypes type of a key
+    Leaf: Any  # the ctypes type of a value (per CPU: an array, one per CPU)
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+    def __setitem__(self, key: Any, value: Any) -> None: ...
+
+    def __delitem__(self, key: Any) -> None: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def items(self) -> Iterable[tuple[Any, Any]]: ...
+
+    # perf event arrays only (the slow path)
+    def open_perf_buffer(self, callback: Callable[[int, int, int], None],
+                         page_cnt: int = ...) -> None: ...
+
+
+# (map name in C, key struct, value struct) for the size check.
+MIRRORS: dict[str, tuple[type, type]] = {
+    "pcn_ports": (ct.c_uint32, Port),
+    "pcn_ifaces": (ct.c_uint32, Iface),
+    "pcn_port_stats": (ct.c_uint32, PortStats),
+    "bridge_fdb": (BridgeFdbKey, BridgeFdbVal),
+    "bridge_cfgs": (ct.c_uint32, BridgeCfg),
+    "router_routes": (RouterRouteKey, RouterRoute),
+    "router_neigh": (RouterNeighKey, RouterNeigh),
+    "router_addrs": (RouterAddrKey, ct.c_uint32),
+    "lb_services": (SvcKey, Svc),
+    "lb_slots": (SlotKey, BackendVal),
+    "lb_sessions": (Flow, Xlate),
+    "nat_sessions": (Flow, Xlate),
+    "lb_affinity": (AffinityKey, Affinity),
+    "disp_cfgs": (ct.c_uint32, DispCfg),
+    "disp_nets": (NetKey, ct.c_uint32),
+    "disp_nodeports": (NodePortKey, ct.c_uint32),
+    "fw_rules": (FwRuleKey, FwRule),
+    "fw_cfgs": (ct.c_uint32, FwCfg),
+    "fw_hits": (ct.c_uint32, ct.c_uint64),
+}
+
+
+def ip_be(addr: str | ipaddress.IPv4Address) -> int:
+    """An IPv4 address as the u32 whose memory holds it in network order."""
+    return int.from_bytes(socket.inet_aton(str(addr)), "little")
+
+
+def ip_str(value: int) -> str:
+    return socket.inet_ntoa(int(value).to_bytes(4, "little"))
+
+
+def mac_bytes(mac: str) -> ct.Array[ct.c_uint8]:
+    parts = bytes(int(x, 16) for x in mac.split(":"))
+    if len(parts) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return MacBytes(*parts)
+
+
+def mac_str(raw: bytes | ct.Array[ct.c_uint8]) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+def discard(table: BpfTable, key: object) -> bool:
+    """Delete a map entry if it is there; True when it was."""
+    try:
+        del table[key]
+        return True
+    except KeyError:
+        return False

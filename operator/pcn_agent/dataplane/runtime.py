@@ -1,0 +1,612 @@
+"""The cube runtime of one agent instance.
+
+One Runtime drives the data plane of one node (one network namespace): it
+compiles each cube type once, puts each loaded program in a slot of the shared
+program array, keeps per-instance and per-port state in pinned maps keyed by
+id, attaches the single entry program to every peered netdev, and removes
+exactly what it created.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from pcn_agent.dataplane import bpffs, maps, tc
+from pcn_agent.dataplane.compiler import BpfModule, compile_bundle, compile_cube
+from pcn_agent.dataplane.netns import iproute
+
+log = logging.getLogger(__name__)
+
+ENTRY = "entry"
+STATE_ROOT = Path(os.environ.get("PCN_STATE_DIR", "/run/pcn/state"))
+
+# A specialised compile: (cube type, sorted defines).
+VariantKey = tuple[str, tuple[tuple[str, int | str], ...]]
+
+
+class RuntimeError_(RuntimeError):
+    """A data-plane operation that cannot be carried out (bad name, no room...)."""
+
+
+@dataclass
+class CubeType:
+    name: str
+    module: BpfModule
+    program: str
+    slot: int
+    fd: int
+
+
+@dataclass
+class Cube:
+    id: int
+    name: str
+    type: str
+    ports: dict[str, int] = field(default_factory=dict)  # port name -> port id
+    slot: int | None = None  # a program slot of its own (specialised cubes)
+    # the controller's state (JSON), saved for adoption
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StackedCube:
+    """A transparent cube placed on a port hook: its program slot and instance id."""
+
+    slot: int
+    instance: int
+
+
+@dataclass
+class PortState:
+    id: int
+    cube: str
+    name: str
+    mac: str = "00:00:00:00:00:00"
+    ip: str | None = None
+    prefixlen: int = 0
+    peer_kind: int = maps.PEER_NONE
+    peer: int = 0  # ifindex or port id
+    netdev: str | None = None
+    flags: int = 0  # maps.PORT_* bits
+    hooks: dict[int, list[StackedCube]] = field(
+        default_factory=lambda: {maps.HOOK_INGRESS: [], maps.HOOK_EGRESS: []}
+    )
+
+
+@dataclass
+class PortCounters:
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    drops: int = 0
+
+
+class _IdPool:
+    def __init__(self, limit: int, what: str) -> None:
+        self._free = list(range(limit - 1, 0, -1))
+        self._what = what
+
+    def take(self) -> int:
+        if not self._free:
+            raise RuntimeError_(f"no free {self._what} id left")
+        return self._free.pop()
+
+    def give(self, value: int) -> None:
+        self._free.append(value)
+
+    def reserve(self, value: int) -> None:
+        """Mark an id as used (adopting state left by a previous agent)."""
+        self._free.remove(value)
+
+
+class Runtime:
+    """Data plane of one agent instance inside network namespace `netns`
+    (None: the namespace of this process)."""
+
+    def __init__(self, name: str, netns: str | None = None,
+                 pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT,
+                 bundle: Sequence[str] = ()) -> None:
+        """`bundle`: cube types compiled together with the entry programs, in
+        one module, when the runtime opens (one compile instead of several:
+        what a node always runs); others are compiled when first used."""
+        self.name = name
+        self.bundle = tuple(bundle)
+        self.netns = netns
+        self.pin_root = pin_root
+        self.pin_dir: Path | None = None
+        self.state_path = state_root / f"{name}.json"
+        self.adopted = False
+        self.meta: dict[str, Any] = {}  # state of whoever drives this runtime (JSON), saved with it
+        self._netlink: NetlinkPerThread | None = None
+        self.types: dict[str, CubeType] = {}
+        self.variants: dict[VariantKey, CubeType] = {}  # specialised compiles
+        self.cubes: dict[str, Cube] = {}
+        self.ports: dict[int, PortState] = {}
+        self._cube_ids = _IdPool(maps.MAX_CUBES, "cube")
+        self._port_ids = _IdPool(maps.MAX_PORTS, "port")
+        self._slots = _IdPool(maps.MAX_SLOTS, "program slot")
+        self._attached: dict[int, set[str]] = {}  # ifindex -> tc parents we attached
+        self._own_clsact: set[int] = set()
+        self._entry_fds: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._entry: BpfModule | None = None
+        self._watchers: dict[str, Callable[[PortState], None]] = {}
+
+    @property
+    def is_open(self) -> bool:
+        return self._entry is not None
+
+    @property
+    def ipr(self) -> IPRoute | None:
+        """This thread's rtnetlink socket in the runtime's namespace (None when closed)."""
+        return self._netlink.get() if self._netlink is not None else None
+
+    # ----------------------------------------------------------------- life cycle
+    def open(self, adopt: bool = True) -> Runtime:
+        """Load the entry program; with `adopt`, take over the state a previous
+        agent of the same name left (pinned maps, program slots, attachments)
+        without disturbing the traffic that depends on it."""
+        if self.is_open:
+            raise RuntimeError_(f"runtime {self.name} is already open")
+        pin_dir = self.pin_root / self.name
+        state: dict[str, Any] | None = None
+        if adopt and self.state_path.is_file() and pin_dir.is_dir():
+            state = json.loads(self.state_path.read_text())
+        elif pin_dir.is_dir():
+            # Nothing to adopt (asked not to, or no saved state: an agent that
+            # died before its first save): a fresh start must not inherit the
+            # tables it left, which no state describes.
+            log.info("runtime %s: removing pins no saved state describes", self.name)
+            bpffs.remove_instance(pin_dir)
+        self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
+        self._netlink = NetlinkPerThread(self.netns)
+        self._entry = entry = compile_bundle((ENTRY, *self.bundle), self.pin_dir)
+        for prog in ("pcn_ingress", "pcn_egress"):
+            self._entry_fds[prog] = entry.load_func(prog, _sched_cls()).fd
+        if state is not None:
+            self._adopt(state)
+        log.info("runtime %s opened (netns %s, pins %s%s)", self.name, self.netns or "-",
+                 self.pin_dir, ", adopted" if self.adopted else "")
+        return self
+
+    def _adopt(self, state: dict[str, Any]) -> None:
+        for type_name, slot in state["types"].items():
+            self._slots.reserve(slot)
+            self._load_type_into(type_name, slot)
+        for c in state["cubes"]:
+            cube = Cube(c["id"], c["name"], c["type"], dict(c["ports"]), c.get("slot"),
+                        c.get("config", {}))
+            self._cube_ids.reserve(cube.id)
+            if cube.slot is not None:
+                self._slots.reserve(cube.slot)
+            self.cubes[cube.name] = cube
+        for p in state["ports"]:
+            hooks = {int(h): [StackedCube(**s) for s in stack] for h, stack in p.pop("hooks").items()}
+            port = PortState(**p, hooks=hooks)
+            self._port_ids.reserve(port.id)
+            self.ports[port.id] = port
+        self._own_clsact = set(state.get("own_clsact", []))
+        self.meta = state.get("meta", {})
+        for ifindex, parents in state.get("attached", {}).items():
+            for parent in parents:
+                prog = "pcn_ingress" if parent == tc.INGRESS else "pcn_egress"
+                self._attach(int(ifindex), parent, prog)  # replaces the old program in place
+        self.adopted = True
+
+    def save(self) -> None:
+        """Record what this runtime built, for the next agent to adopt."""
+        with self._lock:
+            state = {
+                "types": {t.name: t.slot for t in self.types.values()},
+                "cubes": [{"id": c.id, "name": c.name, "type": c.type, "ports": c.ports,
+                           "slot": c.slot, "config": c.config} for c in self.cubes.values()],
+                "ports": [_port_dict(p) for p in self.ports.values()],
+                "attached": {str(k): sorted(v) for k, v in self._attached.items()},
+                "own_clsact": sorted(self._own_clsact),
+                "meta": self.meta,
+            }
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+            tmp.replace(self.state_path)
+
+    def _release_modules(self) -> None:
+        for t in [*self.types.values(), *self.variants.values()]:
+            if t.module is not self._entry:  # bundled types share the entry's module
+                t.module.cleanup()
+        if self._entry is not None:
+            self._entry.cleanup()
+            self._entry = None
+        self.types.clear()
+        self.variants.clear()
+
+    def abandon(self) -> None:
+        """Let go of the data plane as a crashing agent would: close every file
+        descriptor, leave programs attached, maps pinned and state on disk."""
+        with self._lock:
+            self._release_modules()
+            if self._netlink is not None:
+                self._netlink.close()
+                self._netlink = None
+
+    def close(self, remove: bool = True) -> None:
+        """Detach from netdevs and unpin everything this runtime created."""
+        with self._lock:
+            if self.ipr is None:
+                return
+            for ifindex, parents in list(self._attached.items()):
+                for parent in parents:
+                    tc.detach(self.ipr, ifindex, parent)
+                if ifindex in self._own_clsact:
+                    tc.remove_clsact(self.ipr, ifindex)
+            self._attached.clear()
+            self._own_clsact.clear()
+            self._release_modules()
+            assert self._netlink is not None  # self.ipr came from it
+            self._netlink.close()
+            self._netlink = None
+            if remove and self.pin_dir is not None:
+                bpffs.remove_instance(self.pin_dir)
+            if remove:
+                self.state_path.unlink(missing_ok=True)
+            log.info("runtime %s closed", self.name)
+
+    def __enter__(self) -> Runtime:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- tables
+    def table(self, name: str, cube_type: str = ENTRY) -> maps.BpfTable:
+        module = self._entry if cube_type == ENTRY else self.load_type(cube_type).module
+        assert module is not None, "Runtime.open() first"
+        return module[name.encode()]
+
+    # ---------------------------------------------------------------- types
+    def load_type(self, type_name: str) -> CubeType:
+        """Compile a cube type once and register its program in the program array."""
+        with self._lock:
+            if type_name in self.types:
+                return self.types[type_name]
+            assert self.pin_dir is not None, "Runtime.open() first"
+            return self._load_type_into(type_name, self._slots.take())
+
+    def load_variant(self, type_name: str, defines: Mapping[str, int | str]) -> CubeType:
+        """Compile (once) a cube type specialised by `defines`; the caller puts its
+        program in a slot of its own with set_slot(). The compile runs outside
+        the runtime's lock, so pods attach meanwhile."""
+        key: VariantKey = (type_name, tuple(sorted(defines.items())))
+        with self._lock:
+            if key in self.variants:
+                return self.variants[key]
+            assert self.pin_dir is not None, "Runtime.open() first"
+            pin_dir = self.pin_dir
+        module = compile_cube(type_name, pin_dir, defines)
+        prog = f"{type_name}_rx"
+        fd = module.load_func(prog, _sched_cls()).fd
+        with self._lock:
+            if key in self.variants:  # compiled twice at once: keep the first
+                module.cleanup()
+            else:
+                self.variants[key] = CubeType(type_name, module, prog, -1, fd)
+            return self.variants[key]
+
+    def has_variant(self, type_name: str, defines: Mapping[str, int | str]) -> bool:
+        return (type_name, tuple(sorted(defines.items()))) in self.variants
+
+    def _load_type_into(self, type_name: str, slot: int) -> CubeType:
+        assert self.pin_dir is not None
+        module = (self._entry if type_name in self.bundle
+                  else compile_cube(type_name, self.pin_dir))
+        assert module is not None  # bundled types: the entry's module, loaded by open()
+        prog = f"{type_name}_rx"
+        fd = module.load_func(prog, _sched_cls()).fd
+        self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
+        t = CubeType(type_name, module, prog, slot, fd)
+        self.types[type_name] = t
+        return t
+
+    # ---------------------------------------------------------------- cubes
+    def add_cube(self, name: str, type_name: str, own_slot: bool = False) -> Cube:
+        """Create a cube instance. A cube with `own_slot` gets a program slot of its
+        own (for a program specialised to its configuration); others share the
+        type's program."""
+        with self._lock:
+            if name in self.cubes:
+                raise RuntimeError_(f"cube {name!r} already exists")
+            if not own_slot:
+                self.load_type(type_name)
+            cube = Cube(self._cube_ids.take(), name, type_name,
+                        slot=self._slots.take() if own_slot else None)
+            self._zero_cube_stats(cube.id)
+            self.cubes[name] = cube
+            log.info("cube %s (%s) created with id %d", name, type_name, cube.id)
+            return cube
+
+    def remove_cube(self, name: str) -> None:
+        with self._lock:
+            cube = self.cube(name)
+            for port_name in list(cube.ports):
+                self.remove_port(name, port_name)
+            del self.cubes[name]
+            self._watchers.pop(name, None)
+            if cube.slot is not None:
+                self.free_slot(cube.slot)
+            self._cube_ids.give(cube.id)
+            log.info("cube %s removed", name)
+
+    def stacked(self, name: str) -> StackedCube:
+        """How to stack transparent cube `name` on a port hook."""
+        cube = self.cube(name)
+        slot = cube.slot if cube.slot is not None else self.types[cube.type].slot
+        return StackedCube(slot, cube.id)
+
+    def cube(self, name: str) -> Cube:
+        try:
+            return self.cubes[name]
+        except KeyError:
+            raise RuntimeError_(f"no cube named {name!r}") from None
+
+    # ---------------------------------------------------------------- ports
+    def add_port(self, cube_name: str, port_name: str, mac: str | None = None,
+                 ip: str | None = None, prefixlen: int = 0, flags: int = 0) -> PortState:
+        with self._lock:
+            cube = self.cube(cube_name)
+            if port_name in cube.ports:
+                raise RuntimeError_(f"cube {cube_name!r} already has a port {port_name!r}")
+            pid = self._port_ids.take()
+            port = PortState(pid, cube_name, port_name, mac or _local_mac(self.name, pid), ip,
+                             prefixlen, flags=flags)
+            cube.ports[port_name] = pid
+            self.ports[pid] = port
+            self._zero_port_stats(pid)
+            self._write_port(port)
+            return port
+
+    def port(self, cube_name: str, port_name: str) -> PortState:
+        cube = self.cube(cube_name)
+        try:
+            return self.ports[cube.ports[port_name]]
+        except KeyError:
+            raise RuntimeError_(f"cube {cube_name!r} has no port {port_name!r}") from None
+
+    def remove_port(self, cube_name: str, port_name: str) -> None:
+        with self._lock:
+            port = self.port(cube_name, port_name)
+            self.disconnect(port)
+            del self.table("pcn_ports")[ct.c_uint32(port.id)]
+            del self.cube(cube_name).ports[port_name]
+            del self.ports[port.id]
+            self._port_ids.give(port.id)
+
+    def _write_port(self, port: PortState) -> None:
+        cube = self.cubes[port.cube]
+        v = maps.Port()
+        v.cube_id = cube.id
+        v.cube_slot = cube.slot if cube.slot is not None else self.types[cube.type].slot
+        v.peer_kind = port.peer_kind
+        v.peer = port.peer
+        v.ip = maps.ip_be(port.ip) if port.ip else 0
+        v.prefixlen = port.prefixlen
+        v.mac = maps.mac_bytes(port.mac)
+        v.flags = port.flags
+        for hook, stack in port.hooks.items():
+            v.hooks[hook].n = len(stack)
+            for i, s in enumerate(stack):
+                v.hooks[hook].slot[i] = s.slot
+                v.hooks[hook].inst[i] = s.instance
+        self.table("pcn_ports")[ct.c_uint32(port.id)] = v
+        watcher = self._watchers.get(port.cube)
+        if watcher is not None:
+            watcher(port)
+
+    def watch_ports(self, cube_name: str, fn: Callable[[PortState], None] | None) -> None:
+        """Call `fn` after any change to a port of `cube_name` reaches the map."""
+        if fn is None:
+            self._watchers.pop(cube_name, None)
+        else:
+            self._watchers[cube_name] = fn
+
+    # ---------------------------------------------------------------- peering
+    def ifindex(self, ifname: str) -> int:
+        assert self.ipr is not None
+        found = self.ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise RuntimeError_(f"no netdev {ifname!r} in netns {self.netns or '(current)'}")
+        return int(found[0])
+
+    def connect_netdev(self, port: PortState, ifname: str) -> None:
+        """Peer a port with a netdev: the entry program on its tc ingress."""
+        with self._lock:
+            self.disconnect(port)
+            ifindex = self.ifindex(ifname)
+            self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(port.id, maps.IFACE_PORT)
+            port.peer_kind, port.peer, port.netdev = maps.PEER_NETDEV, ifindex, ifname
+            self._write_port(port)
+            self._attach(ifindex, tc.INGRESS, "pcn_ingress")
+            self._sync_egress_attach(port)
+            log.info("port %s:%s peered with netdev %s (ifindex %d)", port.cube, port.name,
+                     ifname, ifindex)
+
+    def attach_inject(self, ifname: str) -> None:
+        """Mark a netdev as this runtime's slow-path injection device."""
+        with self._lock:
+            ifindex = self.ifindex(ifname)
+            self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(0, maps.IFACE_INJECT)
+            self._attach(ifindex, tc.INGRESS, "pcn_ingress")
+
+    def connect_ports(self, a: PortState, b: PortState) -> None:
+        with self._lock:
+            self.disconnect(a)
+            self.disconnect(b)
+            a.peer_kind, a.peer = maps.PEER_PORT, b.id
+            b.peer_kind, b.peer = maps.PEER_PORT, a.id
+            self._write_port(a)
+            self._write_port(b)
+            log.info("port %s:%s peered with %s:%s", a.cube, a.name, b.cube, b.name)
+
+    def disconnect(self, port: PortState) -> None:
+        with self._lock:
+            if port.peer_kind == maps.PEER_NETDEV:
+                ifindex = port.peer
+                for parent in self._attached.pop(ifindex, set()):
+                    tc.detach(self.ipr, ifindex, parent)
+                if ifindex in self._own_clsact:
+                    tc.remove_clsact(self.ipr, ifindex)
+                    self._own_clsact.discard(ifindex)
+                try:
+                    del self.table("pcn_ifaces")[ct.c_uint32(ifindex)]
+                except KeyError:
+                    pass
+            elif port.peer_kind == maps.PEER_PORT:
+                other = self.ports.get(port.peer)
+                if other is not None and other.peer == port.id:
+                    other.peer_kind, other.peer = maps.PEER_NONE, 0
+                    self._write_port(other)
+            if port.peer_kind != maps.PEER_NONE:
+                port.peer_kind, port.peer, port.netdev = maps.PEER_NONE, 0, None
+                self._write_port(port)
+
+    def _attach(self, ifindex: int, parent: str, prog: str) -> None:
+        assert self.ipr is not None
+        if tc.ensure_clsact(self.ipr, ifindex):
+            self._own_clsact.add(ifindex)
+        tc.attach(self.ipr, ifindex, parent, self._entry_fds[prog], prog)
+        self._attached.setdefault(ifindex, set()).add(parent)
+
+    def _sync_egress_attach(self, port: PortState) -> None:
+        """A netdev-peered port with an egress hook needs the egress entry program."""
+        if port.peer_kind != maps.PEER_NETDEV:
+            return
+        parents = self._attached.get(port.peer, set())
+        if port.hooks[maps.HOOK_EGRESS] and tc.EGRESS not in parents:
+            self._attach(port.peer, tc.EGRESS, "pcn_egress")
+        elif not port.hooks[maps.HOOK_EGRESS] and tc.EGRESS in parents:
+            tc.detach(self.ipr, port.peer, tc.EGRESS)
+            parents.discard(tc.EGRESS)
+
+    # ---------------------------------------------------------------- chains
+    def set_hook(self, port: PortState, hook: int, stack: Iterable[StackedCube]) -> None:
+        """Replace the transparent cubes on one side of a port in one map update."""
+        stack = list(stack)
+        if len(stack) > maps.CHAIN_MAX:
+            raise RuntimeError_(f"at most {maps.CHAIN_MAX} cubes fit on one port hook")
+        with self._lock:
+            port.hooks[hook] = stack
+            if hook == maps.HOOK_EGRESS and stack:
+                self._sync_egress_attach(port)  # program in place before the hook is used
+            self._write_port(port)
+            if hook == maps.HOOK_EGRESS and not stack:
+                self._sync_egress_attach(port)
+
+    def set_slot(self, slot: int, fd: int) -> None:
+        self.table("pcn_progs")[ct.c_int(slot)] = ct.c_int(fd)
+
+    def free_slot(self, slot: int) -> None:
+        try:
+            del self.table("pcn_progs")[ct.c_int(slot)]
+        except KeyError:
+            pass
+        self._slots.give(slot)
+
+    # ---------------------------------------------------------------- counters
+    def port_counters(self, port: PortState) -> PortCounters:
+        per_cpu = self.table("pcn_port_stats")[ct.c_uint32(port.id)]
+        total = PortCounters()
+        for s in per_cpu:
+            total.rx_packets += s.rx_packets
+            total.rx_bytes += s.rx_bytes
+            total.tx_packets += s.tx_packets
+            total.tx_bytes += s.tx_bytes
+            total.drops += s.drops
+        return total
+
+    def cube_drops(self, cube_name: str) -> dict[str, int]:
+        """Drops of a cube by reason name (only reasons with a non-zero count)."""
+        cube = self.cube(cube_name)
+        t = self.table("pcn_cube_stats")
+        out = {}
+        for reason in maps.DropReason:
+            n = sum(t[ct.c_uint32(cube.id * maps.DROP_REASONS + reason)])
+            if n:
+                out[reason.name.lower()] = int(n)
+        return out
+
+    def _zero_port_stats(self, pid: int) -> None:
+        t = self.table("pcn_port_stats")
+        t[ct.c_uint32(pid)] = _zeros(t)
+
+    def _zero_cube_stats(self, cid: int) -> None:
+        t = self.table("pcn_cube_stats")
+        for reason in range(maps.DROP_REASONS):
+            t[ct.c_uint32(cid * maps.DROP_REASONS + reason)] = _zeros(t)
+
+
+class NetlinkPerThread:
+    """One rtnetlink socket per thread, each opened inside `netns` by setns.
+
+    pyroute2's synchronous IPRoute opens a fresh socket for every thread that
+    uses it, in that thread's namespace; a socket opened by setns therefore
+    only serves its own thread. `IPRoute(netns=...)` would follow the
+    namespace but forks a helper to do it (see nsutil)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._local = threading.local()
+        self._all: list[IPRoute] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> IPRoute:
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            ipr = iproute(self.netns)
+            self._local.ipr = ipr
+            with self._lock:
+                self._all.append(ipr)
+        return ipr
+
+    def close(self) -> None:
+        with self._lock:
+            for ipr in self._all:
+                try:
+                    ipr.close()
+                except Exception:  # a thread's socket may already be gone
+                    log.debug("closing a netlink socket failed", exc_info=True)
+            self._all.clear()
+
+
+def _port_dict(p: PortState) -> dict[str, Any]:
+    d = asdict(p)
+    d["hooks"] = {str(h): [asdict(s) for s in stack] for h, stack in p.hooks.items()}
+    return d
+
+
+def _zeros(table: maps.BpfTable) -> object:
+    """A zero value for a per-CPU table (BCC's Leaf already holds one per CPU)."""
+    return table.Leaf()
+
+
+def _sched_cls() -> int:
+    from bcc import BPF
+
+    return int(BPF.SCHED_CLS)
+
+
+def _local_mac(instance: str, port_id: int) -> str:
+    """A stable, locally administered unicast MAC for a cube port."""
+    import zlib
+
+    h = zlib.crc32(instance.encode()) & 0xFFFF
+    return f"0a:58:{h >> 8:02x}:{h & 0xff:02x}:{port_id >> 8:02x}:{port_id & 0xff:02x}"

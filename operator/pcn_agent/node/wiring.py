@@ -1,0 +1,533 @@
+"""Node wiring: the default node topology of DESIGN §2.
+
+    pod eth0 == veth == [lbrp, extra cubes] bridge(br0) -- router(r0) --+-- vxlan netdev -- other nodes
+                                                                          +-- [k8sdispatcher] -- node NIC
+
+The bridge joins the node's pods on one L2 segment (the node's pod CIDR); the
+router is their gateway, reaches other nodes' pod CIDRs through the kernel
+VXLAN device (one all-zero FDB entry per remote node, the rest learned) and
+the outside world through the node's NIC, which it shares with the host
+stack. The lbrp on every pod port translates ClusterIP services; the
+k8sdispatcher on the NIC does NodePort and masquerading.
+
+Everything the node builds is recorded with the runtime's state, so an agent
+that restarts adopts it (`up(adopt=True)`) instead of rebuilding it.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pcn_agent.dataplane import bpffs, maps
+from pcn_agent.dataplane.cubes.bridge import TYPE as BRIDGE_TYPE
+from pcn_agent.dataplane.cubes.bridge import Bridge
+from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
+from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
+from pcn_agent.dataplane.cubes.lbrp import TYPE as LB_TYPE
+from pcn_agent.dataplane.cubes.lbrp import Backend, LoadBalancer, Service
+from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
+from pcn_agent.dataplane.cubes.router import Router
+from pcn_agent.dataplane.runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
+from pcn_agent.dataplane.slowpath import ArpResolver, SlowPath
+from pcn_agent.node import podnet
+
+log = logging.getLogger(__name__)
+
+VXLAN_DEV = "pcn-vxlan"
+# The host link: a veth pair between the node's own stack (HOST_DEV) and the
+# router's "host" port (HOST_CUBE_DEV), so that the kubelet's probes reach the
+# node's pods and pods reach services the node itself serves on its address.
+HOST_DEV = "pcn-host"
+HOST_CUBE_DEV = "pcn-host-r"
+HOST_PORT = "host"
+BRIDGE = "br0"
+ROUTER = "r0"
+LB = "lb"
+DISPATCHER = "k8s"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    netns: str | None
+    uplink: str  # the node's NIC
+    node_ip: str  # address of the uplink, the VXLAN underlay source
+    pod_cidr: str  # this node's pods, e.g. 10.244.1.0/24
+    vtep: str  # router address on the overlay, e.g. 10.18.0.1/16 (ConfigMap vtepsRange)
+    mtu: int = 1450
+    vni: int = 42
+    vxlan_port: int = 4789
+    cluster_pod_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
+    nodeport_range: tuple[int, int] = (30000, 32767)
+    snat_range: tuple[int, int] = (61000, 65535)
+    default_gateway: str | None = None  # next hop for the outside world, if any
+    host_link: str = "169.254.42.0/30"  # router .1, host .2; never leaves the node
+
+    @property
+    def host_pod_ip(self) -> str:
+        """The node's own address inside its pod CIDR (the network address,
+        which IPAM never gives a pod): its source towards other nodes' pods."""
+        return str(ipaddress.IPv4Network(self.pod_cidr).network_address)
+
+    @property
+    def host_link_ips(self) -> tuple[str, str]:
+        """(the router's, the host's) address on the host link."""
+        net = ipaddress.IPv4Network(self.host_link)
+        return str(net.network_address + 1), str(net.network_address + 2)
+
+    @property
+    def gateway(self) -> str:
+        net = ipaddress.IPv4Network(self.pod_cidr)
+        return str(net.network_address + 1)
+
+    @property
+    def vtep_ip(self) -> str:
+        return str(ipaddress.IPv4Interface(self.vtep).ip)
+
+
+@dataclass(frozen=True)
+class PeerNode:
+    name: str
+    node_ip: str
+    pod_cidr: str
+    vtep_ip: str
+
+
+@dataclass
+class Pod:
+    key: str
+    netns: str
+    iface: podnet.PodInterface
+    port: PortState
+    ingress: list[str] = field(default_factory=list)  # extra cubes on the port's ingress hook
+    egress: list[str] = field(default_factory=list)  # (from the pod) and egress hook (to it)
+    k8s_namespace: str = ""
+    k8s_name: str = ""
+    origin: str = ""  # "cni" when the CNI plugin made the veth (see register_pod)
+
+
+BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE)  # in _build's order
+
+
+def prepare_runtime(name: str, netns: str | None, pin_root: Path = bpffs.DEFAULT_ROOT,
+                    state_root: Path = STATE_ROOT) -> Runtime:
+    """Open node `name`'s runtime (adopting what a previous agent left) with
+    the cube types every node runs compiled in one module with the entry
+    programs, and load them into their slots. This is most of an agent's start
+    and needs only the node's name, so the agent runs it while it still waits
+    for its Node object; NodeDataplane(..., prepared=rt).up() goes on from it.
+    On failure nothing new is left: a fresh runtime is removed, an adopting
+    one let go of (the data plane it found stays for the next try)."""
+    start = time.monotonic()
+    rt = Runtime(name, netns, pin_root, state_root, bundle=BASE_TYPES)
+    try:
+        rt.open(adopt=True)
+        if not rt.adopted:
+            for type_name in BASE_TYPES:
+                rt.load_type(type_name)
+    except BaseException:
+        if rt.adopted or rt.state_path.is_file():
+            rt.abandon()
+        else:
+            rt.close(remove=True)
+        raise
+    log.info("runtime %s prepared in %.0f ms (%s)", name, (time.monotonic() - start) * 1000,
+             "adopted" if rt.adopted else f"compiled {', '.join(BASE_TYPES)}")
+    return rt
+
+
+@dataclass
+class NodeDataplane:
+    cfg: NodeConfig
+    pin_root: Path = bpffs.DEFAULT_ROOT
+    state_root: Path = STATE_ROOT
+    pods: dict[str, Pod] = field(default_factory=dict)
+    peers: dict[str, PeerNode] = field(default_factory=dict)
+    # a runtime prepare_runtime() opened ahead of the node's configuration
+    prepared: Runtime | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.prepared is not None:
+            if (self.prepared.name, self.prepared.netns) != (self.cfg.name, self.cfg.netns):
+                raise ValueError(f"prepared runtime {self.prepared.name} (netns "
+                                 f"{self.prepared.netns}) is not node {self.cfg.name}'s")
+            self.rt = self.prepared
+        else:
+            self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root,
+                              bundle=BASE_TYPES)
+        self.slow: SlowPath | None = None
+        self.bridge: Bridge | None = None
+        self.router: Router | None = None
+        self.lb: LoadBalancer | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.arp: ArpResolver | None = None
+        self._batch_depth = 0
+
+    # ---------------------------------------------------------------- up/down
+    def up(self, adopt: bool = True) -> NodeDataplane:
+        """Build the node's data plane, or adopt the one a previous agent left."""
+        start = time.monotonic()
+        if self.rt.is_open and self.rt.adopted and not adopt:
+            raise ValueError("up(adopt=False) with a runtime that adopted a data plane")
+        try:
+            if not self.rt.is_open:
+                self.rt.open(adopt=adopt)
+            self.slow = SlowPath(self.rt).start()
+            if self.rt.adopted:
+                self._restore()
+            else:
+                self._build()
+            self.slow.listen(self.rt.types["router"].module)
+            self.arp = ArpResolver(self.rt, self.slow, self.rt.table("router_neigh", "router"))
+            self.save()
+        except BaseException:  # Ctrl-C included: never leave a half-built node behind
+            self.down()
+            raise
+        log.info("node %s %s in %.0f ms", self.cfg.name,
+                 "adopted" if self.rt.adopted else "up", (time.monotonic() - start) * 1000)
+        return self
+
+    def _build(self) -> None:
+        c = self.cfg
+        self.bridge = Bridge(self.rt, BRIDGE)
+        self.router = Router(self.rt, ROUTER)
+        self.lb = LoadBalancer(self.rt, LB)
+        gw = f"{c.gateway}/{ipaddress.IPv4Network(c.pod_cidr).prefixlen}"
+        r_pods = self.router.add_port("pods", gw)
+        b_up = self.bridge.add_port("uplink")
+        self.rt.connect_ports(r_pods, b_up)
+
+        vx_mac = self._create_vxlan()
+        r_vx = self.router.add_port("vxlan", c.vtep, mac=vx_mac)
+        nic_addr, nic_mac = self._uplink_address()
+        r_up = self.router.add_port("uplink", nic_addr, mac=nic_mac, flags=maps.PORT_HOST_SHARED)
+        if c.default_gateway:
+            self.router.add_route("0.0.0.0/0", "uplink", nexthop=c.default_gateway)
+
+        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
+                                     self._dispatcher_config())
+        self.dispatcher.configure(r_up.id, r_vx.id)
+        disp = [self.rt.stacked(DISPATCHER)]
+        # Hooks first, netdevs second: no packet crosses a port before its cubes are there.
+        self.rt.set_hook(r_up, maps.HOOK_INGRESS, disp)
+        self.rt.set_hook(r_up, maps.HOOK_EGRESS, disp)
+        self.rt.set_hook(r_vx, maps.HOOK_INGRESS, disp)
+        self.rt.connect_netdev(r_vx, VXLAN_DEV)
+        self.rt.connect_netdev(r_up, c.uplink)
+        self.rt.meta["vxlan_created"] = self._vxlan_created
+        self._build_host_link()
+
+    def _build_host_link(self) -> None:
+        """The router's "host" port on a veth pair with the node's stack.
+
+        * The node reaches its own pods from its address (route pod CIDR via
+          the router, src node IP: what a kubelet probe needs); the router
+          sends what pods address to the node's address to the host
+          (node_ip/32 via the host's end) rather than out of the NIC. The
+          node's address is the host's: the router does not answer for it.
+        * The node reaches other nodes' pods over the overlay (route cluster
+          pod CIDR via the router) from its pod CIDR's network address, which
+          no pod gets and which every node routes to this one, so the
+          answers come back the same way (host_pod_ip/32 via the host's end):
+          what an API server needs to call webhooks served by pods."""
+        c = self.cfg
+        router_ip, host_ip = c.host_link_ips
+        prefix = ipaddress.IPv4Network(c.host_link).prefixlen
+        assert self.router is not None
+        r_host = self.router.add_port(HOST_PORT, f"{router_ip}/{prefix}")
+        self.rt.meta["host_link_created"] = True  # before: a failure half-way still cleans up
+        self._create_host_link(host_ip, prefix)
+        self.router.add_route(f"{c.node_ip}/32", HOST_PORT, nexthop=host_ip)
+        self.router.add_route(f"{c.host_pod_ip}/32", HOST_PORT, nexthop=host_ip)
+        self.rt.connect_netdev(r_host, HOST_CUBE_DEV)
+        ipr = self.rt.ipr
+        assert ipr is not None
+        oif = self.rt.ifindex(HOST_DEV)
+        ipr.route("replace", dst=c.pod_cidr, gateway=router_ip, oif=oif, prefsrc=c.node_ip)
+        cluster = ipaddress.IPv4Network(c.cluster_pod_cidr)
+        if cluster != ipaddress.IPv4Network(c.pod_cidr):
+            ipr.route("replace", dst=str(cluster), gateway=router_ip, oif=oif,
+                      prefsrc=c.host_pod_ip)
+
+    def _create_host_link(self, host_ip: str, prefix: int) -> None:
+        ipr = self.rt.ipr
+        assert ipr is not None
+        if not ipr.link_lookup(ifname=HOST_DEV):  # else one an agent left: the name is ours
+            ipr.link("add", ifname=HOST_DEV, kind="veth", peer=HOST_CUBE_DEV)
+        for name in (HOST_DEV, HOST_CUBE_DEV):
+            podnet.no_ipv6(self.cfg.netns, name)
+            ipr.link("set", index=self.rt.ifindex(name), mtu=self.cfg.mtu, state="up")
+        idx = self.rt.ifindex(HOST_DEV)
+        ipr.addr("replace", index=idx, address=host_ip, prefixlen=prefix)
+        ipr.addr("replace", index=idx, address=self.cfg.host_pod_ip, prefixlen=32)
+
+    def _dispatcher_config(self) -> DispatcherConfig:
+        c = self.cfg
+        vteps = str(ipaddress.IPv4Interface(c.vtep).network)
+        return DispatcherConfig(
+            node_ip=c.node_ip, vtep_ip=c.vtep_ip, local_pods=c.pod_cidr,
+            pod_networks=(c.cluster_pod_cidr,),
+            no_snat=(c.cluster_pod_cidr, c.service_cidr, vteps),
+            nodeport_range=c.nodeport_range, snat_range=c.snat_range)
+
+    def _restore(self) -> None:
+        self.bridge = Bridge(self.rt, BRIDGE)
+        self.router = Router(self.rt, ROUTER)
+        self.lb = LoadBalancer(self.rt, LB)
+        self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
+                                     self._dispatcher_config())
+        self._vxlan_created = self.rt.meta.get("vxlan_created", False)
+        for p in self.rt.meta.get("peers", []):
+            peer = PeerNode(**p)
+            self.peers[peer.name] = peer
+        for key, p in self.rt.meta.get("pods", {}).items():
+            port = self.rt.ports[p["port"]]
+            self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
+                                 p["ingress"], p["egress"], p.get("k8s_namespace", ""),
+                                 p.get("k8s_name", ""), p.get("origin", ""))
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group many changes under one save (a burst of Service updates)."""
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            if not self._batch_depth and self.rt.ipr is not None:
+                self.save()
+
+    def save(self) -> None:
+        """Record the node's state for a restarted agent (after each change, or
+        once at the end of a batch)."""
+        if self._batch_depth:
+            return
+        if self.lb is not None:
+            self.lb.save()
+        if self.dispatcher is not None:
+            self.dispatcher.save()
+        self.rt.meta["peers"] = [asdict(p) for p in self.peers.values()]
+        self.rt.meta["pods"] = {k: {"netns": p.netns, "iface": asdict(p.iface), "port": p.port.id,
+                                    "ingress": p.ingress, "egress": p.egress,
+                                    "k8s_namespace": p.k8s_namespace, "k8s_name": p.k8s_name,
+                                    "origin": p.origin}
+                                for k, p in self.pods.items()}
+        self.rt.save()
+
+    def down(self) -> None:
+        """Remove everything this node created; safe to call twice or after a failed up()."""
+        for key in list(self.pods):
+            self.remove_pod(key)
+        if self.slow is not None:
+            self.slow.stop(remove=True)
+            self.slow = None
+        if self.rt.ipr is not None and getattr(self, "_vxlan_created", False):
+            _del_link(self.rt, VXLAN_DEV)
+            self._vxlan_created = False
+        if self.rt.ipr is not None and self.rt.meta.pop("host_link_created", False):
+            _del_link(self.rt, HOST_DEV)  # its peer and the host's route go with it
+        self.rt.close(remove=True)
+
+    def crash(self) -> None:
+        """Stop as a killed agent would: threads and file descriptors go, the
+        data plane (programs, pinned maps, attachments, state file) stays."""
+        if self.slow is not None:
+            self.slow.stop(remove=False)
+            self.slow = None
+        self.rt.abandon()
+
+    # ---------------------------------------------------------------- overlay
+    def _create_vxlan(self) -> str:
+        ipr = self.rt.ipr
+        assert ipr is not None
+        uplink = self.rt.ifindex(self.cfg.uplink)
+        self._vxlan_created = False
+        if not ipr.link_lookup(ifname=VXLAN_DEV):
+            ipr.link("add", ifname=VXLAN_DEV, kind="vxlan", vxlan_id=self.cfg.vni,
+                     vxlan_local=self.cfg.node_ip, vxlan_link=uplink,
+                     vxlan_port=self.cfg.vxlan_port, vxlan_learning=1)
+            self._vxlan_created = True
+        idx = self.rt.ifindex(VXLAN_DEV)
+        podnet.no_ipv6(self.cfg.netns, VXLAN_DEV)
+        ipr.link("set", index=idx, state="up")
+        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+
+    def _uplink_address(self) -> tuple[str, str]:
+        """The NIC's address (interface notation) holding node_ip, and its MAC."""
+        ipr = self.rt.ipr
+        assert ipr is not None
+        idx = self.rt.ifindex(self.cfg.uplink)
+        for a in ipr.get_addr(index=idx, family=2):
+            if a.get_attr("IFA_ADDRESS") == self.cfg.node_ip:
+                mac = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+                return f"{self.cfg.node_ip}/{a['prefixlen']}", mac
+        raise RuntimeError_(f"node address {self.cfg.node_ip} is not configured on "
+                            f"{self.cfg.uplink}; set the node IP of the uplink interface")
+
+    def set_peers(self, peers: list[PeerNode]) -> None:
+        """Make the overlay match `peers` (idempotent): FDB flood entries and one
+        route per remote pod CIDR via that node's VTEP."""
+        assert self.router is not None and self.rt.ipr is not None
+        idx = self.rt.ifindex(VXLAN_DEV)
+        wanted = {p.name: p for p in peers if p.name != self.cfg.name}
+        for name, old in list(self.peers.items()):
+            if name not in wanted or wanted[name] != old:
+                self._fdb("del", idx, old.node_ip)
+                self.router.remove_route(old.pod_cidr)
+                del self.peers[name]
+        for name, peer in wanted.items():
+            if name in self.peers:
+                continue
+            self._fdb("append", idx, peer.node_ip)
+            self.router.add_route(peer.pod_cidr, "vxlan", nexthop=peer.vtep_ip)
+            self.peers[name] = peer
+            log.info("node %s: route %s via %s (node %s)", self.cfg.name, peer.pod_cidr,
+                     peer.vtep_ip, peer.node_ip)
+        self.save()
+
+    def _fdb(self, op: str, idx: int, dst: str) -> None:
+        assert self.rt.ipr is not None
+        try:
+            self.rt.ipr.fdb(op, ifindex=idx, lladdr="00:00:00:00:00:00", dst=dst)
+        except NetlinkError as exc:
+            if not (op == "del" and exc.code == errno.ENOENT) and exc.code != errno.EEXIST:
+                raise
+
+    # ---------------------------------------------------------------- services
+    # The service table is recorded by save() (LoadBalancer.save, a snapshot of
+    # every service), not after each change: inside a batch, installing N
+    # services must not snapshot N times.
+    def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
+                    affinity_timeout_s: int = 0) -> Service:
+        assert self.lb is not None
+        svc = self.lb.services.set(vip, port, proto, backends, affinity_timeout_s)
+        self.save()
+        return svc
+
+    def delete_service(self, vip: str, port: int, proto: str) -> bool:
+        assert self.lb is not None
+        found = self.lb.services.delete(vip, port, proto)
+        self.save()
+        return found
+
+    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend]) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.set_nodeport(port, proto, policy, backends)
+        self.save()
+
+    def delete_nodeport(self, port: int, proto: str) -> bool:
+        assert self.dispatcher is not None
+        found = self.dispatcher.delete_nodeport(port, proto)
+        self.save()
+        return found
+
+    # ---------------------------------------------------------------- pods
+    def add_pod(self, key: str, pod_netns: str, address: str) -> Pod:
+        """Wire a pod (veth, address, route) and attach it: no compilation here."""
+        iface = podnet.create(self.rt.ipr, self.cfg.netns, pod_netns, podnet.host_ifname(key),
+                              address, self.cfg.gateway, self.cfg.mtu)
+        try:
+            port = self.attach_pod(key, iface.host_ifname)
+        except Exception:
+            podnet.delete(self.rt.ipr, iface.host_ifname)
+            raise
+        pod = Pod(key, pod_netns, iface, port)
+        self.pods[key] = pod
+        self.save()
+        return pod
+
+    def attach_pod(self, key: str, host_if: str) -> PortState:
+        assert self.bridge is not None
+        port = self.bridge.add_port(f"pod-{key}")
+        try:
+            self._write_pod_hooks(port, [], [])
+            self.rt.connect_netdev(port, host_if)
+        except Exception:
+            self.bridge.remove_port(port.name)
+            raise
+        return port
+
+    def set_pod_chain(self, key: str, from_pod: list[str], to_pod: list[str]) -> None:
+        """Stack transparent cubes (by name, in order) on a pod's port: `from_pod`
+        sees what the pod sends (the port's ingress hook), `to_pod` what it
+        receives (the egress hook). Each side is replaced in one map update.
+        They see pod and backend addresses, never service addresses: they
+        follow the lbrp on the way out of the pod and precede it on the way in."""
+        pod = self.pods.get(key)
+        if pod is None:
+            raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
+        self._write_pod_hooks(pod.port, from_pod, to_pod)
+        pod.ingress, pod.egress = list(from_pod), list(to_pod)
+        self.save()
+
+    def _write_pod_hooks(self, port: PortState, ingress: list[str], egress: list[str]) -> None:
+        lb = [self.rt.stacked(LB)]
+        self.rt.set_hook(port, maps.HOOK_INGRESS, lb + [self.rt.stacked(n) for n in ingress])
+        self.rt.set_hook(port, maps.HOOK_EGRESS, [self.rt.stacked(n) for n in egress] + lb)
+
+    def register_pod(self, key: str, netns: str, iface: podnet.PodInterface,
+                     k8s_namespace: str = "", k8s_name: str = "", origin: str = "") -> Pod:
+        """Attach a pod whose veth pair someone else made (the CNI plugin) and
+        record it: a new bridge port peered with `iface.host_ifname`. Creates
+        no veth, compiles nothing."""
+        port = self.attach_pod(key, iface.host_ifname)
+        pod = Pod(key, netns, iface, port, k8s_namespace=k8s_namespace, k8s_name=k8s_name,
+                  origin=origin)
+        self.pods[key] = pod
+        self._forget_neighbor(iface.address)  # the address may have had another owner
+        self.save()
+        return pod
+
+    def detach_pod(self, key: str) -> Pod | None:
+        """Undo register_pod: remove the pod's bridge port and forget it; the
+        veth stays (its owner deletes it). None if the pod is unknown."""
+        pod = self.pods.pop(key, None)
+        if pod is None:
+            return None
+        assert self.bridge is not None
+        self.bridge.remove_port(pod.port.name)
+        self._forget_neighbor(pod.iface.address)
+        if self.rt.ipr is not None and self.rt.pin_dir is not None:
+            self.save()
+        return pod
+
+    def _forget_neighbor(self, address: str) -> None:
+        """Drop the router's ARP entry for a pod address, so a pod that later
+        gets the address is resolved afresh instead of sent the old MAC."""
+        if self.router is None:
+            return
+        ip = str(ipaddress.IPv4Interface(address).ip)
+        try:
+            del self.rt.table("router_neigh", "router")[
+                maps.RouterNeighKey(self.router.cube.id, maps.ip_be(ip))]
+        except KeyError:
+            pass
+
+    def remove_pod(self, key: str) -> None:
+        pod = self.pods.pop(key, None)
+        if pod is None:
+            return
+        assert self.bridge is not None
+        self.bridge.remove_port(pod.port.name)
+        podnet.delete(self.rt.ipr, pod.iface.host_ifname)
+        if self.rt.ipr is not None and self.rt.pin_dir is not None:
+            self.save()
+
+
+def _del_link(rt: Runtime, name: str) -> None:
+    assert rt.ipr is not None
+    try:
+        rt.ipr.link("del", ifname=name)
+    except NetlinkError as exc:
+        if exc.code != errno.ENODEV:
+            raise

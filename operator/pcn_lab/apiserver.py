@@ -1,0 +1,203 @@
+"""An emulated Kubernetes API server on loopback (kmock's KubernetesEmulator),
+with the resources pcn uses, running in a thread of its own; and a small
+synchronous client that applies objects the way `kubectl apply` does.
+
+Used by the agent's tests and by the local lab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": {"ns"}},
+    "v1/nodes": {"kind": "Node", "namespaced": False, "shortnames": {"no"}},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "shortnames": {"po"}},
+    "v1/services": {"kind": "Service", "namespaced": True, "shortnames": {"svc"}},
+    "v1/events": {"kind": "Event", "namespaced": True, "shortnames": {"ev"}},
+    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "shortnames": {"cm"}},
+    "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
+    "pcn.dev/v1alpha1/networkfunctions": {"kind": "NetworkFunction", "namespaced": True,
+                                          "shortnames": {"nf", "cube"},
+                                          "categories": {"pcn"}, "subresources": {"status"}},
+    "pcn.dev/v1alpha1/cubechains": {"kind": "CubeChain", "namespaced": True,
+                                    "shortnames": {"cc", "chain"}, "categories": {"pcn"},
+                                    "subresources": {"status"}},
+    "pcn.dev/v1alpha1/nodeportrules": {"kind": "NodePortRule", "namespaced": False,
+                                       "shortnames": {"npr"}, "categories": {"pcn"},
+                                       "subresources": {"status"}},
+}
+log = logging.getLogger(__name__)
+
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+PLURALS = {info["kind"]: path for path, info in RESOURCES.items()}
+
+
+class ApiServerError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class EmulatedApiServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 resources: Mapping[str, dict[str, Any]] | None = None,
+                 keep_requests: int | None = None) -> None:
+        """`resources` (default RESOURCES) are the API resources served, keyed
+        like RESOURCES; leave out pcn.dev's to emulate a cluster without the CRDs.
+
+        kmock records every request it serves and matches each new one against
+        the whole record, so an emulator that runs for long (a lab, a
+        benchmark) gets slower with every request (~0.15 ms more per request
+        served). `keep_requests` keeps only that many of the latest records;
+        None keeps them all, for tests that inspect them. A request is matched
+        right after it is recorded, so keep more than the requests in flight
+        at once (a few watches and writes per agent)."""
+        if keep_requests is not None and keep_requests < 1:
+            raise ValueError("keep_requests must be at least 1")
+        self.host = host
+        self.port = port
+        self.resources = dict(RESOURCES if resources is None else resources)
+        self.keep_requests = keep_requests
+        self.url = ""
+        self.emulator: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> EmulatedApiServer:
+        self._thread = threading.Thread(target=self._run, name="pcn-apiserver", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("the emulated API server did not start in 15 s")
+        if self._error is not None:
+            raise RuntimeError(f"the emulated API server failed: {self._error}") from self._error
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        import kmock
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with kmock.KubernetesEmulator() as emulator, \
+                kmock.Server(emulator, host=self.host, port=self.port or None) as server:
+            for path, info in self.resources.items():
+                emulator.resources[path] = kmock.ResourceInfo(verbs=VERBS, **info)
+            self.emulator = emulator
+            self.url = str(server.url).rstrip("/")
+            self.port = server.port
+            trimmer = self._trim_forever() if self.keep_requests is not None else None
+            task = asyncio.get_running_loop().create_task(trimmer) if trimmer else None
+            self._ready.set()
+            await self._stop.wait()
+            if task is not None:
+                task.cancel()
+
+    async def _trim_forever(self, period: float = 0.01) -> None:
+        record = getattr(self.emulator, "_requests", None)
+        if not isinstance(record, list):  # kmock changed: say so rather than slow down unseen
+            log.warning("kmock keeps no request list to trim: requests will slow down over time")
+            return
+        keep = self.keep_requests
+        assert keep is not None  # only started when requests are to be trimmed
+        while True:
+            if len(record) > keep:
+                del record[:-keep]
+            await asyncio.sleep(period)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> EmulatedApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ client
+    def request(self, method: str, path: str, body: Any = None,
+                content_type: str = "application/json") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                text = r.read().decode()
+        except urllib.error.HTTPError as exc:
+            raise ApiServerError(exc.code, exc.read().decode()[:300]) from None
+        return json.loads(text) if text else None
+
+
+def object_path(obj: Mapping[str, Any], with_name: bool = True) -> str:
+    """The REST path of an object (or of its collection)."""
+    kind = obj.get("kind")
+    if kind not in PLURALS:
+        raise ValueError(f"unknown kind {kind!r}; known kinds: {', '.join(sorted(PLURALS))}")
+    res = PLURALS[kind]
+    group_version, plural = res.rsplit("/", 1)
+    base = f"/api/{group_version}" if group_version == "v1" else f"/apis/{group_version}"
+    meta = obj.get("metadata") or {}
+    if RESOURCES[res]["namespaced"]:
+        base += f"/namespaces/{meta.get('namespace') or 'default'}"
+    base += f"/{plural}"
+    return f"{base}/{meta['name']}" if with_name else base
+
+
+def apply(api: EmulatedApiServer, obj: Mapping[str, Any]) -> str:
+    """Create the object, or merge it into the existing one: `kubectl apply`'s
+    effect on a fresh cluster. Returns 'created' or 'configured'."""
+    new = dict(obj)
+    meta = dict(new.get("metadata") or {})
+    meta.setdefault("creationTimestamp",
+                    datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    new["metadata"] = meta
+    try:
+        api.request("POST", object_path(obj, with_name=False), new)
+        return "created"
+    except ApiServerError as exc:
+        if exc.status != 409:
+            raise
+    patch = {k: v for k, v in obj.items() if k not in ("status",)}
+    api.request("PATCH", object_path(obj), patch, "application/merge-patch+json")
+    return "configured"
+
+
+def apply_all(api: EmulatedApiServer, objs: Iterable[Mapping[str, Any]]) -> list[str]:
+    return [f"{o['kind'].lower()}/{o['metadata']['name']} {apply(api, o)}" for o in objs]
+
+
+def delete(api: EmulatedApiServer, obj: Mapping[str, Any]) -> bool:
+    try:
+        api.request("DELETE", object_path(obj))
+        return True
+    except ApiServerError as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def get(api: EmulatedApiServer, kind: str, name: str, namespace: str | None = None) -> Any:
+    return api.request("GET", object_path({"kind": kind, "metadata": {"name": name,
+                                                                      "namespace": namespace}}))

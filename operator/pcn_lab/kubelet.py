@@ -1,0 +1,107 @@
+"""A kubelet stand-in for labs and tests: gives a pod a network namespace and
+runs the real `pcn-cni` plugin exactly as a container runtime does
+(environment + network configuration on stdin, inside the node's network
+namespace), with host-local IPAM from Debian's containernetworking-plugins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import netns as pr_netns
+
+CNI_PATH = os.environ.get("PCN_CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
+
+
+class CniError(RuntimeError):
+    def __init__(self, command: str, result: dict[str, Any], stderr: str) -> None:
+        super().__init__(f"CNI {command} failed (code {result.get('code')}): {result.get('msg')}"
+                         f"{' - ' + str(result['details']) if result.get('details') else ''}"
+                         f"{' / ' + stderr.strip()[-200:] if stderr.strip() else ''}")
+        self.result = result
+
+
+def cni_binary() -> list[str]:
+    """The plugin as a runtime would exec it: the installed `pcn-cni`, else the module."""
+    exe = shutil.which("pcn-cni") or str(Path(sys.executable).parent / "pcn-cni")
+    return [exe] if Path(exe).exists() else [sys.executable, "-m", "pcn_agent.cni.commands"]
+
+
+def network_config(pod_cidr: str, gateway: str, socket_path: str, data_dir: str, mtu: int,
+                   name: str = "pcn") -> dict[str, Any]:
+    net = ipaddress.IPv4Network(pod_cidr)
+    return {
+        "cniVersion": "1.0.0", "name": name, "type": "pcn", "mtu": mtu,
+        "agentSocket": socket_path,
+        "ipam": {"type": "host-local", "dataDir": data_dir,
+                 "ranges": [[{"subnet": str(net), "gateway": gateway,
+                              "rangeStart": str(net.network_address + 10)}]],
+                 "routes": [{"dst": "0.0.0.0/0"}]},
+    }
+
+
+@dataclass
+class PodSandbox:
+    namespace: str  # Kubernetes namespace
+    name: str
+    container_id: str
+    netns: str  # network namespace name (under /var/run/netns)
+    ip: str = ""
+
+
+def run_cni(node_netns: str | None, command: str, sandbox: PodSandbox, config: dict[str, Any],
+            ifname: str = "eth0", timeout: float = 30) -> dict[str, Any]:
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": command, "CNI_CONTAINERID": sandbox.container_id,
+        "CNI_NETNS": f"/var/run/netns/{sandbox.netns}", "CNI_IFNAME": ifname,
+        # As the kubelet (CRI) sets them: IgnoreUnknown lets IPAM plugins skip the K8S_ keys.
+        "CNI_ARGS": (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={sandbox.namespace};"
+                     f"K8S_POD_NAME={sandbox.name};K8S_POD_INFRA_CONTAINER_ID={sandbox.container_id}"),
+        "CNI_PATH": CNI_PATH,
+    }
+    prefix = ["ip", "netns", "exec", node_netns] if node_netns else []
+    r = subprocess.run([*prefix, *cni_binary()], input=json.dumps(config), env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    out = json.loads(r.stdout) if r.stdout.strip() else {}
+    if r.returncode != 0:
+        raise CniError(command, out or {"msg": "no output"}, r.stderr)
+    return out
+
+
+def start_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any]) -> PodSandbox:
+    """Create the pod's namespace and run CNI ADD; on failure nothing is left."""
+    pr_netns.create(sandbox.netns)
+    try:
+        result = run_cni(node_netns, "ADD", sandbox, config)
+        sandbox.ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
+        return sandbox
+    except BaseException:
+        pr_netns.remove(sandbox.netns)
+        raise
+
+
+def stop_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any]) -> None:
+    """CNI DEL, then the namespace goes."""
+    try:
+        run_cni(node_netns, "DEL", sandbox, config)
+    finally:
+        if sandbox.netns in pr_netns.listnetns():
+            pr_netns.remove(sandbox.netns)
+
+
+def pod_object(sandbox: PodSandbox, node: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The Pod as the API server holds it once the kubelet reports it running."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": sandbox.name, "namespace": sandbox.namespace,
+                         "labels": labels, "uid": sandbox.container_id},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "probe"}]},
+            "status": {"phase": "Running", "podIP": sandbox.ip, "podIPs": [{"ip": sandbox.ip}]}}

@@ -1,0 +1,302 @@
+"""Traffic probe used by the demo and the tests: run inside a pod namespace.
+
+    python -m pcn_lab.probe serve --tcp 8080 --udp 8081
+    python -m pcn_lab.probe tcp 10.244.2.11 8080 --bytes 1000000
+    python -m pcn_lab.probe udp 10.244.2.11 8081
+    python -m pcn_lab.probe serve --rr 8090
+    python -m pcn_lab.probe rr 10.96.0.10 80 --count 2000
+
+The server answers each TCP connection, once the client has sent everything,
+with JSON naming how many bytes arrived, their SHA-256 and the client address
+it saw; each UDP datagram gets a JSON answer with the client address. Clients
+print one JSON line and exit 0 only when the exchange succeeded.
+
+`rr` measures request latency: COUNT times, one after the other, a new TCP
+connection, a small request line, the answer line of an `--rr` server (which
+then closes the connection); each sample is the time from connect() to the
+whole answer. It prints percentiles in milliseconds (and, with --raw, every
+sample in microseconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import socket
+import socketserver
+import statistics
+import sys
+import threading
+import time
+
+
+class _TCPHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        h = hashlib.sha256()
+        n = 0
+        while True:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+        reply = {"bytes": n, "sha256": h.hexdigest(), "peer": self.client_address[0],
+                 "peer_port": self.client_address[1], "host": _my_name()}
+        self.request.sendall(json.dumps(reply).encode() + b"\n")
+
+
+class _UDPHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        reply = {"len": len(data), "peer": self.client_address[0],
+                 "peer_port": self.client_address[1], "host": _my_name()}
+        sock.sendto(json.dumps(reply).encode(), self.client_address)
+
+
+def _my_name() -> str:
+    return os.environ.get("PCN_PROBE_NAME", "")
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class _UDPServer(socketserver.ThreadingUDPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+RR_ANSWER_PAD = 64  # bytes of the answer line besides the JSON (a small response)
+
+
+def _rr_listener(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(1024)
+    return sock
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    """Read up to and including a newline, or until the peer closes."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _rr_loop(sock: socket.socket) -> None:
+    """Answer request lines one connection at a time: no thread per connection,
+    so that the server adds as little as it can to the latency measured. The
+    server closes first (its side keeps the TIME_WAIT, not the client's)."""
+    answer = (json.dumps({"host": _my_name()}) + " " * RR_ANSWER_PAD + "\n").encode()
+    while True:
+        conn, _ = sock.accept()
+        try:
+            conn.settimeout(5.0)
+            buf = _recv_line(conn)
+            if buf:
+                conn.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def serve(tcp_ports: list[int], udp_ports: list[int], rr_ports: list[int] | None = None) -> None:
+    rr_ports = rr_ports or []
+    servers: list[socketserver.BaseServer] = []
+    for p in tcp_ports:
+        servers.append(_TCPServer(("0.0.0.0", p), _TCPHandler))
+    for p in udp_ports:
+        servers.append(_UDPServer(("0.0.0.0", p), _UDPHandler))
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    for p in rr_ports:
+        threading.Thread(target=_rr_loop, args=(_rr_listener(p),), daemon=True).start()
+    listening: dict[str, list[int]] = {"tcp": tcp_ports, "udp": udp_ports}
+    if rr_ports:
+        listening["rr"] = rr_ports
+    print(json.dumps({"listening": listening}), flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+
+
+def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int = 0,
+               rate: float = 0.0) -> dict:
+    """Send `nbytes` (at `rate` bytes/s if set) and check the server's digest."""
+    payload = random.Random(nbytes).randbytes(nbytes)
+    start = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        if src_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", src_port))
+        s.connect((host, port))
+        connected = time.monotonic()
+        if rate > 0:
+            chunk = max(1, int(rate / 50))
+            for off in range(0, nbytes, chunk):
+                s.sendall(payload[off:off + chunk])
+                ahead = (off + chunk) / rate - (time.monotonic() - connected)
+                if ahead > 0:
+                    time.sleep(ahead)
+        else:
+            s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        buf = _recv_line(s)
+    done = time.monotonic()
+    reply = json.loads(buf) if buf else {}
+    expected = hashlib.sha256(payload).hexdigest()
+    return {
+        "ok": reply.get("sha256") == expected and reply.get("bytes") == nbytes,
+        "bytes": nbytes, "received": reply.get("bytes"), "peer_seen": reply.get("peer"),
+        "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
+        "connect_ms": (connected - start) * 1000, "total_ms": (done - start) * 1000,
+    }
+
+
+def tcp_many(host: str, port: int, count: int, timeout: float) -> dict:
+    """`count` short connections, one after the other: which server answered each."""
+    hosts: dict[str, int] = {}
+    failures = 0
+    for _ in range(count):
+        try:
+            r = tcp_client(host, port, 16, timeout)
+        except OSError:
+            failures += 1
+            continue
+        if r["ok"]:
+            hosts[r["host"]] = hosts.get(r["host"], 0) + 1
+        else:
+            failures += 1
+    return {"ok": failures == 0, "count": count, "failures": failures, "hosts": hosts}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def rr_client(host: str, port: int, count: int, timeout: float, size: int = 32,
+              raw: bool = False) -> dict:
+    """`count` request/response exchanges, each on a new TCP connection."""
+    request = b"x" * max(0, size - 1) + b"\n"
+    samples: list[float] = []
+    hosts: dict[str, int] = {}
+    failures = 0
+    errors: dict[str, int] = {}
+    for _ in range(count):
+        try:
+            start = time.perf_counter()
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect((host, port))
+                s.sendall(request)
+                buf = _recv_line(s)
+                done = time.perf_counter()
+            if not buf.endswith(b"\n"):
+                raise ConnectionError("connection closed before the answer")
+        except OSError as exc:
+            failures += 1
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            continue
+        samples.append((done - start) * 1e6)
+        name = json.loads(buf).get("host", "")
+        hosts[name] = hosts.get(name, 0) + 1
+    out: dict = {"ok": failures == 0 and bool(samples), "count": count, "failures": failures,
+                 "hosts": hosts}
+    if errors:
+        out["errors"] = errors
+    if samples:
+        out.update({f"p{q}_ms": percentile(samples, q) / 1000 for q in (50, 90, 99)})
+        out.update({"mean_ms": statistics.fmean(samples) / 1000, "min_ms": min(samples) / 1000,
+                    "max_ms": max(samples) / 1000})
+    if raw:
+        out["samples_us"] = [round(x, 1) for x in samples]
+    return out
+
+
+def udp_client(host: str, port: int, timeout: float) -> dict:
+    """One datagram on a connected socket: the answer must come from where we sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        start = time.monotonic()
+        s.send(b"pcn-probe")
+        data = s.recv(4096)
+        rtt = (time.monotonic() - start) * 1000
+    reply = json.loads(data)
+    return {"ok": reply.get("len") == 9, "peer_seen": reply.get("peer"),
+            "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
+            "total_ms": rtt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pcn_lab.probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="answer TCP and UDP probes")
+    s.add_argument("--tcp", type=int, action="append", default=[], help="TCP port (repeatable)")
+    s.add_argument("--udp", type=int, action="append", default=[], help="UDP port (repeatable)")
+    s.add_argument("--rr", type=int, action="append", default=[],
+                   help="request/response port for `rr` clients (repeatable)")
+    t = sub.add_parser("tcp", help="send bytes over TCP and check what the server received")
+    t.add_argument("host")
+    t.add_argument("port", type=int)
+    t.add_argument("--bytes", type=int, default=1000)
+    t.add_argument("--timeout", type=float, default=5.0)
+    t.add_argument("--src-port", type=int, default=0)
+    t.add_argument("--rate", type=float, default=0.0, help="pace the upload, bytes per second")
+    t.add_argument("--count", type=int, default=0,
+                   help="open COUNT short connections instead and tally the servers")
+    u = sub.add_parser("udp", help="send one datagram and wait for the answer")
+    u.add_argument("host")
+    u.add_argument("port", type=int)
+    u.add_argument("--timeout", type=float, default=3.0)
+    r = sub.add_parser("rr", help="request latency: COUNT new connections, each one small "
+                                   "request and answer, to a `serve --rr` port")
+    r.add_argument("host")
+    r.add_argument("port", type=int)
+    r.add_argument("--count", type=int, default=1000)
+    r.add_argument("--size", type=int, default=32, help="request bytes (default 32)")
+    r.add_argument("--timeout", type=float, default=2.0, help="seconds per exchange")
+    r.add_argument("--raw", action="store_true", help="also print every sample (microseconds)")
+    args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        if not args.tcp and not args.udp and not args.rr:
+            ap.error("serve needs at least one --tcp, --udp or --rr port")
+        serve(args.tcp, args.udp, args.rr)
+        return 0
+    if args.cmd == "rr" and (args.count < 1 or args.size < 1):
+        ap.error("rr needs --count and --size of at least 1")
+    try:
+        if args.cmd == "rr":
+            result = rr_client(args.host, args.port, args.count, args.timeout, args.size,
+                               args.raw)
+        elif args.cmd == "tcp" and args.count:
+            result = tcp_many(args.host, args.port, args.count, args.timeout)
+        elif args.cmd == "tcp":
+            result = tcp_client(args.host, args.port, args.bytes, args.timeout, args.src_port,
+                                args.rate)
+        else:
+            result = udp_client(args.host, args.port, args.timeout)
+    except (OSError, ValueError) as exc:
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""The lab's supervisor: one background process that owns a lab (emulated API
+server and its proxy, one network namespace per node with a real pcn-agent,
+the kubelet stand-in wiring pods with the real pcn-cni, Service addresses and
+EndpointSlices), its state file, and `cleanup`, which removes everything a
+lab made, also after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pyroute2 import netns as pr_netns
+
+from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.runtime import STATE_ROOT
+from pcn_lab import checks, kubelet
+from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply
+from pcn_lab.topology import Lab
+
+log = logging.getLogger("pcn_lab.supervisor")
+
+LAB_ROOT = Path(os.environ.get("PCN_LAB_DIR", "/run/pcn-lab"))
+SERVICE_RANGE = ipaddress.IPv4Network("10.96.0.0/12")
+NODEPORT_RANGE = (30000, 32767)
+LAB_REQUEST_LOG_KEEP = 64  # see EmulatedApiServer: a long-running kmock slows with its record
+POD_TCP, POD_UDP = checks.TCP_PORT, checks.UDP_PORT
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class LabState:
+    """What a running lab is made of, on disk so any command (and `down` after
+    a crash) can find it."""
+
+    dir: Path
+    run_id: str = ""
+    nodes: int = 0
+    supervisor_pid: int = 0
+    api_url: str = ""
+    ready: bool = False
+    error: str = ""
+    agents: dict[str, int] = field(default_factory=dict)  # node -> pid
+    prefix: str = ""
+
+    @property
+    def file(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in self.__dict__.items() if k != "dir"}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.file)
+
+    @classmethod
+    def load(cls, d: Path = LAB_ROOT) -> LabState | None:
+        f = d / "state.json"
+        if not f.is_file():
+            return None
+        return cls(d, **json.loads(f.read_text()))
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def write_kubeconfig(path: Path, url: str) -> None:
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "pcn-lab",
+           "clusters": [{"name": "pcn-lab", "cluster": {"server": url}}],
+           "users": [{"name": "pcn-lab", "user": {}}],
+           "contexts": [{"name": "pcn-lab", "context": {"cluster": "pcn-lab", "user": "pcn-lab",
+                                                       "namespace": "default"}}]}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    """Kubernetes objects from a YAML file or every *.yaml/*.yml/*.json in a
+    directory (sorted), skipping kustomization files."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.suffix in (".yaml", ".yml", ".json")
+        and p.name not in ("kustomization.yaml", "kustomization.yml"))
+    if not files:
+        raise FileNotFoundError(f"no YAML files found at {path}")
+    docs: list[dict[str, Any]] = []
+    for f in files:
+        for doc in yaml.safe_load_all(f.read_text()):
+            if not doc or doc.get("kind") == "Namespace":
+                continue  # the emulated API server has namespaces implicitly
+            if doc.get("kind") == "List":
+                docs.extend(doc.get("items") or [])
+            else:
+                docs.append(doc)
+    return docs
+
+
+# ----------------------------------------------------------------------------- supervisor
+class Supervisor:
+    """Runs in the background for the life of the lab."""
+
+    def __init__(self, state: LabState, nodes: int, pods_per_node: int) -> None:
+        self.state = state
+        self.nodes_count = nodes
+        self.pods_per_node = pods_per_node
+        self.lab = Lab(nodes_count=nodes, pods_per_node=0, dataplane=False,
+                       run_id=state.run_id)
+        # a lab runs for hours: keep kmock's request record short (see its doc)
+        self.api = EmulatedApiServer(keep_requests=LAB_REQUEST_LOG_KEEP)
+        self.proxy: Any = None
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.sandboxes: dict[tuple[str, str], kubelet.PodSandbox] = {}
+        self.sandbox_node: dict[tuple[str, str], str] = {}
+        self.servers: dict[tuple[str, str], subprocess.Popen] = {}
+        self.cni: dict[str, dict[str, Any]] = {}
+        self.stopping = asyncio.Event()
+        self._rr = 0
+
+    # -- life cycle ----------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        me = os.getpid()
+
+        def on_signal(_sig: int, _frame: object) -> None:
+            # pyroute2 forks helpers (namespace creation) that inherit this handler
+            # and are stopped with SIGTERM: in them, just exit. asyncio's own
+            # add_signal_handler would instead hear their signals as ours.
+            if os.getpid() != me:
+                os._exit(0)
+            loop.call_soon_threadsafe(self.stopping.set)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        try:
+            await loop.run_in_executor(None, self._build)
+            from pcn_lab.apiproxy import ApiProxy
+
+            self.proxy = await ApiProxy(self.api.url).start()
+            self.state.api_url = self.proxy.url
+            write_kubeconfig(self.state.kubeconfig, self.proxy.url)
+            await loop.run_in_executor(None, self._register_cluster)
+            self._start_agents()
+            self.state.agents = {n: p.pid for n, p in self.agents.items()}
+            self.state.save()
+            await self._wait_agents_ready()
+            self._seed_pods()
+            for _ in range(600):  # until the seeded pods run
+                await loop.run_in_executor(None, self._controllers)
+                if self._all_running():
+                    break
+                await asyncio.sleep(0.2)
+            self.state.ready = True
+            self.state.save()
+            while not self.stopping.is_set():
+                try:
+                    await loop.run_in_executor(None, self._controllers)
+                except Exception:
+                    log.exception("lab controllers failed; retrying")
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), 0.3)
+                except TimeoutError:
+                    pass
+        except Exception as exc:
+            self.state.error = f"{type(exc).__name__}: {exc}"
+            self.state.save()
+            log.exception("lab failed")
+        finally:
+            await self._teardown()
+
+    def _build(self) -> None:
+        self.lab.build()
+        self.api.start()
+
+    def _register_cluster(self) -> None:
+        for i in range(1, self.nodes_count + 1):
+            name = self.lab.node_name(i)
+            apply(self.api, {
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "spec": {"podCIDR": self.lab.pod_cidr(i)},
+                "status": {"addresses": [{"type": "InternalIP", "address": self.lab.node_ip(i)}],
+                           "conditions": [{"type": "Ready", "status": "True"}]}})
+            net = ipaddress.IPv4Network(self.lab.pod_cidr(i))
+            self.cni[name] = kubelet.network_config(
+                str(net), str(net.network_address + 1), str(self.state.dir / f"{name}.sock"),
+                str(self.state.dir / f"ipam-{name}"), mtu=1450)
+
+    def _start_agents(self) -> None:
+        settings = self.state.dir / "config.json"
+        settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": "1450"}))
+        exe = str(Path(sys.executable).parent / "pcn-agent")
+        for i in range(1, self.nodes_count + 1):
+            name = self.lab.node_name(i)
+            # The agent process stays in the root namespace (the API server is on its
+            # loopback) and drives the node's data plane inside the node namespace.
+            env = {**os.environ, "NODE_NAME": name, "PCN_NETNS": name,
+                   "PCN_KUBE_URL": self.proxy.url,
+                   "PCN_SOCKET": str(self.state.dir / f"{name}.sock"),
+                   "PCN_CONFIG": str(settings), "PCN_METRICS_PORT": "0", "PCN_LIVENESS": "",
+                   "PCN_STATE_DIR": str(self.state.dir / "agent-state")}
+            logf = open(self.state.dir / f"agent-{name}.log", "ab")  # noqa: SIM115
+            self.agents[name] = subprocess.Popen(
+                [exe], env=env, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+
+    async def _wait_agents_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        socks = [self.state.dir / f"{n}.sock" for n in self.agents]
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.agents.items() if p.poll() is not None]
+            if dead:
+                code = self.agents[dead[0]].returncode
+                raise RuntimeError(f"agent on {dead[0]} exited (code {code}); see "
+                                   f"{self.state.dir / f'agent-{dead[0]}.log'}")
+            if all(s.exists() for s in socks):
+                return
+            await asyncio.sleep(0.3)
+        raise RuntimeError("agents did not come up in time; see the agent-*.log files in "
+                           f"{self.state.dir}")
+
+    def _seed_pods(self) -> None:
+        for i in range(1, self.nodes_count + 1):
+            for j in range(1, self.pods_per_node + 1):
+                apply(self.api, {"apiVersion": "v1", "kind": "Pod",
+                                 "metadata": {"name": f"pod-{i}-{j}", "namespace": "default",
+                                              "labels": {"app": "lab", "lab-node": str(i)}},
+                                 "spec": {"nodeName": self.lab.node_name(i),
+                                          "containers": [{"name": "probe", "image": "probe"}]}})
+
+    def _all_running(self) -> bool:
+        pods = self.api.request("GET", "/api/v1/pods").get("items", [])
+        return all((p.get("status") or {}).get("podIP") for p in pods)
+
+    async def _teardown(self) -> None:
+        loop = asyncio.get_running_loop()
+        for p in self.agents.values():
+            p.terminate()
+        for p in self.agents.values():
+            try:
+                await loop.run_in_executor(None, p.wait, 10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for key in list(self.sandboxes):
+            self._stop_pod(key)
+        if self.proxy is not None:
+            await self.proxy.stop()
+        self.api.stop()
+        try:
+            self.lab.close()
+        except Exception:
+            log.exception("lab namespaces")
+        cleanup(self.state, keep_dir=True)
+
+    # -- the stand-in controllers ---------------------------------------------
+    def _controllers(self) -> None:
+        self._kubelet()
+        self._services()
+        self._endpoints()
+
+    def _kubelet(self) -> None:
+        pods = self.api.request("GET", "/api/v1/pods").get("items", [])
+        seen = set()
+        for pod in pods:
+            meta = pod["metadata"]
+            key = (meta.get("namespace", "default"), meta["name"])
+            seen.add(key)
+            if key in self.sandboxes or (pod.get("status") or {}).get("podIP"):
+                continue
+            node = (pod.get("spec") or {}).get("nodeName") or self._schedule()
+            sb = kubelet.PodSandbox(key[0], key[1], secrets.token_hex(8),
+                                    f"{self.lab.prefix}-p-{secrets.token_hex(3)}")
+            try:
+                kubelet.start_pod(node, sb, self.cni[node])
+            except Exception as exc:
+                log.error("could not start pod %s/%s: %s", *key, exc)
+                continue
+            self.sandboxes[key] = sb
+            self.sandbox_node[key] = node
+            self.servers[key] = subprocess.Popen(
+                ["ip", "netns", "exec", sb.netns, *checks.probe_argv(
+                    "serve", "--tcp", str(POD_TCP), "--udp", str(POD_UDP))],
+                env={"PCN_PROBE_NAME": key[1], "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            patch = {"metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}},
+                     "spec": {"nodeName": node},
+                     "status": {"phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
+                                "hostIP": self.lab.node_ip(self._node_index(node))}}
+            self.api.request("PATCH", f"/api/v1/namespaces/{key[0]}/pods/{key[1]}", patch,
+                             "application/merge-patch+json")
+            log.info("pod %s/%s runs on %s at %s", *key, node, sb.ip)
+        for key in list(self.sandboxes):
+            if key not in seen:
+                self._stop_pod(key)
+
+    def _stop_pod(self, key: tuple[str, str]) -> None:
+        sb = self.sandboxes.pop(key)
+        srv = self.servers.pop(key, None)
+        if srv is not None:
+            srv.terminate()
+            srv.wait(5)
+        node = self.sandbox_node.pop(key)
+        try:
+            kubelet.stop_pod(node, sb, self.cni[node])
+        except Exception as exc:
+            log.error("CNI DEL of %s/%s failed: %s", *key, exc)
+        log.info("pod %s/%s removed from %s", *key, node)
+
+    def _schedule(self) -> str:
+        self._rr += 1
+        return self.lab.node_name((self._rr - 1) % self.nodes_count + 1)
+
+    def _node_index(self, node: str) -> int:
+        return int(node.rsplit("n", 1)[1])
+
+    def _services(self) -> None:
+        """Give Services a cluster IP and NodePorts when they ask for none."""
+        svcs = self.api.request("GET", "/api/v1/services").get("items", [])
+        used_ips = {(s.get("spec") or {}).get("clusterIP") for s in svcs}
+        used_ports = {p.get("nodePort") for s in svcs for p in (s.get("spec") or {}).get("ports")
+                      or []}
+        for s in svcs:
+            spec = s.get("spec") or {}
+            patch: dict[str, Any] = {}
+            if not spec.get("clusterIP"):
+                ip = next(str(a) for a in SERVICE_RANGE.hosts()
+                          if int(a) - int(SERVICE_RANGE.network_address) >= 10
+                          and str(a) not in used_ips)
+                used_ips.add(ip)
+                patch["clusterIP"] = ip
+            if spec.get("type") in ("NodePort", "LoadBalancer"):
+                ports = [dict(p) for p in spec.get("ports") or []]
+                changed = False
+                for p in ports:
+                    if not p.get("nodePort"):
+                        p["nodePort"] = next(n for n in range(*NODEPORT_RANGE)
+                                             if n not in used_ports)
+                        used_ports.add(p["nodePort"])
+                        changed = True
+                if changed:
+                    patch["ports"] = ports
+            if patch:
+                m = s["metadata"]
+                self.api.request("PATCH", f"/api/v1/namespaces/{m.get('namespace', 'default')}"
+                                          f"/services/{m['name']}", {"spec": patch},
+                                 "application/merge-patch+json")
+
+    def _endpoints(self) -> None:
+        """One EndpointSlice per Service with a selector: its running pods."""
+        svcs = self.api.request("GET", "/api/v1/services").get("items", [])
+        pods = self.api.request("GET", "/api/v1/pods").get("items", [])
+        for s in svcs:
+            spec = s.get("spec") or {}
+            sel = spec.get("selector")
+            if not sel:
+                continue
+            ns = s["metadata"].get("namespace", "default")
+            ready = [p for p in pods if p["metadata"].get("namespace", "default") == ns
+                     and all((p["metadata"].get("labels") or {}).get(k) == v
+                             for k, v in sel.items())
+                     and (p.get("status") or {}).get("podIP")]
+            ports = [{"name": p.get("name", ""), "protocol": p.get("protocol", "TCP"),
+                      "port": int(p.get("targetPort") or p["port"])}
+                     for p in spec.get("ports") or []]
+            want: dict[str, Any] = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": f"{s['metadata']['name']}-lab", "namespace": ns,
+                                 "labels": {"kubernetes.io/service-name": s["metadata"]["name"]}},
+                    "addressType": "IPv4", "ports": ports,
+                    "endpoints": [{"addresses": [p["status"]["podIP"]],
+                                   "conditions": {"ready": True},
+                                   "nodeName": p["spec"].get("nodeName"),
+                                   "targetRef": {"kind": "Pod", "name": p["metadata"]["name"],
+                                                 "namespace": ns}}
+                                  for p in sorted(ready, key=lambda p: p["metadata"]["name"])]}
+            path = f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{want['metadata']['name']}"
+            try:
+                have = self.api.request("GET", path)
+            except ApiServerError:
+                have = None
+            if have is None:
+                apply(self.api, want)
+            elif have.get("endpoints") != want["endpoints"] or have.get("ports") != ports:
+                self.api.request("PUT", path, want)
+
+
+# ----------------------------------------------------------------------------- cleanup
+def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
+    """Remove whatever of a lab is left: namespaces, pins, agent state, and
+    (unless `keep_dir`: logs and errors stay for `pcn-lab status`) its files.
+    Idempotent; returns what it removed."""
+    removed = []
+    if state.prefix:
+        for ns in pr_netns.listnetns():
+            if ns.startswith(state.prefix):
+                _kill_processes_in(ns)  # e.g. pod servers orphaned by a crash
+                try:
+                    pr_netns.remove(ns)
+                    removed.append(f"netns {ns}")
+                except OSError:
+                    pass
+        for d in (bpffs.DEFAULT_ROOT.glob(f"{state.prefix}-*") if bpffs.DEFAULT_ROOT.exists()
+                  else []):
+            bpffs.remove_instance(d)
+            removed.append(f"pins {d}")
+        for f in STATE_ROOT.glob(f"{state.prefix}-*.json") if STATE_ROOT.exists() else []:
+            f.unlink(missing_ok=True)
+    if state.dir.exists() and not keep_dir:
+        for f in sorted(state.dir.rglob("*"), reverse=True):
+            if f.is_dir():
+                f.rmdir()
+            else:
+                f.unlink()
+        state.dir.rmdir()
+        removed.append(f"dir {state.dir}")
+    return removed
+
+
+def _kill_processes_in(netns: str) -> None:
+    r = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                       timeout=10)
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+# ----------------------------------------------------------------------------- commands

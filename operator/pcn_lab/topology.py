@@ -1,0 +1,241 @@
+"""A multi-node pcn topology on one machine, for tests, the demo and benchmarks.
+
+A "node" is a network namespace running its own data plane; a "pod" is a
+namespace behind a veth into its node; the nodes' uplinks and an "external
+host" meet on a switch (a Linux bridge in a namespace of its own), their
+physical network. Nothing touches the root namespace; every
+name carries a per-run id, and `close()` removes all of it, also after a
+failure half-way through `build()`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.node.wiring import NodeConfig, NodeDataplane, PeerNode, Pod
+
+log = logging.getLogger(__name__)
+
+UNDERLAY = ipaddress.IPv4Network("192.168.250.0/24")
+POD_SUPERNET = ipaddress.IPv4Network("10.244.0.0/16")
+VTEPS = ipaddress.IPv4Network("10.18.0.0/16")
+PREFIX = "pcnt"
+EXTERNAL_IP = str(UNDERLAY.network_address + 100)
+
+
+@dataclass
+class LabPod:
+    name: str
+    node: str
+    netns: str
+    ip: str
+    pod: Pod | None = None
+
+
+@dataclass
+class Lab:
+    nodes_count: int = 2
+    pods_per_node: int = 2
+    mtu: int = 1450
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    pin_root: Path = bpffs.DEFAULT_ROOT
+    dataplane: bool = True  # False: namespaces and network only; agents build the data plane
+    nodes: dict[str, NodeDataplane] = field(default_factory=dict)
+    pods: dict[str, LabPod] = field(default_factory=dict)
+    namespaces: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes_count <= 50:
+            raise ValueError("the lab holds 1 to 50 nodes")
+
+    # ------------------------------------------------------------------ names
+    @property
+    def prefix(self) -> str:
+        return f"{PREFIX}-{self.run_id}"
+
+    @property
+    def phy_ns(self) -> str:
+        return f"{self.prefix}-phy"
+
+    @property
+    def ext_ns(self) -> str:
+        """The external host, on the nodes' physical network but outside the cluster."""
+        return f"{self.prefix}-ext"
+
+    def node_name(self, i: int) -> str:
+        return f"{self.prefix}-n{i}"
+
+    def node_ip(self, i: int) -> str:
+        return str(UNDERLAY.network_address + i)
+
+    def pod_cidr(self, i: int) -> str:
+        return str(list(POD_SUPERNET.subnets(new_prefix=24))[i])
+
+    def vtep_ip(self, i: int) -> str:
+        return str(VTEPS.network_address + i)
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> Lab:
+        try:
+            for i in range(1, self.nodes_count + 1):
+                self._netns(self.node_name(i))
+            self._underlay()
+            if not self.dataplane:
+                return self
+            for i in range(1, self.nodes_count + 1):
+                cfg = NodeConfig(
+                    name=self.node_name(i), netns=self.node_name(i), uplink="uplink",
+                    node_ip=self.node_ip(i), pod_cidr=self.pod_cidr(i),
+                    vtep=f"{self.vtep_ip(i)}/{VTEPS.prefixlen}", mtu=self.mtu)
+                self.nodes[cfg.name] = NodeDataplane(cfg, self.pin_root).up()
+            peers = [PeerNode(self.node_name(i), self.node_ip(i), self.pod_cidr(i), self.vtep_ip(i))
+                     for i in range(1, self.nodes_count + 1)]
+            for node in self.nodes.values():
+                node.set_peers(peers)
+            for i in range(1, self.nodes_count + 1):
+                for j in range(1, self.pods_per_node + 1):
+                    self.add_pod(i, j)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def add_pod(self, node_index: int, pod_index: int) -> LabPod:
+        node = self.nodes[self.node_name(node_index)]
+        net = ipaddress.IPv4Network(self.pod_cidr(node_index))
+        name = f"n{node_index}p{pod_index}"
+        ns = f"{self.prefix}-{name}"
+        ip = str(net.network_address + 10 + pod_index)
+        self._netns(ns)
+        lp = LabPod(name, node.cfg.name, ns, ip)
+        lp.pod = node.add_pod(name, ns, f"{ip}/{net.prefixlen}")
+        self.pods[name] = lp
+        return lp
+
+    def _netns(self, name: str) -> None:
+        pr_netns.create(name)
+        self.namespaces.append(name)
+        with IPRoute(netns=name) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    def _underlay(self) -> None:
+        """The physical network: a switch (a Linux bridge in a namespace of its
+        own) with every node's uplink and an external host on it."""
+        phy = self.phy_ns
+        self._netns(phy)
+        with IPRoute(netns=phy) as ipr:
+            ipr.link("add", ifname="sw", kind="bridge")
+            sw = ipr.link_lookup(ifname="sw")[0]
+            ipr.link("set", index=sw, state="up")
+            members = [(f"n{i}", self.node_name(i), "uplink", self.node_ip(i))
+                       for i in range(1, self.nodes_count + 1)]
+            members.append(("ext", self.ext_ns, "eth0", EXTERNAL_IP))
+            self._netns(self.ext_ns)
+            for port, ns, ifname, ip in members:
+                ipr.link("add", ifname=port, kind="veth", peer={"ifname": ifname, "net_ns_fd": ns})
+                idx = ipr.link_lookup(ifname=port)[0]
+                ipr.link("set", index=idx, master=sw, state="up")
+                with IPRoute(netns=ns) as peer:
+                    pidx = peer.link_lookup(ifname=ifname)[0]
+                    peer.addr("add", index=pidx, address=ip, prefixlen=UNDERLAY.prefixlen)
+                    peer.link("set", index=pidx, state="up")
+
+    # ------------------------------------------------------------------ use
+    def node(self, i: int) -> NodeDataplane:
+        return self.nodes[self.node_name(i)]
+
+    def node_netns(self, name: str) -> str:
+        """The namespace of node `name`'s own stack (where its kubelet would run)."""
+        if name not in self.nodes and name not in self.namespaces:
+            raise KeyError(f"no pod, node or 'ext' named {name!r} in lab {self.prefix}")
+        node = self.nodes.get(name)
+        return (node.cfg.netns if node is not None else None) or name
+
+    def exec(self, netns: str, argv: list[str], timeout: float = 30,
+             check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
+                              text=True, timeout=timeout, check=check)
+
+    def popen(self, netns: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **kw)
+
+    def restart_node(self, i: int) -> NodeDataplane:
+        """Kill node i's agent (as a crash would: nothing torn down) and start a
+        new one that adopts the data plane it left."""
+        old = self.node(i)
+        old.crash()
+        new = NodeDataplane(old.cfg, self.pin_root, old.state_root).up(adopt=True)
+        self.nodes[old.cfg.name] = new
+        for lp in self.pods.values():
+            if lp.node == old.cfg.name:
+                lp.pod = new.pods[lp.name]
+        return new
+
+    # ------------------------------------------------------------------ services
+    def backend(self, pod: str, port: int, weight: int = 1) -> Backend:
+        return Backend(self.pods[pod].ip, port, weight)
+
+    def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
+                    affinity_timeout_s: int = 0) -> None:
+        """A ClusterIP service, realised on every node as the agents would."""
+        for node in self.nodes.values():
+            node.set_service(vip, port, proto, backends, affinity_timeout_s)
+
+    def delete_service(self, vip: str, port: int, proto: str) -> None:
+        for node in self.nodes.values():
+            node.delete_service(vip, port, proto)
+
+    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend]) -> None:
+        for node in self.nodes.values():
+            node.set_nodeport(port, proto, policy, backends)
+
+    def delete_nodeport(self, port: int, proto: str) -> None:
+        for node in self.nodes.values():
+            node.delete_nodeport(port, proto)
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        errors = []
+        for node in list(self.nodes.values()):
+            try:
+                node.down()
+            except Exception as exc:  # keep tearing down the rest
+                errors.append(exc)
+                log.exception("teardown of %s failed", node.cfg.name)
+        self.nodes.clear()
+        self.pods.clear()
+        for ns in reversed(self.namespaces):
+            try:
+                pr_netns.remove(ns)
+            except FileNotFoundError:
+                pass  # already gone (e.g. a pod removed by its owner)
+            except OSError as exc:
+                errors.append(exc)
+        self.namespaces.clear()
+        if errors:
+            raise RuntimeError(f"lab teardown left errors: {errors}")
+
+    def leftovers(self) -> list[str]:
+        """Anything of this run still present: namespaces and pinned objects."""
+        left = [ns for ns in pr_netns.listnetns() if ns.startswith(self.prefix)]
+        for i in range(1, self.nodes_count + 1):
+            d = self.pin_root / self.node_name(i)
+            if d.exists():
+                left.append(str(d))
+        return left
+
+    def __enter__(self) -> Lab:
+        return self.build()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
