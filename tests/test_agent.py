@@ -220,6 +220,44 @@ def test_chain_puts_a_firewall_on_matching_pods_only(cluster: Cluster) -> None:
     wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "no-8080"))
 
 
+def _not_ready(c: Cluster, kind: str, name: str) -> tuple[str, str] | None:
+    conds = (get(c.api, kind, name, "web").get("status") or {}).get("conditions")
+    return (conds[0]["reason"], conds[0]["message"]) if conds and \
+        conds[0]["status"] == "False" else None
+
+
+def test_invalid_edits_keep_the_firewall_in_force(cluster: Cluster) -> None:
+    """Fail closed: an invalid rule added to the in-use firewall, or a
+    misspelled function added to its chain, leaves the last valid version
+    in force (the port stays blocked) and says so in the status; the last
+    valid versions are kept on disk for an agent restart."""
+    nf, chain = _firewall_objects()
+    bad = {**nf, "spec": {"type": "firewall", "config": {"rules": [
+        *nf["spec"]["config"]["rules"],
+        {"action": "drop", "protocol": "icmp", "destinationPorts": "22"}]}}}
+    apply(cluster.api, bad)
+    why = wait_for("the function's failure", lambda: _not_ready(cluster, "NetworkFunction",
+                                                                "no-8080"))
+    assert why[0] == "Invalid" and "stays in force" in why[1], why
+    typo = {**chain, "spec": {**chain["spec"], "ingress": [{"function": "no-8080"},
+                                                          {"function": "no-80800"}]}}
+    apply(cluster.api, typo)
+    why = wait_for("the chain's failure", lambda: _not_ready(cluster, "CubeChain", "protect-web"))
+    assert why[0] == "FunctionNotFound" and "stays in force" in why[1], why
+    node = agent_mod.AGENT.node
+    assert {p.k8s_name: p for p in node.pods.values()}["web-1"].egress == ["nf.web.no-8080"]
+    blocked = cluster.probe("client", ["tcp", cluster.pods["web-1"].ip, "8080", "--timeout", "2"])
+    assert not blocked["ok"] and "timed out" in blocked.get("error", ""), blocked
+    saved = json.loads(agent_mod.AGENT.last_good_path.read_text())
+    assert {(r["kind"], r["name"]) for r in saved} >= {("NetworkFunction", "no-8080"),
+                                                       ("CubeChain", "protect-web")}
+    apply(cluster.api, nf)
+    apply(cluster.api, chain)
+    wait_for("the chain to be Ready again", lambda: _ready(cluster, "CubeChain", "protect-web"))
+    wait_for("the function to be Ready again", lambda: _ready(cluster, "NetworkFunction",
+                                                              "no-8080"))
+
+
 def test_deleting_the_chain_removes_the_cube(cluster: Cluster) -> None:
     nf, chain = _firewall_objects()
     delete(cluster.api, chain)

@@ -205,3 +205,126 @@ def test_backends_are_found_per_service_as_by_scanning_every_slice() -> None:
         Backend("10.244.1.2", 8080), Backend("10.244.1.4", 8080))
     assert services[("10.96.1.1", 80, "tcp")].backends == (Backend("10.244.2.2", 8080),)
     assert services[("10.96.0.2", 53, "udp")].backends == (Backend("10.244.1.9", 53),)
+
+
+# --------------------------------------------------------------------------- kube-proxy semantics
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP"}]
+HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+
+
+def _backends(svcs: list[dict[str, Any]], slices: list[dict[str, Any]]
+              ) -> dict[tuple[str, int, str], tuple[Backend, ...]]:
+    from pcn_agent.control.reconcile import services_of
+
+    services, _, _ = services_of(Inputs(node="n1", settings=S, services=svcs,
+                                        endpointslices=slices))
+    return {k: v.backends for k, v in services.items()}
+
+
+def _slice(endpoints: list[tuple[str, dict[str, bool]]]) -> dict[str, Any]:
+    return {"metadata": {"namespace": "a", "name": "web-x",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": HTTP_EP,
+            "endpoints": [{"addresses": [ip], "conditions": c} for ip, c in endpoints]}
+
+
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+
+
+def test_serving_terminating_endpoints_are_used_only_while_none_is_ready() -> None:
+    """KEP-1669: a Service whose only endpoint is terminating but still
+    serving keeps working; once a ready endpoint exists, only it gets new
+    connections; a terminating endpoint that no longer serves never does."""
+    svc = [service("a", "web", "10.96.0.10", HTTP)]
+    key = ("10.96.0.10", 80, "tcp")
+    only_terminating = _slice([("10.244.1.2", TERMINATING)])
+    assert _backends(svc, [only_terminating])[key] == (Backend("10.244.1.2", 8080),)
+    both = _slice([("10.244.1.2", TERMINATING), ("10.244.1.3", {"ready": True})])
+    assert _backends(svc, [both])[key] == (Backend("10.244.1.3", 8080),)
+    not_serving = _slice([("10.244.1.2", {**TERMINATING, "serving": False}),
+                          ("10.244.1.4", {"ready": False})])
+    assert _backends(svc, [not_serving])[key] == ()
+    nil_serving = _slice([("10.244.1.5", {"ready": False, "terminating": True})])
+    assert _backends(svc, [nil_serving])[key] == (Backend("10.244.1.5", 8080),)
+
+
+def test_services_another_proxy_owns_headless_and_external_names_are_not_programmed() -> None:
+    slices = [_slice([("10.244.1.2", {"ready": True})])]
+    other = service("a", "web", "10.96.0.10", HTTP)
+    other["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
+    assert _backends([other], slices) == {}
+    headless_label = service("a", "web", "10.96.0.11", HTTP)
+    headless_label["metadata"]["labels"] = {"service.kubernetes.io/headless": ""}
+    assert _backends([headless_label], slices) == {}
+    assert _backends([service("a", "web", "None", HTTP)], slices) == {}
+    ext = service("a", "web", "", HTTP, type="ExternalName", externalName="example.org")
+    assert _backends([ext], slices) == {}
+    assert _backends([service("a", "web", "10.96.0.12", HTTP)], slices) == {
+        ("10.96.0.12", 80, "tcp"): (Backend("10.244.1.2", 8080),)}
+
+
+def test_dual_stack_service_is_programmed_on_its_ipv4_cluster_ip() -> None:
+    """ipFamilies [IPv6, IPv4]: spec.clusterIP is the IPv6 address, the IPv4
+    one is only in spec.clusterIPs."""
+    slices = [_slice([("10.244.1.2", {"ready": True})])]
+    svc = service("a", "web", "fd00:10:96::a", HTTP, clusterIPs=["fd00:10:96::a", "10.96.0.20"],
+                  ipFamilies=["IPv6", "IPv4"], ipFamilyPolicy="PreferDualStack")
+    assert _backends([svc], slices) == {("10.96.0.20", 80, "tcp"): (Backend("10.244.1.2", 8080),)}
+    v6only = service("a", "web", "fd00:10:96::b", HTTP, clusterIPs=["fd00:10:96::b"])
+    assert _backends([v6only], slices) == {}
+
+
+# --------------------------------------------------------------------------- fail closed
+def _fw_pass(fns: list[dict[str, Any]], chains: list[dict[str, Any]],
+             last_good: dict[Any, Any] | None = None) -> Any:
+    pods = [pod("web", "api-1", {"app": "api"})]
+    return desired_state(Inputs("n1", S, pods=pods, attachments={"c1": ("web", "api-1")},
+                                functions=fns, chains=chains, last_good=last_good or {}))
+
+
+def test_an_invalid_edit_keeps_the_last_valid_function_in_force() -> None:
+    """Editing an in-use firewall to add one invalid rule must not remove it
+    (that would open every port it blocks): the last valid version stays,
+    and the object is reported not Ready with the reason."""
+    ssh = {"action": "drop", "protocol": "tcp", "destinationPorts": "22"}
+    good = _fw_pass([nf("web", "fw", [ssh])], [chain("web", "c", ["fw"])])
+    fw = cube_name("web", "fw")
+    assert good.desired.chains["c1"] == ((), (fw,))
+    bad_rule = {"action": "drop", "protocol": "icmp", "destinationPorts": "80"}
+    edited = _fw_pass([nf("web", "fw", [ssh, bad_rule])], [chain("web", "c", ["fw"])],
+                      good.last_good)
+    assert edited.desired.chains["c1"] == ((), (fw,))
+    assert edited.desired.functions[fw] == FunctionSpec("firewall", ("drop tcp dport 22",))
+    v = edited.verdicts[("NetworkFunction", "web", "fw")]
+    assert not v.ready and v.reason == "Invalid"
+    assert "destinationPorts" in v.message and "last valid version stays in force" in v.message
+    assert edited.last_good == good.last_good  # the valid one is still the one to keep
+    # Without a valid version ever seen, there is nothing to keep: no function.
+    fresh = _fw_pass([nf("web", "fw", [ssh, bad_rule])], [chain("web", "c", ["fw"])])
+    assert "c1" not in fresh.desired.chains and fw not in fresh.desired.functions
+    # Fixed: the new version is in force and becomes the one kept.
+    fixed = _fw_pass([nf("web", "fw", [ssh, {"action": "drop", "protocol": "udp"}])],
+                     [chain("web", "c", ["fw"])], edited.last_good)
+    assert fixed.desired.functions[fw].rules == ("drop tcp dport 22", "drop udp")
+    assert fixed.verdicts[("NetworkFunction", "web", "fw")].ready
+
+
+def test_a_chain_naming_a_missing_function_keeps_its_last_valid_version() -> None:
+    ssh = {"action": "drop", "protocol": "tcp", "destinationPorts": "22"}
+    fns = [nf("web", "fw", [ssh])]
+    good = _fw_pass(fns, [chain("web", "c", ["fw"])])
+    typo = _fw_pass(fns, [chain("web", "c", ["fw", "fw-typo"])], good.last_good)
+    assert typo.desired.chains["c1"] == ((), (cube_name("web", "fw"),))
+    v = typo.verdicts[("CubeChain", "web", "c")]
+    assert not v.ready and v.reason == "FunctionNotFound" and "fw-typo" in v.message
+    assert "stays in force" in v.message
+    invalid = chain("web", "c", ["fw"])
+    invalid["spec"]["priority"] = "high"
+    kept = _fw_pass(fns, [invalid], good.last_good)
+    assert kept.desired.chains["c1"] == ((), (cube_name("web", "fw"),))
+    assert kept.verdicts[("CubeChain", "web", "c")].reason == "Invalid"
+    # Deleting the function (or the chain) is a real removal, not an invalid edit.
+    gone = _fw_pass([], [chain("web", "c", ["fw"])], good.last_good)
+    assert "c1" not in gone.desired.chains
+    assert _fw_pass(fns, [], good.last_good).desired.chains == {}
+    assert ("CubeChain", "web", "c") not in _fw_pass(fns, [], good.last_good).last_good

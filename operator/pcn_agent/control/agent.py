@@ -27,7 +27,14 @@ import kopf
 from pcn_agent.control.kube import ApiError, Kube, discover
 from pcn_agent.control.manager import DataplaneManager
 from pcn_agent.control.prepare import start_prepare
-from pcn_agent.control.reconcile import Inputs, Verdict, desired_state, node_addresses, vtep_for
+from pcn_agent.control.reconcile import (
+    Inputs,
+    ObjectKey,
+    Verdict,
+    desired_state,
+    node_addresses,
+    vtep_for,
+)
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
@@ -110,6 +117,11 @@ class Agent:
         self._published_at = 0.0
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
         self._prepared: concurrent.futures.Future[Runtime] | None = None
+        # Last valid version of each NetworkFunction/CubeChain (Inputs.last_good),
+        # kept on disk too: an invalid edit made while the agent was down must
+        # not open what the last valid version blocked.
+        self.last_good_path = state_root / f"{node_name}.last-good.json"
+        self.last_good: dict[ObjectKey, Mapping[str, Any]] = _load_last_good(self.last_good_path)
 
     def prepare(self, started: concurrent.futures.Future[Runtime] | None = None
                 ) -> concurrent.futures.Future[Runtime]:
@@ -171,8 +183,12 @@ class Agent:
             endpointslices=list(self.store["EndpointSlice"].values()),
             functions=list(self.store["NetworkFunction"].values()),
             chains=list(self.store["CubeChain"].values()),
-            nodeportrules=list(self.store["NodePortRule"].values()))
+            nodeportrules=list(self.store["NodePortRule"].values()),
+            last_good=self.last_good)
         result = desired_state(inputs)
+        if result.last_good != self.last_good:
+            self.last_good = result.last_good
+            _save_last_good(self.last_good_path, self.last_good)
         report = await asyncio.get_running_loop().run_in_executor(
             None, self.manager.apply, result.desired)
         if any(op.kind == "set-function" for op in report.ops):
@@ -397,6 +413,29 @@ class Agent:
     def shutdown(self) -> None:
         if self.api is not None:
             self.api.stop()
+
+
+def _load_last_good(path: Path) -> dict[ObjectKey, Mapping[str, Any]]:
+    try:
+        rows = json.loads(path.read_text())
+        return {(r["kind"], r["namespace"], r["name"]): r["object"] for r in rows}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+
+
+def _save_last_good(path: Path, last_good: Mapping[ObjectKey, Mapping[str, Any]]) -> None:
+    rows = [{"kind": k, "namespace": ns, "name": n, "object": obj}
+            for (k, ns, n), obj in sorted(last_good.items())]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:  # memory still holds it; only a restart would lose it
+        log.warning("cannot save %s: %s", path, exc)
 
 
 def _now() -> str:

@@ -80,6 +80,9 @@ class Result:
     desired: Desired
     verdicts: dict[ObjectKey, Verdict]
     derived_rules: dict[str, dict[str, Any]]  # NodePortRule name -> object to create
+    # The last version of each NetworkFunction and CubeChain that was valid:
+    # the agent hands it back as Inputs.last_good on the next pass.
+    last_good: dict[ObjectKey, Obj] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +97,9 @@ class Inputs:
     functions: list[Obj] = field(default_factory=list)
     chains: list[Obj] = field(default_factory=list)
     nodeportrules: list[Obj] = field(default_factory=list)
+    # Fail closed: an object whose new version is invalid keeps the last valid
+    # one in force (Result.last_good of the previous pass), reported not Ready.
+    last_good: Mapping[ObjectKey, Obj] = field(default_factory=dict)
 
 
 def cube_name(namespace: str, name: str) -> str:
@@ -154,17 +160,56 @@ def peers_of(inputs: Inputs) -> frozenset[PeerNode]:
 
 
 # ----------------------------------------------------------------------------- services
-def _ready(endpoint: Obj) -> bool:
-    # EndpointSlice semantics: a nil "ready" is to be read as ready.
-    return (endpoint.get("conditions") or {}).get("ready") is not False
+def _conditions(endpoint: Obj) -> tuple[bool, bool]:
+    """(ready, serving-and-terminating) of an EndpointSlice endpoint. The API
+    reads a nil ready or serving as true and a nil terminating as false
+    (discovery.k8s.io/v1 EndpointConditions)."""
+    c = endpoint.get("conditions") or {}
+    ready = c.get("ready") is not False
+    serving = c.get("serving") is not False
+    return ready, serving and c.get("terminating") is True
+
+
+# Labels that take a Service (and its EndpointSlices) away from the default
+# service proxy: kube-proxy watches both with the selector
+# "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless".
+IGNORE_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
+
+
+def proxied(svc: Obj) -> bool:
+    """Whether pcn, as the cluster's default service proxy, programs `svc`:
+    not when another proxy claims it, not headless, not ExternalName
+    (kube-proxy's ShouldSkipService and informer selector)."""
+    labels = _meta(svc).get("labels") or {}
+    if any(k in labels for k in IGNORE_LABELS):
+        return False
+    return (svc.get("spec") or {}).get("type") != "ExternalName"
+
+
+def cluster_ipv4(svc: Obj) -> str | None:
+    """The Service's IPv4 cluster IP: from spec.clusterIPs (dual-stack lists
+    the primary family first, which may be IPv6), else spec.clusterIP; None
+    for headless ("None") or IPv6-only Services."""
+    spec = svc.get("spec") or {}
+    candidates = list(spec.get("clusterIPs") or []) or [spec.get("clusterIP")]
+    for ip in candidates:
+        try:
+            if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
+                return ip
+        except ValueError:
+            continue
+    return None
 
 
 def service_backends(svc: Obj, port: Obj, slices: Iterable[Obj]) -> tuple[Backend, ...]:
-    """Ready IPv4 endpoints of one Service port, from its EndpointSlices."""
+    """The IPv4 endpoints of one Service port that take new connections, from
+    its EndpointSlices: the ready ones, or, when none is ready, the serving
+    and terminating ones (KEP-1669)."""
     ns, name = _ns_name(svc)
     pname = port.get("name") or ""
     proto = (port.get("protocol") or "TCP").upper()
-    out: dict[tuple[str, int], Backend] = {}
+    ready: dict[tuple[str, int], Backend] = {}
+    terminating: dict[tuple[str, int], Backend] = {}
     for s in slices:
         sns, _ = _ns_name(s)
         if sns != ns or (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
@@ -178,14 +223,19 @@ def service_backends(svc: Obj, port: Obj, slices: Iterable[Obj]) -> tuple[Backen
         if not target:
             continue
         for ep in s.get("endpoints") or []:
-            if not _ready(ep):
+            is_ready, serving_terminating = _conditions(ep)
+            into = ready if is_ready else terminating if serving_terminating else None
+            if into is None:
                 continue
             for addr in ep.get("addresses") or []:
                 try:
                     ipaddress.IPv4Address(addr)
                 except ValueError:
                     continue
-                out[(addr, int(target))] = Backend(addr, int(target))
+                into[(addr, int(target))] = Backend(addr, int(target))
+    # KEP-1669: serving-and-terminating endpoints take traffic only while no
+    # endpoint is ready (kube-proxy's CategorizeEndpoints).
+    out = ready or terminating
     return tuple(sorted(out.values(), key=lambda b: (b.ip, b.port)))
 
 
@@ -223,21 +273,18 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
     derived: dict[str, dict[str, Any]] = {}
     by_service = slices_by_service(inputs.endpointslices)
     for svc in inputs.services:
+        if not proxied(svc):
+            continue
         spec = svc.get("spec") or {}
-        vip = spec.get("clusterIP")
+        vip = cluster_ipv4(svc)
         policy = spec.get("externalTrafficPolicy") or "Cluster"
         for port in spec.get("ports") or []:
             proto = (port.get("protocol") or "TCP").lower()
             if proto not in ("tcp", "udp"):
                 continue
             backends = service_backends(svc, port, by_service.get(_ns_name(svc), ()))
-            if vip and vip != "None":
-                try:
-                    ipaddress.IPv4Address(vip)
-                    services[(vip, int(port["port"]), proto)] = ServiceSpec(backends,
-                                                                            _affinity(svc))
-                except (ValueError, KeyError):
-                    pass
+            if vip is not None and "port" in port:
+                services[(vip, int(port["port"]), proto)] = ServiceSpec(backends, _affinity(svc))
             if spec.get("type") in ("NodePort", "LoadBalancer") and port.get("nodePort"):
                 np_key = (int(port["nodePort"]), proto)
                 nodeports[np_key] = NodePortSpec(policy, backends)
@@ -325,15 +372,45 @@ def _validated(model: type[R], obj: Obj, v: Verdict) -> R | None:
         return None
 
 
-def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict]
+KEPT = "; the last valid version stays in force"
+
+
+def _kept(model: type[R], key: ObjectKey, last_good: Mapping[ObjectKey, Obj], v: Verdict
+          ) -> R | None:
+    """The last valid version of an object whose current one `v` rejected,
+    if there is one; the verdict then says it stays in force."""
+    body = last_good.get(key)
+    if body is None:
+        return None
+    try:
+        kept = model.from_body(body)
+    except ValidationError:  # valid when it was kept; a model change may refuse it now
+        return None
+    v.message += KEPT
+    return kept
+
+
+def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict],
+                 good: dict[ObjectKey, Obj] | None = None
                  ) -> dict[tuple[str, str], FunctionSpec]:
+    """Valid NetworkFunctions as FunctionSpecs by (namespace, name). One whose
+    current version is invalid keeps its last valid version (Inputs.last_good)
+    in force, never falls back to no function: removing a firewall because of
+    a typo would open what it blocks. `good` receives the versions in force."""
     valid: dict[tuple[str, str], FunctionSpec] = {}
     for obj in inputs.functions:
         ns, name = _ns_name(obj)
-        v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
+        key: ObjectKey = ("NetworkFunction", ns, name)
+        v = verdicts.setdefault(key, Verdict())
         nf = _validated(NetworkFunction, obj, v)
+        if nf is not None and good is not None:
+            good[key] = dict(obj)
         if nf is None:
-            continue
+            nf = _kept(NetworkFunction, key, inputs.last_good, v)
+            if nf is None:
+                continue
+            if good is not None:
+                good[key] = dict(inputs.last_good[key])
         cfg = nf.spec.typed_config()
         assert isinstance(cfg, FirewallConfig)  # the only type (NetworkFunctionSpec.type)
         valid[(ns, name)] = FunctionSpec(nf.spec.type, tuple(r.to_text() for r in cfg.rules),
@@ -341,19 +418,27 @@ def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict]
     return valid
 
 
+def _missing_functions(chain: CubeChain, ns: str,
+                       functions: Mapping[tuple[str, str], FunctionSpec]) -> list[str]:
+    refs = [r.function for r in (*chain.spec.ingress, *chain.spec.egress)]
+    return [r for r in refs if (ns, r) not in functions]
+
+
 def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
-              verdicts: dict[ObjectKey, Verdict]
+              verdicts: dict[ObjectKey, Verdict], good: dict[ObjectKey, Obj] | None = None
               ) -> tuple[dict[str, tuple[tuple[str, ...], tuple[str, ...]]], dict[str, FunctionSpec]]:
+    """Each attached pod's functions from the CubeChains selecting it. A chain
+    that is invalid or names a function that does not exist (or is invalid
+    with no valid version) keeps its last valid version in force, as
+    functions_of does; `good` receives the versions in force."""
     pods_by_name = {_ns_name(p): p for p in inputs.pods}
     parsed: list[tuple[int, str, str, CubeChain]] = []
     for obj in inputs.chains:
         ns, name = _ns_name(obj)
-        v = verdicts.setdefault(("CubeChain", ns, name), Verdict())
+        key: ObjectKey = ("CubeChain", ns, name)
+        v = verdicts.setdefault(key, Verdict())
         chain = _validated(CubeChain, obj, v)
-        if chain is None:
-            continue
-        refs = [r.function for r in (*chain.spec.ingress, *chain.spec.egress)]
-        missing = [r for r in refs if (ns, r) not in functions]
+        missing = _missing_functions(chain, ns, functions) if chain is not None else []
         if missing:
             bad = [r for r in missing if ("NetworkFunction", ns, r) in verdicts]
             if bad:
@@ -361,13 +446,21 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
                                           f"{verdicts[('NetworkFunction', ns, bad[0])].message}")
             else:
                 v.fail("FunctionNotFound", f"NetworkFunction {ns}/{missing[0]} does not exist")
-            continue
+        if chain is not None and not missing:
+            if good is not None:
+                good[key] = dict(obj)
+        else:
+            chain = _kept(CubeChain, key, inputs.last_good, v)
+            if chain is None or _missing_functions(chain, ns, functions):
+                continue  # nothing valid was ever in force, or its functions are gone
+            if good is not None:
+                good[key] = dict(inputs.last_good[key])
         parsed.append((chain.spec.priority, name, ns, chain))
     parsed.sort(key=lambda t: (t[0], t[1]))
 
     chains: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     used: dict[str, FunctionSpec] = {}
-    for key, (pns, pname) in sorted(inputs.attachments.items()):
+    for pod_key, (pns, pname) in sorted(inputs.attachments.items()):
         pod = pods_by_name.get((pns, pname))
         labels = (_meta(pod).get("labels") or {}) if pod else {}
         from_pod: list[str] = []
@@ -394,20 +487,21 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
             if added or chain.spec.ingress or chain.spec.egress:
                 v.pods += 1
         if from_pod or to_pod:
-            chains[key] = (tuple(from_pod), tuple(to_pod))
+            chains[pod_key] = (tuple(from_pod), tuple(to_pod))
     return chains, used
 
 
 # ----------------------------------------------------------------------------- entry
 def desired_state(inputs: Inputs) -> Result:
     verdicts: dict[ObjectKey, Verdict] = {}
+    good: dict[ObjectKey, Obj] = {}
     services, nodeports, derived = services_of(inputs)
     static_nodeports(inputs, nodeports, verdicts)
-    functions = functions_of(inputs, verdicts)
-    chains, used = chains_of(inputs, functions, verdicts)
+    functions = functions_of(inputs, verdicts, good)
+    chains, used = chains_of(inputs, functions, verdicts, good)
     desired = Desired(peers=peers_of(inputs), services=services, nodeports=nodeports,
                       functions=used, chains=chains)
-    return Result(desired, verdicts, derived)
+    return Result(desired, verdicts, derived, good)
 
 
 @dataclass(frozen=True)
