@@ -300,3 +300,23 @@ def test_connections_survive_an_agent_restart(svc_lab: Lab) -> None:
         assert r["ok"], r  # every byte arrived, in one connection, no reset
     assert _tcp(lab, "n1p1", VIP_LONG, 80)["ok"]  # and the adopted node keeps working
     assert checks.ping(lab, "n1p1", lab.pods["n2p2"].ip).passed
+
+
+def test_a_pod_deleted_while_the_agent_was_down_is_forgotten_on_restart(svc_lab: Lab) -> None:
+    """ADD a pod, stop the agent, DEL the pod (the plugin deletes its veth),
+    start the agent: it adopts the rest and forgets the pod instead of failing
+    to re-attach the vanished interface ("No such device") forever."""
+    lab = svc_lab
+    lp = lab.add_pod(1, 9)
+    assert lp.pod is not None
+    host_if, port_name = lp.pod.iface.host_ifname, lp.pod.port.name
+    netns = lab.node(1).cfg.netns
+    del lab.pods[lp.name]
+    new = lab.restart_node(1, while_down=lambda: subprocess.run(
+        ["ip", "-n", netns, "link", "del", host_if], check=True))
+    assert new.rt.adopted and lp.name not in new.pods
+    assert new.bridge is not None and port_name not in new.bridge.cube.ports
+    assert lp.name not in json.loads(new.rt.state_path.read_text())["meta"]["pods"]
+    assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, TCP)["ok"]  # the node serves on
+    assert _tcp(lab, "n2p1", lab.pods["n1p1"].ip, TCP)["ok"]
+

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import secrets
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,11 +170,15 @@ class Lab:
     def popen(self, netns: str, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **kw)
 
-    def restart_node(self, i: int) -> NodeDataplane:
-        """Kill node i's agent (as a crash would: nothing torn down) and start a
-        new one that adopts the data plane it left."""
+    def restart_node(self, i: int, while_down: Callable[[], object] | None = None
+                     ) -> NodeDataplane:
+        """Kill node i's agent (as a crash would: nothing torn down), run
+        `while_down` (what happens on the node meanwhile), and start a new one
+        that adopts the data plane it left."""
         old = self.node(i)
         old.crash()
+        if while_down is not None:
+            while_down()
         new = NodeDataplane(old.cfg, self.pin_root, old.state_root).up(adopt=True)
         self.nodes[old.cfg.name] = new
         for lp in self.pods.values():

@@ -127,6 +127,7 @@ class Runtime:
         self.pin_dir: Path | None = None
         self.state_path = state_root / f"{name}.json"
         self.adopted = False
+        self.vanished_ports: set[int] = set()  # ports whose netdev was gone at adoption
         self.meta: dict[str, Any] = {}  # state of whoever drives this runtime (JSON), saved with it
         self._netlink: NetlinkPerThread | None = None
         self.types: dict[str, CubeType] = {}
@@ -198,11 +199,43 @@ class Runtime:
             self.ports[port.id] = port
         self._own_clsact = set(state.get("own_clsact", []))
         self.meta = state.get("meta", {})
-        for ifindex, parents in state.get("attached", {}).items():
+        attached: dict[str, list[str]] = state.get("attached", {})
+        gone = self._drop_vanished_netdevs({int(i) for i in attached})
+        for ifindex, parents in attached.items():
+            if int(ifindex) in gone:
+                continue
             for parent in parents:
                 prog = "pcn_ingress" if parent == tc.INGRESS else "pcn_egress"
                 self._attach(int(ifindex), parent, prog)  # replaces the old program in place
         self.adopted = True
+
+    def _drop_vanished_netdevs(self, attached: set[int]) -> set[int]:
+        """Netdevs the saved state peers with that are gone (a pod deleted by
+        CNI DEL while no agent ran) or are another device now (a reused
+        ifindex): their ports are unpeered and listed in `vanished_ports`, so
+        the owner forgets them instead of failing to attach ("No such device")
+        forever. Returns the ifindexes not to attach to."""
+        assert self.ipr is not None
+        names = {int(link["index"]): link.get_attr("IFLA_IFNAME")
+                 for link in self.ipr.get_links()}
+        gone = {i for i in attached if i not in names}
+        for port in self.ports.values():
+            if port.peer_kind != maps.PEER_NETDEV:
+                continue
+            if names.get(port.peer) == port.netdev:
+                continue
+            log.warning("runtime %s: netdev %s (ifindex %d) of port %s:%s is gone; the port is "
+                        "unpeered", self.name, port.netdev, port.peer, port.cube, port.name)
+            gone.add(port.peer)
+            self._own_clsact.discard(port.peer)
+            try:
+                del self.table("pcn_ifaces")[ct.c_uint32(port.peer)]
+            except KeyError:
+                pass
+            port.peer_kind, port.peer, port.netdev = maps.PEER_NONE, 0, None
+            self._write_port(port)
+            self.vanished_ports.add(port.id)
+        return gone
 
     def save(self) -> None:
         """Record what this runtime built, for the next agent to adopt."""

@@ -291,7 +291,16 @@ class NodeDataplane:
             peer = PeerNode(**p)
             self.peers[peer.name] = peer
         for key, p in self.rt.meta.get("pods", {}).items():
-            port = self.rt.ports[p["port"]]
+            port = self.rt.ports.get(p.get("port", -1))
+            if port is None or port.id in self.rt.vanished_ports:
+                # Deleted (CNI DEL) while no agent ran: a vanished pod is a
+                # removed pod. One stale item must not keep the node from serving.
+                log.warning("node %s: pod %s is gone (its interface %s no longer exists); "
+                            "forgetting it", self.cfg.name, key,
+                            (p.get("iface") or {}).get("host_ifname"))
+                if port is not None:
+                    self.bridge.remove_port(port.name)
+                continue
             self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
                                  p["ingress"], p["egress"], p.get("k8s_namespace", ""),
                                  p.get("k8s_name", ""), p.get("origin", ""))
