@@ -465,6 +465,28 @@ def test_nodeport_cluster_to_remote_backend_goes_over_the_overlay(lab: DispLab,
     assert (out.retval, out.data) == (TC_ACT_OK, res.data)
 
 
+def test_udp_nodeport_sessions_leave_with_their_backend(lab: DispLab) -> None:
+    """As for ClusterIPs (test_bpf_lbrp): the UDP NodePort sessions of a
+    backend that left are removed both ways, so the client's next datagram
+    goes to a live backend."""
+    np_ = next(_nodeport)
+    gone, stays = (counted(_remote_pod, "10.244.2.{}") for _ in range(2))
+    lab.disp.set_nodeport(np_, "udp", "Cluster", [Backend(gone, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_UDP, 5600, np_))
+    assert parse_ipv4(parse_eth(res.data).payload).dst == gone
+
+    def kinds_for(backend: str) -> set[str]:
+        return {e["kind"] for e in lab.disp.sessions() if e["proto"] == IPPROTO_UDP
+                and backend in (e["from"].split(":")[0], e["rewrite"].split(":")[0])}
+
+    assert kinds_for(gone) == {"nodeport", "nodeport-reverse"}
+    lab.disp.set_nodeport(np_, "udp", "Cluster", [Backend(stays, 8080)])
+    assert kinds_for(gone) == set()
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_UDP, 5600, np_))
+    assert parse_ipv4(parse_eth(res.data).payload).dst == stays
+
+
 def test_nodeport_cluster_with_local_backend_keeps_the_client(lab: DispLab) -> None:
     np_ = next(_nodeport)
     local, local_mac = lab.pod()

@@ -311,6 +311,36 @@ def test_udp_service_both_directions(lab: LbLab, checksum: bool) -> None:
                                      checksum=checksum))
 
 
+def test_udp_sessions_leave_with_their_backend(lab: LbLab) -> None:
+    """A connected UDP socket keeps sending to the VIP: when its backend leaves
+    the Service (or the Service goes), its sessions go both ways, as
+    kube-proxy clears UDP conntrack, so the next datagram picks a live
+    backend. Other backends' sessions and TCP sessions are kept."""
+    svc, cl = vip(), client()
+    gone, stays = Backend(backend_ip(), 5353), Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp", [gone])
+    assert dest_of(lab.from_pod(udp_frame(lab, cl, svc, 47100, 53))) == (gone.ip, 5353)
+    lab.lb.set_service(svc, 53, "udp", [gone, stays])
+    sport_stays = next(p for p in range(47101, 47300)
+                       if dest_of(lab.from_pod(udp_frame(lab, cl, svc, p, 53))) == (stays.ip, 5353))
+    tcp_svc = vip()
+    lab.lb.set_service(tcp_svc, 80, "tcp", [Backend(gone.ip, 8080)])
+    lab.from_pod(tcp_frame(lab, cl, tcp_svc, 47400, 80))
+
+    lab.lb.set_service(svc, 53, "udp", [stays])
+    assert lab.raw_session(cl, svc, 47100, 53, IPPROTO_UDP) is None
+    assert lab.raw_session(gone.ip, cl, 5353, 47100, IPPROTO_UDP) is None
+    assert dest_of(lab.from_pod(udp_frame(lab, cl, svc, 47100, 53))) == (stays.ip, 5353)
+    assert lab.raw_session(cl, svc, sport_stays, 53, IPPROTO_UDP) is not None
+    lab.lb.set_service(tcp_svc, 80, "tcp", [])  # TCP: the connection may still finish
+    assert lab.raw_session(cl, tcp_svc, 47400, 80, IPPROTO_TCP) is not None
+
+    lab.lb.delete_service(svc, 53, "udp")
+    assert lab.raw_session(cl, svc, 47100, 53, IPPROTO_UDP) is None
+    assert lab.raw_session(stays.ip, cl, 5353, 47100, IPPROTO_UDP) is None
+    assert lab.raw_session(cl, svc, sport_stays, 53, IPPROTO_UDP) is None
+
+
 # ---------------------------------------------------------------------------- ICMP errors
 def quote_of(frame: bytes, nbytes: int = 8) -> bytes:
     """What an ICMP error quotes of `frame`: its IP header and `nbytes` more."""

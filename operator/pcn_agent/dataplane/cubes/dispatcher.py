@@ -47,6 +47,7 @@ class Dispatcher:
         self._nets = rt.table("disp_nets", TYPE)
         self._nodeports = rt.table("disp_nodeports", TYPE)
         self._sessions = rt.table("nat_sessions", TYPE)
+        services.session_tables.append(self._sessions)  # NodePort sessions live here
         self.nodeports: dict[tuple[int, str], NodePort] = {}
         for n in self.cube.config.get("nodeports", []):
             np_ = NodePort(n["port"], n["proto"], n["policy"],

@@ -24,6 +24,9 @@ MAX_SERVICES = 65535
 AFFINITY_CLIENT_IP = 1
 SESSION_KINDS = {1: "lb", 2: "lb-reverse", 3: "snat", 4: "snat-reverse", 5: "nodeport",
                  6: "nodeport-reverse"}
+# pcn_session.h's PCN_SESS_*: the kinds of a Service's sessions, by direction
+SESSION_LB, SESSION_LB_REV, SESSION_NODEPORT, SESSION_NODEPORT_REV = 1, 2, 5, 6
+UDP = PROTOCOLS["udp"]
 
 
 def proto_number(proto: str | int) -> int:
@@ -104,6 +107,9 @@ class ServiceTable:
         self._slots = rt.table("lb_slots", module_type)
         self._sessions = rt.table("lb_sessions", module_type)
         self._affinity = rt.table("lb_affinity", module_type)
+        # Every table holding sessions of these services (the dispatcher adds
+        # its NodePort sessions' table): UDP flows leave with their backend.
+        self.session_tables: list[maps.BpfTable] = [self._sessions]
         self.services: dict[tuple[str, int, str], Service] = {}
         for s in (state or {}).get("services", []):
             svc = Service(s["id"], s["vip"], s["port"], s["proto"],
@@ -147,7 +153,11 @@ class ServiceTable:
         for i in range(len(slots), svc.n_slots):
             maps.discard(self._slots, maps.SlotKey(svc.id, i))
         if existed:  # clients must not stick to a backend that left
-            self._forget_affinity(svc.id, {(maps.ip_be(b.ip), be16(b.port)) for b in slots})
+            keep = {(maps.ip_be(b.ip), be16(b.port)) for b in slots}
+            self._forget_affinity(svc.id, keep)
+            gone = {(maps.ip_be(b.ip), be16(b.port)) for b in svc.backends} - keep
+            if gone:
+                self._forget_udp_sessions(svc, keep)
         svc.backends, svc.affinity_timeout_s, svc.n_slots = list(backends), affinity_timeout_s, len(slots)
         self.services[key] = svc
         return svc
@@ -162,6 +172,7 @@ class ServiceTable:
             maps.discard(self._slots, maps.SlotKey(svc.id, i))
         # the id goes to the next new service: so would the clients stuck to it
         self._forget_affinity(svc.id, set())
+        self._forget_udp_sessions(svc, set())
         self._free_ids.append(svc.id)
         return True
 
@@ -174,6 +185,29 @@ class ServiceTable:
         for k, v in list(self._affinity.items()):
             if k.svc == svc_id and (v.backend.ip, v.backend.port) not in keep:
                 maps.discard(self._affinity, k)
+
+    def _forget_udp_sessions(self, svc: Service, keep: builtins.set[tuple[int, int]]) -> None:
+        """Remove the UDP sessions of `svc` whose backend is not in `keep`, both
+        directions, as kube-proxy clears UDP conntrack entries of endpoints
+        that leave a Service (pkg/proxy conntrack cleanup): a connected UDP
+        socket keeps sending to the VIP and must reach a live backend, not
+        the session of one that is gone. TCP sessions stay: a terminating
+        backend may still finish its connections, and a vanished one resets them."""
+        if svc.proto != "udp":
+            return
+        fwd, rev = (SESSION_LB, SESSION_NODEPORT), (SESSION_LB_REV, SESSION_NODEPORT_REV)
+        for table in self.session_tables:
+            for k, v in list(table.items()):
+                if v.svc != svc.id or k.proto != UDP:
+                    continue
+                if v.kind in fwd:
+                    backend = (v.ip, v.port)
+                elif v.kind in rev:
+                    backend = (k.saddr, k.sport)  # the reply comes from the backend
+                else:
+                    continue
+                if backend not in keep:
+                    maps.discard(table, k)
 
     def sessions(self) -> list[dict[str, str | int]]:
         """Load-balanced connections: client, service address, backend."""
