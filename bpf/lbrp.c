@@ -23,6 +23,31 @@ static __always_inline int lbrp_reject(struct __sk_buff *skb, const struct pcn_f
     return bpf_redirect(p->peer, 0); /* back to the pod that asked */
 }
 
+/* A pod's flow straight to an address and port that are the backend of one
+ * of its service sessions, from the same port: the replies of this new flow
+ * are the wire tuple of that session's reverse entry, which would rewrite
+ * them to come from the VIP (and the pod would never see its answer). A pod
+ * opening a connection (a SYN) or sending a datagram on those ports is done
+ * with the old one: both of its entries go. */
+static __always_inline void lbrp_forget_superseded(const struct pcn_flow *f,
+                                                   const struct pcn_l4info *info)
+{
+    if (f->proto == IPPROTO_TCP &&
+        (info->tcp_flags & (PCN_TCP_SYN | PCN_TCP_ACK | PCN_TCP_RST)) != PCN_TCP_SYN)
+        return;
+    struct pcn_flow rev = {.saddr = f->daddr, .daddr = f->saddr, .sport = f->dport,
+                           .dport = f->sport, .proto = f->proto};
+    struct pcn_xlate *x = lb_sessions.lookup(&rev);
+    if (!x || x->kind != PCN_SESS_LB_REV)
+        return;
+    struct pcn_flow fwd = {.saddr = f->saddr, .daddr = x->ip, .sport = f->sport,
+                           .dport = x->port, .proto = f->proto};
+    lb_sessions.delete(&rev);
+    struct pcn_xlate *old = lb_sessions.lookup(&fwd);
+    if (old && old->kind == PCN_SESS_LB && old->ip == f->daddr && old->port == f->dport)
+        lb_sessions.delete(&fwd);
+}
+
 static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *f,
                                         struct pcn_l4info *info, u64 now)
 {
@@ -35,8 +60,10 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
     }
     struct pcn_svc_key sk = {.vip = f->daddr, .port = f->dport, .proto = f->proto};
     struct pcn_svc *svc = lb_services.lookup(&sk);
-    if (!svc)
+    if (!svc) {
+        lbrp_forget_superseded(f, info);
         return pcn_pass(skb);
+    }
     struct pcn_backend b = {};
     if (pcn_lb_select(svc, f, now, &b) < 0)
         return lbrp_reject(skb, f, info);

@@ -311,6 +311,37 @@ def test_udp_service_both_directions(lab: LbLab, checksum: bool) -> None:
                                      checksum=checksum))
 
 
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_a_new_direct_flow_is_not_captured_by_an_old_service_session(lab: LbLab,
+                                                                     proto: int) -> None:
+    """A pod reaches a Service from port 41001 (landing on web-2), then web-2's
+    own address from the same port: the replies of the direct flow must come
+    from web-2, not be rewritten to the VIP by the old session's reverse entry."""
+    svc, cl = vip(), client()
+    web2 = Backend(backend_ip(), 8080)
+    if proto == IPPROTO_TCP:
+        lab.lb.set_service(svc, 80, "tcp", [web2])
+        frame = lambda src, dst, sp, dp, out=True, fl=TCP_SYN: tcp_frame(  # noqa: E731
+            lab, src, dst, sp, dp, flags=fl, outbound=out)
+    else:
+        lab.lb.set_service(svc, 80, "udp", [web2])
+        frame = lambda src, dst, sp, dp, out=True, fl=0: udp_frame(  # noqa: E731
+            lab, src, dst, sp, dp, outbound=out)
+    assert dest_of(lab.from_pod(frame(cl, svc, 41001, 80))) == (web2.ip, 8080)
+    # an established flow's packets to the backend itself do not end the session
+    if proto == IPPROTO_TCP:
+        lab.from_pod(frame(cl, web2.ip, 41001, 8080, fl=TCP_ACK))
+        assert lab.raw_session(web2.ip, cl, 8080, 41001, proto) is not None
+    direct = frame(cl, web2.ip, 41001, 8080)
+    res = lab.from_pod(direct)
+    assert res.retval == TC_ACT_REDIRECT and res.data == direct  # not a service: untouched
+    reply = frame(web2.ip, cl, 8080, 41001, out=False, fl=TCP_SYN | TCP_ACK)
+    res = lab.to_pod(reply)
+    assert (res.retval, res.data) == (TC_ACT_OK, reply)  # from web-2, as the pod expects
+    assert lab.raw_session(web2.ip, cl, 8080, 41001, proto) is None
+    assert lab.raw_session(cl, svc, 41001, 80, proto) is None
+
+
 def test_udp_sessions_leave_with_their_backend(lab: LbLab) -> None:
     """A connected UDP socket keeps sending to the VIP: when its backend leaves
     the Service (or the Service goes), its sessions go both ways, as
