@@ -14,7 +14,7 @@ struct router_route_key {
 };
 
 struct router_route {
-    u32 port;
+    u32 port;          /* 0: unreachable, drop (Router.add_unreachable) */
     __be32 nexthop; /* 0: destination is directly connected */
 };
 
@@ -155,7 +155,7 @@ int router_rx(struct __sk_buff *skb)
 
     struct router_route_key rk = {.prefixlen = 64, .cube = cube, .dst = daddr};
     struct router_route *rt = router_routes.lookup(&rk);
-    if (!rt)
+    if (!rt || !rt->port) /* port 0: an unreachable route (no port has id 0) */
         return pcn_drop(skb, in_port, cube, PCN_DROP_NO_ROUTE);
     u32 out_port = rt->port;
     __be32 nh = rt->nexthop ? rt->nexthop : daddr;

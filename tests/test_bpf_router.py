@@ -2,7 +2,7 @@
 
 Topology: router `r` with port `a` (10.1.0.1/24, veth u1) and port `b`
 (10.2.0.1/24, veth u2) in a private namespace, plus a static route
-198.51.100.0/24 via 10.2.0.30 on `b`. Tests use their own host addresses and
+198.51.100.0/24 via 10.2.0.253 on `b`. Tests use their own host addresses and
 compare counters before and after, so they share one compiled runtime.
 """
 
@@ -45,7 +45,7 @@ pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
 
 IPPROTO_ICMP, IPPROTO_UDP = 1, 17
-_host = itertools.count(10)
+_host = itertools.count(10)  # up to .249: the static next hop is 10.2.0.253
 
 
 def host(net: str) -> str:
@@ -95,7 +95,7 @@ def lab() -> Iterator[RouterLab]:
         ports = {"a": r.add_port("a", "10.1.0.1/24"), "b": r.add_port("b", "10.2.0.1/24")}
         rt.connect_netdev(ports["a"], "u1")
         rt.connect_netdev(ports["b"], "u2")
-        r.add_route("198.51.100.0/24", "b", nexthop="10.2.0.30")
+        r.add_route("198.51.100.0/24", "b", nexthop="10.2.0.253")
         yield RouterLab(net, r, ports)
 
 
@@ -296,12 +296,36 @@ def test_forwarding_keeps_checksum_valid_for_any_header(lab: RouterLab) -> None:
 
 def test_forwards_through_static_route_to_its_next_hop(lab: RouterLab) -> None:
     gw_mac = random_mac()
-    lab.add_neighbour("10.2.0.30", gw_mac, "b")
+    lab.add_neighbour("10.2.0.253", gw_mac, "b")
     pkt = udp_frame(lab, host("a"), "198.51.100.7")
     before = lab.counters()
     res = lab.send("a", pkt)
     check_forwarded(lab, pkt, res, gw_mac)
     assert lab.counters()["b"].tx_packets - before["b"].tx_packets == 1
+
+
+def test_unreachable_route_drops_what_only_more_specific_routes_may_carry(
+        lab: RouterLab) -> None:
+    """The node's guard for the cluster pod CIDR: an address in it that no
+    more specific route covers is dropped (no_route), not sent out by a
+    wider route (here 198.51.0.0/16 stands for the default route)."""
+    gw_mac = random_mac()
+    lab.add_neighbour("10.2.0.253", gw_mac, "b")
+    lab.r.add_route("198.0.0.0/8", "b", nexthop="10.2.0.253")
+    lab.r.add_unreachable("198.51.0.0/16")
+    try:
+        drops, before = lab.drops(), lab.counters()
+        res = lab.send("a", udp_frame(lab, host("a"), "198.51.7.7"))
+        assert res.retval == TC_ACT_SHOT
+        assert lab.drops().get("no_route", 0) == drops.get("no_route", 0) + 1
+        assert lab.counters()["b"].tx_packets == before["b"].tx_packets
+        pkt = udp_frame(lab, host("a"), "198.51.100.9")  # the /24 inside it still routes
+        check_forwarded(lab, pkt, lab.send("a", pkt), gw_mac)
+        pkt = udp_frame(lab, host("a"), "198.7.7.7")  # and so does the wider route outside it
+        check_forwarded(lab, pkt, lab.send("a", pkt), gw_mac)
+    finally:
+        lab.r.remove_route("198.51.0.0/16")
+        lab.r.remove_route("198.0.0.0/8")
 
 
 def test_unknown_neighbour_goes_to_slow_path(lab: RouterLab) -> None:

@@ -213,6 +213,7 @@ class NodeDataplane:
         r_up = self.router.add_port("uplink", nic_addr, mac=nic_mac, flags=maps.PORT_HOST_SHARED)
         if c.default_gateway:
             self.router.add_route("0.0.0.0/0", "uplink", nexthop=c.default_gateway)
+        self._guard_cluster_cidr()
 
         self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
                                      self._dispatcher_config())
@@ -226,6 +227,16 @@ class NodeDataplane:
         self.rt.connect_netdev(r_up, c.uplink)
         self.rt.meta["vxlan_created"] = self._vxlan_created
         self._build_host_link()
+
+    def _guard_cluster_cidr(self) -> None:
+        """Pod addresses the node has no route for (no node owns that part of
+        the cluster's pod CIDR) are unreachable: never sent out of the NIC by
+        the default route, where they would leave with a pod source or turn
+        the node into a transit router for spoofed traffic."""
+        c = self.cfg
+        assert self.router is not None
+        if ipaddress.IPv4Network(c.cluster_pod_cidr) != ipaddress.IPv4Network(c.pod_cidr):
+            self.router.add_unreachable(c.cluster_pod_cidr)
 
     def _build_host_link(self) -> None:
         """The router's "host" port on a veth pair with the node's stack.
@@ -287,6 +298,7 @@ class NodeDataplane:
         self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
                                      self._dispatcher_config())
         self._vxlan_created = self.rt.meta.get("vxlan_created", False)
+        self._guard_cluster_cidr()  # a data plane built before the guard existed gets it
         for p in self.rt.meta.get("peers", []):
             peer = PeerNode(**p)
             self.peers[peer.name] = peer

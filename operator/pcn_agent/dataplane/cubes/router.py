@@ -11,6 +11,7 @@ from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.runtime import PortState, Runtime, RuntimeError_
 
 TYPE = "router"
+UNREACHABLE = ""  # Route.port of a route that drops what matches it
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,19 @@ class Router:
         value = maps.RouterRoute(port.id, maps.ip_be(nh) if nh else 0)
         self._routes[self._route_key(net)] = value
         route = Route(net, port_name, nh)
+        self.routes[net] = route
+        self._save()
+        return route
+
+    def add_unreachable(self, cidr: str) -> Route:
+        """A route that drops what it matches, counted as "no route" (like an
+        `unreachable` route in Linux, without the ICMP answer): for a range
+        that only more specific routes may carry, such as the cluster's pod
+        CIDR, which the default route would otherwise send out of the NIC
+        with whatever source it has (idempotent)."""
+        net = ipaddress.IPv4Network(cidr, strict=True)
+        self._routes[self._route_key(net)] = maps.RouterRoute(0, 0)
+        route = Route(net, UNREACHABLE, None)
         self.routes[net] = route
         self._save()
         return route
