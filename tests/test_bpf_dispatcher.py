@@ -1,6 +1,6 @@
 """The k8sdispatcher cube's program on crafted frames (BPF_PROG_TEST_RUN).
 
-Topology, stacked as node.py does it: router `r` with port `uplink`
+Topology, stacked as NodeDataplane (pcn_agent.node.wiring) does it: router `r` with port `uplink`
 (192.168.50.10/24, the node's NIC address, host-shared, veth u1, default route
 via 192.168.50.1), port `vxlan` (VTEP 10.250.0.1/24, veth u2 standing in for
 the VXLAN device, route to the other node's pods 10.244.2.0/24 via its VTEP

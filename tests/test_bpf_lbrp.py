@@ -126,7 +126,7 @@ def lab() -> Iterator[LbLab]:
         b = Bridge(rt, "b")
         lb = LoadBalancer(rt, "lb")
         ports = {name: b.add_port(name) for name in ("client", "backend", "gw")}
-        for name in ("client", "backend"):  # as node.py stacks it on pod ports
+        for name in ("client", "backend"):  # as NodeDataplane stacks it on pod ports
             rt.set_hook(ports[name], maps.HOOK_INGRESS, [rt.stacked("lb")])
             rt.set_hook(ports[name], maps.HOOK_EGRESS, [rt.stacked("lb")])
         for i, name in enumerate(("client", "backend", "gw"), start=1):

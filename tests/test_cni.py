@@ -23,7 +23,7 @@ from pyroute2 import netns as pr_netns
 from pcn_agent.cni import localapi, spec
 from pcn_agent.cni.link import host_ifname
 from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
-from pcn_agent.dataplane import netns as nsutil
+from pcn_agent.dataplane.netns import netns_path
 from pcn_agent.node.wiring import NodeDataplane
 from pcn_lab.topology import Lab
 
@@ -109,7 +109,7 @@ class CniLab:
         name = f"{self.lab.prefix}-c{next(self._ids)}"
         pr_netns.create(name)
         self.lab.namespaces.append(name)
-        return name, nsutil.netns_path(name)
+        return name, netns_path(name)
 
     def add(self, container_id: str | None = None, **kw: Any) -> tuple[str, str, str, dict]:
         """ADD a new pod: (container id, netns name, netns path, result)."""
@@ -219,7 +219,7 @@ def test_plugin_code_never_imports_pyroute2() -> None:
     the plugin may load, up front or on a command's path, must do without."""
     code = ("import sys\n"
             "import pcn_agent.cni.commands, pcn_agent.cni.ipam, pcn_agent.cni.link, "
-            "pcn_agent.cni.localapi, pcn_agent.cni.spec, pcn_agent.node.rtnl\n"
+            "pcn_agent.cni.localapi, pcn_agent.cni.spec, pcn_agent.cni.rtnl\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2')\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -500,6 +500,15 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
     return out, meta
 
 
+def test_bundle_carries_the_plugin_and_nothing_else_of_the_agent(
+        bundle: tuple[Path, dict[str, str]]) -> None:
+    site = bundle[0] / "site"
+    assert sorted(p.name for p in site.iterdir()) == ["pcn_agent"]
+    assert sorted(p.name for p in (site / "pcn_agent").iterdir()
+                  if p.name != "__pycache__") == ["__init__.py", "cni"]
+    assert (site / "pcn_agent" / "cni" / "rtnl.py").is_file()
+
+
 @pytest.fixture
 def host(tmp_path: Path, objects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """A fake host file system for the installer, and its arguments."""

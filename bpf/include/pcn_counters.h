@@ -13,7 +13,7 @@ struct pcn_port_stats {
     u64 drops;
 };
 
-/* Why a cube dropped a packet; mirrored by pcn_agent.maps.DropReason. */
+/* Why a cube dropped a packet; mirrored by pcn_agent.dataplane.maps.DropReason. */
 enum pcn_drop_reason {
     PCN_DROP_NONE = 0,
     PCN_DROP_NO_PORT = 1,      /* metadata names a port that does not exist */

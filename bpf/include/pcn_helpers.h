@@ -30,7 +30,7 @@
 #define unlikely(x) __builtin_expect(!!(x), 0)
 #endif
 
-/* Sizes: kept in sync with operator/pcn_agent/maps.py (a test checks). */
+/* Sizes: kept in sync with operator/pcn_agent/dataplane/maps.py (a test checks). */
 #define PCN_MAX_PORTS 4096
 #define PCN_MAX_CUBES 1024
 #define PCN_MAX_SLOTS 256

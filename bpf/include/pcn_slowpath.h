@@ -6,7 +6,7 @@
 
 #include "pcn_helpers.h"
 
-/* Mirrored by pcn_agent.maps.SlowMsg and SlowReason. */
+/* Mirrored by pcn_agent.dataplane.maps.SlowMsg and SlowReason. */
 enum pcn_slow_reason {
     PCN_SLOW_ARP_MISS = 1,      /* packet waits for next hop `arg` on out_port */
     PCN_SLOW_NEIGH_LEARNED = 2, /* next hop `arg` was just resolved */

@@ -11,8 +11,9 @@ into one relocatable directory:
   lib/             its dynamic loader and every shared library that the
                    interpreter and the kept extension modules link, glibc included
   lib/python3.X/   the standard library, without tests, IDLE, tkinter, ...
-  site/            the package pcn-cni imports (pcn_agent: pcn_agent.cni and the
-                   stdlib-only pcn_agent.node.rtnl, so no pyroute2)
+  site/            the package pcn-cni imports: pcn_agent.cni (standard library
+                   only, its netlink is pcn_agent.cni.rtnl: no pyroute2), with
+                   pcn_agent's __init__ and nothing else of the agent
   cni/             the reference CNI plugins pcn delegates to (host-local, loopback
                    from Debian's containernetworking-plugins: linked against
                    glibc 2.34+, so they too run on the bundle's loader)
@@ -45,10 +46,10 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("pcn_agent",)
+PACKAGES = ("pcn_agent.cni",)  # with its parents' __init__ only: the agent stays out
 CNI_PLUGINS = ("/usr/lib/cni/host-local", "/usr/lib/cni/loopback")
 # Modules pcn-cni must be able to import from the bundle (checked after the build).
-SMOKE_IMPORTS = ("pcn_agent.cni.commands", "pcn_agent.cni.localapi", "pcn_agent.node.rtnl",
+SMOKE_IMPORTS = ("pcn_agent.cni.commands", "pcn_agent.cni.localapi", "pcn_agent.cni.rtnl",
                  "ctypes", "ssl", "json", "socket", "subprocess", "zlib")
 # Parts of the standard library that a CNI plugin never imports.
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "lib2to3",
@@ -146,8 +147,15 @@ def build(out: Path, packages: tuple[str, ...] = PACKAGES,
         if spec is None or not spec.submodule_search_locations:
             raise BundleError(f"package {name} is not importable by {sys.executable}")
         src = Path(list(spec.submodule_search_locations)[0])
-        shutil.copytree(src, out / "site" / name,
-                        ignore=shutil.ignore_patterns("*.egg-info"))
+        shutil.copytree(src, out / "site" / Path(*name.split(".")),
+                        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+        parent = name.rpartition(".")[0]
+        while parent:  # a sub-package needs its parents' __init__, and nothing else of them
+            pspec = importlib.util.find_spec(parent)
+            if pspec is None or pspec.origin is None:
+                raise BundleError(f"package {parent} is not importable by {sys.executable}")
+            shutil.copy2(pspec.origin, out / "site" / Path(*parent.split(".")) / "__init__.py")
+            parent = parent.rpartition(".")[0]
 
     for plugin in map(Path, cni_plugins):
         if not plugin.is_file():

@@ -1,1 +1,2 @@
-"""pcn node agent: the eBPF cube runtime, the cubes' control code and node wiring."""
+"""pcn node agent: the data plane (dataplane/), the node wiring (node/), the
+control plane (control/) and the CNI plugin (cni/); ARCHITECTURE.md draws them."""

@@ -9,7 +9,7 @@ compiled on this path. DEL undoes it and is idempotent.
 
 The plugin's start-up is part of every pod's latency: it imports only the
 standard library and pcn_agent.cni's modules (links, addresses and routes
-through pcn_agent.node.rtnl on a netlink socket; no pyroute2, no `ip` processes).
+through pcn_agent.cni.rtnl on a netlink socket; no pyroute2, no `ip` processes).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-from pcn_agent.cni import localapi
+from pcn_agent.cni import localapi, rtnl
 from pcn_agent.cni.ipam import Ipam, ipam_routes, pick_address
 from pcn_agent.cni.link import check_netns, create_pod_link, delete_host_link, host_ifname
 from pcn_agent.cni.spec import (
@@ -44,7 +44,6 @@ from pcn_agent.cni.spec import (
     read_command,
     read_env,
 )
-from pcn_agent.node import rtnl
 
 HELP = f"""\
 pcn-cni: the CNI plugin of pcn, a Kubernetes network provider built from eBPF cubes.

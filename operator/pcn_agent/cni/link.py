@@ -1,7 +1,7 @@
 """The pod link: the veth pair whose inner end is the pod's interface
 (address, default route, MTU, no IPv6) and whose outer end stays in the
 node's namespace for the agent to attach. Netlink through the stdlib-only
-pcn_agent.node.rtnl (the CNI bundle has no pyroute2)."""
+pcn_agent.cni.rtnl (the CNI bundle has no pyroute2)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 import zlib
 from dataclasses import dataclass
 
+from pcn_agent.cni import rtnl
 from pcn_agent.cni.spec import INVALID_ENV, CniError, Env
-from pcn_agent.node import rtnl
 
 
 def host_ifname(container_id: str) -> str:
@@ -54,7 +54,7 @@ class PodLink:
 
 def create_pod_link(env: Env, host_if: str, address: str, gateway: str,
                     mtu: int) -> PodLink:
-    """The pod's veth pair (podnet.create's contract, on pcn_agent.node.rtnl): the
+    """The pod's veth pair (podnet.create's contract, on pcn_agent.cni.rtnl): the
     host end `host_if` here, the pod end born in the pod's namespace, renamed
     to CNI_IFNAME, MTU, no IPv6, the address, up, lo up, the default route
     via `gateway`; then the host end up. On any failure nothing is left."""

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def start_prepare(node_name: str, netns: str | None, pin_root: Path | None = None,
                   state_root: Path | None = None) -> concurrent.futures.Future[Runtime]:
     """Open the node's runtime and compile its cube types in a thread
-    (node.prepare_runtime); the roots default to PCN_BPF_ROOT / PCN_STATE_DIR."""
+    (pcn_agent.node.wiring.prepare_runtime); the roots default to PCN_BPF_ROOT / PCN_STATE_DIR."""
     fut: concurrent.futures.Future[Runtime] = concurrent.futures.Future()
 
     def work() -> None:

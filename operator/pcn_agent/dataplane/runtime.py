@@ -593,7 +593,7 @@ class NetlinkPerThread:
     pyroute2's synchronous IPRoute opens a fresh socket for every thread that
     uses it, in that thread's namespace; a socket opened by setns therefore
     only serves its own thread. `IPRoute(netns=...)` would follow the
-    namespace but forks a helper to do it (see nsutil)."""
+    namespace but forks a helper to do it (see pcn_agent.dataplane.netns)."""
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
