@@ -409,3 +409,35 @@ def assert_frame(got: bytes, want: bytes) -> None:
         assert l4_csum_ok(ip), f"{'TCP' if ip.proto == IPPROTO_TCP else 'UDP'} checksum"
     elif ip.proto == IPPROTO_ICMP:
         assert inet_csum(ip.payload) == 0, "ICMP checksum"
+
+
+def assert_fragments(got: Sequence[bytes], want: Sequence[bytes]) -> None:
+    """Translated fragments (frames, in order) against fragments built from
+    scratch: each holds exactly the fields of its counterpart with a right IP
+    header checksum (a later fragment byte for byte: it has no L4 header to
+    change), and together they reassemble to a datagram whose L4 checksum is
+    right by full recomputation (it lives in the first fragment and covers
+    them all)."""
+    assert len(got) == len(want), f"{len(got)} fragments, want {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        a, b = bytearray(g), bytearray(w)
+        for x in (a, b):
+            x[24:26] = b"\0\0"
+            frag = parse_fragment(parse_eth(bytes(x)).payload)
+            off = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_ICMP: 2}.get(frag.proto)
+            if frag.offset == 0 and off is not None:
+                l4 = 14 + len(frag.header)
+                x[l4 + off: l4 + off + 2] = b"\0\0"
+        if a != b:
+            first = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]),
+                         min(len(a), len(b)))
+            raise AssertionError(f"fragment {i} differs from byte {first} (lengths "
+                                 f"{len(g)}/{len(w)}):\n got  {g[first:first + 16].hex(' ')}"
+                                 f"\n want {w[first:first + 16].hex(' ')}")
+        assert inet_csum(parse_fragment(parse_eth(g).payload).header) == 0, \
+            f"IPv4 header checksum of fragment {i}"
+    ip = reassemble([parse_eth(g).payload for g in got])
+    if ip.proto in (IPPROTO_TCP, IPPROTO_UDP):
+        assert l4_csum_ok(ip), "L4 checksum of the reassembled datagram"
+    elif ip.proto == IPPROTO_ICMP:
+        assert inet_csum(ip.payload) == 0, "ICMP checksum of the reassembled datagram"
