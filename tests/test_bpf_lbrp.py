@@ -706,3 +706,19 @@ def test_fragments_not_for_a_service_pass_unchanged(lab: LbLab) -> None:
     results = [lab.to_pod(f) for f in answer]
     assert [(r.retval, r.data) for r in results] == [(TC_ACT_OK, f) for f in answer]
     assert (lab.drops(), lab.sessions()) == (drops, sessions)
+
+
+def test_a_gso_packet_past_64k_is_translated_like_any(lab: LbLab) -> None:
+    """IPv4 BIG TCP sends GSO packets whose total length field is 0 (their
+    length is the skb's): not a cut-short header, translated as usual."""
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [be])
+    frame = bytearray(tcp_frame(lab, cl, svc, 47600, 80))
+    frame[16:18] = b"\0\0"  # total length 0
+    frame[24:26] = b"\0\0"
+    frame[24:26] = struct.pack("!H", inet_csum(bytes(frame[14:34])))
+    res = lab.from_pod(bytes(frame))
+    assert res.retval == TC_ACT_REDIRECT
+    assert (res.data[30:34], res.data[36:38]) == (bytes(map(int, be.ip.split("."))),
+                                                  struct.pack("!H", 8080))

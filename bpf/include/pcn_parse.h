@@ -176,7 +176,9 @@ static __always_inline int pcn_parse_flow(struct __sk_buff *skb, struct pcn_flow
     info->frag_off = (frag & PCN_IP_OFFMASK) * 8;
     if (info->is_fragment)
         return PCN_PARSE_OK;
-    if (info->l4len < pcn_l4_min_len(f->proto))
+    /* tot_len 0 on a whole packet is a GSO one past 64 KiB (BIG TCP): its
+     * length is the skb's; no fragment is one */
+    if ((ip->tot_len || info->first_fragment) && info->l4len < pcn_l4_min_len(f->proto))
         return PCN_PARSE_SHORT;
     void *l4 = (void *)ip + ihl;
     if (f->proto == IPPROTO_TCP) {
