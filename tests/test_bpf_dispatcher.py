@@ -45,6 +45,7 @@ from bpfunit import (
     icmp_echo,
     icmp_error,
     ipv4,
+    ipv4_fragment,
     l4_ports,
     parse_eth,
     parse_ipv4,
@@ -719,6 +720,20 @@ def test_pod_fragments_that_cannot_be_masqueraded_never_leave(lab: DispLab) -> N
             for p in fragments(pod, server, IPPROTO_TCP, syn, next(_ident), 8, ttl=63)]
     assert [lab.to_uplink(f).retval for f in tiny[:2]] == [TC_ACT_SHOT] * 2
     assert drops_moved(lab, drops) == {"fragment": 3}
+    # a later fragment overlapping the TCP header of a masqueraded first one
+    seg = tcp(pod, server, 40008, 443, TCP_ACK, data=b"q" * 40)
+    ident = next(_ident)
+
+    def piece(chunk: bytes, offset: int, more: bool) -> bytes:
+        return eth(lab.gw_mac, lab.mac("uplink"), ETH_P_IP,
+                   ipv4_fragment(pod, server, IPPROTO_TCP, chunk, offset, more, ident, ttl=63))
+
+    assert lab.to_uplink(piece(seg[:24], 0, True)).retval == TC_ACT_OK
+    assert lab.to_uplink(piece(seg[16:24], 16, True)).retval == TC_ACT_SHOT
+    assert drops_moved(lab, drops) == {"fragment": 4}
+    res = lab.to_uplink(piece(seg[24:], 24, False))
+    assert res.retval == TC_ACT_OK and parse_eth(res.data).payload[12:16] == \
+        bytes(map(int, NODE_IP.split(".")))
 
 
 def ip_proto_frame(lab: DispLab, src: str, dst: str, proto: int, payload: bytes) -> bytes:

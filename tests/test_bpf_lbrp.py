@@ -39,6 +39,7 @@ from bpfunit import (
     icmp_error,
     inet_csum,
     ipv4,
+    ipv4_fragment,
     l4_ports,
     parse_eth,
     parse_ipv4,
@@ -676,6 +677,31 @@ def test_tiny_fragments_to_a_service_are_dropped(lab: LbLab, size: int) -> None:
     assert fragment_drops(lab, drops) == 2
     assert gw_tx(before, lab.counters()) == 0
     assert lab.sessions() == sessions
+
+
+def test_a_later_fragment_overlapping_the_header_is_dropped(lab: LbLab) -> None:
+    """RFC 1858 §4: a later fragment starting inside the TCP header the first
+    one carried would rewrite what the session was chosen by; one after the
+    header is translated."""
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [be])
+    seg = tcp(cl, svc, 47350, 80, TCP_ACK, data=b"q" * 40)
+    ident = next(_ident)
+
+    def piece(chunk: bytes, offset: int, more: bool, dst: str = svc) -> bytes:
+        return eth(lab.gw_mac, lab.client_mac, ETH_P_IP,
+                   ipv4_fragment(cl, dst, IPPROTO_TCP, chunk, offset, more, ident))
+
+    drops = lab.drops()
+    assert dest_of(lab.from_pod(piece(seg[:24], 0, True))) == (be.ip, 8080)
+    assert lab.from_pod(piece(seg[8:24], 8, True)).retval == TC_ACT_SHOT
+    assert fragment_drops(lab, drops) == 1
+    res = lab.from_pod(piece(seg[24:], 24, False))
+    assert res.retval == TC_ACT_REDIRECT
+    want = piece(seg[24:], 24, False, dst=be.ip)  # only the address (and IP checksum) changed
+    assert (res.data[:24], res.data[26:]) == (want[:24], want[26:])
+    assert inet_csum(res.data[14:34]) == 0
 
 
 def test_later_fragments_of_a_rejected_datagram_are_dropped(lab: LbLab) -> None:

@@ -30,6 +30,7 @@ from bpfunit import (
     icmp_echo,
     inet_csum,
     ipv4,
+    ipv4_fragment,
     parse_arp,
     parse_eth,
     parse_ipv4,
@@ -340,10 +341,11 @@ _ident = itertools.count(0x7000)
 BIG = bytes(range(256)) * 15 + b"end"  # a 3843-byte payload: three fragments at 1480 bytes
 
 
-@pytest.mark.parametrize("case", ["in-order", "out-of-order", "tiny"])
+@pytest.mark.parametrize("case", ["in-order", "out-of-order", "tiny", "overlapping"])
 def test_fragments_are_forwarded_untouched_but_for_the_ttl(lab: RouterLab, case: str) -> None:
     """The router judges nothing by ports: first, middle and last fragment,
-    in any order, and tiny ones alike are routed by their destination."""
+    in any order, tiny and overlapping ones alike are routed by their
+    destination (the hosts, or a firewall, judge them)."""
     dst, dst_mac = host("b"), random_mac()
     lab.add_neighbour(dst, dst_mac, "b")
     src, mac = host("a"), random_mac()
@@ -355,6 +357,10 @@ def test_fragments_are_forwarded_untouched_but_for_the_ttl(lab: RouterLab, case:
     frames = [eth(lab.mac("a"), mac, ETH_P_IP, p, pad=case != "tiny") for p in pieces]
     if case == "out-of-order":
         frames = frames[::-1]
+    if case == "overlapping":  # a second copy of bytes 8-23 of the first
+        frames.insert(1, eth(lab.mac("a"), mac, ETH_P_IP,
+                             ipv4_fragment(src, dst, IPPROTO_UDP, pieces[0][28:44], 8, True,
+                                           pieces[0][4] << 8 | pieces[0][5])))
     drops = lab.drops()
     for f in frames:
         check_forwarded(lab, f, lab.send("a", f), dst_mac)
