@@ -18,10 +18,14 @@
  *    pcn_frag_overlaps();
  *  - a later fragment whose first one has not been seen (it comes later, was
  *    lost, or expired) has no ports: pcn_frag_lookup() finds nothing.
- * Cubes that must judge or translate such fragments drop them and count
- * PCN_DROP_FRAGMENT. Senders emit fragments in order (Linux does), so
- * dropping the out-of-order ones costs a datagram only when the network
- * reorders, where Cilium drops them too; buffering them is no work for tc.
+ * Where a fragment must be judged or translated, such fragments are dropped
+ * and counted (PCN_DROP_FRAGMENT); where it may be no translated datagram's
+ * at all (the host's own traffic on the node's NIC) it goes on untouched.
+ * Senders emit fragments in order (Linux does), so dropping the out-of-order
+ * ones costs a datagram only when the network reorders, where Cilium drops
+ * them too; buffering them is no work for tc. The owner's id is reused after
+ * the cube is deleted: a new cube may find, for at most the timeout, the
+ * records of datagrams its predecessor saw begin.
  *
  * A record is never deleted by the last fragment (fragments may be
  * duplicated or reordered): it ages out of the LRU map, and is ignored once
