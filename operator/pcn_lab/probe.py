@@ -59,7 +59,10 @@ UDP_MAX = 65507  # the largest UDP payload over IPv4
 
 def udp_request(size: int, reply_size: int = 0) -> bytes:
     """A probe datagram of `size` bytes asking for an answer of `reply_size`
-    bytes (0: the bare JSON answer). The plain 9-byte hello asks for nothing."""
+    bytes (0: the bare JSON answer): a `pcn-probe reply=N` line, then bytes
+    that depend on `size` only. The plain 9-byte hello asks for nothing.
+    ValueError when the datagram cannot hold its first line or either size
+    exceeds the largest UDP payload over IPv4 (65507 bytes)."""
     if not reply_size and size == len(UDP_HELLO):
         return UDP_HELLO
     head = UDP_HELLO + f" reply={reply_size}\n".encode()
