@@ -1,12 +1,20 @@
 /* firewall: a transparent cube with ordered rules (first match wins) and a
  * default action; each rule counts its hits.
  *
+ * Fragments are judged by their datagram (pcn_frag.h): when rules look at
+ * ports, the first fragment's verdict is recorded and applied to the later
+ * ones, which carry no ports; a first fragment too short for its L4 header,
+ * a later one overlapping that header, or one whose first fragment this
+ * firewall has not judged are dropped (PCN_DROP_FRAGMENT). Rules without
+ * ports judge every fragment by its addresses and protocol, like any packet.
+ *
  * Compiled per rule-set shape: FW_MAX_RULES bounds the match loop and
  * FW_NEED_L4 is 0 when no rule looks at ports, so such a firewall never
  * parses L4. The agent swaps a recompiled program into the instance's slot
  * of the program array in one update when the rules change. */
 #include "pcn_chain.h"
 #include "pcn_parse.h"
+#include "pcn_frag.h"
 
 #ifndef FW_MAX_RULES
 #define FW_MAX_RULES 1
@@ -91,20 +99,27 @@ int firewall_rx(struct __sk_buff *skb)
 #if FW_NEED_L4
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) == 0 && !info.is_fragment) {
-        if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
-            sport = bpf_ntohs(f.sport);
-            dport = bpf_ntohs(f.dport);
-        } else if (proto == IPPROTO_SCTP) {
-            /* rules take SCTP ports too; the common header starts with them */
-            __be16 ports[2];
-            if (bpf_skb_load_bytes(skb, info.l4off, ports, sizeof(ports)) == 0) {
-                sport = bpf_ntohs(ports[0]);
-                dport = bpf_ntohs(ports[1]);
-            }
-        }
+    int parsed = pcn_parse_flow(skb, &f, &info);
+    if (parsed == PCN_PARSE_SHORT && info.first_fragment)
+        return pcn_filter_drop(skb, PCN_DROP_FRAGMENT); /* tiny: RFC 1858 */
+    if (info.is_fragment) {
+        u64 now = bpf_ktime_get_ns();
+        struct pcn_frag_val *v = pcn_frag_overlaps(&f, &info)
+                                     ? NULL
+                                     : pcn_frag_lookup(inst, &f, &info, now);
+        if (!v)
+            return pcn_filter_drop(skb, PCN_DROP_FRAGMENT);
+        fw_hit(inst, v->rule);
+        return fw_verdict(skb, v->verdict);
+    }
+    if (parsed == PCN_PARSE_OK &&
+        (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP)) {
+        sport = bpf_ntohs(f.sport);
+        dport = bpf_ntohs(f.dport);
     }
 #endif
+    u32 hit = FW_HITS_PER_INSTANCE - 1;
+    u32 action = dflt;
 
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < FW_MAX_RULES; i++) {
@@ -123,9 +138,14 @@ int firewall_rx(struct __sk_buff *skb)
             dport > r->dport_hi)
             continue;
 #endif
-        fw_hit(inst, i);
-        return fw_verdict(skb, r->action);
+        hit = i;
+        action = r->action;
+        break;
     }
-    fw_hit(inst, FW_HITS_PER_INSTANCE - 1);
-    return fw_verdict(skb, dflt);
+#if FW_NEED_L4
+    if (info.first_fragment) /* the later fragments get the same verdict */
+        pcn_frag_record(inst, &f, &info, action, hit, bpf_ktime_get_ns());
+#endif
+    fw_hit(inst, hit);
+    return fw_verdict(skb, action);
 }

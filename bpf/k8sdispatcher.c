@@ -11,9 +11,22 @@
  *  overlay ingress: replies of remote NodePort backends (addressed to this
  *      node's VTEP address by the Cluster policy) are translated back to the
  *      client.
+ *
+ * Fragmented datagrams are translated whole (pcn_frag.h): the first fragment
+ * is translated as any packet, the later ones take its ports from the
+ * fragment record and get the same addresses from the same session.
+ *
+ * Nothing leaves with the address of a pod that must be masqueraded: a pod's
+ * packet that cannot be translated is dropped and counted. That is a
+ * protocol without ports (GRE, SCTP, ...; SCTP's checksum is a CRC32c over
+ * the ports, which tc cannot recompute cheaply) or an ICMP message other than
+ * an echo or timestamp query (an error about no connection we know:
+ * PCN_DROP_NO_MASQUERADE), and a fragment whose datagram cannot be
+ * translated (PCN_DROP_FRAGMENT).
  */
 #include "pcn_chain.h"
 #include "pcn_parse.h"
+#include "pcn_frag.h"
 #include "pcn_nat.h"
 #include "pcn_lb.h"
 #include "pcn_icmperr.h"
@@ -132,13 +145,18 @@ static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 i
     return 0;
 }
 
+/* A pod's new connection to the outside: masqueraded to the node's address,
+ * or dropped when it cannot be (see the top of the file). */
 static __always_inline int disp_snat(struct __sk_buff *skb, struct disp_cfg *cfg,
                                      struct pcn_flow *f, struct pcn_l4info *info, u64 now)
 {
-    if (f->proto == IPPROTO_ICMP && info->icmp_type != ICMP_ECHO)
-        return pcn_pass(skb);
+    if (info->is_fragment) /* its first fragment was not masqueraded: dropped, or none */
+        return pcn_filter_drop(skb, PCN_DROP_FRAGMENT);
+    if (f->proto == IPPROTO_ICMP &&
+        info->icmp_type != ICMP_ECHO && info->icmp_type != ICMP_TIMESTAMP)
+        return pcn_filter_drop(skb, PCN_DROP_NO_MASQUERADE);
     if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP && f->proto != IPPROTO_ICMP)
-        return pcn_pass(skb);
+        return pcn_filter_drop(skb, PCN_DROP_NO_MASQUERADE);
     struct pcn_xlate back = {.ip = f->saddr, .port = f->sport, .is_src = 0,
                              .kind = PCN_SESS_SNAT_REV, .seen_ns = now};
     __be16 port = disp_alloc_port(f, cfg->node_ip, f->daddr, f->dport, cfg->snat_lo,
@@ -205,9 +223,16 @@ static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
         return pcn_pass(skb); /* the router learns neighbours, then hands it to the host */
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) < 0)
+    int parsed = pcn_parse_flow(skb, &f, &info);
+    if (parsed == PCN_PARSE_NOT_IPV4)
         return TC_ACT_OK;
     if (f.daddr == cfg->node_ip) {
+        if (parsed == PCN_PARSE_SHORT) /* a tiny first fragment cannot be translated */
+            return info.first_fragment ? pcn_filter_drop(skb, PCN_DROP_FRAGMENT) : TC_ACT_OK;
+        /* a later fragment whose first one is unknown is no translated
+         * datagram's: the host's own, if anyone's */
+        if (pcn_frag_resolve(inst, &f, &info, now) < 0)
+            return TC_ACT_OK;
         int r = disp_known(skb, &f, &info, PCN_SESS_SNAT_REV, PCN_SESS_NODEPORT, now);
         if (r)
             return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
@@ -227,24 +252,39 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
 {
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) < 0 || f.saddr == cfg->node_ip)
+    int parsed = pcn_parse_flow(skb, &f, &info);
+    if (parsed == PCN_PARSE_NOT_IPV4 || f.saddr == cfg->node_ip)
         return pcn_pass(skb); /* not IPv4, or the host's own traffic */
+    /* a pod's packet to the outside: it leaves masqueraded, or not at all */
+    int masq = (disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
+               !(disp_net_kind(inst, f.daddr) & DISP_NET_NO_SNAT);
+    if (parsed == PCN_PARSE_SHORT) {
+        if (!masq)
+            return pcn_pass(skb);
+        return pcn_filter_drop(skb, info.first_fragment ? PCN_DROP_FRAGMENT : PCN_DROP_PARSE);
+    }
+    if (pcn_frag_resolve(inst, &f, &info, now) < 0)
+        return masq ? pcn_filter_drop(skb, PCN_DROP_FRAGMENT) : pcn_pass(skb);
     int r = disp_known(skb, &f, &info, PCN_SESS_SNAT, PCN_SESS_NODEPORT_REV, now);
     if (r)
         return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
-    if (info.is_fragment)
-        return pcn_pass(skb);
-    if ((disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
-        !(disp_net_kind(inst, f.daddr) & DISP_NET_NO_SNAT))
+    if (masq)
         return disp_snat(skb, cfg, &f, &info, now);
     return pcn_pass(skb);
 }
 
-static __always_inline int disp_from_overlay(struct __sk_buff *skb, struct disp_cfg *cfg, u64 now)
+static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                             u64 now)
 {
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) < 0 || f.daddr != cfg->vtep_ip)
+    int parsed = pcn_parse_flow(skb, &f, &info);
+    if (parsed == PCN_PARSE_NOT_IPV4 || f.daddr != cfg->vtep_ip)
+        return pcn_pass(skb);
+    /* Replies of remote NodePort backends come here; what cannot be one (a
+     * tiny first fragment, a later one of no datagram we know) goes on to
+     * the router, which answers only echo requests to its own address. */
+    if (parsed == PCN_PARSE_SHORT || pcn_frag_resolve(inst, &f, &info, now) < 0)
         return pcn_pass(skb);
     if (disp_known(skb, &f, &info, PCN_SESS_NODEPORT_REV, PCN_SESS_NODEPORT_REV, now) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
@@ -265,6 +305,6 @@ int k8sdispatcher_rx(struct __sk_buff *skb)
         return disp_to_uplink(skb, inst, cfg, now);
     }
     if (port == cfg->overlay_port && pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
-        return disp_from_overlay(skb, cfg, now);
+        return disp_from_overlay(skb, inst, cfg, now);
     return pcn_pass(skb);
 }

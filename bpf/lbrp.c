@@ -1,9 +1,18 @@
 /* lbrp: the service load balancer, a transparent cube stacked on every pod's
  * port. On the ingress hook (from the pod) it translates a service's virtual
  * address to a backend; on the egress hook (to the pod) it translates the
- * backend's replies back, so the pod only ever sees the virtual address. */
+ * backend's replies back, so the pod only ever sees the virtual address.
+ *
+ * A fragmented TCP or UDP datagram is translated whole (pcn_frag.h): its
+ * first fragment picks the backend and is rewritten as any packet is (the L4
+ * checksum lives in it); the later ones take its ports from the fragment
+ * record, find the same session and get the same addresses. Fragments that
+ * cannot be translated so (a tiny first fragment, an overlapping or
+ * out-of-order later one, a later one for a service whose first fragment
+ * made no session) are dropped, never sent on to a virtual address. */
 #include "pcn_chain.h"
 #include "pcn_parse.h"
+#include "pcn_frag.h"
 #include "pcn_nat.h"
 #include "pcn_lb.h"
 #include "pcn_reject.h"
@@ -60,6 +69,14 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
     }
     struct pcn_svc_key sk = {.vip = f->daddr, .port = f->dport, .proto = f->proto};
     struct pcn_svc *svc = lb_services.lookup(&sk);
+    if (info->is_fragment) {
+        /* Sessions start with a datagram's first fragment: without one (it
+         * was rejected, or the session is gone) a later fragment has nowhere
+         * to go but the virtual address. */
+        if (svc)
+            return pcn_filter_drop(skb, PCN_DROP_FRAGMENT);
+        return pcn_pass(skb);
+    }
     if (!svc) {
         lbrp_forget_superseded(f, info);
         return pcn_pass(skb);
@@ -117,13 +134,20 @@ int lbrp_rx(struct __sk_buff *skb)
 {
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
-    if (pcn_parse_flow(skb, &f, &info) < 0 || info.is_fragment)
+    int parsed = pcn_parse_flow(skb, &f, &info);
+    if (parsed == PCN_PARSE_NOT_IPV4)
         return pcn_pass(skb);
     u64 now = bpf_ktime_get_ns();
     if (f.proto == IPPROTO_ICMP)
-        return lbrp_icmp_error(skb, &f, &info, now);
+        return parsed == PCN_PARSE_OK ? lbrp_icmp_error(skb, &f, &info, now) : pcn_pass(skb);
     if (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP)
         return pcn_pass(skb);
+    if (parsed == PCN_PARSE_SHORT)
+        /* a tiny first fragment cannot be translated: the L4 checksum is not
+         * in it; a truncated whole packet goes on as it is, to be refused */
+        return info.first_fragment ? pcn_filter_drop(skb, PCN_DROP_FRAGMENT) : pcn_pass(skb);
+    if (pcn_frag_resolve(pcn_meta_instance(skb), &f, &info, now) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_FRAGMENT);
     if (pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
         return lbrp_forward(skb, &f, &info, now);
     return lbrp_reverse(skb, &f, &info, now);

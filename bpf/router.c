@@ -1,9 +1,17 @@
 /* router: IPv4 static routing between ports that carry an address and a MAC.
  * Next hops are resolved with ARP by the agent's slow path: a packet whose next
  * hop is unknown goes to user space, which asks, waits for the reply that this
- * program learns, and re-injects the packet. */
+ * program learns, and re-injects the packet.
+ *
+ * Fragments are routed like any packet: only the TTL (and the header
+ * checksum) changes, and the route depends on the destination alone. Echo
+ * requests to the router's own addresses are answered fragment by fragment
+ * (pcn_frag.h): the first fragment turns into the reply's first fragment,
+ * the later ones of the same request are sent back with the addresses
+ * swapped, so the asker reassembles a whole reply. */
 #include "pcn_chain.h"
 #include "pcn_parse.h"
+#include "pcn_frag.h"
 #include "pcn_csum.h"
 #include "pcn_slowpath.h"
 
@@ -92,6 +100,21 @@ static __always_inline int router_arp(struct __sk_buff *skb, u32 cube, u32 in_po
     return pcn_send(skb, in_port);
 }
 
+/* Send a packet addressed to the router back to its sender: addresses and
+ * MACs swapped (which leaves every checksum as it was). */
+static __always_inline int router_reflect(struct __sk_buff *skb, u32 in_port, struct pcn_port *p,
+                                          struct ethhdr *eth, struct iphdr *ip)
+{
+    __be32 src = ip->saddr;
+    ip->saddr = ip->daddr;
+    ip->daddr = src;
+    u8 peer[ETH_ALEN];
+    pcn_mac_copy(peer, eth->h_source);
+    pcn_mac_copy(eth->h_dest, peer);
+    pcn_mac_copy(eth->h_source, p->mac);
+    return pcn_send(skb, in_port);
+}
+
 /* Echo requests to one of the router's own addresses (pods ping their gateway). */
 static __always_inline int router_local(struct __sk_buff *skb, u32 cube, u32 in_port,
                                         struct pcn_port *p)
@@ -101,24 +124,41 @@ static __always_inline int router_local(struct __sk_buff *skb, u32 cube, u32 in_
     struct ethhdr *eth = data;
     struct iphdr *ip = data + sizeof(*eth);
     struct icmphdr *icmp = data + sizeof(*eth) + sizeof(*ip);
-    if ((void *)(icmp + 1) > data_end)
+    if ((void *)(ip + 1) > data_end)
+        return pcn_drop(skb, in_port, cube, PCN_DROP_PARSE);
+    if (ip->ihl != 5 || ip->protocol != IPPROTO_ICMP)
         return pcn_drop(skb, in_port, cube, PCN_DROP_UNSUPPORTED);
-    if (ip->ihl != 5 || ip->protocol != IPPROTO_ICMP || icmp->type != ICMP_ECHO)
+    struct pcn_flow f = {.saddr = ip->saddr, .daddr = ip->daddr, .proto = IPPROTO_ICMP};
+    struct pcn_l4info info = {};
+    u16 frag = bpf_ntohs(ip->frag_off);
+    info.ip_id = ip->id;
+    info.is_fragment = (frag & PCN_IP_OFFMASK) != 0;
+    info.first_fragment = !info.is_fragment && (frag & PCN_IP_MF);
+    if (info.is_fragment) {
+        /* no ICMP header here: the rest of a request whose first fragment
+         * was answered, or nothing to answer */
+        if (!pcn_frag_lookup(cube, &f, &info, bpf_ktime_get_ns()))
+            return pcn_drop(skb, in_port, cube, PCN_DROP_FRAGMENT);
+        return router_reflect(skb, in_port, p, eth, ip);
+    }
+    if ((void *)(icmp + 1) > data_end || icmp->type != ICMP_ECHO)
         return pcn_drop(skb, in_port, cube, PCN_DROP_UNSUPPORTED);
+    if (info.first_fragment)
+        pcn_frag_record(cube, &f, &info, 0, 0, bpf_ktime_get_ns());
 
-    __be32 src = ip->saddr;
-    ip->saddr = ip->daddr;
-    ip->daddr = src; /* swapping addresses leaves both checksums unchanged */
-    u8 peer[ETH_ALEN];
-    pcn_mac_copy(peer, eth->h_source);
-    pcn_mac_copy(eth->h_dest, peer);
-    pcn_mac_copy(eth->h_source, p->mac);
     u16 old_type = *(u16 *)icmp;
     icmp->type = ICMP_ECHOREPLY;
     u16 new_type = *(u16 *)icmp;
     u32 off = sizeof(*eth) + sizeof(*ip) + offsetof(struct icmphdr, checksum);
     bpf_l4_csum_replace(skb, off, old_type, new_type, 2);
-    return pcn_send(skb, in_port);
+    /* the helper may have moved packet data: find the headers again */
+    data = (void *)(long)skb->data;
+    data_end = (void *)(long)skb->data_end;
+    eth = data;
+    ip = data + sizeof(*eth);
+    if ((void *)(ip + 1) > data_end)
+        return pcn_drop(skb, in_port, cube, PCN_DROP_PARSE);
+    return router_reflect(skb, in_port, p, eth, ip);
 }
 
 int router_rx(struct __sk_buff *skb)

@@ -140,9 +140,12 @@ def inet_csum(data: bytes) -> int:
 
 
 # ---------------------------------------------------------------------- builders
-def eth(dst: str, src: str, ethertype: int, payload: bytes) -> bytes:
+def eth(dst: str, src: str, ethertype: int, payload: bytes, pad: bool = True) -> bytes:
+    """An Ethernet frame; padded to the 60-byte minimum unless `pad` is False
+    (a veth delivers short frames unpadded: only the IP length tells where
+    the datagram ends)."""
     frame = mac_b(dst) + mac_b(src) + struct.pack("!H", ethertype) + payload
-    return frame.ljust(60, b"\0")  # minimum Ethernet frame without FCS
+    return frame.ljust(60, b"\0") if pad else frame  # minimum Ethernet frame without FCS
 
 
 def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: int = 0x1234) -> bytes:
@@ -150,6 +153,78 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: i
                       ip_b(src), ip_b(dst))
     csum = inet_csum(hdr)
     return hdr[:10] + struct.pack("!H", csum) + hdr[12:] + payload
+
+
+IP_MF = 0x2000  # more fragments
+
+
+def ipv4_fragment(src: str, dst: str, proto: int, chunk: bytes, offset: int, more: bool,
+                  ident: int = 0x1234, ttl: int = 64) -> bytes:
+    """One fragment of a datagram: `chunk`, the bytes of its payload (the L4
+    datagram) from byte `offset` on (a multiple of 8), with MF set when
+    `more` of it follows (RFC 791)."""
+    if offset % 8 or not 0 <= offset < 8 * 0x2000:
+        raise ValueError(f"fragment offset {offset} is not a multiple of 8 below 65536")
+    frag = (IP_MF if more else 0) | offset // 8
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(chunk), ident, frag, ttl, proto, 0,
+                      ip_b(src), ip_b(dst))
+    csum = inet_csum(hdr)
+    return hdr[:10] + struct.pack("!H", csum) + hdr[12:] + chunk
+
+
+def fragments(src: str, dst: str, proto: int, payload: bytes, ident: int, size: int = 1480,
+              ttl: int = 64) -> list[bytes]:
+    """`payload` (a whole L4 datagram) as a sender fragments it: IP packets of
+    `size` payload bytes (a multiple of 8; 1480 fits a 1500-byte MTU), the
+    last one shorter, in order."""
+    if size % 8 or size <= 0:
+        raise ValueError(f"fragment size {size} is not a positive multiple of 8")
+    offsets = range(0, len(payload), size)
+    return [ipv4_fragment(src, dst, proto, payload[off:off + size], off, off + size < len(payload),
+                          ident, ttl) for off in offsets]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """An IPv4 fragment as parsed: where its chunk sits in the datagram."""
+
+    header: bytes
+    src: str
+    dst: str
+    proto: int
+    ident: int
+    offset: int  # bytes
+    more: bool
+    chunk: bytes
+
+
+def parse_fragment(payload: bytes) -> Fragment:
+    """An IPv4 packet (Ethernet payload, padding cut off) as a fragment."""
+    ihl = (payload[0] & 0x0F) * 4
+    header = payload[:ihl]
+    total_len, ident, frag = struct.unpack("!HHH", header[2:8])
+    return Fragment(header, ip_s(header[12:16]), ip_s(header[16:20]), header[9], ident,
+                    (frag & 0x1FFF) * 8, bool(frag & IP_MF), payload[ihl:total_len])
+
+
+def reassemble(packets: Sequence[bytes]) -> Ipv4:
+    """The datagram a receiver rebuilds from IPv4 packets (Ethernet payloads,
+    in any order): they must agree on addresses, protocol and id, and cover
+    the payload exactly once, up to the one without MF."""
+    frags = sorted((parse_fragment(p) for p in packets), key=lambda f: f.offset)
+    first = frags[0]
+    for f in frags:
+        assert (f.src, f.dst, f.proto, f.ident) == (first.src, first.dst, first.proto,
+                                                    first.ident), f"{f} is another datagram's"
+    payload = b""
+    for f in frags:
+        assert f.offset == len(payload), f"hole or overlap at byte {len(payload)}: {f.offset}"
+        payload += f.chunk
+    assert not frags[-1].more and all(f.more for f in frags[:-1]), "MF flags are wrong"
+    hdr = bytearray(first.header)
+    hdr[2:4] = struct.pack("!H", len(hdr) + len(payload))
+    hdr[6:8] = b"\0\0"
+    return parse_ipv4(bytes(hdr) + payload)
 
 
 def icmp_echo(ident: int, seq: int, data: bytes, kind: int = 8) -> bytes:
@@ -334,3 +409,35 @@ def assert_frame(got: bytes, want: bytes) -> None:
         assert l4_csum_ok(ip), f"{'TCP' if ip.proto == IPPROTO_TCP else 'UDP'} checksum"
     elif ip.proto == IPPROTO_ICMP:
         assert inet_csum(ip.payload) == 0, "ICMP checksum"
+
+
+def assert_fragments(got: Sequence[bytes], want: Sequence[bytes]) -> None:
+    """Translated fragments (frames, in order) against fragments built from
+    scratch: each holds exactly the fields of its counterpart with a right IP
+    header checksum (a later fragment byte for byte: it has no L4 header to
+    change), and together they reassemble to a datagram whose L4 checksum is
+    right by full recomputation (it lives in the first fragment and covers
+    them all)."""
+    assert len(got) == len(want), f"{len(got)} fragments, want {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        a, b = bytearray(g), bytearray(w)
+        for x in (a, b):
+            x[24:26] = b"\0\0"
+            frag = parse_fragment(parse_eth(bytes(x)).payload)
+            off = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_ICMP: 2}.get(frag.proto)
+            if frag.offset == 0 and off is not None:
+                l4 = 14 + len(frag.header)
+                x[l4 + off: l4 + off + 2] = b"\0\0"
+        if a != b:
+            first = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]),
+                         min(len(a), len(b)))
+            raise AssertionError(f"fragment {i} differs from byte {first} (lengths "
+                                 f"{len(g)}/{len(w)}):\n got  {g[first:first + 16].hex(' ')}"
+                                 f"\n want {w[first:first + 16].hex(' ')}")
+        assert inet_csum(parse_fragment(parse_eth(g).payload).header) == 0, \
+            f"IPv4 header checksum of fragment {i}"
+    ip = reassemble([parse_eth(g).payload for g in got])
+    if ip.proto in (IPPROTO_TCP, IPPROTO_UDP):
+        assert l4_csum_ok(ip), "L4 checksum of the reassembled datagram"
+    elif ip.proto == IPPROTO_ICMP:
+        assert inet_csum(ip.payload) == 0, "ICMP checksum of the reassembled datagram"

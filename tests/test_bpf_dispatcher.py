@@ -20,6 +20,7 @@ counters before and after, so the tests share one compiled runtime.
 from __future__ import annotations
 
 import itertools
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,17 +31,21 @@ from bpfunit import (
     ETH_P_ARP,
     ETH_P_IP,
     IPPROTO_ICMP,
+    IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_ACK,
     TCP_SYN,
     UnitNet,
     arp,
+    assert_fragments,
     assert_frame,
     eth,
+    fragments,
     icmp_echo,
     icmp_error,
     ipv4,
+    ipv4_fragment,
     l4_ports,
     parse_eth,
     parse_ipv4,
@@ -589,3 +594,247 @@ def test_arp_passes_on_to_the_router(lab: DispLab) -> None:
     assert res.retval == TC_ACT_OK
     assert res.data == req
     assert lab.drops() == drops
+
+
+# ---------------------------------------------------------------------------- fragments
+_ident = itertools.count(0x6000)
+BIG = bytes(range(256)) * 15 + b"end"  # a 3843-byte payload: three fragments at 1480 bytes
+
+
+def frag_frames(dst_mac: str, src_mac: str, src: str, dst: str, proto: int, sport: int,
+                dport: int, ident: int, ttl: int = 64, reply: bool = False) -> list[bytes]:
+    """A big datagram fragmented as its sender would, as frames: a TCP data
+    segment, a UDP datagram or an ICMP echo request (a reply when `reply`)
+    whose identifier is both ports."""
+    if proto == IPPROTO_TCP:
+        l4 = tcp(src, dst, sport, dport, TCP_ACK | 0x08, seq=1001, ack=1, data=BIG)
+    elif proto == IPPROTO_UDP:
+        l4 = udp_csum(src, dst, sport, dport, BIG)
+    else:
+        assert sport == dport
+        l4 = icmp_echo(sport, 1, BIG, kind=0 if reply else 8)
+    return [eth(dst_mac, src_mac, ETH_P_IP, p) for p in fragments(src, dst, proto, l4, ident,
+                                                                  ttl=ttl)]
+
+
+def drops_moved(lab: DispLab, before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in lab.drops().items() if v != before.get(k, 0)}
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_UDP, IPPROTO_TCP, IPPROTO_ICMP],
+                         ids=["udp", "tcp", "icmp-echo"])
+def test_a_fragmented_datagram_is_masqueraded_whole_both_ways(lab: DispLab, proto: int) -> None:
+    """Every fragment of a pod's big datagram leaves with the node's address
+    (only the first has the port to translate), and every fragment of the
+    answer reaches the pod."""
+    pod, pod_mac = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    sport, dport = (0x5151, 0x5151) if proto == IPPROTO_ICMP else (40001, 443)
+    ident = next(_ident)
+    drops = lab.drops()
+    results = [lab.to_uplink(f) for f in frag_frames(lab.gw_mac, lab.mac("uplink"), pod, server,
+                                                     proto, sport, dport, ident, ttl=63)]
+    assert [r.retval for r in results] == [TC_ACT_OK] * 3
+    ip, port = src_of(results[0])
+    assert ip == NODE_IP and SNAT_LO <= port <= SNAT_HI
+    node_dport = port if proto == IPPROTO_ICMP else dport
+    assert_fragments([r.data for r in results],
+                     frag_frames(lab.gw_mac, lab.mac("uplink"), NODE_IP, server, proto, port,
+                                 node_dport, ident, ttl=63))
+
+    ident = next(_ident)
+    before = lab.counters()
+    results = [lab.from_uplink(f) for f in frag_frames(lab.mac("uplink"), lab.gw_mac, server,
+                                                       NODE_IP, proto, node_dport, port, ident,
+                                                       reply=True)]
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 0, "pods": 3}
+    assert_fragments([r.data for r in results],
+                     frag_frames(pod_mac, lab.mac("pods"), server, pod, proto, dport, sport,
+                                 ident, ttl=63, reply=True))
+    assert lab.drops() == drops
+
+
+def test_a_fragmented_datagram_to_a_local_nodeport_goes_whole_both_ways(lab: DispLab) -> None:
+    np_ = next(_nodeport)
+    backend, backend_mac = lab.pod()
+    lab.disp.set_nodeport(np_, "udp", "Local", [Backend(backend, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    ident = next(_ident)
+    results = [lab.from_uplink(f) for f in frag_frames(lab.mac("uplink"), lab.gw_mac, cl,
+                                                       NODE_IP, IPPROTO_UDP, 5700, np_, ident)]
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    assert_fragments([r.data for r in results],
+                     frag_frames(backend_mac, lab.mac("pods"), cl, backend, IPPROTO_UDP, 5700,
+                                 8080, ident, ttl=63))
+    ident = next(_ident)
+    results = [lab.to_uplink(f) for f in frag_frames(lab.gw_mac, lab.mac("uplink"), backend, cl,
+                                                     IPPROTO_UDP, 8080, 5700, ident, ttl=63)]
+    assert [r.retval for r in results] == [TC_ACT_OK] * 3
+    assert_fragments([r.data for r in results],
+                     frag_frames(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl, IPPROTO_UDP, np_,
+                                 5700, ident, ttl=63))
+
+
+def test_a_fragmented_datagram_to_a_cluster_nodeport_crosses_the_overlay_whole(
+        lab: DispLab) -> None:
+    """Two rewrites per fragment (to the remote backend, from our VTEP), and
+    two back for the answer arriving over the overlay."""
+    np_ = next(_nodeport)
+    remote = counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "udp", "Cluster", [Backend(remote, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    ident = next(_ident)
+    results = [lab.from_uplink(f) for f in frag_frames(lab.mac("uplink"), lab.gw_mac, cl,
+                                                       NODE_IP, IPPROTO_UDP, 5800, np_, ident)]
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    vtep_ip, vport = src_of(results[0])
+    assert vtep_ip == VTEP
+    assert_fragments([r.data for r in results],
+                     frag_frames(lab.peer_vtep_mac, lab.mac("vxlan"), VTEP, remote, IPPROTO_UDP,
+                                 vport, 8080, ident, ttl=63))
+    ident = next(_ident)
+    results = [lab.from_overlay(f) for f in frag_frames(lab.mac("vxlan"), lab.peer_vtep_mac,
+                                                        remote, VTEP, IPPROTO_UDP, 8080, vport,
+                                                        ident)]
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    assert_fragments([r.data for r in results],
+                     frag_frames(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl, IPPROTO_UDP, np_,
+                                 5800, ident, ttl=63))
+
+
+def test_pod_fragments_that_cannot_be_masqueraded_never_leave(lab: DispLab) -> None:
+    """A later fragment before its first (or of a datagram whose first one
+    was never masqueraded) and a tiny first fragment are dropped: none leaves
+    with the pod's address."""
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    first, middle, last = frag_frames(lab.gw_mac, lab.mac("uplink"), pod, server, IPPROTO_UDP,
+                                      40002, 53, next(_ident), ttl=63)
+    drops = lab.drops()
+    assert lab.to_uplink(middle).retval == TC_ACT_SHOT
+    assert drops_moved(lab, drops) == {"fragment": 1}
+    assert [lab.to_uplink(f).retval for f in (first, last, middle)] == [TC_ACT_OK] * 3
+    syn = tcp(pod, server, 40003, 443)
+    tiny = [eth(lab.gw_mac, lab.mac("uplink"), ETH_P_IP, p, pad=False)
+            for p in fragments(pod, server, IPPROTO_TCP, syn, next(_ident), 8, ttl=63)]
+    assert [lab.to_uplink(f).retval for f in tiny[:2]] == [TC_ACT_SHOT] * 2
+    assert drops_moved(lab, drops) == {"fragment": 3}
+    # a later fragment overlapping the TCP header of a masqueraded first one
+    seg = tcp(pod, server, 40008, 443, TCP_ACK, data=b"q" * 40)
+    ident = next(_ident)
+
+    def piece(chunk: bytes, offset: int, more: bool) -> bytes:
+        return eth(lab.gw_mac, lab.mac("uplink"), ETH_P_IP,
+                   ipv4_fragment(pod, server, IPPROTO_TCP, chunk, offset, more, ident, ttl=63))
+
+    assert lab.to_uplink(piece(seg[:24], 0, True)).retval == TC_ACT_OK
+    assert lab.to_uplink(piece(seg[16:24], 16, True)).retval == TC_ACT_SHOT
+    assert drops_moved(lab, drops) == {"fragment": 4}
+    res = lab.to_uplink(piece(seg[24:], 24, False))
+    assert res.retval == TC_ACT_OK and parse_eth(res.data).payload[12:16] == \
+        bytes(map(int, NODE_IP.split(".")))
+
+
+def ip_proto_frame(lab: DispLab, src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    return eth(lab.gw_mac, lab.mac("uplink"), ETH_P_IP, ipv4(src, dst, proto, payload, ttl=63))
+
+
+GRE = 47
+GRE_PAYLOAD = bytes.fromhex("00000800") + b"\x45" + bytes(27)  # a GRE header and a bit of IPv4
+
+
+@pytest.mark.parametrize("what", ["gre", "sctp", "icmp-error-about-no-flow",
+                                  "icmp-address-mask", "truncated-tcp"])
+def test_pod_traffic_that_cannot_be_masqueraded_never_leaves(lab: DispLab, what: str) -> None:
+    """No ports to give the node's (GRE), a checksum tc cannot redo over new
+    ports (SCTP's CRC32c), an error about no connection we translated, a
+    query without identifier, a header cut short: dropped and counted,
+    instead of leaving with the pod's own address."""
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    pkt = {
+        "gre": lambda: ip_proto_frame(lab, pod, server, GRE, GRE_PAYLOAD),
+        "sctp": lambda: ip_proto_frame(lab, pod, server, IPPROTO_SCTP,
+                                       struct.pack("!HHII", 40004, 80, 1, 0)),
+        "icmp-error-about-no-flow": lambda: ip_proto_frame(
+            lab, pod, server, IPPROTO_ICMP,
+            icmp_error(3, 3, quote_of(in_uplink(lab, server, pod, IPPROTO_UDP, 53, 40005)))),
+        "icmp-address-mask": lambda: ip_proto_frame(lab, pod, server, IPPROTO_ICMP,
+                                                    icmp_echo(7, 1, bytes(4), kind=17)),
+        "truncated-tcp": lambda: ip_proto_frame(lab, pod, server, IPPROTO_TCP,
+                                                tcp(pod, server, 40006, 443)[:12]),
+    }[what]()
+    drops, sessions = lab.drops(), lab.disp.sessions()
+    res = lab.to_uplink(pkt)
+    assert res.retval == TC_ACT_SHOT
+    assert drops_moved(lab, drops) == {"parse" if what == "truncated-tcp" else "no_masquerade": 1}
+    assert lab.disp.sessions() == sessions
+
+
+@pytest.mark.parametrize("src,dst", [(NODE_IP, "203.0.113.250"), ("pod", "10.244.2.77")],
+                         ids=["from-the-node", "pod-to-remote-pod"])
+def test_traffic_that_needs_no_masquerade_leaves_as_it_is(lab: DispLab, src: str,
+                                                          dst: str) -> None:
+    """The guarantee is about pods masqueraded to the outside: the node's own
+    GRE and fragments, or a pod's to another pod, are not touched."""
+    if src == "pod":
+        src, _ = lab.pod()
+    drops = lab.drops()
+    frames = [ip_proto_frame(lab, src, dst, GRE, GRE_PAYLOAD)]
+    frames += frag_frames(lab.gw_mac, lab.mac("uplink"), src, dst, IPPROTO_UDP, 40007, 53,
+                          next(_ident), ttl=63)[1:]  # later fragments alone
+    results = [lab.to_uplink(f) for f in frames]
+    assert [(r.retval, r.data) for r in results] == [(TC_ACT_OK, f) for f in frames]
+    assert lab.drops() == drops
+
+
+def test_icmp_timestamp_is_masqueraded_by_identifier(lab: DispLab) -> None:
+    """Like echo, a timestamp query carries an identifier where the echo
+    header does: the query leaves as the node, its reply finds the pod."""
+    pod, pod_mac = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    stamps = struct.pack("!III", 1, 0, 0)
+    res = lab.to_uplink(ip_proto_frame(lab, pod, server, IPPROTO_ICMP,
+                                       icmp_echo(0x6161, 1, stamps, kind=13)))
+    assert res.retval == TC_ACT_OK
+    ip, ident = src_of(res)
+    assert ip == NODE_IP and SNAT_LO <= ident <= SNAT_HI
+    assert_frame(res.data, ip_proto_frame(lab, NODE_IP, server, IPPROTO_ICMP,
+                                          icmp_echo(ident, 1, stamps, kind=13)))
+    answer = struct.pack("!III", 1, 2, 3)
+    res = lab.from_uplink(eth(lab.mac("uplink"), lab.gw_mac, ETH_P_IP,
+                              ipv4(server, NODE_IP, IPPROTO_ICMP,
+                                   icmp_echo(ident, 1, answer, kind=14))))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, eth(pod_mac, lab.mac("pods"), ETH_P_IP,
+                               ipv4(server, pod, IPPROTO_ICMP,
+                                    icmp_echo(0x6161, 1, answer, kind=14), ttl=63)))
+    # an error about the query quotes it as it left; the pod gets it as it sent it
+    quote = quote_of(ip_proto_frame(lab, NODE_IP, server, IPPROTO_ICMP,
+                                    icmp_echo(ident, 1, stamps, kind=13)))
+    res = lab.from_uplink(error_frame(lab.mac("uplink"), lab.gw_mac, "192.0.2.78", NODE_IP,
+                                      icmp_error(3, 1, quote)))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, error_frame(pod_mac, lab.mac("pods"), "192.0.2.78", pod,
+                                       icmp_error(3, 1, requote(quote, src=pod, sport=0x6161)),
+                                       ttl=63))
+
+
+def test_fragments_for_the_host_go_to_the_host(lab: DispLab) -> None:
+    """Later fragments of no datagram we translated are the host's: untouched.
+    A tiny first fragment to the node is dropped (RFC 1858: no sender makes
+    one, and its port cannot be judged)."""
+    cl = counted(_client, "198.51.100.{}")
+    frames = frag_frames(lab.mac("uplink"), lab.gw_mac, cl, NODE_IP, IPPROTO_UDP, 5900, 9999,
+                         next(_ident))
+    drops, sessions = lab.drops(), lab.disp.sessions()
+    results = [lab.from_uplink(f) for f in frames[1:] + frames[:1]]
+    assert [(r.retval, r.data) for r in results] == [(TC_ACT_OK, f)
+                                                     for f in frames[1:] + frames[:1]]
+    assert (lab.drops(), lab.disp.sessions()) == (drops, sessions)
+    tiny = eth(lab.mac("uplink"), lab.gw_mac, ETH_P_IP,
+               fragments(cl, NODE_IP, IPPROTO_TCP, tcp(cl, NODE_IP, 5901, 22), next(_ident),
+                         8)[0], pad=False)
+    assert lab.from_uplink(tiny).retval == TC_ACT_SHOT
+    assert drops_moved(lab, drops) == {"fragment": 1}

@@ -32,8 +32,10 @@ from bpfunit import (
     UnitNet,
     arp,
     eth,
+    fragments,
     icmp_echo,
     ipv4,
+    ipv4_fragment,
     random_mac,
     tcp,
     udp_csum,
@@ -439,3 +441,141 @@ def test_rule_text_round_trips() -> None:
                  "drop from 10.244.2.0/24", "allow tcp sport 1000-2000 dport 8080"):
         assert str(parse_rule(text)) == text
     assert parse_rule("DROP TCP from 10.1.2.3/16") == Rule("drop", "tcp", "10.1.0.0/16")
+
+
+# ---------------------------------------------------------------------------- fragments
+_ident = itertools.count(0x4000)
+
+
+def send(lab: FwLab, fw: Firewall, pkt: bytes) -> tuple[str, dict[str, int]]:
+    """Like verdict(), for drops of any reason: ("pass" or "drop", the
+    firewall's drop counters that moved and by how much)."""
+    drops, before = lab.net.rt.cube_drops(fw.name), lab.counters()
+    res = lab.net.run(lab.net.rt._entry_fds["pcn_ingress"], pkt, ifindex=lab.net.ifindex["u1"])
+    after = lab.counters()
+    moved = {k: v - drops.get(k, 0) for k, v in lab.net.rt.cube_drops(fw.name).items()
+             if v != drops.get(k, 0)}
+    assert after["a"].rx_packets - before["a"].rx_packets == 1
+    if res.retval == TC_ACT_REDIRECT:
+        assert res.data == pkt  # a firewall never touches the frame
+        assert after["b"].tx_packets - before["b"].tx_packets == 1
+        assert (after["a"].drops, moved) == (before["a"].drops, {})
+        return "pass", moved
+    assert res.retval == TC_ACT_SHOT, f"unexpected retval {res.retval}"
+    assert after["b"].tx_packets == before["b"].tx_packets
+    assert after["a"].drops - before["a"].drops == 1
+    assert sum(moved.values()) == 1, moved
+    return "drop", moved
+
+
+def frag_frames(lab: FwLab, proto: int, l4: bytes, size: int, src: str = "10.0.1.1",
+                dst: str = "10.0.2.1", pad: bool = True) -> list[bytes]:
+    """The L4 datagram `l4` fragmented `size` bytes at a time, as frames."""
+    mac = random_mac()
+    return [eth(lab.dst_mac, mac, ETH_P_IP, p, pad)
+            for p in fragments(src, dst, proto, l4, next(_ident), size)]
+
+
+DROPPED_FRAGMENT = ("drop", {"fragment": 1})
+FILTERED = ("drop", {"filtered": 1})
+PASSED: tuple[str, dict[str, int]] = ("pass", {})
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("size", [8, 16])
+def test_a_blocked_syn_cannot_hide_its_port_in_tiny_fragments(lab: FwLab, stack: FwFactory,
+                                                              pad: bool, size: int) -> None:
+    """RFC 1858 §3.2 and §4: a first fragment that cuts the TCP header short
+    and a later one that starts inside it are dropped, so a SYN to a blocked
+    port cannot reach it in pieces (the receiver would reassemble the SYN)."""
+    fw = stack(["drop tcp dport 8080"])
+    syn = tcp("10.0.1.1", "10.0.2.1", 40000, 8080)
+    assert send(lab, fw, frame(lab, IPPROTO_TCP, dport=8080)) == FILTERED  # whole: blocked
+    first, *rest = frag_frames(lab, IPPROTO_TCP, syn, size, pad=pad)
+    assert send(lab, fw, first) == DROPPED_FRAGMENT
+    assert send(lab, fw, rest[0]) == DROPPED_FRAGMENT  # overlaps the header
+    # an allowed port in tiny fragments is no better: nobody can tell
+    first, *rest = frag_frames(lab, IPPROTO_TCP, tcp("10.0.1.1", "10.0.2.1", 40000, 80), size,
+                               pad=pad)
+    assert send(lab, fw, first) == DROPPED_FRAGMENT
+    assert fw.rule_hits() == [1] and default_hits(fw) == 0
+
+
+@pytest.mark.parametrize("default,rule", [("drop", "allow udp dport 53"),
+                                          ("allow", "drop udp dport 53")])
+def test_later_fragments_get_their_first_fragments_verdict(lab: FwLab, stack: FwFactory,
+                                                           default: str, rule: str) -> None:
+    """A 4000-byte datagram (first, middle and last fragment): every fragment
+    is judged as the first one, which holds the ports, was."""
+    fw = stack([rule], default=default)
+    data = bytes(range(256)) * 16
+    to_53 = frag_frames(lab, IPPROTO_UDP, udp_csum("10.0.1.1", "10.0.2.1", 40000, 53, data), 1480)
+    to_54 = frag_frames(lab, IPPROTO_UDP, udp_csum("10.0.1.1", "10.0.2.1", 40000, 54, data), 1480)
+    assert len(to_53) == len(to_54) == 3
+    rule_says, default_says = (PASSED, FILTERED) if default == "drop" else (FILTERED, PASSED)
+    assert [send(lab, fw, f) for f in to_53] == [rule_says] * 3
+    assert [send(lab, fw, f) for f in to_54] == [default_says] * 3
+    assert fw.rule_hits() == [3] and default_hits(fw) == 3
+
+
+def test_a_later_fragment_before_its_first_is_dropped(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(["allow udp dport 53"], default="drop")
+    first, middle, last = frag_frames(lab, IPPROTO_UDP,
+                                      udp_csum("10.0.1.1", "10.0.2.1", 40000, 53, b"x" * 3000),
+                                      1480)
+    assert send(lab, fw, middle) == DROPPED_FRAGMENT  # nothing to judge it by yet
+    assert send(lab, fw, first) == PASSED
+    assert send(lab, fw, last) == PASSED
+    assert send(lab, fw, middle) == PASSED  # sent again, now that the first was seen
+    assert fw.rule_hits() == [3] and default_hits(fw) == 0
+
+
+def test_a_later_fragment_overlapping_the_tcp_header_is_dropped(lab: FwLab,
+                                                                 stack: FwFactory) -> None:
+    """A first fragment with the whole header, judged allowed; a later one
+    rewriting bytes 8-15 of it (flags included) is dropped, one after the
+    header passes."""
+    fw = stack(["allow tcp dport 80"], default="drop")
+    seg = tcp("10.0.1.1", "10.0.2.1", 40000, 80, data=b"y" * 40)
+    ident = next(_ident)
+    mac = random_mac()
+
+    def piece(chunk: bytes, offset: int, more: bool) -> bytes:
+        return eth(lab.dst_mac, mac, ETH_P_IP,
+                   ipv4_fragment("10.0.1.1", "10.0.2.1", IPPROTO_TCP, chunk, offset, more, ident))
+
+    assert send(lab, fw, piece(seg[:24], 0, True)) == PASSED
+    assert send(lab, fw, piece(seg[8:24], 8, True)) == DROPPED_FRAGMENT
+    assert send(lab, fw, piece(seg[16:24], 16, True)) == DROPPED_FRAGMENT
+    assert send(lab, fw, piece(seg[24:], 24, False)) == PASSED
+
+
+def test_one_firewalls_verdict_is_not_anothers(lab: FwLab, stack: FwFactory) -> None:
+    """Each firewall records the datagrams it judged: a later fragment reaching
+    a firewall that never saw its first fragment is dropped there, whatever
+    another firewall decided."""
+    a = stack(["drop tcp dport 22"])
+    b = Firewall(lab.net.rt, f"fw{next(_fw_names)}", [parse_rule("drop tcp dport 22")])
+    try:
+        first, last = frag_frames(lab, IPPROTO_UDP,
+                                  udp_csum("10.0.1.1", "10.0.2.1", 40000, 53, b"z" * 1600), 1480)
+        assert send(lab, a, first) == PASSED
+        lab.net.rt.set_hook(lab.ports["a"], maps.HOOK_INGRESS, [lab.net.rt.stacked(b.name)])
+        assert send(lab, b, last) == DROPPED_FRAGMENT
+    finally:
+        lab.net.rt.set_hook(lab.ports["a"], maps.HOOK_INGRESS, [])
+        b.delete()
+
+
+def test_rules_without_ports_judge_fragments_by_address(lab: FwLab, stack: FwFactory) -> None:
+    """Nothing to remember: every fragment has the addresses and protocol."""
+    fw = stack(["drop from 10.0.1.0/24"])
+    assert fw.spec["FW_NEED_L4"] == 0
+    l4 = udp_csum("10.0.5.5", "10.0.2.1", 40000, 53, b"w" * 3000)
+    first, middle, last = frag_frames(lab, IPPROTO_UDP, l4, 1480, src="10.0.5.5")
+    assert [send(lab, fw, f) for f in (last, middle, first)] == [PASSED] * 3  # any order
+    tiny, *_ = frag_frames(lab, IPPROTO_TCP, tcp("10.0.5.5", "10.0.2.1", 1, 2), 8,
+                           src="10.0.5.5", pad=False)
+    assert send(lab, fw, tiny) == PASSED
+    blocked = frag_frames(lab, IPPROTO_UDP, l4, 1480, src="10.0.1.9")
+    assert [send(lab, fw, f) for f in reversed(blocked)] == [FILTERED] * 3

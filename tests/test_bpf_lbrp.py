@@ -31,12 +31,15 @@ from bpfunit import (
     TCP_RST,
     TCP_SYN,
     UnitNet,
+    assert_fragments,
     assert_frame,
     eth,
+    fragments,
     icmp_echo,
     icmp_error,
     inet_csum,
     ipv4,
+    ipv4_fragment,
     l4_ports,
     parse_eth,
     parse_ipv4,
@@ -578,3 +581,170 @@ def test_service_without_backends_answers_udp_with_port_unreachable(lab: LbLab) 
     assert (icmp_type, code, unused) == (3, 3, 0)  # destination / port unreachable
     original = parse_eth(sent).payload
     assert ip.payload[8:] == original[:20 + 8]  # its IP header and first 8 bytes
+
+
+# ---------------------------------------------------------------------------- fragments
+_ident = itertools.count(0x5000)
+BIG = bytes(range(256)) * 15 + b"end"  # a 3843-byte payload: three fragments at 1480 bytes
+
+
+def datagram(proto: int, src: str, dst: str, sport: int, dport: int, data: bytes = BIG) -> bytes:
+    """A whole L4 datagram with its checksum (TCP: a data segment, ACK|PSH)."""
+    if proto == IPPROTO_TCP:
+        return tcp(src, dst, sport, dport, TCP_ACK | 0x08, seq=1001, ack=1, data=data)
+    return udp_csum(src, dst, sport, dport, data)
+
+
+def frag_frames(lab: LbLab, proto: int, src: str, dst: str, sport: int, dport: int,
+                ident: int, outbound: bool = True, size: int = 1480,
+                data: bytes = BIG) -> list[bytes]:
+    """`datagram(...)` fragmented as its sender would, as frames (see tcp_frame
+    for `outbound`)."""
+    macs = (lab.gw_mac, lab.client_mac) if outbound else (lab.client_mac, lab.gw_mac)
+    return [eth(*macs, ETH_P_IP, p)
+            for p in fragments(src, dst, proto, datagram(proto, src, dst, sport, dport, data),
+                               ident, size)]
+
+
+def fragment_drops(lab: LbLab, before: dict[str, int]) -> int:
+    return lab.drops().get("fragment", 0) - before.get("fragment", 0)
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_UDP, IPPROTO_TCP], ids=["udp", "tcp"])
+def test_a_fragmented_datagram_to_a_service_reaches_the_backend_whole(lab: LbLab,
+                                                                      proto: int) -> None:
+    """First, middle and last fragment all go to the backend the first one
+    chose (only the first has ports), and the answer, fragmented too, all
+    comes back from the service address."""
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 5353)
+    name = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}[proto]
+    lab.lb.set_service(svc, 53, name, [be])
+    if proto == IPPROTO_TCP:  # the connection, before its big segment
+        assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 47100, 53))) == (be.ip, 5353)
+    ident = next(_ident)
+    sent = frag_frames(lab, proto, cl, svc, 47100, 53, ident)
+    assert len(sent) == 3
+    drops, before = lab.drops(), lab.counters()
+    results = [lab.from_pod(f) for f in sent]
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    assert gw_tx(before, lab.counters()) == 3
+    assert_fragments([r.data for r in results],
+                     frag_frames(lab, proto, cl, be.ip, 47100, 5353, ident))
+
+    ident = next(_ident)
+    answer = frag_frames(lab, proto, be.ip, cl, 5353, 47100, ident, outbound=False)
+    results = [lab.to_pod(f) for f in answer]
+    assert [r.retval for r in results] == [TC_ACT_OK] * 3
+    assert_fragments([r.data for r in results],
+                     frag_frames(lab, proto, svc, cl, 53, 47100, ident, outbound=False))
+    assert lab.drops() == drops
+
+
+def test_a_later_fragment_before_its_first_is_dropped_not_sent_to_the_vip(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp", [be])
+    ident = next(_ident)
+    first, middle, last = frag_frames(lab, IPPROTO_UDP, cl, svc, 47200, 53, ident)
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_pod(middle)
+    assert res.retval == TC_ACT_SHOT
+    assert fragment_drops(lab, drops) == 1
+    assert gw_tx(before, lab.counters()) == 0
+    want = frag_frames(lab, IPPROTO_UDP, cl, be.ip, 47200, 5353, ident)
+    results = [lab.from_pod(f) for f in (first, last, middle)]  # the middle one again
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    assert_fragments([results[0].data, results[2].data, results[1].data], want)
+    # the answer's later fragments, before its first: not sent on from the backend
+    answer = frag_frames(lab, IPPROTO_UDP, be.ip, cl, 5353, 47200, next(_ident), outbound=False)
+    assert lab.to_pod(answer[2]).retval == TC_ACT_SHOT
+    assert fragment_drops(lab, drops) == 2
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_tiny_fragments_to_a_service_are_dropped(lab: LbLab, size: int) -> None:
+    """A first fragment without the whole TCP header cannot be translated (the
+    checksum to update is not in it) nor trusted (RFC 1858); the later one
+    overlaps that header."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [Backend(backend_ip(), 8080)])
+    syn = tcp(cl, svc, 47300, 80)
+    frames = [eth(lab.gw_mac, lab.client_mac, ETH_P_IP, p, pad=False)
+              for p in fragments(cl, svc, IPPROTO_TCP, syn, next(_ident), size)]
+    drops, before, sessions = lab.drops(), lab.counters(), lab.sessions()
+    assert [lab.from_pod(f).retval for f in frames[:2]] == [TC_ACT_SHOT] * 2
+    assert fragment_drops(lab, drops) == 2
+    assert gw_tx(before, lab.counters()) == 0
+    assert lab.sessions() == sessions
+
+
+def test_a_later_fragment_overlapping_the_header_is_dropped(lab: LbLab) -> None:
+    """RFC 1858 §4: a later fragment starting inside the TCP header the first
+    one carried would rewrite what the session was chosen by; one after the
+    header is translated."""
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [be])
+    seg = tcp(cl, svc, 47350, 80, TCP_ACK, data=b"q" * 40)
+    ident = next(_ident)
+
+    def piece(chunk: bytes, offset: int, more: bool, dst: str = svc) -> bytes:
+        return eth(lab.gw_mac, lab.client_mac, ETH_P_IP,
+                   ipv4_fragment(cl, dst, IPPROTO_TCP, chunk, offset, more, ident))
+
+    drops = lab.drops()
+    assert dest_of(lab.from_pod(piece(seg[:24], 0, True))) == (be.ip, 8080)
+    assert lab.from_pod(piece(seg[8:24], 8, True)).retval == TC_ACT_SHOT
+    assert fragment_drops(lab, drops) == 1
+    res = lab.from_pod(piece(seg[24:], 24, False))
+    assert res.retval == TC_ACT_REDIRECT
+    want = piece(seg[24:], 24, False, dst=be.ip)  # only the address (and IP checksum) changed
+    assert (res.data[:24], res.data[26:]) == (want[:24], want[26:])
+    assert inet_csum(res.data[14:34]) == 0
+
+
+def test_later_fragments_of_a_rejected_datagram_are_dropped(lab: LbLab) -> None:
+    """A service without backends answers the first fragment (it holds the
+    ports) with port unreachable; the later ones have nowhere to go."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 53, "udp", [])
+    first, middle, last = frag_frames(lab, IPPROTO_UDP, cl, svc, 47400, 53, next(_ident))
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_pod(first)
+    assert res.retval == TC_ACT_REDIRECT  # the port unreachable, back to the pod
+    assert parse_ipv4(parse_eth(res.data).payload).proto == IPPROTO_ICMP
+    assert [lab.from_pod(f).retval for f in (middle, last)] == [TC_ACT_SHOT] * 2
+    assert fragment_drops(lab, drops) == 2
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    assert gw_tx(before, lab.counters()) == 0
+
+
+def test_fragments_not_for_a_service_pass_unchanged(lab: LbLab) -> None:
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 53, "udp", [Backend(backend_ip(), 5353)])
+    frames = frag_frames(lab, IPPROTO_UDP, cl, backend_ip(), 47500, 53, next(_ident))
+    drops, sessions = lab.drops(), lab.sessions()
+    results = [lab.from_pod(f) for f in frames]
+    assert [(r.retval, r.data) for r in results] == [(TC_ACT_REDIRECT, f) for f in frames]
+    answer = frag_frames(lab, IPPROTO_UDP, "192.0.2.53", cl, 53, 47500, next(_ident),
+                         outbound=False)
+    results = [lab.to_pod(f) for f in answer]
+    assert [(r.retval, r.data) for r in results] == [(TC_ACT_OK, f) for f in answer]
+    assert (lab.drops(), lab.sessions()) == (drops, sessions)
+
+
+def test_a_gso_packet_past_64k_is_translated_like_any(lab: LbLab) -> None:
+    """IPv4 BIG TCP sends GSO packets whose total length field is 0 (their
+    length is the skb's): not a cut-short header, translated as usual."""
+    svc, cl = vip(), client()
+    be = Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [be])
+    frame = bytearray(tcp_frame(lab, cl, svc, 47600, 80))
+    frame[16:18] = b"\0\0"  # total length 0
+    frame[24:26] = b"\0\0"
+    frame[24:26] = struct.pack("!H", inet_csum(bytes(frame[14:34])))
+    res = lab.from_pod(bytes(frame))
+    assert res.retval == TC_ACT_REDIRECT
+    assert (res.data[30:34], res.data[36:38]) == (bytes(map(int, be.ip.split("."))),
+                                                  struct.pack("!H", 8080))

@@ -24,10 +24,13 @@ from bpfunit import (
     ETH_P_IP,
     UnitNet,
     arp,
+    assert_fragments,
     eth,
+    fragments,
     icmp_echo,
     inet_csum,
     ipv4,
+    ipv4_fragment,
     parse_arp,
     parse_eth,
     parse_ipv4,
@@ -44,7 +47,7 @@ from pcn_testsupport.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
 
-IPPROTO_ICMP, IPPROTO_UDP = 1, 17
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 _host = itertools.count(10)  # up to .249: the static next hop is 10.2.0.253
 
 
@@ -355,3 +358,69 @@ def test_unknown_neighbour_without_listener_counts_slowpath_drop(lab: RouterLab)
     res = lab.send("a", udp_frame(lab, host("a"), host("b")))
     assert res.retval == TC_ACT_SHOT
     assert lab.drops().get("slowpath", 0) == drops.get("slowpath", 0) + 1
+
+
+# ---------------------------------------------------------------------------- fragments
+_ident = itertools.count(0x7000)
+BIG = bytes(range(256)) * 15 + b"end"  # a 3843-byte payload: three fragments at 1480 bytes
+
+
+@pytest.mark.parametrize("case", ["in-order", "out-of-order", "tiny", "overlapping"])
+def test_fragments_are_forwarded_untouched_but_for_the_ttl(lab: RouterLab, case: str) -> None:
+    """The router judges nothing by ports: first, middle and last fragment,
+    in any order, tiny and overlapping ones alike are routed by their
+    destination (the hosts, or a firewall, judge them)."""
+    dst, dst_mac = host("b"), random_mac()
+    lab.add_neighbour(dst, dst_mac, "b")
+    src, mac = host("a"), random_mac()
+    if case == "tiny":
+        pieces = fragments(src, dst, IPPROTO_TCP, struct.pack("!HHII", 1, 2, 3, 4) + bytes(12),
+                           next(_ident), 8)
+    else:
+        pieces = fragments(src, dst, IPPROTO_UDP, udp(4000, 5000, BIG), next(_ident))
+    frames = [eth(lab.mac("a"), mac, ETH_P_IP, p, pad=case != "tiny") for p in pieces]
+    if case == "out-of-order":
+        frames = frames[::-1]
+    if case == "overlapping":  # a second copy of bytes 8-23 of the first
+        frames.insert(1, eth(lab.mac("a"), mac, ETH_P_IP,
+                             ipv4_fragment(src, dst, IPPROTO_UDP, pieces[0][28:44], 8, True,
+                                           pieces[0][4] << 8 | pieces[0][5])))
+    drops = lab.drops()
+    for f in frames:
+        check_forwarded(lab, f, lab.send("a", f), dst_mac)
+    assert lab.drops() == drops
+
+
+def test_fragmented_echo_request_to_router_gets_a_whole_reply(lab: RouterLab) -> None:
+    """Each fragment is answered: the first becomes the reply's first (type 0,
+    checksum updated: it covers the whole message), the later ones come back
+    with their addresses swapped, so the pinger reassembles a whole reply."""
+    pinger_mac, pinger_ip = random_mac(), host("a")
+    ident = next(_ident)
+    request = icmp_echo(0x4343, 9, BIG)
+    frames = [eth(lab.mac("a"), pinger_mac, ETH_P_IP, p)
+              for p in fragments(pinger_ip, "10.2.0.1", IPPROTO_ICMP, request, ident)]
+    drops, before = lab.drops(), lab.counters()
+    results = [lab.send("a", f) for f in frames]
+    assert [r.retval for r in results] == [TC_ACT_REDIRECT] * 3
+    assert lab.counters()["a"].tx_packets - before["a"].tx_packets == 3
+    assert lab.drops() == drops
+    want = [eth(pinger_mac, lab.mac("a"), ETH_P_IP, p)
+            for p in fragments("10.2.0.1", pinger_ip, IPPROTO_ICMP,
+                               icmp_echo(0x4343, 9, BIG, kind=0), ident)]
+    assert_fragments([r.data for r in results], want)
+
+
+def test_later_fragment_to_router_without_its_echo_request_is_dropped(lab: RouterLab) -> None:
+    """Nothing to answer (its first fragment was not an echo request, or has
+    not come): dropped, and never mangled into a "reply" because its data
+    happens to start with the byte of an echo request."""
+    pinger_mac, pinger_ip = random_mac(), host("a")
+    data = bytes(1480 - 8) + b"\x08" + bytes(600)  # the second fragment starts with 0x08
+    pieces = fragments(pinger_ip, "10.1.0.1", IPPROTO_ICMP, icmp_echo(0x4444, 1, data),
+                       next(_ident))
+    assert pieces[1][20] == 8
+    drops = lab.drops()
+    res = lab.send("a", eth(lab.mac("a"), pinger_mac, ETH_P_IP, pieces[1]))
+    assert res.retval == TC_ACT_SHOT
+    assert lab.drops().get("fragment", 0) == drops.get("fragment", 0) + 1

@@ -24,6 +24,8 @@ VIP_EMPTY = "10.96.0.13"
 VIP_AFFINITY = "10.96.0.14"
 VIP_LONG = "10.96.0.15"
 VIP_DEAF = {"n1p2": "10.96.0.16", "n2p1": "10.96.0.17"}  # a backend with no listener
+VIP_BIG = {"n1p2": "10.96.0.18", "n2p1": "10.96.0.19"}  # one backend: same node, other node
+BIG = 4000  # bytes of a UDP datagram: three fragments at the pods' MTU (1450)
 CLOSED = 9  # a port no probe server listens on
 
 
@@ -40,6 +42,8 @@ def svc_lab(lab: Lab):
     lab.set_service(VIP_AFFINITY, 80, "tcp", backends, affinity_timeout_s=60)
     for pod, vip in VIP_DEAF.items():
         lab.set_service(vip, 53, "udp", [lab.backend(pod, CLOSED)])
+    for pod, vip in VIP_BIG.items():
+        lab.set_service(vip, 53, "udp", [lab.backend(pod, UDP)])
     with checks.servers(lab, [*lab.pods, "ext"]):
         yield lab
 
@@ -126,6 +130,23 @@ def test_masqueraded_udp_to_a_closed_outside_port_is_refused(svc_lab: Lab) -> No
     _udp_refused(svc_lab, "n1p1", EXTERNAL_IP, CLOSED)
 
 
+def _big_udp(lab: Lab, src: str, host: str, port: int, reply_size: int = BIG) -> dict:
+    return checks.probe(lab, src, ["udp", host, str(port), "--size", str(BIG), "--reply-size",
+                                   str(reply_size), "--timeout", "4"], 20)
+
+
+@pytest.mark.parametrize("backend", sorted(VIP_BIG))
+def test_a_big_udp_datagram_crosses_a_clusterip_whole_both_ways(svc_lab: Lab,
+                                                                backend: str) -> None:
+    """4000 bytes to a ClusterIP leave the pod in three fragments: all of them
+    must reach the backend (on this node or over the overlay), and all of the
+    answer's, as big, must come back from the service address."""
+    r = _big_udp(svc_lab, "n1p1", VIP_BIG[backend], 53)
+    assert r["ok"] and r["host"] == backend, r  # the server got every byte, we got its answer
+    assert (r["sent"], r["received"]) == (BIG, BIG), r
+    assert r["peer_seen"] == svc_lab.pods["n1p1"].ip
+
+
 def test_removing_a_backend_keeps_connections_to_the_others(svc_lab: Lab) -> None:
     lab = svc_lab
     keep, drop = lab.backend("n2p1", TCP), lab.backend("n2p2", TCP)
@@ -198,6 +219,18 @@ def test_egress_is_masqueraded_to_the_node_address(svc_lab: Lab) -> None:
     assert checks.ping(svc_lab, "n2p1", EXTERNAL_IP).passed
 
 
+def test_a_big_udp_datagram_is_masqueraded_whole(svc_lab: Lab) -> None:
+    """Every fragment leaves with the node's address (none with the pod's):
+    the outside host reassembles the datagram and answers. (Its answer is
+    small: the outside network's MTU, 1500, is above the pods' 1450.)"""
+    node = svc_lab.node(1)
+    before = node.rt.cube_drops("k8s")
+    r = _big_udp(svc_lab, "n1p1", EXTERNAL_IP, UDP, reply_size=0)
+    assert r["ok"] and r["sent"] == BIG, r
+    assert r["peer_seen"] == svc_lab.node_ip(1)
+    assert node.rt.cube_drops("k8s") == before
+
+
 def test_two_pods_same_source_port_both_get_replies(svc_lab: Lab) -> None:
     a = _tcp(svc_lab, "n1p1", EXTERNAL_IP, TCP, src_port=40000)
     b = _tcp(svc_lab, "n1p2", EXTERNAL_IP, TCP, src_port=40000)
@@ -231,6 +264,23 @@ def test_firewall_drops_ssh_but_not_web_or_icmp(ssh_and_web: Lab) -> None:
         node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
         fw.delete()
     assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, 22)["ok"]
+
+
+def test_a_firewall_passes_every_fragment_of_a_datagram_it_allows(svc_lab: Lab) -> None:
+    """Default drop, UDP to the probe port allowed: the later fragments of an
+    allowed datagram, which carry no port, pass with their first one."""
+    lab = svc_lab
+    node = lab.node(1)
+    fw = Firewall(node.rt, "fw-frag", [parse_rule(f"allow udp dport {UDP}")], default="drop")
+    try:
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=["fw-frag"])
+        r = _big_udp(lab, "n1p1", lab.pods["n1p2"].ip, UDP)
+        assert r["ok"] and r["received"] == BIG, r
+        assert fw.rule_hits() == [3]  # three fragments, one verdict
+        assert node.rt.cube_drops("fw-frag") == {}
+    finally:
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
+        fw.delete()
 
 
 def test_live_chain_edits_lose_no_packet(svc_lab: Lab) -> None:

@@ -31,6 +31,8 @@ enum pcn_drop_reason {
     PCN_DROP_NO_BACKEND = 13,  /* no backend to choose (e.g. Local NodePort, none here) */
     PCN_DROP_NAT_EXHAUSTED = 14, /* no free port to masquerade a new connection */
     PCN_DROP_REWRITE = 15,     /* a header rewrite failed */
+    PCN_DROP_FRAGMENT = 16,    /* a fragment that cannot be judged or translated (pcn_frag.h) */
+    PCN_DROP_NO_MASQUERADE = 17, /* a pod's packet that must leave masqueraded but cannot be */
 };
 
 BPF_TABLE_PINNED("percpu_array", u32, struct pcn_port_stats, pcn_port_stats,

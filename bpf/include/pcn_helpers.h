@@ -35,6 +35,6 @@
 #define PCN_MAX_CUBES 1024
 #define PCN_MAX_SLOTS 256
 #define PCN_CHAIN_MAX 8
-#define PCN_DROP_REASONS 16
+#define PCN_DROP_REASONS 32
 
 #endif

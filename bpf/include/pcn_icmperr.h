@@ -33,8 +33,8 @@ static __always_inline int pcn_icmp_is_error(u8 type)
            type == ICMP_PARAMETERPROB;
 }
 
-/* Returns 0 when `f` is an ICMP error quoting a TCP, UDP or ICMP echo packet
- * whose ports (or identifier) are in the quote. */
+/* Returns 0 when `f` is an ICMP error quoting a TCP, UDP or ICMP query (echo,
+ * timestamp) packet whose ports (or identifier) are in the quote. */
 static __always_inline int pcn_icmp_quote_parse(struct __sk_buff *skb, const struct pcn_flow *f,
                                                 const struct pcn_l4info *info,
                                                 struct pcn_icmp_quote *q)
@@ -67,7 +67,7 @@ static __always_inline int pcn_icmp_quote_parse(struct __sk_buff *skb, const str
     }
     if (ip->protocol == IPPROTO_ICMP) {
         struct icmphdr *ih = l4p;
-        if (ih->type != ICMP_ECHO && ih->type != ICMP_ECHOREPLY)
+        if (!pcn_icmp_has_id(ih->type))
             return -1; /* no error about an error */
         q->flow.sport = ih->un.echo.id;
         q->flow.dport = ih->un.echo.id;

@@ -25,8 +25,10 @@ static __always_inline int pcn_l4_csum_off(u8 proto, u32 l4off, u32 *off)
 }
 
 /* Rewrite the source (is_src) or destination address and port of a packet.
- * For ICMP echo the "port" is the identifier, which sits in the same place for
- * either direction. */
+ * For ICMP queries the "port" is the identifier, which sits in the same place
+ * for either direction. A non-first fragment has no L4 header: only its
+ * address changes (the L4 checksum, in the first fragment, covers the whole
+ * datagram and is updated there). */
 static __always_inline int pcn_nat_rewrite(struct __sk_buff *skb, const struct pcn_flow *f,
                                            const struct pcn_l4info *info, int is_src,
                                            __be32 new_ip, __be16 new_port)

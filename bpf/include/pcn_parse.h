@@ -79,9 +79,10 @@ static __always_inline void pcn_mac_copy(u8 *dst, const u8 *src)
 #ifndef PCN_PARSE_FLOW_H
 #define PCN_PARSE_FLOW_H
 
-/* The 5-tuple of an IPv4 packet as it travels (network byte order). ICMP echo
- * uses its identifier as both ports so that it can be tracked and translated
- * like a UDP flow. Also the key of session and NAT tables. */
+/* The 5-tuple of an IPv4 packet as it travels (network byte order). An ICMP
+ * query (echo, timestamp) uses its identifier as both ports so that it can be
+ * tracked and translated like a UDP flow. Also the key of session and NAT
+ * tables. */
 struct pcn_flow {
     __be32 saddr;
     __be32 daddr;
@@ -93,10 +94,13 @@ struct pcn_flow {
 
 struct pcn_l4info {
     u32 l4off;      /* offset of the L4 header from the start of the frame */
-    u32 l4len;      /* bytes from l4off to the end of the IP datagram */
+    u32 l4len;      /* bytes from l4off to the end of the IP datagram (of this fragment) */
     u8 tcp_flags;
     u8 icmp_type;
     u8 is_fragment; /* a non-first fragment: no L4 header */
+    u8 first_fragment; /* the first fragment of a fragmented datagram (MF set, offset 0) */
+    __be16 ip_id;   /* the IP identification: with the addresses and protocol, the datagram */
+    u16 frag_off;   /* where a non-first fragment starts in its datagram's payload, bytes */
 };
 
 #define PCN_TCP_FIN 0x01
@@ -104,8 +108,46 @@ struct pcn_l4info {
 #define PCN_TCP_RST 0x04
 #define PCN_TCP_ACK 0x10
 
-/* Returns 0 for an IPv4 packet (flow filled), -1 otherwise. Ports stay 0 for
- * protocols without them and for non-first fragments. */
+#define PCN_IP_MF 0x2000
+#define PCN_IP_OFFMASK 0x1fff
+
+/* pcn_parse_flow results */
+#define PCN_PARSE_OK 0
+#define PCN_PARSE_NOT_IPV4 (-1) /* not IPv4, or a broken IPv4 header: nothing filled */
+#define PCN_PARSE_SHORT (-2)    /* IPv4 whose L4 header is cut short (see below) */
+
+/* The bytes of L4 header a packet of `proto` must hold for its ports and
+ * checksum (and, for TCP, its flags) to be read: the whole fixed header.
+ * A first fragment carrying less is RFC 1858's "tiny fragment". */
+static __always_inline u32 pcn_l4_min_len(u8 proto)
+{
+    if (proto == IPPROTO_TCP)
+        return sizeof(struct tcphdr);
+    if (proto == IPPROTO_UDP)
+        return sizeof(struct udphdr);
+    if (proto == IPPROTO_ICMP)
+        return sizeof(struct icmphdr);
+    if (proto == IPPROTO_SCTP)
+        return 12; /* the common header: ports, verification tag, checksum */
+    return 0;
+}
+
+/* ICMP queries that carry an identifier (RFC 792 echo and timestamp), where
+ * the echo header keeps it: tracked and translated like a UDP flow whose two
+ * ports are the identifier. */
+static __always_inline int pcn_icmp_has_id(u8 type)
+{
+    return type == ICMP_ECHO || type == ICMP_ECHOREPLY || type == ICMP_TIMESTAMP ||
+           type == ICMP_TIMESTAMPREPLY;
+}
+
+/* PCN_PARSE_OK for an IPv4 packet (flow filled), PCN_PARSE_NOT_IPV4 otherwise.
+ * PCN_PARSE_SHORT when the L4 header of a TCP, UDP, ICMP or SCTP packet is not
+ * all in the frame, or not all inside the datagram's length (Ethernet padding
+ * is no header): the addresses, protocol and fragment fields are filled, the
+ * ports stay 0. Ports stay 0 too for protocols without them and for non-first
+ * fragments, whose ports only their datagram's first fragment holds
+ * (pcn_frag.h). */
 static __always_inline int pcn_parse_flow(struct __sk_buff *skb, struct pcn_flow *f,
                                           struct pcn_l4info *info)
 {
@@ -113,11 +155,12 @@ static __always_inline int pcn_parse_flow(struct __sk_buff *skb, struct pcn_flow
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-        return -1;
+        return PCN_PARSE_NOT_IPV4;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end || ip->ihl < 5)
-        return -1;
+        return PCN_PARSE_NOT_IPV4;
     u32 ihl = ip->ihl * 4;
+    u16 frag = bpf_ntohs(ip->frag_off);
     f->saddr = ip->saddr;
     f->daddr = ip->daddr;
     f->proto = ip->protocol;
@@ -127,34 +170,47 @@ static __always_inline int pcn_parse_flow(struct __sk_buff *skb, struct pcn_flow
     info->l4len = bpf_ntohs(ip->tot_len) > ihl ? bpf_ntohs(ip->tot_len) - ihl : 0;
     info->tcp_flags = 0;
     info->icmp_type = 0;
-    info->is_fragment = (ip->frag_off & bpf_htons(0x1fff)) != 0;
+    info->is_fragment = (frag & PCN_IP_OFFMASK) != 0;
+    info->first_fragment = !info->is_fragment && (frag & PCN_IP_MF);
+    info->ip_id = ip->id;
+    info->frag_off = (frag & PCN_IP_OFFMASK) * 8;
     if (info->is_fragment)
-        return 0;
+        return PCN_PARSE_OK;
+    /* tot_len 0 on a whole packet is a GSO one past 64 KiB (BIG TCP): its
+     * length is the skb's; no fragment is one */
+    if ((ip->tot_len || info->first_fragment) && info->l4len < pcn_l4_min_len(f->proto))
+        return PCN_PARSE_SHORT;
     void *l4 = (void *)ip + ihl;
     if (f->proto == IPPROTO_TCP) {
         struct tcphdr *th = l4;
         if ((void *)(th + 1) > data_end)
-            return -1;
+            return PCN_PARSE_SHORT;
         f->sport = th->source;
         f->dport = th->dest;
         info->tcp_flags = ((u8 *)th)[13];
     } else if (f->proto == IPPROTO_UDP) {
         struct udphdr *uh = l4;
         if ((void *)(uh + 1) > data_end)
-            return -1;
+            return PCN_PARSE_SHORT;
         f->sport = uh->source;
         f->dport = uh->dest;
     } else if (f->proto == IPPROTO_ICMP) {
         struct icmphdr *ih = l4;
         if ((void *)(ih + 1) > data_end)
-            return -1;
+            return PCN_PARSE_SHORT;
         info->icmp_type = ih->type;
-        if (ih->type == ICMP_ECHO || ih->type == ICMP_ECHOREPLY) {
+        if (pcn_icmp_has_id(ih->type)) {
             f->sport = ih->un.echo.id;
             f->dport = ih->un.echo.id;
         }
+    } else if (f->proto == IPPROTO_SCTP) {
+        __be16 *ports = l4; /* the common header starts with them */
+        if ((void *)(ports + 2) > data_end)
+            return PCN_PARSE_SHORT;
+        f->sport = ports[0];
+        f->dport = ports[1];
     }
-    return 0;
+    return PCN_PARSE_OK;
 }
 
 static __always_inline void pcn_flow_reverse(const struct pcn_flow *f, struct pcn_flow *r)

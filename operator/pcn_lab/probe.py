@@ -3,13 +3,17 @@
     python -m pcn_lab.probe serve --tcp 8080 --udp 8081
     python -m pcn_lab.probe tcp 10.244.2.11 8080 --bytes 1000000
     python -m pcn_lab.probe udp 10.244.2.11 8081
+    python -m pcn_lab.probe udp 10.96.0.10 53 --size 4000 --reply-size 4000
     python -m pcn_lab.probe serve --rr 8090
     python -m pcn_lab.probe rr 10.96.0.10 80 --count 2000
 
 The server answers each TCP connection, once the client has sent everything,
 with JSON naming how many bytes arrived, their SHA-256 and the client address
-it saw; each UDP datagram gets a JSON answer with the client address. Clients
-print one JSON line and exit 0 only when the exchange succeeded.
+it saw; each UDP datagram gets a JSON answer with its length, SHA-256 and the
+client address, padded with spaces to the size the datagram asks for (a
+`pcn-probe reply=N` first line), so that big datagrams, fragmented on the way,
+can be checked both ways. Clients print one JSON line and exit 0 only when the
+exchange succeeded.
 
 `rr` measures request latency: COUNT times, one after the other, a new TCP
 connection, a small request line, the answer line of an `--rr` server (which
@@ -49,12 +53,51 @@ class _TCPHandler(socketserver.StreamRequestHandler):
         self.request.sendall(json.dumps(reply).encode() + b"\n")
 
 
+UDP_HELLO = b"pcn-probe"
+UDP_MAX = 65507  # the largest UDP payload over IPv4
+
+
+def udp_request(size: int, reply_size: int = 0) -> bytes:
+    """A probe datagram of `size` bytes asking for an answer of `reply_size`
+    bytes (0: the bare JSON answer): a `pcn-probe reply=N` line, then bytes
+    that depend on `size` only. The plain 9-byte hello asks for nothing.
+    ValueError when the datagram cannot hold its first line or either size
+    exceeds the largest UDP payload over IPv4 (65507 bytes)."""
+    if not reply_size and size == len(UDP_HELLO):
+        return UDP_HELLO
+    head = UDP_HELLO + f" reply={reply_size}\n".encode()
+    if not len(head) <= size <= UDP_MAX or not 0 <= reply_size <= UDP_MAX:
+        raise ValueError(f"a probe datagram holds {len(head)} to {UDP_MAX} bytes and asks for "
+                         f"at most {UDP_MAX}, not {size} asking for {reply_size}")
+    return head + random.Random(size).randbytes(size - len(head))
+
+
+def udp_answer(data: bytes, peer: tuple[str, int]) -> bytes:
+    """The server's JSON answer to datagram `data` from `peer`, padded with
+    spaces to the size the datagram asked for (never cut)."""
+    reply = {"len": len(data), "sha256": hashlib.sha256(data).hexdigest(), "peer": peer[0],
+             "peer_port": peer[1], "host": _my_name()}
+    out = json.dumps(reply).encode()
+    first = data.split(b"\n", 1)[0]
+    if first.startswith(UDP_HELLO + b" reply="):
+        try:
+            want = int(first[len(UDP_HELLO) + len(b" reply="):])
+        except ValueError:
+            want = 0
+        out = out.ljust(min(max(want, 0), UDP_MAX), b" ")
+    return out
+
+
 class _UDPHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data, sock = self.request
-        reply = {"len": len(data), "peer": self.client_address[0],
-                 "peer_port": self.client_address[1], "host": _my_name()}
-        sock.sendto(json.dumps(reply).encode(), self.client_address)
+        sock.sendto(udp_answer(data, self.client_address), self.client_address)
+
+
+class _UDPServer(socketserver.ThreadingUDPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    max_packet_size = UDP_MAX  # socketserver reads 8192 bytes of a datagram by default
 
 
 def _my_name() -> str:
@@ -62,11 +105,6 @@ def _my_name() -> str:
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-
-
-class _UDPServer(socketserver.ThreadingUDPServer):
     allow_reuse_address = True
     daemon_threads = True
 
@@ -228,18 +266,27 @@ def rr_client(host: str, port: int, count: int, timeout: float, size: int = 32,
     return out
 
 
-def udp_client(host: str, port: int, timeout: float) -> dict:
-    """One datagram on a connected socket: the answer must come from where we sent."""
+def udp_client(host: str, port: int, timeout: float, size: int = len(UDP_HELLO),
+               reply_size: int = 0) -> dict:
+    """One datagram of `size` bytes on a connected socket (the kernel
+    fragments what exceeds the path MTU), answered with `reply_size` bytes:
+    ok when the answer comes from where we sent, names the length and
+    SHA-256 of what we sent, and is as long as asked."""
+    request = udp_request(size, reply_size)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
         s.connect((host, port))
         start = time.monotonic()
-        s.send(b"pcn-probe")
-        data = s.recv(4096)
+        s.send(request)
+        data = s.recv(UDP_MAX)
         rtt = (time.monotonic() - start) * 1000
     reply = json.loads(data)
-    return {"ok": reply.get("len") == 9, "peer_seen": reply.get("peer"),
-            "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
+    ok = reply.get("len") == len(request) and \
+        reply.get("sha256") == hashlib.sha256(request).hexdigest()
+    if reply_size:
+        ok = ok and len(data) == reply_size
+    return {"ok": ok, "peer_seen": reply.get("peer"), "peer_port_seen": reply.get("peer_port"),
+            "host": reply.get("host"), "sent": len(request), "received": len(data),
             "total_ms": rtt}
 
 
@@ -265,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("host")
     u.add_argument("port", type=int)
     u.add_argument("--timeout", type=float, default=3.0)
+    u.add_argument("--size", type=int, default=len(UDP_HELLO),
+                   help="bytes of the datagram (more than the MTU: sent in fragments)")
+    u.add_argument("--reply-size", type=int, default=0,
+                   help="ask for an answer of this many bytes (default: the bare JSON)")
     r = sub.add_parser("rr", help="request latency: COUNT new connections, each one small "
                                    "request and answer, to a `serve --rr` port")
     r.add_argument("host")
@@ -291,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             result = tcp_client(args.host, args.port, args.bytes, args.timeout, args.src_port,
                                 args.rate)
         else:
-            result = udp_client(args.host, args.port, args.timeout)
+            result = udp_client(args.host, args.port, args.timeout, args.size, args.reply_size)
     except (OSError, ValueError) as exc:
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result))

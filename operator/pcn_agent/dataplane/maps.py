@@ -18,7 +18,7 @@ MAX_PORTS = 4096
 MAX_CUBES = 1024
 MAX_SLOTS = 256
 CHAIN_MAX = 8
-DROP_REASONS = 16
+DROP_REASONS = 32
 BRIDGE_MAX_PORTS = 128
 
 PEER_NONE, PEER_NETDEV, PEER_PORT = 0, 1, 2
@@ -45,6 +45,8 @@ class DropReason(enum.IntEnum):
     NO_BACKEND = 13
     NAT_EXHAUSTED = 14
     REWRITE = 15
+    FRAGMENT = 16  # a fragment that cannot be judged or translated (bpf/include/pcn_frag.h)
+    NO_MASQUERADE = 17  # a pod's packet that must leave masqueraded but cannot be translated
 
 
 class SlowReason(enum.IntEnum):
@@ -215,6 +217,20 @@ class Affinity(ct.Structure):
     _fields_ = [("backend", BackendVal), ("seen_ns", ct.c_uint64)]
 
 
+class FragKey(ct.Structure):
+    """A fragmented datagram as one cube instance (`owner`) saw it (bpf/include/pcn_frag.h)."""
+
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("id", ct.c_uint16),
+                ("proto", ct.c_uint8), ("pad", ct.c_uint8), ("owner", ct.c_uint32)]
+
+
+class FragVal(ct.Structure):
+    """What its first fragment held (ports, ICMP type) and, for a firewall, decided."""
+
+    _fields_ = [("sport", ct.c_uint16), ("dport", ct.c_uint16), ("icmp_type", ct.c_uint8),
+                ("verdict", ct.c_uint8), ("rule", ct.c_uint16), ("seen_ns", ct.c_uint64)]
+
+
 RouterAddrKey = RouterNeighKey  # same layout: {cube, ip}
 
 class BpfTable(Protocol):
@@ -263,6 +279,7 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "fw_rules": (FwRuleKey, FwRule),
     "fw_cfgs": (ct.c_uint32, FwCfg),
     "fw_hits": (ct.c_uint32, ct.c_uint64),
+    "pcn_frags": (FragKey, FragVal),
 }
 
 

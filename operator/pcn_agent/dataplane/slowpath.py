@@ -165,22 +165,33 @@ class ArpResolver:
         slow.every_tick(self._tick)
 
     def _on_miss(self, msg: maps.SlowMsg, pkt: bytes) -> None:
+        """A packet waits for next hop `msg.arg`. Packets for one next hop
+        leave in the order they came: one that finds the answer already
+        learned while others still wait (the answer came between two misses
+        of one burst, before its NEIGH_LEARNED event) goes behind them, or
+        the later fragments of a datagram would overtake its first one, and
+        a cube that needs the first fragment first would drop them."""
         key = (msg.cube_id, msg.arg)
-        if self._known(key):
+        with self._lock:
+            held = self._held.get(key)
+            direct = held is None and self._known(key)
+            if not direct:
+                if held is None:
+                    held = self._held[key] = _Held(msg.out_port)
+                if pkt and len(held.packets) < MAX_HELD_PER_NEIGH:
+                    held.packets.append((msg.in_port, pkt))
+                ask = held.tries == 0
+                if ask:
+                    held.tries, held.next_try = 1, time.monotonic() + ARP_RETRY_S
+        if direct:
             if pkt:
                 self.slow.inject(complete_l4_checksum(pkt), msg.in_port, maps.INJECT_TO_CUBE)
             return
-        with self._lock:
-            held = self._held.get(key)
-            if held is None:
-                held = self._held[key] = _Held(msg.out_port)
-            if pkt and len(held.packets) < MAX_HELD_PER_NEIGH:
-                held.packets.append((msg.in_port, pkt))
-            ask = held.tries == 0
-            if ask:
-                held.tries, held.next_try = 1, time.monotonic() + ARP_RETRY_S
+        assert held is not None
         if ask:
             self._ask(held.out_port, msg.arg)
+        if self._known(key):  # learned meanwhile: everything held goes, in order
+            self._release(key)
 
     def _on_learned(self, msg: maps.SlowMsg, _pkt: bytes) -> None:
         self._release((msg.cube_id, msg.arg))
