@@ -34,6 +34,8 @@
 
 #define PCN_IFACE_PORT 0   /* netdev peered with a port */
 #define PCN_IFACE_INJECT 1 /* the agent's slow-path injection device */
+#define PCN_IFACE_LOOPBACK 2 /* the node's lo: its connections to its own NodePorts enter
+                                the router's host port (entry.c, pcn_loopback_out) */
 
 struct pcn_hook {
     u32 n;
