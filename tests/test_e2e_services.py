@@ -279,6 +279,11 @@ def test_the_nodes_connection_to_a_nodeport_without_endpoints_is_refused(svc_lab
     r = _tcp(lab, lab.node_name(1), lab.node_ip(1), 30089, timeout=5)
     assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
     assert node.rt.cube_drops("lb").get("rejected", 0) == before + 1
+    # and from outside the cluster (the dispatcher's reject)
+    before = node.rt.cube_drops("k8s").get("rejected", 0)
+    r = _tcp(lab, "ext", lab.node_ip(1), 30089, timeout=5)
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
+    assert node.rt.cube_drops("k8s").get("rejected", 0) == before + 1
 
 
 # --------------------------------------------------------------------- the Service range
