@@ -287,6 +287,19 @@ static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flo
     return pcn_pass(skb);
 }
 
+/* Neither TCP, UDP nor an ICMP error: a ping, say. Into the Service range it
+ * gets kube-proxy's verdicts (rejected by a Service address, dropped by an
+ * unallocated one); anything else goes on. */
+static __always_inline int lbrp_other(struct __sk_buff *skb, const struct pcn_flow *f,
+                                      const struct pcn_l4info *info)
+{
+    if (pcn_meta_hook(skb) != PCN_HOOK_INGRESS)
+        return pcn_pass(skb);
+    u32 inst = pcn_meta_instance(skb);
+    int r = lbrp_no_service(skb, f, info, lb_cfgs.lookup(&inst));
+    return r >= 0 ? r : pcn_pass(skb);
+}
+
 int lbrp_rx(struct __sk_buff *skb)
 {
     struct pcn_flow f = {};
@@ -296,14 +309,9 @@ int lbrp_rx(struct __sk_buff *skb)
     u64 now = bpf_ktime_get_ns();
     if (f.proto == IPPROTO_ICMP && pcn_icmp_is_error(info.icmp_type))
         return lbrp_icmp_error(skb, &f, &info, now);
-    int ingress = pcn_meta_hook(skb) == PCN_HOOK_INGRESS;
-    if (f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP)
-        return ingress ? lbrp_forward(skb, &f, &info, now) : lbrp_reverse(skb, &f, &info, now);
-    if (ingress) { /* another protocol (a ping) to the Service range */
-        u32 inst = pcn_meta_instance(skb);
-        int r = lbrp_no_service(skb, &f, &info, lb_cfgs.lookup(&inst));
-        if (r >= 0)
-            return r;
-    }
-    return pcn_pass(skb);
+    if (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP)
+        return lbrp_other(skb, &f, &info);
+    if (pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
+        return lbrp_forward(skb, &f, &info, now);
+    return lbrp_reverse(skb, &f, &info, now);
 }
