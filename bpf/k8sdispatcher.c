@@ -29,6 +29,7 @@
 #include "pcn_frag.h"
 #include "pcn_nat.h"
 #include "pcn_lb.h"
+#include "pcn_reject.h"
 #include "pcn_icmperr.h"
 
 #define DISP_POLICY_CLUSTER 0
@@ -178,11 +179,22 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     struct disp_np_rule *rule = disp_nodeports.lookup(&nk);
     if (!rule)
         return TC_ACT_OK; /* a port of the host's own */
-    struct pcn_svc_key sk = {.vip = cfg->node_ip, .port = f->dport, .proto = f->proto};
+    /* Local: this node's endpoints only (the external entry); Cluster: all of
+     * them, as for the cluster's own traffic (the internal one). */
+    u8 scope = rule->policy == DISP_POLICY_LOCAL ? PCN_SVC_EXTERNAL : PCN_SVC_INTERNAL;
+    struct pcn_svc_key sk = {.vip = cfg->node_ip, .port = f->dport, .proto = f->proto,
+                             .scope = scope};
     struct pcn_svc *svc = lb_services.lookup(&sk);
     struct pcn_backend b = {};
-    if (!svc || pcn_lb_select(svc, f, now, &b) < 0)
+    if (!svc)
         return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
+    if (pcn_lb_select(svc, f, now, &b) < 0) {
+        /* kube-proxy: no endpoint at all is rejected; none here while other
+         * nodes have some (Local) is dropped */
+        if (svc->n_slots == 0 && !(svc->flags & PCN_LB_DROP_EMPTY))
+            return pcn_reject_back(skb, f, info);
+        return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
+    }
 
     int local = (b.ip & cfg->local_pods_mask) == cfg->local_pods;
     struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0,

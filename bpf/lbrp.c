@@ -1,7 +1,17 @@
 /* lbrp: the service load balancer, a transparent cube stacked on every pod's
- * port. On the ingress hook (from the pod) it translates a service's virtual
- * address to a backend; on the egress hook (to the pod) it translates the
- * backend's replies back, so the pod only ever sees the virtual address.
+ * port and on the router's host port (the node's own stack). On the ingress
+ * hook (from the pod, or the node) it translates a service's virtual address
+ * to a backend; on the egress hook (to the pod) it translates the backend's
+ * replies back, so the pod only ever sees the virtual address.
+ *
+ * Like kube-proxy it masquerades what the backend could not answer directly
+ * (kube-proxy's mark-for-masquerade): a pod that reaches itself through its
+ * Service (hairpin, "ip saddr <endpoint> jump mark-for-masquerade") and the
+ * node's own connections ("masquerade local traffic"). Traffic to another
+ * port of a Service address is rejected and traffic to an unallocated
+ * address of the Service range dropped, as kube-proxy's nftables mode does
+ * ("Reject traffic to invalid ports of ClusterIPs", "Drop traffic to
+ * unallocated ClusterIPs").
  *
  * A fragmented TCP or UDP datagram is translated whole (pcn_frag.h): its
  * first fragment picks the backend and is rewritten as any packet is (the L4
@@ -18,18 +28,102 @@
 #include "pcn_reject.h"
 #include "pcn_icmperr.h"
 
-static __always_inline int lbrp_reject(struct __sk_buff *skb, const struct pcn_flow *f,
-                                       const struct pcn_l4info *info)
+#define LBRP_PORT_TRIES 16
+#define LBRP_LOOPBACK_IFINDEX 1 /* the kernel's LOOPBACK_IFINDEX: lo, in every namespace */
+
+/* An lbrp instance's view of its node (written by the agent). */
+struct lbrp_cfg {
+    __be32 svc_net;         /* the Service range; mask 0: none, nothing rejected */
+    __be32 svc_mask;
+    __be32 hairpin_ip;      /* the pods' gateway: source of a pod's connection to itself */
+    __be32 node_ip;
+    __be32 host_pod_ip;     /* the node's address in its pod CIDR, routed back by every node */
+    __be32 local_pods;      /* this node's pod CIDR */
+    __be32 local_pods_mask;
+    u32 host_port;          /* the router's port to the node's stack (0: none) */
+    u16 masq_lo, masq_hi;   /* ports of masqueraded sessions, host order */
+};
+
+BPF_TABLE_PINNED("hash", u32, struct lbrp_cfg, lb_cfgs, 64, PCN_PIN("lb_cfgs"));
+
+/* Apply a recorded translation: its own side, then the optional other one. */
+static __always_inline int lbrp_apply(struct __sk_buff *skb, struct pcn_flow *f,
+                                      const struct pcn_l4info *info, const struct pcn_xlate *x)
 {
-    u32 port_id = pcn_meta_port(skb);
-    pcn_count_drop(port_id, pcn_meta_instance(skb), PCN_DROP_REJECTED);
-    int r = f->proto == IPPROTO_TCP ? pcn_reject_tcp(skb, info) : pcn_reject_udp(skb, f, info);
-    if (r < 0)
+    __be32 ip = x->ip, ip2 = x->ip2;
+    __be16 port = x->port, port2 = x->port2;
+    if (x->is_src) {
+        if (pcn_nat_rewrite(skb, f, info, 1, ip, port) < 0)
+            return -1;
+        f->saddr = ip;
+        f->sport = port;
+        if (ip2) {
+            if (pcn_nat_rewrite(skb, f, info, 0, ip2, port2) < 0)
+                return -1;
+            f->daddr = ip2;
+            f->dport = port2;
+        }
+        return 0;
+    }
+    if (pcn_nat_rewrite(skb, f, info, 0, ip, port) < 0)
+        return -1;
+    f->daddr = ip;
+    f->dport = port;
+    if (ip2) {
+        if (pcn_nat_rewrite(skb, f, info, 1, ip2, port2) < 0)
+            return -1;
+        f->saddr = ip2;
+        f->sport = port2;
+    }
+    return 0;
+}
+
+static __always_inline int lbrp_on_host_port(struct __sk_buff *skb, const struct lbrp_cfg *cfg)
+{
+    return cfg && cfg->host_port && pcn_meta_port(skb) == cfg->host_port;
+}
+
+/* A packet for the node's own stack that now comes from the node's own
+ * address (the answer to its connection to a NodePort on that address): the
+ * kernel takes a local source only from loopback, so it goes in through lo
+ * (lo's MAC is all zeros) instead of the host link. */
+static __always_inline int lbrp_to_host(struct __sk_buff *skb, const struct lbrp_cfg *cfg,
+                                        __be32 saddr)
+{
+    if (!lbrp_on_host_port(skb, cfg) || saddr != cfg->node_ip)
+        return -1;
+    u8 zero[ETH_ALEN] = {};
+    if (bpf_skb_store_bytes(skb, 0, zero, ETH_ALEN, 0) < 0)
         return TC_ACT_SHOT;
-    struct pcn_port *p = pcn_ports.lookup(&port_id);
-    if (!p || p->peer_kind != PCN_PEER_NETDEV)
-        return TC_ACT_SHOT;
-    return bpf_redirect(p->peer, 0); /* back to the pod that asked */
+    return bpf_redirect(LBRP_LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
+static __always_inline int lbrp_reject(struct __sk_buff *skb, const struct pcn_flow *f,
+                                       const struct pcn_l4info *info,
+                                       const struct lbrp_cfg *cfg)
+{
+    if (lbrp_on_host_port(skb, cfg) && f->daddr == cfg->node_ip) {
+        pcn_count_drop(pcn_meta_port(skb), pcn_meta_instance(skb), PCN_DROP_REJECTED);
+        if (pcn_reject_answer(skb, f, info) < 0)
+            return TC_ACT_SHOT;
+        return lbrp_to_host(skb, cfg, f->daddr);
+    }
+    return pcn_reject_back(skb, f, info); /* back to the pod that asked */
+}
+
+/* Not a service: an address of the Service range gets kube-proxy's verdict
+ * (another port of a Service address: reject; an unallocated address: drop);
+ * anything else goes on. Returns -1 for "goes on". */
+static __always_inline int lbrp_no_service(struct __sk_buff *skb, const struct pcn_flow *f,
+                                           const struct pcn_l4info *info,
+                                           const struct lbrp_cfg *cfg)
+{
+    if (!cfg || !cfg->svc_mask || (f->daddr & cfg->svc_mask) != cfg->svc_net)
+        return -1;
+    __be32 vip = f->daddr;
+    if (lb_vips.lookup(&vip))
+        return lbrp_reject(skb, f, info, cfg);
+    return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
 }
 
 /* A pod's flow straight to an address and port that are the backend of one
@@ -57,17 +151,64 @@ static __always_inline void lbrp_forget_superseded(const struct pcn_flow *f,
         lb_sessions.delete(&fwd);
 }
 
+/* The address a new service flow must come from for its backend's answer to
+ * come back through this lbrp, or 0 when the client's own will do:
+ *  - a pod that is its own backend would get its own address as the source
+ *    and drop the packet: it comes from the pods' gateway instead (kube-proxy
+ *    masquerades hairpin traffic to the bridge's address);
+ *  - the node's own connection (host port) is masqueraded as kube-proxy
+ *    does: to the node's address for a backend on this node (the router
+ *    sends it to the host port), to the node's pod-network address for one
+ *    on another node (routed back to this node over the overlay). */
+static __always_inline __be32 lbrp_masq_addr(struct __sk_buff *skb, const struct lbrp_cfg *cfg,
+                                             const struct pcn_flow *f,
+                                             const struct pcn_backend *b)
+{
+    if (!cfg)
+        return 0;
+    if (lbrp_on_host_port(skb, cfg))
+        return (b->ip & cfg->local_pods_mask) == cfg->local_pods ? cfg->node_ip
+                                                                 : cfg->host_pod_ip;
+    if (b->ip == f->saddr)
+        return cfg->hairpin_ip;
+    return 0;
+}
+
+/* Reserve a port on `ip` for the answers of backend `b`: inserts the reverse
+ * session `back`, so that two sessions never share one. Returns the port
+ * (network order) or 0 when none of the tries is free. */
+static __always_inline __be16 lbrp_masq_port(const struct pcn_flow *f, const struct lbrp_cfg *cfg,
+                                             __be32 ip, const struct pcn_backend *b,
+                                             struct pcn_xlate *back)
+{
+    u16 lo = cfg->masq_lo, hi = cfg->masq_hi;
+    u32 range = hi >= lo ? (u32)(hi - lo) + 1 : 1;
+    u32 h = pcn_flow_hash(f);
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < LBRP_PORT_TRIES; i++) {
+        __be16 port = bpf_htons(lo + (h + i * 7919) % range);
+        struct pcn_flow rev = {.saddr = b->ip, .daddr = ip, .sport = b->port, .dport = port,
+                               .proto = f->proto};
+        if (lb_sessions.insert(&rev, back) == 0)
+            return port;
+    }
+    return 0;
+}
+
 static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *f,
                                         struct pcn_l4info *info, u64 now)
 {
+    u32 inst = pcn_meta_instance(skb);
+    struct lbrp_cfg *cfg = lb_cfgs.lookup(&inst);
     struct pcn_xlate *x = lb_sessions.lookup(f);
-    if (x && x->kind == PCN_SESS_LB) {
+    if (x && (x->kind == PCN_SESS_LB || x->kind == PCN_SESS_LB_HAIRPIN_REV)) {
         pcn_session_touch(x, now);
-        if (pcn_nat_rewrite(skb, f, info, 0, x->ip, x->port) < 0)
+        if (lbrp_apply(skb, f, info, x) < 0)
             return pcn_filter_drop(skb, PCN_DROP_REWRITE);
         return pcn_pass(skb);
     }
-    struct pcn_svc_key sk = {.vip = f->daddr, .port = f->dport, .proto = f->proto};
+    struct pcn_svc_key sk = {.vip = f->daddr, .port = f->dport, .proto = f->proto,
+                             .scope = PCN_SVC_INTERNAL};
     struct pcn_svc *svc = lb_services.lookup(&sk);
     if (info->is_fragment) {
         /* Sessions start with a datagram's first fragment: without one (it
@@ -78,21 +219,42 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
         return pcn_pass(skb);
     }
     if (!svc) {
+        int r = lbrp_no_service(skb, f, info, cfg);
+        if (r >= 0)
+            return r;
         lbrp_forget_superseded(f, info);
         return pcn_pass(skb);
     }
     struct pcn_backend b = {};
-    if (pcn_lb_select(svc, f, now, &b) < 0)
-        return lbrp_reject(skb, f, info);
+    if (pcn_lb_select(svc, f, now, &b) < 0) {
+        if (svc->n_slots == 0 && (svc->flags & PCN_LB_DROP_EMPTY))
+            return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
+        return lbrp_reject(skb, f, info, cfg);
+    }
 
     struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0, .kind = PCN_SESS_LB,
                            .svc = svc->id, .seen_ns = now};
     struct pcn_xlate back = {.ip = f->daddr, .port = f->dport, .is_src = 1,
                              .kind = PCN_SESS_LB_REV, .svc = svc->id, .seen_ns = now};
-    struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
-                           .dport = f->sport, .proto = f->proto};
-    pcn_lb_record(f, &to, &rev, &back);
-    if (pcn_nat_rewrite(skb, f, info, 0, b.ip, b.port) < 0)
+    __be32 masq = lbrp_masq_addr(skb, cfg, f, &b);
+    if (masq && cfg) {
+        /* the answer comes to masq:port and goes back to the client */
+        back.ip2 = f->saddr;
+        back.port2 = f->sport;
+        if (b.ip == f->saddr && !lbrp_on_host_port(skb, cfg))
+            back.kind = PCN_SESS_LB_HAIRPIN_REV;
+        __be16 port = lbrp_masq_port(f, cfg, masq, &b, &back);
+        if (!port)
+            return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
+        to.ip2 = masq;
+        to.port2 = port;
+        lb_sessions.update(f, &to);
+    } else {
+        struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
+                               .dport = f->sport, .proto = f->proto};
+        pcn_lb_record(f, &to, &rev, &back);
+    }
+    if (lbrp_apply(skb, f, info, &to) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     return pcn_pass(skb);
 }
@@ -101,17 +263,20 @@ static __always_inline int lbrp_reverse(struct __sk_buff *skb, struct pcn_flow *
                                         struct pcn_l4info *info, u64 now)
 {
     struct pcn_xlate *x = lb_sessions.lookup(f);
-    if (x && x->kind == PCN_SESS_LB_REV) {
-        pcn_session_touch(x, now);
-        if (pcn_nat_rewrite(skb, f, info, 1, x->ip, x->port) < 0)
-            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-    }
-    return pcn_pass(skb);
+    if (!x || x->kind != PCN_SESS_LB_REV)
+        return pcn_pass(skb);
+    pcn_session_touch(x, now);
+    if (lbrp_apply(skb, f, info, x) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    u32 inst = pcn_meta_instance(skb);
+    int r = lbrp_to_host(skb, lb_cfgs.lookup(&inst), f->saddr);
+    return r >= 0 ? r : pcn_pass(skb);
 }
 
 /* An ICMP error about a service connection: towards the client (egress hook)
  * it quotes the packet as the backend got it, towards a backend (ingress
- * hook, the client reporting) as the client got it. */
+ * hook, the client reporting, or a pod that is its own backend) as the
+ * client got it. */
 static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flow *f,
                                            struct pcn_l4info *info, u64 now)
 {
@@ -121,13 +286,35 @@ static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flo
     struct pcn_flow key = {};
     pcn_icmp_quote_key(&q, &key);
     struct pcn_xlate *x = lb_sessions.lookup(&key);
-    u8 want = pcn_meta_hook(skb) == PCN_HOOK_INGRESS ? PCN_SESS_LB : PCN_SESS_LB_REV;
-    if (!x || x->kind != want)
+    if (!x)
+        return pcn_pass(skb);
+    int ingress = pcn_meta_hook(skb) == PCN_HOOK_INGRESS;
+    if (ingress ? x->kind != PCN_SESS_LB && x->kind != PCN_SESS_LB_HAIRPIN_REV
+                : x->kind != PCN_SESS_LB_REV)
         return pcn_pass(skb);
     pcn_session_touch(x, now);
     if (pcn_icmp_err_xlate(skb, f, info, &q, x) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    if (!ingress) {
+        u32 inst = pcn_meta_instance(skb);
+        int r = lbrp_to_host(skb, lb_cfgs.lookup(&inst), f->saddr);
+        if (r >= 0)
+            return r;
+    }
     return pcn_pass(skb);
+}
+
+/* Neither TCP, UDP nor an ICMP error: a ping, say. Into the Service range it
+ * gets kube-proxy's verdicts (rejected by a Service address, dropped by an
+ * unallocated one); anything else goes on. */
+static __always_inline int lbrp_other(struct __sk_buff *skb, const struct pcn_flow *f,
+                                      const struct pcn_l4info *info)
+{
+    if (pcn_meta_hook(skb) != PCN_HOOK_INGRESS)
+        return pcn_pass(skb);
+    u32 inst = pcn_meta_instance(skb);
+    int r = lbrp_no_service(skb, f, info, lb_cfgs.lookup(&inst));
+    return r >= 0 ? r : pcn_pass(skb);
 }
 
 int lbrp_rx(struct __sk_buff *skb)
@@ -138,10 +325,15 @@ int lbrp_rx(struct __sk_buff *skb)
     if (parsed == PCN_PARSE_NOT_IPV4)
         return pcn_pass(skb);
     u64 now = bpf_ktime_get_ns();
-    if (f.proto == IPPROTO_ICMP)
-        return parsed == PCN_PARSE_OK ? lbrp_icmp_error(skb, &f, &info, now) : pcn_pass(skb);
+    if (f.proto == IPPROTO_ICMP) {
+        if (parsed != PCN_PARSE_OK)
+            return pcn_pass(skb);
+        if (pcn_icmp_is_error(info.icmp_type))
+            return lbrp_icmp_error(skb, &f, &info, now);
+        return lbrp_other(skb, &f, &info);
+    }
     if (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP)
-        return pcn_pass(skb);
+        return lbrp_other(skb, &f, &info);
     if (parsed == PCN_PARSE_SHORT)
         /* a tiny first fragment cannot be translated: the L4 checksum is not
          * in it; a truncated whole packet goes on as it is, to be refused */

@@ -35,6 +35,7 @@ from bpfunit import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_ACK,
+    TCP_RST,
     TCP_SYN,
     UnitNet,
     arp,
@@ -44,6 +45,7 @@ from bpfunit import (
     fragments,
     icmp_echo,
     icmp_error,
+    inet_csum,
     ipv4,
     ipv4_fragment,
     l4_ports,
@@ -58,7 +60,7 @@ from bpfunit import (
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
-from pcn_agent.dataplane.cubes.lbrp import Backend, ServiceTable
+from pcn_agent.dataplane.cubes.lbrp import Backend, ServiceTable, be16
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import PortCounters, PortState
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
@@ -502,24 +504,94 @@ def test_nodeport_cluster_with_local_backend_keeps_the_client(lab: DispLab) -> N
     assert_frame(res.data, to_pod(lab, local_mac, cl, local, IPPROTO_TCP, 6000, 8080))
 
 
-@pytest.mark.parametrize("case", ["local-policy-remote-only", "no-backends-udp"])
-def test_nodeport_without_usable_backend_is_dropped(lab: DispLab, case: str) -> None:
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_local_nodeport_with_backends_only_elsewhere_is_dropped(lab: DispLab,
+                                                               proto: int) -> None:
+    """kube-proxy: a Local NodePort with endpoints on other nodes only drops
+    traffic from outside (they may come back), it does not reject it."""
     np_ = next(_nodeport)
-    if case == "local-policy-remote-only":
-        proto = IPPROTO_TCP
-        lab.disp.set_nodeport(np_, "tcp", "Local",
-                              [Backend(counted(_remote_pod, "10.244.2.{}"), 8080)])
-    else:
-        proto = IPPROTO_UDP
-        lab.disp.set_nodeport(np_, "udp", "Cluster", [])
+    lab.disp.set_nodeport(np_, "tcp" if proto == IPPROTO_TCP else "udp", "Local",
+                          [Backend(counted(_remote_pod, "10.244.2.{}"), 8080)])
     cl = counted(_client, "198.51.100.{}")
     drops, before = lab.drops(), lab.counters()
     res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 7000, np_))
     after = lab.counters()
     assert res.retval == TC_ACT_SHOT
     assert lab.drops().get("no_backend", 0) == drops.get("no_backend", 0) + 1
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0)
     assert after["uplink"].drops - before["uplink"].drops == 1
     assert tx(before, after) == {"uplink": 0, "vxlan": 0, "pods": 0}
+
+
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_nodeport_without_any_backend_rejects_a_tcp_connection(lab: DispLab,
+                                                              policy: str) -> None:
+    """kube-proxy rejects NodePort traffic of a Service with no endpoint at all
+    (its no-endpoint-nodeports map): the client hears RST at once."""
+    np_ = next(_nodeport)
+    lab.disp.set_nodeport(np_, "tcp", policy, [])
+    cl = counted(_client, "198.51.100.{}")
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 7010, np_))
+    after = lab.counters()
+    assert res.retval == TC_ACT_REDIRECT  # back out of the NIC
+    want = eth(lab.gw_mac, lab.mac("uplink"), ETH_P_IP,
+               ipv4(NODE_IP, cl, IPPROTO_TCP, tcp(NODE_IP, cl, np_, 7010, TCP_RST | TCP_ACK,
+                                                  seq=0, ack=1001)))
+    assert_frame(res.data, want)
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    assert tx(before, after) == {"uplink": 0, "vxlan": 0, "pods": 0}
+    # what the reject sends out of the NIC passes the egress hook untouched
+    out = lab.to_uplink(res.data)
+    assert (out.retval, out.data) == (TC_ACT_OK, res.data)
+
+
+def test_nodeport_without_any_backend_answers_udp_with_port_unreachable(lab: DispLab) -> None:
+    np_ = next(_nodeport)
+    lab.disp.set_nodeport(np_, "udp", "Cluster", [])
+    cl = counted(_client, "198.51.100.{}")
+    sent = in_uplink(lab, cl, NODE_IP, IPPROTO_UDP, 7020, np_)
+    drops = lab.drops()
+    res = lab.from_uplink(sent)
+    assert res.retval == TC_ACT_REDIRECT
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    e = parse_eth(res.data)
+    assert (e.dst, e.src) == (lab.gw_mac, lab.mac("uplink"))
+    ip = parse_ipv4(e.payload)
+    assert (ip.src, ip.dst, ip.proto) == (NODE_IP, cl, IPPROTO_ICMP)
+    assert inet_csum(ip.header) == 0 and inet_csum(ip.payload) == 0
+    assert ip.payload[:2] == bytes([3, 3])  # destination / port unreachable
+    assert ip.payload[8:] == parse_eth(sent).payload[:28]  # what the client sent
+
+
+def test_local_nodeport_serves_the_cluster_all_backends_and_outside_only_local_ones(
+        lab: DispLab) -> None:
+    """Two entries for a Local NodePort: the external one (this node's
+    backends, what the dispatcher uses for traffic from the NIC) and the
+    internal one (all backends: pods and the node reaching the NodePort,
+    which kube-proxy short-circuits to the Cluster endpoints)."""
+    np_ = next(_nodeport)
+    local, local_mac = lab.pod()
+    remote = counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(local, 8080), Backend(remote, 8080)])
+    svcs = lab.net.rt.table("lb_services", "k8sdispatcher")
+    key = maps.SvcKey(maps.ip_be(NODE_IP), be16(np_), IPPROTO_TCP, maps.SVC_INTERNAL)
+    ext = maps.SvcKey(maps.ip_be(NODE_IP), be16(np_), IPPROTO_TCP, maps.SVC_EXTERNAL)
+    assert svcs[key].n_slots == 2 and svcs[ext].n_slots == 1
+    assert svcs[ext].flags & maps.LB_DROP_EMPTY == 0  # there is one here
+    for sport in range(7030, 7050):  # from outside: always the local one
+        cl = counted(_client, "198.51.100.{}")
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, sport, np_))
+        assert_frame(res.data, to_pod(lab, local_mac, cl, local, IPPROTO_TCP, sport, 8080))
+    lab.disp.set_nodeport(np_, "tcp", "Cluster", [Backend(local, 8080), Backend(remote, 8080)])
+    with pytest.raises(KeyError):
+        svcs[ext]  # Cluster: the internal entry serves every client
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(remote, 8080)])
+    assert svcs[ext].n_slots == 0 and svcs[ext].flags & maps.LB_DROP_EMPTY
+    assert lab.disp.delete_nodeport(np_, "tcp")
+    for k in (key, ext):
+        with pytest.raises(KeyError):
+            svcs[k]
 
 
 def test_deleted_nodeport_goes_back_to_the_host(lab: DispLab) -> None:

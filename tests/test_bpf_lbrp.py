@@ -6,7 +6,10 @@ port `gw` (u3, no hooks) behind which the gateway MAC is learned. A pod's
 frame enters through the entry program on its veth: ingress hook (lbrp), then
 the bridge, which forwards it to the gateway (TC_ACT_REDIRECT, `gw` tx +1). A
 frame for a pod leaves through the egress entry program of its veth: egress
-hook (lbrp), then TC_ACT_OK (the kernel transmits it).
+hook (lbrp), then TC_ACT_OK (the kernel transmits it). Port `host` (u4, the
+lbrp on both hooks) stands for the router's port to the node's own stack,
+which the lbrp is told of (LbConfig), with the node's lo handing it the
+node's connections to its NodePorts; the bridge forwards its MAC to `gw`.
 
 Every test has its own service address, clients and backends and compares
 counters before and after, so the tests share one compiled runtime.
@@ -53,7 +56,13 @@ from bpfunit import (
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.bridge import Bridge
-from pcn_agent.dataplane.cubes.lbrp import Backend, LoadBalancer, be16, weighted_slots
+from pcn_agent.dataplane.cubes.lbrp import (
+    Backend,
+    LbConfig,
+    LoadBalancer,
+    be16,
+    weighted_slots,
+)
 from pcn_agent.dataplane.runtime import PortCounters, PortState
 from pcn_testsupport import testrun
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
@@ -62,6 +71,12 @@ pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
 
 CTX_CUBE = 0  # PCN_CTX_CUBE: how pcn_hook_run marks a hook run by tail calls
+SERVICE_CIDR = "10.96.0.0/12"
+GW_IP = "10.244.1.1"  # the pods' gateway: the source of hairpin connections
+NODE_IP, HOST_POD_IP, LOCAL_PODS = "192.168.50.10", "10.244.1.0", "10.244.1.0/24"
+MASQ_LO, MASQ_HI = 61000, 61099
+LOOPBACK = 1  # lo's ifindex
+ZERO_MAC = "00:00:00:00:00:00"
 _vip = itertools.count(10)
 _client = itertools.count(10)
 _backend = itertools.count(1)
@@ -104,6 +119,10 @@ class LbLab:
         return self.net.run(self.net.rt._entry_fds["pcn_egress"], frame,
                             ifindex=self.net.ifindex[self.ports[port].netdev or ""])
 
+    def from_loopback(self, frame: bytes) -> TestRunResult:
+        """`frame` leaving the node's own stack through lo: tc egress of lo."""
+        return self.net.run(self.net.rt._entry_fds["pcn_egress"], frame, ifindex=LOOPBACK)
+
     def counters(self) -> dict[str, PortCounters]:
         return {name: self.net.rt.port_counters(p) for name, p in self.ports.items()}
 
@@ -124,20 +143,27 @@ class LbLab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LbLab]:
-    with unit_net(veths=3) as net:
+    with unit_net(veths=4) as net:
         rt = net.rt
         b = Bridge(rt, "b")
         lb = LoadBalancer(rt, "lb")
-        ports = {name: b.add_port(name) for name in ("client", "backend", "gw")}
-        for name in ("client", "backend"):  # as NodeDataplane stacks it on pod ports
+        names = ("client", "backend", "gw", "host")
+        ports = {name: b.add_port(name) for name in names}
+        for name in ("client", "backend", "host"):  # as NodeDataplane stacks it
             rt.set_hook(ports[name], maps.HOOK_INGRESS, [rt.stacked("lb")])
             rt.set_hook(ports[name], maps.HOOK_EGRESS, [rt.stacked("lb")])
-        for i, name in enumerate(("client", "backend", "gw"), start=1):
+        for i, name in enumerate(names, start=1):
             rt.connect_netdev(ports[name], f"u{i}")
+        lb.configure(LbConfig(service_cidr=SERVICE_CIDR, hairpin_ip=GW_IP, node_ip=NODE_IP,
+                              host_pod_ip=HOST_POD_IP, local_pods=LOCAL_PODS,
+                              host_port=ports["host"].id, masq_range=(MASQ_LO, MASQ_HI)))
+        rt.attach_loopback(ports["host"])
         gw_mac = random_mac()
         fdb = rt.table("bridge_fdb", "bridge")
-        fdb[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(gw_mac))] = maps.BridgeFdbVal(
-            port=ports["gw"].id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for mac in (gw_mac, ports["host"].mac):
+            fdb[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(mac))] = maps.BridgeFdbVal(
+                port=ports["gw"].id, seen_ns=now)
         yield LbLab(net, b, lb, ports, gw_mac, random_mac())
 
 
@@ -267,16 +293,17 @@ def test_lbrp_program_run_directly_with_chain_metadata(lab: LbLab) -> None:
     assert res.cb[:3] == (port.id, maps.HOOK_INGRESS, 0)  # pcn_to_cube's metadata for the bridge
 
 
-@pytest.mark.parametrize("kind", ["other-port", "other-proto", "other-address", "icmp"])
+@pytest.mark.parametrize("kind", ["pod", "outside", "udp", "icmp"])
 def test_traffic_not_for_a_service_passes_unchanged(lab: LbLab, kind: str) -> None:
+    """Outside the Service range, whatever is not a service goes on untouched."""
     svc, cl = vip(), client()
     lab.lb.set_service(svc, 80, "tcp", [Backend(backend_ip(), 8080)])
     pkt = {
-        "other-port": lambda: tcp_frame(lab, cl, svc, 45000, 81),
-        "other-proto": lambda: udp_frame(lab, cl, svc, 45000, 80),
-        "other-address": lambda: tcp_frame(lab, cl, "10.96.255.1", 45000, 80),
+        "pod": lambda: tcp_frame(lab, cl, backend_ip(), 45000, 80),
+        "outside": lambda: tcp_frame(lab, cl, "192.0.2.80", 45000, 80),
+        "udp": lambda: udp_frame(lab, cl, "192.0.2.53", 45000, 53),
         "icmp": lambda: eth(lab.gw_mac, lab.client_mac, ETH_P_IP,
-                            ipv4(cl, svc, IPPROTO_ICMP, icmp_echo(1, 1, b"ping"))),
+                            ipv4(cl, "192.0.2.1", IPPROTO_ICMP, icmp_echo(1, 1, b"ping"))),
     }[kind]()
     sessions, drops, before = lab.sessions(), lab.drops(), lab.counters()
     res = lab.from_pod(pkt)
@@ -748,3 +775,248 @@ def test_a_gso_packet_past_64k_is_translated_like_any(lab: LbLab) -> None:
     assert res.retval == TC_ACT_REDIRECT
     assert (res.data[30:34], res.data[36:38]) == (bytes(map(int, be.ip.split("."))),
                                                   struct.pack("!H", 8080))
+
+
+def test_internal_traffic_policy_local_with_endpoints_elsewhere_drops(lab: LbLab) -> None:
+    """internalTrafficPolicy Local with no endpoint on this node but some on
+    others: kube-proxy drops the traffic (its "drop" verdict), it does not
+    reject it as for a Service with no endpoint at all."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [], drop_if_empty=True)
+    lab.lb.set_service(svc, 53, "udp", [], drop_if_empty=True)
+    drops, before = lab.drops(), lab.counters()
+    for frame in (tcp_frame(lab, cl, svc, 48200, 80), udp_frame(lab, cl, svc, 48200, 53)):
+        assert lab.from_pod(frame).retval == TC_ACT_SHOT
+    after = lab.drops()
+    assert after.get("no_backend", 0) == drops.get("no_backend", 0) + 2
+    assert after.get("rejected", 0) == drops.get("rejected", 0)
+    assert gw_tx(before, lab.counters()) == 0
+
+
+# ---------------------------------------------------------------------------- Service range
+def icmp_unreachable_of(lab: LbLab, res: TestRunResult, sent: bytes, svc: str, cl: str) -> None:
+    """`res` is ICMP port unreachable from `svc` to `cl` quoting `sent`."""
+    e = parse_eth(res.data)
+    assert (e.dst, e.src, e.ethertype) == (lab.client_mac, lab.gw_mac, ETH_P_IP)
+    ip = parse_ipv4(e.payload)
+    assert (ip.src, ip.dst, ip.proto) == (svc, cl, IPPROTO_ICMP)
+    assert inet_csum(ip.header) == 0 and inet_csum(ip.payload) == 0
+    assert ip.payload[:2] == bytes([3, 3])
+    assert ip.payload[8:] == parse_eth(sent).payload[:28]
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP])
+def test_another_port_of_a_service_address_is_rejected(lab: LbLab, proto: int) -> None:
+    """kube-proxy's nftables mode: "Reject traffic to invalid ports of
+    ClusterIPs" (any port, protocol or ping the address does not serve)."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [Backend(backend_ip(), 8080)])
+    if proto == IPPROTO_TCP:
+        sent = tcp_frame(lab, cl, svc, 45100, 81, seq=99)
+    elif proto == IPPROTO_UDP:
+        sent = udp_frame(lab, cl, svc, 45100, 80)  # the TCP service's port, in UDP
+    else:
+        sent = eth(lab.gw_mac, lab.client_mac, ETH_P_IP,
+                   ipv4(cl, svc, IPPROTO_ICMP, icmp_echo(7, 1, b"ping")))
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_pod(sent)
+    assert res.retval == TC_ACT_REDIRECT  # back out of the pod's own veth
+    assert gw_tx(before, lab.counters()) == 0
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    if proto == IPPROTO_TCP:
+        assert_frame(res.data, tcp_frame(lab, svc, cl, 81, 45100, flags=TCP_RST | TCP_ACK,
+                                         seq=0, ack=100, outbound=False))
+    else:
+        icmp_unreachable_of(lab, res, sent, svc, cl)
+    assert not [s for s in lab.sessions() if s["client"] == f"{cl}:45100"]
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP])
+def test_an_unallocated_address_of_the_service_range_is_dropped(lab: LbLab, proto: int) -> None:
+    """kube-proxy's nftables mode: "Drop traffic to unallocated ClusterIPs";
+    an address whose last service port goes is unallocated again, one with a
+    port left still rejects the others."""
+    cl, gone, kept = client(), vip(), vip()
+    lab.lb.set_service(gone, 80, "tcp", [Backend(backend_ip(), 8080)])
+    lab.lb.set_service(kept, 80, "tcp", [Backend(backend_ip(), 8080)])
+    lab.lb.set_service(kept, 443, "tcp", [Backend(backend_ip(), 8443)])
+    assert lab.lb.delete_service(gone, 80, "tcp")
+    assert lab.lb.delete_service(kept, 443, "tcp")
+
+    def frame(dst: str) -> bytes:
+        if proto == IPPROTO_TCP:
+            return tcp_frame(lab, cl, dst, 45150, 443)
+        if proto == IPPROTO_UDP:
+            return udp_frame(lab, cl, dst, 45150, 443)
+        return eth(lab.gw_mac, lab.client_mac, ETH_P_IP,
+                   ipv4(cl, dst, IPPROTO_ICMP, icmp_echo(8, 1, b"ping")))
+
+    for dst in ("10.96.255.1", gone):
+        drops, before = lab.drops(), lab.counters()
+        res = lab.from_pod(frame(dst))
+        assert res.retval == TC_ACT_SHOT, dst
+        assert lab.drops().get("no_backend", 0) == drops.get("no_backend", 0) + 1, dst
+        assert gw_tx(before, lab.counters()) == 0
+    drops = lab.drops()
+    assert lab.from_pod(frame(kept)).retval == TC_ACT_REDIRECT
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+
+
+# ---------------------------------------------------------------------------- hairpin
+def l4_frame(lab: LbLab, proto: int, src: str, dst: str, sport: int, dport: int,
+             flags: int = TCP_SYN, outbound: bool = True) -> bytes:
+    if proto == IPPROTO_TCP:
+        return tcp_frame(lab, src, dst, sport, dport, flags=flags, outbound=outbound)
+    return udp_frame(lab, src, dst, sport, dport, outbound=outbound)
+
+
+def src_of(res: TestRunResult) -> tuple[str, int]:
+    ip = parse_ipv4(parse_eth(res.data).payload)
+    return ip.src, l4_ports(ip).sport
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_a_pod_reaching_itself_through_its_service_is_masqueraded(lab: LbLab,
+                                                                  proto: int) -> None:
+    """Hairpin: the pod is the backend chosen for its own connection. With its
+    own address as the source its kernel would drop the packet (a martian),
+    every time; kube-proxy masquerades such traffic ("ip saddr <endpoint>
+    jump mark-for-masquerade"). The connection comes from the pods' gateway
+    instead, and the pod's answers are translated back as they leave it."""
+    svc, cl = vip(), client()
+    name = "tcp" if proto == IPPROTO_TCP else "udp"
+    lab.lb.set_service(svc, 80, name, [Backend(cl, 8080)])
+    res = lab.from_pod(l4_frame(lab, proto, cl, svc, 45200, 80))
+    assert res.retval == TC_ACT_REDIRECT  # on to the router, which brings it back
+    src, sport = src_of(res)
+    assert src == GW_IP and MASQ_LO <= sport <= MASQ_HI
+    assert_frame(res.data, l4_frame(lab, proto, GW_IP, cl, sport, 8080))
+    # into the pod it goes as it is
+    delivered = l4_frame(lab, proto, GW_IP, cl, sport, 8080, outbound=False)
+    assert lab.to_pod(delivered).data == delivered
+    # the pod's answer, to the gateway, leaves it as the service's answer
+    res = lab.from_pod(l4_frame(lab, proto, cl, GW_IP, 8080, sport, TCP_SYN | TCP_ACK))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, l4_frame(lab, proto, svc, cl, 80, 45200, TCP_SYN | TCP_ACK))
+    answer = l4_frame(lab, proto, svc, cl, 80, 45200, TCP_SYN | TCP_ACK, outbound=False)
+    assert lab.to_pod(answer).data == answer  # and reaches the pod untouched
+    # the client's next packet takes the same way
+    res = lab.from_pod(l4_frame(lab, proto, cl, svc, 45200, 80, TCP_ACK))
+    assert_frame(res.data, l4_frame(lab, proto, GW_IP, cl, sport, 8080, TCP_ACK))
+    assert {"client": f"{cl}:45200", "service": f"{svc}:80", "backend": f"{cl}:8080",
+            "proto": proto} in lab.sessions()
+
+
+def test_only_the_connections_that_pick_the_pod_itself_are_masqueraded(lab: LbLab) -> None:
+    svc, cl, other = vip(), client(), backend_ip()
+    backends = [Backend(cl, 8080), Backend(other, 8080)]
+    lab.lb.set_service(svc, 80, "tcp", backends)
+    slots = weighted_slots(backends)
+    seen = set()
+    for sport in range(45300, 45340):
+        want = slots[flow_hash(cl, svc, sport, 80, IPPROTO_TCP) % len(slots)]
+        res = lab.from_pod(tcp_frame(lab, cl, svc, sport, 80))
+        assert dest_of(res) == (want.ip, 8080)
+        src, masq_port = src_of(res)
+        if want.ip == cl:
+            assert src == GW_IP and MASQ_LO <= masq_port <= MASQ_HI
+        else:
+            assert (src, masq_port) == (cl, sport)  # a pod's source is kept
+        seen.add(want.ip)
+    assert seen == {cl, other}
+
+
+def test_icmp_error_of_a_pod_that_is_its_own_backend_reaches_it_translated(lab: LbLab) -> None:
+    """The pod does not listen on the target port: its kernel's port
+    unreachable, to the gateway, about what it received, must reach its own
+    client socket as an error from the service about what it sent."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 53, "udp", [Backend(cl, 5353)])
+    sent = udp_frame(lab, cl, svc, 45400, 53)
+    res = lab.from_pod(sent)
+    _, sport = src_of(res)
+    at_pod = quote_of(res.data)
+    res = lab.from_pod(icmp_frame(lab, cl, GW_IP, icmp_error(3, 3, at_pod), True))
+    assert res.retval == TC_ACT_REDIRECT
+    want = icmp_frame(lab, svc, cl, icmp_error(
+        3, 3, requote(at_pod, src=cl, sport=45400, dst=svc, dport=53)), True)
+    assert_frame(res.data, want)
+    inner = parse_ipv4(parse_eth(res.data).payload).payload[8:]
+    assert inner[:24] == quote_of(sent, 4)
+
+
+# ---------------------------------------------------------------------------- the node itself
+_nodeport = itertools.count(30000)
+
+
+def lo_frame(src: str, dst: str, sport: int, dport: int, flags: int = TCP_SYN,
+             dst_mac: str = ZERO_MAC, src_mac: str = ZERO_MAC, seq: int = 1000,
+             ack: int = 0) -> bytes:
+    """A TCP segment of the node's own stack as lo carries it (zero MACs)."""
+    return eth(dst_mac, src_mac, ETH_P_IP,
+               ipv4(src, dst, IPPROTO_TCP, tcp(src, dst, sport, dport, flags, seq, ack)))
+
+
+@pytest.mark.parametrize("where", ["other-node", "this-node"])
+def test_the_node_reaches_its_own_nodeport_through_loopback(lab: LbLab, where: str) -> None:
+    """curl <node IP>:<nodePort> on the node: the packet leaves the stack
+    through lo and would come straight back in untranslated. lo's egress
+    program hands it to the host port, where the lbrp translates it and
+    masquerades it as kube-proxy does ("masquerade local traffic"): to the
+    node's address for a backend on this node, to its pod-network address
+    (routed back to it over the overlay) for one on another node. The answer
+    comes from the node's own address, which the kernel takes only from lo:
+    in through lo it goes."""
+    np_ = next(_nodeport)
+    be = backend_ip() if where == "other-node" else client()
+    masq = HOST_POD_IP if where == "other-node" else NODE_IP
+    lab.lb.set_service(NODE_IP, np_, "tcp", [Backend(be, 8080)])
+    host_mac = lab.ports["host"].mac
+    before = lab.counters()
+    res = lab.from_loopback(lo_frame(NODE_IP, NODE_IP, 45500, np_))
+    after = lab.counters()
+    assert res.retval == TC_ACT_REDIRECT
+    assert after["host"].rx_packets - before["host"].rx_packets == 1  # in through the host port
+    assert gw_tx(before, after) == 1
+    src, sport = src_of(res)
+    assert src == masq and MASQ_LO <= sport <= MASQ_HI
+    assert_frame(res.data, eth(host_mac, ZERO_MAC, ETH_P_IP, ipv4(
+        masq, be, IPPROTO_TCP, tcp(masq, be, sport, 8080, TCP_SYN))))
+
+    # the backend's answer, on its way to the node's stack
+    router_mac, host_if_mac = random_mac(), random_mac()
+    answer = eth(host_if_mac, router_mac, ETH_P_IP, ipv4(
+        be, masq, IPPROTO_TCP, tcp(be, masq, 8080, sport, TCP_SYN | TCP_ACK, 5000, 1001)))
+    res = lab.to_pod(answer, port="host")
+    assert res.retval == TC_ACT_REDIRECT  # into lo, not out of the host link
+    assert_frame(res.data, eth(ZERO_MAC, router_mac, ETH_P_IP, ipv4(
+        NODE_IP, NODE_IP, IPPROTO_TCP,
+        tcp(NODE_IP, NODE_IP, np_, 45500, TCP_SYN | TCP_ACK, 5000, 1001))))
+    # the node's next segment goes the same way
+    res = lab.from_loopback(lo_frame(NODE_IP, NODE_IP, 45500, np_, TCP_ACK, seq=1001, ack=5001))
+    assert_frame(res.data, eth(host_mac, ZERO_MAC, ETH_P_IP, ipv4(
+        masq, be, IPPROTO_TCP, tcp(masq, be, sport, 8080, TCP_ACK, 1001, 5001))))
+
+
+def test_the_nodes_own_traffic_that_is_no_service_stays_on_loopback(lab: LbLab) -> None:
+    np_ = next(_nodeport)
+    lab.lb.set_service(NODE_IP, np_, "tcp", [Backend(backend_ip(), 8080)])
+    before = lab.counters()
+    for frame in (lo_frame(NODE_IP, NODE_IP, 45510, 22),  # a port of the node's own
+                  lo_frame("127.0.0.1", "127.0.0.1", 45510, np_)):
+        res = lab.from_loopback(frame)
+        assert (res.retval, res.data) == (TC_ACT_OK, frame)
+    assert lab.counters() == before
+
+
+def test_the_nodes_connection_to_a_nodeport_without_backends_is_refused_through_loopback(
+        lab: LbLab) -> None:
+    np_ = next(_nodeport)
+    lab.lb.set_service(NODE_IP, np_, "tcp", [])
+    drops = lab.drops()
+    res = lab.from_loopback(lo_frame(NODE_IP, NODE_IP, 45600, np_))
+    assert res.retval == TC_ACT_REDIRECT
+    assert lab.drops().get("rejected", 0) == drops.get("rejected", 0) + 1
+    assert_frame(res.data, eth(ZERO_MAC, lab.ports["host"].mac, ETH_P_IP, ipv4(
+        NODE_IP, NODE_IP, IPPROTO_TCP,
+        tcp(NODE_IP, NODE_IP, np_, 45600, TCP_RST | TCP_ACK, 0, 1001))))

@@ -24,8 +24,11 @@ VIP_EMPTY = "10.96.0.13"
 VIP_AFFINITY = "10.96.0.14"
 VIP_LONG = "10.96.0.15"
 VIP_DEAF = {"n1p2": "10.96.0.16", "n2p1": "10.96.0.17"}  # a backend with no listener
-VIP_BIG = {"n1p2": "10.96.0.18", "n2p1": "10.96.0.19"}  # one backend: same node, other node
+VIP_SELF = "10.96.0.18"  # n1p1's own service: its only backend is n1p1
+VIP_SELF_AND_OTHER = "10.96.0.19"
+VIP_BIG = {"n1p2": "10.96.0.20", "n2p1": "10.96.0.21"}  # one backend: same node, other node
 BIG = 4000  # bytes of a UDP datagram: three fragments at the pods' MTU (1450)
+UNALLOCATED = "10.96.200.200"  # in the Service range, no Service has it
 CLOSED = 9  # a port no probe server listens on
 
 
@@ -44,6 +47,10 @@ def svc_lab(lab: Lab):
         lab.set_service(vip, 53, "udp", [lab.backend(pod, CLOSED)])
     for pod, vip in VIP_BIG.items():
         lab.set_service(vip, 53, "udp", [lab.backend(pod, UDP)])
+    lab.set_service(VIP_SELF, 80, "tcp", [lab.backend("n1p1", TCP)])
+    lab.set_service(VIP_SELF, 53, "udp", [lab.backend("n1p1", UDP)])
+    lab.set_service(VIP_SELF_AND_OTHER, 80, "tcp", [lab.backend("n1p1", TCP),
+                                                    lab.backend("n2p1", TCP)])
     with checks.servers(lab, [*lab.pods, "ext"]):
         yield lab
 
@@ -209,6 +216,115 @@ def test_pods_reach_a_nodeport_through_any_node_address(svc_lab: Lab) -> None:
     for node in (1, 2):
         r = _tcp(lab, "n1p1", lab.node_ip(node), 30084)
         assert r["ok"] and r["host"] == "n2p2", (node, r)
+
+
+def test_a_local_nodeport_serves_pods_with_endpoints_on_other_nodes(svc_lab: Lab) -> None:
+    """externalTrafficPolicy Local with the only backend on node 2: a pod on
+    node 1 reaching node 1's address gets it all the same (kube-proxy sends
+    cluster-internal traffic to any endpoint); from outside, node 1 drops
+    and node 2 serves with the client's address kept."""
+    lab = svc_lab
+    lab.set_nodeport(30086, "tcp", "Local", [lab.backend("n2p1", TCP)])
+    r = _tcp(lab, "n1p1", lab.node_ip(1), 30086)
+    assert r["ok"] and r["host"] == "n2p1", r
+    outside = _tcp(lab, "ext", lab.node_ip(1), 30086, timeout=2)
+    assert not outside["ok"] and "timed out" in outside.get("error", ""), outside
+    r = _tcp(lab, "ext", lab.node_ip(2), 30086)
+    assert r["ok"] and r["host"] == "n2p1" and r["peer_seen"] == EXTERNAL_IP, r
+
+
+# --------------------------------------------------------------------- hairpin
+def test_a_pod_reaches_itself_through_its_clusterip(svc_lab: Lab) -> None:
+    """Hairpin: the pod is its Service's only backend. Without masquerading
+    every connection failed (the SYN came back from the pod's own address and
+    was dropped); as with kube-proxy it comes from another address, here the
+    pods' gateway."""
+    lab = svc_lab
+    r = _tcp(lab, "n1p1", VIP_SELF, 80)
+    assert r["ok"] and r["host"] == "n1p1", r
+    assert r["peer_seen"] == lab.node(1).cfg.gateway, r
+    many = _tcp(lab, "n1p1", VIP_SELF, 80, count=20)
+    assert many["ok"] and many["hosts"] == {"n1p1": 20}, many
+    u = checks.probe(lab, "n1p1", ["udp", VIP_SELF, "53", "--timeout", "3"], 20)
+    assert u["ok"] and u["host"] == "n1p1" and u["peer_seen"] == lab.node(1).cfg.gateway, u
+
+
+def test_a_pod_reaches_its_service_when_it_is_one_of_two_backends(svc_lab: Lab) -> None:
+    r = _tcp(svc_lab, "n1p1", VIP_SELF_AND_OTHER, 80, count=30)
+    assert r["ok"], r  # about half of them failed: those that picked the pod itself
+    assert set(r["hosts"]) == {"n1p1", "n2p1"}, r
+
+
+def test_a_pod_reaches_itself_through_a_nodeport_on_any_node_address(svc_lab: Lab) -> None:
+    """Its own node's address (the lbrp translates it, hairpin masquerade) and
+    the other node's (masqueraded to node 1, translated by node 2's
+    dispatcher, sent back over the overlay from node 2's VTEP)."""
+    lab = svc_lab
+    lab.set_nodeport(30085, "tcp", "Cluster", [lab.backend("n1p1", TCP)])
+    for node, seen in ((1, lab.node(1).cfg.gateway), (2, lab.vtep_ip(2))):
+        r = _tcp(lab, "n1p1", lab.node_ip(node), 30085)
+        assert r["ok"] and r["host"] == "n1p1", (node, r)
+        assert r["peer_seen"] == seen, (node, r)
+
+
+# --------------------------------------------------------------------- the node itself
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_the_node_reaches_its_own_nodeports(svc_lab: Lab, policy: str) -> None:
+    """curl <node IP>:<nodePort> on the node itself, backends on this node and
+    on the other one, TCP and UDP: kube-proxy serves the node too (whatever
+    the policy: its local traffic is short-circuited to every endpoint) and
+    masquerades it."""
+    lab = svc_lab
+    node = lab.node_name(1)
+    port = 30087 if policy == "Cluster" else 30088
+    for backend in ("n1p2", "n2p2"):
+        lab.set_nodeport(port, "tcp", policy, [lab.backend(backend, TCP)])
+        lab.set_nodeport(port, "udp", policy, [lab.backend(backend, UDP)])
+        r = _tcp(lab, node, lab.node_ip(1), port)
+        assert r["ok"] and r["host"] == backend, (backend, r)
+        mine = backend.startswith("n1")
+        assert r["peer_seen"] == (lab.node_ip(1) if mine else lab.node(1).cfg.host_pod_ip), r
+        big = _tcp(lab, node, lab.node_ip(1), port, bytes=1_000_000, timeout=20)
+        assert big["ok"], (backend, big)  # loopback's large segments reach the pod whole
+        u = checks.probe(lab, node, ["udp", lab.node_ip(1), str(port), "--timeout", "3"], 20)
+        assert u["ok"] and u["host"] == backend, (backend, u)
+
+
+def test_the_nodes_connection_to_a_nodeport_without_endpoints_is_refused(svc_lab: Lab) -> None:
+    """Refused by the service (its reject, counted), not by the node's stack
+    finding nothing listening on the port."""
+    lab = svc_lab
+    lab.set_nodeport(30089, "tcp", "Cluster", [])
+    node = lab.node(1)
+    before = node.rt.cube_drops("lb").get("rejected", 0)
+    r = _tcp(lab, lab.node_name(1), lab.node_ip(1), 30089, timeout=5)
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
+    assert node.rt.cube_drops("lb").get("rejected", 0) == before + 1
+    # and from outside the cluster (the dispatcher's reject)
+    before = node.rt.cube_drops("k8s").get("rejected", 0)
+    r = _tcp(lab, "ext", lab.node_ip(1), 30089, timeout=5)
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
+    assert node.rt.cube_drops("k8s").get("rejected", 0) == before + 1
+
+
+# --------------------------------------------------------------------- the Service range
+def test_an_unused_port_of_a_clusterip_is_refused(svc_lab: Lab) -> None:
+    """kube-proxy's nftables mode rejects traffic to a port a ClusterIP does
+    not serve, TCP and UDP."""
+    node = svc_lab.node(1)
+    before = node.rt.cube_drops("lb").get("rejected", 0)
+    r = _tcp(svc_lab, "n1p1", VIP, 81, timeout=5)
+    assert not r["ok"] and "ConnectionRefused" in r.get("error", ""), r
+    _udp_refused(svc_lab, "n1p1", VIP, 80)  # VIP serves TCP 80 only
+    assert node.rt.cube_drops("lb").get("rejected", 0) - before >= 2
+
+
+def test_an_unallocated_address_of_the_service_range_is_dropped(svc_lab: Lab) -> None:
+    node = svc_lab.node(1)
+    before = node.rt.cube_drops("lb").get("no_backend", 0)
+    r = _tcp(svc_lab, "n1p1", UNALLOCATED, 80, timeout=2)
+    assert not r["ok"] and "timed out" in r.get("error", ""), r
+    assert node.rt.cube_drops("lb").get("no_backend", 0) > before
 
 
 # --------------------------------------------------------------------- egress

@@ -13,6 +13,7 @@ from bpfunit import UnitNet, unit_net
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.compiler import cflags, source_text
+from pcn_agent.dataplane.cubes import lbrp
 from pcn_agent.dataplane.runtime import ENTRY
 from pcn_bpf import SOURCE_DIR
 from pcn_testsupport import testrun
@@ -200,6 +201,17 @@ PY_FOR_C = {
     "PCN_HOOK_EGRESS": maps.HOOK_EGRESS,
     "PCN_IFACE_PORT": maps.IFACE_PORT,
     "PCN_IFACE_INJECT": maps.IFACE_INJECT,
+    "PCN_IFACE_LOOPBACK": maps.IFACE_LOOPBACK,
+    "LBRP_LOOPBACK_IFINDEX": maps.LOOPBACK_IFINDEX,
+    "PCN_SVC_INTERNAL": maps.SVC_INTERNAL,
+    "PCN_SVC_EXTERNAL": maps.SVC_EXTERNAL,
+    "PCN_LB_AFFINITY_CLIENT_IP": maps.LB_AFFINITY_CLIENT_IP,
+    "PCN_LB_DROP_EMPTY": maps.LB_DROP_EMPTY,
+    "PCN_SESS_LB": lbrp.SESSION_LB,
+    "PCN_SESS_LB_REV": lbrp.SESSION_LB_REV,
+    "PCN_SESS_NODEPORT": lbrp.SESSION_NODEPORT,
+    "PCN_SESS_NODEPORT_REV": lbrp.SESSION_NODEPORT_REV,
+    "PCN_SESS_LB_HAIRPIN_REV": lbrp.SESSION_LB_HAIRPIN_REV,
     "PCN_INJECT_MAGIC": maps.INJECT_MAGIC,
     "PCN_INJECT_TO_CUBE": maps.INJECT_TO_CUBE,
     "PCN_INJECT_OUT_PORT": maps.INJECT_OUT_PORT,

@@ -39,13 +39,17 @@ def service(ns: str, name: str, ip: str, ports: list[dict[str, Any]], **spec: An
             "spec": {"clusterIP": ip, "ports": ports, **spec}}
 
 
-def eps(ns: str, svc: str, endpoints: list[tuple[str, bool | None]],
+def eps(ns: str, svc: str, endpoints: list[tuple[str, bool | None] | tuple[str, bool | None, str]],
         ports: list[dict[str, Any]]) -> dict[str, Any]:
+    """An EndpointSlice: (address, ready[, nodeName]) per endpoint."""
+    def endpoint(e: tuple) -> dict[str, Any]:
+        ip, r, *node = e
+        return {"addresses": [ip], **({"conditions": {"ready": r}} if r is not None else {}),
+                **({"nodeName": node[0]} if node else {})}
     return {"metadata": {"namespace": ns, "name": f"{svc}-x",
                          "labels": {"kubernetes.io/service-name": svc}},
             "addressType": "IPv4", "ports": ports,
-            "endpoints": [{"addresses": [ip], **({"conditions": {"ready": r}} if r is not None
-                                                   else {})} for ip, r in endpoints]}
+            "endpoints": [endpoint(e) for e in endpoints]}
 
 
 def nf(ns: str, name: str, rules: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -88,10 +92,10 @@ def test_nodeport_service_gives_rule_and_derived_object() -> None:
     svc = service("web", "api", "10.96.0.10",
                   [{"name": "", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
                   type="NodePort", externalTrafficPolicy="Local")
-    sl = eps("web", "api", [("10.244.1.5", True)], [{"name": "", "port": 8080}])
+    sl = eps("web", "api", [("10.244.1.5", True, "n1")], [{"name": "", "port": 8080}])
     r = desired_state(Inputs("n1", S, services=[svc], endpointslices=[sl]))
     assert r.desired.nodeports[(30080, "tcp")] == NodePortSpec(
-        "Local", (Backend("10.244.1.5", 8080),))
+        "Local", (Backend("10.244.1.5", 8080),), local=(Backend("10.244.1.5", 8080),))
     rule = r.derived_rules["svc-web-api-30080-tcp"]
     assert rule["spec"]["externalTrafficPolicy"] == "Local"
     assert rule["metadata"]["ownerReferences"][0]["uid"] == "u-api"
@@ -272,6 +276,111 @@ def test_dual_stack_service_is_programmed_on_its_ipv4_cluster_ip() -> None:
     assert _backends([svc], slices) == {("10.96.0.20", 80, "tcp"): (Backend("10.244.1.2", 8080),)}
     v6only = service("a", "web", "fd00:10:96::b", HTTP, clusterIPs=["fd00:10:96::b"])
     assert _backends([v6only], slices) == {}
+
+
+# --------------------------------------------------------------------------- traffic policies
+def _on(endpoints: list[tuple[str, dict[str, bool], str | None]]) -> dict[str, Any]:
+    """An EndpointSlice of a/web: (address, conditions, nodeName) per endpoint."""
+    sl = _slice([(ip, c) for ip, c, _ in endpoints])
+    for ep, (_, _, n) in zip(sl["endpoints"], endpoints, strict=True):
+        if n is not None:
+            ep["nodeName"] = n
+    return sl
+
+
+READY = {"ready": True}
+NP_HTTP = [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}]
+
+
+def _state(node_name: str, svcs: list[dict[str, Any]], slices: list[dict[str, Any]]) -> Any:
+    return desired_state(Inputs(node_name, S, services=svcs, endpointslices=slices)).desired
+
+
+def test_internal_traffic_policy_local_uses_this_nodes_endpoints_only() -> None:
+    """KEP-2086: with internalTrafficPolicy Local, ClusterIP traffic goes to
+    endpoints on the client's node only (EndpointSlice nodeName); with none
+    there, it is dropped if other nodes have some (kube-proxy's "drop"),
+    rejected if no node has any."""
+    svc = service("a", "web", "10.96.0.10", HTTP, internalTrafficPolicy="Local")
+    key = ("10.96.0.10", 80, "tcp")
+    sl = _on([("10.244.1.2", READY, "n1"), ("10.244.2.2", READY, "n2"),
+                    ("10.244.1.3", {"ready": False}, "n1"), ("10.244.2.3", READY, None)])
+    assert _state("n1", [svc], [sl]).services[key] == ServiceSpec(
+        (Backend("10.244.1.2", 8080),))
+    assert _state("n2", [svc], [sl]).services[key] == ServiceSpec(
+        (Backend("10.244.2.2", 8080),))
+    assert _state("n3", [svc], [sl]).services[key] == ServiceSpec((), drop_if_empty=True)
+    assert _state("n1", [svc], [_on([])]).services[key] == ServiceSpec(())
+    # Cluster (the default) ignores where endpoints are
+    plain = service("a", "web", "10.96.0.10", HTTP)
+    assert _state("n3", [plain], [sl]).services[key].backends == (
+        Backend("10.244.1.2", 8080), Backend("10.244.2.2", 8080), Backend("10.244.2.3", 8080))
+
+
+def test_local_policies_fall_back_to_this_nodes_terminating_endpoints_on_their_own() -> None:
+    """kube-proxy's CategorizeEndpoints decides the serving-and-terminating
+    fall-back for the node's own endpoints apart from the cluster-wide one: a
+    ready endpoint elsewhere does not hide this node's terminating one."""
+    svc = service("a", "web", "10.96.0.10", NP_HTTP, type="NodePort",
+                  internalTrafficPolicy="Local", externalTrafficPolicy="Local")
+    sl = _on([("10.244.1.2", TERMINATING, "n1"), ("10.244.2.2", READY, "n2")])
+    d = _state("n1", [svc], [sl])
+    assert d.services[("10.96.0.10", 80, "tcp")] == ServiceSpec((Backend("10.244.1.2", 8080),))
+    assert d.nodeports[(30080, "tcp")] == NodePortSpec(
+        "Local", (Backend("10.244.2.2", 8080),), local=(Backend("10.244.1.2", 8080),))
+
+
+def test_external_traffic_policy_local_nodeport_still_serves_the_cluster_everywhere() -> None:
+    """A NodePort with externalTrafficPolicy Local: outside clients get this
+    node's endpoints only (`local`), pods and the node itself all of them
+    (`backends`): kube-proxy short-circuits cluster traffic to the Cluster
+    endpoints. internalTrafficPolicy Local narrows the ClusterIP, never the
+    NodePort."""
+    svc = service("a", "web", "10.96.0.10", NP_HTTP, type="NodePort",
+                  externalTrafficPolicy="Local", internalTrafficPolicy="Local")
+    sl = _on([("10.244.2.2", READY, "n2"), ("10.244.2.3", READY, "n2")])
+    d = _state("n1", [svc], [sl])
+    both = (Backend("10.244.2.2", 8080), Backend("10.244.2.3", 8080))
+    assert d.nodeports[(30080, "tcp")] == NodePortSpec("Local", both, local=())
+    assert d.services[("10.96.0.10", 80, "tcp")] == ServiceSpec((), drop_if_empty=True)
+    cluster = service("a", "web", "10.96.0.10", NP_HTTP, type="NodePort",
+                      internalTrafficPolicy="Local")
+    assert _state("n1", [cluster], [sl]).nodeports[(30080, "tcp")] == NodePortSpec(
+        "Cluster", both)
+
+
+def test_a_nodeport_rule_naming_a_local_service_gets_its_local_endpoints() -> None:
+    svc = service("a", "web", "10.96.0.10", HTTP)
+    rule = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NodePortRule",
+            "metadata": {"name": "web-np"},
+            "spec": {"port": 30090, "externalTrafficPolicy": "Local",
+                     "service": {"namespace": "a", "name": "web", "port": 80}}}
+    sl = _on([("10.244.1.2", READY, "n1"), ("10.244.2.2", READY, "n2")])
+    r = desired_state(Inputs("n1", S, services=[svc], endpointslices=[sl], nodeportrules=[rule]))
+    assert r.desired.nodeports[(30090, "tcp")] == NodePortSpec(
+        "Local", (Backend("10.244.1.2", 8080), Backend("10.244.2.2", 8080)),
+        local=(Backend("10.244.1.2", 8080),))
+    assert r.verdicts[("NodePortRule", "", "web-np")].ready
+
+
+@pytest.mark.parametrize("allocate", [True, False])
+def test_a_load_balancer_service_without_a_controller_is_served(allocate: bool) -> None:
+    """type LoadBalancer with no controller to give it an address: its
+    ClusterIP and (unless allocateLoadBalancerNodePorts is false and the port
+    has none) its NodePort work as for a NodePort Service."""
+    ports = NP_HTTP if allocate else HTTP
+    svc = service("a", "web", "10.96.0.10", ports, type="LoadBalancer",
+                  allocateLoadBalancerNodePorts=allocate)
+    sl = _on([("10.244.2.2", READY, "n2")])
+    r = desired_state(Inputs("n1", S, services=[svc], endpointslices=[sl]))
+    assert r.desired.services == {("10.96.0.10", 80, "tcp"):
+                                  ServiceSpec((Backend("10.244.2.2", 8080),))}
+    if allocate:
+        assert r.desired.nodeports == {(30080, "tcp"): NodePortSpec(
+            "Cluster", (Backend("10.244.2.2", 8080),))}
+        assert set(r.derived_rules) == {"svc-a-web-30080-tcp"}
+    else:
+        assert r.desired.nodeports == {} and r.derived_rules == {}
 
 
 # --------------------------------------------------------------------------- fail closed

@@ -34,6 +34,8 @@
 
 #define PCN_IFACE_PORT 0   /* netdev peered with a port */
 #define PCN_IFACE_INJECT 1 /* the agent's slow-path injection device */
+#define PCN_IFACE_LOOPBACK 2 /* the node's lo: its connections to its own NodePorts enter
+                                the router's host port (entry.c, pcn_loopback_out) */
 
 struct pcn_hook {
     u32 n;
@@ -76,11 +78,28 @@ static __always_inline void pcn_set_meta(struct __sk_buff *skb, u32 port, u32 ho
     skb->cb[2] = inst;
 }
 
-static __always_inline u32 pcn_meta_port(struct __sk_buff *skb) { return skb->cb[0]; }
-static __always_inline u32 pcn_meta_hook(struct __sk_buff *skb) { return skb->cb[1] & 0xff; }
-static __always_inline u32 pcn_meta_pos(struct __sk_buff *skb) { return (skb->cb[1] >> 8) & 0xff; }
-static __always_inline u32 pcn_meta_ctx(struct __sk_buff *skb) { return skb->cb[1] >> 16; }
-static __always_inline u32 pcn_meta_instance(struct __sk_buff *skb) { return skb->cb[2]; }
+/* Each read is one load from the context at a constant offset, written in
+ * assembly: left to itself, clang may keep &skb->cb[i] in a register when a
+ * cube reads the same word on several paths, and the verifier refuses any
+ * dereference of a modified context pointer ("dereference of modified ctx
+ * ptr"). */
+#define PCN_META_LOAD(i)                                                                  \
+    ({                                                                                    \
+        u32 v_;                                                                           \
+        asm volatile("%0 = *(u32 *)(%1 + %2)"                                           \
+                     : "=r"(v_)                                                           \
+                     : "r"(skb), "i"(offsetof(struct __sk_buff, cb) + 4 * (i)));          \
+        v_;                                                                               \
+    })
+
+static __always_inline u32 pcn_meta_port(struct __sk_buff *skb) { return PCN_META_LOAD(0); }
+static __always_inline u32 pcn_meta_hook(struct __sk_buff *skb) { return PCN_META_LOAD(1) & 0xff; }
+static __always_inline u32 pcn_meta_pos(struct __sk_buff *skb)
+{
+    return (PCN_META_LOAD(1) >> 8) & 0xff;
+}
+static __always_inline u32 pcn_meta_ctx(struct __sk_buff *skb) { return PCN_META_LOAD(1) >> 16; }
+static __always_inline u32 pcn_meta_instance(struct __sk_buff *skb) { return PCN_META_LOAD(2); }
 
 /* Run stacked cube `pos` of a hook, or report that the hook is exhausted (1). */
 static __always_inline int pcn_hook_run(struct __sk_buff *skb, u32 port_id, struct pcn_port *p,

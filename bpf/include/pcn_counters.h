@@ -28,7 +28,8 @@ enum pcn_drop_reason {
     PCN_DROP_UNSUPPORTED = 10, /* protocol the cube does not handle */
     PCN_DROP_SLOWPATH = 11,    /* could not hand the packet to user space */
     PCN_DROP_REJECTED = 12,    /* service without backends: answered with RST/ICMP */
-    PCN_DROP_NO_BACKEND = 13,  /* no backend to choose (e.g. Local NodePort, none here) */
+    PCN_DROP_NO_BACKEND = 13,  /* no backend to choose (a Local policy with none here), or an
+                                  unallocated address of the Service range */
     PCN_DROP_NAT_EXHAUSTED = 14, /* no free port to masquerade a new connection */
     PCN_DROP_REWRITE = 15,     /* a header rewrite failed */
     PCN_DROP_FRAGMENT = 16,    /* a fragment that cannot be judged or translated (pcn_frag.h) */

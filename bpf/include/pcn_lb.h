@@ -13,12 +13,26 @@
 #include "pcn_session.h"
 
 #define PCN_LB_AFFINITY_CLIENT_IP 1
+/* No backend here, but the Service has endpoints on other nodes (a traffic
+ * policy of Local with none on this node): its traffic is dropped, not
+ * rejected, as kube-proxy does ("drop" instead of "reject" in its
+ * no-endpoint maps, pkg/proxy/nftables/proxier.go). */
+#define PCN_LB_DROP_EMPTY 2
+
+/* Which traffic a service entry serves (kube-proxy's internal and external
+ * traffic policy chains). Internal: from inside the cluster, pods and the node
+ * itself (ClusterIPs, and NodePorts reached through the node's address, which
+ * kube-proxy short-circuits to the Cluster endpoints). External: a NodePort
+ * from outside the cluster when its externalTrafficPolicy is Local (its
+ * endpoints on this node only); with Cluster the internal entry serves it. */
+#define PCN_SVC_INTERNAL 0
+#define PCN_SVC_EXTERNAL 1
 
 struct pcn_svc_key {
     __be32 vip;
     __be16 port;
     u8 proto;
-    u8 pad;
+    u8 scope;           /* PCN_SVC_INTERNAL or PCN_SVC_EXTERNAL */
 };
 
 struct pcn_svc {
@@ -57,6 +71,10 @@ BPF_TABLE_PINNED("lru_hash", struct pcn_flow, struct pcn_xlate, lb_sessions, 262
                  PCN_PIN("lb_sessions"));
 BPF_TABLE_PINNED("lru_hash", struct pcn_affinity_key, struct pcn_affinity, lb_affinity, 65536,
                  PCN_PIN("lb_affinity"));
+/* The addresses that have at least one internal service entry (the value is
+ * unused): traffic to any other port of such an address is rejected, traffic
+ * to an address of the Service range that is not here dropped. */
+BPF_TABLE_PINNED("hash", __be32, u32, lb_vips, 65536, PCN_PIN("lb_vips"));
 
 static __always_inline u32 pcn_mix32(u32 h)
 {

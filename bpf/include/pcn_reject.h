@@ -1,12 +1,14 @@
 /* Rejecting a connection the way kube-proxy does: TCP RST for a SYN, ICMP
- * port unreachable for UDP. The packet itself is turned into the answer and
- * sent back where it came from. */
+ * port unreachable for UDP (and for an echo request: nftables' plain
+ * "reject"). The packet itself is turned into the answer and sent back where
+ * it came from. */
 #ifndef PCN_REJECT_H
 #define PCN_REJECT_H
 
 #include "pcn_helpers.h"
 #include "pcn_parse.h"
 #include "pcn_csum.h"
+#include "pcn_chain.h"
 
 static __always_inline void pcn_swap_macs(struct ethhdr *eth)
 {
@@ -60,9 +62,9 @@ static __always_inline int pcn_reject_tcp(struct __sk_buff *skb, const struct pc
     return 0;
 }
 
-/* UDP datagram -> ICMP destination/port unreachable quoting its IP header and
- * first 8 bytes. Returns 0 when the packet now is the answer. */
-static __always_inline int pcn_reject_udp(struct __sk_buff *skb, const struct pcn_flow *f,
+/* UDP datagram (or echo request) -> ICMP destination/port unreachable quoting
+ * its IP header and first 8 bytes. Returns 0 when the packet now is the answer. */
+static __always_inline int pcn_reject_unreach(struct __sk_buff *skb, const struct pcn_flow *f,
                                           const struct pcn_l4info *info)
 {
     if (info->l4off != sizeof(struct ethhdr) + sizeof(struct iphdr))
@@ -108,6 +110,35 @@ static __always_inline int pcn_reject_udp(struct __sk_buff *skb, const struct pc
     if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &hdr, sizeof(hdr), 0) < 0)
         return -1;
     return 0;
+}
+
+/* Turn a packet into its rejection: 0 when it now is the answer, -1 when it
+ * gets none (not a connection attempt: a TCP segment other than a SYN, an
+ * ICMP message other than an echo request, another protocol). */
+static __always_inline int pcn_reject_answer(struct __sk_buff *skb, const struct pcn_flow *f,
+                                             const struct pcn_l4info *info)
+{
+    if (f->proto == IPPROTO_TCP)
+        return pcn_reject_tcp(skb, info);
+    if (f->proto == IPPROTO_UDP || (f->proto == IPPROTO_ICMP && info->icmp_type == ICMP_ECHO))
+        return pcn_reject_unreach(skb, f, info);
+    return -1;
+}
+
+/* A transparent cube rejects the packet and sends the answer back out of the
+ * netdev its port is peered with, where the packet came from (counted as a
+ * drop, PCN_DROP_REJECTED). What gets no answer is dropped. */
+static __always_inline int pcn_reject_back(struct __sk_buff *skb, const struct pcn_flow *f,
+                                           const struct pcn_l4info *info)
+{
+    u32 port_id = pcn_meta_port(skb);
+    pcn_count_drop(port_id, pcn_meta_instance(skb), PCN_DROP_REJECTED);
+    if (pcn_reject_answer(skb, f, info) < 0)
+        return TC_ACT_SHOT;
+    struct pcn_port *p = pcn_ports.lookup(&port_id);
+    if (!p || p->peer_kind != PCN_PEER_NETDEV)
+        return TC_ACT_SHOT;
+    return bpf_redirect(p->peer, 0);
 }
 
 #endif

@@ -27,6 +27,10 @@ struct pcn_xlate {
 #define PCN_SESS_SNAT_REV 4
 #define PCN_SESS_NODEPORT 5
 #define PCN_SESS_NODEPORT_REV 6
+/* The reply of a pod that is its own service's backend: it leaves the pod as
+ * the pod sent it (to the masquerading address) and is translated on its way
+ * out, back to "from the service, to the pod" (lbrp). */
+#define PCN_SESS_LB_HAIRPIN_REV 7
 
 #define PCN_SESSION_REFRESH_NS 1000000000ULL
 

@@ -42,10 +42,10 @@ class DataplaneManager:
         for name, cube in n.rt.cubes.items():
             if cube.type == "firewall":
                 self.functions[name] = Firewall(n.rt, name)
-        services = {k: ServiceSpec(tuple(s.backends), s.affinity_timeout_s)
+        services = {k: ServiceSpec(tuple(s.backends), s.affinity_timeout_s, s.drop_if_empty)
                     for k, s in n.lb.services.services.items() if k[0] != n.cfg.node_ip} \
             if n.lb else {}
-        nodeports = {k: NodePortSpec(v.policy, tuple(v.backends))
+        nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local)
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}
         functions = {name: FunctionSpec("firewall", tuple(str(r) for r in fw.rules), fw.default)
                      for name, fw in self.functions.items()}
@@ -95,12 +95,15 @@ class DataplaneManager:
             n.set_peers(sorted(op.value, key=lambda p: p.name))
         elif op.kind == "set-service":
             vip, port, proto = op.key
-            n.set_service(vip, port, proto, list(op.value.backends), op.value.affinity_timeout_s)
+            n.set_service(vip, port, proto, list(op.value.backends), op.value.affinity_timeout_s,
+                          op.value.drop_if_empty)
         elif op.kind == "delete-service":
             n.delete_service(*op.key)
         elif op.kind == "set-nodeport":
             port, proto = op.key
-            n.set_nodeport(port, proto, op.value.policy, list(op.value.backends))
+            local = op.value.local
+            n.set_nodeport(port, proto, op.value.policy, list(op.value.backends),
+                           None if local is None else list(local))
         elif op.kind == "delete-nodeport":
             n.delete_nodeport(*op.key)
         elif op.kind == "set-chain":

@@ -35,14 +35,27 @@ R = TypeVar("R", bound=Resource)
 
 @dataclass(frozen=True)
 class ServiceSpec:
+    """A ClusterIP service port as this node serves it: the backends of its
+    new connections, ClientIP affinity (0: none), and what a connection
+    with no backend gets: rejected, or dropped (`drop_if_empty`) when the
+    Service has endpoints only on other nodes and its internalTrafficPolicy
+    is Local (kube-proxy's "drop" verdict for "no local endpoints")."""
+
     backends: tuple[Backend, ...]
     affinity_timeout_s: int = 0
+    drop_if_empty: bool = False
 
 
 @dataclass(frozen=True)
 class NodePortSpec:
+    """A NodePort: its externalTrafficPolicy, the Service's Cluster endpoints
+    (what pods and the node get, and outside clients under Cluster), and
+    under Local this node's endpoints (`local`; None: the backends in this
+    node's pod CIDR, for NodePortRules that list addresses)."""
+
     policy: str
     backends: tuple[Backend, ...]
+    local: tuple[Backend, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,15 +214,67 @@ def cluster_ipv4(svc: Obj) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One IPv4 endpoint of a Service port, from an EndpointSlice."""
+
+    backend: Backend
+    ready: bool
+    serving_terminating: bool
+    node: str | None  # its nodeName, if the slice says
+
+
+@dataclass(frozen=True)
+class Categorized:
+    """A Service port's endpoints by traffic policy (see categorize)."""
+
+    cluster: tuple[Backend, ...]
+    local: tuple[Backend, ...]
+    has_any: bool
+
+
+def categorize(endpoints: Iterable[Endpoint], node: str) -> Categorized:
+    """kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go) without
+    topology-aware hints, for node `node`:
+
+    * cluster: the ready endpoints or, while none is ready, the serving and
+      terminating ones (KEP-1669);
+    * local: the ready endpoints whose nodeName is `node` or, while none of
+      those is ready, its serving and terminating ones (the fall-back is
+      decided for the node's own endpoints alone);
+    * has_any: whether any endpoint anywhere is ready or serving and
+      terminating: with none, a connection is rejected; with some, but none
+      that a Local policy may use here, dropped (KEP-2086, and
+      pkg/proxy/nftables/proxier.go's "drop" for "no local endpoints").
+
+    Backends come sorted by (ip, port), one per address and port."""
+    eps = list(endpoints)
+
+    def pick(usable: list[Endpoint]) -> tuple[Backend, ...]:
+        ready = [e for e in usable if e.ready]
+        chosen = ready or [e for e in usable if e.serving_terminating]
+        out = {(e.backend.ip, e.backend.port): e.backend for e in chosen}
+        return tuple(sorted(out.values(), key=lambda b: (b.ip, b.port)))
+
+    return Categorized(cluster=pick(eps), local=pick([e for e in eps if e.node == node]),
+                       has_any=any(e.ready or e.serving_terminating for e in eps))
+
+
 def service_backends(svc: Obj, port: Obj, slices: Iterable[Obj]) -> tuple[Backend, ...]:
-    """The IPv4 endpoints of one Service port that take new connections, from
-    its EndpointSlices: the ready ones, or, when none is ready, the serving
-    and terminating ones (KEP-1669)."""
+    """The IPv4 endpoints of one Service port that take new connections (its
+    Cluster endpoints), from its EndpointSlices: the ready ones, or, when
+    none is ready, the serving and terminating ones (KEP-1669)."""
+    return categorize(service_endpoints(svc, port, slices), "").cluster
+
+
+def service_endpoints(svc: Obj, port: Obj, slices: Iterable[Obj]) -> list[Endpoint]:
+    """Every IPv4 endpoint of one Service port in its EndpointSlices, with its
+    conditions and node; an address and port listed twice counts once (ready
+    if either says so)."""
     ns, name = _ns_name(svc)
     pname = port.get("name") or ""
     proto = (port.get("protocol") or "TCP").upper()
-    ready: dict[tuple[str, int], Backend] = {}
-    terminating: dict[tuple[str, int], Backend] = {}
+    found: dict[tuple[str, int], Endpoint] = {}
     for s in slices:
         sns, _ = _ns_name(s)
         if sns != ns or (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
@@ -224,19 +289,18 @@ def service_backends(svc: Obj, port: Obj, slices: Iterable[Obj]) -> tuple[Backen
             continue
         for ep in s.get("endpoints") or []:
             is_ready, serving_terminating = _conditions(ep)
-            into = ready if is_ready else terminating if serving_terminating else None
-            if into is None:
-                continue
+            node = ep.get("nodeName")
             for addr in ep.get("addresses") or []:
                 try:
                     ipaddress.IPv4Address(addr)
                 except ValueError:
                     continue
-                into[(addr, int(target))] = Backend(addr, int(target))
-    # KEP-1669: serving-and-terminating endpoints take traffic only while no
-    # endpoint is ready (kube-proxy's CategorizeEndpoints).
-    out = ready or terminating
-    return tuple(sorted(out.values(), key=lambda b: (b.ip, b.port)))
+                key = (addr, int(target))
+                if key in found and found[key].ready:
+                    continue
+                found[key] = Endpoint(Backend(addr, int(target)), is_ready,
+                                      serving_terminating, node)
+    return list(found.values())
 
 
 def _affinity(svc: Obj) -> int:
@@ -265,9 +329,31 @@ def slices_by_service(slices: Iterable[Obj]) -> dict[tuple[str, str], list[Obj]]
     return out
 
 
+def cluster_ip_spec(svc: Obj, cat: Categorized) -> ServiceSpec:
+    """A Service port's ClusterIP on this node. internalTrafficPolicy Local
+    (KEP-2086): the endpoints on this node only, and with none here while
+    other nodes have some, dropped rather than rejected (kube-proxy)."""
+    if ((svc.get("spec") or {}).get("internalTrafficPolicy") or "Cluster") == "Local":
+        return ServiceSpec(cat.local, _affinity(svc), drop_if_empty=cat.has_any and not cat.local)
+    return ServiceSpec(cat.cluster, _affinity(svc))
+
+
+def nodeport_spec(policy: str, cat: Categorized) -> NodePortSpec:
+    """A NodePort: all the Cluster endpoints (for pods and the node, which
+    kube-proxy short-circuits past externalTrafficPolicy, and for outside
+    clients under Cluster) and, under Local, this node's."""
+    return NodePortSpec(policy, cat.cluster, cat.local if policy == "Local" else None)
+
+
 def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
                                         dict[NodePortKey, NodePortSpec],
                                         dict[str, dict[str, Any]]]:
+    """ClusterIP and NodePort entries of every Service pcn proxies, as this
+    node (inputs.node) serves them, and the NodePortRules that describe its
+    NodePorts. ClusterIP, NodePort and LoadBalancer Services all get their
+    ClusterIP; NodePort and LoadBalancer ones (no load-balancer controller
+    needed) their node ports too, unless allocateLoadBalancerNodePorts left a
+    port without one."""
     services: dict[ServiceKey, ServiceSpec] = {}
     nodeports: dict[NodePortKey, NodePortSpec] = {}
     derived: dict[str, dict[str, Any]] = {}
@@ -282,12 +368,13 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
             proto = (port.get("protocol") or "TCP").lower()
             if proto not in ("tcp", "udp"):
                 continue
-            backends = service_backends(svc, port, by_service.get(_ns_name(svc), ()))
+            cat = categorize(service_endpoints(svc, port, by_service.get(_ns_name(svc), ())),
+                             inputs.node)
             if vip is not None and "port" in port:
-                services[(vip, int(port["port"]), proto)] = ServiceSpec(backends, _affinity(svc))
+                services[(vip, int(port["port"]), proto)] = cluster_ip_spec(svc, cat)
             if spec.get("type") in ("NodePort", "LoadBalancer") and port.get("nodePort"):
                 np_key = (int(port["nodePort"]), proto)
-                nodeports[np_key] = NodePortSpec(policy, backends)
+                nodeports[np_key] = nodeport_spec(policy, cat)
                 derived[derived_rule_name(svc, port)] = _derived_rule(svc, port, policy)
     return services, nodeports, derived
 
@@ -339,11 +426,14 @@ def static_nodeports(inputs: Inputs, nodeports: dict[NodePortKey, NodePortSpec],
                 continue
             if by_service is None:
                 by_service = slices_by_service(inputs.endpointslices)
-            backends = service_backends(svc, ports[0],
-                                        by_service.get((s.service.namespace, s.service.name), ()))
+            cat = categorize(service_endpoints(
+                svc, ports[0], by_service.get((s.service.namespace, s.service.name), ())),
+                inputs.node)
+            want = nodeport_spec(s.externalTrafficPolicy, cat)
         else:
-            backends = tuple(Backend(b.ip, b.port, b.weight) for b in s.backends)
-        want = NodePortSpec(s.externalTrafficPolicy, backends)
+            want = NodePortSpec(s.externalTrafficPolicy,
+                                tuple(Backend(b.ip, b.port, b.weight) for b in s.backends))
+        backends = want.backends
         if key in nodeports and nodeports[key] != want and \
                 (_meta(obj).get("labels") or {}).get("app.kubernetes.io/managed-by") != "pcn-agent":
             v.fail("Conflict", f"port {s.port}/{s.protocol} is already used by another rule or "

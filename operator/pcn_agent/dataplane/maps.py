@@ -23,7 +23,8 @@ BRIDGE_MAX_PORTS = 128
 
 PEER_NONE, PEER_NETDEV, PEER_PORT = 0, 1, 2
 HOOK_INGRESS, HOOK_EGRESS = 0, 1
-IFACE_PORT, IFACE_INJECT = 0, 1
+IFACE_PORT, IFACE_INJECT, IFACE_LOOPBACK = 0, 1, 2
+LOOPBACK_IFINDEX = 1  # the kernel's: lo, in every network namespace
 PORT_HOST_SHARED = 1
 INJECT_MAGIC = 0x70636E21
 INJECT_TO_CUBE, INJECT_OUT_PORT = 1, 2
@@ -147,9 +148,13 @@ class RouterNeigh(ct.Structure):
     ]
 
 
+SVC_INTERNAL, SVC_EXTERNAL = 0, 1  # pcn_lb.h PCN_SVC_*: which traffic an entry serves
+LB_AFFINITY_CLIENT_IP, LB_DROP_EMPTY = 1, 2  # pcn_lb.h PCN_LB_*: Svc.flags
+
+
 class SvcKey(ct.Structure):
     _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8),
-                ("pad", ct.c_uint8)]
+                ("scope", ct.c_uint8)]
 
 
 class Svc(ct.Structure):
@@ -182,6 +187,16 @@ class DispCfg(ct.Structure):
                 ("local_pods_mask", ct.c_uint32), ("uplink_port", ct.c_uint32),
                 ("overlay_port", ct.c_uint32), ("np_lo", ct.c_uint16), ("np_hi", ct.c_uint16),
                 ("snat_lo", ct.c_uint16), ("snat_hi", ct.c_uint16)]
+
+
+class LbCfg(ct.Structure):
+    """struct lbrp_cfg (bpf/lbrp.c): an lbrp instance's view of its node."""
+
+    _fields_ = [("svc_net", ct.c_uint32), ("svc_mask", ct.c_uint32),
+                ("hairpin_ip", ct.c_uint32), ("node_ip", ct.c_uint32),
+                ("host_pod_ip", ct.c_uint32), ("local_pods", ct.c_uint32),
+                ("local_pods_mask", ct.c_uint32), ("host_port", ct.c_uint32),
+                ("masq_lo", ct.c_uint16), ("masq_hi", ct.c_uint16)]
 
 
 class NetKey(ct.Structure):
@@ -273,6 +288,8 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "lb_sessions": (Flow, Xlate),
     "nat_sessions": (Flow, Xlate),
     "lb_affinity": (AffinityKey, Affinity),
+    "lb_vips": (ct.c_uint32, ct.c_uint32),
+    "lb_cfgs": (ct.c_uint32, LbCfg),
     "disp_cfgs": (ct.c_uint32, DispCfg),
     "disp_nets": (NetKey, ct.c_uint32),
     "disp_nodeports": (NodePortKey, ct.c_uint32),

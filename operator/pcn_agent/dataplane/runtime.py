@@ -480,6 +480,18 @@ class Runtime:
             self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(0, maps.IFACE_INJECT)
             self._attach(ifindex, tc.INGRESS, "pcn_ingress")
 
+    def attach_loopback(self, port: PortState) -> None:
+        """Send the namespace's loopback traffic to services into `port` (the
+        router's host port): the egress entry program on lo hands it there
+        (bpf/entry.c, pcn_loopback_out). Idempotent; close() detaches it."""
+        with self._lock:
+            ifindex = self.ifindex("lo")
+            if ifindex != maps.LOOPBACK_IFINDEX:  # the C takes lo's index as a constant
+                raise RuntimeError_(f"lo has ifindex {ifindex}, not {maps.LOOPBACK_IFINDEX}")
+            self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(port.id,
+                                                                        maps.IFACE_LOOPBACK)
+            self._attach(ifindex, tc.EGRESS, "pcn_egress")
+
     def connect_ports(self, a: PortState, b: PortState) -> None:
         with self._lock:
             self.disconnect(a)

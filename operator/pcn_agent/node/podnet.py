@@ -46,6 +46,15 @@ def write_sysctl(netns: str | None, key: str, value: str) -> None:
         path.write_text(value)
 
 
+def read_sysctl(netns: str | None, key: str) -> str:
+    """A net.* sysctl as seen from `netns` (see write_sysctl)."""
+    from pcn_agent.dataplane.netns import entered
+
+    path = Path("/proc/sys") / key.replace(".", "/")
+    with entered(netns):
+        return path.read_text().strip()
+
+
 def create(node_ipr: IPRoute, node_netns: str | None, pod_netns: str, host_if: str,
            address: str, gateway: str, mtu: int, ifname: str = "eth0") -> PodInterface:
     """Create and configure the pod's veth pair; on any failure nothing is left."""

@@ -8,7 +8,10 @@ router is their gateway, reaches other nodes' pod CIDRs through the kernel
 VXLAN device (one all-zero FDB entry per remote node, the rest learned) and
 the outside world through the node's NIC, which it shares with the host
 stack. The lbrp on every pod port translates ClusterIP services; the
-k8sdispatcher on the NIC does NodePort and masquerading.
+k8sdispatcher on the NIC does NodePort and masquerading. The node's own stack
+meets the router on the host link (a veth pair), where an lbrp translates the
+node's own connections to its NodePorts, which the entry program on its lo
+hands there.
 
 Everything the node builds is recorded with the runtime's state, so an agent
 that restarts adopts it (`up(adopt=True)`) instead of rebuilding it.
@@ -33,7 +36,7 @@ from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
 from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
 from pcn_agent.dataplane.cubes.lbrp import TYPE as LB_TYPE
-from pcn_agent.dataplane.cubes.lbrp import Backend, LoadBalancer, Service
+from pcn_agent.dataplane.cubes.lbrp import Backend, LbConfig, LoadBalancer, Service
 from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
@@ -49,6 +52,9 @@ VXLAN_DEV = "pcn-vxlan"
 HOST_DEV = "pcn-host"
 HOST_CUBE_DEV = "pcn-host-r"
 HOST_PORT = "host"
+# The node's answers to its own connections to a NodePort come from its own
+# address: the kernel takes a local source only on lo with accept_local.
+LO_ACCEPT_LOCAL = "net.ipv4.conf.lo.accept_local"
 BRIDGE = "br0"
 ROUTER = "r0"
 LB = "lb"
@@ -260,7 +266,9 @@ class NodeDataplane:
         self._create_host_link(host_ip, prefix)
         self.router.add_route(f"{c.node_ip}/32", HOST_PORT, nexthop=host_ip)
         self.router.add_route(f"{c.host_pod_ip}/32", HOST_PORT, nexthop=host_ip)
+        self._serve_the_node(r_host, loopback=False)  # hooks before the netdev
         self.rt.connect_netdev(r_host, HOST_CUBE_DEV)
+        self._serve_the_node(r_host)
         ipr = self.rt.ipr
         assert ipr is not None
         oif = self.rt.ifindex(HOST_DEV)
@@ -269,6 +277,30 @@ class NodeDataplane:
         if cluster != ipaddress.IPv4Network(c.pod_cidr):
             ipr.route("replace", dst=str(cluster), gateway=router_ip, oif=oif,
                       prefsrc=c.host_pod_ip)
+
+    def _serve_the_node(self, r_host: PortState, loopback: bool = True) -> None:
+        """Services for the node's own stack (idempotent): the lbrp on the
+        router's host port, told its node; with `loopback`, the node's lo
+        hands its connections to NodePorts on its own address to that port
+        (they never leave the stack otherwise), and takes the answers, which
+        come from the node's own address (accept_local on lo: only a BPF
+        program can put a packet into lo's ingress). kube-proxy serves the
+        node too, and masquerades it (its "masquerade local traffic")."""
+        assert self.lb is not None
+        c = self.cfg
+        lb = [self.rt.stacked(LB)]
+        self.rt.set_hook(r_host, maps.HOOK_INGRESS, lb)
+        self.rt.set_hook(r_host, maps.HOOK_EGRESS, lb)
+        self.lb.configure(LbConfig(
+            service_cidr=c.service_cidr, hairpin_ip=c.gateway, node_ip=c.node_ip,
+            host_pod_ip=c.host_pod_ip, local_pods=c.pod_cidr, host_port=r_host.id,
+            masq_range=c.snat_range))
+        if not loopback:
+            return
+        if "lo_accept_local" not in self.rt.meta:  # what to put back in down()
+            self.rt.meta["lo_accept_local"] = podnet.read_sysctl(c.netns, LO_ACCEPT_LOCAL)
+        podnet.write_sysctl(c.netns, LO_ACCEPT_LOCAL, "1")
+        self.rt.attach_loopback(r_host)
 
     def _create_host_link(self, host_ip: str, prefix: int) -> None:
         ipr = self.rt.ipr
@@ -299,6 +331,8 @@ class NodeDataplane:
                                      self._dispatcher_config())
         self._vxlan_created = self.rt.meta.get("vxlan_created", False)
         self._guard_cluster_cidr()  # a data plane built before the guard existed gets it
+        if HOST_PORT in self.router.cube.ports:  # an older agent's node may not serve it yet
+            self._serve_the_node(self.router.port(HOST_PORT))
         for p in self.rt.meta.get("peers", []):
             peer = PeerNode(**p)
             self.peers[peer.name] = peer
@@ -357,6 +391,9 @@ class NodeDataplane:
             self._vxlan_created = False
         if self.rt.ipr is not None and self.rt.meta.pop("host_link_created", False):
             _del_link(self.rt, HOST_DEV)  # its peer and the host's route go with it
+        if self.rt.ipr is not None and "lo_accept_local" in self.rt.meta:
+            podnet.write_sysctl(self.cfg.netns, LO_ACCEPT_LOCAL,
+                                self.rt.meta.pop("lo_accept_local"))
         self.rt.close(remove=True)
 
     def crash(self) -> None:
@@ -429,9 +466,13 @@ class NodeDataplane:
     # every service), not after each change: inside a batch, installing N
     # services must not snapshot N times.
     def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
-                    affinity_timeout_s: int = 0) -> Service:
+                    affinity_timeout_s: int = 0, drop_if_empty: bool = False) -> Service:
+        """A ClusterIP service (see ServiceTable.set; `drop_if_empty`: with no
+        backend here, drop instead of reject, as kube-proxy does for an
+        internalTrafficPolicy of Local whose endpoints are all elsewhere)."""
         assert self.lb is not None
-        svc = self.lb.services.set(vip, port, proto, backends, affinity_timeout_s)
+        svc = self.lb.services.set(vip, port, proto, backends, affinity_timeout_s,
+                                   drop_if_empty=drop_if_empty)
         self.save()
         return svc
 
@@ -441,9 +482,12 @@ class NodeDataplane:
         self.save()
         return found
 
-    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend]) -> None:
+    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend],
+                     local: list[Backend] | None = None) -> None:
+        """A NodePort (see Dispatcher.set_nodeport; `local`: this node's
+        backends, by default those in its pod CIDR)."""
         assert self.dispatcher is not None
-        self.dispatcher.set_nodeport(port, proto, policy, backends)
+        self.dispatcher.set_nodeport(port, proto, policy, backends, local)
         self.save()
 
     def delete_nodeport(self, port: int, proto: str) -> bool:

@@ -33,6 +33,7 @@ class NodePort:
     proto: str
     policy: str
     backends: tuple[Backend, ...]
+    local: tuple[Backend, ...] | None = None  # this node's, if given (else by pod CIDR)
 
 
 class Dispatcher:
@@ -50,8 +51,10 @@ class Dispatcher:
         services.session_tables.append(self._sessions)  # NodePort sessions live here
         self.nodeports: dict[tuple[int, str], NodePort] = {}
         for n in self.cube.config.get("nodeports", []):
+            local = n.get("local")
             np_ = NodePort(n["port"], n["proto"], n["policy"],
-                           tuple(Backend(**b) for b in n["backends"]))
+                           tuple(Backend(**b) for b in n["backends"]),
+                           None if local is None else tuple(Backend(**b) for b in local))
             self.nodeports[(np_.port, np_.proto)] = np_
         self._ports = tuple(self.cube.config.get("ports", (0, 0)))
 
@@ -81,23 +84,38 @@ class Dispatcher:
         self._ports = (uplink_port, overlay_port)
         self.save()
 
-    def set_nodeport(self, port: int, proto: str, policy: str,
-                     backends: list[Backend]) -> NodePort:
-        """Expose `backends` on every node address at `port`. With Local, only
-        this node's backends are used and the client address is preserved."""
+    def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend],
+                     local: list[Backend] | None = None) -> NodePort:
+        """Expose `backends` (the Service's Cluster endpoints) at `port` of the
+        node's address. Traffic from outside the cluster gets all of them with
+        the Cluster policy; with Local only this node's (`local`, by default
+        the backends in this node's pod CIDR) and its client address is kept.
+        Pods and the node itself reaching the NodePort get all of them whatever
+        the policy (kube-proxy short-circuits cluster-internal traffic to the
+        Cluster endpoints, pkg/proxy/nftables/proxier.go). With no backend a
+        connection is rejected; under Local with backends on other nodes only,
+        traffic from outside is dropped (kube-proxy's "no local endpoints")."""
         lo, hi = self.cfg.nodeport_range
         if not lo <= port <= hi:
             raise ValueError(f"NodePort {port} is outside the configured range {lo}-{hi}")
         if policy not in POLICIES:
             raise ValueError(f"externalTrafficPolicy must be Cluster or Local, not {policy!r}")
         proto = proto.lower()
-        local_net = ipaddress.IPv4Network(self.cfg.local_pods)
-        chosen = [b for b in backends
-                  if policy == "Cluster" or ipaddress.IPv4Address(b.ip) in local_net]
-        self.services.set(self.cfg.node_ip, port, proto, chosen)
+        if local is None:
+            local_net = ipaddress.IPv4Network(self.cfg.local_pods)
+            mine = [b for b in backends if ipaddress.IPv4Address(b.ip) in local_net]
+        else:
+            mine = list(local)
+        self.services.set(self.cfg.node_ip, port, proto, backends)
+        if policy == "Local":
+            self.services.set(self.cfg.node_ip, port, proto, mine, external=True,
+                              drop_if_empty=bool(backends) and not mine)
+        else:
+            self.services.delete(self.cfg.node_ip, port, proto, external=True)
         self._nodeports[maps.NodePortKey(self.cube.id, be16(port), proto_number(proto))] = \
             ct.c_uint32(POLICIES[policy])
-        np_ = NodePort(port, proto, policy, tuple(backends))
+        np_ = NodePort(port, proto, policy, tuple(backends),
+                       None if local is None else tuple(local))
         self.nodeports[(port, proto)] = np_
         self.save()
         return np_
@@ -110,6 +128,7 @@ class Dispatcher:
         except KeyError:
             pass
         self.services.delete(self.cfg.node_ip, port, proto)
+        self.services.delete(self.cfg.node_ip, port, proto, external=True)
         self.save()
         return found
 

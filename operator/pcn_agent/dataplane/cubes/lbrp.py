@@ -1,13 +1,15 @@
 """Services and the `lbrp` cube.
 
-`ServiceTable` owns the node-wide service maps (lb_services, lb_slots) that
-both the lbrp (ClusterIP, stacked on every pod port) and the k8sdispatcher
-(NodePort) read. A service is a few map updates, whatever the number of pods.
+`ServiceTable` owns the node-wide service maps (lb_services, lb_slots, lb_vips)
+that both the lbrp (ClusterIP, stacked on every pod port and on the router's
+host port) and the k8sdispatcher (NodePort) read. A service is a few map
+updates, whatever the number of pods.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes as ct
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +23,12 @@ MAX_SLOTS_PER_SERVICE = 1024
 MAX_SERVICES = 65535
 
 
-AFFINITY_CLIENT_IP = 1
+AFFINITY_CLIENT_IP = maps.LB_AFFINITY_CLIENT_IP
 SESSION_KINDS = {1: "lb", 2: "lb-reverse", 3: "snat", 4: "snat-reverse", 5: "nodeport",
-                 6: "nodeport-reverse"}
+                 6: "nodeport-reverse", 7: "lb-hairpin-reverse"}
 # pcn_session.h's PCN_SESS_*: the kinds of a Service's sessions, by direction
 SESSION_LB, SESSION_LB_REV, SESSION_NODEPORT, SESSION_NODEPORT_REV = 1, 2, 5, 6
+SESSION_LB_HAIRPIN_REV = 7
 UDP = PROTOCOLS["udp"]
 
 
@@ -69,6 +72,16 @@ class Service:
     backends: list[Backend] = field(default_factory=list)
     affinity_timeout_s: int = 0  # 0: no session affinity
     n_slots: int = 0
+    # No backend here while the Service has endpoints on other nodes (a Local
+    # traffic policy): its traffic is dropped instead of rejected.
+    drop_if_empty: bool = False
+    # The entry for a NodePort's traffic from outside the cluster (Local
+    # policy); the internal one serves pods and the node itself.
+    external: bool = False
+
+
+def _scope(external: bool) -> int:
+    return maps.SVC_EXTERNAL if external else maps.SVC_INTERNAL
 
 
 def weighted_slots(backends: list[Backend], limit: int = MAX_SLOTS_PER_SERVICE) -> list[Backend]:
@@ -98,7 +111,11 @@ def weighted_slots(backends: list[Backend], limit: int = MAX_SLOTS_PER_SERVICE) 
 
 
 class ServiceTable:
-    """The node's services (ClusterIP and NodePort), keyed by (vip, port, proto)."""
+    """The node's services (ClusterIP and NodePort), keyed by (vip, port, proto):
+    `services` holds the entries that serve the cluster's own traffic (pods
+    and the node: kube-proxy's internal policy, and its short-circuit of
+    NodePorts reached from inside), `external` the NodePort entries for
+    traffic from outside the cluster under externalTrafficPolicy Local."""
 
     def __init__(self, rt: Runtime, module_type: str,
                  state: dict[str, Any] | None = None) -> None:
@@ -107,17 +124,32 @@ class ServiceTable:
         self._slots = rt.table("lb_slots", module_type)
         self._sessions = rt.table("lb_sessions", module_type)
         self._affinity = rt.table("lb_affinity", module_type)
+        self._vips = rt.table("lb_vips", module_type)
         # Every table holding sessions of these services (the dispatcher adds
         # its NodePort sessions' table): UDP flows leave with their backend.
         self.session_tables: list[maps.BpfTable] = [self._sessions]
         self.services: dict[tuple[str, int, str], Service] = {}
+        self.external: dict[tuple[str, int, str], Service] = {}
         for s in (state or {}).get("services", []):
             svc = Service(s["id"], s["vip"], s["port"], s["proto"],
                           [Backend(**b) for b in s["backends"]], s["affinity_timeout_s"],
-                          s["n_slots"])
-            self.services[(svc.vip, svc.port, svc.proto)] = svc
-        used = {svc.id for svc in self.services.values()}
+                          s["n_slots"], s.get("drop_if_empty", False), s.get("external", False))
+            self._entries(svc.external)[(svc.vip, svc.port, svc.proto)] = svc
+        used = {svc.id for svc in self._all()}
         self._free_ids = [i for i in range(MAX_SERVICES, 0, -1) if i not in used]
+        # Service ports per internal address (lb_vips holds the addresses);
+        # written again on start: the pinned map of an older agent may lack it.
+        self._vip_ports: dict[str, int] = {}
+        for vip, _, _ in self.services:
+            self._vip_ports[vip] = self._vip_ports.get(vip, 0) + 1
+        for vip in self._vip_ports:
+            self._vips[ct.c_uint32(maps.ip_be(vip))] = ct.c_uint32(1)
+
+    def _entries(self, external: bool) -> dict[tuple[str, int, str], Service]:
+        return self.external if external else self.services
+
+    def _all(self) -> list[Service]:
+        return [*self.services.values(), *self.external.values()]
 
     def snapshot(self) -> dict[str, Any]:
         """What save() records: asdict() of every Service, written out by hand
@@ -125,31 +157,40 @@ class ServiceTable:
         return {"services": [
             {"id": s.id, "vip": s.vip, "port": s.port, "proto": s.proto,
              "backends": [{"ip": b.ip, "port": b.port, "weight": b.weight} for b in s.backends],
-             "affinity_timeout_s": s.affinity_timeout_s, "n_slots": s.n_slots}
-            for s in self.services.values()]}
+             "affinity_timeout_s": s.affinity_timeout_s, "n_slots": s.n_slots,
+             "drop_if_empty": s.drop_if_empty, "external": s.external}
+            for s in self._all()]}
 
     def set(self, vip: str, port: int, proto: str, backends: list[Backend],
-            affinity_timeout_s: int = 0) -> Service:
+            affinity_timeout_s: int = 0, *, drop_if_empty: bool = False,
+            external: bool = False) -> Service:
         """Create or update a service (idempotent). Established connections keep
-        their backend: only new flows see the new slot table."""
+        their backend: only new flows see the new slot table. With no backend,
+        new connections are rejected (TCP RST, ICMP port unreachable), or
+        dropped with `drop_if_empty` (kube-proxy's verdicts for "no endpoints"
+        and "no local endpoints"). `external`: the entry for a NodePort's
+        traffic from outside the cluster (vip is the node's address), apart
+        from the internal one that pods and the node use."""
         ipaddress.IPv4Address(vip)
         if not 1 <= port <= 65535:
             raise ValueError(f"service port {port} outside 1-65535")
         proto = proto.lower()
         pnum = proto_number(proto)
         key = (vip, port, proto)
-        svc = self.services.get(key)
+        entries = self._entries(external)
+        svc = entries.get(key)
         existed = svc is not None
         if svc is None:
             if not self._free_ids:
                 raise RuntimeError_("service table full")
-            svc = Service(self._free_ids.pop(), vip, port, proto)
+            svc = Service(self._free_ids.pop(), vip, port, proto, external=external)
         slots = weighted_slots(backends)
         for i, b in enumerate(slots):
             self._slots[maps.SlotKey(svc.id, i)] = maps.BackendVal(maps.ip_be(b.ip), be16(b.port))
-        value = maps.Svc(svc.id, len(slots), AFFINITY_CLIENT_IP if affinity_timeout_s else 0,
-                    affinity_timeout_s)
-        self._svcs[maps.SvcKey(maps.ip_be(vip), be16(port), pnum)] = value
+        flags = (AFFINITY_CLIENT_IP if affinity_timeout_s else 0) | \
+            (maps.LB_DROP_EMPTY if drop_if_empty else 0)
+        value = maps.Svc(svc.id, len(slots), flags, affinity_timeout_s)
+        self._svcs[maps.SvcKey(maps.ip_be(vip), be16(port), pnum, _scope(external))] = value
         for i in range(len(slots), svc.n_slots):
             maps.discard(self._slots, maps.SlotKey(svc.id, i))
         if existed:  # clients must not stick to a backend that left
@@ -158,18 +199,31 @@ class ServiceTable:
             gone = {(maps.ip_be(b.ip), be16(b.port)) for b in svc.backends} - keep
             if gone:
                 self._forget_udp_sessions(svc, keep)
+        elif not external:
+            self._vip_ports[vip] = self._vip_ports.get(vip, 0) + 1
+            if self._vip_ports[vip] == 1:
+                self._vips[ct.c_uint32(maps.ip_be(vip))] = ct.c_uint32(1)
         svc.backends, svc.affinity_timeout_s, svc.n_slots = list(backends), affinity_timeout_s, len(slots)
-        self.services[key] = svc
+        svc.drop_if_empty = drop_if_empty
+        entries[key] = svc
         return svc
 
-    def delete(self, vip: str, port: int, proto: str) -> bool:
+    def delete(self, vip: str, port: int, proto: str, external: bool = False) -> bool:
         key = (vip, port, proto.lower())
-        svc = self.services.pop(key, None)
+        svc = self._entries(external).pop(key, None)
         if svc is None:
             return False
-        maps.discard(self._svcs, maps.SvcKey(maps.ip_be(vip), be16(port), proto_number(key[2])))
+        maps.discard(self._svcs, maps.SvcKey(maps.ip_be(vip), be16(port), proto_number(key[2]),
+                                             _scope(external)))
         for i in range(svc.n_slots):
             maps.discard(self._slots, maps.SlotKey(svc.id, i))
+        if not external:
+            left = self._vip_ports.get(vip, 0) - 1
+            if left > 0:
+                self._vip_ports[vip] = left
+            else:
+                self._vip_ports.pop(vip, None)
+                maps.discard(self._vips, ct.c_uint32(maps.ip_be(vip)))
         # the id goes to the next new service: so would the clients stuck to it
         self._forget_affinity(svc.id, set())
         self._forget_udp_sessions(svc, set())
@@ -195,7 +249,8 @@ class ServiceTable:
         backend may still finish its connections, and a vanished one resets them."""
         if svc.proto != "udp":
             return
-        fwd, rev = (SESSION_LB, SESSION_NODEPORT), (SESSION_LB_REV, SESSION_NODEPORT_REV)
+        fwd = (SESSION_LB, SESSION_NODEPORT)
+        rev = (SESSION_LB_REV, SESSION_NODEPORT_REV, SESSION_LB_HAIRPIN_REV)
         for table in self.session_tables:
             for k, v in list(table.items()):
                 if v.svc != svc.id or k.proto != UDP:
@@ -222,8 +277,48 @@ class ServiceTable:
         return out
 
 
+@dataclass(frozen=True)
+class LbConfig:
+    """What the lbrp knows of its node (struct lbrp_cfg in bpf/lbrp.c).
+
+    service_cidr: the Service range (None: none): traffic to an unused port
+        of a service address in it is rejected, to an unallocated address
+        dropped (kube-proxy's nftables mode).
+    hairpin_ip: the pods' gateway, the source a pod sees when it reaches
+        itself through a Service (kube-proxy masquerades hairpin traffic).
+    node_ip, host_pod_ip, local_pods: the node's address, its address in its
+        pod CIDR, that CIDR: the node's own connections to services are
+        masqueraded to the first (a backend on this node) or the second
+        (one on another node, which answers over the overlay).
+    host_port: the id of the router's port to the node's stack (0: none).
+    masq_range: the ports of masqueraded sessions (the SNAT range, which the
+        node's own ephemeral ports stay out of).
+    """
+
+    service_cidr: str | None
+    hairpin_ip: str
+    node_ip: str
+    host_pod_ip: str
+    local_pods: str
+    host_port: int = 0
+    masq_range: tuple[int, int] = (61000, 65535)
+
+    def value(self) -> maps.LbCfg:
+        svc = ipaddress.IPv4Network(self.service_cidr) if self.service_cidr else None
+        local = ipaddress.IPv4Network(self.local_pods)
+        lo, hi = self.masq_range
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"masquerading port range {lo}-{hi} is not within 1-65535")
+        return maps.LbCfg(maps.ip_be(svc.network_address) if svc else 0,
+                          maps.ip_be(svc.netmask) if svc else 0,
+                          maps.ip_be(self.hairpin_ip), maps.ip_be(self.node_ip),
+                          maps.ip_be(self.host_pod_ip), maps.ip_be(local.network_address),
+                          maps.ip_be(local.netmask), self.host_port, lo, hi)
+
+
 class LoadBalancer:
-    """The lbrp cube: one instance per node, stacked on every pod port."""
+    """The lbrp cube: one instance per node, stacked on every pod port and on
+    the router's host port."""
 
     def __init__(self, rt: Runtime, name: str) -> None:
         self.rt = rt
@@ -237,9 +332,15 @@ class LoadBalancer:
     def save(self) -> None:
         self.cube.config = self.services.snapshot()
 
+    def configure(self, cfg: LbConfig) -> None:
+        """Tell the instance about its node (idempotent; the map is pinned, so
+        an adopting agent writes the same again)."""
+        self.rt.table("lb_cfgs", TYPE)[ct.c_uint32(self.cube.id)] = cfg.value()
+
     def set_service(self, vip: str, port: int, proto: str, backends: list[Backend],
-                    affinity_timeout_s: int = 0) -> Service:
-        svc = self.services.set(vip, port, proto, backends, affinity_timeout_s)
+                    affinity_timeout_s: int = 0, *, drop_if_empty: bool = False) -> Service:
+        svc = self.services.set(vip, port, proto, backends, affinity_timeout_s,
+                                drop_if_empty=drop_if_empty)
         self.save()
         return svc
 
