@@ -25,15 +25,13 @@ from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
-from pcn_lab import checks, kubelet
-from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply
+from pcn_lab import checks, controllers, kubelet
+from pcn_lab.apiserver import EmulatedApiServer, apply
 from pcn_lab.topology import Lab
 
 log = logging.getLogger("pcn_lab.supervisor")
 
 LAB_ROOT = Path(os.environ.get("PCN_LAB_DIR", "/run/pcn-lab"))
-SERVICE_RANGE = ipaddress.IPv4Network("10.96.0.0/12")
-NODEPORT_RANGE = (30000, 32767)
 LAB_REQUEST_LOG_KEEP = 64  # see EmulatedApiServer: a long-running kmock slows with its record
 POD_TCP, POD_UDP = checks.TCP_PORT, checks.UDP_PORT
 
@@ -283,8 +281,8 @@ class Supervisor:
     # -- the stand-in controllers ---------------------------------------------
     def _controllers(self) -> None:
         self._kubelet()
-        self._services()
-        self._endpoints()
+        controllers.allocate_service_addresses(self.api)
+        controllers.sync_endpoint_slices(self.api)
 
     def _kubelet(self) -> None:
         pods = self.api.request("GET", "/api/v1/pods").get("items", [])
@@ -340,75 +338,6 @@ class Supervisor:
 
     def _node_index(self, node: str) -> int:
         return int(node.rsplit("n", 1)[1])
-
-    def _services(self) -> None:
-        """Give Services a cluster IP and NodePorts when they ask for none."""
-        svcs = self.api.request("GET", "/api/v1/services").get("items", [])
-        used_ips = {(s.get("spec") or {}).get("clusterIP") for s in svcs}
-        used_ports = {p.get("nodePort") for s in svcs for p in (s.get("spec") or {}).get("ports")
-                      or []}
-        for s in svcs:
-            spec = s.get("spec") or {}
-            patch: dict[str, Any] = {}
-            if not spec.get("clusterIP"):
-                ip = next(str(a) for a in SERVICE_RANGE.hosts()
-                          if int(a) - int(SERVICE_RANGE.network_address) >= 10
-                          and str(a) not in used_ips)
-                used_ips.add(ip)
-                patch["clusterIP"] = ip
-            if spec.get("type") in ("NodePort", "LoadBalancer"):
-                ports = [dict(p) for p in spec.get("ports") or []]
-                changed = False
-                for p in ports:
-                    if not p.get("nodePort"):
-                        p["nodePort"] = next(n for n in range(*NODEPORT_RANGE)
-                                             if n not in used_ports)
-                        used_ports.add(p["nodePort"])
-                        changed = True
-                if changed:
-                    patch["ports"] = ports
-            if patch:
-                m = s["metadata"]
-                self.api.request("PATCH", f"/api/v1/namespaces/{m.get('namespace', 'default')}"
-                                          f"/services/{m['name']}", {"spec": patch},
-                                 "application/merge-patch+json")
-
-    def _endpoints(self) -> None:
-        """One EndpointSlice per Service with a selector: its running pods."""
-        svcs = self.api.request("GET", "/api/v1/services").get("items", [])
-        pods = self.api.request("GET", "/api/v1/pods").get("items", [])
-        for s in svcs:
-            spec = s.get("spec") or {}
-            sel = spec.get("selector")
-            if not sel:
-                continue
-            ns = s["metadata"].get("namespace", "default")
-            ready = [p for p in pods if p["metadata"].get("namespace", "default") == ns
-                     and all((p["metadata"].get("labels") or {}).get(k) == v
-                             for k, v in sel.items())
-                     and (p.get("status") or {}).get("podIP")]
-            ports = [{"name": p.get("name", ""), "protocol": p.get("protocol", "TCP"),
-                      "port": int(p.get("targetPort") or p["port"])}
-                     for p in spec.get("ports") or []]
-            want: dict[str, Any] = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                    "metadata": {"name": f"{s['metadata']['name']}-lab", "namespace": ns,
-                                 "labels": {"kubernetes.io/service-name": s["metadata"]["name"]}},
-                    "addressType": "IPv4", "ports": ports,
-                    "endpoints": [{"addresses": [p["status"]["podIP"]],
-                                   "conditions": {"ready": True},
-                                   "nodeName": p["spec"].get("nodeName"),
-                                   "targetRef": {"kind": "Pod", "name": p["metadata"]["name"],
-                                                 "namespace": ns}}
-                                  for p in sorted(ready, key=lambda p: p["metadata"]["name"])]}
-            path = f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{want['metadata']['name']}"
-            try:
-                have = self.api.request("GET", path)
-            except ApiServerError:
-                have = None
-            if have is None:
-                apply(self.api, want)
-            elif have.get("endpoints") != want["endpoints"] or have.get("ports") != ports:
-                self.api.request("PUT", path, want)
 
 
 # ----------------------------------------------------------------------------- cleanup
