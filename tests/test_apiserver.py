@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pcn_lab.apiserver import EmulatedApiServer, apply, get
+from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply, get
 
 
 def _config_map(i: int) -> dict:
@@ -42,3 +42,61 @@ def test_record_is_trimmed_and_objects_stay() -> None:
 def test_keep_requests_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         EmulatedApiServer(keep_requests=0)
+
+
+# ----------------------------------------------------------------------------- PUT
+def test_put_replaces_the_object_as_the_api_server_does() -> None:
+    """PUT (update) replaces the whole object: fields left out are gone. The
+    server keeps what it owns (uid, creationTimestamp); an object that does
+    not exist is 404, a name that differs from the URL's 400; a watch sees
+    MODIFIED."""
+    import json as _json
+    import urllib.request
+
+    with EmulatedApiServer() as api:
+        cm = {**_config_map(1), "data": {"a": "1", "b": "2"}}
+        cm["metadata"] = {**cm["metadata"], "uid": "u-1", "labels": {"x": "y"}}
+        apply(api, cm)
+        before = get(api, "ConfigMap", "cm-1", "default")
+        path = "/api/v1/namespaces/default/configmaps/cm-1"
+        watch = urllib.request.urlopen(api.url + "/api/v1/namespaces/default/configmaps"
+                                       "?watch=true", timeout=10)
+        assert _json.loads(watch.readline())["type"] == "ADDED"
+        out = api.request("PUT", path, {"apiVersion": "v1", "kind": "ConfigMap",
+                                        "metadata": {"name": "cm-1", "namespace": "default"},
+                                        "data": {"b": "3"}})
+        now = get(api, "ConfigMap", "cm-1", "default")
+        assert out == now
+        assert now["data"] == {"b": "3"}
+        assert "labels" not in now["metadata"]
+        assert now["metadata"]["uid"] == "u-1"
+        assert now["metadata"]["creationTimestamp"] == before["metadata"]["creationTimestamp"]
+        event = _json.loads(watch.readline())
+        watch.close()
+        assert event["type"] == "MODIFIED" and event["object"]["data"] == {"b": "3"}
+        with pytest.raises(ApiServerError) as missing:
+            api.request("PUT", "/api/v1/namespaces/default/configmaps/nope",
+                        {"metadata": {"name": "nope"}, "data": {}})
+        assert missing.value.status == 404
+        with pytest.raises(ApiServerError) as renamed:
+            api.request("PUT", path, {"metadata": {"name": "other"}, "data": {}})
+        assert renamed.value.status == 400
+
+
+def test_put_keeps_the_status_of_a_resource_with_a_status_subresource() -> None:
+    """For Pods, Services and pcn's custom resources PUT ignores .status and
+    PUT .../status changes only .status (the API server's update strategies)."""
+    with EmulatedApiServer() as api:
+        apply(api, {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "p", "namespace": "default"},
+                    "spec": {"nodeName": "n1"}, "status": {"podIP": "10.244.1.10"}})
+        path = "/api/v1/namespaces/default/pods/p"
+        api.request("PUT", path, {"apiVersion": "v1", "kind": "Pod",
+                                  "metadata": {"name": "p", "namespace": "default"},
+                                  "spec": {"nodeName": "n2"}, "status": {"podIP": "1.2.3.4"}})
+        pod = get(api, "Pod", "p", "default")
+        assert pod["spec"] == {"nodeName": "n2"} and pod["status"] == {"podIP": "10.244.1.10"}
+        api.request("PUT", path + "/status", {"metadata": {"name": "p"}, "spec": {"x": 1},
+                                              "status": {"phase": "Running"}})
+        pod = get(api, "Pod", "p", "default")
+        assert pod["spec"] == {"nodeName": "n2"} and pod["status"] == {"phase": "Running"}

@@ -18,10 +18,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 RESOURCES: dict[str, dict[str, Any]] = {
-    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": {"ns"}},
-    "v1/nodes": {"kind": "Node", "namespaced": False, "shortnames": {"no"}},
-    "v1/pods": {"kind": "Pod", "namespaced": True, "shortnames": {"po"}},
-    "v1/services": {"kind": "Service", "namespaced": True, "shortnames": {"svc"}},
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": {"ns"},
+                      "subresources": {"status"}},
+    "v1/nodes": {"kind": "Node", "namespaced": False, "shortnames": {"no"},
+                 "subresources": {"status"}},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "shortnames": {"po"},
+                "subresources": {"status"}},
+    "v1/services": {"kind": "Service", "namespaced": True, "shortnames": {"svc"},
+                    "subresources": {"status"}},
     "v1/events": {"kind": "Event", "namespaced": True, "shortnames": {"ev"}},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "shortnames": {"cm"}},
     "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
@@ -95,9 +99,11 @@ class EmulatedApiServer:
     async def _main(self) -> None:
         import kmock
 
+        from pcn_lab.emulator import LabEmulator
+
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emulator, \
+        async with LabEmulator() as emulator, \
                 kmock.Server(emulator, host=self.host, port=self.port or None) as server:
             for path, info in self.resources.items():
                 emulator.resources[path] = kmock.ResourceInfo(verbs=VERBS, **info)
