@@ -26,6 +26,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
                 "subresources": {"status"}},
     "v1/services": {"kind": "Service", "namespaced": True, "shortnames": {"svc"},
                     "subresources": {"status"}},
+    "v1/endpoints": {"kind": "Endpoints", "namespaced": True, "shortnames": {"ep"}},
     "v1/events": {"kind": "Event", "namespaced": True, "shortnames": {"ev"}},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "shortnames": {"cm"}},
     "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},

@@ -7,6 +7,7 @@ lab made, also after a crash."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import json
 import logging
@@ -283,6 +284,7 @@ class Supervisor:
         self._kubelet()
         controllers.allocate_service_addresses(self.api)
         controllers.sync_endpoint_slices(self.api)
+        controllers.sync_endpoints(self.api)
 
     def _kubelet(self) -> None:
         pods = self.api.request("GET", "/api/v1/pods").get("items", [])
@@ -308,12 +310,18 @@ class Supervisor:
                     "serve", "--tcp", str(POD_TCP), "--udp", str(POD_UDP))],
                 env={"PCN_PROBE_NAME": key[1], "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            patch = {"metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}},
-                     "spec": {"nodeName": node},
-                     "status": {"phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
-                                "hostIP": self.lab.node_ip(self._node_index(node))}}
-            self.api.request("PATCH", f"/api/v1/namespaces/{key[0]}/pods/{key[1]}", patch,
-                             "application/merge-patch+json")
+            # the scheduler's binding, then the kubelet's status (its own subresource)
+            path = f"/api/v1/namespaces/{key[0]}/pods/{key[1]}"
+            self.api.request("PATCH", path, {
+                "metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}},
+                "spec": {"nodeName": node}}, "application/merge-patch+json")
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.api.request("PATCH", f"{path}/status", {"status": {
+                "phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
+                "hostIP": self.lab.node_ip(self._node_index(node)), "startTime": now,
+                "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                               for t in ("PodScheduled", "Initialized", "ContainersReady",
+                                         "Ready")]}}, "application/merge-patch+json")
             log.info("pod %s/%s runs on %s at %s", *key, node, sb.ip)
         for key in list(self.sandboxes):
             if key not in seen:
