@@ -8,7 +8,6 @@ emulator and fills those gaps, so the real kubectl works against a lab.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import re
@@ -149,10 +148,18 @@ class ApiProxy:
         self._kinds = {path: info["kind"] for path, info in RESOURCES.items()}
 
     async def start(self) -> ApiProxy:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        # No cap on connections to the emulator: a real API server does not
+        # count long-running requests (watches) against a limit, and with
+        # aiohttp's default of 100 the 101st watch (ten agents' worth) would
+        # wait for one of them to end, and every request after it.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                                              connector=aiohttp.TCPConnector(limit=0))
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A client that hangs up cancels its request here, and so closes the
+        # request to the emulator: a dead agent's watches end with it (a
+        # watch on a quiet resource would otherwise be held open for ever).
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -197,8 +204,8 @@ class ApiProxy:
         try:
             async for chunk in up.content.iter_any():
                 await out.write(chunk)
-        except (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientError):
-            pass
+        except (ConnectionResetError, aiohttp.ClientError):
+            pass  # either side hung up; a cancellation (the client's) goes on up
         return out
 
     @staticmethod
