@@ -167,6 +167,29 @@ def _hits(doc) -> int:
     return total
 
 
+def test_a_dead_agent_is_restarted(running) -> None:
+    """As a DaemonSet's kubelet would: the lab starts a node's agent again
+    when it dies, and the node serves on."""
+    d, _ = running
+    state = lab.LabState.load(d)
+    assert state is not None
+    node, pid = sorted(state.agents.items())[0]
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted():
+        now = lab.LabState.load(d)
+        new = now.agents.get(node) if now else None
+        return now if new and new != pid and lab.alive(new) else None
+
+    now = _wait("the agent to be started again", restarted, timeout=60)
+    assert now.restarts.get(node) == 1
+    st = run(d, "status")
+    assert f"agent {node}: running (pid {now.agents[node]}, 1 restart(s))" in st.stdout
+    r = _wait("a passing matrix after the restart",
+              lambda: (c := run(d, "check", timeout=300)).returncode == 0 and c, timeout=180)
+    assert "✗" not in r.stdout
+
+
 def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
     d = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "pcn_lab.cli", "--dir", str(d), "up",

@@ -1,5 +1,6 @@
 """The lab's stand-ins for the controllers of kube-controller-manager and the
-API server's allocators, against the emulated API server (no namespaces)."""
+API server's allocators (against the emulated API server, no namespaces),
+and for the kubelet (ports, restart back-off)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from pcn_lab import controllers
+from pcn_lab import controllers, kubelet
 from pcn_lab.apiserver import EmulatedApiServer, apply, delete
+from pcn_lab.supervisor import RestartBackoff
 
 NS = "demo"
 
@@ -183,3 +185,25 @@ def test_endpoints_follow_their_service(api: EmulatedApiServer) -> None:
     delete(api, service())
     controllers.sync_endpoints(api)
     assert api.request("GET", f"/api/v1/namespaces/{NS}/endpoints").get("items") == []
+
+
+def test_agent_restart_backoff_is_kubelets() -> None:
+    """A DaemonSet's agent that exits is started again at once, then after
+    10 s, 20 s, ... up to 5 minutes (CrashLoopBackOff); ten minutes of
+    running forget the back-off."""
+    b = RestartBackoff()
+    assert [b.delay("n1", 1.0) for _ in range(8)] == [0, 10, 20, 40, 80, 160, 300, 300]
+    assert b.delay("n2", 1.0) == 0  # per node
+    assert b.delay("n1", 600.0) == 0
+    assert b.delay("n1", 1.0) == 10
+
+
+def test_lab_pods_listen_on_their_declared_ports() -> None:
+    """A lab pod serves the ports its containers declare (as the real
+    containers would), besides the probe's TCP 8080 and UDP 8081."""
+    p = pod("web-1", "10.244.1.10", containers=[
+        {"name": "a", "ports": [{"containerPort": 9090}, {"containerPort": 53,
+                                                           "protocol": "UDP"}]},
+        {"name": "b", "ports": [{"containerPort": 8080, "protocol": "TCP"},
+                                {"containerPort": 3868, "protocol": "SCTP"}]}])
+    assert kubelet.container_ports(p, 8080, 8081) == ([8080, 9090], [53, 8081])

@@ -55,6 +55,7 @@ class LabState:
     ready: bool = False
     error: str = ""
     agents: dict[str, int] = field(default_factory=dict)  # node -> pid
+    restarts: dict[str, int] = field(default_factory=dict)  # node -> agent restarts
     prefix: str = ""
 
     @property
@@ -124,6 +125,29 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
+class RestartBackoff:
+    """kubelet's back-off for restarting a container of a pod with
+    restartPolicy Always (a DaemonSet's): the first restart at once, then
+    `initial` seconds after the next exit, doubling up to `cap`
+    (CrashLoopBackOff); a run of `reset_after` seconds or more forgets the
+    back-off. kubelet's defaults: 10 s, 300 s, 10 minutes."""
+
+    def __init__(self, initial: float = 10.0, cap: float = 300.0,
+                 reset_after: float = 600.0) -> None:
+        self.initial, self.cap, self.reset_after = initial, cap, reset_after
+        self._next: dict[str, float] = {}
+
+    def delay(self, key: str, ran_for: float) -> float:
+        """Seconds to wait before restarting `key`, which exited after
+        running `ran_for` seconds."""
+        if ran_for >= self.reset_after or key not in self._next:
+            self._next[key] = self.initial
+            return 0.0
+        delay = self._next[key]
+        self._next[key] = min(delay * 2, self.cap)
+        return delay
+
+
 # ----------------------------------------------------------------------------- supervisor
 class Supervisor:
     """Runs in the background for the life of the lab."""
@@ -138,6 +162,9 @@ class Supervisor:
         self.api = EmulatedApiServer(keep_requests=LAB_REQUEST_LOG_KEEP)
         self.proxy: Any = None
         self.agents: dict[str, subprocess.Popen] = {}
+        self.agent_started: dict[str, float] = {}  # node -> time.monotonic() of the start
+        self.restart_at: dict[str, float] = {}  # node -> when to start its dead agent again
+        self.backoff = RestartBackoff()
         self.sandboxes: dict[tuple[str, str], kubelet.PodSandbox] = {}
         self.sandbox_node: dict[tuple[str, str], str] = {}
         self.servers: dict[tuple[str, str], subprocess.Popen] = {}
@@ -169,11 +196,11 @@ class Supervisor:
             write_kubeconfig(self.state.kubeconfig, self.proxy.url)
             await loop.run_in_executor(None, self._register_cluster)
             self._start_agents()
-            self.state.agents = {n: p.pid for n, p in self.agents.items()}
             self.state.save()
             await self._wait_agents_ready()
             self._seed_pods()
             for _ in range(600):  # until the seeded pods run
+                self._restart_dead_agents()
                 await loop.run_in_executor(None, self._controllers)
                 if self._all_running():
                     break
@@ -181,6 +208,7 @@ class Supervisor:
             self.state.ready = True
             self.state.save()
             while not self.stopping.is_set():
+                self._restart_dead_agents()
                 try:
                     await loop.run_in_executor(None, self._controllers)
                 except Exception:
@@ -217,19 +245,45 @@ class Supervisor:
     def _start_agents(self) -> None:
         settings = self.state.dir / "config.json"
         settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": "1450"}))
-        exe = str(Path(sys.executable).parent / "pcn-agent")
         for i in range(1, self.nodes_count + 1):
-            name = self.lab.node_name(i)
-            # The agent process stays in the root namespace (the API server is on its
-            # loopback) and drives the node's data plane inside the node namespace.
-            env = {**os.environ, "NODE_NAME": name, "PCN_NETNS": name,
-                   "PCN_KUBE_URL": self.proxy.url,
-                   "PCN_SOCKET": str(self.state.dir / f"{name}.sock"),
-                   "PCN_CONFIG": str(settings), "PCN_METRICS_PORT": "0", "PCN_LIVENESS": "",
-                   "PCN_STATE_DIR": str(self.state.dir / "agent-state")}
-            logf = open(self.state.dir / f"agent-{name}.log", "ab")  # noqa: SIM115
+            self._start_agent(self.lab.node_name(i))
+
+    def _start_agent(self, name: str) -> None:
+        exe = str(Path(sys.executable).parent / "pcn-agent")
+        # The agent process stays in the root namespace (the API server is on its
+        # loopback) and drives the node's data plane inside the node namespace.
+        env = {**os.environ, "NODE_NAME": name, "PCN_NETNS": name,
+               "PCN_KUBE_URL": self.proxy.url,
+               "PCN_SOCKET": str(self.state.dir / f"{name}.sock"),
+               "PCN_CONFIG": str(self.state.dir / "config.json"), "PCN_METRICS_PORT": "0",
+               "PCN_LIVENESS": "", "PCN_STATE_DIR": str(self.state.dir / "agent-state")}
+        with open(self.state.dir / f"agent-{name}.log", "ab") as logf:
             self.agents[name] = subprocess.Popen(
                 [exe], env=env, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        self.agent_started[name] = time.monotonic()
+        self.state.agents[name] = self.agents[name].pid
+
+    def _restart_dead_agents(self) -> None:
+        """What the DaemonSet's kubelet does for a node's agent that exited:
+        start it again, after kubelet's back-off (RestartBackoff)."""
+        now = time.monotonic()
+        for name, proc in list(self.agents.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            if name not in self.restart_at:
+                delay = self.backoff.delay(name, now - self.agent_started[name])
+                self.restart_at[name] = now + delay
+                log.warning("agent on %s exited (code %s); restarting it in %.0f s", name, code,
+                            delay)
+                self.state.save()
+            if now >= self.restart_at[name]:
+                del self.restart_at[name]
+                self._start_agent(name)
+                self.state.restarts[name] = self.state.restarts.get(name, 0) + 1
+                self.state.save()
+                log.info("agent on %s restarted (pid %d, restart %d)", name,
+                         self.agents[name].pid, self.state.restarts[name])
 
     async def _wait_agents_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -295,7 +349,12 @@ class Supervisor:
             seen.add(key)
             if key in self.sandboxes or (pod.get("status") or {}).get("podIP"):
                 continue
-            node = (pod.get("spec") or {}).get("nodeName") or self._schedule()
+            node = (pod.get("spec") or {}).get("nodeName")
+            path = f"/api/v1/namespaces/{key[0]}/pods/{key[1]}"
+            if not node:  # the scheduler binds a pod once; its kubelet retries there
+                node = self._schedule()
+                self.api.request("PATCH", path, {"spec": {"nodeName": node}},
+                                 "application/merge-patch+json")
             sb = kubelet.PodSandbox(key[0], key[1], secrets.token_hex(8),
                                     f"{self.lab.prefix}-p-{secrets.token_hex(3)}")
             try:
@@ -305,16 +364,17 @@ class Supervisor:
                 continue
             self.sandboxes[key] = sb
             self.sandbox_node[key] = node
+            tcp, udp = kubelet.container_ports(pod, POD_TCP, POD_UDP)
             self.servers[key] = subprocess.Popen(
                 ["ip", "netns", "exec", sb.netns, *checks.probe_argv(
-                    "serve", "--tcp", str(POD_TCP), "--udp", str(POD_UDP))],
+                    "serve", *[a for p in tcp for a in ("--tcp", str(p))],
+                    *[a for p in udp for a in ("--udp", str(p))])],
                 env={"PCN_PROBE_NAME": key[1], "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # the scheduler's binding, then the kubelet's status (its own subresource)
-            path = f"/api/v1/namespaces/{key[0]}/pods/{key[1]}"
+            # where the lab finds the pod, then the kubelet's status (its own subresource)
             self.api.request("PATCH", path, {
-                "metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}},
-                "spec": {"nodeName": node}}, "application/merge-patch+json")
+                "metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}}},
+                "application/merge-patch+json")
             now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             self.api.request("PATCH", f"{path}/status", {"status": {
                 "phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
