@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pcn_lab import merging
 from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply, get
 
 
@@ -100,3 +101,75 @@ def test_put_keeps_the_status_of_a_resource_with_a_status_subresource() -> None:
                                               "status": {"phase": "Running"}})
         pod = get(api, "Pod", "p", "default")
         assert pod["spec"] == {"nodeName": "n2"} and pod["status"] == {"phase": "Running"}
+
+
+# ----------------------------------------------------------------------------- apply
+def _web(**extra: object) -> dict:
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "namespace": "demo", "labels": {"app": "web", "tier": "fe"}},
+           "spec": {"type": "NodePort", "selector": {"app": "web"}, "sessionAffinity": "ClientIP",
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+    svc["spec"].update(extra)
+    return svc
+
+
+def test_apply_removes_what_left_the_yaml_and_keeps_what_others_set() -> None:
+    """kubectl apply: a label and a field removed from the configuration go;
+    what the server or a controller set (cluster IP, a port's nodePort, a
+    label of its own) stays; applying the same again changes nothing."""
+    with EmulatedApiServer() as api:
+        assert apply(api, _web()) == "created"
+        api.request("PATCH", "/api/v1/namespaces/demo/services/web", {
+            "metadata": {"labels": {"controller": "x"}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [
+                {"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080,
+                 "protocol": "TCP"}]}}, "application/merge-patch+json")
+        edited = _web()
+        del edited["metadata"]["labels"]["tier"]
+        del edited["spec"]["sessionAffinity"]
+        edited["spec"]["ports"][0]["targetPort"] = 9090
+        assert apply(api, edited) == "configured"
+        svc = get(api, "Service", "web", "demo")
+        assert svc["metadata"]["labels"] == {"app": "web", "controller": "x"}
+        assert "sessionAffinity" not in svc["spec"]
+        assert svc["spec"]["clusterIP"] == "10.96.0.10"
+        assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 9090,
+                                         "nodePort": 30080, "protocol": "TCP"}]
+        assert apply(api, edited) == "unchanged"
+
+
+def test_apply_replaces_the_lists_of_a_custom_resource() -> None:
+    """Custom resources have no merge keys: kubectl sends a JSON merge patch,
+    so a list is the applied one, whole."""
+    nf = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+          "metadata": {"name": "fw", "namespace": "demo"},
+          "spec": {"type": "firewall", "config": {"defaultAction": "drop", "rules": [
+              {"action": "drop", "protocol": "tcp", "destinationPorts": "22"},
+              {"action": "drop", "protocol": "tcp", "destinationPorts": "23"}]}}}
+    with EmulatedApiServer() as api:
+        apply(api, nf)
+        nf["spec"]["config"] = {"rules": [nf["spec"]["config"]["rules"][1]]}
+        assert apply(api, nf) == "configured"
+        assert get(api, "NetworkFunction", "fw", "demo")["spec"]["config"] == {
+            "rules": [{"action": "drop", "protocol": "tcp", "destinationPorts": "23"}]}
+
+
+def test_merge_patch_and_three_way_merge() -> None:
+    """RFC 7386: the patch between two objects turns one into the other.
+    kubectl's strategic merge of a keyed list: applied elements in the
+    applied order, merged with the live ones; an element dropped from the
+    configuration goes, one added by someone else stays."""
+    cur = {"a": {"b": 1, "c": [1, 2]}, "d": "x", "e": {"f": 1}}
+    want = {"a": {"b": 2, "c": [2]}, "e": {}, "g": {"h": [3]}}
+    patch = merging.merge_patch(cur, want)
+    assert patch == {"a": {"b": 2, "c": [2]}, "d": None, "e": {"f": None}, "g": {"h": [3]}}
+    assert merging.apply_merge_patch(cur, patch) == want
+    assert merging.merge_patch(want, want) == {}
+    original = {"spec": {"containers": [{"name": "a", "image": "1"}, {"name": "b"}]}}
+    modified = {"spec": {"containers": [{"name": "c"}, {"name": "a", "image": "2"}]}}
+    current = {"spec": {"containers": [{"name": "a", "image": "1", "tty": True}, {"name": "b"},
+                                       {"name": "sidecar"}]}}
+    assert merging.three_way_merge(original, modified, current, strategic=True) == {
+        "spec": {"containers": [{"name": "c"}, {"name": "a", "image": "2", "tty": True},
+                                {"name": "sidecar"}]}}
+    assert merging.three_way_merge(original, modified, current, strategic=False) == modified

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs
@@ -136,6 +137,20 @@ def test_kubectl_pcn_chain_counters_rise_with_traffic(running) -> None:
         return now if now and _hits(now) > _hits(first) else None
 
     _wait("the firewall's counters to rise", risen, timeout=30)
+
+
+def test_kubectl_pcn_stats_without_n_shows_the_demo_pods(running) -> None:
+    """The lab's kubeconfig points at the namespace of what `up -f` applied."""
+    d, _ = running
+    cfg = yaml.safe_load((d / "kubeconfig").read_text())
+    assert cfg["contexts"][0]["context"]["namespace"] == "demo"
+
+    def listed():
+        r = subprocess.run([str(BIN / "kubectl-pcn"), "stats"], env=kube_env(d),
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout if r.returncode == 0 and "web-1" in r.stdout else None
+
+    _wait("web-1 in `kubectl pcn stats`", listed)
 
 
 def _pod_ip(d: Path, name: str) -> str:

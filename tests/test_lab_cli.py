@@ -13,6 +13,9 @@ import pytest
 
 from pcn_lab import checks
 from pcn_lab import cli as lab
+from pcn_lab.supervisor import load_documents, workload_namespace
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 P = lab._LabView.P
 NODES = [{"metadata": {"name": f"pcnt-abc-n{i}"},
@@ -118,3 +121,15 @@ def test_status_into_a_closed_pipe_says_nothing(tmp_path: Path) -> None:
         os.close(write)
     assert r.stderr == ""
     assert r.returncode != 0
+
+
+def test_the_kubeconfig_namespace_is_the_workloads() -> None:
+    """`pcn-lab up -f examples/` puts everything in demo: the kubeconfig's
+    context points there (so `kubectl pcn stats` without -n shows it)."""
+    docs = load_documents(EXAMPLES)
+    assert workload_namespace(docs) == "demo"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}}
+    assert workload_namespace([*docs, pod]) is None  # demo and default
+    assert workload_namespace([pod, node]) == "default"
+    assert workload_namespace([node]) is None

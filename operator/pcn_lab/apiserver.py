@@ -8,6 +8,7 @@ Used by the agent's tests and by the local lab.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import json
 import logging
@@ -16,6 +17,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pcn_lab import merging
 
 RESOURCES: dict[str, dict[str, Any]] = {
     "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": {"ns"},
@@ -42,6 +45,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
 }
 log = logging.getLogger(__name__)
 
+CUSTOM_GROUPS = {"pcn.dev"}  # served from CRDs; the rest is built into Kubernetes
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 PLURALS = {info["kind"]: path for path, info in RESOURCES.items()}
 
@@ -173,20 +177,53 @@ def object_path(obj: Mapping[str, Any], with_name: bool = True) -> str:
 
 
 def apply(api: EmulatedApiServer, obj: Mapping[str, Any]) -> str:
-    """Create the object, or merge it into the existing one: `kubectl apply`'s
-    effect on a fresh cluster. Returns 'created' or 'configured'."""
-    new = dict(obj)
-    meta = dict(new.get("metadata") or {})
-    meta.setdefault("creationTimestamp",
-                    datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    new["metadata"] = meta
+    """`kubectl apply` (client-side) of one object: create it, or change the
+    live object by what changed in the configuration since it was last
+    applied, so that a field removed from the YAML is removed from the
+    object while fields others set (a cluster IP, an allocated nodePort, a
+    controller's label) stay. The configuration is kept, as kubectl keeps
+    it, in the kubectl.kubernetes.io/last-applied-configuration annotation.
+    Built-in kinds merge lists with merge keys element by element (kubectl's
+    strategic merge); custom resources replace lists (JSON merge). The
+    result goes to the server as a merge patch (the emulator understands no
+    strategic merge patch), computed against the object as read just
+    before. .status is not applied. Returns 'created', 'configured' or
+    'unchanged'; ApiServerError from the server."""
+    config = copy.deepcopy(dict(obj))
+    meta = dict(config.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k != merging.LAST_APPLIED}
+    if annotations:
+        meta["annotations"] = annotations
+    else:
+        meta.pop("annotations", None)
+    config["metadata"] = meta
+    modified = copy.deepcopy(config)
+    modified["metadata"]["annotations"] = {
+        **annotations,
+        merging.LAST_APPLIED: json.dumps(config, sort_keys=True, separators=(",", ":"))}
+    new = copy.deepcopy(modified)
+    new["metadata"].setdefault(
+        "creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     try:
         api.request("POST", object_path(obj, with_name=False), new)
         return "created"
     except ApiServerError as exc:
         if exc.status != 409:
             raise
-    patch = {k: v for k, v in obj.items() if k not in ("status",)}
+    current = api.request("GET", object_path(obj))
+    try:
+        original = json.loads(((current.get("metadata") or {}).get("annotations") or {})
+                              .get(merging.LAST_APPLIED) or "{}")
+    except ValueError:
+        original = {}
+    original.pop("status", None)
+    modified.pop("status", None)
+    strategic = PLURALS[str(obj["kind"])].split("/")[0] not in CUSTOM_GROUPS
+    desired = merging.three_way_merge(original, modified, current, strategic)
+    patch = merging.merge_patch(current, desired)
+    if not patch:
+        return "unchanged"
     api.request("PATCH", object_path(obj), patch, "application/merge-patch+json")
     return "configured"
 

@@ -49,6 +49,8 @@ from pcn_lab.supervisor import (
     cleanup,
     load_documents,
     say,
+    workload_namespace,
+    write_kubeconfig,
 )
 from pcn_lab.topology import EXTERNAL_IP
 
@@ -102,13 +104,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         _stop_supervisor(proc.pid)
         cleanup(state)
         return 130
+    namespace = "default"
     if args.filename:
         rc = cmd_apply(argparse.Namespace(dir=args.dir, filename=args.filename))
         if rc:
             return rc
+        # what `kubectl config set-context --current --namespace=...` would do
+        # for someone who just deployed a workload into one namespace
+        namespace = workload_namespace(load_documents(Path(args.filename))) or "default"
     cur = LabState.load(args.dir)
     assert cur is not None
-    print(f"""pcn lab up: {cur.nodes} node(s), API server {cur.api_url}
+    if namespace != "default":
+        write_kubeconfig(cur.kubeconfig, cur.api_url, namespace)
+    print(f"""pcn lab up: {cur.nodes} node(s), API server {cur.api_url}, namespace {namespace}
 
   export KUBECONFIG={cur.kubeconfig}
   kubectl get nodes,pods -o wide

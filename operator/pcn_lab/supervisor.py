@@ -96,13 +96,27 @@ def alive(pid: int) -> bool:
         return False
 
 
-def write_kubeconfig(path: Path, url: str) -> None:
+def write_kubeconfig(path: Path, url: str, namespace: str = "default") -> None:
+    """A kubeconfig whose current context is the lab at `url`, in `namespace`."""
     cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "pcn-lab",
            "clusters": [{"name": "pcn-lab", "cluster": {"server": url}}],
            "users": [{"name": "pcn-lab", "user": {}}],
            "contexts": [{"name": "pcn-lab", "context": {"cluster": "pcn-lab", "user": "pcn-lab",
-                                                       "namespace": "default"}}]}
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                                                       "namespace": namespace}}]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(path)
+
+
+def workload_namespace(docs: list[dict[str, Any]]) -> str | None:
+    """The one namespace all the namespaced objects of `docs` are in (an
+    object without one is in "default"); None when they are in several, or
+    there are none. (Namespaces and the lab's cluster-wide kinds do not count.)"""
+    from pcn_lab.apiserver import PLURALS, RESOURCES
+
+    names = {(d.get("metadata") or {}).get("namespace") or "default" for d in docs
+             if d.get("kind") in PLURALS and RESOURCES[PLURALS[d["kind"]]]["namespaced"]}
+    return names.pop() if len(names) == 1 else None
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
