@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -51,7 +53,7 @@ class Proxied:
 
     def watch(self, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-        conn.request("GET", path + "?watch=true")
+        conn.request("GET", path + ("&" if "?" in path else "?") + "watch=true")
         r = conn.getresponse()
         assert r.status == 200
         return conn, r
@@ -104,3 +106,147 @@ def test_many_watches_at_once_do_not_block_other_requests(proxied: Proxied) -> N
         for conn, r in watches:
             r.close()
             conn.close()
+
+
+def _service(api: EmulatedApiServer, name: str, **spec: object) -> None:
+    from pcn_lab.apiserver import apply
+
+    apply(api, {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "demo"},
+                "spec": {"selector": {"app": "web"}, **spec}})
+
+
+def test_discovery_names_resources_as_kubernetes_does(proxied: Proxied) -> None:
+    """Singular names (`kubectl get endpointslice`) and short names
+    (`svc`, `ep`) as a real API server advertises them."""
+    _, core = proxied.get("/api/v1")
+    _, disc = proxied.get("/apis/discovery.k8s.io/v1")
+    by_name = {r["name"]: r for doc in (core, disc) for r in doc["resources"]}
+    assert by_name["endpointslices"]["singularName"] == "endpointslice"
+    assert by_name["services"]["singularName"] == "service"
+    assert by_name["services"]["shortNames"] == ["svc"]
+    assert by_name["endpoints"]["singularName"] == "endpoints"
+    assert by_name["endpoints"]["shortNames"] == ["ep"]
+    assert by_name["pods"]["singularName"] == "pod"
+    assert core["groupVersion"] == "v1"
+    # a subresource is no resource of its own: no names for kubectl to match
+    status = by_name["services/status"]
+    assert status["shortNames"] == [] and status["singularName"] == ""
+    assert sorted(status["verbs"]) == ["get", "patch", "update"]
+
+
+def test_service_table_has_kubectls_columns(proxied: Proxied) -> None:
+    """TYPE, CLUSTER-IP, EXTERNAL-IP, PORT(S), AGE (and SELECTOR with -o
+    wide) as kube-apiserver prints Services."""
+    _service(proxied.api, "web", type="NodePort", clusterIP="10.96.0.10",
+             ports=[{"port": 80, "nodePort": 30080, "protocol": "TCP"},
+                    {"port": 53, "protocol": "UDP", "nodePort": 30053}])
+    _service(proxied.api, "plain", ports=[{"port": 80}])  # not defaulted yet: ClusterIP
+    _service(proxied.api, "lb", type="LoadBalancer", clusterIP="10.96.0.11",
+             ports=[{"port": 443, "nodePort": 30443}])
+    _service(proxied.api, "ext", type="ExternalName", externalName="example.com")
+    status, table = proxied.get("/api/v1/namespaces/demo/services",
+                                accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    assert status == 200
+    assert [c["name"] for c in table["columnDefinitions"]] == [
+        "Name", "Type", "Cluster-IP", "External-IP", "Port(s)", "Age", "Selector"]
+    assert table["columnDefinitions"][-1]["priority"] == 1
+    rows = {r["cells"][0]: r["cells"][1:5] + r["cells"][6:] for r in table["rows"]}
+    assert rows == {
+        "web": ["NodePort", "10.96.0.10", "<none>", "80:30080/TCP,53:30053/UDP", "app=web"],
+        "plain": ["ClusterIP", "<none>", "<none>", "80/TCP", "app=web"],
+        "lb": ["LoadBalancer", "10.96.0.11", "<pending>", "443:30443/TCP", "app=web"],
+        "ext": ["ExternalName", "<none>", "example.com", "<none>", "app=web"]}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_resolves_singular_and_short_names(proxied: Proxied, tmp_path: Path) -> None:
+    from pcn_lab.supervisor import write_kubeconfig
+
+    _service(proxied.api, "web", clusterIP="10.96.0.10", type="ClusterIP",
+             ports=[{"port": 80, "protocol": "TCP"}])
+    cfg = tmp_path / "kubeconfig"
+    write_kubeconfig(cfg, proxied.proxy.url, "demo")
+    for what in ("endpointslice", "endpointslices", "ep", "endpoints", "svc", "service"):
+        r = subprocess.run(["kubectl", "--kubeconfig", str(cfg), "--cache-dir",
+                            str(tmp_path / "cache"), "get", what], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "Warning" not in r.stderr, (what, r.stderr)
+    r = subprocess.run(["kubectl", "--kubeconfig", str(cfg), "--cache-dir",
+                        str(tmp_path / "cache"), "get", "svc"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.split("\n")[0].split() == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP",
+                                               "PORT(S)", "AGE"]
+    assert r.stdout.split("\n")[1].split()[:5] == ["web", "ClusterIP", "10.96.0.10", "<none>",
+                                                   "80/TCP"]
+
+
+# ----------------------------------------------------------------------------- selectors
+def _pod(name: str, labels: dict[str, str], node: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "demo", "labels": labels},
+            "spec": {"nodeName": node}}
+
+
+def test_label_and_field_selectors() -> None:
+    from pcn_lab.selection import SelectorError, field_selector, label_selector
+
+    web = _pod("web-1", {"app": "web", "tier": "fe", "n": "3"}, "n1")
+    db = _pod("db-1", {"app": "db"}, "n2")
+
+    def picks(sel: str) -> list[str]:
+        m = label_selector(sel)
+        return [p["metadata"]["name"] for p in (web, db) if m(p)]
+
+    assert picks("app=web") == picks("app==web") == ["web-1"]
+    assert picks("app!=web") == ["db-1"]
+    assert picks("tier!=fe") == ["db-1"]  # no label: not equal
+    assert picks("app in (web, db)") == ["web-1", "db-1"]
+    assert picks("app in (web,db),tier notin (be)") == ["web-1", "db-1"]
+    assert picks("tier") == ["web-1"] and picks("!tier") == ["db-1"]
+    assert picks("n>2") == ["web-1"] and picks("n<3") == []
+    assert picks("") == ["web-1", "db-1"]
+    for bad in ("app in (web", "a=b=c", "n>x", "!app in (a)"):
+        with pytest.raises(SelectorError):
+            label_selector(bad)
+    assert field_selector("spec.nodeName=n1")(web) and not field_selector("spec.nodeName=n1")(db)
+    assert field_selector("metadata.name!=web-1,metadata.namespace=demo")(db)
+    assert field_selector("status.phase=")(web)  # a missing field is ""
+
+
+def test_lists_and_watches_honour_selectors(proxied: Proxied) -> None:
+    """`kubectl get pods -l app=web`, `--field-selector spec.nodeName=n1`;
+    a watch with a selector hears of an object that stops matching as
+    DELETED and of one that comes to match as ADDED."""
+    from pcn_lab.apiserver import apply
+
+    apply(proxied.api, _pod("web-1", {"app": "web"}, "n1"))
+    apply(proxied.api, _pod("db-1", {"app": "db"}, "n1"))
+    apply(proxied.api, _pod("web-2", {"app": "web"}, "n2"))
+
+    def names(query: str) -> list[str]:
+        status, body = proxied.get(f"/api/v1/namespaces/demo/pods?{query}")
+        assert status == 200, body
+        return sorted(i["metadata"]["name"] for i in body["items"])
+
+    assert names("labelSelector=app%3Dweb") == ["web-1", "web-2"]
+    assert names("fieldSelector=spec.nodeName%3Dn1") == ["db-1", "web-1"]
+    assert names("labelSelector=app%3Dweb&fieldSelector=spec.nodeName%3Dn2") == ["web-2"]
+    status, _ = proxied.get("/api/v1/namespaces/demo/pods?labelSelector=app+in+(web")
+    assert status == 400
+    conn, r = proxied.watch("/api/v1/namespaces/demo/pods?labelSelector=app%3Dweb")
+    try:
+        first = [json.loads(r.readline()) for _ in range(2)]
+        assert sorted((e["type"], e["object"]["metadata"]["name"]) for e in first) == [
+            ("ADDED", "web-1"), ("ADDED", "web-2")]
+        path = "/api/v1/namespaces/demo/pods/"
+        proxied.api.request("PATCH", path + "db-1", {"metadata": {"labels": {"app": "web"}}},
+                            "application/merge-patch+json")
+        proxied.api.request("PATCH", path + "web-1", {"metadata": {"labels": {"app": "x"}}},
+                            "application/merge-patch+json")
+        seen = [json.loads(r.readline()) for _ in range(2)]
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in seen] == [
+            ("ADDED", "db-1"), ("DELETED", "web-1")]
+    finally:
+        r.close()
+        conn.close()

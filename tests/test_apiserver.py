@@ -48,7 +48,8 @@ def test_keep_requests_must_be_positive() -> None:
 # ----------------------------------------------------------------------------- PUT
 def test_put_replaces_the_object_as_the_api_server_does() -> None:
     """PUT (update) replaces the whole object: fields left out are gone. The
-    server keeps what it owns (uid, creationTimestamp); an object that does
+    server keeps what it owns (uid, creationTimestamp: set on create, as
+    kube-apiserver does, whatever the client sent); an object that does
     not exist is 404, a name that differs from the URL's 400; a watch sees
     MODIFIED."""
     import json as _json
@@ -56,9 +57,12 @@ def test_put_replaces_the_object_as_the_api_server_does() -> None:
 
     with EmulatedApiServer() as api:
         cm = {**_config_map(1), "data": {"a": "1", "b": "2"}}
-        cm["metadata"] = {**cm["metadata"], "uid": "u-1", "labels": {"x": "y"}}
+        cm["metadata"] = {**cm["metadata"], "labels": {"x": "y"}}
+        cm["metadata"]["uid"] = "mine"
         apply(api, cm)
         before = get(api, "ConfigMap", "cm-1", "default")
+        assert before["metadata"]["uid"] not in ("", "mine")
+        assert before["metadata"]["creationTimestamp"].endswith("Z")
         path = "/api/v1/namespaces/default/configmaps/cm-1"
         watch = urllib.request.urlopen(api.url + "/api/v1/namespaces/default/configmaps"
                                        "?watch=true", timeout=10)
@@ -70,7 +74,7 @@ def test_put_replaces_the_object_as_the_api_server_does() -> None:
         assert out == now
         assert now["data"] == {"b": "3"}
         assert "labels" not in now["metadata"]
-        assert now["metadata"]["uid"] == "u-1"
+        assert now["metadata"]["uid"] == before["metadata"]["uid"]
         assert now["metadata"]["creationTimestamp"] == before["metadata"]["creationTimestamp"]
         event = _json.loads(watch.readline())
         watch.close()

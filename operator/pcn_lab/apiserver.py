@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime
 import json
 import logging
 import threading
@@ -111,7 +110,10 @@ class EmulatedApiServer:
         async with LabEmulator() as emulator, \
                 kmock.Server(emulator, host=self.host, port=self.port or None) as server:
             for path, info in self.resources.items():
-                emulator.resources[path] = kmock.ResourceInfo(verbs=VERBS, **info)
+                # discovery's singularName is the lower-case kind (kmock's default,
+                # the plural, makes `kubectl get endpointslice` unknown)
+                emulator.resources[path] = kmock.ResourceInfo(
+                    verbs=VERBS, **{"singular": info["kind"].lower(), **info})
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self.port = server.port
@@ -202,11 +204,8 @@ def apply(api: EmulatedApiServer, obj: Mapping[str, Any]) -> str:
     modified["metadata"]["annotations"] = {
         **annotations,
         merging.LAST_APPLIED: json.dumps(config, sort_keys=True, separators=(",", ":"))}
-    new = copy.deepcopy(modified)
-    new["metadata"].setdefault(
-        "creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     try:
-        api.request("POST", object_path(obj, with_name=False), new)
+        api.request("POST", object_path(obj, with_name=False), modified)
         return "created"
     except ApiServerError as exc:
         if exc.status != 409:

@@ -1,5 +1,6 @@
 """kmock's KubernetesEmulator with what the lab needs of a real API server
-and kmock 0.8 lacks: PUT (update, "replace").
+and kmock 0.8 lacks: PUT (update, "replace"), and the uid, creationTimestamp
+and generation the server gives every new object.
 
 kmock serves GET, LIST, WATCH, POST, PATCH (merge or JSON patch) and DELETE;
 a PUT falls through to its "endpoint not found" reaction and is answered 404,
@@ -14,6 +15,8 @@ watch buses as kmock's own writes. Imported only by the emulator's thread
 from __future__ import annotations
 
 import copy
+import datetime
+import uuid
 from typing import Any
 
 import aiohttp.web
@@ -29,6 +32,21 @@ SERVER_METADATA = ("uid", "creationTimestamp", "deletionTimestamp",
                    "deletionGracePeriodSeconds", "generation", "resourceVersion")
 
 
+def stamp_new(obj: dict[str, Any]) -> None:
+    """What the API server sets on every object it creates (in place):
+    metadata.uid, creationTimestamp (RFC 3339, seconds, UTC) and generation
+    1; a client's own values of these are replaced, as the server does."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        meta = obj["metadata"] = {}
+    meta["uid"] = str(uuid.uuid4())
+    meta["creationTimestamp"] = \
+        datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    meta["generation"] = 1
+    for owned in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds"):
+        meta.pop(owned, None)
+
+
 class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """The emulator, plus PUT on an object and on its status subresource."""
 
@@ -36,6 +54,8 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         if request.method == kmock.method.PUT and request.resource is not None \
                 and request.name is not None:
             return aiohttp.web.json_response(await self._replace(request))
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            stamp_new(request.data)  # before kmock stores it and tells the watchers
         response: aiohttp.web.StreamResponse = await super()._handle(request)
         return response
 
