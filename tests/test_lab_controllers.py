@@ -207,3 +207,21 @@ def test_lab_pods_listen_on_their_declared_ports() -> None:
         {"name": "b", "ports": [{"containerPort": 8080, "protocol": "TCP"},
                                 {"containerPort": 3868, "protocol": "SCTP"}]}])
     assert kubelet.container_ports(p, 8080, 8081) == ([8080, 9090], [53, 8081])
+
+
+def test_one_bad_service_does_not_hold_up_the_others(api: EmulatedApiServer,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A controller works through its Services one by one: an invalid one
+    (a selector that is no map, which a real API server would refuse) is
+    reported once, however many passes fail on it, and the others are
+    synced."""
+    apply(api, {**service("bad"), "spec": {"selector": ["app", "web"], "ports": [{"port": 80}]}})
+    apply(api, service())
+    apply(api, pod("web-1", "10.244.1.10"))
+    with caplog.at_level("WARNING", logger="pcn_lab.controllers"):
+        for _ in range(3):
+            controllers.sync_endpoint_slices(api)
+    assert addresses(api) == {"10.244.1.10"}
+    assert [r.getMessage() for r in caplog.records if "demo/bad" in r.getMessage()] == [
+        "endpointslice controller: demo/bad: AttributeError: 'list' object has no attribute "
+        "'items' (retried on every pass)"]

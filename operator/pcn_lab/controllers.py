@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pcn_lab.apiserver import ApiServerError, EmulatedApiServer
+
+log = logging.getLogger(__name__)
 
 SERVICE_RANGE = ipaddress.IPv4Network("10.96.0.0/12")
 SERVICE_RANGE_V6 = ipaddress.IPv6Network("fd00:10:96::/112")
@@ -48,6 +51,31 @@ def _family(ip: str) -> str | None:
         return "IPv6" if ipaddress.ip_address(ip).version == 6 else "IPv4"
     except ValueError:
         return None
+
+
+# ----------------------------------------------------------------------------- errors
+# (controller, namespace, name) -> the last failure reported for it
+_failing: dict[tuple[str, str, str], str] = {}
+
+
+def for_each(controller: str, objs: Iterable[Mapping[str, Any]],
+             sync: Callable[[Mapping[str, Any]], None]) -> None:
+    """Run `sync` on each object, as a controller works through its queue:
+    one object's failure (an invalid object, a conflict) does not hold up
+    the others; it is retried on the next pass and logged when it starts,
+    changes or ends, not on every pass."""
+    for obj in objs:
+        key = (controller, _ns(obj), str(_meta(obj).get("name")))
+        try:
+            sync(obj)
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            if _failing.get(key) != msg:
+                log.warning("%s: %s/%s: %s (retried on every pass)", *key, msg)
+                _failing[key] = msg
+        else:
+            if _failing.pop(key, None) is not None:
+                log.info("%s: %s/%s: synced again", *key)
 
 
 # ----------------------------------------------------------------------------- Services
@@ -147,11 +175,13 @@ def allocate_service_addresses(api: EmulatedApiServer) -> None:
                                             [(s.get("spec") or {}).get("clusterIP")]) if ip}
     used_ports = {int(p["nodePort"]) for s in svcs
                   for p in (s.get("spec") or {}).get("ports") or [] if p.get("nodePort")}
-    for s in svcs:
+    def sync(s: Mapping[str, Any]) -> None:
         patch = service_defaults(s, used_ips, used_ports)
         if patch:
             api.request("PATCH", f"/api/v1/namespaces/{_ns(s)}/services/{_meta(s)['name']}",
                         {"spec": patch}, "application/merge-patch+json")
+
+    for_each("service addresses", svcs, sync)
 
 
 # ----------------------------------------------------------------------------- pods
@@ -300,18 +330,21 @@ def sync_endpoint_slices(api: EmulatedApiServer) -> None:
         labels = _meta(s).get("labels") or {}
         if labels.get(MANAGED_BY_LABEL) == MANAGED_BY and SERVICE_NAME_LABEL in labels:
             ours.setdefault((_ns(s), labels[SERVICE_NAME_LABEL]), []).append(s)
-    for svc in svcs:
-        key = (_ns(svc), str(_meta(svc)["name"]))
-        have = ours.pop(key, [])
-        if not (svc.get("spec") or {}).get("selector"):
-            ours[key] = have  # to be deleted: no selector, no managed slices
-            continue
+    selecting = [svc for svc in svcs if (svc.get("spec") or {}).get("selector")]
+    mine = {(_ns(svc), str(_meta(svc)["name"])): ours.pop((_ns(svc), str(_meta(svc)["name"])),
+                                                          [])
+            for svc in selecting}
+
+    def sync(svc: Mapping[str, Any]) -> None:
+        have = mine[(_ns(svc), str(_meta(svc)["name"]))]
         uid = _meta(svc).get("uid")
         stale = [s for s in have if uid and {o.get("uid") for o in
                                              _meta(s).get("ownerReferences") or []} != {uid}]
         _delete_slices(api, stale)
         _sync_service(api, svc, [s for s in have if s not in stale], desired_slices(svc, pods))
-    for gone in ours.values():
+
+    for_each("endpointslice controller", selecting, sync)
+    for gone in ours.values():  # no Service, or one without a selector
         _delete_slices(api, gone)
 
 
@@ -395,12 +428,11 @@ def sync_endpoints(api: EmulatedApiServer) -> None:
     pods = api.request("GET", "/api/v1/pods").get("items", [])
     eps = {(_ns(e), str(_meta(e)["name"])): e
            for e in api.request("GET", "/api/v1/endpoints").get("items", [])}
-    wanted = set()
-    for svc in svcs:
-        if not (svc.get("spec") or {}).get("selector"):
-            continue
+    selecting = [svc for svc in svcs if (svc.get("spec") or {}).get("selector")]
+    wanted = {(_ns(svc), str(_meta(svc)["name"])) for svc in selecting}
+
+    def sync(svc: Mapping[str, Any]) -> None:
         key = (_ns(svc), str(_meta(svc)["name"]))
-        wanted.add(key)
         subsets = desired_endpoints(svc, pods)
         labels = dict(_meta(svc).get("labels") or {})
         if (svc.get("spec") or {}).get("clusterIP") == "None":
@@ -420,6 +452,8 @@ def sync_endpoints(api: EmulatedApiServer) -> None:
                                 "annotations": {**(_meta(have).get("annotations") or {}),
                                                 **stamp}}
             api.request("PUT", f"{path}/{key[1]}", body)
+
+    for_each("endpoints controller", selecting, sync)
     for key, have in eps.items():
         # the controller deletes the Endpoints of a deleted Service; it knows
         # the ones it wrote by their trigger-time annotation

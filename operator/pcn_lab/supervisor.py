@@ -182,6 +182,7 @@ class Supervisor:
         self.sandboxes: dict[tuple[str, str], kubelet.PodSandbox] = {}
         self.sandbox_node: dict[tuple[str, str], str] = {}
         self.servers: dict[tuple[str, str], subprocess.Popen] = {}
+        self.pod_errors: dict[tuple[str, str], str] = {}  # why a pod did not start, last
         self.cni: dict[str, dict[str, Any]] = {}
         self.stopping = asyncio.Event()
         self._rr = 0
@@ -221,12 +222,16 @@ class Supervisor:
                 await asyncio.sleep(0.2)
             self.state.ready = True
             self.state.save()
+            failing = ""
             while not self.stopping.is_set():
                 self._restart_dead_agents()
                 try:
                     await loop.run_in_executor(None, self._controllers)
-                except Exception:
-                    log.exception("lab controllers failed; retrying")
+                    failing = ""
+                except Exception as exc:  # e.g. the API unreachable: once, not every pass
+                    if repr(exc) != failing:
+                        log.exception("lab controllers failed; retrying on every pass")
+                        failing = repr(exc)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), 0.3)
                 except TimeoutError:
@@ -373,9 +378,12 @@ class Supervisor:
                                     f"{self.lab.prefix}-p-{secrets.token_hex(3)}")
             try:
                 kubelet.start_pod(node, sb, self.cni[node])
-            except Exception as exc:
-                log.error("could not start pod %s/%s: %s", *key, exc)
+            except Exception as exc:  # retried on every pass, logged when it changes
+                if self.pod_errors.get(key) != str(exc):
+                    log.error("could not start pod %s/%s: %s", *key, exc)
+                    self.pod_errors[key] = str(exc)
                 continue
+            self.pod_errors.pop(key, None)
             self.sandboxes[key] = sb
             self.sandbox_node[key] = node
             tcp, udp = kubelet.container_ports(pod, POD_TCP, POD_UDP)
