@@ -250,3 +250,71 @@ def test_lists_and_watches_honour_selectors(proxied: Proxied) -> None:
     finally:
         r.close()
         conn.close()
+
+
+def test_strategic_merge_patches_are_applied_not_stored(proxied: Proxied) -> None:
+    """What kubectl apply sends for a Service whose ports changed: the
+    directives take effect (kmock stored them as fields and replaced the
+    list, losing the nodePort); on a custom resource the server refuses
+    such a patch (415), and server-side apply is refused as not served."""
+    _service(proxied.api, "web", type="NodePort",
+             ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080,
+                     "protocol": "TCP"}])
+    patch = {"spec": {"$setElementOrder/ports": [{"port": 80}],
+                      "ports": [{"port": 80, "targetPort": 9090}]}}
+
+    def send(path: str, body: object, ctype: str) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(proxied.host, proxied.port, timeout=10)
+        try:
+            conn.request("PATCH", path, json.dumps(body), {"Content-Type": ctype})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read() or b"null")
+        finally:
+            conn.close()
+
+    smp = "application/strategic-merge-patch+json"
+    status, svc = send("/api/v1/namespaces/demo/services/web", patch, smp)
+    assert status == 200, svc
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 9090,
+                                     "nodePort": 30080, "protocol": "TCP"}]
+    assert not any(k.startswith("$") for k in svc["spec"])
+    status, _ = send("/apis/pcn.dev/v1alpha1/namespaces/demo/networkfunctions/x", {}, smp)
+    assert status == 415
+    status, _ = send("/api/v1/namespaces/demo/services/web", {},
+                     "application/apply-patch+yaml")
+    assert status == 415
+    status, _ = send("/api/v1/namespaces/demo/services/nope", patch, smp)
+    assert status == 404
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_apply_twice(proxied: Proxied, tmp_path: Path) -> None:
+    """The real kubectl apply against the lab: a re-apply with a changed
+    port and a label removed."""
+    from pcn_lab.supervisor import write_kubeconfig
+
+    cfg = tmp_path / "kubeconfig"
+    write_kubeconfig(cfg, proxied.proxy.url, "demo")
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "web", "namespace": "demo", "labels": {"a": "1", "b": "2"}},
+           "spec": {"type": "NodePort", "selector": {"app": "web"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+    kubectl = ["kubectl", "--kubeconfig", str(cfg), "--cache-dir", str(tmp_path / "cache")]
+    for step in range(2):
+        f = tmp_path / f"svc{step}.json"
+        f.write_text(json.dumps(svc))
+        r = subprocess.run([*kubectl, "apply", "-f", str(f)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        if step == 0:  # the API server allocates a nodePort
+            proxied.api.request("PATCH", "/api/v1/namespaces/demo/services/web", {
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080,
+                                    "nodePort": 30080, "protocol": "TCP"}]}},
+                "application/merge-patch+json")
+            del svc["metadata"]["labels"]["b"]
+            svc["spec"]["ports"][0]["targetPort"] = 9090
+    _, live = proxied.get("/api/v1/namespaces/demo/services/web")
+    assert live["metadata"]["labels"] == {"a": "1"}
+    assert live["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 9090,
+                                      "nodePort": 30080, "protocol": "TCP"}]
+    assert not any(k.startswith("$") for k in live["spec"])

@@ -177,3 +177,26 @@ def test_merge_patch_and_three_way_merge() -> None:
         "spec": {"containers": [{"name": "c"}, {"name": "a", "image": "2", "tty": True},
                                 {"name": "sidecar"}]}}
     assert merging.three_way_merge(original, modified, current, strategic=False) == modified
+
+
+def test_strategic_merge_patch() -> None:
+    """The directives kubectl sends for built-in kinds: keyed lists merge,
+    $setElementOrder orders, $patch delete/replace, $retainKeys,
+    $deleteFromPrimitiveList; merged scalar lists (finalizers) gain values."""
+    live = {"metadata": {"labels": {"a": "1", "b": "2"}, "finalizers": ["x", "y"]},
+            "spec": {"ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}],
+                     "selector": {"app": "web", "tier": "fe"},
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}}}
+    patch = {"metadata": {"labels": {"b": None}, "finalizers": ["z"],
+                          "$deleteFromPrimitiveList/finalizers": ["x"]},
+             "spec": {"$setElementOrder/ports": [{"port": 8443}, {"port": 80}],
+                      "ports": [{"port": 80, "targetPort": 8080}, {"port": 8443},
+                                {"port": 53, "$patch": "delete"}],
+                      "selector": {"$patch": "replace", "app": "api"},
+                      "strategy": {"$retainKeys": ["type"], "type": "Recreate"}}}
+    assert merging.apply_strategic_patch(live, patch) == {
+        "metadata": {"labels": {"a": "1"}, "finalizers": ["y", "z"]},
+        "spec": {"ports": [{"port": 8443},
+                           {"name": "http", "port": 80, "nodePort": 30080, "targetPort": 8080}],
+                 "selector": {"app": "api"}, "strategy": {"type": "Recreate"}}}

@@ -19,9 +19,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from pcn_lab import selection
-from pcn_lab.apiserver import RESOURCES
+from pcn_lab import merging, selection
+from pcn_lab.apiserver import CUSTOM_GROUPS, RESOURCES
 
+# Patch types kube-apiserver accepts and the emulator does not (it applies
+# every PATCH body as a merge patch, a list as a JSON patch).
+_SERVER_PATCHES = {"application/strategic-merge-patch+json", "application/apply-patch+yaml"}
 _DISCOVERY = re.compile(r"^/api/v1$|^/apis/[^/]+/[^/]+$")
 _JSONPATH_FILTER = re.compile(r'^(\w+)\[\?\(@\.(\w+)==["\']([^"\']*)["\']\)\]$')
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "accept-encoding"}
@@ -286,6 +289,8 @@ class ApiProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
+        if request.path.rstrip("/") in ("/openapi/v2", "/openapi/v3"):
+            return self._openapi(request.path.rstrip("/"))
         body = await request.read()
         res = _resource_of(request.path)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -301,6 +306,13 @@ class ApiProxy:
                 return web.json_response(
                     {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
                      "reason": "BadRequest", "code": 400, "message": str(exc)}, status=400)
+        ctype_in = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if request.method == "PATCH" and res and res[2] and ctype_in in _SERVER_PATCHES:
+            translated = await self._translate_patch(request, res, ctype_in, body, headers)
+            if isinstance(translated, web.Response):
+                return translated
+            body = translated
+            headers["Content-Type"] = "application/merge-patch+json"
         async with self._session.request(request.method, self.upstream + request.path_qs,
                                          data=body or None, headers=headers) as up:
             if watching:
@@ -313,6 +325,62 @@ class ApiProxy:
             elif up.status < 300 and _DISCOVERY.match(request.path.rstrip("/")):
                 data = self._fix_discovery(data)
             return web.Response(status=up.status, body=data, content_type=ctype.split(";")[0])
+
+    @staticmethod
+    def _openapi(path: str) -> web.Response:
+        """OpenAPI documents with no schemas: the lab's resources have none
+        to offer (the emulator validates nothing), and kubectl, which will
+        not apply or edit without downloading one, then skips client-side
+        validation as it does for a kind the server does not describe. v3
+        lists no group versions, so kubectl does not ask the server to
+        validate fields either (the emulator could not); v2 is an empty
+        protobuf Document, the format kubectl asks for."""
+        if path == "/openapi/v3":
+            return web.json_response({"paths": {}})
+        return web.Response(body=b"",
+                            content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
+
+    async def _translate_patch(self, request: web.Request, res: tuple[str, str, bool],
+                               ctype: str, body: bytes, headers: dict[str, str]
+                               ) -> bytes | web.Response:
+        """A patch type the emulator does not understand, as the merge patch
+        that has the same effect on the object as it is now. A strategic
+        merge patch (kubectl apply, edit, label, patch for built-in kinds) is
+        applied here (merging.apply_strategic_patch); on a custom resource it
+        is refused with 415, as kube-apiserver refuses it. Server-side apply
+        is refused with 415 too: the lab does not implement field management
+        (use client-side `kubectl apply`)."""
+        def refuse(message: str) -> web.Response:
+            return web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                 "reason": "UnsupportedMediaType", "code": 415, "message": message},
+                status=415)
+
+        if ctype == "application/apply-patch+yaml":
+            return refuse("server-side apply is not served by the pcn lab's emulated API "
+                          "server; use client-side kubectl apply")
+        if res[0].split("/")[0] in CUSTOM_GROUPS:
+            return refuse(f"the body of the request was in an unknown format - accepted media "
+                          f"types include: application/json-patch+json, "
+                          f"application/merge-patch+json (got {ctype})")
+        try:
+            patch = json.loads(body)
+        except ValueError:
+            patch = None
+        if not isinstance(patch, dict):
+            return web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                 "reason": "BadRequest", "code": 400,
+                 "message": "a strategic merge patch must be a JSON object"}, status=400)
+        assert self._session is not None
+        get = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        async with self._session.get(self.upstream + request.path, headers=get) as cur:
+            if cur.status != 200:
+                return web.Response(status=cur.status, body=await cur.read(),
+                                    content_type="application/json")
+            current = json.loads(await cur.read())
+        desired = merging.apply_strategic_patch(current, patch)
+        return json.dumps(merging.merge_patch(current, desired)).encode()
 
     async def _stream(self, request: web.Request, up: aiohttp.ClientResponse,
                       matcher: selection.Matcher | None) -> web.StreamResponse:

@@ -10,6 +10,7 @@ the result as a merge patch.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,10 @@ MERGE_KEYS: dict[str, str] = {
     "volumeMounts": "mountPath", "volumeDevices": "devicePath",
     "hostAliases": "ip", "ownerReferences": "uid",
 }
+
+# Lists of scalars that a strategic merge patch merges (patchStrategy merge):
+# the patch's values are added to the live ones.
+MERGED_SCALAR_LISTS = {"finalizers"}
 
 _MISSING = object()
 
@@ -93,6 +98,10 @@ def three_way_merge(original: Mapping[str, Any], modified: Mapping[str, Any],
                 and (merge_key := _merge_key(key, want, have)) is not None:
             out[key] = _merge_list(before if isinstance(before, list) else [], want, have,
                                    merge_key)
+        elif strategic and key in MERGED_SCALAR_LISTS and isinstance(want, list) \
+                and isinstance(have, list):
+            dropped = [v for v in (before if isinstance(before, list) else []) if v not in want]
+            out[key] = [v for v in have if v not in dropped] + [v for v in want if v not in have]
         else:
             out[key] = copy.deepcopy(want)
     return out
@@ -129,3 +138,96 @@ def _merge_list(original: list[Any], modified: list[Any], current: list[Any],
         if k(have) is _MISSING or (k(have) not in applied and k(have) not in before):
             out.append(copy.deepcopy(have))
     return out
+
+
+def apply_strategic_patch(target: Mapping[str, Any], patch: Mapping[str, Any]
+                          ) -> dict[str, Any]:
+    """A strategic merge patch (what kubectl apply, edit, label and patch
+    send for built-in kinds) applied to `target`, as the API server's
+    strategicpatch.StrategicMergePatch does: maps merge recursively and None
+    deletes a key; a list with a merge key (MERGE_KEYS, `ports`) merges
+    element by element, an element {"$patch": "delete", key: ...} removes
+    one, "$setElementOrder/<list>" orders it; a list of scalars in
+    MERGED_SCALAR_LISTS gains the patch's values and "$deleteFromPrimitiveList/
+    <list>" removes values from one; {"$patch": "replace"}
+    replaces a map, {"$patch": "delete"} removes it, "$retainKeys" keeps only
+    the keys it names; any other list is replaced. Returns a new object."""
+    out = _strategic_map(target, patch)
+    return out if out is not None else {}
+
+
+def _strategic_map(target: Any, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+    directive = patch.get("$patch")
+    if directive == "delete":
+        return None
+    body = {k: v for k, v in patch.items() if not k.startswith("$")}
+    if directive == "replace":
+        return {k: copy.deepcopy(v) for k, v in body.items() if v is not None}
+    out = {k: copy.deepcopy(v) for k, v in target.items()} if isinstance(target, Mapping) else {}
+    if "$retainKeys" in patch:
+        keep = set(patch["$retainKeys"] or [])
+        out = {k: v for k, v in out.items() if k in keep}
+    for key, value in body.items():
+        have = out.get(key)
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping):
+            merged = _strategic_map(have, value)
+            if merged is None:
+                out.pop(key, None)
+            else:
+                out[key] = merged
+        elif isinstance(value, list) and isinstance(have, list) \
+                and (merge_key := _merge_key(key, value, have)) is not None:
+            out[key] = _strategic_list(have, value, merge_key)
+        elif key in MERGED_SCALAR_LISTS and isinstance(value, list) and isinstance(have, list):
+            out[key] = have + [v for v in value if v not in have]
+        else:
+            out[key] = copy.deepcopy(value)
+    for key, value in patch.items():
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field = key.split("/", 1)[1]
+            gone = list(value or [])
+            out[field] = [v for v in out.get(field) or [] if v not in gone]
+        elif key.startswith("$setElementOrder/"):
+            field = key.split("/", 1)[1]
+            out[field] = _ordered(out.get(field) or [], list(value or []), field)
+    return out
+
+
+def _strategic_list(have: list[Any], patch: list[Any], key: str) -> list[Any]:
+    out = [copy.deepcopy(e) for e in have]
+    for item in patch:
+        if not isinstance(item, Mapping) or key not in item:
+            out.append(copy.deepcopy(item))
+            continue
+        at = next((i for i, e in enumerate(out)
+                   if isinstance(e, Mapping) and e.get(key) == item[key]), None)
+        if item.get("$patch") == "delete":
+            if at is not None:
+                del out[at]
+        elif at is None:
+            out.append({k: copy.deepcopy(v) for k, v in item.items() if not k.startswith("$")})
+        else:
+            merged = _strategic_map(out[at], item)
+            if merged is None:
+                del out[at]
+            else:
+                out[at] = merged
+    return out
+
+
+def _ordered(items: list[Any], order: list[Any], field: str) -> list[Any]:
+    """`items` in the order of `order` (elements, or {key: value} stubs of
+    them); the rest after, in their order."""
+    key = _merge_key(field, items, order)
+
+    def ident(e: Any) -> Any:
+        return e.get(key) if key is not None and isinstance(e, Mapping) else _json_key(e)
+
+    rank = {ident(e): i for i, e in enumerate(order)}
+    return sorted(items, key=lambda e: rank.get(ident(e), len(rank)))
+
+
+def _json_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
