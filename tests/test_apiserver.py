@@ -40,6 +40,19 @@ def test_record_is_trimmed_and_objects_stay() -> None:
         assert get(api, "ConfigMap", "cm-59", "default")["data"] == {"i": "59"}
 
 
+def test_error_answers_are_not_kept_for_ever() -> None:
+    """kmock keeps each error it answers (a 404, a 409) for a test to
+    re-raise; a long run keeps only the latest, as with requests."""
+    with EmulatedApiServer(keep_requests=8) as api:
+        for i in range(40):
+            with pytest.raises(ApiServerError):
+                get(api, "ConfigMap", f"nope-{i}", "default")
+        deadline = time.monotonic() + 5
+        while len(api.emulator.errors) > 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(api.emulator.errors) <= 8
+
+
 def test_keep_requests_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         EmulatedApiServer(keep_requests=0)

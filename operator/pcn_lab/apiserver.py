@@ -68,7 +68,8 @@ class EmulatedApiServer:
         served). `keep_requests` keeps only that many of the latest records;
         None keeps them all, for tests that inspect them. A request is matched
         right after it is recorded, so keep more than the requests in flight
-        at once (a few watches and writes per agent)."""
+        at once (a few watches and writes per agent). The errors kmock
+        keeps (one per error answer) are trimmed alike."""
         if keep_requests is not None and keep_requests < 1:
             raise ValueError("keep_requests must be at least 1")
         self.host = host
@@ -131,9 +132,15 @@ class EmulatedApiServer:
             return
         keep = self.keep_requests
         assert keep is not None  # only started when requests are to be trimmed
+        # kmock also keeps every error it answered (each 404, each 409) with its
+        # traceback, for a test to re-raise: in a long run those only pile up
+        errors = getattr(self.emulator, "_errors", None)
         while True:
             if len(record) > keep:
                 del record[:-keep]
+            for level in errors if isinstance(errors, list) else ():
+                if isinstance(level, list) and len(level) > keep:
+                    del level[:-keep]
             await asyncio.sleep(period)
 
     def stop(self) -> None:
