@@ -267,9 +267,11 @@ def service_targets(services: list[dict[str, Any]], slices: list[dict[str, Any]]
         ns, name = svc["metadata"].get("namespace", "default"), svc["metadata"]["name"]
         title = f"{ns}/{name}"
         if not reconcile.proxied(svc) or spec.get("clusterIP") == "None":
-            why = "ExternalName" if spec.get("type") == "ExternalName" else \
-                "headless" if spec.get("clusterIP") == "None" else "left to another proxy"
-            notes.append(f"{title}: not checked ({why}: no service proxy programs it)")
+            why = "ExternalName: a DNS name, nothing to proxy" \
+                if spec.get("type") == "ExternalName" else \
+                "headless: no cluster IP" if spec.get("clusterIP") == "None" else \
+                "labelled for another service proxy"
+            notes.append(f"{title}: not checked ({why})")
             continue
         vip = reconcile.cluster_ipv4(svc)
         if vip is None:
