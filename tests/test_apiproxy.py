@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pcn_lab.apiproxy import ApiProxy
+from pcn_lab.apiproxy import ApiProxy, printer_columns, to_table
 from pcn_lab.apiserver import EmulatedApiServer
 
 
@@ -138,11 +138,11 @@ def test_discovery_names_resources_as_kubernetes_does(proxied: Proxied) -> None:
 def test_service_table_has_kubectls_columns(proxied: Proxied) -> None:
     """TYPE, CLUSTER-IP, EXTERNAL-IP, PORT(S), AGE (and SELECTOR with -o
     wide) as kube-apiserver prints Services."""
-    _service(proxied.api, "web", type="NodePort", clusterIP="10.96.0.10",
+    _service(proxied.api, "web", type="NodePort", clusterIP="10.96.0.100",
              ports=[{"port": 80, "nodePort": 30080, "protocol": "TCP"},
                     {"port": 53, "protocol": "UDP", "nodePort": 30053}])
-    _service(proxied.api, "plain", ports=[{"port": 80}])  # not defaulted yet: ClusterIP
-    _service(proxied.api, "lb", type="LoadBalancer", clusterIP="10.96.0.11",
+    _service(proxied.api, "plain", ports=[{"port": 80}])  # defaulted by the server
+    _service(proxied.api, "lb", type="LoadBalancer", clusterIP="10.96.0.101",
              ports=[{"port": 443, "nodePort": 30443}])
     _service(proxied.api, "ext", type="ExternalName", externalName="example.com")
     status, table = proxied.get("/api/v1/namespaces/demo/services",
@@ -152,11 +152,16 @@ def test_service_table_has_kubectls_columns(proxied: Proxied) -> None:
         "Name", "Type", "Cluster-IP", "External-IP", "Port(s)", "Age", "Selector"]
     assert table["columnDefinitions"][-1]["priority"] == 1
     rows = {r["cells"][0]: r["cells"][1:5] + r["cells"][6:] for r in table["rows"]}
+    assert rows.pop("plain")[0:4:3] == ["ClusterIP", "80/TCP"]
     assert rows == {
-        "web": ["NodePort", "10.96.0.10", "<none>", "80:30080/TCP,53:30053/UDP", "app=web"],
-        "plain": ["ClusterIP", "<none>", "<none>", "80/TCP", "app=web"],
-        "lb": ["LoadBalancer", "10.96.0.11", "<pending>", "443:30443/TCP", "app=web"],
+        "web": ["NodePort", "10.96.0.100", "<none>", "80:30080/TCP,53:30053/UDP", "app=web"],
+        "lb": ["LoadBalancer", "10.96.0.101", "<pending>", "443:30443/TCP", "app=web"],
         "ext": ["ExternalName", "<none>", "example.com", "<none>", "app=web"]}
+    assert [c["name"] for c in table["columnDefinitions"]][1:3] == ["Type", "Cluster-IP"]
+    # what the table shows of a Service as stored before the server's defaults
+    bare = {"metadata": {"name": "bare"}, "spec": {"ports": [{"port": 80}]}}
+    cells = to_table("Service", [bare], printer_columns()["Service"])["rows"][0]["cells"]
+    assert cells[1:5] == ["ClusterIP", "<none>", "<none>", "80/TCP"]
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

@@ -213,3 +213,29 @@ def test_strategic_merge_patch() -> None:
         "spec": {"ports": [{"port": 8443},
                            {"name": "http", "port": 80, "nodePort": 30080, "targetPort": 8080}],
                  "selector": {"app": "api"}, "strategy": {"type": "Recreate"}}}
+
+
+def test_a_new_service_gets_its_addresses_when_created() -> None:
+    """As kube-apiserver allocates on create: the answer to the POST (and
+    the ADDED event) already has the cluster IP, the NodePorts and the
+    defaults; Services created at once get different addresses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def svc(name: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "demo"},
+                "spec": {"type": "NodePort", "ports": [{"port": 80}]}}
+
+    with EmulatedApiServer() as api:
+        made = api.request("POST", "/api/v1/namespaces/demo/services", svc("web"))
+        spec = made["spec"]
+        assert spec["clusterIP"].startswith("10.96.") and spec["clusterIPs"] == [spec["clusterIP"]]
+        assert spec["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80,
+                                  "nodePort": spec["ports"][0]["nodePort"]}]
+        assert spec["externalTrafficPolicy"] == "Cluster" and spec["sessionAffinity"] == "None"
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: api.request(
+                "POST", "/api/v1/namespaces/demo/services", svc(f"s{i}")), range(16)))
+        ips = {a["spec"]["clusterIP"] for a in [made, *answers]}
+        ports = {a["spec"]["ports"][0]["nodePort"] for a in [made, *answers]}
+        assert len(ips) == len(ports) == 17

@@ -1,6 +1,6 @@
-"""The lab's stand-ins for the API server's Service defaulting and
-allocators, and for kube-controller-manager's EndpointSlice and Endpoints
-controllers. Each function takes a client of the emulated API server and
+"""The lab's stand-ins for kube-controller-manager's EndpointSlice and
+Endpoints controllers, and a pass of the API server's Service defaulting and
+allocators (pcn_lab.defaulting) over what updates leave out. Each function takes a client of the emulated API server and
 makes one pass, as a controller's sync does; the supervisor runs them in a
 loop.
 """
@@ -8,20 +8,17 @@ loop.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pcn_lab.apiserver import ApiServerError, EmulatedApiServer
+from pcn_lab.defaulting import family as _family
+from pcn_lab.defaulting import service_defaults, used_addresses
 
 log = logging.getLogger(__name__)
 
-SERVICE_RANGE = ipaddress.IPv4Network("10.96.0.0/12")
-SERVICE_RANGE_V6 = ipaddress.IPv6Network("fd00:10:96::/112")
-SERVICE_IP_OFFSET = 10  # the first addresses stay free, as a cluster keeps .1 for `kubernetes`
-NODEPORT_RANGE = (30000, 32767)  # --service-node-port-range, inclusive
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -44,13 +41,6 @@ def _ns(o: Mapping[str, Any]) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _family(ip: str) -> str | None:
-    try:
-        return "IPv6" if ipaddress.ip_address(ip).version == 6 else "IPv4"
-    except ValueError:
-        return None
 
 
 # ----------------------------------------------------------------------------- errors
@@ -79,102 +69,13 @@ def for_each(controller: str, objs: Iterable[Mapping[str, Any]],
 
 
 # ----------------------------------------------------------------------------- Services
-def service_defaults(svc: Mapping[str, Any], used_ips: set[str], used_ports: set[int]
-                     ) -> dict[str, Any]:
-    """The spec fields the API server fills in on a new Service, as a merge
-    patch of .spec ({} when nothing is missing): type ClusterIP,
-    sessionAffinity None, a port's protocol TCP and targetPort = port, the
-    traffic policies Cluster; cluster IPs (none for ExternalName, none to
-    allocate for a headless Service, clusterIP "None") from SERVICE_RANGE
-    and, for an IPv6 or dual-stack Service (spec.ipFamilies, or
-    ipFamilyPolicy Prefer/RequireDualStack), SERVICE_RANGE_V6, with
-    clusterIPs, ipFamilies and ipFamilyPolicy to match; NodePorts for
-    NodePort and LoadBalancer Services. `used_ips` and `used_ports` are
-    taken by other Services; what is allocated here is added to them.
-    Follows SetDefaults_Service and the Service REST storage's allocators
-    (pkg/registry/core/service) of a dual-stack cluster whose primary family
-    is IPv4."""
-    spec = svc.get("spec") or {}
-    out: dict[str, Any] = {}
-    kind = spec.get("type") or "ClusterIP"
-    if not spec.get("type"):
-        out["type"] = kind
-    if not spec.get("sessionAffinity"):
-        out["sessionAffinity"] = "None"
-    if not spec.get("internalTrafficPolicy") and kind != "ExternalName":
-        out["internalTrafficPolicy"] = "Cluster"
-    if kind in ("NodePort", "LoadBalancer") and not spec.get("externalTrafficPolicy"):
-        out["externalTrafficPolicy"] = "Cluster"
-    if kind != "ExternalName":
-        out.update(_cluster_ips(spec, used_ips))
-    ports = [dict(p) for p in spec.get("ports") or []]
-    changed = False
-    for p in ports:
-        if not p.get("protocol"):
-            p["protocol"] = "TCP"
-            changed = True
-        if p.get("targetPort") in (None, "", 0) and "port" in p:
-            p["targetPort"] = p["port"]
-            changed = True
-        if kind in ("NodePort", "LoadBalancer") and not p.get("nodePort"):
-            free = next((n for n in range(NODEPORT_RANGE[0], NODEPORT_RANGE[1] + 1)
-                         if n not in used_ports), None)
-            if free is None:
-                raise RuntimeError("the NodePort range is exhausted")
-            p["nodePort"] = free
-            used_ports.add(free)
-            changed = True
-    if changed:
-        out["ports"] = ports
-    return out
-
-
-def _cluster_ips(spec: Mapping[str, Any], used_ips: set[str]) -> dict[str, Any]:
-    ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip]
-    if ips[:1] == ["None"]:  # headless: nothing to allocate
-        out: dict[str, Any] = {}
-        if spec.get("clusterIP") != "None":
-            out["clusterIP"] = "None"
-        if not spec.get("clusterIPs"):
-            out["clusterIPs"] = ["None"]
-        if not spec.get("ipFamilyPolicy"):
-            out["ipFamilyPolicy"] = "SingleStack"
-        if not spec.get("ipFamilies"):
-            out["ipFamilies"] = ["IPv4"]
-        return out
-    policy = spec.get("ipFamilyPolicy") or "SingleStack"
-    families = list(spec.get("ipFamilies") or []) or \
-        [f for f in (_family(ip) for ip in ips) if f] or ["IPv4"]
-    if policy in ("PreferDualStack", "RequireDualStack") and len(families) == 1:
-        families.append("IPv6" if families[0] == "IPv4" else "IPv4")
-    by_family = {_family(ip): ip for ip in ips}
-    new_ips = []
-    for fam in families:
-        ip = by_family.get(fam) or _allocate(fam, used_ips)
-        used_ips.add(ip)
-        new_ips.append(ip)
-    want = {"clusterIP": new_ips[0], "clusterIPs": new_ips, "ipFamilies": families,
-            "ipFamilyPolicy": policy}
-    return {k: v for k, v in want.items() if spec.get(k) != v}
-
-
-def _allocate(family: str, used: set[str]) -> str:
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network = \
-        SERVICE_RANGE_V6 if family == "IPv6" else SERVICE_RANGE
-    for offset in range(SERVICE_IP_OFFSET, net.num_addresses - 1):
-        ip = str(net.network_address + offset)
-        if ip not in used:
-            return ip
-    raise RuntimeError(f"the {family} Service range {net} is exhausted")
-
-
 def allocate_service_addresses(api: EmulatedApiServer) -> None:
-    """Fill in every Service's defaults and addresses (service_defaults)."""
+    """Fill in the defaults and addresses (service_defaults) a Service lacks.
+    The emulator does so when a Service is created; this pass does it for
+    what updates leave out (a type changed to NodePort, say), which the API
+    server would also fill in at once."""
     svcs = api.request("GET", "/api/v1/services").get("items", [])
-    used_ips = {ip for s in svcs for ip in ((s.get("spec") or {}).get("clusterIPs") or
-                                            [(s.get("spec") or {}).get("clusterIP")]) if ip}
-    used_ports = {int(p["nodePort"]) for s in svcs
-                  for p in (s.get("spec") or {}).get("ports") or [] if p.get("nodePort")}
+    used_ips, used_ports = used_addresses(svcs)
     def sync(s: Mapping[str, Any]) -> None:
         patch = service_defaults(s, used_ips, used_ports)
         if patch:

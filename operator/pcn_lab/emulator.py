@@ -1,6 +1,7 @@
 """kmock's KubernetesEmulator with what the lab needs of a real API server
-and kmock 0.8 lacks: PUT (update, "replace"), and the uid, creationTimestamp
-and generation the server gives every new object.
+and kmock 0.8 lacks: PUT (update, "replace"); the uid, creationTimestamp and
+generation the server gives every new object; a new Service's defaults and
+addresses (pcn_lab.defaulting).
 
 kmock serves GET, LIST, WATCH, POST, PATCH (merge or JSON patch) and DELETE;
 a PUT falls through to its "endpoint not found" reaction and is answered 404,
@@ -24,6 +25,7 @@ import kmock
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 from kmock._internal.rendering import Request
 
+from pcn_lab.defaulting import service_defaults, used_addresses
 from pcn_lab.merging import merge_patch
 
 # What the API server owns in an object's metadata: a PUT cannot change it
@@ -50,14 +52,49 @@ def stamp_new(obj: dict[str, Any]) -> None:
 class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """The emulator, plus PUT on an object and on its status subresource."""
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        # cluster IPs and NodePorts handed to Services being created, not yet stored
+        self._reserved: tuple[set[str], set[int]] = (set(), set())
+
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
         if request.method == kmock.method.PUT and request.resource is not None \
                 and request.name is not None:
             return aiohttp.web.json_response(await self._replace(request))
+        reserved: tuple[set[str], set[int]] = (set(), set())
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             stamp_new(request.data)  # before kmock stores it and tells the watchers
-        response: aiohttp.web.StreamResponse = await super()._handle(request)
+            res = request.resource
+            if res is not None and res.group == "" and res.plural == "services":
+                reserved = self._default_service(request.data)
+        try:
+            response: aiohttp.web.StreamResponse = await super()._handle(request)
+        finally:  # stored (or refused) now: the objects tell what is taken
+            self._reserved[0].difference_update(reserved[0])
+            self._reserved[1].difference_update(reserved[1])
         return response
+
+    def _default_service(self, svc: dict[str, Any]) -> tuple[set[str], set[int]]:
+        """Fill in a new Service's defaults and allocate its cluster IPs and
+        NodePorts (pcn_lab.defaulting), as the API server does on create, so
+        the answer and the ADDED event carry them. Returns what it took."""
+        live = [o.raw for (res, _, _), o in self._objects.items()
+                if res.group == "" and res.plural == "services" and not o.deleted]
+        ips, ports = used_addresses(live)
+        ips |= self._reserved[0]
+        ports |= self._reserved[1]
+        before_ips, before_ports = set(ips), set(ports)
+        spec = svc.get("spec")
+        if not isinstance(spec, dict):
+            spec = svc["spec"] = {}
+        try:
+            spec.update(service_defaults(svc, ips, ports))
+        except (RuntimeError, TypeError, ValueError, AttributeError):
+            return set(), set()  # a range used up, or no valid Service: left as sent
+        taken = (ips - before_ips, ports - before_ports)
+        self._reserved[0].update(taken[0])
+        self._reserved[1].update(taken[1])
+        return taken
 
     async def _replace(self, request: Request) -> dict[str, Any]:
         """PUT .../NAME replaces the object with the body, except what the
