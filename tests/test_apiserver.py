@@ -218,7 +218,8 @@ def test_strategic_merge_patch() -> None:
 def test_a_new_service_gets_its_addresses_when_created() -> None:
     """As kube-apiserver allocates on create: the answer to the POST (and
     the ADDED event) already has the cluster IP, the NodePorts and the
-    defaults; Services created at once get different addresses."""
+    defaults; Services created at once get different addresses. A new Pod
+    is Pending."""
     from concurrent.futures import ThreadPoolExecutor
 
     def svc(name: str) -> dict:
@@ -236,6 +237,9 @@ def test_a_new_service_gets_its_addresses_when_created() -> None:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: api.request(
                 "POST", "/api/v1/namespaces/demo/services", svc(f"s{i}")), range(16)))
+        pod = api.request("POST", "/api/v1/namespaces/demo/pods",
+                          {"metadata": {"name": "p"}, "spec": {}})
+        assert pod["status"] == {"phase": "Pending"}
         ips = {a["spec"]["clusterIP"] for a in [made, *answers]}
         ports = {a["spec"]["ports"][0]["nodePort"] for a in [made, *answers]}
         assert len(ips) == len(ports) == 17

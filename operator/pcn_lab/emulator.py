@@ -1,7 +1,7 @@
 """kmock's KubernetesEmulator with what the lab needs of a real API server
 and kmock 0.8 lacks: PUT (update, "replace"); the uid, creationTimestamp and
 generation the server gives every new object; a new Service's defaults and
-addresses (pcn_lab.defaulting).
+addresses (pcn_lab.defaulting), a new Pod's Pending phase.
 
 kmock serves GET, LIST, WATCH, POST, PATCH (merge or JSON patch) and DELETE;
 a PUT falls through to its "endpoint not found" reaction and is answered 404,
@@ -67,6 +67,11 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             res = request.resource
             if res is not None and res.group == "" and res.plural == "services":
                 reserved = self._default_service(request.data)
+            elif res is not None and res.group == "" and res.plural == "pods":
+                # a new pod is Pending until its kubelet says otherwise (the API
+                # server resets a new pod's status; a test's running pod keeps its)
+                if not request.data.get("status"):
+                    request.data["status"] = {"phase": "Pending"}
         try:
             response: aiohttp.web.StreamResponse = await super()._handle(request)
         finally:  # stored (or refused) now: the objects tell what is taken
