@@ -409,9 +409,17 @@ def stats() -> None:
     (rule hits, default-action hits, drops), from the agents."""
     s = settings()
     namespace = None if s.all_namespaces else s.ns
-    data = views.stats_data(_agent_reports(s), namespace)
+    reports = _agent_reports(s)
+    data = views.stats_data(reports, namespace)
     if s.fmt in ("yaml", "json"):
         click.echo(output.data(data, s.fmt))
+    elif namespace is not None and not data["pods"] and not data["functions"]:
+        # as kubectl says "No resources found in default namespace."; and
+        # where there is something to see
+        elsewhere = views.stats_namespaces(reports)
+        click.echo(f"No pcn pods or functions in namespace {namespace}." + (
+            f" The agents report some in: {', '.join(elsewhere)} (-n NAMESPACE, or -A)."
+            if elsewhere else ""), err=True)
     else:
         click.echo(views.stats_table(data, namespace is None, s.fmt == "wide"))
 

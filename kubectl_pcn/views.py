@@ -159,6 +159,12 @@ def stats_data(reports: Sequence[agents.NodeReport], namespace: str | None
     return {"pods": pods, "functions": fns}
 
 
+def stats_namespaces(reports: Sequence[agents.NodeReport]) -> list[str]:
+    """The namespaces of the pods and functions the agents report, sorted."""
+    return sorted({p.namespace for p in agents.pods(reports)} |
+                  {ns for ns, _ in agents.functions(reports)} - {""})
+
+
 def _counter_cells(c: Mapping[str, int]) -> list[Any]:
     return [c.get("rx_packets", 0), human_bytes(c.get("rx_bytes", 0)), c.get("tx_packets", 0),
             human_bytes(c.get("tx_bytes", 0)), c.get("drops", 0)]

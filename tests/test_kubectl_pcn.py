@@ -522,6 +522,16 @@ def test_stats_every_format(lab: Lab) -> None:
     assert "NAMESPACE" in lab.run("stats", "-A").stdout.splitlines()[1]
 
 
+def test_stats_of_an_empty_namespace_says_where_to_look(lab: Lab) -> None:
+    """As kubectl's "No resources found in default namespace.": nothing on
+    stdout, and on stderr the namespaces the agents do report pods in."""
+    seed_cluster(lab)
+    res = lab.run("stats")  # the context's namespace: default
+    assert res.stdout == ""
+    assert res.stderr.strip() == ("No pcn pods or functions in namespace default. The agents "
+                                  "report some in: other, web (-n NAMESPACE, or -A).")
+
+
 # ----------------------------------------------------------------------------- chain
 def test_chain_of_a_pod(lab: Lab) -> None:
     seed_cluster(lab)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs
@@ -138,6 +139,20 @@ def test_kubectl_pcn_chain_counters_rise_with_traffic(running) -> None:
     _wait("the firewall's counters to rise", risen, timeout=30)
 
 
+def test_kubectl_pcn_stats_without_n_shows_the_demo_pods(running) -> None:
+    """The lab's kubeconfig points at the namespace of what `up -f` applied."""
+    d, _ = running
+    cfg = yaml.safe_load((d / "kubeconfig").read_text())
+    assert cfg["contexts"][0]["context"]["namespace"] == "demo"
+
+    def listed():
+        r = subprocess.run([str(BIN / "kubectl-pcn"), "stats"], env=kube_env(d),
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout if r.returncode == 0 and "web-1" in r.stdout else None
+
+    _wait("web-1 in `kubectl pcn stats`", listed)
+
+
 def _pod_ip(d: Path, name: str) -> str:
     r = subprocess.run([str(BIN / "kubectl-pcn"), "chain", name, "-n", "demo", "-o", "json"],
                        env=kube_env(d), capture_output=True, text=True, timeout=60)
@@ -165,6 +180,29 @@ def _hits(doc) -> int:
 
     walk(doc)
     return total
+
+
+def test_a_dead_agent_is_restarted(running) -> None:
+    """As a DaemonSet's kubelet would: the lab starts a node's agent again
+    when it dies, and the node serves on."""
+    d, _ = running
+    state = lab.LabState.load(d)
+    assert state is not None
+    node, pid = sorted(state.agents.items())[0]
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted():
+        now = lab.LabState.load(d)
+        new = now.agents.get(node) if now else None
+        return now if new and new != pid and lab.alive(new) else None
+
+    now = _wait("the agent to be started again", restarted, timeout=60)
+    assert now.restarts.get(node) == 1
+    st = run(d, "status")
+    assert f"agent {node}: running (pid {now.agents[node]}, 1 restart(s))" in st.stdout
+    r = _wait("a passing matrix after the restart",
+              lambda: (c := run(d, "check", timeout=300)).returncode == 0 and c, timeout=180)
+    assert "✗" not in r.stdout
 
 
 def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ Used by the agent's tests and by the local lab.
 from __future__ import annotations
 
 import asyncio
-import datetime
+import copy
 import json
 import logging
 import threading
@@ -17,11 +17,18 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pcn_lab import merging
+
 RESOURCES: dict[str, dict[str, Any]] = {
-    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": {"ns"}},
-    "v1/nodes": {"kind": "Node", "namespaced": False, "shortnames": {"no"}},
-    "v1/pods": {"kind": "Pod", "namespaced": True, "shortnames": {"po"}},
-    "v1/services": {"kind": "Service", "namespaced": True, "shortnames": {"svc"}},
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "shortnames": {"ns"},
+                      "subresources": {"status"}},
+    "v1/nodes": {"kind": "Node", "namespaced": False, "shortnames": {"no"},
+                 "subresources": {"status"}},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "shortnames": {"po"},
+                "subresources": {"status"}},
+    "v1/services": {"kind": "Service", "namespaced": True, "shortnames": {"svc"},
+                    "subresources": {"status"}},
+    "v1/endpoints": {"kind": "Endpoints", "namespaced": True, "shortnames": {"ep"}},
     "v1/events": {"kind": "Event", "namespaced": True, "shortnames": {"ev"}},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "shortnames": {"cm"}},
     "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
@@ -37,6 +44,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
 }
 log = logging.getLogger(__name__)
 
+CUSTOM_GROUPS = {"pcn.dev"}  # served from CRDs; the rest is built into Kubernetes
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 PLURALS = {info["kind"]: path for path, info in RESOURCES.items()}
 
@@ -60,7 +68,8 @@ class EmulatedApiServer:
         served). `keep_requests` keeps only that many of the latest records;
         None keeps them all, for tests that inspect them. A request is matched
         right after it is recorded, so keep more than the requests in flight
-        at once (a few watches and writes per agent)."""
+        at once (a few watches and writes per agent). The errors kmock
+        keeps (one per error answer) are trimmed alike."""
         if keep_requests is not None and keep_requests < 1:
             raise ValueError("keep_requests must be at least 1")
         self.host = host
@@ -95,12 +104,17 @@ class EmulatedApiServer:
     async def _main(self) -> None:
         import kmock
 
+        from pcn_lab.emulator import LabEmulator
+
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emulator, \
+        async with LabEmulator() as emulator, \
                 kmock.Server(emulator, host=self.host, port=self.port or None) as server:
             for path, info in self.resources.items():
-                emulator.resources[path] = kmock.ResourceInfo(verbs=VERBS, **info)
+                # discovery's singularName is the lower-case kind (kmock's default,
+                # the plural, makes `kubectl get endpointslice` unknown)
+                emulator.resources[path] = kmock.ResourceInfo(
+                    verbs=VERBS, **{"singular": info["kind"].lower(), **info})
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self.port = server.port
@@ -118,9 +132,15 @@ class EmulatedApiServer:
             return
         keep = self.keep_requests
         assert keep is not None  # only started when requests are to be trimmed
+        # kmock also keeps every error it answered (each 404, each 409) with its
+        # traceback, for a test to re-raise: in a long run those only pile up
+        errors = getattr(self.emulator, "_errors", None)
         while True:
             if len(record) > keep:
                 del record[:-keep]
+            for level in errors if isinstance(errors, list) else ():
+                if isinstance(level, list) and len(level) > keep:
+                    del level[:-keep]
             await asyncio.sleep(period)
 
     def stop(self) -> None:
@@ -166,20 +186,50 @@ def object_path(obj: Mapping[str, Any], with_name: bool = True) -> str:
 
 
 def apply(api: EmulatedApiServer, obj: Mapping[str, Any]) -> str:
-    """Create the object, or merge it into the existing one: `kubectl apply`'s
-    effect on a fresh cluster. Returns 'created' or 'configured'."""
-    new = dict(obj)
-    meta = dict(new.get("metadata") or {})
-    meta.setdefault("creationTimestamp",
-                    datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    new["metadata"] = meta
+    """`kubectl apply` (client-side) of one object: create it, or change the
+    live object by what changed in the configuration since it was last
+    applied, so that a field removed from the YAML is removed from the
+    object while fields others set (a cluster IP, an allocated nodePort, a
+    controller's label) stay. The configuration is kept, as kubectl keeps
+    it, in the kubectl.kubernetes.io/last-applied-configuration annotation.
+    Built-in kinds merge lists with merge keys element by element (kubectl's
+    strategic merge); custom resources replace lists (JSON merge). The
+    result goes to the server as a merge patch (the emulator understands no
+    strategic merge patch), computed against the object as read just
+    before. .status is not applied. Returns 'created', 'configured' or
+    'unchanged'; ApiServerError from the server."""
+    config = copy.deepcopy(dict(obj))
+    meta = dict(config.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k != merging.LAST_APPLIED}
+    if annotations:
+        meta["annotations"] = annotations
+    else:
+        meta.pop("annotations", None)
+    config["metadata"] = meta
+    modified = copy.deepcopy(config)
+    modified["metadata"]["annotations"] = {
+        **annotations,
+        merging.LAST_APPLIED: json.dumps(config, sort_keys=True, separators=(",", ":"))}
     try:
-        api.request("POST", object_path(obj, with_name=False), new)
+        api.request("POST", object_path(obj, with_name=False), modified)
         return "created"
     except ApiServerError as exc:
         if exc.status != 409:
             raise
-    patch = {k: v for k, v in obj.items() if k not in ("status",)}
+    current = api.request("GET", object_path(obj))
+    try:
+        original = json.loads(((current.get("metadata") or {}).get("annotations") or {})
+                              .get(merging.LAST_APPLIED) or "{}")
+    except ValueError:
+        original = {}
+    original.pop("status", None)
+    modified.pop("status", None)
+    strategic = PLURALS[str(obj["kind"])].split("/")[0] not in CUSTOM_GROUPS
+    desired = merging.three_way_merge(original, modified, current, strategic)
+    patch = merging.merge_patch(current, desired)
+    if not patch:
+        return "unchanged"
     api.request("PATCH", object_path(obj), patch, "application/merge-patch+json")
     return "configured"
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
+import functools
 import logging
 import os
 import secrets
@@ -31,9 +31,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import yaml
 from pyroute2 import netns as pr_netns
@@ -48,10 +49,13 @@ from pcn_lab.supervisor import (
     cleanup,
     load_documents,
     say,
+    workload_namespace,
+    write_kubeconfig,
 )
 from pcn_lab.topology import EXTERNAL_IP
 
 log = logging.getLogger("pcn_lab.cli")
+_Params = ParamSpec("_Params")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -100,13 +104,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         _stop_supervisor(proc.pid)
         cleanup(state)
         return 130
+    namespace = "default"
     if args.filename:
         rc = cmd_apply(argparse.Namespace(dir=args.dir, filename=args.filename))
         if rc:
             return rc
+        # what `kubectl config set-context --current --namespace=...` would do
+        # for someone who just deployed a workload into one namespace
+        namespace = workload_namespace(load_documents(Path(args.filename))) or "default"
     cur = LabState.load(args.dir)
     assert cur is not None
-    print(f"""pcn lab up: {cur.nodes} node(s), API server {cur.api_url}
+    if namespace != "default":
+        write_kubeconfig(cur.kubeconfig, cur.api_url, namespace)
+    print(f"""pcn lab up: {cur.nodes} node(s), API server {cur.api_url}, namespace {namespace}
 
   export KUBECONFIG={cur.kubeconfig}
   kubectl get nodes,pods -o wide
@@ -221,7 +231,89 @@ class _LabView:
         return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **kw)
 
 
-def connectivity(state: LabState) -> list[checks.CheckResult]:
+@dataclass
+class ServiceTarget:
+    """One Service address to try: from a pod ("pod") or the external host ("ext")."""
+
+    label: str
+    ip: str
+    port: int
+    protocol: str  # "tcp" or "udp"
+    source: str
+
+
+def service_targets(services: list[dict[str, Any]], slices: list[dict[str, Any]],
+                    nodes: list[dict[str, Any]]) -> tuple[list[ServiceTarget], list[str]]:
+    """The Service addresses pcn programs, as `pcn-lab check` tries them,
+    and a note for each Service or port it leaves out, and why: a Service
+    no service proxy programs (headless, ExternalName, another proxy's), one
+    with no IPv4 cluster IP (the lab's data plane is IPv4), a port with no
+    ready endpoint or of a protocol other than TCP and UDP. The ClusterIP is
+    the IPv4 one of spec.clusterIPs; a NodePort is tried on the first node
+    (by name) for externalTrafficPolicy Cluster, and on the first node with
+    a ready local endpoint for Local, the only nodes that answer it."""
+    from pcn_agent.control import reconcile
+
+    node_ips = {}
+    for n in nodes:
+        for a in (n.get("status") or {}).get("addresses") or []:
+            if a.get("type") == "InternalIP":
+                node_ips[n["metadata"]["name"]] = a.get("address")
+    by_service = reconcile.slices_by_service(slices)
+    targets: list[ServiceTarget] = []
+    notes: list[str] = []
+    for svc in services:
+        spec = svc.get("spec") or {}
+        ns, name = svc["metadata"].get("namespace", "default"), svc["metadata"]["name"]
+        title = f"{ns}/{name}"
+        if not reconcile.proxied(svc) or spec.get("clusterIP") == "None":
+            why = "ExternalName: a DNS name, nothing to proxy" \
+                if spec.get("type") == "ExternalName" else \
+                "headless: no cluster IP" if spec.get("clusterIP") == "None" else \
+                "labelled for another service proxy"
+            notes.append(f"{title}: not checked ({why})")
+            continue
+        vip = reconcile.cluster_ipv4(svc)
+        if vip is None:
+            notes.append(f"{title}: not checked (no IPv4 cluster IP; the lab is IPv4 only)")
+            continue
+        svc_slices = by_service.get((ns, name), [])
+        for port in spec.get("ports") or []:
+            proto = (port.get("protocol") or "TCP").lower()
+            if proto not in ("tcp", "udp"):
+                notes.append(f"{title} port {port.get('port')}/{proto.upper()}: not checked")
+                continue
+            backends = reconcile.service_backends(svc, port, svc_slices)
+            if not backends:
+                notes.append(f"{title} port {port.get('port')}/{proto.upper()}: not checked "
+                             "(no ready endpoint)")
+                continue
+            targets.append(ServiceTarget(f"{title} ClusterIP {vip}:{port['port']}", vip,
+                                         int(port["port"]), proto, "pod"))
+            if spec.get("type") not in ("NodePort", "LoadBalancer") or not port.get("nodePort"):
+                continue
+            if spec.get("externalTrafficPolicy") == "Local":
+                ips = {b.ip for b in backends}
+                candidates = sorted({e.get("nodeName") for s in svc_slices
+                                     for e in s.get("endpoints") or []
+                                     if set(e.get("addresses") or []) & ips
+                                     and e.get("nodeName") in node_ips})
+            else:
+                candidates = sorted(node_ips)
+            if not candidates:
+                notes.append(f"{title} NodePort {port['nodePort']}: not checked (no node "
+                             "has a ready endpoint)")
+                continue
+            node = candidates[0]
+            short = "node" + node.rsplit("-n", 1)[-1] if "-n" in node else node
+            targets.append(ServiceTarget(f"{title} NodePort {short}:{port['nodePort']}",
+                                         node_ips[node], int(port["nodePort"]), proto, "ext"))
+    return targets, notes
+
+
+def connectivity(state: LabState, notes: list[str] | None = None) -> list[checks.CheckResult]:
+    """The connectivity matrix of a running lab; what it leaves out of the
+    Services, and why, is added to `notes`."""
     view = _LabView(state)
     api = _client(state)
     by_node: dict[str, list[str]] = {}
@@ -243,22 +335,16 @@ def connectivity(state: LabState) -> list[checks.CheckResult]:
         results.append(checks.ping(view, src, view.pods[other].ip, f"{other} (other node)"))
         results.append(checks.tcp(view, src, view.pods[other].ip, f"{other} (other node)"))
         results.append(checks.udp(view, src, view.pods[other].ip, f"{other} (other node)"))
-    svcs = api.request("GET", "/api/v1/services").get("items", [])
-    for s in svcs:
-        spec = s.get("spec") or {}
-        name = f"{s['metadata'].get('namespace', 'default')}/{s['metadata']['name']}"
-        for p in (spec.get("ports") or [])[:1]:
-            if (p.get("protocol") or "TCP") != "TCP":
-                continue
-            if spec.get("clusterIP"):
-                results.append(checks.tcp(view, src, spec["clusterIP"],
-                                          f"{name} ClusterIP {spec['clusterIP']}:{p['port']}",
-                                          port=int(p["port"])))
-            if p.get("nodePort"):
-                node_ip = str(ipaddress.IPv4Network("192.168.250.0/24").network_address + 1)
-                results.append(checks.tcp(view, "ext", node_ip,
-                                          f"{name} NodePort node1:{p['nodePort']}",
-                                          port=int(p["nodePort"])))
+    targets, skipped = service_targets(
+        api.request("GET", "/api/v1/services").get("items", []),
+        api.request("GET", "/apis/discovery.k8s.io/v1/endpointslices").get("items", []),
+        api.request("GET", "/api/v1/nodes").get("items", []))
+    if notes is not None:
+        notes.extend(skipped)
+    for t in targets:
+        check = checks.udp if t.protocol == "udp" else checks.tcp
+        results.append(check(view, src if t.source == "pod" else t.source, t.ip, t.label,
+                             port=t.port))
     with checks.servers(view, ["ext"]):
         results.append(checks.tcp(view, src, EXTERNAL_IP, "external host (egress SNAT)"))
     for r in results:
@@ -272,8 +358,11 @@ def connectivity(state: LabState) -> list[checks.CheckResult]:
 def cmd_check(args: argparse.Namespace) -> int:
     state = _need_lab(args.dir)
     say("running the connectivity matrix")
-    results = connectivity(state)
+    notes: list[str] = []
+    results = connectivity(state, notes)
     print(checks.render(results, symbols=True))
+    for note in notes:
+        print(note, file=sys.stderr)
     failed = [r for r in results if not r.passed]
     print(f"\n{len(results) - len(failed)}/{len(results)} checks passed")
     return 1 if failed or not results else 0
@@ -289,7 +378,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{' (error: ' + state.error + ')' if state.error else ''}")
     print(f"  API server  {state.api_url}   kubeconfig {state.kubeconfig}")
     for node, pid in sorted(state.agents.items()):
-        print(f"  agent {node}: {'running' if alive(pid) else 'stopped'} (pid {pid})")
+        restarts = state.restarts.get(node, 0)
+        print(f"  agent {node}: {'running' if alive(pid) else 'stopped'} (pid {pid}"
+              f"{f', {restarts} restart(s)' if restarts else ''})")
     if running and state.ready:
         try:
             for name, p in sorted(_pods(state).items()):
@@ -330,6 +421,32 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     return 0
 
 
+SIGPIPE_EXIT = 128 + signal.SIGPIPE  # a shell's status for a command that SIGPIPE ended
+
+
+def quiet_on_broken_pipe(fn: Callable[_Params, int]) -> Callable[_Params, int]:
+    """Make a command end as a Unix tool does when the reader of its output
+    has gone (`pcn-lab status | head -1`): quietly, status 141, instead of
+    with a BrokenPipeError traceback (Python ignores SIGPIPE). Its output is
+    flushed before it returns, so a late write fails here too, and stdout
+    then points at /dev/null, so the interpreter's last flush has nowhere
+    to fail."""
+    @functools.wraps(fn)
+    def wrapper(*args: _Params.args, **kwargs: _Params.kwargs) -> int:
+        try:
+            rc = fn(*args, **kwargs)
+            sys.stdout.flush()
+            return rc
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return SIGPIPE_EXIT
+
+    return wrapper
+
+
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pcn-lab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -111,6 +111,7 @@ def firewall_rows(state: lab.LabState) -> list[checks.CheckResult]:
     return rows
 
 
+@lab.quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pcn-demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -98,6 +98,20 @@ def stop_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any]
             pr_netns.remove(sandbox.netns)
 
 
+def container_ports(pod: dict[str, Any], tcp: int, udp: int) -> tuple[list[int], list[int]]:
+    """The (TCP, UDP) ports a lab pod listens on: those its containers
+    declare (spec.containers[].ports, as the real containers would listen on
+    them) and always `tcp` and `udp`, the probe's; sorted. SCTP ports are
+    not served."""
+    t, u = {tcp}, {udp}
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            proto = (p.get("protocol") or "TCP").upper()
+            if isinstance(p.get("containerPort"), int):
+                (t if proto == "TCP" else u if proto == "UDP" else set()).add(p["containerPort"])
+    return sorted(t), sorted(u)
+
+
 def pod_object(sandbox: PodSandbox, node: str, labels: dict[str, str]) -> dict[str, Any]:
     """The Pod as the API server holds it once the kubelet reports it running."""
     return {"apiVersion": "v1", "kind": "Pod",

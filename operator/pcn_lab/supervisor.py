@@ -7,6 +7,7 @@ lab made, also after a crash."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import json
 import logging
@@ -25,15 +26,13 @@ from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
-from pcn_lab import checks, kubelet
-from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply
+from pcn_lab import checks, controllers, kubelet
+from pcn_lab.apiserver import EmulatedApiServer, apply
 from pcn_lab.topology import Lab
 
 log = logging.getLogger("pcn_lab.supervisor")
 
 LAB_ROOT = Path(os.environ.get("PCN_LAB_DIR", "/run/pcn-lab"))
-SERVICE_RANGE = ipaddress.IPv4Network("10.96.0.0/12")
-NODEPORT_RANGE = (30000, 32767)
 LAB_REQUEST_LOG_KEEP = 64  # see EmulatedApiServer: a long-running kmock slows with its record
 POD_TCP, POD_UDP = checks.TCP_PORT, checks.UDP_PORT
 
@@ -56,6 +55,7 @@ class LabState:
     ready: bool = False
     error: str = ""
     agents: dict[str, int] = field(default_factory=dict)  # node -> pid
+    restarts: dict[str, int] = field(default_factory=dict)  # node -> agent restarts
     prefix: str = ""
 
     @property
@@ -96,13 +96,27 @@ def alive(pid: int) -> bool:
         return False
 
 
-def write_kubeconfig(path: Path, url: str) -> None:
+def write_kubeconfig(path: Path, url: str, namespace: str = "default") -> None:
+    """A kubeconfig whose current context is the lab at `url`, in `namespace`."""
     cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "pcn-lab",
            "clusters": [{"name": "pcn-lab", "cluster": {"server": url}}],
            "users": [{"name": "pcn-lab", "user": {}}],
            "contexts": [{"name": "pcn-lab", "context": {"cluster": "pcn-lab", "user": "pcn-lab",
-                                                       "namespace": "default"}}]}
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                                                       "namespace": namespace}}]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tmp.replace(path)
+
+
+def workload_namespace(docs: list[dict[str, Any]]) -> str | None:
+    """The one namespace all the namespaced objects of `docs` are in (an
+    object without one is in "default"); None when they are in several, or
+    there are none. (Namespaces and the lab's cluster-wide kinds do not count.)"""
+    from pcn_lab.apiserver import PLURALS, RESOURCES
+
+    names = {(d.get("metadata") or {}).get("namespace") or "default" for d in docs
+             if d.get("kind") in PLURALS and RESOURCES[PLURALS[d["kind"]]]["namespaced"]}
+    return names.pop() if len(names) == 1 else None
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
@@ -125,6 +139,29 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
+class RestartBackoff:
+    """kubelet's back-off for restarting a container of a pod with
+    restartPolicy Always (a DaemonSet's): the first restart at once, then
+    `initial` seconds after the next exit, doubling up to `cap`
+    (CrashLoopBackOff); a run of `reset_after` seconds or more forgets the
+    back-off. kubelet's defaults: 10 s, 300 s, 10 minutes."""
+
+    def __init__(self, initial: float = 10.0, cap: float = 300.0,
+                 reset_after: float = 600.0) -> None:
+        self.initial, self.cap, self.reset_after = initial, cap, reset_after
+        self._next: dict[str, float] = {}
+
+    def delay(self, key: str, ran_for: float) -> float:
+        """Seconds to wait before restarting `key`, which exited after
+        running `ran_for` seconds."""
+        if ran_for >= self.reset_after or key not in self._next:
+            self._next[key] = self.initial
+            return 0.0
+        delay = self._next[key]
+        self._next[key] = min(delay * 2, self.cap)
+        return delay
+
+
 # ----------------------------------------------------------------------------- supervisor
 class Supervisor:
     """Runs in the background for the life of the lab."""
@@ -139,9 +176,13 @@ class Supervisor:
         self.api = EmulatedApiServer(keep_requests=LAB_REQUEST_LOG_KEEP)
         self.proxy: Any = None
         self.agents: dict[str, subprocess.Popen] = {}
+        self.agent_started: dict[str, float] = {}  # node -> time.monotonic() of the start
+        self.restart_at: dict[str, float] = {}  # node -> when to start its dead agent again
+        self.backoff = RestartBackoff()
         self.sandboxes: dict[tuple[str, str], kubelet.PodSandbox] = {}
         self.sandbox_node: dict[tuple[str, str], str] = {}
         self.servers: dict[tuple[str, str], subprocess.Popen] = {}
+        self.pod_errors: dict[tuple[str, str], str] = {}  # why a pod did not start, last
         self.cni: dict[str, dict[str, Any]] = {}
         self.stopping = asyncio.Event()
         self._rr = 0
@@ -170,22 +211,27 @@ class Supervisor:
             write_kubeconfig(self.state.kubeconfig, self.proxy.url)
             await loop.run_in_executor(None, self._register_cluster)
             self._start_agents()
-            self.state.agents = {n: p.pid for n, p in self.agents.items()}
             self.state.save()
             await self._wait_agents_ready()
             self._seed_pods()
             for _ in range(600):  # until the seeded pods run
+                self._restart_dead_agents()
                 await loop.run_in_executor(None, self._controllers)
                 if self._all_running():
                     break
                 await asyncio.sleep(0.2)
             self.state.ready = True
             self.state.save()
+            failing = ""
             while not self.stopping.is_set():
+                self._restart_dead_agents()
                 try:
                     await loop.run_in_executor(None, self._controllers)
-                except Exception:
-                    log.exception("lab controllers failed; retrying")
+                    failing = ""
+                except Exception as exc:  # e.g. the API unreachable: once, not every pass
+                    if repr(exc) != failing:
+                        log.exception("lab controllers failed; retrying on every pass")
+                        failing = repr(exc)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), 0.3)
                 except TimeoutError:
@@ -218,19 +264,45 @@ class Supervisor:
     def _start_agents(self) -> None:
         settings = self.state.dir / "config.json"
         settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": "1450"}))
-        exe = str(Path(sys.executable).parent / "pcn-agent")
         for i in range(1, self.nodes_count + 1):
-            name = self.lab.node_name(i)
-            # The agent process stays in the root namespace (the API server is on its
-            # loopback) and drives the node's data plane inside the node namespace.
-            env = {**os.environ, "NODE_NAME": name, "PCN_NETNS": name,
-                   "PCN_KUBE_URL": self.proxy.url,
-                   "PCN_SOCKET": str(self.state.dir / f"{name}.sock"),
-                   "PCN_CONFIG": str(settings), "PCN_METRICS_PORT": "0", "PCN_LIVENESS": "",
-                   "PCN_STATE_DIR": str(self.state.dir / "agent-state")}
-            logf = open(self.state.dir / f"agent-{name}.log", "ab")  # noqa: SIM115
+            self._start_agent(self.lab.node_name(i))
+
+    def _start_agent(self, name: str) -> None:
+        exe = str(Path(sys.executable).parent / "pcn-agent")
+        # The agent process stays in the root namespace (the API server is on its
+        # loopback) and drives the node's data plane inside the node namespace.
+        env = {**os.environ, "NODE_NAME": name, "PCN_NETNS": name,
+               "PCN_KUBE_URL": self.proxy.url,
+               "PCN_SOCKET": str(self.state.dir / f"{name}.sock"),
+               "PCN_CONFIG": str(self.state.dir / "config.json"), "PCN_METRICS_PORT": "0",
+               "PCN_LIVENESS": "", "PCN_STATE_DIR": str(self.state.dir / "agent-state")}
+        with open(self.state.dir / f"agent-{name}.log", "ab") as logf:
             self.agents[name] = subprocess.Popen(
                 [exe], env=env, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        self.agent_started[name] = time.monotonic()
+        self.state.agents[name] = self.agents[name].pid
+
+    def _restart_dead_agents(self) -> None:
+        """What the DaemonSet's kubelet does for a node's agent that exited:
+        start it again, after kubelet's back-off (RestartBackoff)."""
+        now = time.monotonic()
+        for name, proc in list(self.agents.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            if name not in self.restart_at:
+                delay = self.backoff.delay(name, now - self.agent_started[name])
+                self.restart_at[name] = now + delay
+                log.warning("agent on %s exited (code %s); restarting it in %.0f s", name, code,
+                            delay)
+                self.state.save()
+            if now >= self.restart_at[name]:
+                del self.restart_at[name]
+                self._start_agent(name)
+                self.state.restarts[name] = self.state.restarts.get(name, 0) + 1
+                self.state.save()
+                log.info("agent on %s restarted (pid %d, restart %d)", name,
+                         self.agents[name].pid, self.state.restarts[name])
 
     async def _wait_agents_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -283,8 +355,9 @@ class Supervisor:
     # -- the stand-in controllers ---------------------------------------------
     def _controllers(self) -> None:
         self._kubelet()
-        self._services()
-        self._endpoints()
+        controllers.allocate_service_addresses(self.api)
+        controllers.sync_endpoint_slices(self.api)
+        controllers.sync_endpoints(self.api)
 
     def _kubelet(self) -> None:
         pods = self.api.request("GET", "/api/v1/pods").get("items", [])
@@ -295,27 +368,42 @@ class Supervisor:
             seen.add(key)
             if key in self.sandboxes or (pod.get("status") or {}).get("podIP"):
                 continue
-            node = (pod.get("spec") or {}).get("nodeName") or self._schedule()
+            node = (pod.get("spec") or {}).get("nodeName")
+            path = f"/api/v1/namespaces/{key[0]}/pods/{key[1]}"
+            if not node:  # the scheduler binds a pod once; its kubelet retries there
+                node = self._schedule()
+                self.api.request("PATCH", path, {"spec": {"nodeName": node}},
+                                 "application/merge-patch+json")
             sb = kubelet.PodSandbox(key[0], key[1], secrets.token_hex(8),
                                     f"{self.lab.prefix}-p-{secrets.token_hex(3)}")
             try:
                 kubelet.start_pod(node, sb, self.cni[node])
-            except Exception as exc:
-                log.error("could not start pod %s/%s: %s", *key, exc)
+            except Exception as exc:  # retried on every pass, logged when it changes
+                if self.pod_errors.get(key) != str(exc):
+                    log.error("could not start pod %s/%s: %s", *key, exc)
+                    self.pod_errors[key] = str(exc)
                 continue
+            self.pod_errors.pop(key, None)
             self.sandboxes[key] = sb
             self.sandbox_node[key] = node
+            tcp, udp = kubelet.container_ports(pod, POD_TCP, POD_UDP)
             self.servers[key] = subprocess.Popen(
                 ["ip", "netns", "exec", sb.netns, *checks.probe_argv(
-                    "serve", "--tcp", str(POD_TCP), "--udp", str(POD_UDP))],
+                    "serve", *[a for p in tcp for a in ("--tcp", str(p))],
+                    *[a for p in udp for a in ("--udp", str(p))])],
                 env={"PCN_PROBE_NAME": key[1], "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            patch = {"metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}},
-                     "spec": {"nodeName": node},
-                     "status": {"phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
-                                "hostIP": self.lab.node_ip(self._node_index(node))}}
-            self.api.request("PATCH", f"/api/v1/namespaces/{key[0]}/pods/{key[1]}", patch,
-                             "application/merge-patch+json")
+            # where the lab finds the pod, then the kubelet's status (its own subresource)
+            self.api.request("PATCH", path, {
+                "metadata": {"annotations": {"pcn.dev/lab-netns": sb.netns}}},
+                "application/merge-patch+json")
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.api.request("PATCH", f"{path}/status", {"status": {
+                "phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
+                "hostIP": self.lab.node_ip(self._node_index(node)), "startTime": now,
+                "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                               for t in ("PodScheduled", "Initialized", "ContainersReady",
+                                         "Ready")]}}, "application/merge-patch+json")
             log.info("pod %s/%s runs on %s at %s", *key, node, sb.ip)
         for key in list(self.sandboxes):
             if key not in seen:
@@ -340,75 +428,6 @@ class Supervisor:
 
     def _node_index(self, node: str) -> int:
         return int(node.rsplit("n", 1)[1])
-
-    def _services(self) -> None:
-        """Give Services a cluster IP and NodePorts when they ask for none."""
-        svcs = self.api.request("GET", "/api/v1/services").get("items", [])
-        used_ips = {(s.get("spec") or {}).get("clusterIP") for s in svcs}
-        used_ports = {p.get("nodePort") for s in svcs for p in (s.get("spec") or {}).get("ports")
-                      or []}
-        for s in svcs:
-            spec = s.get("spec") or {}
-            patch: dict[str, Any] = {}
-            if not spec.get("clusterIP"):
-                ip = next(str(a) for a in SERVICE_RANGE.hosts()
-                          if int(a) - int(SERVICE_RANGE.network_address) >= 10
-                          and str(a) not in used_ips)
-                used_ips.add(ip)
-                patch["clusterIP"] = ip
-            if spec.get("type") in ("NodePort", "LoadBalancer"):
-                ports = [dict(p) for p in spec.get("ports") or []]
-                changed = False
-                for p in ports:
-                    if not p.get("nodePort"):
-                        p["nodePort"] = next(n for n in range(*NODEPORT_RANGE)
-                                             if n not in used_ports)
-                        used_ports.add(p["nodePort"])
-                        changed = True
-                if changed:
-                    patch["ports"] = ports
-            if patch:
-                m = s["metadata"]
-                self.api.request("PATCH", f"/api/v1/namespaces/{m.get('namespace', 'default')}"
-                                          f"/services/{m['name']}", {"spec": patch},
-                                 "application/merge-patch+json")
-
-    def _endpoints(self) -> None:
-        """One EndpointSlice per Service with a selector: its running pods."""
-        svcs = self.api.request("GET", "/api/v1/services").get("items", [])
-        pods = self.api.request("GET", "/api/v1/pods").get("items", [])
-        for s in svcs:
-            spec = s.get("spec") or {}
-            sel = spec.get("selector")
-            if not sel:
-                continue
-            ns = s["metadata"].get("namespace", "default")
-            ready = [p for p in pods if p["metadata"].get("namespace", "default") == ns
-                     and all((p["metadata"].get("labels") or {}).get(k) == v
-                             for k, v in sel.items())
-                     and (p.get("status") or {}).get("podIP")]
-            ports = [{"name": p.get("name", ""), "protocol": p.get("protocol", "TCP"),
-                      "port": int(p.get("targetPort") or p["port"])}
-                     for p in spec.get("ports") or []]
-            want: dict[str, Any] = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                    "metadata": {"name": f"{s['metadata']['name']}-lab", "namespace": ns,
-                                 "labels": {"kubernetes.io/service-name": s["metadata"]["name"]}},
-                    "addressType": "IPv4", "ports": ports,
-                    "endpoints": [{"addresses": [p["status"]["podIP"]],
-                                   "conditions": {"ready": True},
-                                   "nodeName": p["spec"].get("nodeName"),
-                                   "targetRef": {"kind": "Pod", "name": p["metadata"]["name"],
-                                                 "namespace": ns}}
-                                  for p in sorted(ready, key=lambda p: p["metadata"]["name"])]}
-            path = f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{want['metadata']['name']}"
-            try:
-                have = self.api.request("GET", path)
-            except ApiServerError:
-                have = None
-            if have is None:
-                apply(self.api, want)
-            elif have.get("endpoints") != want["endpoints"] or have.get("ports") != ports:
-                self.api.request("PUT", path, want)
 
 
 # ----------------------------------------------------------------------------- cleanup
