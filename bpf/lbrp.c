@@ -51,9 +51,8 @@ static __always_inline void lbrp_forget_superseded(const struct pcn_flow *f,
 static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *f,
                                         struct pcn_l4info *info, u64 now)
 {
-    struct pcn_xlate *x = lb_sessions.lookup(f);
-    if (x && x->kind == PCN_SESS_LB) {
-        pcn_session_touch(x, now);
+    struct pcn_xlate *x = pcn_lb_session(f, info, PCN_SESS_LB, now);
+    if (x) {
         if (pcn_nat_rewrite(skb, f, info, 0, x->ip, x->port) < 0)
             return pcn_filter_drop(skb, PCN_DROP_REWRITE);
         return pcn_pass(skb);
@@ -68,10 +67,13 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
     if (pcn_lb_select(svc, f, now, &b) < 0)
         return lbrp_reject(skb, f, info);
 
+    u8 state = pcn_session_first(f->proto, info->tcp_flags);
+    u32 born = pcn_now_ms(now);
     struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0, .kind = PCN_SESS_LB,
-                           .svc = svc->id, .seen_ns = now};
+                           .state = state, .svc = svc->id, .born_ms = born, .seen_ns = now};
     struct pcn_xlate back = {.ip = f->daddr, .port = f->dport, .is_src = 1,
-                             .kind = PCN_SESS_LB_REV, .svc = svc->id, .seen_ns = now};
+                             .kind = PCN_SESS_LB_REV, .state = state, .svc = svc->id,
+                             .born_ms = born, .seen_ns = now};
     struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
                            .dport = f->sport, .proto = f->proto};
     pcn_lb_record(f, &to, &rev, &back);
@@ -83,9 +85,8 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
 static __always_inline int lbrp_reverse(struct __sk_buff *skb, struct pcn_flow *f,
                                         struct pcn_l4info *info, u64 now)
 {
-    struct pcn_xlate *x = lb_sessions.lookup(f);
-    if (x && x->kind == PCN_SESS_LB_REV) {
-        pcn_session_touch(x, now);
+    struct pcn_xlate *x = pcn_lb_session(f, info, PCN_SESS_LB_REV, now);
+    if (x) {
         if (pcn_nat_rewrite(skb, f, info, 1, x->ip, x->port) < 0)
             return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     }
@@ -103,11 +104,10 @@ static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flo
         return pcn_pass(skb);
     struct pcn_flow key = {};
     pcn_icmp_quote_key(&q, &key);
-    struct pcn_xlate *x = lb_sessions.lookup(&key);
     u8 want = pcn_meta_hook(skb) == PCN_HOOK_INGRESS ? PCN_SESS_LB : PCN_SESS_LB_REV;
-    if (!x || x->kind != want)
+    struct pcn_xlate *x = pcn_lb_session_live(&key, want, now);
+    if (!x)
         return pcn_pass(skb);
-    pcn_session_touch(x, now);
     if (pcn_icmp_err_xlate(skb, f, info, &q, x) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     return pcn_pass(skb);

@@ -19,6 +19,7 @@ counters before and after, so the tests share one compiled runtime.
 
 from __future__ import annotations
 
+import ctypes as ct
 import itertools
 import time
 from collections.abc import Iterator
@@ -33,8 +34,10 @@ from bpfunit import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_ACK,
+    TCP_FIN,
     TCP_SYN,
     UnitNet,
+    age_sessions,
     arp,
     assert_frame,
     eth,
@@ -56,6 +59,7 @@ from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
 from pcn_agent.dataplane.cubes.lbrp import Backend, ServiceTable
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_agent.dataplane.sessions import SessionCollector, SessionTimeouts, State, write_config
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,
@@ -589,3 +593,161 @@ def test_arp_passes_on_to_the_router(lab: DispLab) -> None:
     assert res.retval == TC_ACT_OK
     assert res.data == req
     assert lab.drops() == drops
+
+
+# ---------------------------------------------------------------------------- session lifetimes
+def nat_table(lab: DispLab) -> maps.BpfTable:
+    return lab.net.rt.table("nat_sessions", "k8sdispatcher")
+
+
+def nat_keys(lab: DispLab, *addrs: str) -> list[maps.Flow]:
+    """The nat_sessions keys with one of `addrs` as source or destination."""
+    want = {maps.ip_be(a) for a in addrs}
+    return [k for k, _ in nat_table(lab).items() if k.saddr in want or k.daddr in want]
+
+
+def nodeport_connect(lab: DispLab, np_: int, backend: str, client: str,
+                     cport: int = 5000) -> int:
+    """A client's SYN to NodePort `np_` (Cluster policy, a remote backend):
+    returns the port of our VTEP address it goes out with."""
+    res = lab.from_uplink(in_uplink(lab, client, NODE_IP, IPPROTO_TCP, cport, np_))
+    assert res.retval == TC_ACT_REDIRECT
+    vtep, vport = src_of(res)
+    assert vtep == VTEP and SNAT_LO <= vport <= SNAT_HI
+    assert parse_ipv4(parse_eth(res.data).payload).dst == backend
+    return vport
+
+
+@pytest.mark.parametrize("path", ["masquerade", "nodeport-cluster"])
+def test_port_of_a_connection_that_is_over_is_reused(lab: DispLab, path: str) -> None:
+    """The 16 ports towards one peer are held by closed connections (both
+    sides sent FIN: TIME_WAIT, 120 s): a 17th connection gets none. Once
+    that lifetime has passed they are free again, as conntrack frees the
+    tuples of expired connections: the next connection takes one over, and
+    the peer's replies on that port reach the new connection."""
+    flows = []  # (who, its port)
+    if path == "masquerade":
+        server = counted(_server, "203.0.113.{}")
+        peer = server
+        for _ in range(SNAT_HI - SNAT_LO + 1):
+            pod, _mac = lab.pod()
+            port = masquerade(lab, pod, server, sport=33333, dport=80)
+            lab.from_uplink(in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 80, port,
+                                      TCP_SYN | TCP_ACK))
+            lab.to_uplink(out_uplink(lab, pod, server, IPPROTO_TCP, 33333, 80, TCP_FIN | TCP_ACK))
+            lab.from_uplink(in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 80, port,
+                                      TCP_FIN | TCP_ACK))
+            flows.append((pod, port))
+        late, late_mac = lab.pod()
+
+        def connect() -> TestRunResult:
+            return lab.to_uplink(out_uplink(lab, late, server, IPPROTO_TCP, 33333, 80))
+    else:
+        np_, peer = next(_nodeport), counted(_remote_pod, "10.244.2.{}")
+        lab.disp.set_nodeport(np_, "tcp", "Cluster", [Backend(peer, 8080)])
+        for _ in range(SNAT_HI - SNAT_LO + 1):
+            cl = counted(_client, "198.51.100.{}")
+            vport = nodeport_connect(lab, np_, peer, cl)
+            for src_mac, dst_mac, src, dst, sp, dp, via, flags in (  # answer, both close
+                    (lab.peer_vtep_mac, lab.mac("vxlan"), peer, VTEP, 8080, vport, "overlay",
+                     TCP_SYN | TCP_ACK),
+                    (lab.gw_mac, lab.mac("uplink"), cl, NODE_IP, 5000, np_, "uplink",
+                     TCP_FIN | TCP_ACK),
+                    (lab.peer_vtep_mac, lab.mac("vxlan"), peer, VTEP, 8080, vport, "overlay",
+                     TCP_FIN | TCP_ACK)):
+                frame = ip_frame(dst_mac, src_mac, src, dst, IPPROTO_TCP, sp, dp, flags)
+                res = lab.from_overlay(frame) if via == "overlay" else lab.from_uplink(frame)
+                assert res.retval == TC_ACT_REDIRECT
+            flows.append((cl, vport))
+        late = counted(_client, "198.51.100.{}")
+
+        def connect() -> TestRunResult:
+            return lab.from_uplink(in_uplink(lab, late, NODE_IP, IPPROTO_TCP, 5000, np_))
+    assert sorted(p for _, p in flows) == list(range(SNAT_LO, SNAT_HI + 1))
+    ours = nat_keys(lab, peer, *(who for who, _ in flows))
+    assert len(ours) == 2 * len(flows)
+    assert {nat_table(lab)[k].state for k in ours} == {State.TIME_WAIT}
+
+    drops = lab.drops()
+    assert connect().retval == TC_ACT_SHOT  # closed, but within the TIME_WAIT lifetime
+    assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+
+    age_sessions(nat_table(lab), ours, 120 + 1)
+    res = connect()
+    assert res.retval in (TC_ACT_OK, TC_ACT_REDIRECT)
+    port = src_of(res)[1]
+    assert port in {p for _, p in flows}
+    if path == "masquerade":
+        reply = lab.from_uplink(in_uplink(lab, peer, NODE_IP, IPPROTO_TCP, 80, port,
+                                          TCP_SYN | TCP_ACK))
+        assert_frame(reply.data, to_pod(lab, late_mac, peer, late, IPPROTO_TCP, 80, 33333,
+                                        TCP_SYN | TCP_ACK))
+        # the pod that had the port: its late packet is a new connection, on another port
+        old = next(pod for pod, p in flows if p == port)
+        again = lab.to_uplink(out_uplink(lab, old, peer, IPPROTO_TCP, 33333, 80, TCP_ACK))
+        assert again.retval == TC_ACT_OK and src_of(again)[1] != port
+    else:
+        reply = lab.from_overlay(ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, peer, VTEP,
+                                          IPPROTO_TCP, 8080, port, TCP_SYN | TCP_ACK))
+        assert reply.retval == TC_ACT_REDIRECT
+        assert_frame(reply.data, out_uplink(lab, NODE_IP, late, IPPROTO_TCP, np_, 5000,
+                                            TCP_SYN | TCP_ACK))
+
+
+@pytest.mark.parametrize("past", [1, 6], ids=["within-grace", "past-grace"])
+def test_ports_past_the_grace_belong_to_the_collector(lab: DispLab, past: int) -> None:
+    """With a collector running (a 5 s grace), the data path takes over a
+    port at most 5 s past its connection's lifetime; later, the entry is
+    the collector's alone (so that it never deletes what the data path has
+    just given to a new connection): the port is free once collected."""
+    cfg = lab.net.rt.table("session_cfg", "k8sdispatcher")
+    write_config(cfg, SessionTimeouts(), grace_s=5)
+    try:
+        server = counted(_server, "203.0.113.{}")
+        for _ in range(SNAT_HI - SNAT_LO + 1):  # unreplied UDP: 30 s
+            masquerade(lab, lab.pod()[0], server, IPPROTO_UDP, sport=5353, dport=53)
+        late, _ = lab.pod()
+        ours = nat_keys(lab, server)
+        assert len(ours) == 2 * (SNAT_HI - SNAT_LO + 1)
+        age_sessions(nat_table(lab), ours, 30 + past)
+        pkt = out_uplink(lab, late, server, IPPROTO_UDP, 5353, 53)
+        if past == 1:
+            assert lab.to_uplink(pkt).retval == TC_ACT_OK
+            return
+        assert lab.to_uplink(pkt).retval == TC_ACT_SHOT
+        collected = SessionCollector({"nat_sessions": nat_table(lab)}, SessionTimeouts(),
+                                     grace_s=5).collect()
+        assert collected.deleted["nat_sessions"] >= len(ours)
+        assert nat_keys(lab, server) == []  # both directions of every connection
+        assert lab.to_uplink(pkt).retval == TC_ACT_OK
+    finally:
+        cfg[ct.c_uint32(0)] = maps.SessionCfg()  # the defaults, no grace
+
+
+def test_expired_nodeport_session_is_forgotten(lab: DispLab) -> None:
+    """A client's NodePort connection that never got past its SYN (120 s) is
+    over: its next packet is a new connection with a fresh backend."""
+    np_ = next(_nodeport)
+    (a, a_mac), (b, b_mac) = lab.pod(), lab.pod()
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(a, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    assert lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5400, np_)).retval == \
+        TC_ACT_REDIRECT
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(b, 8080)])
+    ack = in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5400, np_, TCP_ACK)
+    assert_frame(lab.from_uplink(ack).data, to_pod(lab, a_mac, cl, a, IPPROTO_TCP, 5400, 8080,
+                                                  TCP_ACK))
+    age_sessions(nat_table(lab), nat_keys(lab, cl), 120 + 1)
+    assert_frame(lab.from_uplink(ack).data, to_pod(lab, b_mac, cl, b, IPPROTO_TCP, 5400, 8080,
+                                                  TCP_ACK))
+
+
+def test_icmp_error_about_an_expired_masqueraded_flow_goes_to_the_host(lab: DispLab) -> None:
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    port = masquerade(lab, pod, server, IPPROTO_UDP)
+    quote = quote_of(out_uplink(lab, NODE_IP, server, IPPROTO_UDP, port, 443))
+    frame = error_frame(lab.mac("uplink"), lab.gw_mac, server, NODE_IP, icmp_error(3, 3, quote))
+    age_sessions(nat_table(lab), nat_keys(lab, server), 30 + 1)
+    res = lab.from_uplink(frame)
+    assert (res.retval, res.data) == (TC_ACT_OK, frame)
