@@ -308,3 +308,23 @@ def test_gc_thread_collects_every_interval_until_stopped() -> None:
     finally:
         gc.stop()
     assert "pcn-session-gc-t" not in {t.name for t in threading.enumerate()}  # joined
+
+
+def test_agent_metrics_count_the_collected_sessions(table: maps.BpfTable) -> None:
+    from types import SimpleNamespace
+
+    from pcn_agent.control.metrics import AgentCollector
+
+    now = sessions.monotonic_ns()
+    (fk, fx), (rk, rx) = PAIRS["clusterip"]
+    put(table, fk, fx, now - 200 * S)
+    put(table, rk, rx, now - 200 * S)
+    put(table, *PAIRS["masquerade"][0], now)
+    collector = SessionCollector({"lb_sessions": table}, TIMEOUTS, GRACE_S)
+    collector.collect(now_ns=now)
+    agent = SimpleNamespace(node_name="n1", reconciles=0, reconcile_seconds=[], apply_errors=0,
+                            node=SimpleNamespace(session_collector=collector), manager=None)
+    samples = {(s.name, s.labels.get("table")): s.value
+               for m in AgentCollector(agent).collect() for s in m.samples}
+    assert samples[("pcn_sessions_collected_total", "lb_sessions")] == 2
+    assert samples[("pcn_sessions", "lb_sessions")] == 1
