@@ -23,6 +23,7 @@
 #define DISP_NET_POD 1       /* a pod network: its sources are masqueraded */
 #define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
 #define DISP_PORT_TRIES 16
+#define DISP_PORT_HARDER 4   /* then as many may take the port of a closed connection */
 
 struct disp_cfg {
     __be32 node_ip;
@@ -161,41 +162,54 @@ static __always_inline int disp_known(struct __sk_buff *skb, struct pcn_flow *f,
     return disp_apply(skb, f, info, x) < 0 ? -1 : 1;
 }
 
-/* Give the reverse entry `old` at `rev`, a connection past its lifetime
- * (within the grace), to a new connection: its port is free again, as
- * conntrack frees the tuple of an expired connection. 1 when taken. */
+/* Give the reverse entry `old` at `rev` to a new connection (opened by a
+ * packet with TCP `flags`) when its own connection is over: past its
+ * lifetime (within the grace: later, the entry is the collector's), as
+ * conntrack frees the tuple of an expired connection; or, when `harder`,
+ * closed (pcn_session_evictable). The old connection's other entry goes
+ * too. 1 when taken. */
 static __always_inline int disp_take_over(const struct pcn_flow *rev, struct pcn_xlate *old,
                                           const struct pcn_xlate *rev_val,
-                                          const struct pcn_session_cfg *cfg, u64 now)
+                                          const struct pcn_session_cfg *cfg, u64 now, u8 flags,
+                                          int harder)
 {
     u64 seen = old->seen_ns;
-    if (!pcn_session_is_reply(old->kind) ||
-        pcn_session_age(cfg, rev->proto, old, now) != PCN_AGE_EXPIRED)
+    if (!pcn_session_is_reply(old->kind))
         return 0;
     struct pcn_flow pk = {};
     pcn_session_peer_key(rev, old, &pk);
     struct pcn_xlate *peer = nat_sessions.lookup(&pk);
-    if (pcn_session_pair_age(cfg, rev, old, &pk, peer, now) != PCN_AGE_EXPIRED ||
-        !pcn_session_claim(old, seen, now))
+    int age = pcn_session_pair_age(cfg, rev, old, &pk, peer, now);
+    if (age == PCN_AGE_DEAD ||
+        (age == PCN_AGE_LIVE && !(harder && pcn_session_evictable(rev->proto, old, flags))))
+        return 0;
+    int drop_peer = pcn_session_paired(rev, old, &pk, peer) &&
+                    pcn_session_age(cfg, rev->proto, peer, now) != PCN_AGE_DEAD;
+    if (!pcn_session_claim(old, seen, now))
         return 0;
     *old = *rev_val;
+    if (drop_peer)
+        nat_sessions.delete(&pk);
     return 1;
 }
 
 /* Reserve a port on `ip` for traffic from `peer` (the far end as it will
- * reply): inserts the reverse session so that two connections never share a
- * port towards the same peer; a port whose connection is over is taken
- * over. Returns the port (network order) or 0. */
+ * reply) for the flow `f` opened by a packet with TCP `flags`: inserts the
+ * reverse session so that two connections never share a port towards the
+ * same peer; a port whose connection is over is taken over. Returns the
+ * port (network order) or 0. */
 static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 ip, __be32 peer,
                                               __be16 peer_port, u16 lo, u16 hi,
-                                              struct pcn_xlate *rev_val, u64 now)
+                                              struct pcn_xlate *rev_val, u64 now, u8 flags)
 {
     const struct pcn_session_cfg *cfg = pcn_session_cfg();
     u32 range = hi >= lo ? (u32)(hi - lo) + 1 : 1;
     u32 h = pcn_flow_hash(f);
 #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < DISP_PORT_TRIES; i++) {
-        __be16 port = bpf_htons(lo + (h + i * 7919) % range);
+    for (u32 i = 0; i < DISP_PORT_TRIES + DISP_PORT_HARDER; i++) {
+        int harder = i >= DISP_PORT_TRIES; /* no port free: the first ones again, harder */
+        u32 n = harder ? i - DISP_PORT_TRIES : i;
+        __be16 port = bpf_htons(lo + (h + n * 7919) % range);
         struct pcn_flow rev = {.saddr = peer, .daddr = ip, .sport = peer_port, .dport = port,
                                .proto = f->proto};
         if (f->proto == IPPROTO_ICMP)
@@ -203,7 +217,7 @@ static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 i
         if (nat_sessions.insert(&rev, rev_val) == 0)
             return port;
         struct pcn_xlate *old = nat_sessions.lookup(&rev);
-        if (old && disp_take_over(&rev, old, rev_val, cfg, now))
+        if (old && disp_take_over(&rev, old, rev_val, cfg, now, flags, harder))
             return port;
     }
     return 0;
@@ -222,7 +236,7 @@ static __always_inline int disp_snat(struct __sk_buff *skb, struct disp_cfg *cfg
                              .kind = PCN_SESS_SNAT_REV, .state = state, .born_ms = born,
                              .seen_ns = now};
     __be16 port = disp_alloc_port(f, cfg->node_ip, f->daddr, f->dport, cfg->snat_lo,
-                                  cfg->snat_hi, &back, now);
+                                  cfg->snat_hi, &back, now, info->tcp_flags);
     if (!port)
         return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
     struct pcn_xlate to = {.ip = cfg->node_ip, .port = port, .is_src = 1, .kind = PCN_SESS_SNAT,
@@ -261,7 +275,7 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
         back.ip2 = f->saddr;
         back.port2 = f->sport;
         __be16 port = disp_alloc_port(f, cfg->vtep_ip, b.ip, b.port, cfg->snat_lo,
-                                      cfg->snat_hi, &back, now);
+                                      cfg->snat_hi, &back, now, info->tcp_flags);
         if (!port)
             return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
         to.ip2 = cfg->vtep_ip;

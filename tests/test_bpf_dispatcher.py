@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes as ct
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -35,6 +35,7 @@ from bpfunit import (
     IPPROTO_UDP,
     TCP_ACK,
     TCP_FIN,
+    TCP_RST,
     TCP_SYN,
     UnitNet,
     age_sessions,
@@ -606,92 +607,144 @@ def nat_keys(lab: DispLab, *addrs: str) -> list[maps.Flow]:
     return [k for k, _ in nat_table(lab).items() if k.saddr in want or k.daddr in want]
 
 
-def nodeport_connect(lab: DispLab, np_: int, backend: str, client: str,
-                     cport: int = 5000) -> int:
-    """A client's SYN to NodePort `np_` (Cluster policy, a remote backend):
-    returns the port of our VTEP address it goes out with."""
-    res = lab.from_uplink(in_uplink(lab, client, NODE_IP, IPPROTO_TCP, cport, np_))
-    assert res.retval == TC_ACT_REDIRECT
-    vtep, vport = src_of(res)
-    assert vtep == VTEP and SNAT_LO <= vport <= SNAT_HI
-    assert parse_ipv4(parse_eth(res.data).payload).dst == backend
-    return vport
+@dataclass
+class FullPorts:
+    """All 16 ports towards one peer held by connections that ended one way."""
+
+    peer: str
+    flows: list[tuple[str, int]]  # who (pod or client), its port
+    connect: Callable[[int], TestRunResult]  # a new connection's first packet (TCP flags)
+    reply: Callable[[int], TestRunResult]  # the peer's SYN-ACK on a port
+    late: str  # who connects
+    late_mac: str
 
 
-@pytest.mark.parametrize("path", ["masquerade", "nodeport-cluster"])
-def test_port_of_a_connection_that_is_over_is_reused(lab: DispLab, path: str) -> None:
-    """The 16 ports towards one peer are held by closed connections (both
-    sides sent FIN: TIME_WAIT, 120 s): a 17th connection gets none. Once
-    that lifetime has passed they are free again, as conntrack frees the
-    tuples of expired connections: the next connection takes one over, and
-    the peer's replies on that port reach the new connection."""
-    flows = []  # (who, its port)
+def fill_ports(lab: DispLab, path: str, closing: str) -> FullPorts:
+    """16 connections, answered then ended as `closing` says: "client-fin"
+    (only the side that opened closed: FIN_WAIT), "both-fin" (and the last
+    FIN acknowledged: TIME_WAIT), "both-fin-unacked" (LAST_ACK) or "reset"
+    (CLOSE). `path`: masquerading a pod, or a NodePort (Cluster
+    policy) whose remote backend is reached from our VTEP address."""
+    ends = {"client-fin": [(True, TCP_FIN | TCP_ACK)],
+            "both-fin": [(True, TCP_FIN | TCP_ACK), (False, TCP_FIN | TCP_ACK), (True, TCP_ACK)],
+            "both-fin-unacked": [(True, TCP_FIN | TCP_ACK), (False, TCP_FIN | TCP_ACK)],
+            "reset": [(False, TCP_RST | TCP_ACK)]}[closing]
+    steps = [(False, TCP_SYN | TCP_ACK), *ends]
+    flows = []
     if path == "masquerade":
-        server = counted(_server, "203.0.113.{}")
-        peer = server
+        peer = counted(_server, "203.0.113.{}")
         for _ in range(SNAT_HI - SNAT_LO + 1):
             pod, _mac = lab.pod()
-            port = masquerade(lab, pod, server, sport=33333, dport=80)
-            lab.from_uplink(in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 80, port,
-                                      TCP_SYN | TCP_ACK))
-            lab.to_uplink(out_uplink(lab, pod, server, IPPROTO_TCP, 33333, 80, TCP_FIN | TCP_ACK))
-            lab.from_uplink(in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 80, port,
-                                      TCP_FIN | TCP_ACK))
+            port = masquerade(lab, pod, peer, sport=33333, dport=80)
+            for opener, flags in steps:
+                res = (lab.to_uplink(out_uplink(lab, pod, peer, IPPROTO_TCP, 33333, 80, flags))
+                       if opener else
+                       lab.from_uplink(in_uplink(lab, peer, NODE_IP, IPPROTO_TCP, 80, port, flags)))
+                assert res.retval in (TC_ACT_OK, TC_ACT_REDIRECT)
             flows.append((pod, port))
         late, late_mac = lab.pod()
+        return FullPorts(
+            peer, flows,
+            lambda flags: lab.to_uplink(out_uplink(lab, late, peer, IPPROTO_TCP, 33333, 80, flags)),
+            lambda port: lab.from_uplink(in_uplink(lab, peer, NODE_IP, IPPROTO_TCP, 80, port,
+                                                   TCP_SYN | TCP_ACK)),
+            late, late_mac)
+    np_, peer = next(_nodeport), counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "tcp", "Cluster", [Backend(peer, 8080)])
+    for _ in range(SNAT_HI - SNAT_LO + 1):
+        cl = counted(_client, "198.51.100.{}")
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5000, np_))
+        vtep, vport = src_of(res)
+        assert (res.retval, vtep, parse_ipv4(parse_eth(res.data).payload).dst) == \
+            (TC_ACT_REDIRECT, VTEP, peer)
+        for opener, flags in steps:
+            res = (lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5000, np_, flags))
+                   if opener else
+                   lab.from_overlay(ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, peer, VTEP,
+                                             IPPROTO_TCP, 8080, vport, flags)))
+            assert res.retval == TC_ACT_REDIRECT
+        flows.append((cl, vport))
+    late = counted(_client, "198.51.100.{}")
+    return FullPorts(
+        peer, flows,
+        lambda flags: lab.from_uplink(in_uplink(lab, late, NODE_IP, IPPROTO_TCP, 5000, np_,
+                                                flags)),
+        lambda port: lab.from_overlay(ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, peer, VTEP,
+                                               IPPROTO_TCP, 8080, port, TCP_SYN | TCP_ACK)),
+        late, "")
 
-        def connect() -> TestRunResult:
-            return lab.to_uplink(out_uplink(lab, late, server, IPPROTO_TCP, 33333, 80))
+
+def assert_new_connection_owns(lab: DispLab, full: FullPorts, path: str,
+                               res: TestRunResult) -> int:
+    """`res` (the new connection's first packet) left with one of the full
+    ports, and the peer's answer on it reaches the new connection."""
+    assert res.retval in (TC_ACT_OK, TC_ACT_REDIRECT)
+    port = src_of(res)[1]
+    assert port in {p for _, p in full.flows}
+    reply = full.reply(port)
+    assert reply.retval == TC_ACT_REDIRECT
+    if path == "masquerade":
+        assert_frame(reply.data, to_pod(lab, full.late_mac, full.peer, full.late, IPPROTO_TCP,
+                                        80, 33333, TCP_SYN | TCP_ACK))
     else:
-        np_, peer = next(_nodeport), counted(_remote_pod, "10.244.2.{}")
-        lab.disp.set_nodeport(np_, "tcp", "Cluster", [Backend(peer, 8080)])
-        for _ in range(SNAT_HI - SNAT_LO + 1):
-            cl = counted(_client, "198.51.100.{}")
-            vport = nodeport_connect(lab, np_, peer, cl)
-            for src_mac, dst_mac, src, dst, sp, dp, via, flags in (  # answer, both close
-                    (lab.peer_vtep_mac, lab.mac("vxlan"), peer, VTEP, 8080, vport, "overlay",
-                     TCP_SYN | TCP_ACK),
-                    (lab.gw_mac, lab.mac("uplink"), cl, NODE_IP, 5000, np_, "uplink",
-                     TCP_FIN | TCP_ACK),
-                    (lab.peer_vtep_mac, lab.mac("vxlan"), peer, VTEP, 8080, vport, "overlay",
-                     TCP_FIN | TCP_ACK)):
-                frame = ip_frame(dst_mac, src_mac, src, dst, IPPROTO_TCP, sp, dp, flags)
-                res = lab.from_overlay(frame) if via == "overlay" else lab.from_uplink(frame)
-                assert res.retval == TC_ACT_REDIRECT
-            flows.append((cl, vport))
-        late = counted(_client, "198.51.100.{}")
+        np_ = l4_ports(parse_ipv4(parse_eth(reply.data).payload)).sport
+        assert_frame(reply.data, out_uplink(lab, NODE_IP, full.late, IPPROTO_TCP, np_, 5000,
+                                            TCP_SYN | TCP_ACK))
+    return port
 
-        def connect() -> TestRunResult:
-            return lab.from_uplink(in_uplink(lab, late, NODE_IP, IPPROTO_TCP, 5000, np_))
-    assert sorted(p for _, p in flows) == list(range(SNAT_LO, SNAT_HI + 1))
-    ours = nat_keys(lab, peer, *(who for who, _ in flows))
-    assert len(ours) == 2 * len(flows)
-    assert {nat_table(lab)[k].state for k in ours} == {State.TIME_WAIT}
+
+PATHS = ["masquerade", "nodeport-cluster"]
+
+
+@pytest.mark.parametrize("closing", ["client-fin", "both-fin-unacked"])
+@pytest.mark.parametrize("path", PATHS)
+def test_port_of_a_connection_that_is_over_is_reused(lab: DispLab, path: str,
+                                                     closing: str) -> None:
+    """The 16 ports towards one peer are held by connections that the client
+    closed (FIN_WAIT: 120 s), or both sides but the last FIN is still to be
+    acknowledged (LAST_ACK, as long as TIME_WAIT): a 17th connection gets
+    none. Once that lifetime has passed the ports are free again, as
+    conntrack frees the tuples of expired connections: the next connection
+    takes one over, and the peer's answers on that port reach it."""
+    full = fill_ports(lab, path, closing)
+    assert sorted(p for _, p in full.flows) == list(range(SNAT_LO, SNAT_HI + 1))
+    ours = nat_keys(lab, full.peer, *(who for who, _ in full.flows))
+    assert len(ours) == 2 * len(full.flows)
+    want = State.FIN_WAIT if closing == "client-fin" else State.LAST_ACK
+    assert {nat_table(lab)[k].state for k in ours} == {want}
 
     drops = lab.drops()
-    assert connect().retval == TC_ACT_SHOT  # closed, but within the TIME_WAIT lifetime
+    assert full.connect(TCP_SYN).retval == TC_ACT_SHOT  # within the lifetime
     assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
 
     age_sessions(nat_table(lab), ours, 120 + 1)
-    res = connect()
-    assert res.retval in (TC_ACT_OK, TC_ACT_REDIRECT)
-    port = src_of(res)[1]
-    assert port in {p for _, p in flows}
-    if path == "masquerade":
-        reply = lab.from_uplink(in_uplink(lab, peer, NODE_IP, IPPROTO_TCP, 80, port,
-                                          TCP_SYN | TCP_ACK))
-        assert_frame(reply.data, to_pod(lab, late_mac, peer, late, IPPROTO_TCP, 80, 33333,
-                                        TCP_SYN | TCP_ACK))
-        # the pod that had the port: its late packet is a new connection, on another port
-        old = next(pod for pod, p in flows if p == port)
-        again = lab.to_uplink(out_uplink(lab, old, peer, IPPROTO_TCP, 33333, 80, TCP_ACK))
+    port = assert_new_connection_owns(lab, full, path, full.connect(TCP_SYN))
+    old = next(who for who, p in full.flows if p == port)
+    if path == "masquerade":  # the old pod's late packet is a new connection, on another port
+        again = lab.to_uplink(out_uplink(lab, old, full.peer, IPPROTO_TCP, 33333, 80, TCP_ACK))
         assert again.retval == TC_ACT_OK and src_of(again)[1] != port
-    else:
-        reply = lab.from_overlay(ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, peer, VTEP,
-                                          IPPROTO_TCP, 8080, port, TCP_SYN | TCP_ACK))
-        assert reply.retval == TC_ACT_REDIRECT
-        assert_frame(reply.data, out_uplink(lab, NODE_IP, late, IPPROTO_TCP, np_, 5000,
-                                            TCP_SYN | TCP_ACK))
+
+
+@pytest.mark.parametrize("closing", ["both-fin", "reset"])
+@pytest.mark.parametrize("path", PATHS)
+def test_a_new_connection_takes_the_port_of_a_closed_one_when_none_is_left(
+        lab: DispLab, path: str, closing: str) -> None:
+    """All 16 ports held by connections that both sides closed (TIME_WAIT) or
+    that were reset (CLOSE): a new TCP connection gets one at once, as
+    Linux's NAT evicts closed connections in its last attempts; anything but
+    a SYN does not, and neither would the port of a connection still open."""
+    full = fill_ports(lab, path, closing)
+    ours = nat_keys(lab, full.peer, *(who for who, _ in full.flows))
+    want = State.TIME_WAIT if closing == "both-fin" else State.CLOSE
+    assert {nat_table(lab)[k].state for k in ours} == {want}
+    drops = lab.drops()
+    assert full.connect(TCP_ACK).retval == TC_ACT_SHOT  # picked up mid-way: not a new connection
+    assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+    port = assert_new_connection_owns(lab, full, path, full.connect(TCP_SYN))
+    old = next(who for who, p in full.flows if p == port)
+    assert nat_keys(lab, old) == []  # the old connection went, both ways
+    everyone = [full.late, *(who for who, _ in full.flows)]
+    assert len(nat_keys(lab, full.peer, *everyone)) == 2 * len(full.flows)
 
 
 @pytest.mark.parametrize("past", [1, 6], ids=["within-grace", "past-grace"])

@@ -605,9 +605,14 @@ def age(lab: LbLab, cl: str, svc: str, be: Backend, sport: int, dport: int, seco
 
 CLOSINGS = {  # who ends the connection, and the states it goes through
     "client-first": [(True, TCP_FIN | TCP_ACK, State.FIN_WAIT),
-                     (False, TCP_FIN | TCP_ACK, State.TIME_WAIT)],
+                     (False, TCP_FIN | TCP_ACK, State.LAST_ACK),
+                     (False, TCP_FIN | TCP_ACK, State.LAST_ACK),  # retransmitted
+                     (True, TCP_ACK, State.TIME_WAIT)],
     "backend-first": [(False, TCP_FIN | TCP_ACK, State.CLOSE_WAIT),
-                      (True, TCP_FIN | TCP_ACK, State.TIME_WAIT)],
+                      (False, TCP_ACK, State.CLOSE_WAIT),  # half-closed: data goes on
+                      (True, TCP_ACK, State.CLOSE_WAIT),
+                      (True, TCP_FIN | TCP_ACK, State.LAST_ACK),
+                      (False, TCP_ACK, State.TIME_WAIT)],
     "reset": [(False, TCP_RST | TCP_ACK, State.CLOSE)],
 }
 
@@ -683,6 +688,9 @@ def test_syn_after_the_connection_closed_opens_a_new_one(lab: LbLab) -> None:
     lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80, flags=TCP_FIN | TCP_ACK))
     assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))) == (a.ip, 8080)  # FIN_WAIT
     lab.to_pod(tcp_frame(lab, a.ip, cl, 8080, 60200, flags=TCP_FIN | TCP_ACK, outbound=False))
+    assert states(lab, cl, svc, a, 60200, 80) == (State.LAST_ACK, State.LAST_ACK)
+    assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))) == (a.ip, 8080)  # LAST_ACK
+    lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80, flags=TCP_ACK))
     assert states(lab, cl, svc, a, 60200, 80) == (State.TIME_WAIT, State.TIME_WAIT)
 
     assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))) == (b.ip, 8080)

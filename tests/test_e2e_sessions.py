@@ -9,7 +9,12 @@ over within a test of seconds rather than minutes; the client closes first
 (the `burst` probe), so no server keeps a TIME_WAIT that a reused port
 could run into. Without lifetimes the 4 536 masquerading ports towards the
 server run out after about 4 500 connections and both tables keep two
-entries per connection (40 000)."""
+entries per connection (40 000).
+
+With the default lifetimes (TIME_WAIT 120 s), the issue's case: 12 000
+short connections from one pod to one server, which used to fail from the
+4 537th on. They need the ports of closed connections before their
+lifetime is over: a new connection takes one when no port is free."""
 
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from pcn_lab.topology import EXTERNAL_IP, Lab
 pytestmark = pytest.mark.netns
 
 COUNT = 20_000
+ISSUE_COUNT = 12_000
+PARALLEL = 16
+SNAT_PORTS = 65535 - 61000 + 1  # NodeConfig's default snatPortRange
 VIP = "10.96.0.40"
 TIMEOUTS = SessionTimeouts(tcp_time_wait=0.2, tcp_close=0.2)
 GC_INTERVAL_S = 0.2
@@ -85,7 +93,7 @@ def test_many_short_connections_none_fail_and_the_tables_stay_bounded(short_lab:
     collected = collector.deleted_total[table_name]
     with peak_size(table) as peak:
         r = checks.probe(short_lab, "n1p1", ["burst", host, str(port), "--count", str(COUNT),
-                                             "--parallel", "16", "--timeout", "5"], 600)
+                                             "--parallel", str(PARALLEL), "--timeout", "5"], 600)
     assert r.get("failures") == 0 and r.get("hosts") == {answers: COUNT}, r
     assert node.rt.cube_drops("k8s").get("nat_exhausted", 0) == 0
     # Two entries per connection without lifetimes: 40 000. With them, the
@@ -101,3 +109,21 @@ def test_many_short_connections_none_fail_and_the_tables_stay_bounded(short_lab:
     client = maps.ip_be(short_lab.pods["n1p1"].ip)
     left = [k for k, x in table.items() if client in (k.saddr, k.daddr, x.ip, x.ip2)]
     assert left == []
+
+
+def test_the_issues_case_with_default_lifetimes() -> None:
+    with Lab(nodes_count=1, pods_per_node=1) as lab, checks.servers(lab, ["ext"]):
+        node = lab.node(1)
+        table = node.rt.table("nat_sessions", "k8sdispatcher")
+        with peak_size(table) as peak:
+            r = checks.probe(lab, "n1p1", ["burst", EXTERNAL_IP, str(checks.TCP_PORT),
+                                           "--count", str(ISSUE_COUNT), "--parallel", str(PARALLEL),
+                                           "--timeout", "5"], 600)
+        assert r.get("failures") == 0 and r.get("hosts") == {"ext": ISSUE_COUNT}, r
+        assert node.rt.cube_drops("k8s").get("nat_exhausted", 0) == 0
+        # every port towards the server held once, by one connection each way
+        # (a sample walks the table while connections come and go: it may
+        # see a connection leaving and one arriving, at most PARALLEL of each)
+        assert sum(1 for _ in table.items_lookup_batch()) <= 2 * SNAT_PORTS
+        assert peak.entries <= 2 * SNAT_PORTS + 2 * PARALLEL, peak
+    assert lab.leftovers() == [], f"teardown left {lab.leftovers()}"

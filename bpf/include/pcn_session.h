@@ -42,7 +42,7 @@ struct pcn_xlate {
 #define PCN_SESS_NODEPORT 5
 #define PCN_SESS_NODEPORT_REV 6
 
-/* States, as conntrack names them (LAST_ACK is folded into TIME_WAIT). UDP
+/* States, as conntrack names them (LAST_ACK lives as long as TIME_WAIT). UDP
  * and ICMP use the first three: no reply yet, replied, and (UDP) a stream:
  * traffic after a reply, 2 s or more after the first packet (conntrack's
  * rule since Linux 5.0, so that DNS exchanges keep the short lifetime). */
@@ -52,8 +52,9 @@ struct pcn_xlate {
 #define PCN_CT_ESTABLISHED 3
 #define PCN_CT_FIN_WAIT 4   /* the opening side closed (its FIN) */
 #define PCN_CT_CLOSE_WAIT 5 /* only the answering side closed */
-#define PCN_CT_TIME_WAIT 6  /* both sides closed */
+#define PCN_CT_TIME_WAIT 6  /* both sides closed, the last FIN acknowledged */
 #define PCN_CT_CLOSE 7      /* reset */
+#define PCN_CT_LAST_ACK 8   /* both sides closed, the last FIN not yet acknowledged */
 #define PCN_CT_UNREPLIED PCN_CT_SYN_SENT
 #define PCN_CT_REPLIED PCN_CT_SYN_RECV
 #define PCN_CT_STREAM PCN_CT_ESTABLISHED
@@ -116,6 +117,8 @@ static __always_inline u64 pcn_session_default_s(u32 slot)
 static __always_inline u32 pcn_session_slot(u8 proto, u8 state)
 {
     if (proto == IPPROTO_TCP) {
+        if (state == PCN_CT_LAST_ACK)
+            return PCN_LT_TCP_TIME_WAIT;
         if (state == PCN_CT_NONE || state > PCN_CT_CLOSE)
             return PCN_LT_TCP_ESTABLISHED;
         return state - 1; /* SYN_SENT..CLOSE are slots 0..6 */
@@ -247,6 +250,22 @@ static __always_inline int pcn_session_reopens(u8 proto, const struct pcn_xlate 
            (x->state == PCN_CT_TIME_WAIT || x->state == PCN_CT_CLOSE);
 }
 
+/* A connection whose port a new one may take before its lifetime is over,
+ * when no other port is left: both sides closed (and the last FIN was
+ * acknowledged: no packet of it is still due), or reset, and the new packet
+ * opens a TCP connection. Linux's NAT does the same in its last
+ * attempts (nf_nat_used_tuple_harder, Linux 6.5, which also checks that the
+ * new sequence number is past the old one: we keep none; a peer still in
+ * TIME_WAIT then answers the new SYN with an ACK, the client resets it and
+ * its retransmitted SYN gets through, RFC 1337). */
+static __always_inline int pcn_session_evictable(u8 proto, const struct pcn_xlate *x,
+                                                 u8 new_flags)
+{
+    return proto == IPPROTO_TCP &&
+           (new_flags & (PCN_TCP_SYN | PCN_TCP_ACK | PCN_TCP_RST)) == PCN_TCP_SYN &&
+           (x->state == PCN_CT_TIME_WAIT || x->state == PCN_CT_CLOSE);
+}
+
 static __always_inline u32 pcn_now_ms(u64 now)
 {
     return (u32)(now / 1000000);
@@ -261,10 +280,13 @@ static __always_inline u8 pcn_session_next(u8 proto, u8 state, u8 flags, int rep
             return PCN_CT_CLOSE;
         if (state == PCN_CT_CLOSE || state == PCN_CT_TIME_WAIT)
             return state;
+        if (state == PCN_CT_LAST_ACK) /* after the last FIN, the other side's ACK */
+            return (flags & (PCN_TCP_ACK | PCN_TCP_FIN | PCN_TCP_SYN)) == PCN_TCP_ACK
+                       ? PCN_CT_TIME_WAIT : state;
         if (flags & PCN_TCP_FIN) {
             if (reply)
-                return state == PCN_CT_FIN_WAIT ? PCN_CT_TIME_WAIT : PCN_CT_CLOSE_WAIT;
-            return state == PCN_CT_CLOSE_WAIT ? PCN_CT_TIME_WAIT : PCN_CT_FIN_WAIT;
+                return state == PCN_CT_FIN_WAIT ? PCN_CT_LAST_ACK : PCN_CT_CLOSE_WAIT;
+            return state == PCN_CT_CLOSE_WAIT ? PCN_CT_LAST_ACK : PCN_CT_FIN_WAIT;
         }
         if (state == PCN_CT_SYN_SENT && reply) /* answered; or a connection picked up mid-way */
             return flags & PCN_TCP_SYN ? PCN_CT_SYN_RECV : PCN_CT_ESTABLISHED;

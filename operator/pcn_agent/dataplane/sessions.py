@@ -55,8 +55,9 @@ class Kind(enum.IntEnum):
 
 
 class State(enum.IntEnum):
-    """PCN_CT_*, conntrack's TCP states (LAST_ACK folded into TIME_WAIT). UDP
-    and ICMP use the first three values as unreplied, replied and (UDP) stream."""
+    """PCN_CT_*, conntrack's TCP states (LAST_ACK with TIME_WAIT's lifetime).
+    UDP and ICMP use the first three values as unreplied, replied and (UDP)
+    stream."""
 
     NONE = 0
     SYN_SENT = 1
@@ -66,6 +67,7 @@ class State(enum.IntEnum):
     CLOSE_WAIT = 5
     TIME_WAIT = 6
     CLOSE = 7
+    LAST_ACK = 8
 
 
 UNREPLIED, REPLIED, STREAM = State.SYN_SENT, State.SYN_RECV, State.ESTABLISHED
@@ -122,6 +124,8 @@ def lifetime_slot(proto: int, state: int) -> int:
     """pcn_session_slot: which lifetime applies to a connection of `proto` in
     `state`. States recorded before sessions had any (NONE) get the long one."""
     if proto == TCP:
+        if state == State.LAST_ACK:
+            return 5
         return 2 if state == State.NONE or state > State.CLOSE else state - 1
     if proto == UDP:
         return 7 if state in (UNREPLIED, REPLIED) else 8
