@@ -17,10 +17,16 @@ Rules shared with the C, which this module mirrors:
   (`lifetime_slot`), which both entries share;
 * past its lifetime, an entry is *expired* for `grace` seconds: the data path
   may give its port to a new connection (it claims the entry with a
-  compare-and-swap of `seen_ns`); after that it is *dead*, and only the
-  collector touches it. The collector deletes dead entries alone, re-reading
-  each just before deleting it, so it never deletes what the data path just
-  gave to a new connection.
+  compare-and-swap of `seen_ns`); after that it is *dead*, and the data
+  path no longer reuses it. The collector deletes dead entries only, so it
+  never deletes what the data path just gave to a new connection; it
+  re-reads each entry just before deleting it, which leaves a window of
+  microseconds to the one other writer: a packet that opens a new
+  connection on the very same ports, rewriting the entry in place;
+* a TCP connection that both sides closed (TIME_WAIT) or reset may also give
+  its port to a new TCP connection before its lifetime ends, when no other
+  port is free (k8sdispatcher.c, disp_take_over): the collector does not
+  take part in that.
 """
 
 from __future__ import annotations
@@ -150,6 +156,7 @@ FlowKey = tuple[int, int, int, int, int]  # saddr, daddr, sport, dport, proto as
 
 
 def flow_key(k: maps.Flow) -> FlowKey:
+    """A session key as a hashable tuple (the map's raw network-order ints)."""
     return (k.saddr, k.daddr, k.sport, k.dport, k.proto)
 
 
@@ -171,6 +178,7 @@ def peer_key(k: FlowKey, x: maps.Xlate) -> FlowKey:
 
 
 def peer_kind(kind: int) -> int:
+    """pcn_session_peer_kind: LB <-> LB_REV, SNAT <-> SNAT_REV, NODEPORT <-> NODEPORT_REV."""
     return kind + 1 if kind & 1 else kind - 1
 
 
@@ -219,6 +227,7 @@ def since(seen_ns: int, now_ns: int) -> int:
 
 
 def monotonic_ns() -> int:
+    """Now on the data path's clock (bpf_ktime_get_ns: CLOCK_MONOTONIC), in ns."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
@@ -317,6 +326,7 @@ class SessionGC:
         self._name = name
 
     def start(self) -> SessionGC:
+        """Start the thread (idempotent); the first pass runs one interval from now."""
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name=f"pcn-session-gc-{self._name}",
@@ -325,6 +335,7 @@ class SessionGC:
         return self
 
     def stop(self) -> None:
+        """Stop the thread and wait for a pass under way (at most 10 s)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
