@@ -37,6 +37,7 @@
 #define DISP_NET_POD 1       /* a pod network: its sources are masqueraded */
 #define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
 #define DISP_PORT_TRIES 16
+#define DISP_PORT_HARDER 4   /* then as many may take the port of a closed connection */
 
 struct disp_cfg {
     __be32 node_ip;
@@ -99,48 +100,138 @@ static __always_inline int disp_apply(struct __sk_buff *skb, struct pcn_flow *f,
     return 0;
 }
 
+/* The live session at `key` found as `x` (see pcn_lb_session_live). */
+static __always_inline int disp_session_live(const struct pcn_flow *key, const struct pcn_xlate *x,
+                                             const struct pcn_session_cfg *cfg, u64 now)
+{
+    if (pcn_session_age(cfg, key->proto, x, now) == PCN_AGE_LIVE)
+        return 1;
+    struct pcn_flow pk = {};
+    pcn_session_peer_key(key, x, &pk);
+    struct pcn_xlate *peer = nat_sessions.lookup(&pk);
+    return pcn_session_pair_age(cfg, key, x, &pk, peer, now) == PCN_AGE_LIVE;
+}
+
+/* pcn_lb_session (pcn_lb.h) for nat_sessions, for either of two kinds. */
+static __always_inline struct pcn_xlate *disp_session(const struct pcn_flow *f,
+                                                      const struct pcn_l4info *info, u8 kind_a,
+                                                      u8 kind_b, const struct pcn_session_cfg *cfg,
+                                                      u64 now)
+{
+    struct pcn_xlate *x = nat_sessions.lookup(f);
+    if (!x || (x->kind != kind_a && x->kind != kind_b))
+        return NULL;
+    struct pcn_flow pk = {};
+    pcn_session_peer_key(f, x, &pk);
+    struct pcn_xlate *peer = NULL;
+    if (pcn_session_age(cfg, f->proto, x, now) != PCN_AGE_LIVE) {
+        peer = nat_sessions.lookup(&pk);
+        if (pcn_session_pair_age(cfg, f, x, &pk, peer, now) != PCN_AGE_LIVE)
+            return NULL;
+    }
+    if (pcn_session_reopens(f->proto, x, info->tcp_flags)) {
+        if (!peer)
+            peer = nat_sessions.lookup(&pk);
+        if (pcn_session_paired(f, x, &pk, peer))
+            nat_sessions.delete(&pk);
+        nat_sessions.delete(f);
+        return NULL;
+    }
+    u8 next = pcn_session_next(f->proto, x->state, info->tcp_flags,
+                               pcn_session_is_reply(x->kind), pcn_now_ms(now) - x->born_ms);
+    if (next != x->state) {
+        if (!peer)
+            peer = nat_sessions.lookup(&pk);
+        if (pcn_session_paired(f, x, &pk, peer))
+            peer->state = next;
+        x->state = next;
+    }
+    pcn_session_touch(cfg, f->proto, x, now);
+    return x;
+}
+
 /* A packet of a connection translated before, or an ICMP error about one, in
  * one of the two session kinds of this direction: 1 when translated, 0 when
- * it is not one of ours, -1 when the rewrite failed. */
+ * it is not one of ours (or no longer: past its lifetime), -1 when the
+ * rewrite failed. */
 static __always_inline int disp_known(struct __sk_buff *skb, struct pcn_flow *f,
                                       struct pcn_l4info *info, u8 kind_a, u8 kind_b, u64 now)
 {
+    const struct pcn_session_cfg *cfg = pcn_session_cfg();
     if (f->proto == IPPROTO_ICMP) {
         struct pcn_icmp_quote q = {};
         if (pcn_icmp_quote_parse(skb, f, info, &q) == 0) {
             struct pcn_flow key = {};
             pcn_icmp_quote_key(&q, &key);
             struct pcn_xlate *e = nat_sessions.lookup(&key);
-            if (!e || (e->kind != kind_a && e->kind != kind_b))
+            if (!e || (e->kind != kind_a && e->kind != kind_b) ||
+                !disp_session_live(&key, e, cfg, now))
                 return 0;
-            pcn_session_touch(e, now);
             return pcn_icmp_err_xlate(skb, f, info, &q, e) < 0 ? -1 : 1;
         }
     }
-    struct pcn_xlate *x = nat_sessions.lookup(f);
-    if (!x || (x->kind != kind_a && x->kind != kind_b))
+    struct pcn_xlate *x = disp_session(f, info, kind_a, kind_b, cfg, now);
+    if (!x)
         return 0;
-    pcn_session_touch(x, now);
     return disp_apply(skb, f, info, x) < 0 ? -1 : 1;
 }
 
+/* Give the reverse entry `old` at `rev` to a new connection (opened by a
+ * packet with TCP `flags`) when its own connection is over: past its
+ * lifetime (within the grace: later, the entry is the collector's), as
+ * conntrack frees the tuple of an expired connection; or, when `harder`,
+ * closed (pcn_session_evictable). The old connection's other entry goes
+ * too. 1 when taken. */
+static __always_inline int disp_take_over(const struct pcn_flow *rev, struct pcn_xlate *old,
+                                          const struct pcn_xlate *rev_val,
+                                          const struct pcn_session_cfg *cfg, u64 now, u8 flags,
+                                          int harder)
+{
+    u64 seen = old->seen_ns;
+    if (!pcn_session_is_reply(old->kind))
+        return 0;
+    struct pcn_flow pk = {};
+    pcn_session_peer_key(rev, old, &pk);
+    struct pcn_xlate *peer = nat_sessions.lookup(&pk);
+    int age = pcn_session_pair_age(cfg, rev, old, &pk, peer, now);
+    if (age == PCN_AGE_DEAD ||
+        (age == PCN_AGE_LIVE && !(harder && pcn_session_evictable(rev->proto, old, flags))))
+        return 0;
+    int drop_peer = pcn_session_paired(rev, old, &pk, peer) &&
+                    pcn_session_age(cfg, rev->proto, peer, now) != PCN_AGE_DEAD;
+    if (!pcn_session_claim(old, seen, now))
+        return 0;
+    *old = *rev_val;
+    if (drop_peer)
+        nat_sessions.delete(&pk);
+    return 1;
+}
+
 /* Reserve a port on `ip` for traffic from `peer` (the far end as it will
- * reply): inserts the reverse session so that two connections never share a
- * port towards the same peer. Returns the port (network order) or 0. */
+ * reply) for the flow `f` opened by a packet with TCP `flags`: inserts the
+ * reverse session so that two connections never share a port towards the
+ * same peer; a port whose connection is over is taken over. Returns the
+ * port (network order) or 0. */
 static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 ip, __be32 peer,
                                               __be16 peer_port, u16 lo, u16 hi,
-                                              struct pcn_xlate *rev_val)
+                                              struct pcn_xlate *rev_val, u64 now, u8 flags)
 {
+    const struct pcn_session_cfg *cfg = pcn_session_cfg();
     u32 range = hi >= lo ? (u32)(hi - lo) + 1 : 1;
     u32 h = pcn_flow_hash(f);
 #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < DISP_PORT_TRIES; i++) {
-        __be16 port = bpf_htons(lo + (h + i * 7919) % range);
+    for (u32 i = 0; i < DISP_PORT_TRIES + DISP_PORT_HARDER; i++) {
+        int harder = i >= DISP_PORT_TRIES; /* no port free: the first ones again, harder */
+        u32 n = harder ? i - DISP_PORT_TRIES : i;
+        __be16 port = bpf_htons(lo + (h + n * 7919) % range);
         struct pcn_flow rev = {.saddr = peer, .daddr = ip, .sport = peer_port, .dport = port,
                                .proto = f->proto};
         if (f->proto == IPPROTO_ICMP)
             rev.sport = port; /* echo replies carry the identifier in both places */
         if (nat_sessions.insert(&rev, rev_val) == 0)
+            return port;
+        struct pcn_xlate *old = nat_sessions.lookup(&rev);
+        if (old && disp_take_over(&rev, old, rev_val, cfg, now, flags, harder))
             return port;
     }
     return 0;
@@ -158,14 +249,17 @@ static __always_inline int disp_snat(struct __sk_buff *skb, struct disp_cfg *cfg
         return pcn_filter_drop(skb, PCN_DROP_NO_MASQUERADE);
     if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP && f->proto != IPPROTO_ICMP)
         return pcn_filter_drop(skb, PCN_DROP_NO_MASQUERADE);
+    u8 state = pcn_session_first(f->proto, info->tcp_flags);
+    u32 born = pcn_now_ms(now);
     struct pcn_xlate back = {.ip = f->saddr, .port = f->sport, .is_src = 0,
-                             .kind = PCN_SESS_SNAT_REV, .seen_ns = now};
+                             .kind = PCN_SESS_SNAT_REV, .state = state, .born_ms = born,
+                             .seen_ns = now};
     __be16 port = disp_alloc_port(f, cfg->node_ip, f->daddr, f->dport, cfg->snat_lo,
-                                  cfg->snat_hi, &back);
+                                  cfg->snat_hi, &back, now, info->tcp_flags);
     if (!port)
         return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
     struct pcn_xlate to = {.ip = cfg->node_ip, .port = port, .is_src = 1, .kind = PCN_SESS_SNAT,
-                           .seen_ns = now};
+                           .state = state, .born_ms = born, .seen_ns = now};
     nat_sessions.update(f, &to);
     if (disp_apply(skb, f, info, &to) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
@@ -197,17 +291,21 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     }
 
     int local = (b.ip & cfg->local_pods_mask) == cfg->local_pods;
+    u8 state = pcn_session_first(f->proto, info->tcp_flags);
+    u32 born = pcn_now_ms(now);
     struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0,
-                           .kind = PCN_SESS_NODEPORT, .svc = svc->id, .seen_ns = now};
+                           .kind = PCN_SESS_NODEPORT, .state = state, .svc = svc->id,
+                           .born_ms = born, .seen_ns = now};
     struct pcn_xlate back = {.ip = cfg->node_ip, .port = f->dport, .is_src = 1,
-                             .kind = PCN_SESS_NODEPORT_REV, .svc = svc->id, .seen_ns = now};
+                             .kind = PCN_SESS_NODEPORT_REV, .state = state, .svc = svc->id,
+                             .born_ms = born, .seen_ns = now};
     if (rule->policy == DISP_POLICY_CLUSTER && !local) {
         /* The backend answers our VTEP address over the overlay, never the
          * client directly: the reply comes back through this node. */
         back.ip2 = f->saddr;
         back.port2 = f->sport;
         __be16 port = disp_alloc_port(f, cfg->vtep_ip, b.ip, b.port, cfg->snat_lo,
-                                      cfg->snat_hi, &back);
+                                      cfg->snat_hi, &back, now, info->tcp_flags);
         if (!port)
             return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
         to.ip2 = cfg->vtep_ip;

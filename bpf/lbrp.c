@@ -200,9 +200,8 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
 {
     u32 inst = pcn_meta_instance(skb);
     struct lbrp_cfg *cfg = lb_cfgs.lookup(&inst);
-    struct pcn_xlate *x = lb_sessions.lookup(f);
-    if (x && (x->kind == PCN_SESS_LB || x->kind == PCN_SESS_LB_HAIRPIN_REV)) {
-        pcn_session_touch(x, now);
+    struct pcn_xlate *x = pcn_lb_session(f, info, PCN_SESS_LB, PCN_SESS_LB_HAIRPIN_REV, now);
+    if (x) {
         if (lbrp_apply(skb, f, info, x) < 0)
             return pcn_filter_drop(skb, PCN_DROP_REWRITE);
         return pcn_pass(skb);
@@ -232,10 +231,13 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
         return lbrp_reject(skb, f, info, cfg);
     }
 
+    u8 state = pcn_session_first(f->proto, info->tcp_flags);
+    u32 born = pcn_now_ms(now);
     struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0, .kind = PCN_SESS_LB,
-                           .svc = svc->id, .seen_ns = now};
+                           .state = state, .svc = svc->id, .born_ms = born, .seen_ns = now};
     struct pcn_xlate back = {.ip = f->daddr, .port = f->dport, .is_src = 1,
-                             .kind = PCN_SESS_LB_REV, .svc = svc->id, .seen_ns = now};
+                             .kind = PCN_SESS_LB_REV, .state = state, .svc = svc->id,
+                             .born_ms = born, .seen_ns = now};
     __be32 masq = lbrp_masq_addr(skb, cfg, f, &b);
     if (masq && cfg) {
         /* the answer comes to masq:port and goes back to the client */
@@ -262,10 +264,9 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
 static __always_inline int lbrp_reverse(struct __sk_buff *skb, struct pcn_flow *f,
                                         struct pcn_l4info *info, u64 now)
 {
-    struct pcn_xlate *x = lb_sessions.lookup(f);
-    if (!x || x->kind != PCN_SESS_LB_REV)
+    struct pcn_xlate *x = pcn_lb_session(f, info, PCN_SESS_LB_REV, 0, now);
+    if (!x)
         return pcn_pass(skb);
-    pcn_session_touch(x, now);
     if (lbrp_apply(skb, f, info, x) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     u32 inst = pcn_meta_instance(skb);
@@ -285,14 +286,12 @@ static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flo
         return pcn_pass(skb);
     struct pcn_flow key = {};
     pcn_icmp_quote_key(&q, &key);
-    struct pcn_xlate *x = lb_sessions.lookup(&key);
+    int ingress = pcn_meta_hook(skb) == PCN_HOOK_INGRESS;
+    struct pcn_xlate *x = ingress
+        ? pcn_lb_session_live(&key, PCN_SESS_LB, PCN_SESS_LB_HAIRPIN_REV, now)
+        : pcn_lb_session_live(&key, PCN_SESS_LB_REV, 0, now);
     if (!x)
         return pcn_pass(skb);
-    int ingress = pcn_meta_hook(skb) == PCN_HOOK_INGRESS;
-    if (ingress ? x->kind != PCN_SESS_LB && x->kind != PCN_SESS_LB_HAIRPIN_REV
-                : x->kind != PCN_SESS_LB_REV)
-        return pcn_pass(skb);
-    pcn_session_touch(x, now);
     if (pcn_icmp_err_xlate(skb, f, info, &q, x) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     if (!ingress) {

@@ -20,7 +20,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane import bpffs, maps
 from pcn_agent.dataplane.runtime import Runtime
 from pcn_agent.node import podnet
 from pcn_lab.topology import PREFIX
@@ -441,3 +441,19 @@ def assert_fragments(got: Sequence[bytes], want: Sequence[bytes]) -> None:
         assert l4_csum_ok(ip), "L4 checksum of the reassembled datagram"
     elif ip.proto == IPPROTO_ICMP:
         assert inet_csum(ip.payload) == 0, "ICMP checksum of the reassembled datagram"
+
+
+# ---------------------------------------------------------------------- session clocks
+def age_sessions(table: maps.BpfTable, keys: Sequence[maps.Flow], seconds: float,
+                 born_only: bool = False) -> None:
+    """Make `seconds` pass for the session entries at `keys` (both directions
+    of a connection, usually): their last packet (unless `born_only`) and
+    their start move that far into the past. Lifetimes are hours and days:
+    tests move the clock instead of waiting."""
+    ns = round(seconds * 1e9)
+    for key in keys:
+        v = table[key]
+        if not born_only:
+            v.seen_ns -= ns
+        v.born_ms = (v.born_ms - ns // 1_000_000) & 0xFFFFFFFF
+        table[key] = v

@@ -19,10 +19,11 @@ counters before and after, so the tests share one compiled runtime.
 
 from __future__ import annotations
 
+import ctypes as ct
 import itertools
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -35,9 +36,11 @@ from bpfunit import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_ACK,
+    TCP_FIN,
     TCP_RST,
     TCP_SYN,
     UnitNet,
+    age_sessions,
     arp,
     assert_fragments,
     assert_frame,
@@ -63,6 +66,7 @@ from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
 from pcn_agent.dataplane.cubes.lbrp import Backend, ServiceTable, be16
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_agent.dataplane.sessions import SessionCollector, SessionTimeouts, State, write_config
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,
@@ -910,3 +914,213 @@ def test_fragments_for_the_host_go_to_the_host(lab: DispLab) -> None:
                          8)[0], pad=False)
     assert lab.from_uplink(tiny).retval == TC_ACT_SHOT
     assert drops_moved(lab, drops) == {"fragment": 1}
+
+
+# ---------------------------------------------------------------------------- session lifetimes
+def nat_table(lab: DispLab) -> maps.BpfTable:
+    return lab.net.rt.table("nat_sessions", "k8sdispatcher")
+
+
+def nat_keys(lab: DispLab, *addrs: str) -> list[maps.Flow]:
+    """The nat_sessions keys with one of `addrs` as source or destination."""
+    want = {maps.ip_be(a) for a in addrs}
+    return [k for k, _ in nat_table(lab).items() if k.saddr in want or k.daddr in want]
+
+
+@dataclass
+class FullPorts:
+    """All 16 ports towards one peer held by connections that ended one way."""
+
+    peer: str
+    flows: list[tuple[str, int]]  # who (pod or client), its port
+    connect: Callable[[int], TestRunResult]  # a new connection's first packet (TCP flags)
+    reply: Callable[[int], TestRunResult]  # the peer's SYN-ACK on a port
+    late: str  # who connects
+    late_mac: str
+
+
+def fill_ports(lab: DispLab, path: str, closing: str) -> FullPorts:
+    """16 connections, answered then ended as `closing` says: "client-fin"
+    (only the side that opened closed: FIN_WAIT), "both-fin" (and the last
+    FIN acknowledged: TIME_WAIT), "both-fin-unacked" (LAST_ACK) or "reset"
+    (CLOSE). `path`: masquerading a pod, or a NodePort (Cluster
+    policy) whose remote backend is reached from our VTEP address."""
+    ends = {"client-fin": [(True, TCP_FIN | TCP_ACK)],
+            "both-fin": [(True, TCP_FIN | TCP_ACK), (False, TCP_FIN | TCP_ACK), (True, TCP_ACK)],
+            "both-fin-unacked": [(True, TCP_FIN | TCP_ACK), (False, TCP_FIN | TCP_ACK)],
+            "reset": [(False, TCP_RST | TCP_ACK)]}[closing]
+    steps = [(False, TCP_SYN | TCP_ACK), *ends]
+    flows = []
+    if path == "masquerade":
+        peer = counted(_server, "203.0.113.{}")
+        for _ in range(SNAT_HI - SNAT_LO + 1):
+            pod, _mac = lab.pod()
+            port = masquerade(lab, pod, peer, sport=33333, dport=80)
+            for opener, flags in steps:
+                res = (lab.to_uplink(out_uplink(lab, pod, peer, IPPROTO_TCP, 33333, 80, flags))
+                       if opener else
+                       lab.from_uplink(in_uplink(lab, peer, NODE_IP, IPPROTO_TCP, 80, port, flags)))
+                assert res.retval in (TC_ACT_OK, TC_ACT_REDIRECT)
+            flows.append((pod, port))
+        late, late_mac = lab.pod()
+        return FullPorts(
+            peer, flows,
+            lambda flags: lab.to_uplink(out_uplink(lab, late, peer, IPPROTO_TCP, 33333, 80, flags)),
+            lambda port: lab.from_uplink(in_uplink(lab, peer, NODE_IP, IPPROTO_TCP, 80, port,
+                                                   TCP_SYN | TCP_ACK)),
+            late, late_mac)
+    np_, peer = next(_nodeport), counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "tcp", "Cluster", [Backend(peer, 8080)])
+    for _ in range(SNAT_HI - SNAT_LO + 1):
+        cl = counted(_client, "198.51.100.{}")
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5000, np_))
+        vtep, vport = src_of(res)
+        assert (res.retval, vtep, parse_ipv4(parse_eth(res.data).payload).dst) == \
+            (TC_ACT_REDIRECT, VTEP, peer)
+        for opener, flags in steps:
+            res = (lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5000, np_, flags))
+                   if opener else
+                   lab.from_overlay(ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, peer, VTEP,
+                                             IPPROTO_TCP, 8080, vport, flags)))
+            assert res.retval == TC_ACT_REDIRECT
+        flows.append((cl, vport))
+    late = counted(_client, "198.51.100.{}")
+    return FullPorts(
+        peer, flows,
+        lambda flags: lab.from_uplink(in_uplink(lab, late, NODE_IP, IPPROTO_TCP, 5000, np_,
+                                                flags)),
+        lambda port: lab.from_overlay(ip_frame(lab.mac("vxlan"), lab.peer_vtep_mac, peer, VTEP,
+                                               IPPROTO_TCP, 8080, port, TCP_SYN | TCP_ACK)),
+        late, "")
+
+
+def assert_new_connection_owns(lab: DispLab, full: FullPorts, path: str,
+                               res: TestRunResult) -> int:
+    """`res` (the new connection's first packet) left with one of the full
+    ports, and the peer's answer on it reaches the new connection."""
+    assert res.retval in (TC_ACT_OK, TC_ACT_REDIRECT)
+    port = src_of(res)[1]
+    assert port in {p for _, p in full.flows}
+    reply = full.reply(port)
+    assert reply.retval == TC_ACT_REDIRECT
+    if path == "masquerade":
+        assert_frame(reply.data, to_pod(lab, full.late_mac, full.peer, full.late, IPPROTO_TCP,
+                                        80, 33333, TCP_SYN | TCP_ACK))
+    else:
+        np_ = l4_ports(parse_ipv4(parse_eth(reply.data).payload)).sport
+        assert_frame(reply.data, out_uplink(lab, NODE_IP, full.late, IPPROTO_TCP, np_, 5000,
+                                            TCP_SYN | TCP_ACK))
+    return port
+
+
+PATHS = ["masquerade", "nodeport-cluster"]
+
+
+@pytest.mark.parametrize("closing", ["client-fin", "both-fin-unacked"])
+@pytest.mark.parametrize("path", PATHS)
+def test_port_of_a_connection_that_is_over_is_reused(lab: DispLab, path: str,
+                                                     closing: str) -> None:
+    """The 16 ports towards one peer are held by connections that the client
+    closed (FIN_WAIT: 120 s), or both sides but the last FIN is still to be
+    acknowledged (LAST_ACK, as long as TIME_WAIT): a 17th connection gets
+    none. Once that lifetime has passed the ports are free again, as
+    conntrack frees the tuples of expired connections: the next connection
+    takes one over, and the peer's answers on that port reach it."""
+    full = fill_ports(lab, path, closing)
+    assert sorted(p for _, p in full.flows) == list(range(SNAT_LO, SNAT_HI + 1))
+    ours = nat_keys(lab, full.peer, *(who for who, _ in full.flows))
+    assert len(ours) == 2 * len(full.flows)
+    want = State.FIN_WAIT if closing == "client-fin" else State.LAST_ACK
+    assert {nat_table(lab)[k].state for k in ours} == {want}
+
+    drops = lab.drops()
+    assert full.connect(TCP_SYN).retval == TC_ACT_SHOT  # within the lifetime
+    assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+
+    age_sessions(nat_table(lab), ours, 120 + 1)
+    port = assert_new_connection_owns(lab, full, path, full.connect(TCP_SYN))
+    old = next(who for who, p in full.flows if p == port)
+    if path == "masquerade":  # the old pod's late packet is a new connection, on another port
+        again = lab.to_uplink(out_uplink(lab, old, full.peer, IPPROTO_TCP, 33333, 80, TCP_ACK))
+        assert again.retval == TC_ACT_OK and src_of(again)[1] != port
+
+
+@pytest.mark.parametrize("closing", ["both-fin", "reset"])
+@pytest.mark.parametrize("path", PATHS)
+def test_a_new_connection_takes_the_port_of_a_closed_one_when_none_is_left(
+        lab: DispLab, path: str, closing: str) -> None:
+    """All 16 ports held by connections that both sides closed (TIME_WAIT) or
+    that were reset (CLOSE): a new TCP connection gets one at once, as
+    Linux's NAT evicts closed connections in its last attempts; anything but
+    a SYN does not, and neither would the port of a connection still open."""
+    full = fill_ports(lab, path, closing)
+    ours = nat_keys(lab, full.peer, *(who for who, _ in full.flows))
+    want = State.TIME_WAIT if closing == "both-fin" else State.CLOSE
+    assert {nat_table(lab)[k].state for k in ours} == {want}
+    drops = lab.drops()
+    assert full.connect(TCP_ACK).retval == TC_ACT_SHOT  # picked up mid-way: not a new connection
+    assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+    port = assert_new_connection_owns(lab, full, path, full.connect(TCP_SYN))
+    old = next(who for who, p in full.flows if p == port)
+    assert nat_keys(lab, old) == []  # the old connection went, both ways
+    everyone = [full.late, *(who for who, _ in full.flows)]
+    assert len(nat_keys(lab, full.peer, *everyone)) == 2 * len(full.flows)
+
+
+@pytest.mark.parametrize("past", [1, 6], ids=["within-grace", "past-grace"])
+def test_ports_past_the_grace_belong_to_the_collector(lab: DispLab, past: int) -> None:
+    """With a collector running (a 5 s grace), the data path takes over a
+    port at most 5 s past its connection's lifetime; later, the entry is
+    the collector's alone (so that it never deletes what the data path has
+    just given to a new connection): the port is free once collected."""
+    cfg = lab.net.rt.table("session_cfg", "k8sdispatcher")
+    write_config(cfg, SessionTimeouts(), grace_s=5)
+    try:
+        server = counted(_server, "203.0.113.{}")
+        for _ in range(SNAT_HI - SNAT_LO + 1):  # unreplied UDP: 30 s
+            masquerade(lab, lab.pod()[0], server, IPPROTO_UDP, sport=5353, dport=53)
+        late, _ = lab.pod()
+        ours = nat_keys(lab, server)
+        assert len(ours) == 2 * (SNAT_HI - SNAT_LO + 1)
+        age_sessions(nat_table(lab), ours, 30 + past)
+        pkt = out_uplink(lab, late, server, IPPROTO_UDP, 5353, 53)
+        if past == 1:
+            assert lab.to_uplink(pkt).retval == TC_ACT_OK
+            return
+        assert lab.to_uplink(pkt).retval == TC_ACT_SHOT
+        collected = SessionCollector({"nat_sessions": nat_table(lab)}, SessionTimeouts(),
+                                     grace_s=5).collect()
+        assert collected.deleted["nat_sessions"] >= len(ours)
+        assert nat_keys(lab, server) == []  # both directions of every connection
+        assert lab.to_uplink(pkt).retval == TC_ACT_OK
+    finally:
+        cfg[ct.c_uint32(0)] = maps.SessionCfg()  # the defaults, no grace
+
+
+def test_expired_nodeport_session_is_forgotten(lab: DispLab) -> None:
+    """A client's NodePort connection that never got past its SYN (120 s) is
+    over: its next packet is a new connection with a fresh backend."""
+    np_ = next(_nodeport)
+    (a, a_mac), (b, b_mac) = lab.pod(), lab.pod()
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(a, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    assert lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5400, np_)).retval == \
+        TC_ACT_REDIRECT
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(b, 8080)])
+    ack = in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5400, np_, TCP_ACK)
+    assert_frame(lab.from_uplink(ack).data, to_pod(lab, a_mac, cl, a, IPPROTO_TCP, 5400, 8080,
+                                                  TCP_ACK))
+    age_sessions(nat_table(lab), nat_keys(lab, cl), 120 + 1)
+    assert_frame(lab.from_uplink(ack).data, to_pod(lab, b_mac, cl, b, IPPROTO_TCP, 5400, 8080,
+                                                  TCP_ACK))
+
+
+def test_icmp_error_about_an_expired_masqueraded_flow_goes_to_the_host(lab: DispLab) -> None:
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    port = masquerade(lab, pod, server, IPPROTO_UDP)
+    quote = quote_of(out_uplink(lab, NODE_IP, server, IPPROTO_UDP, port, 443))
+    frame = error_frame(lab.mac("uplink"), lab.gw_mac, server, NODE_IP, icmp_error(3, 3, quote))
+    age_sessions(nat_table(lab), nat_keys(lab, server), 30 + 1)
+    res = lab.from_uplink(frame)
+    assert (res.retval, res.data) == (TC_ACT_OK, frame)

@@ -31,9 +31,11 @@ from bpfunit import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_ACK,
+    TCP_FIN,
     TCP_RST,
     TCP_SYN,
     UnitNet,
+    age_sessions,
     assert_fragments,
     assert_frame,
     eth,
@@ -64,6 +66,7 @@ from pcn_agent.dataplane.cubes.lbrp import (
     weighted_slots,
 )
 from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_agent.dataplane.sessions import State
 from pcn_testsupport import testrun
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
@@ -907,6 +910,26 @@ def test_a_pod_reaching_itself_through_its_service_is_masqueraded(lab: LbLab,
             "proto": proto} in lab.sessions()
 
 
+def test_a_hairpin_connection_carries_its_state_in_both_halves(lab: LbLab) -> None:
+    """The hairpin's reply half (looked up on the pod's ingress hook, kind
+    LB_HAIRPIN_REV) is the other half of the LB entry: the pod's answers
+    count as replies and both halves advance together, so a hairpin
+    connection gets the lifetimes of its real state (SYN_RECV, then
+    ESTABLISHED), not those of a connection that never got an answer."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 80, "tcp", [Backend(cl, 8080)])
+    _, mport = src_of(lab.from_pod(tcp_frame(lab, cl, svc, 45250, 80)))
+    table = lab.net.rt.table("lb_sessions", "lbrp")
+    fwd = maps.Flow(maps.ip_be(cl), maps.ip_be(svc), be16(45250), be16(80), IPPROTO_TCP)
+    rev = maps.Flow(maps.ip_be(cl), maps.ip_be(GW_IP), be16(8080), be16(mport), IPPROTO_TCP)
+    assert table[rev].kind == 7
+    assert (table[fwd].state, table[rev].state) == (State.SYN_SENT, State.SYN_SENT)
+    lab.from_pod(tcp_frame(lab, cl, GW_IP, 8080, mport, flags=TCP_SYN | TCP_ACK))
+    assert (table[fwd].state, table[rev].state) == (State.SYN_RECV, State.SYN_RECV)
+    lab.from_pod(tcp_frame(lab, cl, svc, 45250, 80, flags=TCP_ACK))
+    assert (table[fwd].state, table[rev].state) == (State.ESTABLISHED, State.ESTABLISHED)
+
+
 def test_only_the_connections_that_pick_the_pod_itself_are_masqueraded(lab: LbLab) -> None:
     svc, cl, other = vip(), client(), backend_ip()
     backends = [Backend(cl, 8080), Backend(other, 8080)]
@@ -1020,3 +1043,145 @@ def test_the_nodes_connection_to_a_nodeport_without_backends_is_refused_through_
     assert_frame(res.data, eth(ZERO_MAC, lab.ports["host"].mac, ETH_P_IP, ipv4(
         NODE_IP, NODE_IP, IPPROTO_TCP,
         tcp(NODE_IP, NODE_IP, np_, 45600, TCP_RST | TCP_ACK, 0, 1001))))
+
+
+# ---------------------------------------------------------------------------- session lifetimes
+def flow(src: str, dst: str, sport: int, dport: int, proto: int) -> maps.Flow:
+    return maps.Flow(maps.ip_be(src), maps.ip_be(dst), be16(sport), be16(dport), proto)
+
+
+def states(lab: LbLab, cl: str, svc: str, be: Backend, sport: int, dport: int,
+           proto: int = IPPROTO_TCP) -> tuple[int | None, int | None]:
+    """The state in the connection's two entries (None: no entry)."""
+    fwd = lab.raw_session(cl, svc, sport, dport, proto)
+    rev = lab.raw_session(be.ip, cl, be.port, sport, proto)
+    return (fwd.state if fwd else None, rev.state if rev else None)
+
+
+def age(lab: LbLab, cl: str, svc: str, be: Backend, sport: int, dport: int, seconds: float,
+        proto: int = IPPROTO_TCP, born_only: bool = False) -> None:
+    age_sessions(lab.net.rt.table("lb_sessions", "lbrp"),
+                 [flow(cl, svc, sport, dport, proto), flow(be.ip, cl, be.port, sport, proto)],
+                 seconds, born_only)
+
+
+CLOSINGS = {  # who ends the connection, and the states it goes through
+    "client-first": [(True, TCP_FIN | TCP_ACK, State.FIN_WAIT),
+                     (False, TCP_FIN | TCP_ACK, State.LAST_ACK),
+                     (False, TCP_FIN | TCP_ACK, State.LAST_ACK),  # retransmitted
+                     (True, TCP_ACK, State.TIME_WAIT)],
+    "backend-first": [(False, TCP_FIN | TCP_ACK, State.CLOSE_WAIT),
+                      (False, TCP_ACK, State.CLOSE_WAIT),  # half-closed: data goes on
+                      (True, TCP_ACK, State.CLOSE_WAIT),
+                      (True, TCP_FIN | TCP_ACK, State.LAST_ACK),
+                      (False, TCP_ACK, State.TIME_WAIT)],
+    "reset": [(False, TCP_RST | TCP_ACK, State.CLOSE)],
+}
+
+
+@pytest.mark.parametrize("closing", sorted(CLOSINGS))
+def test_tcp_session_follows_the_connection_state(lab: LbLab, closing: str) -> None:
+    """Both entries carry the state conntrack gives the connection, advanced
+    by the packets of either direction: it decides how long the connection
+    lives without traffic."""
+    svc, cl, be = vip(), client(), Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [be])
+    steps = [(True, TCP_SYN, State.SYN_SENT), (True, TCP_SYN, State.SYN_SENT),  # retransmitted
+             (False, TCP_SYN | TCP_ACK, State.SYN_RECV), (True, TCP_ACK, State.ESTABLISHED),
+             (False, TCP_ACK, State.ESTABLISHED), *CLOSINGS[closing]]
+    for outbound, flags, want in steps:
+        if outbound:
+            res = lab.from_pod(tcp_frame(lab, cl, svc, 60000, 80, flags=flags))
+            assert dest_of(res) == (be.ip, 8080)
+        else:
+            res = lab.to_pod(tcp_frame(lab, be.ip, cl, 8080, 60000, flags=flags, outbound=False))
+            assert parse_ipv4(parse_eth(res.data).payload).src == svc  # still translated
+        assert states(lab, cl, svc, be, 60000, 80) == (want, want), (outbound, flags)
+
+
+def test_expired_tcp_session_is_forgotten(lab: LbLab) -> None:
+    """An established connection silent for longer than its lifetime (24 h)
+    is over, as conntrack forgets it: its late reply is no longer
+    translated, and the client's next packet is a new connection that picks
+    a backend afresh. A second less and it is still there."""
+    svc, cl = vip(), client()
+    a, b = Backend(backend_ip(), 8080), Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [a])
+    lab.from_pod(tcp_frame(lab, cl, svc, 60100, 80))
+    lab.to_pod(tcp_frame(lab, a.ip, cl, 8080, 60100, flags=TCP_SYN | TCP_ACK, outbound=False))
+    lab.from_pod(tcp_frame(lab, cl, svc, 60100, 80, flags=TCP_ACK))
+    lab.lb.set_service(svc, 80, "tcp", [b])  # established connections keep their backend
+
+    age(lab, cl, svc, a, 60100, 80, 86400 - 1)
+    ack = tcp_frame(lab, cl, svc, 60100, 80, flags=TCP_ACK, seq=1001, ack=1)
+    assert dest_of(lab.from_pod(ack)) == (a.ip, 8080)
+    age(lab, cl, svc, a, 60100, 80, 86400 + 1)
+    late = tcp_frame(lab, a.ip, cl, 8080, 60100, flags=TCP_ACK, outbound=False)
+    res = lab.to_pod(late)
+    assert (res.retval, res.data) == (TC_ACT_OK, late)
+    assert dest_of(lab.from_pod(ack)) == (b.ip, 8080)
+    # picked up mid-way: a new connection, not yet answered
+    assert states(lab, cl, svc, b, 60100, 80) == (State.SYN_SENT, State.SYN_SENT)
+
+
+def test_expired_session_translates_no_icmp_error(lab: LbLab) -> None:
+    svc, cl, be = vip(), client(), Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp", [be])
+    res = lab.from_pod(udp_frame(lab, cl, svc, 60150, 53))
+    error = icmp_frame(lab, be.ip, cl, icmp_error(3, 3, quote_of(res.data)), False)
+    assert lab.to_pod(error).data != error  # translated while the session lives
+    age(lab, cl, svc, be, 60150, 53, 30 + 1, IPPROTO_UDP)
+    res = lab.to_pod(error)
+    assert (res.retval, res.data) == (TC_ACT_OK, error)
+
+
+def test_syn_after_the_connection_closed_opens_a_new_one(lab: LbLab) -> None:
+    """A client that reuses its port once both sides closed (TIME_WAIT) or
+    after a reset opens a new connection: a fresh backend choice, as
+    conntrack reopens TIME_WAIT and CLOSE entries on a SYN. A SYN in any
+    other state is a retransmission and keeps the backend."""
+    svc, cl = vip(), client()
+    a, b = Backend(backend_ip(), 8080), Backend(backend_ip(), 8080)
+    lab.lb.set_service(svc, 80, "tcp", [a])
+    lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))
+    lab.to_pod(tcp_frame(lab, a.ip, cl, 8080, 60200, flags=TCP_SYN | TCP_ACK, outbound=False))
+    lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80, flags=TCP_ACK))
+    lab.lb.set_service(svc, 80, "tcp", [b])
+    lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80, flags=TCP_FIN | TCP_ACK))
+    assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))) == (a.ip, 8080)  # FIN_WAIT
+    lab.to_pod(tcp_frame(lab, a.ip, cl, 8080, 60200, flags=TCP_FIN | TCP_ACK, outbound=False))
+    assert states(lab, cl, svc, a, 60200, 80) == (State.LAST_ACK, State.LAST_ACK)
+    assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))) == (a.ip, 8080)  # LAST_ACK
+    lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80, flags=TCP_ACK))
+    assert states(lab, cl, svc, a, 60200, 80) == (State.TIME_WAIT, State.TIME_WAIT)
+
+    assert dest_of(lab.from_pod(tcp_frame(lab, cl, svc, 60200, 80))) == (b.ip, 8080)
+    assert lab.raw_session(a.ip, cl, 8080, 60200, IPPROTO_TCP) is None  # the old reply side
+    assert states(lab, cl, svc, b, 60200, 80) == (State.SYN_SENT, State.SYN_SENT)
+
+
+def test_udp_session_lives_short_unless_it_is_a_stream(lab: LbLab) -> None:
+    """conntrack's UDP rule: 30 s without a reply or for a short exchange
+    (DNS), 120 s once the flow goes on both ways for 2 s or more."""
+    svc, cl = vip(), client()
+    a, b = Backend(backend_ip(), 5353), Backend(backend_ip(), 5353)
+    lab.lb.set_service(svc, 53, "udp", [a])
+    query = udp_frame(lab, cl, svc, 60300, 53)
+    lab.from_pod(query)
+    assert states(lab, cl, svc, a, 60300, 53, IPPROTO_UDP) == (State.SYN_SENT,) * 2  # unreplied
+    lab.to_pod(udp_frame(lab, a.ip, cl, 5353, 60300, b"answer", outbound=False))
+    assert states(lab, cl, svc, a, 60300, 53, IPPROTO_UDP) == (State.SYN_RECV,) * 2  # replied
+    age(lab, cl, svc, a, 60300, 53, 31, IPPROTO_UDP)  # over: the next query is a new flow
+    lab.from_pod(query)
+    assert states(lab, cl, svc, a, 60300, 53, IPPROTO_UDP) == (State.SYN_SENT,) * 2
+
+    stream = udp_frame(lab, cl, svc, 60301, 53)
+    lab.from_pod(stream)
+    lab.to_pod(udp_frame(lab, a.ip, cl, 5353, 60301, b"answer", outbound=False))
+    age(lab, cl, svc, a, 60301, 53, 2, IPPROTO_UDP, born_only=True)  # began 2 s ago
+    lab.from_pod(stream)
+    assert states(lab, cl, svc, a, 60301, 53, IPPROTO_UDP) == (State.ESTABLISHED,) * 2
+    lab.lb.set_service(svc, 53, "udp", [a, b])  # a stays: its sessions stay
+    age(lab, cl, svc, a, 60301, 53, 119, IPPROTO_UDP)
+    assert dest_of(lab.from_pod(stream)) == (a.ip, 5353)
+    assert states(lab, cl, svc, a, 60301, 53, IPPROTO_UDP) == (State.ESTABLISHED,) * 2

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.dataplane.sessions import SessionTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -452,7 +453,14 @@ def test_configmap_validates_with_cluster_settings(objects: list[dict[str, Any]]
     assert s.model_dump() == {
         "mtu": 1450, "serviceClusterIPRange": "10.96.0.0/12",
         "serviceNodePortRange": "30000-32767", "vtepsRange": "10.18.0.0/16",
-        "podCIDR": "10.244.0.0/16", "overlay": "vxlan", "snatPortRange": "61000-65535"}
+        "podCIDR": "10.244.0.0/16", "overlay": "vxlan", "snatPortRange": "61000-65535",
+        "sessionTimeoutTCPSynSent": 120, "sessionTimeoutTCPSynRecv": 60,
+        "sessionTimeoutTCPEstablished": 86400, "sessionTimeoutTCPFinWait": 120,
+        "sessionTimeoutTCPCloseWait": 3600, "sessionTimeoutTCPTimeWait": 120,
+        "sessionTimeoutTCPClose": 10, "sessionTimeoutUDP": 30, "sessionTimeoutUDPStream": 120,
+        "sessionTimeoutICMP": 30, "sessionGCInterval": 10}
+    # the ConfigMap's values are the data path's defaults
+    assert s.session_timeouts == SessionTimeouts()
     text = (MANIFESTS / "configmap.yaml").read_text()
     for key in data:
         assert re.search(rf"#[^\n]*\n(\s*#[^\n]*\n)*\s+{key}:", text), f"{key} has no comment"

@@ -120,6 +120,67 @@ static __always_inline int pcn_lb_select(const struct pcn_svc *svc, const struct
     return 0;
 }
 
+/* The session of kind `kind` that packet `f` belongs to in lb_sessions, its
+ * state advanced by the packet and its clock refreshed; NULL when there is
+ * none: never recorded, past its lifetime (conntrack forgets an expired
+ * connection too), or over and `f` opens a new connection on its ports (then
+ * both of its entries go). k8sdispatcher.c's disp_session is the same for
+ * nat_sessions (BCC cannot pass a table to a function). */
+static __always_inline struct pcn_xlate *pcn_lb_session(const struct pcn_flow *f,
+                                                        const struct pcn_l4info *info, u8 kind,
+                                                        u8 alt_kind, u64 now)
+{
+    const struct pcn_session_cfg *cfg = pcn_session_cfg();
+    struct pcn_xlate *x = lb_sessions.lookup(f);
+    if (!x || (x->kind != kind && (!alt_kind || x->kind != alt_kind)))
+        return NULL;
+    kind = x->kind;
+    struct pcn_flow pk = {};
+    pcn_session_peer_key(f, x, &pk);
+    struct pcn_xlate *peer = NULL;
+    if (pcn_session_age(cfg, f->proto, x, now) != PCN_AGE_LIVE) {
+        peer = lb_sessions.lookup(&pk);
+        if (pcn_session_pair_age(cfg, f, x, &pk, peer, now) != PCN_AGE_LIVE)
+            return NULL;
+    }
+    if (pcn_session_reopens(f->proto, x, info->tcp_flags)) {
+        if (!peer)
+            peer = lb_sessions.lookup(&pk);
+        if (pcn_session_paired(f, x, &pk, peer))
+            lb_sessions.delete(&pk);
+        lb_sessions.delete(f);
+        return NULL;
+    }
+    u8 next = pcn_session_next(f->proto, x->state, info->tcp_flags,
+                               pcn_session_is_reply(kind), pcn_now_ms(now) - x->born_ms);
+    if (next != x->state) {
+        if (!peer)
+            peer = lb_sessions.lookup(&pk);
+        if (pcn_session_paired(f, x, &pk, peer))
+            peer->state = next;
+        x->state = next;
+    }
+    pcn_session_touch(cfg, f->proto, x, now);
+    return x;
+}
+
+/* The session at `key` of kind `kind` if it is live (for ICMP errors, which
+ * neither advance nor refresh it, as conntrack's RELATED packets). */
+static __always_inline struct pcn_xlate *pcn_lb_session_live(const struct pcn_flow *key, u8 kind,
+                                                             u8 alt_kind, u64 now)
+{
+    const struct pcn_session_cfg *cfg = pcn_session_cfg();
+    struct pcn_xlate *x = lb_sessions.lookup(key);
+    if (!x || (x->kind != kind && (!alt_kind || x->kind != alt_kind)))
+        return NULL;
+    if (pcn_session_age(cfg, key->proto, x, now) == PCN_AGE_LIVE)
+        return x;
+    struct pcn_flow pk = {};
+    pcn_session_peer_key(key, x, &pk);
+    struct pcn_xlate *peer = lb_sessions.lookup(&pk);
+    return pcn_session_pair_age(cfg, key, x, &pk, peer, now) == PCN_AGE_LIVE ? x : NULL;
+}
+
 /* Record both directions of a translated connection. `fwd` is the flow as the
  * client sent it; replies arrive as `rev_wire`. */
 static __always_inline void pcn_lb_record(const struct pcn_flow *fwd, const struct pcn_xlate *to,

@@ -6,6 +6,7 @@
     python -m pcn_lab.probe udp 10.96.0.10 53 --size 4000 --reply-size 4000
     python -m pcn_lab.probe serve --rr 8090
     python -m pcn_lab.probe rr 10.96.0.10 80 --count 2000
+    python -m pcn_lab.probe burst 10.96.0.10 80 --count 20000 --parallel 32
 
 The server answers each TCP connection, once the client has sent everything,
 with JSON naming how many bytes arrived, their SHA-256 and the client address
@@ -14,6 +15,12 @@ client address, padded with spaces to the size the datagram asks for (a
 `pcn-probe reply=N` first line), so that big datagrams, fragmented on the way,
 can be checked both ways. Clients print one JSON line and exit 0 only when the
 exchange succeeded.
+
+`burst` opens COUNT short connections to a TCP server (`serve --tcp`), PARALLEL
+at a time, as fast as they complete: each sends a few bytes, closes its
+sending side and reads the server's answer, so the client closes first (the
+client keeps the TIME_WAIT, never the server). It prints how many failed and
+why, and the rate.
 
 `rr` measures request latency: COUNT times, one after the other, a new TCP
 connection, a small request line, the answer line of an `--rr` server (which
@@ -25,11 +32,13 @@ sample in microseconds).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import selectors
 import socket
 import socketserver
 import statistics
@@ -107,6 +116,7 @@ def _my_name() -> str:
 class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = 1024  # `burst` clients connect many at a time
 
 
 RR_ANSWER_PAD = 64  # bytes of the answer line besides the JSON (a small response)
@@ -221,6 +231,90 @@ def tcp_many(host: str, port: int, count: int, timeout: float) -> dict:
     return {"ok": failures == 0, "count": count, "failures": failures, "hosts": hosts}
 
 
+BURST_PAYLOAD = b"pcn-burst\n"
+
+
+class _BurstConn:
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.connected = False
+        self.buf = b""
+
+
+def tcp_burst(host: str, port: int, count: int, parallel: int, timeout: float) -> dict:
+    """`count` short connections, `parallel` in flight at once (non-blocking
+    sockets, one thread): each sends BURST_PAYLOAD, shuts its sending side
+    and reads the `serve --tcp` answer to the end. A connection fails when it
+    is refused or reset, times out (`timeout` seconds for the whole exchange)
+    or gets a wrong answer; failures are tallied by errno name."""
+    sel = selectors.DefaultSelector()
+    live: dict[int, _BurstConn] = {}
+    started = finished = failures = 0
+    errors: dict[str, int] = {}
+    hosts: dict[str, int] = {}
+    t0 = time.monotonic()
+
+    def finish(c: _BurstConn, error: str | None) -> None:
+        nonlocal finished, failures
+        sel.unregister(c.sock)
+        del live[c.sock.fileno()]
+        c.sock.close()
+        finished += 1
+        if error is not None:
+            failures += 1
+            errors[error] = errors.get(error, 0) + 1
+
+    while finished < count:
+        while started < count and len(live) < parallel:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            started += 1
+            c = _BurstConn(sock, time.monotonic() + timeout)
+            err = sock.connect_ex((host, port))
+            live[sock.fileno()] = c
+            sel.register(sock, selectors.EVENT_WRITE, c)
+            if err not in (0, errno.EINPROGRESS):
+                finish(c, errno.errorcode.get(err, str(err)))
+        for key, _ in sel.select(timeout=0.05):
+            c = key.data
+            try:
+                if not c.connected:
+                    err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        finish(c, errno.errorcode.get(err, str(err)))
+                        continue
+                    c.connected = True
+                    c.sock.send(BURST_PAYLOAD)  # a few bytes: the socket buffer takes them
+                    c.sock.shutdown(socket.SHUT_WR)
+                    sel.modify(c.sock, selectors.EVENT_READ, c)
+                    continue
+                data = c.sock.recv(65536)
+            except OSError as exc:
+                finish(c, errno.errorcode.get(exc.errno or 0, type(exc).__name__))
+                continue
+            if data:
+                c.buf += data
+                continue
+            try:
+                reply = json.loads(c.buf)
+            except ValueError:
+                reply = {}
+            if reply.get("bytes") == len(BURST_PAYLOAD):
+                name = str(reply.get("host", ""))
+                hosts[name] = hosts.get(name, 0) + 1
+                finish(c, None)
+            else:
+                finish(c, "bad-answer")
+        now = time.monotonic()
+        for c in [c for c in live.values() if c.deadline < now]:
+            finish(c, "timeout")
+    seconds = time.monotonic() - t0
+    return {"ok": failures == 0, "count": count, "failures": failures, "errors": errors,
+            "hosts": hosts, "seconds": round(seconds, 3),
+            "per_second": round(count / seconds, 1) if seconds > 0 else None}
+
+
 def percentile(samples: list[float], q: float) -> float:
     """Nearest-rank percentile of a non-empty list."""
     ordered = sorted(samples)
@@ -308,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rate", type=float, default=0.0, help="pace the upload, bytes per second")
     t.add_argument("--count", type=int, default=0,
                    help="open COUNT short connections instead and tally the servers")
+    b = sub.add_parser("burst", help="COUNT short TCP connections, PARALLEL at a time, to a "
+                                     "`serve --tcp` port; tally the failures")
+    b.add_argument("host")
+    b.add_argument("port", type=int)
+    b.add_argument("--count", type=int, default=1000)
+    b.add_argument("--parallel", type=int, default=16)
+    b.add_argument("--timeout", type=float, default=5.0, help="seconds per connection")
     u = sub.add_parser("udp", help="send one datagram and wait for the answer")
     u.add_argument("host")
     u.add_argument("port", type=int)
@@ -332,8 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "rr" and (args.count < 1 or args.size < 1):
         ap.error("rr needs --count and --size of at least 1")
+    if args.cmd == "burst" and (args.count < 1 or args.parallel < 1):
+        ap.error("burst needs --count and --parallel of at least 1")
     try:
-        if args.cmd == "rr":
+        if args.cmd == "burst":
+            result = tcp_burst(args.host, args.port, args.count, args.parallel, args.timeout)
+        elif args.cmd == "rr":
             result = rr_client(args.host, args.port, args.count, args.timeout, args.size,
                                args.raw)
         elif args.cmd == "tcp" and args.count:

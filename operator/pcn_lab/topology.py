@@ -23,6 +23,7 @@ from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.dataplane.sessions import SessionTimeouts
 from pcn_agent.node.wiring import NodeConfig, NodeDataplane, PeerNode, Pod
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Lab:
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     pin_root: Path = bpffs.DEFAULT_ROOT
     dataplane: bool = True  # False: namespaces and network only; agents build the data plane
+    session_timeouts: SessionTimeouts = SessionTimeouts()  # the nodes' session lifetimes
+    session_gc_interval_s: float = 10.0
     nodes: dict[str, NodeDataplane] = field(default_factory=dict)
     pods: dict[str, LabPod] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
@@ -97,7 +100,9 @@ class Lab:
                 cfg = NodeConfig(
                     name=self.node_name(i), netns=self.node_name(i), uplink="uplink",
                     node_ip=self.node_ip(i), pod_cidr=self.pod_cidr(i),
-                    vtep=f"{self.vtep_ip(i)}/{VTEPS.prefixlen}", mtu=self.mtu)
+                    vtep=f"{self.vtep_ip(i)}/{VTEPS.prefixlen}", mtu=self.mtu,
+                    session_timeouts=self.session_timeouts,
+                    session_gc_interval_s=self.session_gc_interval_s)
                 self.nodes[cfg.name] = NodeDataplane(cfg, self.pin_root).up()
             peers = [PeerNode(self.node_name(i), self.node_ip(i), self.pod_cidr(i), self.vtep_ip(i))
                      for i in range(1, self.nodes_count + 1)]

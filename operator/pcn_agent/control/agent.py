@@ -305,7 +305,9 @@ class Agent:
         cfg = NodeConfig(name=self.node_name, netns=self.netns, uplink=uplink, node_ip=node_ip,
                          pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
-                         nodeport_range=s.nodeport_range, snat_range=s.snat_range)
+                         nodeport_range=s.nodeport_range, snat_range=s.snat_range,
+                         session_timeouts=s.session_timeouts,
+                         session_gc_interval_s=s.sessionGCInterval)
         try:
             rt = await asyncio.wrap_future(self.prepare())
             node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)

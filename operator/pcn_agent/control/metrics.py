@@ -64,6 +64,7 @@ class AgentCollector(Collector):
                                    labels=["node"])
         errs.add_metric([node], a.apply_errors)
         yield errs
+        yield from _session_metrics(node, getattr(a.node, "session_collector", None))
         if a.manager is None:
             return
         fams = {name: CounterMetricFamily(f"pcn_port_{name}", f"{name.replace('_', ' ')} per "
@@ -79,6 +80,27 @@ class AgentCollector(Collector):
             for name, value in values.items():
                 fams[name].add_metric([node, cube, port], value)
         yield from fams.values()
+
+
+def _session_metrics(node: str, collector: object | None) -> Iterator[Metric]:
+    """The session collector's counters (pcn_agent.dataplane.sessions): what
+    its last pass found in each session table and what it deleted so far."""
+    deleted: dict[str, int] = getattr(collector, "deleted_total", None) or {}
+    last = getattr(collector, "last", None)
+    if not deleted:
+        return
+    gone = CounterMetricFamily("pcn_sessions_collected", "Session entries deleted by the "
+                               "garbage collector (connections past their lifetime)",
+                               labels=["node", "table"])
+    for table, n in deleted.items():
+        gone.add_metric([node, table], n)
+    yield gone
+    if last is not None:
+        size = GaugeMetricFamily("pcn_sessions", "Session entries in the table at the "
+                                 "collector's last pass", labels=["node", "table"])
+        for table, n in last.scanned.items():
+            size.add_metric([node, table], n - last.deleted.get(table, 0))
+        yield size
 
 
 def serve_metrics(agent: MetricsSource, port: int, addr: str = "0.0.0.0") -> None:

@@ -10,7 +10,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pcn_agent.dataplane.sessions import MAX_LIFETIME_S, SessionTimeouts
+
 DEFAULT_FILE = Path("/etc/pcn/config.json")
+
+
+def _lifetime(default: int, what: str) -> int:
+    return Field(default, ge=1, le=MAX_LIFETIME_S,
+                 description=f"Session lifetime in seconds, {what}.")
 
 
 class ClusterSettings(BaseModel):
@@ -25,6 +32,21 @@ class ClusterSettings(BaseModel):
     podCIDR: str = Field("10.244.0.0/16", description="The cluster's pod network (all nodes).")
     overlay: Literal["vxlan", "direct"] = "vxlan"
     snatPortRange: str = "61000-65535"
+    # Session lifetimes, whole seconds without a packet, by protocol and state
+    # (pcn_agent.dataplane.sessions.SessionTimeouts has the defaults and where
+    # they come from: conntrack's, kube-proxy's for established and close-wait).
+    sessionTimeoutTCPSynSent: int = _lifetime(120, "TCP: SYN sent, no answer yet")
+    sessionTimeoutTCPSynRecv: int = _lifetime(60, "TCP: SYN answered, handshake not done")
+    sessionTimeoutTCPEstablished: int = _lifetime(86400, "TCP: established")
+    sessionTimeoutTCPFinWait: int = _lifetime(120, "TCP: the opening side closed")
+    sessionTimeoutTCPCloseWait: int = _lifetime(3600, "TCP: only the answering side closed")
+    sessionTimeoutTCPTimeWait: int = _lifetime(120, "TCP: both sides closed")
+    sessionTimeoutTCPClose: int = _lifetime(10, "TCP: reset")
+    sessionTimeoutUDP: int = _lifetime(30, "UDP: no reply, or a short exchange")
+    sessionTimeoutUDPStream: int = _lifetime(120, "UDP: a stream")
+    sessionTimeoutICMP: int = _lifetime(30, "ICMP echo")
+    sessionGCInterval: int = Field(10, ge=1, le=3600, description=(
+        "Seconds between two passes of the session garbage collector."))
 
     @field_validator("serviceClusterIPRange", "vtepsRange", "podCIDR")
     @classmethod
@@ -64,6 +86,17 @@ class ClusterSettings(BaseModel):
     def snat_range(self) -> tuple[int, int]:
         lo, _, hi = self.snatPortRange.partition("-")
         return int(lo), int(hi)
+
+    @property
+    def session_timeouts(self) -> SessionTimeouts:
+        return SessionTimeouts(
+            tcp_syn_sent=self.sessionTimeoutTCPSynSent, tcp_syn_recv=self.sessionTimeoutTCPSynRecv,
+            tcp_established=self.sessionTimeoutTCPEstablished,
+            tcp_fin_wait=self.sessionTimeoutTCPFinWait,
+            tcp_close_wait=self.sessionTimeoutTCPCloseWait,
+            tcp_time_wait=self.sessionTimeoutTCPTimeWait, tcp_close=self.sessionTimeoutTCPClose,
+            udp=self.sessionTimeoutUDP, udp_stream=self.sessionTimeoutUDPStream,
+            icmp=self.sessionTimeoutICMP)
 
     @classmethod
     def load(cls, path: Path | None = None) -> ClusterSettings:

@@ -173,8 +173,15 @@ class BackendVal(ct.Structure):
 class Xlate(ct.Structure):
     _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("is_src", ct.c_uint8),
                 ("kind", ct.c_uint8), ("ip2", ct.c_uint32), ("port2", ct.c_uint16),
-                ("pad", ct.c_uint16), ("svc", ct.c_uint32), ("pad2", ct.c_uint32),
-                ("seen_ns", ct.c_uint64)]
+                ("state", ct.c_uint8), ("pad", ct.c_uint8), ("svc", ct.c_uint32),
+                ("born_ms", ct.c_uint32), ("seen_ns", ct.c_uint64)]
+
+
+LIFETIMES = 10  # PCN_LIFETIMES: slots of SessionCfg.lifetime_ns (see pcn_session.h)
+
+
+class SessionCfg(ct.Structure):
+    _fields_ = [("lifetime_ns", ct.c_uint64 * LIFETIMES), ("grace_ns", ct.c_uint64)]
 
 
 class Flow(ct.Structure):
@@ -287,6 +294,7 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "lb_slots": (SlotKey, BackendVal),
     "lb_sessions": (Flow, Xlate),
     "nat_sessions": (Flow, Xlate),
+    "session_cfg": (ct.c_uint32, SessionCfg),
     "lb_affinity": (AffinityKey, Affinity),
     "lb_vips": (ct.c_uint32, ct.c_uint32),
     "lb_cfgs": (ct.c_uint32, LbCfg),

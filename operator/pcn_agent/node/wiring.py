@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pcn_agent.dataplane import bpffs, maps
+from pcn_agent.dataplane import bpffs, maps, sessions
 from pcn_agent.dataplane.cubes.bridge import TYPE as BRIDGE_TYPE
 from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
@@ -78,6 +78,10 @@ class NodeConfig:
     snat_range: tuple[int, int] = (61000, 65535)
     default_gateway: str | None = None  # next hop for the outside world, if any
     host_link: str = "169.254.42.0/30"  # router .1, host .2; never leaves the node
+    # how long connections live without traffic (ConfigMap sessionTimeout*), and
+    # how often the collector removes those that are over (sessionGCInterval)
+    session_timeouts: sessions.SessionTimeouts = sessions.SessionTimeouts()
+    session_gc_interval_s: float = 10.0
 
     @property
     def host_pod_ip(self) -> str:
@@ -177,6 +181,8 @@ class NodeDataplane:
         self.lb: LoadBalancer | None = None
         self.dispatcher: Dispatcher | None = None
         self.arp: ArpResolver | None = None
+        self.session_collector: sessions.SessionCollector | None = None
+        self.session_gc: sessions.SessionGC | None = None
         self._batch_depth = 0
 
     # ---------------------------------------------------------------- up/down
@@ -195,6 +201,7 @@ class NodeDataplane:
                 self._build()
             self.slow.listen(self.rt.types["router"].module)
             self.arp = ArpResolver(self.rt, self.slow, self.rt.table("router_neigh", "router"))
+            self._start_session_gc()
             self.save()
         except BaseException:  # Ctrl-C included: never leave a half-built node behind
             self.down()
@@ -202,6 +209,24 @@ class NodeDataplane:
         log.info("node %s %s in %.0f ms", self.cfg.name,
                  "adopted" if self.rt.adopted else "up", (time.monotonic() - start) * 1000)
         return self
+
+    def _start_session_gc(self) -> None:
+        """Give the data path the sessions' lifetimes and collect the sessions
+        that are over every session_gc_interval_s. The grace (how long the data
+        path may still reuse an expired entry in place, see sessions.py) is
+        one interval: ports are never held longer than lifetime + 2 intervals."""
+        c = self.cfg
+        interval = c.session_gc_interval_s
+        sessions.write_config(self.rt.table("session_cfg", LB_TYPE), c.session_timeouts, interval)
+        tables = {"lb_sessions": self.rt.table("lb_sessions", LB_TYPE),
+                  "nat_sessions": self.rt.table("nat_sessions", DISPATCHER_TYPE)}
+        self.session_collector = sessions.SessionCollector(tables, c.session_timeouts, interval)
+        self.session_gc = sessions.SessionGC(self.session_collector, interval, c.name).start()
+
+    def _stop_session_gc(self) -> None:
+        if self.session_gc is not None:
+            self.session_gc.stop()
+            self.session_gc = None
 
     def _build(self) -> None:
         c = self.cfg
@@ -381,6 +406,7 @@ class NodeDataplane:
 
     def down(self) -> None:
         """Remove everything this node created; safe to call twice or after a failed up()."""
+        self._stop_session_gc()
         for key in list(self.pods):
             self.remove_pod(key)
         if self.slow is not None:
@@ -399,6 +425,7 @@ class NodeDataplane:
     def crash(self) -> None:
         """Stop as a killed agent would: threads and file descriptors go, the
         data plane (programs, pinned maps, attachments, state file) stays."""
+        self._stop_session_gc()
         if self.slow is not None:
             self.slow.stop(remove=False)
             self.slow = None
