@@ -275,10 +275,29 @@ static __always_inline int router_may_answer(const struct pcn_port *p, const str
     return f->proto != IPPROTO_ICMP || !router_icmp_no_error_about(info->icmp_type);
 }
 
+/* The MAC of the next hop towards `dst` when the route to it leaves by
+ * `port` and the neighbour is known: -1 otherwise. */
+static __always_inline int router_next_hop_mac(u32 cube, u32 port, __be32 dst, u8 *mac)
+{
+    struct router_route_key rk = {.prefixlen = 64, .cube = cube, .dst = dst};
+    struct router_route *rt = router_routes.lookup(&rk);
+    if (!rt || rt->port != port)
+        return -1;
+    struct router_neigh_key nk = {.cube = cube, .ip = rt->nexthop ? rt->nexthop : dst};
+    struct router_neigh *n = router_neigh.lookup(&nk);
+    if (!n)
+        return -1;
+    pcn_mac_copy(mac, n->mac);
+    return 0;
+}
+
 /* A packet with DF set that does not fit the next hop's `mtu`: turned into
  * ICMP destination unreachable, fragmentation needed (type 3 code 4, RFC
  * 1191), from the address of the port it came in by to its source, and sent
- * back out of that port to the frame's sender. Counted as a drop either way. */
+ * back out of that port to the frame's sender. The node's own packets that
+ * its lo hands to the host port (entry.c) carry no sender MAC: their error
+ * goes to the next hop back to the node (the host link's far end) when it
+ * is known. Counted as a drop either way. */
 static __always_inline int router_frag_needed(struct __sk_buff *skb, u32 cube, u32 in_port,
                                               struct pcn_port *p, u32 mtu)
 {
@@ -290,8 +309,14 @@ static __always_inline int router_frag_needed(struct __sk_buff *skb, u32 cube, u
     struct ethhdr *eth = pcn_eth(skb);
     if (!eth || !router_may_answer(p, &f, &info, eth->h_dest))
         return TC_ACT_SHOT;
+    u8 back[ETH_ALEN] = {};
+    int no_sender = pcn_mac_eq(eth->h_source, back);
+    if (no_sender && router_next_hop_mac(cube, in_port, f.saddr, back) < 0)
+        return TC_ACT_SHOT;
     if (pcn_icmp_unreach(skb, info.l4off, p->ip, f.saddr, ICMP_FRAG_NEEDED,
                          mtu > 0xffff ? 0xffff : mtu, ROUTER_ICMP_QUOTE) < 0)
+        return TC_ACT_SHOT;
+    if (no_sender && bpf_skb_store_bytes(skb, 0, back, ETH_ALEN, 0) < 0)
         return TC_ACT_SHOT;
     return pcn_send(skb, in_port);
 }

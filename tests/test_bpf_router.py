@@ -693,3 +693,21 @@ def test_a_datagram_too_big_without_df_from_the_nic_goes_whole_to_the_host(
     for p in small:
         res = lab.send("h", eth(lab.mac("h"), mac, ETH_P_IP, p))
         assert res.retval == TC_ACT_REDIRECT and parse_eth(res.data).dst == dst_mac
+
+
+def test_fragmentation_needed_for_a_frame_without_sender_mac_goes_to_the_next_hop(
+        lab: RouterLab) -> None:
+    """The node's own packets that its lo hands to the host port carry no
+    source MAC (lo has none): the error goes to the next hop of the route
+    back to the sender, if it leaves by the same port and is resolved; with
+    nowhere to send it, there is no error."""
+    dst, sender, sender_mac = host("c"), host("a"), random_mac()
+    lab.add_neighbour(dst, random_mac(), "c")
+    sent = eth(lab.mac("a"), "00:00:00:00:00:00", ETH_P_IP, big_packet(sender, dst, 1500))
+    drops = lab.drops()
+    assert lab.send("a", sent).retval == TC_ACT_SHOT  # the sender is not resolved
+    lab.add_neighbour(sender, sender_mac, "a")
+    res = lab.send("a", sent)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, C_MTU))
+    assert drops_moved(lab, drops) == {"too_big": 2}

@@ -141,6 +141,29 @@ def test_a_nodeport_client_learns_the_path_mtu(served: Lab, policy: str, backend
     assert r["ok"] and r["host"] == backend, r
 
 
+def test_the_nodes_own_datagram_to_its_nodeport_learns_the_path_mtu(served: Lab) -> None:
+    """The node's own 1472-byte DF datagram to its NodePort never leaves its
+    stack: lo hands it to the router's host port (entry.c), whose lbrp
+    translates it to the backend, too big for the pods. The error comes back
+    to the node through the host link (lo gave the frame no sender MAC: it
+    goes to the host link's far end, which the router learned when the node
+    first reached a pod, as kubelet probes do), its quote translated back by
+    the lbrp: the node's socket gets EMSGSIZE and its kernel caches the MTU
+    for its own address."""
+    lab = served
+    ns = lab.node(1).cfg.netns
+    assert ns is not None
+    lab.set_nodeport(30094, "udp", "Local", [lab.backend("n1p2", UDP)])
+    node = lab.node_ip(1)
+    assert checks.ping(lab, lab.node_name(1), lab.pods["n1p1"].ip, count=1).passed
+    try:
+        first = _df_send(lab, lab.node_name(1), node, 30094, 1472)
+        assert first["result"] == "EMSGSIZE", first
+        assert f"mtu {PODS_MTU}" in _cached_mtu(lab, ns, node)
+    finally:
+        lab.exec(ns, ["ip", "-4", "route", "flush", "cache"], check=True)
+
+
 def test_a_big_udp_answer_from_outside_reaches_a_masqueraded_pod(forwarding: Lab) -> None:
     """A pod asks the outside host for 4000 bytes: they come back in 1500-byte
     fragments without DF, too big for the pod. The router hands each to node
