@@ -196,3 +196,13 @@ def test_a_big_udp_datagram_without_df_crosses_a_nodeport(forwarding: Lab, polic
                      20)
     assert r["ok"] and r["host"] == backend and r["sent"] == BIG, r
     assert _too_big(lab, 2) == before
+
+
+def test_an_agent_adopting_a_node_gives_the_pods_port_its_mtu(served: Lab) -> None:
+    """A data plane built before path MTU has no MTU on the router's pods'
+    port (and so none checked): the agent that adopts it sets it."""
+    lab = served
+    lab.node(1).router.set_mtu("pods", None)
+    assert lab.node(1).router.mtu("pods") is None
+    adopted = lab.restart_node(1)
+    assert adopted.router is not None and adopted.router.mtu("pods") == PODS_MTU
