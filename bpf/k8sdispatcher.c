@@ -7,7 +7,9 @@
  *      stack untouched (TC_ACT_OK), the node's own traffic and VXLAN included.
  *  uplink egress (to the NIC): replies of local NodePort backends get the
  *      node's address back; pod connections to the outside are masqueraded to
- *      the node address with a port of their own.
+ *      the node address with a port of their own; ICMP errors about either,
+ *      the router's "fragmentation needed" included, quote them translated
+ *      back.
  *  overlay ingress: replies of remote NodePort backends (addressed to this
  *      node's VTEP address by the Cluster policy) are translated back to the
  *      client.
@@ -363,8 +365,23 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
     int parsed = pcn_parse_flow(skb, &f, &info);
-    if (parsed == PCN_PARSE_NOT_IPV4 || f.saddr == cfg->node_ip)
-        return pcn_pass(skb); /* not IPv4, or the host's own traffic */
+    if (parsed == PCN_PARSE_NOT_IPV4)
+        return pcn_pass(skb);
+    if (f.saddr == cfg->node_ip) {
+        /* The host's own traffic, or the router's "fragmentation needed"
+         * about a packet it could not send on (router.c), which comes from
+         * this port's address, the node's: that one quotes the packet as
+         * translated on its way in (a NodePort's backend; with the Cluster
+         * policy also our VTEP address as its source, which is then the
+         * error's destination too) and is translated back like any error
+         * about a connection of ours. The host's own errors quote its own
+         * flows, which no session of ours is keyed by. */
+        if (parsed == PCN_PARSE_OK && f.proto == IPPROTO_ICMP &&
+            pcn_icmp_is_error(info.icmp_type) &&
+            disp_known(skb, &f, &info, PCN_SESS_SNAT, PCN_SESS_NODEPORT_REV, now) < 0)
+            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+        return pcn_pass(skb);
+    }
     /* a pod's packet to the outside: it leaves masqueraded, or not at all */
     int masq = (disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
                !(disp_net_kind(inst, f.daddr) & DISP_NET_NO_SNAT);

@@ -55,9 +55,10 @@ class UnitNet:
             pr_netns.popns()
 
     def run(self, prog_fd: int, frame: bytes, *, cb: Sequence[int] = (),
-            ifindex: int = 0) -> testrun.TestRunResult:
+            ifindex: int = 0, gso_size: int = 0) -> testrun.TestRunResult:
         with self.inside():
-            return testrun.run_sched_cls(prog_fd, frame, cb=cb, ifindex=ifindex)
+            return testrun.run_sched_cls(prog_fd, frame, cb=cb, ifindex=ifindex,
+                                         gso_size=gso_size)
 
     def leftovers(self) -> list[str]:
         """Anything of this run still present: namespaces, pins, saved state."""

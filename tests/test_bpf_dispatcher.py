@@ -354,6 +354,59 @@ def test_client_icmp_error_about_a_nodeport_reply_reaches_the_backend(lab: DispL
     assert_frame(res.data, expect)
 
 
+PODS_MTU = 1450  # set on the router's pods and vxlan ports by the path MTU tests
+
+
+@pytest.mark.parametrize("policy,proto", [("Local", IPPROTO_UDP), ("Local", IPPROTO_TCP),
+                                          ("Cluster", IPPROTO_UDP), ("Cluster", IPPROTO_TCP)])
+def test_fragmentation_needed_about_a_nodeport_packet_reaches_its_client(
+        lab: DispLab, policy: str, proto: int) -> None:
+    """Path MTU discovery through a NodePort: a 1500-byte DF packet from the
+    client is too big for the pods' port (Local) or the overlay (Cluster,
+    where it is also masqueraded to our VTEP address). The router answers it
+    from the node's address quoting it as translated on its way in, back out
+    of the NIC, whose egress translates the quote back (and, for Cluster, the
+    error's destination, our VTEP address, to the client): the client's
+    kernel finds the socket that sent to the node's address and NodePort
+    and learns the MTU for the node's address."""
+    np_, cl = next(_nodeport), counted(_client, "198.51.100.{}")
+    if policy == "Local":
+        backend, _ = lab.pod()
+    else:
+        backend = counted(_remote_pod, "10.244.2.{}")
+    lab.disp.set_nodeport(np_, "udp" if proto == IPPROTO_UDP else "tcp", policy,
+                          [Backend(backend, 8080)])
+    if proto == IPPROTO_TCP:  # the connection starts small; a full segment follows
+        assert lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 5300, np_)).retval == \
+            TC_ACT_REDIRECT
+        l4 = tcp(cl, NODE_IP, 5300, np_, TCP_ACK, seq=1001, ack=1, data=bytes(1460))
+    else:
+        l4 = udp_csum(cl, NODE_IP, 5300, np_, bytes(1472))
+    sent = eth(lab.mac("uplink"), lab.gw_mac, ETH_P_IP, ipv4(cl, NODE_IP, proto, l4))
+    assert len(sent) == 1514
+    out_port = "pods" if policy == "Local" else "vxlan"
+    lab.r.set_mtu(out_port, PODS_MTU)
+    try:
+        drops, before = lab.net.rt.cube_drops("r"), lab.counters()
+        res = lab.from_uplink(sent)
+        assert res.retval == TC_ACT_REDIRECT  # back out of the NIC
+        assert tx(before, lab.counters()) == {"uplink": 1, "vxlan": 0, "pods": 0}
+        assert lab.net.rt.cube_drops("r").get("too_big", 0) == drops.get("too_big", 0) + 1
+        # as the router made it: to the packet's source as it saw it
+        made = parse_ipv4(parse_eth(res.data).payload)
+        assert (made.src, made.dst) == (NODE_IP, cl if policy == "Local" else VTEP)
+        out = lab.to_uplink(res.data)  # the NIC's egress hook
+    finally:
+        lab.r.set_mtu(out_port, None)
+    assert out.retval == TC_ACT_OK
+    quote = made.payload[8:]
+    assert len(quote) == 20 + 32
+    want = requote(quote, src=cl, sport=5300, dst=NODE_IP, dport=np_)
+    assert want[:20] == ipv4(cl, NODE_IP, proto, l4)[:20]  # the header the client sent
+    assert_frame(out.data, eth(lab.gw_mac, lab.mac("uplink"), ETH_P_IP, ipv4_fragment(
+        NODE_IP, cl, IPPROTO_ICMP, icmp_error(3, 4, want, PODS_MTU), 0, False, ident=0)))
+
+
 def test_icmp_error_about_no_flow_of_ours_goes_to_the_host(lab: DispLab) -> None:
     server = counted(_server, "203.0.113.{}")
     quote = quote_of(out_uplink(lab, NODE_IP, server, IPPROTO_UDP, 33333, 443))

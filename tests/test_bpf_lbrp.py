@@ -418,12 +418,14 @@ def icmp_frame(lab: LbLab, src: str, dst: str, message: bytes, outbound: bool) -
 
 
 @pytest.mark.parametrize("proto", [IPPROTO_UDP, IPPROTO_TCP])
-@pytest.mark.parametrize("reporter", ["backend", "router"])
+@pytest.mark.parametrize("reporter", ["backend", "router", "router-mtu"])
 def test_icmp_error_about_a_service_flow_reaches_the_client_translated(
         lab: LbLab, proto: int, reporter: str) -> None:
-    """The backend's port unreachable (or a router's error on the way) quotes
-    the packet as the backend got it; the client must see it quote what it
-    sent, to the service, or its socket never hears of the error."""
+    """The backend's port unreachable (or a router's error on the way: time
+    exceeded, or fragmentation needed with its next-hop MTU, which a pcn
+    router sends too) quotes the packet as the backend got it; the client
+    must see it quote what it sent, to the service, or its socket never
+    hears of the error."""
     svc, cl, be = vip(), client(), Backend(backend_ip(), 5353)
     lab.lb.set_service(svc, 53, "udp" if proto == IPPROTO_UDP else "tcp", [be])
     sent = (udp_frame(lab, cl, svc, 47001, 53) if proto == IPPROTO_UDP
@@ -432,12 +434,13 @@ def test_icmp_error_about_a_service_flow_reaches_the_client_translated(
     assert dest_of(res) == (be.ip, 5353)
     at_backend = quote_of(res.data, 20)  # a TCP header whole: its checksum must stay
     source = be.ip if reporter == "backend" else "10.244.200.1"
-    kind, code = (3, 3) if reporter == "backend" else (11, 0)
-    res = lab.to_pod(icmp_frame(lab, source, cl, icmp_error(kind, code, at_backend), False))
+    kind, code, mtu = {"backend": (3, 3, 0), "router": (11, 0, 0),
+                       "router-mtu": (3, 4, 1400)}[reporter]
+    res = lab.to_pod(icmp_frame(lab, source, cl, icmp_error(kind, code, at_backend, mtu), False))
     assert res.retval == TC_ACT_OK
     want_src = svc if reporter == "backend" else source
     want = icmp_frame(lab, want_src, cl,
-                      icmp_error(kind, code, requote(at_backend, dst=svc, dport=53)), False)
+                      icmp_error(kind, code, requote(at_backend, dst=svc, dport=53), mtu), False)
     assert_frame(res.data, want)
     # the quote's IP header and ports are what the client sent
     inner = parse_ipv4(parse_eth(res.data).payload).payload[8:]

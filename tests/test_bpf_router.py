@@ -2,7 +2,9 @@
 
 Topology: router `r` with port `a` (10.1.0.1/24, veth u1) and port `b`
 (10.2.0.1/24, veth u2) in a private namespace, plus a static route
-198.51.100.0/24 via 10.2.0.253 on `b`. Tests use their own host addresses and
+198.51.100.0/24 via 10.2.0.253 on `b`; for path MTU, port `c` (10.3.0.1/24,
+veth u3 whose MTU is 1400) and port `h` (10.4.0.1/24, veth u4, shared with
+the host as a node's NIC is). Tests use their own host addresses and
 compare counters before and after, so they share one compiled runtime.
 """
 
@@ -22,12 +24,15 @@ from bpfunit import (
     BROADCAST,
     ETH_P_ARP,
     ETH_P_IP,
+    TCP_ACK,
     UnitNet,
     arp,
     assert_fragments,
+    assert_frame,
     eth,
     fragments,
     icmp_echo,
+    icmp_error,
     inet_csum,
     ipv4,
     ipv4_fragment,
@@ -35,14 +40,16 @@ from bpfunit import (
     parse_eth,
     parse_ipv4,
     random_mac,
+    tcp,
     udp,
     unit_net,
 )
+from pyroute2 import IPRoute
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import PortCounters, PortState
-from pcn_testsupport.testrun import TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
+from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
@@ -52,10 +59,11 @@ _host = itertools.count(10)  # up to .249: the static next hop is 10.2.0.253
 
 
 def host(net: str) -> str:
-    """A fresh host address on 10.1.0.0/24 ("a") or 10.2.0.0/24 ("b")."""
+    """A fresh host address on the network of port `net`: 10.1.0.0/24 ("a"),
+    10.2.0.0/24 ("b"), 10.3.0.0/24 ("c") or 10.4.0.0/24 ("h")."""
     n = next(_host)
     assert n < 250, "ran out of test host addresses"
-    return f"10.{1 if net == 'a' else 2}.0.{n}"
+    return f"10.{'abch'.index(net) + 1}.0.{n}"
 
 
 @dataclass
@@ -68,10 +76,10 @@ class RouterLab:
     def module(self):
         return self.net.rt.types["router"].module
 
-    def send(self, in_port: str, frame: bytes) -> TestRunResult:
+    def send(self, in_port: str, frame: bytes, gso_size: int = 0) -> TestRunResult:
         port = self.ports[in_port]
         return self.net.run(self.net.rt.types["router"].fd, frame, cb=[port.id],
-                            ifindex=self.net.ifindex[port.netdev or ""])
+                            ifindex=self.net.ifindex[port.netdev or ""], gso_size=gso_size)
 
     def counters(self) -> dict[str, PortCounters]:
         return {name: self.net.rt.port_counters(p) for name, p in self.ports.items()}
@@ -90,14 +98,21 @@ class RouterLab:
         self.net.rt.table("router_neigh", "router")[key] = value
 
 
+C_MTU = 1400  # the MTU of port c's netdev
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[RouterLab]:
-    with unit_net(veths=2) as net:
+    with unit_net(veths=4) as net:
         rt = net.rt
         r = Router(rt, "r")
-        ports = {"a": r.add_port("a", "10.1.0.1/24"), "b": r.add_port("b", "10.2.0.1/24")}
-        rt.connect_netdev(ports["a"], "u1")
-        rt.connect_netdev(ports["b"], "u2")
+        ports = {"a": r.add_port("a", "10.1.0.1/24"), "b": r.add_port("b", "10.2.0.1/24"),
+                 "c": r.add_port("c", "10.3.0.1/24"),
+                 "h": r.add_port("h", "10.4.0.1/24", flags=maps.PORT_HOST_SHARED)}
+        for i, name in enumerate("abch", start=1):
+            rt.connect_netdev(ports[name], f"u{i}")
+        with IPRoute(netns=net.name) as ipr:
+            ipr.link("set", index=net.ifindex["u3"], mtu=C_MTU)
         r.add_route("198.51.100.0/24", "b", nexthop="10.2.0.253")
         yield RouterLab(net, r, ports)
 
@@ -424,3 +439,275 @@ def test_later_fragment_to_router_without_its_echo_request_is_dropped(lab: Route
     res = lab.send("a", eth(lab.mac("a"), pinger_mac, ETH_P_IP, pieces[1]))
     assert res.retval == TC_ACT_SHOT
     assert lab.drops().get("fragment", 0) == drops.get("fragment", 0) + 1
+
+
+# ---------------------------------------------------------------------------- path MTU
+ROUTER_QUOTE = 32  # bytes after the IP header that a "fragmentation needed" quotes
+
+
+def big_packet(src: str, dst: str, total: int, proto: int = IPPROTO_UDP, df: bool = True,
+               ident: int | None = None, ttl: int = 64) -> bytes:
+    """An IPv4 packet of `total` bytes (TCP with a valid checksum, UDP, or an
+    ICMP echo request), DF set or not."""
+    ident = next(_ident) if ident is None else ident
+    room = total - 20
+    if proto == IPPROTO_TCP:
+        l4 = tcp(src, dst, 40000, 443, flags=TCP_ACK, data=bytes(range(256)) * 64)[:room]
+        l4 = tcp(src, dst, 40000, 443, flags=TCP_ACK, data=l4[20:])
+    elif proto == IPPROTO_ICMP:
+        l4 = icmp_echo(0x5151, 1, bytes(room - 8))
+    else:
+        l4 = udp(4000, 5000, bytes(room - 8))
+    assert len(l4) == room
+    if df:
+        return ipv4(src, dst, proto, l4, ttl=ttl, ident=ident)
+    return ipv4_fragment(src, dst, proto, l4, 0, False, ident, ttl)  # no DF, no MF
+
+
+def frag_needed_frame(lab: RouterLab, in_port: str, sender_mac: str, sent: bytes,
+                      mtu: int) -> bytes:
+    """What a Linux router answers to `sent` (an Ethernet frame): ICMP type 3
+    code 4 from the input port's address to the sender, next-hop MTU `mtu`
+    (RFC 1191), quoting the packet as it arrived (TTL not yet decremented)."""
+    ip = parse_eth(sent).payload
+    quote = ip[:20 + ROUTER_QUOTE]
+    router_ip = lab.ports[in_port].ip
+    sender = parse_ipv4(ip).src
+    msg = icmp_error(3, 4, quote, mtu)
+    return eth(sender_mac, lab.mac(in_port), ETH_P_IP,
+               ipv4_fragment(router_ip, sender, IPPROTO_ICMP, msg, 0, False, ident=0, ttl=64))
+
+
+def drops_moved(lab: RouterLab, before: dict[str, int]) -> dict[str, int]:
+    after = lab.drops()
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+def tx_moved(before: dict[str, PortCounters], after: dict[str, PortCounters]) -> dict[str, int]:
+    return {p: after[p].tx_packets - before[p].tx_packets for p in after
+            if after[p].tx_packets != before[p].tx_packets}
+
+
+@pytest.mark.parametrize("proto", [IPPROTO_UDP, IPPROTO_TCP, IPPROTO_ICMP])
+@pytest.mark.parametrize("in_port", ["a", "h"])
+def test_a_df_packet_too_big_for_the_next_hop_gets_fragmentation_needed(
+        lab: RouterLab, proto: int, in_port: str) -> None:
+    """1500 bytes with DF towards port c (its netdev's MTU is 1400): not
+    forwarded, but answered as a Linux router does (ip_forward): type 3 code
+    4 with the next-hop MTU, from the address of the port it came in by, back
+    to the frame's sender, quoting its IP header and the start of its payload
+    with every checksum right. From the node's NIC (h) alike."""
+    dst, sender, sender_mac = host("c"), host(in_port), random_mac()
+    lab.add_neighbour(dst, random_mac(), "c")
+    sent = eth(lab.mac(in_port), sender_mac, ETH_P_IP, big_packet(sender, dst, 1500, proto))
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send(in_port, sent)
+    assert res.retval == TC_ACT_REDIRECT  # back out of the input port's netdev
+    assert tx_moved(before, lab.counters()) == {in_port: 1}
+    assert drops_moved(lab, drops) == {"too_big": 1}
+    assert_frame(res.data, frag_needed_frame(lab, in_port, sender_mac, sent, C_MTU))
+    ip = parse_ipv4(parse_eth(res.data).payload)
+    assert (ip.src, ip.dst, ip.payload[:2]) == (lab.ports[in_port].ip, sender, b"\x03\x04")
+    assert struct.unpack("!H", ip.payload[6:8])[0] == C_MTU
+
+
+@pytest.mark.parametrize("size", [C_MTU - 1, C_MTU])
+def test_a_packet_that_fits_the_next_hop_is_forwarded(lab: RouterLab, size: int) -> None:
+    """Up to the MTU exactly, DF or not: forwarded as before."""
+    dst, dst_mac = host("c"), random_mac()
+    lab.add_neighbour(dst, dst_mac, "c")
+    for df in (True, False):
+        pkt = eth(lab.mac("a"), random_mac(), ETH_P_IP, big_packet(host("a"), dst, size, df=df))
+        drops, before = lab.drops(), lab.counters()
+        res = lab.send("a", pkt)
+        assert res.retval == TC_ACT_REDIRECT and len(res.data) == len(pkt)
+        e = parse_eth(res.data)
+        assert (e.dst, e.src) == (dst_mac, lab.mac("c"))
+        assert parse_ipv4(e.payload).ttl == 63
+        assert tx_moved(before, lab.counters()) == {"c": 1}
+        assert lab.drops() == drops
+
+
+def test_one_byte_over_the_mtu_is_too_big(lab: RouterLab) -> None:
+    dst, sender_mac = host("c"), random_mac()
+    lab.add_neighbour(dst, random_mac(), "c")
+    sent = eth(lab.mac("a"), sender_mac, ETH_P_IP, big_packet(host("a"), dst, C_MTU + 1))
+    res = lab.send("a", sent)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, C_MTU))
+
+
+def test_the_mtu_follows_the_netdev(lab: RouterLab) -> None:
+    """Read from the kernel when the packet leaves: `ip link set mtu` on the
+    port's netdev changes what fits at once."""
+    dst, sender_mac = host("b"), random_mac()
+    lab.add_neighbour(dst, random_mac(), "b")
+    sent = eth(lab.mac("a"), sender_mac, ETH_P_IP, big_packet(host("a"), dst, 1300))
+    assert lab.send("a", sent).retval == TC_ACT_REDIRECT  # u2: 1500
+    assert parse_eth(lab.send("a", sent).data).dst != sender_mac
+    with IPRoute(netns=lab.net.name) as ipr:
+        ipr.link("set", index=lab.net.ifindex["u2"], mtu=1280)
+        try:
+            res = lab.send("a", sent)
+        finally:
+            ipr.link("set", index=lab.net.ifindex["u2"], mtu=1500)
+    assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, 1280))
+
+
+def test_a_configured_mtu_is_the_ports_own(lab: RouterLab) -> None:
+    """The MTU the agent sets on a port (the pods' port: peered with the
+    bridge, no netdev of its own) is the one checked and reported; taking it
+    away leaves the netdev's."""
+    dst, sender_mac = host("c"), random_mac()
+    lab.add_neighbour(dst, random_mac(), "c")
+    sent = eth(lab.mac("a"), sender_mac, ETH_P_IP, big_packet(host("a"), dst, 1301))
+    lab.r.set_mtu("c", 1300)
+    try:
+        assert lab.r.mtu("c") == 1300
+        res = lab.send("a", sent)
+        assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, 1300))
+        fits = eth(lab.mac("a"), sender_mac, ETH_P_IP, big_packet(host("a"), dst, 1300))
+        assert parse_eth(lab.send("a", fits).data).src == lab.mac("c")
+    finally:
+        lab.r.set_mtu("c", None)
+    assert lab.r.mtu("c") is None
+    assert parse_eth(lab.send("a", sent).data).src == lab.mac("c")  # 1301 fits u3's 1400
+    with pytest.raises(ValueError):
+        lab.r.set_mtu("c", 67)
+
+
+def test_a_df_packet_too_big_is_answered_before_its_next_hop_is_resolved(
+        lab: RouterLab) -> None:
+    """What cannot leave does not wait for an ARP reply in user space."""
+    dst, sender_mac = host("c"), random_mac()
+    sent = eth(lab.mac("a"), sender_mac, ETH_P_IP, big_packet(host("a"), dst, 1500))
+    with slowpath_listener(lab) as got:
+        res = lab.send("a", sent)
+        poll(lab, got, timeout_s=0.2)
+    assert got == []
+    assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, C_MTU))
+
+
+@pytest.mark.parametrize("proto,seg,fits", [
+    (IPPROTO_TCP, C_MTU - 40, True), (IPPROTO_TCP, C_MTU - 39, False),
+    (IPPROTO_UDP, C_MTU - 28, True), (IPPROTO_UDP, C_MTU - 27, False)])
+def test_a_gso_packet_is_judged_by_its_segments(lab: RouterLab, proto: int, seg: int,
+                                                fits: bool) -> None:
+    """A GSO packet (GRO merged it, or a TSO sender built it) is as long as
+    all its segments together: it fits when each segment, headers and
+    gso_size bytes of payload, does (Linux: skb_gso_validate_network_len).
+    One whose segments are too big is answered like any packet."""
+    dst, dst_mac, sender_mac = host("c"), random_mac(), random_mac()
+    lab.add_neighbour(dst, dst_mac, "c")
+    sent = eth(lab.mac("a"), sender_mac, ETH_P_IP, big_packet(host("a"), dst, 3000, proto))
+    drops = lab.drops()
+    res = lab.send("a", sent, gso_size=seg)
+    assert res.retval == TC_ACT_REDIRECT
+    if fits:
+        assert len(res.data) == len(sent) and parse_eth(res.data).dst == dst_mac
+        assert lab.drops() == drops
+    else:
+        assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, C_MTU))
+        assert drops_moved(lab, drops) == {"too_big": 1}
+
+
+@pytest.mark.parametrize("case", ["icmp-error", "later-fragment", "l2-broadcast",
+                                  "loopback-source", "multicast-destination"])
+def test_no_error_about_what_gets_none(lab: RouterLab, case: str) -> None:
+    """As Linux's icmp_send (RFC 1812 4.3.2.7): no error about an ICMP error,
+    a later fragment, a frame not unicast to the router, or from an address
+    that names no single host. Dropped and counted all the same."""
+    src, dst, dst_mac = host("a"), host("c"), random_mac()
+    frame_dst = lab.mac("a")
+    if case == "icmp-error":
+        quote = ipv4(dst, src, IPPROTO_UDP, udp(1, 2, b""))
+        pkt = ipv4(src, dst, IPPROTO_ICMP, icmp_error(3, 3, quote + bytes(1500)))
+    elif case == "later-fragment":
+        hdr = bytearray(ipv4_fragment(src, dst, IPPROTO_UDP, bytes(1480), 1480, True))
+        hdr[6] |= 0x40  # DF on a fragment: nonsense, but it says "do not fragment"
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = struct.pack("!H", inet_csum(bytes(hdr[:20])))
+        pkt = bytes(hdr)
+    elif case == "multicast-destination":
+        dst = "239.1.2.3"
+        lab.r.add_route("239.1.2.0/24", "c")
+        pkt = big_packet(src, dst, 1500)
+    else:
+        pkt = big_packet("127.0.0.9" if case == "loopback-source" else src, dst, 1500)
+        frame_dst = BROADCAST if case == "l2-broadcast" else frame_dst
+    lab.add_neighbour(dst, dst_mac, "c")
+    drops, before = lab.drops(), lab.counters()
+    try:
+        res = lab.send("a", eth(frame_dst, random_mac(), ETH_P_IP, pkt))
+    finally:
+        if case == "multicast-destination":
+            lab.r.remove_route("239.1.2.0/24")
+    assert res.retval == TC_ACT_SHOT
+    assert lab.counters()["a"].tx_packets == before["a"].tx_packets
+    assert lab.counters()["c"].tx_packets == before["c"].tx_packets
+    assert drops_moved(lab, drops) == {"too_big": 1}
+
+
+def test_a_packet_too_big_without_df_is_dropped_and_counted(lab: RouterLab) -> None:
+    """Not from the node's NIC: nobody can fragment it (tc cannot)."""
+    dst = host("c")
+    lab.add_neighbour(dst, random_mac(), "c")
+    drops, before = lab.drops(), lab.counters()
+    res = lab.send("a", eth(lab.mac("a"), random_mac(), ETH_P_IP,
+                            big_packet(host("a"), dst, 1500, df=False)))
+    assert res.retval == TC_ACT_SHOT
+    assert tx_moved(before, lab.counters()) == {}
+    assert drops_moved(lab, drops) == {"too_big": 1}
+    assert lab.counters()["a"].drops - before["a"].drops == 1
+
+
+def test_a_datagram_too_big_without_df_from_the_nic_goes_whole_to_the_host(
+        lab: RouterLab) -> None:
+    """From the port shared with the host (the node's NIC) a packet too big
+    without DF goes to the host stack untouched (TC_ACT_OK), whose forwarding
+    fragments it on its way back through the host link. A fragmented
+    datagram goes there whole: its later fragments follow the first even
+    when they would fit, so a host that reassembles (conntrack) gets them
+    all. Another datagram's fragments, and packets that fit, are routed."""
+    src, dst, dst_mac, mac = host("h"), host("c"), random_mac(), random_mac()
+    lab.add_neighbour(dst, dst_mac, "c")
+    ident = next(_ident)
+    pieces = fragments(src, dst, IPPROTO_UDP, udp(4000, 5000, BIG), ident)  # 1500, 1500, 911
+    assert [len(p) for p in pieces] == [1500, 1500, 911]
+    drops, before = lab.drops(), lab.counters()
+    for p in pieces:
+        frame = eth(lab.mac("h"), mac, ETH_P_IP, p)
+        res = lab.send("h", frame)
+        assert (res.retval, res.data) == (TC_ACT_OK, frame)
+    whole = eth(lab.mac("h"), mac, ETH_P_IP, big_packet(src, dst, 1500, df=False))
+    res = lab.send("h", whole)
+    assert (res.retval, res.data) == (TC_ACT_OK, whole)
+    assert lab.counters() == before and lab.drops() == drops
+
+    # the record counts on the host's netdev only: the last piece, from port
+    # a, is routed; and a datagram whose fragments fit is routed from h too
+    res = lab.send("a", eth(lab.mac("a"), mac, ETH_P_IP, pieces[2]))
+    assert res.retval == TC_ACT_REDIRECT
+    small = fragments(src, dst, IPPROTO_UDP, udp(4000, 5000, BIG), next(_ident), size=1376)
+    for p in small:
+        res = lab.send("h", eth(lab.mac("h"), mac, ETH_P_IP, p))
+        assert res.retval == TC_ACT_REDIRECT and parse_eth(res.data).dst == dst_mac
+
+
+def test_fragmentation_needed_for_a_frame_without_sender_mac_goes_to_the_next_hop(
+        lab: RouterLab) -> None:
+    """The node's own packets that its lo hands to the host port carry no
+    source MAC (lo has none): the error goes to the next hop of the route
+    back to the sender, if it leaves by the same port and is resolved; with
+    nowhere to send it, there is no error."""
+    dst, sender, sender_mac = host("c"), host("a"), random_mac()
+    lab.add_neighbour(dst, random_mac(), "c")
+    sent = eth(lab.mac("a"), "00:00:00:00:00:00", ETH_P_IP, big_packet(sender, dst, 1500))
+    drops = lab.drops()
+    assert lab.send("a", sent).retval == TC_ACT_SHOT  # the sender is not resolved
+    lab.add_neighbour(sender, sender_mac, "a")
+    res = lab.send("a", sent)
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, frag_needed_frame(lab, "a", sender_mac, sent, C_MTU))
+    assert drops_moved(lab, drops) == {"too_big": 2}

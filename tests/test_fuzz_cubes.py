@@ -7,7 +7,9 @@ invariants every cube must keep whatever arrives:
 - nothing leaves the node through its NIC with a pod source address towards
   a destination outside the cluster (pod traffic to the outside is
   masqueraded, or dropped when it cannot be);
-- a frame that came in through the NIC never goes back out of it.
+- a frame that came in through the NIC never goes back out of it, but as
+  the ICMP "fragmentation needed" a router owes a DF packet too big for its
+  next hop (then from the NIC's address, with every checksum right).
 
 Topology, as a node stacks it (see test_bpf_dispatcher.py): router `r` with
 ports `uplink` (the NIC, u1, host-shared, dispatcher on ingress and egress),
@@ -77,6 +79,7 @@ CFG = DispatcherConfig(
     no_snat=("10.244.0.0/16", "10.96.0.0/12", "10.251.0.0/24"),
     nodeport_range=(30000, 32767), snat_range=(61000, 61015))
 ALLOWED_RETVALS = {TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}
+TINY_MTU = 68  # the least IPv4 MTU (RFC 791): most generated frames are too big for it
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Node:
     ports: dict[str, PortState]
     gw_mac: str
     pod_mac: str
+    router: Router
 
     def run(self, prog: str, ifname: str, frame: bytes) -> TestRunResult:
         return self.net.run(self.net.rt._entry_fds[prog], frame, ifindex=self.net.ifindex[ifname])
@@ -133,7 +137,7 @@ def node() -> Iterator[Node]:
                                                        Backend(REMOTE_POD, 8080)])
         disp.set_nodeport(NODEPORT, "udp", "Cluster", [Backend(REMOTE_POD, 5353)])
         disp.set_nodeport(NODEPORT_LOCAL, "tcp", "Local", [Backend(POD, 8080)])
-        yield Node(net, {"uplink": up, "vxlan": vx, "pods": pods}, gw_mac, pod_mac)
+        yield Node(net, {"uplink": up, "vxlan": vx, "pods": pods}, gw_mac, pod_mac, r)
 
 
 # ---------------------------------------------------------------------------- frames
@@ -150,8 +154,8 @@ def _csum_at(data: bytes, at: int, prefix: bytes = b"") -> bytes:
 
 
 @st.composite
-def l4(draw: st.DrawFn, proto: int, src: str, dst: str, depth: int = 0) -> bytes:
-    data = draw(st.binary(max_size=24))
+def l4(draw: st.DrawFn, proto: int, src: str, dst: str, depth: int = 0, pad: int = 0) -> bytes:
+    data = draw(st.binary(max_size=24)) + bytes(pad)
     if proto == IPPROTO_TCP:
         seg = struct.pack("!HHIIBBHHH", draw(ports), draw(ports), draw(st.integers(0, 2**32 - 1)),
                           draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([5, 6, 15, 4])) << 4,
@@ -176,16 +180,23 @@ def l4(draw: st.DrawFn, proto: int, src: str, dst: str, depth: int = 0) -> bytes
 
 
 @st.composite
-def packet(draw: st.DrawFn, depth: int = 0) -> bytes:
+def packet(draw: st.DrawFn, depth: int = 0, big: bool = False) -> bytes:
     """An IPv4 packet whose fields come from the node's world, options and
-    fragments included, with consistent checksums (mutations come later)."""
+    fragments included, with consistent checksums (mutations come later).
+    `big`: up to 200 more bytes of payload, DF as often as not and more
+    often no options."""
     src, dst = draw(addresses), draw(addresses)
     proto = draw(st.sampled_from([IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_SCTP, 47,
                                   50, 0]))
-    payload = draw(l4(proto, src, dst, depth))
+    pad = draw(st.integers(0, 200)) if big else 0
+    payload = draw(l4(proto, src, dst, depth, pad))
     options = draw(st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x07\x07\x04" + b"\0" * 5]))
+    if big and draw(st.booleans()):
+        options = b""  # an answer quotes only packets without options: more of those
     ihl = 5 + len(options) // 4
     frag = draw(st.sampled_from([0, 0, 0, 0x4000, 0x2000, 0x2000 | 1, 1, 3, 0x2000 | 185]))
+    if big and draw(st.booleans()):
+        frag |= 0x4000
     hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(payload),
                       draw(st.integers(0, 65535)), frag, draw(st.sampled_from([64, 1, 0])),
                       proto, 0, bytes(map(int, src.split("."))),
@@ -194,8 +205,8 @@ def packet(draw: st.DrawFn, depth: int = 0) -> bytes:
 
 
 @st.composite
-def frames(draw: st.DrawFn, dst_mac: str, src_mac: str) -> bytes:
-    ip = bytearray(draw(packet()))
+def frames(draw: st.DrawFn, dst_mac: str, src_mac: str, big: bool = False) -> bytes:
+    ip = bytearray(draw(packet(big=big)))
     mutation = draw(st.sampled_from(["none", "none", "truncate", "total_len", "ihl", "vlan",
                                      "flip"]))
     vlan = False
@@ -305,9 +316,8 @@ def test_frames_from_the_nic(node: Node, data: st.DataObject) -> None:
     before = node.tx()
     res = node.run("pcn_ingress", "u1", frame)
     assert_kept(frame, res, "NIC -> node")
-    if res.retval == TC_ACT_REDIRECT:
-        assert node.tx()["uplink"] == before["uplink"], \
-            f"a frame from the NIC went back out of it: {frame.hex()}"
+    if res.retval == TC_ACT_REDIRECT and node.tx()["uplink"] != before["uplink"]:
+        assert_frag_needed(res.data, node.ports["uplink"], "NIC -> NIC", frame, mtu=None)
 
 
 @FUZZ
@@ -338,3 +348,59 @@ def test_frames_leaving_through_the_nic(node: Node, data: st.DataObject) -> None
     if res.retval != TC_ACT_SHOT:
         c = checks_of(res.data)
         assert not c.unmasqueraded, f"left the node as {c.src} -> {c.dst}: {frame.hex()}"
+
+
+
+def assert_frag_needed(answer: bytes, to_port: PortState, where: str, frame: bytes,
+                       mtu: int | None = TINY_MTU) -> None:
+    """The router's answer to a DF packet too big for its next hop: ICMP type
+    3 code 4 with the next-hop MTU (`mtu`, or any when None), from the
+    address of the port the packet came in by, with right checksums."""
+    c = checks_of(answer)
+    assert c.ip_ok and c.l4_ok and c.src == to_port.ip, \
+        f"{where}: not a well-formed answer {answer.hex()} to {frame.hex()}"
+    icmp = answer[14 + (answer[14] & 0x0F) * 4:]
+    next_hop_mtu = struct.unpack("!H", icmp[6:8])[0]
+    assert (icmp[0], icmp[1]) == (3, 4) and mtu in (None, next_hop_mtu), \
+        f"{where}: {answer.hex()} is no fragmentation needed about {frame.hex()}"
+
+
+@FUZZ
+@given(data=st.data())
+def test_frames_too_big_for_the_next_hop(node: Node, data: st.DataObject) -> None:
+    """Every port's MTU at 68: from the NIC or a pod, a frame either passes
+    as before or, too big, is answered with "fragmentation needed" (DF) back
+    out of the port it came in by, handed to the host (no DF, from the NIC)
+    or dropped; lying lengths, options, fragments and truncations included.
+    An answer leaving by the NIC crosses the dispatcher's egress and must not
+    carry a pod's address."""
+    r = node.router
+    where = data.draw(st.sampled_from(["uplink", "pods"]))
+    dev = {"uplink": "u1", "pods": "u3"}[where]
+    src_mac = node.gw_mac if where == "uplink" else node.pod_mac
+    frame = data.draw(frames(node.ports[where].mac, src_mac, big=True))
+    for port in node.ports:
+        r.set_mtu(port, TINY_MTU)
+    try:
+        before = node.tx()
+        res = node.run("pcn_ingress", dev, frame)
+        after = node.tx()
+    finally:
+        for port in node.ports:
+            r.set_mtu(port, None)
+    assert_kept(frame, res, f"{where} -> node")
+    if res.retval != TC_ACT_REDIRECT or after[where] == before[where]:
+        return
+    # Back out of the port it came in by: from the NIC only an answer may go
+    # (see test_frames_from_the_nic); a pod's frame may also be routed back
+    # to the pods, but never from their gateway's address, which no generated
+    # frame has, and which every answer to a pod has.
+    if where == "pods" and checks_of(res.data).src != node.ports["pods"].ip:
+        return
+    assert_frag_needed(res.data, node.ports[where], where, frame)
+    if where == "uplink":
+        out = node.run("pcn_egress", "u1", res.data)
+        assert_kept(res.data, out, "answer -> NIC")
+        if out.retval != TC_ACT_SHOT:
+            c = checks_of(out.data)
+            assert not c.unmasqueraded, f"left the node as {c.src} -> {c.dst}: {frame.hex()}"

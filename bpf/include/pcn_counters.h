@@ -34,6 +34,8 @@ enum pcn_drop_reason {
     PCN_DROP_REWRITE = 15,     /* a header rewrite failed */
     PCN_DROP_FRAGMENT = 16,    /* a fragment that cannot be judged or translated (pcn_frag.h) */
     PCN_DROP_NO_MASQUERADE = 17, /* a pod's packet that must leave masqueraded but cannot be */
+    PCN_DROP_TOO_BIG = 18,     /* larger than the MTU of the port a router would send it out
+                                  of: answered with ICMP fragmentation needed when DF is set */
 };
 
 BPF_TABLE_PINNED("percpu_array", u32, struct pcn_port_stats, pcn_port_stats,

@@ -108,6 +108,7 @@ struct pcn_l4info {
 #define PCN_TCP_RST 0x04
 #define PCN_TCP_ACK 0x10
 
+#define PCN_IP_DF 0x4000
 #define PCN_IP_MF 0x2000
 #define PCN_IP_OFFMASK 0x1fff
 

@@ -53,8 +53,10 @@ class BpfTestRunOpts(ct.Structure):
 
 class SkBuffPrefix(ct.Structure):
     """The leading fields of the uapi `struct __sk_buff`, up to and including
-    `cb` (offset 48). For SCHED_CLS the kernel accepts only mark, priority,
-    ingress_ifindex, ifindex and cb here; every other field must stay zero."""
+    `gso_size` (offset 176; `cb` at 48). For SCHED_CLS the kernel accepts only
+    mark, priority, ingress_ifindex, ifindex, cb, tstamp, wire_len, gso_segs
+    and gso_size here; every other field must stay zero. The two 8-byte
+    unions (`flow_keys` and `sk` pointers) have BCC's names for them."""
 
     _fields_ = [
         ("len", ct.c_uint32),
@@ -70,6 +72,25 @@ class SkBuffPrefix(ct.Structure):
         ("ifindex", ct.c_uint32),
         ("tc_index", ct.c_uint32),
         ("cb", ct.c_uint32 * CB_WORDS),
+        ("hash", ct.c_uint32),
+        ("tc_classid", ct.c_uint32),
+        ("data", ct.c_uint32),
+        ("data_end", ct.c_uint32),
+        ("napi_id", ct.c_uint32),
+        ("family", ct.c_uint32),
+        ("remote_ip4", ct.c_uint32),
+        ("local_ip4", ct.c_uint32),
+        ("remote_ip6", ct.c_uint32 * 4),
+        ("local_ip6", ct.c_uint32 * 4),
+        ("remote_port", ct.c_uint32),
+        ("local_port", ct.c_uint32),
+        ("data_meta", ct.c_uint32),
+        ("__anon0", ct.c_uint64),  # flow_keys
+        ("tstamp", ct.c_uint64),
+        ("wire_len", ct.c_uint32),
+        ("gso_segs", ct.c_uint32),
+        ("__anon1", ct.c_uint64),  # sk
+        ("gso_size", ct.c_uint32),
     ]
 
 
@@ -112,12 +133,13 @@ def _libbpf() -> ct.CDLL:
 
 def run_sched_cls(prog_fd: int, frame: bytes, *, cb: Sequence[int] = (),
                   ifindex: int = 0, ingress_ifindex: int = 0, mark: int = 0,
-                  repeat: int = 1) -> TestRunResult:
+                  repeat: int = 1, gso_size: int = 0, gso_segs: int = 0) -> TestRunResult:
     """Run a SCHED_CLS program once (or `repeat` times) on `frame`.
 
     `cb` fills skb->cb[0..4] (missing words are zero); `ifindex` makes the
     device with that index, in the caller's network namespace, the packet's
-    device (0: the namespace's loopback). Raises OSError with the kernel's errno.
+    device (0: the namespace's loopback); `gso_size` (and `gso_segs`) make it
+    a GSO packet, as GRO or a TSO sender leaves one. Raises OSError with the kernel's errno.
     """
     if len(frame) < 14:
         raise ValueError(f"a frame needs at least an Ethernet header, got {len(frame)} bytes")
@@ -129,6 +151,8 @@ def run_sched_cls(prog_fd: int, frame: bytes, *, cb: Sequence[int] = (),
     ctx.ifindex = ifindex
     ctx.ingress_ifindex = ingress_ifindex
     ctx.mark = mark
+    ctx.gso_size = gso_size  # non-zero: a GSO packet of segments of that payload size
+    ctx.gso_segs = gso_segs
 
     data_in = ct.create_string_buffer(bytes(frame), len(frame))
     data_out = ct.create_string_buffer(len(frame) + _HEADROOM)

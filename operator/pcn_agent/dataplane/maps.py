@@ -48,6 +48,7 @@ class DropReason(enum.IntEnum):
     REWRITE = 15
     FRAGMENT = 16  # a fragment that cannot be judged or translated (bpf/include/pcn_frag.h)
     NO_MASQUERADE = 17  # a pod's packet that must leave masqueraded but cannot be translated
+    TOO_BIG = 18  # larger than the router's out port's MTU (DF set: answered, ICMP frag. needed)
 
 
 class SlowReason(enum.IntEnum):
@@ -290,6 +291,7 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "router_routes": (RouterRouteKey, RouterRoute),
     "router_neigh": (RouterNeighKey, RouterNeigh),
     "router_addrs": (RouterAddrKey, ct.c_uint32),
+    "router_mtus": (ct.c_uint32, ct.c_uint32),
     "lb_services": (SvcKey, Svc),
     "lb_slots": (SlotKey, BackendVal),
     "lb_sessions": (Flow, Xlate),

@@ -234,7 +234,7 @@ class NodeDataplane:
         self.router = Router(self.rt, ROUTER)
         self.lb = LoadBalancer(self.rt, LB)
         gw = f"{c.gateway}/{ipaddress.IPv4Network(c.pod_cidr).prefixlen}"
-        r_pods = self.router.add_port("pods", gw)
+        r_pods = self.router.add_port("pods", gw, mtu=c.mtu)
         b_up = self.bridge.add_port("uplink")
         self.rt.connect_ports(r_pods, b_up)
 
@@ -356,6 +356,7 @@ class NodeDataplane:
                                      self._dispatcher_config())
         self._vxlan_created = self.rt.meta.get("vxlan_created", False)
         self._guard_cluster_cidr()  # a data plane built before the guard existed gets it
+        self.router.set_mtu("pods", self.cfg.mtu)  # and one built before path MTU its pods' MTU
         if HOST_PORT in self.router.cube.ports:  # an older agent's node may not serve it yet
             self._serve_the_node(self.router.port(HOST_PORT))
         for p in self.rt.meta.get("peers", []):

@@ -30,6 +30,7 @@ class Router:
         self._routes = rt.table("router_routes", TYPE)
         self._neigh = rt.table("router_neigh", TYPE)
         self._addrs = rt.table("router_addrs", TYPE)
+        self._mtus = rt.table("router_mtus", TYPE)
         self.routes: dict[ipaddress.IPv4Network, Route] = {}
         for r in self.cube.config.get("routes", []) if adopted else []:
             net = ipaddress.IPv4Network(r["network"])
@@ -44,20 +45,50 @@ class Router:
 
     # ports ---------------------------------------------------------------
     def add_port(self, port_name: str, address: str, mac: str | None = None,
-                 flags: int = 0) -> PortState:
+                 flags: int = 0, mtu: int | None = None) -> PortState:
         """`address` is interface notation, e.g. 10.244.1.1/24: the port's IP and
         its directly connected network. The router answers pings to its
         addresses, except on a port that shares its netdev with the host
         (PORT_HOST_SHARED): that address is the host's, and what is sent to
-        it is the host's to answer."""
+        it is the host's to answer. `mtu`: see set_mtu."""
         iface = ipaddress.IPv4Interface(address)
         port = self.rt.add_port(self.name, port_name, mac=mac, ip=str(iface.ip),
                                 prefixlen=iface.network.prefixlen, flags=flags)
         if not flags & maps.PORT_HOST_SHARED:
             self._addrs[maps.RouterAddrKey(self.cube.id, maps.ip_be(iface.ip))] = \
                 ct.c_uint32(port.id)
+        if mtu is not None:
+            self.set_mtu(port_name, mtu)
         self.add_route(str(iface.network), port_name)
         return port
+
+    def set_mtu(self, port_name: str, mtu: int | None) -> None:
+        """The MTU (bytes of IP datagram) of what lies behind port `port_name`,
+        or None to forget it (idempotent). A port peered with a netdev needs
+        none: the router reads that netdev's MTU from the kernel when a packet
+        leaves (bpf_check_mtu), so a later `ip link set mtu` is followed. A
+        port peered with another cube's port has no netdev to ask (the pods'
+        port, behind which the bridge leads to the pods' veths): give it the
+        MTU of those. A packet that does not fit is answered with ICMP
+        fragmentation needed carrying this MTU when it has DF set (RFC 1191),
+        otherwise handed to the host stack to fragment when it came in by the
+        node's NIC, or dropped (bpf/router.c). Raises ValueError below 68, the
+        least MTU of IPv4 (RFC 791), or above 65535."""
+        port = self.port(port_name)
+        key = ct.c_uint32(port.id)
+        if mtu is None:
+            maps.discard(self._mtus, key)
+            return
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} of port {port_name} is not within 68..65535")
+        self._mtus[key] = ct.c_uint32(mtu)
+
+    def mtu(self, port_name: str) -> int | None:
+        """The MTU set with set_mtu, or None."""
+        try:
+            return int(self._mtus[ct.c_uint32(self.port(port_name).id)].value)
+        except KeyError:
+            return None
 
     def port(self, port_name: str) -> PortState:
         return self.rt.port(self.name, port_name)
@@ -69,6 +100,7 @@ class Router:
                 self.remove_route(str(net))
         if port.ip:
             maps.discard(self._addrs, maps.RouterAddrKey(self.cube.id, maps.ip_be(port.ip)))
+        maps.discard(self._mtus, ct.c_uint32(port.id))
         for k, v in list(self._neigh.items()):
             if k.cube == self.cube.id and v.port == port.id:
                 del self._neigh[k]
