@@ -26,8 +26,10 @@ of the agent's life). While the agent is down, the oldest churn pod is
 deleted (CNI DEL, which works without the agent; its Pod object goes too) and
 a new pod is added: CNI ADD must fail cleanly (CNI error 11, "try again
 later"; no link, address or reservation left; the runtime then runs DEL, as
-containerd does after a failed set-up). The agent is started again and the
-ADD retried (every RETRY_S, as the kubelet retries) until it succeeds: the
+containerd does after a failed set-up). The agent is started again (every
+--crash-start-every'th time it is also killed at a random moment of its
+first seconds, while it compiles and adopts, and started once more: a crash
+loop) and the ADD retried (every RETRY_S, as the kubelet retries) until it succeeds: the
 time from starting the agent process to the end of that first successful
 ADD is the restart's "time to serve CNI". The new pod must reach the Service
 and the external host at once.
@@ -97,6 +99,7 @@ SVC_RR_PORT, SVC_SINK_PORT = 80, 9000  # the Service's
 ROOT = Path(__file__).resolve().parent.parent  # `python -m bench.soakload` runs from here
 RETRY_S = 0.1  # CNI ADD retry period once the agent is started again
 SERVE_TIMEOUT_S = 120.0  # give up on a restart whose agent never serves CNI
+CRASH_START_MAX_S = 3.0  # --crash-start-every: SIGKILL this long (at most) after a start
 CONSISTENT_TIMEOUT_S = 15.0  # the status ConfigMap is written every 2 s
 POD_LINK = re.compile(r"pcn[0-9a-f]{8}")  # pcn_agent.cni.link.host_ifname's names
 
@@ -382,6 +385,13 @@ class Soak:
         rec["add_while_down"] = self.pods.refused_cleanly(new)
         rec["down_s"] = round(time.monotonic() - t_down, 3)
         t0 = self.agent.start(st)
+        k = self.args.crash_start_every
+        if k and (i + 1) % k == 0:  # a crash while starting (adopting): start once more
+            wait = self.rng.uniform(0, CRASH_START_MAX_S)
+            time.sleep(wait)
+            _, code = self.agent.halt(signal.SIGKILL)
+            rec["killed_while_starting"] = {"after_s": round(wait, 3), "exit_status": code}
+            t0 = self.agent.start(st)
         served, attempts = 0.0, 0  # 0 attempts: ADD worked with no agent (recorded above)
         if new.name not in self.pods.live:
             served, attempts = self.add_when_served(new, t0)
@@ -423,8 +433,11 @@ class Soak:
             fails = sum(len(self.loads[p].of("fail")) for p in ("short-clusterip",
                                                                 "short-masquerade"))
             down = rec["add_while_down"]
+            crash = (f", its successor killed {rec['killed_while_starting']['after_s']:.2f} s "
+                     "after its start" if "killed_while_starting" in rec else "")
             self.ctx.progress(
-                f"restart {i + 1}/{n} {rec['signal']}: exited in {rec['exit_s']:.2f} s; "
+                f"restart {i + 1}/{n} {rec['signal']}: exited in {rec['exit_s']:.2f} s "
+                f"(status {rec['exit_status']}){crash}; "
                 f"deleted {rec['deleted']}; ADD while down "
                 f"{'refused cleanly' if down.get('clean') else 'NOT refused cleanly: ' + str(down.get('problem'))}"
                 f"; CNI served {rec['cni_serve_s']:.2f} s after the start "
@@ -462,12 +475,14 @@ class Soak:
                                         "error": f"no result (exit {ld.proc.returncode})"}])[-1]
             sink = self.loads["backend-sink" if "clusterip" in name else "ext-sink"]
             ends = sink.of("done") + sink.of("error")
-            received = res.get("received")
-            if received is None and ends:
-                received = ends[-1].get("bytes", 0)
             sent = int(res.get("sent") or 0)
             intact = bool(res.get("intact"))
-            lost = sent - int(received or 0) if intact or not received else sent
+            if "intact" in res:  # the sink answered: what arrived, and was it intact
+                received = int(res.get("received") or 0)
+                lost = sent - received if intact else sent
+            else:  # the connection broke: what the sink had counted by then
+                received = int(ends[-1].get("bytes", 0)) if ends else 0
+                lost = sent - received
             streams[name] = {"ok": bool(res.get("ok")), "sent": sent, "received": received,
                              "intact": intact, "bytes_lost": max(0, lost),
                              "seconds": res.get("seconds"), "error": res.get("error"),
@@ -578,13 +593,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--churn-pods", type=int, default=3,
                    help="pods besides the backend and the client; one is deleted and one "
                         "added at every restart (default 3)")
+    p.add_argument("--crash-start-every", type=int, default=4, metavar="K",
+                   help="every K-th restart, the new agent is also killed (SIGKILL) at a random "
+                        f"moment of its first {CRASH_START_MAX_S:g} s (starting, adopting) and "
+                        "started once more; CNI serve time counts from that last start "
+                        "(default 4; 0: never)")
     p.add_argument("--seed", type=int, default=9, help="random seed of the waits (default 9)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help=f"results file to merge into (default {DEFAULT_OUTPUT})")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     args = p.parse_args(argv)
     if args.restarts < 1 or args.rate <= 0 or args.stream_rate < 1 or args.dwell < 0 \
-            or args.churn_pods < 1:
+            or args.churn_pods < 1 or args.crash_start_every < 0:
         p.error("--restarts, --rate, --stream-rate and --churn-pods must be positive, "
                 "--dwell not negative")
     return args
