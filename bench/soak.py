@@ -29,15 +29,18 @@ later"; no link, address or reservation left; the runtime then runs DEL, as
 containerd does after a failed set-up). The agent is started again (every
 --crash-start-every'th time it is also killed at a random moment of its
 first seconds, while it compiles and adopts, and started once more: a crash
-loop) and the ADD retried (every RETRY_S, as the kubelet retries) until it succeeds: the
-time from starting the agent process to the end of that first successful
-ADD is the restart's "time to serve CNI". The new pod must reach the Service
-and the external host at once.
+loop). The kubelet's ADD is made again as soon as the agent's local API says
+it is ready (asked every 20 ms, like CNI STATUS: cheap, so the waiting takes
+no CPU from the starting agent) and retried while it answers "try again
+later": the time from starting the agent process to the end of the first
+successful ADD is the restart's "time to serve CNI". The new pod must reach
+the Service and the external host at once.
 
-At the end the traffic stops and is accounted for, and the node is checked
-for consistency: the pods the agent reports (its status ConfigMap), the pod
-links in the node and host-local's reservations must all be exactly the live
-pods.
+At the end the traffic stops and is accounted for (with the data plane's
+drop counters over the soak, by cube and reason, to say where packets went),
+and the node is checked for consistency: the pods the agent reports (its
+status ConfigMap), the pod links in the node and host-local's reservations
+must all be exactly the live pods.
 
 Figures and targets (issue 9): connections failed (short connections, the
 new pods' first connections, and the long transfers that did not complete on
@@ -76,6 +79,7 @@ from typing import IO, Any
 
 from pyroute2 import IPRoute
 
+from pcn_agent.cni import localapi
 from pcn_agent.cni.link import host_ifname
 from pcn_agent.cni.spec import TRY_AGAIN_LATER
 from pcn_lab import checks, kubelet
@@ -83,6 +87,7 @@ from pcn_lab.apiserver import ApiServerError, apply, delete, get
 from pcn_lab.topology import EXTERNAL_IP
 
 from . import iperf, netns, results
+from .bpfmaps import CubeDrops
 from .controlplane import AgentProcess, endpoint_slice
 from .results import Result, now_iso
 from .run import cpu_busy, preflight, run_guarded
@@ -97,7 +102,8 @@ VIP = "10.96.0.60"
 RR_PORT, SINK_PORT = 8090, 9000  # the servers' ports, in the backend and on the external host
 SVC_RR_PORT, SVC_SINK_PORT = 80, 9000  # the Service's
 ROOT = Path(__file__).resolve().parent.parent  # `python -m bench.soakload` runs from here
-RETRY_S = 0.1  # CNI ADD retry period once the agent is started again
+POLL_S = 0.02  # the agent's local API is asked whether it is ready this often
+RETRY_S = 0.1  # CNI ADD retry period once it said it is
 SERVE_TIMEOUT_S = 120.0  # give up on a restart whose agent never serves CNI
 CRASH_START_MAX_S = 3.0  # --crash-start-every: SIGKILL this long (at most) after a start
 CONSISTENT_TIMEOUT_S = 15.0  # the status ConfigMap is written every 2 s
@@ -271,6 +277,7 @@ class Soak:
     cold_serve_s: float = 0.0
     new_pod_failures: list[dict[str, Any]] = field(default_factory=list)
     streams_ended: dict[str, int] = field(default_factory=dict)  # name -> restart it ended in
+    drops_before: dict[str, dict[str, int]] = field(default_factory=dict)
 
     # -------------------------------------------------------------- set-up
     def load(self, st: ExitStack, name: str, ns: str, argv: list[str]) -> Load:
@@ -343,29 +350,54 @@ class Soak:
         for name in ("short-clusterip", "short-masquerade"):
             self.loads[name].wait_for("started")
         time.sleep(1.0)  # traffic flowing before the first signal
+        self.drops_before = self.drops()
         ctx.progress(f"traffic: 2 long transfers at {self.args.stream_rate / 1024:.0f} KiB/s, "
                      f"{self.args.rate:g} short connections/s through {VIP} and as many "
                      f"through masquerading to {EXTERNAL_IP}")
 
     def add_when_served(self, sb: kubelet.PodSandbox, t0: float) -> tuple[float, int]:
-        """Retry CNI ADD of `sb` every RETRY_S until it succeeds: (seconds from
-        `t0`, the agent's start, to the end of the successful ADD; attempts)."""
+        """CNI ADD of `sb` as soon as the agent started at `t0` serves: its local
+        API is asked every POLL_S whether it is ready (a "status" request, what
+        CNI STATUS asks: cheap, so that the waiting takes no CPU from the
+        starting agent, unlike ADDs retried in a loop, which each run pcn-cni and
+        host-local twice); then ADD, retried every RETRY_S while it answers
+        "try again later". Returns (seconds from `t0` to the end of the ADD that
+        succeeded, ADD attempts)."""
         attempts = 0
         while True:
-            attempts += 1
-            try:
-                self.pods.add(sb)
-                return time.monotonic() - t0, attempts
-            except kubelet.CniError as exc:
-                if exc.result.get("code") != TRY_AGAIN_LATER:
-                    raise RuntimeError(f"CNI ADD of {sb.name} failed for another reason than "
-                                       f"the agent's absence: {exc}; agent log:\n"
-                                       f"{self.agent.log_tail()}") from None
+            if self.agent_ready():
+                attempts += 1
+                try:
+                    self.pods.add(sb)
+                    return time.monotonic() - t0, attempts
+                except kubelet.CniError as exc:
+                    if exc.result.get("code") != TRY_AGAIN_LATER:
+                        raise RuntimeError(f"CNI ADD of {sb.name} failed for another reason "
+                                           f"than the agent's absence: {exc}; agent log:\n"
+                                           f"{self.agent.log_tail()}") from None
+                time.sleep(RETRY_S)
             self.agent.check_alive()
             if time.monotonic() - t0 > SERVE_TIMEOUT_S:
                 raise RuntimeError(f"the agent did not serve CNI within {SERVE_TIMEOUT_S:.0f} s "
                                    f"of its start; its log ends:\n{self.agent.log_tail()}")
-            time.sleep(RETRY_S)
+            time.sleep(POLL_S)
+
+    def agent_ready(self) -> bool:
+        try:
+            status = localapi.call(self.agent.socket, {"op": "status"}, timeout=2.0)
+        except localapi.LocalApiError:
+            return False
+        return bool(status.get("ready"))
+
+    def drops(self) -> dict[str, dict[str, int]]:
+        """The node's data-plane drops so far, by cube and reason (pinned counters)."""
+        state = json.loads((self.agent.state_dir / f"{self.agent.node}.json").read_text())
+        cubes = {int(c["id"]): str(c["name"]) for c in state["cubes"]}
+        d = CubeDrops(self.agent.pin_dir)
+        try:
+            return d.read(cubes)
+        finally:
+            d.close()
 
     # -------------------------------------------------------------- one restart
     def restart(self, i: int, st: ExitStack) -> dict[str, Any]:
@@ -493,8 +525,13 @@ class Soak:
                              "ended_early_in_restart": self.streams_ended.get(name)}
         for name in ("backend-sink", "backend-rr", "ext-sink", "ext-rr"):
             self.loads[name].stop()
+        after = self.drops()
+        drops = {cube: delta for cube, reasons in after.items()
+                 if (delta := {r: n - self.drops_before.get(cube, {}).get(r, 0)
+                               for r, n in reasons.items()
+                               if n > self.drops_before.get(cube, {}).get(r, 0)})}
         problems = self.consistency()
-        return self.results(shorts, streams, problems), problems
+        return self.results(shorts, streams, problems, drops), problems
 
     def consistency(self) -> list[str]:
         """The agent's pods (status ConfigMap), the node's pod links and host-local's
@@ -527,8 +564,8 @@ class Soak:
                 return problems
             time.sleep(0.5)
 
-    def results(self, shorts: dict[str, Any], streams: dict[str, Any],
-                problems: list[str]) -> list[Result]:
+    def results(self, shorts: dict[str, Any], streams: dict[str, Any], problems: list[str],
+                drops: dict[str, dict[str, int]]) -> list[Result]:
         serve = [r["cni_serve_s"] for r in self.restarts if r["add_attempts"]]
         stream_fail = sum(1 for s in streams.values() if not s["ok"])
         short_fail = sum(int(s["failed"] or 0) for s in shorts.values())
@@ -543,7 +580,8 @@ class Soak:
                    {"target": 0, "short": shorts, "short_attempted": attempted,
                     "short_failed": short_fail, "long_transfers_failed": stream_fail,
                     "new_pod_checks_failed": self.new_pod_failures,
-                    "slow": sum(int(s["slow"] or 0) for s in shorts.values()), **common,
+                    "slow": sum(int(s["slow"] or 0) for s in shorts.values()),
+                    "dataplane_drops": drops, **common,
                     "what": "short request/response connections through the ClusterIP and "
                             "through masquerading that failed, + long transfers not completed "
                             "on their one connection, + new pods' first exchanges that failed"}),
@@ -555,7 +593,7 @@ class Soak:
                    {"target_s": results.SOAK_CNI_SERVE_TARGET_S, "samples_s": serve,
                     "cold_start_s": round(self.cold_serve_s, 3), **common,
                     "what": "agent process started again -> end of the first CNI ADD that "
-                            "succeeded (ADD retried every 0.1 s), per restart"}),
+                            "succeeded (ADD once the local API says ready), per restart"}),
             Result(SCENARIO, "pcn", "cni-serve-p50", statistics.median(serve) if serve else 0.0,
                    "s", {"stat": "median", **common}),
             Result(SCENARIO, "pcn", "restarts", len(self.restarts), "restarts",
@@ -574,6 +612,31 @@ def soak(ctx: Context, args: argparse.Namespace, keep_log: Path) -> tuple[list[R
         s.run(st)
         agent.check_alive()
         return s.finish()
+
+
+def summary(measured: list[Result]) -> str:
+    """Where failures came from: per path, and the data plane's drops."""
+    failed = next(r for r in measured if r.metric == "connections-failed")
+    lines = []
+    for name, s in failed.extra["short"].items():
+        by = s["failures_by_restart"]
+        first = f", the first in restart {min(by)}" if by else ""
+        errors = f" {s['errors']}" if s["errors"] else ""
+        lines.append(f"{name}: {s['failed']} of {s['attempted']} failed{first}{errors}; "
+                     f"{s['slow']} slower than 500 ms, slowest {s['max_ms'] or 0:.0f} ms")
+    for name, s in next(r for r in measured if r.metric == "bytes-lost").extra["streams"].items():
+        lines.append(f"{name}: {s['sent']} B sent, {s['received']} B received "
+                     f"{'intact' if s['intact'] else 'NOT intact'} on one connection"
+                     f"{', ' + s['error'] if s['error'] else ''}; longest pause "
+                     f"{s['sink_max_gap_ms'] or 0:.0f} ms")
+    if failed.extra["new_pod_checks_failed"]:
+        lines.append(f"new pods that could not reach the Service and the external host at "
+                     f"once: {len(failed.extra['new_pod_checks_failed'])}")
+    drops = failed.extra["dataplane_drops"]
+    lines.append("data-plane drops during the soak: " + ("; ".join(
+        f"{cube}: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+        for cube, reasons in sorted(drops.items())) or "none"))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ command line
@@ -644,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"INCONSISTENT at the end: {p}")
             status = 1
+        print(summary(measured))
         busy_after = cpu_busy()
         meta = {**results.machine_metadata(), "run": prefix, "restarts": args.restarts,
                 "short_connections_per_s": args.rate, "stream_bytes_per_s": args.stream_rate,
