@@ -515,7 +515,13 @@ class Soak:
             else:  # the connection broke: what the sink had counted by then
                 received = int(ends[-1].get("bytes", 0)) if ends else 0
                 lost = sent - received
+            gap_from = res.get("sink_max_gap_from", ends[-1].get("max_gap_from") if ends else None)
+            gap_in = self.restart_of(gap_from) if gap_from else None
             streams[name] = {"ok": bool(res.get("ok")), "sent": sent, "received": received,
+                             "retransmissions": res.get("retransmissions"),
+                             "sink_max_gap_in_restart": gap_in,
+                             "sink_max_gap_after_signal_s":
+                                 round(gap_from - self.kills[gap_in - 1], 3) if gap_in else None,
                              "intact": intact, "bytes_lost": max(0, lost),
                              "seconds": res.get("seconds"), "error": res.get("error"),
                              "sink_max_gap_ms": res.get("sink_max_gap_ms",
@@ -564,6 +570,13 @@ class Soak:
                 return problems
             time.sleep(0.5)
 
+    def agent_log_problems(self) -> dict[str, Any]:
+        """ERROR lines and tracebacks in the agent's log (all its starts)."""
+        text = self.agent.log_path.read_text(errors="replace").splitlines()
+        errors = [x for x in text if " ERROR " in x or " CRITICAL " in x]
+        return {"error_lines": len(errors), "tracebacks": sum("Traceback" in x for x in text),
+                "first_errors": errors[:5]}
+
     def results(self, shorts: dict[str, Any], streams: dict[str, Any], problems: list[str],
                 drops: dict[str, dict[str, int]]) -> list[Result]:
         serve = [r["cni_serve_s"] for r in self.restarts if r["add_attempts"]]
@@ -598,7 +611,8 @@ class Soak:
                    "s", {"stat": "median", **common}),
             Result(SCENARIO, "pcn", "restarts", len(self.restarts), "restarts",
                    {"per_restart": self.restarts, "add_while_down_not_clean": len(refused_badly),
-                    "inconsistencies": problems, **common}),
+                    "inconsistencies": problems, "agent_log": self.agent_log_problems(),
+                    **common}),
         ]
 
 
@@ -625,13 +639,21 @@ def summary(measured: list[Result]) -> str:
         lines.append(f"{name}: {s['failed']} of {s['attempted']} failed{first}{errors}; "
                      f"{s['slow']} slower than 500 ms, slowest {s['max_ms'] or 0:.0f} ms")
     for name, s in next(r for r in measured if r.metric == "bytes-lost").extra["streams"].items():
+        where = (f" (in restart {s['sink_max_gap_in_restart']}, "
+                 f"{s['sink_max_gap_after_signal_s']:.2f} s after its signal)"
+                 if s["sink_max_gap_in_restart"] else "")
         lines.append(f"{name}: {s['sent']} B sent, {s['received']} B received "
                      f"{'intact' if s['intact'] else 'NOT intact'} on one connection"
-                     f"{', ' + s['error'] if s['error'] else ''}; longest pause "
-                     f"{s['sink_max_gap_ms'] or 0:.0f} ms")
+                     f"{', ' + s['error'] if s['error'] else ''}; "
+                     f"{s['retransmissions']} segments retransmitted; longest pause between "
+                     f"arrivals {s['sink_max_gap_ms'] or 0:.0f} ms{where}")
     if failed.extra["new_pod_checks_failed"]:
         lines.append(f"new pods that could not reach the Service and the external host at "
                      f"once: {len(failed.extra['new_pod_checks_failed'])}")
+    agent_log = next(r for r in measured if r.metric == "restarts").extra["agent_log"]
+    lines.append(f"agent log: {agent_log['error_lines']} ERROR lines, "
+                 f"{agent_log['tracebacks']} tracebacks"
+                 + "".join(f"\n  {x}" for x in agent_log["first_errors"]))
     drops = failed.extra["dataplane_drops"]
     lines.append("data-plane drops during the soak: " + ("; ".join(
         f"{cube}: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))

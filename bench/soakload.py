@@ -16,8 +16,9 @@ printed as `{"event": "error", "bytes": <received>, ...}`.
 `stream` is a long transfer: one connection, a deterministic byte stream
 paced at --rate until SIGTERM, then it closes its side, reads the sink's
 answer and prints `{"event": "result", "ok": ..., "sent": ..., "received":
-...}`: ok means every byte sent arrived, in order and intact, on that one
-connection. A failure on the way ends the stream at once, with what was
+..., "retransmissions": ...}`: ok means every byte sent arrived, in order and
+intact, on that one connection; retransmissions (TCP_INFO) counts the
+segments the sender had to send again (a packet lost on the way). A failure on the way ends the stream at once, with what was
 sent so far.
 
 `connect` opens --rate short connections per second (each in a thread of
@@ -40,6 +41,7 @@ import json
 import random
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -143,6 +145,7 @@ def stream(host: str, port: int, rate: float, timeout: float) -> int:
                 next_write += TICK_S
                 _stop.wait(max(0.0, next_write - time.monotonic()))
             s.shutdown(socket.SHUT_WR)
+            out["retransmissions"] = total_retrans(s)
             buf = b""
             while not buf.endswith(b"\n"):
                 more = s.recv(4096)
@@ -161,6 +164,14 @@ def stream(host: str, port: int, rate: float, timeout: float) -> int:
     out.update(sent=sent, seconds=time.monotonic() - start, max_send_block_ms=max_block * 1000)
     emit(out)
     return 0 if out["ok"] else 1
+
+
+def total_retrans(s: socket.socket) -> int:
+    """Segments the kernel retransmitted on this connection (struct tcp_info's
+    tcpi_total_retrans, linux/tcp.h: after 8 bytes of u8 fields, the 24th u32):
+    0 when no segment of it was lost."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 8 + 23 * 4)[0])
 
 
 # ------------------------------------------------------------------ connect
