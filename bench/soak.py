@@ -451,6 +451,11 @@ class Soak:
             raise RuntimeError(f"{name} ended early (exit {ld.proc.returncode}): "
                                f"{ld.events[-3:]}")
 
+    def moment(self, t: float) -> str:
+        """`t` (monotonic) as "restart K +S s" (seconds after its signal) or "before"."""
+        k = self.restart_of(t)
+        return f"restart {k} +{t - self.kills[k - 1]:.2f} s" if k else "before the first restart"
+
     def restart_of(self, t: float) -> int:
         """The restart a moment belongs to: 0 before the first signal, else k
         from restart k's signal to the next one's."""
@@ -519,6 +524,9 @@ class Soak:
             gap_in = self.restart_of(gap_from) if gap_from else None
             streams[name] = {"ok": bool(res.get("ok")), "sent": sent, "received": received,
                              "retransmissions": res.get("retransmissions"),
+                             "spurious_retransmissions": res.get("spurious_retransmissions"),
+                             "reorderings": res.get("reorderings"),
+                             "retransmitted_at": [self.moment(e["t"]) for e in ld.of("retrans")],
                              "sink_max_gap_in_restart": gap_in,
                              "sink_max_gap_after_signal_s":
                                  round(gap_from - self.kills[gap_in - 1], 3) if gap_in else None,
@@ -645,7 +653,9 @@ def summary(measured: list[Result]) -> str:
         lines.append(f"{name}: {s['sent']} B sent, {s['received']} B received "
                      f"{'intact' if s['intact'] else 'NOT intact'} on one connection"
                      f"{', ' + s['error'] if s['error'] else ''}; "
-                     f"{s['retransmissions']} segments retransmitted; longest pause between "
+                     f"{s['retransmissions']} segments retransmitted "
+                     f"({s['spurious_retransmissions']} spurious: the receiver had them; "
+                     f"{', '.join(s['retransmitted_at']) or 'none'}); longest pause between "
                      f"arrivals {s['sink_max_gap_ms'] or 0:.0f} ms{where}")
     if failed.extra["new_pod_checks_failed"]:
         lines.append(f"new pods that could not reach the Service and the external host at "

@@ -18,7 +18,9 @@ paced at --rate until SIGTERM, then it closes its side, reads the sink's
 answer and prints `{"event": "result", "ok": ..., "sent": ..., "received":
 ..., "retransmissions": ...}`: ok means every byte sent arrived, in order and
 intact, on that one connection; retransmissions (TCP_INFO) counts the
-segments the sender had to send again (a packet lost on the way). A failure on the way ends the stream at once, with what was
+segments the sender sent again, spurious_retransmissions those the receiver
+already had (DSACK): the rest were lost on the way. Each new retransmission
+is also printed when the sender notices it (`"event": "retrans"`). A failure on the way ends the stream at once, with what was
 sent so far.
 
 `connect` opens --rate short connections per second (each in a thread of
@@ -133,6 +135,7 @@ def stream(host: str, port: int, rate: float, timeout: float) -> int:
             local = s.getsockname()
             emit({"event": "connected", "local": f"{local[0]}:{local[1]}"})
             off = 0
+            seen_retrans = 0
             next_write = time.monotonic()
             while not _stop.is_set():
                 data = _stream_bytes(off, chunk)
@@ -141,11 +144,15 @@ def stream(host: str, port: int, rate: float, timeout: float) -> int:
                 max_block = max(max_block, time.monotonic() - t)
                 h.update(data)
                 sent += len(data)
+                retrans = tcp_stats(s)["retransmissions"]
+                if retrans > seen_retrans:  # when: compared with the soak's restarts
+                    emit({"event": "retrans", "t": time.monotonic(), "total": retrans})
+                    seen_retrans = retrans
                 off = (off + len(data)) % len(BLOCK)
                 next_write += TICK_S
                 _stop.wait(max(0.0, next_write - time.monotonic()))
             s.shutdown(socket.SHUT_WR)
-            out["retransmissions"] = total_retrans(s)
+            out.update(tcp_stats(s))
             buf = b""
             while not buf.endswith(b"\n"):
                 more = s.recv(4096)
@@ -166,12 +173,18 @@ def stream(host: str, port: int, rate: float, timeout: float) -> int:
     return 0 if out["ok"] else 1
 
 
-def total_retrans(s: socket.socket) -> int:
-    """Segments the kernel retransmitted on this connection (struct tcp_info's
-    tcpi_total_retrans, linux/tcp.h: after 8 bytes of u8 fields, the 24th u32):
-    0 when no segment of it was lost."""
-    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("I", info, 8 + 23 * 4)[0])
+def tcp_stats(s: socket.socket) -> dict[str, int]:
+    """Loss figures of a connection from struct tcp_info (linux/tcp.h; offsets of
+    its fields, after 8 bytes of u8 fields): segments retransmitted, bytes
+    retransmitted, retransmissions the receiver reported it already had (DSACK:
+    spurious, nothing was lost) and reorderings seen."""
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    out = {"retransmissions": struct.unpack_from("I", info, 100)[0]}
+    if len(info) >= 224:  # kernels >= 5.x
+        out.update(bytes_retransmitted=struct.unpack_from("Q", info, 208)[0],
+                   spurious_retransmissions=struct.unpack_from("I", info, 216)[0],
+                   reorderings=struct.unpack_from("I", info, 220)[0])
+    return out
 
 
 # ------------------------------------------------------------------ connect
