@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint typecheck layers crds clean
+.PHONY: setup test demo bench soak lint typecheck layers crds clean
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,12 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Agent restart soak (issue 9), not part of `make test`: RESTARTS=5 to iterate.
+RESTARTS ?= 100
+SOAK_ARGS ?=
+soak: setup
+	$(PY) -m bench.soak --restarts $(RESTARTS) $(SOAK_ARGS)
 
 crds: setup
 	$(PY) -m pcn_crds.generate

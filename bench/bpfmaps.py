@@ -102,3 +102,37 @@ class ServiceMaps:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def possible_cpus() -> int:
+    """CPUs a per-CPU map holds a value for (/sys/devices/system/cpu/possible)."""
+    n = 0
+    for part in Path("/sys/devices/system/cpu/possible").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+class CubeDrops:
+    """A node's drop counters by cube and reason (pinned `cube_stats`, a per-CPU
+    array indexed by cube id * DROP_REASONS + reason), as Runtime.cube_drops
+    reads them, from outside the agent: they outlive its restarts."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.map = PinnedMap(pin_dir / "cube_stats", ct.c_uint32,
+                             ct.c_uint64 * possible_cpus())
+
+    def close(self) -> None:
+        self.map.close()
+
+    def read(self, cubes: dict[int, str]) -> dict[str, dict[str, int]]:
+        """{cube name: {reason name: drops}} for the cubes `cubes` (id -> name),
+        non-zero counts only."""
+        out: dict[str, dict[str, int]] = {}
+        for cid, name in cubes.items():
+            for reason in maps.DropReason:
+                v = self.map.get(ct.c_uint32(cid * maps.DROP_REASONS + reason))
+                n = sum(v) if v is not None else 0
+                if n:
+                    out.setdefault(name, {})[reason.name.lower()] = int(n)
+        return out

@@ -107,6 +107,7 @@ class AgentProcess:
         self.log_path = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.profiler: subprocess.Popen[bytes] | None = None
+        self._stop_registered = False
         apply(self.api, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node},
                          "spec": {"podCIDR": self.lab.pod_cidr(1)},
                          "status": {"addresses": [{"type": "InternalIP",
@@ -122,7 +123,10 @@ class AgentProcess:
         return str(ipaddress.IPv4Network(self.pod_cidr).network_address + 1)
 
     def start(self, st: ExitStack) -> float:
-        """Start the agent; returns time.monotonic() just before the start."""
+        """Start the agent (again, after halt()); returns time.monotonic() just
+        before the start. `st` stops it and removes its pins and state at the end."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"pcn-agent of {self.node} is already running")
         settings = self.dir / "config.json"
         settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": str(MTU)}))
         exe = Path(sys.executable).parent / "pcn-agent"
@@ -136,9 +140,34 @@ class AgentProcess:
             t = time.monotonic()
             self.proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=logf,
                                          stdin=subprocess.DEVNULL)
-        st.callback(self.stop)
+        if not self._stop_registered:
+            st.callback(self.stop)
+            self._stop_registered = True
         self._profile()
         return t
+
+    def halt(self, sig: signal.Signals, timeout: float = 60.0) -> tuple[float, int]:
+        """Stop the agent with `sig` (SIGTERM: kopf's orderly shutdown; SIGKILL:
+        a crash) and wait until it has exited, leaving its data plane, pins and
+        state for the next start to adopt. Returns (seconds from the signal to
+        the exit, exit status as Popen gives it: -9 for SIGKILL). A process still
+        alive after `timeout` is killed and RuntimeError raised."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"pcn-agent of {self.node} is not running; its log ends:\n"
+                               f"{self.log_tail()}")
+        if self.profiler is not None:
+            self._stop_profiler()
+        t = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"pcn-agent still running {timeout:.0f} s after {sig.name}; "
+                               f"killed. Its log ends:\n{self.log_tail()}") from None
+        return time.monotonic() - t, code
 
     def _profile(self) -> None:
         """PCN_BENCH_AGENT_PROFILE=FILE: sample the agent (every thread) with py-spy
@@ -152,6 +181,16 @@ class AgentProcess:
                                           "--nonblocking", "--rate", "200", "--format", "raw",
                                           "--output", out], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
+
+    def _stop_profiler(self) -> None:
+        assert self.profiler is not None
+        self.profiler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+        try:
+            self.profiler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.profiler.kill()
+            self.profiler.wait()
+        self.profiler = None
 
     def check_alive(self) -> None:
         assert self.proc is not None
@@ -180,13 +219,7 @@ class AgentProcess:
         """Stop the agent (it leaves its data plane for a successor, as designed)
         and remove what it left: pins and state; the namespaces take the rest."""
         if self.profiler is not None:
-            self.profiler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
-            try:
-                self.profiler.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.profiler.kill()
-                self.profiler.wait()
-            self.profiler = None
+            self._stop_profiler()
         if self.proc is not None:
             stop(self.proc, timeout=15)
             self.proc = None

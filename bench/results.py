@@ -26,6 +26,8 @@ SCALE_TARGET = 0.10  # pcn latency at the most services within 10% of at the few
 ENDPOINTS_P99_TARGET_MS = 200.0  # EndpointSlice write -> data plane, p99 (issue 4)
 COLD_START_TARGET_S = 10.0  # agent start -> 1000 Services realised (issue 4)
 CNI_ADD_P99_TARGET_MS = 200.0  # pcn-cni ADD, p99 (issue 4)
+SOAK = "agent-restart-soak"  # bench.soak (issue 9): targets 0 connections failed, 0 bytes
+SOAK_CNI_SERVE_TARGET_S = 5.0  # lost, CNI served within 5 s of every restart
 
 
 @dataclass
@@ -144,6 +146,7 @@ def acceptance(results: Sequence[Result]) -> list[str]:
                      f"{'PASS' if add.value < POD_ADD_TARGET_MS else 'FAIL'}")
     lines += _service_acceptance(results)
     lines += _control_plane_acceptance(results)
+    lines += _soak_acceptance(results)
     return lines
 
 
@@ -209,3 +212,25 @@ def _control_plane_acceptance(results: Sequence[Result]) -> list[str]:
                      f"(target p99 < {CNI_ADD_P99_TARGET_MS:.0f} ms): "
                      f"{_verdict(c99.value < CNI_ADD_P99_TARGET_MS)}")
     return lines
+
+
+def _soak_acceptance(results: Sequence[Result]) -> list[str]:
+    failed = _find(results, SOAK, "pcn", "connections-failed")
+    lost = _find(results, SOAK, "pcn", "bytes-lost")
+    serve = _find(results, SOAK, "pcn", "cni-serve-max")
+    restarts = _find(results, SOAK, "pcn", "restarts")
+    if failed is None or lost is None or serve is None or restarts is None:
+        return []
+    n = int(restarts.value)
+    p50 = _find(results, SOAK, "pcn", "cni-serve-p50")
+    tail = f", p50 {p50.value:.2f} s" if p50 is not None else ""
+    return [
+        f"acceptance: restart soak, {n} agent restarts: {failed.value:.0f} connections failed of "
+        f"{failed.extra.get('short_attempted', '?')} short ones and 2 long transfers "
+        f"(target 0): {_verdict(failed.value == 0)}",
+        f"acceptance: restart soak, {n} agent restarts: {lost.value:.0f} bytes lost of the long "
+        f"transfers (target 0): {_verdict(lost.value == 0)}",
+        f"acceptance: restart soak, {n} agent restarts: CNI served at most {serve.value:.2f} s "
+        f"after a start{tail} (target < {SOAK_CNI_SERVE_TARGET_S:.0f} s): "
+        f"{_verdict(serve.value < SOAK_CNI_SERVE_TARGET_S and n > 0)}",
+    ]

@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -152,42 +153,24 @@ def _remove_stray_node_files(ctx: Context) -> None:
             state.unlink()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_guarded(ctx: Context, prefix: str, body: Callable[[], None]
+                ) -> tuple[BaseException | None, list[str]]:
+    """Run `body` in `ctx.tmp` (created here), Ctrl-C and SIGTERM turned into a
+    KeyboardInterrupt, then tear down everything of the run, also after a
+    failure: its labs, namespaces, stray pins and state, `ctx.tmp`. Returns the
+    failure (None: none) and what of the run is still there afterwards (namespaces
+    named with `prefix` or a lab's prefix, pins, state files: should be [])."""
     global _MAIN_PID, _tearing_down
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
-        logging.getLogger("pyroute2").setLevel(logging.ERROR)
-    preflight()
-
-    prefix = netns.new_run_prefix()
-    pinning = PINNED if args.pin else iperf.Pinning()
-    busy = cpu_busy()
-    ctx = Context(nss=netns.Namespaces(prefix), tmp=Path(tempfile.gettempdir()) / prefix,
-                  duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
-                  pinning=pinning, requests=args.requests, scale=args.scale_levels,
-                  endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
-                  cni_adds=args.cni_adds)
-    ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
-                 f"{args.duration:g} s per variant, {pinning.describe()}")
-    if busy > BUSY_WARN_PCT:
-        ctx.progress(f"WARNING: the CPUs were {busy:.0f}% busy before the run: other work "
-                     "competes with the benchmark and its numbers will be low and noisy")
-    measured: list[results.Result] = []
-    done: list[str] = []
     failure: BaseException | None = None
+    left: list[str] = []
     _MAIN_PID, _tearing_down = os.getpid(), False
     old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     tmp_created = False
     try:
         ctx.tmp.mkdir(mode=0o700)
         tmp_created = True
-        for scenario in args.scenarios:
-            ctx.progress(f"== {scenario}")
-            measured += SCENARIOS[scenario](ctx)
-            done.append(scenario)
-    except BaseException as exc:  # noqa: BLE001 - reported below, after cleanup
+        body()
+    except BaseException as exc:  # noqa: BLE001 - returned, after cleanup
         failure = exc
     finally:
         _tearing_down = True  # a second Ctrl-C must not cut the teardown short
@@ -210,6 +193,41 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+    return failure, left
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        logging.getLogger("pyroute2").setLevel(logging.ERROR)
+    preflight()
+
+    prefix = netns.new_run_prefix()
+    pinning = PINNED if args.pin else iperf.Pinning()
+    busy = cpu_busy()
+    ctx = Context(nss=netns.Namespaces(prefix), tmp=Path(tempfile.gettempdir()) / prefix,
+                  duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
+                  pinning=pinning, requests=args.requests, scale=args.scale_levels,
+                  endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
+                  cni_adds=args.cni_adds)
+    ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
+                 f"{args.duration:g} s per variant, {pinning.describe()}")
+    if busy > BUSY_WARN_PCT:
+        ctx.progress(f"WARNING: the CPUs were {busy:.0f}% busy before the run: other work "
+                     "competes with the benchmark and its numbers will be low and noisy")
+    measured: list[results.Result] = []
+    done: list[str] = []
+
+    def body() -> None:
+        for scenario in args.scenarios:
+            ctx.progress(f"== {scenario}")
+            measured.extend(SCENARIOS[scenario](ctx))
+            done.append(scenario)
+
+    failure, left = run_guarded(ctx, prefix, body)
+    prefixes = [prefix, *(lab.prefix for lab in ctx.labs)]
 
     if measured:
         print(results.table(measured))

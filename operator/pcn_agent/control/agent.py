@@ -107,6 +107,7 @@ class Agent:
         self.api: LocalApiServer | None = None
         self.trigger = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.tasks: list[asyncio.Task[None]] = []  # start_tasks(); ended by stop_tasks()
         self.written: dict[tuple[str, str, str], WrittenStatus] = {}
         self.events_sent: set[tuple[Any, ...]] = set()
         self.last_error = ""
@@ -412,6 +413,26 @@ class Agent:
             log.warning("API call failed: %s", self.last_error)
         return False
 
+    def start_tasks(self) -> None:
+        """Start the reconcile loop and the status heartbeat on the running loop.
+        They run until stop_tasks(): the agent keeps the references (the loop
+        keeps only weak ones, so an unreferenced task may be collected)."""
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self.run(), name="pcn-agent reconcile loop"),
+                      loop.create_task(self.heartbeat(), name="pcn-agent heartbeat")]
+
+    async def stop_tasks(self) -> None:
+        """Cancel the tasks of start_tasks() and wait until they have ended (a
+        reconcile pass running then ends at its next await; a data-plane call
+        already in a worker thread finishes there). Left running, kopf would
+        take them for hung handlers and wait 5 s before cancelling them itself:
+        5 s more of a restart with the local API already gone."""
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def shutdown(self) -> None:
         if self.api is not None:
             self.api.stop()
@@ -496,14 +517,14 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         from pcn_agent.control.metrics import serve_metrics
 
         serve_metrics(agent, port)
-    asyncio.get_running_loop().create_task(agent.run())
-    asyncio.get_running_loop().create_task(agent.heartbeat())
+    agent.start_tasks()
     agent.wake()
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     if AGENT is not None:
+        await AGENT.stop_tasks()
         AGENT.shutdown()
         await AGENT.kube.close()
 
