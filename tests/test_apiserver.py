@@ -101,6 +101,31 @@ def test_put_replaces_the_object_as_the_api_server_does() -> None:
         assert renamed.value.status == 400
 
 
+def test_a_patch_that_changes_the_spec_raises_the_generation() -> None:
+    """As kube-apiserver: metadata.generation goes up when a write changes
+    anything but metadata and status (PUT or PATCH), so observedGeneration
+    tells whether a controller saw the latest spec (Argo CD's health check
+    relies on it); a patch of labels or status leaves it."""
+    with EmulatedApiServer() as api:
+        nf = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+              "metadata": {"name": "fw", "namespace": "default"},
+              "spec": {"type": "firewall", "config": {"rules": []}}}
+        apply(api, nf)
+        path = "/apis/pcn.dev/v1alpha1/namespaces/default/networkfunctions/fw"
+
+        def generation() -> int:
+            return int(get(api, "NetworkFunction", "fw", "default")["metadata"]["generation"])
+
+        assert generation() == 1
+        out = api.request("PATCH", path, {"spec": {"config": {"defaultAction": "drop"}}})
+        assert out["metadata"]["generation"] == 2 == generation()
+        api.request("PATCH", path, {"metadata": {"labels": {"a": "b"}}})
+        api.request("PATCH", path, {"spec": {"config": {"defaultAction": "drop"}}})  # no change
+        assert generation() == 2
+        api.request("PATCH", path, {"spec": {"type": "firewall"}, "metadata": {"generation": 9}})
+        assert generation() == 2  # the server's, not the client's
+
+
 def test_put_keeps_the_status_of_a_resource_with_a_status_subresource() -> None:
     """For Pods, Services and pcn's custom resources PUT ignores .status and
     PUT .../status changes only .status (the API server's update strategies)."""

@@ -26,7 +26,7 @@ from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 from kmock._internal.rendering import Request
 
 from pcn_lab.defaulting import service_defaults, used_addresses
-from pcn_lab.merging import merge_patch
+from pcn_lab.merging import apply_merge_patch, merge_patch
 
 # What the API server owns in an object's metadata: a PUT cannot change it
 # (rest.BeforeUpdate / FillObjectMetaSystemFields keep the stored values).
@@ -61,6 +61,10 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         if request.method == kmock.method.PUT and request.resource is not None \
                 and request.name is not None:
             return aiohttp.web.json_response(await self._replace(request))
+        if request.method == kmock.method.PATCH and request.resource is not None \
+                and request.name is not None and request.subresource is None \
+                and isinstance(request.data, dict):
+            self._next_generation(request)
         reserved: tuple[set[str], set[int]] = (set(), set())
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             stamp_new(request.data)  # before kmock stores it and tells the watchers
@@ -78,6 +82,33 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._reserved[0].difference_update(reserved[0])
             self._reserved[1].difference_update(reserved[1])
         return response
+
+    def _next_generation(self, request: Request) -> None:
+        """A merge PATCH of an object: what the server owns (SERVER_METADATA,
+        generation among it) is the server's, whatever the patch says; and a
+        patch that changes anything but metadata and status raises
+        metadata.generation, as kube-apiserver does for every update (kmock
+        kept it at 1, so observedGeneration always looked current). Written
+        into the patch before kmock stores it, so the answer and the MODIFIED
+        event carry it."""
+        resource, name = request.resource, request.name
+        assert resource is not None and name is not None and isinstance(request.data, dict)
+        meta = request.data.get("metadata")
+        if isinstance(meta, dict):
+            for field in SERVER_METADATA:
+                meta.pop(field, None)
+        key = (resource, request.namespace, name)
+        if key not in self._objects or self._objects[key].deleted:
+            return  # kmock answers 404
+        old = self._objects[key].raw
+        generation = (old.get("metadata") or {}).get("generation")
+        if not isinstance(generation, int):
+            return
+        new = apply_merge_patch(copy.deepcopy(old), request.data)
+        if isinstance(new, dict) and _content(new) != _content(old):
+            if not isinstance(meta, dict):
+                meta = request.data["metadata"] = {}
+            meta["generation"] = generation + 1
 
     def _default_service(self, svc: dict[str, Any]) -> tuple[set[str], set[int]]:
         """Fill in a new Service's defaults and allocate its cluster IPs and
@@ -170,10 +201,12 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             if "status" in old:
                 new["status"] = copy.deepcopy(old["status"])
 
-        def content(o: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in o.items() if k not in ("metadata", "status")}
-
-        if isinstance(meta.get("generation"), int) and content(old) != content(new):
+        if isinstance(meta.get("generation"), int) and _content(old) != _content(new):
             meta["generation"] += 1
         return new
+
+
+def _content(o: dict[str, Any]) -> dict[str, Any]:
+    """What a change of raises metadata.generation: all but metadata and status."""
+    return {k: v for k, v in o.items() if k not in ("metadata", "status")}
 
