@@ -551,6 +551,27 @@ def test_udp_nodeport_sessions_leave_with_their_backend(lab: DispLab) -> None:
     assert parse_ipv4(parse_eth(res.data).payload).dst == stays
 
 
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_nodeport_with_client_ip_affinity_sends_a_client_to_one_backend(lab: DispLab,
+                                                                        policy: str) -> None:
+    """sessionAffinity ClientIP on a NodePort: every new connection of a
+    client goes to the backend its first one got, as kube-proxy does."""
+    np_ = next(_nodeport)
+    backends = [lab.pod()[0] for _ in range(4)]
+    lab.disp.set_nodeport(np_, "tcp", policy, [Backend(ip, 8080) for ip in backends],
+                          affinity_timeout_s=600)
+    cl = counted(_client, "198.51.100.{}")
+    chosen = {parse_ipv4(parse_eth(lab.from_uplink(
+        in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, sport, np_)).data).payload).dst
+        for sport in range(6100, 6140)}
+    assert len(chosen) == 1 and chosen <= set(backends)
+    lab.disp.set_nodeport(np_, "tcp", policy, [Backend(ip, 8080) for ip in backends])
+    spread = {parse_ipv4(parse_eth(lab.from_uplink(
+        in_uplink(lab, counted(_client, "198.51.100.{}"), NODE_IP, IPPROTO_TCP, 6200, np_)
+    ).data).payload).dst for _ in range(12)}
+    assert len(spread) > 1  # without affinity new clients spread over the backends
+
+
 def test_nodeport_cluster_with_local_backend_keeps_the_client(lab: DispLab) -> None:
     np_ = next(_nodeport)
     local, local_mac = lab.pod()

@@ -101,6 +101,19 @@ def test_nodeport_service_gives_rule_and_derived_object() -> None:
     assert rule["metadata"]["ownerReferences"][0]["uid"] == "u-api"
 
 
+def test_nodeports_keep_the_services_client_ip_affinity() -> None:
+    """kube-proxy applies sessionAffinity: ClientIP to a Service's NodePorts
+    as to its cluster IP (found missing by the acceptance run)."""
+    svc = service("web", "api", "10.96.0.10",
+                  [{"name": "", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
+                  type="NodePort", sessionAffinity="ClientIP",
+                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}})
+    sl = eps("web", "api", [("10.244.1.5", True, "n1")], [{"name": "", "port": 8080}])
+    r = desired_state(Inputs("n1", S, services=[svc], endpointslices=[sl]))
+    assert r.desired.nodeports[(30080, "tcp")].affinity_timeout_s == 600
+    assert r.desired.services[("10.96.0.10", 80, "tcp")].affinity_timeout_s == 600
+
+
 def test_static_nodeport_rule_validation_and_conflict() -> None:
     ok = {"metadata": {"name": "static"}, "kind": "NodePortRule",
           "apiVersion": "pcn.dev/v1alpha1",

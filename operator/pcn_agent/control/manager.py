@@ -45,7 +45,7 @@ class DataplaneManager:
         services = {k: ServiceSpec(tuple(s.backends), s.affinity_timeout_s, s.drop_if_empty)
                     for k, s in n.lb.services.services.items() if k[0] != n.cfg.node_ip} \
             if n.lb else {}
-        nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local)
+        nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local, v.affinity_timeout_s)
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}
         functions = {name: FunctionSpec("firewall", tuple(str(r) for r in fw.rules), fw.default)
                      for name, fw in self.functions.items()}
@@ -103,7 +103,7 @@ class DataplaneManager:
             port, proto = op.key
             local = op.value.local
             n.set_nodeport(port, proto, op.value.policy, list(op.value.backends),
-                           None if local is None else list(local))
+                           None if local is None else list(local), op.value.affinity_timeout_s)
         elif op.kind == "delete-nodeport":
             n.delete_nodeport(*op.key)
         elif op.kind == "set-chain":

@@ -56,6 +56,7 @@ class NodePortSpec:
     policy: str
     backends: tuple[Backend, ...]
     local: tuple[Backend, ...] | None = None
+    affinity_timeout_s: int = 0  # the Service's ClientIP session affinity (0: none)
 
 
 @dataclass(frozen=True)
@@ -338,11 +339,13 @@ def cluster_ip_spec(svc: Obj, cat: Categorized) -> ServiceSpec:
     return ServiceSpec(cat.cluster, _affinity(svc))
 
 
-def nodeport_spec(policy: str, cat: Categorized) -> NodePortSpec:
+def nodeport_spec(policy: str, cat: Categorized, affinity_timeout_s: int = 0) -> NodePortSpec:
     """A NodePort: all the Cluster endpoints (for pods and the node, which
     kube-proxy short-circuits past externalTrafficPolicy, and for outside
-    clients under Cluster) and, under Local, this node's."""
-    return NodePortSpec(policy, cat.cluster, cat.local if policy == "Local" else None)
+    clients under Cluster) and, under Local, this node's; with the Service's
+    ClientIP session affinity, which kube-proxy applies to NodePorts too."""
+    return NodePortSpec(policy, cat.cluster, cat.local if policy == "Local" else None,
+                        affinity_timeout_s)
 
 
 def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
@@ -374,7 +377,7 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
                 services[(vip, int(port["port"]), proto)] = cluster_ip_spec(svc, cat)
             if spec.get("type") in ("NodePort", "LoadBalancer") and port.get("nodePort"):
                 np_key = (int(port["nodePort"]), proto)
-                nodeports[np_key] = nodeport_spec(policy, cat)
+                nodeports[np_key] = nodeport_spec(policy, cat, _affinity(svc))
                 derived[derived_rule_name(svc, port)] = _derived_rule(svc, port, policy)
     return services, nodeports, derived
 
@@ -429,7 +432,7 @@ def static_nodeports(inputs: Inputs, nodeports: dict[NodePortKey, NodePortSpec],
             cat = categorize(service_endpoints(
                 svc, ports[0], by_service.get((s.service.namespace, s.service.name), ())),
                 inputs.node)
-            want = nodeport_spec(s.externalTrafficPolicy, cat)
+            want = nodeport_spec(s.externalTrafficPolicy, cat, _affinity(svc))
         else:
             want = NodePortSpec(s.externalTrafficPolicy,
                                 tuple(Backend(b.ip, b.port, b.weight) for b in s.backends))

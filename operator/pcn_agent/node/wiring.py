@@ -511,11 +511,11 @@ class NodeDataplane:
         return found
 
     def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend],
-                     local: list[Backend] | None = None) -> None:
+                     local: list[Backend] | None = None, affinity_timeout_s: int = 0) -> None:
         """A NodePort (see Dispatcher.set_nodeport; `local`: this node's
         backends, by default those in its pod CIDR)."""
         assert self.dispatcher is not None
-        self.dispatcher.set_nodeport(port, proto, policy, backends, local)
+        self.dispatcher.set_nodeport(port, proto, policy, backends, local, affinity_timeout_s)
         self.save()
 
     def delete_nodeport(self, port: int, proto: str) -> bool:

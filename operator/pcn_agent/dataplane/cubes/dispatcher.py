@@ -34,6 +34,7 @@ class NodePort:
     policy: str
     backends: tuple[Backend, ...]
     local: tuple[Backend, ...] | None = None  # this node's, if given (else by pod CIDR)
+    affinity_timeout_s: int = 0  # sessionAffinity ClientIP (0: none)
 
 
 class Dispatcher:
@@ -54,7 +55,8 @@ class Dispatcher:
             local = n.get("local")
             np_ = NodePort(n["port"], n["proto"], n["policy"],
                            tuple(Backend(**b) for b in n["backends"]),
-                           None if local is None else tuple(Backend(**b) for b in local))
+                           None if local is None else tuple(Backend(**b) for b in local),
+                           int(n.get("affinity_timeout_s", 0)))
             self.nodeports[(np_.port, np_.proto)] = np_
         self._ports = tuple(self.cube.config.get("ports", (0, 0)))
 
@@ -85,7 +87,8 @@ class Dispatcher:
         self.save()
 
     def set_nodeport(self, port: int, proto: str, policy: str, backends: list[Backend],
-                     local: list[Backend] | None = None) -> NodePort:
+                     local: list[Backend] | None = None,
+                     affinity_timeout_s: int = 0) -> NodePort:
         """Expose `backends` (the Service's Cluster endpoints) at `port` of the
         node's address. Traffic from outside the cluster gets all of them with
         the Cluster policy; with Local only this node's (`local`, by default
@@ -94,7 +97,9 @@ class Dispatcher:
         the policy (kube-proxy short-circuits cluster-internal traffic to the
         Cluster endpoints, pkg/proxy/nftables/proxier.go). With no backend a
         connection is rejected; under Local with backends on other nodes only,
-        traffic from outside is dropped (kube-proxy's "no local endpoints")."""
+        traffic from outside is dropped (kube-proxy's "no local endpoints").
+        `affinity_timeout_s` is the Service's ClientIP session affinity, which
+        kube-proxy applies to its NodePorts as to its cluster IP."""
         lo, hi = self.cfg.nodeport_range
         if not lo <= port <= hi:
             raise ValueError(f"NodePort {port} is outside the configured range {lo}-{hi}")
@@ -106,16 +111,16 @@ class Dispatcher:
             mine = [b for b in backends if ipaddress.IPv4Address(b.ip) in local_net]
         else:
             mine = list(local)
-        self.services.set(self.cfg.node_ip, port, proto, backends)
+        self.services.set(self.cfg.node_ip, port, proto, backends, affinity_timeout_s)
         if policy == "Local":
-            self.services.set(self.cfg.node_ip, port, proto, mine, external=True,
-                              drop_if_empty=bool(backends) and not mine)
+            self.services.set(self.cfg.node_ip, port, proto, mine, affinity_timeout_s,
+                              external=True, drop_if_empty=bool(backends) and not mine)
         else:
             self.services.delete(self.cfg.node_ip, port, proto, external=True)
         self._nodeports[maps.NodePortKey(self.cube.id, be16(port), proto_number(proto))] = \
             ct.c_uint32(POLICIES[policy])
         np_ = NodePort(port, proto, policy, tuple(backends),
-                       None if local is None else tuple(local))
+                       None if local is None else tuple(local), affinity_timeout_s)
         self.nodeports[(port, proto)] = np_
         self.save()
         return np_
