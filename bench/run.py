@@ -249,14 +249,22 @@ def main(argv: list[str] | None = None) -> int:
             r.extra["run"] = prefix  # kept entries of other scenarios carry their own run
         results.merge_write(args.output, measured, done, meta)
         print(f"\nresults for {', '.join(done)} merged into {args.output}", file=sys.stderr)
-    status = 0
+    return finish(0, failure, left, prefixes, "bench",
+                  f"scenarios completed: {done or 'none'}")
+
+
+def finish(status: int, failure: BaseException | None, left: list[str], prefixes: list[str],
+           what: str, progress: str = "") -> int:
+    """The exit status of a guarded run (run_guarded's failure and leftovers):
+    130 when interrupted, 1 when it failed, else `status`; raises when the run
+    left namespaces or pins behind, says so when it left nothing."""
     if failure is not None:
         if isinstance(failure, KeyboardInterrupt):
-            print(f"interrupted; cleaned up (scenarios completed: {done or 'none'})",
+            print(f"interrupted; cleaned up{f' ({progress})' if progress else ''}",
                   file=sys.stderr)
             status = 130
         else:
-            log.error("bench failed: %s", failure, exc_info=failure)
+            log.error("%s failed: %s", what, failure, exc_info=failure)
             status = 1
     if left:
         raise AssertionError(f"namespaces or pins of this run left behind: {left}")

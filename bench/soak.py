@@ -90,7 +90,7 @@ from . import iperf, netns, results
 from .bpfmaps import CubeDrops
 from .controlplane import AgentProcess, endpoint_slice
 from .results import Result, now_iso
-from .run import cpu_busy, preflight, run_guarded
+from .run import cpu_busy, finish, preflight, run_guarded
 from .scenarios import MTU, Context
 
 log = logging.getLogger("bench.soak")
@@ -751,17 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nresults merged into {args.output}", file=sys.stderr)
     if keep_log.exists():
         print(f"the agent's log (every start): {keep_log}", file=sys.stderr)
-    if failure is not None:
-        if isinstance(failure, KeyboardInterrupt):
-            print("interrupted; cleaned up", file=sys.stderr)
-            status = 130
-        else:
-            log.error("soak failed: %s", failure, exc_info=failure)
-            status = 1
-    if left:
-        raise AssertionError(f"namespaces or pins of this run left behind: {left}")
-    print(f"no namespace left with prefixes {', '.join(prefixes)}", file=sys.stderr)
-    return status
+    return finish(status, failure, left, prefixes, "soak")
 
 
 if __name__ == "__main__":
