@@ -316,6 +316,35 @@ def test_gc_thread_collects_every_interval_until_stopped() -> None:
     assert "pcn-session-gc-t" not in {t.name for t in threading.enumerate()}  # joined
 
 
+def test_gc_collects_at_once_when_started(table: maps.BpfTable) -> None:
+    """The first pass runs when the thread starts, not one interval later: an
+    agent restarted more often than its interval (the restart soak: ~8 s
+    against 10 s) used to never collect, so the dead entries of closed
+    masqueraded connections, which the data path may not take over, held
+    their ports until every port was held (nat_exhausted)."""
+    now = sessions.monotonic_ns()
+    (fk, fx), (rk, rx) = PAIRS["masquerade"]
+    put(table, fk, fx, now - 200 * S)  # closed 200 s ago: past TIME_WAIT and the grace
+    put(table, rk, rx, now - 200 * S)
+    collector = SessionCollector({"nat_sessions": table}, TIMEOUTS, GRACE_S)
+    first = threading.Event()
+    collect = collector.collect
+
+    def collect_and_tell(now_ns: int | None = None) -> sessions.CollectResult:
+        r = collect(now_ns)
+        first.set()
+        return r
+
+    collector.collect = collect_and_tell  # type: ignore[method-assign]
+    gc = SessionGC(collector, 3600, "first").start()
+    try:
+        assert first.wait(10), "no pass within 10 s of the start (the interval is 1 h)"
+    finally:
+        gc.stop()
+    assert collector.runs == 1 and collector.deleted_total == {"nat_sessions": 2}
+    assert keys(table) == set()
+
+
 def test_agent_metrics_count_the_collected_sessions(table: maps.BpfTable) -> None:
     from types import SimpleNamespace
 

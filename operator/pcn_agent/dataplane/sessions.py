@@ -331,7 +331,14 @@ class SessionGC:
         self._name = name
 
     def start(self) -> SessionGC:
-        """Start the thread (idempotent); the first pass runs one interval from now."""
+        """Start the thread (idempotent). The first pass runs at once, then one
+        every interval: an agent that adopts a running data plane collects what
+        became dead while no agent ran, and one restarted more often than the
+        interval (a crash loop, the restart soak's ~8 s) still collects. The
+        data path never takes over a dead entry (past its lifetime and the
+        grace: it may be deleted under it), so without these passes the
+        masquerading ports of closed connections are never freed and new
+        connections are dropped as nat_exhausted once the range is used."""
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name=f"pcn-session-gc-{self._name}",
@@ -347,7 +354,7 @@ class SessionGC:
             self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
             try:
                 r = self.collector.collect()
                 if r.total_deleted:
@@ -355,3 +362,5 @@ class SessionGC:
                               r.scanned, r.seconds * 1000)
             except Exception:  # a table gone mid-walk (shutdown): try again next time
                 log.exception("session garbage collection failed")
+            if self._stop.wait(self.interval_s):
+                return
