@@ -196,12 +196,18 @@ def run_guarded(ctx: Context, prefix: str, body: Callable[[], None]
     return failure, left
 
 
+def setup_logging(verbose: bool) -> None:
+    """Warnings on stderr (everything with `verbose`); pyroute2's chatter only
+    when verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        logging.getLogger("pyroute2").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
-        logging.getLogger("pyroute2").setLevel(logging.ERROR)
+    setup_logging(args.verbose)
     preflight()
 
     prefix = netns.new_run_prefix()

@@ -90,7 +90,7 @@ from . import iperf, netns, results
 from .bpfmaps import CubeDrops
 from .controlplane import AgentProcess, endpoint_slice
 from .results import Result, now_iso
-from .run import cpu_busy, finish, preflight, run_guarded
+from .run import cpu_busy, finish, preflight, run_guarded, setup_logging
 from .scenarios import MTU, Context
 
 log = logging.getLogger("bench.soak")
@@ -707,10 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
-        logging.getLogger("pyroute2").setLevel(logging.ERROR)
+    setup_logging(args.verbose)
     preflight()
     prefix = netns.new_run_prefix()
     busy = cpu_busy()

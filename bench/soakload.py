@@ -50,6 +50,8 @@ import time
 from types import FrameType
 from typing import Any
 
+from pcn_lab.probe import recv_line
+
 BLOCK = random.Random(9).randbytes(1 << 16)  # the stream repeats this block
 TICK_S = 0.02  # stream pacing: one write every 20 ms
 _print_lock = threading.Lock()
@@ -153,12 +155,7 @@ def stream(host: str, port: int, rate: float, timeout: float) -> int:
                 _stop.wait(max(0.0, next_write - time.monotonic()))
             s.shutdown(socket.SHUT_WR)
             out.update(tcp_stats(s))
-            buf = b""
-            while not buf.endswith(b"\n"):
-                more = s.recv(4096)
-                if not more:
-                    break
-                buf += more
+            buf = recv_line(s)
         reply = json.loads(buf) if buf.strip() else {}
         out.update(received=reply.get("bytes"), sink_max_gap_ms=reply.get("max_gap_ms"),
                    sink_max_gap_from=reply.get("max_gap_from"),

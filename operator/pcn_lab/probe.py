@@ -130,7 +130,7 @@ def _rr_listener(port: int) -> socket.socket:
     return sock
 
 
-def _recv_line(sock: socket.socket) -> bytes:
+def recv_line(sock: socket.socket) -> bytes:
     """Read up to and including a newline, or until the peer closes."""
     buf = b""
     while not buf.endswith(b"\n"):
@@ -150,7 +150,7 @@ def _rr_loop(sock: socket.socket) -> None:
         conn, _ = sock.accept()
         try:
             conn.settimeout(5.0)
-            buf = _recv_line(conn)
+            buf = recv_line(conn)
             if buf:
                 conn.sendall(answer)
         except OSError:
@@ -202,7 +202,7 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
         else:
             s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        buf = _recv_line(s)
+        buf = recv_line(s)
     done = time.monotonic()
     reply = json.loads(buf) if buf else {}
     expected = hashlib.sha256(payload).hexdigest()
@@ -336,7 +336,7 @@ def rr_client(host: str, port: int, count: int, timeout: float, size: int = 32,
                 s.settimeout(timeout)
                 s.connect((host, port))
                 s.sendall(request)
-                buf = _recv_line(s)
+                buf = recv_line(s)
                 done = time.perf_counter()
             if not buf.endswith(b"\n"):
                 raise ConnectionError("connection closed before the answer")
