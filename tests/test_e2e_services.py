@@ -468,6 +468,22 @@ def test_connections_survive_an_agent_restart(svc_lab: Lab) -> None:
     assert checks.ping(lab, "n1p1", lab.pods["n2p2"].ip).passed
 
 
+def test_a_restarted_agent_takes_over_its_programs_and_its_slow_path(svc_lab: Lab) -> None:
+    """The restarted agent loads none of the bundle again (the previous
+    programs are its own, dataplane.programs) and still hears them: a pod
+    added after the restart is first reached across nodes through the
+    router's slow path (ARP miss), which those old programs submit to."""
+    lab = svc_lab
+    new = lab.restart_node(1)
+    bundle = {"pcn_ingress", "pcn_egress", *(f"{t}_rx" for t in new.rt.bundle)}
+    assert set(new.rt.taken_over) == bundle
+    assert new.slow is not None
+    injected = new.slow.injected
+    lp = lab.add_pod(1, 8)
+    assert checks.ping(lab, "n2p1", lp.ip, count=1, timeout=2).passed
+    assert new.slow.injected > injected  # the ARP miss reached this agent
+
+
 def test_a_pod_deleted_while_the_agent_was_down_is_forgotten_on_restart(svc_lab: Lab) -> None:
     """ADD a pod, stop the agent, DEL the pod (the plugin deletes its veth),
     start the agent: it adopts the rest and forgets the pod instead of failing

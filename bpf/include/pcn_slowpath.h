@@ -21,7 +21,20 @@ struct pcn_slow_msg {
     u32 pkt_len; /* bytes of packet that follow the message */
 };
 
-BPF_PERF_OUTPUT(pcn_slowpath);
+/* BPF_PERF_OUTPUT, but pinned: a restarted agent takes over the programs the
+ * previous one loaded (pcn_agent.dataplane.programs), and those programs
+ * submit to the map they were loaded with. Pinned, it is the same map the new
+ * agent reads; unpinned, slow-path messages would go to the dead agent's map
+ * until the programs were reloaded. max_entries 0: BCC sizes it to the CPUs. */
+struct pcn_slowpath_table_t {
+    int key;
+    u32 leaf;
+    int (*perf_submit)(void *, void *, u32);
+    int (*perf_submit_skb)(void *, u32, void *, u32);
+    u32 max_entries;
+};
+__attribute__((section("maps/perf_output:" PCN_PIN("slowpath"))))
+struct pcn_slowpath_table_t pcn_slowpath = {.max_entries = 0};
 
 static __always_inline int pcn_slowpath_send(struct __sk_buff *skb, u32 reason, u32 cube,
                                              u32 in_port, u32 out_port, __be32 arg,

@@ -22,7 +22,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from pcn_agent.dataplane import bpffs, maps, tc
+from pcn_agent.dataplane import bpffs, maps, programs, tc
 from pcn_agent.dataplane.compiler import BpfModule, compile_bundle, compile_cube
 from pcn_agent.dataplane.netns import iproute
 
@@ -129,6 +129,7 @@ class Runtime:
         self.state_path = state_root / f"{name}.json"
         self.adopted = False
         self.vanished_ports: set[int] = set()  # ports whose netdev was gone at adoption
+        self.taken_over: list[str] = []  # programs of the previous agent's, not loaded again
         self.meta: dict[str, Any] = {}  # state of whoever drives this runtime (JSON), saved with it
         self._netlink: NetlinkPerThread | None = None
         self.types: dict[str, CubeType] = {}
@@ -141,6 +142,7 @@ class Runtime:
         self._attached: dict[int, set[str]] = {}  # ifindex -> tc parents we attached
         self._own_clsact: set[int] = set()
         self._entry_fds: dict[str, int] = {}
+        self._program_ids: dict[str, int] = {}  # bundle program -> kernel id, for the next agent
         self._lock = threading.RLock()
         self._entry: BpfModule | None = None
         self._watchers: dict[str, Callable[[PortState], None]] = {}
@@ -174,7 +176,11 @@ class Runtime:
         self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
         self._netlink = NetlinkPerThread(self.netns)
         self._entry = entry = compile_bundle((ENTRY, *self.bundle), self.pin_dir)
-        _load_in_parallel(entry, ("pcn_ingress", "pcn_egress", *(f"{t}_rx" for t in self.bundle)))
+        names = ["pcn_ingress", "pcn_egress", *(f"{t}_rx" for t in self.bundle)]
+        if state is not None:
+            self._take_over_programs(entry, state.get("programs", {}))
+        _load_in_parallel(entry, names)
+        self._program_ids = programs.loaded_ids(entry, names)
         for prog in ("pcn_ingress", "pcn_egress"):
             self._entry_fds[prog] = entry.load_func(prog, _sched_cls()).fd
         if state is not None:
@@ -182,6 +188,19 @@ class Runtime:
         log.info("runtime %s opened (netns %s, pins %s%s)", self.name, self.netns or "-",
                  self.pin_dir, ", adopted" if self.adopted else "")
         return self
+
+    def _take_over_programs(self, entry: BpfModule, previous: Mapping[str, int]) -> None:
+        """Skip the verifier for the bundle's programs the previous agent
+        loaded, when they are exactly these (see dataplane.programs)."""
+        try:
+            taken = programs.take_over(entry, previous)
+        except Exception:  # an optimisation: never a reason not to start
+            log.exception("runtime %s: could not take over the previous programs", self.name)
+            return
+        self.taken_over = taken
+        if taken:
+            log.info("runtime %s: took over %d loaded programs (%s)", self.name, len(taken),
+                     ", ".join(taken))
 
     def _adopt(self, state: dict[str, Any]) -> None:
         for type_name, slot in state["types"].items():
@@ -250,6 +269,7 @@ class Runtime:
                 "attached": {str(k): sorted(v) for k, v in self._attached.items()},
                 "own_clsact": sorted(self._own_clsact),
                 "meta": self.meta,
+                "programs": self._program_ids,
             }
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_path.with_suffix(".tmp")

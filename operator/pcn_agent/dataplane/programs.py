@@ -1,0 +1,198 @@
+"""Taking over the programs a previous agent loaded.
+
+An agent that restarts compiles its bundle again (BCC has no object cache),
+but it need not load it again: the previous agent's programs are still in
+the kernel, attached by tc and held by the pinned program array. Loading a
+program makes the verifier walk it, about a second and a half for the
+node's bundle on two cores, while the node serves no CNI ADD. So a
+restarted agent takes the old program over by id (`bpf_prog_get_fd_by_id`)
+when, and only when, it is the very program it would load:
+
+* its tag, the digest the kernel computes over the instructions with map
+  references blanked (`bpf_prog_calc_tag`: SHA-1 before Linux 6.18,
+  SHA-256 since), equals the digest of the instructions just compiled;
+* every map it uses is a map of the new module (they are all pinned, so a
+  program of the same text uses the same maps; a map not pinned would be
+  the dead agent's copy, and the program is loaded anew instead).
+
+Anything else (another source, another BCC, a program gone) falls back to
+the normal load; this module never fails an agent start.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import hashlib
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_INSN = struct.Struct("<BBhi")  # struct bpf_insn: code, dst:4|src:4, off, imm
+_LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW
+_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
+
+
+class _ProgInfo(ct.Structure):
+    """The head of struct bpf_prog_info (include/uapi/linux/bpf.h); the
+    kernel fills as many bytes as we pass."""
+
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("tag", ct.c_uint8 * 8),
+        ("jited_prog_len", ct.c_uint32),
+        ("xlated_prog_len", ct.c_uint32),
+        ("jited_prog_insns", ct.c_uint64),
+        ("xlated_prog_insns", ct.c_uint64),
+        ("load_time", ct.c_uint64),
+        ("created_by_uid", ct.c_uint32),
+        ("nr_map_ids", ct.c_uint32),
+        ("map_ids", ct.c_uint64),
+        ("name", ct.c_char * 16),
+    ]
+
+
+class _MapInfo(ct.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32)]
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    id: int
+    tag: bytes
+    map_ids: frozenset[int]
+
+
+@cache
+def _libbpf() -> Any:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    lib = ct.CDLL(name, use_errno=True)
+    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+    lib.bpf_prog_get_fd_by_id.restype = ct.c_int
+    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    lib.bpf_obj_get_info_by_fd.restype = ct.c_int
+    return lib
+
+
+@cache
+def _libbcc() -> Any:
+    """libbcc with the few C entry points bcc's Python binding leaves unbound
+    (bcc_common.h), on a handle of our own so bcc's own is left as it is."""
+    lib = ct.CDLL("libbcc.so.0")
+    lib.bpf_num_tables.argtypes = [ct.c_void_p]
+    lib.bpf_num_tables.restype = ct.c_size_t
+    lib.bpf_table_fd_id.argtypes = [ct.c_void_p, ct.c_size_t]
+    lib.bpf_table_fd_id.restype = ct.c_int
+    lib.bpf_function_start.argtypes = [ct.c_void_p, ct.c_char_p]
+    lib.bpf_function_start.restype = ct.c_void_p
+    lib.bpf_function_size.argtypes = [ct.c_void_p, ct.c_char_p]
+    lib.bpf_function_size.restype = ct.c_size_t
+    return lib
+
+
+def _info(fd: int, info: ct.Structure) -> None:
+    size = ct.c_uint32(ct.sizeof(info))
+    if _libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf_obj_get_info_by_fd({fd}): {os.strerror(err)}")
+
+
+def program_info(fd: int) -> ProgramInfo:
+    """Id, tag and map ids of the loaded program `fd`. Raises OSError."""
+    info = _ProgInfo()
+    _info(fd, info)
+    ids = (ct.c_uint32 * max(info.nr_map_ids, 1))()
+    info2 = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ct.addressof(ids))
+    _info(fd, info2)
+    return ProgramInfo(info.id, bytes(info.tag), frozenset(ids[: info2.nr_map_ids]))
+
+
+def map_id(fd: int) -> int:
+    """The kernel's id of the map `fd`. Raises OSError."""
+    info = _MapInfo()
+    _info(fd, info)
+    return int(info.id)
+
+
+def instruction_tags(insns: bytes) -> set[bytes]:
+    """The tags the kernel may give a program of these instructions: the
+    first 8 bytes of the digest of the instructions with the immediates of
+    map loads zeroed (kernel/bpf/core.c bpf_prog_calc_tag), SHA-1 or
+    SHA-256 depending on the kernel version."""
+    out = bytearray(insns)
+    was_ld_map = False
+    for off in range(0, len(out) - len(out) % 8, 8):
+        code, regs, ioff, _ = _INSN.unpack_from(out, off)
+        src = regs >> 4
+        if not was_ld_map and code == _LD_IMM64 and src in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
+            was_ld_map = True
+            _INSN.pack_into(out, off, code, regs, ioff, 0)
+        elif was_ld_map and code == 0 and regs == 0 and ioff == 0:
+            was_ld_map = False
+            _INSN.pack_into(out, off, code, regs, ioff, 0)
+        else:
+            was_ld_map = False
+    return {hashlib.sha1(out).digest()[:8], hashlib.sha256(out).digest()[:8]}
+
+
+def take_over(module: Any, previous: Mapping[str, int]) -> list[str]:
+    """Give the bcc.BPF `module` the programs of `previous` (name -> program
+    id, as `loaded_ids` returned them to the previous agent) that are exactly
+    what it would load; its `load_func` then returns them without loading.
+    Returns the names taken over."""
+    from bcc import BPF  # late: unit tests of pure code need no kernel
+
+    lib = _libbcc()
+    try:
+        own_maps = {map_id(lib.bpf_table_fd_id(module.module, i))
+                    for i in range(lib.bpf_num_tables(module.module))}
+    except OSError as exc:
+        log.info("not taking over programs: %s", exc)
+        return []
+    taken: list[str] = []
+    for name, prog_id in sorted(previous.items()):
+        bname = name.encode()
+        if bname in module.funcs or not lib.bpf_function_start(module.module, bname):
+            continue
+        size = lib.bpf_function_size(module.module, bname)
+        insns = ct.string_at(lib.bpf_function_start(module.module, bname), size)
+        fd = _libbpf().bpf_prog_get_fd_by_id(prog_id)
+        if fd < 0:
+            log.info("program %s (id %d) is gone: loading it", name, prog_id)
+            continue
+        try:
+            info = program_info(fd)
+        except OSError as exc:
+            os.close(fd)
+            log.info("program %s (id %d): %s: loading it", name, prog_id, exc)
+            continue
+        why = ("its instructions differ" if info.tag not in instruction_tags(insns)
+               else "it uses maps this module does not have" if not info.map_ids <= own_maps
+               else "")
+        if why:
+            os.close(fd)
+            log.info("program %s (id %d) not taken over: %s", name, prog_id, why)
+            continue
+        module.funcs[bname] = BPF.Function(module, bname, fd)
+        taken.append(name)
+    return taken
+
+
+def loaded_ids(module: Any, names: list[str]) -> dict[str, int]:
+    """Program ids of the named programs loaded in `module` (for the next
+    agent's take_over)."""
+    out: dict[str, int] = {}
+    for name in names:
+        fn = module.funcs.get(name.encode())
+        if fn is not None:
+            out[name] = program_info(fn.fd).id
+    return out
