@@ -1,0 +1,170 @@
+"""`make conformance`: upstream's sig-network e2e tests on the real cluster.
+
+The selection (focus patterns, skips with their reasons) is conformance.toml,
+next to this file. The run is upstream's own: `ginkgo` driving `e2e.test`
+(both built by `make k8s` from k8s.io/kubernetes at the pinned version) with
+``--provider=local``, from inside the control-plane node's network namespace
+(the tests reach node addresses and NodePorts as a machine of the cluster
+would). Ginkgo writes JUnit; this module turns it into a results table
+(test, result, seconds; skips with the reason the skip file gives) and a
+bench-style JSON file, and the run's exit status is non-zero when any
+selected test failed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SELECTION_FILE = Path(__file__).with_name("conformance.toml")
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+class SelectionError(ValueError):
+    """conformance.toml is malformed (bad regular expression, a skip without a reason)."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    pattern: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    focus: tuple[str, ...]
+    skips: tuple[Skip, ...]
+
+    def selected(self, name: str) -> bool:
+        """Whether a spec of this full name is one the run is about (focused)."""
+        return any(re.search(p, name) for p in self.focus)
+
+    def skip_reason(self, name: str) -> str | None:
+        """The reason of the first skip matching `name`, None when none does."""
+        for s in self.skips:
+            if re.search(s.pattern, name):
+                return s.reason
+        return None
+
+
+def load_selection(path: Path = SELECTION_FILE) -> Selection:
+    """Parse conformance.toml: ``focus = [regex, ...]`` and ``[[skip]]`` tables
+    with ``pattern`` and a non-empty ``reason``. Raises SelectionError."""
+    data = tomllib.loads(path.read_text())
+    focus = tuple(data.get("focus", []))
+    if not focus:
+        raise SelectionError(f"{path}: no focus patterns")
+    skips: list[Skip] = []
+    for i, entry in enumerate(data.get("skip", [])):
+        pattern, reason = entry.get("pattern", ""), str(entry.get("reason", "")).strip()
+        if not pattern or not reason:
+            raise SelectionError(f"{path}: skip #{i + 1} needs both a pattern and a reason")
+        skips.append(Skip(pattern, reason))
+    for p in (*focus, *(s.pattern for s in skips)):
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise SelectionError(f"{path}: bad regular expression {p!r}: {exc}") from exc
+    return Selection(focus, tuple(skips))
+
+
+def ginkgo_argv(bin_dir: Path, selection: Selection, out_dir: Path, kubeconfig: Path,
+                parallel: int = 2, timeout: str = "4h",
+                e2e_args: Sequence[str] = ()) -> list[str]:
+    """The upstream command line: ginkgo runs e2e.test in `parallel` processes
+    (Ginkgo v2 runs [Serial] specs alone at the end), focus and skips as
+    repeated --focus/--skip (OR'ed), JUnit into `out_dir`/junit.xml."""
+    argv = [str(bin_dir / "ginkgo"), f"--procs={parallel}", f"--timeout={timeout}",
+            "--no-color", "--junit-report=junit.xml", f"--output-dir={out_dir}"]
+    argv += [f"--focus={p}" for p in selection.focus]
+    argv += [f"--skip={s.pattern}" for s in selection.skips]
+    argv += [str(bin_dir / "e2e.test"), "--",
+             f"--kubeconfig={kubeconfig}", "--provider=local",
+             f"--kubectl-path={bin_dir / 'kubectl'}", f"--report-dir={out_dir}",
+             "--dns-domain=cluster.local", *e2e_args]
+    return argv
+
+
+@dataclass(frozen=True)
+class TestResult:
+    name: str
+    result: str  # passed | failed | skipped
+    seconds: float
+    detail: str = ""  # the failure message, or the skip's reason
+
+    def to_json(self) -> dict[str, Any]:
+        return {"test": self.name, "result": self.result, "seconds": round(self.seconds, 1),
+                **({"detail": self.detail} if self.detail else {})}
+
+
+def _spec_name(raw: str) -> str:
+    """Ginkgo v2 JUnit names specs "[It] <full text>" (the tables drop the
+    prefix) and suite nodes "[SynchronizedBeforeSuite]" and the like (kept)."""
+    return re.sub(r"^\[It\]\s*", "", raw)
+
+
+def parse_junit(path: Path, selection: Selection) -> list[TestResult]:
+    """Results of the specs the selection is about, from Ginkgo's JUnit file.
+
+    Specs outside the focus are left out (Ginkgo lists every spec of the
+    suite, most of them filtered out); focused specs skipped by a skip
+    pattern carry its reason; suite setup nodes count only when they fail
+    (a failed BeforeSuite fails the run)."""
+    root = ET.parse(path).getroot()
+    out: list[TestResult] = []
+    for case in root.iter("testcase"):
+        raw = case.get("name", "")
+        name = _spec_name(raw)
+        seconds = float(case.get("time", "0") or 0)
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        status = case.get("status", "")
+        if failure is not None or status in ("failed", "panicked", "timedout", "interrupted"):
+            msg = (failure.get("message", "") if failure is not None else status) or status
+            out.append(TestResult(name, FAILED, seconds, msg.strip().splitlines()[0][:300]
+                                  if msg.strip() else status))
+            continue
+        if not selection.selected(name):
+            continue  # outside the focus, or a suite node that passed
+        if case.find("skipped") is not None or status in ("skipped", "pending"):
+            reason = selection.skip_reason(name)
+            if reason is None:
+                skipped = case.find("skipped")
+                reason = (skipped.get("message", "") if skipped is not None else "") or status
+            out.append(TestResult(name, SKIPPED, seconds, reason))
+        else:
+            out.append(TestResult(name, PASSED, seconds))
+    return out
+
+
+def summary(results: Sequence[TestResult]) -> dict[str, int]:
+    counts = Counter(r.result for r in results)
+    return {"run": counts[PASSED] + counts[FAILED], PASSED: counts[PASSED],
+            FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]}
+
+
+def table(results: Sequence[TestResult], width: int = 100) -> str:
+    """The printed table: result, seconds, test; failures first, then passes,
+    then skips (with their reasons, once per reason)."""
+    order = {FAILED: 0, PASSED: 1, SKIPPED: 2}
+    lines = [f"{'result':<8} {'seconds':>8}  test", f"{'-' * 8} {'-' * 8}  {'-' * 40}"]
+    for r in sorted((r for r in results if r.result != SKIPPED),
+                    key=lambda r: (order[r.result], r.name)):
+        name = r.name if len(r.name) <= width else r.name[: width - 3] + "..."
+        lines.append(f"{r.result:<8} {r.seconds:>8.1f}  {name}")
+        if r.result == FAILED and r.detail:
+            lines.append(f"{'':<18}{r.detail[:width]}")
+    skipped = Counter(r.detail for r in results if r.result == SKIPPED)
+    for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{SKIPPED:<8} {n:>8}x  {reason[:width]}")
+    s = summary(results)
+    lines.append(f"{s['run']} run: {s[PASSED]} passed, {s[FAILED]} failed; "
+                 f"{s[SKIPPED]} skipped (reasons above, from conformance.toml)")
+    return "\n".join(lines)
