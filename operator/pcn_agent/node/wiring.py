@@ -34,7 +34,7 @@ from pcn_agent.dataplane import bpffs, maps, sessions
 from pcn_agent.dataplane.cubes.bridge import TYPE as BRIDGE_TYPE
 from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
-from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
+from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig, HostPort
 from pcn_agent.dataplane.cubes.lbrp import TYPE as LB_TYPE
 from pcn_agent.dataplane.cubes.lbrp import Backend, LbConfig, LoadBalancer, Service
 from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
@@ -376,6 +376,9 @@ class NodeDataplane:
             self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
                                  p["ingress"], p["egress"], p.get("k8s_namespace", ""),
                                  p.get("k8s_name", ""), p.get("origin", ""))
+        for owner in {h.owner for h in self.dispatcher.hostports} - set(self.pods):
+            log.warning("node %s: the hostPorts of %s go with it", self.cfg.name, owner)
+            self.dispatcher.set_hostports(owner, [])
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -524,6 +527,23 @@ class NodeDataplane:
         self.save()
         return found
 
+    # ---------------------------------------------------------------- hostPorts
+    def set_hostports(self, key: str, mappings: list[HostPort]) -> None:
+        """Make pod `key`'s hostPorts exactly `mappings` (see
+        Dispatcher.set_hostports, which raises HostPortError or
+        HostPortConflict and then changes nothing). detach_pod and remove_pod
+        remove them; a restarted agent adopts them with the pod."""
+        assert self.dispatcher is not None
+        if mappings and key not in self.pods:
+            raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
+        self.dispatcher.set_hostports(key, mappings)
+        self.save()
+
+    def _drop_hostports(self, key: str) -> None:
+        if self.dispatcher is not None and any(h.owner == key
+                                               for h in self.dispatcher.hostports):
+            self.dispatcher.set_hostports(key, [])
+
     # ---------------------------------------------------------------- pods
     def add_pod(self, key: str, pod_netns: str, address: str) -> Pod:
         """Wire a pod (veth, address, route) and attach it: no compilation here."""
@@ -588,6 +608,7 @@ class NodeDataplane:
         if pod is None:
             return None
         assert self.bridge is not None
+        self._drop_hostports(key)
         self.bridge.remove_port(pod.port.name)
         self._forget_neighbor(pod.iface.address)
         if self.rt.ipr is not None and self.rt.pin_dir is not None:
@@ -611,6 +632,7 @@ class NodeDataplane:
         if pod is None:
             return
         assert self.bridge is not None
+        self._drop_hostports(key)
         self.bridge.remove_port(pod.port.name)
         podnet.delete(self.rt.ipr, pod.iface.host_ifname)
         if self.rt.ipr is not None and self.rt.pin_dir is not None:
