@@ -55,6 +55,12 @@ HOST_PORT = "host"
 # The node's answers to its own connections to a NodePort come from its own
 # address: the kernel takes a local source only on lo with accept_local.
 LO_ACCEPT_LOCAL = "net.ipv4.conf.lo.accept_local"
+# The answers to its connections to a hostPort on 127.0.0.1 come from (and go
+# to) 127.0.0.1: a packet put into lo's ingress is routed again, and the
+# kernel takes loopback addresses there only with route_localnet (on lo only;
+# kube-proxy and the portmap plugin set it on every or the pods' interfaces).
+LO_ROUTE_LOCALNET = "net.ipv4.conf.lo.route_localnet"
+LO_SYSCTLS = {"lo_accept_local": LO_ACCEPT_LOCAL, "lo_route_localnet": LO_ROUTE_LOCALNET}
 BRIDGE = "br0"
 ROUTER = "r0"
 LB = "lb"
@@ -306,11 +312,13 @@ class NodeDataplane:
     def _serve_the_node(self, r_host: PortState, loopback: bool = True) -> None:
         """Services for the node's own stack (idempotent): the lbrp on the
         router's host port, told its node; with `loopback`, the node's lo
-        hands its connections to NodePorts on its own address to that port
-        (they never leave the stack otherwise), and takes the answers, which
-        come from the node's own address (accept_local on lo: only a BPF
-        program can put a packet into lo's ingress). kube-proxy serves the
-        node too, and masquerades it (its "masquerade local traffic")."""
+        hands its connections to NodePorts and hostPorts on its own address
+        and to hostPorts on 127.0.0.1 to that port (they never leave the
+        stack otherwise), and takes the answers, which come from the node's
+        own address (accept_local on lo: only a BPF program can put a packet
+        into lo's ingress) or from 127.0.0.1 (route_localnet on lo). kube-proxy
+        serves the node too, and masquerades it (its "masquerade local
+        traffic")."""
         assert self.lb is not None
         c = self.cfg
         lb = [self.rt.stacked(LB)]
@@ -322,9 +330,10 @@ class NodeDataplane:
             masq_range=c.snat_range))
         if not loopback:
             return
-        if "lo_accept_local" not in self.rt.meta:  # what to put back in down()
-            self.rt.meta["lo_accept_local"] = podnet.read_sysctl(c.netns, LO_ACCEPT_LOCAL)
-        podnet.write_sysctl(c.netns, LO_ACCEPT_LOCAL, "1")
+        for key, sysctl in LO_SYSCTLS.items():
+            if key not in self.rt.meta:  # what to put back in down()
+                self.rt.meta[key] = podnet.read_sysctl(c.netns, sysctl)
+            podnet.write_sysctl(c.netns, sysctl, "1")
         self.rt.attach_loopback(r_host)
 
     def _create_host_link(self, host_ip: str, prefix: int) -> None:
@@ -421,9 +430,9 @@ class NodeDataplane:
             self._vxlan_created = False
         if self.rt.ipr is not None and self.rt.meta.pop("host_link_created", False):
             _del_link(self.rt, HOST_DEV)  # its peer and the host's route go with it
-        if self.rt.ipr is not None and "lo_accept_local" in self.rt.meta:
-            podnet.write_sysctl(self.cfg.netns, LO_ACCEPT_LOCAL,
-                                self.rt.meta.pop("lo_accept_local"))
+        for key, sysctl in LO_SYSCTLS.items():
+            if self.rt.ipr is not None and key in self.rt.meta:
+                podnet.write_sysctl(self.cfg.netns, sysctl, self.rt.meta.pop(key))
         self.rt.close(remove=True)
 
     def crash(self) -> None:
