@@ -284,6 +284,13 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     u16 dport = bpf_ntohs(f->dport);
     if (rule->policy != DISP_POLICY_HOSTPORT && (dport < cfg->np_lo || dport > cfg->np_hi))
         return TC_ACT_OK;
+    /* A hostPort may lie in the node's ephemeral range: a TCP segment that
+     * opens no connection (no session of ours has it) is the host's own, an
+     * answer to a connection it made from that port, as conntrack would
+     * know it (the portmap plugin's DNAT sees only new connections). */
+    if (rule->policy == DISP_POLICY_HOSTPORT && f->proto == IPPROTO_TCP &&
+        (info->tcp_flags & (PCN_TCP_SYN | PCN_TCP_ACK)) != PCN_TCP_SYN)
+        return TC_ACT_OK;
     /* Local and hostPort: this node's endpoints only (the external entry);
      * Cluster: all of them, as for the cluster's own traffic (the internal
      * one). */

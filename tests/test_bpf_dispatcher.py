@@ -726,6 +726,28 @@ def test_hostport_goes_to_its_pod_keeping_the_client_both_ways(lab: DispLab) -> 
     assert (res.retval, res.data) == (TC_ACT_OK, pkt)  # the host's again
 
 
+def test_hostport_leaves_the_hosts_own_connections_on_that_port_alone(lab: DispLab) -> None:
+    """A hostPort in the ephemeral range: the answer to a connection the node
+    made from that port (a SYN-ACK, then data) is no new connection and goes
+    to the host, as conntrack keeps it from the portmap plugin's DNAT; a
+    client's SYN still goes to the pod, and the rest of its connection
+    follows its session."""
+    port = next(_hostport)
+    pod, mac = lab.pod()
+    lab.disp.set_hostports("c-eph", [HostPort(NODE_IP, port, "tcp", pod, 8080, "c-eph")])
+    server = counted(_server, "203.0.113.{}")
+    for flags in (TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST):
+        pkt = in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 443, port, flags)
+        res = lab.from_uplink(pkt)
+        assert (res.retval, res.data) == (TC_ACT_OK, pkt)
+    cl = counted(_client, "198.51.100.{}")
+    for flags in (TCP_SYN, TCP_ACK):
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5400, port, flags))
+        assert res.retval == TC_ACT_REDIRECT
+        assert_frame(res.data, to_pod(lab, mac, cl, pod, IPPROTO_TCP, 5400, 8080, flags))
+    lab.disp.set_hostports("c-eph", [])
+
+
 @pytest.mark.parametrize("host_ip", ["", "0.0.0.0"])
 def test_hostport_without_host_ip_serves_the_node_ip_and_loopback(lab: DispLab,
                                                                   host_ip: str) -> None:
