@@ -168,3 +168,26 @@ def test_hostports_survive_an_agent_restart_and_go_with_their_pod(hp_lab: Lab) -
                               f"http://{node_ip}:{HOST_PORT}/"], timeout=10)
     assert r.returncode != 0 and "pod2" not in r.stdout  # the node's own port: closed
     assert curl(lab, "n1", f"http://127.0.0.1:{HOST_PORT}/").split()[0] == "pod1"
+
+
+def test_hostports_of_a_pod_deleted_while_the_agent_was_down_go_on_restart(hp_lab: Lab) -> None:
+    """Its DEL came while no agent ran (the plugin deleted the veth): the
+    restarted agent forgets the pod and its hostPorts, so the port is free
+    for the next pod instead of held by a pod that is gone."""
+    lab = hp_lab
+    node = lab.node(1)
+    lp = lab.add_pod(1, 6)
+    assert lp.pod is not None
+    node.set_hostports(lp.name, [HostPort("", 54400, "tcp", lp.ip, 80, lp.name, "e2e/gone")])
+    netns, host_if = node.cfg.netns, lp.pod.iface.host_ifname
+    del lab.pods[lp.name]
+    new = lab.restart_node(1, while_down=lambda: subprocess.run(
+        ["ip", "-n", netns, "link", "del", host_if], check=True))
+    assert new.dispatcher is not None
+    assert lp.name not in {h.owner for h in new.dispatcher.hostports}
+    assert ("127.0.0.1", 54400, "tcp") not in new.dispatcher.hostport_service_keys()
+    new.set_hostports("n1p5", [HostPort("", 54400, "tcp", lab.pods["n1p5"].ip, 8008, "n1p5",
+                                        "e2e/pod3")])  # free again: pod3's HTTP port
+    assert curl(lab, "ext", f"http://{new.cfg.node_ip}:54400/").split()[0] == "pod3"
+    new.set_hostports("n1p5", [HostPort(new.cfg.node_ip, HOST_PORT, "udp", lab.pods["n1p5"].ip,
+                                         CONTAINER_PORT, "n1p5", "e2e/pod3")])
