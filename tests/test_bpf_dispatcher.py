@@ -801,6 +801,11 @@ def test_hostport_conflicts_name_the_other_pod_and_change_nothing(lab: DispLab) 
     with pytest.raises(HostPortConflict, match="already taken by pod ns/pod3"):
         lab.disp.set_hostports("c4", [HostPort("", port, "udp", pod1, 80, "c4")])
     lab.disp.set_hostports("c3", [])
+    # no hostIP claims every address, loopback ones too (kubelet's scheduler)
+    lab.disp.set_hostports("c7", [HostPort("127.0.0.5", port, "tcp", pod1, 80, "c7", "ns/pod7")])
+    with pytest.raises(HostPortConflict, match="already taken by pod ns/pod7"):
+        lab.disp.set_hostports("c8", [HostPort("0.0.0.0", port, "tcp", pod2, 80, "c8")])
+    lab.disp.set_hostports("c7", [])
     np_ = next(_nodeport)
     lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(pod1, 80)])
     with pytest.raises(HostPortConflict, match="is a NodePort"):

@@ -69,6 +69,17 @@ class HostPortConflict(HostPortError):
     """A hostPort that another live pod (or a NodePort) holds already."""
 
 
+def _overlap(a: HostPort, b: HostPort) -> bool:
+    """Whether two hostPorts claim the same traffic: the same port and
+    protocol on the same hostIP, or either without one (kubelet's scheduler
+    sees 0.0.0.0 as every address: k8s.io/kube-scheduler framework
+    HostPortInfo.CheckConflict)."""
+    if (a.port, a.proto) != (b.port, b.proto):
+        return False
+    return a.host_ip in WILDCARD_HOST_IPS or b.host_ip in WILDCARD_HOST_IPS or \
+        a.host_ip == b.host_ip
+
+
 class Dispatcher:
     def __init__(self, rt: Runtime, name: str, services: ServiceTable,
                  cfg: DispatcherConfig) -> None:
@@ -234,15 +245,15 @@ class Dispatcher:
                     raise HostPortConflict(f"hostPort {key[1]}/{key[2]} on {key[0]} is listed "
                                            f"twice for pod {m.pod or owner}")
                 wanted[key] = m
-        taken = {k: h for h in self.hostports if h.owner != owner
-                 for k in self._hostport_keys(h)}
+        for m in mappings:
+            for other in self.hostports:
+                if other.owner != owner and _overlap(m, other):
+                    raise HostPortConflict(
+                        f"hostPort {m.port}/{m.proto} on {m.host_ip or '0.0.0.0'} is already "
+                        f"taken by pod {other.pod or other.owner} on this node (its hostIP "
+                        f"{other.host_ip or '0.0.0.0'}); use another hostPort, hostIP or "
+                        f"protocol")
         for key, m in wanted.items():
-            other = taken.get(key)
-            if other is not None:
-                raise HostPortConflict(
-                    f"hostPort {m.port}/{m.proto} on {key[0]} is already taken by pod "
-                    f"{other.pod or other.owner} on this node (its hostIP "
-                    f"{other.host_ip or '0.0.0.0'}); use another hostPort, hostIP or protocol")
             if key[0] == self.cfg.node_ip and (m.port, m.proto) in self.nodeports:
                 raise HostPortConflict(f"hostPort {m.port}/{m.proto} is a NodePort of this "
                                        f"cluster; use another hostPort")
