@@ -2,9 +2,12 @@
  * stacked on the router's uplink port (both hooks) and on its overlay port
  * (ingress hook).
  *
- *  uplink ingress (from the NIC): replies to masqueraded pod connections and
- *      NodePort traffic go on to the router; everything else goes to the host
- *      stack untouched (TC_ACT_OK), the node's own traffic and VXLAN included.
+ *  uplink ingress (from the NIC): replies to masqueraded pod connections,
+ *      NodePort traffic and hostPort traffic (a pod's `hostPort`, the CNI
+ *      portMappings capability: translated like a NodePort with the Local
+ *      policy and its one backend, at any port, outside the NodePort range
+ *      too) go on to the router; everything else goes to the host stack
+ *      untouched (TC_ACT_OK), the node's own traffic and VXLAN included.
  *  uplink egress (to the NIC): replies of local NodePort backends get the
  *      node's address back; pod connections to the outside are masqueraded to
  *      the node address with a port of their own; ICMP errors about either,
@@ -36,6 +39,7 @@
 
 #define DISP_POLICY_CLUSTER 0
 #define DISP_POLICY_LOCAL 1
+#define DISP_POLICY_HOSTPORT 2  /* a pod's hostPort: Local, at any port */
 #define DISP_NET_POD 1       /* a pod network: its sources are masqueraded */
 #define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
 #define DISP_PORT_TRIES 16
@@ -275,9 +279,22 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     struct disp_np_rule *rule = disp_nodeports.lookup(&nk);
     if (!rule)
         return TC_ACT_OK; /* a port of the host's own */
-    /* Local: this node's endpoints only (the external entry); Cluster: all of
-     * them, as for the cluster's own traffic (the internal one). */
-    u8 scope = rule->policy == DISP_POLICY_LOCAL ? PCN_SVC_EXTERNAL : PCN_SVC_INTERNAL;
+    /* A NodePort rule applies in the NodePort range only; a hostPort at any
+     * port (kubelet keeps hostPorts and NodePorts apart, not the range). */
+    u16 dport = bpf_ntohs(f->dport);
+    if (rule->policy != DISP_POLICY_HOSTPORT && (dport < cfg->np_lo || dport > cfg->np_hi))
+        return TC_ACT_OK;
+    /* A hostPort may lie in the node's ephemeral range: a TCP segment that
+     * opens no connection (no session of ours has it) is the host's own, an
+     * answer to a connection it made from that port, as conntrack would
+     * know it (the portmap plugin's DNAT sees only new connections). */
+    if (rule->policy == DISP_POLICY_HOSTPORT && f->proto == IPPROTO_TCP &&
+        (info->tcp_flags & (PCN_TCP_SYN | PCN_TCP_ACK)) != PCN_TCP_SYN)
+        return TC_ACT_OK;
+    /* Local and hostPort: this node's endpoints only (the external entry);
+     * Cluster: all of them, as for the cluster's own traffic (the internal
+     * one). */
+    u8 scope = rule->policy == DISP_POLICY_CLUSTER ? PCN_SVC_INTERNAL : PCN_SVC_EXTERNAL;
     struct pcn_svc_key sk = {.vip = cfg->node_ip, .port = f->dport, .proto = f->proto,
                              .scope = scope};
     struct pcn_svc *svc = lb_services.lookup(&sk);
@@ -348,9 +365,7 @@ static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
         int r = disp_known(skb, &f, &info, PCN_SESS_SNAT_REV, PCN_SESS_NODEPORT, now);
         if (r)
             return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
-        u16 dport = bpf_ntohs(f.dport);
-        if ((f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) && !info.is_fragment &&
-            dport >= cfg->np_lo && dport <= cfg->np_hi)
+        if ((f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) && !info.is_fragment)
             return disp_nodeport(skb, inst, cfg, &f, &info, now);
         return TC_ACT_OK;
     }

@@ -83,14 +83,22 @@ static __always_inline int lbrp_on_host_port(struct __sk_buff *skb, const struct
     return cfg && cfg->host_port && pcn_meta_port(skb) == cfg->host_port;
 }
 
+/* 127.0.0.0/8: a hostPort on 127.0.0.1 (hostIP, or none) serves the node's
+ * own stack on loopback, as the portmap plugin does with route_localnet. */
+static __always_inline int lbrp_is_loopback(__be32 ip)
+{
+    return (ip & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+}
+
 /* A packet for the node's own stack that now comes from the node's own
- * address (the answer to its connection to a NodePort on that address): the
- * kernel takes a local source only from loopback, so it goes in through lo
- * (lo's MAC is all zeros) instead of the host link. */
+ * address (the answer to its connection to a NodePort or hostPort on that
+ * address) or from a loopback address (a hostPort on 127.0.0.1): the kernel
+ * takes such a source only from loopback, so it goes in through lo (lo's MAC
+ * is all zeros) instead of the host link. */
 static __always_inline int lbrp_to_host(struct __sk_buff *skb, const struct lbrp_cfg *cfg,
                                         __be32 saddr)
 {
-    if (!lbrp_on_host_port(skb, cfg) || saddr != cfg->node_ip)
+    if (!lbrp_on_host_port(skb, cfg) || (saddr != cfg->node_ip && !lbrp_is_loopback(saddr)))
         return -1;
     u8 zero[ETH_ALEN] = {};
     if (bpf_skb_store_bytes(skb, 0, zero, ETH_ALEN, 0) < 0)
@@ -102,7 +110,8 @@ static __always_inline int lbrp_reject(struct __sk_buff *skb, const struct pcn_f
                                        const struct pcn_l4info *info,
                                        const struct lbrp_cfg *cfg)
 {
-    if (lbrp_on_host_port(skb, cfg) && f->daddr == cfg->node_ip) {
+    if (lbrp_on_host_port(skb, cfg) &&
+        (f->daddr == cfg->node_ip || lbrp_is_loopback(f->daddr))) {
         pcn_count_drop(pcn_meta_port(skb), pcn_meta_instance(skb), PCN_DROP_REJECTED);
         if (pcn_reject_answer(skb, f, info) < 0)
             return TC_ACT_SHOT;

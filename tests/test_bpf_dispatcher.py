@@ -62,7 +62,13 @@ from bpfunit import (
 )
 
 from pcn_agent.dataplane import maps
-from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
+from pcn_agent.dataplane.cubes.dispatcher import (
+    Dispatcher,
+    DispatcherConfig,
+    HostPort,
+    HostPortConflict,
+    HostPortError,
+)
 from pcn_agent.dataplane.cubes.lbrp import Backend, ServiceTable, be16
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import PortCounters, PortState
@@ -683,6 +689,131 @@ def test_deleted_nodeport_goes_back_to_the_host(lab: DispLab) -> None:
     pkt = in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 7101, np_)  # a new connection
     res = lab.from_uplink(pkt)
     assert (res.retval, res.data) == (TC_ACT_OK, pkt)
+
+
+# ---------------------------------------------------------------------------- hostPort
+_hostport = itertools.count(54300)  # outside the NodePort range, as hostPorts are
+
+
+def test_hostport_goes_to_its_pod_keeping_the_client_both_ways(lab: DispLab) -> None:
+    """Upstream's HostPort conformance test in the dispatcher: the same
+    hostPort, TCP on the node IP for one pod and UDP for another, reached
+    from outside: each protocol reaches its own pod on its containerPort, the
+    client's address kept (a Local NodePort with one endpoint), and the
+    answers leave from node_ip:hostPort. The port is outside the NodePort
+    range: a NodePort rule there would go to the host."""
+    port = next(_hostport)
+    (tcp_pod, tcp_mac), (udp_pod, udp_mac) = lab.pod(), lab.pod()
+    lab.disp.set_hostports("c-tcp", [HostPort(NODE_IP, port, "tcp", tcp_pod, 8080, "c-tcp")])
+    lab.disp.set_hostports("c-udp", [HostPort(NODE_IP, port, "udp", udp_pod, 8080, "c-udp")])
+    cl = counted(_client, "198.51.100.{}")
+    drops = lab.drops()
+    for proto, pod, mac in ((IPPROTO_TCP, tcp_pod, tcp_mac), (IPPROTO_UDP, udp_pod, udp_mac)):
+        before = lab.counters()
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 5100, port))
+        assert res.retval == TC_ACT_REDIRECT
+        assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 0, "pods": 1}
+        assert_frame(res.data, to_pod(lab, mac, cl, pod, proto, 5100, 8080))
+        flags = TCP_SYN | TCP_ACK if proto == IPPROTO_TCP else 0
+        res = lab.to_uplink(out_uplink(lab, pod, cl, proto, 8080, 5100, flags))
+        assert res.retval == TC_ACT_OK
+        assert_frame(res.data, out_uplink(lab, NODE_IP, cl, proto, port, 5100, flags))
+    assert lab.drops() == drops
+    lab.disp.set_hostports("c-tcp", [])
+    lab.disp.set_hostports("c-udp", [])
+    pkt = in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5101, port)  # a new connection
+    res = lab.from_uplink(pkt)
+    assert (res.retval, res.data) == (TC_ACT_OK, pkt)  # the host's again
+
+
+def test_hostport_leaves_the_hosts_own_connections_on_that_port_alone(lab: DispLab) -> None:
+    """A hostPort in the ephemeral range: the answer to a connection the node
+    made from that port (a SYN-ACK, then data) is no new connection and goes
+    to the host, as conntrack keeps it from the portmap plugin's DNAT; a
+    client's SYN still goes to the pod, and the rest of its connection
+    follows its session."""
+    port = next(_hostport)
+    pod, mac = lab.pod()
+    lab.disp.set_hostports("c-eph", [HostPort(NODE_IP, port, "tcp", pod, 8080, "c-eph")])
+    server = counted(_server, "203.0.113.{}")
+    for flags in (TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST):
+        pkt = in_uplink(lab, server, NODE_IP, IPPROTO_TCP, 443, port, flags)
+        res = lab.from_uplink(pkt)
+        assert (res.retval, res.data) == (TC_ACT_OK, pkt)
+    cl = counted(_client, "198.51.100.{}")
+    for flags in (TCP_SYN, TCP_ACK):
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5400, port, flags))
+        assert res.retval == TC_ACT_REDIRECT
+        assert_frame(res.data, to_pod(lab, mac, cl, pod, IPPROTO_TCP, 5400, 8080, flags))
+    lab.disp.set_hostports("c-eph", [])
+
+
+@pytest.mark.parametrize("host_ip", ["", "0.0.0.0"])
+def test_hostport_without_host_ip_serves_the_node_ip_and_loopback(lab: DispLab,
+                                                                  host_ip: str) -> None:
+    port = next(_hostport)
+    pod, mac = lab.pod()
+    lab.disp.set_hostports("c-any", [HostPort(host_ip, port, "tcp", pod, 80, "c-any")])
+    svcs = lab.net.rt.table("lb_services", "k8sdispatcher")
+    for vip in (NODE_IP, "127.0.0.1"):  # the node's own stack and pods use these
+        assert svcs[maps.SvcKey(maps.ip_be(vip), be16(port), IPPROTO_TCP,
+                                maps.SVC_INTERNAL)].n_slots == 1
+    cl = counted(_client, "198.51.100.{}")
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5200, port))
+    assert_frame(res.data, to_pod(lab, mac, cl, pod, IPPROTO_TCP, 5200, 80))
+    lab.disp.set_hostports("c-any", [])
+    assert lab.disp.hostport_service_keys() == set()
+    with pytest.raises(KeyError):
+        svcs[maps.SvcKey(maps.ip_be("127.0.0.1"), be16(port), IPPROTO_TCP, maps.SVC_INTERNAL)]
+
+
+def test_hostport_on_loopback_only_is_not_served_from_outside(lab: DispLab) -> None:
+    port = next(_hostport)
+    pod, _ = lab.pod()
+    lab.disp.set_hostports("c-lo", [HostPort("127.0.0.1", port, "tcp", pod, 8080, "c-lo")])
+    cl = counted(_client, "198.51.100.{}")
+    pkt = in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 5300, port)
+    drops = lab.drops()
+    res = lab.from_uplink(pkt)
+    assert (res.retval, res.data) == (TC_ACT_OK, pkt)
+    assert lab.drops() == drops
+    lab.disp.set_hostports("c-lo", [])
+
+
+def test_hostport_conflicts_name_the_other_pod_and_change_nothing(lab: DispLab) -> None:
+    """Same port and protocol on an overlapping address (no hostIP overlaps
+    every one) is taken; another protocol or hostIP is not (the conformance
+    test's three pods)."""
+    port = next(_hostport)
+    pod1, pod2, pod3 = lab.pod()[0], lab.pod()[0], lab.pod()[0]
+    lab.disp.set_hostports("c1", [HostPort("127.0.0.1", port, "tcp", pod1, 8080, "c1",
+                                           "ns/pod1")])
+    lab.disp.set_hostports("c2", [HostPort(NODE_IP, port, "tcp", pod2, 8080, "c2", "ns/pod2")])
+    lab.disp.set_hostports("c3", [HostPort(NODE_IP, port, "udp", pod3, 8080, "c3", "ns/pod3")])
+    keys = lab.disp.hostport_service_keys()
+    for host_ip, taken_by in (("", "ns/pod[12]"), (NODE_IP, "ns/pod2"),
+                              ("127.0.0.1", "ns/pod1")):
+        with pytest.raises(HostPortConflict, match=f"already taken by pod {taken_by}"):
+            lab.disp.set_hostports("c4", [HostPort(host_ip, port, "tcp", pod3, 80, "c4")])
+    assert lab.disp.hostport_service_keys() == keys
+    lab.disp.set_hostports("c1", [])
+    lab.disp.set_hostports("c2", [])
+    with pytest.raises(HostPortConflict, match="already taken by pod ns/pod3"):
+        lab.disp.set_hostports("c4", [HostPort("", port, "udp", pod1, 80, "c4")])
+    lab.disp.set_hostports("c3", [])
+    # no hostIP claims every address, loopback ones too (kubelet's scheduler)
+    lab.disp.set_hostports("c7", [HostPort("127.0.0.5", port, "tcp", pod1, 80, "c7", "ns/pod7")])
+    with pytest.raises(HostPortConflict, match="already taken by pod ns/pod7"):
+        lab.disp.set_hostports("c8", [HostPort("0.0.0.0", port, "tcp", pod2, 80, "c8")])
+    lab.disp.set_hostports("c7", [])
+    np_ = next(_nodeport)
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(pod1, 80)])
+    with pytest.raises(HostPortConflict, match="is a NodePort"):
+        lab.disp.set_hostports("c5", [HostPort("", np_, "tcp", pod1, 80, "c5")])
+    assert lab.disp.delete_nodeport(np_, "tcp")
+    with pytest.raises(HostPortError, match="not an address pcn serves"):
+        lab.disp.set_hostports("c6", [HostPort("192.0.2.1", port, "tcp", pod1, 80, "c6")])
+    assert lab.disp.hostport_service_keys() == set()
 
 
 # ---------------------------------------------------------------------------- host traffic

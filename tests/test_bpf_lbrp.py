@@ -1048,6 +1048,38 @@ def test_the_nodes_connection_to_a_nodeport_without_backends_is_refused_through_
         tcp(NODE_IP, NODE_IP, np_, 45600, TCP_RST | TCP_ACK, 0, 1001))))
 
 
+_hostport = itertools.count(54300)
+
+
+@pytest.mark.parametrize("src", ["127.0.0.1", NODE_IP], ids=["from-127", "from-node-ip"])
+def test_the_node_reaches_a_hostport_on_127_0_0_1_through_loopback(lab: LbLab, src: str) -> None:
+    """A pod's hostPort on hostIP 127.0.0.1 (upstream's HostPort conformance
+    test: `curl --interface <node IP> http://127.0.0.1:54323` from the node):
+    lo's egress program hands it to the host port, the lbrp sends it to the
+    pod from the node's address, and the answer, which comes from 127.0.0.1
+    again, goes in through lo (the kernel drops a loopback source anywhere
+    else as martian)."""
+    port = next(_hostport)
+    pod = client()
+    lab.lb.set_service("127.0.0.1", port, "tcp", [Backend(pod, 8080)])
+    host_mac = lab.ports["host"].mac
+    res = lab.from_loopback(lo_frame(src, "127.0.0.1", 45700, port))
+    assert res.retval == TC_ACT_REDIRECT
+    masq, sport = src_of(res)
+    assert masq == NODE_IP and MASQ_LO <= sport <= MASQ_HI
+    assert_frame(res.data, eth(host_mac, ZERO_MAC, ETH_P_IP, ipv4(
+        NODE_IP, pod, IPPROTO_TCP, tcp(NODE_IP, pod, sport, 8080, TCP_SYN))))
+    router_mac, host_if_mac = random_mac(), random_mac()
+    answer = eth(host_if_mac, router_mac, ETH_P_IP, ipv4(
+        pod, NODE_IP, IPPROTO_TCP, tcp(pod, NODE_IP, 8080, sport, TCP_SYN | TCP_ACK, 5000, 1001)))
+    res = lab.to_pod(answer, port="host")
+    assert res.retval == TC_ACT_REDIRECT  # into lo, not out of the host link
+    assert_frame(res.data, eth(ZERO_MAC, router_mac, ETH_P_IP, ipv4(
+        "127.0.0.1", src, IPPROTO_TCP,
+        tcp("127.0.0.1", src, port, 45700, TCP_SYN | TCP_ACK, 5000, 1001))))
+    assert lab.lb.delete_service("127.0.0.1", port, "tcp")
+
+
 # ---------------------------------------------------------------------------- session lifetimes
 def flow(src: str, dst: str, sport: int, dport: int, proto: int) -> maps.Flow:
     return maps.Flow(maps.ip_be(src), maps.ip_be(dst), be16(sport), be16(dport), proto)

@@ -528,3 +528,61 @@ def test_second_add_of_the_same_container_is_refused_without_harm(clean: CniLab)
     assert cl.allocated() == before and cid in cl.node.pods
     _ping(cl, ns, cl.node.cfg.gateway)
     cl.delete(cid, path).ok()
+
+
+def _hostports(cl: CniLab) -> set[tuple[str, int, str, str]]:
+    assert cl.node.dispatcher is not None
+    return {(h.host_ip, h.port, h.proto, h.owner) for h in cl.node.dispatcher.hostports}
+
+
+def _with_ports(cl: CniLab, *mappings: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as libcni gives it to a plugin that declares the
+    portMappings capability, with the pod's hostPorts."""
+    return cl.conf(capabilities={"portMappings": True},
+                   runtimeConfig={"portMappings": list(mappings)})
+
+
+def test_add_installs_host_ports_and_del_removes_them(clean: CniLab) -> None:
+    cl = clean
+    node_ip = cl.node.cfg.node_ip
+    tcp_lo = {"hostPort": 54323, "containerPort": 8080, "protocol": "tcp", "hostIP": "127.0.0.1"}
+    tcp_node = {**tcp_lo, "hostIP": node_ip}
+    udp_node = {**tcp_node, "protocol": "udp"}
+    added: list[tuple[str, str]] = []
+    try:
+        for m in (tcp_lo, tcp_node, udp_node):
+            cid, _, path, _ = cl.add(conf=_with_ports(cl, m))
+            added.append((cid, path))
+        (a, _), (b, _), (c, _) = added
+        assert _hostports(cl) == {("127.0.0.1", 54323, "tcp", a), (node_ip, 54323, "tcp", b),
+                                  (node_ip, 54323, "udp", c)}
+        # The same hostPort and protocol with no hostIP overlaps both TCP
+        # ones: refused with pcn's code, naming a pod that holds it; the
+        # failed ADD leaves nothing.
+        links, allocated, pods = cl.node_links(), cl.allocated(), cl.cni_pods()
+        ns, path = cl.pod_ns()
+        err = cl.run("ADD", _with_ports(cl, {**tcp_lo, "hostIP": ""}), secrets.token_hex(32),
+                     path, args="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=late"
+                     ).error(spec.PORT_CONFLICT)
+        assert "54323/tcp" in err["msg"] and "already taken by pod default/web-" in err["msg"]
+        assert (cl.node_links(), cl.allocated(), cl.cni_pods()) == (links, allocated, pods)
+        assert cl.pod_links(ns) == {"lo"}
+        assert len(_hostports(cl)) == 3
+    finally:
+        for cid, path in added:
+            cl.delete(cid, path, conf=_with_ports(cl)).ok()
+            cl.delete(cid, path, conf=_with_ports(cl)).ok()  # idempotent
+    assert _hostports(cl) == set()
+    assert cl.node.dispatcher is not None
+    assert cl.node.dispatcher.hostport_service_keys() == set()
+
+
+def test_add_with_a_host_ip_the_node_does_not_have_is_refused(clean: CniLab) -> None:
+    cl = clean
+    links = cl.node_links()
+    ns, path = cl.pod_ns()
+    err = cl.run("ADD", _with_ports(cl, {"hostPort": 8000, "containerPort": 80,
+                                         "protocol": "tcp", "hostIP": "192.0.2.77"}),
+                 secrets.token_hex(32), path).error(spec.INVALID_CONFIG)
+    assert "hostIP 192.0.2.77" in err["msg"] and cl.node.cfg.node_ip in err["msg"]
+    _no_leaks(cl, links, ns)

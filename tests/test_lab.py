@@ -205,6 +205,51 @@ def test_a_dead_agent_is_restarted(running) -> None:
     assert "✗" not in r.stdout
 
 
+def _host_port_pod(name: str, node: str, host_ip: str | None) -> dict:
+    port = {"containerPort": 8080, "hostPort": 54323, "protocol": "TCP"}
+    if host_ip:
+        port["hostIP"] = host_ip
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "probe",
+                                                       "ports": [port]}]}}
+
+
+def test_the_kubelet_stand_in_passes_host_ports_to_cni(running, tmp_path: Path) -> None:
+    """A pod's hostPort reaches pcn as kubelet and containerd hand it over
+    (runtimeConfig.portMappings, the conflist's capability): served from the
+    external host, client address kept; a second pod with the same hostPort
+    and protocol on an overlapping address does not start, its ADD refused
+    naming the first; it starts once the first is deleted."""
+    d, state = running
+    node, node_ip = f"{state.prefix}-n1", "192.168.250.1"
+    f = tmp_path / "hostport.yaml"
+    f.write_text(yaml.safe_dump_all([_host_port_pod("hp-a", node, node_ip),
+                                     _host_port_pod("hp-b", node, None)]))
+    assert run(d, "apply", "-f", str(f)).returncode == 0
+
+    def probe() -> dict | None:
+        r = subprocess.run(["ip", "netns", "exec", f"{state.prefix}-ext", sys.executable, "-m",
+                            "pcn_lab.probe", "tcp", node_ip, "54323", "--timeout", "2"],
+                           capture_output=True, text=True, timeout=30)
+        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {}
+        return out if out.get("ok") else None
+
+    seen = _wait("hostPort 54323 served by hp-a", probe)
+    assert (seen["host"], seen["peer_seen"]) == ("hp-a", "192.168.250.100")
+    log = d / "supervisor.log"
+    _wait("hp-b's ADD refused", lambda: "hp-b" in log.read_text() and
+          "already taken by pod default/hp-a" in log.read_text())
+    assert re.search(r"pod hp-b: \S+ -$", run(d, "status").stdout, re.M)  # no address
+    kubeconfig = yaml.safe_load((d / "kubeconfig").read_text())
+    api = kubeconfig["clusters"][0]["cluster"]["server"]
+    for name in ("hp-a", "hp-b"):
+        subprocess.run(["curl", "-sS", "-X", "DELETE", f"{api}/api/v1/namespaces/default/pods/"
+                        f"{name}"], capture_output=True, timeout=30, check=True)
+        if name == "hp-a":
+            _wait("hp-b served once hp-a is gone",
+                  lambda: (p := probe()) is not None and p["host"] == "hp-b" and p)
+
+
 def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
     d = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "pcn_lab.cli", "--dir", str(d), "up",

@@ -546,6 +546,9 @@ def test_installer_writes_a_valid_cni_config(host: dict[str, Any], ds: dict[str,
     (plugin,) = conf["plugins"]
     assert plugin["type"] == "pcn"
     assert plugin["mtu"] == 1450
+    # the runtime passes hostPorts (runtimeConfig.portMappings) only to a
+    # plugin that declares the capability
+    assert plugin["capabilities"] == {"portMappings": True}
     _, agent, _ = _containers(ds)
     assert plugin["agentSocket"] == env_of(agent)["PCN_SOCKET"]
     assert plugin["ipam"] == {"type": "host-local", "ranges": [[{"subnet": "10.244.3.0/24"}]],

@@ -77,12 +77,15 @@ def ours(path: Path) -> bool:
 
 def conflist(pod_cidr: str, mtu: int, socket: str) -> dict[str, Any]:
     """The CNI network configuration list of pcn (libcni gives each plugin
-    cniVersion and name from the list)."""
+    cniVersion and name from the list). The `portMappings` capability makes
+    the runtime pass the pods' hostPorts (runtimeConfig.portMappings), which
+    pcn serves in its data plane (no portmap plugin chained)."""
     return {
         "cniVersion": "1.0.0",
         "name": "pcn",
         "plugins": [{
             "type": "pcn",
+            "capabilities": {"portMappings": True},
             "mtu": mtu,
             "agentSocket": socket,
             "ipam": {

@@ -40,7 +40,7 @@ def network_config(pod_cidr: str, gateway: str, socket_path: str, data_dir: str,
     net = ipaddress.IPv4Network(pod_cidr)
     return {
         "cniVersion": "1.0.0", "name": name, "type": "pcn", "mtu": mtu,
-        "agentSocket": socket_path,
+        "capabilities": {"portMappings": True}, "agentSocket": socket_path,
         "ipam": {"type": "host-local", "dataDir": data_dir,
                  "ranges": [[{"subnet": str(net), "gateway": gateway,
                               "rangeStart": str(net.network_address + 10)}]],
@@ -77,11 +77,35 @@ def run_cni(node_netns: str | None, command: str, sandbox: PodSandbox, config: d
     return out
 
 
-def start_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any]) -> PodSandbox:
-    """Create the pod's namespace and run CNI ADD; on failure nothing is left."""
+def port_mappings(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod's hostPorts as kubelet and containerd hand them to CNI: one
+    entry per spec.containers[].ports[] with a hostPort (containerd's
+    toCNIPortMappings: protocol lower-cased, hostIP as given, "" when none)."""
+    out: list[dict[str, Any]] = []
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if isinstance(p.get("hostPort"), int) and p["hostPort"] > 0:
+                out.append({"hostPort": p["hostPort"], "containerPort": p.get("containerPort"),
+                            "protocol": (p.get("protocol") or "TCP").lower(),
+                            "hostIP": p.get("hostIP") or ""})
+    return out
+
+
+def with_capabilities(config: dict[str, Any], mappings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The plugin's configuration with runtimeConfig for the capabilities it
+    declares, as libcni injects it (only portMappings here; none: unchanged)."""
+    if not mappings or not (config.get("capabilities") or {}).get("portMappings"):
+        return config
+    return {**config, "runtimeConfig": {"portMappings": mappings}}
+
+
+def start_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any],
+              mappings: list[dict[str, Any]] | None = None) -> PodSandbox:
+    """Create the pod's namespace and run CNI ADD (with the pod's hostPorts,
+    `port_mappings(pod)`); on failure nothing is left."""
     pr_netns.create(sandbox.netns)
     try:
-        result = run_cni(node_netns, "ADD", sandbox, config)
+        result = run_cni(node_netns, "ADD", sandbox, with_capabilities(config, mappings or []))
         sandbox.ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
         return sandbox
     except BaseException:

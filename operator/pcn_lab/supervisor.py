@@ -377,7 +377,7 @@ class Supervisor:
             sb = kubelet.PodSandbox(key[0], key[1], secrets.token_hex(8),
                                     f"{self.lab.prefix}-p-{secrets.token_hex(3)}")
             try:
-                kubelet.start_pod(node, sb, self.cni[node])
+                kubelet.start_pod(node, sb, self.cni[node], kubelet.port_mappings(pod))
             except Exception as exc:  # retried on every pass, logged when it changes
                 if self.pod_errors.get(key) != str(exc):
                     log.error("could not start pod %s/%s: %s", *key, exc)

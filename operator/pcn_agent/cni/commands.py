@@ -79,6 +79,9 @@ Network configuration (stdin):
   mtu           pod interface MTU (default {DEFAULT_MTU})
   agentSocket   the pcn agent's local API socket (default {DEFAULT_SOCKET})
   agentTimeout  seconds to wait for the agent (default {DEFAULT_AGENT_TIMEOUT_S:g})
+  capabilities  {{"portMappings": true}}: the runtime then passes the pod's hostPorts
+                as runtimeConfig.portMappings and the agent serves them (a hostPort
+                another pod of the node holds fails ADD with code 100)
 
 Errors are printed on stdout as CNI error JSON and the exit code is non-zero.
 """
@@ -168,7 +171,8 @@ def cmd_add(conf: NetConf, env: Env, environ: dict[str, str]) -> dict[str, Any]:
         _agent(conf, {"op": "attach", "container_id": env.container_id, "netns": env.netns,
                       "ifname": env.ifname, "host_ifname": host_if, "ip": iface.address,
                       "mac": iface.mac, "mtu": conf.mtu, "gateway": gateway,
-                      "k8s_namespace": env.k8s_namespace, "k8s_name": env.k8s_name})
+                      "k8s_namespace": env.k8s_namespace, "k8s_name": env.k8s_name,
+                      "port_mappings": conf.port_mappings})
     except BaseException as exc:
         problems = _rollback_add(conf, env, ipam, host_if, created, attach_sent)
         if problems:

@@ -8,6 +8,7 @@ CniError(code, msg, details) that pcn-cni prints as CNI error JSON.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,9 @@ DECODE_FAILURE = 6
 INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
 NOT_AVAILABLE = 50
+# Plugin-specific (the spec leaves 100 and up to plugins): a hostPort that
+# another pod on the node holds.
+PORT_CONFLICT = 100
 INTERNAL = 999
 
 DEFAULT_SOCKET = "/run/pcn/agent.sock"  # the agent's local API (NetConf "agentSocket")
@@ -79,6 +83,9 @@ class NetConf:
     agent_socket: str
     agent_timeout: float
     ipam: dict[str, Any]
+    # runtimeConfig.portMappings, checked: [{"hostPort": int, "containerPort":
+    # int, "protocol": "tcp" | "udp", "hostIP": str ("" for none)}]
+    port_mappings: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ipam_type(self) -> str:
@@ -192,4 +199,63 @@ def parse_conf(data: bytes) -> NetConf:
     if not isinstance(ipam_type, str) or not ipam_type or "/" in ipam_type:
         raise CniError(INVALID_CONFIG, "ipam.type must name an IPAM plugin, e.g. \"host-local\"",
                        "the plugin is looked up by that name in CNI_PATH")
-    return NetConf(raw, version, name, mtu, sock, float(timeout), ipam)
+    return NetConf(raw, version, name, mtu, sock, float(timeout), ipam,
+                   parse_port_mappings(raw.get("runtimeConfig")))
+
+
+def _port(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        return None
+    return value
+
+
+def parse_port_mappings(runtime_config: Any) -> list[dict[str, Any]]:
+    """runtimeConfig.portMappings (the `portMappings` capability of the CNI
+    conventions, which kubelet and containerd fill from every container's
+    ports[].hostPort: [{"hostPort": 8080, "containerPort": 80, "protocol":
+    "tcp", "hostIP": "127.0.0.1"}]), checked as the reference portmap plugin
+    does: both ports 1-65535, protocol tcp or udp (any case; default tcp),
+    hostIP an IPv4 address or empty. Mappings for IPv6 hostIPs are left out
+    (pcn is IPv4 only; the runtime passes them for dual-stack pods). Raises
+    CniError(INVALID_CONFIG) naming the bad entry."""
+    if runtime_config is None:
+        return []
+    if not isinstance(runtime_config, dict):
+        raise CniError(INVALID_CONFIG, "runtimeConfig must be a JSON object")
+    mappings = runtime_config.get("portMappings")
+    if mappings is None:
+        return []
+    if not isinstance(mappings, list):
+        raise CniError(INVALID_CONFIG, "runtimeConfig.portMappings must be a list",
+                       "each entry is {\"hostPort\", \"containerPort\", \"protocol\", "
+                       "\"hostIP\"}")
+    out: list[dict[str, Any]] = []
+    for m in mappings:
+        if not isinstance(m, dict):
+            raise CniError(INVALID_CONFIG, f"runtimeConfig.portMappings entry {m!r} is not an "
+                                           f"object")
+        host_port, container_port = _port(m.get("hostPort")), _port(m.get("containerPort"))
+        if host_port is None or container_port is None:
+            raise CniError(INVALID_CONFIG, f"port mapping {json.dumps(m)}: hostPort and "
+                                           f"containerPort must be integers from 1 to 65535")
+        proto = m.get("protocol") or "tcp"
+        if not isinstance(proto, str) or proto.lower() not in ("tcp", "udp"):
+            raise CniError(INVALID_CONFIG, f"port mapping {json.dumps(m)}: protocol "
+                                           f"{proto!r} is not supported",
+                           "pcn translates TCP and UDP hostPorts (SCTP is not translated)")
+        host_ip = m.get("hostIP") or ""
+        if not isinstance(host_ip, str):
+            raise CniError(INVALID_CONFIG, f"port mapping {json.dumps(m)}: hostIP must be a "
+                                           f"string")
+        if host_ip:
+            try:
+                ip = ipaddress.ip_address(host_ip)
+            except ValueError:
+                raise CniError(INVALID_CONFIG, f"port mapping {json.dumps(m)}: hostIP "
+                                               f"{host_ip!r} is not an IP address") from None
+            if ip.version == 6:
+                continue
+            host_ip = str(ip)
+        out.append({"hostPort": host_port, "containerPort": container_port,
+                    "protocol": proto.lower(), "hostIP": host_ip})
+    return out

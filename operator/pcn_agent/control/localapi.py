@@ -20,7 +20,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pcn_agent.cni.localapi import MAX_LINE, Request, Response, read_line
 from pcn_agent.cni.spec import (
@@ -29,6 +29,7 @@ from pcn_agent.cni.spec import (
     INVALID_CONFIG,
     INVALID_ENV,
     IO_FAILURE,
+    PORT_CONFLICT,
     TRY_AGAIN_LATER,
     UNKNOWN_CONTAINER,
 )
@@ -263,15 +264,49 @@ def _str_field(request: Request, name: str, required: bool = True, default: str 
     return value
 
 
+def _port_mappings(request: Request) -> list[dict[str, Any]]:
+    """The attach request's `port_mappings` (CNI runtimeConfig.portMappings,
+    as pcn-cni checked and normalised them: hostPort and containerPort
+    integers, protocol "tcp" or "udp", hostIP a string, "" for none)."""
+    value = request.get("port_mappings") or []
+    if not isinstance(value, list):
+        raise ApiError("request field 'port_mappings' must be a list", INVALID_ENV)
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            raise ApiError("each of 'port_mappings' must be an object", INVALID_ENV)
+        host_port, container_port = m.get("hostPort"), m.get("containerPort")
+        proto, host_ip = m.get("protocol", "tcp"), m.get("hostIP") or ""
+        if not all(isinstance(p, int) and not isinstance(p, bool)
+                   for p in (host_port, container_port)) or \
+                not isinstance(proto, str) or not isinstance(host_ip, str):
+            raise ApiError(f"port mapping {m!r} needs integer hostPort and containerPort and "
+                           f"string protocol and hostIP", INVALID_ENV)
+        out.append({"hostPort": host_port, "containerPort": container_port,
+                    "protocol": proto.lower(), "hostIP": host_ip})
+    return out
+
+
+def _hostports_note(hostports: list[dict[str, Any]]) -> str:
+    if not hostports:
+        return ""
+    return ", hostPorts " + ", ".join(
+        f"{m['hostIP'] or '*'}:{m['hostPort']}/{m['protocol']}->{m['containerPort']}"
+        for m in hostports)
+
+
 class DataplaneHandler:
     """The local API's ops on a NodeDataplane; one request at a time (a lock,
     which callers that also change the node may share through `lock`).
 
     attach   container_id, netns, ifname, host_ifname, ip (interface notation),
-             mac, [mtu], [gateway], [k8s_namespace], [k8s_name]
-             -> port; peers the existing host veth with a new bridge port.
-             Idempotent; an attachment holding the same address is replaced
-             (its DEL happened while the agent was away).
+             mac, [mtu], [gateway], [k8s_namespace], [k8s_name],
+             [port_mappings: [{hostPort, containerPort, protocol, hostIP}]]
+             -> port; peers the existing host veth with a new bridge port
+             and installs the pod's hostPorts (CNI portMappings). Idempotent;
+             an attachment holding the same address is replaced (its DEL
+             happened while the agent was away); a hostPort another live pod
+             holds fails the attach (code PORT_CONFLICT) and attaches nothing.
     detach   container_id -> detached (false when unknown: not an error)
     check    container_id -> the attachment, or an error saying what is wrong
     status   -> node, ready, pods
@@ -359,10 +394,12 @@ class DataplaneHandler:
             raise ApiError(f"no interface {host_if} in node {node.cfg.name}'s network namespace: "
                            f"create the veth pair before asking to attach it", INTERNAL)
 
+        hostports = _port_mappings(request)
         old = node.pods.get(cid)
         if old is not None:
             if (old.iface.host_ifname == host_if and old.port.netdev == host_if
                     and old.port.peer == ifindex and old.iface.address == str(addr)):
+                self._set_hostports(old, hostports)
                 return {**self._describe(old), "attached": True, "already": True}
             log.warning("container %s re-attached (%s -> %s): replacing its old port", cid,
                         old.iface.host_ifname, host_if)
@@ -379,9 +416,28 @@ class DataplaneHandler:
                                 k8s_namespace=_str_field(request, "k8s_namespace", False),
                                 k8s_name=_str_field(request, "k8s_name", False),
                                 origin=self.ORIGIN)
-        log.info("attached container %s (%s/%s, %s) on %s", cid, pod.k8s_namespace,
-                 pod.k8s_name, addr, host_if)
+        try:
+            self._set_hostports(pod, hostports)
+        except BaseException:
+            node.detach_pod(cid)
+            raise
+        log.info("attached container %s (%s/%s, %s) on %s%s", cid, pod.k8s_namespace,
+                 pod.k8s_name, addr, host_if, _hostports_note(hostports))
         return {**self._describe(pod), "attached": True, "already": False}
+
+    def _set_hostports(self, pod: Pod, hostports: list[dict[str, Any]]) -> None:
+        from pcn_agent.dataplane.cubes.dispatcher import HostPort, HostPortConflict, HostPortError
+
+        who = f"{pod.k8s_namespace}/{pod.k8s_name}" if pod.k8s_name else pod.key
+        ip = str(ipaddress.IPv4Interface(pod.iface.address).ip)
+        mappings = [HostPort(m["hostIP"], m["hostPort"], m["protocol"], ip, m["containerPort"],
+                             pod.key, who) for m in hostports]
+        try:
+            self.node.set_hostports(pod.key, mappings)
+        except HostPortConflict as exc:
+            raise ApiError(str(exc), PORT_CONFLICT) from None
+        except HostPortError as exc:
+            raise ApiError(str(exc), INVALID_CONFIG) from None
 
     def op_detach(self, request: Request) -> Response:
         cid = _str_field(request, "container_id")

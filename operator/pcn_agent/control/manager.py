@@ -42,8 +42,12 @@ class DataplaneManager:
         for name, cube in n.rt.cubes.items():
             if cube.type == "firewall":
                 self.functions[name] = Firewall(n.rt, name)
+        # the node's address holds NodePorts and hostPorts, 127.0.0.1 hostPorts:
+        # none of them is a ClusterIP the reconciler would remove
+        hostports = n.dispatcher.hostport_service_keys() if n.dispatcher else set()
         services = {k: ServiceSpec(tuple(s.backends), s.affinity_timeout_s, s.drop_if_empty)
-                    for k, s in n.lb.services.services.items() if k[0] != n.cfg.node_ip} \
+                    for k, s in n.lb.services.services.items()
+                    if k[0] != n.cfg.node_ip and k not in hostports} \
             if n.lb else {}
         nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local, v.affinity_timeout_s)
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}

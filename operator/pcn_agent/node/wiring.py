@@ -34,7 +34,7 @@ from pcn_agent.dataplane import bpffs, maps, sessions
 from pcn_agent.dataplane.cubes.bridge import TYPE as BRIDGE_TYPE
 from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
-from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
+from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig, HostPort
 from pcn_agent.dataplane.cubes.lbrp import TYPE as LB_TYPE
 from pcn_agent.dataplane.cubes.lbrp import Backend, LbConfig, LoadBalancer, Service
 from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
@@ -55,6 +55,12 @@ HOST_PORT = "host"
 # The node's answers to its own connections to a NodePort come from its own
 # address: the kernel takes a local source only on lo with accept_local.
 LO_ACCEPT_LOCAL = "net.ipv4.conf.lo.accept_local"
+# The answers to its connections to a hostPort on 127.0.0.1 come from (and go
+# to) 127.0.0.1: a packet put into lo's ingress is routed again, and the
+# kernel takes loopback addresses there only with route_localnet (on lo only;
+# kube-proxy and the portmap plugin set it on every or the pods' interfaces).
+LO_ROUTE_LOCALNET = "net.ipv4.conf.lo.route_localnet"
+LO_SYSCTLS = {"lo_accept_local": LO_ACCEPT_LOCAL, "lo_route_localnet": LO_ROUTE_LOCALNET}
 BRIDGE = "br0"
 ROUTER = "r0"
 LB = "lb"
@@ -306,11 +312,13 @@ class NodeDataplane:
     def _serve_the_node(self, r_host: PortState, loopback: bool = True) -> None:
         """Services for the node's own stack (idempotent): the lbrp on the
         router's host port, told its node; with `loopback`, the node's lo
-        hands its connections to NodePorts on its own address to that port
-        (they never leave the stack otherwise), and takes the answers, which
-        come from the node's own address (accept_local on lo: only a BPF
-        program can put a packet into lo's ingress). kube-proxy serves the
-        node too, and masquerades it (its "masquerade local traffic")."""
+        hands its connections to NodePorts and hostPorts on its own address
+        and to hostPorts on 127.0.0.1 to that port (they never leave the
+        stack otherwise), and takes the answers, which come from the node's
+        own address (accept_local on lo: only a BPF program can put a packet
+        into lo's ingress) or from 127.0.0.1 (route_localnet on lo). kube-proxy
+        serves the node too, and masquerades it (its "masquerade local
+        traffic")."""
         assert self.lb is not None
         c = self.cfg
         lb = [self.rt.stacked(LB)]
@@ -322,9 +330,10 @@ class NodeDataplane:
             masq_range=c.snat_range))
         if not loopback:
             return
-        if "lo_accept_local" not in self.rt.meta:  # what to put back in down()
-            self.rt.meta["lo_accept_local"] = podnet.read_sysctl(c.netns, LO_ACCEPT_LOCAL)
-        podnet.write_sysctl(c.netns, LO_ACCEPT_LOCAL, "1")
+        for key, sysctl in LO_SYSCTLS.items():
+            if key not in self.rt.meta:  # what to put back in down()
+                self.rt.meta[key] = podnet.read_sysctl(c.netns, sysctl)
+            podnet.write_sysctl(c.netns, sysctl, "1")
         self.rt.attach_loopback(r_host)
 
     def _create_host_link(self, host_ip: str, prefix: int) -> None:
@@ -376,6 +385,9 @@ class NodeDataplane:
             self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
                                  p["ingress"], p["egress"], p.get("k8s_namespace", ""),
                                  p.get("k8s_name", ""), p.get("origin", ""))
+        for owner in {h.owner for h in self.dispatcher.hostports} - set(self.pods):
+            log.warning("node %s: the hostPorts of %s go with it", self.cfg.name, owner)
+            self.dispatcher.set_hostports(owner, [])
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -418,9 +430,9 @@ class NodeDataplane:
             self._vxlan_created = False
         if self.rt.ipr is not None and self.rt.meta.pop("host_link_created", False):
             _del_link(self.rt, HOST_DEV)  # its peer and the host's route go with it
-        if self.rt.ipr is not None and "lo_accept_local" in self.rt.meta:
-            podnet.write_sysctl(self.cfg.netns, LO_ACCEPT_LOCAL,
-                                self.rt.meta.pop("lo_accept_local"))
+        for key, sysctl in LO_SYSCTLS.items():
+            if self.rt.ipr is not None and key in self.rt.meta:
+                podnet.write_sysctl(self.cfg.netns, sysctl, self.rt.meta.pop(key))
         self.rt.close(remove=True)
 
     def crash(self) -> None:
@@ -524,6 +536,23 @@ class NodeDataplane:
         self.save()
         return found
 
+    # ---------------------------------------------------------------- hostPorts
+    def set_hostports(self, key: str, mappings: list[HostPort]) -> None:
+        """Make pod `key`'s hostPorts exactly `mappings` (see
+        Dispatcher.set_hostports, which raises HostPortError or
+        HostPortConflict and then changes nothing). detach_pod and remove_pod
+        remove them; a restarted agent adopts them with the pod."""
+        assert self.dispatcher is not None
+        if mappings and key not in self.pods:
+            raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
+        self.dispatcher.set_hostports(key, mappings)
+        self.save()
+
+    def _drop_hostports(self, key: str) -> None:
+        if self.dispatcher is not None and any(h.owner == key
+                                               for h in self.dispatcher.hostports):
+            self.dispatcher.set_hostports(key, [])
+
     # ---------------------------------------------------------------- pods
     def add_pod(self, key: str, pod_netns: str, address: str) -> Pod:
         """Wire a pod (veth, address, route) and attach it: no compilation here."""
@@ -588,6 +617,7 @@ class NodeDataplane:
         if pod is None:
             return None
         assert self.bridge is not None
+        self._drop_hostports(key)
         self.bridge.remove_port(pod.port.name)
         self._forget_neighbor(pod.iface.address)
         if self.rt.ipr is not None and self.rt.pin_dir is not None:
@@ -611,6 +641,7 @@ class NodeDataplane:
         if pod is None:
             return
         assert self.bridge is not None
+        self._drop_hostports(key)
         self.bridge.remove_port(pod.port.name)
         podnet.delete(self.rt.ipr, pod.iface.host_ifname)
         if self.rt.ipr is not None and self.rt.pin_dir is not None:
