@@ -290,6 +290,40 @@ def test_the_node_reaches_its_own_nodeports(svc_lab: Lab, policy: str) -> None:
         assert u["ok"] and u["host"] == backend, (backend, u)
 
 
+def test_the_node_reaches_clusterips(svc_lab: Lab) -> None:
+    """A hostNetwork client (the node's own stack) of a ClusterIP, TCP and
+    UDP, backends on this node and on the other one: kube-proxy serves the
+    node too (its OUTPUT chain); hostNetwork pods with ClusterFirstWithHostNet
+    DNS and agents that use the kubernetes Service depend on it."""
+    lab = svc_lab
+    node = lab.node_name(1)
+    seen = set()
+    for _ in range(12):
+        r = _tcp(lab, node, VIP, 80)
+        assert r["ok"], r
+        seen.add(r["host"])
+    assert seen & {"n2p1", "n2p2"} and "n1p2" in seen, seen  # both nodes' backends
+    for pod, vip in VIP_BIG.items():  # one backend each: same node, other node
+        u = checks.probe(lab, node, ["udp", vip, "53", "--timeout", "3"], 20)
+        assert u["ok"] and u["host"] == pod, (pod, u)
+    r = _tcp(lab, node, VIP_EMPTY, 80, timeout=5)
+    assert not r["ok"] and "refused" in str(r).lower(), r  # no endpoint: rejected
+
+
+def test_an_adopting_agent_gives_the_node_its_service_route(svc_lab: Lab) -> None:
+    """A node built by an agent that had no Service route gets it when a new
+    agent adopts it (the route is deleted while no agent runs)."""
+    lab = svc_lab
+    netns = lab.node(1).cfg.netns
+    cidr = lab.node(1).cfg.service_cidr
+    lab.restart_node(1, while_down=lambda: subprocess.run(
+        ["ip", "-n", netns, "route", "del", cidr], check=True))
+    routes = subprocess.run(["ip", "-n", netns, "route", "show", cidr], capture_output=True,
+                            text=True, check=True).stdout
+    assert cidr in routes, routes
+    assert _tcp(lab, lab.node_name(1), VIP, 80)["ok"]
+
+
 def test_the_nodes_connection_to_a_nodeport_without_endpoints_is_refused(svc_lab: Lab) -> None:
     """Refused by the service (its reject, counted), not by the node's stack
     finding nothing listening on the port."""

@@ -287,7 +287,9 @@ class NodeDataplane:
           pod CIDR via the router) from its pod CIDR's network address, which
           no pod gets and which every node routes to this one, so the
           answers come back the same way (host_pod_ip/32 via the host's end):
-          what an API server needs to call webhooks served by pods."""
+          what an API server needs to call webhooks served by pods.
+        * The node reaches ClusterIPs the same way (route Service CIDR via
+          the router, src the pod CIDR's network address)."""
         c = self.cfg
         router_ip, host_ip = c.host_link_ips
         prefix = ipaddress.IPv4Network(c.host_link).prefixlen
@@ -300,6 +302,13 @@ class NodeDataplane:
         self._serve_the_node(r_host, loopback=False)  # hooks before the netdev
         self.rt.connect_netdev(r_host, HOST_CUBE_DEV)
         self._serve_the_node(r_host)
+        self._host_routes()
+
+    def _host_routes(self) -> None:
+        """The node stack's routes through the router (idempotent: an adopted
+        node built by an older agent gets the ones it lacks)."""
+        c = self.cfg
+        router_ip, _ = c.host_link_ips
         ipr = self.rt.ipr
         assert ipr is not None
         oif = self.rt.ifindex(HOST_DEV)
@@ -308,6 +317,14 @@ class NodeDataplane:
         if cluster != ipaddress.IPv4Network(c.pod_cidr):
             ipr.route("replace", dst=str(cluster), gateway=router_ip, oif=oif,
                       prefsrc=c.host_pod_ip)
+        # The node's own clients of ClusterIPs (hostNetwork pods: DNS with
+        # ClusterFirstWithHostNet, agents using the kubernetes Service): the
+        # lbrp on the router's host port translates them as it does pods'.
+        # From host_pod_ip, like the cluster route: a backend on another node
+        # answers it over the overlay (kube-proxy masquerades the node's
+        # Service traffic for the same reason).
+        ipr.route("replace", dst=c.service_cidr, gateway=router_ip, oif=oif,
+                  prefsrc=c.host_pod_ip)
 
     def _serve_the_node(self, r_host: PortState, loopback: bool = True) -> None:
         """Services for the node's own stack (idempotent): the lbrp on the
@@ -368,6 +385,7 @@ class NodeDataplane:
         self.router.set_mtu("pods", self.cfg.mtu)  # and one built before path MTU its pods' MTU
         if HOST_PORT in self.router.cube.ports:  # an older agent's node may not serve it yet
             self._serve_the_node(self.router.port(HOST_PORT))
+            self._host_routes()
         for p in self.rt.meta.get("peers", []):
             peer = PeerNode(**p)
             self.peers[peer.name] = peer
