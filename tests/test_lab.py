@@ -222,10 +222,10 @@ def test_the_kubelet_stand_in_passes_host_ports_to_cni(running, tmp_path: Path) 
     naming the first; it starts once the first is deleted."""
     d, state = running
     node, node_ip = f"{state.prefix}-n1", "192.168.250.1"
-    f = tmp_path / "hostport.yaml"
-    f.write_text(yaml.safe_dump_all([_host_port_pod("hp-a", node, node_ip),
-                                     _host_port_pod("hp-b", node, None)]))
-    assert run(d, "apply", "-f", str(f)).returncode == 0
+    first, second = tmp_path / "hp-a.yaml", tmp_path / "hp-b.yaml"
+    first.write_text(yaml.safe_dump(_host_port_pod("hp-a", node, node_ip)))
+    second.write_text(yaml.safe_dump(_host_port_pod("hp-b", node, None)))
+    assert run(d, "apply", "-f", str(first)).returncode == 0
 
     def probe() -> dict | None:
         r = subprocess.run(["ip", "netns", "exec", f"{state.prefix}-ext", sys.executable, "-m",
@@ -236,6 +236,8 @@ def test_the_kubelet_stand_in_passes_host_ports_to_cni(running, tmp_path: Path) 
 
     seen = _wait("hostPort 54323 served by hp-a", probe)
     assert (seen["host"], seen["peer_seen"]) == ("hp-a", "192.168.250.100")
+    # only then the second: applied together, either could be wired first
+    assert run(d, "apply", "-f", str(second)).returncode == 0
     log = d / "supervisor.log"
     _wait("hp-b's ADD refused", lambda: "hp-b" in log.read_text() and
           "already taken by pod default/hp-a" in log.read_text())
