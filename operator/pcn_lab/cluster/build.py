@@ -506,10 +506,17 @@ def _ensure_libseccomp() -> None:
     if found is not None and found.returncode == 0:
         return
     say("  installing libseccomp-dev and pkg-config (runc links libseccomp)")
+    apt_install("libseccomp-dev", "pkg-config")
+
+
+def apt_install(*packages: str) -> None:
+    """``apt-get install`` Debian packages; BuildError with apt's message on failure."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                    "libseccomp-dev", "pkg-config"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    argv = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"`{' '.join(argv)}` failed ({proc.returncode}): "
+                         f"{proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def build_runc(ctx: StepContext) -> None:
@@ -519,7 +526,7 @@ def build_runc(ctx: StepContext) -> None:
         src = _copied(ctx, "runc")
         ctx.go_build(["."], cwd=src, ldflags_value=ldflags(), tags=RUNC_TAGS, cgo=True,
                      output="runc")
-    except (BuildError, subprocess.CalledProcessError, OSError) as exc:
+    except (BuildError, OSError) as exc:
         say(f"  runc {_version('runc')} did not build ({str(exc).splitlines()[0]}); "
             "falling back to Debian's runc package")
         debian_runc(ctx)
@@ -529,9 +536,7 @@ def debian_runc(ctx: StepContext) -> None:
     """Copy Debian's runc (apt-get install runc when missing) into out_dir."""
     path = shutil.which("runc") or "/usr/sbin/runc"
     if not Path(path).is_file():
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "runc"],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+        apt_install("runc")
     shutil.copy(path, ctx.out_dir / "runc")
 
 
