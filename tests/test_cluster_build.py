@@ -3,11 +3,13 @@ the built binaries' versions when the cache has them (skipped otherwise)."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,26 @@ def test_steps_come_in_the_promised_order() -> None:
         "etcd", "etcdctl", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
         "kubectl", "kubelet", "containerd", "containerd-shim-runc-v2", "ctr", "runc", "crictl",
         "coredns", "agnhost", "host-local", "loopback", "kube-proxy", "ginkgo", "e2e.test"]
+
+
+def test_images_step_says_so_when_the_images_module_is_absent(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None)
+    build.build_images()
+    assert "images: not built yet" in capsys.readouterr().out
+
+
+def test_images_step_calls_build_images_after_the_binaries(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[str] = []
+    fake = types.ModuleType("pcn_lab.cluster.images")
+    fake.__spec__ = importlib.machinery.ModuleSpec("pcn_lab.cluster.images", None)
+    fake.build_images = lambda: calls.append("images")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pcn_lab.cluster.images", fake)
+    build.run_steps([_fake_step(calls)], tmp_path)
+    assert calls == ["fake", "images"]
+    build.run_steps([_fake_step(calls)], tmp_path, images=False)
+    assert calls == ["fake", "images"]
 
 
 # ---------------------------------------------------------------------------
