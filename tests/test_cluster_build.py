@@ -85,6 +85,15 @@ def test_wrapper_gomod_is_valid_for_go(tmp_path: Path) -> None:
         {"Path": "k8s.io/api", "Version": "v0.37.2"}
 
 
+def test_etcd_wrapper_requires_server_and_etcdctl_at_one_version() -> None:
+    mod = build.parse_gomod(build.etcd_wrapper_gomod("go.etcd.io/etcd/server/v3", "v3.7.3",
+                                                     "1.26.0"))
+    assert mod.go == "1.26.0"
+    assert mod.requires == {"go.etcd.io/etcd/server/v3": "v3.7.3",
+                            "go.etcd.io/etcd/etcdctl/v3": "v3.7.3"}
+    assert not mod.replaces
+
+
 def test_kube_version_ldflags_set_both_version_packages() -> None:
     flags = build.kube_version_ldflags("v1.37.2", commit="abc", build_date="2026-10-27T12:01:04Z")
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
