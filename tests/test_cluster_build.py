@@ -3,12 +3,14 @@ the built binaries' versions when the cache has them (skipped otherwise)."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.machinery
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -210,6 +212,31 @@ def test_images_step_calls_build_images_after_the_binaries(
     assert calls == ["fake", "images"]
     build.run_steps([_fake_step(calls)], tmp_path, images=False)
     assert calls == ["fake", "images"]
+
+
+def test_the_images_step_may_call_build_again_without_waiting_for_itself(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[str] = []
+    fake = types.ModuleType("pcn_lab.cluster.images")
+    fake.__spec__ = importlib.machinery.ModuleSpec("pcn_lab.cluster.images", None)
+    fake.build_images = lambda: build.run_steps([_fake_step(calls, "inner")], tmp_path,  # type: ignore[attr-defined]
+                                                images=False)
+    monkeypatch.setitem(sys.modules, "pcn_lab.cluster.images", fake)
+    # In a thread, so a lock that waits for itself fails the test instead of hanging it.
+    runner = threading.Thread(target=build.run_steps, args=([_fake_step(calls)], tmp_path),
+                              daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "the nested build waits for the outer build's lock"
+    assert calls == ["fake", "inner"]
+
+
+def test_a_second_process_waits_for_the_lock(tmp_path: Path) -> None:
+    with build.build_lock(tmp_path), (tmp_path / ".build.lock").open("w") as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with (tmp_path / ".build.lock").open("w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # ---------------------------------------------------------------------------

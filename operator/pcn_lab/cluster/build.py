@@ -638,9 +638,20 @@ def run_step(step: Step, cache: Path) -> bool:
     return True
 
 
+_HELD_LOCKS: set[Path] = set()
+
+
 @contextmanager
 def build_lock(cache: Path) -> Iterator[None]:
-    """Hold the cache folder's lock (one `make k8s` at a time); says when waiting."""
+    """Hold the cache folder's lock (one `make k8s` at a time); says when waiting.
+
+    Re-entrant within one process, so the images step may call build_all()
+    again (a second flock on a new file would wait for ourselves forever).
+    """
+    key = cache.resolve()
+    if key in _HELD_LOCKS:
+        yield
+        return
     cache.mkdir(parents=True, exist_ok=True)
     with (cache / ".build.lock").open("w") as lock:
         try:
@@ -648,7 +659,11 @@ def build_lock(cache: Path) -> Iterator[None]:
         except BlockingIOError:
             say(f"another build holds {cache / '.build.lock'}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        _HELD_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(key)
 
 
 def build_images() -> None:
