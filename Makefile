@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench soak lint typecheck layers crds clean
+.PHONY: setup test demo bench soak lint typecheck layers crds k8s clean
 
 setup:
 	@scripts/setup.sh
@@ -24,6 +24,12 @@ RESTARTS ?= 100
 SOAK_ARGS ?=
 soak: setup
 	$(PY) -m bench.soak --restarts $(RESTARTS) $(SOAK_ARGS)
+
+# The pinned upstream components of the real-cluster lab (issue 10), built from
+# the Go module proxy into /var/cache/pcn/k8s/<key>/ once; not part of `make test`.
+K8S_ARGS ?=
+k8s: setup
+	$(PY) -m pcn_lab.cluster.build $(K8S_ARGS)
 
 crds: setup
 	$(PY) -m pcn_crds.generate
