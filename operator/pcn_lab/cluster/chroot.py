@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
@@ -48,15 +49,18 @@ def _prepare(root: Path, binds: Sequence[tuple[str, str]]) -> None:
     (dev / "shm").mkdir()
     _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "shm", str(dev / "shm"))
     (dev / "pts").mkdir()
+    _mount("-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts", str(dev / "pts"))
+    os.symlink("pts/ptmx", dev / "ptmx")
     for source, target in binds:
         _mount("--bind", source, str(root / target.lstrip("/")))
 
 
 def run(root: Path, argv: Sequence[str], *, env: Mapping[str, str], workdir: str = "/",
-        binds: Mapping[str, str] | None = None) -> None:
+        binds: Mapping[str, str] | None = None, output: IO[bytes] | None = None) -> None:
     """Run ``argv`` in ``root`` with exactly ``env``, in ``workdir`` (created
     when missing). ``binds`` maps a host file to a path inside the root; a
     placeholder is created for a missing target and removed afterwards.
+    The command's output goes to ``output`` (default: ours).
     Raises subprocess.CalledProcessError when the command fails."""
     created: list[Path] = []
     bind_args: list[str] = []
@@ -77,7 +81,8 @@ def run(root: Path, argv: Sequence[str], *, env: Mapping[str, str], workdir: str
         cmd = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--",
                sys.executable, "-m", "pcn_lab.cluster.chroot", "--root", str(root),
                "--workdir", workdir, *bind_args, "--", *argv]
-        subprocess.run(cmd, check=True, env=dict(env))
+        subprocess.run(cmd, check=True, env=dict(env), stdin=subprocess.DEVNULL, stdout=output,
+                       stderr=subprocess.STDOUT if output is not None else None)
     finally:
         for path in reversed(created):
             if path.is_dir():

@@ -31,8 +31,8 @@ built differently from what ``docker build`` would do.
 
 .dockerignore: Docker's patterns are root-anchored Go ``filepath.Match``
 patterns with ``**``, matched against every path, last match wins, ``!``
-re-includes. ``context_files`` maps each to an anchored gitwildmatch pattern
-of ``pathspec`` (``/`` prefixed), which has the same meaning for the forms
+re-includes. ``context_files`` maps each to an anchored gitignore pattern
+of ``pathspec`` (``/`` prefixed; gitwildmatch), which has the same meaning for the forms
 these files use (``**``, ``dir/**``, ``**/name``, ``*.ext``, ``!``), and
 matches file by file so a re-included file inside an excluded folder is
 kept, as Docker keeps it.
@@ -40,6 +40,8 @@ kept, as Docker keeps it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import glob
 import hashlib
 import logging
@@ -253,7 +255,7 @@ def context_files(context: Path, patterns: list[str]) -> list[str]:
     """Relative paths (``/`` separated, sorted) of the files and symbolic
     links of ``context`` that .dockerignore ``patterns`` keep."""
     spec = pathspec.PathSpec.from_lines(
-        "gitwildmatch", [("!/" + p[1:]) if p.startswith("!") else "/" + p for p in patterns])
+        "gitignore", [("!/" + p[1:]) if p.startswith("!") else "/" + p for p in patterns])
     reincluding = [_literal_prefix(p[1:]) for p in patterns if p.startswith("!")]
 
     def may_keep_below(rel_dir: str) -> bool:
@@ -322,7 +324,8 @@ BaseResolver = Callable[[str, Path], ImageConfig]
 @dataclass
 class Builder:
     """Builds a parsed Dockerfile. ``work`` holds one folder per stage
-    (``stage-<n>``); ``run_env`` is added to every RUN's environment (build
+    (``stage-<n>``); RUN output goes to ``log_path`` (its end is shown when
+    a RUN fails), or to our output without one; ``run_env`` is added to every RUN's environment (build
     only: proxies, CA bundle paths, SOURCE_DATE_EPOCH) and ``run_binds``
     bind-mounts host files into each RUN (``{host path: path in root}``)."""
 
@@ -334,6 +337,7 @@ class Builder:
     build_args: dict[str, str] = field(default_factory=dict)
     run_env: dict[str, str] = field(default_factory=dict)
     run_binds: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
     states: dict[int, StageState] = field(default_factory=dict)
 
     def build(self) -> StageState:
@@ -352,8 +356,7 @@ class Builder:
         if parent is not None and parent.index < stage.index:
             before = self.states[parent.index]
             subprocess.run(["cp", "-a", "--reflink=auto", str(before.root), str(root)], check=True)
-            config = ImageConfig(**{k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                                    for k, v in vars(before.config).items()})
+            config = copy.deepcopy(before.config)
         else:
             config = self.resolve_base(stage.base, root)
         state = StageState(root=root, config=config)
@@ -431,12 +434,17 @@ class Builder:
         shown = argv[-1] if len(argv[-1]) < 100 else argv[-1][:97] + "..."
         log.info("  RUN %s", shown)
         started = time.monotonic()
-        try:
-            chroot.run(state.root, argv, env=env, workdir=state.config.working_dir or "/",
-                       binds=self.run_binds)
-        except subprocess.CalledProcessError as exc:
-            raise DockerfileError(f"line {ins.line}: RUN failed with exit status {exc.returncode}: "
-                                  f"{' '.join(argv)}") from exc
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as output:
+            try:
+                chroot.run(state.root, argv, env=env, workdir=state.config.working_dir or "/",
+                           binds=self.run_binds, output=output)
+            except subprocess.CalledProcessError as exc:
+                tail = ""
+                if self.log_path:
+                    lines = self.log_path.read_text(errors="replace").splitlines()[-30:]
+                    tail = f"\n  last lines of {self.log_path}:\n" + "\n".join("    " + ln for ln in lines)
+                raise DockerfileError(f"line {ins.line}: RUN failed with exit status {exc.returncode}: "
+                                      f"{' '.join(argv)}{tail}") from exc
         log.info("  RUN done in %.0f s", time.monotonic() - started)
 
     def _do_copy(self, state: StageState, ins: Instruction) -> None:
@@ -480,7 +488,7 @@ class Builder:
         if rel == ".":
             return [(self.context, list(self.context_list))]
         if glob.has_magic(rel):
-            pattern = pathspec.PathSpec.from_lines("gitwildmatch", ["/" + rel])
+            pattern = pathspec.PathSpec.from_lines("gitignore", ["/" + rel])
             tops = sorted({"/".join(f.split("/")[:rel.count("/") + 1]) for f in self.context_list})
             chosen = [t for t in tops if pattern.match_file(t)]
         else:

@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pcn_lab.cluster import artifacts, dockerfile, oci, rootfs
@@ -364,26 +364,27 @@ def _mark_done(name: str, key: str) -> None:
     _stamp(name, key).touch()
 
 
-def _blobs() -> Path:
-    return artifacts.work_dir() / "images" / "blobs"
-
-
 def _debian_inputs() -> dict[str, object]:
     return {"suite": rootfs.suite(), "sources": rootfs.apt_sources(), "slim": list(rootfs.SLIM_DPKG_OPTIONS)}
 
 
 def _archive(root: Path, refs: tuple[str, ...], config: oci.ImageConfig) -> list[str]:
+    """Write ``root`` as one archive per reference (blobs in a scratch folder
+    next to it, removed afterwards: the archives carry them)."""
     started = time.monotonic()
-    layer = oci.write_layer(root, _blobs(), epoch=EPOCH)
-    manifest = oci.write_image(_blobs(), [layer], config, created=EPOCH)
+    blobs = root.parent / "blobs"
+    shutil.rmtree(blobs, ignore_errors=True)
+    layer = oci.write_layer(root, blobs, epoch=EPOCH)
+    manifest = oci.write_image(blobs, [layer], config, created=EPOCH)
     files = []
     for ref in refs:
         out = artifacts.image_dir() / _archive_name(ref)
         out.parent.mkdir(parents=True, exist_ok=True)
-        oci.write_archive(out, _blobs(), {ref: manifest})
+        oci.write_archive(out, blobs, {ref: manifest})
         files.append(out.name)
         log.info("%s: %s (%.1f MB, layer %s) in %.0f s", ref, out.name, out.stat().st_size / 1e6,
                  layer.blob.digest[7:19], time.monotonic() - started)
+    shutil.rmtree(blobs)
     return files
 
 
@@ -481,8 +482,12 @@ def build_agent(dockerfile_path: Path = DOCKERFILE, context: Path = REPO_ROOT) -
     work = artifacts.work_dir() / "images" / "pcn-agent"
     with tempfile.TemporaryDirectory(prefix="pcn-agent-build-") as tmp:
         env, binds = _build_environment(Path(tmp))
+        build_log = artifacts.work_dir() / "images" / "pcn-agent.log"
+        build_log.unlink(missing_ok=True)
+        log.info("pcn-agent: RUN output in %s", build_log)
         builder = dockerfile.Builder(parsed=parsed, context=context, context_list=files, work=work,
-                                     resolve_base=_debian_slim_base, run_env=env, run_binds=binds)
+                                     resolve_base=_debian_slim_base, run_env=env, run_binds=binds,
+                                     log_path=build_log)
         final = builder.build()
         _archive(final.root, (AGENT_REF,), final.config)
     shutil.rmtree(work)
