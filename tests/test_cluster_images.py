@@ -329,3 +329,13 @@ def test_ctr_imports_an_archive_under_its_name(tmp_path: Path, containerd: tuple
     line = next(row for row in check.stdout.splitlines() if row.startswith(ref))
     assert "complete" in line and manifest.digest in subprocess.run(
         [*run, "images", "ls"], capture_output=True, text=True, check=True).stdout
+
+
+def test_wait_for_binaries_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PCN_K8S_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"agnhost missing in .*: run `make k8s` first"):
+        images._wait_for(("agnhost",), 0)
+    artifacts.bin_dir().mkdir(parents=True)
+    (artifacts.bin_dir() / "agnhost").write_bytes(b"\x7fELF")
+    images._wait_for(("agnhost",), 0)
+    images._wait_for(("agnhost",), 30)  # present and not growing: returns after one settle check

@@ -365,7 +365,8 @@ def _mark_done(name: str, key: str) -> None:
 
 
 def _debian_inputs() -> dict[str, object]:
-    return {"suite": rootfs.suite(), "sources": rootfs.apt_sources(), "slim": list(rootfs.SLIM_DPKG_OPTIONS)}
+    return {"suite": rootfs.suite(), "sources": rootfs.apt_sources(), "slim": list(rootfs.SLIM_DPKG_OPTIONS),
+            "docker_files": rootfs.DOCKER_IMAGE_FILES}
 
 
 def _archive(root: Path, refs: tuple[str, ...], config: oci.ImageConfig) -> list[str]:
@@ -499,25 +500,27 @@ def build_agent(dockerfile_path: Path = DOCKERFILE, context: Path = REPO_ROOT) -
 # ------------------------------------------------------------------ entry
 
 def _wait_for(names: tuple[str, ...], timeout: float) -> None:
-    """Wait until the binaries exist and their size stopped changing (the
-    other half of `make k8s` may still be writing them)."""
+    """Return once the binaries are in ``artifacts.bin_dir()``; with a
+    ``timeout`` (seconds), wait for them and for their size to stop changing
+    (the other half of `make k8s` may still be writing them). Raises
+    FileNotFoundError naming `make k8s` when they are not there in time."""
     deadline = time.monotonic() + timeout
     last: dict[str, int] = {}
     next_note = 0.0
     while True:
         sizes = {n: (artifacts.bin_dir() / n).stat().st_size if (artifacts.bin_dir() / n).is_file() else -1
                  for n in names}
-        if all(s > 0 for s in sizes.values()) and sizes == last:
+        missing = [n for n, size in sizes.items() if size <= 0]
+        if not missing and (timeout <= 0 or sizes == last):
             return
-        last = sizes
         if time.monotonic() >= deadline:
-            missing = [n for n, s in sizes.items() if s <= 0]
-            raise FileNotFoundError(f"{', '.join(missing)} missing in {artifacts.bin_dir()}: run `make k8s` first")
+            raise FileNotFoundError(f"{', '.join(missing)} missing in {artifacts.bin_dir()}: "
+                                    f"run `make k8s` first")
+        last = sizes
         if time.monotonic() >= next_note:
-            log.info("waiting for %s in %s", ", ".join(n for n, s in sizes.items() if s <= 0) or "sizes to settle",
-                     artifacts.bin_dir())
+            log.info("waiting for %s in %s", ", ".join(missing) or "their size to settle", artifacts.bin_dir())
             next_note = time.monotonic() + 60
-        time.sleep(10 if any(s <= 0 for s in sizes.values()) else 5)
+        time.sleep(10 if missing else 5)
 
 
 def write_index() -> Path:

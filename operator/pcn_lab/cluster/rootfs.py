@@ -5,7 +5,8 @@ sources, with mmdebstrap (installed with apt-get when missing).
 image made locally: mmdebstrap's ``minbase`` variant of the pinned suite
 (versions.toml ``[debian] suite``) with the same dpkg path excludes the
 official slim images carry (no documentation but copyright files, no man
-pages, locales or info), plus ``packages``. The host's apt sources decide
+pages, locales or info) and its apt/dpkg configuration
+(``DOCKER_IMAGE_FILES``), plus ``packages``. The host's apt sources decide
 where packages come from: every deb822 (``*.sources``) or one-line
 (``sources.list``) entry whose suite is the pinned one or one of its
 ``-updates``/``-security`` suites. Apt options the host needs to use its
@@ -40,6 +41,25 @@ SLIM_DPKG_OPTIONS = (
     "path-exclude=/usr/share/locale/*",
     "path-include=/usr/share/locale/locale.alias",
 )
+
+#: Files Debian's official Docker images carry (debuerreotype's
+#: minimizing config): apt drops downloaded packages and its binary caches
+#: after each run, fetches no translations, keeps indexes compressed; dpkg
+#: skips fsync; services are not started inside builds. Dockerfiles written
+#: for ``debian:12-slim`` rely on these (their layers stay small).
+DOCKER_IMAGE_FILES = {
+    "etc/apt/apt.conf.d/docker-clean": (
+        'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb '
+        '/var/cache/apt/*.bin || true"; };\n'
+        'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb '
+        '/var/cache/apt/*.bin || true"; };\n'
+        'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n'),
+    "etc/apt/apt.conf.d/docker-autoremove-suggests": 'Apt::AutoRemove::SuggestsImportant "false";\n',
+    "etc/apt/apt.conf.d/docker-gzip-indexes": 'Acquire::GzipIndexes "true";\n',
+    "etc/apt/apt.conf.d/docker-no-languages": 'Acquire::Languages "none";\n',
+    "etc/dpkg/dpkg.cfg.d/docker-apt-speedup": "force-unsafe-io\n",
+    "usr/sbin/policy-rc.d": "#!/bin/sh\n# No service starts inside an image build.\nexit 101\n",
+}
 
 #: Host apt options carried into builds when the host sets them.
 _CARRIED_APT_OPTIONS = ("Acquire::Check-Valid-Until", "Acquire::Check-Date")
@@ -145,4 +165,9 @@ def debian_rootfs(dest: Path, packages: list[str] | tuple[str, ...] = (), *, epo
                    stdin=subprocess.DEVNULL)
     for leftover in _HOST_LEFTOVERS:
         (dest / leftover).unlink(missing_ok=True)
-    log.info("root filesystem %s ready in %.0f s", dest.name, time.monotonic() - started)
+    for name, text in DOCKER_IMAGE_FILES.items():
+        (dest / name).write_text(text)
+        os.chmod(dest / name, 0o755 if name.endswith("policy-rc.d") else 0o644)
+    for cached in (dest / "var" / "cache" / "apt").glob("*.bin"):
+        cached.unlink()
+    log.info("root filesystem %s ready in %.0f s", dest, time.monotonic() - started)
