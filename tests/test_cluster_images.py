@@ -119,6 +119,21 @@ def test_archive_is_reproducible_and_follows_content(tmp_path: Path) -> None:
     assert manifest3.digest != manifest1.digest
 
 
+def test_layer_keeps_package_times_and_fixes_build_times(tmp_path: Path) -> None:
+    root = _sample_root(tmp_path)
+    shipped = 1_600_000_000  # a file as a package shipped it: older than the build
+    os.utime(root / "etc" / "config", (shipped, shipped))
+    (root / "var" / "cache" / "ldconfig").mkdir(parents=True)
+    (root / "var" / "cache" / "ldconfig" / "aux-cache").write_text("inodes")
+    layer = oci.write_layer(root, tmp_path / "blobs", epoch=1_700_000_000, clamp_from=1_650_000_000)
+    plain = gzip.decompress((tmp_path / "blobs" / layer.blob.digest[7:]).read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        by_name = {m.name.rstrip("/"): m for m in tar.getmembers()}
+    assert by_name["etc/config"].mtime == shipped
+    assert by_name["bin/tool"].mtime == 1_700_000_000  # made now, by the build
+    assert "var/cache/ldconfig/aux-cache" not in by_name and "var/cache/ldconfig" in by_name
+
+
 def test_tag_of() -> None:
     assert oci.tag_of("registry.k8s.io/pause:3.10.2") == "3.10.2"
     assert oci.tag_of("localhost:5000/x") == "latest"

@@ -248,6 +248,9 @@ def _fill_agnhost(root: Path) -> oci.ImageConfig:
         shutil.copyfile(porter / name, root / name)
         os.chmod(root / name, 0o644)
     (root / "uploads").mkdir(exist_ok=True)
+    iperf = root / "usr" / "local" / "bin" / "iperf"  # where the upstream Dockerfile links it
+    iperf.parent.mkdir(parents=True, exist_ok=True)
+    iperf.symlink_to("/usr/bin/iperf")
     # bash as /bin/sh, as Alpine's ash (busybox) the tests were written for takes [[ too.
     sh = root / "usr" / "bin" / "sh" if (root / "usr" / "bin" / "sh").is_symlink() else root / "bin" / "sh"
     sh.unlink()
@@ -369,13 +372,15 @@ def _debian_inputs() -> dict[str, object]:
             "docker_files": rootfs.DOCKER_IMAGE_FILES}
 
 
-def _archive(root: Path, refs: tuple[str, ...], config: oci.ImageConfig) -> list[str]:
+def _archive(root: Path, refs: tuple[str, ...], config: oci.ImageConfig, created_from: float) -> list[str]:
     """Write ``root`` as one archive per reference (blobs in a scratch folder
-    next to it, removed afterwards: the archives carry them)."""
+    next to it, removed afterwards: the archives carry them). Files changed
+    from ``created_from`` (Unix time: when making ``root`` began) on get the
+    fixed EPOCH as their time, older ones (as packages ship them) keep theirs."""
     started = time.monotonic()
     blobs = root.parent / "blobs"
     shutil.rmtree(blobs, ignore_errors=True)
-    layer = oci.write_layer(root, blobs, epoch=EPOCH)
+    layer = oci.write_layer(root, blobs, epoch=EPOCH, clamp_from=created_from)
     manifest = oci.write_image(blobs, [layer], config, created=EPOCH)
     files = []
     for ref in refs:
@@ -401,7 +406,7 @@ def build_recipe(recipe: Recipe) -> bool:
     if _done(recipe.name, key, files):
         log.info("%s: up to date (%s)", recipe.name, ", ".join(recipe.refs))
         return False
-    started = time.monotonic()
+    started, created_from = time.monotonic(), time.time()
     log.info("%s: building %s", recipe.name, ", ".join(recipe.refs))
     root = artifacts.work_dir() / "images" / recipe.name / "rootfs"
     if root.exists():
@@ -411,7 +416,7 @@ def build_recipe(recipe: Recipe) -> bool:
     else:
         root.mkdir(parents=True)
     config = recipe.fill(root)
-    _archive(root, recipe.refs, config)
+    _archive(root, recipe.refs, config, created_from)
     shutil.rmtree(root)
     _mark_done(recipe.name, key)
     log.info("%s: built in %.0f s", recipe.name, time.monotonic() - started)
@@ -426,6 +431,11 @@ DEBIAN_SLIM_BASES = ("debian:12-slim", "debian:bookworm-slim", "docker.io/librar
                      "docker.io/library/debian:bookworm-slim")
 
 
+def _base_started() -> Path:
+    """When the cached slim base began to be made (Unix time, one line)."""
+    return artifacts.work_dir() / "images" / "bases" / "debian-slim.started"
+
+
 def _debian_slim_base(reference: str, dest: Path) -> oci.ImageConfig:
     """A ``debian:12-slim`` stage base: a cached mmdebstrap minbase, copied."""
     if reference not in DEBIAN_SLIM_BASES:
@@ -434,8 +444,10 @@ def _debian_slim_base(reference: str, dest: Path) -> oci.ImageConfig:
             f"(from Debian's packages); change the Dockerfile's base")
     key = _key({"base": "debian-slim", "debian": _debian_inputs(), "epoch": EPOCH})
     cached = artifacts.work_dir() / "images" / "bases" / "debian-slim"
-    if not _stamp("base-debian-slim", key).exists() or not cached.is_dir():
+    if not _stamp("base-debian-slim", key).exists() or not cached.is_dir() or not _base_started().is_file():
+        started = time.time()
         rootfs.debian_rootfs(cached, (), epoch=EPOCH)
+        _base_started().write_text(f"{started}\n")
         _mark_done("base-debian-slim", key)
     subprocess.run(["cp", "-a", "--reflink=auto", str(cached), str(dest)], check=True)
     return oci.ImageConfig(cmd=["bash"], env=[f"PATH={DEFAULT_PATH}"])
@@ -490,7 +502,7 @@ def build_agent(dockerfile_path: Path = DOCKERFILE, context: Path = REPO_ROOT) -
                                      resolve_base=_debian_slim_base, run_env=env, run_binds=binds,
                                      log_path=build_log)
         final = builder.build()
-        _archive(final.root, (AGENT_REF,), final.config)
+        _archive(final.root, (AGENT_REF,), final.config, float(_base_started().read_text()))
     shutil.rmtree(work)
     _mark_done("pcn-agent", key)
     log.info("pcn-agent: built in %.0f s", time.monotonic() - started)

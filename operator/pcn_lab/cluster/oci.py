@@ -19,9 +19,11 @@ Layout written (OCI image-layout 1.0.0, image-spec 1.1):
 * ``blobs/sha256/<hex>``: the config, the manifest and the gzip layers.
 
 Reproducible: layer entries sorted by path, owners numeric (no user or group
-names), modification times clamped to ``epoch`` (files older than it keep
-theirs, so the byte-compiled Python files Debian's packages generate stay
-valid), gzip headers without name or time, archive members sorted with fixed
+names), modification times from ``clamp_from`` on (what the build itself
+created or changed) set to ``epoch`` while older ones (files as Debian's
+packages ship them) are kept, so the byte-compiled Python files that
+packages generate at install time, which record their source's time, stay
+valid; gzip headers without name or time, archive members sorted with fixed
 times. The same folder gives the same digests.
 """
 
@@ -142,13 +144,13 @@ def _sorted_entries(root: Path, skip_contents: frozenset[str]) -> list[tuple[str
     return entries
 
 
-def _tarinfo(name: str, path: Path, st: os.stat_result, epoch: int,
+def _tarinfo(name: str, path: Path, st: os.stat_result, epoch: int, clamp_from: float,
              hardlinks: dict[tuple[int, int], str]) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mode = stat.S_IMODE(st.st_mode)
     info.uid, info.gid = st.st_uid, st.st_gid
     info.uname = info.gname = ""
-    info.mtime = min(int(st.st_mtime), epoch)
+    info.mtime = epoch if st.st_mtime >= clamp_from else int(st.st_mtime)
     if stat.S_ISDIR(st.st_mode):
         info.type, info.name = tarfile.DIRTYPE, name + "/"
     elif stat.S_ISLNK(st.st_mode):
@@ -180,16 +182,22 @@ def _tarinfo(name: str, path: Path, st: os.stat_result, epoch: int,
     return info
 
 
-def write_layer(root: Path, blobs: Path, *, epoch: int = DEFAULT_EPOCH,
+def write_layer(root: Path, blobs: Path, *, epoch: int = DEFAULT_EPOCH, clamp_from: float | None = None,
                 skip_contents: Iterable[str] = ("dev", "proc", "sys"),
+                skip: Iterable[str] = ("var/cache/ldconfig/aux-cache",),
                 compresslevel: int = 6) -> Layer:
     """Write the folder ``root`` as one gzip layer into ``blobs`` (the
     ``blobs/sha256`` folder). Entries are relative (``etc/passwd``), sorted;
-    folders named in ``skip_contents`` (relative paths) are kept empty.
+    folders named in ``skip_contents`` (relative paths) are kept empty and
+    the files of ``skip`` left out (ldconfig's aux-cache records inodes and
+    times: a cache, never the same twice). Modification times at or after
+    ``clamp_from`` (a Unix time; default ``epoch``) become ``epoch``.
     Returns the blob and its diff_id. Raises ValueError on a socket."""
     blobs.mkdir(parents=True, exist_ok=True)
     tmp = blobs / f".layer-{os.getpid()}.tmp"
-    skip = frozenset(s.strip("/") for s in skip_contents)
+    empty = frozenset(s.strip("/") for s in skip_contents)
+    left_out = frozenset(s.strip("/") for s in skip)
+    since = float(epoch) if clamp_from is None else clamp_from
     hardlinks: dict[tuple[int, int], str] = {}
     with open(tmp, "wb") as raw:
         compressed = _HashingWriter(raw)
@@ -197,9 +205,11 @@ def write_layer(root: Path, blobs: Path, *, epoch: int = DEFAULT_EPOCH,
                            compresslevel=compresslevel, mtime=0) as gz:
             plain = _HashingWriter(gz)  # type: ignore[arg-type]
             with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                for name, path in _sorted_entries(root, skip):
+                for name, path in _sorted_entries(root, empty):
+                    if name in left_out:
+                        continue
                     st = path.lstat()
-                    info = _tarinfo(name, path, st, epoch, hardlinks)
+                    info = _tarinfo(name, path, st, epoch, since, hardlinks)
                     if info.type == tarfile.REGTYPE:
                         with open(path, "rb") as fh:
                             tar.addfile(info, fh)
@@ -291,10 +301,10 @@ def write_archive(path: Path, blobs: Path, images: dict[str, Blob]) -> None:
 
 
 def build_archive(path: Path, root: Path, reference: str, config: ImageConfig, *,
-                  blobs: Path, epoch: int = DEFAULT_EPOCH) -> Blob:
+                  blobs: Path, epoch: int = DEFAULT_EPOCH, clamp_from: float | None = None) -> Blob:
     """One image from one folder: the layer, config, manifest and the archive
     ``path`` naming it ``reference``. Returns the manifest's blob."""
-    layer = write_layer(root, blobs, epoch=epoch)
+    layer = write_layer(root, blobs, epoch=epoch, clamp_from=clamp_from)
     manifest = write_image(blobs, [layer], config, created=epoch)
     write_archive(path, blobs, {reference: manifest})
     return manifest
