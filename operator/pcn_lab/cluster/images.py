@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = REPO_ROOT / "manifests" / "Dockerfile"
 EPOCH = oci.DEFAULT_EPOCH
+#: Part of every image's key: bump when the way layers are written changes.
+LAYER_FORMAT = 2
 PAUSE_VERSION = "3.10.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -401,7 +403,8 @@ def build_recipe(recipe: Recipe) -> bool:
     key = _key({"recipe": recipe.name, "revision": recipe.revision, "refs": list(recipe.refs),
                 "packages": list(recipe.packages) if recipe.packages is not None else None,
                 "debian": _debian_inputs() if recipe.packages is not None else None,
-                "binaries": binaries, "inputs": recipe.inputs(), "epoch": EPOCH})
+                "binaries": binaries, "inputs": recipe.inputs(), "epoch": EPOCH,
+                "format": LAYER_FORMAT})
     files = list(recipe.files().values())
     if _done(recipe.name, key, files):
         log.info("%s: up to date (%s)", recipe.name, ", ".join(recipe.refs))
@@ -485,7 +488,7 @@ def build_agent(dockerfile_path: Path = DOCKERFILE, context: Path = REPO_ROOT) -
     files = dockerfile.context_files(context, patterns)
     extra = [dockerfile_path] + ([ignore] if ignore.is_file() else [])
     key = _key({"context": dockerfile.context_digest(context, files, *extra), "debian": _debian_inputs(),
-                "epoch": EPOCH, "ref": AGENT_REF})
+                "epoch": EPOCH, "ref": AGENT_REF, "format": LAYER_FORMAT})
     if _done("pcn-agent", key, [_archive_name(AGENT_REF)]):
         log.info("pcn-agent: up to date (%s)", AGENT_REF)
         return False
