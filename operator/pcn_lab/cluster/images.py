@@ -43,6 +43,7 @@ second run rebuilds nothing and only a change to pcn rebuilds pcn-agent.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -555,21 +556,30 @@ def build_images(wait: float = 0.0, only: list[str] | None = None) -> None:
     """Build every image that is not up to date into ``artifacts.image_dir()``
     and write images.json. Images without Go binaries come first; for the
     others the binaries are waited for up to ``wait`` seconds. ``only``
-    limits the build to the named recipes (``pcn-agent`` included).
+    limits the build to the named recipes (``pcn-agent`` included). One
+    build at a time (a lock in the work folder; a second waits).
     Raises FileNotFoundError naming `make k8s` when a binary is missing."""
     started = time.monotonic()
     wanted = set(only) if only else None
     chosen = [r for r in recipes() if wanted is None or r.name in wanted]
-    for recipe in [r for r in chosen if not r.needs]:
-        build_recipe(recipe)
-    if wanted is None or "pcn-agent" in wanted:
-        build_agent()
-    for recipe in [r for r in chosen if r.needs]:
-        _wait_for(recipe.needs, wait)
-        build_recipe(recipe)
-    if wanted is None:
-        index = write_index()
-        log.info("images ready in %.0f s: %s", time.monotonic() - started, index)
+    lock_path = artifacts.work_dir() / "images" / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another image build holds %s: waiting for it", lock_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for recipe in [r for r in chosen if not r.needs]:
+            build_recipe(recipe)
+        if wanted is None or "pcn-agent" in wanted:
+            build_agent()
+        for recipe in [r for r in chosen if r.needs]:
+            _wait_for(recipe.needs, wait)
+            build_recipe(recipe)
+        if wanted is None:
+            index = write_index()
+            log.info("images ready in %.0f s: %s", time.monotonic() - started, index)
 
 
 def main(argv: list[str] | None = None) -> int:
