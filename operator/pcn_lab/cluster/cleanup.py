@@ -129,6 +129,7 @@ def remove(td: Teardown) -> list[str]:
             removed.append(f"netns {ns}")
         except OSError:
             pass
+    gone: dict[str, int] = {}
     for d in lab_cgroups(layout.prefix):
         left: list[str] = []
         for _ in range(20):  # processes just killed leave their cgroup a little later
@@ -136,7 +137,11 @@ def remove(td: Teardown) -> list[str]:
             if not left:
                 break
             time.sleep(0.2)
-        removed.append(f"cgroup {d}" + (f" (left: {left})" if left else ""))
+        if left:
+            removed.append(f"cgroup {d} (could not remove {left})")
+        else:
+            gone[d.name] = gone.get(d.name, 0) + 1
+    removed += [f"cgroup /{name} (in {n} hierarchies)" for name, n in sorted(gone.items())]
     if layout.data.exists():
         shutil.rmtree(layout.data, ignore_errors=True)
         removed.append(f"dir {layout.data}")
