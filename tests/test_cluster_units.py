@@ -141,6 +141,9 @@ def test_containerd_config_is_valid_toml(layout: Layout) -> None:
     assert images["snapshotter"] == "overlayfs"
     rt = cfg["plugins"]["io.containerd.cri.v1.runtime"]
     assert rt["cni"] == {"bin_dirs": ["/opt/cni/bin"], "conf_dir": "/etc/cni/net.d"}
+    assert rt["restrict_oom_score_adj"] is False
+    assert containerd.config(layout, node_name, "p", Path("/r"), restrict_oom_score_adj=True)[
+        "plugins"]["io.containerd.cri.v1.runtime"]["restrict_oom_score_adj"] is True
     assert rt["containerd"]["runtimes"]["runc"]["options"] == {"BinaryName": "/bin/runc",
                                                                "SystemdCgroup": False}
 

@@ -201,12 +201,16 @@ class Bringup:
         lay = self.layout
         entries = install.images(artifacts.image_dir())
         pause = install.pause_ref(entries)
+        if not containerd.can_lower_oom_score():
+            say("  no CAP_SYS_RESOURCE here: containerd keeps containers' oom_score_adj at "
+                "or above its own (restrict_oom_score_adj)")
         self.step("containerd", f"nodes: containerd on {len(lay.nodes)} nodes (sandbox image "
                                 f"{pause}, NRI off)")
         for n in lay.nodes:
             cfg = lay.config_dir(n) / "containerd.toml"
-            cfg.write_text(containerd.to_toml(containerd.config(lay, n, pause,
-                                                                self.bin / "runc")))
+            cfg.write_text(containerd.to_toml(containerd.config(
+                lay, n, pause, self.bin / "runc",
+                restrict_oom_score_adj=not containerd.can_lower_oom_score())))
             self.start_in(n, f"containerd-{n}", [str(self.bin / "containerd"), "--config",
                                                  str(cfg)])
         for n in lay.nodes:

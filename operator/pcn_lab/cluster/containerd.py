@@ -24,8 +24,25 @@ CRI_RUNTIME = "io.containerd.cri.v1.runtime"
 NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace
 
 
-def config(layout: Layout, node: str, pause_ref: str, runc: Path) -> dict[str, Any]:
-    """The node's containerd configuration as a dict (see `to_toml`)."""
+def can_lower_oom_score() -> bool:
+    """Whether this process has CAP_SYS_RESOURCE (capability 24), which
+    writing a negative /proc/<pid>/oom_score_adj needs. Some machines (this
+    one's sandbox among them) withhold it even from root."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return True
+
+
+def config(layout: Layout, node: str, pause_ref: str, runc: Path,
+           restrict_oom_score_adj: bool = False) -> dict[str, Any]:
+    """The node's containerd configuration as a dict (see `to_toml`).
+
+    `restrict_oom_score_adj`: clamp the containers' oom_score_adj to no lower
+    than containerd's own, as for rootless containerd. Without
+    CAP_SYS_RESOURCE, runc cannot give a critical pod (pcn-agent, CoreDNS:
+    kubelet asks -998) a negative score and every such sandbox fails with
+    "nsexec: failed to update /proc/self/oom_score_adj: Permission denied"."""
     return {
         "version": 3,
         "root": "/var/lib/containerd",
@@ -43,6 +60,7 @@ def config(layout: Layout, node: str, pause_ref: str, runc: Path) -> dict[str, A
             },
             CRI_RUNTIME: {
                 "enable_selinux": False,
+                "restrict_oom_score_adj": restrict_oom_score_adj,
                 "containerd": {
                     "default_runtime_name": "runc",
                     "runtimes": {"runc": {
