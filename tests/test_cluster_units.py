@@ -263,3 +263,13 @@ def test_state_round_trip(tmp_path: Path) -> None:
     st.save()
     back = ClusterState.load(tmp_path)
     assert back is not None and back.holders == {"n1": 5} and back.layout.workers == 2
+
+
+def test_overlay_agent_source_mounts_the_checkout(layout: Layout, tmp_path: Path) -> None:
+    k = install.overlay(layout, tmp_path / "manifests", tmp_path / "out", Path("/src"))
+    spec = yaml.safe_load(k["patches"][0]["patch"])["spec"]["template"]["spec"]
+    paths = {v["hostPath"]["path"] for v in spec["volumes"]}
+    assert paths == {"/src/operator/pcn_agent", "/src/bpf", "/src/crds"}
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert f"{install.IMAGE_SITE_PACKAGES}/pcn_agent" in mounts
+    assert "volumeMounts" not in spec["initContainers"][0]

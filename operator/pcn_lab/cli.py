@@ -155,7 +155,8 @@ def cmd_up_cluster(args: argparse.Namespace) -> int:
     say(f"starting a real cluster: a control-plane node and {args.nodes} worker(s)")
     try:
         state = bringup.up(args.dir, args.nodes, args.until,
-                           Path(args.filename) if args.filename else None)
+                           Path(args.filename) if args.filename else None,
+                           agent_source=args.agent_source)
     except KeyboardInterrupt:
         say("interrupted: the half-built cluster stays for inspection; `pcn-lab down` "
             "removes it")
@@ -532,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                          "control-plane node")
     up.add_argument("--until", choices=("controlplane", "nodes", "pcn", "all"), default="all",
                     help="with --kubernetes: stop after this step, leaving it running")
+    up.add_argument("--agent-source", type=Path, metavar="CHECKOUT",
+                    help="with --kubernetes, for development: run the agent's Python "
+                         "packages from this pcn checkout instead of the image's")
     ap_apply = sub.add_parser("apply", help="create or update objects from YAML, as kubectl apply")
     ap_apply.add_argument("-f", "--filename", required=True)
     ex = sub.add_parser("exec", help="run a command in a pod's network namespace "

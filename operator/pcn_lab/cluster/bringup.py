@@ -255,7 +255,11 @@ class Bringup:
     def pcn(self) -> None:
         lay = self.layout
         root = install.repo_root()
-        overlay = install.write_overlay(lay, root / "manifests")
+        source = Path(self.state.agent_source) if self.state.agent_source else None
+        overlay = install.write_overlay(lay, root / "manifests", source)
+        if source is not None:
+            say(f"  the agent runs pcn_agent, pcn_bpf and pcn_crds from {source} (not the "
+                "image's)")
         self.step("pcn", f"pcn: kubectl apply -k manifests/ (through {overlay}: "
                          f"KUBERNETES_SERVICE_HOST={lay.api_ip} for the agent, no kube-proxy)")
         out = kubectl.run(self.kcfg, "apply", "-k", str(overlay)).stdout
@@ -312,7 +316,7 @@ class Bringup:
 
 
 def up(state_dir: Path, workers: int, until: str = "all", filename: Path | None = None,
-       data_root: Path | None = None) -> ClusterState:
+       data_root: Path | None = None, agent_source: Path | None = None) -> ClusterState:
     """Bring a cluster up (see the module's doc); on failure the state keeps
     the error and the cluster stays for inspection (`pcn-lab down` removes it)."""
     missing = missing_binaries(until)
@@ -322,6 +326,8 @@ def up(state_dir: Path, workers: int, until: str = "all", filename: Path | None 
     state = ClusterState(state_dir, run_id=secrets.token_hex(3), workers=workers)
     if data_root is not None:
         state.data_root = str(data_root)
+    if agent_source is not None:
+        state.agent_source = str(agent_source.resolve())
     state.save()
     b = Bringup(state)
     try:

@@ -40,26 +40,45 @@ def repo_root() -> Path:
     return root
 
 
-def overlay(layout: Layout, manifests: Path, out: Path) -> dict[str, Any]:
+# where the image's virtualenv has the project's packages (Debian 12's Python)
+IMAGE_SITE_PACKAGES = "/opt/pcn/venv/lib/python3.11/site-packages"
+SOURCE_PACKAGES = (("pcn_agent", "operator/pcn_agent"), ("pcn_bpf", "bpf"), ("pcn_crds", "crds"))
+
+
+def overlay(layout: Layout, manifests: Path, out: Path,
+            agent_source: Path | None = None) -> dict[str, Any]:
     """The kustomization (in folder `out`) that installs `manifests` with the
-    API server's address in the agent's environment."""
+    API server's address in the agent's environment.
+
+    `agent_source` (a development aid, off by default): a pcn checkout whose
+    pcn_agent, pcn_bpf and pcn_crds are mounted read-only over the image's
+    copies in the agent container, so a change is tried on the real cluster
+    without rebuilding the image (the nodes see the machine's files)."""
     env = [{"name": "KUBERNETES_SERVICE_HOST", "value": layout.api_ip},
            {"name": "KUBERNETES_SERVICE_PORT", "value": str(API_PORT)}]
+    agent: dict[str, Any] = {"name": "agent", "env": env}
+    pod: dict[str, Any] = {"initContainers": [{"name": "install-cni", "env": env}],
+                           "containers": [agent]}
+    if agent_source is not None:
+        agent["volumeMounts"] = [{"name": f"source-{pkg.replace('_', '-')}", "readOnly": True,
+                                  "mountPath": f"{IMAGE_SITE_PACKAGES}/{pkg}"}
+                                 for pkg, _ in SOURCE_PACKAGES]
+        pod["volumes"] = [{"name": f"source-{pkg.replace('_', '-')}",
+                           "hostPath": {"path": str(agent_source / rel), "type": "Directory"}}
+                          for pkg, rel in SOURCE_PACKAGES]
     patch = {"apiVersion": "apps/v1", "kind": "DaemonSet",
              "metadata": {"name": "pcn-agent", "namespace": "pcn-system"},
-             "spec": {"template": {"spec": {
-                 "initContainers": [{"name": "install-cni", "env": env}],
-                 "containers": [{"name": "agent", "env": env}]}}}}
+             "spec": {"template": {"spec": pod}}}
     return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
             "resources": [os.path.relpath(manifests, out)],
             "patches": [{"patch": yaml.safe_dump(patch, sort_keys=False)}]}
 
 
-def write_overlay(layout: Layout, manifests: Path) -> Path:
+def write_overlay(layout: Layout, manifests: Path, agent_source: Path | None = None) -> Path:
     out = layout.data / "install"
     out.mkdir(parents=True, exist_ok=True)
     (out / "kustomization.yaml").write_text(
-        yaml.safe_dump(overlay(layout, manifests, out), sort_keys=False))
+        yaml.safe_dump(overlay(layout, manifests, out, agent_source), sort_keys=False))
     return out
 
 

@@ -25,6 +25,7 @@ class ClusterState:
     ready: bool = False
     error: str = ""
     namespace: str = "default"  # the kubeconfig's namespace
+    agent_source: str = ""  # a checkout mounted over the agent image's packages (--agent-source)
     created_mountpoints: list[str] = field(default_factory=list)
     sysctls: dict[str, str] = field(default_factory=dict)  # before the kubelets changed them
 
