@@ -45,7 +45,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterState]:
         pytest.skip(f"{artifacts.image_dir()}/images.json is missing: run `make k8s`")
     d = tmp_path_factory.mktemp("cluster")
     links = _root_links()
-    up = _pcn_lab(d, "up", "--kubernetes", "-f", str(ROOT / "examples"))
+    # --agent-source: the agent runs this checkout's code, the code under test
+    # (the image's environment, the checkout's Python)
+    up = _pcn_lab(d, "up", "--kubernetes", "--agent-source", str(ROOT),
+                  "-f", str(ROOT / "examples"))
     state = ClusterState.load(d)
     try:
         assert up.returncode == 0, f"up failed:\n{up.stderr[-4000:]}"
