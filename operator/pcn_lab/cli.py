@@ -199,6 +199,12 @@ def _need_lab(d: Path) -> LabState:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    cluster = ClusterState.load(args.dir)
+    if cluster is not None:
+        from pcn_lab.cluster import kubectl
+
+        flag = "-k" if (Path(args.filename) / "kustomization.yaml").is_file() else "-f"
+        return subprocess.call(kubectl.argv(cluster.kubeconfig, "apply", flag, args.filename))
     state = _need_lab(args.dir)
     api = _client(state)
     try:
