@@ -273,3 +273,15 @@ def test_overlay_agent_source_mounts_the_checkout(layout: Layout, tmp_path: Path
     mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
     assert f"{install.IMAGE_SITE_PACKAGES}/pcn_agent" in mounts
     assert "volumeMounts" not in spec["initContainers"][0]
+
+
+def test_state_copy_in_the_data_folder_finds_orphans(tmp_path: Path) -> None:
+    from pcn_lab.cluster.state import orphans
+
+    st = ClusterState(tmp_path / "lab", run_id="abc123", workers=1,
+                      data_root=str(tmp_path / "data"), sysctls={"kernel/panic": "1"})
+    st.save()
+    (tmp_path / "lab" / "cluster.json").unlink()  # the lab folder lost (a reboot)
+    (found,) = orphans(tmp_path / "data")
+    assert (found.run_id, found.dir, found.sysctls) == ("abc123", tmp_path / "lab",
+                                                       {"kernel/panic": "1"})

@@ -470,6 +470,16 @@ def cmd_down(args: argparse.Namespace) -> int:
         return commands.down(cluster)
     state = LabState.load(args.dir)
     if state is None:
+        from pcn_lab.cluster import commands
+        from pcn_lab.cluster.state import orphans
+
+        lost = orphans()
+        for orphan in lost:  # a cluster whose lab folder is gone
+            say(f"no lab state in {args.dir}, but cluster {orphan.layout.prefix} is left "
+                f"(its data folder {orphan.layout.data})")
+            commands.down(orphan)
+        if lost:
+            return 0
         leftover = [ns for ns in pr_netns.listnetns() if ns.startswith("pcnt-")]
         print("no lab to remove" + (f" (other pcn test namespaces exist: {leftover})"
                                     if leftover else ""))

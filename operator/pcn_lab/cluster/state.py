@@ -42,16 +42,35 @@ class ClusterState:
         return self.dir / "kubeconfig"
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Write the state file, and a copy in the data folder (`down` finds a
+        cluster whose lab folder is gone by it: see `orphans`)."""
         data = asdict(self)
-        data.pop("dir")
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.file)
+        data["dir"] = str(self.dir)
+        for f in (self.file, self.layout.data / STATE_FILE):
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(f)
 
     @classmethod
     def load(cls, d: Path) -> ClusterState | None:
         f = d / STATE_FILE
         if not f.is_file():
             return None
-        return cls(d, **json.loads(f.read_text()))
+        data = json.loads(f.read_text())
+        data.pop("dir", None)
+        return cls(d, **data)
+
+
+def orphans(data_root: Path = DATA_ROOT) -> list[ClusterState]:
+    """Clusters whose data folder is still there, from its copy of the state
+    (their lab folder may be gone: a reboot empties /run)."""
+    found = []
+    for f in sorted(data_root.glob(f"*/{STATE_FILE}")) if data_root.is_dir() else []:
+        try:
+            data = json.loads(f.read_text())
+            d = Path(data.pop("dir"))
+            found.append(ClusterState(d, **data))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
