@@ -259,7 +259,8 @@ def test_pod_pid_from_cgroups(tmp_path: Path) -> None:
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
-    st = ClusterState(tmp_path, run_id="abc123", workers=2, holders={"n1": 5})
+    st = ClusterState(tmp_path, run_id="abc123", workers=2, holders={"n1": 5},
+                      data_root=str(tmp_path / "data"))
     st.save()
     back = ClusterState.load(tmp_path)
     assert back is not None and back.holders == {"n1": 5} and back.layout.workers == 2
