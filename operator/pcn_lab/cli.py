@@ -473,7 +473,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         from pcn_lab.cluster import commands
         from pcn_lab.cluster.state import orphans
 
-        lost = orphans()
+        # this lab folder's cluster, or one whose lab folder lost its state;
+        # never a cluster another lab folder still describes
+        lost = [o for o in orphans() if o.dir == args.dir or not o.file.is_file()]
         for orphan in lost:  # a cluster whose lab folder is gone
             say(f"no lab state in {args.dir}, but cluster {orphan.layout.prefix} is left "
                 f"(its data folder {orphan.layout.data})")
