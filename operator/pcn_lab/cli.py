@@ -164,8 +164,9 @@ def cmd_up_cluster(args: argparse.Namespace) -> int:
     except Exception as exc:
         say(f"the cluster failed to come up: {exc}")
         failed = ClusterState.load(args.dir)
-        say(f"logs: {failed.layout.logs if failed else args.dir}; `pcn-lab status` shows "
-            "what runs, `pcn-lab down` removes it")
+        if failed is not None:
+            say(f"logs: {failed.layout.logs}; `pcn-lab status` shows what runs, `pcn-lab "
+                "down` removes it")
         return 1
     print(f"""pcn cluster up: {len(state.layout.nodes)} node(s), API server https://127.0.0.1:{state.relay_port}, namespace {state.namespace}
 
