@@ -198,3 +198,37 @@ def test_stop_is_idempotent_and_restartable(tmp_path: Path) -> None:
     srv.start()
     assert localapi.call(srv.path, {"op": "x"}, timeout=5)["ok"]
     srv.stop()
+
+
+def _status_server(path: Path, ready: bool) -> threading.Thread:
+    """A one-shot agent socket answering the status op."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            localapi.read_line(conn)
+            conn.sendall(json.dumps({"ok": True, "node": "n1", "ready": ready,
+                                     "pods": 0}).encode() + b"\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_agent_readiness_probe(tmp_path: Path, ready: bool,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`pcn-agent --ready` (the DaemonSet's readiness probe) follows the data
+    plane, not the process: a live agent that has not built it is not ready."""
+    from pcn_agent.control import cli
+
+    path = tmp_path / "agent.sock"
+    t = _status_server(path, ready)
+    assert cli.ready(str(path)) == (0 if ready else 1)
+    t.join(5)
+    if not ready:
+        assert "has not built its data plane" in capsys.readouterr().err
+    assert cli.ready(str(tmp_path / "none.sock")) == 1

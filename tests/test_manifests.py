@@ -421,6 +421,9 @@ def test_daemonset_probes_and_metrics(ds: dict[str, Any]) -> None:
         # the kubelet probes from the host: it reaches a loopback-only endpoint
         assert get.get("host") == host if host != "0.0.0.0" else "host" not in get
     assert ports_named(agent)["health"] == port
+    # readiness follows the data plane (the local API's status), not the process
+    assert agent["readinessProbe"]["exec"]["command"] == ["/opt/pcn/venv/bin/pcn-agent",
+                                                         "--ready"]
     ports = ports_named(agent)
     assert ports["metrics"] == int(env["PCN_METRICS_PORT"]) == 9090
     ann = ds["spec"]["template"]["metadata"]["annotations"]

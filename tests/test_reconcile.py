@@ -77,6 +77,18 @@ def test_peers_and_vteps_from_nodes() -> None:
     assert vtep_for(S, "10.244.7.0/24", {"pcn.dev/vtep": "10.18.9.9"}) == "10.18.9.9"
 
 
+def test_vtep_of_the_first_pod_cidr() -> None:
+    """kube-controller-manager gives the first node 10.244.0.0/24 (index 0),
+    whose address in the VTEP range would be its network address: it gets
+    the range's last host address, which no other index reaches."""
+    assert vtep_for(S, "10.244.0.0/24", {}) == "10.18.255.254"
+    assert vtep_for(S, "10.244.255.0/24", {}) == "10.18.0.255"
+    r = desired_state(Inputs("n1", S, nodes=[node("n0", "192.168.1.9", "10.244.0.0/24")]))
+    assert {p.vtep_ip for p in r.desired.peers} == {"10.18.255.254"}
+    with pytest.raises(ValueError):
+        vtep_for(S, "10.245.0.0/24", {})
+
+
 def test_clusterip_backends_are_ready_endpoints_only() -> None:
     svc = service("web", "api", "10.96.0.10", [{"name": "http", "port": 80, "protocol": "TCP"}],
                   sessionAffinity="ClientIP")

@@ -1,6 +1,7 @@
-"""pcn-lab: the whole of pcn on one machine, no cluster needed.
+"""pcn-lab: the whole of pcn on one machine, emulated or on a real cluster.
 
     pcn-lab up [--nodes N] [--pods-per-node M] [-f DIR]
+    pcn-lab up --kubernetes [--nodes N] [-f DIR]
     pcn-lab apply -f FILE|DIR
     pcn-lab exec POD -- CMD...
     pcn-lab check
@@ -14,6 +15,12 @@ wires them with the real `pcn-cni` exactly as a kubelet would (each pod runs
 a probe server on TCP 8080 and UDP 8081), allocates Service addresses and
 keeps EndpointSlices current. It writes a kubeconfig for `kubectl` and
 `kubectl pcn`. `down` removes everything, also after a crash.
+
+`up --kubernetes` starts a real cluster instead (pcn_lab.cluster: etcd,
+kube-apiserver, kube-controller-manager, kube-scheduler, containerd and a
+kubelet per node, built by `make k8s`; N workers plus a control-plane
+node), installs pcn with `kubectl apply -k manifests/` and CoreDNS, and
+applies -f. `status`, `exec` (kubectl exec), `check` and `down` work on it.
 
 Network safety: nothing is added to the root namespace; the API listens on
 127.0.0.1 only.
@@ -41,6 +48,7 @@ from pyroute2 import netns as pr_netns
 
 from pcn_lab import checks
 from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply
+from pcn_lab.cluster.state import ClusterState
 from pcn_lab.supervisor import (
     LAB_ROOT,
     LabState,
@@ -59,6 +67,11 @@ _Params = ParamSpec("_Params")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.kubernetes:
+        return cmd_up_cluster(args)
+    if ClusterState.load(args.dir) is not None:
+        say(f"a real cluster is running from {args.dir}; `pcn-lab down` first")
+        return 1
     old = LabState.load(args.dir)
     if old is not None and alive(old.supervisor_pid):
         say(f"a lab is already running (kubeconfig {old.kubeconfig}); `pcn-lab down` first")
@@ -127,6 +140,44 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up_cluster(args: argparse.Namespace) -> int:
+    from pcn_lab.cluster import bringup
+
+    old = ClusterState.load(args.dir)
+    if old is not None:
+        say(f"a cluster is already there ({old.layout.prefix}, step {old.step}"
+            f"{', ready' if old.ready else ''}); `pcn-lab down` first")
+        return 0 if old.ready else 1
+    lab = LabState.load(args.dir)
+    if lab is not None and alive(lab.supervisor_pid):
+        say("an emulated lab is running; `pcn-lab down` first")
+        return 1
+    say(f"starting a real cluster: a control-plane node and {args.nodes} worker(s)")
+    try:
+        state = bringup.up(args.dir, args.nodes, args.until,
+                           Path(args.filename) if args.filename else None,
+                           agent_source=args.agent_source)
+    except KeyboardInterrupt:
+        say("interrupted: the half-built cluster stays for inspection; `pcn-lab down` "
+            "removes it")
+        return 130
+    except Exception as exc:
+        say(f"the cluster failed to come up: {exc}")
+        failed = ClusterState.load(args.dir)
+        if failed is not None:
+            say(f"logs: {failed.layout.logs}; `pcn-lab status` shows what runs, `pcn-lab "
+                "down` removes it")
+        return 1
+    print(f"""pcn cluster up: {len(state.layout.nodes)} node(s), API server https://127.0.0.1:{state.relay_port}, namespace {state.namespace}
+
+  export KUBECONFIG={state.kubeconfig}
+  kubectl get nodes,pods -A -o wide
+  kubectl get cubechains,networkfunctions -A
+  pcn-lab check
+  pcn-lab down""")
+    return 0
+
+
 def _stop_supervisor(pid: int, timeout: float = 60) -> None:
     if not alive(pid):
         return
@@ -149,6 +200,12 @@ def _need_lab(d: Path) -> LabState:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    cluster = ClusterState.load(args.dir)
+    if cluster is not None:
+        from pcn_lab.cluster import kubectl
+
+        flag = "-k" if (Path(args.filename) / "kustomization.yaml").is_file() else "-f"
+        return subprocess.call(kubectl.argv(cluster.kubeconfig, "apply", flag, args.filename))
     state = _need_lab(args.dir)
     api = _client(state)
     try:
@@ -184,6 +241,11 @@ def _pods(state: LabState) -> dict[str, dict[str, Any]]:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    cluster = ClusterState.load(args.dir)
+    if cluster is not None:
+        from pcn_lab.cluster import commands
+
+        return commands.exec_(cluster, args.pod, args.command, args.namespace)
     state = _need_lab(args.dir)
     pod = _pods(state).get(args.pod)
     netns = ((pod or {}).get("metadata", {}).get("annotations") or {}).get("pcn.dev/lab-netns")
@@ -356,6 +418,11 @@ def connectivity(state: LabState, notes: list[str] | None = None) -> list[checks
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    cluster = ClusterState.load(args.dir)
+    if cluster is not None:
+        from pcn_lab.cluster import connectivity as cluster_checks
+
+        return cluster_checks.check(cluster)
     state = _need_lab(args.dir)
     say("running the connectivity matrix")
     notes: list[str] = []
@@ -369,6 +436,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    cluster = ClusterState.load(args.dir)
+    if cluster is not None:
+        from pcn_lab.cluster import commands
+
+        return commands.status(cluster)
     state = LabState.load(args.dir)
     if state is None:
         print("no lab (start one with `pcn-lab up`)")
@@ -392,8 +464,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    cluster = ClusterState.load(args.dir)
+    if cluster is not None:
+        from pcn_lab.cluster import commands
+
+        return commands.down(cluster)
     state = LabState.load(args.dir)
     if state is None:
+        from pcn_lab.cluster import commands
+        from pcn_lab.cluster.state import orphans
+
+        # this lab folder's cluster, or one whose lab folder lost its state;
+        # never a cluster another lab folder still describes
+        lost = [o for o in orphans() if o.dir == args.dir or not o.file.is_file()]
+        for orphan in lost:  # a cluster whose lab folder is gone
+            say(f"no lab state in {args.dir}, but cluster {orphan.layout.prefix} is left "
+                f"(its data folder {orphan.layout.data})")
+            commands.down(orphan)
+        if lost:
+            return 0
         leftover = [ns for ns in pr_netns.listnetns() if ns.startswith("pcnt-")]
         print("no lab to remove" + (f" (other pcn test namespaces exist: {leftover})"
                                     if leftover else ""))
@@ -458,9 +547,19 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
     up.add_argument("-f", "--filename", help="apply this file or directory once up")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait (default 300)")
+    up.add_argument("--kubernetes", action="store_true",
+                    help="a real cluster (make k8s's binaries): --nodes workers plus a "
+                         "control-plane node")
+    up.add_argument("--until", choices=("controlplane", "nodes", "pcn", "all"), default="all",
+                    help="with --kubernetes: stop after this step, leaving it running")
+    up.add_argument("--agent-source", type=Path, metavar="CHECKOUT",
+                    help="with --kubernetes, for development: run the agent's Python "
+                         "packages from this pcn checkout instead of the image's")
     ap_apply = sub.add_parser("apply", help="create or update objects from YAML, as kubectl apply")
     ap_apply.add_argument("-f", "--filename", required=True)
-    ex = sub.add_parser("exec", help="run a command in a pod's network namespace")
+    ex = sub.add_parser("exec", help="run a command in a pod's network namespace "
+                                     "(kubectl exec on a real cluster)")
+    ex.add_argument("-n", "--namespace", help="the pod's namespace (real cluster)")
     ex.add_argument("pod")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("check", help="the connectivity matrix, one row per check")

@@ -37,11 +37,36 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--liveness", default=os.environ.get("PCN_LIVENESS", "http://0.0.0.0:8081/healthz"),
                     help="health endpoint URL (default %(default)s; '' disables)")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--ready", action="store_true",
+                    help="do not run: ask the agent serving PCN_SOCKET whether its data plane "
+                         "is ready (exit 0) or not (exit 1); the DaemonSet's readiness probe")
     return ap
+
+
+def ready(socket_path: str) -> int:
+    """0 when the agent at `socket_path` answers the local API's status op
+    with ready (its data plane built, pods can be attached), else 1 with
+    the reason on stderr. A live agent whose data plane is not built (no
+    pod CIDR yet, a bad setting, a failed compile) is alive but not ready:
+    the CNI plugin could not attach a pod there."""
+    from pcn_agent.cni import localapi
+
+    try:
+        status = localapi.call(socket_path, {"op": "status"}, timeout=5.0)
+    except localapi.LocalApiError as exc:
+        print(f"pcn-agent: not ready: {exc}", file=sys.stderr)
+        return 1
+    if not status.get("ready"):
+        print(f"pcn-agent: not ready: the agent on {status.get('node')} has not built its "
+              "data plane yet (see its log)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.ready:
+        return ready(os.environ.get("PCN_SOCKET", "/run/pcn/agent.sock"))
     if args.node_name:
         os.environ["NODE_NAME"] = args.node_name
     if args.netns:

@@ -147,15 +147,25 @@ def node_addresses(node: Obj) -> tuple[str | None, str | None]:
 def vtep_for(settings: ClusterSettings, pod_cidr: str, annotations: Mapping[str, str]) -> str:
     """A node's overlay address: the annotation pcn.dev/vtep, else derived from
     the index of its pod CIDR inside the cluster pod CIDR (stable, no
-    coordination needed)."""
+    coordination needed): index i is the range's address i, except index 0,
+    whose address would be the range's network address: it gets the range's
+    last host address. kube-controller-manager's range allocator hands out
+    index 0 (10.244.0.0/24) first, to the first node that registers (a real
+    cluster's control plane, usually). Raises ValueError for a pod CIDR
+    outside the cluster's or an index the range has no address for."""
     if annotations.get("pcn.dev/vtep"):
         return str(ipaddress.IPv4Address(annotations["pcn.dev/vtep"]))
     cluster = ipaddress.IPv4Network(settings.podCIDR)
     net = ipaddress.IPv4Network(pod_cidr)
+    if not net.subnet_of(cluster):
+        raise ValueError(f"pod CIDR {pod_cidr} is not inside the cluster's {cluster} "
+                         "(ConfigMap podCIDR, kube-controller-manager's --cluster-cidr)")
     index = (int(net.network_address) - int(cluster.network_address)) >> (32 - net.prefixlen)
     vteps = ipaddress.IPv4Network(settings.vtepsRange)
-    if not 0 < index < vteps.num_addresses - 1:
+    if not 0 <= index < vteps.num_addresses - 2:
         raise ValueError(f"pod CIDR {pod_cidr} gives VTEP index {index}, outside {vteps}")
+    if index == 0:
+        return str(vteps.broadcast_address - 1)
     return str(vteps.network_address + index)
 
 

@@ -1,0 +1,98 @@
+"""A real cluster on this machine (`pcn-lab up --kubernetes -f examples/`):
+upstream etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+containerd and kubelets built by `make k8s`, pcn installed with `kubectl
+apply -k manifests/`, CoreDNS. Checks every node Ready, pcn-agent Running
+on every node, CoreDNS Ready, pod to pod and pod to Service through pcn,
+and that `pcn-lab down` leaves nothing (processes, mounts, namespaces,
+cgroups, links, files).
+
+Skipped (naming `make k8s`) when the built binaries or images are absent,
+as on CI, so `make test` never brings a cluster up there; with the cache
+it takes a few minutes (marked k8s: `-m "not k8s"` leaves it out)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pcn_lab.cluster import artifacts, bringup, cleanup, connectivity, kubectl
+from pcn_lab.cluster.state import ClusterState
+
+pytestmark = [pytest.mark.k8s, pytest.mark.netns]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def _pcn_lab(d: Path, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pcn_lab", "--dir", str(d), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterState]:
+    missing = bringup.missing_binaries("all")
+    if missing:
+        pytest.skip(f"{artifacts.bin_dir()} lacks {', '.join(missing)}: run `make k8s`")
+    if not (artifacts.image_dir() / "images.json").is_file():
+        pytest.skip(f"{artifacts.image_dir()}/images.json is missing: run `make k8s`")
+    d = tmp_path_factory.mktemp("cluster")
+    links = _root_links()
+    # --agent-source: the agent runs this checkout's code, the code under test
+    # (the image's environment, the checkout's Python)
+    up = _pcn_lab(d, "up", "--kubernetes", "--agent-source", str(ROOT),
+                  "-f", str(ROOT / "examples"))
+    state = ClusterState.load(d)
+    try:
+        assert up.returncode == 0, f"up failed:\n{up.stderr[-4000:]}"
+        assert state is not None
+        yield state
+    finally:
+        down = _pcn_lab(d, "down", timeout=300)
+        if state is not None:
+            assert cleanup.leftovers(state.layout) == [], down.stdout + down.stderr
+        assert _root_links() == links, "down left links in the root namespace"
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_nodes_ready_and_agents_running(cluster: ClusterState) -> None:
+    nodes = kubectl.get(cluster.kubeconfig, "nodes")["items"]
+    assert sorted(n["metadata"]["name"] for n in nodes) == cluster.layout.nodes
+    for n in nodes:
+        ready = {c["type"]: c["status"] for c in n["status"]["conditions"]}["Ready"]
+        assert ready == "True", n["metadata"]["name"]
+        assert n["spec"].get("podCIDR", "").startswith("10.244.")
+    agents = kubectl.get(cluster.kubeconfig, "pods", "-n", "pcn-system")["items"]
+    running = {p["spec"]["nodeName"] for p in agents if p["status"].get("phase") == "Running"}
+    assert running == set(cluster.layout.nodes)
+
+
+def test_coredns_ready(cluster: ClusterState) -> None:
+    dep = kubectl.get(cluster.kubeconfig, "-n", "kube-system", "deployment", "coredns")
+    assert dep["status"].get("readyReplicas") == dep["spec"]["replicas"]
+
+
+def test_pod_to_pod_and_service(cluster: ClusterState) -> None:
+    results, notes = connectivity.matrix(cluster)
+    table = "\n".join(f"{r.source} -> {r.target} {r.protocol}: "
+                      f"{'ok' if r.passed else 'FAILED'} {r.detail}" for r in results)
+    by = {(r.target.split(" ")[0], r.protocol): r for r in results}
+    assert by[("web-1", "http")].passed and by[("web-2", "http")].passed, table
+    assert any(r.passed for r in results if "ClusterIP" in r.target), table
+    failed = [r for r in results if not r.passed]
+    assert not failed, table
+
+
+def test_status_and_exec(cluster: ClusterState) -> None:
+    d = cluster.dir
+    st = _pcn_lab(d, "status", timeout=60)
+    assert st.returncode == 0 and "pcn-agent" in st.stdout, st.stdout + st.stderr
+    ex = _pcn_lab(d, "exec", "client", "--", "cat", "/etc/resolv.conf", timeout=60)
+    assert ex.returncode == 0 and "10.96.0.10" in ex.stdout, ex.stderr
