@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench soak lint typecheck layers crds k8s clean
+.PHONY: setup test demo bench soak lint typecheck layers crds k8s conformance clean
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,12 @@ soak: setup
 K8S_ARGS ?=
 k8s: setup
 	$(PY) -m pcn_lab.cluster.build $(K8S_ARGS)
+
+# Upstream sig-network e2e on the real local cluster (needs `make k8s`; not
+# part of `make test`). CONFORMANCE_ARGS="--focus REGEX --keep" to iterate.
+CONFORMANCE_ARGS ?=
+conformance: setup
+	$(PY) -m pcn_lab.cluster.conformance $(CONFORMANCE_ARGS)
 
 crds: setup
 	$(PY) -m pcn_crds.generate

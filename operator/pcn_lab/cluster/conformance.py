@@ -13,12 +13,20 @@ selected test failed.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
 import re
+import subprocess
+import sys
+import time
 import tomllib
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +176,129 @@ def table(results: Sequence[TestResult], width: int = 100) -> str:
     lines.append(f"{s['run']} run: {s[PASSED]} passed, {s[FAILED]} failed; "
                  f"{s[SKIPPED]} skipped (reasons above, from conformance.toml)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ the run
+DEFAULT_DIR = Path("/run/pcn-conformance")
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[3] / "bench" / "results" / "conformance.json"
+
+
+def _say(msg: str) -> None:
+    print(f"[conformance] {msg}", flush=True)
+
+
+def _lab(lab_dir: Path, *args: str) -> int:
+    """`pcn-lab --dir lab_dir ARGS` as a user types it (its output streams)."""
+    return subprocess.call([sys.executable, "-m", "pcn_lab.cli", "--dir", str(lab_dir), *args])
+
+
+def write_results(path: Path, results: Sequence[TestResult], meta: dict[str, Any]) -> None:
+    """bench/results-style JSON: machine, versions, summary and one row per test."""
+    doc = {**meta, "summary": summary(results), "results": [r.to_json() for r in results]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
+        extra_focus: Sequence[str] = ()) -> int:
+    """Bring the real cluster up as a user does (`pcn-lab up --kubernetes`),
+    run upstream's selection on it, take it down and check nothing is left.
+    Returns the exit status: 0 only when every selected test passed and the
+    teardown left nothing."""
+    from pcn_lab.cluster import artifacts, cleanup, kubeconfig
+    from pcn_lab.cluster.state import ClusterState
+
+    for name in ("e2e.test", "ginkgo", "kubectl"):
+        artifacts.binary(name)  # FileNotFoundError names `make k8s`
+    selection = load_selection()
+    if extra_focus:  # a rerun of some: these patterns instead of the file's focus
+        selection = Selection(tuple(extra_focus), selection.skips)
+    if ClusterState.load(lab_dir) is not None:
+        _say(f"a cluster is already up from {lab_dir}: taking it down first")
+        _lab(lab_dir, "down")
+    started = time.monotonic()
+    status = 1
+    layout = None
+    try:
+        _say(f"bringing up the cluster (a control plane and {workers} workers) in {lab_dir}")
+        if _lab(lab_dir, "up", "--kubernetes", "--nodes", str(workers)) != 0:
+            _say("the cluster did not come up: see the lines above")
+            return 1
+        state = ClusterState.load(lab_dir)
+        assert state is not None, "pcn-lab up --kubernetes left no state"
+        layout = state.layout
+        report = lab_dir / "e2e"
+        report.mkdir(parents=True, exist_ok=True)
+        inside = lab_dir / "e2e.kubeconfig"  # the API server's address on the lab's switch
+        kubeconfig.write(inside, kubeconfig.for_cert(layout, "admin", layout.api_url_inside()))
+        argv = ginkgo_argv(artifacts.bin_dir(), selection, report, inside, parallel=procs)
+        _say(f"running upstream e2e ({artifacts.versions()['kubernetes']['version']}) from "
+             f"{layout.control_plane}'s network namespace, {procs} processes; log in "
+             f"{report / 'e2e.log'}")
+        with open(report / "e2e.log", "w") as log:
+            code = _stream(["ip", "netns", "exec", layout.control_plane, *argv], log)
+        junit = report / "junit.xml"
+        if not junit.is_file():
+            _say(f"ginkgo exited {code} without a JUnit report: see {report / 'e2e.log'}")
+            return 1
+        results = parse_junit(junit, selection)
+        print(table(results))
+        write_results(output, results, {
+            "date": datetime.now(UTC).replace(microsecond=0).isoformat(),
+            "kernel": platform.release(), "cpu_count": os.cpu_count(),
+            "kubernetes": artifacts.versions()["kubernetes"]["version"],
+            "workers": workers, "procs": procs,
+            "minutes": round((time.monotonic() - started) / 60, 1),
+            "selection": str(SELECTION_FILE.name)})
+        _say(f"results in {output}; JUnit in {junit}")
+        s = summary(results)
+        status = 0 if s[FAILED] == 0 and s["run"] > 0 and code == 0 else 1
+    finally:
+        if keep:
+            _say(f"--keep: the cluster stays up ({lab_dir}); `pcn-lab --dir {lab_dir} down`")
+        else:
+            _lab(lab_dir, "down")
+            left = cleanup.leftovers(layout) if layout is not None else []
+            if left:
+                _say("pcn-lab down left: " + ", ".join(left))
+                status = 1
+            else:
+                _say("pcn-lab down left nothing (processes, mounts, namespaces, cgroups)")
+    return status
+
+
+def _stream(argv: list[str], log: Any) -> int:
+    """Run `argv`, its output to `log` and, one line in ten plus every
+    failure line, to the console (Ginkgo's own progress)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for i, line in enumerate(proc.stdout):
+        log.write(line)
+        if "[FAIL]" in line or "Ran " in line or i % 10 == 0 and line.strip():
+            print(line.rstrip()[:160], flush=True)
+    return proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pcn_lab.cluster.conformance",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                    help="the cluster's lab directory (%(default)s)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--procs", type=int, default=2, help="ginkgo processes (%(default)s)")
+    ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    ap.add_argument("--keep", action="store_true", help="leave the cluster up afterwards")
+    ap.add_argument("--focus", action="append", default=[],
+                    help="run only specs matching this (repeatable; the skips still apply)")
+    args = ap.parse_args(argv)
+    try:
+        return run(args.dir, args.workers, args.procs, args.output, args.keep, args.focus)
+    except FileNotFoundError as exc:
+        _say(str(exc))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
