@@ -277,6 +277,8 @@ def test_every_image_has_a_distinct_archive_and_the_e2e_names() -> None:
     assert len(set(files)) == len(files)
     assert "registry.k8s.io/pause:3.10.2" in refs
     assert "registry.k8s.io/e2e-test-images/agnhost:2.66.1" in refs
+    # the Conntrack test's server (no registry here: a missing one is ImagePullBackOff)
+    assert "registry.k8s.io/e2e-test-images/regression-issue-74839:1.5" in refs
     assert images.AGENT_REF == "docker.io/library/pcn-agent:0.1.0"
 
 

@@ -19,6 +19,7 @@ runc                  runc (cgo + libseccomp; Debian's runc if that fails)
 crictl                crictl
 coredns               coredns
 agnhost               agnhost
+regression-74839      regression-issue-74839 (the Conntrack test's server)
 cni-plugins           host-local, loopback
 kube-proxy            kube-proxy
 ginkgo                ginkgo
@@ -545,6 +546,14 @@ def build_agnhost(ctx: StepContext) -> None:
                  ldflags_value=ldflags(f"-X main.Version={agnhost_version}"), output="agnhost")
 
 
+def build_regression_74839(ctx: StepContext) -> None:
+    """test/images/regression-issue-74839: the server of the Conntrack test
+    "should drop INVALID conntrack entries" (a raw-socket TCP peer)."""
+    kube = kubernetes_module(ctx)
+    ctx.go_build(["k8s.io/kubernetes/test/images/regression-issue-74839"], cwd=kube.dir,
+                 ldflags_value=ldflags(), output="regression-issue-74839")
+
+
 def build_cni_plugins(ctx: StepContext) -> None:
     src = _copied(ctx, "cni-plugins")
     flags = ldflags(f"-X {_module('cni-plugins')}/pkg/utils/buildversion.BuildVersion="
@@ -587,6 +596,7 @@ STEPS: tuple[Step, ...] = (
     Step("crictl", ("crictl",), build_crictl),
     Step("coredns", ("coredns",), build_coredns),
     Step("agnhost", ("agnhost",), build_agnhost),
+    Step("regression-74839", ("regression-issue-74839",), build_regression_74839),
     Step("cni-plugins", ("host-local", "loopback"), build_cni_plugins),
     Step("kube-proxy", ("kube-proxy",), kube_binary("cmd/kube-proxy", "kube-proxy")),
     Step("ginkgo", ("ginkgo",), build_ginkgo),

@@ -325,6 +325,14 @@ def _fill_coredns(root: Path) -> oci.ImageConfig:
                            exposed_ports=["53/tcp", "53/udp"])
 
 
+def _fill_regression_74839(root: Path) -> oci.ImageConfig:
+    """test/images/regression-issue-74839/Dockerfile: the binary at / on a
+    Debian base, as its entrypoint."""
+    binary = root / "regression-issue-74839"
+    _install_binary("regression-issue-74839", binary)
+    return oci.ImageConfig(entrypoint=["/regression-issue-74839"], env=[f"PATH={DEFAULT_PATH}"])
+
+
 def _e2e(name: str, tag: str) -> str:
     return f"registry.k8s.io/e2e-test-images/{name}:{tag}"
 
@@ -345,6 +353,8 @@ def recipes() -> list[Recipe]:
                packages=("bind9-dnsutils", "curl", "netcat-openbsd", "iproute2", "iperf", "socat",
                          "procps", "iputils-ping", "wget", "ca-certificates"),
                inputs=_agnhost_inputs),
+        Recipe("regression-issue-74839", (_e2e("regression-issue-74839", "1.5"),),
+               _fill_regression_74839, packages=(), needs=("regression-issue-74839",)),
     ]
 
 
