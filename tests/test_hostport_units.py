@@ -35,6 +35,13 @@ def test_port_mappings_are_parsed_as_the_runtime_sends_them() -> None:
         {"hostPort": 8000, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
     ]  # the IPv6 one is left out: pcn is IPv4 only
     assert spec.parse_conf(json.dumps(CONF).encode()).port_mappings == []
+    # containerd 2.4 (go-cni) sends the Go field names: read without case, as
+    # the reference portmap plugin's encoding/json does (the first real
+    # cluster's HostPort conformance test failed on exactly this)
+    assert spec.parse_conf(_conf({"portMappings": [
+        {"HostPort": 54323, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": "127.0.0.1"},
+    ]})).port_mappings == [
+        {"hostPort": 54323, "containerPort": 8080, "protocol": "tcp", "hostIP": "127.0.0.1"}]
     assert spec.parse_conf(_conf({"portMappings": []})).port_mappings == []
 
 
@@ -73,7 +80,11 @@ def test_the_lab_kubelet_passes_host_ports_as_containerd_does() -> None:
         {"name": "b", "ports": [{"containerPort": 53, "hostPort": 5353, "protocol": "UDP"}]},
     ]}}
     mappings = kubelet.port_mappings(pod)
-    assert mappings == [
+    assert mappings == [  # go-cni's field names, as containerd 2.4 sends them
+        {"HostPort": 54323, "ContainerPort": 8080, "Protocol": "tcp", "HostIP": "127.0.0.1"},
+        {"HostPort": 5353, "ContainerPort": 53, "Protocol": "udp", "HostIP": ""},
+    ]
+    normalised = [
         {"hostPort": 54323, "containerPort": 8080, "protocol": "tcp", "hostIP": "127.0.0.1"},
         {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": ""},
     ]
@@ -82,7 +93,7 @@ def test_the_lab_kubelet_passes_host_ports_as_containerd_does() -> None:
     assert config["capabilities"] == {"portMappings": True}
     with_rc = kubelet.with_capabilities(config, mappings)
     assert with_rc["runtimeConfig"] == {"portMappings": mappings}
-    assert spec.parse_conf(json.dumps(with_rc).encode()).port_mappings == mappings
+    assert spec.parse_conf(json.dumps(with_rc).encode()).port_mappings == normalised
     assert "runtimeConfig" not in kubelet.with_capabilities(config, [])
     plain = {k: v for k, v in config.items() if k != "capabilities"}
     assert "runtimeConfig" not in kubelet.with_capabilities(plain, mappings)  # as libcni

@@ -80,14 +80,16 @@ def run_cni(node_netns: str | None, command: str, sandbox: PodSandbox, config: d
 def port_mappings(pod: dict[str, Any]) -> list[dict[str, Any]]:
     """The pod's hostPorts as kubelet and containerd hand them to CNI: one
     entry per spec.containers[].ports[] with a hostPort (containerd's
-    toCNIPortMappings: protocol lower-cased, hostIP as given, "" when none)."""
+    toCNIPortMappings: protocol lower-cased, hostIP as given, "" when none),
+    with go-cni's field names as JSON keys ("HostPort", ...: its PortMapping
+    struct has no JSON tags), which is what a real containerd sends."""
     out: list[dict[str, Any]] = []
     for c in (pod.get("spec") or {}).get("containers") or []:
         for p in c.get("ports") or []:
             if isinstance(p.get("hostPort"), int) and p["hostPort"] > 0:
-                out.append({"hostPort": p["hostPort"], "containerPort": p.get("containerPort"),
-                            "protocol": (p.get("protocol") or "TCP").lower(),
-                            "hostIP": p.get("hostIP") or ""})
+                out.append({"HostPort": p["hostPort"], "ContainerPort": p.get("containerPort"),
+                            "Protocol": (p.get("protocol") or "TCP").lower(),
+                            "HostIP": p.get("hostIP") or ""})
     return out
 
 

@@ -209,6 +209,9 @@ def _port(value: Any) -> int | None:
     return value
 
 
+_PORT_MAPPING_KEYS = {k.lower(): k for k in ("hostPort", "containerPort", "protocol", "hostIP")}
+
+
 def parse_port_mappings(runtime_config: Any) -> list[dict[str, Any]]:
     """runtimeConfig.portMappings (the `portMappings` capability of the CNI
     conventions, which kubelet and containerd fill from every container's
@@ -230,10 +233,15 @@ def parse_port_mappings(runtime_config: Any) -> list[dict[str, Any]]:
                        "each entry is {\"hostPort\", \"containerPort\", \"protocol\", "
                        "\"hostIP\"}")
     out: list[dict[str, Any]] = []
-    for m in mappings:
-        if not isinstance(m, dict):
-            raise CniError(INVALID_CONFIG, f"runtimeConfig.portMappings entry {m!r} is not an "
-                                           f"object")
+    for raw in mappings:
+        if not isinstance(raw, dict):
+            raise CniError(INVALID_CONFIG, f"runtimeConfig.portMappings entry {raw!r} is not "
+                                           f"an object")
+        # Keys in any case: containerd (go-cni's PortMapping has no JSON tags)
+        # sends "HostPort", "ContainerPort", "Protocol", "HostIP"; the
+        # conventions document writes "hostPort"; the reference portmap plugin
+        # reads both (Go's encoding/json matches field names without case).
+        m = {_PORT_MAPPING_KEYS.get(str(k).lower(), k): v for k, v in raw.items()}
         host_port, container_port = _port(m.get("hostPort")), _port(m.get("containerPort"))
         if host_port is None or container_port is None:
             raise CniError(INVALID_CONFIG, f"port mapping {json.dumps(m)}: hostPort and "
