@@ -168,16 +168,24 @@ static __always_inline void lbrp_forget_superseded(const struct pcn_flow *f,
  *  - the node's own connection (host port) is masqueraded as kube-proxy
  *    does: to the node's address for a backend on this node (the router
  *    sends it to the host port), to the node's pod-network address for one
- *    on another node (routed back to this node over the overlay). */
+ *    on another node (routed back to this node over the overlay);
+ *  - unless its backend is the node itself (a hostNetwork endpoint here, the
+ *    API server of the kubernetes Service on a control-plane node): from any
+ *    address of the node, the answer would be delivered locally without
+ *    coming back through this lbrp. It comes from the pods' gateway, which
+ *    the node routes to the router, as a pod reaching itself does. */
 static __always_inline __be32 lbrp_masq_addr(struct __sk_buff *skb, const struct lbrp_cfg *cfg,
                                              const struct pcn_flow *f,
                                              const struct pcn_backend *b)
 {
     if (!cfg)
         return 0;
-    if (lbrp_on_host_port(skb, cfg))
+    if (lbrp_on_host_port(skb, cfg)) {
+        if (b->ip == cfg->node_ip)
+            return cfg->hairpin_ip;
         return (b->ip & cfg->local_pods_mask) == cfg->local_pods ? cfg->node_ip
                                                                  : cfg->host_pod_ip;
+    }
     if (b->ip == f->saddr)
         return cfg->hairpin_ip;
     return 0;
@@ -252,7 +260,8 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
         /* the answer comes to masq:port and goes back to the client */
         back.ip2 = f->saddr;
         back.port2 = f->sport;
-        if (b.ip == f->saddr && !lbrp_on_host_port(skb, cfg))
+        /* the answer comes back by the ingress hook it left by */
+        if (masq == cfg->hairpin_ip)
             back.kind = PCN_SESS_LB_HAIRPIN_REV;
         __be16 port = lbrp_masq_port(f, cfg, masq, &b, &back);
         if (!port)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from pcn_agent.dataplane.cubes.firewall import Firewall
+from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_crds.rules import parse_rule
 from pcn_lab import checks
 from pcn_lab.topology import EXTERNAL_IP, Lab
@@ -308,6 +309,24 @@ def test_the_node_reaches_clusterips(svc_lab: Lab) -> None:
         assert u["ok"] and u["host"] == pod, (pod, u)
     r = _tcp(lab, node, VIP_EMPTY, 80, timeout=5)
     assert not r["ok"] and "refused" in str(r).lower(), r  # no endpoint: rejected
+
+
+def test_the_node_reaches_a_clusterip_whose_backend_is_itself(svc_lab: Lab) -> None:
+    """The kubernetes Service on a control-plane node: its endpoint is the
+    node's own address (a hostNetwork server). The node's connection to the
+    ClusterIP comes back through the lbrp (masqueraded to the pods' gateway),
+    not delivered locally past it; other nodes and pods reach it too."""
+    lab = svc_lab
+    node1 = lab.node_name(1)
+    vip = "10.96.0.30"
+    lab.set_service(vip, 443, "tcp", [Backend(lab.node_ip(1), TCP)])
+    try:
+        with checks.servers(lab, [node1]):
+            for client in (node1, lab.node_name(2), "n1p1", "n2p1"):
+                r = _tcp(lab, client, vip, 443)
+                assert r["ok"] and r["host"] == node1, (client, r)
+    finally:
+        lab.delete_service(vip, 443, "tcp")
 
 
 def test_an_adopting_agent_gives_the_node_its_service_route(svc_lab: Lab) -> None:
