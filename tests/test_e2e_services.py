@@ -329,6 +329,21 @@ def test_the_node_reaches_a_clusterip_whose_backend_is_itself(svc_lab: Lab) -> N
         lab.delete_service(vip, 443, "tcp")
 
 
+def test_an_external_ip_outside_the_service_range_serves_pods(svc_lab: Lab) -> None:
+    """A Service's externalIP that no node has (upstream's "should be possible
+    to connect to a service via ExternalIP when the external IP is not
+    assigned to a node"): pods on both nodes reach its backends there."""
+    lab = svc_lab
+    ext = "203.0.113.250"
+    lab.set_service(ext, 80, "tcp", [lab.backend("n2p1", TCP)])
+    try:
+        for client in ("n1p1", "n2p2"):
+            r = _tcp(lab, client, ext, 80)
+            assert r["ok"] and r["host"] == "n2p1", (client, r)
+    finally:
+        lab.delete_service(ext, 80, "tcp")
+
+
 def test_an_adopting_agent_gives_the_node_its_service_route(svc_lab: Lab) -> None:
     """A node built by an agent that had no Service route gets it when a new
     agent adopts it (the route is deleted while no agent runs)."""

@@ -342,6 +342,21 @@ def test_internal_traffic_policy_local_uses_this_nodes_endpoints_only() -> None:
         Backend("10.244.1.2", 8080), Backend("10.244.2.2", 8080), Backend("10.244.2.3", 8080))
 
 
+def test_external_ips_get_every_cluster_endpoint() -> None:
+    """spec.externalIPs (the upstream test "should be possible to connect to
+    a service via ExternalIP when the external IP is not assigned to a node"):
+    each IPv4 one serves the Service's ports to pods and the node with every
+    Cluster endpoint, whatever internalTrafficPolicy says (kube-proxy)."""
+    svc = service("a", "web", "10.96.0.10", HTTP, internalTrafficPolicy="Local",
+                  externalIPs=["203.0.113.250", "2001:db8::1", "not-an-ip"])
+    sl = _on([("10.244.1.2", READY, "n1"), ("10.244.2.2", READY, "n2")])
+    state = _state("n3", [svc], [sl])
+    assert state.services[("203.0.113.250", 80, "tcp")] == ServiceSpec(
+        (Backend("10.244.1.2", 8080), Backend("10.244.2.2", 8080)))
+    assert state.services[("10.96.0.10", 80, "tcp")] == ServiceSpec((), drop_if_empty=True)
+    assert {k[0] for k in state.services} == {"10.96.0.10", "203.0.113.250"}
+
+
 def test_local_policies_fall_back_to_this_nodes_terminating_endpoints_on_their_own() -> None:
     """kube-proxy's CategorizeEndpoints decides the serving-and-terminating
     fall-back for the node's own endpoints apart from the cluster-wide one: a

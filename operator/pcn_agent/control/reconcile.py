@@ -349,6 +349,27 @@ def cluster_ip_spec(svc: Obj, cat: Categorized) -> ServiceSpec:
     return ServiceSpec(cat.cluster, _affinity(svc))
 
 
+def external_ipv4s(svc: Obj) -> list[str]:
+    """The Service's IPv4 spec.externalIPs (others and malformed ones left out)."""
+    out = []
+    for ip in (svc.get("spec") or {}).get("externalIPs") or []:
+        try:
+            if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
+                out.append(ip)
+        except ValueError:
+            continue
+    return out
+
+
+def external_ip_spec(svc: Obj, cat: Categorized) -> ServiceSpec:
+    """A Service port at one of its externalIPs, for the pods and the node
+    that reach it: every Cluster endpoint whatever the traffic policies
+    (kube-proxy short-circuits cluster-internal traffic to an external
+    destination past externalTrafficPolicy, and internalTrafficPolicy is the
+    ClusterIP's only), with the Service's ClientIP affinity."""
+    return ServiceSpec(cat.cluster, _affinity(svc))
+
+
 def nodeport_spec(policy: str, cat: Categorized, affinity_timeout_s: int = 0) -> NodePortSpec:
     """A NodePort: all the Cluster endpoints (for pods and the node, which
     kube-proxy short-circuits past externalTrafficPolicy, and for outside
@@ -361,8 +382,8 @@ def nodeport_spec(policy: str, cat: Categorized, affinity_timeout_s: int = 0) ->
 def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
                                         dict[NodePortKey, NodePortSpec],
                                         dict[str, dict[str, Any]]]:
-    """ClusterIP and NodePort entries of every Service pcn proxies, as this
-    node (inputs.node) serves them, and the NodePortRules that describe its
+    """ClusterIP, externalIP and NodePort entries of every Service pcn
+    proxies, as this node (inputs.node) serves them, and the NodePortRules that describe its
     NodePorts. ClusterIP, NodePort and LoadBalancer Services all get their
     ClusterIP; NodePort and LoadBalancer ones (no load-balancer controller
     needed) their node ports too, unless allocateLoadBalancerNodePorts left a
@@ -385,6 +406,9 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
                              inputs.node)
             if vip is not None and "port" in port:
                 services[(vip, int(port["port"]), proto)] = cluster_ip_spec(svc, cat)
+            if "port" in port:
+                for ext in external_ipv4s(svc):
+                    services.setdefault((ext, int(port["port"]), proto), external_ip_spec(svc, cat))
             if spec.get("type") in ("NodePort", "LoadBalancer") and port.get("nodePort"):
                 np_key = (int(port["nodePort"]), proto)
                 nodeports[np_key] = nodeport_spec(policy, cat, _affinity(svc))
