@@ -143,6 +143,17 @@ def probe(lab: LabLike, src: str, args: list[str], timeout: float) -> dict:
                 "total_ms": (time.monotonic() - start) * 1000}
 
 
+def report(results: list[CheckResult], notes: list[str]) -> int:
+    """Print the table, the notes (stderr) and the count; the exit status of
+    `pcn-lab check`: 0 when there were checks and every one passed."""
+    print(render(results, symbols=True))
+    for note in notes:
+        print(note, file=sys.stderr)
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed")
+    return 1 if failed or not results else 0
+
+
 def render(results: list[CheckResult], symbols: bool = False) -> str:
     """A plain-text table, one row per check (with ✓/✗ when `symbols`)."""
     head = ("from", "to", "protocol", "result", "latency", "detail")

@@ -427,12 +427,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     say("running the connectivity matrix")
     notes: list[str] = []
     results = connectivity(state, notes)
-    print(checks.render(results, symbols=True))
-    for note in notes:
-        print(note, file=sys.stderr)
-    failed = [r for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed")
-    return 1 if failed or not results else 0
+    return checks.report(results, notes)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

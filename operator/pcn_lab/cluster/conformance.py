@@ -237,7 +237,7 @@ def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
         _say(f"running upstream e2e ({artifacts.versions()['kubernetes']['version']}) from "
              f"{layout.control_plane}'s network namespace, {procs} processes; log in "
              f"{report / 'e2e.log'}")
-        with open(report / "e2e.log", "w") as log:
+        with open(report / "e2e.log", "w", buffering=1) as log:  # line by line: followable
             code = _stream(["ip", "netns", "exec", layout.control_plane, *argv], log)
         junit = report / "junit.xml"
         if not junit.is_file():

@@ -175,9 +175,4 @@ def check(state: ClusterState) -> int:
               f"{', error: ' + state.error if state.error else ''})", file=sys.stderr)
         return 1
     results, notes = matrix(state)
-    print(checks.render(results, symbols=True))
-    for note in notes:
-        print(note, file=sys.stderr)
-    failed = [r for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed")
-    return 1 if failed or not results else 0
+    return checks.report(results, notes)

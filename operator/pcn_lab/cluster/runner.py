@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pcn_lab.cluster.layout import MARKER, Layout
+from pcn_lab.supervisor import alive
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -51,19 +52,6 @@ def start(layout: Layout, name: str, argv: list[str], env: dict[str, str]) -> in
                                 env=env, start_new_session=True, cwd="/")
     (layout.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
     return proc.pid
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def pid_of(layout: Layout, name: str) -> int | None:
