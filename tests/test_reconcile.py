@@ -16,6 +16,7 @@ from pcn_agent.control.reconcile import (
     cube_name,
     desired_state,
     plan,
+    service_backends,
     vtep_for,
 )
 from pcn_agent.control.settings import ClusterSettings
@@ -290,6 +291,20 @@ def test_services_another_proxy_owns_headless_and_external_names_are_not_program
     assert _backends([ext], slices) == {}
     assert _backends([service("a", "web", "10.96.0.12", HTTP)], slices) == {
         ("10.96.0.12", 80, "tcp"): (Backend("10.244.1.2", 8080),)}
+
+
+def test_endpoint_slices_labelled_headless_or_for_another_proxy_are_left_out() -> None:
+    """Upstream's "should implement service.kubernetes.io/headless": a
+    Service without selector whose EndpointSlice gets the headless label
+    loses those endpoints (kube-proxy's EndpointSlice informer selector)."""
+    svc = service("a", "web", "10.96.0.12", HTTP)
+    key = ("10.96.0.12", 80, "tcp")
+    for label in ("service.kubernetes.io/headless", "service.kubernetes.io/service-proxy-name"):
+        plain, labelled = _slice([("10.244.1.2", READY)]), _slice([("10.244.1.3", READY)])
+        labelled["metadata"]["labels"][label] = ""
+        assert _backends([svc], [plain, labelled]) == {key: (Backend("10.244.1.2", 8080),)}
+        assert service_backends(svc, HTTP[0], [plain, labelled]) == (Backend("10.244.1.2", 8080),)
+        assert _backends([svc], [labelled]) == {key: ()}
 
 
 def test_dual_stack_service_is_programmed_on_its_ipv4_cluster_ip() -> None:

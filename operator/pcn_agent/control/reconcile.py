@@ -288,8 +288,11 @@ def service_endpoints(svc: Obj, port: Obj, slices: Iterable[Obj]) -> list[Endpoi
     found: dict[tuple[str, int], Endpoint] = {}
     for s in slices:
         sns, _ = _ns_name(s)
-        if sns != ns or (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
+        labels = _meta(s).get("labels") or {}
+        if sns != ns or labels.get(SERVICE_NAME_LABEL) != name:
             continue
+        if any(k in labels for k in IGNORE_LABELS):
+            continue  # not the default proxy's (see slices_by_service)
         if s.get("addressType", "IPv4") != "IPv4":
             continue
         target = None
@@ -331,11 +334,16 @@ def derived_rule_name(svc: Obj, port: Obj) -> str:
 def slices_by_service(slices: Iterable[Obj]) -> dict[tuple[str, str], list[Obj]]:
     """EndpointSlices grouped by (namespace, kubernetes.io/service-name), in
     their order: what service_backends() would pick for each Service, found
-    once per pass instead of once per Service port (O(services x slices))."""
+    once per pass instead of once per Service port (O(services x slices)).
+    Slices labelled for another proxy or headless are left out, as
+    kube-proxy's EndpointSlice informer leaves them out (the same selector
+    as for Services: a slice labelled headless later takes its endpoints
+    away from a Service that has no selector)."""
     out: dict[tuple[str, str], list[Obj]] = {}
     for s in slices:
-        name = (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if name is not None:
+        labels = _meta(s).get("labels") or {}
+        name = labels.get(SERVICE_NAME_LABEL)
+        if name is not None and not any(k in labels for k in IGNORE_LABELS):
             out.setdefault((_ns_name(s)[0], name), []).append(s)
     return out
 
