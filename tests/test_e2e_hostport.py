@@ -118,6 +118,47 @@ def udp(lab: Lab, src: str, host: str, port: int = HOST_PORT) -> str:
     return r.stdout.strip()
 
 
+KUBELET_GUARD = ["-m", "comment", "--comment", "block incoming localnet connections", "-m",
+                 "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP"]
+
+
+def test_loopback_host_ports_pass_kubelets_localnet_guard(hp_lab: Lab) -> None:
+    """On a real node kubelet drops, in OUTPUT, what goes to 127.0.0.0/8 from
+    another address and is not DNATed by conntrack (KUBE-FIREWALL, #90259):
+    the first real-cluster conformance run failed the HostPort test on it.
+    With kubelet's rule in node 1's filter table, the agent exempts its
+    loopback hostPorts (and only those), and removes its chain at down()."""
+    lab = hp_lab
+    node = lab.node(1)
+    netns, node_ip = node.cfg.netns, node.cfg.node_ip
+    ipt = ["iptables-nft", "-w"]
+    guard = ["!", "-s", "127.0.0.0/8", "-d", "127.0.0.0/8", *KUBELET_GUARD]
+    for argv in (["-N", "KUBE-FIREWALL"], ["-A", "KUBE-FIREWALL", *guard],
+                 ["-I", "OUTPUT", "1", "-j", "KUBE-FIREWALL"]):
+        lab.exec(netns, [*ipt, *argv], check=True)
+    try:
+        assert lab.exec(netns, ["curl", "-s", "--connect-timeout", "3", "--interface", node_ip,
+                                f"http://127.0.0.1:{HOST_PORT}/"]).returncode != 0  # dropped
+        owner = "n1p3"
+        mine = [h for h in node.dispatcher.hostports if h.owner == owner]  # type: ignore[union-attr]
+        node.set_hostports(owner, mine)  # any hostPort change syncs the exemption
+        chain = lab.exec(netns, [*ipt, "-S", "PCN-LOCALNET-HOSTPORTS"], check=True).stdout
+        assert f"--dport {HOST_PORT}" in chain and "-p tcp" in chain, chain
+        assert "-p udp" not in chain  # pod3's UDP hostPort is on the node IP only
+        one = curl(lab, "n1", f"http://127.0.0.1:{HOST_PORT}/hostname", "--interface", node_ip)
+        assert one.split()[0] == "pod1"
+        # the guard still drops other ports to 127.0.0.1 from the node's address
+        assert lab.exec(netns, ["curl", "-s", "--connect-timeout", "3", "--interface", node_ip,
+                                "http://127.0.0.1:9/"]).returncode != 0
+    finally:
+        lab.exec(netns, [*ipt, "-D", "OUTPUT", "-j", "KUBE-FIREWALL"])
+        lab.exec(netns, [*ipt, "-F", "KUBE-FIREWALL"])
+        lab.exec(netns, [*ipt, "-X", "KUBE-FIREWALL"])
+        from pcn_agent.node import localnet
+        localnet.remove(netns)
+    assert "PCN-LOCALNET" not in lab.exec(netns, [*ipt, "-S"]).stdout
+
+
 def test_the_conformance_checks_from_the_nodes_own_stack(hp_lab: Lab) -> None:
     lab = hp_lab
     node_ip = lab.node(1).cfg.node_ip

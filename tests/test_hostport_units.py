@@ -97,3 +97,19 @@ def test_the_lab_kubelet_passes_host_ports_as_containerd_does() -> None:
     assert "runtimeConfig" not in kubelet.with_capabilities(config, [])
     plain = {k: v for k, v in config.items() if k != "capabilities"}
     assert "runtimeConfig" not in kubelet.with_capabilities(plain, mappings)  # as libcni
+
+
+def test_the_localnet_exemption_is_exactly_the_loopback_host_ports() -> None:
+    from pcn_agent.node import localnet
+
+    text = localnet.restore_input([("tcp", 54323), ("udp", 53), ("tcp", 54323)])
+    rules = [line for line in text.splitlines() if line.startswith("-A")]
+    assert text.startswith("*filter\n:PCN-LOCALNET-HOSTPORTS - [0:0]\n") and text.endswith("COMMIT\n")
+    assert rules == [
+        '-A PCN-LOCALNET-HOSTPORTS -d 127.0.0.0/8 -p tcp -m tcp --dport 54323 -m comment '
+        '--comment "pcn hostPort on loopback" -j ACCEPT',
+        '-A PCN-LOCALNET-HOSTPORTS -d 127.0.0.0/8 -p udp -m udp --dport 53 -m comment '
+        '--comment "pcn hostPort on loopback" -j ACCEPT']
+    assert [line for line in localnet.restore_input([]).splitlines() if line.startswith("-A")] == []
+    with pytest.raises(ValueError):
+        localnet.restore_input([("sctp", 80)])

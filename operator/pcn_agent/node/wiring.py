@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
 from pcn_agent.dataplane.slowpath import ArpResolver, SlowPath
-from pcn_agent.node import podnet
+from pcn_agent.node import localnet, podnet
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +407,8 @@ class NodeDataplane:
         for owner in {h.owner for h in self.dispatcher.hostports} - set(self.pods):
             log.warning("node %s: the hostPorts of %s go with it", self.cfg.name, owner)
             self.dispatcher.set_hostports(owner, [])
+        if self.dispatcher.hostports:
+            self._sync_localnet()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -446,6 +449,8 @@ class NodeDataplane:
         if self.rt.ipr is not None and getattr(self, "_vxlan_created", False):
             _del_link(self.rt, VXLAN_DEV)
             self._vxlan_created = False
+        if self.rt.meta.pop("localnet_exempted", False):
+            localnet.remove(self.cfg.netns)
         if self.rt.ipr is not None and self.rt.meta.pop("host_link_created", False):
             _del_link(self.rt, HOST_DEV)  # its peer and the host's route go with it
         for key, sysctl in LO_SYSCTLS.items():
@@ -564,12 +569,30 @@ class NodeDataplane:
         if mappings and key not in self.pods:
             raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
         self.dispatcher.set_hostports(key, mappings)
+        self._sync_localnet()
         self.save()
 
     def _drop_hostports(self, key: str) -> None:
         if self.dispatcher is not None and any(h.owner == key
                                                for h in self.dispatcher.hostports):
             self.dispatcher.set_hostports(key, [])
+            self._sync_localnet()
+
+    def _sync_localnet(self) -> None:
+        """The loopback hostPorts past kubelet's localnet guard (node.localnet).
+        A failure is logged, not raised: only the node's own connections to
+        127.0.0.1 from another of its addresses depend on it."""
+        assert self.dispatcher is not None
+        ports = {(h.proto, h.port) for h in self.dispatcher.hostports
+                 if h.host_ip in ("", "0.0.0.0") or h.host_ip.startswith("127.")}
+        try:
+            if localnet.sync(self.cfg.netns, ports):
+                self.rt.meta["localnet_exempted"] = True  # down() removes the chain
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            log.warning("node %s: loopback hostPorts %s not exempted from kubelet's localnet "
+                        "guard (%s): the node reaches them on 127.0.0.1 only from 127.0.0.1; "
+                        "install iptables in the agent's image", self.cfg.name,
+                        sorted(ports), exc)
 
     # ---------------------------------------------------------------- pods
     def add_pod(self, key: str, pod_netns: str, address: str) -> Pod:
