@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import kopf
 
+from pcn_agent.control.healthcheck import HealthServers
 from pcn_agent.control.kube import ApiError, Kube, discover
 from pcn_agent.control.manager import DataplaneManager
 from pcn_agent.control.prepare import start_prepare
@@ -105,6 +106,7 @@ class Agent:
         self.node: NodeDataplane | None = None
         self.manager: DataplaneManager | None = None
         self.api: LocalApiServer | None = None
+        self.health = HealthServers(netns)  # kube-proxy's healthCheckNodePorts
         self.trigger = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: list[asyncio.Task[None]] = []  # start_tasks(); ended by stop_tasks()
@@ -192,6 +194,9 @@ class Agent:
             _save_last_good(self.last_good_path, self.last_good)
         report = await asyncio.get_running_loop().run_in_executor(
             None, self.manager.apply, result.desired)
+        if result.health_checks or self.health.ports:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.health.sync, result.health_checks)
         if any(op.kind == "set-function" for op in report.ops):
             loop = asyncio.get_running_loop()
             loop.run_in_executor(None, self.manager.specialise_pending)
@@ -436,6 +441,7 @@ class Agent:
     def shutdown(self) -> None:
         if self.api is not None:
             self.api.stop()
+        self.health.close()
 
 
 def _load_last_good(path: Path) -> dict[ObjectKey, Mapping[str, Any]]:

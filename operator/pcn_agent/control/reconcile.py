@@ -89,6 +89,16 @@ class Verdict:
             self.ready, self.reason, self.message = False, reason, message
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """A Service's healthCheckNodePort on this node: its namespace and name
+    and how many of its endpoints on this node are ready."""
+
+    namespace: str
+    name: str
+    local_endpoints: int
+
+
 @dataclass
 class Result:
     desired: Desired
@@ -97,6 +107,9 @@ class Result:
     # The last version of each NetworkFunction and CubeChain that was valid:
     # the agent hands it back as Inputs.last_good on the next pass.
     last_good: dict[ObjectKey, Obj] = field(default_factory=dict)
+    # healthCheckNodePort -> what this node's kube-proxy-like health server
+    # answers there (see health_checks_of)
+    health_checks: dict[int, HealthCheck] = field(default_factory=dict)
 
 
 @dataclass
@@ -424,6 +437,31 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
     return services, nodeports, derived
 
 
+def health_checks_of(inputs: Inputs) -> dict[int, HealthCheck]:
+    """The healthCheckNodePorts this node serves, as kube-proxy's service
+    health server does (pkg/proxy/healthcheck): for every Service it proxies
+    with externalTrafficPolicy Local and a spec.healthCheckNodePort (the API
+    server allocates one for LoadBalancer Services), the number of its
+    endpoints on this node that are ready (serving but terminating ones do
+    not count: a load balancer must stop sending new connections here,
+    KEP-1669)."""
+    out: dict[int, HealthCheck] = {}
+    by_service = slices_by_service(inputs.endpointslices)
+    for svc in inputs.services:
+        spec = svc.get("spec") or {}
+        port = spec.get("healthCheckNodePort")
+        if not proxied(svc) or spec.get("externalTrafficPolicy") != "Local" or not port:
+            continue
+        ns, name = _ns_name(svc)
+        local: set[str] = set()
+        for p in spec.get("ports") or []:
+            for e in service_endpoints(svc, p, by_service.get((ns, name), ())):
+                if e.ready and e.node == inputs.node:
+                    local.add(e.backend.ip)
+        out[int(port)] = HealthCheck(ns, name, len(local))
+    return out
+
+
 def _derived_rule(svc: Obj, port: Obj, policy: str) -> dict[str, Any]:
     ns, name = _ns_name(svc)
     meta: dict[str, Any] = {"name": derived_rule_name(svc, port),
@@ -636,7 +674,7 @@ def desired_state(inputs: Inputs) -> Result:
     chains, used = chains_of(inputs, functions, verdicts, good)
     desired = Desired(peers=peers_of(inputs), services=services, nodeports=nodeports,
                       functions=used, chains=chains)
-    return Result(desired, verdicts, derived, good)
+    return Result(desired, verdicts, derived, good, health_checks_of(inputs))
 
 
 @dataclass(frozen=True)
