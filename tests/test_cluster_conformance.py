@@ -70,6 +70,7 @@ def test_the_command_line_is_upstreams(tmp_path: Path) -> None:
     assert argv[sep - 1] == "/c/bin/e2e.test"
     assert argv.count("--skip=LoadBalancer") == 1 and sum(a.startswith("--focus=") for a in argv) == 3
     assert "--provider=local" in argv[sep:] and "--kubeconfig=/k/admin.conf" in argv[sep:]
+    assert "--num-nodes=2" in argv[sep:]  # else "Requires at least 2 nodes (not -1)" skips
     assert f"--output-dir={tmp_path}" in argv[:sep]
 
 

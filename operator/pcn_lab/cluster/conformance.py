@@ -83,11 +83,13 @@ def load_selection(path: Path = SELECTION_FILE) -> Selection:
 
 
 def ginkgo_argv(bin_dir: Path, selection: Selection, out_dir: Path, kubeconfig: Path,
-                parallel: int = 2, timeout: str = "4h",
+                parallel: int = 2, timeout: str = "4h", nodes: int = 2,
                 e2e_args: Sequence[str] = ()) -> list[str]:
     """The upstream command line: ginkgo runs e2e.test in `parallel` processes
     (Ginkgo v2 runs [Serial] specs alone at the end), focus and skips as
-    repeated --focus/--skip (OR'ed), JUnit into `out_dir`/junit.xml."""
+    repeated --focus/--skip (OR'ed), JUnit into `out_dir`/junit.xml.
+    `nodes`: the schedulable nodes (e2e's --num-nodes; with its default, -1,
+    provider "local" skips every test that "Requires at least 2 nodes")."""
     argv = [str(bin_dir / "ginkgo"), f"--procs={parallel}", f"--timeout={timeout}",
             "--no-color", "--junit-report=junit.xml", f"--output-dir={out_dir}"]
     argv += [f"--focus={p}" for p in selection.focus]
@@ -95,7 +97,7 @@ def ginkgo_argv(bin_dir: Path, selection: Selection, out_dir: Path, kubeconfig: 
     argv += [str(bin_dir / "e2e.test"), "--",
              f"--kubeconfig={kubeconfig}", "--provider=local",
              f"--kubectl-path={bin_dir / 'kubectl'}", f"--report-dir={out_dir}",
-             "--dns-domain=cluster.local", *e2e_args]
+             "--dns-domain=cluster.local", f"--num-nodes={nodes}", *e2e_args]
     return argv
 
 
@@ -233,7 +235,8 @@ def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
         report.mkdir(parents=True, exist_ok=True)
         inside = lab_dir / "e2e.kubeconfig"  # the API server's address on the lab's switch
         kubeconfig.write(inside, kubeconfig.for_cert(layout, "admin", layout.api_url_inside()))
-        argv = ginkgo_argv(artifacts.bin_dir(), selection, report, inside, parallel=procs)
+        argv = ginkgo_argv(artifacts.bin_dir(), selection, report, inside, parallel=procs,
+                           nodes=workers)  # the control plane is tainted
         _say(f"running upstream e2e ({artifacts.versions()['kubernetes']['version']}) from "
              f"{layout.control_plane}'s network namespace, {procs} processes; log in "
              f"{report / 'e2e.log'}")
