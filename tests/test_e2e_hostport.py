@@ -141,7 +141,8 @@ def test_loopback_host_ports_pass_kubelets_localnet_guard(hp_lab: Lab) -> None:
                                 f"http://127.0.0.1:{HOST_PORT}/"]).returncode != 0  # dropped
         owner = "n1p3"
         mine = [h for h in node.dispatcher.hostports if h.owner == owner]  # type: ignore[union-attr]
-        node.set_hostports(owner, mine)  # any hostPort change syncs the exemption
+        node.set_hostports(owner, [])  # a change of the loopback hostPorts syncs the
+        node.set_hostports(owner, mine)  # exemption (a guard found then is exempted)
         chain = lab.exec(netns, [*ipt, "-S", "PCN-LOCALNET-HOSTPORTS"], check=True).stdout
         assert f"--dport {HOST_PORT}" in chain and "-p tcp" in chain, chain
         assert "-p udp" not in chain  # pod3's UDP hostPort is on the node IP only
@@ -157,6 +158,24 @@ def test_loopback_host_ports_pass_kubelets_localnet_guard(hp_lab: Lab) -> None:
         from pcn_agent.node import localnet
         localnet.remove(netns)
     assert "PCN-LOCALNET" not in lab.exec(netns, [*ipt, "-S"]).stdout
+
+
+def test_a_pod_without_host_ports_runs_no_iptables(hp_lab: Lab,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CNI ADD sets its pod's hostPorts, most of them none: the localnet
+    exemption (iptables processes) is synced only when the loopback
+    hostPorts change."""
+    from pcn_agent.node import localnet
+
+    calls: list[object] = []
+    monkeypatch.setattr(localnet, "sync", lambda netns, ports: calls.append(ports) or False)
+    node = hp_lab.node(1)
+    node.set_hostports("n1p1", [])
+    node.set_hostports("n1p1", [])
+    assert calls == []
+    pod2 = [h for h in node.dispatcher.hostports if h.owner == "n1p4"]  # type: ignore[union-attr]
+    node.set_hostports("n1p4", pod2)  # on the node IP only: not a loopback hostPort
+    assert calls == []
 
 
 def test_the_conformance_checks_from_the_nodes_own_stack(hp_lab: Lab) -> None:

@@ -187,6 +187,7 @@ class NodeDataplane:
         self.router: Router | None = None
         self.lb: LoadBalancer | None = None
         self.dispatcher: Dispatcher | None = None
+        self._localnet_ports: frozenset[tuple[str, int]] = frozenset()  # as last synced
         self.arp: ArpResolver | None = None
         self.session_collector: sessions.SessionCollector | None = None
         self.session_gc: sessions.SessionGC | None = None
@@ -407,8 +408,8 @@ class NodeDataplane:
         for owner in {h.owner for h in self.dispatcher.hostports} - set(self.pods):
             log.warning("node %s: the hostPorts of %s go with it", self.cfg.name, owner)
             self.dispatcher.set_hostports(owner, [])
-        if self.dispatcher.hostports:
-            self._sync_localnet()
+        if self.dispatcher.hostports or self.rt.meta.get("localnet_exempted"):
+            self._sync_localnet(force=True)  # the chain the previous agent left, made exact
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -578,16 +579,23 @@ class NodeDataplane:
             self.dispatcher.set_hostports(key, [])
             self._sync_localnet()
 
-    def _sync_localnet(self) -> None:
-        """The loopback hostPorts past kubelet's localnet guard (node.localnet).
-        A failure is logged, not raised: only the node's own connections to
-        127.0.0.1 from another of its addresses depend on it."""
+    def _sync_localnet(self, force: bool = False) -> None:
+        """The loopback hostPorts past kubelet's localnet guard (node.localnet),
+        synced only when they change (or `force`): every CNI ADD sets its
+        pod's hostPorts, most of them none, and a sync runs iptables. A
+        failure is logged, not raised (and tried again at the next change):
+        only the node's own connections to 127.0.0.1 from another of its
+        addresses depend on it. A guard kubelet installs after a sync is
+        exempted at the next change or agent start."""
         assert self.dispatcher is not None
-        ports = {(h.proto, h.port) for h in self.dispatcher.hostports
-                 if h.host_ip in ("", "0.0.0.0") or h.host_ip.startswith("127.")}
+        ports = frozenset((h.proto, h.port) for h in self.dispatcher.hostports
+                          if h.host_ip in ("", "0.0.0.0") or h.host_ip.startswith("127."))
+        if ports == self._localnet_ports and not force:
+            return
         try:
             if localnet.sync(self.cfg.netns, ports):
                 self.rt.meta["localnet_exempted"] = True  # down() removes the chain
+            self._localnet_ports = ports
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             log.warning("node %s: loopback hostPorts %s not exempted from kubelet's localnet "
                         "guard (%s): the node reaches them on 127.0.0.1 only from 127.0.0.1; "
