@@ -229,13 +229,20 @@ def cluster_ipv4(svc: Obj) -> str | None:
     for headless ("None") or IPv6-only Services."""
     spec = svc.get("spec") or {}
     candidates = list(spec.get("clusterIPs") or []) or [spec.get("clusterIP")]
-    for ip in candidates:
+    return next(iter(_ipv4s(candidates)), None)
+
+
+def _ipv4s(values: Iterable[Any]) -> list[str]:
+    """The IPv4 addresses among `values`, in order (IPv6, "None" and
+    malformed ones left out)."""
+    out = []
+    for ip in values:
         try:
             if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
-                return ip
+                out.append(ip)
         except ValueError:
             continue
-    return None
+    return out
 
 
 @dataclass(frozen=True)
@@ -372,14 +379,7 @@ def cluster_ip_spec(svc: Obj, cat: Categorized) -> ServiceSpec:
 
 def external_ipv4s(svc: Obj) -> list[str]:
     """The Service's IPv4 spec.externalIPs (others and malformed ones left out)."""
-    out = []
-    for ip in (svc.get("spec") or {}).get("externalIPs") or []:
-        try:
-            if isinstance(ip, str) and ipaddress.ip_address(ip).version == 4:
-                out.append(ip)
-        except ValueError:
-            continue
-    return out
+    return _ipv4s((svc.get("spec") or {}).get("externalIPs") or [])
 
 
 def external_ip_spec(svc: Obj, cat: Categorized) -> ServiceSpec:
@@ -400,9 +400,9 @@ def nodeport_spec(policy: str, cat: Categorized, affinity_timeout_s: int = 0) ->
                         affinity_timeout_s)
 
 
-def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
-                                        dict[NodePortKey, NodePortSpec],
-                                        dict[str, dict[str, Any]]]:
+def services_of(inputs: Inputs, by_service: Mapping[tuple[str, str], list[Obj]] | None = None
+                ) -> tuple[dict[ServiceKey, ServiceSpec], dict[NodePortKey, NodePortSpec],
+                           dict[str, dict[str, Any]]]:
     """ClusterIP, externalIP and NodePort entries of every Service pcn
     proxies, as this node (inputs.node) serves them, and the NodePortRules that describe its
     NodePorts. ClusterIP, NodePort and LoadBalancer Services all get their
@@ -412,7 +412,8 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
     services: dict[ServiceKey, ServiceSpec] = {}
     nodeports: dict[NodePortKey, NodePortSpec] = {}
     derived: dict[str, dict[str, Any]] = {}
-    by_service = slices_by_service(inputs.endpointslices)
+    if by_service is None:
+        by_service = slices_by_service(inputs.endpointslices)
     for svc in inputs.services:
         if not proxied(svc):
             continue
@@ -437,7 +438,9 @@ def services_of(inputs: Inputs) -> tuple[dict[ServiceKey, ServiceSpec],
     return services, nodeports, derived
 
 
-def health_checks_of(inputs: Inputs) -> dict[int, HealthCheck]:
+def health_checks_of(inputs: Inputs,
+                     by_service: Mapping[tuple[str, str], list[Obj]] | None = None
+                     ) -> dict[int, HealthCheck]:
     """The healthCheckNodePorts this node serves, as kube-proxy's service
     health server does (pkg/proxy/healthcheck): for every Service it proxies
     with externalTrafficPolicy Local and a spec.healthCheckNodePort (the API
@@ -446,7 +449,8 @@ def health_checks_of(inputs: Inputs) -> dict[int, HealthCheck]:
     not count: a load balancer must stop sending new connections here,
     KEP-1669)."""
     out: dict[int, HealthCheck] = {}
-    by_service = slices_by_service(inputs.endpointslices)
+    if by_service is None:
+        by_service = slices_by_service(inputs.endpointslices)
     for svc in inputs.services:
         spec = svc.get("spec") or {}
         port = spec.get("healthCheckNodePort")
@@ -668,13 +672,14 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
 def desired_state(inputs: Inputs) -> Result:
     verdicts: dict[ObjectKey, Verdict] = {}
     good: dict[ObjectKey, Obj] = {}
-    services, nodeports, derived = services_of(inputs)
+    by_service = slices_by_service(inputs.endpointslices)  # once for both
+    services, nodeports, derived = services_of(inputs, by_service)
     static_nodeports(inputs, nodeports, verdicts)
     functions = functions_of(inputs, verdicts, good)
     chains, used = chains_of(inputs, functions, verdicts, good)
     desired = Desired(peers=peers_of(inputs), services=services, nodeports=nodeports,
                       functions=used, chains=chains)
-    return Result(desired, verdicts, derived, good, health_checks_of(inputs))
+    return Result(desired, verdicts, derived, good, health_checks_of(inputs, by_service))
 
 
 @dataclass(frozen=True)
