@@ -8,14 +8,23 @@
  *      policy and its one backend, at any port, outside the NodePort range
  *      too) go on to the router; everything else goes to the host stack
  *      untouched (TC_ACT_OK), the node's own traffic and VXLAN included.
- *  uplink egress (to the NIC): replies of local NodePort backends get the
- *      node's address back; pod connections to the outside are masqueraded to
- *      the node address with a port of their own; ICMP errors about either,
- *      the router's "fragmentation needed" included, quote them translated
- *      back.
+ *  uplink egress (to the NIC): replies of local NodePort backends (the
+ *      node's own hostNetwork servers too) get the node's address back; pod
+ *      connections to the outside are masqueraded to the node address with a
+ *      port of their own; ICMP errors about either, the router's
+ *      "fragmentation needed" included, quote them translated back.
  *  overlay ingress: replies of remote NodePort backends (addressed to this
  *      node's VTEP address by the Cluster policy) are translated back to the
- *      client.
+ *      client; those of backends that are other hosts come back through the
+ *      uplink, to the node's address.
+ *
+ * A NodePort endpoint that is no pod (kube-proxy serves any endpoint address):
+ * the node's own address (a hostNetwork server here) gets only its port
+ * rewritten and goes to the host stack, whose answer the egress hook
+ * translates back; any other address (another node's hostNetwork server, an
+ * endpoint outside the cluster) is reached through the router from the
+ * node's address (masqueraded as kube-proxy does), so that the answer comes
+ * back here.
  *
  * Fragmented datagrams are translated whole (pcn_frag.h): the first fragment
  * is translated as any packet, the later ones take its ports from the
@@ -44,6 +53,7 @@
 #define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
 #define DISP_PORT_TRIES 16
 #define DISP_PORT_HARDER 4   /* then as many may take the port of a closed connection */
+#define DISP_KIND(k) (1u << (k)) /* a set of session kinds (pcn_session.h) */
 
 struct disp_cfg {
     __be32 node_ip;
@@ -101,8 +111,17 @@ static __always_inline int disp_apply(struct __sk_buff *skb, struct pcn_flow *f,
         f->daddr = x->ip;
         f->dport = x->port;
     }
-    if (x->ip2 && pcn_nat_rewrite(skb, f, info, !x->is_src, x->ip2, x->port2) < 0)
+    if (!x->ip2)
+        return 0;
+    if (pcn_nat_rewrite(skb, f, info, !x->is_src, x->ip2, x->port2) < 0)
         return -1;
+    if (x->is_src) { /* `f` is the packet as it now is: disp_deliver looks */
+        f->daddr = x->ip2;
+        f->dport = x->port2;
+    } else {
+        f->saddr = x->ip2;
+        f->sport = x->port2;
+    }
     return 0;
 }
 
@@ -118,14 +137,14 @@ static __always_inline int disp_session_live(const struct pcn_flow *key, const s
     return pcn_session_pair_age(cfg, key, x, &pk, peer, now) == PCN_AGE_LIVE;
 }
 
-/* pcn_lb_session (pcn_lb.h) for nat_sessions, for either of two kinds. */
+/* pcn_lb_session (pcn_lb.h) for nat_sessions, for the kinds in `kinds`
+ * (DISP_KIND). */
 static __always_inline struct pcn_xlate *disp_session(const struct pcn_flow *f,
-                                                      const struct pcn_l4info *info, u8 kind_a,
-                                                      u8 kind_b, const struct pcn_session_cfg *cfg,
-                                                      u64 now)
+                                                      const struct pcn_l4info *info, u32 kinds,
+                                                      const struct pcn_session_cfg *cfg, u64 now)
 {
     struct pcn_xlate *x = nat_sessions.lookup(f);
-    if (!x || (x->kind != kind_a && x->kind != kind_b))
+    if (!x || !(kinds & DISP_KIND(x->kind)))
         return NULL;
     struct pcn_flow pk = {};
     pcn_session_peer_key(f, x, &pk);
@@ -157,11 +176,11 @@ static __always_inline struct pcn_xlate *disp_session(const struct pcn_flow *f,
 }
 
 /* A packet of a connection translated before, or an ICMP error about one, in
- * one of the two session kinds of this direction: 1 when translated, 0 when
- * it is not one of ours (or no longer: past its lifetime), -1 when the
- * rewrite failed. */
+ * one of the session kinds of this direction (`kinds`, DISP_KIND): 1 when
+ * translated, 0 when it is not one of ours (or no longer: past its
+ * lifetime), -1 when the rewrite failed. */
 static __always_inline int disp_known(struct __sk_buff *skb, struct pcn_flow *f,
-                                      struct pcn_l4info *info, u8 kind_a, u8 kind_b, u64 now)
+                                      struct pcn_l4info *info, u32 kinds, u64 now)
 {
     const struct pcn_session_cfg *cfg = pcn_session_cfg();
     if (f->proto == IPPROTO_ICMP) {
@@ -170,13 +189,13 @@ static __always_inline int disp_known(struct __sk_buff *skb, struct pcn_flow *f,
             struct pcn_flow key = {};
             pcn_icmp_quote_key(&q, &key);
             struct pcn_xlate *e = nat_sessions.lookup(&key);
-            if (!e || (e->kind != kind_a && e->kind != kind_b) ||
+            if (!e || !(kinds & DISP_KIND(e->kind)) ||
                 !disp_session_live(&key, e, cfg, now))
                 return 0;
             return pcn_icmp_err_xlate(skb, f, info, &q, e) < 0 ? -1 : 1;
         }
     }
-    struct pcn_xlate *x = disp_session(f, info, kind_a, kind_b, cfg, now);
+    struct pcn_xlate *x = disp_session(f, info, kinds, cfg, now);
     if (!x)
         return 0;
     return disp_apply(skb, f, info, x) < 0 ? -1 : 1;
@@ -272,6 +291,15 @@ static __always_inline int disp_snat(struct __sk_buff *skb, struct disp_cfg *cfg
     return pcn_pass(skb);
 }
 
+/* A translated packet from the uplink: to the host stack when it is now
+ * for the node's own address (a hostNetwork endpoint here), else on to the
+ * router. */
+static __always_inline int disp_deliver(struct __sk_buff *skb, const struct disp_cfg *cfg,
+                                        const struct pcn_flow *f)
+{
+    return f->daddr == cfg->node_ip ? TC_ACT_OK : pcn_pass(skb);
+}
+
 static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
                                          struct pcn_flow *f, struct pcn_l4info *info, u64 now)
 {
@@ -309,7 +337,6 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
         return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
     }
 
-    int local = (b.ip & cfg->local_pods_mask) == cfg->local_pods;
     u8 state = pcn_session_first(f->proto, info->tcp_flags);
     u32 born = pcn_now_ms(now);
     struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0,
@@ -318,16 +345,21 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     struct pcn_xlate back = {.ip = cfg->node_ip, .port = f->dport, .is_src = 1,
                              .kind = PCN_SESS_NODEPORT_REV, .state = state, .svc = svc->id,
                              .born_ms = born, .seen_ns = now};
-    if (rule->policy == DISP_POLICY_CLUSTER && !local) {
-        /* The backend answers our VTEP address over the overlay, never the
-         * client directly: the reply comes back through this node. */
+    int pod = disp_net_kind(inst, b.ip) & DISP_NET_POD;
+    int local = b.ip == cfg->node_ip || (b.ip & cfg->local_pods_mask) == cfg->local_pods;
+    if (!local) {
+        /* The backend answers an address of ours, never the client directly,
+         * so the reply comes back through this node: our VTEP address over
+         * the overlay for a pod, the node's address through the uplink for
+         * any other host. */
+        __be32 via = pod ? cfg->vtep_ip : cfg->node_ip;
         back.ip2 = f->saddr;
         back.port2 = f->sport;
-        __be16 port = disp_alloc_port(f, cfg->vtep_ip, b.ip, b.port, cfg->snat_lo,
-                                      cfg->snat_hi, &back, now, info->tcp_flags);
+        __be16 port = disp_alloc_port(f, via, b.ip, b.port, cfg->snat_lo, cfg->snat_hi, &back,
+                                      now, info->tcp_flags);
         if (!port)
             return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
-        to.ip2 = cfg->vtep_ip;
+        to.ip2 = via;
         to.port2 = port;
     } else {
         struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
@@ -337,7 +369,7 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     nat_sessions.update(f, &to);
     if (disp_apply(skb, f, info, &to) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-    return pcn_pass(skb);
+    return disp_deliver(skb, cfg, f);
 }
 
 static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
@@ -362,9 +394,13 @@ static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
          * datagram's: the host's own, if anyone's */
         if (pcn_frag_resolve(inst, &f, &info, now) < 0)
             return TC_ACT_OK;
-        int r = disp_known(skb, &f, &info, PCN_SESS_SNAT_REV, PCN_SESS_NODEPORT, now);
+        /* NODEPORT_REV: answers of a NodePort endpoint that is another host */
+        int r = disp_known(skb, &f, &info,
+                           DISP_KIND(PCN_SESS_SNAT_REV) | DISP_KIND(PCN_SESS_NODEPORT) |
+                               DISP_KIND(PCN_SESS_NODEPORT_REV),
+                           now);
         if (r)
-            return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
+            return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : disp_deliver(skb, cfg, &f);
         if ((f.proto == IPPROTO_TCP || f.proto == IPPROTO_UDP) && !info.is_fragment)
             return disp_nodeport(skb, inst, cfg, &f, &info, now);
         return TC_ACT_OK;
@@ -382,23 +418,19 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
     int parsed = pcn_parse_flow(skb, &f, &info);
     if (parsed == PCN_PARSE_NOT_IPV4)
         return pcn_pass(skb);
-    if (f.saddr == cfg->node_ip) {
-        /* The host's own traffic, or the router's "fragmentation needed"
-         * about a packet it could not send on (router.c), which comes from
-         * this port's address, the node's: that one quotes the packet as
-         * translated on its way in (a NodePort's backend; with the Cluster
-         * policy also our VTEP address as its source, which is then the
-         * error's destination too) and is translated back like any error
-         * about a connection of ours. The host's own errors quote its own
-         * flows, which no session of ours is keyed by. */
-        if (parsed == PCN_PARSE_OK && f.proto == IPPROTO_ICMP &&
-            pcn_icmp_is_error(info.icmp_type) &&
-            disp_known(skb, &f, &info, PCN_SESS_SNAT, PCN_SESS_NODEPORT_REV, now) < 0)
-            return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-        return pcn_pass(skb);
-    }
-    /* a pod's packet to the outside: it leaves masqueraded, or not at all */
-    int masq = (disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
+    /* The host's own traffic (from the node's address) is left alone but
+     * for what is ours: the answers of a hostNetwork server that is a
+     * NodePort's endpoint get the NodePort back, and so do ICMP errors about
+     * a NodePort's connection: the host's own about one to that server, or
+     * the router's "fragmentation needed" about a packet it could not send
+     * on (router.c), which comes from this port's address, the node's, and
+     * quotes the packet as translated on its way in (a NodePort's backend;
+     * with the Cluster policy also our address as its source, which is then
+     * the error's destination too). Errors about the host's own flows quote
+     * flows no session of ours is keyed by. A pod's packet to the outside
+     * leaves masqueraded, or not at all. */
+    int host = f.saddr == cfg->node_ip;
+    int masq = !host && (disp_net_kind(inst, f.saddr) & DISP_NET_POD) &&
                !(disp_net_kind(inst, f.daddr) & DISP_NET_NO_SNAT);
     if (parsed == PCN_PARSE_SHORT) {
         if (!masq)
@@ -407,7 +439,11 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
     }
     if (pcn_frag_resolve(inst, &f, &info, now) < 0)
         return masq ? pcn_filter_drop(skb, PCN_DROP_FRAGMENT) : pcn_pass(skb);
-    int r = disp_known(skb, &f, &info, PCN_SESS_SNAT, PCN_SESS_NODEPORT_REV, now);
+    if (host && f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP &&
+        !(f.proto == IPPROTO_ICMP && pcn_icmp_is_error(info.icmp_type)))
+        return pcn_pass(skb);
+    int r = disp_known(skb, &f, &info,
+                       DISP_KIND(PCN_SESS_SNAT) | DISP_KIND(PCN_SESS_NODEPORT_REV), now);
     if (r)
         return r < 0 ? pcn_filter_drop(skb, PCN_DROP_REWRITE) : pcn_pass(skb);
     if (masq)
@@ -428,7 +464,7 @@ static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, st
      * the router, which answers only echo requests to its own address. */
     if (parsed == PCN_PARSE_SHORT || pcn_frag_resolve(inst, &f, &info, now) < 0)
         return pcn_pass(skb);
-    if (disp_known(skb, &f, &info, PCN_SESS_NODEPORT_REV, PCN_SESS_NODEPORT_REV, now) < 0)
+    if (disp_known(skb, &f, &info, DISP_KIND(PCN_SESS_NODEPORT_REV), now) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     return pcn_pass(skb);
 }

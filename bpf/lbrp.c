@@ -221,7 +221,10 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
     if (x) {
         if (lbrp_apply(skb, f, info, x) < 0)
             return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-        return pcn_pass(skb);
+        /* the node's answer to its own connection to a service whose
+         * backend is the node itself (a hairpin on the host port) */
+        int r = x->kind == PCN_SESS_LB_HAIRPIN_REV ? lbrp_to_host(skb, cfg, f->saddr) : -1;
+        return r >= 0 ? r : pcn_pass(skb);
     }
     struct pcn_svc_key sk = {.vip = f->daddr, .port = f->dport, .proto = f->proto,
                              .scope = PCN_SVC_INTERNAL};
@@ -312,7 +315,9 @@ static __always_inline int lbrp_icmp_error(struct __sk_buff *skb, struct pcn_flo
         return pcn_pass(skb);
     if (pcn_icmp_err_xlate(skb, f, info, &q, x) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-    if (!ingress) {
+    /* towards the node's own stack from its own address (see lbrp_reverse;
+     * the node's own error about a hairpin of its own on the ingress hook) */
+    if (!ingress || x->kind == PCN_SESS_LB_HAIRPIN_REV) {
         u32 inst = pcn_meta_instance(skb);
         int r = lbrp_to_host(skb, lb_cfgs.lookup(&inst), f->saddr);
         if (r >= 0)

@@ -93,6 +93,7 @@ _server = itertools.count(1)
 _client = itertools.count(1)
 _nodeport = itertools.count(30100)
 _asker = itertools.count(100)
+_neighbour = itertools.count(20)
 
 
 def counted(it: Iterator[int], fmt: str, limit: int = 250) -> str:
@@ -140,6 +141,17 @@ class DispLab:
         key = maps.RouterNeighKey(self.r.cube.id, maps.ip_be(ip))
         self.net.rt.table("router_neigh", "router")[key] = maps.RouterNeigh(
             mac=maps.mac_bytes(mac), port=self.ports["pods"].id,
+            updated_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        return ip, mac
+
+
+    def neighbour(self) -> tuple[str, str]:
+        """A fresh host next to the node on the uplink's network (another
+        node), whose MAC the router knows."""
+        ip, mac = counted(_neighbour, "192.168.50.{}"), random_mac()
+        key = maps.RouterNeighKey(self.r.cube.id, maps.ip_be(ip))
+        self.net.rt.table("router_neigh", "router")[key] = maps.RouterNeigh(
+            mac=maps.mac_bytes(mac), port=self.ports["uplink"].id,
             updated_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         return ip, mac
 
@@ -586,6 +598,126 @@ def test_nodeport_cluster_with_local_backend_keeps_the_client(lab: DispLab) -> N
     res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, 6000, np_))
     assert res.retval == TC_ACT_REDIRECT
     assert_frame(res.data, to_pod(lab, local_mac, cl, local, IPPROTO_TCP, 6000, 8080))
+
+
+# Endpoints that are no pods: upstream's "should function for service
+# endpoints using hostNetwork" (test/e2e/network/networking.go), whose
+# endpoints are the nodes' own addresses.
+PROTO_NAME = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+
+
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_nodeport_to_a_hostnetwork_server_of_this_node_goes_to_the_host_stack(
+        lab: DispLab, proto: int, policy: str) -> None:
+    """The endpoint is the node's own address: only the port changes and the
+    packet goes to the host stack (not to the router, which would route it
+    nowhere), the client kept; the host's answer leaves from the NodePort."""
+    np_ = next(_nodeport)
+    lab.disp.set_nodeport(np_, PROTO_NAME[proto], policy, [Backend(NODE_IP, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    drops = lab.drops()
+    for flags in (TCP_SYN, TCP_ACK):  # the first packet, then one of its session
+        before = lab.counters()
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 5000, np_, flags))
+        assert res.retval == TC_ACT_OK, flags
+        assert tx(before, lab.counters()) == {"uplink": 0, "vxlan": 0, "pods": 0}
+        assert_frame(res.data, in_uplink(lab, cl, NODE_IP, proto, 5000, 8080, flags))
+    answer = ip_frame(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl, proto, 8080, 5000,
+                      TCP_SYN | TCP_ACK)  # as the host sends it
+    res = lab.to_uplink(answer)
+    assert res.retval == TC_ACT_OK
+    assert_frame(res.data, ip_frame(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl, proto, np_,
+                                    5000, TCP_SYN | TCP_ACK))
+    assert lab.drops() == drops
+    sessions = lab.disp.sessions()
+    assert session("nodeport", f"{cl}:5000", f"{NODE_IP}:{np_}", f"{NODE_IP}:8080",
+                   proto) in sessions
+    assert session("nodeport-reverse", f"{NODE_IP}:8080", f"{cl}:5000", f"{NODE_IP}:{np_}",
+                   proto) in sessions
+    # the host's own connections from that port to others are left alone
+    own = ip_frame(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl, proto, 8080, 5001)
+    res = lab.to_uplink(own)
+    assert (res.retval, res.data) == (TC_ACT_OK, own)
+
+
+def test_the_hosts_port_unreachable_about_a_nodeport_datagram_quotes_the_nodeport(
+        lab: DispLab) -> None:
+    """No server on the host's port: the host's error quotes the datagram it
+    got; the client must see the one it sent, to the NodePort."""
+    np_ = next(_nodeport)
+    lab.disp.set_nodeport(np_, "udp", "Cluster", [Backend(NODE_IP, 8081)])
+    cl = counted(_client, "198.51.100.{}")
+    got = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_UDP, 5002, np_))
+    assert got.retval == TC_ACT_OK
+    quote = quote_of(got.data)
+    res = lab.to_uplink(error_frame(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl,
+                                    icmp_error(3, 3, quote)))
+    assert res.retval == TC_ACT_OK
+    assert_frame(res.data, error_frame(lab.gw_mac, lab.mac("uplink"), NODE_IP, cl,
+                                       icmp_error(3, 3, requote(quote, dport=np_))))
+
+
+@pytest.mark.parametrize("where", ["another node", "outside the cluster"])
+@pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])
+def test_nodeport_to_a_host_elsewhere_is_masqueraded_to_the_node(lab: DispLab, proto: int,
+                                                                 where: str) -> None:
+    """Another node's hostNetwork server, or an endpoint outside the pod
+    network: sent back out of the uplink from the node's address (kube-proxy
+    masquerades it), not from the VTEP address over the overlay; its answer
+    comes back to that address and returns to the client from the NodePort,
+    and so do its ICMP errors."""
+    np_ = next(_nodeport)
+    if where == "another node":
+        host, host_mac = lab.neighbour()
+    else:
+        host, host_mac = counted(_server, "203.0.113.{}"), lab.gw_mac
+    lab.disp.set_nodeport(np_, PROTO_NAME[proto], "Cluster", [Backend(host, 8080)])
+    cl = counted(_client, "198.51.100.{}")
+    drops, before = lab.drops(), lab.counters()
+    res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, proto, 5555, np_))
+    assert res.retval == TC_ACT_REDIRECT
+    assert tx(before, lab.counters()) == {"uplink": 1, "vxlan": 0, "pods": 0}
+    ip, port = src_of(res)
+    assert ip == NODE_IP and SNAT_LO <= port <= SNAT_HI
+    sent = ip_frame(host_mac, lab.mac("uplink"), NODE_IP, host, proto, port, 8080, ttl=63)
+    assert_frame(res.data, sent)
+    out = lab.to_uplink(res.data)  # on its way out of the NIC: already translated
+    assert (out.retval, out.data) == (TC_ACT_OK, res.data)
+
+    answer = ip_frame(lab.mac("uplink"), host_mac, host, NODE_IP, proto, 8080, port,
+                      TCP_SYN | TCP_ACK)
+    before = lab.counters()
+    res = lab.from_uplink(answer)
+    assert res.retval == TC_ACT_REDIRECT
+    assert tx(before, lab.counters()) == {"uplink": 1, "vxlan": 0, "pods": 0}
+    assert_frame(res.data, out_uplink(lab, NODE_IP, cl, proto, np_, 5555, TCP_SYN | TCP_ACK))
+    assert lab.drops() == drops
+
+    quote = quote_of(sent)
+    res = lab.from_uplink(error_frame(lab.mac("uplink"), host_mac, host, NODE_IP,
+                                      icmp_error(3, 3, quote)))
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, error_frame(
+        lab.gw_mac, lab.mac("uplink"), NODE_IP, cl,
+        icmp_error(3, 3, requote(quote, src=cl, sport=5555, dst=NODE_IP, dport=np_)), ttl=63))
+
+
+def test_a_local_nodeport_counts_the_nodes_own_address_as_a_local_endpoint(
+        lab: DispLab) -> None:
+    """Local with endpoints that are hostNetwork servers: this node's own is
+    the local one (by default, as the agent passes it from the EndpointSlice),
+    another node's is not."""
+    np_ = next(_nodeport)
+    other, _ = lab.neighbour()
+    lab.disp.set_nodeport(np_, "tcp", "Local", [Backend(other, 8080), Backend(NODE_IP, 8080)])
+    ext = maps.SvcKey(maps.ip_be(NODE_IP), be16(np_), IPPROTO_TCP, maps.SVC_EXTERNAL)
+    assert lab.net.rt.table("lb_services", "k8sdispatcher")[ext].n_slots == 1
+    for sport in range(5100, 5110):
+        cl = counted(_client, "198.51.100.{}")
+        res = lab.from_uplink(in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, sport, np_))
+        assert res.retval == TC_ACT_OK
+        assert_frame(res.data, in_uplink(lab, cl, NODE_IP, IPPROTO_TCP, sport, 8080))
 
 
 @pytest.mark.parametrize("proto", [IPPROTO_TCP, IPPROTO_UDP])

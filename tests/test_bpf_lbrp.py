@@ -1024,6 +1024,43 @@ def test_the_node_reaches_its_own_nodeport_through_loopback(lab: LbLab, where: s
         masq, be, IPPROTO_TCP, tcp(masq, be, sport, 8080, TCP_ACK, 1001, 5001))))
 
 
+def test_the_node_reaches_its_own_nodeport_whose_endpoint_is_itself(lab: LbLab) -> None:
+    """A hostNetwork server of this node behind the NodePort (upstream's
+    "service endpoints using hostNetwork"): the connection comes from the
+    pods' gateway, so that the node's answer goes back up the host link
+    through this lbrp (a hairpin); translated back, that answer comes from
+    the node's own address, which the kernel takes only from lo: in through
+    lo it goes, and so do the node's errors about it."""
+    np_ = next(_nodeport)
+    lab.lb.set_service(NODE_IP, np_, "tcp", [Backend(NODE_IP, 8080)])
+    host_mac = lab.ports["host"].mac
+    res = lab.from_loopback(lo_frame(NODE_IP, NODE_IP, 45520, np_))
+    assert res.retval == TC_ACT_REDIRECT
+    src, sport = src_of(res)
+    assert src == GW_IP and MASQ_LO <= sport <= MASQ_HI
+    assert_frame(res.data, eth(host_mac, ZERO_MAC, ETH_P_IP, ipv4(
+        GW_IP, NODE_IP, IPPROTO_TCP, tcp(GW_IP, NODE_IP, sport, 8080, TCP_SYN))))
+
+    host_if_mac = random_mac()  # the node's answer, sent up the host link
+    answer = eth(host_mac, host_if_mac, ETH_P_IP, ipv4(
+        NODE_IP, GW_IP, IPPROTO_TCP, tcp(NODE_IP, GW_IP, 8080, sport, TCP_SYN | TCP_ACK, 5000,
+                                         1001)))
+    res = lab.from_pod(answer, port="host")
+    assert res.retval == TC_ACT_REDIRECT  # into lo, not on to the router
+    assert_frame(res.data, eth(ZERO_MAC, host_if_mac, ETH_P_IP, ipv4(
+        NODE_IP, NODE_IP, IPPROTO_TCP,
+        tcp(NODE_IP, NODE_IP, np_, 45520, TCP_SYN | TCP_ACK, 5000, 1001))))
+
+    quote = ipv4(GW_IP, NODE_IP, IPPROTO_TCP, tcp(GW_IP, NODE_IP, sport, 8080, TCP_ACK))[:28]
+    error = eth(host_mac, host_if_mac, ETH_P_IP,
+                ipv4(NODE_IP, GW_IP, IPPROTO_ICMP, icmp_error(3, 3, quote)))
+    res = lab.from_pod(error, port="host")
+    assert res.retval == TC_ACT_REDIRECT
+    assert_frame(res.data, eth(ZERO_MAC, host_if_mac, ETH_P_IP, ipv4(
+        NODE_IP, NODE_IP, IPPROTO_ICMP,
+        icmp_error(3, 3, requote(quote, src=NODE_IP, sport=45520, dst=NODE_IP, dport=np_)))))
+
+
 def test_the_nodes_own_traffic_that_is_no_service_stays_on_loopback(lab: LbLab) -> None:
     np_ = next(_nodeport)
     lab.lb.set_service(NODE_IP, np_, "tcp", [Backend(backend_ip(), 8080)])

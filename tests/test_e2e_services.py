@@ -329,6 +329,47 @@ def test_the_node_reaches_a_clusterip_whose_backend_is_itself(svc_lab: Lab) -> N
         lab.delete_service(vip, 443, "tcp")
 
 
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_a_nodeport_whose_endpoints_are_hostnetwork_servers(svc_lab: Lab, policy: str) -> None:
+    """Upstream's "Networking Granular Checks: Services should function for
+    service endpoints using hostNetwork": a NodePort's endpoints are the nodes'
+    own addresses. Every client reaches it through every node's address: pods,
+    the nodes themselves (the other node crossing the underlay, the endpoint
+    node itself among them) and the outside. With the Local policy what
+    reaches a node from elsewhere gets its own server only."""
+    lab = svc_lab
+    node1, node2 = lab.node_name(1), lab.node_name(2)
+    port = 30091 if policy == "Cluster" else 30092
+    backends = {"tcp": [Backend(lab.node_ip(i), TCP) for i in (1, 2)],
+                "udp": [Backend(lab.node_ip(i), UDP) for i in (1, 2)]}
+    try:
+        with checks.servers(lab, [node1, node2]):
+            for proto, bs in backends.items():
+                for node in lab.nodes.values():  # each node's own endpoint is its local one
+                    mine = [b for b in bs if b.ip == node.cfg.node_ip]
+                    node.set_nodeport(port, proto, policy, bs, local=mine)
+            for client in (node1, node2, "n1p1", "n2p1", "ext"):
+                for entry in (1, 2):
+                    # Local: the entry node's own endpoint for whatever reaches it
+                    # from elsewhere (another node's traffic arrives from that
+                    # node's address: from outside, as for kube-proxy)
+                    here = client in (lab.node_name(entry), f"n{entry}p1")
+                    want = {lab.node_name(entry)} if policy == "Local" and not here \
+                        else {node1, node2}
+                    r = _tcp(lab, client, lab.node_ip(entry), port, count=16)
+                    assert r["ok"], (client, entry, r)
+                    hosts = set(r["hosts"])
+                    for _ in range(8):
+                        u = checks.probe(lab, client, ["udp", lab.node_ip(entry), str(port),
+                                                       "--timeout", "3"], 20)
+                        assert u["ok"], (client, entry, u)
+                        hosts.add(u["host"])
+                    assert hosts == want, (client, entry, r, hosts)
+    finally:
+        lab.delete_nodeport(port, "tcp")
+        lab.delete_nodeport(port, "udp")
+
+
 def test_an_external_ip_outside_the_service_range_serves_pods(svc_lab: Lab) -> None:
     """A Service's externalIP that no node has (upstream's "should be possible
     to connect to a service via ExternalIP when the external IP is not

@@ -138,7 +138,10 @@ class Dispatcher:
         """Expose `backends` (the Service's Cluster endpoints) at `port` of the
         node's address. Traffic from outside the cluster gets all of them with
         the Cluster policy; with Local only this node's (`local`, by default
-        the backends in this node's pod CIDR) and its client address is kept.
+        the backends in this node's pod CIDR and the node's own address, a
+        hostNetwork server) and its client address is kept. An endpoint that
+        is no pod is served as kube-proxy does: the node's own address through
+        its host stack, any other from the node's address.
         Pods and the node itself reaching the NodePort get all of them whatever
         the policy (kube-proxy short-circuits cluster-internal traffic to the
         Cluster endpoints, pkg/proxy/nftables/proxier.go). With no backend a
@@ -159,7 +162,8 @@ class Dispatcher:
         proto = proto.lower()
         if local is None:
             local_net = ipaddress.IPv4Network(self.cfg.local_pods)
-            mine = [b for b in backends if ipaddress.IPv4Address(b.ip) in local_net]
+            mine = [b for b in backends if ipaddress.IPv4Address(b.ip) in local_net
+                    or b.ip == self.cfg.node_ip]
         else:
             mine = list(local)
         self.services.set(self.cfg.node_ip, port, proto, backends, affinity_timeout_s)
