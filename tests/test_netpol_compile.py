@@ -353,6 +353,15 @@ def test_named_port_egress_resolves_per_destination_pod() -> None:
     assert len(entries) == 8
 
 
+def test_egress_named_port_of_another_protocol_matches_no_pod() -> None:
+    c = model(netpol("x", "udp-name", labels(pod="a"), types=["Egress"], egress=[
+        {"ports": [{"port": "serve-80-tcp", "protocol": "UDP"}]}]))
+    assert denied(c, 80, "TCP") == denied(c, 80, "UDP") == pairs("x/a", "*")
+    comp = compile_pods(c, ["x/a"])
+    (rule,) = comp.pods["x/a"].egress.namespaced
+    assert rule.named_port and comp.sets[rule.peers].entries == frozenset()
+
+
 def test_egress_named_port_to_an_ip_block_takes_the_pods_inside_it() -> None:
     c = model(netpol("x", "named-cidr", labels(pod="a"), egress=[{
         "to": [{"ipBlock": {"cidr": "10.244.2.0/24", "except": ["10.244.2.2/32"]}}],

@@ -56,7 +56,7 @@ import logging
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Generic, TypeVar
 
 from pcn_agent.dataplane.policyrules import (
@@ -507,7 +507,7 @@ class _Rule:
     ports: tuple[_Port, ...] | None  # None: any packet; (): none (every port unusable)
     action: Action = Action.ACCEPT
 
-    @property
+    @cached_property
     def per_subject(self) -> bool:
         """Whether it compiles differently per subject pod: an ingress rule
         with named ports (the subject's own container ports)."""
@@ -529,6 +529,11 @@ class _Policy:
 
     def rules(self, d: Direction) -> tuple[_Rule, ...] | None:
         return self.ingress if d == Direction.INGRESS else self.egress
+
+    @cached_property
+    def per_subject(self) -> bool:
+        """Whether a rule of it compiles differently per subject pod."""
+        return any(r.per_subject for r in self.ingress or ())
 
 
 def _np_port(raw: Obj, where: str, warnings: list[str]) -> _Port | None:
@@ -614,6 +619,7 @@ def _parse_cnp(o: Obj) -> tuple[_Policy | None, tuple[str, ...]]:
     return parse_cluster_network_policy(o, warnings), tuple(warnings)
 
 
+_LOGGED: set[str] = set()
 _NPS: _Memo[tuple[_Policy, tuple[str, ...]]] = _Memo(16384)
 _CNPS: _Memo[tuple[_Policy | None, tuple[str, ...]]] = _Memo(4096)
 
@@ -764,6 +770,9 @@ class _Compiler:
         # by id(_Rule) (alive as long as self.nps_by_ns and self.cnps) and
         # the subject's resolved named ports
         self._rules: dict[tuple[int, tuple[tuple[int, int] | None, ...]], tuple[Rule, ...]] = {}
+        # PodPolicy by what it depends on: the policies selecting the pod
+        # (by id) and, when one of them has ingress named ports, its ports
+        self._pod_policies: dict[tuple[Any, ...], PodPolicy] = {}
 
     # --- address sets
     @staticmethod
@@ -873,15 +882,26 @@ class _Compiler:
         sets = {s.name: s for s in self.sets.values() if s.name in used}
         warnings = tuple(sorted(set(self.warnings)))
         for w in warnings:
-            log.warning("%s", w)
+            if w not in _LOGGED:  # once per process, not once per compile
+                _LOGGED.add(w)
+                log.warning("%s", w)
         return Compiled(pods, dict(sorted(sets.items())), warnings)
 
     def pod_policy(self, pod: _Pod) -> PodPolicy:
-        sides = []
         nps = [p for p in self.nps_by_ns.get(pod.namespace, ())
                if p.pod_sel.matches(pod.labels)]
         cnps = [p for p in self.cnps
                 if self.idx.subject_matches(pod, p.ns_sel, p.namespace, p.pod_sel)]
+        named = any(p.per_subject for p in nps + cnps)
+        key = (tuple(map(id, nps)), tuple(map(id, cnps)),
+               tuple(sorted(pod.named_ports.items())) if named else ())
+        hit = self._pod_policies.get(key)
+        if hit is None:
+            hit = self._pod_policies[key] = self._pod_policy(pod, nps, cnps)
+        return hit
+
+    def _pod_policy(self, pod: _Pod, nps: list[_Policy], cnps: list[_Policy]) -> PodPolicy:
+        sides = []
         for d in (Direction.INGRESS, Direction.EGRESS):
             tiers: tuple[list[Rule], list[Rule]] = ([], [])
             for c in cnps:
@@ -1020,7 +1040,8 @@ class Explanation:
         return self.egress.action == Action.ACCEPT and self.ingress.action == Action.ACCEPT
 
     def __str__(self) -> str:
-        proto = {v: k for k, v in PROTOCOLS.items()}.get(self.proto, str(self.proto))
+        names = {v: k for k, v in {**PROTOCOLS, "ICMP": IPPROTO_ICMP}.items()}
+        proto = names.get(self.proto, str(self.proto))
         head = (f"{self.src} -> {self.dst} {proto}/{self.port}: "
                 f"{'allowed' if self.allowed else 'denied'}")
         lines = [f"  {s.direction.name.lower():7} {s.action.name.lower()}: {s.reason}"
