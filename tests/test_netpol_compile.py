@@ -785,3 +785,31 @@ def test_explain_by_address_and_errors() -> None:
         explain(c, "x/nope", "x/a", "TCP", 80)
     with pytest.raises(ValueError):
         explain(c, "x/a", "x/b", "GRE", 0)
+
+
+def test_cnp_unknown_action_denies_and_unknown_tier_is_ignored() -> None:
+    c = model(cnp("future-action", "Admin", 1, {"namespaces": labels(ns="x")}, ingress=[
+                  {"action": "Log", "from": [{"namespaces": labels(ns="y")}]}]),
+              cnp("future-tier", "Developer", 1, ALL_NS, ingress=[
+                  {"action": "Deny", "from": [{"namespaces": {}}]}]))
+    assert denied(c) == pairs("y", "x")
+    warnings = compile_pods(c, ["x/a"]).warnings
+    assert any("Log" in w for w in warnings) and any("Developer" in w for w in warnings)
+
+
+def test_parsed_objects_are_kept_per_version() -> None:
+    """A pod or policy is parsed again when its resourceVersion changes
+    (what the API server does on every write), not otherwise."""
+    def versioned(o: dict[str, Any], rv: str) -> dict[str, Any]:
+        return {**o, "metadata": {**o["metadata"], "uid": "u-" + o["metadata"]["name"],
+                                  "resourceVersion": rv}}
+    pol = versioned(netpol("x", "p", labels(pod="a"), ingress=[
+        {"from": [{"podSelector": labels(role="client")}]}]), "1")
+    pods = [pod(k) for k in PODS if k != "x/b"]
+    before = model(pol, pods=pods + [versioned(pod("x/b"), "1")])
+    assert not explain(before, "x/b", "x/a", "TCP", 80).allowed
+    relabelled = versioned(pod("x/b", {"pod": "b", "role": "client"}), "2")
+    assert explain(model(pol, pods=pods + [relabelled]), "x/b", "x/a", "TCP", 80).allowed
+    opened = versioned(netpol("x", "p", labels(pod="a"), ingress=[{}]), "2")
+    assert explain(model(opened, pods=pods + [versioned(pod("x/b"), "1")]),
+                   "x/b", "x/a", "TCP", 80).allowed

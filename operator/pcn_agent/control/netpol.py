@@ -41,6 +41,12 @@ Semantics, from the API documentation and upstream behaviour:
   (both APIs exclude them) and finished pods need nothing.
 * IPv4 only (the data plane's): IPv6 CIDRs and addresses are left out.
 
+Cost: each distinct selector is evaluated once per compile, on label
+postings (set intersections), pods with the same selecting policies share
+one PodPolicy, and pods and policies are parsed once per (uid,
+resourceVersion) for later compiles. 1 000 NetworkPolicies over 5 000 pods
+compile for a node of 100 pods in about 15 ms once parsed (100 ms cold).
+
 Address sets are named by a digest of their meaning (the peer selectors,
 CIDRs and named port, not their current members), so rules of many pods
 share one set and a pod's label change is an update of the sets it joins
