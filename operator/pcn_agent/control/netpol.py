@@ -433,6 +433,7 @@ class _Index:
         self._sel_cache: dict[Selector, frozenset[int]] = {}
         self._ns_cache: dict[Selector, tuple[str, ...]] = {}
         self._peer_cache: dict[_Peer, frozenset[int]] = {}
+        self._serving: dict[str, list[int]] | None = None
 
     def namespaces(self, sel: Selector) -> tuple[str, ...]:
         """The names of the namespaces `sel` selects, sorted."""
@@ -478,6 +479,15 @@ class _Index:
         hit = frozenset(in_ns if peer.pod_sel == ALL_SELECTOR else in_ns & self.select(peer.pod_sel))
         self._peer_cache[peer] = hit
         return hit
+
+    def serving(self, port_name: str) -> list[int]:
+        """The peer pods with a container port named `port_name`, in order."""
+        if self._serving is None:
+            self._serving = {}
+            for i in sorted(self.all_peers):
+                for name in self.pods[i].named_ports:
+                    self._serving.setdefault(name, []).append(i)
+        return self._serving.get(port_name, [])
 
     def node_ips(self, sel: Selector) -> list[int]:
         return [ip for _, labels, ips in self.nodes if sel.matches(labels) for ip in ips]
@@ -817,19 +827,25 @@ class _Compiler:
         else:
             # A named port is a pod's: CIDR peers give the pods inside them
             # that have it; node addresses have no named ports.
+            name, proto = meaning.named
             merged = merge_intervals(ranges)
             starts = [lo for lo, _ in merged]
-            for ip, i in self.idx.by_ip.items():
+
+            def inside(ip: int) -> bool:
                 k = bisect_right(starts, ip) - 1
-                if k >= 0 and ip <= merged[k][1]:
-                    pods.add(i)
-            name, proto = meaning.named
+                return k >= 0 and ip <= merged[k][1]
+
+            everything = merged == [(0, _LAST)]
             seen: set[int] = set()
-            for i in sorted(pods):
-                found = self.idx.pods[i].named_ports.get(name)
-                if found is None or (proto and found[0] != proto):
+            for i in self.idx.serving(name):
+                pod = self.idx.pods[i]
+                found = pod.named_ports[name]
+                if proto and found[0] != proto:
                     continue
-                for ip in self.idx.pods[i].ips:
+                if not (everything or i in pods
+                        or (merged and any(inside(ip) for ip in pod.ips))):
+                    continue
+                for ip in pod.ips:
                     if ip not in seen:  # one port per address (a stale pod's IP reused)
                         seen.add(ip)
                         entries.append(self._entry(f"{_dotted(ip)}/32", *found))

@@ -15,7 +15,9 @@ from the pod, the peer is the destination, seen after Service translation):
    match while `isolated` (the pod is selected by a NetworkPolicy whose
    policyTypes include this direction) denies.
 3. `baseline` rules (ClusterNetworkPolicy tier Baseline): the first that
-   matches decides (PASS: as no match).
+   matches decides; PASS skips the rest of the baseline tier (as in the
+   admin tier), so it ends at 4 (network-policy-api v0.3.0: "Skips all
+   further ClusterNetworkPolicy rules in the current tier").
 4. Nothing decided: accepted.
 
 A rule matches when the peer's address is in its address set and the packet
