@@ -593,7 +593,7 @@ def _np_peer(raw: Obj, namespace: str, where: str, warnings: list[str]) -> _Peer
     return _Peer("pods", ns_sel=parse_selector(ns_raw), pod_sel=parse_selector(pod_raw))
 
 
-def parse_network_policy(o: Obj, warnings: list[str]) -> _Policy:
+def _parse_network_policy(o: Obj, warnings: list[str]) -> _Policy:
     meta = o.get("metadata") or {}
     ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
     spec = o.get("spec") or {}
@@ -627,12 +627,12 @@ def parse_network_policy(o: Obj, warnings: list[str]) -> _Policy:
 
 def _parse_np(o: Obj) -> tuple[_Policy, tuple[str, ...]]:
     warnings: list[str] = []
-    return parse_network_policy(o, warnings), tuple(warnings)
+    return _parse_network_policy(o, warnings), tuple(warnings)
 
 
 def _parse_cnp(o: Obj) -> tuple[_Policy | None, tuple[str, ...]]:
     warnings: list[str] = []
-    return parse_cluster_network_policy(o, warnings), tuple(warnings)
+    return _parse_cluster_network_policy(o, warnings), tuple(warnings)
 
 
 _LOGGED: set[str] = set()
@@ -711,7 +711,7 @@ def _cnp_peer(raw: Obj, egress: bool, action: Action, where: str,
     return out
 
 
-def parse_cluster_network_policy(o: Obj, warnings: list[str]) -> _Policy | None:
+def _parse_cluster_network_policy(o: Obj, warnings: list[str]) -> _Policy | None:
     """None (and a warning) for a tier this version does not know."""
     meta = o.get("metadata") or {}
     name = str(meta.get("name") or "")
