@@ -384,8 +384,6 @@ def test_replies_pass_both_ways(lab: PolLab) -> None:
 
 def test_echo_is_tracked_by_identifier(lab: PolLab) -> None:
     lab.pol.set_address_set(aset("peer", f"{PEER}/32"))
-    lab.pol.set_pod(lab.pid, PodPolicy(egress=DirectionPolicy(
-        (), (Rule("peer", ref=ref("out", OUT)),), True)), )
     lab.pol.set_pod(lab.pid, PodPolicy(
         DirectionPolicy(isolated=True),
         DirectionPolicy((), (Rule("peer", ref=ref("out", OUT)),), True)))
@@ -612,6 +610,20 @@ def test_limits_and_unknown_sets(lab: PolLab) -> None:
     with pytest.raises(PolicyError, match="at most"):
         lab.pol.set_pod(lab.pid, one_way(IN, *[Rule("peer")] * (MAX_RULES + 1)))
     assert lab.pol.pods == {}
+
+
+def test_the_last_of_max_rules_is_reached(lab: PolLab) -> None:
+    """Every tier together holds MAX_RULES rules a direction: the program's
+    loop bound reaches the last one."""
+    lab.pol.set_address_sets([aset("peer", f"{PEER}/32"), aset("none")])
+    admin = tuple(Rule("none", action=Action.DENY, ref=ref("a", IN, i, CNP)) for i in range(20))
+    ns = tuple(Rule("none", ref=ref("n", IN, i)) for i in range(MAX_RULES - 21))
+    last = Rule("peer", (PortMatch(IPPROTO_TCP, 80, 80),), ref=ref("last", IN, 0))
+    lab.pol.set_pod(lab.pid, one_way(IN, *ns, last, admin=admin))
+    assert len(lab.pol.pods[lab.pid].policy.ingress.rules) == MAX_RULES
+    assert lab.to_pod(new_pkt(IN, PEER, IPPROTO_TCP, 80)) == "pass"
+    assert lab.to_pod(new_pkt(IN, PEER, IPPROTO_TCP, 81)) == "drop"
+    assert lab.pol.explain(lab.pid, IN, PEER, IPPROTO_TCP, 80) == (Action.ACCEPT, last.ref)
 
 
 def test_gc_and_removal(lab: PolLab) -> None:

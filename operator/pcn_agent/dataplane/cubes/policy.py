@@ -54,7 +54,7 @@ from pcn_agent.dataplane.runtime import Runtime, RuntimeError_
 log = logging.getLogger(__name__)
 
 TYPE = "policy"
-MAX_RULES = 32  # policy.c POL_MAX_RULES: rules per pod and direction, all tiers
+MAX_RULES = 64  # policy.c POL_MAX_RULES: rules per pod and direction, all tiers
 TIER_ADMIN, TIER_NAMESPACED, TIER_BASELINE = 0, 1, 2  # policy.c POL_TIER_*
 CTR_DEFAULT = 0  # + direction (policy.c POL_CTR_*)
 CTR_HOST = 2
