@@ -44,6 +44,7 @@ from bpfunit import (
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.bridge import Bridge
+from pcn_agent.dataplane.cubes.firewall import Firewall
 from pcn_agent.dataplane.cubes.policy import (
     CTR_DROPS,
     MAX_RULES,
@@ -64,7 +65,7 @@ from pcn_agent.dataplane.policyrules import (
     RuleRef,
     SetEntry,
 )
-from pcn_agent.dataplane.runtime import PortState
+from pcn_agent.dataplane.runtime import PortState, Runtime
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 
 pytestmark = [pytest.mark.bpf,
@@ -670,3 +671,72 @@ def test_adoption_keeps_state(mod: PolLab) -> None:
     finally:
         lab.pol.remove_pod(lab.pid)
         lab.pol.gc_sets()
+
+
+def test_policy_among_other_stacked_cubes(lab: PolLab) -> None:
+    """As the node stacks it with an lbrp: another transparent cube before it
+    on the ingress hook and after it on the egress hook. Its passes (from
+    either of its programs) go on to the next cube of the hook."""
+    rt = lab.net.rt
+    fw = Firewall(rt, "fw-policy-test", [], "allow")
+    try:
+        rt.set_hook(lab.port, maps.HOOK_INGRESS, [rt.stacked("fw-policy-test"), rt.stacked("pol")])
+        rt.set_hook(lab.port, maps.HOOK_EGRESS, [rt.stacked("pol"), rt.stacked("fw-policy-test")])
+        lab.pol.set_address_set(aset("peer", f"{PEER}/32"))
+        lab.pol.set_pod(lab.pid, PodPolicy(
+            DirectionPolicy((), (Rule("peer", (PortMatch(IPPROTO_TCP, 80, 80),),
+                                      ref=ref("in")),), True),
+            DirectionPolicy(isolated=True)))
+        assert lab.to_pod(tcp_pkt(PEER, POD, 40800, 80)) == "pass"
+        assert lab.from_pod(tcp_pkt(POD, PEER, 80, 40800, TCP_SYN | TCP_ACK)) == "pass"
+        assert lab.from_pod(tcp_pkt(POD, PEER, 81, 40801, TCP_ACK)) == "drop"  # judged twice
+        assert lab.to_pod(tcp_pkt(OTHER, POD, 40802, 80)) == "drop"
+        # ingress: the firewall runs first (3 packets); egress: only what the policy passed
+        assert fw.hits() == {"default: allow": 3}
+    finally:
+        rt.set_hook(lab.port, maps.HOOK_INGRESS, [rt.stacked("pol")])
+        rt.set_hook(lab.port, maps.HOOK_EGRESS, [rt.stacked("pol")])
+        fw.delete()
+
+
+def test_an_agent_restart_keeps_policies_and_connections() -> None:
+    """The pinned maps outlive the agent: a new runtime adopting them and a
+    new PolicyCube find the pod's policy, its counters and its tracked
+    connections, and change nothing."""
+    with unit_net(veths=2) as net:
+        rt = net.rt
+        b = Bridge(rt, "b")
+        port, far = b.add_port("a"), b.add_port("b")
+        rt.connect_netdev(port, "u1")
+        rt.connect_netdev(far, "u2")
+        dst_mac = random_mac()
+        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
+            maps.BridgeFdbVal(port=far.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        pol = PolicyCube(rt, "pol")
+        rt.set_hook(port, maps.HOOK_INGRESS, [rt.stacked("pol")])
+        rt.set_hook(port, maps.HOOK_EGRESS, [rt.stacked("pol")])
+        pol.set_address_set(aset("peer", f"{PEER}/32"))
+        policy = PodPolicy(DirectionPolicy((), (Rule("peer", ref=ref("in")),), True),
+                           DirectionPolicy(isolated=True))
+        pol.set_pod(port.id, policy)
+        first = PolLab(net, pol, port, dst_mac)
+        assert first.to_pod(tcp_pkt(PEER, POD, 40900, 80)) == "pass"
+        rt.save()
+        rt.abandon()
+        rt2 = Runtime(net.name, netns=net.name, pin_root=net.pin_root)
+        try:
+            rt2.open()
+            assert rt2.adopted
+            net.rt = rt2
+            Bridge(rt2, "b")
+            again = PolicyCube(rt2, "pol")
+            after = PolLab(net, again, rt2.ports[port.id], first.dst_mac)
+            epoch = again.epoch
+            again.set_pod(port.id, policy)
+            assert again.writes == 0 and again.epoch == epoch
+            # the connection goes on (the pod's egress is isolated: only as a reply)
+            assert after.from_pod(tcp_pkt(POD, PEER, 80, 40900, TCP_ACK)) == "pass"
+            assert after.from_pod(tcp_pkt(POD, PEER, 80, 40901, TCP_SYN)) == "drop"
+            assert {c["rule"]: c["packets"] for c in again.counters(port.id)}[str(ref("in"))] == 2
+        finally:
+            rt2.close()
