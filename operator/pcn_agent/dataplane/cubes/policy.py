@@ -405,7 +405,8 @@ class PolicyCube:
         "ingress"|"egress", "packets": n, "bytes": n} — packets of the
         connections it accepted (or that it dropped), replies included; then
         per isolated direction {"rule": "isolation", "action": "DENY",
-        "policies": [str(RuleRef)...], ...}; then "default" (accepted as
+        "policies": [str(RuleRef)...], ...} (before them, "unnamed" for the
+        rules without a RuleRef, both ways, if any); then "default" (accepted as
         nothing decided) per direction and "host" (from the node's addresses)
         entries. [] for a port without policy."""
         pod = self.pods.get(port_id)
@@ -421,6 +422,10 @@ class PolicyCube:
                 n, b = self._counter(port_id, pod.counters[r.ref])
                 out.append({"rule": str(r.ref), "action": r.action.name,
                             "direction": _side(direction), "packets": n, "bytes": b})
+        if any(r.ref is None for d in (pod.policy.ingress, pod.policy.egress) for r in d.rules):
+            n, b = self._counter(port_id, CTR_UNNAMED)
+            out.append({"rule": "unnamed", "action": "", "direction": "", "packets": n,
+                        "bytes": b})
         for direction in Direction:
             d = pod.policy.direction(direction)
             if d.isolated:
