@@ -66,6 +66,9 @@
  * policies (the sender's egress, the receiver's ingress) on one node. */
 #define POL_FRAG_OWNER 0x80000000
 
+/* The counts say where each tier's rules are, for whoever reads the maps
+ * back (explain, kubectl pcn); the program itself goes by each rule's
+ * `tier` (see pol_judge). */
 struct pol_tier {
     u16 n_admin; /* rules 0..n_admin-1 of the direction */
     u16 n_namespaced;
