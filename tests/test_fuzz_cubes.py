@@ -14,9 +14,10 @@ invariants every cube must keep whatever arrives:
 Topology, as a node stacks it (see test_bpf_dispatcher.py): router `r` with
 ports `uplink` (the NIC, u1, host-shared, dispatcher on ingress and egress),
 `vxlan` (u2, dispatcher on ingress) and `pods` (u3, standing in for the bridge
-with the pods behind it: lbrp and a firewall stacked on both hooks, as on a
-pod's port). A ClusterIP, a NodePort (Cluster and Local) and a firewall with
-port rules are configured. Frames are built from fields (addresses the node
+with the pods behind it: lbrp, a firewall and the policy cube stacked on both
+hooks, as on a pod's port). A ClusterIP, a NodePort (Cluster and Local), a
+firewall with port rules and a network policy (tiers, ports, a named port,
+isolation one way) are configured. Frames are built from fields (addresses the node
 knows and does not, every protocol pcn handles and some it does not, TCP
 flags, ICMP errors quoting anything, IP options, fragments) and then mutated
 (truncated, lengths and header lengths lied about, a VLAN tag inserted).
@@ -56,7 +57,17 @@ from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig
 from pcn_agent.dataplane.cubes.firewall import Firewall
 from pcn_agent.dataplane.cubes.lbrp import Backend, LoadBalancer
+from pcn_agent.dataplane.cubes.policy import PolicyCube
 from pcn_agent.dataplane.cubes.router import Router
+from pcn_agent.dataplane.policyrules import (
+    Action,
+    AddressSet,
+    DirectionPolicy,
+    PodPolicy,
+    PortMatch,
+    Rule,
+    SetEntry,
+)
 from pcn_agent.dataplane.runtime import PortCounters, PortState
 from pcn_crds.rules import parse_rule
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
@@ -120,8 +131,24 @@ def node() -> Iterator[Node]:
         rt.set_hook(up, maps.HOOK_INGRESS, stack)
         rt.set_hook(up, maps.HOOK_EGRESS, stack)
         rt.set_hook(vx, maps.HOOK_INGRESS, stack)
-        rt.set_hook(pods, maps.HOOK_INGRESS, [rt.stacked("lb"), rt.stacked("fw")])
-        rt.set_hook(pods, maps.HOOK_EGRESS, [rt.stacked("fw"), rt.stacked("lb")])
+        pol = PolicyCube(rt, "pol")
+        pol.configure([NODE_IP])
+        pol.set_address_sets([
+            AddressSet("pods", frozenset({SetEntry("10.244.0.0/16")})),
+            AddressSet("web", frozenset({SetEntry(f"{POD2}/32", IPPROTO_TCP, 8080)})),
+            AddressSet("outside", frozenset({SetEntry("0.0.0.0/1"), SetEntry("128.0.0.0/2")}))])
+        pol.set_pod(pods.id, PodPolicy(
+            DirectionPolicy((Rule("outside", (PortMatch(IPPROTO_TCP, 22, 22),),
+                                  action=Action.DENY),),
+                            (Rule("pods", (PortMatch(IPPROTO_TCP, 8000, 8080),
+                                           PortMatch(IPPROTO_UDP, 53, 53))),), True),
+            DirectionPolicy((Rule("pods", action=Action.PASS),),
+                            (Rule("web", named_port=True),), False, (),
+                            (Rule("outside", (PortMatch(IPPROTO_UDP),), action=Action.DENY),))))
+        rt.set_hook(pods, maps.HOOK_INGRESS,
+                    [rt.stacked("lb"), rt.stacked("fw"), rt.stacked("pol")])
+        rt.set_hook(pods, maps.HOOK_EGRESS,
+                    [rt.stacked("pol"), rt.stacked("fw"), rt.stacked("lb")])
         for port, dev in ((up, "u1"), (vx, "u2"), (pods, "u3")):
             rt.connect_netdev(port, dev)
         gw_mac, peer_mac, pod_mac, pod2_mac = (random_mac() for _ in range(4))
@@ -404,3 +431,13 @@ def test_frames_too_big_for_the_next_hop(node: Node, data: st.DataObject) -> Non
         if out.retval != TC_ACT_SHOT:
             c = checks_of(out.data)
             assert not c.unmasqueraded, f"left the node as {c.src} -> {c.dst}: {frame.hex()}"
+
+
+def test_the_policy_cube_judged_the_frames(node: Node) -> None:
+    """The frames above went through the policy cube too (last in the file:
+    it runs after them): it judged some, accepted some and dropped some."""
+    pol = PolicyCube(node.net.rt, "pol")  # adopts the cube the fixture made
+    counted = {(c["rule"], c["direction"]): c["packets"]
+               for c in pol.counters(node.ports["pods"].id)}
+    assert sum(counted.values()) > 0, counted
+    assert node.net.rt.cube_drops("pol").get("policy", 0) > 0

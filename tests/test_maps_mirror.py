@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 from bpfunit import UnitNet, unit_net
 
-from pcn_agent.dataplane import maps
+from pcn_agent.dataplane import maps, policyrules
 from pcn_agent.dataplane.compiler import cflags, source_text
-from pcn_agent.dataplane.cubes import lbrp
+from pcn_agent.dataplane.cubes import lbrp, policy
 from pcn_agent.dataplane.runtime import ENTRY
 from pcn_bpf import SOURCE_DIR
 from pcn_testsupport import testrun
@@ -29,6 +29,7 @@ MODULES = (ENTRY, *sorted(p.stem for p in SOURCE_DIR.glob("*.c") if p.stem != EN
 SCALAR_MAPS: dict[str, tuple[type, type]] = {
     "pcn_progs": (ct.c_uint32, ct.c_uint32),
     "pcn_cube_stats": (ct.c_uint32, ct.c_uint64),
+    "pol_progs": (ct.c_uint32, ct.c_uint32),
 }
 
 
@@ -215,6 +216,27 @@ PY_FOR_C = {
     "PCN_INJECT_MAGIC": maps.INJECT_MAGIC,
     "PCN_INJECT_TO_CUBE": maps.INJECT_TO_CUBE,
     "PCN_INJECT_OUT_PORT": maps.INJECT_OUT_PORT,
+    "POL_MAX_RULES": policy.MAX_RULES,
+    "POL_PORTS": maps.POL_PORTS,
+    "POL_TIER_ADMIN": policy.TIER_ADMIN,
+    "POL_TIER_NAMESPACED": policy.TIER_NAMESPACED,
+    "POL_TIER_BASELINE": policy.TIER_BASELINE,
+    "POL_CTR_DEFAULT": policy.CTR_DEFAULT,
+    "POL_CTR_HOST": policy.CTR_HOST,
+    "POL_CTR_UNNAMED": policy.CTR_UNNAMED,
+    "POL_CTR_ISOLATION": policy.CTR_ISOLATION,
+    "POL_CTR_DROPS": policy.CTR_DROPS,
+    "POL_CTR_FIRST_RULE": policy.CTR_FIRST_RULE,
+    "POL_ACCEPT": int(policyrules.Action.ACCEPT),
+    "POL_DENY": int(policyrules.Action.DENY),
+    "POL_PASS": int(policyrules.Action.PASS),
+    "POL_INGRESS": int(policyrules.Direction.INGRESS),
+    "POL_EGRESS": int(policyrules.Direction.EGRESS),
+    "PCN_CTF_ORIG_A": policy.CTF_ORIG_A,
+    "PCN_CTF_REPLIED": policy.CTF_REPLIED,
+    "PCN_CTF_FIN_ORIG": policy.CTF_FIN_ORIG,
+    "PCN_CTF_FIN_REPLY": policy.CTF_FIN_REPLY,
+    "PCN_CTF_RST": policy.CTF_RST,
 }
 
 

@@ -36,6 +36,7 @@ enum pcn_drop_reason {
     PCN_DROP_NO_MASQUERADE = 17, /* a pod's packet that must leave masqueraded but cannot be */
     PCN_DROP_TOO_BIG = 18,     /* larger than the MTU of the port a router would send it out
                                   of: answered with ICMP fragmentation needed when DF is set */
+    PCN_DROP_POLICY = 19,      /* denied by a network policy (policy.c) */
 };
 
 BPF_TABLE_PINNED("percpu_array", u32, struct pcn_port_stats, pcn_port_stats,

@@ -49,6 +49,7 @@ class DropReason(enum.IntEnum):
     FRAGMENT = 16  # a fragment that cannot be judged or translated (bpf/include/pcn_frag.h)
     NO_MASQUERADE = 17  # a pod's packet that must leave masqueraded but cannot be translated
     TOO_BIG = 18  # larger than the router's out port's MTU (DF set: answered, ICMP frag. needed)
+    POLICY = 19  # denied by a network policy (bpf/policy.c)
 
 
 class SlowReason(enum.IntEnum):
@@ -256,6 +257,71 @@ class FragVal(ct.Structure):
 
 RouterAddrKey = RouterNeighKey  # same layout: {cube, ip}
 
+POL_PORTS = 8  # policy.c POL_PORTS (= policyrules.PORTS_PER_RULE)
+
+
+class PolTier(ct.Structure):
+    """struct pol_tier (bpf/policy.c): one direction of a pod's policy."""
+
+    _fields_ = [("n_admin", ct.c_uint16), ("n_namespaced", ct.c_uint16),
+                ("n_baseline", ct.c_uint16), ("isolated", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class PolCfg(ct.Structure):
+    _fields_ = [("gen", ct.c_uint32), ("pad", ct.c_uint32), ("dir", PolTier * 2)]
+
+
+class PolRuleKey(ct.Structure):
+    _fields_ = [("port", ct.c_uint32), ("gen", ct.c_uint32), ("idx", ct.c_uint16),
+                ("dir", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class PolPortMatch(ct.Structure):
+    _fields_ = [("lo", ct.c_uint16), ("hi", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class PolRule(ct.Structure):
+    _fields_ = [("set", ct.c_uint32), ("counter", ct.c_uint32), ("action", ct.c_uint8),
+                ("n_ports", ct.c_uint8), ("named_port", ct.c_uint8), ("tier", ct.c_uint8),
+                ("ports", PolPortMatch * POL_PORTS)]
+
+
+class PolSetKey(ct.Structure):
+    """An address set's prefix: `prefixlen` is 32 (the set id) + the prefix's."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("set", ct.c_uint32), ("ip", ct.c_uint32)]
+
+
+class PolSetVal(ct.Structure):
+    _fields_ = [("proto", ct.c_uint8), ("pad", ct.c_uint8), ("port", ct.c_uint16)]
+
+
+class PolHostKey(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ip", ct.c_uint32)]
+
+
+class CtKey(ct.Structure):
+    """struct pcn_ct_key (bpf/include/pcn_ct.h): a connection, ends in canonical order."""
+
+    _fields_ = [("scope", ct.c_uint32), ("addr_a", ct.c_uint32), ("addr_b", ct.c_uint32),
+                ("port_a", ct.c_uint16), ("port_b", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8 * 3)]
+
+
+class Ct(ct.Structure):
+    _fields_ = [("seen_ns", ct.c_uint64), ("epoch", ct.c_uint32), ("ref", ct.c_uint32),
+                ("flags", ct.c_uint8), ("dir", ct.c_uint8), ("pad", ct.c_uint8 * 6)]
+
+
+class PolCtrKey(ct.Structure):
+    _fields_ = [("port", ct.c_uint32), ("id", ct.c_uint32)]
+
+
+class PolCtr(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
 class BpfTable(Protocol):
     """What the agent uses of a BCC table (bcc.table.TableBase and subclasses).
 
@@ -307,6 +373,13 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "fw_cfgs": (ct.c_uint32, FwCfg),
     "fw_hits": (ct.c_uint32, ct.c_uint64),
     "pcn_frags": (FragKey, FragVal),
+    "pol_cfgs": (ct.c_uint32, PolCfg),
+    "pol_rules": (PolRuleKey, PolRule),
+    "pol_sets": (PolSetKey, PolSetVal),
+    "pol_host": (PolHostKey, ct.c_uint32),
+    "pol_ct": (CtKey, Ct),
+    "pol_ctrs": (PolCtrKey, PolCtr),
+    "pol_epoch": (ct.c_uint32, ct.c_uint32),
 }
 
 
