@@ -128,8 +128,12 @@ def run(lab_dir: Path, workers: int, procs: int, keep: bool, suites: Sequence[st
     api_skips = api.active_skips(present)
     started = time.monotonic()
     ok = True
-    meta = {"workers": workers, "procs": procs, "selection": SELECTION_FILE.name,
-            "sctp": not nosctp}
+    meta: dict[str, object] = {"workers": workers, "procs": procs,
+                               "selection": SELECTION_FILE.name, "sctp": not nosctp}
+    if extra_focus:  # a partial run says so in its results
+        meta["focus"] = list(extra_focus)
+    if api_run:
+        meta["api_run"] = api_run
     try:
         with real_cluster(lab_dir, workers, keep, say=_say) as lab:
             if "e2e" in suites:
