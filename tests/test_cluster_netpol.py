@@ -426,3 +426,26 @@ def test_results_files_have_the_conformance_shape(tmp_path: Path) -> None:
     assert {"test", "result", "seconds"} <= set(doc["results"][0])
     assert netpol.E2E_OUTPUT.name == "netpol.json"
     assert netpol.E2E_OUTPUT.parent == conf.DEFAULT_OUTPUT.parent == ROOT / "bench" / "results"
+
+
+def test_the_focus_selects_exactly_the_netpol_specs_of_the_built_e2e() -> None:
+    """Against the built e2e.test's own list (`--list-tests`: "<file>:<line>:
+    <full name>"): the focus takes every spec of test/e2e/network/netpol and
+    nothing else; without SCTP exactly the SCTPConnectivity ones are skipped."""
+    import subprocess
+
+    try:
+        e2e = artifacts.binary("e2e.test")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = subprocess.run([str(e2e), "--list-tests"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    specs = [re.split(r":\d+: ", ln.strip(), maxsplit=1) for ln in out.splitlines()
+             if re.search(r"\.go:\d+: ", ln)]
+    sel = conf.load_selection(netpol.SELECTION_FILE, frozenset({policyapi.NO_SCTP}))
+    chosen = {name for path, name in specs if sel.selected(name)}
+    netpol_dir = {name for path, name in specs if "/test/e2e/network/netpol/" in path}
+    assert chosen == netpol_dir and len(chosen) >= 45
+    skipped = {name for name in chosen if sel.skip_reason(name)}
+    assert skipped == {name for name in chosen if "[Feature:SCTPConnectivity]" in name}
+    assert len(skipped) == 3
