@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench soak lint typecheck layers crds k8s conformance clean
+.PHONY: setup test demo bench soak lint typecheck layers crds k8s conformance netpol clean
 
 setup:
 	@scripts/setup.sh
@@ -36,6 +36,13 @@ k8s: setup
 CONFORMANCE_ARGS ?=
 conformance: setup
 	$(PY) -m pcn_lab.cluster.conformance $(CONFORMANCE_ARGS)
+
+# Upstream's NetworkPolicy e2e and sigs.k8s.io/network-policy-api's conformance
+# suite on the real local cluster (needs `make k8s`; not part of `make test`).
+# NETPOL_ARGS="--suite e2e --focus REGEX --keep", "--suite api --api-run REGEX".
+NETPOL_ARGS ?=
+netpol: setup
+	$(PY) -m pcn_lab.cluster.netpol $(NETPOL_ARGS)
 
 crds: setup
 	$(PY) -m pcn_crds.generate

@@ -191,7 +191,9 @@ def test_steps_come_in_the_promised_order() -> None:
     assert outputs == [
         "etcd", "etcdctl", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
         "kubectl", "kubelet", "containerd", "containerd-shim-runc-v2", "ctr", "runc", "crictl",
-        "coredns", "agnhost", "regression-issue-74839", "host-local", "loopback", "kube-proxy", "ginkgo", "e2e.test"]
+        "coredns", "agnhost", "regression-issue-74839", "host-local", "loopback", "kube-proxy", "ginkgo", "e2e.test",
+        "network-policy-api-conformance.test", "network-policy-api-conformance-nosctp.test",
+        "test2json"]
 
 
 def test_images_step_says_so_when_the_images_module_is_absent(

@@ -213,11 +213,37 @@ def test_marked_processes(tmp_path: Path) -> None:
     assert runner.marked("pcnt-abc", tmp_path) == [10]
 
 
+def _fake_gomodcache(tmp_path: Path) -> Path:
+    """A Go module cache holding only network-policy-api's standard CRD folder."""
+    from pcn_lab.cluster import policyapi
+
+    module, version = policyapi.pin()
+    crds = tmp_path / "gomod" / f"{module}@{version}" / "config" / "crd" / "standard"
+    crds.mkdir(parents=True)
+    (crds / "kustomization.yaml").write_text("resources: [crd.yaml]\n")
+    return tmp_path / "gomod"
+
+
 def test_install_overlay_sets_the_api_address(layout: Layout, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "install"
-    k = install.overlay(layout, root / "manifests", out)
-    assert (out / k["resources"][0]).resolve() == (root / "manifests").resolve()
+    gomod = _fake_gomodcache(tmp_path)
+    k = install.overlay(layout, root / "manifests", out, gomodcache=gomod)
+    assert k["resources"] == ["base"]
+    base = yaml.safe_load((root / "manifests" / "kustomization.yaml").read_text())
+    offline = yaml.safe_load((out / "base" / "kustomization.yaml").read_text())
+    # the manifests' own resources and images: files copied (kustomize's load
+    # restrictor), folders by path
+    assert len(offline["resources"]) == len(base["resources"])
+    assert offline["images"] == base["images"]
+    for mine, theirs in zip(offline["resources"], base["resources"], strict=True):
+        if "://" in theirs:  # network-policy-api's CRD folder from the module cache
+            assert (out / "base" / mine).resolve() == next(gomod.glob(
+                "sigs.k8s.io/network-policy-api@*/config/crd/standard")).resolve()
+        elif (root / "manifests" / theirs).is_dir():
+            assert (out / "base" / mine).resolve() == (root / "manifests" / theirs).resolve()
+        else:
+            assert (out / "base" / mine).read_text() == (root / "manifests" / theirs).read_text()
     patch = yaml.safe_load(k["patches"][0]["patch"])
     spec = patch["spec"]["template"]["spec"]
     for c in spec["containers"] + spec["initContainers"]:
@@ -266,7 +292,31 @@ def test_state_round_trip(tmp_path: Path) -> None:
     assert back is not None and back.holders == {"n1": 5} and back.layout.workers == 2
 
 
+def test_offline_kustomization_refuses_what_it_cannot_carry(tmp_path: Path) -> None:
+    gomod = _fake_gomodcache(tmp_path)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    for text, match in (
+            ("resources: [a.yaml]\nnamespace: x\n", "namespace"),
+            ("resources:\n- https://example.com/x?ref=v1\n", "no copy"),
+            ("resources:\n- https://github.com/kubernetes-sigs/network-policy-api/config/crd/"
+             "standard?ref=v0.0.1\n", "not netpol.toml")):
+        (manifests / "kustomization.yaml").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            install.offline_kustomization(manifests, tmp_path / "base", gomod)
+    (manifests / "kustomization.yaml").write_text(
+        "resources:\n- https://github.com/kubernetes-sigs/network-policy-api/config/crd/"
+        "experimental?ref=v0.3.0\n")
+    with pytest.raises(FileNotFoundError, match="kustomization.yaml is missing"):
+        install.offline_kustomization(manifests, tmp_path / "base", gomod)
+    with pytest.raises(FileNotFoundError, match="make k8s"):
+        install.offline_kustomization(manifests, tmp_path / "base", tmp_path / "empty")
+
+
 def test_overlay_agent_source_mounts_the_checkout(layout: Layout, tmp_path: Path) -> None:
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "kustomization.yaml").write_text("resources: [a.yaml]\n")
+    (tmp_path / "manifests" / "a.yaml").write_text("kind: ConfigMap\n")
     k = install.overlay(layout, tmp_path / "manifests", tmp_path / "out", Path("/src"))
     spec = yaml.safe_load(k["patches"][0]["patch"])["spec"]["template"]["spec"]
     paths = {v["hostPath"]["path"] for v in spec["volumes"]}

@@ -63,6 +63,15 @@ def work_dir() -> Path:
     return cache_dir() / "work"
 
 
+def go_mod_cache() -> Path:
+    """Go's module cache, where ``go mod download`` (make k8s) unpacks modules:
+    $GOMODCACHE, else $GOPATH/pkg/mod, else /root/go/pkg/mod (go env's
+    defaults for root, who runs make k8s)."""
+    if os.environ.get("GOMODCACHE"):
+        return Path(os.environ["GOMODCACHE"])
+    return Path(os.environ.get("GOPATH", "/root/go")) / "pkg" / "mod"
+
+
 def binary(name: str) -> Path:
     """Path of a built binary. Raises FileNotFoundError naming the fix."""
     path = bin_dir() / name

@@ -24,6 +24,8 @@ cni-plugins           host-local, loopback
 kube-proxy            kube-proxy
 ginkgo                ginkgo
 e2e.test              e2e.test
+network-policy-api    network-policy-api-conformance.test,
+                      network-policy-api-conformance-nosctp.test, test2json
 ====================  =======================================================
 
 Each step is skipped when its stamp (``stamps/<step>``) exists and its
@@ -52,6 +54,13 @@ How the components are built (the upstream build each follows is named):
   copied from the (read-only) module cache into ``work/src/`` and built there
   with its own go.mod and go.sum, with the ldflags of its Makefile.
 
+* network-policy-api (``sigs.k8s.io/network-policy-api``, its Makefile's
+  ``conformance`` target): ``go test -c ./conformance`` in a copy of the
+  module, at the version of netpol.toml (see pcn_lab.cluster.policyapi),
+  once as published and once with the base manifests' SCTP servers removed
+  (for kernels without SCTP); plus Go's own ``cmd/test2json``, which turns
+  the test binary's output into JSON events.
+
 Everything uses ``GOTOOLCHAIN=local``, ``-trimpath`` and ``-ldflags -s -w``;
 cgo is off except for runc (libseccomp).
 """
@@ -75,7 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pcn_lab.cluster import artifacts
+from pcn_lab.cluster import artifacts, policyapi
 
 #: Seconds between "still building" lines while one go command runs.
 HEARTBEAT_S = 60.0
@@ -574,13 +583,51 @@ def build_e2e(ctx: StepContext) -> None:
                  output="e2e.test", test=True)
 
 
+def build_network_policy_api(ctx: StepContext) -> None:
+    """The network-policy-api conformance suite as test binaries, and test2json.
+
+    The module is copied from the module cache (go mod download) into
+    ``work/src/`` and its ``./conformance`` package compiled with ``go test
+    -c`` and the module's own go.mod and go.sum. The ``-nosctp`` binary is the
+    same source with conformance/base/manifests.yaml rewritten by
+    policyapi.without_sctp_servers (the suite embeds its manifests, so the
+    change needs its own build). test2json is the Go toolchain's command.
+    """
+    module, version = policyapi.pin()
+    info = go_mod_download(module, version, cwd=ctx.work)
+    src = copy_module(info, ctx.work / "src")
+    ctx.go_build(["./conformance"], cwd=src, ldflags_value=ldflags(), test=True,
+                 output=policyapi.BINARY)
+    nosctp = ctx.work / "src" / f"{src.name}-nosctp"
+    if not nosctp.is_dir():
+        tmp = nosctp.with_name(f".{nosctp.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, nosctp)
+    base = nosctp / policyapi.BASE_MANIFESTS
+    write_if_changed(base, policyapi.without_sctp_servers(
+        (src / policyapi.BASE_MANIFESTS).read_text()))
+    ctx.go_build(["./conformance"], cwd=nosctp, ldflags_value=ldflags(), test=True,
+                 output=policyapi.BINARY_NOSCTP)
+    ctx.go("build", "-trimpath", "-ldflags", ldflags(), "-o", str(ctx.out_dir / "test2json"),
+           "cmd/test2json", cwd=src)
+
+
 @dataclass(frozen=True)
 class Step:
-    """One build step: its name (stamp and log), its outputs in bin/, its build."""
+    """One build step: its name (log, selection on the command line), its
+    outputs in bin/, its build, and its stamp's name (the step's name unless
+    the step is pinned outside versions.toml: then the name and that pin, so
+    changing the pin rebuilds the step)."""
 
     name: str
     outputs: tuple[str, ...]
     build: Callable[[StepContext], None]
+    stamp: str = ""
+
+    @property
+    def stamp_name(self) -> str:
+        return self.stamp or self.name
 
 
 STEPS: tuple[Step, ...] = (
@@ -601,6 +648,8 @@ STEPS: tuple[Step, ...] = (
     Step("kube-proxy", ("kube-proxy",), kube_binary("cmd/kube-proxy", "kube-proxy")),
     Step("ginkgo", ("ginkgo",), build_ginkgo),
     Step("e2e.test", ("e2e.test",), build_e2e),
+    Step("network-policy-api", (policyapi.BINARY, policyapi.BINARY_NOSCTP, "test2json"),
+         build_network_policy_api, stamp=f"network-policy-api@{policyapi.pin()[1]}"),
 )
 
 
@@ -610,7 +659,7 @@ STEPS: tuple[Step, ...] = (
 
 def step_done(step: Step, cache: Path) -> bool:
     """True when ``step``'s stamp exists and all its outputs are in bin/."""
-    if not (cache / "stamps" / step.name).is_file():
+    if not (cache / "stamps" / step.stamp_name).is_file():
         return False
     return all((cache / "bin" / name).is_file() for name in step.outputs)
 
@@ -643,7 +692,7 @@ def run_step(step: Step, cache: Path) -> bool:
         os.replace(out_dir / name, bin_dir / name)
     stamps = cache / "stamps"
     stamps.mkdir(parents=True, exist_ok=True)
-    (stamps / step.name).touch()
+    (stamps / step.stamp_name).touch()
     shutil.rmtree(out_dir, ignore_errors=True)
     return True
 

@@ -24,11 +24,15 @@ import time
 import tomllib
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pcn_lab.cluster.layout import Layout
 
 SELECTION_FILE = Path(__file__).with_name("conformance.toml")
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
@@ -61,9 +65,17 @@ class Selection:
         return None
 
 
-def load_selection(path: Path = SELECTION_FILE) -> Selection:
-    """Parse conformance.toml: ``focus = [regex, ...]`` and ``[[skip]]`` tables
-    with ``pattern`` and a non-empty ``reason``. Raises SelectionError."""
+#: The conditions a skip's ``when`` may name: "no-sctp", this kernel opens no
+#: SCTP socket (pcn_lab.cluster.policyapi.conditions() finds which hold).
+CONDITIONS = frozenset({"no-sctp"})
+
+
+def load_selection(path: Path = SELECTION_FILE,
+                   present: frozenset[str] = frozenset()) -> Selection:
+    """Parse a selection file (conformance.toml, netpol.toml): ``focus =
+    [regex, ...]`` and ``[[skip]]`` tables with ``pattern``, a non-empty
+    ``reason`` and an optional ``when`` (a member of CONDITIONS: the skip
+    applies only when that condition is in `present`). Raises SelectionError."""
     data = tomllib.loads(path.read_text())
     focus = tuple(data.get("focus", []))
     if not focus:
@@ -73,7 +85,12 @@ def load_selection(path: Path = SELECTION_FILE) -> Selection:
         pattern, reason = entry.get("pattern", ""), str(entry.get("reason", "")).strip()
         if not pattern or not reason:
             raise SelectionError(f"{path}: skip #{i + 1} needs both a pattern and a reason")
-        skips.append(Skip(pattern, reason))
+        when = str(entry.get("when", ""))
+        if when and when not in CONDITIONS:
+            raise SelectionError(f"{path}: skip #{i + 1}: unknown condition when = {when!r} "
+                                 f"(known: {sorted(CONDITIONS)})")
+        if not when or when in present:
+            skips.append(Skip(pattern, reason))
     for p in (*focus, *(s.pattern for s in skips)):
         try:
             re.compile(p)
@@ -160,9 +177,11 @@ def summary(results: Sequence[TestResult]) -> dict[str, int]:
             FAILED: counts[FAILED], SKIPPED: counts[SKIPPED]}
 
 
-def table(results: Sequence[TestResult], width: int = 100) -> str:
+def table(results: Sequence[TestResult], width: int = 100,
+          source: str = SELECTION_FILE.name) -> str:
     """The printed table: result, seconds, test; failures first, then passes,
-    then skips (with their reasons, once per reason)."""
+    then skips (with their reasons, once per reason; `source` names the file
+    the reasons come from)."""
     order = {FAILED: 0, PASSED: 1, SKIPPED: 2}
     lines = [f"{'result':<8} {'seconds':>8}  test", f"{'-' * 8} {'-' * 8}  {'-' * 40}"]
     for r in sorted((r for r in results if r.result != SKIPPED),
@@ -176,7 +195,7 @@ def table(results: Sequence[TestResult], width: int = 100) -> str:
         lines.append(f"{SKIPPED:<8} {n:>8}x  {reason[:width]}")
     s = summary(results)
     lines.append(f"{s['run']} run: {s[PASSED]} passed, {s[FAILED]} failed; "
-                 f"{s[SKIPPED]} skipped (reasons above, from conformance.toml)")
+                 f"{s[SKIPPED]} skipped (reasons above, from {source} or the tests)")
     return "\n".join(lines)
 
 
@@ -203,76 +222,147 @@ def write_results(path: Path, results: Sequence[TestResult], meta: dict[str, Any
     tmp.replace(path)
 
 
+class BringupFailed(RuntimeError):
+    """`pcn-lab up --kubernetes` failed (its output said why)."""
+
+
+@dataclass
+class LabRun:
+    """A real cluster brought up for a run: its lab folder, its layout once
+    up, and what `pcn-lab down` left (filled on the way out)."""
+
+    lab_dir: Path
+    layout: Layout | None = None
+    left: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.left
+
+
+@contextmanager
+def real_cluster(lab_dir: Path, workers: int, keep: bool,
+                 say: Callable[[str], None] = _say) -> Iterator[LabRun]:
+    """Bring the real cluster up as a user does (`pcn-lab up --kubernetes`,
+    a control plane and `workers` workers; a cluster left in `lab_dir` is
+    taken down first), yield it, then take it down and record in
+    ``LabRun.left`` what `cleanup.leftovers` still finds (processes, mounts,
+    namespaces, cgroups). `keep` leaves it up. Raises BringupFailed."""
+    from pcn_lab.cluster import cleanup
+    from pcn_lab.cluster.state import ClusterState
+
+    if ClusterState.load(lab_dir) is not None:
+        say(f"a cluster is already up from {lab_dir}: taking it down first")
+        _lab(lab_dir, "down")
+    run = LabRun(lab_dir)
+    try:
+        say(f"bringing up the cluster (a control plane and {workers} workers) in {lab_dir}")
+        if _lab(lab_dir, "up", "--kubernetes", "--nodes", str(workers)) != 0:
+            raise BringupFailed("the cluster did not come up: see the lines above")
+        state = ClusterState.load(lab_dir)
+        assert state is not None, "pcn-lab up --kubernetes left no state"
+        run.layout = state.layout
+        yield run
+    finally:
+        if keep:
+            say(f"--keep: the cluster stays up ({lab_dir}); `pcn-lab --dir {lab_dir} down`")
+        else:
+            _lab(lab_dir, "down")
+            run.left = cleanup.leftovers(run.layout) if run.layout is not None else []
+            if run.left:
+                say("pcn-lab down left: " + ", ".join(run.left))
+            else:
+                say("pcn-lab down left nothing (processes, mounts, namespaces, cgroups)")
+
+
+def inside_kubeconfig(run: LabRun) -> Path:
+    """An admin kubeconfig (in the lab folder) with the API server's address
+    on the lab's switch, for clients run in a node's network namespace."""
+    from pcn_lab.cluster import kubeconfig
+
+    assert run.layout is not None
+    path = run.lab_dir / "e2e.kubeconfig"
+    kubeconfig.write(path, kubeconfig.for_cert(run.layout, "admin",
+                                               run.layout.api_url_inside()))
+    return path
+
+
+def in_control_plane(run: LabRun, argv: Sequence[str]) -> list[str]:
+    """`argv` run in the control-plane node's network namespace (the tests
+    reach node addresses and NodePorts as a machine of the cluster would)."""
+    assert run.layout is not None
+    return ["ip", "netns", "exec", run.layout.control_plane, *argv]
+
+
+def run_ginkgo(run: LabRun, selection: Selection, report: Path, procs: int, workers: int,
+               say: Callable[[str], None] = _say) -> tuple[int, Path | None]:
+    """Upstream's e2e (ginkgo_argv) with `selection` on the cluster, from the
+    control plane's network namespace; its output in `report`/e2e.log.
+    Returns (ginkgo's exit status, the JUnit file or None when ginkgo wrote
+    none)."""
+    from pcn_lab.cluster import artifacts
+
+    assert run.layout is not None
+    report.mkdir(parents=True, exist_ok=True)
+    argv = ginkgo_argv(artifacts.bin_dir(), selection, report, inside_kubeconfig(run),
+                       parallel=procs, nodes=workers)  # the control plane is tainted
+    say(f"running upstream e2e ({artifacts.versions()['kubernetes']['version']}) from "
+        f"{run.layout.control_plane}'s network namespace, {procs} processes; log in "
+        f"{report / 'e2e.log'}")
+    with open(report / "e2e.log", "w", buffering=1) as log:  # line by line: followable
+        code = stream(in_control_plane(run, argv), log)
+    junit = report / "junit.xml"
+    if not junit.is_file():
+        say(f"ginkgo exited {code} without a JUnit report: see {report / 'e2e.log'}")
+        return code, None
+    return code, junit
+
+
+def machine_meta(started: float) -> dict[str, Any]:
+    """The results files' common fields: date, kernel, CPUs, Kubernetes, minutes."""
+    from pcn_lab.cluster import artifacts
+
+    return {"date": datetime.now(UTC).replace(microsecond=0).isoformat(),
+            "kernel": platform.release(), "cpu_count": os.cpu_count(),
+            "kubernetes": artifacts.versions()["kubernetes"]["version"],
+            "minutes": round((time.monotonic() - started) / 60, 1)}
+
+
 def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
         extra_focus: Sequence[str] = ()) -> int:
     """Bring the real cluster up as a user does (`pcn-lab up --kubernetes`),
     run upstream's selection on it, take it down and check nothing is left.
     Returns the exit status: 0 only when every selected test passed and the
     teardown left nothing."""
-    from pcn_lab.cluster import artifacts, cleanup, kubeconfig
-    from pcn_lab.cluster.state import ClusterState
+    from pcn_lab.cluster import artifacts
 
     for name in ("e2e.test", "ginkgo", "kubectl"):
         artifacts.binary(name)  # FileNotFoundError names `make k8s`
     selection = load_selection()
     if extra_focus:  # a rerun of some: these patterns instead of the file's focus
         selection = Selection(tuple(extra_focus), selection.skips)
-    if ClusterState.load(lab_dir) is not None:
-        _say(f"a cluster is already up from {lab_dir}: taking it down first")
-        _lab(lab_dir, "down")
     started = time.monotonic()
     status = 1
-    layout = None
     try:
-        _say(f"bringing up the cluster (a control plane and {workers} workers) in {lab_dir}")
-        if _lab(lab_dir, "up", "--kubernetes", "--nodes", str(workers)) != 0:
-            _say("the cluster did not come up: see the lines above")
-            return 1
-        state = ClusterState.load(lab_dir)
-        assert state is not None, "pcn-lab up --kubernetes left no state"
-        layout = state.layout
-        report = lab_dir / "e2e"
-        report.mkdir(parents=True, exist_ok=True)
-        inside = lab_dir / "e2e.kubeconfig"  # the API server's address on the lab's switch
-        kubeconfig.write(inside, kubeconfig.for_cert(layout, "admin", layout.api_url_inside()))
-        argv = ginkgo_argv(artifacts.bin_dir(), selection, report, inside, parallel=procs,
-                           nodes=workers)  # the control plane is tainted
-        _say(f"running upstream e2e ({artifacts.versions()['kubernetes']['version']}) from "
-             f"{layout.control_plane}'s network namespace, {procs} processes; log in "
-             f"{report / 'e2e.log'}")
-        with open(report / "e2e.log", "w", buffering=1) as log:  # line by line: followable
-            code = _stream(["ip", "netns", "exec", layout.control_plane, *argv], log)
-        junit = report / "junit.xml"
-        if not junit.is_file():
-            _say(f"ginkgo exited {code} without a JUnit report: see {report / 'e2e.log'}")
-            return 1
-        results = parse_junit(junit, selection)
-        print(table(results))
-        write_results(output, results, {
-            "date": datetime.now(UTC).replace(microsecond=0).isoformat(),
-            "kernel": platform.release(), "cpu_count": os.cpu_count(),
-            "kubernetes": artifacts.versions()["kubernetes"]["version"],
-            "workers": workers, "procs": procs,
-            "minutes": round((time.monotonic() - started) / 60, 1),
-            "selection": str(SELECTION_FILE.name)})
-        _say(f"results in {output}; JUnit in {junit}")
-        s = summary(results)
-        status = 0 if s[FAILED] == 0 and s["run"] > 0 and code == 0 else 1
-    finally:
-        if keep:
-            _say(f"--keep: the cluster stays up ({lab_dir}); `pcn-lab --dir {lab_dir} down`")
-        else:
-            _lab(lab_dir, "down")
-            left = cleanup.leftovers(layout) if layout is not None else []
-            if left:
-                _say("pcn-lab down left: " + ", ".join(left))
-                status = 1
-            else:
-                _say("pcn-lab down left nothing (processes, mounts, namespaces, cgroups)")
-    return status
+        with real_cluster(lab_dir, workers, keep) as lab:
+            code, junit = run_ginkgo(lab, selection, lab_dir / "e2e", procs, workers)
+            if junit is None:
+                return 1
+            results = parse_junit(junit, selection)
+            print(table(results))
+            write_results(output, results, {**machine_meta(started), "workers": workers,
+                                            "procs": procs,
+                                            "selection": str(SELECTION_FILE.name)})
+            _say(f"results in {output}; JUnit in {junit}")
+            s = summary(results)
+            status = 0 if s[FAILED] == 0 and s["run"] > 0 and code == 0 else 1
+    except BringupFailed as exc:
+        _say(str(exc))
+        return 1
+    return status if lab.clean else 1
 
 
-def _stream(argv: list[str], log: Any) -> int:
+def stream(argv: list[str], log: Any) -> int:
     """Run `argv`, its output to `log` and, one line in ten plus every
     failure line, to the console (Ginkgo's own progress)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

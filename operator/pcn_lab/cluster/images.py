@@ -15,7 +15,9 @@ override is needed (k8s.io/kubernetes v1.37.2, test/utils/image/manifest.go):
   ip, iperf, bash, socat; ps, ping, wget that Alpine's busybox gives), the
   /coredns the DNS tests run (bin/coredns), porter's localhost.crt/key, the
   /uploads folder, /agnhost-2, the user and group the tests look up;
-  ``/bin/sh`` is bash (Alpine's is busybox ash, which takes ``[[``);
+  ``/bin/sh`` is bash (Alpine's is busybox ash, which takes ``[[``); also
+  tagged ``agnhost:2.45``, the tag network-policy-api's conformance suite
+  asks for;
 * ``registry.k8s.io/e2e-test-images/busybox:1.37.0-2``: Debian's
   busybox-static with its applet links;
 * ``registry.k8s.io/e2e-test-images/glibc-dns-testing:2.1.1`` (formerly
@@ -74,8 +76,7 @@ def kubernetes_module() -> Path:
     """The downloaded k8s.io/kubernetes module folder. Raises
     FileNotFoundError naming the fix."""
     version = artifacts.versions()["kubernetes"]["version"]
-    gomodcache = os.environ.get("GOMODCACHE") or str(Path(os.environ.get("GOPATH", "/root/go")) / "pkg" / "mod")
-    path = Path(gomodcache) / f"k8s.io/kubernetes@{version}"
+    path = artifacts.go_mod_cache() / f"k8s.io/kubernetes@{version}"
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is missing: run `go mod download k8s.io/kubernetes@{version}` "
                                 f"(or `make k8s`)")
@@ -333,6 +334,13 @@ def _fill_regression_74839(root: Path) -> oci.ImageConfig:
     return oci.ImageConfig(entrypoint=["/regression-issue-74839"], env=[f"PATH={DEFAULT_PATH}"])
 
 
+#: The agnhost tag sigs.k8s.io/network-policy-api v0.3.0's conformance base
+#: manifests pin (conformance/base/manifests.yaml): served by the same image
+#: (the agnhost of the pinned Kubernetes); the suite runs only subcommands
+#: agnhost has kept since (serve-hostname, netexec, porter, connect).
+AGNHOST_NETPOL_API_TAG = "2.45"
+
+
 def _e2e(name: str, tag: str) -> str:
     return f"registry.k8s.io/e2e-test-images/{name}:{tag}"
 
@@ -349,7 +357,8 @@ def recipes() -> list[Recipe]:
                packages=("nginx",)),
         Recipe("coredns", (f"registry.k8s.io/coredns/coredns:{coredns_version}",), _fill_coredns,
                needs=("coredns",)),
-        Recipe("agnhost", (_e2e("agnhost", "2.66.1"),), _fill_agnhost, needs=("agnhost", "coredns"),
+        Recipe("agnhost", (_e2e("agnhost", "2.66.1"), _e2e("agnhost", AGNHOST_NETPOL_API_TAG)),
+               _fill_agnhost, needs=("agnhost", "coredns"),
                packages=("bind9-dnsutils", "curl", "netcat-openbsd", "iproute2", "iperf", "socat",
                          "procps", "iputils-ping", "wget", "ca-certificates"),
                inputs=_agnhost_inputs),

@@ -1,11 +1,13 @@
 """Installing pcn and the cluster add-ons the way a user does, with the
 built kubectl against the real API server.
 
-* pcn: ``kubectl apply -k`` of a two-line overlay of the repository's
-  manifests/ (the README's install) whose only change is the one
-  manifests/README.md asks of clusters without kube-proxy: both containers
-  of the DaemonSet get KUBERNETES_SERVICE_HOST/PORT = the API server's own
-  address. The agent is a host-network pod that must reach the API before
+* pcn: ``kubectl apply -k`` of an overlay of the repository's manifests/
+  (the README's install) whose only change is the one manifests/README.md
+  asks of clusters without kube-proxy: both containers of the DaemonSet get
+  KUBERNETES_SERVICE_HOST/PORT = the API server's own address. The lab is
+  offline, so the overlay's base is manifests/ rewritten without its one
+  remote resource: network-policy-api's standard CRDs from GitHub become the
+  same folder of the module `make k8s` downloaded (offline_kustomization). The agent is a host-network pod that must reach the API before
   its data plane (which serves the `kubernetes` Service) exists, so it
   cannot use the Service; CoreDNS and every other pod do use it (pcn is
   the service proxy).
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pcn_lab.cluster import containerd
+from pcn_lab.cluster import artifacts, containerd, policyapi
 from pcn_lab.cluster.layout import API_PORT, Layout
 
 COREDNS = Path(__file__).with_name("coredns.yaml")
@@ -45,10 +49,72 @@ IMAGE_SITE_PACKAGES = "/opt/pcn/venv/lib/python3.11/site-packages"
 SOURCE_PACKAGES = (("pcn_agent", "operator/pcn_agent"), ("pcn_bpf", "bpf"), ("pcn_crds", "crds"))
 
 
+#: The remote resource manifests/kustomization.yaml may name: a folder of
+#: sigs.k8s.io/network-policy-api at a tag (kustomize's GitHub URL form).
+REMOTE_NETWORK_POLICY_API = re.compile(
+    r"https://github\.com/kubernetes-sigs/network-policy-api/(?P<path>[a-z0-9/]+)"
+    r"\?ref=(?P<ref>v\d+\.\d+\.\d+)")
+#: The fields of manifests/kustomization.yaml that offline_kustomization carries.
+KUSTOMIZATION_FIELDS = frozenset({"apiVersion", "kind", "resources", "images"})
+
+
+def offline_resource(entry: str, manifests: Path, base: Path, gomodcache: Path) -> str:
+    """One resource of manifests/kustomization.yaml as the offline base in
+    folder `base` names it: a file is copied into `base` (kustomize reads
+    files only from within a kustomization's folder) and named by its name;
+    a folder (a kustomization) is named by its path relative to `base`; the
+    network-policy-api URL by the same folder of the module in the Go module
+    cache. Raises ValueError for another URL or a ref other than
+    netpol.toml's pin, FileNotFoundError (naming `make k8s`) when the module
+    is not downloaded."""
+    if "://" not in entry:
+        source = (manifests / entry).resolve()
+        if source.is_dir():
+            return os.path.relpath(source, base)
+        shutil.copyfile(source, base / source.name)
+        return source.name
+    match = REMOTE_NETWORK_POLICY_API.fullmatch(entry)
+    if match is None:
+        raise ValueError(f"{entry}: a remote resource the offline lab has no copy of")
+    module, version = policyapi.pin()
+    if match["ref"] != version:
+        raise ValueError(f"{entry}: ref {match['ref']} is not netpol.toml's {module} {version}")
+    local = policyapi.module_dir(gomodcache) / match["path"]
+    if not (local / "kustomization.yaml").is_file():
+        raise FileNotFoundError(f"{local}/kustomization.yaml is missing ({entry})")
+    return os.path.relpath(local, base)
+
+
+def offline_kustomization(manifests: Path, base: Path,
+                          gomodcache: Path | None = None) -> dict[str, Any]:
+    """Write into folder `base` a kustomization that installs what
+    manifests/kustomization.yaml does without the network: the same
+    resources (offline_resource; files copied into `base`) and images;
+    returns it. Raises ValueError when manifests/kustomization.yaml uses
+    fields beyond KUSTOMIZATION_FIELDS (they would be lost)."""
+    kust = yaml.safe_load((manifests / "kustomization.yaml").read_text())
+    extra = set(kust) - KUSTOMIZATION_FIELDS
+    if extra:
+        raise ValueError(f"{manifests}/kustomization.yaml uses {sorted(extra)}: carry them in "
+                         "pcn_lab.cluster.install.offline_kustomization")
+    cache = gomodcache if gomodcache is not None else artifacts.go_mod_cache()
+    base.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {
+        "apiVersion": kust.get("apiVersion", "kustomize.config.k8s.io/v1beta1"),
+        "kind": kust.get("kind", "Kustomization"),
+        "resources": [offline_resource(r, manifests, base, cache) for r in kust["resources"]]}
+    if kust.get("images"):
+        out["images"] = kust["images"]
+    (base / "kustomization.yaml").write_text(yaml.safe_dump(out, sort_keys=False))
+    return out
+
+
 def overlay(layout: Layout, manifests: Path, out: Path,
-            agent_source: Path | None = None) -> dict[str, Any]:
+            agent_source: Path | None = None, gomodcache: Path | None = None) -> dict[str, Any]:
     """The kustomization (in folder `out`) that installs `manifests` with the
-    API server's address in the agent's environment.
+    API server's address in the agent's environment. Its base is
+    `out`/base, written here: `manifests` without the network
+    (offline_kustomization).
 
     `agent_source` (a development aid, off by default): a pcn checkout whose
     pcn_agent, pcn_bpf and pcn_crds are mounted read-only over the image's
@@ -69,8 +135,9 @@ def overlay(layout: Layout, manifests: Path, out: Path,
     patch = {"apiVersion": "apps/v1", "kind": "DaemonSet",
              "metadata": {"name": "pcn-agent", "namespace": "pcn-system"},
              "spec": {"template": {"spec": pod}}}
+    offline_kustomization(manifests, out / "base", gomodcache)
     return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-            "resources": [os.path.relpath(manifests, out)],
+            "resources": ["base"],
             "patches": [{"patch": yaml.safe_dump(patch, sort_keys=False)}]}
 
 
