@@ -187,7 +187,10 @@ struct pol_scratch {
     u8 qi;                  /* the query policy_judge evaluates in this run */
 };
 
-BPF_PERCPU_ARRAY(pol_scratch, struct pol_scratch, 1);
+/* Pinned like every map of the bundle's programs: a restarted agent takes
+ * over a program only when all of its maps are the new module's too. */
+BPF_TABLE_PINNED("percpu_array", u32, struct pol_scratch, pol_scratch, 1,
+                 PCN_PIN("pol_scratch"));
 
 static __always_inline int pol_has_ports(u8 proto)
 {

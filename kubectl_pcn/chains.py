@@ -36,7 +36,7 @@ from .errors import InputError
 SIDES = ("ingress", "egress")
 DEFAULT_CHAIN = "default"
 MAX_PER_CHAIN_SIDE = 6  # CubeChainSpec: max_length of ingress and egress
-MAX_STACKED = 7  # per pod and side; the agent's reconcile.MAX_STACKED
+MAX_STACKED = 6  # per pod and side; the agent's reconcile.MAX_STACKED
 DEFAULT_PRIORITY = 100
 
 _KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"

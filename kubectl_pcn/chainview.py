@@ -100,6 +100,9 @@ def pod_chain_data(pod: Obj, chains: Sequence[Obj], nfs: Sequence[Obj],
     if view is None:
         out["realized"] = None
         out["inSync"] = None
+    # NetworkPolicy and ClusterNetworkPolicy in force (the node's policy cube,
+    # innermost on both sides): per rule, packets of what it let in or out
+    out["policy"] = view.entry.get("policy") if view else None
     return out
 
 
@@ -190,7 +193,33 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
     if rule_rows:
         lines += ["", f"RULES (hits on node {d.get('node') or NONE})",
                   table(["side", "function", "#", "rule", "hits"], rule_rows)]
+    lines += _policy_text(d.get("policy"), d.get("node"))
     return "\n".join(lines)
+
+
+def _policy_text(policy: Mapping[str, Any] | None, node: str | None) -> list[str]:
+    """The pod's network policies (next to the bridge, after the chain's
+    functions on the way out and before them on the way in), one row per
+    rule in evaluation order, with what they let through and dropped."""
+    lines = ["", f"NETWORK POLICY (innermost on both sides; counters on node {node or NONE})"]
+    if not policy:
+        return lines + ["<none>: no NetworkPolicy or ClusterNetworkPolicy applies to the pod"]
+    rows = []
+    for r in policy.get("rules") or []:
+        if r["rule"] in ("default", "host") and not r.get("packets"):
+            continue
+        what = r["rule"]
+        if r["rule"] == "isolation":
+            what = "isolation by " + ", ".join(r.get("policies") or []) if r.get(
+                "policies") else "isolation"
+        rows.append([r.get("direction") or NONE, what, r.get("action") or NONE,
+                     r.get("packets", 0), human_bytes(r.get("bytes", 0))])
+    drops = policy.get("drops") or {}
+    for side in ("ingress", "egress"):
+        dr = drops.get(side) or {}
+        rows.append([side, "dropped by policy", "DENY", dr.get("packets", 0),
+                     human_bytes(dr.get("bytes", 0))])
+    return lines + [table(["side", "rule", "action", "packets", "bytes"], rows)]
 
 
 def namespace_chain_text(d: Mapping[str, Any], wide: bool) -> str:

@@ -58,6 +58,37 @@ def test_keep_requests_must_be_positive() -> None:
         EmulatedApiServer(keep_requests=0)
 
 
+# ----------------------------------------------------------------------------- namespaces
+def test_namespaces_are_a_cluster_scoped_resource_and_a_prefix() -> None:
+    """/api/v1/namespaces is the Namespace resource (list, watch, create,
+    read, patch, delete by name: the agent watches namespaces for
+    NetworkPolicy's namespaceSelector), and a prefix of namespaced paths."""
+    import json as _json
+    import urllib.request
+
+    with EmulatedApiServer() as api:
+        watch = urllib.request.urlopen(api.url + "/api/v1/namespaces?watch=true", timeout=10)
+        api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                   "metadata": {"name": "team-a",
+                                                                "labels": {"team": "a"}}})
+        assert _json.loads(watch.readline())["object"]["metadata"]["name"] == "team-a"
+        api.request("PATCH", "/api/v1/namespaces/team-a", {"metadata": {"labels": {"team": "b"}}},
+                    "application/merge-patch+json")
+        event = _json.loads(watch.readline())
+        watch.close()
+        assert event["type"] == "MODIFIED" and event["object"]["metadata"]["labels"] == {
+            "team": "b"}
+        listed = api.request("GET", "/api/v1/namespaces")
+        assert [n["metadata"]["name"] for n in listed["items"]] == ["team-a"]
+        api.request("POST", "/api/v1/namespaces/team-a/configmaps", _config_map(7) | {
+            "metadata": {"name": "cm-7", "namespace": "team-a"}})
+        assert get(api, "ConfigMap", "cm-7", "team-a")["metadata"]["namespace"] == "team-a"
+        api.request("DELETE", "/api/v1/namespaces/team-a")
+        with pytest.raises(ApiServerError) as gone:
+            api.request("GET", "/api/v1/namespaces/team-a")
+        assert gone.value.status == 404
+
+
 # ----------------------------------------------------------------------------- PUT
 def test_put_replaces_the_object_as_the_api_server_does() -> None:
     """PUT (update) replaces the whole object: fields left out are gone. The

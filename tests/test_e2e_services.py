@@ -584,7 +584,8 @@ def test_a_restarted_agent_takes_over_its_programs_and_its_slow_path(svc_lab: La
     router's slow path (ARP miss), which those old programs submit to."""
     lab = svc_lab
     new = lab.restart_node(1)
-    bundle = {"pcn_ingress", "pcn_egress", *(f"{t}_rx" for t in new.rt.bundle)}
+    bundle = {"pcn_ingress", "pcn_egress", *(f"{t}_rx" for t in new.rt.bundle),
+              "policy_judge"}  # the policy cube's tail-called judge too
     assert set(new.rt.taken_over) == bundle
     assert new.slow is not None
     injected = new.slow.injected

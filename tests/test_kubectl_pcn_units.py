@@ -151,8 +151,8 @@ def test_effective_chain_matches_the_agents_reconciler() -> None:
     web1 = ch.effective_chain(web_chains, {"app": "web", "tier": "fe"}, valid)
     assert web1.chains == ["z-first", "b-same-priority", "default", "many"]
     assert set(web1.skipped) == {"missing", "uses-bad"}
-    assert [s.function for s in web1.ingress] == ["c", "a", "d", "b", "f", "g", "h"]
-    assert web1.dropped == ["i", "j"]  # beyond seven on the ingress side
+    assert [s.function for s in web1.ingress] == ["c", "a", "d", "b", "f", "g"]
+    assert web1.dropped == ["h", "i", "j"]  # beyond six on the ingress side (lbrp, policy)
     assert [s.chain for s in web1.ingress][:3] == ["z-first", "z-first", "b-same-priority"]
 
 

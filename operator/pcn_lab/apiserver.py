@@ -32,6 +32,11 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "namespaced": True, "shortnames": {"ev"}},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "shortnames": {"cm"}},
     "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
+    "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True,
+                                             "shortnames": {"netpol"}},
+    "policy.networking.k8s.io/v1alpha2/clusternetworkpolicies": {
+        "kind": "ClusterNetworkPolicy", "namespaced": False, "shortnames": {"cnp"},
+        "subresources": {"status"}},
     "pcn.dev/v1alpha1/networkfunctions": {"kind": "NetworkFunction", "namespaced": True,
                                           "shortnames": {"nf", "cube"},
                                           "categories": {"pcn"}, "subresources": {"status"}},
@@ -44,7 +49,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
 }
 log = logging.getLogger(__name__)
 
-CUSTOM_GROUPS = {"pcn.dev"}  # served from CRDs; the rest is built into Kubernetes
+# served from CRDs (network-policy-api's too); the rest is built into Kubernetes
+CUSTOM_GROUPS = {"pcn.dev", "policy.networking.k8s.io"}
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 PLURALS = {info["kind"]: path for path, info in RESOURCES.items()}
 

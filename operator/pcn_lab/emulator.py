@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp.web
 import kmock
+from kmock._internal import parsing as kmock_parsing
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 from kmock._internal.rendering import Request
 
@@ -47,6 +48,29 @@ def stamp_new(obj: dict[str, Any]) -> None:
     meta["generation"] = 1
     for owned in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds"):
         meta.pop(owned, None)
+
+
+_kmock_parse_path = kmock_parsing.parse_path
+
+
+def parse_path(path: str) -> Any:
+    """kmock 0.8's path parser, except for the Namespace resource itself,
+    which it reads as a namespace prefix with nothing after it (so that
+    `GET /api/v1/namespaces`, a watch of namespaces, creating one or
+    reading `/api/v1/namespaces/NAME` failed with a 500): those paths are
+    the cluster-scoped resource `namespaces` of the core group, with a name
+    and the `status`/`finalize` subresources, as kube-apiserver serves them."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == "api" and parts[2] == "namespaces" and (
+            len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))):
+        return kmock_parsing.ParsedPath(
+            group="", version=parts[1], plural="namespaces", namespace=None,
+            name=parts[3] if len(parts) > 3 else None,
+            subresource=parts[4] if len(parts) > 4 else None)
+    return _kmock_parse_path(path)
+
+
+kmock_parsing.parse_path = parse_path  # kmock's request parser looks it up there
 
 
 class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]

@@ -181,6 +181,10 @@ class Agent:
             nodes=list(self.store["Node"].values()),
             pods=[p for p in self.store["Pod"].values()
                   if (p.get("spec") or {}).get("nodeName") == self.node_name],
+            all_pods=list(self.store["Pod"].values()),
+            namespaces=list(self.store["Namespace"].values()),
+            networkpolicies=list(self.store["NetworkPolicy"].values()),
+            clusternetworkpolicies=list(self.store["ClusterNetworkPolicy"].values()),
             attachments=attachments,
             services=list(self.store["Service"].values()),
             endpointslices=list(self.store["EndpointSlice"].values()),
@@ -237,6 +241,11 @@ class Agent:
                     "counters": {"rx_packets": c.tx_packets, "rx_bytes": c.tx_bytes,
                                  "tx_packets": c.rx_packets, "tx_bytes": c.rx_bytes,
                                  "drops": c.drops}}
+                if node.policy is not None and pod.policy:
+                    # the policies in force, per rule (the user's sides, as above)
+                    out["pods"][name]["policy"] = {
+                        "rules": node.policy.counters(pod.port.id),
+                        "drops": node.policy.drops(pod.port.id)}
             for cname, fw in list(self.manager.functions.items()):
                 _, ns, fname = cname.split(".", 2)
                 hits = fw.rule_hits()
@@ -542,9 +551,13 @@ def _observer(kind: str) -> Callable[..., None]:
 
 
 kopf.on.event("", "v1", "nodes")(_observer("Node"))
-kopf.on.event("", "v1", "pods",
-              when=lambda body, **_: (body.get("spec") or {}).get("nodeName") == _agent().node_name
-              )(_observer("Pod"))
+# Every pod of the cluster: NetworkPolicy peers are selected anywhere (this
+# node's pods are the subjects; see reconcile.policies_of).
+kopf.on.event("", "v1", "pods")(_observer("Pod"))
+kopf.on.event("", "v1", "namespaces")(_observer("Namespace"))
+kopf.on.event("networking.k8s.io", "v1", "networkpolicies")(_observer("NetworkPolicy"))
+kopf.on.event("policy.networking.k8s.io", "v1alpha2",
+              "clusternetworkpolicies")(_observer("ClusterNetworkPolicy"))
 kopf.on.event("", "v1", "services")(_observer("Service"))
 kopf.on.event("discovery.k8s.io", "v1", "endpointslices")(_observer("EndpointSlice"))
 kopf.on.event("pcn.dev", "v1alpha1", "networkfunctions")(_observer("NetworkFunction"))

@@ -55,8 +55,12 @@ class DataplaneManager:
                      for name, fw in self.functions.items()}
         chains = {k: (tuple(p.ingress), tuple(p.egress)) for k, p in n.pods.items()
                   if p.ingress or p.egress}
+        policies = n.pod_policies()
+        used = {r.peers for p in policies.values() for d in (p.ingress, p.egress) for r in d.rules}
+        sets = {name: s for name, s in n.policy.sets.items() if name in used} \
+            if n.policy else {}
         self.current = Desired(frozenset(n.peers.values()), services, nodeports, functions,
-                               chains)
+                               chains, policies, sets)
 
     def apply(self, desired: Desired) -> ApplyReport:
         start = time.monotonic()
@@ -113,6 +117,12 @@ class DataplaneManager:
         elif op.kind == "set-chain":
             from_pod, to_pod = op.value
             n.set_pod_chain(op.key, list(from_pod), list(to_pod))
+        elif op.kind == "set-address-sets":
+            n.set_address_sets(op.value.values())
+        elif op.kind == "set-policy":
+            n.set_pod_policy(op.key, op.value)
+        elif op.kind == "prune-address-sets":
+            n.prune_address_sets()
         else:
             raise ValueError(f"unknown operation {op.kind}")
 
@@ -163,6 +173,16 @@ def _advance(cur: Desired, op: Op) -> Desired:
         return replace(cur, nodeports={**cur.nodeports, op.key: op.value})
     if op.kind == "delete-nodeport":
         return replace(cur, nodeports={k: v for k, v in cur.nodeports.items() if k != op.key})
+    if op.kind == "set-address-sets":
+        return replace(cur, address_sets={**cur.address_sets, **op.value})
+    if op.kind == "prune-address-sets":
+        return replace(cur, address_sets={k: v for k, v in cur.address_sets.items()
+                                          if k in op.value})
+    if op.kind == "set-policy":
+        policies = {k: v for k, v in cur.policies.items() if k != op.key}
+        if op.value is not None:
+            policies[op.key] = op.value
+        return replace(cur, policies=policies)
     if op.kind == "set-chain":
         chains = {k: v for k, v in cur.chains.items() if k != op.key}
         if op.value != ((), ()):

@@ -2,7 +2,8 @@
 
 Pure: no kernel, no API server, no clock. `desired_state()` turns what the
 agent has seen (Nodes, this node's Pods and attachments, Services,
-EndpointSlices, NetworkFunctions, CubeChains, NodePortRules) into a `Desired`
+EndpointSlices, NetworkFunctions, CubeChains, NodePortRules, and for network
+policies every Pod, Namespace, NetworkPolicy and ClusterNetworkPolicy) into a `Desired`
 state plus a status verdict per custom resource; `plan()` lists the
 data-plane operations that move one Desired state to another, in an order
 that never leaves a chain pointing at a missing cube.
@@ -17,9 +18,11 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from pcn_agent.control import netpol
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.dataplane.policyrules import AddressSet, PodPolicy
 from pcn_agent.node.wiring import PeerNode
 from pcn_crds import CubeChain, FirewallConfig, NetworkFunction, NodePortRule
 from pcn_crds.common import Resource
@@ -29,7 +32,7 @@ ServiceKey = tuple[str, int, str]  # (virtual IP, port, protocol)
 NodePortKey = tuple[int, str]  # (port, protocol)
 ObjectKey = tuple[str, str, str]  # (kind, namespace or "", name)
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-MAX_STACKED = maps.CHAIN_MAX - 1  # the lbrp takes one place on each side
+MAX_STACKED = maps.CHAIN_MAX - 2  # the lbrp and the policy cube take one place on each side
 R = TypeVar("R", bound=Resource)
 
 
@@ -73,6 +76,11 @@ class Desired:
     nodeports: Mapping[NodePortKey, NodePortSpec] = field(default_factory=dict)
     functions: Mapping[str, FunctionSpec] = field(default_factory=dict)  # by cube name
     chains: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    # network policies: by attachment key, the pods some policy applies to
+    # (the policy cube is stacked on their ports), and the address sets
+    # their rules refer to, by name
+    policies: Mapping[str, PodPolicy] = field(default_factory=dict)
+    address_sets: Mapping[str, AddressSet] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +132,11 @@ class Inputs:
     functions: list[Obj] = field(default_factory=list)
     chains: list[Obj] = field(default_factory=list)
     nodeportrules: list[Obj] = field(default_factory=list)
+    # network policies: peers are pods of every node in every namespace
+    all_pods: list[Obj] = field(default_factory=list)
+    namespaces: list[Obj] = field(default_factory=list)
+    networkpolicies: list[Obj] = field(default_factory=list)
+    clusternetworkpolicies: list[Obj] = field(default_factory=list)
     # Fail closed: an object whose new version is invalid keeps the last valid
     # one in force (Result.last_good of the previous pass), reported not Ready.
     last_good: Mapping[ObjectKey, Obj] = field(default_factory=dict)
@@ -669,6 +682,31 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
 
 
 # ----------------------------------------------------------------------------- entry
+# ----------------------------------------------------------------------------- network policy
+def policies_of(inputs: Inputs) -> tuple[dict[str, PodPolicy], dict[str, AddressSet]]:
+    """The policy of each attached pod of this node that a NetworkPolicy or
+    ClusterNetworkPolicy applies to (by attachment key; see
+    pcn_agent.control.netpol for the semantics), and the address sets their
+    rules use. None at all when the cluster has no policy: then no pod
+    carries the policy cube."""
+    if not inputs.networkpolicies and not inputs.clusternetworkpolicies:
+        return {}, {}
+    compiled = netpol.compile_node(netpol.Cluster(
+        network_policies=inputs.networkpolicies,
+        cluster_network_policies=inputs.clusternetworkpolicies,
+        pods=inputs.all_pods or inputs.pods, namespaces=inputs.namespaces,
+        nodes=inputs.nodes), inputs.node)
+    key_of = {f"{ns}/{name}": key for key, (ns, name) in inputs.attachments.items()}
+    policies: dict[str, PodPolicy] = {}
+    for pod, policy in compiled.pods.items():
+        key = key_of.get(pod)
+        if key is not None and (policy.enforced or policy.ingress.rules
+                                or policy.egress.rules):
+            policies[key] = policy
+    used = {r.peers for p in policies.values() for d in (p.ingress, p.egress) for r in d.rules}
+    return policies, {name: s for name, s in compiled.sets.items() if name in used}
+
+
 def desired_state(inputs: Inputs) -> Result:
     verdicts: dict[ObjectKey, Verdict] = {}
     good: dict[ObjectKey, Obj] = {}
@@ -677,8 +715,10 @@ def desired_state(inputs: Inputs) -> Result:
     static_nodeports(inputs, nodeports, verdicts)
     functions = functions_of(inputs, verdicts, good)
     chains, used = chains_of(inputs, functions, verdicts, good)
+    policies, address_sets = policies_of(inputs)
     desired = Desired(peers=peers_of(inputs), services=services, nodeports=nodeports,
-                      functions=used, chains=chains)
+                      functions=used, chains=chains, policies=policies,
+                      address_sets=address_sets)
     return Result(desired, verdicts, derived, good, health_checks_of(inputs, by_service))
 
 
@@ -711,6 +751,15 @@ def plan(current: Desired, desired: Desired, attached: Iterable[str] = ()) -> li
     for npkey in current.nodeports.keys() - desired.nodeports.keys():
         ops.append(Op("delete-nodeport", npkey))
     attached = set(attached)
+    # address sets before the rules that use them, the unused ones after
+    if any(current.address_sets.get(n) != s for n, s in desired.address_sets.items()):
+        ops.append(Op("set-address-sets", None, desired.address_sets))
+    for pod in sorted(attached & (current.policies.keys() | desired.policies.keys())):
+        policy = desired.policies.get(pod)
+        if current.policies.get(pod) != policy:
+            ops.append(Op("set-policy", pod, policy))
+    if current.address_sets.keys() - desired.address_sets.keys():
+        ops.append(Op("prune-address-sets", None, desired.address_sets))
     empty: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     for pod in sorted(attached | current.chains.keys() | desired.chains.keys()):
         want = desired.chains.get(pod, empty)

@@ -314,6 +314,25 @@ class Ct(ct.Structure):
                 ("flags", ct.c_uint8), ("dir", ct.c_uint8), ("pad", ct.c_uint8 * 6)]
 
 
+class PolQuery(ct.Structure):
+    _fields_ = [("peer", ct.c_uint32), ("dport", ct.c_uint16), ("dir", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class PolScratch(ct.Structure):
+    """struct pol_scratch (bpf/policy.c): what policy_rx hands policy_judge
+    across the tail call (per CPU; pinned so that a restarted agent takes
+    the programs over)."""
+
+    _fields_ = [("q", PolQuery * 2), ("tier", PolTier * 2), ("k", CtKey), ("f", Flow),
+                ("now", ct.c_uint64), ("gen", ct.c_uint32), ("epoch", ct.c_uint32),
+                ("owner", ct.c_uint32), ("ip_id", ct.c_uint16), ("nq", ct.c_uint8),
+                ("rejudge", ct.c_uint8), ("src_is_a", ct.c_uint8), ("dir", ct.c_uint8),
+                ("tflags", ct.c_uint8), ("proto", ct.c_uint8), ("icmp_type", ct.c_uint8),
+                ("icmp_error", ct.c_uint8), ("first_fragment", ct.c_uint8),
+                ("skip_admin", ct.c_uint8), ("qi", ct.c_uint8)]
+
+
 class PolCtrKey(ct.Structure):
     _fields_ = [("port", ct.c_uint32), ("id", ct.c_uint32)]
 
@@ -380,6 +399,7 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "pol_ct": (CtKey, Ct),
     "pol_ctrs": (PolCtrKey, PolCtr),
     "pol_epoch": (ct.c_uint32, ct.c_uint32),
+    "pol_scratch": (ct.c_uint32, PolScratch),
 }
 
 

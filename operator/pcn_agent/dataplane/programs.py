@@ -144,6 +144,17 @@ def instruction_tags(insns: bytes) -> set[bytes]:
     return {hashlib.sha1(out).digest()[:8], hashlib.sha256(out).digest()[:8]}
 
 
+def names(module: Any) -> list[str]:
+    """Every program a compiled module (bcc.BPF) holds, by name: the entry
+    programs, each cube type's `<type>_rx`, and those a type reaches by tail
+    call (the policy cube's judge): all are loaded, taken over and recorded
+    alike."""
+    from bcc import lib
+
+    n = int(lib.bpf_num_functions(module.module))
+    return [lib.bpf_function_name(module.module, i).decode() for i in range(n)]
+
+
 def take_over(module: Any, previous: Mapping[str, int]) -> list[str]:
     """Give the bcc.BPF `module` the programs of `previous` (name -> program
     id, as `loaded_ids` returned them to the previous agent) that are exactly

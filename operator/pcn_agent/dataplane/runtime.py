@@ -176,7 +176,7 @@ class Runtime:
         self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
         self._netlink = NetlinkPerThread(self.netns)
         self._entry = entry = compile_bundle((ENTRY, *self.bundle), self.pin_dir)
-        names = ["pcn_ingress", "pcn_egress", *(f"{t}_rx" for t in self.bundle)]
+        names = programs.names(entry)
         if state is not None:
             self._take_over_programs(entry, state.get("programs", {}))
         _load_in_parallel(entry, names)

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,8 +38,11 @@ from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
 from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig, HostPort
 from pcn_agent.dataplane.cubes.lbrp import TYPE as LB_TYPE
 from pcn_agent.dataplane.cubes.lbrp import Backend, LbConfig, LoadBalancer, Service
+from pcn_agent.dataplane.cubes.policy import TYPE as POLICY_TYPE
+from pcn_agent.dataplane.cubes.policy import PolicyCube
 from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
 from pcn_agent.dataplane.cubes.router import Router
+from pcn_agent.dataplane.policyrules import AddressSet, PodPolicy
 from pcn_agent.dataplane.runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
 from pcn_agent.dataplane.slowpath import ArpResolver, SlowPath
 from pcn_agent.node import localnet, podnet
@@ -66,6 +69,7 @@ BRIDGE = "br0"
 ROUTER = "r0"
 LB = "lb"
 DISPATCHER = "k8s"
+POLICY = "policy"  # the node's one policy cube: NetworkPolicy and ClusterNetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -131,9 +135,11 @@ class Pod:
     k8s_namespace: str = ""
     k8s_name: str = ""
     origin: str = ""  # "cni" when the CNI plugin made the veth (see register_pod)
+    policy: bool = False  # the policy cube is stacked on its port (set_pod_policy)
 
 
-BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE)  # in _build's order
+BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE,
+              POLICY_TYPE)  # in _build's order
 
 
 def prepare_runtime(name: str, netns: str | None, pin_root: Path = bpffs.DEFAULT_ROOT,
@@ -187,6 +193,7 @@ class NodeDataplane:
         self.router: Router | None = None
         self.lb: LoadBalancer | None = None
         self.dispatcher: Dispatcher | None = None
+        self.policy: PolicyCube | None = None
         self._localnet_ports: frozenset[tuple[str, int]] = frozenset()  # as last synced
         self.arp: ArpResolver | None = None
         self.session_collector: sessions.SessionCollector | None = None
@@ -241,6 +248,7 @@ class NodeDataplane:
         self.bridge = Bridge(self.rt, BRIDGE)
         self.router = Router(self.rt, ROUTER)
         self.lb = LoadBalancer(self.rt, LB)
+        self._policy_cube()
         gw = f"{c.gateway}/{ipaddress.IPv4Network(c.pod_cidr).prefixlen}"
         r_pods = self.router.add_port("pods", gw, mtu=c.mtu)
         b_up = self.bridge.add_port("uplink")
@@ -367,6 +375,15 @@ class NodeDataplane:
         ipr.addr("replace", index=idx, address=host_ip, prefixlen=prefix)
         ipr.addr("replace", index=idx, address=self.cfg.host_pod_ip, prefixlen=32)
 
+    def _policy_cube(self) -> None:
+        """The node's policy cube (made, or adopted with its rules), told the
+        node's own addresses: the kubelet's probes come from them and reach
+        every pod whatever its policies (NetworkPolicy leaves a pod's own
+        node alone, as upstream's e2e requires)."""
+        c = self.cfg
+        self.policy = PolicyCube(self.rt, POLICY)
+        self.policy.configure([f"{c.node_ip}/32", f"{c.host_pod_ip}/32"])
+
     def _dispatcher_config(self) -> DispatcherConfig:
         c = self.cfg
         vteps = str(ipaddress.IPv4Interface(c.vtep).network)
@@ -380,6 +397,7 @@ class NodeDataplane:
         self.bridge = Bridge(self.rt, BRIDGE)
         self.router = Router(self.rt, ROUTER)
         self.lb = LoadBalancer(self.rt, LB)
+        self._policy_cube()
         self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
                                      self._dispatcher_config())
         self._vxlan_created = self.rt.meta.get("vxlan_created", False)
@@ -404,7 +422,8 @@ class NodeDataplane:
                 continue
             self.pods[key] = Pod(key, p["netns"], podnet.PodInterface(**p["iface"]), port,
                                  p["ingress"], p["egress"], p.get("k8s_namespace", ""),
-                                 p.get("k8s_name", ""), p.get("origin", ""))
+                                 p.get("k8s_name", ""), p.get("origin", ""),
+                                 p.get("policy", False))
         for owner in {h.owner for h in self.dispatcher.hostports} - set(self.pods):
             log.warning("node %s: the hostPorts of %s go with it", self.cfg.name, owner)
             self.dispatcher.set_hostports(owner, [])
@@ -435,7 +454,7 @@ class NodeDataplane:
         self.rt.meta["pods"] = {k: {"netns": p.netns, "iface": asdict(p.iface), "port": p.port.id,
                                     "ingress": p.ingress, "egress": p.egress,
                                     "k8s_namespace": p.k8s_namespace, "k8s_name": p.k8s_name,
-                                    "origin": p.origin}
+                                    "origin": p.origin, "policy": p.policy}
                                 for k, p in self.pods.items()}
         self.rt.save()
 
@@ -637,14 +656,67 @@ class NodeDataplane:
         pod = self.pods.get(key)
         if pod is None:
             raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
-        self._write_pod_hooks(pod.port, from_pod, to_pod)
+        self._write_pod_hooks(pod.port, from_pod, to_pod, pod.policy)
         pod.ingress, pod.egress = list(from_pod), list(to_pod)
         self.save()
 
-    def _write_pod_hooks(self, port: PortState, ingress: list[str], egress: list[str]) -> None:
+    def _write_pod_hooks(self, port: PortState, ingress: list[str], egress: list[str],
+                         policy: bool = False) -> None:
+        """The lbrp outermost (pods' cubes see backend addresses, never
+        service ones), the policy cube innermost, next to the bridge: it judges
+        what the pod sends after every other cube of the pod had its say, and
+        what the pod receives before them, with the addresses its connection
+        tracking saw on the way out."""
         lb = [self.rt.stacked(LB)]
-        self.rt.set_hook(port, maps.HOOK_INGRESS, lb + [self.rt.stacked(n) for n in ingress])
-        self.rt.set_hook(port, maps.HOOK_EGRESS, [self.rt.stacked(n) for n in egress] + lb)
+        pol = [self.rt.stacked(POLICY)] if policy else []
+        self.rt.set_hook(port, maps.HOOK_INGRESS,
+                         lb + [self.rt.stacked(n) for n in ingress] + pol)
+        self.rt.set_hook(port, maps.HOOK_EGRESS,
+                         pol + [self.rt.stacked(n) for n in egress] + lb)
+
+    # ---------------------------------------------------------------- network policy
+    def set_address_sets(self, sets: Iterable[AddressSet]) -> None:
+        """Add or update the policies' address sets (a label change is an
+        update of the sets it touches: no rule is rewritten)."""
+        assert self.policy is not None
+        self.policy.set_address_sets(sets)
+
+    def prune_address_sets(self) -> list[str]:
+        """Forget the address sets no pod's rules use; their names."""
+        assert self.policy is not None
+        return self.policy.gc_sets()
+
+    def pod_policies(self) -> dict[str, PodPolicy]:
+        """The policy in force on each pod that has one (what an adopting
+        agent finds), by pod key."""
+        if self.policy is None:
+            return {}
+        out = {}
+        for key, pod in self.pods.items():
+            p = self.policy.pods.get(pod.port.id)
+            if pod.policy and p is not None:
+                out[key] = p.policy
+        return out
+
+    def set_pod_policy(self, key: str, policy: PodPolicy | None) -> None:
+        """Put pod `key` under `policy` (None: under none): its rules are in
+        force before the cube is stacked on its port, and the cube leaves the
+        port before its rules go, so no packet meets a half-made policy."""
+        assert self.policy is not None
+        pod = self.pods.get(key)
+        if pod is None:
+            raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
+        if policy is not None:
+            self.policy.set_pod(pod.port.id, policy)
+            if not pod.policy:
+                self._write_pod_hooks(pod.port, pod.ingress, pod.egress, True)
+                pod.policy = True
+        else:
+            if pod.policy:
+                self._write_pod_hooks(pod.port, pod.ingress, pod.egress, False)
+                pod.policy = False
+            self.policy.remove_pod(pod.port.id)
+        self.save()
 
     def register_pod(self, key: str, netns: str, iface: podnet.PodInterface,
                      k8s_namespace: str = "", k8s_name: str = "", origin: str = "") -> Pod:
@@ -667,11 +739,18 @@ class NodeDataplane:
             return None
         assert self.bridge is not None
         self._drop_hostports(key)
+        self._drop_policy(pod)
         self.bridge.remove_port(pod.port.name)
         self._forget_neighbor(pod.iface.address)
         if self.rt.ipr is not None and self.rt.pin_dir is not None:
             self.save()
         return pod
+
+    def _drop_policy(self, pod: Pod) -> None:
+        """A pod that goes takes its rules, counters and connections along."""
+        if self.policy is not None and pod.policy:
+            self.policy.remove_pod(pod.port.id)
+            pod.policy = False
 
     def _forget_neighbor(self, address: str) -> None:
         """Drop the router's ARP entry for a pod address, so a pod that later
@@ -691,6 +770,7 @@ class NodeDataplane:
             return
         assert self.bridge is not None
         self._drop_hostports(key)
+        self._drop_policy(pod)
         self.bridge.remove_port(pod.port.name)
         podnet.delete(self.rt.ipr, pod.iface.host_ifname)
         if self.rt.ipr is not None and self.rt.pin_dir is not None:
