@@ -336,3 +336,27 @@ def test_state_copy_in_the_data_folder_finds_orphans(tmp_path: Path) -> None:
     (found,) = orphans(tmp_path / "data")
     assert (found.run_id, found.dir, found.sysctls) == ("abc123", tmp_path / "lab",
                                                        {"kernel/panic": "1"})
+
+
+def test_a_cluster_runs_the_agent_of_the_checkout_it_is_brought_up_from(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes import the pcn-agent image only after it was checked (and, when
+    this checkout's code differs from the image's, rebuilt): `make k8s`
+    built it from the code of its day, and a stale image ran a policy-less
+    agent under `make netpol`."""
+    from pcn_lab.cluster import bringup, images, install
+
+    calls: list[str] = []
+    monkeypatch.setattr(images, "build_images",
+                        lambda wait=0.0, only=None: calls.append(f"build {only}"))
+
+    def stop_at_images(image_dir: Path) -> list[dict[str, str]]:
+        calls.append("images")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(install, "images", stop_at_images)
+    b = bringup.Bringup.__new__(bringup.Bringup)
+    b.layout = None  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="stop here"):
+        b.node_daemons()
+    assert calls == ["build ['pcn-agent']", "images"]
