@@ -17,9 +17,11 @@ from pcn_crds import FUNCTION_TYPES
 from . import __version__, actions, agents, chainview, completion, output, views
 from . import chains as ch
 from .client import (
+    CLUSTER_NETWORK_POLICIES,
     CUBE_CHAINS,
     NAMESPACES,
     NETWORK_FUNCTIONS,
+    NETWORK_POLICIES,
     NODE_PORT_RULES,
     NODES,
     PODS,
@@ -477,6 +479,62 @@ def chain(pod: str | None) -> None:
     else:
         click.echo("\n\n".join(chainview.namespace_chain_text(d, s.fmt == "wide")
                                for d in reports_out))
+
+
+@cli.command("policy", epilog="""\b
+Examples:
+  kubectl pcn policy client web --port 80 -n shop
+  kubectl pcn policy shop/client db/postgres --port 5432
+  kubectl pcn policy 203.0.113.9 web --port 443 --protocol tcp -n shop""")
+@click.argument("source", shell_complete=completion.names(_pods))
+@click.argument("destination", shell_complete=completion.names(_pods))
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Destination port (ignored for ICMP).")
+@click.option("--protocol", type=click.Choice(["TCP", "UDP", "SCTP", "ICMP"],
+                                              case_sensitive=False),
+              default="TCP", show_default=True)
+@global_options
+def policy(source: str, destination: str, port: int, protocol: str) -> None:
+    """Would a new connection from SOURCE to DESTINATION be allowed by the
+    NetworkPolicies and ClusterNetworkPolicies in force, and by which rule
+    of which policy? SOURCE and DESTINATION are pods (NAME in -n NAMESPACE,
+    or NAMESPACE/NAME) or IPv4 addresses. Both sides are judged as pcn's
+    policy cube judges them: the source pod's egress, then the destination
+    pod's ingress; a Service's connection is judged at its backend pod."""
+    from pcn_policy import compiler
+
+    s = settings()
+
+    def endpoint(text: str) -> str:
+        if "/" in text or all(part.isdigit() for part in text.split(".")):
+            return text
+        return f"{s.ns}/{text}"
+
+    s.progress("reading pods, namespaces, nodes and policies")
+    try:
+        cnps = s.cluster.list(CLUSTER_NETWORK_POLICIES)
+    except PcnError:
+        cnps = []  # the CRD is not installed: there are none
+    cluster = compiler.Cluster(
+        network_policies=s.cluster.list(NETWORK_POLICIES), cluster_network_policies=cnps,
+        pods=s.cluster.list(PODS), namespaces=s.cluster.list(NAMESPACES),
+        nodes=s.cluster.list(NODES))
+    try:
+        ex = compiler.explain(cluster, endpoint(source), endpoint(destination), protocol, port)
+    except ValueError as exc:
+        raise InputError(str(exc), "list pods with: kubectl get pods -A -o wide") from None
+    if s.fmt in ("yaml", "json"):
+        def step(st: compiler.Step) -> dict[str, Any]:
+            return {"pod": st.pod, "action": st.action.name, "reason": st.reason,
+                    "rule": str(st.ref) if st.ref else None}
+        click.echo(output.data({
+            "source": str(ex.src), "destination": str(ex.dst), "protocol": protocol.upper(),
+            "port": port, "allowed": ex.allowed, "egress": step(ex.egress),
+            "ingress": step(ex.ingress), "warnings": list(ex.warnings)}, s.fmt))
+    else:
+        click.echo(str(ex))
+        for w in ex.warnings:
+            _warn(w)
 
 
 @cli.command("version")

@@ -53,7 +53,8 @@ from pcn_agent.dataplane.cubes.policy import (
     policy_json,
     policy_of,
 )
-from pcn_agent.dataplane.policyrules import (
+from pcn_agent.dataplane.runtime import PortState, Runtime
+from pcn_policy.rules import (
     PORTS_PER_RULE,
     Action,
     AddressSet,
@@ -65,7 +66,6 @@ from pcn_agent.dataplane.policyrules import (
     RuleRef,
     SetEntry,
 )
-from pcn_agent.dataplane.runtime import PortState, Runtime
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
 
 pytestmark = [pytest.mark.bpf,

@@ -59,7 +59,9 @@ from pcn_agent.dataplane.cubes.firewall import Firewall
 from pcn_agent.dataplane.cubes.lbrp import Backend, LoadBalancer
 from pcn_agent.dataplane.cubes.policy import PolicyCube
 from pcn_agent.dataplane.cubes.router import Router
-from pcn_agent.dataplane.policyrules import (
+from pcn_agent.dataplane.runtime import PortCounters, PortState
+from pcn_crds.rules import parse_rule
+from pcn_policy.rules import (
     Action,
     AddressSet,
     DirectionPolicy,
@@ -68,8 +70,6 @@ from pcn_agent.dataplane.policyrules import (
     Rule,
     SetEntry,
 )
-from pcn_agent.dataplane.runtime import PortCounters, PortState
-from pcn_crds.rules import parse_rule
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestRunResult
 
 pytestmark = [pytest.mark.bpf,

@@ -749,3 +749,47 @@ def test_installed_executables(lab: Lab) -> None:
                           str(lab.kubeconfig), "-n", "web", "remove-cube", ""],
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.stdout.splitlines() == ["fw", ":4"]
+
+
+# ----------------------------------------------------------------------------- policy
+def test_policy_says_whether_a_connection_is_allowed_and_by_which_rule(lab: Lab) -> None:
+    """`kubectl pcn policy SRC DST --port P`: both sides judged from the
+    cluster's objects (the source's egress, the destination's ingress), the
+    deciding rule named; a named port resolved on the destination pod; the
+    destination's node always let in (kubelet probes)."""
+    def ns(name: str, team: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": {"team": team}}}
+
+    def pod(namespace: str, name: str, labels: dict[str, str], ip: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "x", "ports": [
+                    {"name": "http", "containerPort": 8080, "protocol": "TCP"}]}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+
+    for obj in (ns("shop", "shop"), ns("other", "other"),
+                {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+                 "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.1"}]}},
+                pod("shop", "web", {"app": "web"}, "10.244.1.10"),
+                pod("shop", "client", {"app": "client"}, "10.244.1.11"),
+                pod("other", "intruder", {"app": "client"}, "10.244.1.12"),
+                {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": {"name": "web-from-client", "namespace": "shop"},
+                 "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                          "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                       "ports": [{"port": "http"}]}]}}):
+        apply(lab.api, obj)
+    ok = lab.run("policy", "client", "web", "--port", "8080", "-n", "shop").stdout
+    assert "allowed" in ok.splitlines()[0], ok
+    assert "NetworkPolicy shop/web-from-client ingress[0]" in ok, ok
+    other_ns = lab.run("policy", "other/intruder", "shop/web", "--port", "8080").stdout
+    assert "denied" in other_ns.splitlines()[0] and "web-from-client" in other_ns, other_ns
+    wrong_port = json.loads(lab.run("policy", "client", "web", "--port", "9090", "-n", "shop",
+                                    "-o", "json").stdout)
+    assert wrong_port["allowed"] is False and wrong_port["ingress"]["action"] == "DENY"
+    assert wrong_port["egress"]["action"] == "ACCEPT"  # the client's egress is open
+    kubelet = lab.run("policy", "192.168.1.1", "web", "--port", "9090", "-n", "shop").stdout
+    assert "allowed" in kubelet.splitlines()[0], kubelet
+    missing = lab.run("policy", "nope", "web", "-n", "shop", code=2)  # InputError
+    assert "nope" in missing.output

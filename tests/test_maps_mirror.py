@@ -11,11 +11,12 @@ from collections.abc import Iterator
 import pytest
 from bpfunit import UnitNet, unit_net
 
-from pcn_agent.dataplane import maps, policyrules
+from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.compiler import cflags, source_text
 from pcn_agent.dataplane.cubes import lbrp, policy
 from pcn_agent.dataplane.runtime import ENTRY
 from pcn_bpf import SOURCE_DIR
+from pcn_policy import rules as policyrules
 from pcn_testsupport import testrun
 
 pytestmark = [pytest.mark.bpf,

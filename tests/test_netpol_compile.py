@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pcn_agent.control.netpol import (
+from pcn_policy.compiler import (
     Cluster,
     compile_node,
     compile_pods,
@@ -27,7 +27,7 @@ from pcn_agent.control.netpol import (
     parse_selector,
     subtract_intervals,
 )
-from pcn_agent.dataplane.policyrules import (
+from pcn_policy.rules import (
     IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,

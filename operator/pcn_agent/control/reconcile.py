@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from pcn_agent.control import netpol
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.lbrp import Backend
-from pcn_agent.dataplane.policyrules import AddressSet, PodPolicy
 from pcn_agent.node.wiring import PeerNode
 from pcn_crds import CubeChain, FirewallConfig, NetworkFunction, NodePortRule
 from pcn_crds.common import Resource
+from pcn_policy import compiler as netpol
+from pcn_policy.rules import AddressSet, PodPolicy
 
 Obj = Mapping[str, Any]
 ServiceKey = tuple[str, int, str]  # (virtual IP, port, protocol)
@@ -686,7 +686,7 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
 def policies_of(inputs: Inputs) -> tuple[dict[str, PodPolicy], dict[str, AddressSet]]:
     """The policy of each attached pod of this node that a NetworkPolicy or
     ClusterNetworkPolicy applies to (by attachment key; see
-    pcn_agent.control.netpol for the semantics), and the address sets their
+    pcn_policy.compiler for the semantics), and the address sets their
     rules use. None at all when the cluster has no policy: then no pod
     carries the policy cube."""
     if not inputs.networkpolicies and not inputs.clusternetworkpolicies:

@@ -42,10 +42,10 @@ from pcn_agent.dataplane.cubes.policy import TYPE as POLICY_TYPE
 from pcn_agent.dataplane.cubes.policy import PolicyCube
 from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
 from pcn_agent.dataplane.cubes.router import Router
-from pcn_agent.dataplane.policyrules import AddressSet, PodPolicy
 from pcn_agent.dataplane.runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
 from pcn_agent.dataplane.slowpath import ArpResolver, SlowPath
 from pcn_agent.node import localnet, podnet
+from pcn_policy.rules import AddressSet, PodPolicy
 
 log = logging.getLogger(__name__)
 

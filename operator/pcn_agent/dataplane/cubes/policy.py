@@ -1,5 +1,5 @@
 """Control of the `policy` cube (bpf/policy.c): Kubernetes network policy,
-as compiled into pcn_agent.dataplane.policyrules, enforced on every pod's
+as compiled into pcn_policy.rules, enforced on every pod's
 port of the node by one cube instance.
 
 State in the maps (all pinned, keyed by the pod's port id where per pod):
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcn_agent.dataplane import maps
-from pcn_agent.dataplane.policyrules import (
+from pcn_agent.dataplane.runtime import Runtime, RuntimeError_
+from pcn_policy.rules import (
     IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -49,7 +50,6 @@ from pcn_agent.dataplane.policyrules import (
     RuleRef,
     SetEntry,
 )
-from pcn_agent.dataplane.runtime import Runtime, RuntimeError_
 
 log = logging.getLogger(__name__)
 

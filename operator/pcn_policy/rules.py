@@ -1,6 +1,6 @@
 """The compiled form of network policies: what the policy cube enforces for
 one pod (bpf/policy.c, pcn_agent.dataplane.cubes.policy), and what the
-control plane's policy compiler (pcn_agent.control.netpol) produces from
+control plane's policy compiler (pcn_policy.compiler) produces from
 NetworkPolicy (networking.k8s.io/v1) and ClusterNetworkPolicy
 (policy.networking.k8s.io/v1alpha2, sigs.k8s.io/network-policy-api v0.3.0).
 

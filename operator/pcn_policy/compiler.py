@@ -1,5 +1,5 @@
 """The policy compiler: NetworkPolicy and ClusterNetworkPolicy objects in,
-the compiled rules of one node's pods out (pcn_agent.dataplane.policyrules
+the compiled rules of one node's pods out (pcn_policy.rules
 is the output's contract and describes how the policy cube evaluates it).
 
 Pure: no kernel, no API server, no clock. Objects are plain dicts as the API
@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Generic, TypeVar
 
-from pcn_agent.dataplane.policyrules import (
+from pcn_policy.rules import (
     IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
