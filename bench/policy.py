@@ -57,7 +57,9 @@ from typing import Any
 from pcn_agent.control.manager import DataplaneManager
 from pcn_agent.control.reconcile import Desired, Inputs, desired_state
 from pcn_agent.control.settings import ClusterSettings
-from pcn_agent.dataplane.policyrules import (
+from pcn_agent.node.wiring import NodeDataplane
+from pcn_lab.topology import Lab
+from pcn_policy.rules import (
     IPPROTO_TCP,
     Action,
     AddressSet,
@@ -69,8 +71,6 @@ from pcn_agent.dataplane.policyrules import (
     RuleRef,
     SetEntry,
 )
-from pcn_agent.node.wiring import NodeDataplane
-from pcn_lab.topology import Lab
 
 from . import policyobjects as po
 from . import rr

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pcn_agent.control.netpol import parse_selector
+from pcn_policy.compiler import parse_selector
 
 Obj = dict[str, Any]
 NS_NAME_LABEL = "kubernetes.io/metadata.name"

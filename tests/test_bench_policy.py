@@ -15,10 +15,10 @@ import pytest
 from bench import policyobjects as po
 from bench.policy import MISS_PORT_BASE, pair_policy, stats_ms
 from bench.results import Result, acceptance
-from pcn_agent.control.netpol import Cluster, compile_node, evaluate, rule_matches
 from pcn_agent.dataplane.cubes.policy import MAX_RULES
-from pcn_agent.dataplane.policyrules import IPPROTO_TCP, Action, Direction
 from pcn_lab.topology import Lab
+from pcn_policy.compiler import Cluster, compile_node, evaluate, rule_matches
+from pcn_policy.rules import IPPROTO_TCP, Action, Direction
 
 SMALL = po.Shape(nodes=10, pods_per_node=20, namespaces=8, policies=80, apps=4)
 
