@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench soak lint typecheck layers crds k8s conformance netpol clean
+.PHONY: setup test demo bench bench-policy soak lint typecheck layers crds k8s conformance netpol clean
 
 setup:
 	@scripts/setup.sh
@@ -16,8 +16,14 @@ test: setup lint layers typecheck
 demo: setup
 	$(PY) -m pcn_lab.demo
 
+# BENCH_ARGS="--only SCENARIO,... --runs N ..." (python -m bench.run --help)
+BENCH_ARGS ?=
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Only the network policy scenarios (issue 11): reconcile per change, pod add, throughput.
+bench-policy: setup
+	$(PY) -m bench.run --only policy-reconcile,policy-pod-add,policy-throughput $(BENCH_ARGS)
 
 # Agent restart soak (issue 9), not part of `make test`: RESTARTS=5 to iterate.
 RESTARTS ?= 100

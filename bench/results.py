@@ -16,8 +16,10 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 REFERENCE_VARIANT = "linux-bridge"  # the acceptance compares pcn with it
 LIMIT_VARIANT = "veth"  # the cheapest path between two namespaces
 # Scenarios whose reference is another variant: services compare with
-# linux-bridge + kube-proxy's iptables rules.
-REFERENCES = {"pod-to-service": "iptables", "service-scale": "iptables"}
+# linux-bridge + kube-proxy's iptables rules, policy-throughput with pcn
+# without policy.
+REFERENCES = {"pod-to-service": "iptables", "service-scale": "iptables",
+              "policy-throughput": "pcn"}
 THROUGHPUT = "throughput"
 SAME_NODE_TARGET = 0.80  # pcn same-node throughput / linux-bridge's (issue acceptance)
 POD_ADD_TARGET_MS = 100.0  # median pod-add latency (issue acceptance)
@@ -26,6 +28,9 @@ SCALE_TARGET = 0.10  # pcn latency at the most services within 10% of at the few
 ENDPOINTS_P99_TARGET_MS = 200.0  # EndpointSlice write -> data plane, p99 (issue 4)
 COLD_START_TARGET_S = 10.0  # agent start -> 1000 Services realised (issue 4)
 CNI_ADD_P99_TARGET_MS = 200.0  # pcn-cni ADD, p99 (issue 4)
+POLICY_RECONCILE_TARGET_MS = 100.0  # one reconcile pass per policy-relevant change, p95 (issue 11)
+POLICY_POD_ADD_TARGET_MS = 50.0  # a new pod's policy into the data plane, p95 (issue 11)
+POLICY_THROUGHPUT_TARGET = 0.95  # throughput under 100 rules / without policy (issue 11)
 SOAK = "agent-restart-soak"  # bench.soak (issue 9): targets 0 connections failed, 0 bytes
 SOAK_CNI_SERVE_TARGET_S = 5.0  # lost, CNI served within 5 s of every restart
 
@@ -146,6 +151,7 @@ def acceptance(results: Sequence[Result]) -> list[str]:
                      f"{'PASS' if add.value < POD_ADD_TARGET_MS else 'FAIL'}")
     lines += _service_acceptance(results)
     lines += _control_plane_acceptance(results)
+    lines += _policy_acceptance(results)
     lines += _soak_acceptance(results)
     return lines
 
@@ -211,6 +217,51 @@ def _control_plane_acceptance(results: Sequence[Result]) -> list[str]:
         lines.append(f"acceptance: CNI ADD p50 {c50.value:.0f} ms, p99 {c99.value:.0f} ms "
                      f"(target p99 < {CNI_ADD_P99_TARGET_MS:.0f} ms): "
                      f"{_verdict(c99.value < CNI_ADD_P99_TARGET_MS)}")
+    return lines
+
+
+def _policy_acceptance(results: Sequence[Result]) -> list[str]:
+    lines = []
+    p50 = _find(results, "policy-reconcile", "pcn", "latency")
+    p95 = _find(results, "policy-reconcile", "pcn", "latency-p95")
+    top = _find(results, "policy-reconcile", "pcn", "latency-max")
+    if p50 is not None and p95 is not None and top is not None:
+        kinds = p50.extra.get("per_change", {})
+        shape = p50.extra.get("cluster", {})
+        detail = "; ".join(f"{k} {v['p50_ms']:.0f}/{v['p95_ms']:.0f}/{v['max_ms']:.0f}"
+                           for k, v in kinds.items())
+        lines.append(f"acceptance: policy reconcile per change ({p50.extra.get('changes', '?')} "
+                     f"changes, {shape.get('networkpolicies', '?')} NetworkPolicies, "
+                     f"{shape.get('pods', '?')} pods) p50 {p50.value:.1f} ms, p95 "
+                     f"{p95.value:.1f} ms, max {top.value:.1f} ms (target p95 < "
+                     f"{POLICY_RECONCILE_TARGET_MS:.0f} ms): "
+                     f"{_verdict(p95.value < POLICY_RECONCILE_TARGET_MS)}"
+                     + (f"; p50/p95/max ms by change: {detail}" if detail else ""))
+    a50 = _find(results, "policy-pod-add", "pcn", "latency")
+    a95 = _find(results, "policy-pod-add", "pcn", "latency-p95")
+    if a50 is not None and a95 is not None:
+        whole = _find(results, "policy-pod-add", "pcn", "pass")
+        tail = f"; whole pass with the compile p50 {whole.value:.1f} ms" if whole else ""
+        lines.append(f"acceptance: a new pod's policy into the data plane (apply) p50 "
+                     f"{a50.value:.1f} ms, p95 {a95.value:.1f} ms (target p95 < "
+                     f"{POLICY_POD_ADD_TARGET_MS:.0f} ms): "
+                     f"{_verdict(a95.value < POLICY_POD_ADD_TARGET_MS)}{tail}")
+    pol = _find(results, "policy-throughput", "pcn-policy", THROUGHPUT)
+    if pol is not None:
+        ratio = ratio_to_reference(results, pol)
+        if ratio is not None:
+            lat = [_find(results, "policy-throughput", v, "latency") for v in ("pcn-policy", "pcn")]
+            one = _find(results, "policy-throughput", "pcn-policy-1", THROUGHPUT)
+            one_ratio = ratio_to_reference(results, one) if one is not None else None
+            tail = (f"; with 1 rule a direction {one_ratio * 100:.0f}%"
+                    if one_ratio is not None else "")
+            if lat[0] is not None and lat[1] is not None:
+                tail += (f"; new connection + request p50 {lat[0].value:.0f} us vs "
+                         f"{lat[1].value:.0f} us without")
+            lines.append(f"acceptance: throughput with 100 rules in force {pol.value:.2f} "
+                         f"Gbit/s = {ratio * 100:.0f}% of without policy (target >= "
+                         f"{POLICY_THROUGHPUT_TARGET * 100:.0f}%): "
+                         f"{_verdict(ratio >= POLICY_THROUGHPUT_TARGET)}{tail}")
     return lines
 
 

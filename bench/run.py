@@ -1,10 +1,14 @@
 """`make bench`: pcn against reference topologies (throughput, service latency and
-scale) and the control plane's speed (pod add, EndpointSlice to data plane,
-agent cold start, CNI ADD).
+scale), the control plane's speed (pod add, EndpointSlice to data plane,
+agent cold start, CNI ADD) and network policy at scale (reconcile per change,
+a pod's policy wired, throughput under 100 rules).
 
     .venv/bin/python -m bench.run [--only SCENARIO[,SCENARIO]] [--duration S] [--runs N]
                                   [--requests N] [--scale N,N,...] [--output FILE]
                                   [--pin | --no-pin]
+
+`--only policy-reconcile,policy-pod-add,policy-throughput` (`make bench-policy`)
+runs just the network policy scenarios.
 
 Progress goes to stderr, the table to stdout; results are merged into
 bench/results/latest.json (entries of the scenarios measured now are replaced,
@@ -30,10 +34,11 @@ from types import FrameType
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
-from . import controlplane, iperf, netns, results, scenarios, services
+from . import controlplane, iperf, netns, policy, results, scenarios, services
 from .scenarios import Context
 
-SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS}
+SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS,
+             **policy.SCENARIOS}
 
 log = logging.getLogger("bench")
 
@@ -66,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 1000)")
     p.add_argument("--cni-adds", type=int, default=50,
                    help="pods added by pcn-cni in cni-add (default 50)")
+    p.add_argument("--policy-rounds", type=int, default=20,
+                   help="rounds of five changes (pod label, namespace label, policy added, "
+                        "policy removed, pod added elsewhere) timed in policy-reconcile "
+                        "(default 20)")
+    p.add_argument("--policy-pod-adds", type=int, default=50,
+                   help="pods added to the node in policy-pod-add, 1 to 50 (default 50)")
     p.add_argument("--output", type=Path, default=results.DEFAULT_OUTPUT,
                    help=f"results file to merge into (default {results.DEFAULT_OUTPUT})")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
@@ -84,9 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--scale takes numbers separated by commas, not {args.scale!r}")
     if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
         p.error("--scale levels must be between 1 and 60000")
-    if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds) < 1:
-        p.error("--requests, --endpoint-changes, --cold-services and --cni-adds must be "
-                "positive")
+    if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
+           args.policy_rounds) < 1:
+        p.error("--requests, --endpoint-changes, --cold-services, --cni-adds and "
+                "--policy-rounds must be positive")
+    if not 1 <= args.policy_pod_adds <= 50:
+        p.error("--policy-pod-adds must be between 1 and 50 (the pods of one node)")
     if args.pin and (os.cpu_count() or 1) < 2:
         p.error("--pin needs two CPUs; use --no-pin")
     return args
@@ -217,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                   duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
                   pinning=pinning, requests=args.requests, scale=args.scale_levels,
                   endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
-                  cni_adds=args.cni_adds)
+                  cni_adds=args.cni_adds, policy_rounds=args.policy_rounds,
+                  policy_pod_adds=args.policy_pod_adds)
     ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
                  f"{args.duration:g} s per variant, {pinning.describe()}")
     if busy > BUSY_WARN_PCT:
@@ -249,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "pinning": pinning.describe()}, "requests_per_variant": args.requests,
             "scale": list(args.scale_levels), "endpoint_changes": args.endpoint_changes,
             "cold_services": args.cold_services, "cni_adds": args.cni_adds,
+            "policy_rounds": args.policy_rounds, "policy_pod_adds": args.policy_pod_adds,
             "cpu_busy_before_pct": round(busy, 1),
             "cpu_busy_after_pct": round(busy_after, 1)}
         for r in measured:

@@ -612,3 +612,22 @@ def test_a_pod_deleted_while_the_agent_was_down_is_forgotten_on_restart(svc_lab:
     assert _tcp(lab, "n1p1", lab.pods["n1p2"].ip, TCP)["ok"]  # the node serves on
     assert _tcp(lab, "n2p1", lab.pods["n1p1"].ip, TCP)["ok"]
 
+
+
+def test_a_batch_that_changes_nothing_writes_no_state(svc_lab: Lab) -> None:
+    """Every reconcile pass applies its plan in a batch: one that changes
+    nothing must not rewrite the node's state (hundreds of KB of JSON with
+    a thousand policies: tens of milliseconds a pass); one that changes
+    something saves once, at its end."""
+    node = svc_lab.node(1)
+    path = node.rt.state_path
+    before = path.stat().st_mtime_ns
+    with node.batch():
+        pass
+    assert path.stat().st_mtime_ns == before
+    with node.batch():
+        node.set_service("10.96.0.99", 80, "tcp", [svc_lab.backend("n1p2", TCP)])
+        assert path.stat().st_mtime_ns == before  # not before the batch ends
+    assert path.stat().st_mtime_ns != before
+    assert '"10.96.0.99"' in path.read_text() or "10.96.0.99" in path.read_text()
+    node.delete_service("10.96.0.99", 80, "tcp")

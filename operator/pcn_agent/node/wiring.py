@@ -199,6 +199,7 @@ class NodeDataplane:
         self.session_collector: sessions.SessionCollector | None = None
         self.session_gc: sessions.SessionGC | None = None
         self._batch_depth = 0
+        self._unsaved = False  # a save() asked for inside a batch, done at its end
 
     # ---------------------------------------------------------------- up/down
     def up(self, adopt: bool = True) -> NodeDataplane:
@@ -438,14 +439,17 @@ class NodeDataplane:
             yield
         finally:
             self._batch_depth -= 1
-            if not self._batch_depth and self.rt.ipr is not None:
+            if not self._batch_depth and self.rt.ipr is not None and self._unsaved:
                 self.save()
 
     def save(self) -> None:
         """Record the node's state for a restarted agent (after each change, or
-        once at the end of a batch)."""
+        once at the end of a batch that changed anything: a reconcile pass
+        that applies nothing writes nothing)."""
         if self._batch_depth:
+            self._unsaved = True
             return
+        self._unsaved = False
         if self.lb is not None:
             self.lb.save()
         if self.dispatcher is not None:

@@ -193,16 +193,22 @@ class PolicyCube:
                     counters[ref] = i
             self.pods[int(port)] = _Pod(p["gen"], policy_of(p["policy"]), counters)
         self.writes = 0  # map updates and deletions done (for tests of idempotence)
+        self._sets_json: dict[str, dict[str, Any]] = dict(c.get("sets", {}))
+        self._pods_json: dict[str, dict[str, Any]] = {
+            str(p): pod.json() for p, pod in self.pods.items()}
 
     # -------------------------------------------------------------- bookkeeping
+    def _set_json(self, name: str) -> None:
+        s = self.sets[name]
+        self._sets_json[name] = {"id": self.set_ids[name], "entries": sorted(
+            [e.prefix, e.proto, e.port] for e in s.entries)}
+
     def _save(self) -> None:
-        self.cube.config = {
-            "host": self.host,
-            "sets": {n: {"id": self.set_ids[n],
-                         "entries": sorted([e.prefix, e.proto, e.port] for e in s.entries)}
-                     for n, s in self.sets.items()},
-            "pods": {str(p): pod.json() for p, pod in self.pods.items()},
-        }
+        """The cube's config for the runtime's state, from the JSON of each
+        set and pod kept as they change (rebuilding all of it on every
+        change cost milliseconds per operation at a thousand policies)."""
+        self.cube.config = {"host": self.host, "sets": dict(self._sets_json),
+                            "pods": dict(self._pods_json)}
 
     def _put(self, table: maps.BpfTable, key: object, value: object) -> None:
         table[key] = value
@@ -281,6 +287,7 @@ class PolicyCube:
         for prefix in old_by_prefix.keys() - by_prefix.keys():
             self._del(self._sets_t, _lpm_key(sid, prefix))
         self.sets[s.name] = s
+        self._set_json(s.name)
         return True
 
     def _used_sets(self) -> set[str]:
@@ -293,6 +300,7 @@ class PolicyCube:
         gone = [n for n in self.sets if n not in used]
         for n in gone:
             sid = self.set_ids.pop(n)
+            self._sets_json.pop(n, None)
             for e in self.sets.pop(n).entries:
                 self._del(self._sets_t, _lpm_key(sid, e.prefix))
         if gone:
@@ -370,6 +378,7 @@ class PolicyCube:
             for cid in set(old.counters.values()) - set(counters.values()):
                 self._del(self._ctrs, maps.PolCtrKey(port_id, cid))
         self.pods[port_id] = _Pod(gen, policy, counters)
+        self._pods_json[str(port_id)] = self.pods[port_id].json()
         self.bump_epoch()
         self._save()
 
@@ -382,6 +391,7 @@ class PolicyCube:
         """Stop enforcing anything on the port: its config (first: packets
         then pass untouched), rules, counters and tracked connections go."""
         pod = self.pods.pop(port_id, None)
+        self._pods_json.pop(str(port_id), None)
         self._del(self._cfgs, ct.c_uint32(port_id))
         if pod is not None:
             self._delete_rules(port_id, pod)
@@ -553,6 +563,7 @@ class PolicyCube:
             self.remove_pod(port)
         for n in list(self.sets):
             sid = self.set_ids.pop(n)
+            self._sets_json.pop(n, None)
             for e in self.sets.pop(n).entries:
                 self._del(self._sets_t, _lpm_key(sid, e.prefix))
         self.configure([])
