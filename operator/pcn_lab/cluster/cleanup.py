@@ -75,9 +75,12 @@ def namespaces(prefix: str) -> list[str]:
 
 
 def lab_cgroups(prefix: str) -> list[Path]:
-    """Every node cgroup of the lab in every v1 hierarchy (found by name)."""
+    """Every node cgroup of the lab in every hierarchy (found by name): the v1
+    ones the nodes' cgroup roots are made in, and the unified (v2) one of a
+    hybrid machine, where runc puts every container's cgroup at the same path
+    too (each real-cluster run left its three there, empty, unnoticed)."""
     cgroups = nodemod.cgroup_mounts(Path("/proc/self/mountinfo").read_text())
-    return sorted(d for cg in cgroups if cg.v1
+    return sorted(d for cg in cgroups
                   for d in Path(cg.path).glob(f"{prefix}-n*") if d.is_dir())
 
 

@@ -130,10 +130,9 @@ def run(lab_dir: Path, workers: int, procs: int, keep: bool, suites: Sequence[st
     ok = True
     meta: dict[str, object] = {"workers": workers, "procs": procs,
                                "selection": SELECTION_FILE.name, "sctp": not nosctp}
-    if extra_focus:  # a partial run says so in its results
-        meta["focus"] = list(extra_focus)
-    if api_run:
-        meta["api_run"] = api_run
+    # a partial run says so in its results
+    e2e_meta: dict[str, object] = {"focus": list(extra_focus)} if extra_focus else {}
+    api_meta: dict[str, object] = {"api_run": api_run} if api_run else {}
     try:
         with real_cluster(lab_dir, workers, keep, say=_say) as lab:
             if "e2e" in suites:
@@ -145,6 +144,7 @@ def run(lab_dir: Path, workers: int, procs: int, keep: bool, suites: Sequence[st
                     results = parse_junit(junit, selection)
                     print(table(results, source=SELECTION_FILE.name))
                     write_results(e2e_output, results, {**machine_meta(started), **meta,
+                                                        **e2e_meta,
                                                         "suite": "kubernetes netpol e2e"})
                     _say(f"NetworkPolicy e2e results in {e2e_output}; JUnit in {junit}")
                     ok &= _passed(results) and code == 0
@@ -154,7 +154,7 @@ def run(lab_dir: Path, workers: int, procs: int, keep: bool, suites: Sequence[st
                                         lab_dir / "network-policy-api", api_run)
                 print(table(results, source=SELECTION_FILE.name))
                 write_results(api_output, results, {
-                    **machine_meta(api_started), **meta,
+                    **machine_meta(api_started), **meta, **api_meta,
                     "suite": f"{api.module}@{api.version} conformance",
                     "supported_features": list(api.features)})
                 _say(f"network-policy-api results in {api_output}")
