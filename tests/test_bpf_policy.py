@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import itertools
+import json
 import random
 import struct
 import time
@@ -660,10 +661,17 @@ def test_adoption_keeps_state(mod: PolLab) -> None:
         policy = one_way(IN, Rule("peer", ref=ref("in")))
         lab.pol.set_pod(lab.pid, policy)
         assert lab.to_pod(new_pkt(IN, PEER, IPPROTO_TCP, 80)) == "pass"
+        wide = AddressSet("wide", frozenset({SetEntry("10.9.0.0/16"),
+                                             SetEntry(f"{OTHER}/32", IPPROTO_TCP, 8080)}))
+        lab.pol.set_address_set(wide)
         again = PolicyCube(lab.net.rt, "pol")
         assert again.pods[lab.pid].policy == policy
+        # the sets' entries are read back from the pinned trie, not the state
+        assert "entries" not in json.dumps(lab.pol.cube.config["sets"])
+        assert again.sets == lab.pol.sets and again.sets["wide"] == wide
         again.set_pod(lab.pid, policy)
         again.set_address_set(aset("peer", f"{PEER}/32"))
+        again.set_address_set(wide)
         assert again.writes == 0
         assert {c["rule"]: c["packets"] for c in again.counters(lab.pid)}[str(ref("in"))] == 1
         with pytest.raises(Exception, match="one policy cube"):

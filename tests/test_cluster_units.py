@@ -360,3 +360,38 @@ def test_a_cluster_runs_the_agent_of_the_checkout_it_is_brought_up_from(
     with pytest.raises(RuntimeError, match="stop here"):
         b.node_daemons()
     assert calls == ["build ['pcn-agent']", "images"]
+
+
+def test_a_cluster_going_down_leaves_the_hosts_shared_things_to_one_still_up(
+        tmp_path: Path) -> None:
+    """Two clusters at once (a test's and `make netpol`'s): the first down
+    must not remove the mount points it made in the root file system (the
+    other's nodes mount over them: removing one detaches their binds) nor
+    restore the sysctls under the other's kubelets; the one still up gets
+    them and removes them when it goes. A cluster started while another is
+    up records the host's original sysctls, not the kubelets' values."""
+    from pcn_lab.cluster import cleanup
+    from pcn_lab.cluster.state import orphans
+
+    data_root = tmp_path / "data"
+    point = tmp_path / "root-fs" / "var-lib-kubelet"
+    point.mkdir(parents=True)
+    first = ClusterState(tmp_path / "lab-a", run_id="aaaaaa", workers=1,
+                         data_root=str(data_root), created_mountpoints=[str(point)],
+                         sysctls={"kernel/panic": "0"})
+    second = ClusterState(tmp_path / "lab-b", run_id="bbbbbb", workers=1,
+                          data_root=str(data_root), sysctls={"kernel/panic": "0"})
+    first.save()
+    second.save()
+    assert cleanup.host_sysctls([second]) == {"kernel/panic": "0"}  # not what runs now
+    others = [o for o in orphans(data_root) if o.run_id != first.run_id]
+    assert [o.run_id for o in others] == ["bbbbbb"]
+    removed = cleanup.remove(cleanup.Teardown(first.layout, first.created_mountpoints,
+                                              {"kernel/panic": "not-written"}), others)
+    assert point.is_dir()  # still there for the other cluster's nodes
+    assert any("still up" in r for r in removed), removed
+    heir = ClusterState.load(second.dir)
+    assert heir is not None and heir.created_mountpoints == [str(point)]
+    # the last one down removes it
+    cleanup.remove(cleanup.Teardown(heir.layout, heir.created_mountpoints, {}), [])
+    assert not point.exists()

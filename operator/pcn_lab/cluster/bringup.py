@@ -46,7 +46,7 @@ from pcn_lab.cluster import (
 )
 from pcn_lab.cluster.layout import API_PORT, Layout
 from pcn_lab.cluster.runner import say
-from pcn_lab.cluster.state import ClusterState
+from pcn_lab.cluster.state import ClusterState, orphans
 from pcn_lab.topology import Lab
 
 CONTROL_PLANE_BINARIES = ("etcd", "etcdctl", "kube-apiserver", "kube-controller-manager",
@@ -197,6 +197,12 @@ class Bringup:
                 functools.partial(self.dead, name), 1.0)
         say("  controller manager and scheduler healthy")
 
+    def others(self) -> list[ClusterState]:
+        """The other clusters of this machine that are still up (their data
+        folder is there): they share the host's sysctls and mount points."""
+        return [o for o in orphans(self.layout.data.parent)
+                if o.layout.prefix != self.layout.prefix]
+
     def agent_image(self) -> None:
         """The pcn-agent image of this checkout's code: `make k8s` built it
         from the code of its day, and a cluster brought up after a change
@@ -242,7 +248,7 @@ class Bringup:
                 lay.nodes))
         say(f"  imported in {time.monotonic() - t:.1f} s")
         if not self.state.sysctls:
-            self.state.sysctls = cleanup.read_sysctls()
+            self.state.sysctls = cleanup.host_sysctls(self.others())
             self.state.save()
         self.step("kubelet", "nodes: kubelets (cgroupfs, cgroup root /<node>, cgroup v1)")
         for n in lay.nodes:

@@ -72,6 +72,7 @@ import fcntl
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -790,6 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-images", action="store_true", help="skip the images step")
     parser.add_argument("--list", action="store_true", help="list the steps and their state")
     args = parser.parse_args(argv)
+    # the images step reports through logging: without this it was silent
+    # for minutes (a first build from an empty cache)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.list:
         for step in STEPS:
             state = "done" if step_done(step, artifacts.cache_dir()) else "to build"

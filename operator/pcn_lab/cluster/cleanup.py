@@ -30,6 +30,7 @@ from pyroute2 import netns as pr_netns
 from pcn_lab.cluster import node as nodemod
 from pcn_lab.cluster import runner
 from pcn_lab.cluster.layout import Layout
+from pcn_lab.cluster.state import ClusterState
 
 # what kubelet's container manager sets (setupKernelTunables, protectKernelDefaults false)
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
@@ -45,6 +46,16 @@ class Teardown:
     layout: Layout
     created_mountpoints: list[str] = field(default_factory=list)
     sysctls: dict[str, str] = field(default_factory=dict)
+
+
+def host_sysctls(others: list[ClusterState]) -> dict[str, str]:
+    """The host's values of KUBELET_SYSCTLS before any kubelet of ours
+    changed them: another cluster still up recorded them (the host's values
+    now are its kubelets'), else they are the values now."""
+    for o in others:
+        if o.sysctls:
+            return dict(o.sysctls)
+    return read_sysctls()
 
 
 def read_sysctls() -> dict[str, str]:
@@ -113,8 +124,14 @@ def leftovers(layout: Layout) -> list[str]:
     return left
 
 
-def remove(td: Teardown) -> list[str]:
-    """Remove everything of the lab; returns what was removed, one line each."""
+def remove(td: Teardown, others: list[ClusterState] | None = None) -> list[str]:
+    """Remove everything of the lab; returns what was removed, one line each.
+    With `others` (clusters still up on this machine) the host's shared
+    things stay for the last one to go: the mount points this cluster made
+    in the root file system (removing one that another cluster's nodes
+    mount over detaches their binds, Linux 3.18 and later: their kubelets
+    and containerds then share the host's folders) are handed over to it,
+    and the host's sysctls are left as its kubelets want them."""
     layout = td.layout
     removed: list[str] = []
     for _ in range(3):  # a dying containerd may still start a shim: look again
@@ -148,6 +165,14 @@ def remove(td: Teardown) -> list[str]:
     if layout.data.exists():
         shutil.rmtree(layout.data, ignore_errors=True)
         removed.append(f"dir {layout.data}")
+    if others:
+        heir = others[0]
+        heir.created_mountpoints = sorted(set(heir.created_mountpoints)
+                                          | set(td.created_mountpoints))
+        heir.save()
+        removed.append(f"nothing of the host's (mount points, sysctls): cluster "
+                       f"{heir.layout.prefix} is still up and removes them when it goes")
+        return removed
     for point in reversed(td.created_mountpoints):
         try:
             Path(point).rmdir()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pcn_lab.cluster import cleanup, kubectl, runner
-from pcn_lab.cluster.state import ClusterState
+from pcn_lab.cluster.state import ClusterState, orphans
 
 
 def status(state: ClusterState) -> int:
@@ -47,13 +47,15 @@ def exec_(state: ClusterState, pod: str, command: list[str], namespace: str | No
 
 def down(state: ClusterState) -> int:
     runner.say(f"removing cluster {state.layout.prefix}")
+    others = [o for o in orphans(state.layout.data.parent)
+              if o.layout.prefix != state.layout.prefix]
     removed = cleanup.remove(cleanup.Teardown(state.layout, state.created_mountpoints,
-                                              state.sysctls))
+                                              state.sysctls), others)
     procs = [r for r in removed if r.startswith("process ")]
-    others = [r for r in removed if not r.startswith("process ")]
+    rest = [r for r in removed if not r.startswith("process ")]
     if procs:
         print(f"stopped {len(procs)} processes")
-    for r in others:
+    for r in rest:
         print(f"removed {r}")
     left = cleanup.leftovers(state.layout)
     for f in (state.file, state.kubeconfig):

@@ -180,10 +180,8 @@ class PolicyCube:
         self._epoch_t = rt.table("pol_epoch", TYPE)
         c = self.cube.config
         self.host: list[str] = list(c.get("host", []))
-        self.sets: dict[str, AddressSet] = {
-            n: AddressSet(n, frozenset(SetEntry(*e) for e in s["entries"]))
-            for n, s in c.get("sets", {}).items()}
         self.set_ids: dict[str, int] = {n: s["id"] for n, s in c.get("sets", {}).items()}
+        self.sets: dict[str, AddressSet] = self._adopt_sets(c.get("sets", {}))
         self.pods: dict[int, _Pod] = {}
         for port, p in c.get("pods", {}).items():
             counters: dict[RuleRef, int] = {}
@@ -193,15 +191,33 @@ class PolicyCube:
                     counters[ref] = i
             self.pods[int(port)] = _Pod(p["gen"], policy_of(p["policy"]), counters)
         self.writes = 0  # map updates and deletions done (for tests of idempotence)
-        self._sets_json: dict[str, dict[str, Any]] = dict(c.get("sets", {}))
+        self._sets_json: dict[str, dict[str, Any]] = {
+            n: {"id": i} for n, i in self.set_ids.items()}
         self._pods_json: dict[str, dict[str, Any]] = {
             str(p): pod.json() for p, pod in self.pods.items()}
 
     # -------------------------------------------------------------- bookkeeping
+    def _adopt_sets(self, saved: dict[str, Any]) -> dict[str, AddressSet]:
+        """The address sets a previous agent left, read back from the pinned
+        trie (the runtime's state names them; their entries, thousands with
+        a large cluster, live only in the map: saving them with every change
+        cost more than the change). A state written before that lists the
+        entries itself."""
+        by_id: dict[int, set[SetEntry]] = {i: set() for i in self.set_ids.values()}
+        if any("entries" not in v for v in saved.values()):
+            for k, v in self._sets_t.items():
+                if int(k.set) in by_id:
+                    by_id[int(k.set)].add(SetEntry(f"{maps.ip_str(k.ip)}/{int(k.prefixlen) - 32}",
+                                                   int(v.proto), int(v.port)))
+        out = {}
+        for name, v in saved.items():
+            entries = ({SetEntry(*e) for e in v["entries"]} if "entries" in v
+                       else by_id[self.set_ids[name]])
+            out[name] = AddressSet(name, frozenset(entries))
+        return out
+
     def _set_json(self, name: str) -> None:
-        s = self.sets[name]
-        self._sets_json[name] = {"id": self.set_ids[name], "entries": sorted(
-            [e.prefix, e.proto, e.port] for e in s.entries)}
+        self._sets_json[name] = {"id": self.set_ids[name]}
 
     def _save(self) -> None:
         """The cube's config for the runtime's state, from the JSON of each
