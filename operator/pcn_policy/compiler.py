@@ -244,6 +244,13 @@ def subtract_intervals(base: Interval, holes: Iterable[Interval]) -> list[Interv
 def interval_prefixes(lo: int, hi: int) -> list[str]:
     """The fewest CIDR prefixes covering lo..hi exactly (what
     ipaddress.summarize_address_range gives, on integers)."""
+    return list(_interval_prefixes(lo, hi))
+
+
+@lru_cache(maxsize=262144)
+def _interval_prefixes(lo: int, hi: int) -> tuple[str, ...]:
+    """interval_prefixes, kept: a pod's /32 and a CIDR's pieces come back in
+    every compile while the cluster does not change."""
     out = []
     while lo <= hi:
         size = lo & -lo if lo else 1 << 32
@@ -251,7 +258,7 @@ def interval_prefixes(lo: int, hi: int) -> list[str]:
             size >>= 1
         out.append(f"{_dotted(lo)}/{33 - size.bit_length()}")
         lo += size
-    return out
+    return tuple(out)
 
 
 @lru_cache(maxsize=65536)
@@ -763,6 +770,15 @@ def _merge_ports(ports: Iterable[PortMatch]) -> list[PortMatch]:
     return out
 
 
+@lru_cache(maxsize=4096)
+def _entries_of(merged: tuple[Interval, ...]) -> tuple[SetEntry, ...]:
+    """The entries of a set of plain addresses (`merged`: disjoint,
+    sorted), kept from one compile to the next: a change leaves most sets
+    as they were, and turning thousands of addresses into prefixes was most
+    of a compile."""
+    return tuple(_Compiler._entry(p) for lo, hi in merged for p in _interval_prefixes(lo, hi))
+
+
 class _Compiler:
     def __init__(self, cluster: Cluster) -> None:
         self.warnings: list[str] = []
@@ -822,8 +838,7 @@ class _Compiler:
         if meaning.named is None:
             ranges += node_ranges
             ranges += [(ip, ip) for i in pods for ip in self.idx.pods[i].ips]
-            for lo, hi in merge_intervals(ranges):
-                entries.extend(self._entry(p) for p in interval_prefixes(lo, hi))
+            entries.extend(_entries_of(tuple(merge_intervals(ranges))))
         else:
             # A named port is a pod's: CIDR peers give the pods inside them
             # that have it; node addresses have no named ports.
