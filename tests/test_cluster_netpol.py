@@ -67,7 +67,11 @@ def test_the_api_selection_pins_the_module_and_skips_by_exact_name() -> None:
     api = policyapi.load()
     assert (api.module, api.version) == policyapi.pin() == ("sigs.k8s.io/network-policy-api",
                                                             "v0.3.0")
-    assert api.features == ("ClusterNetworkPolicy",)
+    # the standard profile and the experimental features pcn implements, whose
+    # fields only the experimental CRD has: the lab installs that one
+    assert api.features == ("ClusterNetworkPolicy", "ClusterNetworkPolicyNamedPorts",
+                            "ClusterNetworkPolicyEgressNodePeers")
+    assert api.lab_channel == "experimental"
     assert api.active_skips(frozenset()) == ()
     skipped = {t for s in api.active_skips({policyapi.NO_SCTP}) for t in s.tests}
     assert {"CNPAdminTierIngressSCTP", "CNPBaselineTierEgressSCTP", "CNPAdminTierGress"} <= skipped
@@ -243,7 +247,8 @@ def test_the_api_command_line_is_upstreams_make_conformance() -> None:
     assert argv[4] == f"/c/bin/{policyapi.BINARY_NOSCTP}"
     assert "-test.v=test2json" in argv and "-test.run=^TestConformance$" in argv
     assert "-test.timeout=60m" in argv and "-cleanup-base-resources=true" in argv
-    assert "-supported-features=ClusterNetworkPolicy" in argv
+    assert ("-supported-features=ClusterNetworkPolicy,ClusterNetworkPolicyNamedPorts,"
+            "ClusterNetworkPolicyEgressNodePeers") in argv
     (skip,) = [a for a in argv if a.startswith("-test.skip=")]
     assert skip == "-test.skip=" + policyapi.skip_regex(skips)
     plain = policyapi.argv(Path("/c/bin"), api, (), nosctp=False, only="CNPAdminTierIngressTCP")

@@ -214,13 +214,14 @@ def test_marked_processes(tmp_path: Path) -> None:
 
 
 def _fake_gomodcache(tmp_path: Path) -> Path:
-    """A Go module cache holding only network-policy-api's standard CRD folder."""
+    """A Go module cache holding only network-policy-api's CRD folders."""
     from pcn_lab.cluster import policyapi
 
     module, version = policyapi.pin()
-    crds = tmp_path / "gomod" / f"{module}@{version}" / "config" / "crd" / "standard"
-    crds.mkdir(parents=True)
-    (crds / "kustomization.yaml").write_text("resources: [crd.yaml]\n")
+    for channel in ("standard", "experimental"):
+        crds = tmp_path / "gomod" / f"{module}@{version}" / "config" / "crd" / channel
+        crds.mkdir(parents=True)
+        (crds / "kustomization.yaml").write_text("resources: [crd.yaml]\n")
     return tmp_path / "gomod"
 
 
@@ -237,9 +238,11 @@ def test_install_overlay_sets_the_api_address(layout: Layout, tmp_path: Path) ->
     assert len(offline["resources"]) == len(base["resources"])
     assert offline["images"] == base["images"]
     for mine, theirs in zip(offline["resources"], base["resources"], strict=True):
-        if "://" in theirs:  # network-policy-api's CRD folder from the module cache
+        if "://" in theirs:  # network-policy-api's CRD folder from the module cache, of
+            # the channel netpol.toml has the lab install (the manifests name the standard)
+            assert theirs.split("?")[0].endswith("/config/crd/standard")
             assert (out / "base" / mine).resolve() == next(gomod.glob(
-                "sigs.k8s.io/network-policy-api@*/config/crd/standard")).resolve()
+                "sigs.k8s.io/network-policy-api@*/config/crd/experimental")).resolve()
         elif (root / "manifests" / theirs).is_dir():
             assert (out / "base" / mine).resolve() == (root / "manifests" / theirs).resolve()
         else:
@@ -306,7 +309,7 @@ def test_offline_kustomization_refuses_what_it_cannot_carry(tmp_path: Path) -> N
             install.offline_kustomization(manifests, tmp_path / "base", gomod)
     (manifests / "kustomization.yaml").write_text(
         "resources:\n- https://github.com/kubernetes-sigs/network-policy-api/config/crd/"
-        "experimental?ref=v0.3.0\n")
+        "nochannel?ref=v0.3.0\n")
     with pytest.raises(FileNotFoundError, match="kustomization.yaml is missing"):
         install.offline_kustomization(manifests, tmp_path / "base", gomod)
     with pytest.raises(FileNotFoundError, match="make k8s"):

@@ -79,7 +79,14 @@ def offline_resource(entry: str, manifests: Path, base: Path, gomodcache: Path) 
     module, version = policyapi.pin()
     if match["ref"] != version:
         raise ValueError(f"{entry}: ref {match['ref']} is not netpol.toml's {module} {version}")
-    local = policyapi.module_dir(gomodcache) / match["path"]
+    # The lab installs the channel netpol.toml names: the experimental CRD
+    # has the fields (named ports, node peers) of the features the
+    # conformance run declares; users get the standard one by default.
+    path = match["path"]
+    channel = policyapi.load().lab_channel
+    if path.endswith("/standard"):
+        path = path[: -len("standard")] + channel
+    local = policyapi.module_dir(gomodcache) / path
     if not (local / "kustomization.yaml").is_file():
         raise FileNotFoundError(f"{local}/kustomization.yaml is missing ({entry})")
     return os.path.relpath(local, base)

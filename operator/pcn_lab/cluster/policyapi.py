@@ -83,6 +83,7 @@ class ApiSelection:
     features: tuple[str, ...]
     timeout: str
     skips: tuple[ApiSkip, ...]
+    lab_channel: str = "standard"  # the CRD channel the lab installs (config/crd/<it>)
 
     def active_skips(self, present: Iterable[str]) -> tuple[ApiSkip, ...]:
         """The skips that apply on a machine with the `present` conditions."""
@@ -92,7 +93,8 @@ class ApiSelection:
 
 def load(path: Path = SELECTION_FILE) -> ApiSelection:
     """The ``[network-policy-api]`` table of netpol.toml: ``module``,
-    ``version``, ``supported-features``, ``timeout`` (a Go duration) and
+    ``version``, ``supported-features``, ``lab-crd-channel`` (standard or
+    experimental: the CRD the lab installs), ``timeout`` (a Go duration) and
     ``[[network-policy-api.skip]]`` tables of ``tests`` (exact names), a
     non-empty ``reason`` and an optional ``when``. Raises SelectionError."""
     data = tomllib.loads(path.read_text()).get("network-policy-api")
@@ -119,7 +121,11 @@ def load(path: Path = SELECTION_FILE) -> ApiSelection:
             raise SelectionError(f"{path}: unknown condition when = {when!r} "
                                  f"(known: {sorted(KNOWN_CONDITIONS)})")
         skips.append(ApiSkip(tests, reason, when))
-    return ApiSelection(module, version, features, timeout, tuple(skips))
+    channel = str(data.get("lab-crd-channel", "standard"))
+    if channel not in ("standard", "experimental"):
+        raise SelectionError(f"{path}: lab-crd-channel {channel!r} is neither standard nor "
+                             "experimental")
+    return ApiSelection(module, version, features, timeout, tuple(skips), channel)
 
 
 def pin(path: Path = SELECTION_FILE) -> tuple[str, str]:
