@@ -96,3 +96,46 @@ def test_status_and_exec(cluster: ClusterState) -> None:
     assert st.returncode == 0 and "pcn-agent" in st.stdout, st.stdout + st.stderr
     ex = _pcn_lab(d, "exec", "client", "--", "cat", "/etc/resolv.conf", timeout=60)
     assert ex.returncode == 0 and "10.96.0.10" in ex.stdout, ex.stderr
+
+
+def _kubectl_pcn(cluster: ClusterState, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "kubectl-pcn"), *args],
+                          env={"KUBECONFIG": str(cluster.kubeconfig),
+                               "PATH": "/usr/local/bin:/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_example_chain_is_ready_and_kubectl_pcn_works(cluster: ClusterState) -> None:
+    """What a user does next on the real API server: the example CubeChain
+    Ready on every node, then kubectl pcn add-cube (a firewall placed in
+    the demo namespace's chain), chain (it shows), remove-cube (gone)."""
+    import json
+    import time
+
+    def chain_ready() -> bool:
+        cc = kubectl.get(cluster.kubeconfig, "cubechains", "-n", "demo")["items"]
+        conds = [c for o in cc for c in (o.get("status") or {}).get("conditions") or []]
+        return bool(conds) and all(c["status"] == "True" for c in conds)
+
+    deadline = time.monotonic() + 60
+    while not chain_ready() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert chain_ready(), kubectl.get(cluster.kubeconfig, "cubechains", "-n", "demo")
+    add = _kubectl_pcn(cluster, "add-cube", "firewall", "real-fw", "-n", "demo",
+                       "--selector", "app=web", "--rule", "drop tcp dport 2222")
+    assert add.returncode == 0, add.stdout + add.stderr
+    try:
+        seen = ""
+        for _ in range(60):
+            ch = _kubectl_pcn(cluster, "chain", "web-1", "-n", "demo", "-o", "json")
+            seen = ch.stdout + ch.stderr
+            if ch.returncode == 0 and "real-fw" in json.dumps(
+                    json.loads(ch.stdout).get("realized") or {}):
+                break
+            time.sleep(1)
+        assert "real-fw" in seen, seen
+    finally:
+        rm = _kubectl_pcn(cluster, "remove-cube", "real-fw", "-n", "demo")
+    assert rm.returncode == 0, rm.stdout + rm.stderr
+    nfs = kubectl.get(cluster.kubeconfig, "networkfunctions", "-n", "demo")["items"]
+    assert "real-fw" not in [n["metadata"]["name"] for n in nfs]
