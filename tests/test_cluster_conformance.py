@@ -102,3 +102,15 @@ def test_a_failed_suite_setup_fails_the_run(tmp_path: Path) -> None:
                                'time="3.1"><failure message="nodes not ready"/></testcase>'))
     results = conf.parse_junit(f, _selection())
     assert any(r.name == "[SynchronizedBeforeSuite]" and r.result == conf.FAILED for r in results)
+
+
+def test_a_rerun_of_some_tests_does_not_replace_the_full_runs_results(tmp_path: Path) -> None:
+    """`make conformance CONFORMANCE_ARGS="--focus ..."` wrote its three
+    results over bench/results/conformance.json, the full run's record."""
+    from pcn_lab.cluster import conformance
+
+    lab = tmp_path / "lab"
+    assert conformance.results_path(None, (), lab) == conformance.DEFAULT_OUTPUT
+    assert conformance.results_path(None, ("NodePort",), lab) == lab / "results.json"
+    mine = tmp_path / "mine.json"
+    assert conformance.results_path(mine, ("NodePort",), lab) == mine

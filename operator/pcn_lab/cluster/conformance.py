@@ -213,6 +213,16 @@ def _lab(lab_dir: Path, *args: str) -> int:
     return subprocess.call([sys.executable, "-m", "pcn_lab.cli", "--dir", str(lab_dir), *args])
 
 
+def results_path(output: Path | None, extra_focus: Sequence[str], lab_dir: Path) -> Path:
+    """Where a run's results go: `output` when given; else the committed
+    bench/results/conformance.json for a run of the whole selection, and
+    the lab folder's results.json for a rerun of some (`--focus`), which
+    must not replace the full run's record."""
+    if output is not None:
+        return output
+    return lab_dir / "results.json" if extra_focus else DEFAULT_OUTPUT
+
+
 def write_results(path: Path, results: Sequence[TestResult], meta: dict[str, Any]) -> None:
     """bench/results-style JSON: machine, versions, summary and one row per test."""
     doc = {**meta, "summary": summary(results), "results": [r.to_json() for r in results]}
@@ -328,7 +338,7 @@ def machine_meta(started: float) -> dict[str, Any]:
             "minutes": round((time.monotonic() - started) / 60, 1)}
 
 
-def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
+def run(lab_dir: Path, workers: int, procs: int, output: Path | None, keep: bool,
         extra_focus: Sequence[str] = ()) -> int:
     """Bring the real cluster up as a user does (`pcn-lab up --kubernetes`),
     run upstream's selection on it, take it down and check nothing is left.
@@ -341,6 +351,7 @@ def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
     selection = load_selection()
     if extra_focus:  # a rerun of some: these patterns instead of the file's focus
         selection = Selection(tuple(extra_focus), selection.skips)
+    output = results_path(output, extra_focus, lab_dir)
     started = time.monotonic()
     status = 1
     try:
@@ -352,7 +363,9 @@ def run(lab_dir: Path, workers: int, procs: int, output: Path, keep: bool,
             print(table(results))
             write_results(output, results, {**machine_meta(started), "workers": workers,
                                             "procs": procs,
-                                            "selection": str(SELECTION_FILE.name)})
+                                            "selection": str(SELECTION_FILE.name),
+                                            **({"focus": list(extra_focus)}
+                                               if extra_focus else {})})
             _say(f"results in {output}; JUnit in {junit}")
             s = summary(results)
             status = 0 if s[FAILED] == 0 and s["run"] > 0 and code == 0 else 1
@@ -381,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the cluster's lab directory (%(default)s)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--procs", type=int, default=2, help="ginkgo processes (%(default)s)")
-    ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    ap.add_argument("--output", type=Path, default=None,
+                    help=f"results file (default {DEFAULT_OUTPUT}; with --focus, the lab "
+                         "folder's results.json)")
     ap.add_argument("--keep", action="store_true", help="leave the cluster up afterwards")
     ap.add_argument("--focus", action="append", default=[],
                     help="run only specs matching this (repeatable; the skips still apply)")
