@@ -32,6 +32,7 @@ cube) always reach its pods, as kubelet probes must.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -154,3 +155,8 @@ class PodPolicy:
 
     def direction(self, d: Direction) -> DirectionPolicy:
         return self.ingress if d == Direction.INGRESS else self.egress
+
+
+def used_sets(policies: Iterable[PodPolicy]) -> set[str]:
+    """The names of the address sets the rules of `policies` refer to."""
+    return {r.peers for p in policies for d in (p.ingress, p.egress) for r in d.rules}

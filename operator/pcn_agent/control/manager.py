@@ -12,6 +12,7 @@ from pcn_agent.control.reconcile import Desired, Op, plan
 from pcn_agent.dataplane.cubes.firewall import Firewall
 from pcn_agent.node.wiring import NodeDataplane
 from pcn_crds.rules import parse_rule
+from pcn_policy.rules import used_sets
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class DataplaneManager:
         chains = {k: (tuple(p.ingress), tuple(p.egress)) for k, p in n.pods.items()
                   if p.ingress or p.egress}
         policies = n.pod_policies()
-        used = {r.peers for p in policies.values() for d in (p.ingress, p.egress) for r in d.rules}
+        used = used_sets(policies.values())
         sets = {name: s for name, s in n.policy.sets.items() if name in used} \
             if n.policy else {}
         self.current = Desired(frozenset(n.peers.values()), services, nodeports, functions,

@@ -25,7 +25,7 @@ from pcn_agent.node.wiring import PeerNode
 from pcn_crds import CubeChain, FirewallConfig, NetworkFunction, NodePortRule
 from pcn_crds.common import Resource
 from pcn_policy import compiler as netpol
-from pcn_policy.rules import AddressSet, PodPolicy
+from pcn_policy.rules import AddressSet, PodPolicy, used_sets
 
 Obj = Mapping[str, Any]
 ServiceKey = tuple[str, int, str]  # (virtual IP, port, protocol)
@@ -703,7 +703,7 @@ def policies_of(inputs: Inputs) -> tuple[dict[str, PodPolicy], dict[str, Address
         if key is not None and (policy.enforced or policy.ingress.rules
                                 or policy.egress.rules):
             policies[key] = policy
-    used = {r.peers for p in policies.values() for d in (p.ingress, p.egress) for r in d.rules}
+    used = used_sets(policies.values())
     return policies, {name: s for name, s in compiled.sets.items() if name in used}
 
 

@@ -49,6 +49,7 @@ from pcn_policy.rules import (
     Rule,
     RuleRef,
     SetEntry,
+    used_sets,
 )
 
 log = logging.getLogger(__name__)
@@ -307,8 +308,7 @@ class PolicyCube:
         return True
 
     def _used_sets(self) -> set[str]:
-        return {r.peers for pod in self.pods.values()
-                for d in (pod.policy.ingress, pod.policy.egress) for r in d.rules}
+        return used_sets(pod.policy for pod in self.pods.values())
 
     def gc_sets(self) -> list[str]:
         """Remove the sets no pod's rules use; returns their names."""
