@@ -44,8 +44,12 @@ Semantics, from the API documentation and upstream behaviour:
 Cost: each distinct selector is evaluated once per compile, on label
 postings (set intersections), pods with the same selecting policies share
 one PodPolicy, and pods and policies are parsed once per (uid,
-resourceVersion) for later compiles. 1 000 NetworkPolicies over 5 000 pods
-compile for a node of 100 pods in about 15 ms once parsed (100 ms cold).
+resourceVersion) for later compiles. compile_node() is incremental
+(NodeCompiler): after a change it recomputes only the selections and
+address sets that the changed pods, namespaces and nodes could alter. With
+1 000 NetworkPolicies over 5 000 pods a change compiles for a node of 50
+pods in 5 to 20 ms (bench policy-reconcile; a compile from nothing, about
+60 ms once parsed, 300 ms cold).
 
 Address sets are named by a digest of their meaning (the peer selectors,
 CIDRs and named port, not their current members), so rules of many pods
@@ -59,6 +63,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +85,7 @@ from pcn_policy.rules import (
     Rule,
     RuleRef,
     SetEntry,
+    used_sets,
 )
 
 log = logging.getLogger(__name__)
@@ -400,48 +406,177 @@ class _Meaning:
         return "ps-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@dataclass
+class _Delta:
+    """What one refresh of an _Index changed: each pod that changed as
+    (before, after) (None: absent), the namespaces whose labels changed
+    (added and removed ones included), the namespace selectors whose
+    selection changed with them, and whether any Node changed."""
+
+    pods: list[tuple[_Pod | None, _Pod | None]]
+    namespaces: set[str]
+    ns_selectors: set[Selector]
+    nodes: bool
+
+
+def _namespace_labels(cluster: Cluster, pods: Iterable[_Pod]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for o in cluster.namespaces:
+        meta = o.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        # The API server sets the name label on every Namespace; objects
+        # built by other means (tests, older servers) may lack it.
+        out[name] = {**(meta.get("labels") or {}), NS_NAME_LABEL: name}
+    for p in pods:  # a pod's namespace exists even if it was not listed
+        out.setdefault(p.namespace, {NS_NAME_LABEL: p.namespace})
+    return out
+
+
+def _nodes_of(cluster: Cluster) -> list[tuple[str, dict[str, str], tuple[int, ...]]]:
+    return sorted(((str((n.get("metadata") or {}).get("name") or ""),
+                    dict((n.get("metadata") or {}).get("labels") or {}), node_ipv4s(n))
+                   for n in cluster.nodes), key=lambda n: n[0])
+
+
 class _Index:
     """Pods by namespace and label, namespaces and nodes by name, with
     selector matches cached: one compile evaluates each distinct selector
-    once, with set intersections on the label postings instead of a scan."""
+    once, with set intersections on the label postings instead of a scan.
+
+    A pod keeps its number while its key ("namespace/name") stays in the
+    cluster, so `refresh()` can move the index to a later state of the
+    cluster by the pods that changed, dropping only the cached selections
+    they (or the namespaces that changed) could alter. Orders that matter
+    (which pod holds a reused address, which pod's named port wins) follow
+    the pods' keys, never their numbers."""
 
     def __init__(self, cluster: Cluster) -> None:
-        self.pods = sorted((_pod_of(o) for o in cluster.pods), key=lambda p: p.key)
-        self.by_key = {p.key: i for i, p in enumerate(self.pods)}
-        self.ns_labels: dict[str, dict[str, str]] = {}
-        for o in cluster.namespaces:
-            meta = o.get("metadata") or {}
-            name = str(meta.get("name") or "")
-            # The API server sets the name label on every Namespace; objects
-            # built by other means (tests, older servers) may lack it.
-            self.ns_labels[name] = {**(meta.get("labels") or {}), NS_NAME_LABEL: name}
-        for p in self.pods:  # a pod's namespace exists even if it was not listed
-            self.ns_labels.setdefault(p.namespace, {NS_NAME_LABEL: p.namespace})
-        self.nodes = sorted(((str((n.get("metadata") or {}).get("name") or ""),
-                              dict((n.get("metadata") or {}).get("labels") or {}), node_ipv4s(n))
-                             for n in cluster.nodes), key=lambda n: n[0])
-        self.internal_ips = {str((n.get("metadata") or {}).get("name") or ""):
-                             node_ipv4s(n, ("InternalIP",)) for n in cluster.nodes}
+        self.pods: dict[int, _Pod] = {}
+        self.by_key: dict[str, int] = {}
         self.peers_in_ns: dict[str, set[int]] = {}
         self.postings: dict[tuple[str, str], set[int]] = {}
         self.with_key: dict[str, set[int]] = {}
         self.all_peers: set[int] = set()
-        self.by_ip: dict[int, int] = {}
-        for i, p in enumerate(self.pods):
-            if not p.peer:
-                continue
-            self.all_peers.add(i)
-            self.peers_in_ns.setdefault(p.namespace, set()).add(i)
-            for k, v in p.labels.items():
-                self.postings.setdefault((k, v), set()).add(i)
-                self.with_key.setdefault(k, set()).add(i)
-            for ip in p.ips:
-                self.by_ip.setdefault(ip, i)
+        self.by_ip: dict[int, set[int]] = {}
+        self._serving: dict[str, set[int]] = {}
+        self._next = 0
+        for o in cluster.pods:
+            self._put(_pod_of(o))
+        self.ns_labels = _namespace_labels(cluster, self.pods.values())
+        self.nodes = _nodes_of(cluster)
+        self.internal_ips = {str((n.get("metadata") or {}).get("name") or ""):
+                             node_ipv4s(n, ("InternalIP",)) for n in cluster.nodes}
         self._sel_cache: dict[Selector, frozenset[int]] = {}
         self._ns_cache: dict[Selector, tuple[str, ...]] = {}
         self._peer_cache: dict[_Peer, frozenset[int]] = {}
-        self._serving: dict[str, list[int]] | None = None
 
+    # --- pods in and out
+    def _put(self, pod: _Pod) -> None:
+        i = self.by_key.get(pod.key)
+        if i is not None:
+            self._drop(i)
+        else:
+            i = self._next
+            self._next += 1
+        self.by_key[pod.key] = i
+        self.pods[i] = pod
+        if not pod.peer:
+            return
+        self.all_peers.add(i)
+        self.peers_in_ns.setdefault(pod.namespace, set()).add(i)
+        for k, v in pod.labels.items():
+            self.postings.setdefault((k, v), set()).add(i)
+            self.with_key.setdefault(k, set()).add(i)
+        for ip in pod.ips:
+            self.by_ip.setdefault(ip, set()).add(i)
+        for name in pod.named_ports:
+            self._serving.setdefault(name, set()).add(i)
+
+    def _drop(self, i: int) -> None:
+        """Take pod `i` out of every posting (it keeps its number)."""
+        pod = self.pods.pop(i)
+        if not pod.peer:
+            return
+        self.all_peers.discard(i)
+        self.peers_in_ns[pod.namespace].discard(i)
+        for k, v in pod.labels.items():
+            self.postings[(k, v)].discard(i)
+            self.with_key[k].discard(i)
+        for ip in pod.ips:
+            self.by_ip[ip].discard(i)
+        for name in pod.named_ports:
+            self._serving[name].discard(i)
+
+    def refresh(self, cluster: Cluster, limit: int) -> _Delta | None:
+        """Bring the index to `cluster`, a later state of the one it holds;
+        None (and the index unusable) when more than `limit` pods changed:
+        then building a new one is cheaper."""
+        now: dict[str, _Pod] = {}
+        for o in cluster.pods:
+            p = _pod_of(o)
+            now[p.key] = p
+        changed: list[tuple[_Pod | None, _Pod | None]] = []
+        for key, p in now.items():
+            i = self.by_key.get(key)
+            old = self.pods[i] if i is not None else None
+            if old is not p and old != p:
+                changed.append((old, p))
+        changed.extend((self.pods[i], None) for key, i in self.by_key.items() if key not in now)
+        if len(changed) > limit:
+            return None
+        for old, new in changed:
+            if new is not None:
+                self._put(new)
+            elif old is not None:
+                self._drop(self.by_key.pop(old.key))
+        labels = _namespace_labels(cluster, now.values())
+        namespaces = {n for n in labels.keys() | self.ns_labels.keys()
+                      if labels.get(n) != self.ns_labels.get(n)}
+        self.ns_labels = labels
+        ns_selectors: set[Selector] = set()
+        for sel, names in list(self._ns_cache.items()):
+            now_in = tuple(sorted({*names, *namespaces}))
+            picked = tuple(n for n in now_in if n in labels and sel.matches(labels[n]))
+            if picked != names:
+                ns_selectors.add(sel)
+                self._ns_cache[sel] = picked
+        nodes = _nodes_of(cluster)
+        internal = {str((n.get("metadata") or {}).get("name") or ""):
+                    node_ipv4s(n, ("InternalIP",)) for n in cluster.nodes}
+        nodes_changed = nodes != self.nodes or internal != self.internal_ips
+        self.nodes, self.internal_ips = nodes, internal
+        delta = _Delta(changed, namespaces, ns_selectors, nodes_changed)
+        self._forget(delta)
+        return delta
+
+    def _forget(self, delta: _Delta) -> None:
+        """Drop the cached selections `delta` could have changed."""
+        touched = [p for pair in delta.pods for p in pair if p is not None and p.peer]
+        if touched:
+            self._sel_cache = {sel: hit for sel, hit in self._sel_cache.items()
+                               if not any(sel.matches(p.labels) for p in touched)}
+        self._peer_cache = {peer: hit for peer, hit in self._peer_cache.items()
+                            if not self.may_hold(peer, touched, delta)}
+
+    def may_hold(self, peer: _Peer, pods: Sequence[_Pod], delta: _Delta) -> bool:
+        """Whether the selection of "pods" peer `peer` may differ after
+        `delta`: its namespace selection changed, or one of `pods` (the
+        pods before and after the change) is or was in it."""
+        if peer.kind != "pods":
+            return False
+        if peer.ns_sel is not None and peer.ns_sel in delta.ns_selectors:
+            return True
+        for p in pods:
+            if peer.ns_sel is None:
+                if p.namespace != peer.namespace:
+                    continue
+            elif p.namespace not in self.namespaces(peer.ns_sel):
+                continue  # (a pod's namespace is part of its key: never changes)
+            if peer.pod_sel.matches(p.labels):
+                return True
+        return False
+
+    # --- queries
     def namespaces(self, sel: Selector) -> tuple[str, ...]:
         """The names of the namespaces `sel` selects, sorted."""
         hit = self._ns_cache.get(sel)
@@ -488,13 +623,14 @@ class _Index:
         return hit
 
     def serving(self, port_name: str) -> list[int]:
-        """The peer pods with a container port named `port_name`, in order."""
-        if self._serving is None:
-            self._serving = {}
-            for i in sorted(self.all_peers):
-                for name in self.pods[i].named_ports:
-                    self._serving.setdefault(name, []).append(i)
-        return self._serving.get(port_name, [])
+        """The peer pods with a container port named `port_name`, by key."""
+        return sorted(self._serving.get(port_name, ()), key=lambda i: self.pods[i].key)
+
+    def holder(self, ip: int) -> _Pod | None:
+        """The peer pod with address `ip` (of several, the first by key:
+        a finished pod's address given to a new one is the new one's)."""
+        held = self.by_ip.get(ip)
+        return min((self.pods[i] for i in held), key=lambda p: p.key) if held else None
 
     def node_ips(self, sel: Selector) -> list[int]:
         return [ip for _, labels, ips in self.nodes if sel.matches(labels) for ip in ips]
@@ -780,9 +916,24 @@ def _entries_of(merged: tuple[Interval, ...]) -> tuple[SetEntry, ...]:
 
 
 class _Compiler:
+    """One compile's state; kept by a NodeCompiler and moved to the next
+    state of the cluster with `refresh()`, it keeps what the change did
+    not touch: address sets, PodPolicies, selections."""
+
     def __init__(self, cluster: Cluster) -> None:
-        self.warnings: list[str] = []
         self.idx = _Index(cluster)
+        self.sets: dict[_Meaning, AddressSet] = {}
+        self.names: dict[_Meaning, str] = {}
+        self.meanings: dict[str, _Meaning] = {}
+        # PodPolicy by what it depends on: the policies selecting the pod
+        # (by id; the entry holds them, so no id is reused while it lives)
+        # and, when one of them has ingress named ports, the pod's ports
+        self._pod_policies: dict[tuple[Any, ...],
+                                 tuple[PodPolicy, tuple[_Policy, ...]]] = {}
+        self._policies(cluster)
+
+    def _policies(self, cluster: Cluster) -> None:
+        self.warnings: list[str] = []
         self.nps_by_ns: dict[str, list[_Policy]] = {}
         nps = []
         for o in cluster.network_policies:
@@ -798,13 +949,52 @@ class _Compiler:
                 cnps.append(cnp)
             self.warnings.extend(warned)
         self.cnps = sorted(cnps, key=lambda p: (p.tier, p.priority, p.name))
-        self.sets: dict[_Meaning, AddressSet] = {}
         # by id(_Rule) (alive as long as self.nps_by_ns and self.cnps) and
         # the subject's resolved named ports
         self._rules: dict[tuple[int, tuple[tuple[int, int] | None, ...]], tuple[Rule, ...]] = {}
-        # PodPolicy by what it depends on: the policies selecting the pod
-        # (by id) and, when one of them has ingress named ports, its ports
-        self._pod_policies: dict[tuple[Any, ...], PodPolicy] = {}
+
+    def refresh(self, cluster: Cluster, limit: int) -> bool:
+        """Move to `cluster`, a later state of the one compiled, keeping the
+        sets nothing changed; False (and this compiler unusable) when more
+        than `limit` pods changed."""
+        delta = self.idx.refresh(cluster, limit)
+        if delta is None:
+            return False
+        touched = [p for pair in delta.pods for p in pair if p is not None and p.peer]
+        self.sets = {m: s for m, s in self.sets.items()
+                     if not self._stale(m, touched, delta)}
+        self._policies(cluster)
+        return True
+
+    def _stale(self, meaning: _Meaning, pods: Sequence[_Pod], delta: _Delta) -> bool:
+        """Whether the members of `meaning`'s set may differ after `delta`
+        (`pods`: the changed peer pods, before and after)."""
+        for peer in meaning.peers:
+            if peer.kind == "nodes" and delta.nodes:
+                return True
+            if self.idx.may_hold(peer, pods, delta):
+                return True
+        if meaning.named is None:
+            return False
+        # a set of named ports also holds the pods with that port inside
+        # its CIDR peers (any except: a pod in one is only looked at again)
+        serving = [p for p in pods if meaning.named[0] in p.named_ports]
+        for peer in meaning.peers:
+            if peer.kind == "all" and serving:
+                return True
+            if peer.kind == "cidr":
+                lo, hi = _cidr_interval(peer.cidr) or (1, 0)
+                if any(lo <= ip <= hi for p in serving for ip in p.ips):
+                    return True
+        return False
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget the sets and PodPolicies of the last compile that are not
+        among `names` / not used: what a long-lived compiler holds stays
+        the size of one node's policy."""
+        self.meanings = {n: m for n, m in self.meanings.items() if n in names}
+        self.names = {m: n for n, m in self.meanings.items()}
+        self.sets = {m: s for m, s in self.sets.items() if m in self.names}
 
     # --- address sets
     @staticmethod
@@ -814,11 +1004,20 @@ class _Compiler:
         per distinct value, shared by the sets and compiles that hold it."""
         return SetEntry(prefix, proto, port)
 
-    def address_set(self, meaning: _Meaning) -> str:
-        """The name of the set for `meaning`, computed on first use."""
+    def set_name(self, meaning: _Meaning) -> str:
+        """The name of the set for `meaning` (its members are computed when
+        a compile needs them: address_set)."""
+        name = self.names.get(meaning)
+        if name is None:
+            name = self.names[meaning] = meaning.digest()
+            self.meanings[name] = meaning
+        return name
+
+    def address_set(self, meaning: _Meaning) -> AddressSet:
+        """The set for `meaning`, computed on first use."""
         s = self.sets.get(meaning)
         if s is not None:
-            return s.name
+            return s
         ranges: list[Interval] = []
         node_ranges: list[Interval] = []
         pods: set[int] = set()
@@ -864,9 +1063,9 @@ class _Compiler:
                     if ip not in seen:  # one port per address (a stale pod's IP reused)
                         seen.add(ip)
                         entries.append(self._entry(f"{_dotted(ip)}/32", *found))
-        s = AddressSet(meaning.digest(), frozenset(entries))
+        s = AddressSet(self.set_name(meaning), frozenset(entries))
         self.sets[meaning] = s
-        return s.name
+        return s
 
     # --- rules
     def rules_for(self, rule: _Rule, subject: _Pod) -> tuple[Rule, ...]:
@@ -883,7 +1082,7 @@ class _Compiler:
         hit = self._rules.get(key)
         if hit is not None:
             return hit
-        peers = self.address_set(_Meaning(rule.peers))
+        peers = self.set_name(_Meaning(rule.peers))
         if rule.ports is None:
             out: tuple[Rule, ...] = (Rule(peers, (), action=rule.action, ref=rule.ref),)
         else:
@@ -902,29 +1101,41 @@ class _Compiler:
             rules = [Rule(peers, tuple(merged[i:i + PORTS_PER_RULE]), action=rule.action,
                           ref=rule.ref) for i in range(0, len(merged), PORTS_PER_RULE)]
             for name, proto in sorted(named):
-                rules.append(Rule(self.address_set(_Meaning(rule.peers, (name, proto))),
+                rules.append(Rule(self.set_name(_Meaning(rule.peers, (name, proto))),
                                   named_port=True, action=rule.action, ref=rule.ref))
             out = tuple(rules)
         self._rules[key] = out
         return out
 
-    def compile(self, subjects: Iterable[int]) -> Compiled:
+    def compile(self, subjects: Iterable[int], keep: bool = False) -> Compiled:
+        """The PodPolicies of pods `subjects` and the sets they use. With
+        `keep` (a NodeCompiler's), what this compile did not use is
+        forgotten."""
         pods: dict[str, PodPolicy] = {}
         used: set[str] = set()
-        for i in sorted(subjects):
-            pod = self.idx.pods[i]
-            policy = self.pod_policy(pod)
+        keys: set[tuple[Any, ...]] = set()
+        for pod in sorted((self.idx.pods[i] for i in subjects), key=lambda p: p.key):
+            key, policy = self._pod_policy_of(pod)
+            keys.add(key)
             pods[pod.key] = policy
             used.update(r.peers for d in (policy.ingress, policy.egress) for r in d.rules)
-        sets = {s.name: s for s in self.sets.values() if s.name in used}
+        sets = {name: self.address_set(self.meanings[name]) for name in sorted(used)}
+        if keep:
+            self.keep_only(used)
+            self._pod_policies = {k: v for k, v in self._pod_policies.items() if k in keys}
         warnings = tuple(sorted(set(self.warnings)))
         for w in warnings:
             if w not in _LOGGED:  # once per process, not once per compile
                 _LOGGED.add(w)
                 log.warning("%s", w)
-        return Compiled(pods, dict(sorted(sets.items())), warnings)
+        return Compiled(pods, sets, warnings)
 
     def pod_policy(self, pod: _Pod) -> PodPolicy:
+        """The policy of subject `pod` (its sets: address_set of the
+        meanings of the names it uses)."""
+        return self._pod_policy_of(pod)[1]
+
+    def _pod_policy_of(self, pod: _Pod) -> tuple[tuple[Any, ...], PodPolicy]:
         nps = [p for p in self.nps_by_ns.get(pod.namespace, ())
                if p.pod_sel.matches(pod.labels)]
         cnps = [p for p in self.cnps
@@ -934,8 +1145,8 @@ class _Compiler:
                tuple(sorted(pod.named_ports.items())) if named else ())
         hit = self._pod_policies.get(key)
         if hit is None:
-            hit = self._pod_policies[key] = self._pod_policy(pod, nps, cnps)
-        return hit
+            hit = self._pod_policies[key] = (self._pod_policy(pod, nps, cnps), (*nps, *cnps))
+        return key, hit[0]
 
     def _pod_policy(self, pod: _Pod, nps: list[_Policy], cnps: list[_Policy]) -> PodPolicy:
         sides = []
@@ -958,11 +1169,55 @@ class _Compiler:
         return PodPolicy(sides[0], sides[1])
 
 
+class NodeCompiler:
+    """compile_node() over successive states of one cluster, as an agent
+    compiles after each change: the pods, namespaces and nodes that changed
+    since the last compile are found by their parsed versions, and only the
+    address sets and selections they could alter are computed again (a
+    NetworkPolicy's PodPolicies are kept by the policies' versions). The
+    result is the same as a fresh compile's (tests/test_netpol_compile.py
+    compares them over random changes); when many pods changed at once
+    (over an eighth of them, at least 64), it is a fresh compile.
+
+    Thread-safe: one compile at a time."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._compiler: _Compiler | None = None
+        self._lock = threading.Lock()
+
+    def compile(self, cluster: Cluster) -> Compiled:
+        with self._lock:
+            c = self._compiler
+            self._compiler = None  # an exception leaves nothing half-moved behind
+            if c is None or not c.refresh(cluster, max(64, len(c.idx.pods) // 8)):
+                c = _Compiler(cluster)
+            out = c.compile((i for i, p in c.idx.pods.items()
+                             if p.node == self.node and p.subject), keep=True)
+            self._compiler = c
+            return out
+
+
+_NODE_COMPILERS: dict[str, NodeCompiler] = {}
+
+
 def compile_node(cluster: Cluster, node: str) -> Compiled:
     """The compiled policy of the pods of node `node` (spec.nodeName) that
-    are neither hostNetwork nor finished, with or without an address yet."""
+    are neither hostNetwork nor finished, with or without an address yet.
+    Incremental: the node's NodeCompiler (kept for the last few nodes
+    asked) moves from the cluster state of the last call to this one."""
+    nc = _NODE_COMPILERS.pop(node, None) or NodeCompiler(node)
+    _NODE_COMPILERS[node] = nc  # the most recent last
+    while len(_NODE_COMPILERS) > 4:
+        del _NODE_COMPILERS[next(iter(_NODE_COMPILERS))]
+    return nc.compile(cluster)
+
+
+def compile_node_afresh(cluster: Cluster, node: str) -> Compiled:
+    """compile_node() from nothing kept (the reference the incremental
+    compile must equal)."""
     c = _Compiler(cluster)
-    return c.compile(i for i, p in enumerate(c.idx.pods) if p.node == node and p.subject)
+    return c.compile(i for i, p in c.idx.pods.items() if p.node == node and p.subject)
 
 
 def compile_pods(cluster: Cluster, keys: Iterable[str]) -> Compiled:
@@ -1098,11 +1353,10 @@ def _endpoint(idx: _Index, what: str) -> Endpoint:
     ip = _ip_int(what)
     if ip is None:
         raise ValueError(f"{what!r} is neither a pod (namespace/name) nor an IPv4 address")
-    i = idx.by_ip.get(ip)
-    if i is None:
+    holder = idx.holder(ip)
+    if holder is None:
         return Endpoint(_dotted(ip))
-    p = idx.pods[i]
-    return Endpoint(_dotted(ip), p.key, p.node)
+    return Endpoint(_dotted(ip), holder.key, holder.node)
 
 
 def _verdict_reason(action: Action, ref: RuleRef | None, policy: DirectionPolicy) -> str:
@@ -1152,7 +1406,7 @@ def explain(cluster: Cluster, src: str, dst: str, proto: int | str, port: int) -
                             f"{peer.ip} is the node of {subject.pod}: always allowed")
         i = c.idx.by_key[subject.pod]
         policy = c.pod_policy(c.idx.pods[i])
-        sets = {s.name: s for s in c.sets.values()}
+        sets = {n: c.address_set(c.meanings[n]) for n in used_sets([policy])}
         action, ref = evaluate(policy, sets, d, peer.ip, number, port)
         return Step(d, subject.pod, action, ref,
                     _verdict_reason(action, ref, policy.direction(d)))
