@@ -283,6 +283,23 @@ def test_named_port_from_the_set_entry(lab: PolLab) -> None:
     assert lab.from_pod(new_pkt(OUT, OTHER, IPPROTO_ICMP, 0)) == "drop"
 
 
+def test_a_named_port_entry_moving_to_another_port_is_rewritten(lab: PolLab) -> None:
+    """A destination pod's named port changing number is one entry rewritten
+    in place (same prefix): the new port matches, the old one no longer,
+    and the prefix is not deleted after the write."""
+    lab.pol.set_address_set(aset("web", SetEntry(f"{PEER}/32", IPPROTO_TCP, 8080)))
+    lab.pol.set_pod(lab.pid, one_way(OUT, Rule("web", named_port=True, ref=ref("np", OUT))))
+    assert lab.from_pod(new_pkt(OUT, PEER, IPPROTO_TCP, 8080)) == "pass"
+    before = lab.pol.writes
+    lab.pol.set_address_set(aset("web", SetEntry(f"{PEER}/32", IPPROTO_TCP, 8081)))
+    assert lab.pol.writes - before == 2  # the entry, the epoch
+    assert lab.from_pod(new_pkt(OUT, PEER, IPPROTO_TCP, 8081)) == "pass"
+    assert lab.from_pod(new_pkt(OUT, PEER, IPPROTO_TCP, 8080)) == "drop"
+    lab.pol.set_address_set(aset("web", SetEntry("10.9.0.0/255.255.0.0", IPPROTO_TCP, 8081)))
+    assert lab.pol.sets["web"].entries == {SetEntry("10.9.0.0/16", IPPROTO_TCP, 8081)}
+    assert lab.from_pod(new_pkt(OUT, PEER, IPPROTO_TCP, 8081)) == "drop"
+
+
 def test_several_rules_are_a_union(lab: PolLab) -> None:
     lab.pol.set_address_sets([aset("a", f"{PEER}/32"), aset("b", f"{OTHER}/32")])
     lab.pol.set_pod(lab.pid, one_way(IN, Rule("a", (PortMatch(IPPROTO_TCP, 80, 80),),

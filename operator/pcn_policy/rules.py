@@ -96,7 +96,9 @@ class SetEntry:
     port: int = 0
 
     def __post_init__(self) -> None:
-        ipaddress.IPv4Network(self.prefix)  # raises ValueError with the prefix in it
+        # raises ValueError with the prefix in it; the canonical text makes
+        # equal prefixes equal entries (the cube diffs sets by entry)
+        object.__setattr__(self, "prefix", str(ipaddress.IPv4Network(self.prefix)))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ bpf/policy.c's pol_judge: what `kubectl pcn policy` shows.
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import ipaddress
 import logging
 import time
@@ -152,8 +153,16 @@ def _tiers(d: DirectionPolicy) -> list[tuple[int, Rule]]:
 
 
 def _lpm_key(set_id: int, prefix: str) -> maps.PolSetKey:
+    length, address = _prefix_parts(prefix)
+    return maps.PolSetKey(32 + length, set_id, address)
+
+
+@functools.lru_cache(maxsize=262144)
+def _prefix_parts(prefix: str) -> tuple[int, int]:
+    """(prefix length, network address as the map holds it) of a CIDR:
+    parsed once per prefix (a set update touches thousands)."""
     net = ipaddress.IPv4Network(prefix)
-    return maps.PolSetKey(32 + net.prefixlen, set_id, maps.ip_be(net.network_address))
+    return net.prefixlen, maps.ip_be(net.network_address)
 
 
 class PolicyCube:
@@ -295,14 +304,14 @@ class PolicyCube:
         if old is not None and old.entries == s.entries:
             return False
         sid = self._set_id(s.name)
-        by_prefix = {str(ipaddress.IPv4Network(e.prefix)): e for e in s.entries}
-        old_by_prefix = ({} if old is None else
-                         {str(ipaddress.IPv4Network(e.prefix)): e for e in old.entries})
-        for prefix, e in by_prefix.items():
-            if old_by_prefix.get(prefix) != e:
-                self._put(self._sets_t, _lpm_key(sid, prefix), maps.PolSetVal(e.proto, 0, e.port))
-        for prefix in old_by_prefix.keys() - by_prefix.keys():
-            self._del(self._sets_t, _lpm_key(sid, prefix))
+        before = frozenset() if old is None else old.entries
+        added = s.entries - before
+        rewritten = {e.prefix for e in added}  # (a prefix's entries differ by port only)
+        for e in added:
+            self._put(self._sets_t, _lpm_key(sid, e.prefix), maps.PolSetVal(e.proto, 0, e.port))
+        for e in before - s.entries:
+            if e.prefix not in rewritten:
+                self._del(self._sets_t, _lpm_key(sid, e.prefix))
         self.sets[s.name] = s
         self._set_json(s.name)
         return True
