@@ -45,6 +45,7 @@ import statistics
 import sys
 import threading
 import time
+from typing import Any
 
 
 class _TCPHandler(socketserver.StreamRequestHandler):
@@ -215,20 +216,31 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
 
 
 def tcp_many(host: str, port: int, count: int, timeout: float) -> dict:
-    """`count` short connections, one after the other: which server answered each."""
+    """`count` short connections, one after the other: which server answered
+    each; failures tallied by errno name ("timeout", "bad-answer" for a
+    wrong or missing digest), each with the connection's number and source
+    port in `failed` (to find it in a capture or a conntrack dump)."""
     hosts: dict[str, int] = {}
-    failures = 0
-    for _ in range(count):
+    errors: dict[str, int] = {}
+    failed: list[dict[str, Any]] = []
+    for n in range(count):
         try:
             r = tcp_client(host, port, 16, timeout)
-        except OSError:
-            failures += 1
+        except OSError as e:
+            name = "timeout" if isinstance(e, TimeoutError) else (
+                errno.errorcode.get(e.errno or 0, str(e)))
+            errors[name] = errors.get(name, 0) + 1
+            failed.append({"n": n, "error": name, "t": round(time.time(), 3)})
             continue
         if r["ok"]:
             hosts[r["host"]] = hosts.get(r["host"], 0) + 1
         else:
-            failures += 1
-    return {"ok": failures == 0, "count": count, "failures": failures, "hosts": hosts}
+            errors["bad-answer"] = errors.get("bad-answer", 0) + 1
+            failed.append({"n": n, "error": "bad-answer", "reply": r.get("received"),
+                           "t": round(time.time(), 3)})
+    failures = sum(errors.values())
+    return {"ok": failures == 0, "count": count, "failures": failures, "hosts": hosts,
+            "errors": errors, "failed": failed}
 
 
 BURST_PAYLOAD = b"pcn-burst\n"
