@@ -17,7 +17,8 @@
  * judged under an older one is judged again on its next packet, so a
  * connection that a change disallows stops at once (kube-network-policies
  * and Cilium do the same by flushing conntrack or re-checking policy on
- * established flows).
+ * established flows); its entry stays, revoked, dropping its packets until
+ * they stop (PCN_CTF_REVOKED).
  *
  * A pod whose policy the agent never wrote (no pol_cfgs entry) is not
  * touched at all; one with a policy has every packet tracked, also in a
@@ -384,11 +385,22 @@ int policy_rx(struct __sk_buff *skb)
     struct pcn_ct_key k = {};
     int src_is_a = pcn_ct_key_of(port, &f, &k);
     struct pcn_ct *c = pol_ct.lookup(&k);
-    if (c && (!pcn_ct_live(c, f.proto, now) || (tcp_start && pcn_ct_closed(c))))
-        c = NULL; /* over: this packet starts anew (and its entry replaces that one) */
+    /* Over, or a SYN from the end that did not open it (an entry picked up
+     * mid-stream names the other end its opener: a segment that starts
+     * nothing, sent first, must not open the way for a connection this
+     * direction's policy denies): this packet starts anew, and its entry,
+     * if it is accepted, replaces that one. */
+    if (c && (!pcn_ct_live(c, f.proto, now) ||
+              (tcp_start && (pcn_ct_closed(c) || !pcn_ct_from_orig(c, src_is_a)))))
+        c = NULL;
     if (c && c->epoch == epoch) {
         pcn_ct_observe(c, pcn_ct_from_orig(c, src_is_a), tflags, now);
         u32 ref = c->ref;
+        if (c->flags & PCN_CTF_REVOKED) {
+            if (info.first_fragment)
+                pcn_frag_record(owner, &f, &info, POL_DENY, ref, now);
+            return pol_finish(skb, port, dir, POL_DENY, ref);
+        }
         if (info.first_fragment)
             pcn_frag_record(owner, &f, &info, POL_ACCEPT, ref, now);
         return pol_finish(skb, port, dir, POL_ACCEPT, ref);
@@ -401,7 +413,8 @@ int policy_rx(struct __sk_buff *skb)
             struct pcn_ct_key qk = {};
             pcn_ct_key_of(port, &qt.flow, &qk);
             struct pcn_ct *qc = pol_ct.lookup(&qk);
-            if (qc && qc->epoch == epoch && pcn_ct_live(qc, qt.flow.proto, now)) {
+            if (qc && qc->epoch == epoch && !(qc->flags & PCN_CTF_REVOKED) &&
+                pcn_ct_live(qc, qt.flow.proto, now)) {
                 u32 ref = qc->ref;
                 if (info.first_fragment)
                     pcn_frag_record(owner, &f, &info, POL_ACCEPT, ref, now);
@@ -484,12 +497,14 @@ int policy_judge(struct __sk_buff *skb)
     u8 tflags = s->tflags;
     if (s->rejudge) {
         struct pcn_ct *c = pol_ct.lookup(&k);
-        if (c && verdict == POL_ACCEPT) { /* still allowed: the flow goes on untouched */
+        if (c) { /* still allowed: the flow goes on untouched; else revoked */
             c->epoch = s->epoch;
             c->ref = ctr;
+            if (verdict == POL_ACCEPT)
+                c->flags &= ~PCN_CTF_REVOKED;
+            else
+                c->flags |= PCN_CTF_REVOKED;
             pcn_ct_observe(c, pcn_ct_from_orig(c, s->src_is_a), tflags, now);
-        } else if (c) {
-            pol_ct.delete(&k);
         }
     } else if (verdict == POL_ACCEPT && !s->icmp_error) {
         /* t 1: accepted as a reply, the other end opened it */

@@ -439,9 +439,68 @@ def test_epoch_rejudges_tracked_connections(lab: PolLab) -> None:
     assert lab.pol.epoch == epoch + 1
     assert lab.from_pod(tcp_pkt(POD, PEER, 80, 40200, TCP_SYN | TCP_ACK)) == "pass"
     assert lab.from_pod(tcp_pkt(POD, OTHER, 80, 40201, TCP_SYN | TCP_ACK)) == "drop"
-    assert lab.to_pod(tcp_pkt(OTHER, POD, 40201, 80, TCP_ACK)) == "drop"  # entry gone
+    assert lab.to_pod(tcp_pkt(OTHER, POD, 40201, 80, TCP_ACK)) == "drop"  # revoked
     conns = lab.pol.connections(lab.pid)
-    assert [(c["src"], c["epoch"]) for c in conns] == [(PEER, epoch + 1)]
+    assert {c["src"]: (c["epoch"], "revoked" in c["flags"]) for c in conns} == {
+        OTHER: (epoch + 1, True), PEER: (epoch + 1, False)}
+
+
+@pytest.mark.parametrize("d", [IN, OUT], ids=["ingress", "egress"])
+def test_a_revoked_connection_stays_stopped_and_resumes_when_allowed_again(
+        lab: PolLab, d: Direction) -> None:
+    """A connection a change disallows stops, also when the other direction
+    has no policy: its next packets are not picked up as replies of a
+    connection opened the other way (which that direction would allow). A
+    later change that allows it again lets it go on."""
+    lab.pol.set_address_sets([aset("a", f"{PEER}/32"), aset("b", f"{OTHER}/32")])
+    keep = Rule("a", (PortMatch(IPPROTO_TCP, 80, 80),), ref=ref("keep", d))
+    gone = Rule("b", (PortMatch(IPPROTO_TCP, 80, 80),), ref=ref("gone", d))
+    lab.pol.set_pod(lab.pid, one_way(d, keep, gone))  # the other direction: no policy
+    sport = next(_ports)
+
+    def opener(flags: int) -> str:  # a packet from the end that opened it
+        return lab.send(d, tcp_pkt(OTHER, POD, sport, 80, flags) if d == IN
+                        else tcp_pkt(POD, OTHER, sport, 80, flags))
+
+    def answer(flags: int) -> str:  # from the other end
+        if d == IN:
+            return lab.from_pod(tcp_pkt(POD, OTHER, 80, sport, flags))
+        return lab.to_pod(tcp_pkt(OTHER, POD, 80, sport, flags))
+
+    assert opener(TCP_SYN) == "pass"
+    assert answer(TCP_SYN | TCP_ACK) == "pass"
+    lab.pol.set_pod(lab.pid, one_way(d, keep))  # OTHER's rule gone
+    for _ in range(3):  # retransmissions, both ways
+        assert opener(TCP_ACK) == "drop"
+        assert answer(TCP_ACK) == "drop"
+    [c] = [c for c in lab.pol.connections(lab.pid) if OTHER in (c["src"], c["dst"])]
+    assert "revoked" in c["flags"] and c["rule"] == "isolation"
+    lab.pol.set_pod(lab.pid, one_way(d, keep, gone))  # allowed again
+    assert opener(TCP_ACK) == "pass"
+    assert answer(TCP_ACK) == "pass"
+    [c] = [c for c in lab.pol.connections(lab.pid) if OTHER in (c["src"], c["dst"])]
+    assert "revoked" not in c["flags"] and c["rule"] == str(ref("gone", d))
+
+
+@pytest.mark.parametrize("d", [IN, OUT], ids=["ingress", "egress"])
+@pytest.mark.parametrize("first", [0, TCP_ACK, TCP_FIN, TCP_ACK | TCP_FIN],
+                         ids=["no-flags", "ack", "fin", "fin-ack"])
+def test_a_segment_that_starts_nothing_does_not_open_the_way_for_a_denied_syn(
+        lab: PolLab, d: Direction, first: int) -> None:
+    """A peer (ingress) or the pod (egress) that policy denies sends a TCP
+    segment that starts nothing first: picked up as the reply of a connection
+    the other end opened (the other direction has no policy), it makes an
+    entry naming the other end the opener; the SYN that follows on the same
+    ports must still be judged, and denied."""
+    lab.pol.set_address_set(aset("peer", f"{PEER}/32"))
+    lab.pol.set_pod(lab.pid, one_way(d, Rule("peer", ref=ref("peer", d))))
+    sport = next(_ports)
+    src, dst = (OTHER, POD) if d == IN else (POD, OTHER)
+    lab.send(d, tcp_pkt(src, dst, sport, 80, first))
+    assert lab.send(d, tcp_pkt(src, dst, sport, 80, TCP_SYN)) == "drop"
+    assert lab.send(d, tcp_pkt(src, dst, sport, 80, TCP_SYN)) == "drop"  # retransmitted
+    allowed = (PEER, POD) if d == IN else (POD, PEER)
+    assert lab.send(d, tcp_pkt(*allowed, next(_ports), 80, TCP_SYN)) == "pass"
 
 
 def test_mid_stream_tcp_is_picked_up_by_the_reverse_evaluation(lab: PolLab) -> None:

@@ -492,3 +492,38 @@ def test_a_chain_naming_a_missing_function_keeps_its_last_valid_version() -> Non
     assert "c1" not in gone.desired.chains
     assert _fw_pass(fns, [], good.last_good).desired.chains == {}
     assert ("CubeChain", "web", "c") not in _fw_pass(fns, [], good.last_good).last_good
+
+
+# ----------------------------------------------------------------------------- network policy
+def _policy_inputs(policies: list[dict[str, Any]]) -> Inputs:
+    def running(ns: str, name: str, labels: dict[str, str], ip: str,
+                host: bool = False) -> dict[str, Any]:
+        p = pod(ns, name, labels)
+        p["spec"]["hostNetwork"] = host
+        p["status"] = {"phase": "Running", "podIP": ip}
+        return p
+
+    pods = [running("web", "api-1", {"app": "api"}, "10.244.1.5"),
+            running("web", "db-1", {"app": "db"}, "10.244.1.6"),
+            running("kube-system", "host-1", {}, "192.168.1.1", host=True)]
+    return Inputs("n1", S, pods=pods, all_pods=pods,
+                  nodes=[node("n1", "192.168.1.1", "10.244.1.0/24")],
+                  namespaces=[{"metadata": {"name": "web"}}],
+                  networkpolicies=policies,
+                  attachments={"c1": ("web", "api-1"), "c2": ("web", "db-1")})
+
+
+def test_once_a_policy_exists_every_pod_of_the_node_is_tracked() -> None:
+    """The selected pod gets its rules; the other pods an empty policy (the
+    cube tracks their connections, so a later policy knows who opened
+    what); hostNetwork pods none. With no policy in the cluster, no pod
+    carries the cube."""
+    deny = {"metadata": {"namespace": "web", "name": "deny-api", "uid": "u1",
+                         "resourceVersion": "1"},
+            "spec": {"podSelector": {"matchLabels": {"app": "api"}}, "policyTypes": ["Ingress"]}}
+    desired = desired_state(_policy_inputs([deny])).desired
+    assert set(desired.policies) == {"c1", "c2"}
+    assert desired.policies["c1"].ingress.isolated
+    empty = desired.policies["c2"]
+    assert not empty.enforced and not empty.ingress.rules and not empty.egress.rules
+    assert desired_state(_policy_inputs([])).desired.policies == {}

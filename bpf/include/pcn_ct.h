@@ -41,6 +41,11 @@ struct pcn_ct_key {
 #define PCN_CTF_FIN_ORIG 0x04  /* TCP FIN from the opener */
 #define PCN_CTF_FIN_REPLY 0x08 /* TCP FIN from the other end */
 #define PCN_CTF_RST 0x10       /* TCP RST from either */
+/* A later judgement disallowed it. Kept rather than deleted, so that its
+ * packets keep being dropped: deleted, the next one would be judged anew,
+ * and a TCP packet that starts nothing may be picked up as the reply of a
+ * connection opened the other way, which the other direction may allow. */
+#define PCN_CTF_REVOKED 0x20
 
 struct pcn_ct {
     u64 seen_ns; /* last packet (refreshed at most every PCN_CT_REFRESH_NS) */
@@ -56,6 +61,10 @@ struct pcn_ct {
 #define PCN_CT_TCP_ESTABLISHED_NS (86400ULL * PCN_CT_S)
 #define PCN_CT_TCP_OPENING_NS (120ULL * PCN_CT_S) /* no answer yet, or closing */
 #define PCN_CT_TCP_RESET_NS (10ULL * PCN_CT_S)
+/* A revoked connection's ends retransmit with backoff for up to ~15 min
+ * (tcp_retries2 = 15): its entry outlives them, or a late retransmission
+ * would find none and could be picked up as a reply. */
+#define PCN_CT_REVOKED_NS (1200ULL * PCN_CT_S)
 #define PCN_CT_OTHER_NS (60ULL * PCN_CT_S)
 
 /* The key of `f`'s connection; 1 when `f`'s source is end a. Two ends with
@@ -82,6 +91,8 @@ static __always_inline u64 pcn_ct_lifetime(u8 proto, u8 flags)
         return PCN_CT_OTHER_NS;
     if (flags & PCN_CTF_RST)
         return PCN_CT_TCP_RESET_NS;
+    if (flags & PCN_CTF_REVOKED)
+        return PCN_CT_REVOKED_NS;
     if ((flags & (PCN_CTF_FIN_ORIG | PCN_CTF_FIN_REPLY)) || !(flags & PCN_CTF_REPLIED))
         return PCN_CT_TCP_OPENING_NS;
     return PCN_CT_TCP_ESTABLISHED_NS;

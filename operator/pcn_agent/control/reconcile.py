@@ -684,11 +684,17 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
 # ----------------------------------------------------------------------------- entry
 # ----------------------------------------------------------------------------- network policy
 def policies_of(inputs: Inputs) -> tuple[dict[str, PodPolicy], dict[str, AddressSet]]:
-    """The policy of each attached pod of this node that a NetworkPolicy or
-    ClusterNetworkPolicy applies to (by attachment key; see
+    """The policy of each attached pod of this node (by attachment key; see
     pcn_policy.compiler for the semantics), and the address sets their
-    rules use. None at all when the cluster has no policy: then no pod
-    carries the policy cube."""
+    rules use. Once the cluster has a policy, every pod gets one, empty for
+    the pods no policy selects: the cube then tracks their connections too,
+    so that when a policy comes to select a pod, or a change disallows one
+    of its connections, the cube knows which end opened each connection
+    (without an entry, a TCP packet that starts nothing is judged both as
+    sent and as the reply of a connection opened the other way, and a
+    connection revoked while its pod was unselected would come back that
+    way). None at all when the cluster has no policy: then no pod carries
+    the policy cube, and pays nothing for it."""
     if not inputs.networkpolicies and not inputs.clusternetworkpolicies:
         return {}, {}
     compiled = netpol.compile_node(netpol.Cluster(
@@ -700,8 +706,7 @@ def policies_of(inputs: Inputs) -> tuple[dict[str, PodPolicy], dict[str, Address
     policies: dict[str, PodPolicy] = {}
     for pod, policy in compiled.pods.items():
         key = key_of.get(pod)
-        if key is not None and (policy.enforced or policy.ingress.rules
-                                or policy.egress.rules):
+        if key is not None:
             policies[key] = policy
     used = used_sets(policies.values())
     return policies, {name: s for name, s in compiled.sets.items() if name in used}

@@ -66,7 +66,7 @@ CTR_DROPS = 6  # + direction
 CTR_FIRST_RULE = 8
 RESERVED_COUNTERS = tuple(range(CTR_FIRST_RULE))
 # pcn_ct.h PCN_CTF_*
-CTF_ORIG_A, CTF_REPLIED, CTF_FIN_ORIG, CTF_FIN_REPLY, CTF_RST = 1, 2, 4, 8, 16
+CTF_ORIG_A, CTF_REPLIED, CTF_FIN_ORIG, CTF_FIN_REPLY, CTF_RST, CTF_REVOKED = 1, 2, 4, 8, 16, 32
 _S = 1_000_000_000
 _PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP)
 _SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
@@ -86,6 +86,8 @@ def ct_lifetime_ns(proto: int, flags: int) -> int:
         return 60 * _S
     if flags & CTF_RST:
         return 10 * _S
+    if flags & CTF_REVOKED:
+        return 1200 * _S
     if flags & (CTF_FIN_ORIG | CTF_FIN_REPLY) or not flags & CTF_REPLIED:
         return 120 * _S
     return 86400 * _S
@@ -555,12 +557,15 @@ class PolicyCube:
     def connections(self, port_id: int) -> list[dict[str, Any]]:
         """The pod's tracked connections, as opened: {"proto", "src", "sport",
         "dst", "dport", "direction" (of the pod's policy that accepted it),
-        "rule" (str(RuleRef), "host", "default" or "isolation"...), "epoch",
-        "flags" (PCN_CTF_* names), "idle_s", "live"}. For debugging: walks
+        "rule" (str(RuleRef), "host", "default" or "isolation"...: what
+        accepted it, or for a revoked one what denied it), "epoch", "flags"
+        (PCN_CTF_* names; "revoked": a later judgement disallowed it, its
+        packets are dropped), "idle_s", "live"}. For debugging: walks
         the whole table."""
         pod = self.pods.get(port_id)
         by_id: dict[int, str] = {CTR_HOST: "host", CTR_UNNAMED: "unnamed",
-                                 CTR_DEFAULT: "default", CTR_DEFAULT + 1: "default"}
+                                 CTR_DEFAULT: "default", CTR_DEFAULT + 1: "default",
+                                 CTR_ISOLATION: "isolation", CTR_ISOLATION + 1: "isolation"}
         if pod:
             by_id.update({i: str(r) for r, i in pod.counters.items()})
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -572,7 +577,8 @@ class PolicyCube:
             b = (maps.ip_str(k.addr_b), _be16(k.port_b))
             src, dst = (a, b) if v.flags & CTF_ORIG_A else (b, a)
             flags = [n for n, bit in (("replied", CTF_REPLIED), ("fin_orig", CTF_FIN_ORIG),
-                                      ("fin_reply", CTF_FIN_REPLY), ("rst", CTF_RST))
+                                      ("fin_reply", CTF_FIN_REPLY), ("rst", CTF_RST),
+                                      ("revoked", CTF_REVOKED))
                      if v.flags & bit]
             idle = now - int(v.seen_ns)
             out.append({"proto": int(k.proto), "src": src[0], "sport": src[1], "dst": dst[0],
