@@ -253,7 +253,11 @@ def test_the_api_command_line_is_upstreams_make_conformance() -> None:
     assert skip == "-test.skip=" + policyapi.skip_regex(skips)
     plain = policyapi.argv(Path("/c/bin"), api, (), nosctp=False, only="CNPAdminTierIngressTCP")
     assert plain[4] == f"/c/bin/{policyapi.BINARY}"
-    assert "-test.run=^TestConformance$/CNPAdminTierIngressTCP" in plain
+    assert "-test.run=^TestConformance$/(CNPAdminTierIngressTCP)" in plain
+    # Go splits -test.run at each top-level "|" (testing's splitRegexp):
+    # unbracketed, A|B|C would keep only A under TestConformance
+    several = policyapi.argv(Path("/c/bin"), api, (), nosctp=False, only="A|B|C")
+    assert "-test.run=^TestConformance$/(A|B|C)" in several
     assert not [a for a in plain if a.startswith("-test.skip=")]
 
 

@@ -398,3 +398,29 @@ def test_a_cluster_going_down_leaves_the_hosts_shared_things_to_one_still_up(
     # the last one down removes it
     cleanup.remove(cleanup.Teardown(heir.layout, heir.created_mountpoints, {}), [])
     assert not point.exists()
+
+
+def test_a_dead_clusters_leftover_state_is_no_heir(tmp_path: Path) -> None:
+    """A cluster whose node holders are all gone (a killed test run left its
+    state file) is not alive: `down` must not hand the host's mount points
+    to it (a new user's teardown re-wrote such a ghost's state); one with a
+    live holder is, and so is one in its first steps (no holders yet, its
+    state just written)."""
+    import os
+    import subprocess
+
+    data_root = tmp_path / "data"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ghost = ClusterState(tmp_path / "lab-g", run_id="gggggg", workers=1,
+                         data_root=str(data_root), holders={"n1": dead.pid})
+    live = ClusterState(tmp_path / "lab-l", run_id="llllll", workers=1,
+                        data_root=str(data_root), holders={"n1": os.getpid(), "n2": dead.pid})
+    starting = ClusterState(tmp_path / "lab-s", run_id="ssssss", workers=1,
+                            data_root=str(data_root))
+    for s in (ghost, live, starting):
+        s.save()
+    assert not ghost.alive()
+    assert live.alive()
+    assert starting.alive()
+    assert not starting.alive(fresh_s=0)

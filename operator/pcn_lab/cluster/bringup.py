@@ -201,7 +201,7 @@ class Bringup:
         """The other clusters of this machine that are still up (their data
         folder is there): they share the host's sysctls and mount points."""
         return [o for o in orphans(self.layout.data.parent)
-                if o.layout.prefix != self.layout.prefix]
+                if o.layout.prefix != self.layout.prefix and o.alive()]
 
     def agent_image(self) -> None:
         """The pcn-agent image of this checkout's code: `make k8s` built it

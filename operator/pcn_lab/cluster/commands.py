@@ -48,7 +48,7 @@ def exec_(state: ClusterState, pod: str, command: list[str], namespace: str | No
 def down(state: ClusterState) -> int:
     runner.say(f"removing cluster {state.layout.prefix}")
     others = [o for o in orphans(state.layout.data.parent)
-              if o.layout.prefix != state.layout.prefix]
+              if o.layout.prefix != state.layout.prefix and o.alive()]
     removed = cleanup.remove(cleanup.Teardown(state.layout, state.created_mountpoints,
                                               state.sysctls), others)
     procs = [r for r in removed if r.startswith("process ")]

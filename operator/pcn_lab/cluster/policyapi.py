@@ -218,7 +218,9 @@ def argv(bin_dir: Path, selection: ApiSelection, skips: Sequence[ApiSkip], nosct
     comes from $KUBECONFIG (controller-runtime's and client-go's default
     rules)."""
     binary = bin_dir / (BINARY_NOSCTP if nosctp else BINARY)
-    run = f"^{TOP_TEST}$" + (f"/{only}" if only else "")
+    # Go's -test.run splits its pattern at each top-level "|": A|B must be
+    # one group, or only the first alternative stays under TestConformance
+    run = f"^{TOP_TEST}$" + (f"/({only})" if only else "")
     out = [str(bin_dir / "test2json"), "-t", "-p", f"{selection.module}/conformance",
            str(binary), "-test.v=test2json", f"-test.run={run}",
            f"-test.timeout={selection.timeout}",

@@ -5,6 +5,8 @@ cluster. Written first thing by `up`, and after every step."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,19 @@ class ClusterState:
     def kubeconfig(self) -> Path:
         return self.dir / "kubeconfig"
 
+    def alive(self, fresh_s: float = 600.0) -> bool:
+        """Whether the cluster still runs: one of its node holders is alive,
+        or, before it has any (an `up` in its first steps), its state was
+        written in the last `fresh_s` seconds. A dead cluster's leftover
+        state (a killed test run) is no heir of the host's mount points."""
+        if self.holders:
+            return any(_pid_alive(pid) for pid in self.holders.values())
+        try:
+            written = (self.layout.data / STATE_FILE).stat().st_mtime
+        except OSError:
+            return False
+        return time.time() - written < fresh_s
+
     def save(self) -> None:
         """Write the state file, and a copy in the data folder (`down` finds a
         cluster whose lab folder is gone by it: see `orphans`)."""
@@ -74,3 +89,13 @@ def orphans(data_root: Path = DATA_ROOT) -> list[ClusterState]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
