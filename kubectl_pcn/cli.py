@@ -19,12 +19,14 @@ from . import chains as ch
 from .client import (
     CLUSTER_NETWORK_POLICIES,
     CUBE_CHAINS,
+    ENDPOINT_SLICES,
     NAMESPACES,
     NETWORK_FUNCTIONS,
     NETWORK_POLICIES,
     NODE_PORT_RULES,
     NODES,
     PODS,
+    SERVICES,
     STATUS_LABEL,
     STATUS_NAMESPACE,
     Cluster,
@@ -484,57 +486,84 @@ def chain(pod: str | None) -> None:
 @cli.command("policy", epilog="""\b
 Examples:
   kubectl pcn policy client web --port 80 -n shop
+  kubectl pcn policy client web --port http -n shop
   kubectl pcn policy shop/client db/postgres --port 5432
-  kubectl pcn policy 203.0.113.9 web --port 443 --protocol tcp -n shop""")
+  kubectl pcn policy client svc/web --port 80 -n shop
+  kubectl pcn policy 203.0.113.9 web --port 443 --protocol tcp -n shop
+\b
+Exit status: 0 allowed, 1 denied (for a Service: denied to a backend),
+2 a mistake in the question.""")
 @click.argument("source", shell_complete=completion.names(_pods))
 @click.argument("destination", shell_complete=completion.names(_pods))
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="Destination port (ignored for ICMP).")
+@click.option("--port", default=None, metavar="PORT",
+              help="Destination port: a number, or a name (the destination pod's "
+                   "container port, or the Service's port). Needed for TCP, UDP, SCTP.")
 @click.option("--protocol", type=click.Choice(["TCP", "UDP", "SCTP", "ICMP"],
                                               case_sensitive=False),
               default="TCP", show_default=True)
 @global_options
-def policy(source: str, destination: str, port: int, protocol: str) -> None:
+def policy(source: str, destination: str, port: str | None, protocol: str) -> None:
     """Would a new connection from SOURCE to DESTINATION be allowed by the
     NetworkPolicies and ClusterNetworkPolicies in force, and by which rule
-    of which policy? SOURCE and DESTINATION are pods (NAME in -n NAMESPACE,
-    or NAMESPACE/NAME) or IPv4 addresses. Both sides are judged as pcn's
+    of which policy? SOURCE is a pod (NAME in -n NAMESPACE, or
+    NAMESPACE/NAME) or an IPv4 address; DESTINATION too, or a Service
+    (svc/NAME, NAMESPACE/svc/NAME or its ClusterIP), which is judged at
+    each ready backend with its target port, as the data plane sees the
+    connection after Service translation. Both sides are judged as pcn's
     policy cube judges them: the source pod's egress, then the destination
-    pod's ingress; a Service's connection is judged at its backend pod."""
+    pod's ingress."""
     from pcn_policy import compiler
 
+    from . import policycheck
+
     s = settings()
-
-    def endpoint(text: str) -> str:
-        if "/" in text or all(part.isdigit() for part in text.split(".")):
-            return text
-        return f"{s.ns}/{text}"
-
-    s.progress("reading pods, namespaces, nodes and policies")
+    s.progress("reading pods, services, namespaces, nodes and policies")
     try:
         cnps = s.cluster.list(CLUSTER_NETWORK_POLICIES)
     except PcnError:
         cnps = []  # the CRD is not installed: there are none
+    pods = s.cluster.list(PODS)
     cluster = compiler.Cluster(
         network_policies=s.cluster.list(NETWORK_POLICIES), cluster_network_policies=cnps,
-        pods=s.cluster.list(PODS), namespaces=s.cluster.list(NAMESPACES),
-        nodes=s.cluster.list(NODES))
-    try:
-        ex = compiler.explain(cluster, endpoint(source), endpoint(destination), protocol, port)
-    except ValueError as exc:
-        raise InputError(str(exc), "list pods with: kubectl get pods -A -o wide") from None
+        pods=pods, namespaces=s.cluster.list(NAMESPACES), nodes=s.cluster.list(NODES))
+    services = s.cluster.list(SERVICES)
+    slices = s.cluster.list(ENDPOINT_SLICES) if services else []
+    found = policycheck.targets(destination, s.ns, port, protocol, pods, services, slices)
+    src = policycheck.qualified(source, s.ns)
+    results = []
+    for t in found:
+        try:
+            results.append((t, compiler.explain(cluster, src, t.endpoint, protocol, t.port)))
+        except ValueError as exc:
+            hint = ("list pods with: kubectl get pods -A -o wide; a pod of another namespace "
+                    "than -n is NAMESPACE/NAME")
+            raise InputError(str(exc), hint) from None
     if s.fmt in ("yaml", "json"):
         def step(st: compiler.Step) -> dict[str, Any]:
             return {"pod": st.pod, "action": st.action.name, "reason": st.reason,
                     "rule": str(st.ref) if st.ref else None}
-        click.echo(output.data({
-            "source": str(ex.src), "destination": str(ex.dst), "protocol": protocol.upper(),
-            "port": port, "allowed": ex.allowed, "egress": step(ex.egress),
-            "ingress": step(ex.ingress), "warnings": list(ex.warnings)}, s.fmt))
+
+        def doc(t: policycheck.Target, ex: compiler.Explanation) -> dict[str, Any]:
+            return {"source": str(ex.src), "destination": str(ex.dst),
+                    "protocol": protocol.upper(), "port": t.port, "allowed": ex.allowed,
+                    "egress": step(ex.egress), "ingress": step(ex.ingress),
+                    "warnings": list(ex.warnings)}
+        if len(results) == 1 and not results[0][0].via:
+            click.echo(output.data(doc(*results[0]), s.fmt))
+        else:
+            click.echo(output.data({"service": results[0][0].via,
+                                    "allowed": all(ex.allowed for _, ex in results),
+                                    "backends": [doc(t, ex) for t, ex in results]}, s.fmt))
     else:
-        click.echo(str(ex))
-        for w in ex.warnings:
+        if results[0][0].via:
+            click.echo(f"{results[0][0].via} -> {len(results)} ready backend(s), "
+                       "each judged as the data plane sees it:")
+        for _, ex in results:
+            click.echo(str(ex))
+        for w in sorted({w for _, ex in results for w in ex.warnings}):
             _warn(w)
+    if not all(ex.allowed for _, ex in results):
+        sys.exit(1)
 
 
 @cli.command("version")

@@ -49,6 +49,8 @@ CONFIG_MAPS = Resource("ConfigMap", "configmaps", True, "", "v1")
 NODES = Resource("Node", "nodes", False, "", "v1")
 NAMESPACES = Resource("Namespace", "namespaces", False, "", "v1")
 NETWORK_POLICIES = Resource("NetworkPolicy", "networkpolicies", True, "networking.k8s.io", "v1")
+SERVICES = Resource("Service", "services", True, "", "v1")
+ENDPOINT_SLICES = Resource("EndpointSlice", "endpointslices", True, "discovery.k8s.io", "v1")
 # sigs.k8s.io/network-policy-api v0.3.0 (a CRD: absent where nobody installed it)
 CLUSTER_NETWORK_POLICIES = Resource("ClusterNetworkPolicy", "clusternetworkpolicies", False,
                                     "policy.networking.k8s.io", "v1alpha2")

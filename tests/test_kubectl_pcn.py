@@ -783,13 +783,48 @@ def test_policy_says_whether_a_connection_is_allowed_and_by_which_rule(lab: Lab)
     ok = lab.run("policy", "client", "web", "--port", "8080", "-n", "shop").stdout
     assert "allowed" in ok.splitlines()[0], ok
     assert "NetworkPolicy shop/web-from-client ingress[0]" in ok, ok
-    other_ns = lab.run("policy", "other/intruder", "shop/web", "--port", "8080").stdout
+    other_ns = lab.run("policy", "other/intruder", "shop/web", "--port", "8080",
+                       code=1).stdout  # denied: exit status 1, as kubectl auth can-i
     assert "denied" in other_ns.splitlines()[0] and "web-from-client" in other_ns, other_ns
     wrong_port = json.loads(lab.run("policy", "client", "web", "--port", "9090", "-n", "shop",
-                                    "-o", "json").stdout)
+                                    "-o", "json", code=1).stdout)
     assert wrong_port["allowed"] is False and wrong_port["ingress"]["action"] == "DENY"
     assert wrong_port["egress"]["action"] == "ACCEPT"  # the client's egress is open
     kubelet = lab.run("policy", "192.168.1.1", "web", "--port", "9090", "-n", "shop").stdout
     assert "allowed" in kubelet.splitlines()[0], kubelet
-    missing = lab.run("policy", "nope", "web", "-n", "shop", code=2)  # InputError
-    assert "nope" in missing.output
+    missing = lab.run("policy", "nope", "web", "--port", "80", "-n", "shop", code=2)
+    assert "no pod shop/nope" in missing.output and "NAMESPACE/NAME" in missing.output
+    # a named port is the destination pod's; an unknown name says which there are
+    named = lab.run("policy", "client", "web", "--port", "http", "-n", "shop").stdout
+    assert "TCP/8080: allowed" in named.splitlines()[0], named
+    typo = lab.run("policy", "client", "web", "--port", "htpp", "-n", "shop", code=2)
+    assert "no TCP container port named 'htpp'" in typo.output and "http (8080)" in typo.output
+    assert "--port" in lab.run("policy", "client", "web", "-n", "shop", code=2).output
+    icmp = lab.run("policy", "client", "web", "--protocol", "icmp", "-n", "shop", code=1)
+    assert "ICMP: denied" in icmp.stdout.splitlines()[0], icmp.stdout
+    # a Service: judged at each ready backend, on its target port, after translation
+    for obj in ({"apiVersion": "v1", "kind": "Service",
+                 "metadata": {"name": "web", "namespace": "shop"},
+                 "spec": {"clusterIP": "10.96.0.80", "clusterIPs": ["10.96.0.80"],
+                          "selector": {"app": "web"},
+                          "ports": [{"name": "web", "port": 80, "targetPort": "http",
+                                     "protocol": "TCP"}]}},
+                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "web-abcde", "namespace": "shop",
+                              "labels": {"kubernetes.io/service-name": "web"}},
+                 "addressType": "IPv4",
+                 "ports": [{"name": "web", "port": 8080, "protocol": "TCP"}],
+                 "endpoints": [{"addresses": ["10.244.1.10"], "conditions": {"ready": True},
+                                "targetRef": {"kind": "Pod", "namespace": "shop",
+                                              "name": "web"}},
+                               {"addresses": ["10.244.1.99"], "conditions": {"ready": False}}]}):
+        apply(lab.api, obj)
+    via_ip = lab.run("policy", "client", "10.96.0.80", "--port", "80", "-n", "shop").stdout
+    assert via_ip.splitlines()[0].startswith("Service shop/web TCP/80 -> 1 ready backend"), via_ip
+    assert "shop/web (10.244.1.10) TCP/8080: allowed" in via_ip, via_ip
+    via_name = json.loads(lab.run("policy", "other/intruder", "shop/svc/web", "--port", "web",
+                                  "-o", "json", code=1).stdout)
+    assert via_name["allowed"] is False and via_name["service"] == "Service shop/web TCP/80"
+    assert [b["port"] for b in via_name["backends"]] == [8080]
+    no_port = lab.run("policy", "client", "svc/web", "--port", "81", "-n", "shop", code=2)
+    assert "has no TCP port 81 (its TCP ports: web:80)" in no_port.output

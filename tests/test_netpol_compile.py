@@ -580,6 +580,29 @@ def test_rules_of_many_pods_share_sets() -> None:
     assert len(names) == 1 and set(comp.sets) == names
 
 
+def test_an_invalid_selector_selects_nothing_and_says_so() -> None:
+    """A ClusterNetworkPolicy's CRD lets an invalid selector in (the API
+    server refuses it in a NetworkPolicy): it selects nothing, as
+    LabelSelectorAsSelector's error leaves a caller with nothing, and a
+    warning names the policy, the field and the fault (a new user's Admin
+    Deny with `In` and no values looked applied and did nothing)."""
+    bad = {"matchExpressions": [{"key": "ns", "operator": "In"}]}
+    c = model(cnp("deny-x", "Admin", 1, {"namespaces": bad},
+                  ingress=[{"action": "Deny", "from": [{"namespaces": {}}]}]),
+              cnp("odd-peer", "Admin", 2, {"namespaces": {}}, egress=[
+                  {"action": "Accept", "to": [{"pods": {
+                      "namespaceSelector": {}, "podSelector": {"matchExpressions": [
+                          {"key": "pod", "operator": "Has"}]}}}]}]))
+    comp = compile_pods(c, ["x/a"])
+    assert comp.pods["x/a"].ingress.admin == ()  # deny-x selects no pod
+    assert ("ClusterNetworkPolicy deny-x: subject.namespaces: matchExpressions 'ns' In needs "
+            "values; it selects nothing") in comp.warnings
+    assert any(w.startswith("ClusterNetworkPolicy odd-peer egress[0]: pods.podSelector: "
+                            "matchExpressions 'pod': unknown operator 'Has'")
+               for w in comp.warnings), comp.warnings
+    assert not denied(c)  # nothing isolated, nothing denied
+
+
 def test_unknown_protocol_and_bad_peers_are_warned_and_left_out() -> None:
     c = model(netpol("x", "odd", labels(pod="a"), ingress=[
         {"ports": [{"port": 80, "protocol": "ICMP"}]},

@@ -194,6 +194,35 @@ def parse_selector(raw: Any) -> Selector:
     return Selector(labels, tuple(sorted(set(exprs))), valid)
 
 
+def selector_problem(raw: Any) -> str | None:
+    """Why a LabelSelector dict selects nothing although it was meant to
+    select something (what the API server refuses in a NetworkPolicy; a CRD
+    without that validation lets it in), or None when it is valid."""
+    if not raw:
+        return None
+    if not isinstance(raw, Mapping):
+        return f"{raw!r} is not a label selector"
+    for e in raw.get("matchExpressions") or []:
+        key, op = e.get("key", ""), str(e.get("operator", ""))
+        values = e.get("values") or []
+        if op in ("In", "NotIn") and not values:
+            return f"matchExpressions {key!r} {op} needs values"
+        if op in ("Exists", "DoesNotExist") and values:
+            return f"matchExpressions {key!r} {op} takes no values"
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            return (f"matchExpressions {key!r}: unknown operator {op!r} (In, NotIn, Exists "
+                    "or DoesNotExist)")
+    return None
+
+
+def _selector(raw: Any, where: str, what: str, warnings: list[str]) -> Selector:
+    """parse_selector, with a warning naming the field when it is invalid."""
+    problem = selector_problem(raw)
+    if problem:
+        warnings.append(f"{where}: {what}: {problem}; it selects nothing")
+    return parse_selector(raw)
+
+
 # ----------------------------------------------------------------------------- addresses
 @lru_cache(maxsize=65536)
 def _ip_int(ip: str) -> int | None:
@@ -732,8 +761,10 @@ def _np_peer(raw: Obj, namespace: str, where: str, warnings: list[str]) -> _Peer
                         "left out")
         return None
     if ns_raw is None:
-        return _Peer("pods", namespace=namespace, pod_sel=parse_selector(pod_raw))
-    return _Peer("pods", ns_sel=parse_selector(ns_raw), pod_sel=parse_selector(pod_raw))
+        return _Peer("pods", namespace=namespace,
+                     pod_sel=_selector(pod_raw, where, "podSelector", warnings))
+    return _Peer("pods", ns_sel=_selector(ns_raw, where, "namespaceSelector", warnings),
+                 pod_sel=_selector(pod_raw, where, "podSelector", warnings))
 
 
 def _parse_network_policy(o: Obj, warnings: list[str]) -> _Policy:
@@ -764,7 +795,9 @@ def _parse_network_policy(o: Obj, warnings: list[str]) -> _Policy:
             ports = [q for q in (_np_port(p, str(ref), warnings) for p in raw_ports) if q]
             rules.append(_Rule(ref, tuple(peers), tuple(ports) if raw_ports else None))
         sides[d] = tuple(rules)
-    return _Policy(NP_KIND, ns, name, None, parse_selector(spec.get("podSelector")),
+    return _Policy(NP_KIND, ns, name, None,
+                   _selector(spec.get("podSelector"), f"{NP_KIND} {ns}/{name}", "spec.podSelector",
+                             warnings),
                    sides[Direction.INGRESS], sides[Direction.EGRESS])
 
 
@@ -826,15 +859,18 @@ def _cnp_peer(raw: Obj, egress: bool, action: Action, where: str,
     known = False
     if raw.get("namespaces") is not None:
         known = True
-        out.append(_Peer("pods", ns_sel=parse_selector(raw["namespaces"])))
+        out.append(_Peer("pods", ns_sel=_selector(raw["namespaces"], where, "namespaces",
+                                                  warnings)))
     if raw.get("pods") is not None:
         known = True
         pods = raw["pods"]
-        out.append(_Peer("pods", ns_sel=parse_selector(pods.get("namespaceSelector")),
-                         pod_sel=parse_selector(pods.get("podSelector"))))
+        out.append(_Peer("pods", ns_sel=_selector(pods.get("namespaceSelector"), where,
+                                                  "pods.namespaceSelector", warnings),
+                         pod_sel=_selector(pods.get("podSelector"), where, "pods.podSelector",
+                                           warnings)))
     if egress and raw.get("nodes") is not None:
         known = True
-        out.append(_Peer("nodes", ns_sel=parse_selector(raw["nodes"])))
+        out.append(_Peer("nodes", ns_sel=_selector(raw["nodes"], where, "nodes", warnings)))
     if egress and raw.get("networks") is not None:
         known = True
         for cidr in raw["networks"] or []:
@@ -865,10 +901,14 @@ def _parse_cluster_network_policy(o: Obj, warnings: list[str]) -> _Policy | None
         return None
     subject = spec.get("subject") or {}
     if subject.get("namespaces") is not None:
-        ns_sel, pod_sel = parse_selector(subject["namespaces"]), ALL_SELECTOR
+        ns_sel = _selector(subject["namespaces"], f"{CNP_KIND} {name}", "subject.namespaces",
+                           warnings)
+        pod_sel = ALL_SELECTOR
     elif subject.get("pods") is not None:
-        ns_sel = parse_selector(subject["pods"].get("namespaceSelector"))
-        pod_sel = parse_selector(subject["pods"].get("podSelector"))
+        ns_sel = _selector(subject["pods"].get("namespaceSelector"), f"{CNP_KIND} {name}",
+                           "subject.pods.namespaceSelector", warnings)
+        pod_sel = _selector(subject["pods"].get("podSelector"), f"{CNP_KIND} {name}",
+                            "subject.pods.podSelector", warnings)
     else:
         warnings.append(f"{CNP_KIND} {name}: a subject with no field this version knows; "
                         "it selects nothing")
@@ -1334,7 +1374,8 @@ class Explanation:
     def __str__(self) -> str:
         names = {v: k for k, v in {**PROTOCOLS, "ICMP": IPPROTO_ICMP}.items()}
         proto = names.get(self.proto, str(self.proto))
-        head = (f"{self.src} -> {self.dst} {proto}/{self.port}: "
+        what = proto if self.proto == IPPROTO_ICMP else f"{proto}/{self.port}"
+        head = (f"{self.src} -> {self.dst} {what}: "
                 f"{'allowed' if self.allowed else 'denied'}")
         lines = [f"  {s.direction.name.lower():7} {s.action.name.lower()}: {s.reason}"
                  for s in (self.egress, self.ingress)]
