@@ -458,3 +458,12 @@ def test_the_focus_selects_exactly_the_netpol_specs_of_the_built_e2e() -> None:
     skipped = {name for name in chosen if sel.skip_reason(name)}
     assert skipped == {name for name in chosen if "[Feature:SCTPConnectivity]" in name}
     assert len(skipped) == 3
+
+
+def test_a_narrowed_run_writes_its_results_in_the_lab_folder() -> None:
+    lab = Path("/run/pcn-netpol")
+    assert netpol.output_paths(lab, (), "") == (netpol.E2E_OUTPUT, netpol.API_OUTPUT)
+    assert netpol.output_paths(lab, ("Netpol.*named port",), "CNPAdmin") == (
+        lab / "e2e" / "results.json", lab / "network-policy-api" / "results.json")
+    mine = Path("/tmp/mine.json")
+    assert netpol.output_paths(lab, ("x",), "y", mine, mine) == (mine, mine)

@@ -104,13 +104,30 @@ def run_api(run: LabRun, selection: policyapi.ApiSelection,
     return code, policyapi.parse_events(events.read_text().splitlines(), skips)
 
 
+def output_paths(lab_dir: Path, extra_focus: Sequence[str], api_run: str,
+                 e2e_output: Path | None = None, api_output: Path | None = None
+                 ) -> tuple[Path, Path]:
+    """Where the e2e and the api results go: as given; else the committed
+    bench/results files for a whole suite, and the suite's folder in the lab
+    directory for a narrowed run (`--focus`, `--api-run`), which must not
+    replace the full run's record."""
+    if e2e_output is None:
+        e2e_output = lab_dir / "e2e" / "results.json" if extra_focus else E2E_OUTPUT
+    if api_output is None:
+        api_output = lab_dir / "network-policy-api" / "results.json" if api_run else API_OUTPUT
+    return e2e_output, api_output
+
+
 def run(lab_dir: Path, workers: int, procs: int, keep: bool, suites: Sequence[str],
         extra_focus: Sequence[str] = (), api_run: str = "",
-        e2e_output: Path = E2E_OUTPUT, api_output: Path = API_OUTPUT) -> int:
+        e2e_output: Path | None = None, api_output: Path | None = None) -> int:
     """Bring the cluster up, run the chosen `suites` ("e2e", "api") on it,
     print their tables, write their results files, take it down, check that
     nothing is left. `extra_focus` replaces the e2e focus (the skips stay);
-    `api_run` narrows the api suite to TestConformance/<regex>. Returns the
+    `api_run` narrows the api suite to TestConformance/<regex>. Results go
+    to `e2e_output` / `api_output` when given; else a whole suite's to the
+    committed bench/results files, a narrowed one's to its folder in the lab
+    directory (results.json), not over the full run's record. Returns the
     exit status (0: every selected test passed, nothing left)."""
     from pcn_lab.cluster import artifacts
 
@@ -133,6 +150,8 @@ def run(lab_dir: Path, workers: int, procs: int, keep: bool, suites: Sequence[st
     # a partial run says so in its results
     e2e_meta: dict[str, object] = {"focus": list(extra_focus)} if extra_focus else {}
     api_meta: dict[str, object] = {"api_run": api_run} if api_run else {}
+    e2e_output, api_output = output_paths(lab_dir, extra_focus, api_run, e2e_output,
+                                          api_output)
     try:
         with real_cluster(lab_dir, workers, keep, say=_say) as lab:
             if "e2e" in suites:
@@ -184,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="e2e: run only specs matching this (repeatable; the skips still apply)")
     ap.add_argument("--api-run", default="", metavar="REGEX",
                     help="network-policy-api: run only TestConformance/REGEX")
-    ap.add_argument("--e2e-output", type=Path, default=E2E_OUTPUT)
-    ap.add_argument("--api-output", type=Path, default=API_OUTPUT)
+    ap.add_argument("--e2e-output", type=Path, default=None,
+                    help=f"(default: {E2E_OUTPUT}; with --focus DIR/e2e/results.json)")
+    ap.add_argument("--api-output", type=Path, default=None,
+                    help=f"(default: {API_OUTPUT}; with --api-run "
+                         "DIR/network-policy-api/results.json)")
     args = ap.parse_args(argv)
     try:
         return run(args.dir, args.workers, args.procs, args.keep, args.suite or list(SUITES),
