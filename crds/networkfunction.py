@@ -61,13 +61,13 @@ class FirewallConfig(Model):
                     "path's cost per packet does not grow with the position of the rule "
                     "that matches.")
     defaultAction: Literal["allow", "drop"] = "allow"
-    allowReplies: bool = Field(
-        False, description="When true, packets that answer a connection this firewall "
+    allowReplies: bool | None = Field(
+        None, description="When true, packets that answer a connection this firewall "
                            "allowed (from the end that did not open it) pass whatever the "
                            "rules say, as replies to connections a NetworkPolicy allows "
                            "do; the opener's packets are still judged by the rules. The "
                            "firewall must see both directions (be in a chain's ingress and "
-                           "egress) for replies to meet it.")
+                           "egress) for replies to meet it. Absent: false.")
 
 
 # Each function type and the model of its config; the CRD schema and the

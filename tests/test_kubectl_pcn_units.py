@@ -196,8 +196,12 @@ def test_config_from_flags() -> None:
                                                                   "defaultAction": "allow"}
     with pytest.raises(InputError, match="not both"):
         config_from_flags("firewall", None, ("f", "{}"), ("allow",), None)
-    with pytest.raises(InputError, match="at most 64"):
-        config_from_flags("firewall", None, None, ("allow",) * 65, None)
+    assert len(config_from_flags("firewall", None, None, ("allow",) * 10_000, None)["rules"]) \
+        == 10_000
+    with pytest.raises(InputError, match="at most 10000"):
+        config_from_flags("firewall", None, None, ("allow",) * 10_001, None)
+    assert config_from_flags("firewall", existing, None, (), None, allow_replies=True) == {
+        **existing, "allowReplies": True}
 
 
 def test_config_file_forms() -> None:

@@ -254,6 +254,7 @@ class Agent:
                     "namespace": ns, "name": fname, "type": "firewall",
                     "rules": [str(r) for r in fw.rules], "default": fw.default, "hits": hits,
                     "defaultHits": total.get(f"default: {fw.default}", 0),
+                    "allowReplies": fw.allow_replies, "replyHits": total.get("replies: allow", 0),
                     "drops": node.rt.cube_drops(cname).get("filtered", 0)}
         return out
 
