@@ -820,3 +820,61 @@ def test_fast_rules_run_on_the_generic_program(lab: FwLab, stack: FwFactory) -> 
     assert fw.spec == {"FW_MAX_RULES": 512, "FW_NEED_L4": 1}
     assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
     assert fw.rule_hits()[300] == 2
+
+
+def test_an_adopted_firewall_keeps_its_rules_in_force(lab: FwLab) -> None:
+    """The next agent adopts the cube (same name, saved config): same rules,
+    same generation, nothing rewritten. A config saved by an agent whose
+    firewall kept its rules elsewhere (the linear one: no vector config in
+    force) gets its rules written again, under a new generation."""
+    rt, port = lab.net.rt, lab.ports["a"]
+    first = Firewall(rt, f"fw{next(_fw_names)}",
+                     [*fillers(70), parse_rule("drop tcp dport 22")], "allow",
+                     allow_replies=True)
+    fw = first
+    try:
+        rt.set_hook(port, maps.HOOK_INGRESS, [rt.stacked(fw.name)])
+        assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+        fw = Firewall(rt, first.name)
+        assert (fw.rules, fw.default, fw.allow_replies, fw.gen) == \
+            (first.rules, "allow", True, first.gen)
+        assert fw.spec == first.spec
+        assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+        assert verdict(lab, fw, frame(lab, dport=23)) == "pass"
+        assert fw.rule_hits()[70] == 2  # the counters were kept too
+
+        del fw._cfg_t[ct.c_uint32(fw.cube.id)]  # as an upgraded agent finds it
+        assert verdict(lab, fw, frame(lab, dport=22)) == "pass"  # no config: passes
+        fw = Firewall(rt, first.name)
+        assert fw.gen == first.gen + 1
+        assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+        assert map_entries(lab, fw.cube.id) == (len(fw.tables.lpm), len(fw.tables.vectors),
+                                                71 + 2)
+    finally:
+        rt.set_hook(port, maps.HOOK_INGRESS, [])
+        inst = fw.cube.id
+        fw.delete()
+        assert map_entries(lab, inst) == (0, 0, 0)
+
+
+def test_a_failed_write_leaves_the_old_rules_in_force(lab: FwLab, stack: FwFactory,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map that refuses the new generation's entries (full, say): set_rules
+    raises, the old rules stay in force, the half-written generation is gone."""
+    fw = stack(["drop tcp dport 22"])
+    before = map_entries(lab, fw.cube.id)
+    real = Firewall._set_hits
+
+    def full(self: Firewall, indexes: list[int]) -> None:
+        real(self, indexes[:50])  # some were created when the map filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Firewall, "_set_hits", full)
+    with pytest.raises(OSError, match="No space"):
+        fw.set_rules([*fillers(200), parse_rule("allow tcp")], "drop")
+    monkeypatch.setattr(Firewall, "_set_hits", real)
+    assert map_entries(lab, fw.cube.id) == before
+    assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+    assert verdict(lab, fw, frame(lab, dport=80)) == "pass"
+    assert [str(r) for r in fw.rules] == ["drop tcp dport 22"]
+    assert fw.specialised and fw.wanted_spec == {"FW_MAX_RULES": 1, "FW_NEED_L4": 1}

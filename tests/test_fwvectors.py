@@ -152,3 +152,14 @@ def test_ten_thousand_rules_compile_within_bounds() -> None:
     assert len([e for e in t.lpm if e.field == F_DPORT]) == 10_000
     with pytest.raises(ValueError, match="at most 10240"):
         compile_rules([Rule("drop")] * 10_241)
+
+
+def test_the_saved_rules_are_asdict() -> None:
+    """The firewall saves its rules for adoption without dataclasses.asdict
+    (its deep copies cost 250 ms for 10 000 rules): the same dicts."""
+    from dataclasses import asdict
+
+    from pcn_agent.dataplane.cubes.firewall import _rule_dict
+
+    for text in ("drop tcp from 10.0.0.0/8 to 10.1.0.0/16 sport 1-2 dport 80", "allow"):
+        assert _rule_dict(parse_rule(text)) == asdict(parse_rule(text))

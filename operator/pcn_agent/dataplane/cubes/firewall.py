@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 from pcn_agent.dataplane import maps
@@ -59,6 +58,12 @@ def _span(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
             if max(a.get(k, 0), b.get(k, 0)) or k != "FW_TRACK"}
 
 
+def _rule_dict(r: Rule) -> dict[str, Any]:
+    """dataclasses.asdict(r), without its deep copies (10 000 rules: 250 ms)."""
+    return {"action": r.action, "proto": r.proto, "src": r.src, "dst": r.dst,
+            "sport": r.sport, "dport": r.dport}
+
+
 def _be32(value: int) -> int:
     """An unsigned 32-bit number as the u32 whose memory holds it in network order."""
     return int.from_bytes(value.to_bytes(4, "big"), "little")
@@ -92,6 +97,12 @@ class Firewall:
             variant = rt.load_variant(TYPE, self.spec)
             self._bind_tables(variant.module)
             rt.set_slot(self._slot, variant.fd)  # new program, same slot: atomic
+            if not self._in_force():
+                # saved by an agent whose firewall kept its rules elsewhere (the
+                # linear one, before the vectors): write them again, now
+                log.warning("firewall %s: its rules were not in the vector maps; rewritten",
+                            name)
+                self.set_rules(self.rules, self.default, allow_replies=self.allow_replies)
         else:
             try:
                 self.set_rules(rules or [], default, fast, allow_replies)
@@ -111,6 +122,14 @@ class Firewall:
         self._vecs_t = module[b"fw_vecs"]
         self._cfg_t = module[b"fw_conf"]
         self._hits_t = module[b"fw_rule_hits"]
+
+    def _in_force(self) -> bool:
+        """Whether the instance's config names the generation this object wrote."""
+        try:
+            cfg = self._cfg_t[ct.c_uint32(self.cube.id)]
+        except KeyError:
+            return False
+        return int(cfg.gen) == self.gen and int(cfg.n_rules) == len(self.rules)
 
     # ------------------------------------------------------------------ map writes
     def _lpm_keys(self, tables: Tables, gen: int) -> list[maps.FwLpmKey]:
@@ -189,11 +208,10 @@ class Firewall:
             raise ValueError(f"default action must be allow or drop, not {default!r}")
         t0 = time.monotonic()
         tables = compile_rules(rules)
-        self.wanted_spec = specialisation(rules, allow_replies)
+        wanted = specialisation(rules, allow_replies)
         # fast: when the specialised program is not compiled yet, run the generic
         # one (it evaluates any rule set) now and specialise() later.
-        spec = GENERIC if fast and not self.rt.has_variant(TYPE, self.wanted_spec) \
-            else self.wanted_spec
+        spec = GENERIC if fast and not self.rt.has_variant(TYPE, wanted) else wanted
         variant = self.rt.load_variant(TYPE, spec)
         old_spec, old_gen, old_n, old_tables = self.spec, self.gen, len(self.rules), self.tables
         # Around the switch, the program in the slot must evaluate the old rules
@@ -206,8 +224,15 @@ class Firewall:
         self._bind_tables(variant.module)
         t1 = time.monotonic()
         gen = (old_gen + 1) & 0xFFFFFFFF
-        self._write_tables(tables, gen)
-        self._set_hits([*range(old_n, len(rules)), IDX_DEFAULT, IDX_REPLY])  # to count in
+        try:
+            self._write_tables(tables, gen)
+            self._set_hits([*range(old_n, len(rules)), IDX_DEFAULT, IDX_REPLY])  # to count in
+        except BaseException:
+            # a full map, say: the old rules stay in force, the half-written
+            # generation goes (the program never saw it)
+            self._drop_tables(tables, gen)
+            self._delete(self._hits_t, self._hit_keys(range(old_n, len(rules))), maps.FwHitKey)
+            raise
         t2 = time.monotonic()
         if span != old_spec:
             self.rt.set_slot(self._slot, bridge.fd)
@@ -220,8 +245,9 @@ class Firewall:
         self._delete(self._hits_t, self._hit_keys(range(len(rules), old_n)), maps.FwHitKey)
         self._set_hits([*range(len(rules)), IDX_DEFAULT, IDX_REPLY])  # they start again
         self.rules, self.default, self.gen, self.spec = list(rules), default, gen, spec
+        self.wanted_spec = wanted
         self.allow_replies, self.tables = allow_replies, tables
-        self.cube.config = {"rules": [asdict(r) for r in self.rules], "default": default,
+        self.cube.config = {"rules": [_rule_dict(r) for r in self.rules], "default": default,
                             "gen": gen, "allowReplies": allow_replies}
         self.last_apply = {"compile": t1 - t0, "write": t2 - t1, "switch": t3 - t2,
                            "cleanup": time.monotonic() - t3}

@@ -118,10 +118,12 @@ def _prefix_entries(tables: Tables, fld: int, nets: Sequence[tuple[int, int]]) -
         own[net] = own.get(net, 0) | (1 << i)
     full: dict[tuple[int, int], int] = {}
     ids = _Ids(tables, fld)
+    lengths = sorted({plen for _, plen in own}, reverse=True)  # the only ones to look at
+    masks = {plen: _mask(plen, 32) for plen in lengths}
     for addr, plen in sorted(own, key=lambda n: n[1]):  # ancestors first
         vector = own[(addr, plen)]
-        for shorter in range(plen - 1, -1, -1):  # the nearest ancestor holds the others
-            up = full.get((addr & _mask(shorter, 32), shorter))
+        for shorter in (x for x in lengths if x < plen):  # the nearest ancestor holds the rest
+            up = full.get((addr & masks[shorter], shorter))
             if up is not None:
                 vector |= up
                 break
