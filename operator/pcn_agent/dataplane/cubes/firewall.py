@@ -294,6 +294,10 @@ class Firewall:
         """Hits of each rule, in order."""
         return [self._count(i) for i in range(len(self.rules))]
 
+    def default_hits(self) -> int:
+        """Packets no rule matched (the default action's)."""
+        return self._count(IDX_DEFAULT)
+
     def reply_hits(self) -> int:
         """Replies let through by connection tracking."""
         return self._count(IDX_REPLY)
