@@ -8,10 +8,13 @@
  * and for the source and destination ports, hash for the protocol) gives the
  * vector of the rules whose condition on that field the packet meets; the
  * AND of the vectors holds the rules it matches, and its lowest set bit is
- * the first match. Five lookups and at most one AND per 64 rules, whatever
- * the rules are: the cost does not depend on how many rules come before the
- * one that matches, and no loop walks the rules. The agent computes the
+ * the first match. Per packet: four LPM and six hash lookups (the fields'
+ * vectors, the actions') and one 64-bit AND per field for each word up to
+ * the first match, at most 160 words: no loop walks the rules, and a rule
+ * costs its field conditions nothing at run time. The agent computes the
  * vectors (operator/pcn_agent/dataplane/cubes/fwvectors.py explains them).
+ * The verifier walks the GENERIC shape (10 240 rules, ports, tracking) in
+ * about 350 000 instructions, a third of its limit.
  *
  * Rule sets change atomically: the agent writes the new vectors and LPM
  * entries under a new generation (part of every key), then switches the

@@ -70,6 +70,12 @@ def _be32(value: int) -> int:
 
 
 class Firewall:
+    """One firewall instance: its cube, its rules in force and their tables
+    (generation `gen`), and the program shape in its slot. Constructed with
+    the name of a cube the runtime already has, it adopts it (an agent
+    restart) from the config saved with the cube; otherwise it creates the
+    cube and sets `rules` (ValueError as set_rules)."""
+
     def __init__(self, rt: Runtime, name: str, rules: list[Rule] | None = None,
                  default: str = "allow", fast: bool = False, allow_replies: bool = False
                  ) -> None:
