@@ -878,3 +878,14 @@ def test_a_failed_write_leaves_the_old_rules_in_force(lab: FwLab, stack: FwFacto
     assert verdict(lab, fw, frame(lab, dport=80)) == "pass"
     assert [str(r) for r in fw.rules] == ["drop tcp dport 22"]
     assert fw.specialised and fw.wanted_spec == {"FW_MAX_RULES": 1, "FW_NEED_L4": 1}
+
+
+def test_the_generic_program_leaves_the_verifier_room(lab: FwLab) -> None:
+    """The largest shape (160 vector words, ports, tracking) is what the
+    verifier walks longest: each word the search can stop at is a way through
+    the rest of the program. Half of the kernel's 1 000 000 instructions is
+    the budget, so that the chain's code can grow."""
+    variant = lab.net.rt.load_variant("firewall", GENERIC)
+    with open(f"/proc/self/fdinfo/{variant.fd}") as f:
+        info = dict(line.split(":", 1) for line in f if ":" in line)
+    assert 0 < int(info["verified_insns"]) < 500_000, info["verified_insns"]
