@@ -19,7 +19,7 @@ LIMIT_VARIANT = "veth"  # the cheapest path between two namespaces
 # linux-bridge + kube-proxy's iptables rules, policy-throughput with pcn
 # without policy.
 REFERENCES = {"pod-to-service": "iptables", "service-scale": "iptables",
-              "policy-throughput": "pcn"}
+              "policy-throughput": "pcn", "firewall-scale": "fw-0"}
 THROUGHPUT = "throughput"
 SAME_NODE_TARGET = 0.80  # pcn same-node throughput / linux-bridge's (issue acceptance)
 POD_ADD_TARGET_MS = 100.0  # median pod-add latency (issue acceptance)
@@ -31,6 +31,7 @@ CNI_ADD_P99_TARGET_MS = 200.0  # pcn-cni ADD, p99 (issue 4)
 POLICY_RECONCILE_TARGET_MS = 100.0  # one reconcile pass per policy-relevant change, p95 (issue 11)
 POLICY_POD_ADD_TARGET_MS = 50.0  # a new pod's policy into the data plane, p95 (issue 11)
 POLICY_THROUGHPUT_TARGET = 0.95  # throughput under 100 rules / without policy (issue 11)
+FIREWALL_SCALE_TARGET = 0.95  # firewall throughput with 10 000 rules / with 0 (issue 12)
 SOAK = "agent-restart-soak"  # bench.soak (issue 9): targets 0 connections failed, 0 bytes
 SOAK_CNI_SERVE_TARGET_S = 5.0  # lost, CNI served within 5 s of every restart
 
@@ -152,6 +153,7 @@ def acceptance(results: Sequence[Result]) -> list[str]:
     lines += _service_acceptance(results)
     lines += _control_plane_acceptance(results)
     lines += _policy_acceptance(results)
+    lines += _firewall_acceptance(results)
     lines += _soak_acceptance(results)
     return lines
 
@@ -263,6 +265,24 @@ def _policy_acceptance(results: Sequence[Result]) -> list[str]:
                          f"{POLICY_THROUGHPUT_TARGET * 100:.0f}%): "
                          f"{_verdict(ratio >= POLICY_THROUGHPUT_TARGET)}{tail}")
     return lines
+
+
+def _firewall_acceptance(results: Sequence[Result]) -> list[str]:
+    top = _find(results, "firewall-scale", "fw-10000", THROUGHPUT)
+    ratio = ratio_to_reference(results, top) if top is not None else None
+    if top is None or ratio is None:
+        return []
+    levels = [(v, _find(results, "firewall-scale", v, THROUGHPUT),
+               _find(results, "firewall-scale", v, "latency"))
+              for v in ("pcn", "fw-0", "fw-100", "fw-1000", "fw-10000")]
+    detail = "; ".join(f"{v} {t.value:.2f} Gbit/s" + (f", {lat.value:.0f} us" if lat else "")
+                       for v, t, lat in levels if t is not None)
+    change = _find(results, "firewall-scale", "fw-10000", "apply-change")
+    tail = (f"; a 10000-rule change applied in {change.value:.0f} ms (median)"
+            if change is not None else "")
+    return [f"acceptance: firewall throughput with 10000 rules {top.value:.2f} Gbit/s = "
+            f"{ratio * 100:.0f}% of with 0 rules (target >= {FIREWALL_SCALE_TARGET * 100:.0f}%): "
+            f"{_verdict(ratio >= FIREWALL_SCALE_TARGET)}; throughput, request p50: {detail}{tail}"]
 
 
 def _soak_acceptance(results: Sequence[Result]) -> list[str]:

@@ -8,7 +8,8 @@ a pod's policy wired, throughput under 100 rules).
                                   [--pin | --no-pin]
 
 `--only policy-reconcile,policy-pod-add,policy-throughput` (`make bench-policy`)
-runs just the network policy scenarios.
+runs just the network policy scenarios; `--only firewall-scale` the firewall
+cube with 0 to 10 000 rules.
 
 Progress goes to stderr, the table to stdout; results are merged into
 bench/results/latest.json (entries of the scenarios measured now are replaced,
@@ -34,11 +35,11 @@ from types import FrameType
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
-from . import controlplane, iperf, netns, policy, results, scenarios, services
+from . import controlplane, firewall, iperf, netns, policy, results, scenarios, services
 from .scenarios import Context
 
 SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS,
-             **policy.SCENARIOS}
+             **policy.SCENARIOS, **firewall.SCENARIOS}
 
 log = logging.getLogger("bench")
 

@@ -51,10 +51,23 @@ class FirewallRule(Model):
         return " ".join(parts)
 
 
+MAX_FIREWALL_RULES = 10_000
+
+
 class FirewallConfig(Model):
-    rules: list[FirewallRule] = Field(default_factory=list, max_length=64,
-                                      description="Evaluated in order; the first match wins.")
+    rules: list[FirewallRule] = Field(
+        default_factory=list, max_length=MAX_FIREWALL_RULES,
+        description="Evaluated in order; the first match wins. Up to 10000 rules; the data "
+                    "path's cost per packet does not grow with the position of the rule "
+                    "that matches.")
     defaultAction: Literal["allow", "drop"] = "allow"
+    allowReplies: bool | None = Field(
+        None, description="When true, packets that answer a connection this firewall "
+                           "allowed (from the end that did not open it) pass whatever the "
+                           "rules say, as replies to connections a NetworkPolicy allows "
+                           "do; the opener's packets are still judged by the rules. The "
+                           "firewall must see both directions (be in a chain's ingress and "
+                           "egress) for replies to meet it. Absent: false.")
 
 
 # Each function type and the model of its config; the CRD schema and the

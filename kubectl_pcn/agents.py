@@ -121,6 +121,13 @@ class FunctionTotals:
     default_hits: int = 0
     drops: int = 0
     nodes: list[str] = field(default_factory=list)
+    # the agents list the first 256 rules of a firewall (their status
+    # ConfigMap holds 1 MiB): the count of all, and the hits of the most hit
+    # later ones by rule index
+    rules_total: int = 0
+    later_hits: dict[str, int] = field(default_factory=dict)
+    allow_replies: bool = False
+    reply_hits: int = 0
 
     @property
     def cube(self) -> str:
@@ -131,7 +138,11 @@ class FunctionTotals:
                 "nodes": self.nodes, "defaultAction": self.default,
                 "rules": [{"rule": r, "hits": h} for r, h in zip(self.rules, self.hits,
                                                                    strict=False)],
-                "defaultHits": self.default_hits, "drops": self.drops}
+                "defaultHits": self.default_hits, "drops": self.drops,
+                **({"rulesTotal": self.rules_total, "laterHits": self.later_hits}
+                   if self.rules_total > len(self.rules) else {}),
+                **({"allowReplies": True, "replyHits": self.reply_hits}
+                   if self.allow_replies else {})}
 
 
 def functions(reports_: Sequence[NodeReport], namespace: str | None = None
@@ -148,14 +159,20 @@ def functions(reports_: Sequence[NodeReport], namespace: str | None = None
             t.type = f.get("type") or t.type
             rules = list(f.get("rules") or [])
             hits = [int(h) for h in f.get("hits") or []]
+            later = {str(k): int(v) for k, v in (f.get("laterHits") or {}).items()}
+            total = int(f.get("rulesTotal") or len(rules))
             if not t.nodes:
-                t.rules, t.hits = rules, hits
-            elif rules == t.rules:
+                t.rules, t.hits, t.rules_total, t.later_hits = rules, hits, total, later
+            elif rules == t.rules and total == t.rules_total:
                 t.hits = [a + b for a, b in zip(t.hits, hits, strict=False)]
+                for k, v in later.items():
+                    t.later_hits[k] = t.later_hits.get(k, 0) + v
             # else the node still runs other rules (an update on its way): its
             # per-rule hits do not add up with these
             t.default = f.get("default") or t.default
             t.default_hits += int(f.get("defaultHits") or 0)
+            t.allow_replies = t.allow_replies or bool(f.get("allowReplies"))
+            t.reply_hits += int(f.get("replyHits") or 0)
             t.drops += int(f.get("drops") or 0)
             t.nodes.append(r.node)
     return out

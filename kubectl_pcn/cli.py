@@ -254,6 +254,9 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
                    "[dport P[-P]].")
 @click.option("--default", type=click.Choice(["allow", "drop"]),
               help="What the firewall does with traffic no rule matches.")
+@click.option("--allow-replies/--no-allow-replies", default=None,
+              help="Let the replies of connections the firewall allowed pass whatever the "
+                   "rules say (it must be on both --hook sides to see them).")
 @click.option("--chain", "chain_name", metavar="NAME", shell_complete=completion.names(_chains),
               help="The CubeChain to use (see below).")
 @click.option("--priority", type=click.IntRange(0, 1000), metavar="N",
@@ -263,7 +266,8 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
 def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
              before: str | None, after: str | None, position: int | None,
              config_file: Any, rules: tuple[str, ...], default: str | None,
-             chain_name: str | None, priority: int | None, dry_run: str) -> None:
+             allow_replies: bool | None, chain_name: str | None, priority: int | None,
+             dry_run: str) -> None:
     """Create or update the NetworkFunction NAME (default: TYPE) of type TYPE
     and insert it in a CubeChain of the namespace."""
     from .rules import check_type
@@ -284,7 +288,7 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
         s.cluster, namespace=s.ns, type_=type_, name=name, selector=sel, hook=hook,
         placement=ch.Placement(before, after, position), config_file=config, rules=rules,
         default=default, chain_name=chain_name, priority=priority,
-        dry_run=dry_run == "client", progress=s.progress)
+        dry_run=dry_run == "client", progress=s.progress, allow_replies=allow_replies)
     _output_changes(changes, dry_run == "client")
 
 

@@ -95,12 +95,17 @@ def load_config_file(text: str, type_: str, origin: str) -> dict[str, Any]:
 
 def config_from_flags(type_: str, existing: Mapping[str, Any] | None,
                       config_file: tuple[str, str] | None, rules: Sequence[str],
-                      default: str | None) -> dict[str, Any]:
-    """The config to write: a file replaces it whole; --rule replaces the rules
-    and --default the default action, keeping the rest; with none of them an
-    existing function keeps its config (so re-running only re-places it)."""
-    if config_file is not None and (rules or default):
-        raise InputError("give either --config FILE or --rule/--default, not both")
+                      default: str | None, allow_replies: bool | None = None
+                      ) -> dict[str, Any]:
+    """The config to write: a file replaces it whole; --rule replaces the rules,
+    --default the default action and --allow-replies/--no-allow-replies the
+    firewall's reply tracking, keeping the rest; with none of them an existing
+    function keeps its config (so re-running only re-places it)."""
+    if config_file is not None and (rules or default or allow_replies is not None):
+        raise InputError("give either --config FILE or --rule/--default/--allow-replies, "
+                         "not both")
+    if allow_replies is not None and type_ not in RULE_TYPES:
+        raise InputError(f"--allow-replies applies to {', '.join(RULE_TYPES)} functions")
     if rules and type_ not in RULE_TYPES:
         raise InputError(f"--rule applies to {', '.join(RULE_TYPES)} functions; give the "
                          f"{type_} config with --config FILE")
@@ -112,4 +117,6 @@ def config_from_flags(type_: str, existing: Mapping[str, Any] | None,
         config["rules"] = [rule_from_text(r) for r in rules]
     if default:
         config["defaultAction"] = default
+    if allow_replies is not None:
+        config["allowReplies"] = allow_replies
     return normalise(type_, config, "--rule/--default" if rules or default else "config")

@@ -218,6 +218,26 @@ def test_chain_puts_a_firewall_on_matching_pods_only(cluster: Cluster) -> None:
     fw = agent_mod.AGENT.manager.functions["nf.web.no-8080"]
     assert fw.rule_hits()[0] >= 1
     wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "no-8080"))
+    status = agent_mod.AGENT.node_status()["functions"]["nf.web.no-8080"]
+    assert status["rules"] == ["drop tcp dport 8080"] and status["rulesTotal"] == 1
+    assert status["hits"][0] >= 1 and "laterHits" not in status
+    assert status["allowReplies"] is False and status["replyHits"] == 0
+
+
+def test_status_lists_a_bounded_number_of_rules(cluster: Cluster,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A firewall of 10 000 rules would overflow the status ConfigMap (1 MiB):
+    it lists STATUS_RULES of them, and the hits of the later rules that
+    counted something, by index."""
+    for obj in _firewall_objects():
+        apply(cluster.api, obj)
+    wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "no-8080"))
+    fw = agent_mod.AGENT.manager.functions["nf.web.no-8080"]
+    monkeypatch.setattr(agent_mod, "STATUS_RULES", 0)
+    status = agent_mod.AGENT.node_status()["functions"]["nf.web.no-8080"]
+    assert status["rules"] == [] and status["hits"] == [] and status["rulesTotal"] == 1
+    hits = fw.rule_hits()[0]
+    assert status["laterHits"] == ({"0": hits} if hits else {})
 
 
 def _not_ready(c: Cluster, kind: str, name: str) -> tuple[str, str] | None:

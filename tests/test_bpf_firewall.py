@@ -14,8 +14,10 @@ The runtime is shared by the module, so each specialisation of the firewall
 from __future__ import annotations
 
 import ctypes as ct
+import ipaddress
 import itertools
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ from bpfunit import (
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.bridge import Bridge
-from pcn_agent.dataplane.cubes.firewall import Firewall, specialisation
+from pcn_agent.dataplane.cubes.firewall import GENERIC, Firewall, specialisation
 from pcn_agent.dataplane.runtime import PortCounters, PortState
 from pcn_crds.rules import Rule, parse_rule
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
@@ -86,15 +88,20 @@ FwFactory = Callable[..., Firewall]
 
 @pytest.fixture
 def stack(lab: FwLab) -> Iterator[FwFactory]:
-    """stack(rules, default, hook): a new firewall on a hook of port a (ingress
-    unless told), taken off and deleted after the test."""
+    """stack(rules, default, hook, allow_replies, fast): a new firewall on a
+    hook of port a (ingress unless told), taken off and deleted after the
+    test; its entries in the shared maps are checked gone."""
     made: list[Firewall] = []
     rt = lab.net.rt
     port = lab.ports["a"]
 
-    def make(rules: list[str], default: str = "allow", hook: int = maps.HOOK_INGRESS) -> Firewall:
+    def make(rules: list[str] | list[Rule], default: str = "allow",
+             hook: int = maps.HOOK_INGRESS, allow_replies: bool = False,
+             fast: bool = False) -> Firewall:
         assert not made, "one firewall per test"
-        fw = Firewall(rt, f"fw{next(_fw_names)}", [parse_rule(r) for r in rules], default)
+        fw = Firewall(rt, f"fw{next(_fw_names)}",
+                      [r if isinstance(r, Rule) else parse_rule(r) for r in rules], default,
+                      fast=fast, allow_replies=allow_replies)
         made.append(fw)
         rt.set_hook(port, hook, [rt.stacked(fw.name)])
         return fw
@@ -105,11 +112,22 @@ def stack(lab: FwLab) -> Iterator[FwFactory]:
         rt.set_hook(port, maps.HOOK_INGRESS, [])
         rt.set_hook(port, maps.HOOK_EGRESS, [])
         for fw in made:
-            slot = fw.cube.slot
+            slot, inst = fw.cube.slot, fw.cube.id
             fw.delete()
             assert fw.name not in rt.cubes
+            assert map_entries(lab, inst) == (0, 0, 0)
             with pytest.raises(KeyError):
                 rt.table("pcn_progs")[ct.c_int(slot)]  # the slot is empty again
+
+
+def map_entries(lab: FwLab, inst: int) -> tuple[int, int, int]:
+    """A firewall instance's entries in the shared maps: (LPM entries,
+    vectors, hit counters), whatever their generation."""
+    # any compiled variant's tables: they share the pinned maps (loading the
+    # firewall type itself would take a program slot)
+    module = next(v.module for k, v in lab.net.rt.variants.items() if k[0] == "firewall")
+    return tuple(sum(1 for k in module[name].keys() if k.inst == inst)  # type: ignore[return-value]
+                 for name in (b"fw_lpm", b"fw_vecs", b"fw_rule_hits"))
 
 
 # ---------------------------------------------------------------------------- frames
@@ -579,3 +597,295 @@ def test_rules_without_ports_judge_fragments_by_address(lab: FwLab, stack: FwFac
     assert send(lab, fw, tiny) == PASSED
     blocked = frag_frames(lab, IPPROTO_UDP, l4, 1480, src="10.0.1.9")
     assert [send(lab, fw, f) for f in reversed(blocked)] == [FILTERED] * 3
+
+
+# ---------------------------------------------------------------------------- at scale
+# Linear Bit Vector Search (bpf/firewall.c, fwvectors.py): rule i is bit i % 64
+# of word i // 64; the first match is the lowest bit of the AND of the fields'
+# vectors, whichever word it is in.
+IPPROTO_GRE = 47
+
+
+def fillers(n: int, start: int = 0) -> list[Rule]:
+    """`n` rules no test frame meets (sources in 192.168.0.0/16, distinct
+    prefixes, so that each has vectors of its own)."""
+    return [Rule("drop", "tcp", f"192.168.{(start + i) // 256 % 256}.{(start + i) % 256}/32",
+                 None, None, ((start + i) % 65535 + 1,) * 2) for i in range(n)]
+
+
+def gre(lab: FwLab, src: str = "10.0.1.1", dst: str = "10.0.2.1") -> bytes:
+    return eth(lab.dst_mac, random_mac(), ETH_P_IP, ipv4(src, dst, IPPROTO_GRE, b"\0" * 8))
+
+
+def test_first_match_across_word_boundaries_among_ten_thousand(lab: FwLab,
+                                                                stack: FwFactory) -> None:
+    """Overlapping rules at 63 (the last bit of word 0), 64 and 65 (word 1)
+    and 9 999 (word 156): each packet gets the lowest of the rules it meets."""
+    rules = fillers(10_000)
+    rules[63] = parse_rule("drop tcp from 10.0.1.0/24 dport 80")
+    rules[64] = parse_rule("allow tcp from 10.0.0.0/16 dport 1-1000")
+    rules[65] = parse_rule("drop tcp to 10.0.2.0/24")
+    rules[9_999] = parse_rule("allow from 10.0.0.0/8")
+    fw = stack(rules, default="drop")
+    assert fw.spec == {"FW_MAX_RULES": 10_240, "FW_NEED_L4": 1}
+    cases = [(frame(lab, src="10.0.1.1", dport=80), "drop", 63),     # meets 63 64 65 9999
+             (frame(lab, src="10.0.3.1", dport=80), "pass", 64),     # 64 65 9999
+             (frame(lab, src="10.0.3.1", dport=1001), "drop", 65),   # 65 9999
+             (frame(lab, src="10.1.0.1", dst="10.0.9.9"), "pass", 9_999),
+             (frame(lab, IPPROTO_UDP, src="10.0.1.1"), "pass", 9_999),  # 63-65 are tcp
+             (frame(lab, src="11.0.0.1", dst="10.0.9.9"), "drop", None)]  # the default
+    want = [0] * 10_000
+    for pkt, verdict_, rule in cases:
+        assert verdict(lab, fw, pkt) == verdict_, rule
+        if rule is not None:
+            want[rule] += 1
+    assert fw.rule_hits() == want
+    assert default_hits(fw) == 1
+
+
+def test_ten_thousand_rules_the_match_is_the_last(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack([*fillers(9_999), parse_rule("allow tcp to 10.0.2.1/32 dport 80")],
+               default="drop")
+    assert len(fw.rules) == 10_000
+    assert verdict(lab, fw, frame(lab, dport=80)) == "pass"
+    assert verdict(lab, fw, frame(lab, dport=81)) == "drop"
+    # a filler's port from a filler's source: the filler it is
+    assert verdict(lab, fw, frame(lab, src="192.168.4.210", dport=1_235)) == "drop"  # 1 234
+    hits = fw.rule_hits()
+    assert (hits[9_999], hits[1_234], sum(hits), default_hits(fw)) == (1, 1, 2, 1)
+    assert fw.hits()["default: drop"] == 1
+
+
+@pytest.mark.parametrize("side", ["from", "to"])
+def test_prefixes_of_every_length(lab: FwLab, stack: FwFactory, side: str) -> None:
+    """Rule k holds 10.20.30.40/(32 - k), most specific first. An address
+    whose first difference from 10.20.30.40 is bit m (from the left) lies in
+    the prefixes of length <= m: the first of them is /m, rule 32 - m."""
+    base = int(ipaddress.IPv4Address("10.20.30.40"))
+    fw = stack([f"allow {side} 10.20.30.40/{32 - k}" for k in range(33)], default="drop")
+    for m in range(33):
+        addr = str(ipaddress.IPv4Address(base ^ (1 << (31 - m)) if m < 32 else base))
+        pkt = frame(lab, src=addr) if side == "from" else frame(lab, dst=addr)
+        assert verdict(lab, fw, pkt) == "pass", m
+    assert fw.rule_hits() == [1] * 33
+    assert default_hits(fw) == 0
+    # least specific first: /0 is met by every packet and comes first
+    fw.set_rules([parse_rule(f"drop {side} 10.20.30.40/{k}") for k in range(33)], "allow")
+    assert verdict(lab, fw, frame(lab, src="10.20.30.40", dst="10.20.30.40")) == "drop"
+    assert fw.rule_hits() == [1] + [0] * 32
+
+
+def test_overlapping_port_ranges_at_a_word_boundary(lab: FwLab, stack: FwFactory) -> None:
+    rules = [*fillers(63), parse_rule("drop tcp dport 1000-2000"),
+             parse_rule("allow tcp sport 1024-65535 dport 1500-3000"),
+             parse_rule("drop udp sport 53"), parse_rule("allow tcp dport 1-65535")]
+    fw = stack(rules, default="drop")
+    for sport, dport, want, rule in [(40000, 999, "pass", 66), (40000, 1000, "drop", 63),
+                                     (40000, 2000, "drop", 63), (40000, 2001, "pass", 64),
+                                     (1023, 2001, "pass", 66), (40000, 3000, "pass", 64),
+                                     (40000, 3001, "pass", 66), (1024, 65535, "pass", 66)]:
+        before = fw.rule_hits()[rule]
+        assert verdict(lab, fw, frame(lab, sport=sport, dport=dport)) == want, (sport, dport)
+        assert fw.rule_hits()[rule] == before + 1, (sport, dport)
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP, sport=53, dport=7)) == "drop"
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP, sport=54, dport=7)) == "drop"  # default
+    assert fw.rule_hits()[63:] == [2, 2, 1, 4] and default_hits(fw) == 1
+
+
+def test_protocol_any_against_specific(lab: FwLab, stack: FwFactory) -> None:
+    """Named protocols have vectors of their own; any other protocol (GRE)
+    meets only the rules without one."""
+    fw = stack(["drop icmp", "allow tcp dport 80", "drop from 10.0.1.0/24", "allow udp"],
+               default="allow")
+    assert verdict(lab, fw, frame(lab, IPPROTO_ICMP, src="10.0.5.5")) == "drop"
+    assert verdict(lab, fw, frame(lab, IPPROTO_TCP, src="10.0.1.1", dport=80)) == "pass"
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP, src="10.0.1.1")) == "drop"
+    assert verdict(lab, fw, frame(lab, IPPROTO_UDP, src="10.0.5.5")) == "pass"
+    assert verdict(lab, fw, gre(lab, src="10.0.1.1")) == "drop"
+    assert verdict(lab, fw, gre(lab, src="10.0.5.5")) == "pass"
+    assert verdict(lab, fw, frame(lab, IPPROTO_SCTP, src="10.0.5.5")) == "pass"
+    assert fw.rule_hits() == [1, 1, 2, 1] and default_hits(fw) == 2
+
+
+def test_default_action_among_ten_thousand_rules(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(fillers(10_000), default="drop")
+    assert verdict(lab, fw, frame(lab)) == "drop"
+    assert verdict(lab, fw, gre(lab)) == "drop"
+    assert sum(fw.rule_hits()) == 0 and default_hits(fw) == 2
+
+
+def test_replies_of_allowed_connections_pass(lab: FwLab, stack: FwFactory) -> None:
+    """allowReplies: the rules judge the opener's packets; the other end's
+    packets of a connection they allowed pass whatever the rules say."""
+    fw = stack(["allow tcp dport 80", "allow udp dport 53", "allow icmp to 10.0.2.1/32"],
+               default="drop", allow_replies=True)
+    assert fw.spec == {"FW_MAX_RULES": 4, "FW_NEED_L4": 1, "FW_TRACK": 1}
+    a, b = "10.0.1.1", "10.0.2.1"
+    reply = eth(lab.dst_mac, random_mac(), ETH_P_IP,
+                ipv4(b, a, IPPROTO_TCP, tcp(b, a, 80, 40000, flags=0x12)))
+    assert verdict(lab, fw, reply) == "drop"  # no connection yet: judged, no rule
+    assert verdict(lab, fw, frame(lab, src=a, dst=b, sport=40000, dport=80)) == "pass"
+    assert verdict(lab, fw, reply) == "pass"  # the reply
+    stray = eth(lab.dst_mac, random_mac(), ETH_P_IP,
+                ipv4(b, a, IPPROTO_TCP, tcp(b, a, 80, 40001, flags=0x12)))
+    assert verdict(lab, fw, stray) == "drop"  # another connection's
+    udp_q = frame(lab, IPPROTO_UDP, src=a, dst=b, sport=5353, dport=53)
+    udp_r = eth(lab.dst_mac, random_mac(), ETH_P_IP,
+                ipv4(b, a, IPPROTO_UDP, udp_csum(b, a, 53, 5353, b"answer")))
+    assert verdict(lab, fw, udp_q) == "pass"
+    assert verdict(lab, fw, udp_r) == "pass"
+    ping = eth(lab.dst_mac, random_mac(), ETH_P_IP, ipv4(a, b, IPPROTO_ICMP,
+                                                         icmp_echo(7, 1, b"p")))
+    pong = eth(lab.dst_mac, random_mac(), ETH_P_IP, ipv4(b, a, IPPROTO_ICMP,
+                                                         icmp_echo(7, 1, b"p", kind=0)))
+    assert verdict(lab, fw, ping) == "pass"
+    assert verdict(lab, fw, pong) == "pass"
+    assert fw.rule_hits() == [1, 1, 1]
+    assert fw.hits()["replies: allow"] == 3 and fw.reply_hits() == 3
+    assert default_hits(fw) == 2
+
+    # new rules judge the opener's next packets; its replies still pass
+    fw.set_rules([parse_rule("drop tcp dport 80")], default="allow", allow_replies=True)
+    assert verdict(lab, fw, frame(lab, src=a, dst=b, sport=40000, dport=80)) == "drop"
+    assert verdict(lab, fw, reply) == "pass"
+    # without allowReplies the same reply is judged by the rules
+    fw.set_rules([parse_rule("drop tcp sport 80")], default="allow")
+    assert "replies: allow" not in fw.hits()
+    assert verdict(lab, fw, reply) == "drop"
+
+
+def test_replies_are_not_tracked_without_allow_replies(lab: FwLab, stack: FwFactory) -> None:
+    fw = stack(["allow tcp dport 80"], default="drop")
+    assert "FW_TRACK" not in fw.spec
+    a, b = "10.0.1.1", "10.0.2.1"
+    assert verdict(lab, fw, frame(lab, src=a, dst=b, sport=40000, dport=80)) == "pass"
+    reply = eth(lab.dst_mac, random_mac(), ETH_P_IP,
+                ipv4(b, a, IPPROTO_TCP, tcp(b, a, 80, 40000, flags=0x12)))
+    assert verdict(lab, fw, reply) == "drop"
+
+
+def test_ten_thousand_rule_swap_is_atomic(lab: FwLab, stack: FwFactory,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """From one 10 000-rule set to another: just before the switch every
+    packet gets the old set's verdict, just after the new one's; then the old
+    generation's entries are gone and the counters start again."""
+    old = [*fillers(9_998), parse_rule("allow tcp dport 80"), parse_rule("drop tcp")]
+    new = [*fillers(9_998, start=20_000), parse_rule("drop tcp dport 80"),
+           parse_rule("allow tcp")]
+    fw = stack(old, default="drop")
+    entries_old = map_entries(lab, fw.cube.id)
+    assert entries_old == (len(fw.tables.lpm), len(fw.tables.vectors), 10_002)
+    packets = {"web": frame(lab, dport=80), "ssh": frame(lab, dport=22),
+               "filler": frame(lab, src="192.168.0.5", dport=6)}
+    assert {n: verdict(lab, fw, p) for n, p in packets.items()} == \
+        {"web": "pass", "ssh": "drop", "filler": "drop"}
+    got: dict[str, dict[str, str]] = {}
+
+    def probe(moment: str) -> None:
+        got[moment] = {name: verdict(lab, fw, pkt) for name, pkt in packets.items()}
+
+    bind = Firewall._bind_tables
+
+    def watched_bind(self: Firewall, module: object) -> None:
+        bind(self, module)  # type: ignore[arg-type]
+        self._cfg_t = _CfgWatch(self._cfg_t, probe)  # type: ignore[assignment]
+
+    monkeypatch.setattr(Firewall, "_bind_tables", watched_bind)
+    fw.set_rules(new, default="drop")
+    monkeypatch.undo()
+    assert got == {"old rules": {"web": "pass", "ssh": "drop", "filler": "drop"},
+                   "new rules": {"web": "drop", "ssh": "pass", "filler": "pass"}}
+    assert map_entries(lab, fw.cube.id) == (len(fw.tables.lpm), len(fw.tables.vectors), 10_002)
+    assert sum(fw.rule_hits()) == 0 and default_hits(fw) == 0
+    assert verdict(lab, fw, packets["web"]) == "drop"
+    assert fw.rule_hits()[9_998] == 1
+    assert set(fw.last_apply) == {"compile", "write", "switch", "cleanup"}
+
+    # and down to three rules: the counters of the rules gone are deleted
+    fw.set_rules([parse_rule("allow tcp")], default="drop")
+    assert map_entries(lab, fw.cube.id)[2] == 3
+    assert verdict(lab, fw, packets["ssh"]) == "pass"
+
+
+def test_fast_rules_run_on_the_generic_program(lab: FwLab, stack: FwFactory) -> None:
+    """The generic program (every bound, L4, tracking compiled in, the rules'
+    flags deciding) evaluates any rule set until the specialised one is
+    swapped in."""
+    fw = stack([*fillers(300), parse_rule("drop tcp dport 22")], fast=True)
+    assert not lab.net.rt.has_variant("firewall", fw.wanted_spec)  # no other test's shape
+    assert fw.spec == GENERIC and not fw.specialised
+    assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+    assert verdict(lab, fw, frame(lab, dport=80)) == "pass"
+    assert fw.specialise(threading.RLock())
+    assert fw.spec == {"FW_MAX_RULES": 512, "FW_NEED_L4": 1}
+    assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+    assert fw.rule_hits()[300] == 2
+
+
+def test_an_adopted_firewall_keeps_its_rules_in_force(lab: FwLab) -> None:
+    """The next agent adopts the cube (same name, saved config): same rules,
+    same generation, nothing rewritten. A config saved by an agent whose
+    firewall kept its rules elsewhere (the linear one: no vector config in
+    force) gets its rules written again, under a new generation."""
+    rt, port = lab.net.rt, lab.ports["a"]
+    first = Firewall(rt, f"fw{next(_fw_names)}",
+                     [*fillers(70), parse_rule("drop tcp dport 22")], "allow",
+                     allow_replies=True)
+    fw = first
+    try:
+        rt.set_hook(port, maps.HOOK_INGRESS, [rt.stacked(fw.name)])
+        assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+        fw = Firewall(rt, first.name)
+        assert (fw.rules, fw.default, fw.allow_replies, fw.gen) == \
+            (first.rules, "allow", True, first.gen)
+        assert fw.spec == first.spec
+        assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+        assert verdict(lab, fw, frame(lab, dport=23)) == "pass"
+        assert fw.rule_hits()[70] == 2  # the counters were kept too
+
+        del fw._cfg_t[ct.c_uint32(fw.cube.id)]  # as an upgraded agent finds it
+        assert verdict(lab, fw, frame(lab, dport=22)) == "pass"  # no config: passes
+        fw = Firewall(rt, first.name)
+        assert fw.gen == first.gen + 1
+        assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+        assert map_entries(lab, fw.cube.id) == (len(fw.tables.lpm), len(fw.tables.vectors),
+                                                71 + 2)
+    finally:
+        rt.set_hook(port, maps.HOOK_INGRESS, [])
+        inst = fw.cube.id
+        fw.delete()
+        assert map_entries(lab, inst) == (0, 0, 0)
+
+
+def test_a_failed_write_leaves_the_old_rules_in_force(lab: FwLab, stack: FwFactory,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map that refuses the new generation's entries (full, say): set_rules
+    raises, the old rules stay in force, the half-written generation is gone."""
+    fw = stack(["drop tcp dport 22"])
+    before = map_entries(lab, fw.cube.id)
+    real = Firewall._set_hits
+
+    def full(self: Firewall, indexes: list[int]) -> None:
+        real(self, indexes[:50])  # some were created when the map filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Firewall, "_set_hits", full)
+    with pytest.raises(OSError, match="No space"):
+        fw.set_rules([*fillers(200), parse_rule("allow tcp")], "drop")
+    monkeypatch.setattr(Firewall, "_set_hits", real)
+    assert map_entries(lab, fw.cube.id) == before
+    assert verdict(lab, fw, frame(lab, dport=22)) == "drop"
+    assert verdict(lab, fw, frame(lab, dport=80)) == "pass"
+    assert [str(r) for r in fw.rules] == ["drop tcp dport 22"]
+    assert fw.specialised and fw.wanted_spec == {"FW_MAX_RULES": 1, "FW_NEED_L4": 1}
+
+
+def test_the_generic_program_leaves_the_verifier_room(lab: FwLab) -> None:
+    """The largest shape (160 vector words, ports, tracking) is what the
+    verifier walks longest: each word the search can stop at is a way through
+    the rest of the program. Half of the kernel's 1 000 000 instructions is
+    the budget, so that the chain's code can grow."""
+    variant = lab.net.rt.load_variant("firewall", GENERIC)
+    with open(f"/proc/self/fdinfo/{variant.fd}") as f:
+        info = dict(line.split(":", 1) for line in f if ":" in line)
+    assert 0 < int(info["verified_insns"]) < 500_000, info["verified_insns"]

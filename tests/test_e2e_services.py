@@ -511,6 +511,36 @@ def test_a_firewall_passes_every_fragment_of_a_datagram_it_allows(svc_lab: Lab) 
         fw.delete()
 
 
+def test_a_firewall_on_both_sides_lets_replies_through_with_allow_replies(
+        ssh_and_web: Lab) -> None:
+    """One firewall on both sides of n1p2 (what it receives and what it
+    sends), default drop, allowing TCP to port 80 only. With allowReplies the
+    server's answers pass and the connection works; n1p2 opens nothing itself
+    (its echo requests are no replies). Without it, the answers meet the
+    default action and the connection fails."""
+    lab = ssh_and_web
+    node = lab.node(1)
+    web = lab.pods["n1p2"].ip
+    fw = Firewall(node.rt, "fw-replies", [parse_rule("allow tcp dport 80")], default="drop",
+                  allow_replies=True)
+    try:
+        node.set_pod_chain("n1p2", from_pod=["fw-replies"], to_pod=["fw-replies"])
+        r = _tcp(lab, "n1p1", web, 80, count=3)
+        assert r["ok"], r
+        assert fw.rule_hits()[0] >= 3 and fw.reply_hits() >= 3
+        blocked = _tcp(lab, "n1p1", web, 22, timeout=2)
+        assert not blocked["ok"], blocked
+        assert checks.ping(lab, "n1p2", lab.pods["n1p1"].ip, count=1).passed is False
+        fw.set_rules([parse_rule("allow tcp dport 80")], default="drop", allow_replies=False)
+        cut = _tcp(lab, "n1p1", web, 80, timeout=2)
+        assert not cut["ok"], cut
+        assert fw.rule_hits()[0] >= 1 and fw.default_hits() >= 1  # the SYN-ACK
+    finally:
+        node.set_pod_chain("n1p2", from_pod=[], to_pod=[])
+        fw.delete()
+    assert _tcp(lab, "n1p1", web, 80)["ok"]
+
+
 def test_live_chain_edits_lose_no_packet(svc_lab: Lab) -> None:
     lab = svc_lab
     node = lab.node(1)

@@ -196,8 +196,12 @@ def test_config_from_flags() -> None:
                                                                   "defaultAction": "allow"}
     with pytest.raises(InputError, match="not both"):
         config_from_flags("firewall", None, ("f", "{}"), ("allow",), None)
-    with pytest.raises(InputError, match="at most 64"):
-        config_from_flags("firewall", None, None, ("allow",) * 65, None)
+    assert len(config_from_flags("firewall", None, None, ("allow",) * 10_000, None)["rules"]) \
+        == 10_000
+    with pytest.raises(InputError, match="at most 10000"):
+        config_from_flags("firewall", None, None, ("allow",) * 10_001, None)
+    assert config_from_flags("firewall", existing, None, (), None, allow_replies=True) == {
+        **existing, "allowReplies": True}
 
 
 def test_config_file_forms() -> None:
@@ -288,8 +292,24 @@ def test_agent_reports_and_totals() -> None:
     assert (t.hits, t.default_hits, t.drops, t.nodes) == ([5], 6 + 5, 2 + 4 + 2,
                                                           ["a", "b", "c"])
     assert set(agents.functions(reps)) == {("web", "fw"), ("other", "x")}
+    assert "rulesTotal" not in t.as_dict() and "replyHits" not in t.as_dict()
     assert [(p.namespace, p.name) for p in agents.pods(reps, "web")] == [("web", "p1")]
     assert agents.pod(reps, "web", "p1").counters == {"rx_packets": 1}
+
+
+def test_function_totals_of_a_firewall_listed_in_part() -> None:
+    """An agent lists the first rules of a large firewall (rulesTotal counts
+    them all) and the hits of later ones by index: summed over the nodes."""
+    fn = {"namespace": "web", "name": "big", "type": "firewall", "rules": ["drop tcp dport 22"],
+          "hits": [1], "rulesTotal": 10_000, "laterHits": {"9999": 7}, "default": "drop",
+          "allowReplies": True, "replyHits": 3}
+    reps = agents.reports([_cm(n, {"node": n, "healthy": True, "functions": {"nf.web.big": {
+        **fn, "laterHits": {"9999": 7, "300": 1} if n == "b" else fn["laterHits"]}}})
+        for n in ("a", "b")])
+    d = agents.functions(reps)[("web", "big")].as_dict()
+    assert d["rules"] == [{"rule": "drop tcp dport 22", "hits": 2}]
+    assert (d["rulesTotal"], d["laterHits"]) == (10_000, {"9999": 14, "300": 1})
+    assert (d["allowReplies"], d["replyHits"]) == (True, 6)
 
 
 # ----------------------------------------------------------------------------- output

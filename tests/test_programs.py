@@ -81,10 +81,11 @@ def test_the_same_program_on_the_same_maps_is_taken_over(pin_dirs: list[Path]) -
 
 def test_other_instructions_are_loaded_anew(pin_dirs: list[Path]) -> None:
     d = _pin_dir(pin_dirs)
-    old = compile_cube("firewall", d, {"FW_MAX_RULES": 4})
+    # one vector word against two: another loop bound, other instructions
+    old = compile_cube("firewall", d, {"FW_MAX_RULES": 64})
     try:
         ids = _loaded(old, ["firewall_rx"])
-        new = compile_cube("firewall", d, {"FW_MAX_RULES": 8})
+        new = compile_cube("firewall", d, {"FW_MAX_RULES": 128})
         try:
             assert programs.take_over(new, ids) == []
             fd = new.load_func("firewall_rx", _sched_cls()).fd

@@ -159,9 +159,31 @@ def test_chain_selects_pods_in_order_with_user_semantics() -> None:
     assert "c3" not in r.desired.chains
     assert r.desired.functions[a] == FunctionSpec("firewall", ("drop tcp dport 22",), "allow")
     assert r.desired.functions[b].default == "drop"
+    assert not r.desired.functions[a].allow_replies
     assert r.verdicts[("CubeChain", "web", "early")].pods == 1
     assert r.verdicts[("CubeChain", "web", "late")].pods == 2
     assert r.verdicts[("NetworkFunction", "web", "fw-b")].pods >= 2
+
+
+def test_firewall_reply_tracking_is_part_of_its_spec() -> None:
+    """allowReplies reaches the data plane's FunctionSpec, and a change of it
+    alone is a set-function."""
+    rule = {"action": "allow", "protocol": "tcp", "destinationPorts": "80"}
+    many = [rule] * 10_000
+    pods, att = [pod("web", "api-1", {"app": "api"})], {"c1": ("web", "api-1")}
+
+    def state(fn: dict[str, Any]) -> Any:
+        return desired_state(Inputs("n1", S, pods=pods, attachments=att, functions=[fn],
+                                    chains=[chain("web", "c", ["fw"], egress=["fw"])]))
+
+    on, off = state(nf("web", "fw", many, allowReplies=True)), state(nf("web", "fw", many))
+    key = cube_name("web", "fw")
+    assert on.desired.functions[key].allow_replies
+    assert len(on.desired.functions[key].rules) == 10_000
+    assert not off.desired.functions[key].allow_replies
+    assert [o.kind for o in plan(off.desired, on.desired, attached=["c1"])] == ["set-function"]
+    too_many = state(nf("web", "fw", [*many, rule]))
+    assert too_many.verdicts[("NetworkFunction", "web", "fw")].reason == "Invalid"
 
 
 def test_bad_objects_get_a_reason() -> None:

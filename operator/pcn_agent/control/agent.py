@@ -50,6 +50,10 @@ VERSION = "0.1.0"
 DEBOUNCE_S = 0.005
 STATUS_CONFIGMAP = "pcn-agent-status"  # one ConfigMap per node: <this>-<node>
 STATUS_PERIOD_S = 2.0
+# Rules (text and hits) a firewall lists in the status ConfigMap: a ConfigMap
+# holds 1 MiB, and a firewall up to 10 000 rules (~400 KB of text alone).
+STATUS_RULES = 256
+STATUS_LATER_HITS = 256  # and the hits of that many of the others (the most hit)
 GROUP_PATH = "/apis/pcn.dev/v1alpha1"
 KINDS = {  # store kind -> (api path, plural, namespaced)
     "NetworkFunction": (GROUP_PATH, "networkfunctions", True),
@@ -249,12 +253,18 @@ class Agent:
             for cname, fw in list(self.manager.functions.items()):
                 _, ns, fname = cname.split(".", 2)
                 hits = fw.rule_hits()
-                total = fw.hits()
-                out["functions"][cname] = {
+                entry: dict[str, Any] = {
                     "namespace": ns, "name": fname, "type": "firewall",
-                    "rules": [str(r) for r in fw.rules], "default": fw.default, "hits": hits,
-                    "defaultHits": total.get(f"default: {fw.default}", 0),
+                    "rules": [str(r) for r in fw.rules[:STATUS_RULES]], "default": fw.default,
+                    "hits": hits[:STATUS_RULES], "rulesTotal": len(fw.rules),
+                    "defaultHits": fw.default_hits(),
+                    "allowReplies": fw.allow_replies, "replyHits": fw.reply_hits(),
                     "drops": node.rt.cube_drops(cname).get("filtered", 0)}
+                if len(hits) > STATUS_RULES:  # the most hit of the others, by rule index
+                    later = sorted(((h, i) for i, h in enumerate(hits) if i >= STATUS_RULES and h),
+                                   reverse=True)[:STATUS_LATER_HITS]
+                    entry["laterHits"] = {str(i): h for h, i in sorted(later, key=lambda x: x[1])}
+                out["functions"][cname] = entry
         return out
 
     async def publish_status(self, force: bool = False) -> None:

@@ -52,7 +52,8 @@ class DataplaneManager:
             if n.lb else {}
         nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local, v.affinity_timeout_s)
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}
-        functions = {name: FunctionSpec("firewall", tuple(str(r) for r in fw.rules), fw.default)
+        functions = {name: FunctionSpec("firewall", tuple(str(r) for r in fw.rules), fw.default,
+                                        fw.allow_replies)
                      for name, fw in self.functions.items()}
         chains = {k: (tuple(p.ingress), tuple(p.egress)) for k, p in n.pods.items()
                   if p.ingress or p.egress}
@@ -91,9 +92,10 @@ class DataplaneManager:
             # swaps the specialised one in once it is compiled.
             if fw is None:
                 self.functions[op.key] = Firewall(n.rt, op.key, rules, op.value.default,
-                                                  fast=True)
+                                                  fast=True, allow_replies=op.value.allow_replies)
             else:
-                fw.set_rules(rules, op.value.default, fast=True)
+                fw.set_rules(rules, op.value.default, fast=True,
+                             allow_replies=op.value.allow_replies)
             n.save()
         elif op.kind == "delete-function":
             fw = self.functions.pop(op.key, None)

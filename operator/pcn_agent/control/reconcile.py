@@ -67,6 +67,7 @@ class FunctionSpec:
     type: str
     rules: tuple[str, ...]  # in the cube's rule language
     default: str = "allow"
+    allow_replies: bool = False  # firewall: replies of allowed connections pass (allowReplies)
 
 
 @dataclass(frozen=True)
@@ -604,7 +605,7 @@ def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict],
         cfg = nf.spec.typed_config()
         assert isinstance(cfg, FirewallConfig)  # the only type (NetworkFunctionSpec.type)
         valid[(ns, name)] = FunctionSpec(nf.spec.type, tuple(r.to_text() for r in cfg.rules),
-                                         cfg.defaultAction)
+                                         cfg.defaultAction, bool(cfg.allowReplies))
     return valid
 
 

@@ -217,20 +217,35 @@ class NodePortKey(ct.Structure):
                 ("pad", ct.c_uint8)]
 
 
-class FwRule(ct.Structure):
-    _fields_ = [("src", ct.c_uint32), ("src_mask", ct.c_uint32), ("dst", ct.c_uint32),
-                ("dst_mask", ct.c_uint32), ("sport_lo", ct.c_uint16), ("sport_hi", ct.c_uint16),
-                ("dport_lo", ct.c_uint16), ("dport_hi", ct.c_uint16), ("proto", ct.c_uint8),
-                ("action", ct.c_uint8), ("pad", ct.c_uint16)]
+FW_CAP_WORDS = 160  # bpf/firewall.c FW_CAP_WORDS: 64-bit words of a rule vector
 
 
-class FwRuleKey(ct.Structure):
-    _fields_ = [("inst", ct.c_uint32), ("gen", ct.c_uint32), ("idx", ct.c_uint32)]
+class FwLpmKey(ct.Structure):
+    """struct fw_lpm_key (bpf/firewall.c): prefixlen = 96 + the value's
+    significant bits; value in network order (a port in its upper 16 bits)."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("inst", ct.c_uint32), ("gen", ct.c_uint32),
+                ("field", ct.c_uint32), ("value", ct.c_uint32)]
+
+
+class FwVecKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("gen", ct.c_uint32), ("field", ct.c_uint32),
+                ("id", ct.c_uint32)]
+
+
+class FwVec(ct.Structure):
+    """struct fw_vec: bit i % 64 of word i // 64 is rule i."""
+
+    _fields_ = [("w", ct.c_uint64 * FW_CAP_WORDS)]
+
+
+class FwHitKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("idx", ct.c_uint32)]
 
 
 class FwCfg(ct.Structure):
     _fields_ = [("gen", ct.c_uint32), ("n_rules", ct.c_uint32), ("default_action", ct.c_uint32),
-                ("pad", ct.c_uint32)]
+                ("flags", ct.c_uint32)]
 
 
 class AffinityKey(ct.Structure):
@@ -361,6 +376,12 @@ class BpfTable(Protocol):
 
     def items(self) -> Iterable[tuple[Any, Any]]: ...
 
+    # hash maps: many keys in one system call (BPF_MAP_UPDATE_BATCH, _DELETE_BATCH);
+    # ctypes arrays of the key and value types
+    def items_update_batch(self, ct_keys: Any, ct_values: Any) -> None: ...
+
+    def items_delete_batch(self, ct_keys: Any = ...) -> None: ...
+
     # perf event arrays only (the slow path)
     def open_perf_buffer(self, callback: Callable[[int, int, int], None],
                          page_cnt: int = ...) -> None: ...
@@ -388,9 +409,11 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "disp_cfgs": (ct.c_uint32, DispCfg),
     "disp_nets": (NetKey, ct.c_uint32),
     "disp_nodeports": (NodePortKey, ct.c_uint32),
-    "fw_rules": (FwRuleKey, FwRule),
-    "fw_cfgs": (ct.c_uint32, FwCfg),
-    "fw_hits": (ct.c_uint32, ct.c_uint64),
+    "fw_lpm": (FwLpmKey, ct.c_uint32),
+    "fw_vecs": (FwVecKey, FwVec),
+    "fw_conf": (ct.c_uint32, FwCfg),
+    "fw_rule_hits": (FwHitKey, ct.c_uint64),
+    "fw_ct": (CtKey, Ct),
     "pcn_frags": (FragKey, FragVal),
     "pol_cfgs": (ct.c_uint32, PolCfg),
     "pol_rules": (PolRuleKey, PolRule),
