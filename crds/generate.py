@@ -90,14 +90,24 @@ def _schema_of(model: type[Resource]) -> dict[str, Any]:
 
 def _function_config_schema() -> dict[str, Any]:
     """spec.config holds the fields of every function type's config (each
-    optional); which apply is decided by spec.type, as CEL rules check."""
+    optional, each description marked with its type); which apply is decided
+    by spec.type, and the agent reports a field that does not belong (or a
+    missing one) in the object's status. No field has a default here: the API
+    server would write it into every type's config (a firewall's defaultAction
+    into a policer's); the agent's models apply them."""
     props: dict[str, Any] = {}
-    for config_model in FUNCTION_TYPES.values():
+    for type_name, config_model in FUNCTION_TYPES.items():
         full = config_model.model_json_schema(mode="validation")
         node = structural(full, full.get("$defs", {}))
-        props.update(node.get("properties", {}))
-    return {"type": "object", "description": "Configuration, typed by spec.type.",
-            "properties": props}
+        for name, prop in node.get("properties", {}).items():
+            if name in props:
+                raise ValueError(f"spec.config.{name} is a field of two function types")
+            prop = {k: v for k, v in prop.items() if k != "default"}
+            prop["description"] = f"({type_name}) {prop.get('description', '')}".rstrip()
+            props[name] = prop
+    types = ", ".join(f"({t}) for a {t}" for t in FUNCTION_TYPES)
+    return {"type": "object", "description": "Configuration of the spec.type cube: the fields "
+            f"marked {types}.", "properties": props}
 
 
 def crd(model: type[Resource]) -> dict[str, Any]:

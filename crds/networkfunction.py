@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .common import AGE_COLUMN, READY_COLUMN, REASON_COLUMN, Cidr, Model, Resource
+from .quantity import QUANTITY_PATTERN, QuantityError, bandwidth_bits, quantity_value
 
 PortSpec = str  # "22" or "8000-8080"
 
@@ -54,16 +55,84 @@ class FirewallRule(Model):
 class FirewallConfig(Model):
     rules: list[FirewallRule] = Field(default_factory=list, max_length=64,
                                       description="Evaluated in order; the first match wins.")
-    defaultAction: Literal["allow", "drop"] = "allow"
+    defaultAction: Literal["allow", "drop"] = Field("allow", description=(
+        "What traffic no rule matches gets (default allow)."))
 
 
-# Each function type and the model of its config; the CRD schema and the
-# agent both follow this table, so a new cube type is one entry here.
-FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig}
+MIN_BURST = 64 * 1024  # bytes: one GSO packet, which a policer cannot split (bpf/policer.c)
+MAX_BURST = 2**30  # bytes: keeps the bucket's fixed-point sums in 64 bits (pcn_tbf.h)
+DEFAULT_BURST_S = 0.02  # a burst of the rate's 20 ms: room for a TCP window's sawtooth
+
+
+class PolicerConfig(Model):
+    """A token bucket: `rate` bits per second on average, `burst` bytes at once."""
+
+    rate: str = Field(pattern=QUANTITY_PATTERN, description=(
+        "Average rate in bits per second, a Kubernetes quantity as the "
+        "kubernetes.io/ingress-bandwidth annotation takes it: 10M, 1G, 500k (1k to 1P). "
+        "Counted on whole frames, Ethernet header included, as tc's tbf counts."))
+    burst: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
+        "Bucket size in bytes, a quantity: 64Ki, 1M, 256k (64Ki to 1Gi). "
+        "What may pass at once after a quiet period. Default: what the rate sends in "
+        "20 ms, at least 64Ki."))
+    scope: Literal["pod", "shared"] | None = Field(None, description=(
+        "pod (default): one bucket per pod the function is on, each limited to "
+        "the rate; shared: one bucket for all of them together."))
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        try:
+            bandwidth_bits(v)
+        except QuantityError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("burst")
+    @classmethod
+    def _burst(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            n = quantity_value(v)
+        except QuantityError as exc:
+            raise ValueError(str(exc)) from None
+        if not MIN_BURST <= n <= MAX_BURST:
+            raise ValueError(f"{v!r} ({n} bytes) must lie within 64Ki-1Gi bytes")
+        return v
+
+    def rate_bits(self) -> int:
+        """The rate in bit/s."""
+        return bandwidth_bits(self.rate)
+
+    def burst_bytes(self) -> int:
+        """The burst in bytes, the default one when none is given."""
+        if self.burst is not None:
+            return quantity_value(self.burst)
+        return default_burst(self.rate_bits())
+
+    def scope_or_default(self) -> Literal["pod", "shared"]:
+        return self.scope or "pod"
+
+
+def default_burst(rate_bits: int) -> int:
+    """A burst for `rate_bits` bit/s when none is given: DEFAULT_BURST_S of the
+    rate, within MIN_BURST..MAX_BURST bytes."""
+    return max(MIN_BURST, min(MAX_BURST, int(rate_bits * DEFAULT_BURST_S) // 8))
+
+
+# Each function type and the model of its config; the CRD schema, the agent
+# (pcn_agent.dataplane.cubes.functions) and kubectl pcn add-cube all follow
+# this table, so a new cube type is one entry here and one there.
+FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig, "policer": PolicerConfig}
+FunctionType = Literal["firewall", "policer"]  # FUNCTION_TYPES' keys (a test checks)
 
 
 class NetworkFunctionSpec(Model):
-    type: Literal["firewall"] = Field(description="The cube type.")
+    type: FunctionType = Field(description=(
+        "The cube type: firewall (ordered allow/drop rules) or policer (a token bucket "
+        "rate limit). spec.config holds the fields of that type, marked (firewall) "
+        "or (policer)."))
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="Configuration, typed by spec.type.")
 
