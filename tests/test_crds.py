@@ -106,9 +106,9 @@ def test_policer_config_validates_quantities() -> None:
         (10_000_000, 1 << 20, "shared")
     cfg = _nf({"type": "policer", "config": {"rate": "1G"}}).spec.typed_config()
     assert isinstance(cfg, PolicerConfig)
-    assert (cfg.burst_bytes(), cfg.scope_or_default()) == (10**9 // 50 // 8, "pod")
-    cfg = _nf({"type": "policer", "config": {"rate": "10M"}}).spec.typed_config()
-    assert isinstance(cfg, PolicerConfig) and cfg.burst_bytes() == MIN_BURST  # 25 kB < 64Ki
+    assert (cfg.burst_bytes(), cfg.scope_or_default()) == (10**9 // 2 // 8, "pod")
+    cfg = _nf({"type": "policer", "config": {"rate": "1M"}}).spec.typed_config()
+    assert isinstance(cfg, PolicerConfig) and cfg.burst_bytes() == MIN_BURST  # 62.5 kB < 64Ki
     with pytest.raises(ValidationError, match=r"config\.rate|rate\n.*Field required"):
         _nf({"type": "policer", "config": {}})
     with pytest.raises(ValidationError, match="unreasonably small"):

@@ -116,6 +116,8 @@ class Agent:
         self.reconciles = 0
         self.reconcile_seconds: list[float] = []
         self.apply_errors = 0
+        # pods whose bandwidth annotation is invalid ("ns/name" -> why): they run unlimited
+        self.bandwidth_errors: dict[str, str] = {}
         self.up_error = ""
         self._published_at = 0.0
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
@@ -204,6 +206,12 @@ class Agent:
         if any(op.kind == "set-function" for op in report.ops):
             loop = asyncio.get_running_loop()
             loop.run_in_executor(None, self.manager.specialise_pending)
+        bandwidth_errors = {f"{ns}/{name}": why
+                            for (ns, name), why in sorted(result.bandwidth_errors.items())}
+        for pod, why in bandwidth_errors.items():
+            if self.bandwidth_errors.get(pod) != why:
+                log.warning("pod %s runs without its bandwidth limit: %s", pod, why)
+        self.bandwidth_errors = bandwidth_errors
         for op, err in report.errors:
             self.apply_errors += 1
             self.last_error = f"{op.kind} {op.key}: {err}"
@@ -223,7 +231,8 @@ class Agent:
             "node": self.node_name, "version": VERSION, "dataplane": "up" if self.node else "down",
             "healthy": self.node is not None and not self.up_error, "heartbeat": _now(),
             "lastError": self.last_error or self.up_error, "reconciles": self.reconciles,
-            "applyErrors": self.apply_errors, "pods": {}, "functions": {}, "realized": {}}
+            "applyErrors": self.apply_errors, "pods": {}, "functions": {}, "realized": {},
+            "bandwidthErrors": dict(self.bandwidth_errors)}
         if self.node is None or self.manager is None:
             return out
         node, cur = self.node, self.manager.current
@@ -246,15 +255,16 @@ class Agent:
                     out["pods"][name]["policy"] = {
                         "rules": node.policy.counters(pod.port.id),
                         "drops": node.policy.drops(pod.port.id)}
-            for cname, fw in list(self.manager.functions.items()):
+            for cname, f in list(self.manager.functions.items()):
+                entry = {"type": f.type, **f.status()}
+                if cname.startswith("bw."):  # a pod's bandwidth annotation: under the pod
+                    _, side, ns, pname = cname.split(".", 3)
+                    pod_entry = out["pods"].get(f"{ns}/{pname}")
+                    if pod_entry is not None:
+                        pod_entry.setdefault("bandwidth", {})[side] = entry
+                    continue
                 _, ns, fname = cname.split(".", 2)
-                hits = fw.rule_hits()
-                total = fw.hits()
-                out["functions"][cname] = {
-                    "namespace": ns, "name": fname, "type": "firewall",
-                    "rules": [str(r) for r in fw.rules], "default": fw.default, "hits": hits,
-                    "defaultHits": total.get(f"default: {fw.default}", 0),
-                    "drops": node.rt.cube_drops(cname).get("filtered", 0)}
+                out["functions"][cname] = {"namespace": ns, "name": fname, **entry}
         return out
 
     async def publish_status(self, force: bool = False) -> None:
@@ -294,7 +304,8 @@ class Agent:
 
     def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
         """Turn a data-plane failure into the status of the object behind it."""
-        if op.kind in ("set-function", "delete-function") and isinstance(op.key, str):
+        if op.kind in ("set-function", "delete-function") and isinstance(op.key, str) \
+                and op.key.startswith("nf."):
             _, ns, name = op.key.split(".", 2)
             v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
             v.fail("DataplaneError", err)
