@@ -74,6 +74,7 @@ def _schema_of(model: type[Resource]) -> dict[str, Any]:
     status = structural(full["properties"]["status"], defs)
     if model is NetworkFunction:
         spec["properties"]["config"] = _function_config_schema()
+        spec["x-kubernetes-validations"] = _function_type_rules()
     return {
         "type": "object",
         "description": model.description,
@@ -108,6 +109,29 @@ def _function_config_schema() -> dict[str, Any]:
     types = ", ".join(f"({t}) for a {t}" for t in FUNCTION_TYPES)
     return {"type": "object", "description": "Configuration of the spec.type cube: the fields "
             f"marked {types}.", "properties": props}
+
+
+def _function_type_rules() -> list[dict[str, Any]]:
+    """CEL rules on spec: a type's required config fields are there, and no
+    field of another type is (the merged spec.config schema alone allows
+    both)."""
+    rules = []
+    for type_name, config_model in FUNCTION_TYPES.items():
+        fields = list(config_model.model_fields)
+        required = [f for f, info in config_model.model_fields.items() if info.is_required()]
+        for f in required:
+            rules.append({
+                "rule": f"self.type != '{type_name}' || (has(self.config) && "
+                        f"has(self.config.{f}))",
+                "message": f"a {type_name} needs spec.config.{f}",
+                "fieldPath": f".config.{f}", "reason": "FieldValueRequired"})
+        absent = " && ".join(f"!has(self.config.{f})" for f in fields)
+        rules.append({
+            "rule": f"self.type == '{type_name}' || !has(self.config) || ({absent})",
+            "message": f"{', '.join(fields)}: field(s) of a {type_name}, not of this "
+                       f"spec.type",
+            "fieldPath": ".config", "reason": "FieldValueForbidden"})
+    return rules
 
 
 def crd(model: type[Resource]) -> dict[str, Any]:

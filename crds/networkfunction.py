@@ -68,14 +68,25 @@ MAX_BURST = 2**30  # bytes: keeps the bucket's fixed-point sums in 64 bits (pcn_
 DEFAULT_BURST_S = 0.5
 
 
+def _cel_quantity_range(low: str, high: str, what: str) -> dict[str, Any]:
+    """A CEL rule (Kubernetes' quantity library) for the API server to refuse
+    a quantity outside low..high, as the agent's validator does."""
+    return {"x-kubernetes-validations": [{
+        "rule": f"isQuantity(self) && quantity(self).compareTo(quantity('{low}')) >= 0 && "
+                f"quantity(self).compareTo(quantity('{high}')) <= 0",
+        "message": f"must be a quantity of {what} from {low} to {high}"}]}
+
+
 class PolicerConfig(Model):
     """A token bucket: `rate` bits per second on average, `burst` bytes at once."""
 
-    rate: str = Field(pattern=QUANTITY_PATTERN, description=(
+    rate: str = Field(pattern=QUANTITY_PATTERN, json_schema_extra=_cel_quantity_range(
+        "1k", "1P", "bits per second"), description=(
         "Average rate in bits per second, a Kubernetes quantity as the "
         "kubernetes.io/ingress-bandwidth annotation takes it: 10M, 1G, 500k (1k to 1P). "
         "Counted on whole frames, Ethernet header included, as tc's tbf counts."))
-    burst: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
+    burst: str | None = Field(None, pattern=QUANTITY_PATTERN, json_schema_extra=_cel_quantity_range(
+        "64Ki", "1Gi", "bytes"), description=(
         "Bucket size in bytes, a quantity: 64Ki, 1M, 256k (64Ki to 1Gi). "
         "What may pass at once after a quiet period. Default: what the rate sends in "
         "half a second (TCP needs about that much to reach the rate), at least 64Ki."))

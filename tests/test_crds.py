@@ -152,3 +152,23 @@ def test_bandwidth_bounds_are_kubelets() -> None:
     for bad in ("999", "1.1P", "100m"):
         with pytest.raises(QuantityError):
             bandwidth_bits(bad)
+
+
+def test_cel_rules_guard_each_types_fields() -> None:
+    """What the merged spec.config schema cannot say, CEL rules on spec do (a
+    real API server runs them in test_crds_apiserver.py)."""
+    from pcn_crds.networkfunction import FUNCTION_TYPES
+
+    spec = crd(NetworkFunction)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]
+    rules = spec["x-kubernetes-validations"]
+    for type_name, model in FUNCTION_TYPES.items():
+        forbidden = [r for r in rules if r["rule"].startswith(f"self.type == '{type_name}'")]
+        assert len(forbidden) == 1
+        assert all(f"!has(self.config.{f})" in forbidden[0]["rule"] for f in model.model_fields)
+        for f, info in model.model_fields.items():
+            if info.is_required():
+                assert any(r["fieldPath"] == f".config.{f}" and r["reason"] ==
+                           "FieldValueRequired" for r in rules), f
+    config = spec["properties"]["config"]["properties"]
+    assert "quantity(self)" in config["rate"]["x-kubernetes-validations"][0]["rule"]
