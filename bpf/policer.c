@@ -4,11 +4,12 @@
  * not shaping: nothing is queued, so TCP sees losses and backs off, as with a
  * tc policer; the bucket's burst is what absorbs its sawtooth.
  *
- * Length: skb->len, the frame with its Ethernet header, the length tc's tbf
- * and police actions count (qdisc_pkt_len), so `kubernetes.io/*-bandwidth`
- * means what it means with the reference `bandwidth` plugin. A GSO packet is
- * one packet of its whole length: it never passes a burst smaller than itself
- * (the agent keeps bursts at 64 KiB or more for that reason).
+ * Length: skb->len, the frame with its Ethernet header, as tc's tbf counts a
+ * packet. A GSO packet counts its headers once (tbf's qdisc_pkt_len adds them
+ * per segment), so TCP's goodput through a policer comes within about 1 % of
+ * the rate instead of 4 %. A GSO packet is one packet of its whole length: it
+ * never passes a bucket smaller than itself, which is why bursts are at least
+ * 64 KiB.
  *
  * Scope: one bucket per port the instance is stacked on (a pod: scope `pod`),
  * or one for all of them (port 0: scope `shared`). The direction is the hook's:

@@ -84,7 +84,7 @@ class PolicerConfig(Model):
         "1k", "1P", "bits per second"), description=(
         "Average rate in bits per second, a Kubernetes quantity as the "
         "kubernetes.io/ingress-bandwidth annotation takes it: 10M, 1G, 500k (1k to 1P). "
-        "Counted on whole frames, Ethernet header included, as tc's tbf counts."))
+        "Counted on frames, Ethernet header included (a GSO packet's headers once)."))
     burst: str | None = Field(None, pattern=QUANTITY_PATTERN, json_schema_extra=_cel_quantity_range(
         "64Ki", "1Gi", "bytes"), description=(
         "Bucket size in bytes, a quantity: 64Ki, 1M, 256k (64Ki to 1Gi). "
