@@ -617,3 +617,16 @@ def test_bandwidth_policers_keep_their_place_when_chains_are_full() -> None:
     to_pod = r.desired.chains["k"][1]
     assert len(to_pod) == MAX_STACKED and to_pod[-1] == "bw.ingress.web.a"
     assert r.verdicts[("CubeChain", "web", "c")].reason == "TooManyFunctions"
+
+
+def test_every_crd_function_type_has_a_cube() -> None:
+    from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES
+    from pcn_crds import FUNCTION_TYPES
+
+    assert FUNCTION_CUBES.keys() == FUNCTION_TYPES.keys()
+    for type_, cube in FUNCTION_CUBES.items():
+        assert cube.type == type_ and cube.config_model is FUNCTION_TYPES[type_]
+        with pytest.raises(TypeError):  # another type's config is refused
+            other = next(m for t, m in FUNCTION_TYPES.items() if t != type_)
+            cube.settings_of(other.model_validate({"rate": "1M"} if type_ == "firewall"
+                                                  else {}))
