@@ -168,6 +168,18 @@ def test_scope_pod_gives_each_port_a_bucket(lab: PlcLab, stack: Factory) -> None
     assert set(p.buckets()) == {lab.ports["a"].id, lab.ports["c"].id}
 
 
+def test_buckets_of_ports_it_left_are_forgotten(lab: PlcLab, stack: Factory) -> None:
+    p = stack(PolicerSettings(SLOW, MIN_BURST, "pod"), on=("a", "c"))
+    passes(lab, 1, dev="u1")
+    passes(lab, 1, dev="u3")
+    assert p.keep_buckets({lab.ports["a"].id, lab.ports["c"].id}) == 0
+    assert p.keep_buckets({lab.ports["a"].id}) == 1  # c's pod went
+    assert set(p.buckets()) == {lab.ports["a"].id}
+    shared = stack(PolicerSettings(SLOW, MIN_BURST, "shared"), on=("a",))
+    passes(lab, 1, dev="u1")
+    assert shared.keep_buckets(set()) == 0 and set(shared.buckets()) == {0}
+
+
 def test_scope_shared_gives_all_ports_one_bucket(lab: PlcLab, stack: Factory) -> None:
     p = stack(PolicerSettings(SLOW, MIN_BURST, "shared"), on=("a", "c"))
     assert sum(passes(lab, 40, dev="u1")) == 40

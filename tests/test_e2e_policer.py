@@ -32,6 +32,7 @@ from pcn_agent.control.reconcile import (
     cube_name,
     plan,
 )
+from pcn_agent.dataplane.cubes.functions import PolicerFunction
 from pcn_agent.dataplane.cubes.policer import Policer, PolicerSettings
 from pcn_crds.networkfunction import MIN_BURST, default_burst
 from pcn_lab.topology import Lab
@@ -150,12 +151,21 @@ def test_manager_applies_and_adopts_policers(lab: Lab) -> None:
         changed = Desired(functions={**desired.functions,
                                      nf: FunctionSpec("firewall", FirewallSettings(()))},
                           chains=desired.chains)
+        # traffic from the pod makes the pod-scope bucket of the annotation's policer
+        exec_in(lab.pods["n1p2"].netns, ["ping", "-c", "1", "-W", "1", lab.pods["n1p1"].ip],
+                check=False)
+        bw_cube = again.functions[bw]
+        assert isinstance(bw_cube, PolicerFunction)
+        assert set(bw_cube.policer.buckets()) == {node.pods[key].port.id}
         report = again.apply(changed)
         assert not report.errors and [o.kind for o in report.ops] == ["set-function"]
         assert node.rt.cubes[nf].type == "firewall"
         port = node.pods[key].port
         assert node.rt.stacked(nf) in port.hooks[1] or node.rt.stacked(nf) in port.hooks[0]
         m = again
+        # the pod leaves the policer's chain: its bucket goes with it
+        report = again.apply(Desired(functions=changed.functions, chains={key: ((), (nf,))}))
+        assert not report.errors and bw_cube.policer.buckets() == {}
     finally:
         report = m.apply(Desired())
         assert not report.errors

@@ -30,6 +30,7 @@ class DataplaneManager:
         self.current = Desired()
         self.functions: dict[str, FunctionCube] = {}  # by cube name
         self.lock = threading.RLock()  # shared with the local API: one writer at a time
+        self._stacked_pods: frozenset[str] = frozenset()  # attached pods at the last _tell_stacked
         if node.rt.adopted:
             self._adopt()
 
@@ -75,6 +76,11 @@ class DataplaneManager:
                 except Exception as exc:  # keep going: one bad object must not block others
                     log.exception("could not apply %s %s", op.kind, op.key)
                     report.errors.append((op, f"{type(exc).__name__}: {exc}"))
+            pods = frozenset(self.node.pods)
+            if pods != self._stacked_pods or any(
+                    op.kind in ("set-chain", "set-function") for op in report.ops):
+                self._tell_stacked()
+                self._stacked_pods = pods
         report.seconds = time.monotonic() - start
         if report.applied:
             log.info("applied %d data-plane operations in %.1f ms", report.applied,
@@ -117,6 +123,20 @@ class DataplaneManager:
             n.prune_address_sets()
         else:
             raise ValueError(f"unknown operation {op.kind}")
+
+    def _tell_stacked(self) -> None:
+        """Tell each function the ports it is stacked on now (pods come, go
+        and change chains), so per-pod state of the others is dropped."""
+        ports: dict[str, set[int]] = {name: set() for name in self.functions}
+        for pod in self.node.pods.values():
+            for name in (*pod.ingress, *pod.egress):
+                if name in ports:
+                    ports[name].add(pod.port.id)
+        for name, f in self.functions.items():
+            try:
+                f.stacked_on(ports[name])
+            except Exception:
+                log.exception("could not drop the per-pod state of %s", name)
 
     def _set_function(self, name: str, spec: FunctionSpec) -> None:
         """Create the cube, reconfigure it, or (its type changed) replace it

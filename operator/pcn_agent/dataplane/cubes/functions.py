@@ -83,6 +83,12 @@ class FunctionCube(ABC):
         has such programs (see Firewall.specialise). True when swapped."""
         return False
 
+    def stacked_on(self, ports: set[int]) -> None:
+        """Learn the ports the cube is stacked on now (after chains changed),
+        to drop per-port state of the others; a type without such state
+        keeps nothing to drop."""
+        return None
+
 
 # ----------------------------------------------------------------------------- firewall
 @dataclass(frozen=True)
@@ -180,6 +186,9 @@ class PolicerFunction(FunctionCube):
 
     def delete(self) -> None:
         self.policer.delete()
+
+    def stacked_on(self, ports: set[int]) -> None:
+        self.policer.keep_buckets(ports)
 
 
 def _settings(settings: Hashable, kind: type[S]) -> S:

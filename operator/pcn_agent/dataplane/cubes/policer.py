@@ -147,6 +147,21 @@ class Policer:
                 "passedBytes": c.passed_bytes, "droppedPackets": c.dropped_packets,
                 "droppedBytes": c.dropped_bytes, "drops": c.dropped_packets}
 
+    def keep_buckets(self, ports: set[int]) -> int:
+        """Forget the per-pod buckets of ports other than `ports` (the ports
+        the instance is stacked on now): a pod gone or out of the chain. Its
+        bucket would otherwise stay in the map, which is bounded (a full map
+        lets new pods' packets pass unpoliced) and cannot be an LRU one (no
+        spin lock there). The shared bucket stays. Returns how many went."""
+        gone = [k for k, _ in self._buckets.items()
+                if k.inst == self.cube.id and k.port != 0 and k.port not in ports]
+        for k in gone:
+            try:
+                del self._buckets[k]
+            except KeyError:
+                pass
+        return len(gone)
+
     def _zero_counters(self) -> None:
         zeros = self._ctrs.Leaf()
         for i in (0, 1):
