@@ -74,6 +74,7 @@ def _schema_of(model: type[Resource]) -> dict[str, Any]:
     status = structural(full["properties"]["status"], defs)
     if model is NetworkFunction:
         spec["properties"]["config"] = _function_config_schema()
+        spec["x-kubernetes-validations"] = _function_type_rules()
     return {
         "type": "object",
         "description": model.description,
@@ -90,14 +91,47 @@ def _schema_of(model: type[Resource]) -> dict[str, Any]:
 
 def _function_config_schema() -> dict[str, Any]:
     """spec.config holds the fields of every function type's config (each
-    optional); which apply is decided by spec.type, as CEL rules check."""
+    optional, each description marked with its type); which apply is decided
+    by spec.type, and the agent reports a field that does not belong (or a
+    missing one) in the object's status. No field has a default here: the API
+    server would write it into every type's config (a firewall's defaultAction
+    into a policer's); the agent's models apply them."""
     props: dict[str, Any] = {}
-    for config_model in FUNCTION_TYPES.values():
+    for type_name, config_model in FUNCTION_TYPES.items():
         full = config_model.model_json_schema(mode="validation")
         node = structural(full, full.get("$defs", {}))
-        props.update(node.get("properties", {}))
-    return {"type": "object", "description": "Configuration, typed by spec.type.",
-            "properties": props}
+        for name, prop in node.get("properties", {}).items():
+            if name in props:
+                raise ValueError(f"spec.config.{name} is a field of two function types")
+            prop = {k: v for k, v in prop.items() if k != "default"}
+            prop["description"] = f"({type_name}) {prop.get('description', '')}".rstrip()
+            props[name] = prop
+    types = ", ".join(f"({t}) for a {t}" for t in FUNCTION_TYPES)
+    return {"type": "object", "description": "Configuration of the spec.type cube: the fields "
+            f"marked {types}.", "properties": props}
+
+
+def _function_type_rules() -> list[dict[str, Any]]:
+    """CEL rules on spec: a type's required config fields are there, and no
+    field of another type is (the merged spec.config schema alone allows
+    both)."""
+    rules = []
+    for type_name, config_model in FUNCTION_TYPES.items():
+        fields = list(config_model.model_fields)
+        required = [f for f, info in config_model.model_fields.items() if info.is_required()]
+        for f in required:
+            rules.append({
+                "rule": f"self.type != '{type_name}' || (has(self.config) && "
+                        f"has(self.config.{f}))",
+                "message": f"a {type_name} needs spec.config.{f}",
+                "fieldPath": f".config.{f}", "reason": "FieldValueRequired"})
+        absent = " && ".join(f"!has(self.config.{f})" for f in fields)
+        rules.append({
+            "rule": f"self.type == '{type_name}' || !has(self.config) || ({absent})",
+            "message": f"{', '.join(fields)}: field(s) of a {type_name}, not of this "
+                       f"spec.type",
+            "fieldPath": ".config", "reason": "FieldValueForbidden"})
+    return rules
 
 
 def crd(model: type[Resource]) -> dict[str, Any]:

@@ -56,10 +56,11 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
              selector: dict[str, Any] | None, hook: str, placement: ch.Placement,
              config_file: tuple[str, str] | None, rules: Sequence[str], default: str | None,
              chain_name: str | None, priority: int | None, dry_run: bool,
-             progress: Callable[[str], None], allow_replies: bool | None = None
+             progress: Callable[[str], None], fields: Mapping[str, Any] | None = None
              ) -> list[Change]:
+    """`fields`: the config field options given (flag -> value, rules.field_options)."""
     check_type(type_)
-    config_from_flags(type_, None, config_file, rules, default, allow_replies)  # input errors
+    config_from_flags(type_, None, config_file, rules, default, fields)  # input errors first
     progress(f"reading networkfunction {namespace}/{name}")
     existing_nf = cluster.get(NETWORK_FUNCTIONS, namespace, name)
     existing_config = None
@@ -69,8 +70,7 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
             raise PcnError(f"networkfunction {namespace}/{name} exists with type {have_type}, "
                            f"not {type_}", "choose another NAME, or remove-cube it first")
         existing_config = (existing_nf.get("spec") or {}).get("config") or {}
-    config = config_from_flags(type_, existing_config, config_file, rules, default,
-                               allow_replies)
+    config = config_from_flags(type_, existing_config, config_file, rules, default, fields)
     desired_nf = objects.network_function(namespace, name, type_, config, existing_nf)
 
     nf_change: Change | None = None

@@ -128,6 +128,10 @@ class FunctionTotals:
     later_hits: dict[str, int] = field(default_factory=dict)
     allow_replies: bool = False
     reply_hits: int = 0
+    # the type's own counters (a policer's passedPackets...), summed, and its
+    # settings as the first node reports them (a policer's rate, burst, scope)
+    counters: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cube(self) -> str:
@@ -142,7 +146,30 @@ class FunctionTotals:
                 **({"rulesTotal": self.rules_total, "laterHits": self.later_hits}
                    if self.rules_total > len(self.rules) else {}),
                 **({"allowReplies": True, "replyHits": self.reply_hits}
-                   if self.allow_replies else {})}
+                   if self.allow_replies else {}),
+                **({"counters": self.counters, "settings": self.settings}
+                   if self.counters or self.settings else {})}
+
+
+# What every function's status holds (the firewall's counters among them);
+# anything else a type reports is its own (type_counters).
+COMMON_KEYS = {"namespace", "name", "type", "rules", "default", "hits", "defaultHits", "drops",
+               "rulesTotal", "laterHits", "allowReplies", "replyHits"}
+
+
+def type_counters(entry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, Any]]:
+    """A function's own counters (integer keys ending in Packets or Bytes) and
+    settings (the other keys) beyond COMMON_KEYS, from its status entry."""
+    counters: dict[str, int] = {}
+    settings: dict[str, Any] = {}
+    for k, v in entry.items():
+        if k in COMMON_KEYS:
+            continue
+        if isinstance(v, int) and k.endswith(("Packets", "Bytes")):
+            counters[k] = v
+        else:
+            settings[k] = v
+    return counters, settings
 
 
 def functions(reports_: Sequence[NodeReport], namespace: str | None = None
@@ -174,6 +201,11 @@ def functions(reports_: Sequence[NodeReport], namespace: str | None = None
             t.allow_replies = t.allow_replies or bool(f.get("allowReplies"))
             t.reply_hits += int(f.get("replyHits") or 0)
             t.drops += int(f.get("drops") or 0)
+            counters, settings = type_counters(f)
+            for k, v in counters.items():
+                t.counters[k] = t.counters.get(k, 0) + v
+            if not t.nodes:
+                t.settings = settings
             t.nodes.append(r.node)
     return out
 

@@ -11,7 +11,7 @@ from typing import Any
 from . import agents
 from . import chains as ch
 from .output import NONE, human_bytes, ready, table
-from .views import Obj, arrow, meta, rules_of
+from .views import Obj, arrow, meta, rules_of, typed_table
 
 
 def _valid_functions(nfs: Sequence[Obj]) -> dict[str, Obj]:
@@ -35,9 +35,15 @@ def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
                     namespace: str) -> dict[str, Any]:
     spec = (nf or {}).get("spec") or {}
     config = spec.get("config") or {}
+    firewall = spec.get("type") == "firewall"
     entry: dict[str, Any] = {"position": position, "function": slot.function,
                              "chain": slot.chain, "type": spec.get("type"),
-                             "defaultAction": config.get("defaultAction", "allow")}
+                             "defaultAction": config.get("defaultAction", "allow")
+                             if firewall else None}
+    if not firewall:
+        entry["config"] = dict(config)
+    if counters is not None and not firewall:
+        entry["counters"], entry["settings"] = agents.type_counters(counters)
     if counters is not None:
         entry["rules"] = [{"rule": r, "hits": h} for r, h in
                           zip(counters.get("rules") or [], counters.get("hits") or [],
@@ -103,6 +109,8 @@ def pod_chain_data(pod: Obj, chains: Sequence[Obj], nfs: Sequence[Obj],
     # NetworkPolicy and ClusterNetworkPolicy in force (the node's policy cube,
     # innermost on both sides): per rule, packets of what it let in or out
     out["policy"] = view.entry.get("policy") if view else None
+    # its bandwidth annotations' policers (by side: rate, burst, counters)
+    out["bandwidth"] = view.entry.get("bandwidth") if view else None
     return out
 
 
@@ -127,8 +135,13 @@ def namespace_chain_data(namespace: str, chains: Sequence[Obj], nfs: Sequence[Ob
     for fname, nf in sorted(functions.items()):
         t = totals.get((namespace, fname))
         config = (nf.get("spec") or {}).get("config") or {}
-        fn_rows.append({"function": fname, "type": (nf.get("spec") or {}).get("type"),
-                        "defaultAction": config.get("defaultAction", "allow"),
+        firewall = (nf.get("spec") or {}).get("type") == "firewall"
+        extra = {} if firewall else {"config": dict(config),
+                                     "counters": t.counters if t else None,
+                                     "settings": t.settings if t else None}
+        fn_rows.append({**extra, "function": fname, "type": (nf.get("spec") or {}).get("type"),
+                        "defaultAction": config.get("defaultAction", "allow")
+                        if firewall else None,
                         "rules": [{"rule": r, "hits": h} for r, h in zip(
                             t.rules, t.hits, strict=False)] if t else
                         [{"rule": r, "hits": None} for r in rules_of(nf)],
@@ -168,6 +181,7 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
         lines.append(f"Dropped:   {', '.join(d['beyondLimit'])} (more than "
                      f"{ch.MAX_STACKED} functions on one side)")
     rule_rows = []
+    typed_rows: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
     for side, title in (("ingress", "INGRESS (traffic to the pod)"),
                         ("egress", "EGRESS (traffic from the pod)")):
         lines += ["", title]
@@ -181,10 +195,16 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
         for e in entries:
             hits = [r["hits"] for r in e["rules"] if r["hits"] is not None]
             realized = e.get("realized")
-            rows.append([e["position"], e["function"], e["type"], e["chain"], len(e["rules"]),
-                         sum(hits) if hits else _n(None), e["defaultAction"],
-                         _n(e["defaultHits"]), _n(e["drops"]),
+            firewall = e["type"] == "firewall"
+            rows.append([e["position"], e["function"], e["type"], e["chain"],
+                         len(e["rules"]) if firewall else NONE,
+                         (sum(hits) if hits else _n(None)) if firewall else NONE,
+                         _n(e["defaultAction"]), _n(e["defaultHits"]) if firewall else NONE,
+                         _n(e["drops"]),
                          NONE if realized is None else ("yes" if realized else "no")])
+            if not firewall:
+                typed_rows.setdefault(e["type"], []).append((side, e))
+                continue
             for i, r in enumerate(e["rules"], 1):
                 rule_rows.append([side, e["function"], i, r["rule"], _n(r["hits"])])
             rule_rows.append([side, e["function"], "default", e["defaultAction"],
@@ -193,6 +213,17 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
     if rule_rows:
         lines += ["", f"RULES (hits on node {d.get('node') or NONE})",
                   table(["side", "function", "#", "rule", "hits"], rule_rows)]
+    for type_, typed in typed_rows.items():
+        lines += ["", f"{type_.upper()}S (counters on node {d.get('node') or NONE})",
+                  typed_table(type_, [(side, e["function"], e) for side, e in typed])]
+    bandwidth = d.get("bandwidth") or {}
+    if bandwidth:
+        lines += ["", "BANDWIDTH (kubernetes.io/ingress-bandwidth, egress-bandwidth: a policer "
+                  "nearest the pod)",
+                  typed_table("policer", [(side, f"bw.{side}", {
+                      "settings": agents.type_counters(b)[1],
+                      "counters": agents.type_counters(b)[0]})
+                      for side, b in sorted(bandwidth.items())])]
     lines += _policy_text(d.get("policy"), d.get("node"))
     return "\n".join(lines)
 
@@ -245,11 +276,20 @@ def namespace_chain_text(d: Mapping[str, Any], wide: bool) -> str:
                            rows) if rows else NONE)
     lines += ["", "FUNCTIONS (counters summed over nodes)"]
     rows = []
+    typed: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
     for f in d["functions"]:
         hits = [r["hits"] for r in f["rules"] if r["hits"] is not None]
-        rows.append([f["function"], f["type"], len(f["rules"]), sum(hits) if hits else NONE,
-                     f["defaultAction"], _n(f["defaultHits"]), _n(f["drops"]),
-                     ",".join(f["nodes"]) or NONE])
+        firewall = f["type"] == "firewall"
+        rows.append([f["function"], f["type"], len(f["rules"]) if firewall else NONE,
+                     (sum(hits) if hits else NONE) if firewall else NONE,
+                     _n(f["defaultAction"]), _n(f["defaultHits"]) if firewall else NONE,
+                     _n(f["drops"]), ",".join(f["nodes"]) or NONE])
+        if not firewall:
+            typed.setdefault(f["type"], []).append((",".join(f["nodes"]) or NONE,
+                                                    f["function"], f))
     lines.append(table(["function", "type", "rules", "rule hits", "default", "default hits",
                         "drops", "nodes"], rows) if rows else NONE)
+    for type_, entries in typed.items():
+        lines += ["", f"{type_.upper()}S (counters summed over nodes)",
+                  typed_table(type_, entries, where="nodes")]
     return "\n".join(lines)

@@ -166,6 +166,7 @@ Examples:
   kubectl pcn add-cube firewall api-fw -n web --selector app=api --hook egress \\
       --rule "allow udp to 10.96.0.10/32 dport 53" --default drop
   kubectl pcn add-cube firewall ssh-guard -n web --dry-run=client -o yaml > fw.yaml
+  kubectl pcn add-cube policer slow-egress -n web --hook egress --rate 10M --burst 1Mi
   kubectl pcn chain web-7d9c -n web
   kubectl pcn status
 Exit codes: 0 done, 1 the cluster failed or refused, 2 invalid input.
@@ -221,7 +222,65 @@ dry_run_option = click.option(
 
 
 # ----------------------------------------------------------------------------- add-cube
-@cli.command("add-cube", epilog="""\b
+_TYPE_META = "pcn.add-cube.type"
+
+
+def _option_owners() -> dict[str, str]:
+    """add-cube's parameters that set a type's config field -> that type."""
+    from .rules import field_options
+
+    return {"rules": "firewall", "default": "firewall",
+            **{o.param: o.type_ for o in field_options()}}
+
+
+class AddCubeCommand(click.Command):
+    """add-cube, whose --help lists the options of the TYPE on the command
+    line (`kubectl pcn add-cube policer --help`), or of every type, grouped,
+    when none is given."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --help is eager: it runs before TYPE is parsed, so look for it here
+        ctx.meta[_TYPE_META] = next((a for a in args if a in FUNCTION_TYPES), None)
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        chosen = ctx.meta.get(_TYPE_META)
+        owners = _option_owners()
+        common: list[tuple[str, str]] = []
+        per_type: dict[str, list[tuple[str, str]]] = {t: [] for t in FUNCTION_TYPES}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            owner = owners.get(param.name or "")
+            if owner is None:
+                common.append(record)
+            elif chosen in (None, owner):
+                per_type[owner].append(record)
+        with formatter.section("Options"):
+            formatter.write_dl(common)
+        for type_, records in per_type.items():
+            if records:
+                with formatter.section(f"Options of a {type_} (its spec.config)"):
+                    formatter.write_dl(records)
+
+
+def _field_options(f: F) -> F:
+    """An option per config field of every function type (rules.field_options)."""
+    from .rules import field_options
+
+    for o in reversed(field_options()):
+        if o.boolean:
+            f = click.option(f"--{o.flag}/--no-{o.flag}", o.param, default=None,
+                             help=o.help)(f)
+            continue
+        f = click.option(f"--{o.flag}", o.param, metavar=None if o.choices else "VALUE",
+                         type=click.Choice(o.choices) if o.choices else str,
+                         help=o.help)(f)
+    return f
+
+
+@cli.command("add-cube", cls=AddCubeCommand, epilog="""\b
 Where the function goes:
   no --selector       the chain "default" of the namespace (selects every pod)
   --selector SEL      the namespace's chain whose podSelector is exactly SEL, else a
@@ -254,9 +313,7 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
                    "[dport P[-P]].")
 @click.option("--default", type=click.Choice(["allow", "drop"]),
               help="What the firewall does with traffic no rule matches.")
-@click.option("--allow-replies/--no-allow-replies", default=None,
-              help="Let the replies of connections the firewall allowed pass whatever the "
-                   "rules say (it must be on both --hook sides to see them).")
+@_field_options
 @click.option("--chain", "chain_name", metavar="NAME", shell_complete=completion.names(_chains),
               help="The CubeChain to use (see below).")
 @click.option("--priority", type=click.IntRange(0, 1000), metavar="N",
@@ -266,11 +323,12 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
 def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
              before: str | None, after: str | None, position: int | None,
              config_file: Any, rules: tuple[str, ...], default: str | None,
-             allow_replies: bool | None, chain_name: str | None, priority: int | None,
-             dry_run: str) -> None:
+             chain_name: str | None, priority: int | None, dry_run: str,
+             **field_values: str | bool | None) -> None:
     """Create or update the NetworkFunction NAME (default: TYPE) of type TYPE
-    and insert it in a CubeChain of the namespace."""
-    from .rules import check_type
+    and insert it in a CubeChain of the namespace. `kubectl pcn add-cube TYPE
+    --help` lists the options of that type."""
+    from .rules import check_type, field_options
 
     s = settings()
     check_type(type_)
@@ -288,7 +346,8 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
         s.cluster, namespace=s.ns, type_=type_, name=name, selector=sel, hook=hook,
         placement=ch.Placement(before, after, position), config_file=config, rules=rules,
         default=default, chain_name=chain_name, priority=priority,
-        dry_run=dry_run == "client", progress=s.progress, allow_replies=allow_replies)
+        dry_run=dry_run == "client", progress=s.progress,
+        fields={o.flag: v for o in field_options() if (v := field_values.get(o.param)) is not None})
     _output_changes(changes, dry_run == "client")
 
 

@@ -1,10 +1,12 @@
 """A cube's configuration from what people type: firewall rules in the cube's
-rule language (`drop tcp dport 22`), or a YAML/JSON config file."""
+rule language (`drop tcp dport 22`), an option per config field of the other
+types (`--rate 10M`), or a YAML/JSON config file."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import ValidationError
@@ -16,6 +18,68 @@ from .errors import InputError
 
 # Function types whose rules can be typed with --rule.
 RULE_TYPES = ("firewall",)
+# Config fields that have options of their own; every other field of a
+# type's model is an option named after it (FieldOption).
+SPECIAL_FIELDS = {("firewall", "rules"): "rule", ("firewall", "defaultAction"): "default"}
+
+
+@dataclass(frozen=True)
+class FieldOption:
+    """An add-cube option that sets one field of a type's spec.config:
+    `--flag VALUE`, its help the field's description, its choices the
+    field's Literal values (None: any text, checked by the model)."""
+
+    type_: str
+    field: str
+    flag: str  # without the leading dashes
+    help: str
+    choices: tuple[str, ...] | None
+    boolean: bool = False  # a bool field: --flag / --no-flag
+
+    @property
+    def param(self) -> str:
+        """The click parameter name (prefixed: a field may share a name with
+        a global option)."""
+        return "cfg_" + self.flag.replace("-", "_")
+
+
+def _kebab(name: str) -> str:
+    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _boolean(annotation: Any) -> bool:
+    """Whether an annotation is bool or bool | None."""
+    return annotation is bool or (bool in get_args(annotation)
+                                  and set(get_args(annotation)) <= {bool, type(None)})
+
+
+def _choices(annotation: Any) -> tuple[str, ...] | None:
+    """The values of a Literal (or Literal | None) annotation."""
+    if get_origin(annotation) is Literal:
+        return tuple(str(a) for a in get_args(annotation))
+    for arg in get_args(annotation):
+        if get_origin(arg) is Literal:
+            return tuple(str(a) for a in get_args(arg))
+    return None
+
+
+def field_options() -> list[FieldOption]:
+    """One option per config field of every type, but the SPECIAL_FIELDS, in
+    the models' order."""
+    out = []
+    for type_, model in FUNCTION_TYPES.items():
+        for name, info in model.model_fields.items():
+            if (type_, name) in SPECIAL_FIELDS:
+                continue
+            out.append(FieldOption(type_, name, _kebab(name), info.description or "",
+                                   _choices(info.annotation), _boolean(info.annotation)))
+    return out
+
+
+def options_of(type_: str) -> set[str]:
+    """The flags (without dashes) that set a config field of `type_`."""
+    return {f for (t, _), f in SPECIAL_FIELDS.items() if t == type_} | \
+        {o.flag for o in field_options() if o.type_ == type_}
 
 
 def check_type(type_: str) -> str:
@@ -95,20 +159,27 @@ def load_config_file(text: str, type_: str, origin: str) -> dict[str, Any]:
 
 def config_from_flags(type_: str, existing: Mapping[str, Any] | None,
                       config_file: tuple[str, str] | None, rules: Sequence[str],
-                      default: str | None, allow_replies: bool | None = None
+                      default: str | None, fields: Mapping[str, Any] | None = None
                       ) -> dict[str, Any]:
-    """The config to write: a file replaces it whole; --rule replaces the rules,
-    --default the default action and --allow-replies/--no-allow-replies the
-    firewall's reply tracking, keeping the rest; with none of them an existing
-    function keeps its config (so re-running only re-places it)."""
-    if config_file is not None and (rules or default or allow_replies is not None):
-        raise InputError("give either --config FILE or --rule/--default/--allow-replies, "
-                         "not both")
-    if allow_replies is not None and type_ not in RULE_TYPES:
-        raise InputError(f"--allow-replies applies to {', '.join(RULE_TYPES)} functions")
+    """The config to write: a file replaces it whole; --rule replaces the rules
+    and --default the default action, each field option (`fields`: flag ->
+    value, see field_options) its field, keeping the rest; with none of them
+    an existing function keeps its config (so re-running only re-places it)."""
+    fields = dict(fields or {})
+    if config_file is not None and (rules or default or fields):
+        raise InputError("give either --config FILE or options that set fields, not both")
     if rules and type_ not in RULE_TYPES:
         raise InputError(f"--rule applies to {', '.join(RULE_TYPES)} functions; give the "
                          f"{type_} config with --config FILE")
+    if default and type_ != "firewall":
+        raise InputError(f"--default applies to firewall functions, not {type_}")
+    by_flag = {o.flag: o for o in field_options()}
+    for flag in fields:
+        o = by_flag.get(flag)
+        if o is None or o.type_ != type_:
+            owner = f"{o.type_} functions" if o else "no function type"
+            raise InputError(f"--{flag} applies to {owner}, not {type_}; see "
+                             f"`kubectl pcn add-cube {type_} --help`")
     if config_file is not None:
         origin, text = config_file
         return load_config_file(text, type_, origin)
@@ -117,6 +188,7 @@ def config_from_flags(type_: str, existing: Mapping[str, Any] | None,
         config["rules"] = [rule_from_text(r) for r in rules]
     if default:
         config["defaultAction"] = default
-    if allow_replies is not None:
-        config["allowReplies"] = allow_replies
-    return normalise(type_, config, "--rule/--default" if rules or default else "config")
+    for flag, value in fields.items():
+        config[by_flag[flag].field] = value
+    given = rules or default or fields
+    return normalise(type_, config, "options" if given else "config")

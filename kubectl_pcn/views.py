@@ -66,8 +66,9 @@ def functions_table(nfs: Sequence[Obj], chains: Sequence[Obj], all_namespaces: b
         status, reason, message = ready(nf)
         name = m.get("name")
         chains_of = where.get((m.get("namespace") or "", name), []) if name is not None else []
-        row = [name, spec.get("type"), len(config.get("rules") or []),
-               config.get("defaultAction", "allow"), ",".join(chains_of),
+        firewall = spec.get("type") == "firewall"
+        row = [name, spec.get("type"), len(config.get("rules") or []) if firewall else NONE,
+               config.get("defaultAction", "allow") if firewall else NONE, ",".join(chains_of),
                status, (nf.get("status") or {}).get("realizedPods", 0),
                age(m.get("creationTimestamp"), now)]
         if wide:
@@ -181,18 +182,30 @@ def stats_table(data: Mapping[str, Any], all_namespaces: bool, wide: bool) -> st
            else NONE, "",
            "FUNCTIONS (summed over nodes)"]
     fn_rows = []
+    typed: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
     for f in data["functions"]:
         hits = sum(r["hits"] for r in f["rules"])
+        firewall = f["type"] == "firewall"
         fn_rows.append(([f["namespace"]] if all_namespaces else []) +
-                       [f["name"], f["type"], len(f["rules"]), hits, f["defaultAction"],
-                        f["defaultHits"], f["drops"], ",".join(f["nodes"])])
+                       [f["name"], f["type"], len(f["rules"]) if firewall else NONE,
+                        hits if firewall else NONE, f["defaultAction"] if firewall else NONE,
+                        f["defaultHits"] if firewall else NONE, f["drops"],
+                        ",".join(f["nodes"])])
+        if not firewall:
+            typed.setdefault(f["type"], []).append((",".join(f["nodes"]) or NONE,
+                                                    f"{f['namespace']}/{f['name']}", f))
     out.append(table(ns_col + ["function", "type", "rules", "rule hits", "default",
                                "default hits", "drops", "nodes"], fn_rows)
                if fn_rows else NONE)
-    if wide and data["functions"]:
+    for type_, entries in typed.items():
+        out += ["", f"{type_.upper()}S (summed over nodes)",
+                typed_table(type_, entries, where="nodes")]
+    if wide and any(f["type"] == "firewall" for f in data["functions"]):
         out += ["", "RULES"]
         rule_rows = []
         for f in data["functions"]:
+            if f["type"] != "firewall":
+                continue
             for i, r in enumerate(f["rules"], 1):
                 rule_rows.append(([f["namespace"]] if all_namespaces else []) +
                                  [f["name"], i, r["rule"], r["hits"]])
@@ -200,3 +213,39 @@ def stats_table(data: Mapping[str, Any], all_namespaces: bool, wide: bool) -> st
                              [f["name"], "default", f["defaultAction"], f["defaultHits"]])
         out.append(table(ns_col + ["function", "#", "rule", "hits"], rule_rows))
     return "\n".join(out)
+
+
+def _rate(bits: Any) -> str:
+    if not isinstance(bits, int):
+        return NONE
+    for suffix, scale in (("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6),
+                          ("k", 10**3)):
+        if bits % scale == 0:
+            return f"{bits // scale} {suffix}bit/s"
+    return f"{bits} bit/s"
+
+
+def typed_table(type_: str, rows: Sequence[tuple[str, str, Mapping[str, Any]]],
+                where: str = "side") -> str:
+    """One table of a type's own settings and counters, a row per (side or
+    node, function, entry with "settings"/"counters" or "config"). Policers:
+    rate, burst, scope, what passed and what was dropped; other types: their
+    counters by name."""
+    if type_ == "policer":
+        out = []
+        for place, fname, e in rows:
+            st, c, cfg = e.get("settings") or {}, e.get("counters"), e.get("config") or {}
+            out.append([place, fname, _rate(st.get("rate")) if "rate" in st else
+                        cfg.get("rate", NONE),
+                        human_bytes(st["burst"]) if "burst" in st else cfg.get("burst", NONE),
+                        st.get("scope") or cfg.get("scope") or "pod",
+                        NONE if c is None else c.get("passedPackets", 0),
+                        NONE if c is None else human_bytes(c.get("passedBytes", 0)),
+                        NONE if c is None else c.get("droppedPackets", 0),
+                        NONE if c is None else human_bytes(c.get("droppedBytes", 0))])
+        return table([where, "function", "rate", "burst", "scope", "passed", "passed bytes",
+                      "dropped", "dropped bytes"], out)
+    keys = sorted({k for _, _, e in rows for k in (e.get("counters") or {})})
+    return table([where, "function", *keys],
+                 [[w, f, *[(e.get("counters") or {}).get(k, NONE) for k in keys]]
+                  for w, f, e in rows])

@@ -15,6 +15,7 @@ import pytest
 from kopf.testing import KopfRunner
 
 from pcn_agent.control import agent as agent_mod
+from pcn_agent.control.reconcile import cube_name
 from pcn_lab import checks, kubelet
 from pcn_lab.apiserver import EmulatedApiServer, apply, delete, get
 from pcn_lab.topology import Lab
@@ -216,7 +217,7 @@ def test_chain_puts_a_firewall_on_matching_pods_only(cluster: Cluster) -> None:
     blocked = cluster.probe("client", ["tcp", cluster.pods["web-1"].ip, "8080", "--timeout", "2"])
     assert not blocked["ok"] and "timed out" in blocked.get("error", ""), blocked
     fw = agent_mod.AGENT.manager.functions["nf.web.no-8080"]
-    assert fw.rule_hits()[0] >= 1
+    assert fw.status()["hits"][0] >= 1
     wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "no-8080"))
     status = agent_mod.AGENT.node_status()["functions"]["nf.web.no-8080"]
     assert status["rules"] == ["drop tcp dport 8080"] and status["rulesTotal"] == 1
@@ -232,11 +233,15 @@ def test_status_lists_a_bounded_number_of_rules(cluster: Cluster,
     for obj in _firewall_objects():
         apply(cluster.api, obj)
     wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "no-8080"))
-    fw = agent_mod.AGENT.manager.functions["nf.web.no-8080"]
-    monkeypatch.setattr(agent_mod, "STATUS_RULES", 0)
-    status = agent_mod.AGENT.node_status()["functions"]["nf.web.no-8080"]
+    from pcn_agent.dataplane.cubes import functions as functions_mod
+
+    key = cube_name("web", "no-8080")
+    fw = agent_mod.AGENT.manager.functions[key]
+    assert isinstance(fw, functions_mod.FirewallFunction)
+    monkeypatch.setattr(functions_mod, "STATUS_RULES", 0)
+    status = agent_mod.AGENT.node_status()["functions"][key]
     assert status["rules"] == [] and status["hits"] == [] and status["rulesTotal"] == 1
-    hits = fw.rule_hits()[0]
+    hits = fw.fw.rule_hits()[0]
     assert status["laterHits"] == ({"0": hits} if hits else {})
 
 
@@ -307,3 +312,54 @@ def test_bad_objects_get_a_status_that_says_why(cluster: Cluster) -> None:
     assert r2[0] == "Invalid" and "needs protocol" in r2[1]
     events = cluster.api.request("GET", "/api/v1/namespaces/web/events")
     assert any(e.get("reason") == "FunctionNotFound" for e in events.get("items", [])), events
+
+
+def test_a_policer_and_a_bandwidth_annotation(cluster: Cluster) -> None:
+    """A second function type through the same path (NetworkFunction ->
+    reconciler -> manager registry -> cube), and a pod's
+    kubernetes.io/ingress-bandwidth annotation with no NetworkFunction: both
+    run as policer cubes and report their counters in the node status."""
+    nf = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+          "metadata": {"name": "limit", "namespace": "web", "generation": 1},
+          "spec": {"type": "policer", "config": {"rate": "100M", "scope": "shared"}}}
+    chain = {"apiVersion": "pcn.dev/v1alpha1", "kind": "CubeChain",
+             "metadata": {"name": "limit-client", "namespace": "web", "generation": 1},
+             "spec": {"podSelector": {"matchLabels": {"app": "client"}},
+                      "egress": [{"function": "limit"}]}}
+    apply(cluster.api, nf)
+    apply(cluster.api, chain)
+    wait_for("the policer chain to be Ready", lambda: (
+        o := _ready(cluster, "CubeChain", "limit-client")) and o["status"]["realizedPods"] == 1)
+    agent = agent_mod.AGENT
+    assert agent.node.rt.cubes["nf.web.limit"].type == "policer"
+    r = cluster.probe("client", ["tcp", cluster.pods["web-1"].ip, "8080", "--timeout", "3"])
+    assert r["ok"], r
+    status = agent.node_status()["functions"]["nf.web.limit"]
+    assert status["type"] == "policer" and status["rate"] == 100_000_000
+    assert status["scope"] == "shared" and status["passedPackets"] >= 1
+    assert status["droppedPackets"] == 0
+
+    pod = get(cluster.api, "Pod", "web-2", "web")
+    pod["metadata"].setdefault("annotations", {})["kubernetes.io/ingress-bandwidth"] = "10M"
+    apply(cluster.api, pod)
+    cube = "bw.ingress.web.web-2"
+    wait_for("the annotation's policer", lambda: cube in agent.node.rt.cubes)
+    by_name = {p.k8s_name: p for p in agent.node.pods.values()}
+    assert by_name["web-2"].egress[-1] == cube  # traffic to the pod, nearest to it
+    r = cluster.probe("client", ["tcp", cluster.pods["web-2"].ip, "8080", "--timeout", "3"])
+    assert r["ok"], r
+    bw = agent.node_status()["pods"]["web/web-2"]["bandwidth"]["ingress"]
+    assert bw["type"] == "policer" and bw["rate"] == 10_000_000 and bw["passedPackets"] >= 1
+    assert cube not in agent.node_status()["functions"]
+
+    pod["metadata"]["annotations"]["kubernetes.io/ingress-bandwidth"] = "10 M"
+    apply(cluster.api, pod)
+    wait_for("the invalid annotation to be reported",
+             lambda: "web/web-2" in agent.bandwidth_errors)
+    assert cube not in agent.node.rt.cubes  # runs unlimited, as the error says
+    del pod["metadata"]["annotations"]["kubernetes.io/ingress-bandwidth"]
+    apply(cluster.api, pod)
+    delete(cluster.api, chain)
+    delete(cluster.api, nf)
+    wait_for("the policer to go", lambda: "nf.web.limit" not in agent.node.rt.cubes
+             and not agent.bandwidth_errors)

@@ -72,3 +72,103 @@ def test_models_validate_what_users_write() -> None:
     with pytest.raises(ValidationError, match="more than once"):
         CubeChain.model_validate({"kind": "CubeChain", "spec": {
             "ingress": [{"function": "a"}, {"function": "a"}]}})
+
+
+# ---------------------------------------------------------------------------- function types
+def _nf(spec: dict) -> NetworkFunction:
+    return NetworkFunction.model_validate({"kind": "NetworkFunction", "spec": spec})
+
+
+def test_every_function_type_is_in_the_type_literal_and_the_schema() -> None:
+    from typing import get_args
+
+    from pcn_crds.networkfunction import FUNCTION_TYPES, FunctionType
+
+    assert set(get_args(FunctionType)) == set(FUNCTION_TYPES)
+    spec = crd(NetworkFunction)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]
+    assert spec["properties"]["type"]["enum"] == list(FUNCTION_TYPES)
+    config = spec["properties"]["config"]["properties"]
+    for type_name, model in FUNCTION_TYPES.items():
+        for field in model.model_fields:
+            assert config[field]["description"].startswith(f"({type_name})"), field
+            # a default would be written into every type's config by the API server
+            assert "default" not in config[field], field
+
+
+def test_policer_config_validates_quantities() -> None:
+    from pcn_crds.networkfunction import MIN_BURST, PolicerConfig
+
+    nf = _nf({"type": "policer", "config": {"rate": "10M", "burst": "1Mi", "scope": "shared"}})
+    cfg = nf.spec.typed_config()
+    assert isinstance(cfg, PolicerConfig)
+    assert (cfg.rate_bits(), cfg.burst_bytes(), cfg.scope_or_default()) == \
+        (10_000_000, 1 << 20, "shared")
+    cfg = _nf({"type": "policer", "config": {"rate": "1G"}}).spec.typed_config()
+    assert isinstance(cfg, PolicerConfig)
+    assert (cfg.burst_bytes(), cfg.scope_or_default()) == (10**9 // 2 // 8, "pod")
+    cfg = _nf({"type": "policer", "config": {"rate": "1M"}}).spec.typed_config()
+    assert isinstance(cfg, PolicerConfig) and cfg.burst_bytes() == MIN_BURST  # 62.5 kB < 64Ki
+    with pytest.raises(ValidationError, match=r"config\.rate|rate\n.*Field required"):
+        _nf({"type": "policer", "config": {}})
+    with pytest.raises(ValidationError, match="unreasonably small"):
+        _nf({"type": "policer", "config": {"rate": "999"}})
+    with pytest.raises(ValidationError, match="unreasonably large"):
+        _nf({"type": "policer", "config": {"rate": "2P"}})
+    with pytest.raises(ValidationError, match="String should match pattern"):
+        _nf({"type": "policer", "config": {"rate": "10 Mbit"}})
+    with pytest.raises(ValidationError, match="within 64Ki-1Gi"):
+        _nf({"type": "policer", "config": {"rate": "10M", "burst": "1k"}})
+    # a field of another type is refused, with its name
+    with pytest.raises(ValidationError, match="defaultAction"):
+        _nf({"type": "policer", "config": {"rate": "10M", "defaultAction": "drop"}})
+    with pytest.raises(ValidationError, match="rate"):
+        _nf({"type": "firewall", "config": {"rate": "10M"}})
+
+
+@pytest.mark.parametrize("text,value", [
+    ("10M", 10**7), ("1G", 10**9), ("500k", 500_000), ("1Ki", 1024), ("1.5Mi", 1572864),
+    ("1e6", 10**6), ("1E3", 1000), ("+2k", 2000), ("100m", 1), ("0.5", 1), ("1P", 10**15),
+    (".5k", 500), ("3.", 3), ("10Gi", 10 * 2**30),
+])
+def test_quantities_as_apimachinery_reads_them(text: str, value: int) -> None:
+    from pcn_crds.quantity import quantity_value
+
+    assert quantity_value(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "10 M", "10Mb", "1.2.3", "1e", "ki", "10KI", "."])
+def test_not_quantities(text: str) -> None:
+    from pcn_crds.quantity import QuantityError, parse_quantity
+
+    with pytest.raises(QuantityError):
+        parse_quantity(text)
+
+
+def test_bandwidth_bounds_are_kubelets() -> None:
+    from pcn_crds.quantity import QuantityError, bandwidth_bits
+
+    assert bandwidth_bits("1k") == 1000 and bandwidth_bits("1P") == 10**15
+    for bad in ("999", "1.1P", "100m"):
+        with pytest.raises(QuantityError):
+            bandwidth_bits(bad)
+
+
+def test_cel_rules_guard_each_types_fields() -> None:
+    """What the merged spec.config schema cannot say, CEL rules on spec do (a
+    real API server runs them in test_crds_apiserver.py)."""
+    from pcn_crds.networkfunction import FUNCTION_TYPES
+
+    spec = crd(NetworkFunction)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]
+    rules = spec["x-kubernetes-validations"]
+    for type_name, model in FUNCTION_TYPES.items():
+        forbidden = [r for r in rules if r["rule"].startswith(f"self.type == '{type_name}'")]
+        assert len(forbidden) == 1
+        assert all(f"!has(self.config.{f})" in forbidden[0]["rule"] for f in model.model_fields)
+        for f, info in model.model_fields.items():
+            if info.is_required():
+                assert any(r["fieldPath"] == f".config.{f}" and r["reason"] ==
+                           "FieldValueRequired" for r in rules), f
+    config = spec["properties"]["config"]["properties"]
+    assert "quantity(self)" in config["rate"]["x-kubernetes-validations"][0]["rule"]

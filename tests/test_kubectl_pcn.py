@@ -111,6 +111,7 @@ def node_status(node: str, *, healthy: bool = True, heartbeat: str | None = None
     return {"node": node, "version": "0.1.0", "dataplane": "up", "healthy": healthy,
             "heartbeat": heartbeat or now_ts(), "lastError": error, "reconciles": 12,
             "applyErrors": 1 if error else 0, "pods": pods or {}, "functions": functions or {},
+            "bandwidthErrors": {},
             "realized": {"services": 3, "nodeports": 1, "functions": len(functions or {}),
                          "chains": 1, "pods": len(pods or {}), "peers": 1}}
 
@@ -309,12 +310,12 @@ def test_add_cube_config_file(lab: Lab, tmp_path: Path) -> None:
     assert "invalid firewall config: rules.0" in res.stderr and "1-65535" in res.stderr
     res = lab.run("-n", "web", "add-cube", "firewall", "fw", "--config", str(cfg),
                   "--rule", "allow", code=2)
-    assert "either --config FILE or --rule/--default" in res.stderr
+    assert "either --config FILE or options that set fields" in res.stderr
 
 
 def test_unknown_type_lists_the_known_ones(lab: Lab) -> None:
     res = lab.run("add-cube", "nat", "--rule", "drop", code=2)
-    assert res.stderr.strip() == "Error: unknown function type 'nat'; known types: firewall"
+    assert res.stderr.strip() == "Error: unknown function type 'nat'; known types: firewall, policer"
     assert lab.requests() == [], "an input error must not reach the cluster"
 
 
@@ -585,6 +586,73 @@ def test_chain_of_a_namespace(lab: Lab) -> None:
     every = yaml.safe_load(lab.run("chain", "-A", "-o", "yaml").stdout)
     assert [d["namespace"] for d in every] == ["other", "web"]
     assert "Namespace: other" in lab.run("chain", "-A").stdout
+
+
+# ----------------------------------------------------------------------------- policers
+def test_add_cube_help_shows_the_types_options(lab: Lab) -> None:
+    policer = lab.run("add-cube", "policer", "--help").stdout
+    assert "Options of a policer (its spec.config):" in policer
+    assert "--rate VALUE" in policer and "Average rate in bits per second" in policer
+    assert "--scope [pod|shared]" in policer and "--burst VALUE" in policer
+    assert "--rule" not in policer and "Options of a firewall" not in policer
+    firewall = lab.run("add-cube", "firewall", "--help").stdout
+    assert "--rule RULE" in firewall and "--rate" not in firewall
+    every = lab.run("add-cube", "--help").stdout
+    assert "Options of a firewall" in every and "Options of a policer" in every
+
+
+def test_add_cube_policer_and_its_counters_in_chain(lab: Lab) -> None:
+    seed_cluster(lab)
+    res = lab.run("-n", "web", "add-cube", "policer", "slow", "--hook", "egress", "--rate",
+                  "10M", "--scope", "shared", "--selector", "app=web")
+    assert "networkfunction.pcn.dev/slow created" in res.stdout
+    assert lab.spec("NetworkFunction", "slow") == {
+        "type": "policer", "config": {"rate": "10M", "scope": "shared"}}
+    res = lab.run("-n", "web", "add-cube", "policer", "slow", "--rate", "10 M", code=2)
+    assert "invalid policer config: rate" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "firewall", "fw2", "--rate", "10M", code=2)
+    assert "--rate applies to policer functions, not firewall" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "policer", "p2", "--rule", "drop udp", code=2)
+    assert "--rule applies to firewall" in res.stderr
+    policer = {"namespace": "web", "name": "slow", "type": "policer", "rate": 10_000_000,
+               "burst": 625_000, "scope": "shared", "passedPackets": 900,
+               "passedBytes": 1_200_000, "droppedPackets": 12, "droppedBytes": 18_000,
+               "drops": 12}
+    web1 = pod_entry("10.244.1.5", "br0:p1", ["nf.web.slow", "nf.web.web-fw"],
+                     ["nf.web.ssh-guard", "bw.ingress.web.web-1"], rx=40, tx=30, drops=4)
+    web1["bandwidth"] = {"ingress": {"type": "policer", "rate": 1_000_000,
+                                     "burst": 536_870_911, "scope": "pod", "passedPackets": 7,
+                                     "passedBytes": 700, "droppedPackets": 0,
+                                     "droppedBytes": 0, "drops": 0}}
+    seed_status(lab.api, node_status("node-a", pods={"web/web-1": web1}, functions={
+        "nf.web.slow": policer,
+        "nf.web.ssh-guard": fw_entry("web", "ssh-guard", ["drop tcp dport 22",
+                                                          "drop udp dport 53"], [3, 1])}))
+    out = lab.run("-n", "web", "chain", "web-1").stdout
+    egress = out.split("EGRESS (traffic from the pod)\n")[1].split("\n\n")[0].splitlines()
+    assert [r.split()[:3] for r in egress[1:]] == [["1", "web-fw", "firewall"],
+                                                   ["2", "slow", "policer"]]
+    rows = out.split("POLICERS (counters on node node-a)\n")[1].split("\n\n")[0].splitlines()
+    assert rows[1].split() == ["egress", "slow", "10", "Mbit/s", "610.4", "KiB", "shared", "900",
+                               "1.1", "MiB", "12", "17.6", "KiB"]
+    bw = out.split("BANDWIDTH (")[1].split("\n\n")[0].splitlines()
+    assert bw[2].split()[:5] == ["ingress", "bw.ingress", "1", "Mbit/s", "512.0"]
+    data = json.loads(lab.run("-n", "web", "chain", "web-1", "-o", "json").stdout)
+    slow = next(e for e in data["egress"] if e["function"] == "slow")
+    assert slow["counters"] == {"passedPackets": 900, "passedBytes": 1_200_000,
+                                "droppedPackets": 12, "droppedBytes": 18_000}
+    assert slow["settings"]["rate"] == 10_000_000 and slow["defaultAction"] is None
+    assert data["bandwidth"]["ingress"]["rate"] == 1_000_000
+    ns = lab.run("-n", "web", "chain").stdout
+    rows = ns.split("POLICERS (counters summed over nodes)\n")[1].splitlines()
+    assert rows[0].split()[:3] == ["NODES", "FUNCTION", "RATE"]
+    assert rows[1].split()[:2] == ["node-a", "slow"]
+    stats = lab.run("-n", "web", "stats", "-o", "wide").stdout
+    rows = stats.split("POLICERS (summed over nodes)\n")[1].splitlines()
+    assert rows[1].split()[:4] == ["node-a", "web/slow", "10", "Mbit/s"]
+    listed = lab.run("-n", "web", "functions").stdout.splitlines()
+    assert next(r for r in listed if r.startswith("slow")).split()[:4] == \
+        ["slow", "policer", "<none>", "<none>"]
 
 
 # ----------------------------------------------------------------------------- version

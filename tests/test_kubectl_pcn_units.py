@@ -200,7 +200,7 @@ def test_config_from_flags() -> None:
         == 10_000
     with pytest.raises(InputError, match="at most 10000"):
         config_from_flags("firewall", None, None, ("allow",) * 10_001, None)
-    assert config_from_flags("firewall", existing, None, (), None, allow_replies=True) == {
+    assert config_from_flags("firewall", existing, None, (), None, {"allow-replies": True}) == {
         **existing, "allowReplies": True}
 
 

@@ -20,6 +20,7 @@ from pcn_agent.control.reconcile import (
     vtep_for,
 )
 from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.dataplane.cubes.functions import FirewallSettings
 from pcn_agent.dataplane.cubes.lbrp import Backend
 
 S = ClusterSettings()
@@ -157,9 +158,10 @@ def test_chain_selects_pods_in_order_with_user_semantics() -> None:
     assert r.desired.chains["c1"] == ((b,), (a, b))
     assert r.desired.chains["c2"] == ((), (b,))
     assert "c3" not in r.desired.chains
-    assert r.desired.functions[a] == FunctionSpec("firewall", ("drop tcp dport 22",), "allow")
-    assert r.desired.functions[b].default == "drop"
-    assert not r.desired.functions[a].allow_replies
+    assert r.desired.functions[a] == FunctionSpec(
+        "firewall", FirewallSettings(("drop tcp dport 22",), "allow"))
+    assert r.desired.functions[b].settings == FirewallSettings(("allow icmp",), "drop")
+    assert not r.desired.functions[a].settings.allow_replies
     assert r.verdicts[("CubeChain", "web", "early")].pods == 1
     assert r.verdicts[("CubeChain", "web", "late")].pods == 2
     assert r.verdicts[("NetworkFunction", "web", "fw-b")].pods >= 2
@@ -178,9 +180,9 @@ def test_firewall_reply_tracking_is_part_of_its_spec() -> None:
 
     on, off = state(nf("web", "fw", many, allowReplies=True)), state(nf("web", "fw", many))
     key = cube_name("web", "fw")
-    assert on.desired.functions[key].allow_replies
-    assert len(on.desired.functions[key].rules) == 10_000
-    assert not off.desired.functions[key].allow_replies
+    assert on.desired.functions[key].settings.allow_replies
+    assert len(on.desired.functions[key].settings.rules) == 10_000
+    assert not off.desired.functions[key].settings.allow_replies
     assert [o.kind for o in plan(off.desired, on.desired, attached=["c1"])] == ["set-function"]
     too_many = state(nf("web", "fw", [*many, rule]))
     assert too_many.verdicts[("NetworkFunction", "web", "fw")].reason == "Invalid"
@@ -205,7 +207,7 @@ def test_bad_objects_get_a_reason() -> None:
 
 
 def test_plan_orders_functions_around_chains() -> None:
-    f = FunctionSpec("firewall", ("drop tcp dport 22",))
+    f = FunctionSpec("firewall", FirewallSettings(("drop tcp dport 22",)))
     old = Desired(functions={"nf.a.old": f}, chains={"p1": ((), ("nf.a.old",))})
     new = Desired(functions={"nf.a.new": f}, chains={"p1": ((), ("nf.a.new",))},
                   services={("10.96.0.1", 80, "tcp"): ServiceSpec(())})
@@ -480,7 +482,8 @@ def test_an_invalid_edit_keeps_the_last_valid_function_in_force() -> None:
     edited = _fw_pass([nf("web", "fw", [ssh, bad_rule])], [chain("web", "c", ["fw"])],
                       good.last_good)
     assert edited.desired.chains["c1"] == ((), (fw,))
-    assert edited.desired.functions[fw] == FunctionSpec("firewall", ("drop tcp dport 22",))
+    assert edited.desired.functions[fw] == FunctionSpec(
+        "firewall", FirewallSettings(("drop tcp dport 22",)))
     v = edited.verdicts[("NetworkFunction", "web", "fw")]
     assert not v.ready and v.reason == "Invalid"
     assert "destinationPorts" in v.message and "last valid version stays in force" in v.message
@@ -491,7 +494,8 @@ def test_an_invalid_edit_keeps_the_last_valid_function_in_force() -> None:
     # Fixed: the new version is in force and becomes the one kept.
     fixed = _fw_pass([nf("web", "fw", [ssh, {"action": "drop", "protocol": "udp"}])],
                      [chain("web", "c", ["fw"])], edited.last_good)
-    assert fixed.desired.functions[fw].rules == ("drop tcp dport 22", "drop udp")
+    assert fixed.desired.functions[fw].settings == FirewallSettings(
+        ("drop tcp dport 22", "drop udp"))
     assert fixed.verdicts[("NetworkFunction", "web", "fw")].ready
 
 
@@ -549,3 +553,137 @@ def test_once_a_policy_exists_every_pod_of_the_node_is_tracked() -> None:
     empty = desired.policies["c2"]
     assert not empty.enforced and not empty.ingress.rules and not empty.egress.rules
     assert desired_state(_policy_inputs([])).desired.policies == {}
+
+
+# ----------------------------------------------------------------------------- policers
+def policer(ns: str, name: str, **config: Any) -> dict[str, Any]:
+    return {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"type": "policer", "config": config}}
+
+
+def test_a_policer_function_becomes_policer_settings() -> None:
+    from pcn_agent.dataplane.cubes.policer import PolicerSettings
+
+    fns = [policer("web", "slow", rate="10M", burst="1Mi", scope="shared"),
+           policer("web", "dflt", rate="1G"),
+           nf("web", "fw", [{"action": "drop", "protocol": "udp"}])]
+    chains = [chain("web", "c", ["slow", "fw"], egress=["dflt"])]
+    r = desired_state(Inputs("n1", S, pods=[pod("web", "a", {})], attachments={"k": ("web", "a")},
+                             functions=fns, chains=chains))
+    slow, dflt, fw = (cube_name("web", n) for n in ("slow", "dflt", "fw"))
+    assert r.desired.chains["k"] == ((dflt,), (slow, fw))
+    assert r.desired.functions[slow] == FunctionSpec(
+        "policer", PolicerSettings(10_000_000, 1 << 20, "shared"))
+    assert r.desired.functions[dflt] == FunctionSpec(
+        "policer", PolicerSettings(10**9, 10**9 // 16, "pod"))  # half a second of the rate
+    assert r.desired.functions[fw].type == "firewall"
+    # settings are values: the same config twice plans nothing
+    assert plan(r.desired, desired_state(Inputs(
+        "n1", S, pods=[pod("web", "a", {})], attachments={"k": ("web", "a")}, functions=fns,
+        chains=chains)).desired, attached=["k"]) == []
+
+
+def test_an_invalid_policer_names_the_field_at_fault() -> None:
+    fns = [policer("web", "p", rate="10Mbps"), policer("web", "q", rate="10M", burst="1k"),
+           policer("web", "r", rate="10M", rules=[])]
+    r = desired_state(Inputs("n1", S, functions=fns))
+    assert "config.rate" in r.verdicts[("NetworkFunction", "web", "p")].message
+    q = r.verdicts[("NetworkFunction", "web", "q")]
+    assert "config.burst" in q.message and "64Ki-1Gi" in q.message
+    assert "config.rules" in r.verdicts[("NetworkFunction", "web", "r")].message
+    assert r.desired.functions == {}
+
+
+def test_changing_a_functions_type_is_one_set_function() -> None:
+    ssh = [{"action": "drop", "protocol": "tcp", "destinationPorts": "22"}]
+    base = {"pods": [pod("web", "a", {})], "attachments": {"k": ("web", "a")},
+            "chains": [chain("web", "c", ["f"])]}
+    before = desired_state(Inputs("n1", S, functions=[nf("web", "f", ssh)], **base)).desired
+    after = desired_state(Inputs("n1", S, functions=[policer("web", "f", rate="5M")],
+                                 **base)).desired
+    ops = plan(before, after, attached=["k"])
+    assert [(o.kind, o.key, o.value.type) for o in ops] == \
+        [("set-function", cube_name("web", "f"), "policer")]
+
+
+def annotated(ns: str, name: str, **annotations: str) -> dict[str, Any]:
+    p = pod(ns, name, {"app": "x"})
+    p["metadata"]["annotations"] = {f"kubernetes.io/{k.replace('_', '-')}": v
+                                    for k, v in annotations.items()}
+    return p
+
+
+def test_bandwidth_annotations_put_a_policer_nearest_the_pod() -> None:
+    from pcn_agent.control.reconcile import ANNOTATION_BURST_BYTES, bandwidth_cube_name
+    from pcn_agent.dataplane.cubes.policer import PolicerSettings
+
+    fns = [nf("web", "fw", [{"action": "drop", "protocol": "udp"}])]
+    chains = [chain("web", "c", ["fw"], egress=["fw"])]
+    pods = [annotated("web", "a.b", ingress_bandwidth="10M", egress_bandwidth="1G"),
+            annotated("web", "only-in", ingress_bandwidth="500k"), pod("web", "plain", {})]
+    att = {"k1": ("web", "a.b"), "k2": ("web", "only-in"), "k3": ("web", "plain")}
+    r = desired_state(Inputs("n1", S, pods=pods, attachments=att, functions=fns, chains=chains))
+    fw = cube_name("web", "fw")
+    bin_, bout = bandwidth_cube_name("ingress", "web", "a.b"), \
+        bandwidth_cube_name("egress", "web", "a.b")
+    # from the pod: its egress limit first; to the pod: its ingress limit last
+    assert r.desired.chains["k1"] == ((bout, fw), (fw, bin_))
+    assert r.desired.functions[bin_] == FunctionSpec(
+        "policer", PolicerSettings(10_000_000, ANNOTATION_BURST_BYTES, "pod"))
+    assert r.desired.functions[bout].settings == PolicerSettings(
+        10**9, ANNOTATION_BURST_BYTES, "pod")
+    assert ANNOTATION_BURST_BYTES == 536_870_911  # containerd: MaxUint32 bits
+    only_in = bandwidth_cube_name("ingress", "web", "only-in")
+    assert r.desired.chains["k2"] == ((fw,), (fw, only_in))
+    assert r.desired.functions[only_in].settings == PolicerSettings(500_000,
+                                                                    ANNOTATION_BURST_BYTES)
+    assert r.desired.chains["k3"] == ((fw,), (fw,))
+    assert r.bandwidth_errors == {}
+    # no chain at all: the annotation alone makes a chain
+    alone = desired_state(Inputs("n1", S, pods=pods[:1], attachments={"k1": ("web", "a.b")}))
+    assert alone.desired.chains["k1"] == ((bout,), (bin_,))
+    # the annotation goes: so does its policer
+    gone = desired_state(Inputs("n1", S, pods=[pod("web", "a.b", {})],
+                                attachments={"k1": ("web", "a.b")}))
+    ops = plan(alone.desired, gone.desired, attached=["k1"])
+    assert [(o.kind, o.key) for o in ops] == [("set-chain", "k1"), ("delete-function", bin_),
+                                              ("delete-function", bout)] or \
+        [(o.kind, o.key) for o in ops] == [("set-chain", "k1"), ("delete-function", bout),
+                                           ("delete-function", bin_)]
+
+
+@pytest.mark.parametrize("value,why", [("10 M", "not a quantity"), ("999", "small"),
+                                       ("2P", "large"), ("fast", "not a quantity")])
+def test_an_invalid_bandwidth_annotation_is_reported_and_not_applied(value: str, why: str) -> None:
+    pods = [annotated("web", "a", ingress_bandwidth=value, egress_bandwidth="1M")]
+    r = desired_state(Inputs("n1", S, pods=pods, attachments={"k": ("web", "a")}))
+    err = r.bandwidth_errors[("web", "a")]
+    assert "kubernetes.io/ingress-bandwidth" in err and why in err
+    assert r.desired.chains["k"] == (("bw.egress.web.a",), ())
+
+
+def test_bandwidth_policers_keep_their_place_when_chains_are_full() -> None:
+    from pcn_agent.control.reconcile import MAX_STACKED
+
+    names = [f"f{i}" for i in range(MAX_STACKED)]
+    fns = [nf("web", n, []) for n in names]
+    pods = [annotated("web", "a", ingress_bandwidth="1M")]
+    r = desired_state(Inputs("n1", S, pods=pods, attachments={"k": ("web", "a")},
+                             functions=fns, chains=[chain("web", "c", names)]))
+    to_pod = r.desired.chains["k"][1]
+    assert len(to_pod) == MAX_STACKED and to_pod[-1] == "bw.ingress.web.a"
+    assert r.verdicts[("CubeChain", "web", "c")].reason == "TooManyFunctions"
+
+
+def test_every_crd_function_type_has_a_cube() -> None:
+    from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES
+    from pcn_crds import FUNCTION_TYPES
+
+    assert FUNCTION_CUBES.keys() == FUNCTION_TYPES.keys()
+    for type_, cube in FUNCTION_CUBES.items():
+        assert cube.type == type_ and cube.config_model is FUNCTION_TYPES[type_]
+        with pytest.raises(TypeError):  # another type's config is refused
+            other = next(m for t, m in FUNCTION_TYPES.items() if t != type_)
+            cube.settings_of(other.model_validate({"rate": "1M"} if type_ == "firewall"
+                                                  else {}))

@@ -37,6 +37,7 @@ enum pcn_drop_reason {
     PCN_DROP_TOO_BIG = 18,     /* larger than the MTU of the port a router would send it out
                                   of: answered with ICMP fragmentation needed when DF is set */
     PCN_DROP_POLICY = 19,      /* denied by a network policy (policy.c) */
+    PCN_DROP_RATE = 20,        /* over a policer's rate: its token bucket was short (policer.c) */
 };
 
 BPF_TABLE_PINNED("percpu_array", u32, struct pcn_port_stats, pcn_port_stats,

@@ -50,10 +50,6 @@ VERSION = "0.1.0"
 DEBOUNCE_S = 0.005
 STATUS_CONFIGMAP = "pcn-agent-status"  # one ConfigMap per node: <this>-<node>
 STATUS_PERIOD_S = 2.0
-# Rules (text and hits) a firewall lists in the status ConfigMap: a ConfigMap
-# holds 1 MiB, and a firewall up to 10 000 rules (~400 KB of text alone).
-STATUS_RULES = 256
-STATUS_LATER_HITS = 256  # and the hits of that many of the others (the most hit)
 GROUP_PATH = "/apis/pcn.dev/v1alpha1"
 KINDS = {  # store kind -> (api path, plural, namespaced)
     "NetworkFunction": (GROUP_PATH, "networkfunctions", True),
@@ -120,6 +116,8 @@ class Agent:
         self.reconciles = 0
         self.reconcile_seconds: list[float] = []
         self.apply_errors = 0
+        # pods whose bandwidth annotation is invalid ("ns/name" -> why): they run unlimited
+        self.bandwidth_errors: dict[str, str] = {}
         self.up_error = ""
         self._published_at = 0.0
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
@@ -208,6 +206,12 @@ class Agent:
         if any(op.kind == "set-function" for op in report.ops):
             loop = asyncio.get_running_loop()
             loop.run_in_executor(None, self.manager.specialise_pending)
+        bandwidth_errors = {f"{ns}/{name}": why
+                            for (ns, name), why in sorted(result.bandwidth_errors.items())}
+        for pod, why in bandwidth_errors.items():
+            if self.bandwidth_errors.get(pod) != why:
+                log.warning("pod %s runs without its bandwidth limit: %s", pod, why)
+        self.bandwidth_errors = bandwidth_errors
         for op, err in report.errors:
             self.apply_errors += 1
             self.last_error = f"{op.kind} {op.key}: {err}"
@@ -227,7 +231,8 @@ class Agent:
             "node": self.node_name, "version": VERSION, "dataplane": "up" if self.node else "down",
             "healthy": self.node is not None and not self.up_error, "heartbeat": _now(),
             "lastError": self.last_error or self.up_error, "reconciles": self.reconciles,
-            "applyErrors": self.apply_errors, "pods": {}, "functions": {}, "realized": {}}
+            "applyErrors": self.apply_errors, "pods": {}, "functions": {}, "realized": {},
+            "bandwidthErrors": dict(self.bandwidth_errors)}
         if self.node is None or self.manager is None:
             return out
         node, cur = self.node, self.manager.current
@@ -250,21 +255,16 @@ class Agent:
                     out["pods"][name]["policy"] = {
                         "rules": node.policy.counters(pod.port.id),
                         "drops": node.policy.drops(pod.port.id)}
-            for cname, fw in list(self.manager.functions.items()):
+            for cname, f in list(self.manager.functions.items()):
+                entry = {"type": f.type, **f.status()}
+                if cname.startswith("bw."):  # a pod's bandwidth annotation: under the pod
+                    _, side, ns, pname = cname.split(".", 3)
+                    pod_entry = out["pods"].get(f"{ns}/{pname}")
+                    if pod_entry is not None:
+                        pod_entry.setdefault("bandwidth", {})[side] = entry
+                    continue
                 _, ns, fname = cname.split(".", 2)
-                hits = fw.rule_hits()
-                entry: dict[str, Any] = {
-                    "namespace": ns, "name": fname, "type": "firewall",
-                    "rules": [str(r) for r in fw.rules[:STATUS_RULES]], "default": fw.default,
-                    "hits": hits[:STATUS_RULES], "rulesTotal": len(fw.rules),
-                    "defaultHits": fw.default_hits(),
-                    "allowReplies": fw.allow_replies, "replyHits": fw.reply_hits(),
-                    "drops": node.rt.cube_drops(cname).get("filtered", 0)}
-                if len(hits) > STATUS_RULES:  # the most hit of the others, by rule index
-                    later = sorted(((h, i) for i, h in enumerate(hits) if i >= STATUS_RULES and h),
-                                   reverse=True)[:STATUS_LATER_HITS]
-                    entry["laterHits"] = {str(i): h for h, i in sorted(later, key=lambda x: x[1])}
-                out["functions"][cname] = entry
+                out["functions"][cname] = {"namespace": ns, "name": fname, **entry}
         return out
 
     async def publish_status(self, force: bool = False) -> None:
@@ -304,7 +304,8 @@ class Agent:
 
     def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
         """Turn a data-plane failure into the status of the object behind it."""
-        if op.kind in ("set-function", "delete-function") and isinstance(op.key, str):
+        if op.kind in ("set-function", "delete-function") and isinstance(op.key, str) \
+                and op.key.startswith("nf."):
             _, ns, name = op.key.split(".", 2)
             v = verdicts.setdefault(("NetworkFunction", ns, name), Verdict())
             v.fail("DataplaneError", err)

@@ -8,10 +8,9 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from pcn_agent.control.reconcile import Desired, Op, plan
-from pcn_agent.dataplane.cubes.firewall import Firewall
+from pcn_agent.control.reconcile import Desired, FunctionSpec, Op, plan
+from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES, FunctionCube
 from pcn_agent.node.wiring import NodeDataplane
-from pcn_crds.rules import parse_rule
 from pcn_policy.rules import used_sets
 
 log = logging.getLogger(__name__)
@@ -29,20 +28,22 @@ class DataplaneManager:
     def __init__(self, node: NodeDataplane) -> None:
         self.node = node
         self.current = Desired()
-        self.functions: dict[str, Firewall] = {}
+        self.functions: dict[str, FunctionCube] = {}  # by cube name
         self.lock = threading.RLock()  # shared with the local API: one writer at a time
+        self._stacked_pods: frozenset[str] = frozenset()  # attached pods at the last _tell_stacked
         if node.rt.adopted:
             self._adopt()
 
     def _adopt(self) -> None:
         """Rebuild what was applied from the adopted node, so that an agent
         restart re-applies nothing that is already in force."""
-        from pcn_agent.control.reconcile import FunctionSpec, NodePortSpec, ServiceSpec
+        from pcn_agent.control.reconcile import NodePortSpec, ServiceSpec
 
         n = self.node
-        for name, cube in n.rt.cubes.items():
-            if cube.type == "firewall":
-                self.functions[name] = Firewall(n.rt, name)
+        for name, cube in list(n.rt.cubes.items()):
+            kind = FUNCTION_CUBES.get(cube.type)
+            if kind is not None:
+                self.functions[name] = kind.adopt(n.rt, name)
         # the node's address holds NodePorts and hostPorts, 127.0.0.1 hostPorts:
         # none of them is a ClusterIP the reconciler would remove
         hostports = n.dispatcher.hostport_service_keys() if n.dispatcher else set()
@@ -52,9 +53,7 @@ class DataplaneManager:
             if n.lb else {}
         nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local, v.affinity_timeout_s)
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}
-        functions = {name: FunctionSpec("firewall", tuple(str(r) for r in fw.rules), fw.default,
-                                        fw.allow_replies)
-                     for name, fw in self.functions.items()}
+        functions = {name: FunctionSpec(f.type, f.settings) for name, f in self.functions.items()}
         chains = {k: (tuple(p.ingress), tuple(p.egress)) for k, p in n.pods.items()
                   if p.ingress or p.egress}
         policies = n.pod_policies()
@@ -77,6 +76,11 @@ class DataplaneManager:
                 except Exception as exc:  # keep going: one bad object must not block others
                     log.exception("could not apply %s %s", op.kind, op.key)
                     report.errors.append((op, f"{type(exc).__name__}: {exc}"))
+            pods = frozenset(self.node.pods)
+            if pods != self._stacked_pods or any(
+                    op.kind in ("set-chain", "set-function") for op in report.ops):
+                self._tell_stacked()
+                self._stacked_pods = pods
         report.seconds = time.monotonic() - start
         if report.applied:
             log.info("applied %d data-plane operations in %.1f ms", report.applied,
@@ -86,21 +90,12 @@ class DataplaneManager:
     def _do(self, op: Op) -> None:
         n = self.node
         if op.kind == "set-function":
-            rules = [parse_rule(t) for t in op.value.rules]
-            fw = self.functions.get(op.key)
-            # fast: in force at once with the generic program; specialise_pending()
-            # swaps the specialised one in once it is compiled.
-            if fw is None:
-                self.functions[op.key] = Firewall(n.rt, op.key, rules, op.value.default,
-                                                  fast=True, allow_replies=op.value.allow_replies)
-            else:
-                fw.set_rules(rules, op.value.default, fast=True,
-                             allow_replies=op.value.allow_replies)
+            self._set_function(op.key, op.value)
             n.save()
         elif op.kind == "delete-function":
-            fw = self.functions.pop(op.key, None)
-            if fw is not None:
-                fw.delete()
+            f = self.functions.pop(op.key, None)
+            if f is not None:
+                f.delete()
             n.save()
         elif op.kind == "set-peers":
             n.set_peers(sorted(op.value, key=lambda p: p.name))
@@ -129,24 +124,62 @@ class DataplaneManager:
         else:
             raise ValueError(f"unknown operation {op.kind}")
 
+    def _tell_stacked(self) -> None:
+        """Tell each function the ports it is stacked on now (pods come, go
+        and change chains), so per-pod state of the others is dropped."""
+        ports: dict[str, set[int]] = {name: set() for name in self.functions}
+        for pod in self.node.pods.values():
+            for name in (*pod.ingress, *pod.egress):
+                if name in ports:
+                    ports[name].add(pod.port.id)
+        for name, f in self.functions.items():
+            try:
+                f.stacked_on(ports[name])
+            except Exception:
+                log.exception("could not drop the per-pod state of %s", name)
+
+    def _set_function(self, name: str, spec: FunctionSpec) -> None:
+        """Create the cube, reconfigure it, or (its type changed) replace it
+        and restack it on the pods whose chains hold it: between the two,
+        those pods' hooks name an instance that is gone, which lets packets
+        pass (a firewall or policer without configuration passes)."""
+        kind = FUNCTION_CUBES.get(spec.type)
+        if kind is None:
+            raise ValueError(f"unknown function type {spec.type!r}")
+        f = self.functions.get(name)
+        if f is not None and f.type == spec.type:
+            f.configure(spec.settings)
+            return
+        if f is not None:
+            f.delete()
+            del self.functions[name]
+        self.functions[name] = kind.create(self.node.rt, name, spec.settings)
+        if f is not None:
+            for pod, (from_pod, to_pod) in self.current.chains.items():
+                if name in from_pod or name in to_pod:
+                    self.node.set_pod_chain(pod, list(from_pod), list(to_pod))
+
     def specialise_pending(self) -> int:
         """Compile and swap in the specialised programs of functions running a
         generic one (seed 004: code shaped by the configuration, hot-swapped).
         Slow (a compile each); call it off the reconcile path."""
         swapped = 0
-        for fw in list(self.functions.values()):
+        for f in list(self.functions.values()):
             try:
-                swapped += fw.specialise(self.lock)
+                swapped += f.specialise(self.lock)
             except Exception:
-                log.exception("could not specialise %s; it keeps the generic program", fw.name)
+                log.exception("could not specialise %s; it keeps the generic program", f.name)
         return swapped
 
     def warm_up(self) -> None:
-        """Compile the generic firewall ahead of need, so the first NetworkFunction
-        takes effect without waiting for a compile."""
-        from pcn_agent.dataplane.cubes.firewall import GENERIC, TYPE
-
-        self.node.rt.load_variant(TYPE, GENERIC)
+        """Compile what every function type's first instance runs ahead of
+        need, so the first NetworkFunction takes effect without waiting for
+        a compile."""
+        for kind in FUNCTION_CUBES.values():
+            try:
+                kind.warm_up(self.node.rt)
+            except Exception:
+                log.exception("could not compile the %s cube ahead of need", kind.type)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-cube drop counters and per-port traffic, for metrics."""

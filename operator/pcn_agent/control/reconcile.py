@@ -12,7 +12,7 @@ that never leaves a chain pointing at a missing cube.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,10 +20,14 @@ from pydantic import ValidationError
 
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES
 from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.dataplane.cubes.policer import TYPE as POLICER
+from pcn_agent.dataplane.cubes.policer import PolicerSettings
 from pcn_agent.node.wiring import PeerNode
-from pcn_crds import CubeChain, FirewallConfig, NetworkFunction, NodePortRule
+from pcn_crds import CubeChain, NetworkFunction, NodePortRule
 from pcn_crds.common import Resource
+from pcn_crds.quantity import EGRESS_ANNOTATION, INGRESS_ANNOTATION, QuantityError, bandwidth_bits
 from pcn_policy import compiler as netpol
 from pcn_policy.rules import AddressSet, PodPolicy, used_sets
 
@@ -64,10 +68,12 @@ class NodePortSpec:
 
 @dataclass(frozen=True)
 class FunctionSpec:
+    """A function cube as this node runs it: its type (a key of
+    FUNCTION_CUBES) and its settings, the frozen form of its validated config
+    (FunctionCube.settings_of: FirewallSettings, PolicerSettings...)."""
+
     type: str
-    rules: tuple[str, ...]  # in the cube's rule language
-    default: str = "allow"
-    allow_replies: bool = False  # firewall: replies of allowed connections pass (allowReplies)
+    settings: Hashable
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,9 @@ class Result:
     # healthCheckNodePort -> what this node's kube-proxy-like health server
     # answers there (see health_checks_of)
     health_checks: dict[int, HealthCheck] = field(default_factory=dict)
+    # Pods of this node whose bandwidth annotation is invalid, (namespace,
+    # name) -> why; they run without that limit (bandwidth_of)
+    bandwidth_errors: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass
@@ -602,10 +611,8 @@ def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict],
                 continue
             if good is not None:
                 good[key] = dict(inputs.last_good[key])
-        cfg = nf.spec.typed_config()
-        assert isinstance(cfg, FirewallConfig)  # the only type (NetworkFunctionSpec.type)
-        valid[(ns, name)] = FunctionSpec(nf.spec.type, tuple(r.to_text() for r in cfg.rules),
-                                         cfg.defaultAction, bool(cfg.allowReplies))
+        cube = FUNCTION_CUBES[nf.spec.type]
+        valid[(ns, name)] = FunctionSpec(cube.type, cube.settings_of(nf.spec.typed_config()))
     return valid
 
 
@@ -616,12 +623,15 @@ def _missing_functions(chain: CubeChain, ns: str,
 
 
 def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
-              verdicts: dict[ObjectKey, Verdict], good: dict[ObjectKey, Obj] | None = None
+              verdicts: dict[ObjectKey, Verdict], good: dict[ObjectKey, Obj] | None = None,
+              bandwidth_errors: dict[tuple[str, str], str] | None = None
               ) -> tuple[dict[str, tuple[tuple[str, ...], tuple[str, ...]]], dict[str, FunctionSpec]]:
-    """Each attached pod's functions from the CubeChains selecting it. A chain
-    that is invalid or names a function that does not exist (or is invalid
-    with no valid version) keeps its last valid version in force, as
-    functions_of does; `good` receives the versions in force."""
+    """Each attached pod's functions from the CubeChains selecting it, and
+    the policers of its bandwidth annotations (bandwidth_of; invalid ones go
+    to `bandwidth_errors`). A chain that is invalid or names a function that
+    does not exist (or is invalid with no valid version) keeps its last valid
+    version in force, as functions_of does; `good` receives the versions in
+    force."""
     pods_by_name = {_ns_name(p): p for p in inputs.pods}
     parsed: list[tuple[int, str, str, CubeChain]] = []
     for obj in inputs.chains:
@@ -653,33 +663,104 @@ def chains_of(inputs: Inputs, functions: Mapping[tuple[str, str], FunctionSpec],
     used: dict[str, FunctionSpec] = {}
     for pod_key, (pns, pname) in sorted(inputs.attachments.items()):
         pod = pods_by_name.get((pns, pname))
-        labels = (_meta(pod).get("labels") or {}) if pod else {}
-        from_pod: list[str] = []
-        to_pod: list[str] = []
-        for _, cname, ns, chain in parsed:
-            if ns != pns or pod is None or not chain.spec.podSelector.matches(dict(labels)):
-                continue
-            v = verdicts[("CubeChain", ns, cname)]
-            added = False
-            for side, side_refs in ((to_pod, chain.spec.ingress), (from_pod, chain.spec.egress)):
-                for r in side_refs:
-                    cn = cube_name(ns, r.function)
-                    if cn in side:
-                        continue
-                    if len(side) >= MAX_STACKED:
-                        v.fail("TooManyFunctions", f"pod {pns}/{pname} would carry more than "
-                                                   f"{MAX_STACKED} functions on one side")
-                        continue
-                    side.append(cn)
-                    used[cn] = functions[(ns, r.function)]
-                    fv = verdicts[("NetworkFunction", ns, r.function)]
-                    fv.pods += 1
-                    added = True
-            if added or chain.spec.ingress or chain.spec.egress:
-                v.pods += 1
+        from_pod, to_pod = _chain_of_pod(pod, pns, pname, parsed, functions, verdicts, used,
+                                         bandwidth_errors)
         if from_pod or to_pod:
             chains[pod_key] = (tuple(from_pod), tuple(to_pod))
     return chains, used
+
+
+def _chain_of_pod(pod: Obj | None, pns: str, pname: str,
+                  parsed: list[tuple[int, str, str, CubeChain]],
+                  functions: Mapping[tuple[str, str], FunctionSpec],
+                  verdicts: dict[ObjectKey, Verdict], used: dict[str, FunctionSpec],
+                  bandwidth_errors: dict[tuple[str, str], str] | None
+                  ) -> tuple[list[str], list[str]]:
+    """One attached pod's (from_pod, to_pod) cube names: the functions of the
+    chains selecting it, in order, and its bandwidth annotations' policers,
+    nearest the pod on each side (what the pod sends is limited before any
+    other cube sees it, what it receives after), as the bandwidth plugin's
+    qdiscs sit on the pod's own interface."""
+    labels = (_meta(pod).get("labels") or {}) if pod else {}
+    from_pod: list[str] = []
+    to_pod: list[str] = []
+    bandwidth, errors = bandwidth_of(pod) if pod is not None else ({}, {})
+    if errors and bandwidth_errors is not None:
+        bandwidth_errors[(pns, pname)] = "; ".join(errors.values())
+    # the annotations' policers always fit: the chains' functions get the rest
+    room_to = MAX_STACKED - ("ingress" in bandwidth)
+    room_from = MAX_STACKED - ("egress" in bandwidth)
+    for _, cname, ns, chain in parsed:
+        if ns != pns or pod is None or not chain.spec.podSelector.matches(dict(labels)):
+            continue
+        v = verdicts[("CubeChain", ns, cname)]
+        added = False
+        for side, side_refs, room in ((to_pod, chain.spec.ingress, room_to),
+                                      (from_pod, chain.spec.egress, room_from)):
+            for r in side_refs:
+                cn = cube_name(ns, r.function)
+                if cn in side:
+                    continue
+                if len(side) >= room:
+                    v.fail("TooManyFunctions", f"pod {pns}/{pname} would carry more than "
+                                               f"{MAX_STACKED} functions on one side")
+                    continue
+                side.append(cn)
+                used[cn] = functions[(ns, r.function)]
+                fv = verdicts[("NetworkFunction", ns, r.function)]
+                fv.pods += 1
+                added = True
+        if added or chain.spec.ingress or chain.spec.egress:
+            v.pods += 1
+    for direction, spec in bandwidth.items():
+        cn = bandwidth_cube_name(direction, pns, pname)
+        used[cn] = spec
+        if direction == "ingress":
+            to_pod.append(cn)  # the last cube before the pod
+        else:
+            from_pod.insert(0, cn)  # the first after it
+    return from_pod, to_pod
+
+
+# ----------------------------------------------------------------------------- bandwidth
+# containerd's CRI plugin (internal/cri/server/sandbox_run.go, toCNIBandWidth)
+# gives the reference `bandwidth` CNI plugin a burst of math.MaxUint32 bits
+# for either annotation; the plugin turns it into a tbf of that many bytes / 8.
+ANNOTATION_BURST_BYTES = (2**32 - 1) // 8
+BANDWIDTH_SIDES = (("ingress", INGRESS_ANNOTATION), ("egress", EGRESS_ANNOTATION))
+
+
+def bandwidth_cube_name(side: str, namespace: str, pod: str) -> str:
+    """The policer cube of a pod's bandwidth annotation: bw.SIDE.NS.POD (the
+    pod name last: it may hold dots, a namespace cannot)."""
+    return f"bw.{side}.{namespace}.{pod}"
+
+
+def bandwidth_of(pod: Obj) -> tuple[dict[str, FunctionSpec], dict[str, str]]:
+    """The policers a pod's `kubernetes.io/ingress-bandwidth` (traffic to the
+    pod) and `kubernetes.io/egress-bandwidth` (from it) annotations ask for,
+    by side, and the annotations that are invalid, by side, with why.
+
+    The values are quantities of bits per second, at least 1k and at most 1P,
+    as kubelet and containerd read them (pkg/util/bandwidth,
+    ExtractPodBandwidthResources); the burst is the one containerd gives the
+    bandwidth plugin (ANNOTATION_BURST_BYTES) and each pod has its own bucket.
+    Where containerd refuses to start a pod with an invalid value, the agent
+    cannot: that side runs unlimited and the error is reported."""
+    annotations = _meta(pod).get("annotations") or {}
+    specs: dict[str, FunctionSpec] = {}
+    errors: dict[str, str] = {}
+    for side, key in BANDWIDTH_SIDES:
+        value = annotations.get(key)
+        if value is None:
+            continue
+        try:
+            bits = bandwidth_bits(str(value))
+        except QuantityError as exc:
+            errors[side] = f"{key}: {exc}"
+            continue
+        specs[side] = FunctionSpec(POLICER, PolicerSettings(bits, ANNOTATION_BURST_BYTES, "pod"))
+    return specs, errors
 
 
 # ----------------------------------------------------------------------------- entry
@@ -720,12 +801,14 @@ def desired_state(inputs: Inputs) -> Result:
     services, nodeports, derived = services_of(inputs, by_service)
     static_nodeports(inputs, nodeports, verdicts)
     functions = functions_of(inputs, verdicts, good)
-    chains, used = chains_of(inputs, functions, verdicts, good)
+    bandwidth_errors: dict[tuple[str, str], str] = {}
+    chains, used = chains_of(inputs, functions, verdicts, good, bandwidth_errors)
     policies, address_sets = policies_of(inputs)
     desired = Desired(peers=peers_of(inputs), services=services, nodeports=nodeports,
                       functions=used, chains=chains, policies=policies,
                       address_sets=address_sets)
-    return Result(desired, verdicts, derived, good, health_checks_of(inputs, by_service))
+    return Result(desired, verdicts, derived, good, health_checks_of(inputs, by_service),
+                  bandwidth_errors)
 
 
 @dataclass(frozen=True)

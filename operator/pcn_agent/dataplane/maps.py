@@ -50,6 +50,7 @@ class DropReason(enum.IntEnum):
     NO_MASQUERADE = 17  # a pod's packet that must leave masqueraded but cannot be translated
     TOO_BIG = 18  # larger than the router's out port's MTU (DF set: answered, ICMP frag. needed)
     POLICY = 19  # denied by a network policy (bpf/policy.c)
+    RATE = 20  # over a policer's rate: its token bucket was short (bpf/policer.c)
 
 
 class SlowReason(enum.IntEnum):
@@ -248,6 +249,31 @@ class FwCfg(ct.Structure):
                 ("flags", ct.c_uint32)]
 
 
+class TbfParams(ct.Structure):
+    """pcn_tbf.h's bucket parameters: bytes per ns and bytes in 32.32 fixed point."""
+
+    _fields_ = [("rate_fp", ct.c_uint64), ("burst_fp", ct.c_uint64), ("fill_ns", ct.c_uint64)]
+
+
+class Tbf(ct.Structure):
+    """A token bucket (pcn_tbf.h); `lock` is the bpf_spin_lock, zero from user space."""
+
+    _fields_ = [("lock", ct.c_uint32), ("pad", ct.c_uint32), ("tokens_fp", ct.c_uint64),
+                ("last_ns", ct.c_uint64)]
+
+
+class PlcCfg(ct.Structure):
+    _fields_ = [("tbf", TbfParams), ("scope", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class PlcKey(ct.Structure):
+    _fields_ = [("inst", ct.c_uint32), ("port", ct.c_uint32)]
+
+
+class PlcCtr(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
 class AffinityKey(ct.Structure):
     _fields_ = [("svc", ct.c_uint32), ("client", ct.c_uint32)]
 
@@ -414,6 +440,9 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "fw_conf": (ct.c_uint32, FwCfg),
     "fw_rule_hits": (FwHitKey, ct.c_uint64),
     "fw_ct": (CtKey, Ct),
+    "plc_cfgs": (ct.c_uint32, PlcCfg),
+    "plc_buckets": (PlcKey, Tbf),
+    "plc_ctrs": (ct.c_uint32, PlcCtr),
     "pcn_frags": (FragKey, FragVal),
     "pol_cfgs": (ct.c_uint32, PolCfg),
     "pol_rules": (PolRuleKey, PolRule),
