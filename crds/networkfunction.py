@@ -57,13 +57,23 @@ class FirewallConfig(Model):
     defaultAction: Literal["allow", "drop"] = "allow"
 
 
+class FlowMonitorConfig(Model):
+    """flowmonitor: per-flow accounting (5-tuple and direction: packets, L3
+    bytes as conntrack counts them, first/last seen, TCP flags) in a table of
+    at most maxFlows entries, the least recently used flow making room."""
+
+    maxFlows: int = Field(1024, ge=1, le=65536,
+                          description="Flows kept per node (an LRU table).")
+
+
 # Each function type and the model of its config; the CRD schema and the
 # agent both follow this table, so a new cube type is one entry here.
-FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig}
+FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig,
+                                          "flowmonitor": FlowMonitorConfig}
 
 
 class NetworkFunctionSpec(Model):
-    type: Literal["firewall"] = Field(description="The cube type.")
+    type: Literal["firewall", "flowmonitor"] = Field(description="The cube type.")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="Configuration, typed by spec.type.")
 

@@ -43,6 +43,7 @@ from pcn_agent.node.wiring import NodeConfig, NodeDataplane
 
 if TYPE_CHECKING:
     from pcn_agent.control.localapi import LocalApiServer
+    from pcn_agent.control.observe import Observer
 
 log = logging.getLogger("pcn_agent.control.agent")
 
@@ -106,6 +107,7 @@ class Agent:
         self.node: NodeDataplane | None = None
         self.manager: DataplaneManager | None = None
         self.api: LocalApiServer | None = None
+        self.observer: Observer | None = None  # captures and flows (control.observe)
         self.health = HealthServers(netns)  # kube-proxy's healthCheckNodePorts
         self.trigger = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -255,6 +257,10 @@ class Agent:
                     "rules": [str(r) for r in fw.rules], "default": fw.default, "hits": hits,
                     "defaultHits": total.get(f"default: {fw.default}", 0),
                     "drops": node.rt.cube_drops(cname).get("filtered", 0)}
+            for cname, totals in self.manager.flow_stats().items():
+                _, ns, fname = cname.split(".", 2)
+                out["functions"][cname] = {"namespace": ns, "name": fname, "type": "flowmonitor",
+                                           "flows": totals}
         return out
 
     async def publish_status(self, force: bool = False) -> None:
@@ -348,15 +354,21 @@ class Agent:
             return
         assert self.node is not None
         assert self.manager is not None
+        from pcn_agent.control.observe import Observer
+
         handler = DataplaneHandler(self.node, lock=self.manager.lock)
+        self.observer = observer = Observer(self.node, self.manager)
 
         def serve(request: dict[str, Any]) -> dict[str, Any]:
+            if request.get("op") in Observer.OPS:  # flows
+                return observer(request)
             response = handler(request)
             if request.get("op") in ("attach", "detach", "gc"):
                 self.wake()  # a pod came or went: its chain may change
             return response
 
-        self.api = LocalApiServer(self.socket_path, serve)
+        self.api = LocalApiServer(self.socket_path, serve,
+                                  streams={"capture": observer.capture})
         self.api.start()
 
     # ------------------------------------------------------------------ writes
@@ -448,6 +460,8 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def shutdown(self) -> None:
+        if self.observer is not None:
+            self.observer.close()  # ends the capture streams the API server waits for
         if self.api is not None:
             self.api.stop()
         self.health.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from pcn_agent.control.reconcile import Desired, Op, plan
 from pcn_agent.dataplane.cubes.firewall import Firewall
+from pcn_agent.dataplane.cubes.flowmonitor import FlowMonitor
 from pcn_agent.node.wiring import NodeDataplane
 from pcn_crds.rules import parse_rule
 from pcn_policy.rules import used_sets
@@ -30,6 +31,7 @@ class DataplaneManager:
         self.node = node
         self.current = Desired()
         self.functions: dict[str, Firewall] = {}
+        self.monitors: dict[str, FlowMonitor] = {}  # flowmonitor functions, by cube name
         self.lock = threading.RLock()  # shared with the local API: one writer at a time
         if node.rt.adopted:
             self._adopt()
@@ -43,6 +45,8 @@ class DataplaneManager:
         for name, cube in n.rt.cubes.items():
             if cube.type == "firewall":
                 self.functions[name] = Firewall(n.rt, name)
+            elif cube.type == "flowmonitor":
+                self.monitors[name] = FlowMonitor(n.rt, name)
         # the node's address holds NodePorts and hostPorts, 127.0.0.1 hostPorts:
         # none of them is a ClusterIP the reconciler would remove
         hostports = n.dispatcher.hostport_service_keys() if n.dispatcher else set()
@@ -54,6 +58,8 @@ class DataplaneManager:
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}
         functions = {name: FunctionSpec("firewall", tuple(str(r) for r in fw.rules), fw.default)
                      for name, fw in self.functions.items()}
+        functions.update({name: FunctionSpec("flowmonitor", (), max_flows=fm.max_flows)
+                          for name, fm in self.monitors.items()})
         chains = {k: (tuple(p.ingress), tuple(p.egress)) for k, p in n.pods.items()
                   if p.ingress or p.egress}
         policies = n.pod_policies()
@@ -84,7 +90,12 @@ class DataplaneManager:
 
     def _do(self, op: Op) -> None:
         n = self.node
-        if op.kind == "set-function":
+        if op.kind == "set-function" and op.value.type == "flowmonitor":
+            self._set_monitor(op.key, op.value.max_flows)
+        elif op.kind == "set-function":
+            retyped = op.key in self.monitors
+            if retyped:
+                self._retype(op.key)
             rules = [parse_rule(t) for t in op.value.rules]
             fw = self.functions.get(op.key)
             # fast: in force at once with the generic program; specialise_pending()
@@ -92,6 +103,8 @@ class DataplaneManager:
             if fw is None:
                 self.functions[op.key] = Firewall(n.rt, op.key, rules, op.value.default,
                                                   fast=True)
+                if retyped:
+                    self._restack(op.key)
             else:
                 fw.set_rules(rules, op.value.default, fast=True)
             n.save()
@@ -99,6 +112,9 @@ class DataplaneManager:
             fw = self.functions.pop(op.key, None)
             if fw is not None:
                 fw.delete()
+            fm = self.monitors.pop(op.key, None)
+            if fm is not None:
+                fm.delete()
             n.save()
         elif op.kind == "set-peers":
             n.set_peers(sorted(op.value, key=lambda p: p.name))
@@ -126,6 +142,45 @@ class DataplaneManager:
             n.prune_address_sets()
         else:
             raise ValueError(f"unknown operation {op.kind}")
+
+    def _set_monitor(self, name: str, max_flows: int) -> None:
+        """Create flow monitor `name`, or give it a new bound."""
+        if name in self.functions:
+            self._retype(name)
+        fm = self.monitors.get(name)
+        if fm is None:
+            self.monitors[name] = FlowMonitor(self.node.rt, name, max_flows)
+            self._restack(name)
+        else:
+            fm.set_max_flows(max_flows)  # same slot: the hooks need no change
+        self.node.save()
+
+    def _retype(self, name: str) -> None:
+        """A NetworkFunction whose type changed: its old cube goes (the
+        pods' hooks are rewritten once the new one exists, _restack)."""
+        old: Firewall | FlowMonitor | None = self.functions.pop(name, None) or \
+            self.monitors.pop(name, None)
+        if old is not None:
+            old.delete()
+
+    def _restack(self, name: str) -> None:
+        """Rewrite the hooks of the pods whose chains name cube `name` (a
+        cube made again under the same name has another slot and instance)."""
+        n = self.node
+        for key, pod in list(n.pods.items()):
+            if name in pod.ingress or name in pod.egress:
+                n.set_pod_chain(key, list(pod.ingress), list(pod.egress))
+
+    def flow_stats(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per flow monitor (cube name) and direction: packets, L3 bytes and
+        flows in its table; for metrics of bounded cardinality."""
+        out = {}
+        for name, fm in list(self.monitors.items()):
+            try:
+                out[name] = fm.totals()
+            except Exception:  # removed mid-read: skip it this round
+                log.debug("flow monitor %s could not be read", name, exc_info=True)
+        return out
 
     def specialise_pending(self) -> int:
         """Compile and swap in the specialised programs of functions running a

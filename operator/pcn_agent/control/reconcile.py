@@ -22,7 +22,7 @@ from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.node.wiring import PeerNode
-from pcn_crds import CubeChain, FirewallConfig, NetworkFunction, NodePortRule
+from pcn_crds import CubeChain, FirewallConfig, FlowMonitorConfig, NetworkFunction, NodePortRule
 from pcn_crds.common import Resource
 from pcn_policy import compiler as netpol
 from pcn_policy.rules import AddressSet, PodPolicy, used_sets
@@ -67,6 +67,7 @@ class FunctionSpec:
     type: str
     rules: tuple[str, ...]  # in the cube's rule language
     default: str = "allow"
+    max_flows: int = 0  # flowmonitor: the flow table's bound (FlowMonitorConfig.maxFlows)
 
 
 @dataclass(frozen=True)
@@ -602,7 +603,10 @@ def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict],
             if good is not None:
                 good[key] = dict(inputs.last_good[key])
         cfg = nf.spec.typed_config()
-        assert isinstance(cfg, FirewallConfig)  # the only type (NetworkFunctionSpec.type)
+        if isinstance(cfg, FlowMonitorConfig):
+            valid[(ns, name)] = FunctionSpec(nf.spec.type, (), max_flows=cfg.maxFlows)
+            continue
+        assert isinstance(cfg, FirewallConfig)  # NetworkFunctionSpec.type's other value
         valid[(ns, name)] = FunctionSpec(nf.spec.type, tuple(r.to_text() for r in cfg.rules),
                                          cfg.defaultAction)
     return valid
