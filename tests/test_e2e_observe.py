@@ -35,6 +35,7 @@ from pcn_agent.control.manager import DataplaneManager
 from pcn_agent.control.observe import Observer
 from pcn_agent.control.pcap import read_pcap
 from pcn_agent.control.reconcile import FunctionSpec
+from pcn_lab.apiserver import EmulatedApiServer, apply
 from pcn_lab.topology import Lab
 
 pytestmark = pytest.mark.netns
@@ -235,3 +236,80 @@ def test_errors_reach_the_command(agent: Agent) -> None:
     r = agent.run("flows", "nope", "-n", "default")
     assert r.returncode == 1 and b"not attached" in r.stderr
     assert agent.captures() == []
+
+
+# ---------------------------------------------------------------------------- kubectl pcn
+@pytest.fixture
+def kubectl(agent: Agent) -> Iterator[tuple[Path, EmulatedApiServer]]:
+    """An emulated API server holding the lab's pods, and a kubeconfig next
+    to the agent's socket named as the lab names it (<dir>/<node>.sock)."""
+    api = EmulatedApiServer().start()
+    try:
+        node = agent.node.cfg.name
+        lab_sock = agent.sock.parent / f"{node}.sock"
+        lab_sock.unlink(missing_ok=True)
+        lab_sock.symlink_to(agent.sock)
+        for name in ("n1p1", "n1p2"):
+            apply(api, {"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": name, "namespace": "default"},
+                        "spec": {"nodeName": node, "containers": [{"name": "c",
+                                                                   "image": "x"}]}})
+        kc = agent.sock.parent / "kubeconfig"
+        kc.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+            "clusters": [{"name": "lab", "cluster": {"server": api.url}}],
+            "users": [{"name": "me", "user": {}}],
+            "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "me"}}]}))
+        yield kc, api
+    finally:
+        api.stop()
+
+
+def test_kubectl_pcn_capture_and_flows_in_the_lab(agent: Agent, kubectl: tuple[Path, EmulatedApiServer],
+                                                  tmp_path: Path) -> None:
+    kc, _api = kubectl
+    lab = agent.lab
+    pcap = tmp_path / "k.pcap"
+    kpcn = str(Path(sys.executable).parent / "kubectl-pcn")
+    cap = subprocess.Popen([kpcn, "--kubeconfig", str(kc), "capture", "n1p2", "-n", "default",
+                            "-f", "icmp", "-c", "4", "-w", str(pcap), "-v", "1"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not agent.captures() and time.monotonic() < deadline and cap.poll() is None:
+            time.sleep(0.05)
+        assert agent.captures(), cap.stderr.read() if cap.stderr else ""
+        lab.exec(lab.pods["n1p1"].netns, ["ping", "-c", "2", "-i", "0.2", lab.pods["n1p2"].ip],
+                 check=True)
+        _, err = cap.communicate(timeout=30)
+    finally:
+        if cap.poll() is None:
+            cap.kill()
+            cap.wait()
+    assert cap.returncode == 0, err
+    assert "4 packets captured (2 from the pod, 2 to it); count" in err
+    with pcap.open("rb") as f:
+        recs = read_pcap(f).records
+    assert len(recs) == 4
+    assert agent.captures() == []
+
+    flows = subprocess.run([kpcn, "--kubeconfig", str(kc), "flows", "n1p1", "-n", "default",
+                            "--sort", "packets", "--top", "2"], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert flows.returncode == 0, flows.stderr
+    lines = flows.stdout.splitlines()
+    assert lines[0].startswith("Pod:  default/n1p1 (")
+    assert lines[3].split()[:2] == ["DIRECTION", "PROTO"]
+    assert len(lines) == 6  # the two flows of most packets
+    out = subprocess.run([kpcn, "--kubeconfig", str(kc), "flows", "n1p1", "-n", "default",
+                          "-o", "json", "--top", "0"], capture_output=True, text=True,
+                         timeout=60, check=True)
+    data = json.loads(out.stdout)
+    assert data["monitors"][0]["function"] == MONITOR
+    icmp = [f for f in data["flows"] if f["protocol"] == "icmp"]
+    assert {f["direction"] for f in icmp} == {"from-pod", "to-pod"}
+    assert all(f["packets"] == 2 and f["bytes"] == 2 * 84 for f in icmp)
+    bad = subprocess.run([kpcn, "--kubeconfig", str(kc), "capture", "n1p1", "-n", "default",
+                          "-f", "port 99999", "-w", str(pcap)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert bad.returncode != 0 and "position 5, token '99999'" in bad.stderr

@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-w", "--write", default="-", help="pcap file ('-': stdout)")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="one line per packet on stderr: time, direction, length")
+    c.add_argument("--stop-on-stdin-eof", action="store_true",
+                   help="end the capture when stdin closes (kubectl exec -i: the user's "
+                        "kubectl pcn went away)")
     f = sub.add_parser("flows", help="the flows of a pod from the flow monitors on its chain")
     _pod_args(f)
     return ap
@@ -98,6 +101,20 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
                     return
 
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+        if args.stop_on_stdin_eof:
+            def watch_stdin() -> None:
+                try:
+                    while os.read(sys.stdin.fileno(), 4096):
+                        pass
+                except (OSError, ValueError):
+                    pass
+                stop.set()
+                try:
+                    sock.shutdown(socket.SHUT_WR)  # the agent ends the capture, sends its end
+                except OSError:
+                    pass
+
+            threading.Thread(target=watch_stdin, name="stdin", daemon=True).start()
         own = out is None and args.write != "-"
         stream: BinaryIO = out if out is not None else (
             open(args.write, "wb") if own else sys.stdout.buffer)  # noqa: SIM115
