@@ -313,3 +313,38 @@ def test_kubectl_pcn_capture_and_flows_in_the_lab(agent: Agent, kubectl: tuple[P
                           "-f", "port 99999", "-w", str(pcap)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert bad.returncode != 0 and "position 5, token '99999'" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- restarts
+def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
+    """Captures belong to the agent process that reads them: a new agent
+    takes them off the pods and removes them. Flow monitors are functions:
+    adopted with their bound and their (pinned) flows."""
+    from pcn_agent.dataplane.cubes.packetcapture import PacketCapture
+
+    with Lab(nodes_count=1, pods_per_node=2) as lab:
+        node = lab.node(1)
+        mgr = DataplaneManager(node)
+        mgr.apply(replace(mgr.current, functions={MONITOR: FunctionSpec("flowmonitor", (),
+                                                                        max_flows=77)},
+                          chains={"n1p1": ((MONITOR,), ())}))
+        cap = PacketCapture(node.rt, "capture.1.n1p1", [])
+        node.set_pod_taps("n1p1", [cap.name], [cap.name])
+        assert len(node.pods["n1p1"].port.hooks[0]) == 3  # the capture, the lbrp, the monitor
+        lab.exec(lab.pods["n1p1"].netns, ["ping", "-c", "1", lab.pods["n1p2"].ip], check=True)
+        before = {(f.src, f.dst, f.packets) for f in mgr.monitors[MONITOR].flows()}
+        assert before
+        new = lab.restart_node(1)
+        assert [c for c in new.rt.cubes.values() if c.type == "packetcapture"] == []
+        hooks = new.pods["n1p1"].port.hooks
+        mon = new.rt.stacked(MONITOR)
+        assert hooks[0][1:] == [mon] and len(hooks[0]) == 2 and len(hooks[1]) == 1
+        adopted = DataplaneManager(new)
+        assert adopted.monitors[MONITOR].max_flows == 77
+        assert adopted.current.functions[MONITOR] == FunctionSpec("flowmonitor", (),
+                                                                   max_flows=77)
+        assert {(f.src, f.dst, f.packets) for f in adopted.monitors[MONITOR].flows()} == before
+        lab.exec(lab.pods["n1p1"].netns, ["ping", "-c", "1", lab.pods["n1p2"].ip], check=True)
+        assert sum(f.packets for f in adopted.monitors[MONITOR].flows()) > \
+            sum(p for _, _, p in before)
+    assert lab.leftovers() == []
