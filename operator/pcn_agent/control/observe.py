@@ -173,6 +173,11 @@ class Observer:
         except ApiError as exc:
             _send_json(conn, {"ok": False, "error": str(exc), "code": exc.code})
             return
+        except Exception as exc:  # a compile or map failure: the reader must hear why
+            log.exception("capture could not start")
+            _send_json(conn, {"ok": False, "error": f"capture failed in the agent: {exc}",
+                              "code": INTERNAL})
+            return
         log.info("capture %s of %s/%s started (filter %r, snaplen %d, budget %d/s)", name,
                  pod.k8s_namespace, pod.k8s_name, text, snaplen, budget)
         reason, sent = "error", 0

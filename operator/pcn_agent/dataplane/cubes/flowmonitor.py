@@ -35,20 +35,11 @@ PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 132: "sctp"}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 
 
-class FmKey(ct.Structure):
-    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
-                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("dir", ct.c_uint8),
-                ("pad", ct.c_uint16)]
-
-
-class FmVal(ct.Structure):
-    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("first_ns", ct.c_uint64),
-                ("last_ns", ct.c_uint64), ("tcp_flags", ct.c_uint64)]
-
-
 class FmTotal(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
 
+
+FmKey, FmVal = maps.FmKey, maps.FmVal  # pinned: mirrored in maps.MIRRORS
 
 MIRRORS: dict[str, tuple[type, type]] = {
     "fm_flows": (FmKey, FmVal),
