@@ -57,13 +57,24 @@ class FirewallConfig(Model):
     defaultAction: Literal["allow", "drop"] = "allow"
 
 
+DEFAULT_MAX_FLOWS = 1024
+
+
 class FlowMonitorConfig(Model):
     """flowmonitor: per-flow accounting (5-tuple and direction: packets, L3
     bytes as conntrack counts them, first/last seen, TCP flags) in a table of
     at most maxFlows entries, the least recently used flow making room."""
 
-    maxFlows: int = Field(1024, ge=1, le=65536,
-                          description="Flows kept per node (an LRU table).")
+    # No schema default: the CRD's config schema is the union of every type's,
+    # and the API server would write a default into every type's config (a
+    # firewall's too, which refuses unknown fields).
+    maxFlows: int | None = Field(None, ge=1, le=65536,
+                                 description="Flows kept per node (an LRU table); default "
+                                             f"{DEFAULT_MAX_FLOWS}.")
+
+    @property
+    def max_flows(self) -> int:
+        return self.maxFlows or DEFAULT_MAX_FLOWS
 
 
 # Each function type and the model of its config; the CRD schema and the
@@ -84,12 +95,27 @@ class NetworkFunctionSpec(Model):
 
     @model_validator(mode="after")
     def _typed(self) -> NetworkFunctionSpec:
-        self.config = FUNCTION_TYPES[self.type].model_validate(self.config).model_dump(
-            exclude_none=True)
+        self.config = FUNCTION_TYPES[self.type].model_validate(
+            _without_others_defaults(self.type, self.config)).model_dump(exclude_none=True)
         return self
 
     def typed_config(self) -> Model:
-        return FUNCTION_TYPES[self.type].model_validate(self.config)
+        return FUNCTION_TYPES[self.type].model_validate(
+            _without_others_defaults(self.type, self.config))
+
+
+def _without_others_defaults(type_: str, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` less the keys another type's schema defaults, when they hold
+    that default: the CRD's config schema is the union of every type's, and
+    a real API server writes each default it has into every object (a
+    flowmonitor gets the firewall's defaultAction: allow). The emulated one
+    does not, so only a real cluster shows it."""
+    own = FUNCTION_TYPES[type_].model_fields
+    defaults = {name: f.default for t, model in FUNCTION_TYPES.items() if t != type_
+                for name, f in model.model_fields.items()
+                if name not in own and not f.is_required() and f.default_factory is None
+                and f.default is not None}
+    return {k: v for k, v in config.items() if k not in defaults or v != defaults[k]}
 
 
 class NetworkFunction(Resource):

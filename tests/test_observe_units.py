@@ -87,3 +87,37 @@ def test_flow_metrics_are_per_function_and_direction() -> None:
     assert samples[("pcn_flowmonitor_packets_total", lab)] == 3
     assert samples[("pcn_flowmonitor_flows", lab)] == 2
     assert len(samples) == 6  # 3 metrics x 2 directions, whatever the flows
+
+
+# ---------------------------------------------------------------------------- flowmonitor type
+def _nf(name: str, type_: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+            "metadata": {"namespace": "web", "name": name},
+            "spec": {"type": type_, "config": config}}
+
+
+def test_flowmonitor_functions_reach_the_desired_state() -> None:
+    """As a real API server stores them: the CRD's config schema is every
+    type's, so it writes the firewall's defaultAction into a flowmonitor's
+    config too; that default is not a mistake."""
+    from pcn_agent.control.reconcile import FunctionSpec, Inputs, cube_name, desired_state
+    from pcn_agent.control.settings import ClusterSettings
+
+    fns = [_nf("mon", "flowmonitor", {"maxFlows": 300, "defaultAction": "allow"}),
+           _nf("plain", "flowmonitor", {}),
+           _nf("bad", "flowmonitor", {"defaultAction": "drop"}),
+           _nf("big", "flowmonitor", {"maxFlows": 70000})]
+    chains = [{"apiVersion": "pcn.dev/v1alpha1", "kind": "CubeChain",
+               "metadata": {"namespace": "web", "name": "c"},
+               "spec": {"podSelector": {}, "ingress": [{"function": "mon"}],
+                        "egress": [{"function": "mon"}, {"function": "plain"}]}}]
+    pods = [{"metadata": {"namespace": "web", "name": "p", "labels": {}},
+             "spec": {"nodeName": "n1"}}]
+    r = desired_state(Inputs("n1", ClusterSettings(), pods=pods, attachments={"k": ("web", "p")},
+                             functions=fns, chains=chains))
+    mon, plain = cube_name("web", "mon"), cube_name("web", "plain")
+    assert r.desired.functions[mon] == FunctionSpec("flowmonitor", (), max_flows=300)
+    assert r.desired.functions[plain] == FunctionSpec("flowmonitor", (), max_flows=1024)
+    assert r.desired.chains["k"] == ((mon, plain), (mon,))
+    assert r.verdicts[("NetworkFunction", "web", "bad")].reason == "Invalid"
+    assert r.verdicts[("NetworkFunction", "web", "big")].reason == "Invalid"

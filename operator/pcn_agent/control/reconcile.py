@@ -604,7 +604,7 @@ def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict],
                 good[key] = dict(inputs.last_good[key])
         cfg = nf.spec.typed_config()
         if isinstance(cfg, FlowMonitorConfig):
-            valid[(ns, name)] = FunctionSpec(nf.spec.type, (), max_flows=cfg.maxFlows)
+            valid[(ns, name)] = FunctionSpec(nf.spec.type, (), max_flows=cfg.max_flows)
             continue
         assert isinstance(cfg, FirewallConfig)  # NetworkFunctionSpec.type's other value
         valid[(ns, name)] = FunctionSpec(nf.spec.type, tuple(r.to_text() for r in cfg.rules),
