@@ -12,11 +12,12 @@ from .networkfunction import (
     FirewallRule,
     FlowMonitorConfig,
     NetworkFunction,
+    own_config,
 )
 from .nodeportrule import NodePortRule, NodePortRuleSpec
 
 __all__ = [
     "GROUP", "VERSION", "Condition", "ObjectMeta", "ResourceStatus", "CubeChain",
     "CubeChainSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES", "FirewallConfig",
-    "FirewallRule", "FlowMonitorConfig", "NetworkFunction", "NodePortRule", "NodePortRuleSpec",
+    "FirewallRule", "FlowMonitorConfig", "NetworkFunction", "own_config", "NodePortRule", "NodePortRuleSpec",
 ]

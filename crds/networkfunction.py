@@ -96,15 +96,15 @@ class NetworkFunctionSpec(Model):
     @model_validator(mode="after")
     def _typed(self) -> NetworkFunctionSpec:
         self.config = FUNCTION_TYPES[self.type].model_validate(
-            _without_others_defaults(self.type, self.config)).model_dump(exclude_none=True)
+            own_config(self.type, self.config)).model_dump(exclude_none=True)
         return self
 
     def typed_config(self) -> Model:
         return FUNCTION_TYPES[self.type].model_validate(
-            _without_others_defaults(self.type, self.config))
+            own_config(self.type, self.config))
 
 
-def _without_others_defaults(type_: str, config: dict[str, Any]) -> dict[str, Any]:
+def own_config(type_: str, config: dict[str, Any]) -> dict[str, Any]:
     """`config` less the keys another type's schema defaults, when they hold
     that default: the CRD's config schema is the union of every type's, and
     a real API server writes each default it has into every object (a

@@ -111,8 +111,11 @@ def run_capture(r: Route, argv: Sequence[str], out: BinaryIO) -> int:
     """Run the capture command, pcap to `out`, its stderr to ours; our end
     of its stdin stays open until it ends (closing it stops the capture)."""
     env = {**os.environ, **dict(r.env)}
-    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=env)
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=env)
+    except FileNotFoundError:
+        raise _not_found(argv[0]) from None
     assert proc.stdout is not None and proc.stdin is not None
     try:
         while True:
@@ -150,10 +153,18 @@ def run_json(r: Route, argv: Sequence[str]) -> dict[str, Any]:
     import json
 
     env = {**os.environ, **dict(r.env)}
-    p = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                       timeout=60, check=False)
+    try:
+        p = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                           timeout=60, check=False)
+    except FileNotFoundError:
+        raise _not_found(argv[0]) from None
     if p.returncode != 0:
         msg = p.stderr.decode(errors="replace").strip() or f"exit status {p.returncode}"
         raise PcnError(f"{' '.join(argv[-4:])} through {r.via} failed: {msg}")
     data: dict[str, Any] = json.loads(p.stdout)
     return data
+
+
+def _not_found(exe: str) -> PcnError:
+    return PcnError(f"{exe} not found: kubectl pcn runs kubectl (exec into the node's pcn-agent "
+                    f"pod) for this verb", "put kubectl on PATH")

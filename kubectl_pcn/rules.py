@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pcn_crds import FUNCTION_TYPES
+from pcn_crds import FUNCTION_TYPES, own_config
 from pcn_crds.rules import RuleError, parse_rule
 
 from .errors import InputError
@@ -67,7 +67,9 @@ def validation_message(exc: ValidationError, limit: int = 3) -> str:
 def normalise(type_: str, config: Mapping[str, Any], origin: str) -> dict[str, Any]:
     """The config checked against the type's model, in its stored form."""
     try:
-        model = FUNCTION_TYPES[type_].model_validate(dict(config))
+        # own_config: an object a real API server stored carries every type's
+        # schema defaults (pcn_crds.networkfunction.own_config)
+        model = FUNCTION_TYPES[type_].model_validate(own_config(type_, dict(config)))
     except ValidationError as exc:
         raise InputError(f"{origin}: invalid {type_} config: {validation_message(exc)}") from None
     return model.model_dump(exclude_none=True)

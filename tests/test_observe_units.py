@@ -121,3 +121,12 @@ def test_flowmonitor_functions_reach_the_desired_state() -> None:
     assert r.desired.chains["k"] == ((mon, plain), (mon,))
     assert r.verdicts[("NetworkFunction", "web", "bad")].reason == "Invalid"
     assert r.verdicts[("NetworkFunction", "web", "big")].reason == "Invalid"
+
+
+def test_kubectl_keeps_a_stored_flowmonitor_config() -> None:
+    """add-cube again (the other hook) on a flowmonitor a real API server
+    stored with the firewall's defaulted defaultAction."""
+    from kubectl_pcn.rules import config_from_flags
+
+    assert config_from_flags("flowmonitor", {"maxFlows": 5, "defaultAction": "allow"}, None,
+                             (), None) == {"maxFlows": 5}
