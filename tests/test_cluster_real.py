@@ -151,7 +151,7 @@ def test_capture_and_flows_through_kubectl_exec(cluster: ClusterState, tmp_path:
     import shutil
     import time
 
-    env = {"KUBECONFIG": str(cluster.kubeconfig),
+    env = {"KUBECONFIG": str(cluster.kubeconfig), "HOME": str(tmp_path),  # kubectl's cache
            "PATH": f"{artifacts.bin_dir()}:/usr/local/bin:/usr/bin:/bin"}
     kpcn = str(Path(sys.executable).parent / "kubectl-pcn")
 
