@@ -6,11 +6,17 @@ generated from them (`make crds`), and a test fails when the two drift.
 
 from .common import GROUP, VERSION, Condition, ObjectMeta, ResourceStatus
 from .cubechain import CubeChain, CubeChainSpec, FunctionRef, LabelSelector
-from .networkfunction import FUNCTION_TYPES, FirewallConfig, FirewallRule, NetworkFunction
+from .networkfunction import (
+    FUNCTION_TYPES,
+    FirewallConfig,
+    FirewallRule,
+    FlowMonitorConfig,
+    NetworkFunction,
+)
 from .nodeportrule import NodePortRule, NodePortRuleSpec
 
 __all__ = [
     "GROUP", "VERSION", "Condition", "ObjectMeta", "ResourceStatus", "CubeChain",
     "CubeChainSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES", "FirewallConfig",
-    "FirewallRule", "NetworkFunction", "NodePortRule", "NodePortRuleSpec",
+    "FirewallRule", "FlowMonitorConfig", "NetworkFunction", "NodePortRule", "NodePortRuleSpec",
 ]

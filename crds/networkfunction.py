@@ -149,11 +149,32 @@ def default_burst(rate_bits: int) -> int:
     return max(MIN_BURST, min(MAX_BURST, int(rate_bits * DEFAULT_BURST_S) // 8))
 
 
+DEFAULT_MAX_FLOWS = 1024
+
+
+class FlowMonitorConfig(Model):
+    """flowmonitor: per-flow accounting (5-tuple and direction: packets, L3
+    bytes as conntrack counts them, first/last seen, TCP flags) in a table of
+    at most maxFlows entries, the least recently used flow making room."""
+
+    # No schema default: the CRD's config schema is the union of every type's,
+    # and the API server would write a default into every type's config (a
+    # firewall's too, which refuses unknown fields).
+    maxFlows: int | None = Field(None, ge=1, le=65536,
+                                 description="Flows kept per node (an LRU table); default "
+                                             f"{DEFAULT_MAX_FLOWS}.")
+
+    @property
+    def max_flows(self) -> int:
+        return self.maxFlows or DEFAULT_MAX_FLOWS
+
+
 # Each function type and the model of its config; the CRD schema, the agent
 # (pcn_agent.dataplane.cubes.functions) and kubectl pcn add-cube all follow
 # this table, so a new cube type is one entry here and one there.
-FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig, "policer": PolicerConfig}
-FunctionType = Literal["firewall", "policer"]  # FUNCTION_TYPES' keys (a test checks)
+FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig, "policer": PolicerConfig,
+                                          "flowmonitor": FlowMonitorConfig}
+FunctionType = Literal["firewall", "policer", "flowmonitor"]  # FUNCTION_TYPES' keys (a test checks)
 
 
 class NetworkFunctionSpec(Model):

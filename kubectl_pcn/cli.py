@@ -660,6 +660,89 @@ def version(client_only: bool) -> None:
         raise error
 
 
+# ----------------------------------------------------------------------------- capture, flows
+# (issue 12: packetcapture and flowmonitor; the transport is capture.py's)
+def _agent_route(pod: str) -> tuple[str, Any]:
+    from . import capture as cap
+
+    s = settings()
+    _no_all_namespaces("this verb")
+    node = cap.pod_node(s.cluster, s.ns, pod)
+    return node, cap.route(s.cluster, node, s.agents_namespace,
+                           cap.kubectl_flags(s.kubeconfig, s.context))
+
+
+@cli.command("capture", epilog="""\b
+Examples:
+  kubectl pcn capture web-1 -n demo -c 20 -w web.pcap
+  kubectl pcn capture web-1 -n demo --filter 'tcp port 8080 and not host 10.244.1.1' | tcpdump -nr -
+Filter: host/net/port/portrange with src/dst, tcp/udp/icmp/sctp/ip/arp, and/or/not,
+parentheses (pcap-filter(7)'s syntax for these).""")
+@click.argument("pod", shell_complete=completion.names(_pods))
+@click.option("-f", "--filter", "filter_", default="", metavar="EXPR", help="What to capture.")
+@click.option("-c", "--count", type=click.IntRange(min=0), default=0,
+              help="Stop after N packets (0: no limit).")
+@click.option("--duration", type=click.FloatRange(min=0), default=0.0, metavar="S",
+              help="Stop after S seconds (0: until interrupted).")
+@click.option("-s", "--snaplen", type=click.IntRange(1, 8192), default=8192, show_default=True,
+              help="Bytes kept of each frame.")
+@click.option("--rate", "budget", type=click.IntRange(1, 100_000), default=2000,
+              show_default=True, help="Packets copied a second, at most (more are counted).")
+@click.option("-w", "--write", "write", default="-", metavar="FILE|-",
+              help="The pcap file ('-': stdout).")
+@global_options
+def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: int, budget: int,
+                write: str) -> None:
+    """Capture POD's packets, both directions, as pcap (nanosecond timestamps):
+    on a cluster through the node's pcn-agent pod (kubectl exec), in the lab
+    through its agent's socket. Progress on stderr."""
+    from pcn_crds.capfilter import FilterError, compile_filter
+
+    from . import capture as cap
+
+    s = settings()
+    try:
+        compile_filter(filter_)  # the agent checks it too: fail before reaching it
+    except FilterError as exc:
+        raise InputError(str(exc)) from None
+    if write == "-" and sys.stdout.isatty():
+        raise InputError("pcap is binary: give -w FILE, or pipe it (| tcpdump -nr -)")
+    node, r = _agent_route(pod)
+    s.progress(f"capturing {s.ns}/{pod} on node {node} through {r.via}")
+    argv = cap.capture_argv(r, s.ns, pod, filter_, count, duration, snaplen, budget,
+                            s.verbosity >= 2)
+    if write == "-":
+        code = cap.run_capture(r, argv, sys.stdout.buffer)
+    else:
+        with open(write, "wb") as out:
+            code = cap.run_capture(r, argv, out)
+    if code:
+        sys.exit(code)
+
+
+@cli.command("flows")
+@click.argument("pod", shell_complete=completion.names(_pods))
+@click.option("--sort", type=click.Choice(["bytes", "packets", "last"]), default="bytes",
+              show_default=True, help="Largest first; last: most recently seen first.")
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Show N flows (0: all).")
+@global_options
+def flows_cmd(pod: str, sort: str, top: int) -> None:
+    """POD's top talkers, from the flow monitors (NetworkFunctions of type
+    flowmonitor) on its chain. Bytes are L3 bytes, as conntrack counts them."""
+    from . import capture as cap
+    from . import flows as fl
+
+    s = settings()
+    _node, r = _agent_route(pod)
+    data = cap.run_json(r, [*r.argv, "flows", pod, "-n", s.ns])
+    picked = fl.rows(data, sort, top)
+    if s.fmt in ("yaml", "json"):
+        click.echo(output.data({**data, "flows": picked}, s.fmt))
+    else:
+        click.echo(fl.table(data, picked, s.fmt == "wide"))
+
+
 @cli.command("completion")
 @click.argument("shell", type=click.Choice(completion.SHELLS))
 def completion_cmd(shell: str) -> None:

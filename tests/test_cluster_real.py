@@ -139,3 +139,70 @@ def test_the_example_chain_is_ready_and_kubectl_pcn_works(cluster: ClusterState)
     assert rm.returncode == 0, rm.stdout + rm.stderr
     nfs = kubectl.get(cluster.kubeconfig, "networkfunctions", "-n", "demo")["items"]
     assert "real-fw" not in [n["metadata"]["name"] for n in nfs]
+
+
+def test_capture_and_flows_through_kubectl_exec(cluster: ClusterState, tmp_path: Path) -> None:
+    """kubectl pcn capture and flows on the real cluster: through `kubectl
+    exec -i` into web-1's node's pcn-agent pod. A TCP connection from the
+    client to web-1:8080 shows its SYN (to the pod) and SYN-ACK (from it) in
+    the pcap, and in the flow monitor put on web-1's chain."""
+    import json
+    import os
+    import shutil
+    import time
+
+    env = {"KUBECONFIG": str(cluster.kubeconfig), "HOME": str(tmp_path),  # kubectl's cache
+           "PATH": f"{artifacts.bin_dir()}:/usr/local/bin:/usr/bin:/bin"}
+    kpcn = str(Path(sys.executable).parent / "kubectl-pcn")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([kpcn, *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    web = kubectl.get(cluster.kubeconfig, "pods", "-n", "demo", "web-1")
+    ip = web["status"]["podIP"]
+    for hook in ("ingress", "egress"):
+        add = run("add-cube", "flowmonitor", "real-mon", "-n", "demo", "--selector", "app=web",
+                  "--hook", hook)
+        assert add.returncode == 0, add.stdout + add.stderr
+    try:
+        deadline = time.monotonic() + 90
+        flows = run("flows", "web-1", "-n", "demo", "-o", "json")
+        while time.monotonic() < deadline and (
+                flows.returncode != 0 or not json.loads(flows.stdout)["monitors"]):
+            time.sleep(2)
+            flows = run("flows", "web-1", "-n", "demo", "-o", "json")
+        assert flows.returncode == 0 and json.loads(flows.stdout)["monitors"], \
+            flows.stdout + flows.stderr
+        pcap = tmp_path / "web.pcap"
+        cap = subprocess.Popen([kpcn, "capture", "web-1", "-n", "demo", "-f", "tcp port 8080",
+                                "-c", "2", "--duration", "60", "-w", str(pcap)], env=env,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            assert cap.stderr is not None
+            line = cap.stderr.readline()
+            assert line.startswith("capturing demo/web-1"), line + cap.stderr.read()
+            con = _pcn_lab(cluster.dir, "exec", "client", "--", "/agnhost", "connect",
+                           f"{ip}:8080", "--timeout", "5s", timeout=60)
+            assert con.returncode == 0, con.stdout + con.stderr
+            _, err = cap.communicate(timeout=60)
+        finally:
+            if cap.poll() is None:
+                cap.kill()
+                cap.wait()
+        assert cap.returncode == 0, err
+        assert "2 packets captured (1 from the pod, 1 to it); count" in err, err
+        tcpdump = shutil.which("tcpdump")
+        if tcpdump is not None:
+            out = subprocess.run([tcpdump, "-r", str(pcap), "-nn"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+            assert f"> {ip}.8080: Flags [S]," in out and f"IP {ip}.8080 > " in out, out
+        flows = run("flows", "web-1", "-n", "demo", "-o", "json", "--top", "0")
+        data = json.loads(flows.stdout)
+        to_pod = [f for f in data["flows"] if f["dst"] == ip and f["dport"] == 8080
+                  and f["direction"] == "to-pod"]
+        assert to_pod and "SYN" in to_pod[0]["tcpFlags"], data
+    finally:
+        rm = run("remove-cube", "real-mon", "-n", "demo")
+        assert rm.returncode == 0, rm.stdout + rm.stderr
+    assert os.path.getsize(pcap) > 24

@@ -315,7 +315,8 @@ def test_add_cube_config_file(lab: Lab, tmp_path: Path) -> None:
 
 def test_unknown_type_lists_the_known_ones(lab: Lab) -> None:
     res = lab.run("add-cube", "nat", "--rule", "drop", code=2)
-    assert res.stderr.strip() == "Error: unknown function type 'nat'; known types: firewall, policer"
+    assert res.stderr.strip() == ("Error: unknown function type 'nat'; known types: firewall, "
+                                  "flowmonitor, policer")
     assert lab.requests() == [], "an input error must not reach the cluster"
 
 
@@ -812,7 +813,7 @@ def test_installed_executables(lab: Lab) -> None:
     assert lab.spec(NF, "fw")["config"]["rules"] == [{"action": "drop", "protocol": "icmp"}]
     res = subprocess.run([str(BIN / "kubectl-pcn"), "add-cube", "nat"], capture_output=True,
                          text=True, timeout=60, check=False)
-    assert res.returncode == 2 and "known types: firewall" in res.stderr
+    assert res.returncode == 2 and "known types: firewall, flowmonitor, policer" in res.stderr
     res = subprocess.run([str(BIN / "kubectl_complete-pcn"), "--kubeconfig",
                           str(lab.kubeconfig), "-n", "web", "remove-cube", ""],
                          capture_output=True, text=True, timeout=60, check=False)

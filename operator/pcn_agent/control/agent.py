@@ -43,6 +43,7 @@ from pcn_agent.node.wiring import NodeConfig, NodeDataplane
 
 if TYPE_CHECKING:
     from pcn_agent.control.localapi import LocalApiServer
+    from pcn_agent.control.observe import Observer
 
 log = logging.getLogger("pcn_agent.control.agent")
 
@@ -106,6 +107,7 @@ class Agent:
         self.node: NodeDataplane | None = None
         self.manager: DataplaneManager | None = None
         self.api: LocalApiServer | None = None
+        self.observer: Observer | None = None  # captures and flows (control.observe)
         self.health = HealthServers(netns)  # kube-proxy's healthCheckNodePorts
         self.trigger = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -359,15 +361,21 @@ class Agent:
             return
         assert self.node is not None
         assert self.manager is not None
+        from pcn_agent.control.observe import Observer
+
         handler = DataplaneHandler(self.node, lock=self.manager.lock)
+        self.observer = observer = Observer(self.node, self.manager)
 
         def serve(request: dict[str, Any]) -> dict[str, Any]:
+            if request.get("op") in Observer.OPS:  # flows
+                return observer(request)
             response = handler(request)
             if request.get("op") in ("attach", "detach", "gc"):
                 self.wake()  # a pod came or went: its chain may change
             return response
 
-        self.api = LocalApiServer(self.socket_path, serve)
+        self.api = LocalApiServer(self.socket_path, serve,
+                                  streams={"capture": observer.capture})
         self.api.start()
 
     # ------------------------------------------------------------------ writes
@@ -459,6 +467,8 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def shutdown(self) -> None:
+        if self.observer is not None:
+            self.observer.close()  # ends the capture streams the API server waits for
         if self.api is not None:
             self.api.stop()
         self.health.close()

@@ -14,6 +14,10 @@ Configuration comes from the environment, as a DaemonSet gives it:
   PCN_BPF_ROOT / PCN_STATE_DIR  where maps are pinned / state is saved
   PCN_NAMESPACE    where the per-node status ConfigMap is written (default pcn-system)
 
+Also, as commands of the agent's image (they talk to the running agent):
+  pcn-agent capture POD -n NS [-f FILTER] [-c N] [--duration S] [-w FILE]
+  pcn-agent flows POD -n NS
+
 Start-up order: the node's cube types are compiled (the bulk of a start)
 from the first moment, in a thread, while kopf and the Kubernetes client are
 imported and the cluster is listed: compiling needs only the node's name.
@@ -64,6 +68,11 @@ def ready(socket_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("capture", "flows"):  # client commands of the agent's image
+        from pcn_agent.control import observecli
+
+        return observecli.main(argv)
     args = parser().parse_args(argv)
     if args.ready:
         return ready(os.environ.get("PCN_SOCKET", "/run/pcn/agent.sock"))

@@ -3,7 +3,9 @@
 turns attach/detach/check/status/gc requests into node data-plane calls.
 
 The socket is mode 0600 and root peers only, checked again with SO_PEERCRED;
-one JSON request line and one JSON response line per connection.
+one JSON request line and one JSON response line per connection, except for
+streaming ops (`capture`, pcn_agent.control.captureproto), whose handler
+keeps the connection and answers on it for as long as the stream lasts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,10 @@ READ_TIMEOUT_S = 5.0  # a client has this long to send its request
 LINGER_S = 1.0  # after answering, how long a client may go on sending before we close
 
 Handler = Callable[[Request], Response]
+# A streaming op (`capture`): gets the request and the connection, answers on
+# it itself for as long as it likes, and returns when it is done (the server
+# then closes the connection).
+StreamHandler = Callable[[Request, socket.socket], None]
 
 
 class ApiError(Exception):
@@ -58,9 +64,11 @@ class LocalApiServer:
     """Serve `handler` on a root-only unix socket, in a background thread."""
 
     def __init__(self, path: str | os.PathLike[str], handler: Handler,
-                 allowed_uids: frozenset[int] = frozenset({0})) -> None:
+                 allowed_uids: frozenset[int] = frozenset({0}),
+                 streams: Mapping[str, StreamHandler] | None = None) -> None:
         self.path = Path(path)
         self.handler = handler
+        self.streams = dict(streams or {})
         self.allowed_uids = allowed_uids
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -187,6 +195,8 @@ class LocalApiServer:
             with conn:
                 conn.settimeout(READ_TIMEOUT_S)
                 response = self._answer(conn)
+                if response is None:  # a streaming op served the connection itself
+                    return
                 try:
                     conn.sendall(json.dumps(response, separators=(",", ":")).encode() + b"\n")
                 except OSError as exc:
@@ -197,7 +207,7 @@ class LocalApiServer:
             with self._workers_lock:
                 self._workers.discard(threading.current_thread())
 
-    def _answer(self, conn: socket.socket) -> Response:
+    def _answer(self, conn: socket.socket) -> Response | None:
         pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         if uid not in self.allowed_uids:
@@ -219,6 +229,14 @@ class LocalApiServer:
                           DECODE_FAILURE)
         if not isinstance(request, dict):
             return _error("request must be a JSON object with an \"op\"", DECODE_FAILURE)
+        stream = self.streams.get(str(request.get("op")))
+        if stream is not None:
+            try:
+                conn.settimeout(None)  # the stream sets the timeouts it needs
+                stream(request, conn)
+            except Exception:
+                log.exception("local API stream %s failed", request.get("op"))
+            return None
         try:
             result = self.handler(request)
         except ApiError as exc:

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from pcn_agent.control.reconcile import Desired, FunctionSpec, Op, plan
-from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES, FunctionCube
+from pcn_agent.dataplane.cubes.flowmonitor import FlowMonitor
+from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES, FlowMonitorFunction, FunctionCube
 from pcn_agent.node.wiring import NodeDataplane
 from pcn_policy.rules import used_sets
 
@@ -158,6 +159,23 @@ class DataplaneManager:
             for pod, (from_pod, to_pod) in self.current.chains.items():
                 if name in from_pod or name in to_pod:
                     self.node.set_pod_chain(pod, list(from_pod), list(to_pod))
+
+    @property
+    def monitors(self) -> dict[str, FlowMonitor]:
+        """The flow monitor functions' monitors, by cube name."""
+        return {name: f.fm for name, f in list(self.functions.items())
+                if isinstance(f, FlowMonitorFunction)}
+
+    def flow_stats(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per flow monitor (cube name) and direction: packets, L3 bytes and
+        flows in its table; for metrics of bounded cardinality."""
+        out = {}
+        for name, fm in self.monitors.items():
+            try:
+                out[name] = fm.totals()
+            except Exception:  # removed mid-read: skip it this round
+                log.debug("flow monitor %s could not be read", name, exc_info=True)
+        return out
 
     def specialise_pending(self) -> int:
         """Compile and swap in the specialised programs of functions running a

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class CounterSource(Protocol):
     def counters(self) -> dict[str, dict[str, int]]: ...
 
+    def flow_stats(self) -> dict[str, dict[str, dict[str, int]]]: ...
+
 
 class MetricsSource(Protocol):
     """What the collector reads at scrape time (the agent has these)."""
@@ -80,6 +82,35 @@ class AgentCollector(Collector):
             for name, value in values.items():
                 fams[name].add_metric([node, cube, port], value)
         yield from fams.values()
+        yield from _flow_metrics(node, a.manager)
+
+
+def _flow_metrics(node: str, manager: CounterSource) -> Iterator[Metric]:
+    """The flow monitors' totals: by function and direction (from-pod,
+    to-pod), never by flow, so the series are bounded by the functions on
+    the node whatever the traffic. Bytes are L3 bytes (as conntrack counts)."""
+    try:
+        stats = manager.flow_stats()
+    except Exception:
+        log.debug("flow monitor read failed", exc_info=True)
+        return
+    if not stats:
+        return
+    labels = ["node", "namespace", "function", "direction"]
+    packets = CounterMetricFamily("pcn_flowmonitor_packets", "Packets a flow monitor "
+                                  "accounted", labels=labels)
+    nbytes = CounterMetricFamily("pcn_flowmonitor_bytes", "L3 bytes (IP datagrams, as "
+                                 "conntrack counts them) a flow monitor accounted", labels=labels)
+    flows = GaugeMetricFamily("pcn_flowmonitor_flows", "Flows in a flow monitor's table "
+                              "(bounded by its maxFlows)", labels=labels)
+    for cube, by_dir in sorted(stats.items()):
+        _, ns, name = cube.split(".", 2) if cube.count(".") >= 2 else ("", "", cube)
+        for direction, t in sorted(by_dir.items()):
+            values = [node, ns, name, direction]
+            packets.add_metric(values, t["packets"])
+            nbytes.add_metric(values, t["bytes"])
+            flows.add_metric(values, t["flows"])
+    yield from (packets, nbytes, flows)
 
 
 def _session_metrics(node: str, collector: object | None) -> Iterator[Metric]:

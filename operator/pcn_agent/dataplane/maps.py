@@ -274,6 +274,21 @@ class PlcCtr(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
 
 
+class FmKey(ct.Structure):
+    """bpf/flowmonitor.c struct fm_key: addresses and ports in network order."""
+
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("dir", ct.c_uint8),
+                ("pad", ct.c_uint16)]
+
+
+class FmVal(ct.Structure):
+    """bpf/flowmonitor.c struct fm_val: counters, CLOCK_MONOTONIC ns, TCP flags."""
+
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("first_ns", ct.c_uint64),
+                ("last_ns", ct.c_uint64), ("tcp_flags", ct.c_uint64)]
+
+
 class AffinityKey(ct.Structure):
     _fields_ = [("svc", ct.c_uint32), ("client", ct.c_uint32)]
 
@@ -452,6 +467,7 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "pol_ctrs": (PolCtrKey, PolCtr),
     "pol_epoch": (ct.c_uint32, ct.c_uint32),
     "pol_scratch": (ct.c_uint32, PolScratch),
+    "fm_flows": (FmKey, FmVal),
 }
 
 

@@ -138,6 +138,7 @@ class Pod:
     policy: bool = False  # the policy cube is stacked on its port (set_pod_policy)
 
 
+TAP_TYPE = "packetcapture"  # pcn_agent.dataplane.cubes.packetcapture.TYPE
 BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE,
               POLICY_TYPE)  # in _build's order
 
@@ -200,6 +201,9 @@ class NodeDataplane:
         self.session_gc: sessions.SessionGC | None = None
         self._batch_depth = 0
         self._unsaved = False  # a save() asked for inside a batch, done at its end
+        # Observation taps (packet captures) by port id: (from the pod, to the
+        # pod), outermost on the port. Not saved: a capture ends with the agent.
+        self.taps: dict[int, tuple[list[str], list[str]]] = {}
 
     # ---------------------------------------------------------------- up/down
     def up(self, adopt: bool = True) -> NodeDataplane:
@@ -425,6 +429,7 @@ class NodeDataplane:
                                  p["ingress"], p["egress"], p.get("k8s_namespace", ""),
                                  p.get("k8s_name", ""), p.get("origin", ""),
                                  p.get("policy", False))
+        self._drop_leftover_taps()
         for owner in {h.owner for h in self.dispatcher.hostports} - set(self.pods):
             log.warning("node %s: the hostPorts of %s go with it", self.cfg.name, owner)
             self.dispatcher.set_hostports(owner, [])
@@ -673,10 +678,47 @@ class NodeDataplane:
         tracking saw on the way out."""
         lb = [self.rt.stacked(LB)]
         pol = [self.rt.stacked(POLICY)] if policy else []
+        tap_from, tap_to = self.taps.get(port.id, ([], []))
         self.rt.set_hook(port, maps.HOOK_INGRESS,
-                         lb + [self.rt.stacked(n) for n in ingress] + pol)
+                         [self.rt.stacked(n) for n in tap_from] + lb
+                         + [self.rt.stacked(n) for n in ingress] + pol)
         self.rt.set_hook(port, maps.HOOK_EGRESS,
-                         pol + [self.rt.stacked(n) for n in egress] + lb)
+                         pol + [self.rt.stacked(n) for n in egress] + lb
+                         + [self.rt.stacked(n) for n in tap_to])
+
+    def set_pod_taps(self, key: str, from_pod: list[str], to_pod: list[str]) -> None:
+        """Put observation cubes (captures, by name) outermost on pod `key`'s
+        port: they see what the pod sends before any other cube (service
+        addresses as the pod wrote them) and what it receives after every
+        other (what reaches its eth0), as tcpdump in the pod would. Each side
+        is replaced in one map update. Raises RuntimeError_ for an unknown pod."""
+        pod = self.pods.get(key)
+        if pod is None:
+            raise RuntimeError_(f"no pod {key!r} on node {self.cfg.name}")
+        if from_pod or to_pod:
+            self.taps[pod.port.id] = (list(from_pod), list(to_pod))
+        else:
+            self.taps.pop(pod.port.id, None)
+        self._write_pod_hooks(pod.port, pod.ingress, pod.egress, pod.policy)
+
+    def find_pod(self, namespace: str, name: str) -> Pod | None:
+        """The attached pod of that Kubernetes namespace and name, if any."""
+        for pod in self.pods.values():
+            if (pod.k8s_namespace, pod.k8s_name) == (namespace, name):
+                return pod
+        return None
+
+    def _drop_leftover_taps(self) -> None:
+        """Captures a previous agent left stacked (their reader went with
+        it): off every pod's port, then gone."""
+        left = [c.name for c in self.rt.cubes.values() if c.type == TAP_TYPE]
+        if not left:
+            return
+        for pod in self.pods.values():
+            self._write_pod_hooks(pod.port, pod.ingress, pod.egress, pod.policy)
+        for name in left:
+            log.info("node %s: removing capture %s a previous agent left", self.cfg.name, name)
+            self.rt.remove_cube(name)
 
     # ---------------------------------------------------------------- network policy
     def set_address_sets(self, sets: Iterable[AddressSet]) -> None:
@@ -741,6 +783,7 @@ class NodeDataplane:
         pod = self.pods.pop(key, None)
         if pod is None:
             return None
+        self.taps.pop(pod.port.id, None)
         assert self.bridge is not None
         self._drop_hostports(key)
         self._drop_policy(pod)
@@ -772,6 +815,7 @@ class NodeDataplane:
         pod = self.pods.pop(key, None)
         if pod is None:
             return
+        self.taps.pop(pod.port.id, None)
         assert self.bridge is not None
         self._drop_hostports(key)
         self._drop_policy(pod)

@@ -22,11 +22,13 @@ from typing import Any, ClassVar, TypeVar
 
 from pcn_agent.dataplane.cubes.firewall import GENERIC, Firewall
 from pcn_agent.dataplane.cubes.firewall import TYPE as FIREWALL
+from pcn_agent.dataplane.cubes.flowmonitor import TYPE as FLOWMONITOR
+from pcn_agent.dataplane.cubes.flowmonitor import FlowMonitor
 from pcn_agent.dataplane.cubes.policer import TYPE as POLICER
 from pcn_agent.dataplane.cubes.policer import Policer, PolicerSettings
 from pcn_agent.dataplane.runtime import Runtime
 from pcn_crds.common import Model
-from pcn_crds.networkfunction import FirewallConfig, PolicerConfig
+from pcn_crds.networkfunction import FirewallConfig, FlowMonitorConfig, PolicerConfig
 from pcn_crds.rules import parse_rule
 
 S = TypeVar("S")
@@ -214,6 +216,64 @@ class PolicerFunction(FunctionCube):
         self.policer.keep_buckets(ports)
 
 
+# ----------------------------------------------------------------------------- flowmonitor
+@dataclass(frozen=True)
+class FlowMonitorSettings:
+    """The flow table's bound (FlowMonitorConfig.max_flows)."""
+
+    max_flows: int
+
+
+class FlowMonitorFunction(FunctionCube):
+    type = FLOWMONITOR
+    config_model = FlowMonitorConfig
+
+    def __init__(self, fm: FlowMonitor) -> None:
+        self.fm = fm
+        self.name = fm.name
+
+    @classmethod
+    def settings_of(cls, config: Model) -> FlowMonitorSettings:
+        if not isinstance(config, FlowMonitorConfig):
+            raise TypeError(f"not a flowmonitor config: {type(config).__name__}")
+        return FlowMonitorSettings(config.max_flows)
+
+    @classmethod
+    def create(cls, rt: Runtime, name: str, settings: Hashable) -> FlowMonitorFunction:
+        return cls(FlowMonitor(rt, name, _settings(settings, FlowMonitorSettings).max_flows))
+
+    @classmethod
+    def adopt(cls, rt: Runtime, name: str) -> FlowMonitorFunction:
+        return cls(FlowMonitor(rt, name))
+
+    @classmethod
+    def warm_up(cls, rt: Runtime) -> None:
+        """Nothing: each monitor compiles its own program (its table's bound
+        is compiled in)."""
+
+    @property
+    def settings(self) -> FlowMonitorSettings:
+        return FlowMonitorSettings(self.fm.max_flows)
+
+    def configure(self, settings: Hashable) -> None:
+        # a new bound: a new program and table, swapped into the same slot
+        self.fm.set_max_flows(_settings(settings, FlowMonitorSettings).max_flows)
+
+    def status(self) -> dict[str, Any]:
+        """The bound, and per direction (fromPod, toPod) packets, L3 bytes
+        and the flows in the table."""
+        out: dict[str, Any] = {"maxFlows": self.fm.max_flows}
+        for d, t in self.fm.totals().items():
+            side = "fromPod" if d == "from-pod" else "toPod"
+            out[f"{side}Packets"] = t["packets"]
+            out[f"{side}Bytes"] = t["bytes"]
+            out[f"{side}Flows"] = t["flows"]
+        return out
+
+    def delete(self) -> None:
+        self.fm.delete()
+
+
 def _settings(settings: Hashable, kind: type[S]) -> S:
     if not isinstance(settings, kind):
         raise TypeError(f"expected {kind.__name__}, got {type(settings).__name__}")
@@ -221,4 +281,4 @@ def _settings(settings: Hashable, kind: type[S]) -> S:
 
 
 FUNCTION_CUBES: dict[str, type[FunctionCube]] = {
-    c.type: c for c in (FirewallFunction, PolicerFunction)}
+    c.type: c for c in (FirewallFunction, PolicerFunction, FlowMonitorFunction)}

@@ -1,0 +1,170 @@
+"""`kubectl pcn capture` and the way to a pod's node agent that it and
+`kubectl pcn flows` share.
+
+The agent image has the commands `pcn-agent capture` and `pcn-agent flows`
+(they talk to the node's agent on its local socket). On a cluster, they run
+in the pcn-agent pod of the pod's node through `kubectl exec -i` (as
+`kubectl sniff` runs tcpdump in a pod), pcap streaming back on stdout and
+progress on stderr. In the emulated lab (`pcn-lab up`), the agents are
+processes of this machine whose sockets sit next to the lab's kubeconfig
+(`<dir>/<node>.sock`): the same commands run here, on those sockets.
+
+Our stdin pipe stays open for as long as we want the capture: when it
+closes (we exit, or are interrupted), the command in the agent pod sees EOF
+and ends the capture; if the connection dies without it, the agent stops
+the capture once its heartbeats stop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .client import PODS, Cluster
+from .errors import PcnError
+
+AGENT_LABEL = "app.kubernetes.io/name=pcn-agent"
+AGENT_CONTAINER = "agent"
+AGENT_COMMAND = "pcn-agent"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How to run a command of the agent image for one node: `argv` prefix
+    (the command itself last) and extra environment."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    via: str = ""  # for messages: "lab socket ..." or "pod pcn-system/pcn-agent-xyz"
+
+
+def pod_node(cluster: Cluster, namespace: str, name: str) -> str:
+    pod = cluster.get(PODS, namespace, name)
+    if pod is None:
+        raise PcnError(f"pod {namespace}/{name} not found",
+                       f"list them with: kubectl get pods -n {namespace}")
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
+        raise PcnError(f"pod {namespace}/{name} is not scheduled on a node yet")
+    if (pod.get("spec") or {}).get("hostNetwork"):
+        raise PcnError(f"pod {namespace}/{name} uses the host's network: pcn does not carry "
+                       f"its traffic, so there is nothing to capture or account")
+    return str(node)
+
+
+def _local_agent_command() -> list[str]:
+    here = Path(sys.executable).parent / AGENT_COMMAND
+    if here.exists():
+        return [str(here)]
+    found = shutil.which(AGENT_COMMAND)
+    if found:
+        return [found]
+    return [sys.executable, "-m", "pcn_agent.control.cli"]
+
+
+def route(cluster: Cluster, node: str, agents_namespace: str,
+          kubectl_args: Sequence[str] = ()) -> Route:
+    """The lab's socket for `node` when there is one next to the
+    kubeconfig, else `kubectl exec` into the node's pcn-agent pod."""
+    sock = Path(cluster.config_file.split(os.pathsep)[0]).parent / f"{node}.sock"
+    if sock.is_socket():
+        return Route(tuple(_local_agent_command()), (("PCN_SOCKET", str(sock)),),
+                     f"the lab's agent socket {sock}")
+    agents = [p for p in cluster.list(PODS, agents_namespace, label_selector=AGENT_LABEL)
+              if (p.get("spec") or {}).get("nodeName") == node]
+    running = [p for p in agents if (p.get("status") or {}).get("phase") == "Running"]
+    if not running:
+        raise PcnError(f"no running pcn-agent pod on node {node} (namespace "
+                       f"{agents_namespace}, label {AGENT_LABEL})",
+                       f"check: kubectl get pods -n {agents_namespace} -o wide")
+    name = running[0]["metadata"]["name"]
+    kubectl = shutil.which("kubectl") or "kubectl"
+    return Route((kubectl, *kubectl_args, "exec", "-i", "-n", agents_namespace, name, "-c",
+                  AGENT_CONTAINER, "--", AGENT_COMMAND), (),
+                 f"pod {agents_namespace}/{name}")
+
+
+def kubectl_flags(kubeconfig: str | None, context: str | None) -> list[str]:
+    out = []
+    if kubeconfig:
+        out += ["--kubeconfig", kubeconfig]
+    if context:
+        out += ["--context", context]
+    return out
+
+
+def capture_argv(r: Route, namespace: str, pod: str, filter_: str, count: int,
+                 duration: float, snaplen: int, budget: int, verbose: bool) -> list[str]:
+    argv = [*r.argv, "capture", pod, "-n", namespace, "-f", filter_, "-c", str(count),
+            "--duration", f"{duration:g}", "-s", str(snaplen), "--budget", str(budget), "-w", "-",
+            "--stop-on-stdin-eof"]
+    return [*argv, "-v"] if verbose else argv
+
+
+def run_capture(r: Route, argv: Sequence[str], out: BinaryIO) -> int:
+    """Run the capture command, pcap to `out`, its stderr to ours; our end
+    of its stdin stays open until it ends (closing it stops the capture)."""
+    env = {**os.environ, **dict(r.env)}
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=env)
+    except FileNotFoundError:
+        raise _not_found(argv[0]) from None
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        pass  # the command ends the capture when its stdin closes, below
+    except BrokenPipeError:
+        pass  # whoever read our pcap went away
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            rest = proc.stdout.read()
+            if rest:
+                out.write(rest)
+                out.flush()
+        except (OSError, ValueError, KeyboardInterrupt):
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def run_json(r: Route, argv: Sequence[str]) -> dict[str, Any]:
+    """Run a command that prints JSON (flows); raise PcnError with its stderr."""
+    import json
+
+    env = {**os.environ, **dict(r.env)}
+    try:
+        p = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                           timeout=60, check=False)
+    except FileNotFoundError:
+        raise _not_found(argv[0]) from None
+    if p.returncode != 0:
+        msg = p.stderr.decode(errors="replace").strip() or f"exit status {p.returncode}"
+        raise PcnError(f"{' '.join(argv[-4:])} through {r.via} failed: {msg}")
+    data: dict[str, Any] = json.loads(p.stdout)
+    return data
+
+
+def _not_found(exe: str) -> PcnError:
+    return PcnError(f"{exe} not found: kubectl pcn runs kubectl (exec into the node's pcn-agent "
+                    f"pod) for this verb", "put kubectl on PATH")

@@ -1,0 +1,257 @@
+"""Observation ops of the agent's local API: packet captures (a stream, see
+pcn_agent.control.captureproto) and the flow monitors' tables (`flows`).
+
+A capture is a packetcapture cube stacked outermost on both hooks of one
+pod's port (NodeDataplane.set_pod_taps) for as long as its reader keeps the
+connection open and heartbeats: it ends at its frame count, its duration,
+when the reader closes, or after `heartbeat` seconds without a heartbeat
+(a reader that died or stopped reading), and then leaves no trace in the
+data plane. One thread reads the packetcapture ring buffer for every capture
+of the agent and queues each copy to its capture's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pcn_agent.cni.spec import INTERNAL, INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER
+from pcn_agent.control import captureproto as proto
+from pcn_agent.control.localapi import ApiError
+from pcn_agent.dataplane.cubes import packetcapture as pc
+from pcn_crds.capfilter import FilterError, compile_filter
+
+if TYPE_CHECKING:
+    from pcn_agent.control.manager import DataplaneManager
+    from pcn_agent.node.wiring import NodeDataplane, Pod
+
+log = logging.getLogger(__name__)
+
+QUEUE_MAX = 20_000  # copies waiting for a slow reader before the agent drops them
+MAX_HEARTBEAT_S = 60.0
+SEND_CHUNK = 64 * 1024
+
+
+def _int(request: Mapping[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = request.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ApiError(f"request field {name!r} must be an integer within {lo}-{hi}, "
+                       f"got {value!r}", INVALID_ENV)
+    return value
+
+
+def _num(request: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = request.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ApiError(f"request field {name!r} must be a number within {lo:g}-{hi:g}, "
+                       f"got {value!r}", INVALID_ENV)
+    return float(value)
+
+
+class Observer:
+    """Serves `capture` (a stream) and `flows` for one node."""
+
+    OPS = ("flows",)
+
+    def __init__(self, node: NodeDataplane, manager: DataplaneManager) -> None:
+        self.node = node
+        self.manager = manager
+        self.lock = manager.lock
+        self._ring: pc.CaptureRing | None = None
+        self._ring_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ids = 0
+        self.active: dict[str, pc.PacketCapture] = {}
+
+    # ---------------------------------------------------------------- pods
+    def _pod(self, request: Mapping[str, Any]) -> Pod:
+        ns, name = request.get("namespace"), request.get("pod")
+        if not isinstance(ns, str) or not isinstance(name, str) or not ns or not name:
+            raise ApiError("request needs the pod's 'namespace' and 'pod' (its name)", INVALID_ENV)
+        pod = self.node.find_pod(ns, name)
+        if pod is None:
+            raise ApiError(f"pod {ns}/{name} is not attached on node {self.node.cfg.name}",
+                           INVALID_ENV)
+        return pod
+
+    # ---------------------------------------------------------------- flows
+    def __call__(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        if request.get("op") != "flows":
+            raise ApiError(f"unknown op {request.get('op')!r}", INTERNAL)
+        return self.op_flows(request)
+
+    def op_flows(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The flows of the pod's address in the flow monitors on its chain:
+        {"pod", "ip", "node", "monitors": [{"function", "flows": [...]}]}."""
+        with self.lock:
+            pod = self._pod(request)
+            names = [n for n in dict.fromkeys([*pod.ingress, *pod.egress])
+                     if n in self.manager.monitors]
+            ip = pod.iface.address.split("/")[0]
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            monitors = []
+            for name in names:
+                fm = self.manager.monitors[name]
+                flows = [f.as_dict(now) for f in fm.flows() if ip in (f.src, f.dst)]
+                monitors.append({"function": name, "maxFlows": fm.max_flows, "flows": flows})
+        return {"pod": f"{pod.k8s_namespace}/{pod.k8s_name}", "ip": ip,
+                "node": self.node.cfg.name, "monitors": monitors}
+
+    # ---------------------------------------------------------------- captures
+    def _ensure_ring(self) -> pc.CaptureRing:
+        if self._ring is None:
+            self._ring = pc.CaptureRing(self.node.rt)
+            self._ring_thread = threading.Thread(target=self._poll, name="capture-ring",
+                                                 daemon=True)
+            self._ring_thread.start()
+        return self._ring
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            ring = self._ring
+            if ring is None:
+                return
+            try:
+                ring.poll(100)
+            except Exception:
+                log.exception("capture ring poll failed")
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        """Stop every capture (their streams end) and the ring thread."""
+        self._stop.set()
+        if self._ring_thread is not None:
+            self._ring_thread.join(2.0)
+
+    def capture(self, request: dict[str, Any], conn: socket.socket) -> None:
+        """The `capture` stream (captureproto): set up, stream, tear down."""
+        try:
+            snaplen = _int(request, "snaplen", pc.DEFAULT_SNAPLEN, 1, pc.SNAP_MAX)
+            budget = _int(request, "budget", pc.DEFAULT_BUDGET, 1, pc.MAX_BUDGET)
+            count = _int(request, "count", 0, 0, 1 << 31)
+            duration = _num(request, "duration", 0, 0, 7 * 86400)
+            heartbeat = _num(request, "heartbeat", proto.DEFAULT_HEARTBEAT_S, 0.1,
+                             MAX_HEARTBEAT_S)
+            text = request.get("filter") or ""
+            if not isinstance(text, str):
+                raise ApiError("request field 'filter' must be a string", INVALID_ENV)
+            try:
+                program = compile_filter(text)
+            except FilterError as exc:
+                raise ApiError(str(exc), INVALID_CONFIG) from None
+            if self._stop.is_set():
+                raise ApiError("the agent is stopping", TRY_AGAIN_LATER)
+            q: queue.Queue[pc.Captured] = queue.Queue(QUEUE_MAX)
+            overflow = [0]
+
+            def sink(c: pc.Captured) -> None:
+                try:
+                    q.put_nowait(c)
+                except queue.Full:
+                    overflow[0] += 1
+
+            with self.lock:
+                pod = self._pod(request)
+                self._ids += 1
+                name = f"capture.{self._ids}.{pod.k8s_name}"[:60]
+                ring = self._ensure_ring()
+                cap = pc.PacketCapture(self.node.rt, name, program, snaplen, budget)
+                ring.register(cap.instance, sink)
+                try:
+                    self._stack(pod, name, add=True)
+                except BaseException:
+                    ring.unregister(cap.instance)
+                    cap.delete()
+                    raise
+                self.active[name] = cap
+        except ApiError as exc:
+            _send_json(conn, {"ok": False, "error": str(exc), "code": exc.code})
+            return
+        except Exception as exc:  # a compile or map failure: the reader must hear why
+            log.exception("capture could not start")
+            _send_json(conn, {"ok": False, "error": f"capture failed in the agent: {exc}",
+                              "code": INTERNAL})
+            return
+        log.info("capture %s of %s/%s started (filter %r, snaplen %d, budget %d/s)", name,
+                 pod.k8s_namespace, pod.k8s_name, text, snaplen, budget)
+        reason, sent = "error", 0
+        try:
+            _send_json(conn, {"ok": True, "capture": name, "node": self.node.cfg.name,
+                              "pod": f"{pod.k8s_namespace}/{pod.k8s_name}",
+                              "snaplen": snaplen, "budget": budget})
+            reason, sent = self._stream(conn, q, pod, count, duration, heartbeat)
+        except OSError as exc:
+            reason = f"reader gone ({exc})"
+        finally:
+            with self.lock:
+                ring.unregister(cap.instance)
+                self._stack(pod, name, add=False)
+                stats = cap.stats()
+                cap.delete()
+                self.active.pop(name, None)
+            stats.update(sent=sent, agent_dropped=overflow[0] + q.qsize())
+            log.info("capture %s ended: %s (%s)", name, reason, stats)
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(proto.end_frame(reason, stats))
+            except OSError:
+                pass
+
+    def _stack(self, pod: Pod, name: str, add: bool) -> None:
+        """Add or take capture `name` to or from both of the pod's taps."""
+        if self.node.pods.get(pod.key) is not pod:
+            return  # the pod went meanwhile (its port and taps with it)
+        tap_from, tap_to = self.node.taps.get(pod.port.id, ([], []))
+        tap_from = [n for n in tap_from if n != name] + ([name] if add else [])
+        tap_to = [n for n in tap_to if n != name] + ([name] if add else [])
+        self.node.set_pod_taps(pod.key, tap_from, tap_to)
+
+    def _stream(self, conn: socket.socket, q: queue.Queue[pc.Captured], pod: Pod, count: int,
+                duration: float, heartbeat: float) -> tuple[str, int]:
+        """Send copies until the capture ends; (why it ended, copies sent)."""
+        offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        start = last_beat = time.monotonic()
+        conn.settimeout(heartbeat)  # a reader that stops reading stalls sendall: stop then
+        sent = 0
+        while True:
+            now = time.monotonic()
+            if count and sent >= count:
+                return "count", sent
+            if duration and now - start >= duration:
+                return "duration", sent
+            if now - last_beat > heartbeat:
+                return f"no heartbeat from the reader for {heartbeat:g} s", sent
+            if self._stop.is_set():
+                return "the agent is stopping", sent
+            if self.node.pods.get(pod.key) is not pod:
+                return "the pod is gone", sent
+            readable, _, _ = select.select([conn], [], [], 0.05)
+            if readable:
+                if not conn.recv(4096):
+                    return "the reader closed the stream", sent
+                last_beat = now
+            out = bytearray()
+            while len(out) < SEND_CHUNK and not (count and sent >= count):
+                try:
+                    c = q.get_nowait()
+                except queue.Empty:
+                    break
+                out += proto.packet_frame(c.ts_ns + offset, c.wire_len, c.hook, c.data)
+                sent += 1
+            if out:
+                try:
+                    conn.sendall(out)
+                except TimeoutError:
+                    return f"the reader did not read for {heartbeat:g} s", sent
+
+
+def _send_json(conn: socket.socket, obj: Mapping[str, Any]) -> None:
+    import json
+
+    conn.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")

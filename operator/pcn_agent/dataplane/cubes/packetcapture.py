@@ -1,0 +1,199 @@
+"""Control of `packetcapture` cubes (bpf/packetcapture.c): a transparent cube
+that copies the frames its filter matches to the agent through a BPF ring
+buffer, at most `budget` copies a second, at most `snaplen` bytes each.
+
+One program serves every capture of a runtime (the type's shared slot); an
+instance is its map entries: the match program (pcn_crds.capfilter), the
+snap length and the budget. `CaptureRing` reads the type's one ring buffer
+and hands each copy to the capture it belongs to.
+
+Captures are not adopted by a restarted agent: they belong to whoever reads
+them (pcn_agent.control.captures), and that reader went with the process.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pcn_agent.dataplane.runtime import Runtime
+from pcn_crds.capfilter import MAX_INSNS, Insn
+
+log = logging.getLogger(__name__)
+
+TYPE = "packetcapture"
+SNAP_MAX = 8192  # CAP_SNAP_MAX: the largest copy of one frame, bytes
+DEFAULT_SNAPLEN = SNAP_MAX
+DEFAULT_BUDGET = 2000  # copies per second
+MAX_BUDGET = 100_000
+STATS = ("matched", "copied", "rate_limited", "lost")  # CAP_STAT_* order
+
+
+class CapCfg(ct.Structure):
+    _fields_ = [("n_insns", ct.c_uint32), ("snaplen", ct.c_uint32), ("budget", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class CapInsn(ct.Structure):
+    _fields_ = [("field", ct.c_uint8), ("pad", ct.c_uint8), ("jt", ct.c_uint16),
+                ("jf", ct.c_uint16), ("pad2", ct.c_uint16), ("mask", ct.c_uint32),
+                ("lo", ct.c_uint32), ("hi", ct.c_uint32)]
+
+
+class RateBudget(ct.Structure):
+    _fields_ = [("window", ct.c_uint64), ("used", ct.c_uint64)]
+
+
+class CapEvent(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("inst", ct.c_uint32), ("port", ct.c_uint32),
+                ("wire_len", ct.c_uint32), ("cap_len", ct.c_uint32), ("hook", ct.c_uint8),
+                ("pad", ct.c_uint8 * 7)]
+
+
+# (map name in C, key struct, value struct) for the size check against BCC's.
+MIRRORS: dict[str, tuple[type, type]] = {
+    "cap_cfgs": (ct.c_uint32, CapCfg),
+    "cap_prog": (ct.c_int, CapInsn),
+    "cap_budget": (ct.c_int, RateBudget),
+}
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One copied frame. `ts_ns`: CLOCK_MONOTONIC ns (bpf_ktime_get_ns);
+    `hook`: maps.HOOK_INGRESS (the port's ingress hook: what a pod sends) or
+    maps.HOOK_EGRESS (what it receives); `wire_len`: the frame's whole length
+    (`data` holds its first min(wire_len, snaplen) bytes)."""
+
+    ts_ns: int
+    instance: int
+    port: int
+    hook: int
+    wire_len: int
+    data: bytes
+
+
+def parse_event(raw: bytes) -> Captured:
+    """A ring buffer record (struct cap_event + the copied bytes)."""
+    hdr = CapEvent.from_buffer_copy(raw[: ct.sizeof(CapEvent)])
+    body = raw[ct.sizeof(CapEvent): ct.sizeof(CapEvent) + hdr.cap_len]
+    if len(body) != hdr.cap_len:
+        raise ValueError(f"capture record holds {len(body)} bytes, its header says {hdr.cap_len}")
+    return Captured(int(hdr.ts_ns), int(hdr.inst), int(hdr.port), int(hdr.hook),
+                    int(hdr.wire_len), body)
+
+
+class PacketCapture:
+    """One capture instance: a filter program, a snap length, a budget."""
+
+    def __init__(self, rt: Runtime, name: str, program: Sequence[Insn],
+                 snaplen: int = DEFAULT_SNAPLEN, budget: int = DEFAULT_BUDGET) -> None:
+        if len(program) > MAX_INSNS:
+            raise ValueError(f"a capture filter holds at most {MAX_INSNS} match terms")
+        if not 1 <= snaplen <= SNAP_MAX:
+            raise ValueError(f"snaplen must lie within 1-{SNAP_MAX} bytes, got {snaplen}")
+        if not 1 <= budget <= MAX_BUDGET:
+            raise ValueError(f"the budget must lie within 1-{MAX_BUDGET} frames a second, "
+                             f"got {budget}")
+        self.rt = rt
+        self.name = name
+        self.program = list(program)
+        self.snaplen = snaplen
+        self.budget = budget
+        t = rt.load_type(TYPE)
+        self._cfg_t = t.module[b"cap_cfgs"]
+        self._prog_t = t.module[b"cap_prog"]
+        self._budget_t = t.module[b"cap_budget"]
+        self._stats_t = t.module[b"cap_stats"]
+        self.cube = rt.add_cube(name, TYPE)
+        try:
+            cid = self.cube.id
+            for i, x in enumerate(self.program):
+                self._prog_t[ct.c_int(cid * MAX_INSNS + i)] = CapInsn(
+                    x.field, 0, x.jt, x.jf, 0, x.mask, x.lo, x.hi)
+            self._budget_t[ct.c_int(cid)] = RateBudget(0, 0)
+            zeros = self._stats_t.Leaf()
+            for k in range(len(STATS)):
+                self._stats_t[ct.c_int(cid * len(STATS) + k)] = zeros
+            # the config last: the program runs nothing of this instance before it
+            self._cfg_t[ct.c_uint32(cid)] = CapCfg(len(self.program), snaplen, budget, 0)
+            self.cube.config = {"snaplen": snaplen, "budget": budget,
+                                "insns": len(self.program)}
+        except BaseException:
+            rt.remove_cube(name)
+            raise
+
+    @property
+    def instance(self) -> int:
+        return self.cube.id
+
+    def stats(self) -> dict[str, int]:
+        """Frames the filter matched, copied, not copied for the budget
+        (rate_limited) and for a full ring buffer (lost), since the start."""
+        base = self.cube.id * len(STATS)
+        return {name: int(sum(self._stats_t[ct.c_int(base + k)]))
+                for k, name in enumerate(STATS)}
+
+    def delete(self) -> None:
+        """Stop copying (the config goes first), then remove the cube. The
+        caller takes it off every hook before."""
+        try:
+            del self._cfg_t[ct.c_uint32(self.cube.id)]
+        except KeyError:
+            pass
+        self.rt.remove_cube(self.name)
+
+
+Sink = Callable[[Captured], None]
+
+
+class CaptureRing:
+    """The packetcapture type's ring buffer of one runtime, read by one
+    thread at a time (`poll`); each record goes to the sink registered for
+    its instance, records of unknown instances are counted and dropped."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._sinks: dict[int, Sink] = {}
+        self._lock = threading.Lock()
+        self.orphans = 0  # records of no registered capture
+        self.bad = 0  # records that did not parse
+        module: Any = rt.load_type(TYPE).module
+        self._module = module
+
+        def on_record(_ctx: int, data: int, size: int) -> int:
+            try:
+                event = parse_event(ct.string_at(data, size))
+            except ValueError:
+                self.bad += 1
+                log.warning("capture ring: a record of %d bytes does not parse", size)
+                return 0
+            with self._lock:
+                sink = self._sinks.get(event.instance)
+            if sink is None:
+                self.orphans += 1
+                return 0
+            try:
+                sink(event)
+            except Exception:  # one reader's failure is not the ring's
+                log.exception("capture sink of instance %d failed", event.instance)
+            return 0
+
+        self._callback = on_record  # BCC keeps a ctypes wrapper; keep the function alive too
+        module[b"cap_events"].open_ring_buffer(on_record)
+
+    def register(self, instance: int, sink: Sink) -> None:
+        with self._lock:
+            self._sinks[instance] = sink
+
+    def unregister(self, instance: int) -> None:
+        with self._lock:
+            self._sinks.pop(instance, None)
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        """Deliver what the ring holds; wait up to `timeout_ms` for a record."""
+        self._module.ring_buffer_poll(timeout_ms)
