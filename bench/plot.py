@@ -9,7 +9,8 @@ from pathlib import Path
 from .results import Result
 
 _METRIC = re.compile(r"^latency(-p99)?@(\d+)$")
-COLORS = {"pcn": "tab:blue", "iptables": "tab:red"}
+COLORS = {"pcn": "tab:blue", "kube-proxy-iptables": "tab:red",
+          "kube-proxy-nftables": "tab:orange"}
 
 
 def service_scale_png(results: Sequence[Result], path: Path) -> Path:

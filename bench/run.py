@@ -110,7 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench builds network namespaces and loads eBPF programs: run it as root")
-    for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save"):
+    for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save", "nft",
+                 "openssl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/setup.sh (make setup)")
     for plugin in ("bridge", "host-local"):
