@@ -35,11 +35,21 @@ from types import FrameType
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
-from . import controlplane, firewall, iperf, netns, policy, results, scenarios, services
+from . import (
+    controlplane,
+    cubecost,
+    firewall,
+    iperf,
+    netns,
+    policy,
+    results,
+    scenarios,
+    services,
+)
 from .scenarios import Context
 
 SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS,
-             **policy.SCENARIOS, **firewall.SCENARIOS}
+             **policy.SCENARIOS, **firewall.SCENARIOS, **cubecost.SCENARIOS}
 
 log = logging.getLogger("bench")
 
