@@ -30,7 +30,8 @@ cluster. Readiness (`missing`) reads the rules kube-proxy wrote in the node's
 namespace: in iptables mode `iptables-save -t nat` must have, for every
 ClusterIP:port, the KUBE-SERVICES jump to its KUBE-SVC chain (kube-proxy only
 writes it once the service has endpoints, pkg/proxy/iptables/proxier.go) and
-for every endpoint the `ns/name:port -> ip:port` comment of its KUBE-SEP jump;
+for every endpoint a KUBE-SEP chain jumped to from it whose DNAT goes to the
+endpoint;
 in nftables mode `nft list table ip kube-proxy` must have the
 `ip . proto . port : goto service-...` element of the `service-ips` map and,
 in that service's chain, each endpoint: `dnat to ip:port` when it is the only
@@ -192,38 +193,57 @@ def endpoint_slice(namespace: str, service: str, addresses: Iterable[str],
 
 # --- readiness: what kube-proxy wrote ---
 
-_IPT_SERVICE = re.compile(r"^-A KUBE-SERVICES .*-d (\S+)/32 .*--dport (\d+) .*-j KUBE-SVC-")
-_IPT_ENDPOINT = re.compile(r'--comment "?(\S+/\S+:\S*) -> (\S+):(\d+)"? .*-j KUBE-SEP-')
-_NFT_SERVICE = re.compile(r"(\d+\.\d+\.\d+\.\d+) \. (tcp|udp|sctp) \. (\d+) : goto service-")
-_NFT_SERVICE_CHAIN = re.compile(r"chain service-\w+-([^/\s]+)/([^/\s]+)/(?:tcp|udp|sctp)/(\S*) \{"
-                                r"([^}]*)\}")
-# one endpoint: the service chain DNATs itself; more: numgen vmap to endpoint chains
+_IPT_SERVICE = re.compile(r"^-A KUBE-SERVICES .*-d (\S+)/32 .*--dport (\d+) .*-j (KUBE-SVC-\w+)")
+_IPT_SVC_TO_SEP = re.compile(r"^-A (KUBE-SVC-\w+) .*-j (KUBE-SEP-\w+)")
+_IPT_SEP_DNAT = re.compile(r"^-A (KUBE-SEP-\w+) .*--to-destination (\S+):(\d+)")
+_NFT_SERVICE = re.compile(r"(\d+\.\d+\.\d+\.\d+) \. (?:tcp|udp|sctp) \. (\d+) : goto "
+                          r"(service-[^,\s}]+)")
+# a service chain's body up to its first "}" (the end of a numgen map, if any)
+_NFT_SERVICE_CHAIN = re.compile(r"chain (service-\S+) \{([^}]*)\}")
+# one endpoint: the service chain DNATs itself; more: a numgen map of addresses (v1.37)
+# or a numgen vmap to endpoint chains
 _NFT_ENDPOINT = re.compile(r"(\d+\.\d+\.\d+\.\d+)(?::| \. )(\d+)\b"
                            r"|goto endpoint-\S+__(\d+\.\d+\.\d+\.\d+)/(\d+)")
 
+Key = tuple[str, int]  # (ClusterIP, port)
 
-def programmed(text: str, mode: str) -> tuple[set[tuple[str, int]], set[tuple[str, str, int]]]:
-    """(ClusterIP, port) pairs with a service chain and (port id, endpoint IP,
-    port) triples with an endpoint chain in `text` (`iptables-save -t nat` in
-    iptables mode, `nft list table ip kube-proxy` in nftables mode)."""
-    services: set[tuple[str, int]] = set()
-    endpoints: set[tuple[str, str, int]] = set()
+
+def programmed(text: str, mode: str) -> tuple[set[Key], set[tuple[str, int, str, int]]]:
+    """(ClusterIP, port) pairs with a service chain and (ClusterIP, port,
+    endpoint IP, endpoint port) with that endpoint in it, from `text`
+    (`iptables-save -t nat` in iptables mode, `nft list table ip kube-proxy`
+    in nftables mode). Keyed by address, not by the rules' comments: above
+    1000 endpoints kube-proxy's iptables mode leaves most comments out
+    (largeClusterEndpointsThreshold, pkg/proxy/iptables/proxier.go)."""
+    services: dict[str, Key] = {}  # service chain -> (ClusterIP, port)
+    endpoints: set[tuple[str, int, str, int]] = set()
     if mode == "iptables":
+        sep_owner: dict[str, str] = {}
+        dnat: dict[str, tuple[str, int]] = {}
         for line in text.splitlines():
             if m := _IPT_SERVICE.match(line):
-                services.add((m.group(1), int(m.group(2))))
-            elif line.startswith("-A KUBE-SVC-") and (m := _IPT_ENDPOINT.search(line)):
-                endpoints.add((m.group(1), m.group(2), int(m.group(3))))
+                services[m.group(3)] = (m.group(1), int(m.group(2)))
+            elif m := _IPT_SVC_TO_SEP.match(line):
+                sep_owner[m.group(2)] = m.group(1)
+            elif m := _IPT_SEP_DNAT.match(line):
+                dnat[m.group(1)] = (m.group(2), int(m.group(3)))
+        for sep, (ip, port) in dnat.items():
+            key = services.get(sep_owner.get(sep, ""))
+            if key is not None:
+                endpoints.add((*key, ip, port))
     elif mode == "nftables":
-        services = {(m.group(1), int(m.group(3))) for m in _NFT_SERVICE.finditer(text)}
+        services = {m.group(3): (m.group(1), int(m.group(2)))
+                    for m in _NFT_SERVICE.finditer(text)}
         for chain in _NFT_SERVICE_CHAIN.finditer(text):
-            port_id = f"{chain.group(1)}/{chain.group(2)}:{chain.group(3)}"
-            for m in _NFT_ENDPOINT.finditer(chain.group(4)):
+            key = services.get(chain.group(1))
+            if key is None:
+                continue
+            for m in _NFT_ENDPOINT.finditer(chain.group(2)):
                 ip, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-                endpoints.add((port_id, ip, int(port)))
+                endpoints.add((*key, ip, int(port)))
     else:
         raise ValueError(f"kube-proxy mode {mode!r}")
-    return services, endpoints
+    return set(services.values()), endpoints
 
 
 def missing(text: str, mode: str, ports: Sequence[ServicePort],
@@ -235,7 +255,7 @@ def missing(text: str, mode: str, ports: Sequence[ServicePort],
     out = [f"{sp.port_id} {sp.cluster_ip}:{sp.port}" for sp in ports
            if sp.endpoints and (sp.cluster_ip, sp.port) not in services]
     out += [f"{sp.port_id} -> {ip}:{port}" for sp in with_endpoints for ip, port in sp.endpoints
-            if (sp.port_id, ip, port) not in endpoints]
+            if (sp.cluster_ip, sp.port, ip, port) not in endpoints]
     return out
 
 

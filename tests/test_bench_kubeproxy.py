@@ -43,6 +43,8 @@ IPT_ONE = """*nat
 -A KUBE-SVC-JLKFWEKCODZZ63WU -m comment --comment "bench/svc:rr -> 10.245.1.3:8080" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-FLZP6Z6K5IJWV7M6
 -A KUBE-SVC-JLKFWEKCODZZ63WU -m comment --comment "bench/svc:rr -> 10.245.1.4:8080" -j KUBE-SEP-AAAAAAAAAAAAAAAA
 -A KUBE-SVC-TAUXWZS6GUH27HHA -m comment --comment "bench/svc:iperf -> 10.245.1.3:5201" -j KUBE-SEP-5IJA75QLSPRGLYN5
+-A KUBE-SEP-AAAAAAAAAAAAAAAA -p tcp -m comment --comment "bench/svc:rr" -m tcp -j DNAT --to-destination 10.245.1.4:8080
+-A KUBE-SEP-5IJA75QLSPRGLYN5 -p tcp -m comment --comment "bench/svc:iperf" -m tcp -j DNAT --to-destination 10.245.1.3:5201
 COMMIT
 """  # noqa: E501
 
@@ -132,7 +134,7 @@ def test_service_objects_refuse_ports_with_other_endpoints() -> None:
 def test_iptables_readiness() -> None:
     services, endpoints = kp.programmed(IPT_ONE, "iptables")
     assert services == {("10.96.0.10", 80), ("10.96.0.10", 5201)}
-    assert ("bench/svc:rr", "10.245.1.4", 8080) in endpoints
+    assert ("10.96.0.10", 80, "10.245.1.4", 8080) in endpoints
     assert kp.missing(IPT_ONE, "iptables", SVC, SVC[:1]) == []
     # the second endpoint of iperf is not there yet
     assert kp.missing(IPT_ONE, "iptables", SVC, SVC) == ["bench/svc:iperf -> 10.245.1.4:5201"]
@@ -144,11 +146,21 @@ def test_iptables_readiness() -> None:
     assert kp.missing("", "iptables", SVC)  # nothing written yet
 
 
+def test_iptables_readiness_without_comments() -> None:
+    """Above 1000 endpoints kube-proxy leaves the endpoints' comments out."""
+    bare = "\n".join(line.split(' -m comment --comment "')[0] + " -j " + line.split(" -j ")[-1]
+                     if line.startswith(("-A KUBE-SVC-", "-A KUBE-SEP-")) else line
+                     for line in IPT_ONE.splitlines())
+    assert "->" not in bare and "DNAT" in bare
+    assert kp.missing(bare, "iptables", SVC, SVC[:1]) == []
+
+
 def test_nftables_readiness() -> None:
     services, endpoints = kp.programmed(NFT, "nftables")
     assert services == {("10.96.0.10", 80), ("10.96.0.10", 5201)}  # not the reject element
-    assert endpoints == {("bench/svc:rr", "10.245.1.3", 8080), ("bench/svc:rr", "10.245.1.4", 8080),
-                         ("bench/svc:iperf", "10.245.1.3", 5201)}
+    assert endpoints == {("10.96.0.10", 80, "10.245.1.3", 8080),
+                         ("10.96.0.10", 80, "10.245.1.4", 8080),
+                         ("10.96.0.10", 5201, "10.245.1.3", 5201)}
     assert kp.missing(NFT, "nftables", SVC, SVC[:1]) == []
     assert kp.missing(NFT, "nftables", SVC, SVC) == ["bench/svc:iperf -> 10.245.1.4:5201"]
     chained = NFT.replace("dnat to 10.245.1.3:5201", "numgen random mod 2 vmap { "
