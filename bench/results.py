@@ -23,6 +23,7 @@ SECOND_REFERENCES = {"pod-to-service": KUBE_PROXY_IPT, "service-scale": KUBE_PRO
 REFERENCES = {"pod-to-service": KUBE_PROXY_NFT, "service-scale": KUBE_PROXY_NFT,
               "policy-throughput": "pcn", "firewall-scale": "fw-0"}
 THROUGHPUT = "throughput"
+TCP_RR = "tcp-rr"  # transactions per second on one kept connection (bench.tcprr)
 SAME_NODE_TARGET = 0.80  # pcn same-node throughput / linux-bridge's (issue acceptance)
 POD_ADD_TARGET_MS = 100.0  # median pod-add latency (issue acceptance)
 SERVICE_TARGET = 1.05  # pcn pod-to-service throughput / kube-proxy nftables' (issue 13)
@@ -65,7 +66,7 @@ def reference_of(scenario: str) -> str:
 
 
 def _comparable(metric: str) -> bool:
-    return metric == THROUGHPUT or metric.startswith(("latency", "install"))
+    return metric in (THROUGHPUT, TCP_RR) or metric.startswith(("latency", "install"))
 
 
 def ratio_to_reference(results: Sequence[Result], r: Result,
@@ -131,7 +132,8 @@ def table(results: Sequence[Result]) -> str:
                           if x.scenario == r.scenario)})
     if refs:
         lines.append(f"vs reference: value / the reference variant's, same scenario and metric "
-                     f"(throughput: higher is better; latency and time: lower is better); "
+                     f"(throughput, tcp-rr: higher is better; latency and time: lower is "
+                     f"better); "
                      f"reference: {', '.join(refs)}; 2nd ref: "
                      + ", ".join(f"{v} ({k})" for k, v in SECOND_REFERENCES.items()))
     return "\n".join(lines)

@@ -121,7 +121,7 @@ def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench builds network namespaces and loads eBPF programs: run it as root")
     for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save", "nft",
-                 "openssl"):
+                 "openssl", "sockperf"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/setup.sh (make setup)")
     for plugin in ("bridge", "host-local"):

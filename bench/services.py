@@ -51,7 +51,7 @@ from pathlib import Path
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.node import podnet
 
-from . import iperf, kubeproxy, rr
+from . import iperf, kubeproxy, rr, tcprr
 from .kubeproxy import ControlPlane, KubeProxy, ServicePort
 from .netns import stop
 from .references import BRIDGE_NET, Endpoint, LinuxBridgeCNI
@@ -217,12 +217,14 @@ def pod_to_service(ctx: Context) -> list[Result]:
         client, backend = lab.pods["n1p1"], lab.pods["n1p2"]
         lab.set_service(VIP, RR_SERVICE_PORT, "tcp", [lab.backend("n1p2", rr.PORT)])
         lab.set_service(VIP, IPERF_SERVICE_PORT, "tcp", [lab.backend("n1p2", iperf.PORT)])
+        lab.set_service(VIP, tcprr.PORT, "tcp", [lab.backend("n1p2", tcprr.PORT)])
 
         kp = _kube_proxy_nodes(ctx, st, "sv", 2)
         b_backend_ip = kp.pods[1].ip
         ports = [ServicePort("bench", "svc", name, VIP, port, "tcp", ((b_backend_ip, target),))
                  for name, port, target in (("rr", RR_SERVICE_PORT, rr.PORT),
-                                            ("iperf", IPERF_SERVICE_PORT, iperf.PORT))]
+                                            ("iperf", IPERF_SERVICE_PORT, iperf.PORT),
+                                            ("tcp-rr", tcprr.PORT, tcprr.PORT))]
         kp.api.create_all(kubeproxy.service_objects(ports))
         ready = kp.start_and_wait(ports, ports)
         kp_extra = {KP[m]: {**kp.extra(m), "ready_s": round(ready[m], 3)} for m in kp.nodes}

@@ -18,7 +18,7 @@ fi
 #    openssl makes the real-cluster lab's certificates, curl and util-linux's
 #    nsenter probe it.)
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-6.12-amd64 iproute2
-      iperf3 iputils-ping containernetworking-plugins iptables nftables ethtool lua5.1 openssl curl
+      iperf3 iputils-ping containernetworking-plugins iptables nftables sockperf ethtool lua5.1 openssl curl
       util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
