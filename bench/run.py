@@ -283,8 +283,22 @@ def main(argv: list[str] | None = None) -> int:
             r.extra["run"] = prefix  # kept entries of other scenarios carry their own run
         results.merge_write(args.output, measured, done, meta)
         print(f"\nresults for {', '.join(done)} merged into {args.output}", file=sys.stderr)
+        _plots(args.output)
     return finish(0, failure, left, prefixes, "bench",
                   f"scenarios completed: {done or 'none'}")
+
+
+def _plots(output: Path) -> None:
+    """The PNGs of the merged results file, next to it (bench.plot)."""
+    try:
+        from . import plot
+
+        written = plot.write_all(plot.load(output), output.parent)
+    except ImportError as exc:
+        print(f"no plots ({exc}; pip install matplotlib)", file=sys.stderr)
+        return
+    for p in written:
+        print(f"plot written to {p}", file=sys.stderr)
 
 
 def finish(status: int, failure: BaseException | None, left: list[str], prefixes: list[str],

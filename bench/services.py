@@ -46,7 +46,6 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.node import podnet
@@ -69,7 +68,6 @@ BRIDGE_CLUSTER_CIDR = "10.245.0.0/16"  # kube-proxy's --cluster-cidr for the bri
 SCALE_VIPS = ipaddress.IPv4Address("10.96.16.0")  # service i of service-scale: this + i
 FAKE_BACKENDS = range(200, 250)  # host numbers of unused pod addresses (never reached)
 WARMUP_REQUESTS = 50
-PLOT = Path(__file__).resolve().parent / "results" / "service-scale.png"
 
 
 def _bridge_node(ctx: Context, st: ExitStack, tag: str, pods: int) -> tuple[str, list[Endpoint]]:
@@ -335,13 +333,6 @@ def service_scale(ctx: Context) -> list[Result]:
             for name, secs, how in installs:
                 results.append(Result(SERVICE_SCALE, name, f"install@{n}", secs * 1000, "ms",
                                       {"services": n, "how": how, "date": now_iso()}))
-    try:
-        from .plot import service_scale_png
-
-        service_scale_png(results, PLOT)
-        ctx.progress(f"{SERVICE_SCALE}: plot written to {PLOT}")
-    except ImportError as exc:
-        ctx.progress(f"{SERVICE_SCALE}: no plot ({exc}; pip install matplotlib)")
     return results
 
 
