@@ -66,6 +66,8 @@ MODES = ("iptables", "nftables")
 TOKEN = "pcn-bench-token"  # static token of the bench's own API server (loopback only)
 SERVICE_CIDR = "10.96.0.0/12"  # the API server's service range: every VIP of the bench is in it
 NFT_TABLE = "kube-proxy"  # kube-proxy's nftables table (family ip for IPv4)
+# end of kube-proxy's last rules sync, Unix seconds (pkg/proxy/metrics/metrics.go)
+SYNC_TIMESTAMP = 'kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}'
 
 
 @dataclass(frozen=True)
@@ -508,6 +510,7 @@ class KubeProxy:
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 10249
     healthz_port: int = 10256
+    started_at: float = 0.0  # time.time() of start()
 
     def write_files(self) -> Path:
         """The kubeconfig and the KubeProxyConfiguration; the config's path."""
@@ -521,6 +524,7 @@ class KubeProxy:
 
     def start(self) -> None:
         cfg = self.write_files()
+        self.started_at = time.time()  # wall clock: kube-proxy's metrics are Unix times
         with open(self.workdir / "kube-proxy.log", "ab") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, str(self.binaries / "kube-proxy"),
@@ -532,20 +536,33 @@ class KubeProxy:
         return p.read_text(errors="replace")[-chars:] if p.exists() else ""
 
     def wait_programmed(self, ports: Sequence[ServicePort],
-                        with_endpoints: Sequence[ServicePort] = (), timeout: float = 300,
-                        interval: float = 0.05) -> float:
-        """Poll the rules until every service of `ports` and every endpoint of
-        `with_endpoints` is there; returns the seconds waited. Raises
-        RuntimeError (with what is missing) on timeout or if kube-proxy exits."""
-        t = time.perf_counter()
+                        with_endpoints: Sequence[ServicePort] = (), timeout: float = 600,
+                        interval: float = 0.2) -> float:
+        """Wait until kube-proxy's rules hold every service of `ports` and
+        every endpoint of `with_endpoints`; returns the seconds from start()
+        to the end of the sync that wrote them (its
+        kubeproxy_sync_proxy_rules_last_timestamp_seconds, so the polling's
+        own delay is not counted). The rules are read only after each new
+        sync (the metric changed): reading 65 000 rules with iptables-save
+        takes a CPU of its own, which would slow the sync being timed.
+        Raises RuntimeError (with what is missing) on timeout or if
+        kube-proxy exits."""
+        deadline = time.monotonic() + timeout
+        seen = 0.0
+        left: list[str] = ["no sync yet"]
         while True:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"kube-proxy ({self.mode}) in {self.netns} exited: "
                                    f"{self.log_tail()}")
-            left = missing(rules_text(self.netns, self.mode), self.mode, ports, with_endpoints)
-            if not left:
-                return time.perf_counter() - t
-            if time.perf_counter() - t > timeout:
+            synced = self.metrics().get(SYNC_TIMESTAMP, 0.0)
+            if synced > seen:
+                seen = synced
+                left = missing(rules_text(self.netns, self.mode), self.mode, ports,
+                               with_endpoints)
+                if not left:
+                    last = self.metrics().get(SYNC_TIMESTAMP, seen)
+                    return max(0.0, min(seen, last) - self.started_at)
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"kube-proxy ({self.mode}) in {self.netns}: after "
                                    f"{timeout:.0f} s still missing {len(left)} "
                                    f"(e.g. {left[:3]}): {self.log_tail()}")
