@@ -9,13 +9,18 @@ a pod's policy wired, throughput under 100 rules).
 
 `--only policy-reconcile,policy-pod-add,policy-throughput` (`make bench-policy`)
 runs just the network policy scenarios; `--only firewall-scale` the firewall
-cube with 0 to 10 000 rules.
+cube with 0 to 10 000 rules; `--only cube-cost` each program's ns/packet
+(BPF_PROG_TEST_RUN) and size (bpf_prog_info). The services scenarios
+(pod-to-service, service-scale) compare with the upstream kube-proxy in
+iptables and nftables modes and need `make k8s`'s binaries; every path
+compared gets a TCP_RR rate (sockperf) next to its iperf3 throughput.
 
 Progress goes to stderr, the table to stdout; results are merged into
 bench/results/latest.json (entries of the scenarios measured now are replaced,
-the others kept). Everything is built in network namespaces named after this
-run (`pcnb-<id>` for the references, `pcnt-<id>` for pcn labs) and removed
-at the end, also on Ctrl-C; the run fails if any of them is left.
+the others kept) and the plots redrawn next to it (bench.plot). Everything
+is built in network namespaces named after this run (`pcnb-<id>` for the
+references, `pcnt-<id>` for pcn labs) and removed at the end, also on Ctrl-C;
+the run fails if any of them is left.
 """
 
 from __future__ import annotations
