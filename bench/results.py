@@ -27,6 +27,7 @@ TCP_RR = "tcp-rr"  # transactions per second on one kept connection (bench.tcprr
 SAME_NODE_TARGET = 0.80  # pcn same-node throughput / linux-bridge's (issue acceptance)
 POD_ADD_TARGET_MS = 100.0  # median pod-add latency (issue acceptance)
 SERVICE_TARGET = 1.05  # pcn pod-to-service throughput / kube-proxy nftables' (issue 13)
+SERVICE_RR_TARGET = 1.15  # pcn pod-to-service TCP_RR rate / kube-proxy nftables' (issue 13)
 SCALE_TARGET = 0.10  # pcn latency at the most services within 10% of at the fewest (issue 3)
 ENDPOINTS_P99_TARGET_MS = 200.0  # EndpointSlice write -> data plane, p99 (issue 4)
 COLD_START_TARGET_S = 10.0  # agent start -> 1000 Services realised (issue 4)
@@ -191,6 +192,16 @@ def _service_acceptance(results: Sequence[Result]) -> list[str]:
                      + ", ".join(f"{r * 100:.0f}% of {v}" for v, r in ratios)
                      + f" (target >= {SERVICE_TARGET * 100:.0f}% of {KUBE_PROXY_NFT}): "
                      f"{_verdict(nft_ratio >= SERVICE_TARGET)}{tail}")
+    rr = [_find(results, "pod-to-service", v, TCP_RR) for v in ("pcn", KUBE_PROXY_NFT,
+                                                                KUBE_PROXY_IPT)]
+    if rr[0] is not None and rr[1] is not None and rr[1].value:
+        ratio = rr[0].value / rr[1].value
+        ipt = (f", {rr[0].value / rr[2].value * 100:.0f}% of {KUBE_PROXY_IPT}"
+               if rr[2] is not None and rr[2].value else "")
+        lines.append(f"acceptance: pcn pod-to-service TCP_RR {rr[0].value:.0f} trans/s = "
+                     f"{ratio * 100:.0f}% of {KUBE_PROXY_NFT}{ipt} (target >= "
+                     f"{SERVICE_RR_TARGET * 100:.0f}% of {KUBE_PROXY_NFT}): "
+                     f"{_verdict(ratio >= SERVICE_RR_TARGET)}")
     levels = sorted(int(r.metric.split("@")[1]) for r in results
                     if r.scenario == "service-scale" and r.variant == "pcn"
                     and r.metric.startswith("latency@"))

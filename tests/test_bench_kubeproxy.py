@@ -189,6 +189,12 @@ def test_acceptance_and_table_name_both_kube_proxy_modes() -> None:
     assert line.endswith("PASS")
     pcn_row = table(res).splitlines()[2]
     assert "125%" in pcn_row and "200%" in pcn_row
+    rates = [Result("pod-to-service", v, "tcp-rr", x, "trans/s")
+             for v, x in (("pcn", 11000.0), ("kube-proxy-nftables", 10000.0),
+                          ("kube-proxy-iptables", 8000.0))]
+    rr_line = next(x for x in acceptance(rates) if "TCP_RR" in x)
+    assert "110% of kube-proxy-nftables, 138% of kube-proxy-iptables" in rr_line
+    assert rr_line.endswith("FAIL")  # the target is 115%
 
 
 # --- the real kube-proxy ---
