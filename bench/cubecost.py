@@ -180,14 +180,16 @@ HOOK_CTX_CUBE = 0  # PCN_CTX_CUBE (bpf/include/pcn_chain.h): run from the entry 
 
 
 def cube_cost(ctx: Context) -> list[Result]:
-    """ns/packet of the programs on a pod's two main paths and the size of
-    every program a node loads, in a one-node lab with one Service."""
+    """ns/packet of the programs on a pod's three main paths (to a pod of its
+    node, to a ClusterIP, to a pod of the other node) and the size of every
+    program a node loads, in a two-node lab with one Service."""
     results: list[Result] = []
     with ExitStack() as st:
-        lab = ctx.lab(st, nodes=1, pods=2)
+        lab = ctx.lab(st, nodes=2, pods=2)
         node = lab.node(1)
         lab.set_service(COST_VIP, COST_PORT, "tcp", [lab.backend("n1p2", COST_TARGET)])
         p1, p2 = node.pods["n1p1"], node.pods["n1p2"]
+        remote_ip = lab.pods["n2p1"].ip
         rt = node.rt
         gw_mac = rt.port(wiring.ROUTER, "pods").mac
         ifindex = rt.ifindex(p1.iface.host_ifname)
@@ -196,6 +198,8 @@ def cube_cost(ctx: Context) -> list[Result]:
         to_pod = tcp_frame(p1.iface.mac, p2.iface.mac, ip1, ip2, 40000, COST_TARGET, TCP_ACK)
         syn = tcp_frame(p1.iface.mac, gw_mac, ip1, COST_VIP, 40001, COST_PORT, TCP_SYN)
         to_svc = tcp_frame(p1.iface.mac, gw_mac, ip1, COST_VIP, 40001, COST_PORT, TCP_ACK)
+        to_remote = tcp_frame(p1.iface.mac, gw_mac, ip1, remote_ip, 40002, COST_TARGET, TCP_ACK)
+        router_in = rt.port(wiring.ROUTER, "pods").id
         assert node.lb is not None
         lb_cb = [p1.port.id, maps.HOOK_INGRESS | 0 << 8 | HOOK_CTX_CUBE << 16, node.lb.cube.id]
         entry = rt._entry_fds["pcn_ingress"]
@@ -208,6 +212,10 @@ def cube_cost(ctx: Context) -> list[Result]:
              "pod -> pod, same node: the bridge alone"),
             ("entry>lbrp>bridge", entry, to_svc, [], "pod -> ClusterIP, established: entry "
              "program, lbrp (session hit, DNAT), then what delivers it to the backend"),
+            ("entry>bridge>router", entry, to_remote, [], "pod -> pod on the other node: "
+             "entry program, lbrp hook, bridge, router to the VXLAN device"),
+            ("router", rt.types["router"].fd, to_remote, [router_in],
+             "pod -> pod on the other node: the router alone, from its port to the pods"),
             ("lbrp>bridge", rt.types["lbrp"].fd, to_svc, lb_cb,
              "pod -> ClusterIP, established: the lbrp as the pod port's hook runs it, then "
              "what it tail-calls to deliver to the backend"),
