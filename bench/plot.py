@@ -125,14 +125,21 @@ def throughput_png(results: Sequence[Result], path: Path) -> Path:
             ax.set_axis_off()
             continue
         spare = iter(_SPARE)
-        width = 0.8 / max(1, len(variants))
-        for k, v in enumerate(variants):
-            xs = [i + k * width for i, s in enumerate(scenarios) if v in by[(s, metric)]]
-            ys = [by[(s, metric)][v] for s in scenarios if v in by[(s, metric)]]
+        # each scenario's own variants side by side, centred on its tick
+        width = 0.8 / max(len(by[(s, metric)]) for s in scenarios)
+        pos: dict[tuple[int, str], float] = {}
+        for i, s in enumerate(scenarios):
+            present = [v for v in variants if v in by[(s, metric)]]
+            for j, v in enumerate(present):
+                pos[(i, v)] = i + (j - (len(present) - 1) / 2) * width
+        for v in variants:
+            pts = [(pos[(i, v)], by[(s, metric)][v]) for i, s in enumerate(scenarios)
+                   if (i, v) in pos]
+            xs, ys = [x for x, _ in pts], [y for _, y in pts]
             bars = ax.bar(xs, ys, width, label=v, color=COLORS.get(v) or next(spare, None))
             ax.bar_label(bars, [f"{y:.1f}" if metric == "throughput" else f"{y / 1000:.1f}k"
                                 for y in ys], fontsize=7)
-        ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(scenarios))],
+        ax.set_xticks(range(len(scenarios)),
                       [s.replace("pod-to-", "→ ") for s in scenarios], fontsize=8)
         ax.set_ylabel(unit)
         ax.set_title("Bulk TCP (iperf3)" if metric == "throughput"
