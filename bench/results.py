@@ -15,15 +15,19 @@ from typing import Any
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 REFERENCE_VARIANT = "linux-bridge"  # the acceptance compares pcn with it
 LIMIT_VARIANT = "veth"  # the cheapest path between two namespaces
-# Scenarios whose reference is another variant: services compare with
-# linux-bridge + kube-proxy's iptables rules, policy-throughput with pcn
-# without policy.
-REFERENCES = {"pod-to-service": "iptables", "service-scale": "iptables",
+# Scenarios whose reference is another variant: services compare with the
+# upstream kube-proxy in nftables mode on linux-bridge (iptables mode is the
+# second reference, KUBE_PROXY_SECOND), policy-throughput with pcn without policy.
+KUBE_PROXY_NFT, KUBE_PROXY_IPT = "kube-proxy-nftables", "kube-proxy-iptables"
+SECOND_REFERENCES = {"pod-to-service": KUBE_PROXY_IPT, "service-scale": KUBE_PROXY_IPT}
+REFERENCES = {"pod-to-service": KUBE_PROXY_NFT, "service-scale": KUBE_PROXY_NFT,
               "policy-throughput": "pcn", "firewall-scale": "fw-0"}
 THROUGHPUT = "throughput"
+TCP_RR = "tcp-rr"  # transactions per second on one kept connection (bench.tcprr)
 SAME_NODE_TARGET = 0.80  # pcn same-node throughput / linux-bridge's (issue acceptance)
 POD_ADD_TARGET_MS = 100.0  # median pod-add latency (issue acceptance)
-SERVICE_TARGET = 1.0  # pcn pod-to-service throughput / iptables' (issue 3)
+SERVICE_TARGET = 1.05  # pcn pod-to-service throughput / kube-proxy nftables' (issue 13)
+SERVICE_RR_TARGET = 1.15  # pcn pod-to-service TCP_RR rate / kube-proxy nftables' (issue 13)
 SCALE_TARGET = 0.10  # pcn latency at the most services within 10% of at the fewest (issue 3)
 ENDPOINTS_P99_TARGET_MS = 200.0  # EndpointSlice write -> data plane, p99 (issue 4)
 COLD_START_TARGET_S = 10.0  # agent start -> 1000 Services realised (issue 4)
@@ -63,7 +67,7 @@ def reference_of(scenario: str) -> str:
 
 
 def _comparable(metric: str) -> bool:
-    return metric == THROUGHPUT or metric.startswith(("latency", "install"))
+    return metric in (THROUGHPUT, TCP_RR) or metric.startswith(("latency", "install"))
 
 
 def ratio_to_reference(results: Sequence[Result], r: Result,
@@ -106,16 +110,20 @@ def merge_write(path: Path, results: Sequence[Result], scenarios: Iterable[str],
 
 
 def table(results: Sequence[Result]) -> str:
-    header = ("scenario", "variant", "metric", "value", "unit", "vs reference", "vs veth")
+    header = ("scenario", "variant", "metric", "value", "unit", "vs reference", "vs 2nd ref",
+              "vs veth")
     rows = [header]
     for r in results:
-        ratios = [ratio_to_reference(results, r, ref) for ref in (None, LIMIT_VARIANT)]
+        second = SECOND_REFERENCES.get(r.scenario)
+        ratios = [ratio_to_reference(results, r, None),
+                  ratio_to_reference(results, r, second) if second else None,
+                  ratio_to_reference(results, r, LIMIT_VARIANT)]
         rows.append((r.scenario, r.variant, r.metric, f"{r.value:.2f}", r.unit,
                      *(f"{x * 100:.0f}%" if x is not None else "" for x in ratios)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [c.rjust(w) if i in (3, 5, 6) else c.ljust(w)
+        cells = [c.rjust(w) if i in (3, 5, 6, 7) else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
@@ -125,8 +133,10 @@ def table(results: Sequence[Result]) -> str:
                           if x.scenario == r.scenario)})
     if refs:
         lines.append(f"vs reference: value / the reference variant's, same scenario and metric "
-                     f"(throughput: higher is better; latency and time: lower is better); "
-                     f"reference: {', '.join(refs)}")
+                     f"(throughput, tcp-rr: higher is better; latency and time: lower is "
+                     f"better); "
+                     f"reference: {', '.join(refs)}; 2nd ref: "
+                     + ", ".join(f"{v} ({k})" for k, v in SECOND_REFERENCES.items()))
     return "\n".join(lines)
 
 
@@ -165,18 +175,33 @@ def _verdict(ok: bool) -> str:
 def _service_acceptance(results: Sequence[Result]) -> list[str]:
     lines = []
     pcn = _find(results, "pod-to-service", "pcn", THROUGHPUT)
-    ipt = _find(results, "pod-to-service", "iptables", THROUGHPUT)
-    if pcn is not None and ipt is not None and ipt.value:
-        ratio = pcn.value / ipt.value
-        lat = [_find(results, "pod-to-service", v, m) for v in ("pcn", "iptables")
-               for m in ("latency", "latency-p99")]
+    refs = [(v, _find(results, "pod-to-service", v, THROUGHPUT))
+            for v in (KUBE_PROXY_NFT, KUBE_PROXY_IPT)]
+    if pcn is not None and all(r is not None and r.value for _, r in refs):
+        ratios = [(v, pcn.value / r.value) for v, r in refs if r is not None]
         tail = ""
-        if all(x is not None for x in lat):
-            tail = (f"; request latency p50/p99 pcn {lat[0].value:.0f}/{lat[1].value:.0f} us, "
-                    f"iptables {lat[2].value:.0f}/{lat[3].value:.0f} us")
+        lat = {v: (_find(results, "pod-to-service", v, "latency"),
+                   _find(results, "pod-to-service", v, "latency-p99"))
+               for v in ("pcn", KUBE_PROXY_NFT, KUBE_PROXY_IPT)}
+        if all(a is not None and b is not None for a, b in lat.values()):
+            tail = "; request latency p50/p99 " + ", ".join(
+                f"{v} {a.value:.0f}/{b.value:.0f} us" for v, (a, b) in lat.items()
+                if a is not None and b is not None)
+        nft_ratio = ratios[0][1]
         lines.append(f"acceptance: pcn pod-to-service throughput {pcn.value:.2f} Gbit/s = "
-                     f"{ratio * 100:.0f}% of iptables' {ipt.value:.2f} Gbit/s (target >= "
-                     f"{SERVICE_TARGET * 100:.0f}%): {_verdict(ratio >= SERVICE_TARGET)}{tail}")
+                     + ", ".join(f"{r * 100:.0f}% of {v}" for v, r in ratios)
+                     + f" (target >= {SERVICE_TARGET * 100:.0f}% of {KUBE_PROXY_NFT}): "
+                     f"{_verdict(nft_ratio >= SERVICE_TARGET)}{tail}")
+    rr = [_find(results, "pod-to-service", v, TCP_RR) for v in ("pcn", KUBE_PROXY_NFT,
+                                                                KUBE_PROXY_IPT)]
+    if rr[0] is not None and rr[1] is not None and rr[1].value:
+        ratio = rr[0].value / rr[1].value
+        ipt = (f", {rr[0].value / rr[2].value * 100:.0f}% of {KUBE_PROXY_IPT}"
+               if rr[2] is not None and rr[2].value else "")
+        lines.append(f"acceptance: pcn pod-to-service TCP_RR {rr[0].value:.0f} trans/s = "
+                     f"{ratio * 100:.0f}% of {KUBE_PROXY_NFT}{ipt} (target >= "
+                     f"{SERVICE_RR_TARGET * 100:.0f}% of {KUBE_PROXY_NFT}): "
+                     f"{_verdict(ratio >= SERVICE_RR_TARGET)}")
     levels = sorted(int(r.metric.split("@")[1]) for r in results
                     if r.scenario == "service-scale" and r.variant == "pcn"
                     and r.metric.startswith("latency@"))
@@ -185,10 +210,12 @@ def _service_acceptance(results: Sequence[Result]) -> list[str]:
         hi = _find(results, "service-scale", "pcn", f"latency@{levels[-1]}")
         assert lo is not None and hi is not None
         change = hi.value / lo.value - 1
-        ipt_lo = _find(results, "service-scale", "iptables", f"latency@{levels[0]}")
-        ipt_hi = _find(results, "service-scale", "iptables", f"latency@{levels[-1]}")
-        tail = (f"; iptables {ipt_lo.value:.0f} -> {ipt_hi.value:.0f} us"
-                if ipt_lo is not None and ipt_hi is not None else "")
+        tail = ""
+        for v in (KUBE_PROXY_NFT, KUBE_PROXY_IPT):
+            r_lo = _find(results, "service-scale", v, f"latency@{levels[0]}")
+            r_hi = _find(results, "service-scale", v, f"latency@{levels[-1]}")
+            if r_lo is not None and r_hi is not None:
+                tail += f"; {v} {r_lo.value:.0f} -> {r_hi.value:.0f} us"
         lines.append(f"acceptance: pcn service latency (p50) with {levels[-1]} services "
                      f"{hi.value:.0f} us vs {lo.value:.0f} us with {levels[0]} "
                      f"({change * 100:+.1f}%, target within {SCALE_TARGET * 100:.0f}%): "

@@ -9,13 +9,18 @@ a pod's policy wired, throughput under 100 rules).
 
 `--only policy-reconcile,policy-pod-add,policy-throughput` (`make bench-policy`)
 runs just the network policy scenarios; `--only firewall-scale` the firewall
-cube with 0 to 10 000 rules.
+cube with 0 to 10 000 rules; `--only cube-cost` each program's ns/packet
+(BPF_PROG_TEST_RUN) and size (bpf_prog_info). The services scenarios
+(pod-to-service, service-scale) compare with the upstream kube-proxy in
+iptables and nftables modes and need `make k8s`'s binaries; every path
+compared gets a TCP_RR rate (sockperf) next to its iperf3 throughput.
 
 Progress goes to stderr, the table to stdout; results are merged into
 bench/results/latest.json (entries of the scenarios measured now are replaced,
-the others kept). Everything is built in network namespaces named after this
-run (`pcnb-<id>` for the references, `pcnt-<id>` for pcn labs) and removed
-at the end, also on Ctrl-C; the run fails if any of them is left.
+the others kept) and the plots redrawn next to it (bench.plot). Everything
+is built in network namespaces named after this run (`pcnb-<id>` for the
+references, `pcnt-<id>` for pcn labs) and removed at the end, also on Ctrl-C;
+the run fails if any of them is left.
 """
 
 from __future__ import annotations
@@ -35,11 +40,21 @@ from types import FrameType
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
-from . import controlplane, firewall, iperf, netns, policy, results, scenarios, services
+from . import (
+    controlplane,
+    cubecost,
+    firewall,
+    iperf,
+    netns,
+    policy,
+    results,
+    scenarios,
+    services,
+)
 from .scenarios import Context
 
 SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS,
-             **policy.SCENARIOS, **firewall.SCENARIOS}
+             **policy.SCENARIOS, **firewall.SCENARIOS, **cubecost.SCENARIOS}
 
 log = logging.getLogger("bench")
 
@@ -110,7 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench builds network namespaces and loads eBPF programs: run it as root")
-    for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save"):
+    for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save", "nft",
+                 "openssl", "sockperf"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/setup.sh (make setup)")
     for plugin in ("bridge", "host-local"):
@@ -272,8 +288,22 @@ def main(argv: list[str] | None = None) -> int:
             r.extra["run"] = prefix  # kept entries of other scenarios carry their own run
         results.merge_write(args.output, measured, done, meta)
         print(f"\nresults for {', '.join(done)} merged into {args.output}", file=sys.stderr)
+        _plots(args.output)
     return finish(0, failure, left, prefixes, "bench",
                   f"scenarios completed: {done or 'none'}")
+
+
+def _plots(output: Path) -> None:
+    """The PNGs of the merged results file, next to it (bench.plot)."""
+    try:
+        from . import plot
+
+        written = plot.write_all(plot.load(output), output.parent)
+    except ImportError as exc:
+        print(f"no plots ({exc}; pip install matplotlib)", file=sys.stderr)
+        return
+    for p in written:
+        print(f"plot written to {p}", file=sys.stderr)
 
 
 def finish(status: int, failure: BaseException | None, left: list[str], prefixes: list[str],

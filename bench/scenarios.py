@@ -19,13 +19,14 @@ from pyroute2 import IPRoute
 
 from pcn_lab.topology import Lab
 
-from . import iperf
+from . import iperf, tcprr
 from .netns import Namespaces, exec_in, stop
 from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair
-from .results import THROUGHPUT, Result, now_iso
+from .results import TCP_RR, THROUGHPUT, Result, now_iso
 
 log = logging.getLogger(__name__)
 
+TCP_RR_SECONDS = 3.0  # per TCP_RR run (sockperf ping-pong)
 MTU = 1450  # pcn pods' MTU (VXLAN overlay on a 1500 underlay); references use it too
 SAME_NODE = "pod-to-pod-same-node"
 CROSS_NODE = "pod-to-pod-cross-node"
@@ -47,6 +48,7 @@ class Context:
     cni_adds: int = 50  # pods added in cni-add
     policy_rounds: int = 20  # rounds of the five changes timed in policy-reconcile
     policy_pod_adds: int = 50  # pods added in policy-pod-add (at most a node's 50)
+    tcp_rr: bool = True  # compare() also measures each variant's TCP_RR rate
     labs: list[Lab] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -64,10 +66,15 @@ class Context:
                       f"built in {time.monotonic() - t:.1f} s")
         return lab
 
-    def compare(self, scenario: str, variants: list[Variant]) -> list[Result]:
+    def compare(self, scenario: str, variants: list[Variant],
+                tcp_rr: bool = True) -> list[Result]:
         """Throughput of every variant, interleaved: round i runs each variant once
         (starting with a different one each round), so that drifts of the machine's
-        speed (a VM's neighbours) hit all variants alike, not the one run last."""
+        speed (a VM's neighbours) hit all variants alike, not the one run last.
+        Then (`tcp_rr` and the context's `tcp_rr`) each variant's TCP_RR rate
+        (bench.tcprr, port `Variant.rr_port` behind a service address), rounds
+        interleaved the same way."""
+        tcp_rr = tcp_rr and self.tcp_rr
         with ExitStack() as st:
             for v in variants:
                 ping = exec_in(v.client.netns, ["ping", "-c", "3", "-i", "0.2", "-W", "2",
@@ -76,6 +83,8 @@ class Context:
                     raise RuntimeError(f"{scenario}/{v.name}: {v.client.netns} cannot reach "
                                        f"{v.server.ip}:\n{ping.stdout}")
                 st.callback(stop, iperf.start_server(v.server.netns, self.pinning))
+                if tcp_rr:
+                    st.callback(stop, tcprr.start_server(v.server.netns))
                 via = f" via {v.dest}:{v.dest_port}" if v.dest else ""
                 self.progress(f"{scenario}/{v.name}: iperf3 {v.client.netns} -> {v.server.ip} "
                               f"({v.server.netns}){via}")
@@ -94,6 +103,7 @@ class Context:
                     runs[v.name].retransmits.append(retr)
                     self.progress(f"{scenario}/{v.name}: run {i + 1}/{self.runs}: "
                                   f"{gbps:.2f} Gbit/s ({retr} retransmits)")
+            rates = self._tcp_rr(scenario, variants) if tcp_rr else {}
         out = []
         for v in variants:
             tp = runs[v.name]
@@ -102,6 +112,30 @@ class Context:
                 "stat": "median", "runs": [round(x, 3) for x in tp.runs_gbps],
                 "retransmits": tp.retransmits, "duration_s": self.duration, "mtu": MTU,
                 "date": now_iso(), **v.extra}))
+            if v.name in rates:
+                rr_runs = rates[v.name]
+                out.append(Result(scenario, v.name, TCP_RR, statistics.median(
+                    r.rate for r in rr_runs), "trans/s", {
+                    "stat": "median", "runs": [round(r.rate) for r in rr_runs],
+                    "half_rtt_us": [round(r.half_rtt_us, 2) for r in rr_runs],
+                    "duration_s": TCP_RR_SECONDS, "message_bytes": tcprr.MESSAGE_BYTES,
+                    "tool": "sockperf ping-pong --tcp", "date": now_iso(), **v.extra}))
+        return out
+
+    def _tcp_rr(self, scenario: str, variants: list[Variant]) -> dict[str, list[tcprr.RrRun]]:
+        """TCP_RR-style rate of every variant (servers already started), rounds
+        interleaved as the throughput's."""
+        out: dict[str, list[tcprr.RrRun]] = {v.name: [] for v in variants}
+        for i in range(self.runs):
+            for k in range(len(variants)):
+                v = variants[(i + k) % len(variants)]
+                if v.before is not None:
+                    v.before()
+                run = tcprr.run_client(v.client.netns, v.dest or v.server.ip,
+                                       v.rr_port if v.dest else tcprr.PORT, TCP_RR_SECONDS)
+                out[v.name].append(run)
+                self.progress(f"{scenario}/{v.name}: TCP_RR round {i + 1}/{self.runs}: "
+                              f"{run.rate:.0f} trans/s")
         return out
 
 
@@ -114,6 +148,7 @@ class Variant:
     extra: dict[str, object] = field(default_factory=dict)  # into its JSON entry
     dest: str | None = None  # the client connects here (a service address), not server.ip
     dest_port: int = iperf.PORT
+    rr_port: int = tcprr.PORT  # the TCP_RR server's port behind `dest`
 
 
 def _lab_endpoint(lab: Lab, pod: str) -> Endpoint:

@@ -1,16 +1,18 @@
-"""Services: pcn's lbrp against kube-proxy-style iptables rules.
+"""Services: pcn's lbrp against the upstream kube-proxy, iptables and nftables modes.
 
 Both variants are built in the same run, side by side, with the same MTU:
 
 * pcn: a one-node pcn lab; the client pod reaches a ClusterIP that the lbrp
   on its port translates to a backend pod on the same node
   (`NodeDataplane.set_service`, as the agent does).
-* iptables: the `linux-bridge` reference (the reference CNI `bridge` plugin
-  with host-local IPAM in a node namespace, pods on its Linux bridge) plus,
-  in that node namespace, the nat/filter tables kube-proxy's iptables mode
-  writes for the same services (bench.kubeproxy, loaded with one
-  iptables-restore), with br_netfilter's bridge-nf-call-iptables on, as
-  kube-proxy requires.
+* kube-proxy-iptables, kube-proxy-nftables: two copies of the `linux-bridge`
+  reference (the reference CNI `bridge` plugin with host-local IPAM in a node
+  namespace, pods on its Linux bridge; both get the same pod addresses), each
+  with the upstream kube-proxy from `make k8s`'s cache in its node namespace,
+  one per mode, both watching one bench-owned kube-apiserver (bench.kubeproxy)
+  where the same Services and EndpointSlices are created through the API;
+  br_netfilter's bridge-nf-call-iptables on, as kube-proxy requires. Measured
+  once kube-proxy's rules for them are in the node's tables.
 
 Scenarios:
 * `pod-to-service`: iperf3 TCP throughput through the ClusterIP (rounds
@@ -20,7 +22,12 @@ Scenarios:
 * `service-scale`: with N services installed (each with one or two
   backends; the last one installed has two real ones), the request latency to
   the last one installed, and the time to install the N services (pcn: all
-  set_service calls inside one node.batch(); iptables: one iptables-restore).
+  set_service calls inside one node.batch(); kube-proxy: its cold start, from
+  a fresh process with empty tables (`kube-proxy --cleanup`) and the N
+  Services already in the API, to its rules for all N in the tables: list,
+  full sync, iptables-restore or one nft transaction). The API objects grow
+  level to level (the previous level's last service gets unused backends);
+  pcn's table starts from empty at each level.
   Each level starts from empty tables, and its real backends listen on a
   target port of the level's own (8080, 8081, ...): the rr server closes
   first, so the backends keep TIME_WAIT for (client:port, backend:port) for
@@ -38,20 +45,22 @@ import ipaddress
 import math
 import time
 from contextlib import ExitStack
-from pathlib import Path
+from dataclasses import dataclass
 
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.node import podnet
 
-from . import iperf, kubeproxy, rr
-from .netns import exec_in, stop
+from . import iperf, kubeproxy, rr, tcprr
+from .kubeproxy import ControlPlane, KubeProxy, ServicePort
+from .netns import stop
 from .references import BRIDGE_NET, Endpoint, LinuxBridgeCNI
 from .results import Result, now_iso
 from .scenarios import MTU, Context, Variant
 
 POD_TO_SERVICE = "pod-to-service"
 SERVICE_SCALE = "service-scale"
-PCN, IPTABLES = "pcn", "iptables"
+PCN = "pcn"
+KP = {mode: f"kube-proxy-{mode}" for mode in kubeproxy.MODES}  # variant names
 VIP = "10.96.0.10"
 RR_SERVICE_PORT = 80  # -> rr.PORT on the backends
 IPERF_SERVICE_PORT = 5201  # -> iperf.PORT
@@ -59,7 +68,6 @@ BRIDGE_CLUSTER_CIDR = "10.245.0.0/16"  # kube-proxy's --cluster-cidr for the bri
 SCALE_VIPS = ipaddress.IPv4Address("10.96.16.0")  # service i of service-scale: this + i
 FAKE_BACKENDS = range(200, 250)  # host numbers of unused pod addresses (never reached)
 WARMUP_REQUESTS = 50
-PLOT = Path(__file__).resolve().parent / "results" / "service-scale.png"
 
 
 def _bridge_node(ctx: Context, st: ExitStack, tag: str, pods: int) -> tuple[str, list[Endpoint]]:
@@ -128,38 +136,116 @@ def _latency_results(scenario: str, lat: dict[str, rr.Latency], suffix: str = ""
     return out
 
 
+@dataclass
+class KubeProxyNodes:
+    """The kube-proxy references of one scenario: the bench's API server and,
+    per mode, a linux-bridge node with its pods and its kube-proxy."""
+
+    api: kubeproxy.ApiClient
+    control: ControlPlane
+    nodes: dict[str, str]  # mode -> node namespace
+    pods: list[Endpoint]  # pods of the iptables node; the nftables node's have the same IPs
+    pods_by_mode: dict[str, list[Endpoint]]
+    proxies: dict[str, KubeProxy]
+
+    def start_and_wait(self, ports: list[ServicePort], with_endpoints: list[ServicePort],
+                       timeout: float = 600) -> dict[str, float]:
+        """Start each mode's kube-proxy in turn (one at a time: two syncing at
+        once would share the CPUs) and wait until its rules hold `ports` and
+        the endpoints of `with_endpoints`; seconds from its start to the end
+        of the sync that wrote them, per mode (KubeProxy.wait_programmed)."""
+        out = {}
+        for mode, proxy in self.proxies.items():
+            proxy.start()
+            out[mode] = proxy.wait_programmed(ports, with_endpoints, timeout=timeout)
+        return out
+
+    def extra(self, mode: str) -> dict[str, object]:
+        return {"kube_proxy": self.version, "mode": mode,
+                "rules": kubeproxy.rule_count(self.nodes[mode], mode)}
+
+    @property
+    def version(self) -> str:
+        return kubeproxy.version(kubeproxy.bin_dir())
+
+
+def _kube_proxy_nodes(ctx: Context, st: ExitStack, tag: str, pods: int) -> KubeProxyNodes:
+    """A bench API server and one linux-bridge node per kube-proxy mode with
+    `pods` pods each (same addresses), their Node objects created and a relay
+    to the API server in each node; kube-proxy not started yet. Raises
+    RuntimeError without `make k8s`'s binaries or the nft tool."""
+    bins = kubeproxy.bin_dir()
+    if kubeproxy.binaries_missing(bins):
+        raise RuntimeError(f"{bins} lacks {kubeproxy.binaries_missing(bins)}: run `make k8s` "
+                           "(the services scenarios compare with the upstream kube-proxy)")
+    api_ns = ctx.nss.create(f"{tag}api")
+    st.callback(ctx.nss.remove, api_ns)
+    control = ControlPlane(api_ns, ctx.tmp / f"kube-{tag}", bins)
+    st.callback(control.close)
+    t = time.monotonic()
+    api = control.start()
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}})
+    ctx.progress(f"kube-apiserver (etcd, {bins}) up in {api_ns} in {time.monotonic() - t:.1f} s")
+    nodes: dict[str, str] = {}
+    by_mode: dict[str, list[Endpoint]] = {}
+    proxies: dict[str, KubeProxy] = {}
+    for mode in kubeproxy.MODES:
+        node, eps = _bridge_node(ctx, st, f"{tag}{mode[0]}", pods)
+        nodes[mode], by_mode[mode] = node, eps
+        gateway = str(ipaddress.IPv4Interface(f"{eps[0].ip}/{BRIDGE_NET.prefixlen}")
+                      .network.network_address + 1)
+        api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+                    "status": {"addresses": [{"type": "InternalIP", "address": gateway},
+                                             {"type": "Hostname", "address": node}]}})
+        port = control.relay_into(node, mode)
+        proxy = KubeProxy(node, mode, node, BRIDGE_CLUSTER_CIDR, port,
+                          ctx.tmp / f"kube-{tag}" / f"kube-proxy-{mode}", bins)
+        st.callback(proxy.cleanup)
+        proxies[mode] = proxy
+    ips = {mode: [e.ip for e in eps] for mode, eps in by_mode.items()}
+    if len({tuple(v) for v in ips.values()}) != 1:
+        raise RuntimeError(f"the kube-proxy nodes' pods got different addresses: {ips}")
+    return KubeProxyNodes(api, control, nodes, by_mode[kubeproxy.MODES[0]], by_mode, proxies)
+
+
 def pod_to_service(ctx: Context) -> list[Result]:
     with ExitStack() as st:
         lab = ctx.lab(st, nodes=1, pods=2)
         client, backend = lab.pods["n1p1"], lab.pods["n1p2"]
         lab.set_service(VIP, RR_SERVICE_PORT, "tcp", [lab.backend("n1p2", rr.PORT)])
         lab.set_service(VIP, IPERF_SERVICE_PORT, "tcp", [lab.backend("n1p2", iperf.PORT)])
+        lab.set_service(VIP, tcprr.PORT, "tcp", [lab.backend("n1p2", tcprr.PORT)])
 
-        node, (b_client, b_backend) = _bridge_node(ctx, st, "sv", 2)
-        ports = [kubeproxy.ServicePort("bench", "svc", name, VIP, port, "tcp",
-                                       ((b_backend.ip, target),))
+        kp = _kube_proxy_nodes(ctx, st, "sv", 2)
+        b_backend_ip = kp.pods[1].ip
+        ports = [ServicePort("bench", "svc", name, VIP, port, "tcp", ((b_backend_ip, target),))
                  for name, port, target in (("rr", RR_SERVICE_PORT, rr.PORT),
-                                            ("iperf", IPERF_SERVICE_PORT, iperf.PORT))]
-        took = kubeproxy.load(node, kubeproxy.ruleset(ports, BRIDGE_CLUSTER_CIDR))
-        ipt_extra = {"rules": "kube-proxy iptables mode (nat + filter), iptables-restore",
-                     "iptables": kubeproxy.version(), "install_s": round(took, 3)}
+                                            ("iperf", IPERF_SERVICE_PORT, iperf.PORT),
+                                            ("tcp-rr", tcprr.PORT, tcprr.PORT))]
+        kp.api.create_all(kubeproxy.service_objects(ports))
+        ready = kp.start_and_wait(ports, ports)
+        kp_extra = {KP[m]: {**kp.extra(m), "ready_s": round(ready[m], 3)} for m in kp.nodes}
         ctx.progress(f"{POD_TO_SERVICE}: service {VIP} -> {backend.ip} (pcn lbrp) and -> "
-                     f"{b_backend.ip} (kube-proxy rules in {node})")
+                     f"{b_backend_ip} (kube-proxy in {', '.join(kp.nodes.values())}, rules in "
+                     + ", ".join(f"{m} {s:.2f} s" for m, s in ready.items()) + ")")
 
-        _servers(st, [(backend.netns, "pcn-backend"), (b_backend.netns, "iptables-backend")])
-        clients = {PCN: Endpoint(client.netns, client.ip), IPTABLES: b_client}
+        _servers(st, [(backend.netns, "pcn-backend"),
+                      *((eps[1].netns, f"{KP[m]}-backend") for m, eps in kp.pods_by_mode.items())])
+        clients = {PCN: Endpoint(client.netns, client.ip),
+                   **{KP[m]: eps[0] for m, eps in kp.pods_by_mode.items()}}
         lat = _latency(ctx, POD_TO_SERVICE, clients, VIP, RR_SERVICE_PORT, ctx.requests)
 
         variants = [
             Variant(PCN, clients[PCN], Endpoint(backend.netns, backend.ip), dest=VIP,
                     dest_port=IPERF_SERVICE_PORT, extra={"path": "client pod -> ClusterIP "
                                                          "(lbrp) -> backend pod, one node"}),
-            Variant(IPTABLES, b_client, b_backend, dest=VIP, dest_port=IPERF_SERVICE_PORT,
-                    extra={"path": "client pod -> ClusterIP (kube-proxy DNAT, Linux bridge) "
-                                   "-> backend pod, one node", **ipt_extra}),
+            *(Variant(KP[m], eps[0], eps[1], dest=VIP, dest_port=IPERF_SERVICE_PORT,
+                      extra={"path": f"client pod -> ClusterIP (kube-proxy {m} DNAT, Linux "
+                                     "bridge) -> backend pod, one node", **kp_extra[KP[m]]})
+              for m, eps in kp.pods_by_mode.items()),
         ]
         results = ctx.compare(POD_TO_SERVICE, variants)
-    return results + _latency_results(POD_TO_SERVICE, lat, extra={IPTABLES: ipt_extra})
+    return results + _latency_results(POD_TO_SERVICE, lat, extra=kp_extra)
 
 
 def _scale_backends(i: int, n: int, subnet: ipaddress.IPv4Network,
@@ -172,6 +258,10 @@ def _scale_backends(i: int, n: int, subnet: ipaddress.IPv4Network,
     return tuple((str(subnet.network_address + h), rr.PORT) for h in hosts)
 
 
+def _scale_port(i: int, vip: str, backends: tuple[tuple[str, int], ...]) -> ServicePort:
+    return ServicePort("bench", f"svc-{i:05d}", "http", vip, RR_SERVICE_PORT, "tcp", backends)
+
+
 def service_scale(ctx: Context) -> list[Result]:
     results: list[Result] = []
     with ExitStack() as st:
@@ -179,13 +269,16 @@ def service_scale(ctx: Context) -> list[Result]:
         node = lab.node(1)
         pcn_net = ipaddress.IPv4Network(lab.pod_cidr(1))
         pcn_real = [lab.pods["n1p2"].ip, lab.pods["n1p3"].ip]
-        b_node, (b_client, b1, b2) = _bridge_node(ctx, st, "ss", 3)
+        kp = _kube_proxy_nodes(ctx, st, "ss", 3)
+        kp_real = [kp.pods[1].ip, kp.pods[2].ip]
         level_ports = tuple(rr.PORT + k for k in range(len(ctx.scale)))
         _servers(st, [(lab.pods["n1p2"].netns, "pcn-1"), (lab.pods["n1p3"].netns, "pcn-2"),
-                      (b1.netns, "iptables-1"), (b2.netns, "iptables-2")], level_ports)
+                      *((e.netns, f"{KP[m]}-{k}") for m, eps in kp.pods_by_mode.items()
+                        for k, e in enumerate(eps[1:], start=1))], level_ports)
         clients = {PCN: Endpoint(lab.pods["n1p1"].netns, lab.pods["n1p1"].ip),
-                   IPTABLES: b_client}
+                   **{KP[m]: eps[0] for m, eps in kp.pods_by_mode.items()}}
         installed: list[str] = []
+        in_api = 0  # services 0 .. in_api-1 exist in the API
         for n, real_port in zip(ctx.scale, level_ports, strict=True):
             vips = [str(SCALE_VIPS + i) for i in range(n)]
             # pcn: from an empty table, every service through set_service in one batch
@@ -202,43 +295,44 @@ def service_scale(ctx: Context) -> list[Result]:
                     installed.append(vip)
             pcn_install = time.perf_counter() - t
             assert node.lb is not None and len(node.lb.services.services) == n
-            # iptables: from empty tables, one iptables-restore of all of them
-            ports = [kubeproxy.ServicePort("bench", f"svc-{i:05d}", "http", vip,
-                                           RR_SERVICE_PORT, "tcp",
-                                           _scale_backends(i, n, BRIDGE_NET, [b1.ip, b2.ip],
-                                                           real_port))
+            # kube-proxy: stopped, tables emptied, the API brought to these N services,
+            # then a cold start timed until its rules hold all of them
+            for proxy in kp.proxies.values():
+                proxy.cleanup()
+            ports = [_scale_port(i, vip, _scale_backends(i, n, BRIDGE_NET, kp_real, real_port))
                      for i, vip in enumerate(vips)]
-            kubeproxy.load(b_node, kubeproxy.ruleset([], BRIDGE_CLUSTER_CIDR))
-            ipt_install = kubeproxy.load(b_node, kubeproxy.ruleset(ports, BRIDGE_CLUSTER_CIDR))
-            nat_rules = _count_nat_rules(b_node)
+            if in_api:  # the previous level's last service: back to unused backends
+                prev = ports[in_api - 1]
+                kp.api.request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/bench/"
+                               f"endpointslices/{prev.name}-bench",
+                               kubeproxy.endpoint_slice("bench", prev.name,
+                                                        [ip for ip, _ in prev.endpoints],
+                                                        [("http", prev.endpoints[0][1], "tcp")]),
+                               content_type="application/merge-patch+json")
+            api_s = kp.api.create_all(kubeproxy.service_objects(ports[in_api:]))
+            in_api = n
+            ready = kp.start_and_wait(ports, [ports[-1]])
+            counts = {m: kubeproxy.rule_count(kp.nodes[m], m) for m in kp.nodes}
             ctx.progress(f"{SERVICE_SCALE}@{n}: installed in {pcn_install:.2f} s (pcn, one "
-                         f"batch) and {ipt_install:.2f} s (iptables-restore, {nat_rules} nat "
-                         f"rules); measuring {vips[-1]}")
+                         "batch); kube-proxy cold start to rules "
+                         + ", ".join(f"{m} {ready[m]:.2f} s ({counts[m]} rules)" for m in ready)
+                         + f" (API objects created in {api_s:.1f} s); measuring {vips[-1]}")
             lat = _latency(ctx, f"{SERVICE_SCALE}@{n}", clients, vips[-1], RR_SERVICE_PORT,
                            ctx.requests)
-            extra = {PCN: {"services": n, "vip": vips[-1], "target_port": real_port},
-                     IPTABLES: {"services": n, "vip": vips[-1], "target_port": real_port,
-                                "nat_rules": nat_rules,
-                                "iptables": kubeproxy.version()}}
+            extra: dict[str, dict[str, object]] = {
+                PCN: {"services": n, "vip": vips[-1], "target_port": real_port},
+                **{KP[m]: {"services": n, "vip": vips[-1], "target_port": real_port,
+                           "rules": counts[m], "kube_proxy": kp.version, "mode": m}
+                   for m in kp.nodes}}
             results += _latency_results(SERVICE_SCALE, lat, f"@{n}", extra)
-            for name, secs, how in ((PCN, pcn_install, "NodeDataplane.set_service x N in one "
-                                                         "node.batch()"),
-                                    (IPTABLES, ipt_install, "one iptables-restore")):
+            installs = [(PCN, pcn_install, "NodeDataplane.set_service x N in one node.batch()"),
+                        *((KP[m], ready[m], "kube-proxy cold start (N Services and "
+                                            "EndpointSlices in the API) until its rules hold "
+                                            "all N") for m in ready)]
+            for name, secs, how in installs:
                 results.append(Result(SERVICE_SCALE, name, f"install@{n}", secs * 1000, "ms",
                                       {"services": n, "how": how, "date": now_iso()}))
-    try:
-        from .plot import service_scale_png
-
-        service_scale_png(results, PLOT)
-        ctx.progress(f"{SERVICE_SCALE}: plot written to {PLOT}")
-    except ImportError as exc:
-        ctx.progress(f"{SERVICE_SCALE}: no plot ({exc}; pip install matplotlib)")
     return results
-
-
-def _count_nat_rules(netns: str) -> int:
-    out = exec_in(netns, ["iptables-save", "-t", "nat"], check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("-A "))
 
 
 SCENARIOS = {POD_TO_SERVICE: pod_to_service, SERVICE_SCALE: service_scale}

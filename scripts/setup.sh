@@ -16,10 +16,12 @@ fi
 # 1. Debian packages: only touch apt when something is missing. (lua5.1 runs the
 #    Argo CD health check in tests/test_manifests.py: Argo CD embeds Lua 5.1;
 #    openssl makes the real-cluster lab's certificates, curl and util-linux's
-#    nsenter probe it; tcpdump reads the pcap files of `kubectl pcn capture` in tests.)
+#    nsenter probe it; tcpdump reads the pcap files of `kubectl pcn capture` in tests;
+#    nftables is kube-proxy's nftables mode in the benchmarks, sockperf their TCP_RR
+#    rate.)
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-6.12-amd64 iproute2
-      iperf3 iputils-ping containernetworking-plugins iptables ethtool lua5.1 openssl curl
-      util-linux tcpdump)
+      iperf3 iputils-ping containernetworking-plugins iptables nftables sockperf ethtool
+      lua5.1 openssl curl util-linux tcpdump)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
