@@ -58,12 +58,13 @@ def _address(netns: str, ifname: str, ip: str, prefixlen: int, mtu: int) -> None
         ipr.link("set", index=idx, state="up")
 
 
-def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
-    """The lab's physical network without pcn: two "node" namespaces `-un1`/`-un2`
-    whose `uplink` veths meet on a Linux bridge `sw` in `-uphy`, as
-    pcn_lab.topology.Lab wires its nodes, with the uplinks at `mtu`."""
-    phy = nss.create("uphy")
-    nodes = [nss.create("un1"), nss.create("un2")]
+def switched_pair(nss: Namespaces, mtu: int, tag: str = "") -> tuple[Endpoint, Endpoint]:
+    """The lab's physical network without pcn: two "node" namespaces
+    `-un1<tag>`/`-un2<tag>` whose `uplink` veths meet on a Linux bridge `sw` in
+    `-uphy<tag>`, as pcn_lab.topology.Lab wires its nodes, with the uplinks at
+    `mtu` (`tag` tells two such networks of one run apart)."""
+    phy = nss.create(f"uphy{tag}")
+    nodes = [nss.create(f"un1{tag}"), nss.create(f"un2{tag}")]
     ends = []
     with IPRoute(netns=phy) as ipr:
         ipr.link("add", ifname="sw", kind="bridge")

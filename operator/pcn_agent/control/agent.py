@@ -236,6 +236,13 @@ class Agent:
         if self.node is None or self.manager is None:
             return out
         node, cur = self.node, self.manager.current
+        # how pods reach other nodes; "overlaySwitched": this agent found a
+        # data plane built with the other mode and moved its routes (the
+        # ConfigMap's overlay is read at start: a change takes a restart)
+        out["overlay"] = node.cfg.overlay
+        out["podMTU"] = node.cfg.mtu
+        if node.overlay_switched:
+            out["overlaySwitched"] = node.overlay_switched
         out["realized"] = {"services": len(cur.services), "nodeports": len(cur.nodeports),
                            "functions": len(cur.functions), "chains": len(cur.chains),
                            "pods": len(node.pods), "peers": len(cur.peers)}
@@ -319,7 +326,9 @@ class Agent:
             self.up_error = "the Node has no InternalIP or spec.podCIDR yet"
             return False
         s = self.settings
-        vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
+        vtep = ""
+        if s.overlay == "vxlan":
+            vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
         loop = asyncio.get_running_loop()
         # pyroute2's synchronous API runs its own event loop: keep it off ours.
         uplink = await loop.run_in_executor(None, _interface_with, self.netns, node_ip)
@@ -329,7 +338,8 @@ class Agent:
             return False
         vteps_len = int(s.vtepsRange.split("/")[1])
         cfg = NodeConfig(name=self.node_name, netns=self.netns, uplink=uplink, node_ip=node_ip,
-                         pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
+                         pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}" if vtep else "",
+                         mtu=s.pod_mtu, overlay=s.overlay,
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range,
                          session_timeouts=s.session_timeouts,
@@ -347,8 +357,9 @@ class Agent:
         self.manager = DataplaneManager(node)
         self._start_local_api()
         loop.run_in_executor(None, self.manager.warm_up)  # in the background
-        log.info("node %s data plane %s (pod CIDR %s, VTEP %s, uplink %s)", self.node_name,
-                 "adopted" if node.rt.adopted else "built", pod_cidr, vtep, uplink)
+        log.info("node %s data plane %s (pod CIDR %s, overlay %s, VTEP %s, uplink %s, pod "
+                 "MTU %d)", self.node_name, "adopted" if node.rt.adopted else "built", pod_cidr,
+                 s.overlay, vtep or "-", uplink, s.pod_mtu)
         return True
 
     def _start_local_api(self) -> None:
