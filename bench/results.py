@@ -179,9 +179,14 @@ def _cross_node_acceptance(results: Sequence[Result]) -> list[str]:
             continue
         ratio = r.value / base.value
         load = r.extra.get("loadavg_after")
+        kernel = _find(results, "pod-to-pod-cross-node", "vxlan-kernel", THROUGHPUT)
+        tail = ""
+        if variant == "pcn" and kernel is not None and kernel.value:
+            tail = (f"; the kernel's VXLAN alone {kernel.value:.2f} Gbit/s = "
+                    f"{kernel.value / base.value * 100:.0f}% of it")
         lines.append(f"acceptance: pcn cross-node throughput with {what} {r.value:.2f} Gbit/s "
                      f"= {ratio * 100:.0f}% of the underlay's {base.value:.2f} ({ref}; target "
-                     f">= {target * 100:.0f}%): {_verdict(ratio >= target)}"
+                     f">= {target * 100:.0f}%): {_verdict(ratio >= target)}{tail}"
                      + (f" (load {load})" if load else ""))
     return lines
 

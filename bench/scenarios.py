@@ -21,7 +21,7 @@ from pcn_lab.topology import Lab
 
 from . import iperf
 from .netns import Namespaces, exec_in, stop
-from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair
+from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair, vxlan_pair
 from .results import THROUGHPUT, Result, now_iso
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ SAME_NODE = "pod-to-pod-same-node"
 CROSS_NODE = "pod-to-pod-cross-node"
 DIRECT_VARIANT = "pcn-direct"  # pod-to-pod-cross-node with overlay none (issue 13)
 DIRECT_REFERENCE = "veth-1500"  # its limit: the physical network at its pods' MTU
+VXLAN_REFERENCE = "vxlan-kernel"  # the kernel's VXLAN alone, no pcn
+UNDERLAY_MTU = 1500
 POD_ADD = "pod-add"
 
 
@@ -175,7 +177,7 @@ def cross_node(ctx: Context) -> list[Result]:
         # The limit: the lab's physical network (veth, switch, veth) without pcn,
         # node address to node address, the uplinks at the pods' MTU: 1450 for
         # VXLAN's comparison, 1500 for direct routing's.
-        for tag in ("", "d"):
+        for tag in ("", "d", "x"):
             for name in ("un2", "un1", "uphy"):
                 st.callback(ctx.nss.remove, f"{ctx.nss.prefix}-{name}{tag}")
         a, b = switched_pair(ctx.nss, MTU)
@@ -185,6 +187,14 @@ def cross_node(ctx: Context) -> list[Result]:
         veth_direct = Variant(DIRECT_REFERENCE, a, b, extra={
             "path": "uplink veth - Linux bridge switch - uplink veth, no pcn",
             "mtu": direct_lab.pod_mtu})
+
+        # The kernel's VXLAN alone on the same network: what encapsulation
+        # costs without pcn (pcn's VXLAN path against it tells pcn's share).
+        a, b = switched_pair(ctx.nss, UNDERLAY_MTU, tag="x")
+        a, b = vxlan_pair(a, b, MTU)
+        vxlan_kernel = Variant(VXLAN_REFERENCE, a, b, extra={
+            "path": "kernel VXLAN devices over uplink veth - Linux bridge switch - uplink veth, "
+                    "no pcn", "mtu": MTU})
 
         # The lab's own underlay, node to node: the same path, but pcn's entry
         # programs sit on both uplinks (shared with the host stack). Its MTU goes
@@ -204,7 +214,7 @@ def cross_node(ctx: Context) -> list[Result]:
                        extra={"path": "the pcn lab's underlay, through pcn's programs on the "
                                       "uplinks"})
         ctx.progress(f"{CROSS_NODE}: load before the runs: {_loadavg()}")
-        out = ctx.compare(CROSS_NODE, [pcn, direct, veth, veth_direct, host])
+        out = ctx.compare(CROSS_NODE, [pcn, direct, veth, veth_direct, vxlan_kernel, host])
         load = _loadavg()
         ctx.progress(f"{CROSS_NODE}: load after the runs: {load}")
         for r in out:
