@@ -110,3 +110,26 @@ def test_bench_cross_node_acceptance_compares_each_mode_with_its_underlay() -> N
         "the kernel's VXLAN alone 9.50 Gbit/s = 95% of it" in lines[0]
     assert "direct routing 9.60 Gbit/s = 96%" in lines[1] and lines[1].endswith(
         "PASS (load 0.10 0.20 0.30)")
+
+
+def test_agent_says_a_changed_overlay_needs_a_restart(tmp_path, caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    """The mounted ConfigMap changes under a running agent: its status and
+    its log say what a restart would apply, once per change."""
+    from pcn_agent.control.agent import Agent
+
+    agent = Agent("n1", ClusterSettings(), kube=None)  # type: ignore[arg-type]
+    cm = tmp_path / "config"
+    cm.mkdir()
+    (cm / "overlay").write_text("vxlan")
+    assert agent.restart_needed(cm) == ""
+    (cm / "overlay").write_text("none")
+    with caplog.at_level("WARNING", logger="pcn_agent.control.agent"):
+        msg = agent.restart_needed(cm)
+        assert agent.restart_needed(cm) == msg
+    assert msg.startswith("the ConfigMap changed (overlay vxlan -> none, pod MTU 1450 -> 1500)")
+    assert "rollout restart" in msg
+    assert len([m for m in caplog.messages if "ConfigMap changed" in m]) == 1
+    (cm / "overlay").write_text("bogus")  # unreadable: the restart will name it
+    assert agent.restart_needed(cm) == ""
+    assert agent.restart_needed(tmp_path / "absent") == ""  # nothing mounted: nothing to say

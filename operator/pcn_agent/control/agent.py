@@ -36,6 +36,7 @@ from pcn_agent.control.reconcile import (
     node_addresses,
     vtep_for,
 )
+from pcn_agent.control.settings import DEFAULT_FILE as DEFAULT_SETTINGS_FILE
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
@@ -120,6 +121,7 @@ class Agent:
         self.bandwidth_errors: dict[str, str] = {}
         self.up_error = ""
         self._published_at = 0.0
+        self._restart_warned = ""  # the pending settings change last logged
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
         self._prepared: concurrent.futures.Future[Runtime] | None = None
         # Last valid version of each NetworkFunction/CubeChain (Inputs.last_good),
@@ -235,6 +237,9 @@ class Agent:
             "bandwidthErrors": dict(self.bandwidth_errors)}
         if self.node is None or self.manager is None:
             return out
+        pending = self.restart_needed()
+        if pending:
+            out["restartNeeded"] = pending
         node, cur = self.node, self.manager.current
         # how pods reach other nodes; "overlaySwitched": this agent found a
         # data plane built with the other mode and moved its routes (the
@@ -308,6 +313,32 @@ class Agent:
         while True:
             await asyncio.sleep(STATUS_PERIOD_S)
             await self.publish_status()
+
+    def restart_needed(self, path: Path | None = None) -> str:
+        """What the mounted ConfigMap (PCN_CONFIG, or `path`) now says that
+        only an agent restart applies: the overlay and the pods' MTU, which
+        the data plane and the CNI configuration are built with at start
+        (kubelet refreshes a mounted ConfigMap in place; the agent does not
+        rebuild a running node under its pods). "" when none, or when the
+        file cannot be read; logged once per change."""
+        src = path or Path(os.environ.get("PCN_CONFIG", str(DEFAULT_SETTINGS_FILE)))
+        if not src.exists():  # settings given otherwise (tests, embedding): nothing to watch
+            return ""
+        try:
+            now = ClusterSettings.load(src)
+        except Exception:  # noqa: BLE001 - the next restart reports it, naming the key
+            return ""
+        diffs = [f"{what} {old} -> {new}" for what, old, new in (
+            ("overlay", self.settings.overlay, now.overlay),
+            ("pod MTU", self.settings.pod_mtu, now.pod_mtu)) if old != new]
+        msg = ""
+        if diffs:
+            msg = (f"the ConfigMap changed ({', '.join(diffs)}): restart the agent to apply it "
+                   "(kubectl -n pcn-system rollout restart daemonset/pcn-agent)")
+        if msg and msg != self._restart_warned:
+            log.warning("node %s: %s", self.node_name, msg)
+        self._restart_warned = msg
+        return msg
 
     def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
         """Turn a data-plane failure into the status of the object behind it."""
