@@ -4,6 +4,8 @@
   any pod-to-pod path on one machine.
 * `switched_pair`: two "node" namespaces on a replica of the lab's physical
   network (veth, Linux bridge switch, veth), the limit of a cross-node path.
+* `vxlan_pair`: the kernel's VXLAN devices over a `switched_pair`, the limit
+  of an encapsulated cross-node path.
 * `LinuxBridgeCNI`: a "node" namespace and pod namespaces wired by the
   reference CNI `bridge` plugin with `host-local` IPAM, called exactly as a
   kubelet (container runtime) calls a CNI plugin.
@@ -28,6 +30,7 @@ CNI_BIN_DIR = Path("/usr/lib/cni")
 VETH_NET = ipaddress.IPv4Network("192.168.251.0/24")
 BRIDGE_NET = ipaddress.IPv4Network("10.245.1.0/24")
 UNDERLAY_NET = ipaddress.IPv4Network("192.168.252.0/24")
+VXLAN_NET = ipaddress.IPv4Network("10.247.0.0/24")  # vxlan_pair's overlay
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,13 @@ def _address(netns: str, ifname: str, ip: str, prefixlen: int, mtu: int) -> None
         ipr.link("set", index=idx, state="up")
 
 
-def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
-    """The lab's physical network without pcn: two "node" namespaces `-un1`/`-un2`
-    whose `uplink` veths meet on a Linux bridge `sw` in `-uphy`, as
-    pcn_lab.topology.Lab wires its nodes, with the uplinks at `mtu`."""
-    phy = nss.create("uphy")
-    nodes = [nss.create("un1"), nss.create("un2")]
+def switched_pair(nss: Namespaces, mtu: int, tag: str = "") -> tuple[Endpoint, Endpoint]:
+    """The lab's physical network without pcn: two "node" namespaces
+    `-un1<tag>`/`-un2<tag>` whose `uplink` veths meet on a Linux bridge `sw` in
+    `-uphy<tag>`, as pcn_lab.topology.Lab wires its nodes, with the uplinks at
+    `mtu` (`tag` tells two such networks of one run apart)."""
+    phy = nss.create(f"uphy{tag}")
+    nodes = [nss.create(f"un1{tag}"), nss.create(f"un2{tag}")]
     ends = []
     with IPRoute(netns=phy) as ipr:
         ipr.link("add", ifname="sw", kind="bridge")
@@ -76,6 +80,27 @@ def switched_pair(nss: Namespaces, mtu: int) -> tuple[Endpoint, Endpoint]:
             ip = str(UNDERLAY_NET.network_address + i)
             _address(ns, "uplink", ip, UNDERLAY_NET.prefixlen, mtu)
             ends.append(Endpoint(ns, ip))
+    return ends[0], ends[1]
+
+
+def vxlan_pair(a: Endpoint, b: Endpoint, mtu: int) -> tuple[Endpoint, Endpoint]:
+    """The kernel's VXLAN alone between the two ends of a `switched_pair`
+    (uplinks at 1500): a VXLAN device `vx` in each namespace made as pcn's
+    node wiring makes its own (VNI 42, port 4789, learning, one all-zero
+    FDB entry towards the other end; RFC 7348), at `mtu`, with an address in
+    VXLAN_NET. What encapsulation costs without pcn: pcn's VXLAN path is
+    measured against it and against the bare underlay."""
+    ends = []
+    for i, (me, other) in enumerate(((a, b), (b, a)), start=1):
+        with IPRoute(netns=me.netns) as ipr:
+            uplink = ipr.link_lookup(ifname="uplink")[0]
+            ipr.link("add", ifname="vx", kind="vxlan", vxlan_id=42, vxlan_local=me.ip,
+                     vxlan_link=uplink, vxlan_port=4789, vxlan_learning=1)
+            idx = ipr.link_lookup(ifname="vx")[0]
+            ipr.fdb("append", ifindex=idx, lladdr="00:00:00:00:00:00", dst=other.ip)
+        ip = str(VXLAN_NET.network_address + i)
+        _address(me.netns, "vx", ip, VXLAN_NET.prefixlen, mtu)
+        ends.append(Endpoint(me.netns, ip))
     return ends[0], ends[1]
 
 

@@ -35,6 +35,8 @@ CNI_ADD_P99_TARGET_MS = 200.0  # pcn-cni ADD, p99 (issue 4)
 POLICY_RECONCILE_TARGET_MS = 100.0  # one reconcile pass per policy-relevant change, p95 (issue 11)
 POLICY_POD_ADD_TARGET_MS = 50.0  # a new pod's policy into the data plane, p95 (issue 11)
 POLICY_THROUGHPUT_TARGET = 0.95  # throughput under 100 rules / without policy (issue 11)
+CROSS_NODE_VXLAN_TARGET = 0.90  # pcn cross-node over VXLAN / the underlay (issue 13)
+CROSS_NODE_DIRECT_TARGET = 0.95  # pcn with direct routing / the underlay at 1500 (issue 13)
 FIREWALL_SCALE_TARGET = 0.95  # firewall throughput with 10 000 rules / with 0 (issue 12)
 SOAK = "agent-restart-soak"  # bench.soak (issue 9): targets 0 connections failed, 0 bytes
 SOAK_CNI_SERVE_TARGET_S = 5.0  # lost, CNI served within 5 s of every restart
@@ -160,6 +162,7 @@ def acceptance(results: Sequence[Result]) -> list[str]:
         lines.append(f"acceptance: pcn pod-add median {add.value:.1f} ms "
                      f"(target < {POD_ADD_TARGET_MS:.0f} ms): "
                      f"{'PASS' if add.value < POD_ADD_TARGET_MS else 'FAIL'}")
+    lines += _cross_node_acceptance(results)
     lines += _service_acceptance(results)
     lines += _control_plane_acceptance(results)
     lines += _policy_acceptance(results)
@@ -170,6 +173,32 @@ def acceptance(results: Sequence[Result]) -> list[str]:
 
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def _cross_node_acceptance(results: Sequence[Result]) -> list[str]:
+    """pcn's cross-node throughput over VXLAN against the underlay at the
+    pods' MTU (veth), and with direct routing against it at 1500 (veth-1500),
+    with the machine's load when they were measured."""
+    lines = []
+    for variant, ref, target, what in (
+            ("pcn", LIMIT_VARIANT, CROSS_NODE_VXLAN_TARGET, "VXLAN"),
+            ("pcn-direct", "veth-1500", CROSS_NODE_DIRECT_TARGET, "direct routing")):
+        r = _find(results, "pod-to-pod-cross-node", variant, THROUGHPUT)
+        base = _find(results, "pod-to-pod-cross-node", ref, THROUGHPUT)
+        if r is None or base is None or not base.value:
+            continue
+        ratio = r.value / base.value
+        load = r.extra.get("loadavg_after")
+        kernel = _find(results, "pod-to-pod-cross-node", "vxlan-kernel", THROUGHPUT)
+        tail = ""
+        if variant == "pcn" and kernel is not None and kernel.value:
+            tail = (f"; the kernel's VXLAN alone {kernel.value:.2f} Gbit/s = "
+                    f"{kernel.value / base.value * 100:.0f}% of it")
+        lines.append(f"acceptance: pcn cross-node throughput with {what} {r.value:.2f} Gbit/s "
+                     f"= {ratio * 100:.0f}% of the underlay's {base.value:.2f} ({ref}; target "
+                     f">= {target * 100:.0f}%): {_verdict(ratio >= target)}{tail}"
+                     + (f" (load {load})" if load else ""))
+    return lines
 
 
 def _service_acceptance(results: Sequence[Result]) -> list[str]:

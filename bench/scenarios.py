@@ -21,7 +21,7 @@ from pcn_lab.topology import Lab
 
 from . import iperf, tcprr
 from .netns import Namespaces, exec_in, stop
-from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair
+from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair, vxlan_pair
 from .results import TCP_RR, THROUGHPUT, Result, now_iso
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ TCP_RR_SECONDS = 3.0  # per TCP_RR run (sockperf ping-pong)
 MTU = 1450  # pcn pods' MTU (VXLAN overlay on a 1500 underlay); references use it too
 SAME_NODE = "pod-to-pod-same-node"
 CROSS_NODE = "pod-to-pod-cross-node"
+DIRECT_VARIANT = "pcn-direct"  # pod-to-pod-cross-node with overlay none (issue 13)
+DIRECT_REFERENCE = "veth-1500"  # its limit: the physical network at its pods' MTU
+VXLAN_REFERENCE = "vxlan-kernel"  # the kernel's VXLAN alone, no pcn
+UNDERLAY_MTU = 1500
 POD_ADD = "pod-add"
 
 
@@ -56,14 +60,17 @@ class Context:
         print(f"[bench +{time.monotonic() - self.started:6.1f}s] {msg}", file=sys.stderr,
               flush=True)
 
-    def lab(self, stack: ExitStack, nodes: int, pods: int) -> Lab:
-        lab = Lab(nodes_count=nodes, pods_per_node=pods, mtu=MTU)
+    def lab(self, stack: ExitStack, nodes: int, pods: int, overlay: str = "vxlan") -> Lab:
+        """A built pcn lab, closed by `stack`; pods at MTU over VXLAN, at the
+        mode's (1500) with direct routing."""
+        lab = Lab(nodes_count=nodes, pods_per_node=pods, overlay=overlay,
+                  mtu=MTU if overlay == "vxlan" else None)
         self.labs.append(lab)  # its prefix is checked for leftovers at the end
         t = time.monotonic()
         lab.build()  # closes itself if the build fails
         stack.callback(lab.close)
         self.progress(f"pcn lab {lab.prefix}: {nodes} node(s), {pods} pod(s) per node, "
-                      f"built in {time.monotonic() - t:.1f} s")
+                      f"overlay {overlay}, built in {time.monotonic() - t:.1f} s")
         return lab
 
     def compare(self, scenario: str, variants: list[Variant],
@@ -188,17 +195,41 @@ def same_node(ctx: Context) -> list[Result]:
 
 
 def cross_node(ctx: Context) -> list[Result]:
+    """pcn over VXLAN (pods at 1450) and with direct routing (overlay none,
+    pods at 1500), each against the lab's physical network without pcn at
+    the same MTU (issue 13 targets: VXLAN >= 90 %, direct >= 95 % of it),
+    and node to node through pcn's programs on the uplinks."""
     with ExitStack() as st:
         lab = ctx.lab(st, nodes=2, pods=1)
-        pcn = Variant("pcn", _lab_endpoint(lab, "n1p1"), _lab_endpoint(lab, "n2p1"))
+        pcn = Variant("pcn", _lab_endpoint(lab, "n1p1"), _lab_endpoint(lab, "n2p1"),
+                      extra={"overlay": "vxlan", "mtu": lab.pod_mtu})
+        direct_lab = ctx.lab(st, nodes=2, pods=1, overlay="none")
+        direct = Variant(DIRECT_VARIANT, _lab_endpoint(direct_lab, "n1p1"),
+                         _lab_endpoint(direct_lab, "n2p1"),
+                         extra={"overlay": "none", "mtu": direct_lab.pod_mtu,
+                                "reference": DIRECT_REFERENCE})
 
         # The limit: the lab's physical network (veth, switch, veth) without pcn,
-        # node address to node address, the uplinks at the pods' MTU.
-        for name in ("un2", "un1", "uphy"):
-            st.callback(ctx.nss.remove, f"{ctx.nss.prefix}-{name}")
+        # node address to node address, the uplinks at the pods' MTU: 1450 for
+        # VXLAN's comparison, 1500 for direct routing's.
+        for tag in ("", "d", "x"):
+            for name in ("un2", "un1", "uphy"):
+                st.callback(ctx.nss.remove, f"{ctx.nss.prefix}-{name}{tag}")
         a, b = switched_pair(ctx.nss, MTU)
         veth = Variant("veth", a, b, extra={"path": "uplink veth - Linux bridge switch - "
                                                     "uplink veth, no pcn"})
+        a, b = switched_pair(ctx.nss, direct_lab.pod_mtu, tag="d")
+        veth_direct = Variant(DIRECT_REFERENCE, a, b, extra={
+            "path": "uplink veth - Linux bridge switch - uplink veth, no pcn",
+            "mtu": direct_lab.pod_mtu})
+
+        # The kernel's VXLAN alone on the same network: what encapsulation
+        # costs without pcn (pcn's VXLAN path against it tells pcn's share).
+        a, b = switched_pair(ctx.nss, UNDERLAY_MTU, tag="x")
+        a, b = vxlan_pair(a, b, MTU)
+        vxlan_kernel = Variant(VXLAN_REFERENCE, a, b, extra={
+            "path": "kernel VXLAN devices over uplink veth - Linux bridge switch - uplink veth, "
+                    "no pcn", "mtu": MTU})
 
         # The lab's own underlay, node to node: the same path, but pcn's entry
         # programs sit on both uplinks (shared with the host stack). Its MTU goes
@@ -211,13 +242,28 @@ def cross_node(ctx: Context) -> list[Result]:
                     _set_mtu(ns, "uplink", mtu)
             return apply
 
-        st.callback(uplink_mtu(lab.mtu + 50))
-        pcn.before = uplink_mtu(lab.mtu + 50)
+        st.callback(uplink_mtu(lab.pod_mtu + 50))
+        pcn.before = uplink_mtu(lab.pod_mtu + 50)
         host = Variant("node-to-node", Endpoint(nodes[0], lab.node_ip(1)),
                        Endpoint(nodes[1], lab.node_ip(2)), before=uplink_mtu(MTU),
                        extra={"path": "the pcn lab's underlay, through pcn's programs on the "
                                       "uplinks"})
-        return ctx.compare(CROSS_NODE, [pcn, veth, host])
+        ctx.progress(f"{CROSS_NODE}: load before the runs: {_loadavg()}")
+        out = ctx.compare(CROSS_NODE, [pcn, direct, veth, veth_direct, vxlan_kernel, host])
+        load = _loadavg()
+        ctx.progress(f"{CROSS_NODE}: load after the runs: {load}")
+        for r in out:
+            r.extra["loadavg_after"] = load
+        return out
+
+
+def _loadavg() -> str:
+    """/proc/loadavg's 1, 5 and 15 minute figures: a cross-node ratio taken on
+    a busy machine is no verdict (the runs share its cores)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _percentile(samples: list[float], q: float) -> float:

@@ -16,7 +16,11 @@
  *  overlay ingress: replies of remote NodePort backends (addressed to this
  *      node's VTEP address by the Cluster policy) are translated back to the
  *      client; those of backends that are other hosts come back through the
- *      uplink, to the node's address.
+ *      uplink, to the node's address. With direct routing (no overlay port)
+ *      the pods' return address is the node's pod CIDR network address
+ *      (disp_cfg.vtep_ip), and their replies come through the uplink too:
+ *      a remote pod answering the node's address would be masqueraded by
+ *      its own node, whose no-SNAT set holds the pod and VTEP ranges only.
  *
  * A NodePort endpoint that is no pod (kube-proxy serves any endpoint address):
  * the node's own address (a hostNetwork server here) gets only its port
@@ -57,7 +61,7 @@
 
 struct disp_cfg {
     __be32 node_ip;
-    __be32 vtep_ip;
+    __be32 vtep_ip;         /* what remote pod backends answer: VTEP, or pod CIDR .0 */
     __be32 local_pods;      /* this node's pod network */
     __be32 local_pods_mask;
     u32 uplink_port;
@@ -372,6 +376,24 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     return disp_deliver(skb, cfg, f);
 }
 
+static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                             u64 now)
+{
+    struct pcn_flow f = {};
+    struct pcn_l4info info = {};
+    int parsed = pcn_parse_flow(skb, &f, &info);
+    if (parsed == PCN_PARSE_NOT_IPV4 || f.daddr != cfg->vtep_ip)
+        return pcn_pass(skb);
+    /* Replies of remote NodePort backends come here; what cannot be one (a
+     * tiny first fragment, a later one of no datagram we know) goes on to
+     * the router, which answers only echo requests to its own address. */
+    if (parsed == PCN_PARSE_SHORT || pcn_frag_resolve(inst, &f, &info, now) < 0)
+        return pcn_pass(skb);
+    if (disp_known(skb, &f, &info, DISP_KIND(PCN_SESS_NODEPORT_REV), now) < 0)
+        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
+    return pcn_pass(skb);
+}
+
 static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
                                             struct disp_cfg *cfg, u64 now)
 {
@@ -451,22 +473,22 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
     return pcn_pass(skb);
 }
 
-static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
-                                             u64 now)
+/* With direct routing (no overlay port), an IPv4 packet from the uplink to
+ * the pods' return address (disp_cfg.vtep_ip: the pod CIDR's network
+ * address): remote pods' replies, which disp_from_overlay handles as it does
+ * those that come over VXLAN to the VTEP. */
+static __always_inline int disp_direct_return(struct __sk_buff *skb, const struct disp_cfg *cfg)
 {
-    struct pcn_flow f = {};
-    struct pcn_l4info info = {};
-    int parsed = pcn_parse_flow(skb, &f, &info);
-    if (parsed == PCN_PARSE_NOT_IPV4 || f.daddr != cfg->vtep_ip)
-        return pcn_pass(skb);
-    /* Replies of remote NodePort backends come here; what cannot be one (a
-     * tiny first fragment, a later one of no datagram we know) goes on to
-     * the router, which answers only echo requests to its own address. */
-    if (parsed == PCN_PARSE_SHORT || pcn_frag_resolve(inst, &f, &info, now) < 0)
-        return pcn_pass(skb);
-    if (disp_known(skb, &f, &info, DISP_KIND(PCN_SESS_NODEPORT_REV), now) < 0)
-        return pcn_filter_drop(skb, PCN_DROP_REWRITE);
-    return pcn_pass(skb);
+    if (cfg->overlay_port)
+        return 0;
+    __be16 proto;
+    __be32 daddr;
+    if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) < 0 ||
+        proto != bpf_htons(PCN_ETH_P_IP) ||
+        bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + offsetof(struct iphdr, daddr), &daddr,
+                           sizeof(daddr)) < 0)
+        return 0;
+    return daddr == cfg->vtep_ip;
 }
 
 int k8sdispatcher_rx(struct __sk_buff *skb)
@@ -477,12 +499,13 @@ int k8sdispatcher_rx(struct __sk_buff *skb)
         return pcn_pass(skb);
     u32 port = pcn_meta_port(skb);
     u64 now = bpf_ktime_get_ns();
-    if (port == cfg->uplink_port) {
-        if (pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
-            return disp_from_uplink(skb, inst, cfg, now);
-        return disp_to_uplink(skb, inst, cfg, now);
-    }
-    if (port == cfg->overlay_port && pcn_meta_hook(skb) == PCN_HOOK_INGRESS)
+    int ingress = pcn_meta_hook(skb) == PCN_HOOK_INGRESS;
+    /* One call site per handler: each is inlined, and a second copy of one
+     * would double its share of the program. */
+    int pods_return = ingress && port == cfg->uplink_port && disp_direct_return(skb, cfg);
+    if (port == cfg->uplink_port && !pods_return)
+        return ingress ? disp_from_uplink(skb, inst, cfg, now) : disp_to_uplink(skb, inst, cfg, now);
+    if (ingress && (port == cfg->overlay_port || pods_return))
         return disp_from_overlay(skb, inst, cfg, now);
     return pcn_pass(skb);
 }

@@ -518,8 +518,9 @@ def test_configmap_validates_with_cluster_settings(objects: list[dict[str, Any]]
     for k, v in data.items():  # as the kubelet mounts it: one file per key
         (tmp_path / k).write_text(v)
     s = ClusterSettings.load(tmp_path)
+    assert s.pod_mtu == 1450  # "auto" with vxlan: room for its 50 bytes on 1500
     assert s.model_dump() == {
-        "mtu": 1450, "serviceClusterIPRange": "10.96.0.0/12",
+        "mtu": None, "serviceClusterIPRange": "10.96.0.0/12",
         "serviceNodePortRange": "30000-32767", "vtepsRange": "10.18.0.0/16",
         "podCIDR": "10.244.0.0/16", "overlay": "vxlan", "snatPortRange": "61000-65535",
         "sessionTimeoutTCPSynSent": 120, "sessionTimeoutTCPSynRecv": 60,

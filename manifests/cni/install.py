@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         old = LAUNCHER_BUNDLE.search(plugin.read_text()) if plugin.is_file() else None
         copied = install_plugins(bundle, meta, bin_dir)
         _write_atomic(plugin, launcher(bundle, meta), 0o755)
-        conf = conflist(pod_cidr, settings.mtu, args.socket)
+        conf = conflist(pod_cidr, settings.pod_mtu, args.socket)
         _write_atomic(conf_dir / CONFLIST, json.dumps(conf, indent=2) + "\n", 0o644)
         keep = {meta["id"]} | ({Path(old.group(1)).name} if old else set())
         removed = prune(_host(root, args.bundle_root), keep)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     print(f"install-cni: {plugin} -> {bundle} (Python {meta['pythonVersion']}); "
-          f"{conf_dir / CONFLIST}: pod CIDR {pod_cidr}, MTU {settings.mtu}"
+          f"{conf_dir / CONFLIST}: pod CIDR {pod_cidr}, MTU {settings.pod_mtu}"
           + (f"; launchers for {', '.join(copied)}" if copied else "")
           + (f"; removed old bundles {', '.join(removed)}" if removed else ""))
     others = sorted(p.name for p in conf_dir.iterdir()

@@ -15,16 +15,24 @@ import logging
 import secrets
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from pcn_agent.control.settings import UNDERLAY_MTU, VXLAN_OVERHEAD
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.dataplane.sessions import SessionTimeouts
-from pcn_agent.node.wiring import NodeConfig, NodeDataplane, PeerNode, Pod
+from pcn_agent.node.wiring import (
+    OVERLAY_VXLAN,
+    OVERLAYS,
+    NodeConfig,
+    NodeDataplane,
+    PeerNode,
+    Pod,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,11 @@ class LabPod:
 class Lab:
     nodes_count: int = 2
     pods_per_node: int = 2
-    mtu: int = 1450
+    # the nodes' overlay (wiring.OVERLAYS): "none" routes pods' traffic to the
+    # other nodes' addresses unencapsulated, which the lab's underlay allows:
+    # every node's uplink is on one switch (L2-adjacent, as direct routing needs)
+    overlay: str = OVERLAY_VXLAN
+    mtu: int | None = None  # the pods' MTU; None: 1450 over VXLAN, 1500 with none
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     pin_root: Path = bpffs.DEFAULT_ROOT
     dataplane: bool = True  # False: namespaces and network only; agents build the data plane
@@ -61,6 +73,16 @@ class Lab:
     def __post_init__(self) -> None:
         if not 1 <= self.nodes_count <= 50:
             raise ValueError("the lab holds 1 to 50 nodes")
+        if self.overlay not in OVERLAYS:
+            raise ValueError(f"overlay {self.overlay!r} is not one of {', '.join(OVERLAYS)}")
+        if self.mtu is None:
+            self.mtu = UNDERLAY_MTU - (VXLAN_OVERHEAD if self.overlay == OVERLAY_VXLAN else 0)
+
+    @property
+    def pod_mtu(self) -> int:
+        """The pods' MTU (set by __post_init__ when not given)."""
+        assert self.mtu is not None
+        return self.mtu
 
     # ------------------------------------------------------------------ names
     @property
@@ -88,6 +110,10 @@ class Lab:
     def vtep_ip(self, i: int) -> str:
         return str(VTEPS.network_address + i)
 
+    def _vtep(self, i: int) -> str:
+        """Node i's VTEP in interface notation, "" with direct routing."""
+        return f"{self.vtep_ip(i)}/{VTEPS.prefixlen}" if self.overlay == OVERLAY_VXLAN else ""
+
     # ------------------------------------------------------------------ build
     def build(self) -> Lab:
         try:
@@ -100,12 +126,11 @@ class Lab:
                 cfg = NodeConfig(
                     name=self.node_name(i), netns=self.node_name(i), uplink="uplink",
                     node_ip=self.node_ip(i), pod_cidr=self.pod_cidr(i),
-                    vtep=f"{self.vtep_ip(i)}/{VTEPS.prefixlen}", mtu=self.mtu,
+                    vtep=self._vtep(i), mtu=self.pod_mtu, overlay=self.overlay,
                     session_timeouts=self.session_timeouts,
                     session_gc_interval_s=self.session_gc_interval_s)
                 self.nodes[cfg.name] = NodeDataplane(cfg, self.pin_root).up()
-            peers = [PeerNode(self.node_name(i), self.node_ip(i), self.pod_cidr(i), self.vtep_ip(i))
-                     for i in range(1, self.nodes_count + 1)]
+            peers = self._peers()
             for node in self.nodes.values():
                 node.set_peers(peers)
             for i in range(1, self.nodes_count + 1):
@@ -190,6 +215,33 @@ class Lab:
             if lp.node == old.cfg.name:
                 lp.pod = new.pods[lp.name]
         return new
+
+    def switch_overlay(self, overlay: str) -> None:
+        """Restart every node's agent with another overlay (what a changed
+        ConfigMap and `kubectl rollout restart` do): each new agent adopts
+        the data plane its predecessor left and converts it
+        (NodeDataplane._switch_overlay), then gets the peers of the new mode.
+        The pods keep their MTU (self.mtu is left as it was)."""
+        if overlay not in OVERLAYS:
+            raise ValueError(f"overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
+        self.overlay = overlay
+        for i in range(1, self.nodes_count + 1):
+            old = self.node(i)
+            old.crash()
+            cfg = replace(old.cfg, overlay=overlay, vtep=self._vtep(i))
+            new = NodeDataplane(cfg, self.pin_root, old.state_root).up(adopt=True)
+            self.nodes[cfg.name] = new
+            for lp in self.pods.values():
+                if lp.node == cfg.name:
+                    lp.pod = new.pods[lp.name]
+        peers = self._peers()
+        for node in self.nodes.values():
+            node.set_peers(peers)
+
+    def _peers(self) -> list[PeerNode]:
+        return [PeerNode(self.node_name(i), self.node_ip(i), self.pod_cidr(i),
+                         self.vtep_ip(i) if self.overlay == OVERLAY_VXLAN else "")
+                for i in range(1, self.nodes_count + 1)]
 
     # ------------------------------------------------------------------ services
     def backend(self, pod: str, port: int, weight: int = 1) -> Backend:

@@ -36,6 +36,7 @@ from pcn_agent.control.reconcile import (
     node_addresses,
     vtep_for,
 )
+from pcn_agent.control.settings import DEFAULT_FILE as DEFAULT_SETTINGS_FILE
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
@@ -122,6 +123,7 @@ class Agent:
         self.bandwidth_errors: dict[str, str] = {}
         self.up_error = ""
         self._published_at = 0.0
+        self._restart_warned = ""  # the pending settings change last logged
         self.status_namespace = os.environ.get("PCN_NAMESPACE", "pcn-system")
         self._prepared: concurrent.futures.Future[Runtime] | None = None
         # Last valid version of each NetworkFunction/CubeChain (Inputs.last_good),
@@ -237,7 +239,17 @@ class Agent:
             "bandwidthErrors": dict(self.bandwidth_errors)}
         if self.node is None or self.manager is None:
             return out
+        pending = self.restart_needed()
+        if pending:
+            out["restartNeeded"] = pending
         node, cur = self.node, self.manager.current
+        # how pods reach other nodes; "overlaySwitched": this agent found a
+        # data plane built with the other mode and moved its routes (the
+        # ConfigMap's overlay is read at start: a change takes a restart)
+        out["overlay"] = node.cfg.overlay
+        out["podMTU"] = node.cfg.mtu
+        if node.overlay_switched:
+            out["overlaySwitched"] = node.overlay_switched
         out["realized"] = {"services": len(cur.services), "nodeports": len(cur.nodeports),
                            "functions": len(cur.functions), "chains": len(cur.chains),
                            "pods": len(node.pods), "peers": len(cur.peers)}
@@ -304,6 +316,32 @@ class Agent:
             await asyncio.sleep(STATUS_PERIOD_S)
             await self.publish_status()
 
+    def restart_needed(self, path: Path | None = None) -> str:
+        """What the mounted ConfigMap (PCN_CONFIG, or `path`) now says that
+        only an agent restart applies: the overlay and the pods' MTU, which
+        the data plane and the CNI configuration are built with at start
+        (kubelet refreshes a mounted ConfigMap in place; the agent does not
+        rebuild a running node under its pods). "" when none, or when the
+        file cannot be read; logged once per change."""
+        src = path or Path(os.environ.get("PCN_CONFIG", str(DEFAULT_SETTINGS_FILE)))
+        if not src.exists():  # settings given otherwise (tests, embedding): nothing to watch
+            return ""
+        try:
+            now = ClusterSettings.load(src)
+        except Exception:  # noqa: BLE001 - the next restart reports it, naming the key
+            return ""
+        diffs = [f"{what} {old} -> {new}" for what, old, new in (
+            ("overlay", self.settings.overlay, now.overlay),
+            ("pod MTU", self.settings.pod_mtu, now.pod_mtu)) if old != new]
+        msg = ""
+        if diffs:
+            msg = (f"the ConfigMap changed ({', '.join(diffs)}): restart the agent to apply it "
+                   "(kubectl -n pcn-system rollout restart daemonset/pcn-agent)")
+        if msg and msg != self._restart_warned:
+            log.warning("node %s: %s", self.node_name, msg)
+        self._restart_warned = msg
+        return msg
+
     def _blame(self, verdicts: dict[tuple[str, str, str], Verdict], op: Any, err: str) -> None:
         """Turn a data-plane failure into the status of the object behind it."""
         if op.kind in ("set-function", "delete-function") and isinstance(op.key, str) \
@@ -321,7 +359,9 @@ class Agent:
             self.up_error = "the Node has no InternalIP or spec.podCIDR yet"
             return False
         s = self.settings
-        vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
+        vtep = ""
+        if s.overlay == "vxlan":
+            vtep = vtep_for(s, pod_cidr, (me.get("metadata") or {}).get("annotations") or {})
         loop = asyncio.get_running_loop()
         # pyroute2's synchronous API runs its own event loop: keep it off ours.
         uplink = await loop.run_in_executor(None, _interface_with, self.netns, node_ip)
@@ -331,7 +371,8 @@ class Agent:
             return False
         vteps_len = int(s.vtepsRange.split("/")[1])
         cfg = NodeConfig(name=self.node_name, netns=self.netns, uplink=uplink, node_ip=node_ip,
-                         pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}", mtu=s.mtu,
+                         pod_cidr=pod_cidr, vtep=f"{vtep}/{vteps_len}" if vtep else "",
+                         mtu=s.pod_mtu, overlay=s.overlay,
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range,
                          session_timeouts=s.session_timeouts,
@@ -349,8 +390,9 @@ class Agent:
         self.manager = DataplaneManager(node)
         self._start_local_api()
         loop.run_in_executor(None, self.manager.warm_up)  # in the background
-        log.info("node %s data plane %s (pod CIDR %s, VTEP %s, uplink %s)", self.node_name,
-                 "adopted" if node.rt.adopted else "built", pod_cidr, vtep, uplink)
+        log.info("node %s data plane %s (pod CIDR %s, overlay %s, VTEP %s, uplink %s, pod "
+                 "MTU %d)", self.node_name, "adopted" if node.rt.adopted else "built", pod_cidr,
+                 s.overlay, vtep or "-", uplink, s.pod_mtu)
         return True
 
     def _start_local_api(self) -> None:

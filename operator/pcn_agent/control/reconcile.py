@@ -206,15 +206,22 @@ def vtep_for(settings: ClusterSettings, pod_cidr: str, annotations: Mapping[str,
 
 
 def peers_of(inputs: Inputs) -> frozenset[PeerNode]:
+    """Every node with an InternalIP and a spec.podCIDR (this one too: the
+    wiring skips it), with its VTEP address over VXLAN (a node whose VTEP
+    cannot be derived is left out, see vtep_for) and none ("") with direct
+    routing, where the node IP is the next hop (wiring.peer_routes)."""
     out = set()
+    vxlan = inputs.settings.overlay == "vxlan"
     for n in inputs.nodes:
         ip, cidr = node_addresses(n)
         if not ip or not cidr:
             continue  # not ready for the overlay yet
-        try:
-            vtep = vtep_for(inputs.settings, cidr, _meta(n).get("annotations") or {})
-        except ValueError:
-            continue
+        vtep = ""
+        if vxlan:
+            try:
+                vtep = vtep_for(inputs.settings, cidr, _meta(n).get("annotations") or {})
+            except ValueError:
+                continue
         out.add(PeerNode(_meta(n).get("name", ""), ip, cidr, vtep))
     return frozenset(out)
 

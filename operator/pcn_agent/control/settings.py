@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pcn_agent.dataplane.sessions import MAX_LIFETIME_S, SessionTimeouts
 
 DEFAULT_FILE = Path("/etc/pcn/config.json")
+UNDERLAY_MTU = 1500  # Ethernet's (RFC 894): what pod_mtu assumes when `mtu` is unset
+# The bytes VXLAN adds to a pod's IP packet: outer IPv4 (20), UDP (8), VXLAN (8)
+# and inner Ethernet (14) headers (RFC 7348 section 5).
+VXLAN_OVERHEAD = 50
 
 
 def _lifetime(default: int, what: str) -> int:
@@ -24,13 +28,16 @@ class ClusterSettings(BaseModel):
     """Values are strings in a ConfigMap; they are parsed and checked here."""
 
     model_config = ConfigDict(extra="ignore")
-    mtu: int = Field(1450, ge=576, le=9000,
-                     description="Pod MTU: 1450 leaves room for VXLAN on a 1500 network.")
+    mtu: int | None = Field(None, ge=576, le=9000, description=(
+        "Pod MTU; unset (or empty, or \"auto\"): the mode's, see pod_mtu."))
     serviceClusterIPRange: str = "10.96.0.0/12"
     serviceNodePortRange: str = "30000-32767"
     vtepsRange: str = "10.18.0.0/16"
     podCIDR: str = Field("10.244.0.0/16", description="The cluster's pod network (all nodes).")
-    overlay: Literal["vxlan", "direct"] = "vxlan"
+    overlay: Literal["vxlan", "none"] = Field("vxlan", description=(
+        "How pod traffic reaches other nodes: vxlan (encapsulated, any underlay) or "
+        "none (routed to the peer's node IP unencapsulated: the nodes must share an L2 "
+        "segment, or the underlay must route every node's pod CIDR to it)."))
     snatPortRange: str = "61000-65535"
     # Session lifetimes, whole seconds without a packet, by protocol and state
     # (pcn_agent.dataplane.sessions.SessionTimeouts has the defaults and where
@@ -47,6 +54,22 @@ class ClusterSettings(BaseModel):
     sessionTimeoutICMP: int = _lifetime(30, "ICMP echo")
     sessionGCInterval: int = Field(10, ge=1, le=3600, description=(
         "Seconds between two passes of the session garbage collector."))
+
+    @field_validator("mtu", mode="before")
+    @classmethod
+    def _auto_mtu(cls, v: object) -> object:
+        """ConfigMap values are strings: "" or "auto" leave the MTU to the mode."""
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "auto")):
+            return None
+        return v
+
+    @field_validator("overlay", mode="before")
+    @classmethod
+    def _overlay(cls, v: object) -> object:
+        """"direct" (the name an earlier ConfigMap documented) is "none"."""
+        if isinstance(v, str) and v.strip().lower() == "direct":
+            return "none"
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("serviceClusterIPRange", "vtepsRange", "podCIDR")
     @classmethod
@@ -76,6 +99,16 @@ class ClusterSettings(BaseModel):
                 if ipaddress.IPv4Network(na).overlaps(ipaddress.IPv4Network(nb)):
                     raise ValueError(f"{a} {na} overlaps {b} {nb}")
         return self
+
+    @property
+    def pod_mtu(self) -> int:
+        """The pods' interface MTU in bytes: `mtu` when set, else that of a
+        1500-byte underlay less the mode's encapsulation (VXLAN_OVERHEAD for
+        vxlan, nothing for none: direct routing sends the pods' packets as
+        they are, as Calico's and Flannel's host-gw modes do)."""
+        if self.mtu is not None:
+            return self.mtu
+        return UNDERLAY_MTU - (VXLAN_OVERHEAD if self.overlay == "vxlan" else 0)
 
     @property
     def nodeport_range(self) -> tuple[int, int]:

@@ -7,7 +7,10 @@ The bridge joins the node's pods on one L2 segment (the node's pod CIDR); the
 router is their gateway, reaches other nodes' pod CIDRs through the kernel
 VXLAN device (one all-zero FDB entry per remote node, the rest learned) and
 the outside world through the node's NIC, which it shares with the host
-stack. The lbrp on every pod port translates ClusterIP services; the
+stack. With the overlay "none" (direct routing, `NodeConfig.overlay`) there
+is no VXLAN device: the router sends other nodes' pod traffic out of the NIC
+to their node IPs, unencapsulated (`peer_routes`), which needs the nodes on
+one L2 segment or an underlay that routes the pod CIDRs. The lbrp on every pod port translates ClusterIP services; the
 k8sdispatcher on the NIC does NodePort and masquerading. The node's own stack
 meets the router on the host link (a veth pair), where an lbrp translates the
 node's own connections to its NodePorts, which the entry program on its lo
@@ -50,6 +53,11 @@ from pcn_policy.rules import AddressSet, PodPolicy
 log = logging.getLogger(__name__)
 
 VXLAN_DEV = "pcn-vxlan"
+OVERLAY_VXLAN = "vxlan"
+OVERLAY_NONE = "none"  # direct routing
+OVERLAYS = (OVERLAY_VXLAN, OVERLAY_NONE)
+VXLAN_PORT = "vxlan"  # the router's ports towards other nodes
+UPLINK_PORT = "uplink"
 # The host link: a veth pair between the node's own stack (HOST_DEV) and the
 # router's "host" port (HOST_CUBE_DEV), so that the kubelet's probes reach the
 # node's pods and pods reach services the node itself serves on its address.
@@ -79,8 +87,11 @@ class NodeConfig:
     uplink: str  # the node's NIC
     node_ip: str  # address of the uplink, the VXLAN underlay source
     pod_cidr: str  # this node's pods, e.g. 10.244.1.0/24
-    vtep: str  # router address on the overlay, e.g. 10.18.0.1/16 (ConfigMap vtepsRange)
+    vtep: str  # router address on the overlay, e.g. 10.18.0.1/16 (ConfigMap vtepsRange); "" with overlay none
     mtu: int = 1450
+    # "vxlan": other nodes' pods over the VXLAN device; "none": routed to their
+    # node IPs through the NIC, unencapsulated (ConfigMap overlay)
+    overlay: str = OVERLAY_VXLAN
     vni: int = 42
     vxlan_port: int = 4789
     cluster_pod_cidr: str = "10.244.0.0/16"
@@ -113,7 +124,21 @@ class NodeConfig:
 
     @property
     def vtep_ip(self) -> str:
-        return str(ipaddress.IPv4Interface(self.vtep).ip)
+        return str(ipaddress.IPv4Interface(self.vtep).ip) if self.vtep else ""
+
+    @property
+    def return_ip(self) -> str:
+        """The address a remote pod backend of a NodePort (Cluster policy)
+        answers, so that its reply comes back here to be translated: the
+        VTEP address over VXLAN, the pod CIDR's network address (routed to
+        this node like its pods) with direct routing."""
+        return self.vtep_ip if self.overlay == OVERLAY_VXLAN else self.host_pod_ip
+
+    def __post_init__(self) -> None:
+        if self.overlay not in OVERLAYS:
+            raise ValueError(f"overlay {self.overlay!r} is not one of {', '.join(OVERLAYS)}")
+        if self.overlay == OVERLAY_VXLAN and not self.vtep:
+            raise ValueError("the vxlan overlay needs the node's VTEP address")
 
 
 @dataclass(frozen=True)
@@ -121,7 +146,53 @@ class PeerNode:
     name: str
     node_ip: str
     pod_cidr: str
-    vtep_ip: str
+    vtep_ip: str  # "" with overlay none
+
+
+@dataclass(frozen=True)
+class PeerRoute:
+    """The router's route to one other node's pods: `port` (a router port
+    name) and the next hop's address."""
+    pod_cidr: str
+    port: str
+    nexthop: str
+
+
+def peer_routes(cfg: NodeConfig, peers: Iterable[PeerNode], uplink_net: str
+                ) -> tuple[dict[str, PeerRoute], dict[str, str]]:
+    """The routes to the other nodes' pod CIDRs, by peer name, and the peers
+    that get none with why (by name). `uplink_net`: the NIC's network, e.g.
+    192.168.100.0/24.
+
+    vxlan: via the peer's VTEP address on the router's "vxlan" port (the
+    kernel's VXLAN device finds the node IP in its FDB). none: via the peer's
+    node IP on the "uplink" port when it lies on the NIC's network (an L2
+    neighbour, resolved with ARP: Flannel's host-gw and Calico without
+    encapsulation ask the same), else via the node's default gateway, which
+    must then route the peer's pod CIDR (Calico's BGP peering with the
+    network's routers); with no gateway the peer is unreachable (the
+    cluster CIDR's guard drops its pods' traffic) and reported. This node
+    itself gets no route."""
+    routes: dict[str, PeerRoute] = {}
+    skipped: dict[str, str] = {}
+    net = ipaddress.IPv4Network(uplink_net, strict=False)
+    for p in peers:
+        if p.name == cfg.name:
+            continue
+        if cfg.overlay == OVERLAY_VXLAN:
+            if not p.vtep_ip:
+                skipped[p.name] = "it has no VTEP address"
+                continue
+            routes[p.name] = PeerRoute(p.pod_cidr, VXLAN_PORT, p.vtep_ip)
+        elif ipaddress.IPv4Address(p.node_ip) in net:
+            routes[p.name] = PeerRoute(p.pod_cidr, UPLINK_PORT, p.node_ip)
+        elif cfg.default_gateway:
+            routes[p.name] = PeerRoute(p.pod_cidr, UPLINK_PORT, cfg.default_gateway)
+        else:
+            skipped[p.name] = (f"its node IP {p.node_ip} is not on the uplink's network "
+                               f"{net} and there is no default gateway: direct routing "
+                               "needs L2 adjacency or an underlay that routes pod CIDRs")
+    return routes, skipped
 
 
 @dataclass
@@ -200,6 +271,10 @@ class NodeDataplane:
         self.session_collector: sessions.SessionCollector | None = None
         self.session_gc: sessions.SessionGC | None = None
         self._batch_depth = 0
+        self._vxlan_created = False
+        # "vxlan -> none" when this agent adopted a data plane built with the
+        # other overlay and converted it (_switch_overlay), else ""
+        self.overlay_switched = ""
         self._unsaved = False  # a save() asked for inside a batch, done at its end
         # Observation taps (packet captures) by port id: (from the pod, to the
         # pod), outermost on the port. Not saved: a capture ends with the agent.
@@ -259,26 +334,67 @@ class NodeDataplane:
         b_up = self.bridge.add_port("uplink")
         self.rt.connect_ports(r_pods, b_up)
 
-        vx_mac = self._create_vxlan()
-        r_vx = self.router.add_port("vxlan", c.vtep, mac=vx_mac)
         nic_addr, nic_mac = self._uplink_address()
-        r_up = self.router.add_port("uplink", nic_addr, mac=nic_mac, flags=maps.PORT_HOST_SHARED)
+        r_up = self.router.add_port(UPLINK_PORT, nic_addr, mac=nic_mac,
+                                    flags=maps.PORT_HOST_SHARED)
         if c.default_gateway:
-            self.router.add_route("0.0.0.0/0", "uplink", nexthop=c.default_gateway)
+            self.router.add_route("0.0.0.0/0", UPLINK_PORT, nexthop=c.default_gateway)
         self._guard_cluster_cidr()
 
         self.dispatcher = Dispatcher(self.rt, DISPATCHER, self.lb.services,
                                      self._dispatcher_config())
-        self.dispatcher.configure(r_up.id, r_vx.id)
+        self.dispatcher.configure(r_up.id, 0)
         disp = [self.rt.stacked(DISPATCHER)]
         # Hooks first, netdevs second: no packet crosses a port before its cubes are there.
         self.rt.set_hook(r_up, maps.HOOK_INGRESS, disp)
         self.rt.set_hook(r_up, maps.HOOK_EGRESS, disp)
-        self.rt.set_hook(r_vx, maps.HOOK_INGRESS, disp)
-        self.rt.connect_netdev(r_vx, VXLAN_DEV)
+        self.rt.meta["overlay"] = c.overlay
+        if c.overlay == OVERLAY_VXLAN:
+            self._add_overlay_port()
         self.rt.connect_netdev(r_up, c.uplink)
-        self.rt.meta["vxlan_created"] = self._vxlan_created
         self._build_host_link()
+
+    def _add_overlay_port(self) -> None:
+        """The VXLAN device and the router's port on it, its ingress under
+        the dispatcher (replies of remote NodePort backends), and the
+        dispatcher told the port."""
+        assert self.router is not None and self.dispatcher is not None
+        vx_mac = self._create_vxlan()
+        self.rt.meta["vxlan_created"] = self._vxlan_created or \
+            self.rt.meta.get("vxlan_created", False)
+        r_vx = self.router.add_port(VXLAN_PORT, self.cfg.vtep, mac=vx_mac)
+        self.rt.set_hook(r_vx, maps.HOOK_INGRESS, [self.rt.stacked(DISPATCHER)])
+        self.rt.connect_netdev(r_vx, VXLAN_DEV)
+        self.dispatcher.configure(self.router.port(UPLINK_PORT).id, r_vx.id)
+
+    def _switch_overlay(self, old: str) -> None:
+        """An adopted data plane built with overlay `old`, this agent's
+        configuration another: the other nodes' routes are withdrawn (the
+        reconciler's next set_peers adds them on the new path), the VXLAN
+        port and device made or removed, the dispatcher told the return
+        address. Pods keep their MTU until they are recreated (a pod at
+        1500 behind a VXLAN overlay is told the path's MTU by the router's
+        "fragmentation needed", RFC 1191)."""
+        assert self.router is not None and self.dispatcher is not None
+        new = self.cfg.overlay
+        log.warning("node %s: overlay changed from %s to %s (ConfigMap overlay): moving the "
+                    "routes to %d other node(s); pods made before keep their MTU until "
+                    "recreated, new pods get %d", self.cfg.name, old, new, len(self.peers),
+                    self.cfg.mtu)
+        for peer in self.peers.values():
+            self.router.remove_route(peer.pod_cidr)
+        self.peers.clear()
+        if new == OVERLAY_VXLAN:
+            self._add_overlay_port()
+        else:
+            if VXLAN_PORT in self.router.cube.ports:
+                self.router.remove_port(VXLAN_PORT)
+            self.dispatcher.configure(self.router.port(UPLINK_PORT).id, 0)
+            if self.rt.meta.pop("vxlan_created", False):
+                _del_link(self.rt, VXLAN_DEV)
+        self._vxlan_created = bool(self.rt.meta.get("vxlan_created", False))
+        self.rt.meta["overlay"] = new
+        self.overlay_switched = f"{old} -> {new}"
 
     def _guard_cluster_cidr(self) -> None:
         """Pod addresses the node has no route for (no node owns that part of
@@ -391,11 +507,12 @@ class NodeDataplane:
 
     def _dispatcher_config(self) -> DispatcherConfig:
         c = self.cfg
-        vteps = str(ipaddress.IPv4Interface(c.vtep).network)
+        vteps = (str(ipaddress.IPv4Interface(c.vtep).network),) \
+            if c.overlay == OVERLAY_VXLAN else ()
         return DispatcherConfig(
-            node_ip=c.node_ip, vtep_ip=c.vtep_ip, local_pods=c.pod_cidr,
+            node_ip=c.node_ip, vtep_ip=c.return_ip, local_pods=c.pod_cidr,
             pod_networks=(c.cluster_pod_cidr,),
-            no_snat=(c.cluster_pod_cidr, c.service_cidr, vteps),
+            no_snat=(c.cluster_pod_cidr, c.service_cidr, *vteps),
             nodeport_range=c.nodeport_range, snat_range=c.snat_range)
 
     def _restore(self) -> None:
@@ -414,6 +531,9 @@ class NodeDataplane:
         for p in self.rt.meta.get("peers", []):
             peer = PeerNode(**p)
             self.peers[peer.name] = peer
+        old_overlay = self.rt.meta.get("overlay", OVERLAY_VXLAN)  # older agents: vxlan only
+        if old_overlay != self.cfg.overlay:
+            self._switch_overlay(old_overlay)
         for key, p in self.rt.meta.get("pods", {}).items():
             port = self.rt.ports.get(p.get("port", -1))
             if port is None or port.id in self.rt.vanished_ports:
@@ -525,24 +645,34 @@ class NodeDataplane:
                             f"{self.cfg.uplink}; set the node IP of the uplink interface")
 
     def set_peers(self, peers: list[PeerNode]) -> None:
-        """Make the overlay match `peers` (idempotent): FDB flood entries and one
-        route per remote pod CIDR via that node's VTEP."""
+        """Make the routes to other nodes match `peers` (idempotent), as
+        peer_routes computes them: over VXLAN also the device's FDB flood
+        entries, one per peer node IP. A peer direct routing cannot reach
+        is logged and left out (the reconciler offers it again)."""
         assert self.router is not None and self.rt.ipr is not None
-        idx = self.rt.ifindex(VXLAN_DEV)
-        wanted = {p.name: p for p in peers if p.name != self.cfg.name}
+        vxlan = self.cfg.overlay == OVERLAY_VXLAN
+        idx = self.rt.ifindex(VXLAN_DEV) if vxlan else 0
+        up = self.router.port(UPLINK_PORT)
+        routes, skipped = peer_routes(self.cfg, peers, f"{up.ip}/{up.prefixlen}")
+        wanted = {p.name: p for p in peers if p.name in routes}
+        for name, why in skipped.items():
+            log.error("node %s: no route to node %s's pods: %s", self.cfg.name, name, why)
         for name, old in list(self.peers.items()):
             if name not in wanted or wanted[name] != old:
-                self._fdb("del", idx, old.node_ip)
+                if vxlan:
+                    self._fdb("del", idx, old.node_ip)
                 self.router.remove_route(old.pod_cidr)
                 del self.peers[name]
         for name, peer in wanted.items():
             if name in self.peers:
                 continue
-            self._fdb("append", idx, peer.node_ip)
-            self.router.add_route(peer.pod_cidr, "vxlan", nexthop=peer.vtep_ip)
+            r = routes[name]
+            if vxlan:
+                self._fdb("append", idx, peer.node_ip)
+            self.router.add_route(r.pod_cidr, r.port, nexthop=r.nexthop)
             self.peers[name] = peer
-            log.info("node %s: route %s via %s (node %s)", self.cfg.name, peer.pod_cidr,
-                     peer.vtep_ip, peer.node_ip)
+            log.info("node %s: route %s via %s on %s (node %s)", self.cfg.name, r.pod_cidr,
+                     r.nexthop, r.port, peer.node_ip)
         self.save()
 
     def _fdb(self, op: str, idx: int, dst: str) -> None:
