@@ -482,6 +482,27 @@ def test_a_revoked_connection_stays_stopped_and_resumes_when_allowed_again(
     assert "revoked" not in c["flags"] and c["rule"] == str(ref("gone", d))
 
 
+def test_an_empty_policy_tracks_and_a_later_deny_revokes(lab: PolLab) -> None:
+    """A pod no policy selects any more keeps an empty policy: everything
+    passes, but its connections stay tracked with their opener, so a deny
+    that comes later stops them (unstacked and stacked again, the
+    connection's next packet would be picked up as the pod's own reply)."""
+    lab.pol.set_address_set(aset("peer", f"{PEER}/32"))
+    lab.pol.set_pod(lab.pid, one_way(IN, Rule("peer", ref=ref("in"))))
+    sport = next(_ports)
+    assert lab.to_pod(tcp_pkt(PEER, POD, sport, 80)) == "pass"
+    assert lab.from_pod(tcp_pkt(POD, PEER, 80, sport, TCP_SYN | TCP_ACK)) == "pass"
+    lab.pol.set_pod(lab.pid, PodPolicy())  # the last policy selecting it went
+    assert lab.to_pod(tcp_pkt(PEER, POD, sport, 80, TCP_ACK)) == "pass"
+    [c] = [c for c in lab.pol.connections(lab.pid) if c["sport"] == sport]
+    assert (c["src"], c["direction"], c["rule"]) == (PEER, "ingress", "default")
+    lab.pol.set_pod(lab.pid, one_way(IN))  # a deny-all comes
+    assert lab.to_pod(tcp_pkt(PEER, POD, sport, 80, TCP_ACK)) == "drop"
+    assert lab.from_pod(tcp_pkt(POD, PEER, 80, sport, TCP_ACK)) == "drop"
+    [c] = [c for c in lab.pol.connections(lab.pid) if c["sport"] == sport]
+    assert "revoked" in c["flags"]
+
+
 @pytest.mark.parametrize("d", [IN, OUT], ids=["ingress", "egress"])
 @pytest.mark.parametrize("first", [0, TCP_ACK, TCP_FIN, TCP_ACK | TCP_FIN],
                          ids=["no-flags", "ack", "fin", "fin-ack"])

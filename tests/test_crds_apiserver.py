@@ -144,7 +144,7 @@ def test_valid_functions_are_accepted(kubectl: list[str], spec: dict) -> None:
     ({"type": "policer", "config": {"rate": "1G", "scope": "node"}},
      'spec.config.scope: Unsupported value: "node"'),
     ({"type": "policer", "config": {"rate": "10M", "defaultAction": "drop"}},
-     "spec.config: Forbidden: rules, defaultAction: field(s) of a firewall"),
+     "spec.config: Forbidden: rules, defaultAction, allowReplies: field(s) of a firewall"),
     ({"type": "firewall", "config": {"rate": "10M"}},
      "spec.config: Forbidden: rate, burst, scope: field(s) of a policer"),
     ({"type": "nat"}, 'spec.type: Unsupported value: "nat"'),

@@ -206,7 +206,7 @@ def test_a_revoked_connection_stops_and_counters_show_the_rule(cluster, types) -
         client = subprocess.Popen(
             [sys.executable, "-m", "pcn_lab.cli", "--dir", str(d), "exec", "ya", "--",
              sys.executable, "-m", "pcn_lab.probe", "tcp", ips["xa"], str(PORT), "--bytes",
-             "40000000", "--rate", "2000000", "--timeout", "30"],
+             "160000000", "--rate", "2000000", "--timeout", "30"],
             stdout=subprocess.PIPE, text=True)
         try:
             def rule_packets() -> int:
@@ -222,14 +222,17 @@ def test_a_revoked_connection_stops_and_counters_show_the_rule(cluster, types) -
             first = _wait("the rule's counter", rule_packets, timeout=30)
             _wait("the rule's counter to rise", lambda: rule_packets() > first, timeout=30)
             api.delete("/apis/networking.k8s.io/v1/namespaces/np-x/networkpolicies/ya-in")
+            # the agents apply the cluster without any policy first (yb gets in
+            # again): the connection must still be known when the deny comes
+            eventually(d, "yb", ips["xa"], True)
             api.create(netpol("ya-in", "np-x", {
                 "podSelector": {"matchLabels": {"app": "a"}},
                 "policyTypes": types, "ingress": [], **egress}))
-            out, _ = client.communicate(timeout=60)
+            out, _ = client.communicate(timeout=150)
         finally:
             client.kill()
         r = json.loads(out.strip().splitlines()[-1])
-        assert not r["ok"], r  # cut off before its 40 MB at 2 MB/s
+        assert not r["ok"], r  # cut off before its 160 MB at 2 MB/s (80 s)
     finally:
         api.delete("/apis/networking.k8s.io/v1/namespaces/np-x/networkpolicies/ya-in")
     eventually(d, "ya", ips["xa"], True)

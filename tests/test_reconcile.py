@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -553,6 +554,10 @@ def test_once_a_policy_exists_every_pod_of_the_node_is_tracked() -> None:
     empty = desired.policies["c2"]
     assert not empty.enforced and not empty.ingress.rules and not empty.egress.rules
     assert desired_state(_policy_inputs([])).desired.policies == {}
+    # once tracking, the last policy gone: every pod stays tracked (a policy
+    # created later must still know who opened each connection)
+    after = desired_state(replace(_policy_inputs([]), tracking=True)).desired.policies
+    assert set(after) == {"c1", "c2"} and not any(p.enforced for p in after.values())
 
 
 # ----------------------------------------------------------------------------- policers

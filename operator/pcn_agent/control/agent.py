@@ -197,7 +197,7 @@ class Agent:
             functions=list(self.store["NetworkFunction"].values()),
             chains=list(self.store["CubeChain"].values()),
             nodeportrules=list(self.store["NodePortRule"].values()),
-            last_good=self.last_good)
+            last_good=self.last_good, tracking=bool(self.manager.current.policies))
         result = desired_state(inputs)
         if result.last_good != self.last_good:
             self.last_good = result.last_good

@@ -147,6 +147,10 @@ class Inputs:
     namespaces: list[Obj] = field(default_factory=list)
     networkpolicies: list[Obj] = field(default_factory=list)
     clusternetworkpolicies: list[Obj] = field(default_factory=list)
+    # The node's policy cube tracks its pods' connections now (the agent's
+    # last applied state has pod policies): tracking then goes on even when
+    # the last policy goes (see policies_of)
+    tracking: bool = False
     # Fail closed: an object whose new version is invalid keeps the last valid
     # one in force (Result.last_good of the previous pass), reported not Ready.
     last_good: Mapping[ObjectKey, Obj] = field(default_factory=dict)
@@ -782,10 +786,15 @@ def policies_of(inputs: Inputs) -> tuple[dict[str, PodPolicy], dict[str, Address
     (without an entry, a TCP packet that starts nothing is judged both as
     sent and as the reply of a connection opened the other way, and a
     connection revoked while its pod was unselected would come back that
-    way). None at all when the cluster has no policy: then no pod carries
-    the policy cube, and pays nothing for it."""
+    way). Tracking, once begun, goes on when the last policy goes
+    (`Inputs.tracking`): a policy created later then still finds every
+    connection's opener (with the cube unstacked and stacked again, a
+    connection it disallows would be picked up as a reply). A node that never
+    saw a policy carries no policy cube and pays nothing for it."""
     if not inputs.networkpolicies and not inputs.clusternetworkpolicies:
-        return {}, {}
+        if not inputs.tracking:
+            return {}, {}
+        return {key: PodPolicy() for key in inputs.attachments}, {}
     compiled = netpol.compile_node(netpol.Cluster(
         network_policies=inputs.networkpolicies,
         cluster_network_policies=inputs.clusternetworkpolicies,

@@ -359,15 +359,13 @@ class PolicyCube:
         written under a new generation, one config update switches to them,
         the old ones are deleted; the epoch is bumped so tracked connections
         are judged again. Nothing is written when the policy is unchanged.
-        An empty policy (no rule, not isolated) is remove_pod(). Raises
-        PolicyError for more than MAX_RULES rules in a direction or a rule
-        whose address set is unknown (set_address_set() it first)."""
+        An empty policy (no rule, not isolated) allows everything and tracks
+        the pod's connections (so that a later policy knows which end opened
+        each); remove_pod() is what stops tracking. Raises PolicyError for
+        more than MAX_RULES rules in a direction or a rule whose address set
+        is unknown (set_address_set() it first)."""
         old = self.pods.get(port_id)
         if old is not None and old.policy == policy:
-            return
-        if not policy.ingress.rules and not policy.egress.rules and \
-                not policy.ingress.isolated and not policy.egress.isolated:
-            self.remove_pod(port_id)
             return
         for d in (policy.ingress, policy.egress):
             if len(d.rules) > MAX_RULES:
