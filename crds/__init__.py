@@ -6,11 +6,12 @@ generated from them (`make crds`), and a test fails when the two drift.
 
 from .common import GROUP, VERSION, Condition, ObjectMeta, ResourceStatus
 from .cubechain import CubeChain, CubeChainSpec, FunctionRef, LabelSelector
+from .cubetype import CubeType, CubeTypeSpec
 from .networkfunction import FUNCTION_TYPES, FirewallConfig, FirewallRule, NetworkFunction
 from .nodeportrule import NodePortRule, NodePortRuleSpec
 
 __all__ = [
     "GROUP", "VERSION", "Condition", "ObjectMeta", "ResourceStatus", "CubeChain",
-    "CubeChainSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES", "FirewallConfig",
+    "CubeChainSpec", "CubeType", "CubeTypeSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES", "FirewallConfig",
     "FirewallRule", "NetworkFunction", "NodePortRule", "NodePortRuleSpec",
 ]
