@@ -147,7 +147,7 @@ def test_valid_functions_are_accepted(kubectl: list[str], spec: dict) -> None:
      "spec.config: Forbidden: rules, defaultAction: field(s) of a firewall"),
     ({"type": "firewall", "config": {"rate": "10M"}},
      "spec.config: Forbidden: rate, burst, scope: field(s) of a policer"),
-    ({"type": "nat"}, 'spec.type: Unsupported value: "nat"'),
+    ({"type": "Nat"}, 'spec.type: Invalid value: "Nat"'),
 ], ids=["no-rate", "no-config", "rate-too-small", "rate-not-a-quantity", "burst-too-big",
         "bad-scope", "firewall-field-on-policer", "policer-field-on-firewall", "unknown-type"])
 def test_invalid_functions_are_refused_with_the_field(kubectl: list[str], spec: dict,
