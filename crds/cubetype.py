@@ -189,8 +189,11 @@ def upper_snake(name: str) -> str:
 
 
 def param_layout(schema: Mapping[str, Any]) -> tuple[Param, ...]:
-    """The parameters of a restricted schema, indexed in the order of its
-    properties (index = the word of the map value). SchemaError listing
+    """The parameters of a restricted schema, indexed in the alphabetical
+    order of their names (index = the word of the map value): the API server
+    keeps an object's keys in no particular order (it returns them sorted),
+    so the order they were written in cannot be what indexes them. The
+    source uses the generated names, never numbers. SchemaError listing
     every fault otherwise."""
     errors: list[str] = []
     if not isinstance(schema, Mapping):
@@ -215,7 +218,7 @@ def param_layout(schema: Mapping[str, Any]) -> tuple[Param, ...]:
         errors.append(f"parameters.properties: at most {MAX_PARAMS} parameters")
     out: list[Param] = []
     defines: dict[str, str] = {}
-    for index, (name, prop) in enumerate(props.items()):
+    for index, (name, prop) in enumerate(sorted(props.items())):
         where = f"parameters.properties.{name}"
         if not PARAM_NAME.match(str(name)):
             errors.append(f"{where}: a name is camelCase letters and digits, up to 31")
@@ -389,6 +392,8 @@ def encode(params: tuple[Param, ...], values: tuple[tuple[str, ParamValue], ...]
                 raise ValueError(f"{p.name}: {v!r} is not one of {', '.join(p.enum)}")
             words.append(p.enum.index(str(v)))
         else:
+            if not _is_ipv4(v):
+                raise ValueError(f"{p.name}: {v!r} is not an IPv4 address")
             packed = ipaddress.IPv4Address(str(v)).packed
             words.append(int.from_bytes(packed, sys.byteorder))
     return words

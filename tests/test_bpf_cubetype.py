@@ -223,3 +223,53 @@ def test_a_verifier_refusal_names_the_users_line(lab: CtLab) -> None:
     d = err.value.diagnostics[0]
     assert d.stage == "verify" and d.line == 4, d
     assert "packet" in d.message, d
+
+
+def test_an_agent_restart_keeps_custom_cubes_running() -> None:
+    """A new runtime adopting the pins finds the type's slot with the
+    program the previous agent put there (packets are still marked before
+    anything is compiled again), the instance's settings and counters; the
+    type compiled again goes into the same slot."""
+    from pcn_agent.dataplane.runtime import Runtime
+
+    with unit_net(veths=2) as net:
+        rt = net.rt
+        b = Bridge(rt, "b")
+        port, far = b.add_port("a"), b.add_port("b")
+        rt.connect_netdev(port, "u1")
+        rt.connect_netdev(far, "u2")
+        dst_mac = random_mac()
+        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
+            maps.BridgeFdbVal(port=far.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        spec = example()["spec"]
+        built = build(rt, TYPE, spec["source"], spec["parameters"], spec["counters"])
+        slot = rt.install_program(runtime_type(TYPE), built.module, built.fd, PROGRAM)
+        lab = CtLab(net, {"a": port, "b": far}, dst_mac, spec)
+        f = CustomFunction.create(rt, "keep", settings(lab, {"dscp": 8}))
+        rt.set_hook(port, maps.HOOK_INGRESS, [rt.stacked("keep")])
+        assert tos_of(send(lab, udp_frame(lab))[1]) == (8 << 2, True)
+        rt.save()
+        rt.abandon()
+        rt2 = Runtime(net.name, netns=net.name, pin_root=net.pin_root)
+        try:
+            rt2.open()
+            assert rt2.adopted and rt2.adopted_slots == {runtime_type(TYPE): slot}
+            net.rt = rt2
+            Bridge(rt2, "b")
+            again = CustomFunction.adopt(rt2, "keep")
+            assert again.settings == f.settings
+            assert rt2.stacked("keep").slot == slot
+            assert tos_of(send(lab, udp_frame(lab))[1]) == (8 << 2, True)
+            assert again.counters()["marked"] == 2
+            rebuilt = build(rt2, TYPE, spec["source"], spec["parameters"], spec["counters"])
+            assert rt2.install_program(runtime_type(TYPE), rebuilt.module, rebuilt.fd,
+                                       PROGRAM) == slot
+            assert rt2.adopted_slots == {}
+            assert tos_of(send(lab, udp_frame(lab))[1]) == (8 << 2, True)
+            assert again.counters()["marked"] == 3
+            rt2.set_hook(rt2.ports[port.id], maps.HOOK_INGRESS, [])
+            again.delete()
+            rt2.remove_type(runtime_type(TYPE))
+            assert runtime_type(TYPE) not in rt2.types
+        finally:
+            rt2.close()

@@ -108,19 +108,22 @@ VERIFY_OUTPUT = (
 # ----------------------------------------------------------------------------- the schema
 def test_the_layout_indexes_parameters_in_order_with_their_c_names() -> None:
     params = param_layout(EXAMPLE_SCHEMA)
+    # by name: the API server does not keep the order keys were written in
     assert [(p.name, p.index, p.kind) for p in params] == [
-        ("dscp", 0, "integer"), ("protocol", 1, "enum"), ("destination", 2, "ipv4"),
-        ("strict", 3, "boolean"), ("offset", 4, "integer")]
-    assert params[0].required and not params[1].required
+        ("destination", 0, "ipv4"), ("dscp", 1, "integer"), ("offset", 2, "integer"),
+        ("protocol", 3, "enum"), ("strict", 4, "boolean")]
+    assert params[1].required and not params[0].required
     assert c_defines(params, ["marked", "notIpv4"]).splitlines() == [
-        "#define PCN_PARAM_DSCP 0", "#define PCN_PARAM_PROTOCOL 1",
+        "#define PCN_PARAM_DESTINATION 0", "#define PCN_PARAM_DSCP 1",
+        "#define PCN_PARAM_OFFSET 2", "#define PCN_PARAM_PROTOCOL 3",
         "#define PCN_PARAM_PROTOCOL_ANY 0", "#define PCN_PARAM_PROTOCOL_TCP 1",
-        "#define PCN_PARAM_PROTOCOL_UDP 2", "#define PCN_PARAM_DESTINATION 2",
-        "#define PCN_PARAM_STRICT 3", "#define PCN_PARAM_OFFSET 4",
+        "#define PCN_PARAM_PROTOCOL_UDP 2", "#define PCN_PARAM_STRICT 4",
         "#define PCN_COUNTER_MARKED 0", "#define PCN_COUNTER_NOT_IPV4 1"]
+    assert param_layout({**EXAMPLE_SCHEMA, "properties": dict(reversed(
+        EXAMPLE_SCHEMA["properties"].items()))}) == params
     assert upper_snake("onlyToHost2") == "ONLY_TO_HOST2"
-    assert params[0].describe() == "integer 0..63 (required): DSCP"
-    assert params[1].describe() == "one of any|tcp|udp (default any)"
+    assert params[1].describe() == "integer 0..63 (required): DSCP"
+    assert params[3].describe() == "one of any|tcp|udp (default any)"
 
 
 @pytest.mark.parametrize("schema,error", [
@@ -161,7 +164,7 @@ def test_the_layout_indexes_parameters_in_order_with_their_c_names() -> None:
      f"parameters.properties: at most {MAX_PARAMS} parameters"),
     ({"type": "object", "properties": {"aB": {"type": "boolean"}, "a": {
         "type": "string", "enum": ["b"]}}},
-     "PCN_PARAM_A_B is also aB's"),
+     "PCN_PARAM_A_B is also"),
 ], ids=["pattern", "pattern-on-ipv4", "object", "array", "number", "no-maximum", "too-big",
         "min-above-max", "format", "enum-value", "bool-default", "name", "anyOf", "required",
         "additional", "too-many", "define-clash"])
@@ -195,15 +198,17 @@ def test_values_take_defaults_and_encode_as_the_program_reads_them() -> None:
     params = param_layout(EXAMPLE_SCHEMA)
     assert config_errors(params, {"dscp": 46, "offset": -2}) == []
     values = config_values(params, {"dscp": 46, "offset": -2})
-    assert values == (("dscp", 46), ("protocol", "any"), ("destination", "0.0.0.0"),
-                      ("strict", True), ("offset", -2))
+    assert values == (("destination", "0.0.0.0"), ("dscp", 46), ("offset", -2),
+                      ("protocol", "any"), ("strict", True))
     words = encode(params, config_values(params, {"dscp": 46, "protocol": "udp",
                                                   "destination": "10.1.2.3", "offset": -2}))
     # the address as the packet holds it: bytes 10 1 2 3 in memory
-    assert words[2].to_bytes(4, sys.byteorder) == bytes([10, 1, 2, 3])
-    assert words[:2] == [46, 2] and words[3] == 1 and words[4] == 2**64 - 2
-    with pytest.raises(ValueError, match="dscp"):
-        encode(params, (("dscp", 99),))
+    assert words[0].to_bytes(4, sys.byteorder) == bytes([10, 1, 2, 3])
+    assert words[1:] == [46, 2**64 - 2, 2, 1]
+    with pytest.raises(ValueError, match="dscp: 99 is not an integer in 0..63"):
+        encode(params, values[:1] + (("dscp", 99),) + values[2:])
+    with pytest.raises(ValueError, match="destination: None is not an IPv4 address"):
+        encode(params, values[1:])
 
 
 # ----------------------------------------------------------------------------- models
@@ -228,7 +233,7 @@ def test_the_wrapper_keeps_the_source_as_given_at_first_line() -> None:
     w = wrap(VERIFY_SOURCE, params, ["marked"])
     lines = w.text.splitlines()
     assert lines[w.first_line - 1:w.first_line - 1 + w.lines] == VERIFY_SOURCE.splitlines()
-    assert "#define PCN_PARAM_DSCP 0" in lines[:w.first_line]
+    assert "#define PCN_PARAM_DSCP 1" in lines[:w.first_line]
     assert w.user_line(w.first_line) == 1 and w.user_line(w.first_line - 1) is None
     assert w.user_line(w.first_line + w.lines) is None
 

@@ -934,8 +934,8 @@ def test_add_cube_of_a_cubetype_takes_its_parameters(lab: Lab) -> None:
     bad = lab.run("-n", "web", "add-cube", "dscp-marker", "x", "--param", "dscp=64", code=2)
     assert "spec.config.dscp: 64 is greater than the maximum of 63" in bad.stderr
     bad = lab.run("-n", "web", "add-cube", "dscp-marker", "x", "--param", "dcsp=1", code=2)
-    assert "--param dcsp: not a parameter of dscp-marker; it takes dscp, protocol, " \
-           "destination" in bad.stderr
+    assert "--param dcsp: not a parameter of dscp-marker; it takes destination, dscp, " \
+           "protocol" in bad.stderr
     bad = lab.run("-n", "web", "add-cube", "dscp-marker", "x", "--rule", "drop tcp", code=2)
     assert "dscp-marker is a CubeType: give its parameters with --param" in bad.stderr
     bad = lab.run("-n", "web", "add-cube", "no-such-type", "x", code=2)

@@ -239,13 +239,20 @@ class CustomSettings:
     counters: tuple[str, ...]
     values: tuple[tuple[str, ParamValue], ...]
 
-    def to_json(self, schema: Mapping[str, Any]) -> dict[str, Any]:
-        return {"cubetype": self.cubetype, "schema": dict(schema),
+    def to_json(self) -> dict[str, Any]:
+        """As saved with the cube for an agent restart. The parameters are a
+        list: the runtime's state file sorts keys, and a parameter's index
+        is its place."""
+        schema = _schema_of(self.params)
+        return {"cubetype": self.cubetype, "required": schema["required"],
+                "params": [[name, prop] for name, prop in schema["properties"].items()],
                 "counters": list(self.counters), "values": [list(v) for v in self.values]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CustomSettings:
-        return cls(d["cubetype"], param_layout(d["schema"]), tuple(d["counters"]),
+        schema = {"type": "object", "required": list(d["required"]),
+                  "properties": {str(name): prop for name, prop in d["params"]}}
+        return cls(d["cubetype"], param_layout(schema), tuple(d["counters"]),
                    tuple((str(k), v) for k, v in d["values"]))
 
 
@@ -334,8 +341,7 @@ class CustomFunction(FunctionCube):
         for i, w in enumerate(words):
             value.v[i] = w
         self.rt.table("pcn_cube_params")[ct.c_uint32(cube_id)] = value  # one update: atomic
-        self.rt.cube(self.name).config = {
-            "settings": settings.to_json(_schema_of(settings.params))}
+        self.rt.cube(self.name).config = {"settings": settings.to_json()}
 
     def _zero_counters(self, cube_id: int) -> None:
         t = self.rt.table("pcn_cube_ctrs")
