@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import jsonschema
 from pydantic import Field, field_validator
 
 from .common import AGE_COLUMN, READY_COLUMN, REASON_COLUMN, Model, Resource, ResourceStatus
@@ -336,7 +335,13 @@ def config_errors(params: tuple[Param, ...], config: Mapping[str, Any]) -> list[
     """What is wrong with a NetworkFunction's spec.config for this layout,
     each message naming the field (spec.config.<name>: why); [] when valid.
     Checked with the jsonschema library (Draft 2020-12, ipv4 format
-    asserted)."""
+    asserted), imported here: an agent image built before it was a
+    dependency reports the config unchecked instead of failing to start."""
+    try:
+        import jsonschema
+    except ImportError as exc:
+        return [f"spec.config: cannot be checked on this node ({exc}): rebuild the agent's "
+                "image"]
     validator = jsonschema.Draft202012Validator(
         validation_schema(params), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     out: list[str] = []
@@ -360,13 +365,15 @@ ParamValue = int | bool | str
 def config_values(params: tuple[Param, ...], config: Mapping[str, Any]
                   ) -> tuple[tuple[str, ParamValue], ...]:
     """A valid config's values, every parameter present (an absent one takes
-    its default, else 0, false, the first enum value or 0.0.0.0), in index
-    order: the frozen settings of a custom function."""
+    its default, else 0 (its minimum when 0 is out of its range), false, the
+    first enum value or 0.0.0.0), in index order: the frozen settings of a
+    custom function."""
     out: list[tuple[str, ParamValue]] = []
     for p in params:
         v = config.get(p.name, p.default)
         if v is None:
-            v = {"integer": 0, "boolean": False, "enum": p.enum[0] if p.enum else "",
+            zero = 0 if p.minimum <= 0 <= p.maximum else p.minimum
+            v = {"integer": zero, "boolean": False, "enum": p.enum[0] if p.enum else "",
                  "ipv4": "0.0.0.0"}[p.kind]
         out.append((p.name, v))
     return tuple(out)

@@ -256,3 +256,12 @@ def test_verifier_errors_map_to_the_users_lines() -> None:
     assert (d.stage, d.line) == ("verify", 4)
     assert d.message.startswith("invalid access to packet, off=40 size=1")
     assert "processed" not in d.message and "Permission denied" not in d.message
+
+
+def test_an_absent_integer_reads_as_its_minimum_when_zero_is_out_of_range() -> None:
+    params = param_layout({"type": "object", "properties": {
+        "ttl": {"type": "integer", "minimum": 1, "maximum": 255},
+        "delta": {"type": "integer", "minimum": -3, "maximum": 3}}})
+    values = config_values(params, {})
+    assert values == (("delta", 0), ("ttl", 1))
+    assert encode(params, values) == [0, 1]

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from pcn_agent.control.reconcile import CubeTypeInfo
 from pcn_agent.dataplane.cubes.custom import PROGRAM, CubeBuildError, build, runtime_type
 from pcn_agent.dataplane.runtime import Runtime
-from pcn_crds.cubetype import MAX_ERRORS, RESERVED_NAMES, CubeType, Param, SchemaError
+from pcn_crds.cubetype import MAX_ERRORS, RESERVED_NAMES, CubeTypeSpec, Param, SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,14 @@ class CubeTypes:
         st.compiled, st.errors = False, []
         if st.name in RESERVED_NAMES:
             return self._failed(st, "schema", f"{st.name} is a built-in cube type's name")
-        try:
-            ct = CubeType.from_body(obj)
+        try:  # the spec only: the status the agents write is no reason to refuse it
+            ct = CubeTypeSpec.model_validate(dict(spec))
         except ValidationError as exc:
             return self._failed(st, "schema", "; ".join(
-                f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]))
+                f"spec.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                for e in exc.errors()[:5]))
         try:
-            built = build(rt, st.name, ct.spec.source, ct.spec.parameters, ct.spec.counters)
+            built = build(rt, st.name, ct.source, ct.parameters, ct.counters)
         except SchemaError as exc:
             st.errors = [{"stage": "schema", "message": e} for e in exc.errors]
             st.message = f"spec.parameters is outside what a cube can take: {exc.errors[0]}"
