@@ -462,6 +462,8 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "pol_ctrs": (PolCtrKey, PolCtr),
     "pol_epoch": (ct.c_uint32, ct.c_uint32),
     "pol_scratch": (ct.c_uint32, PolScratch),
+    "pcn_cube_params": (ct.c_uint32, CubeParams),  # CubeTypes (pcn_cube_api.h)
+    "pcn_cube_ctrs": (ct.c_uint32, ct.c_uint64),
 }
 
 
