@@ -249,6 +249,16 @@ class FwCfg(ct.Structure):
                 ("flags", ct.c_uint32)]
 
 
+CUBE_MAX_PARAMS = 16  # PCN_CUBE_MAX_PARAMS of bpf/include/pcn_cube_api.h
+
+
+class CubeParams(ct.Structure):
+    """A custom cube instance's parameter words (pcn_cube_api.h's
+    struct pcn_cube_params), by index."""
+
+    _fields_ = [("v", ct.c_uint64 * CUBE_MAX_PARAMS)]
+
+
 class TbfParams(ct.Structure):
     """pcn_tbf.h's bucket parameters: bytes per ns and bytes in 32.32 fixed point."""
 
@@ -468,6 +478,8 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "pol_epoch": (ct.c_uint32, ct.c_uint32),
     "pol_scratch": (ct.c_uint32, PolScratch),
     "fm_flows": (FmKey, FmVal),
+    "pcn_cube_params": (ct.c_uint32, CubeParams),  # CubeTypes (pcn_cube_api.h)
+    "pcn_cube_ctrs": (ct.c_uint32, ct.c_uint64),
 }
 
 
