@@ -317,18 +317,26 @@ def validation_schema(params: tuple[Param, ...]) -> dict[str, Any]:
     """The JSON schema spec.config is checked against: the restricted one,
     rebuilt from the layout (so nothing outside the restriction ever takes
     part) and closed (additionalProperties false)."""
-    props: dict[str, Any] = {}
-    for p in params:
-        if p.kind == "integer":
-            props[p.name] = {"type": "integer", "minimum": p.minimum, "maximum": p.maximum}
-        elif p.kind == "boolean":
-            props[p.name] = {"type": "boolean"}
-        elif p.kind == "enum":
-            props[p.name] = {"type": "string", "enum": list(p.enum)}
-        else:
-            props[p.name] = {"type": "string", "format": "ipv4"}
-    return {"type": "object", "properties": props, "additionalProperties": False,
-            "required": [p.name for p in params if p.required]}
+    return {"type": "object", "properties": {p.name: param_property(p) for p in params},
+            "additionalProperties": False, "required": [p.name for p in params if p.required]}
+
+
+def param_property(p: Param, documented: bool = False) -> dict[str, Any]:
+    """The restricted JSON schema of one parameter; `documented`: with its
+    default and description too (as a CubeType states it)."""
+    if p.kind == "integer":
+        out: dict[str, Any] = {"type": "integer", "minimum": p.minimum, "maximum": p.maximum}
+    elif p.kind == "boolean":
+        out = {"type": "boolean"}
+    elif p.kind == "enum":
+        out = {"type": "string", "enum": list(p.enum)}
+    else:
+        out = {"type": "string", "format": "ipv4"}
+    if documented and p.default is not None:
+        out["default"] = p.default
+    if documented and p.description:
+        out["description"] = p.description
+    return out
 
 
 def config_errors(params: tuple[Param, ...], config: Mapping[str, Any]) -> list[str]:

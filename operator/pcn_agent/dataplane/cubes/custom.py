@@ -47,6 +47,7 @@ from pcn_crds.cubetype import (
     c_defines,
     encode,
     param_layout,
+    param_property,
 )
 
 PREFIX = "cubetype."  # runtime type name of CubeType NAME: cubetype.NAME
@@ -259,20 +260,7 @@ class CustomSettings:
 def _schema_of(params: tuple[Param, ...]) -> dict[str, Any]:
     """A restricted schema that lays out as `params` (saved with a cube, for
     an agent restart to read its settings back)."""
-    props: dict[str, Any] = {}
-    for p in params:
-        if p.kind == "integer":
-            props[p.name] = {"type": "integer", "minimum": p.minimum, "maximum": p.maximum}
-        elif p.kind == "boolean":
-            props[p.name] = {"type": "boolean"}
-        elif p.kind == "enum":
-            props[p.name] = {"type": "string", "enum": list(p.enum)}
-        else:
-            props[p.name] = {"type": "string", "format": "ipv4"}
-        if p.default is not None:
-            props[p.name]["default"] = p.default
-        if p.description:
-            props[p.name]["description"] = p.description
+    props = {p.name: param_property(p, documented=True) for p in params}
     return {"type": "object", "properties": props,
             "required": [p.name for p in params if p.required]}
 
