@@ -114,13 +114,16 @@ def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path:
 def kubelet_pods_cgroup(root: Path | None = None) -> Path:
     """The kubelet's pods cgroup on cgroup v2 (every pod's cgroup is below
     it): kubepods.slice (systemd driver) or kubepods (cgroupfs driver) under
-    the cgroup v2 mount. Raises SocketLBError when neither exists."""
-    base = root if root is not None else cgroup2_mount()
-    for name in KUBELET_POD_CGROUPS:
-        if (base / name).is_dir():
-            return base / name
+    `root` (the host's /sys/fs/cgroup as the agent's container mounts it; a
+    hybrid host's v2 tree is its "unified" directory), else under the cgroup
+    v2 mount. Raises SocketLBError when none exists."""
+    bases = [root, root / "unified"] if root is not None else [cgroup2_mount()]
+    for base in bases:
+        for name in KUBELET_POD_CGROUPS:
+            if (base / name).is_dir():
+                return base / name
     raise SocketLBError(f"no kubelet pods cgroup ({' or '.join(KUBELET_POD_CGROUPS)}) "
-                        f"under {base}")
+                        f"under {bases[0]}")
 
 
 @dataclass
