@@ -54,13 +54,14 @@ class Context:
         print(f"[bench +{time.monotonic() - self.started:6.1f}s] {msg}", file=sys.stderr,
               flush=True)
 
-    def lab(self, stack: ExitStack, nodes: int, pods: int) -> Lab:
-        lab = Lab(nodes_count=nodes, pods_per_node=pods, mtu=MTU)
+    def lab(self, stack: ExitStack, nodes: int, pods: int, socket_lb: bool = False) -> Lab:
+        lab = Lab(nodes_count=nodes, pods_per_node=pods, mtu=MTU, socket_lb=socket_lb)
         self.labs.append(lab)  # its prefix is checked for leftovers at the end
         t = time.monotonic()
         lab.build()  # closes itself if the build fails
         stack.callback(lab.close)
-        self.progress(f"pcn lab {lab.prefix}: {nodes} node(s), {pods} pod(s) per node, "
+        self.progress(f"pcn lab {lab.prefix}: {nodes} node(s), {pods} pod(s) per node"
+                      f"{', socket load balancing' if socket_lb else ''}, "
                       f"built in {time.monotonic() - t:.1f} s")
         return lab
 

@@ -5,6 +5,10 @@ Both variants are built in the same run, side by side, with the same MTU:
 * pcn: a one-node pcn lab; the client pod reaches a ClusterIP that the lbrp
   on its port translates to a backend pod on the same node
   (`NodeDataplane.set_service`, as the agent does).
+* pcn-socklb (pod-to-service only): the same in a lab of its own with socket
+  load balancing (socketLB: true): the client pod runs in its node's cgroup,
+  where sock_lb.c translates the ClusterIP at connect(); the lbrp sees the
+  backend's address and translates nothing.
 * iptables: the `linux-bridge` reference (the reference CNI `bridge` plugin
   with host-local IPAM in a node namespace, pods on its Linux bridge) plus,
   in that node namespace, the nat/filter tables kube-proxy's iptables mode
@@ -44,7 +48,7 @@ from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.node import podnet
 
 from . import iperf, kubeproxy, rr
-from .netns import exec_in, stop
+from .netns import exec_in, in_cgroup, stop
 from .references import BRIDGE_NET, Endpoint, LinuxBridgeCNI
 from .results import Result, now_iso
 from .scenarios import MTU, Context, Variant
@@ -52,6 +56,8 @@ from .scenarios import MTU, Context, Variant
 POD_TO_SERVICE = "pod-to-service"
 SERVICE_SCALE = "service-scale"
 PCN, IPTABLES = "pcn", "iptables"
+PCN_SOCKLB = "pcn-socklb"  # pcn with socket load balancing (pcn_agent.dataplane.socklb)
+RR_RATE = "rr-rate"
 VIP = "10.96.0.10"
 RR_SERVICE_PORT = 80  # -> rr.PORT on the backends
 IPERF_SERVICE_PORT = 5201  # -> iperf.PORT
@@ -134,6 +140,19 @@ def pod_to_service(ctx: Context) -> list[Result]:
         client, backend = lab.pods["n1p1"], lab.pods["n1p2"]
         lab.set_service(VIP, RR_SERVICE_PORT, "tcp", [lab.backend("n1p2", rr.PORT)])
         lab.set_service(VIP, IPERF_SERVICE_PORT, "tcp", [lab.backend("n1p2", iperf.PORT)])
+        # The same, with socket load balancing: the client pod runs in its
+        # node's cgroup, its connect() to the ClusterIP is translated once and
+        # its packets cross the lbrp untranslated.
+        slab = ctx.lab(st, nodes=1, pods=2, socket_lb=True)
+        s_client, s_backend = slab.pods["n1p1"], slab.pods["n1p2"]
+        if slab.node(1).socket_lb is None:
+            raise RuntimeError(f"{POD_TO_SERVICE}: socket load balancing did not attach "
+                               "(see the log): no cgroup v2 or no cgroup sock_addr hooks?")
+        slab.set_service(VIP, RR_SERVICE_PORT, "tcp", [slab.backend("n1p2", rr.PORT)])
+        slab.set_service(VIP, IPERF_SERVICE_PORT, "tcp", [slab.backend("n1p2", iperf.PORT)])
+        assert slab.cgroups is not None
+        in_cgroup(s_client.netns, slab.cgroups.node(slab.node_name(1)))
+        st.callback(in_cgroup, s_client.netns, None)
 
         node, (b_client, b_backend) = _bridge_node(ctx, st, "sv", 2)
         ports = [kubeproxy.ServicePort("bench", "svc", name, VIP, port, "tcp",
@@ -146,8 +165,10 @@ def pod_to_service(ctx: Context) -> list[Result]:
         ctx.progress(f"{POD_TO_SERVICE}: service {VIP} -> {backend.ip} (pcn lbrp) and -> "
                      f"{b_backend.ip} (kube-proxy rules in {node})")
 
-        _servers(st, [(backend.netns, "pcn-backend"), (b_backend.netns, "iptables-backend")])
-        clients = {PCN: Endpoint(client.netns, client.ip), IPTABLES: b_client}
+        _servers(st, [(backend.netns, "pcn-backend"), (b_backend.netns, "iptables-backend"),
+                      (s_backend.netns, "pcn-socklb-backend")])
+        clients = {PCN: Endpoint(client.netns, client.ip), IPTABLES: b_client,
+                   PCN_SOCKLB: Endpoint(s_client.netns, s_client.ip)}
         lat = _latency(ctx, POD_TO_SERVICE, clients, VIP, RR_SERVICE_PORT, ctx.requests)
 
         variants = [
@@ -157,9 +178,31 @@ def pod_to_service(ctx: Context) -> list[Result]:
             Variant(IPTABLES, b_client, b_backend, dest=VIP, dest_port=IPERF_SERVICE_PORT,
                     extra={"path": "client pod -> ClusterIP (kube-proxy DNAT, Linux bridge) "
                                    "-> backend pod, one node", **ipt_extra}),
+            Variant(PCN_SOCKLB, clients[PCN_SOCKLB], Endpoint(s_backend.netns, s_backend.ip),
+                    dest=VIP, dest_port=IPERF_SERVICE_PORT,
+                    extra={"path": "client pod -> ClusterIP translated at connect() (cgroup "
+                                   "sock_lb) -> backend pod, lbrp untouched, one node"}),
         ]
         results = ctx.compare(POD_TO_SERVICE, variants)
-    return results + _latency_results(POD_TO_SERVICE, lat, extra={IPTABLES: ipt_extra})
+    return (results + _latency_results(POD_TO_SERVICE, lat, extra={IPTABLES: ipt_extra})
+            + _rate_results(POD_TO_SERVICE, lat))
+
+
+def _rate_results(scenario: str, lat: dict[str, rr.Latency]) -> list[Result]:
+    """Request/response rate of each variant from its latency samples: one
+    client, one exchange at a time, so requests per second = samples / their
+    summed duration. Each exchange opens a new connection (netperf's
+    TCP_CRR rather than TCP_RR): the connect() is where the socket path
+    saves the most."""
+    out = []
+    for name, v in lat.items():
+        if not v.samples_us:
+            continue
+        rate = len(v.samples_us) / (sum(v.samples_us) / 1e6)
+        out.append(Result(scenario, name, RR_RATE, rate, "req/s", {
+            "stat": "mean rate", "requests": len(v.samples_us), "date": now_iso(),
+            "what": "sequential new TCP connection + 32 B request + answer, one client"}))
+    return out
 
 
 def _scale_backends(i: int, n: int, subnet: ipaddress.IPv4Network,

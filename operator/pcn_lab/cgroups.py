@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 _ENTER = 'echo 0 > "$0/cgroup.procs" && exec "$@"'
 
 
+def enter_argv(cgroup: Path, argv: list[str]) -> list[str]:
+    """`argv` run inside `cgroup` (a cgroup v2 directory): a shell moves
+    itself there, then execs it (the pid and the process stay the same)."""
+    return ["sh", "-c", _ENTER, str(cgroup), *argv]
+
+
 @dataclass
 class LabCgroups:
     """The cgroup tree of one lab run: `name` is the run's unique prefix."""
@@ -49,7 +55,7 @@ class LabCgroups:
 
     def wrap(self, node: str, argv: list[str]) -> list[str]:
         """`argv` run inside node `node`'s cgroup (a shell enters it, then execs)."""
-        return ["sh", "-c", _ENTER, str(self.node(node)), *argv]
+        return enter_argv(self.node(node), argv)
 
     def close(self) -> None:
         """Move the processes left in the tree to the root cgroup and remove
