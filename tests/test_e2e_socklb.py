@@ -9,9 +9,11 @@ peer; turned off, the lbrp translates the same connections per packet.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from pcn_agent.dataplane.socklb import HOOKS, attached_programs
 from pcn_lab import checks
 from pcn_lab.topology import Lab
 
@@ -121,3 +123,17 @@ def test_socket_lb_off_falls_back_to_the_lbrp(sock_lab: Lab) -> None:
     assert all(n.socket_lb is not None for n in sock_lab.nodes.values())
     r = _probe(sock_lab, "n1p2", "udp", VIP_REMOTE, "53", "--unconnected")
     assert r["ok"] and r["peer"] == f"{VIP_REMOTE}:53", r
+
+
+def test_a_restarted_agent_takes_over_the_socket_programs(sock_lab: Lab) -> None:
+    """A crash leaves the programs attached (pods keep translating); the new
+    agent attaches its own and detaches the dead one's: one per hook."""
+    cgroup = sock_lab.node(1).cfg.socket_lb_cgroup
+    assert cgroup is not None
+    new = sock_lab.restart_node(1)
+    assert new.socket_lb is not None
+    assert all(len(attached_programs(Path(cgroup), t)) == 1 for t in HOOKS.values())
+    before = _lbrp_sessions_to(sock_lab, VIP_REMOTE)  # the fallback test's, if not collected
+    r = _probe(sock_lab, "n1p1", "tcp", VIP_REMOTE, "80")
+    assert r["ok"] and r["host"] == "n2p1" and r["peer"] == f"{VIP_REMOTE}:80", r
+    assert [s for s in _lbrp_sessions_to(sock_lab, VIP_REMOTE) if s not in before] == []

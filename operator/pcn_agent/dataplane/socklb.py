@@ -148,12 +148,14 @@ class SocketLB:
         return self.pin_dir.parent / f"{self.name}-sock"
 
     def attach(self) -> SocketLB:
-        """Compile sock_lb.c, detach whatever a previous agent of this node
-        left on the cgroup, and attach the four programs. Raises
-        SocketLBError (nothing left attached then)."""
+        """Compile and load sock_lb.c, attach the four programs, then detach
+        whatever a previous agent of this node left on the cgroup (in that
+        order: a connect() meanwhile meets the old programs or the new, never
+        none; both at once is harmless, the second finds the backend's
+        address in no service). Raises SocketLBError or CompileError
+        (nothing of ours left attached then)."""
         if not self.cgroup.is_dir():
             raise SocketLBError(f"cgroup {self.cgroup} does not exist")
-        self.detach_stale()
         self.module = compile_cube(TYPE, self.pin_dir)
         # Affinity choices made while nobody kept them in step with the
         # service table (socket LB off, or between two agents) may name a
@@ -161,15 +163,21 @@ class SocketLB:
         affinity = self.table("sock_affinity")
         for key, _ in list(affinity.items()):
             discard(affinity, key)
-        self.prog_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for prog, attach_type in HOOKS.items():
-                fn = self.module.load_func(prog, PROG_TYPE_CGROUP_SOCK_ADDR, None, attach_type)
+                try:
+                    fn = self.module.load_func(prog, PROG_TYPE_CGROUP_SOCK_ADDR, None,
+                                               attach_type)
+                except Exception as exc:  # bcc raises plain Exception
+                    raise OSError(errno.EINVAL, f"load {prog}: {exc}") from exc
                 _check(_libbpf().bpf_prog_attach(fn.fd, fd, attach_type, BPF_F_ALLOW_MULTI),
                        f"attach {prog} to {self.cgroup}")
                 self.attached[prog] = fn.fd
-                _check(_libbpf().bpf_obj_pin(fn.fd, str(self.prog_dir / prog).encode()),
+            self.detach_stale()
+            self.prog_dir.mkdir(parents=True, exist_ok=True)
+            for prog, pfd in self.attached.items():
+                _check(_libbpf().bpf_obj_pin(pfd, str(self.prog_dir / prog).encode()),
                        f"pin {prog}")
         except OSError as exc:
             self.detach()
