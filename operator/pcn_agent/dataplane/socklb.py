@@ -16,6 +16,11 @@ an agent that died leaves them attached, and the next one detaches exactly
 those (found by their pins) before attaching its own. An agent that removes
 its node detaches them and removes the pins.
 
+Needs Linux 5.18 or later (getpeername hooks 5.8, bpf_get_netns_cookie 5.7,
+bpf_set_retval 5.18, which turns a refusal into ECONNREFUSED rather than
+EPERM); on an older kernel the load fails, attach() raises and the node's
+lbrp translates every connection.
+
 Sources: the kernel's BPF_PROG_TYPE_CGROUP_SOCK_ADDR (include/uapi/linux/
 bpf.h, struct bpf_sock_addr; attach types BPF_CGROUP_INET4_CONNECT = 10,
 BPF_CGROUP_UDP4_SENDMSG = 14, BPF_CGROUP_UDP4_RECVMSG = 19,
