@@ -137,3 +137,18 @@ def test_a_restarted_agent_takes_over_the_socket_programs(sock_lab: Lab) -> None
     r = _probe(sock_lab, "n1p1", "tcp", VIP_REMOTE, "80")
     assert r["ok"] and r["host"] == "n2p1" and r["peer"] == f"{VIP_REMOTE}:80", r
     assert [s for s in _lbrp_sessions_to(sock_lab, VIP_REMOTE) if s not in before] == []
+
+
+def test_each_node_translates_for_its_own_pods_only(sock_lab: Lab) -> None:
+    """A service known to node 2 alone: node 2's pods reach it at the
+    socket; node 1's pods are in node 1's cgroup, whose programs (and lbrp)
+    do not know it."""
+    vip = "10.96.1.20"
+    sock_lab.node(2).set_service(vip, 80, "tcp", [sock_lab.backend("n1p2", TCP)])
+    try:
+        there = _probe(sock_lab, "n2p1", "tcp", vip, "80")
+        assert there["ok"] and there["host"] == "n1p2" and there["peer"] == f"{vip}:80", there
+        here = _probe(sock_lab, "n1p1", "tcp", vip, "80", "--timeout", "2")
+        assert not here["ok"], here
+    finally:
+        sock_lab.node(2).delete_service(vip, 80, "tcp")
