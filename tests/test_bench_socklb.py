@@ -31,3 +31,13 @@ def test_nftables_is_the_reference_when_present() -> None:
 
 def test_no_line_without_the_variant() -> None:
     assert _lines([Result(SVC, "iptables", "throughput", 20.0, "Gbit/s")]) == []
+
+
+def test_request_rate_is_taken_at_the_median_exchange() -> None:
+    from bench.rr import Latency
+    from bench.services import _rate_results
+
+    stalled = Latency(samples_us=[100.0, 100.0, 100.0, 100.0, 50_000.0])
+    r, = _rate_results(SVC, {"pcn-socklb": stalled})
+    assert (r.metric, r.unit, r.value) == ("rr-rate", "req/s", 10_000.0)
+    assert r.extra["mean_rate"] == round(5 / 0.0504, 1)  # the stall's 50 ms dominate the mean
