@@ -98,7 +98,7 @@ def _vip() -> str:
 def test_tcp_connect_reaches_a_backend_and_getpeername_names_the_service(sock: SockNet) -> None:
     vip = _vip()
     sock.service(vip, 80, "TCP", ["a"])
-    r = sock.probe("tcp", vip, "80", "--bytes", "100000")
+    r = sock.probe("tcp", vip, "80", "--peer", "--bytes", "100000")
     assert r["ok"], r
     assert r["host"] == "a"
     assert r["peer"] == f"{vip}:80"  # not 10.77.0.2:8080
@@ -123,7 +123,7 @@ def test_client_ip_affinity_keeps_one_backend(sock: SockNet) -> None:
 def test_affinity_forgets_a_backend_that_left(sock: SockNet) -> None:
     vip = _vip()
     sock.service(vip, 80, "TCP", ["a", "b"], affinity_timeout_s=600)
-    first = sock.probe("tcp", vip, "80")["host"]
+    first = sock.probe("tcp", vip, "80", "--peer")["host"]
     assert first in ("a", "b")
     other = "b" if first == "a" else "a"
     # the first backend leaves (its server still answers: only the table decides)
@@ -153,7 +153,7 @@ def test_service_without_endpoints_is_refused(sock: SockNet) -> None:
     vip = _vip()
     sock.service(vip, 80, "TCP", [])
     sock.service(vip, 53, "UDP", [])
-    t = sock.probe("tcp", vip, "80")
+    t = sock.probe("tcp", vip, "80", "--peer")
     u = sock.probe("udp", vip, "53", "--unconnected")
     assert (t["ok"], t.get("errno")) == (False, "ECONNREFUSED"), t
     assert (u["ok"], u.get("errno")) == (False, "ECONNREFUSED"), u
@@ -162,7 +162,7 @@ def test_service_without_endpoints_is_refused(sock: SockNet) -> None:
 def test_other_addresses_and_ports_are_left_alone(sock: SockNet) -> None:
     vip = _vip()
     sock.service(vip, 80, "TCP", ["a"])
-    direct = sock.probe("tcp", BACKEND_B, "8082")
+    direct = sock.probe("tcp", BACKEND_B, "8082", "--peer")
     assert direct["ok"] and direct["peer"] == f"{BACKEND_B}:8082", direct
     other_port = sock.probe("tcp", vip, "81", "--timeout", "2")
     assert other_port.get("errno") == "ENETUNREACH", other_port  # untranslated: no route
@@ -171,7 +171,7 @@ def test_other_addresses_and_ports_are_left_alone(sock: SockNet) -> None:
 def test_processes_outside_the_cgroup_are_not_translated(sock: SockNet) -> None:
     vip = _vip()
     sock.service(vip, 80, "TCP", ["a"])
-    r = sock.probe("tcp", vip, "80", "--timeout", "2", in_cgroup=False)
+    r = sock.probe("tcp", vip, "80", "--peer", "--timeout", "2", in_cgroup=False)
     assert r.get("errno") == "ENETUNREACH", r
 
 
@@ -193,10 +193,10 @@ def test_a_new_agent_replaces_the_programs_a_dead_one_left(sock: SockNet) -> Non
     assert after != before
     vip = _vip()
     sock.service(vip, 80, "TCP", ["b"])
-    assert sock.probe("tcp", vip, "80")["host"] == "b"
+    assert sock.probe("tcp", vip, "80", "--peer")["host"] == "b"
     sock.socklb.detach()
     assert all(attached_programs(cg, t) == [] for t in HOOKS.values())
     assert not sock.socklb.prog_dir.exists()
-    r = sock.probe("tcp", vip, "80", "--timeout", "2")
+    r = sock.probe("tcp", vip, "80", "--peer", "--timeout", "2")
     assert r.get("errno") == "ENETUNREACH", r
     sock.socklb.attach()

@@ -62,7 +62,7 @@ def _lbrp_sessions_to(lab: Lab, vip: str, client: str = "n1p1") -> list[dict[str
 @pytest.mark.parametrize(("vip", "backend"), [(VIP_LOCAL, "n1p2"), (VIP_REMOTE, "n2p1")])
 def test_tcp_to_clusterip_reaches_backend_translated_at_the_socket(
         sock_lab: Lab, vip: str, backend: str) -> None:
-    r = _probe(sock_lab, "n1p1", "tcp", vip, "80", "--bytes", "200000")
+    r = _probe(sock_lab, "n1p1", "tcp", vip, "80", "--peer", "--bytes", "200000")
     assert r["ok"], r
     assert r["host"] == backend
     assert r["peer"] == f"{vip}:80"  # getpeername(): the ClusterIP, not the pod
@@ -93,19 +93,19 @@ def test_affinity_keeps_a_pod_on_one_backend(sock_lab: Lab) -> None:
 
 
 def test_service_without_endpoints_is_refused(sock_lab: Lab) -> None:
-    r = _probe(sock_lab, "n1p1", "tcp", VIP_EMPTY, "80", "--timeout", "3")
+    r = _probe(sock_lab, "n1p1", "tcp", VIP_EMPTY, "80", "--peer", "--timeout", "3")
     assert (r["ok"], r.get("errno")) == (False, "ECONNREFUSED"), r
 
 
 def test_pod_reaches_itself_through_its_service(sock_lab: Lab) -> None:
-    r = _probe(sock_lab, "n1p1", "tcp", VIP_SELF, "80")
+    r = _probe(sock_lab, "n1p1", "tcp", VIP_SELF, "80", "--peer")
     assert r["ok"] and r["host"] == "n1p1" and r["peer"] == f"{VIP_SELF}:80", r
 
 
 def test_node_processes_outside_the_pods_cgroup_use_the_lbrp(sock_lab: Lab) -> None:
     """The node's own stack is not in its pods' cgroup: the lbrp on the
     router's host port translates its connection, per packet."""
-    r = _probe(sock_lab, sock_lab.node_name(1), "tcp", VIP_REMOTE, "80")
+    r = _probe(sock_lab, sock_lab.node_name(1), "tcp", VIP_REMOTE, "80", "--peer")
     assert r["ok"] and r["host"] == "n2p1", r
 
 
@@ -113,10 +113,10 @@ def test_socket_lb_off_falls_back_to_the_lbrp(sock_lab: Lab) -> None:
     sock_lab.set_socket_lb(False)
     try:
         assert all(n.socket_lb is None for n in sock_lab.nodes.values())
-        r = _probe(sock_lab, "n1p1", "tcp", VIP_REMOTE, "80")
+        r = _probe(sock_lab, "n1p1", "tcp", VIP_REMOTE, "80", "--peer")
         assert r["ok"] and r["host"] == "n2p1" and r["peer"] == f"{VIP_REMOTE}:80", r
         assert _lbrp_sessions_to(sock_lab, VIP_REMOTE) != []  # translated per packet
-        refused = _probe(sock_lab, "n1p1", "tcp", VIP_EMPTY, "80", "--timeout", "3")
+        refused = _probe(sock_lab, "n1p1", "tcp", VIP_EMPTY, "80", "--peer", "--timeout", "3")
         assert refused.get("errno") == "ECONNREFUSED", refused  # the lbrp's TCP RST
     finally:
         sock_lab.set_socket_lb(True)
@@ -134,7 +134,7 @@ def test_a_restarted_agent_takes_over_the_socket_programs(sock_lab: Lab) -> None
     assert new.socket_lb is not None
     assert all(len(attached_programs(Path(cgroup), t)) == 1 for t in HOOKS.values())
     before = _lbrp_sessions_to(sock_lab, VIP_REMOTE)  # the fallback test's, if not collected
-    r = _probe(sock_lab, "n1p1", "tcp", VIP_REMOTE, "80")
+    r = _probe(sock_lab, "n1p1", "tcp", VIP_REMOTE, "80", "--peer")
     assert r["ok"] and r["host"] == "n2p1" and r["peer"] == f"{VIP_REMOTE}:80", r
     assert [s for s in _lbrp_sessions_to(sock_lab, VIP_REMOTE) if s not in before] == []
 
@@ -146,9 +146,9 @@ def test_each_node_translates_for_its_own_pods_only(sock_lab: Lab) -> None:
     vip = "10.96.1.20"
     sock_lab.node(2).set_service(vip, 80, "tcp", [sock_lab.backend("n1p2", TCP)])
     try:
-        there = _probe(sock_lab, "n2p1", "tcp", vip, "80")
+        there = _probe(sock_lab, "n2p1", "tcp", vip, "80", "--peer")
         assert there["ok"] and there["host"] == "n1p2" and there["peer"] == f"{vip}:80", there
-        here = _probe(sock_lab, "n1p1", "tcp", vip, "80", "--timeout", "2")
+        here = _probe(sock_lab, "n1p1", "tcp", vip, "80", "--peer", "--timeout", "2")
         assert not here["ok"], here
     finally:
         sock_lab.node(2).delete_service(vip, 80, "tcp")

@@ -182,7 +182,7 @@ def serve(tcp_ports: list[int], udp_ports: list[int], rr_ports: list[int] | None
 
 
 def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int = 0,
-               rate: float = 0.0) -> dict:
+               rate: float = 0.0, peer: bool = False) -> dict:
     """Send `nbytes` (at `rate` bytes/s if set) and check the server's digest."""
     payload = random.Random(nbytes).randbytes(nbytes)
     start = time.monotonic()
@@ -193,7 +193,7 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
             s.bind(("0.0.0.0", src_port))
         s.connect((host, port))
         connected = time.monotonic()
-        peer = s.getpeername()
+        seen = s.getpeername() if peer else None  # as the application sees its peer
         if rate > 0:
             chunk = max(1, int(rate / 50))
             for off in range(0, nbytes, chunk):
@@ -212,7 +212,7 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
         "ok": reply.get("sha256") == expected and reply.get("bytes") == nbytes,
         "bytes": nbytes, "received": reply.get("bytes"), "peer_seen": reply.get("peer"),
         "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
-        "peer": f"{peer[0]}:{peer[1]}",
+        **({"peer": f"{seen[0]}:{seen[1]}"} if seen else {}),
         "connect_ms": (connected - start) * 1000, "total_ms": (done - start) * 1000,
     }
 
@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--timeout", type=float, default=5.0)
     t.add_argument("--src-port", type=int, default=0)
     t.add_argument("--rate", type=float, default=0.0, help="pace the upload, bytes per second")
+    t.add_argument("--peer", action="store_true",
+                   help="report getpeername() (the address the application sees) as `peer`")
     t.add_argument("--count", type=int, default=0,
                    help="open COUNT short connections instead and tally the servers")
     b = sub.add_parser("burst", help="COUNT short TCP connections, PARALLEL at a time, to a "
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             result = tcp_many(args.host, args.port, args.count, args.timeout)
         elif args.cmd == "tcp":
             result = tcp_client(args.host, args.port, args.bytes, args.timeout, args.src_port,
-                                args.rate)
+                                args.rate, args.peer)
         else:
             result = udp_client(args.host, args.port, args.timeout, args.size, args.reply_size,
                                 not args.unconnected)

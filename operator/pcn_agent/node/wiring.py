@@ -260,7 +260,9 @@ class NodeDataplane:
         if self.rt.pin_dir is None:
             return False
         previous = self.rt.meta.pop("socket_lb_cgroup", None)
-        if isinstance(previous, str):  # a previous agent's, found by their pins
+        if isinstance(previous, str) and previous != cgroup:
+            # a previous agent's on another cgroup, found by their pins (on
+            # the same one, attach() replaces them once its own are in place)
             SocketLB(self.cfg.name, self.rt.pin_dir, Path(previous)).detach_stale()
         if cgroup is None:
             return False
