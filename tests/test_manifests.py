@@ -532,7 +532,8 @@ def test_configmap_validates_with_cluster_settings(objects: list[dict[str, Any]]
         "sessionTimeoutTCPEstablished": 86400, "sessionTimeoutTCPFinWait": 120,
         "sessionTimeoutTCPCloseWait": 3600, "sessionTimeoutTCPTimeWait": 120,
         "sessionTimeoutTCPClose": 10, "sessionTimeoutUDP": 30, "sessionTimeoutUDPStream": 120,
-        "sessionTimeoutICMP": 30, "sessionGCInterval": 10}
+        "sessionTimeoutICMP": 30, "sessionGCInterval": 10, "socketLB": True,
+        "socketLBCgroup": ""}
     # the ConfigMap's values are the data path's defaults
     assert s.session_timeouts == SessionTimeouts()
     text = (MANIFESTS / "configmap.yaml").read_text()

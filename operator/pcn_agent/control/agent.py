@@ -39,7 +39,7 @@ from pcn_agent.control.reconcile import (
 )
 from pcn_agent.control.settings import DEFAULT_FILE as DEFAULT_SETTINGS_FILE
 from pcn_agent.control.settings import ClusterSettings
-from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane import bpffs, socklb
 from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
 from pcn_agent.node.wiring import NodeConfig, NodeDataplane
 
@@ -92,6 +92,25 @@ class WrittenStatus(TypedDict):
 def _key(body: Mapping[str, Any]) -> tuple[str, str]:
     m = body.get("metadata") or {}
     return m.get("namespace") or "", m.get("name") or ""
+
+
+def socket_lb_cgroup(s: ClusterSettings) -> str | None:
+    """Where socket load balancing attaches (NodeConfig.socket_lb_cgroup):
+    None when the ConfigMap turns it off (socketLB: "false") or no pods
+    cgroup is found (then the lbrp translates everything, as before; logged).
+    The kubelet's pods cgroup is looked up under $PCN_CGROUP_ROOT (the
+    DaemonSet mounts the host's /sys/fs/cgroup there: the container's own
+    /sys/fs/cgroup shows only its own cgroup), else the cgroup v2 mount."""
+    if not s.socketLB:
+        return None
+    if s.socketLBCgroup:
+        return s.socketLBCgroup
+    root = os.environ.get("PCN_CGROUP_ROOT")
+    try:
+        return str(socklb.kubelet_pods_cgroup(Path(root) if root else None))
+    except (socklb.SocketLBError, OSError) as exc:
+        log.warning("socket load balancing off: %s", exc)
+        return None
 
 
 class Agent:
@@ -386,7 +405,8 @@ class Agent:
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range,
                          session_timeouts=s.session_timeouts,
-                         session_gc_interval_s=s.sessionGCInterval)
+                         session_gc_interval_s=s.sessionGCInterval,
+                         socket_lb_cgroup=socket_lb_cgroup(s))
         try:
             rt = await asyncio.wrap_future(self.prepare())
             node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)

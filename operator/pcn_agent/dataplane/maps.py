@@ -307,6 +307,24 @@ class Affinity(ct.Structure):
     _fields_ = [("backend", BackendVal), ("seen_ns", ct.c_uint64)]
 
 
+class SockRevKey(ct.Structure):
+    """pcn_sock.h struct pcn_sock_rev_key: a socket (its cookie) and a backend."""
+
+    _fields_ = [("cookie", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16),
+                ("pad", ct.c_uint16)]
+
+
+class SockRev(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class SockAffinityKey(ct.Structure):
+    """pcn_sock.h struct pcn_sock_affinity_key: the client is a network
+    namespace (bpf_get_netns_cookie), one per pod."""
+
+    _fields_ = [("svc", ct.c_uint32), ("pad", ct.c_uint32), ("netns", ct.c_uint64)]
+
+
 class FragKey(ct.Structure):
     """A fragmented datagram as one cube instance (`owner`) saw it (bpf/include/pcn_frag.h)."""
 
@@ -457,6 +475,8 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "lb_affinity": (AffinityKey, Affinity),
     "lb_vips": (ct.c_uint32, ct.c_uint32),
     "lb_cfgs": (ct.c_uint32, LbCfg),
+    "sock_rev": (SockRevKey, SockRev),
+    "sock_affinity": (SockAffinityKey, Affinity),
     "disp_cfgs": (ct.c_uint32, DispCfg),
     "disp_nets": (NetKey, ct.c_uint32),
     "disp_nodeports": (NodePortKey, ct.c_uint32),
