@@ -11,10 +11,13 @@ import logging
 import secrets
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
+
+from pcn_lab.cgroups import enter_argv
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +28,37 @@ def new_run_prefix() -> str:
     return f"{PREFIX}-{secrets.token_hex(3)}"
 
 
+# Namespaces whose commands run in a cgroup: a pcn lab pod whose node has
+# socket load balancing, which only sees the processes of the node's cgroup
+# (pcn_lab.cgroups). Set with in_cgroup(), for the scenario that needs it.
+_CGROUP_OF: dict[str, Path] = {}
+
+
+def in_cgroup(netns: str, cgroup: Path | None) -> None:
+    """Run the commands of `netns` inside `cgroup` from now on (None: no longer)."""
+    if cgroup is None:
+        _CGROUP_OF.pop(netns, None)
+    else:
+        _CGROUP_OF[netns] = cgroup
+
+
+def _argv(netns: str, argv: Sequence[str]) -> list[str]:
+    full = ["ip", "netns", "exec", netns, *argv]
+    cgroup = _CGROUP_OF.get(netns)
+    return enter_argv(cgroup, full) if cgroup is not None else full
+
+
 def exec_in(netns: str, argv: Sequence[str], timeout: float = 60, check: bool = True,
             env: dict[str, str] | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True,
+    return subprocess.run(_argv(netns, argv), capture_output=True, text=True,
                           timeout=timeout, check=check, env=env, input=stdin)
 
 
 def popen_in(netns: str, argv: Sequence[str]) -> subprocess.Popen[str]:
-    # `ip netns exec` execs the command: the Popen pid is the command itself.
-    return subprocess.Popen(["ip", "netns", "exec", netns, *argv], stdout=subprocess.PIPE,
+    # `ip netns exec` (and the cgroup's shell) exec the command: the Popen
+    # pid is the command itself.
+    return subprocess.Popen(_argv(netns, argv), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

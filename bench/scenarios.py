@@ -60,17 +60,20 @@ class Context:
         print(f"[bench +{time.monotonic() - self.started:6.1f}s] {msg}", file=sys.stderr,
               flush=True)
 
-    def lab(self, stack: ExitStack, nodes: int, pods: int, overlay: str = "vxlan") -> Lab:
+    def lab(self, stack: ExitStack, nodes: int, pods: int, overlay: str = "vxlan",
+            socket_lb: bool = False) -> Lab:
         """A built pcn lab, closed by `stack`; pods at MTU over VXLAN, at the
-        mode's (1500) with direct routing."""
+        mode's (1500) with direct routing; with `socket_lb`, each node's pods
+        in a cgroup of their own with socket load balancing on it."""
         lab = Lab(nodes_count=nodes, pods_per_node=pods, overlay=overlay,
-                  mtu=MTU if overlay == "vxlan" else None)
+                  mtu=MTU if overlay == "vxlan" else None, socket_lb=socket_lb)
         self.labs.append(lab)  # its prefix is checked for leftovers at the end
         t = time.monotonic()
         lab.build()  # closes itself if the build fails
         stack.callback(lab.close)
         self.progress(f"pcn lab {lab.prefix}: {nodes} node(s), {pods} pod(s) per node, "
-                      f"overlay {overlay}, built in {time.monotonic() - t:.1f} s")
+                      f"overlay {overlay}{', socket load balancing' if socket_lb else ''}, "
+                      f"built in {time.monotonic() - t:.1f} s")
         return lab
 
     def compare(self, scenario: str, variants: list[Variant],

@@ -5,6 +5,10 @@ Both variants are built in the same run, side by side, with the same MTU:
 * pcn: a one-node pcn lab; the client pod reaches a ClusterIP that the lbrp
   on its port translates to a backend pod on the same node
   (`NodeDataplane.set_service`, as the agent does).
+* pcn-socklb (pod-to-service only): the same in a lab of its own with socket
+  load balancing (socketLB: true): the client pod runs in its node's cgroup,
+  where sock_lb.c translates the ClusterIP at connect(); the lbrp sees the
+  backend's address and translates nothing.
 * kube-proxy-iptables, kube-proxy-nftables: two copies of the `linux-bridge`
   reference (the reference CNI `bridge` plugin with host-local IPAM in a node
   namespace, pods on its Linux bridge; both get the same pod addresses), each
@@ -52,7 +56,7 @@ from pcn_agent.node import podnet
 
 from . import iperf, kubeproxy, rr, tcprr
 from .kubeproxy import ControlPlane, KubeProxy, ServicePort
-from .netns import stop
+from .netns import in_cgroup, stop
 from .references import BRIDGE_NET, Endpoint, LinuxBridgeCNI
 from .results import Result, now_iso
 from .scenarios import MTU, Context, Variant
@@ -61,6 +65,7 @@ POD_TO_SERVICE = "pod-to-service"
 SERVICE_SCALE = "service-scale"
 PCN = "pcn"
 KP = {mode: f"kube-proxy-{mode}" for mode in kubeproxy.MODES}  # variant names
+PCN_SOCKLB = "pcn-socklb"  # pcn with socket load balancing (pcn_agent.dataplane.socklb)
 VIP = "10.96.0.10"
 RR_SERVICE_PORT = 80  # -> rr.PORT on the backends
 IPERF_SERVICE_PORT = 5201  # -> iperf.PORT
@@ -215,6 +220,20 @@ def pod_to_service(ctx: Context) -> list[Result]:
         lab.set_service(VIP, RR_SERVICE_PORT, "tcp", [lab.backend("n1p2", rr.PORT)])
         lab.set_service(VIP, IPERF_SERVICE_PORT, "tcp", [lab.backend("n1p2", iperf.PORT)])
         lab.set_service(VIP, tcprr.PORT, "tcp", [lab.backend("n1p2", tcprr.PORT)])
+        # The same, with socket load balancing: the client pod runs in its
+        # node's cgroup, its connect() to the ClusterIP is translated once and
+        # its packets cross the lbrp untranslated.
+        slab = ctx.lab(st, nodes=1, pods=2, socket_lb=True)
+        s_client, s_backend = slab.pods["n1p1"], slab.pods["n1p2"]
+        if slab.node(1).socket_lb is None:
+            raise RuntimeError(f"{POD_TO_SERVICE}: socket load balancing did not attach "
+                               "(see the log): no cgroup v2 or no cgroup sock_addr hooks?")
+        slab.set_service(VIP, RR_SERVICE_PORT, "tcp", [slab.backend("n1p2", rr.PORT)])
+        slab.set_service(VIP, IPERF_SERVICE_PORT, "tcp", [slab.backend("n1p2", iperf.PORT)])
+        slab.set_service(VIP, tcprr.PORT, "tcp", [slab.backend("n1p2", tcprr.PORT)])
+        assert slab.cgroups is not None
+        in_cgroup(s_client.netns, slab.cgroups.node(slab.node_name(1)))
+        st.callback(in_cgroup, s_client.netns, None)
 
         kp = _kube_proxy_nodes(ctx, st, "sv", 2)
         b_backend_ip = kp.pods[1].ip
@@ -229,9 +248,10 @@ def pod_to_service(ctx: Context) -> list[Result]:
                      f"{b_backend_ip} (kube-proxy in {', '.join(kp.nodes.values())}, rules in "
                      + ", ".join(f"{m} {s:.2f} s" for m, s in ready.items()) + ")")
 
-        _servers(st, [(backend.netns, "pcn-backend"),
+        _servers(st, [(backend.netns, "pcn-backend"), (s_backend.netns, "pcn-socklb-backend"),
                       *((eps[1].netns, f"{KP[m]}-backend") for m, eps in kp.pods_by_mode.items())])
         clients = {PCN: Endpoint(client.netns, client.ip),
+                   PCN_SOCKLB: Endpoint(s_client.netns, s_client.ip),
                    **{KP[m]: eps[0] for m, eps in kp.pods_by_mode.items()}}
         lat = _latency(ctx, POD_TO_SERVICE, clients, VIP, RR_SERVICE_PORT, ctx.requests)
 
@@ -243,6 +263,10 @@ def pod_to_service(ctx: Context) -> list[Result]:
                       extra={"path": f"client pod -> ClusterIP (kube-proxy {m} DNAT, Linux "
                                      "bridge) -> backend pod, one node", **kp_extra[KP[m]]})
               for m, eps in kp.pods_by_mode.items()),
+            Variant(PCN_SOCKLB, clients[PCN_SOCKLB], Endpoint(s_backend.netns, s_backend.ip),
+                    dest=VIP, dest_port=IPERF_SERVICE_PORT,
+                    extra={"path": "client pod -> ClusterIP translated at connect() (cgroup "
+                                   "sock_lb) -> backend pod, lbrp untouched, one node"}),
         ]
         results = ctx.compare(POD_TO_SERVICE, variants)
     return results + _latency_results(POD_TO_SERVICE, lat, extra=kp_extra)

@@ -5,6 +5,10 @@
 #include "pcn_inject.h"
 #include "pcn_parse.h"
 #include "pcn_lb.h"
+/* Not used here: declared so that the tables custom cubes (CubeTypes) share
+ * exist from the runtime's start, before any of them compiles, and the agent
+ * reads and writes them through this module. */
+#include "pcn_cube_api.h"
 
 int pcn_ingress(struct __sk_buff *skb)
 {

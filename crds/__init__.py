@@ -6,6 +6,7 @@ generated from them (`make crds`), and a test fails when the two drift.
 
 from .common import GROUP, VERSION, Condition, ObjectMeta, ResourceStatus
 from .cubechain import CubeChain, CubeChainSpec, FunctionRef, LabelSelector
+from .cubetype import CubeType, CubeTypeSpec
 from .networkfunction import (
     FUNCTION_TYPES,
     FirewallConfig,
@@ -17,6 +18,7 @@ from .nodeportrule import NodePortRule, NodePortRuleSpec
 
 __all__ = [
     "GROUP", "VERSION", "Condition", "ObjectMeta", "ResourceStatus", "CubeChain",
-    "CubeChainSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES", "FirewallConfig",
-    "FirewallRule", "FlowMonitorConfig", "NetworkFunction", "NodePortRule", "NodePortRuleSpec",
+    "CubeChainSpec", "CubeType", "CubeTypeSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES",
+    "FirewallConfig", "FirewallRule", "FlowMonitorConfig", "NetworkFunction", "NodePortRule",
+    "NodePortRuleSpec",
 ]

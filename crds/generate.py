@@ -20,11 +20,12 @@ import yaml
 
 from .common import GROUP, VERSION, Resource
 from .cubechain import CubeChain
+from .cubetype import CubeType
 from .networkfunction import FUNCTION_TYPES, NetworkFunction
 from .nodeportrule import NodePortRule
 
 HERE = Path(__file__).resolve().parent
-RESOURCES: list[type[Resource]] = [NetworkFunction, CubeChain, NodePortRule]
+RESOURCES: list[type[Resource]] = [NetworkFunction, CubeChain, NodePortRule, CubeType]
 CATEGORIES = ["pcn", "all-pcn"]
 _DROP = {"title", "$defs", "discriminator"}
 
@@ -55,8 +56,10 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "properties" in node:
         node["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
         node.setdefault("type", "object")
-    if node.get("additionalProperties") is False:
-        del node["additionalProperties"]  # unknown fields are pruned; false is not structural
+    if node.get("additionalProperties") in (False, True):
+        # false: unknown fields are pruned anyway, and false is not structural;
+        # true (a free-form map): x-kubernetes-preserve-unknown-fields says it
+        del node["additionalProperties"]
     if isinstance(node.get("additionalProperties"), dict):
         node["additionalProperties"] = structural(node["additionalProperties"], defs)
     if "items" in node:
@@ -107,8 +110,11 @@ def _function_config_schema() -> dict[str, Any]:
             prop["description"] = f"({type_name}) {prop.get('description', '')}".rstrip()
             props[name] = prop
     types = ", ".join(f"({t}) for a {t}" for t in FUNCTION_TYPES)
+    # a CubeType's parameters are its own schema's (checked by the agents,
+    # which report the field in the NetworkFunction's status): kept, not pruned
     return {"type": "object", "description": "Configuration of the spec.type cube: the fields "
-            f"marked {types}.", "properties": props}
+            f"marked {types}; for a CubeType, its parameters (its spec.parameters).",
+            "properties": props, "x-kubernetes-preserve-unknown-fields": True}
 
 
 def _function_type_rules() -> list[dict[str, Any]]:
@@ -116,6 +122,7 @@ def _function_type_rules() -> list[dict[str, Any]]:
     field of another type is (the merged spec.config schema alone allows
     both)."""
     rules = []
+    builtin = ", ".join(f"'{t}'" for t in FUNCTION_TYPES)
     for type_name, config_model in FUNCTION_TYPES.items():
         fields = list(config_model.model_fields)
         required = [f for f, info in config_model.model_fields.items() if info.is_required()]
@@ -127,7 +134,8 @@ def _function_type_rules() -> list[dict[str, Any]]:
                 "fieldPath": f".config.{f}", "reason": "FieldValueRequired"})
         absent = " && ".join(f"!has(self.config.{f})" for f in fields)
         rules.append({
-            "rule": f"self.type == '{type_name}' || !has(self.config) || ({absent})",
+            "rule": f"!(self.type in [{builtin}]) || self.type == '{type_name}' || "
+                    f"!has(self.config) || ({absent})",
             "message": f"{', '.join(fields)}: field(s) of a {type_name}, not of this "
                        f"spec.type",
             "fieldPath": ".config", "reason": "FieldValueForbidden"})

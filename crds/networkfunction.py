@@ -175,15 +175,20 @@ class FlowMonitorConfig(Model):
 FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig, "policer": PolicerConfig,
                                           "flowmonitor": FlowMonitorConfig}
 FunctionType = Literal["firewall", "policer", "flowmonitor"]  # FUNCTION_TYPES' keys (a test checks)
+# A built-in type or a CubeType's name (pcn_crds.cubetype, cluster-scoped).
+TYPE_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 
 
 class NetworkFunctionSpec(Model):
-    type: FunctionType = Field(description=(
-        "The cube type: firewall (ordered allow/drop rules) or policer (a token bucket "
-        "rate limit). spec.config holds the fields of that type, marked (firewall) "
-        "or (policer)."))
-    config: dict[str, Any] = Field(default_factory=dict,
-                                   description="Configuration, typed by spec.type.")
+    type: str = Field(max_length=63, pattern=TYPE_PATTERN, description=(
+        "The cube type: firewall (ordered allow/drop rules), policer (a token bucket "
+        "rate limit), flowmonitor (per-flow counters, `kubectl pcn flows`), or the name "
+        "of a CubeType a cluster admin registered (`kubectl get cubetypes`). spec.config "
+        "holds the fields of that type, marked (firewall), (policer) or (flowmonitor), or "
+        "a CubeType's parameters (its spec.parameters)."))
+    config: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="Configuration, typed by spec.type.")
 
     @field_validator("config", mode="before")
     @classmethod
@@ -200,7 +205,13 @@ class NetworkFunctionSpec(Model):
             return v  # spec.type has its own error
         return FUNCTION_TYPES[type_name].model_validate(v).model_dump(exclude_none=True)
 
+    def is_builtin(self) -> bool:
+        """A type of FUNCTION_TYPES, not a CubeType."""
+        return self.type in FUNCTION_TYPES
+
     def typed_config(self) -> Model:
+        """The config as its built-in type's model (KeyError for a CubeType:
+        the agent checks those against the CubeType's schema)."""
         return FUNCTION_TYPES[self.type].model_validate(self.config)
 
 

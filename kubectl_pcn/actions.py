@@ -5,15 +5,19 @@ written."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pcn_crds import FUNCTION_TYPES
+from pcn_crds.networkfunction import TYPE_PATTERN
+
 from . import chains as ch
 from . import objects
-from .client import CUBE_CHAINS, NETWORK_FUNCTIONS, Cluster, Resource
-from .errors import Conflict, PcnError
-from .rules import check_type, config_from_flags
+from .client import CUBE_CHAINS, CUBE_TYPES, NETWORK_FUNCTIONS, Cluster, Resource
+from .errors import Conflict, InputError, PcnError
+from .rules import check_type, config_from_flags, custom_config
 
 ATTEMPTS = 3  # read-modify-write of a chain, when someone else writes it meanwhile
 
@@ -56,11 +60,24 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
              selector: dict[str, Any] | None, hook: str, placement: ch.Placement,
              config_file: tuple[str, str] | None, rules: Sequence[str], default: str | None,
              chain_name: str | None, priority: int | None, dry_run: bool,
-             progress: Callable[[str], None], fields: Mapping[str, Any] | None = None
-             ) -> list[Change]:
-    """`fields`: the config field options given (flag -> value, rules.field_options)."""
-    check_type(type_)
-    config_from_flags(type_, None, config_file, rules, default, fields)  # input errors first
+             progress: Callable[[str], None], fields: Mapping[str, Any] | None = None,
+             params: Sequence[str] = ()) -> list[Change]:
+    """`fields`: the config field options given (flag -> value, rules.field_options);
+    `params`: NAME=VALUE parameters of a CubeType (TYPE names one that is not
+    built in); `hook` "" takes the CubeType's defaultHook (built-in: ingress)."""
+    cubetype = find_cubetype(cluster, type_, progress)
+    if cubetype is None:
+        check_type(type_)
+        if params:
+            raise InputError(f"--param applies to CubeTypes; a {type_} takes its options "
+                             f"(`kubectl pcn add-cube {type_} --help`)")
+        config_from_flags(type_, None, config_file, rules, default, fields)  # input errors first
+    else:
+        if rules or default or fields:
+            raise InputError(f"{type_} is a CubeType: give its parameters with --param "
+                             f"NAME=VALUE (`kubectl pcn add-cube {type_} --help`)")
+        custom_config(cubetype, None, config_file, params, check=False)  # input errors first
+    hook = hook or ((cubetype or {}).get("spec") or {}).get("defaultHook") or "ingress"
     progress(f"reading networkfunction {namespace}/{name}")
     existing_nf = cluster.get(NETWORK_FUNCTIONS, namespace, name)
     existing_config = None
@@ -70,7 +87,8 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
             raise PcnError(f"networkfunction {namespace}/{name} exists with type {have_type}, "
                            f"not {type_}", "choose another NAME, or remove-cube it first")
         existing_config = (existing_nf.get("spec") or {}).get("config") or {}
-    config = config_from_flags(type_, existing_config, config_file, rules, default, fields)
+    config = config_from_flags(type_, existing_config, config_file, rules, default, fields) \
+        if cubetype is None else custom_config(cubetype, existing_config, config_file, params)
     desired_nf = objects.network_function(namespace, name, type_, config, existing_nf)
 
     nf_change: Change | None = None
@@ -100,6 +118,26 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
                              f"{ch.format_selector(choice.selector)})")
         return [nf_change, chain_change]
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def find_cubetype(cluster: Cluster, type_: str, progress: Callable[[str], None]
+                  ) -> dict[str, Any] | None:
+    """The CubeType `type_` names, None for a built-in type; InputError when
+    it is neither."""
+    if type_ in FUNCTION_TYPES:
+        return None
+    if not re.match(TYPE_PATTERN, type_):  # no CubeType can have that name: ask no cluster
+        raise InputError(f"unknown function type {type_!r}; built-in types: "
+                         f"{', '.join(sorted(FUNCTION_TYPES))}, or a CubeType's name "
+                         "(lower-case letters, digits and dashes)")
+    progress(f"reading cubetype {type_}")
+    found = cluster.get(CUBE_TYPES, None, type_)
+    if found is None:
+        names = sorted(o["metadata"]["name"] for o in cluster.list(CUBE_TYPES, None))
+        raise InputError(f"unknown function type {type_!r}; built-in types: "
+                         f"{', '.join(sorted(FUNCTION_TYPES))}; CubeTypes of the cluster: "
+                         f"{', '.join(names) or 'none'}")
+    return found
 
 
 def remove_cube(cluster: Cluster, *, namespace: str, name: str, dry_run: bool,

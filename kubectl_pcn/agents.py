@@ -165,6 +165,9 @@ def type_counters(entry: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, A
     for k, v in entry.items():
         if k in COMMON_KEYS:
             continue
+        if k == "counters" and isinstance(v, Mapping):  # a CubeType's, by the names it gave
+            counters.update({str(c): int(n) for c, n in v.items()})
+            continue
         if isinstance(v, int) and k.endswith(("Packets", "Bytes")):
             counters[k] = v
         else:

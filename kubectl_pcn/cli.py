@@ -241,6 +241,10 @@ class AddCubeCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # --help is eager: it runs before TYPE is parsed, so look for it here
         ctx.meta[_TYPE_META] = next((a for a in args if a in FUNCTION_TYPES), None)
+        if ctx.meta[_TYPE_META] is None and "--help" in args:
+            positional = [a for a in args if not a.startswith("-")]
+            ctx.meta[_CUSTOM_META] = positional[0] if positional else None
+            _early_globals(ctx, args)
         return super().parse_args(ctx, args)
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -259,10 +263,61 @@ class AddCubeCommand(click.Command):
                 per_type[owner].append(record)
         with formatter.section("Options"):
             formatter.write_dl(common)
+        custom = ctx.meta.get(_CUSTOM_META)
+        if custom:
+            _custom_type_help(ctx, formatter, custom)
+            return
         for type_, records in per_type.items():
             if records:
                 with formatter.section(f"Options of a {type_} (its spec.config)"):
                     formatter.write_dl(records)
+
+
+_CUSTOM_META = "pcn.add-cube.cubetype"
+
+
+def _early_globals(ctx: click.Context, args: list[str]) -> None:
+    """--kubeconfig and --context given before --help (which is eager), for
+    the help of a CubeType to read it from the right cluster."""
+    s = ctx.ensure_object(Settings)
+    for flag in ("--kubeconfig", "--context"):
+        for i, a in enumerate(args):
+            value = a.split("=", 1)[1] if a.startswith(flag + "=") else \
+                (args[i + 1] if a == flag and i + 1 < len(args) else None)
+            if value is not None:
+                setattr(s, flag[2:], value)
+
+
+def _custom_type_help(ctx: click.Context, formatter: click.HelpFormatter, type_: str) -> None:
+    """The parameters of CubeType `type_`, read from the cluster (or why not)."""
+    from .client import CUBE_TYPES
+    from .rules import cubetype_params
+
+    try:
+        found = ctx.ensure_object(Settings).cluster.get(CUBE_TYPES, None, type_)
+    except Exception as exc:  # help still prints without a cluster
+        with formatter.section(f"Parameters of {type_}"):
+            formatter.write_text(f"(the cluster could not be read: {exc})")
+        return
+    if found is None:
+        with formatter.section(f"Parameters of {type_}"):
+            formatter.write_text(f"(no CubeType {type_} in the cluster; built-in types: "
+                                 f"{', '.join(FUNCTION_TYPES)})")
+        return
+    spec = found.get("spec") or {}
+    try:
+        params = cubetype_params(found)
+    except InputError as exc:
+        params, note = (), str(exc)
+    else:
+        note = ""
+    title = f"Parameters of the CubeType {type_} (--param NAME=VALUE; default hook " \
+            f"{spec.get('defaultHook', 'ingress')})"
+    with formatter.section(title):
+        if spec.get("description"):
+            formatter.write_text(str(spec["description"]))
+        formatter.write_dl([(p.name, p.describe()) for p in params] or
+                           [("(none)", note or "it takes no parameters")])
 
 
 def _field_options(f: F) -> F:
@@ -297,8 +352,9 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
 @click.argument("name", required=False, shell_complete=completion.names(_functions))
 @click.option("-l", "--selector", metavar="SEL",
               help="Pods it applies to, as kubectl selects: app=web,tier!=db,env in (a,b).")
-@click.option("--hook", type=click.Choice(ch.SIDES), default="ingress", show_default=True,
-              help="ingress: traffic to the pods; egress: traffic from them.")
+@click.option("--hook", type=click.Choice(ch.SIDES), default=None,
+              help="ingress: traffic to the pods; egress: traffic from them. Default: "
+                   "ingress, or a CubeType's defaultHook.")
 @click.option("--before", metavar="FUNCTION", shell_complete=completion.names(_functions),
               help="Place it just before this function of the chain's side.")
 @click.option("--after", metavar="FUNCTION", shell_complete=completion.names(_functions),
@@ -313,6 +369,9 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
                    "[dport P[-P]].")
 @click.option("--default", type=click.Choice(["allow", "drop"]),
               help="What the firewall does with traffic no rule matches.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="A parameter of a CubeType (repeat); `kubectl pcn add-cube CUBETYPE "
+                   "--help` lists them.")
 @_field_options
 @click.option("--chain", "chain_name", metavar="NAME", shell_complete=completion.names(_chains),
               help="The CubeChain to use (see below).")
@@ -320,18 +379,18 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
               help="The chain's priority (lower applies first; new chains: 100).")
 @dry_run_option
 @global_options
-def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
+def add_cube(type_: str, name: str | None, selector: str | None, hook: str | None,
              before: str | None, after: str | None, position: int | None,
              config_file: Any, rules: tuple[str, ...], default: str | None,
              chain_name: str | None, priority: int | None, dry_run: str,
-             **field_values: str | bool | None) -> None:
+             params: tuple[str, ...] = (), **field_values: str | bool | None) -> None:
     """Create or update the NetworkFunction NAME (default: TYPE) of type TYPE
-    and insert it in a CubeChain of the namespace. `kubectl pcn add-cube TYPE
-    --help` lists the options of that type."""
-    from .rules import check_type, field_options
+    (firewall, policer, or a CubeType of the cluster) and insert it in a
+    CubeChain of the namespace. `kubectl pcn add-cube TYPE --help` lists the
+    options of that type, or a CubeType's parameters."""
+    from .rules import field_options
 
     s = settings()
-    check_type(type_)
     name = _check_name(name or type_, "NAME")
     if chain_name is not None:
         _check_name(chain_name, "--chain")
@@ -343,11 +402,12 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str,
     if config_file is not None:
         config = (getattr(config_file, "name", "-"), config_file.read())
     changes = actions.add_cube(
-        s.cluster, namespace=s.ns, type_=type_, name=name, selector=sel, hook=hook,
+        s.cluster, namespace=s.ns, type_=type_, name=name, selector=sel, hook=hook or "",
         placement=ch.Placement(before, after, position), config_file=config, rules=rules,
         default=default, chain_name=chain_name, priority=priority,
         dry_run=dry_run == "client", progress=s.progress,
-        fields={o.flag: v for o in field_options() if (v := field_values.get(o.param)) is not None})
+        fields={o.flag: v for o in field_options() if (v := field_values.get(o.param)) is not None},
+        params=params)
     _output_changes(changes, dry_run == "client")
 
 

@@ -44,6 +44,7 @@ class Resource:
 NETWORK_FUNCTIONS = Resource("NetworkFunction", "networkfunctions", True)
 CUBE_CHAINS = Resource("CubeChain", "cubechains", True)
 NODE_PORT_RULES = Resource("NodePortRule", "nodeportrules", False)
+CUBE_TYPES = Resource("CubeType", "cubetypes", False)
 PODS = Resource("Pod", "pods", True, "", "v1")
 CONFIG_MAPS = Resource("ConfigMap", "configmaps", True, "", "v1")
 NODES = Resource("Node", "nodes", False, "", "v1")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from pcn_crds import FUNCTION_TYPES
+from pcn_crds.cubetype import Param, SchemaError, config_errors, param_layout
 from pcn_crds.rules import RuleError, parse_rule
 
 from .errors import InputError
@@ -80,6 +81,73 @@ def options_of(type_: str) -> set[str]:
     """The flags (without dashes) that set a config field of `type_`."""
     return {f for (t, _), f in SPECIAL_FIELDS.items() if t == type_} | \
         {o.flag for o in field_options() if o.type_ == type_}
+
+
+def cubetype_params(cubetype: Mapping[str, Any]) -> tuple[Param, ...]:
+    """The parameters of a CubeType object (InputError when its schema is
+    outside the restriction: its status says so too)."""
+    try:
+        return param_layout(((cubetype.get("spec") or {}).get("parameters")) or {})
+    except SchemaError as exc:
+        name = (cubetype.get("metadata") or {}).get("name")
+        raise InputError(f"cubetype {name}: its parameters cannot be used: {exc}") from None
+
+
+def param_value(p: Param, text: str) -> Any:
+    """A --param value as the parameter's JSON type: integers and booleans
+    parsed, strings kept (config_errors then checks ranges and values)."""
+    if p.kind == "integer":
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise InputError(f"--param {p.name}={text}: not an integer") from None
+    if p.kind == "boolean":
+        if text.lower() not in ("true", "false"):
+            raise InputError(f"--param {p.name}={text}: true or false")
+        return text.lower() == "true"
+    return text
+
+
+def custom_config(cubetype: Mapping[str, Any], existing: Mapping[str, Any] | None,
+                  config_file: tuple[str, str] | None, params: Sequence[str],
+                  check: bool = True) -> dict[str, Any]:
+    """The config of a function of a CubeType: a --config file replaces it
+    whole (the config, or a NetworkFunction whose spec.config is taken);
+    each --param NAME=VALUE sets one parameter, keeping the rest. Checked
+    against the type's schema as the agents check it (the same library and
+    messages, naming the field; `check` False: the options' own errors
+    only, before the existing config is read); InputError otherwise."""
+    layout = cubetype_params(cubetype)
+    name = (cubetype.get("metadata") or {}).get("name") or ""
+    if config_file is not None and params:
+        raise InputError("give either --config FILE or --param options, not both")
+    if config_file is not None:
+        origin, text = config_file
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{origin}: not valid YAML or JSON: {exc}") from None
+        if not isinstance(doc, Mapping):
+            raise InputError(f"{origin}: expected a mapping of parameters")
+        if "spec" in doc:
+            doc = (doc.get("spec") or {}).get("config") or {}
+        config = dict(doc)
+    else:
+        config = dict(existing or {})
+        by_name = {p.name: p for p in layout}
+        for item in params:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InputError(f"--param {item}: give NAME=VALUE")
+            if key not in by_name:
+                raise InputError(f"--param {key}: not a parameter of {name}; it takes "
+                                 f"{', '.join(by_name) or 'none'} (`kubectl pcn add-cube "
+                                 f"{name} --help`)")
+            config[key] = param_value(by_name[key], value)
+    errors = config_errors(layout, config) if check else []
+    if errors:
+        raise InputError(f"invalid {name} config: {'; '.join(errors)}")
+    return config
 
 
 def check_type(type_: str) -> str:

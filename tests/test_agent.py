@@ -363,3 +363,99 @@ def test_a_policer_and_a_bandwidth_annotation(cluster: Cluster) -> None:
     delete(cluster.api, nf)
     wait_for("the policer to go", lambda: "nf.web.limit" not in agent.node.rt.cubes
              and not agent.bandwidth_errors)
+
+
+# ----------------------------------------------------------------------------- CubeTypes
+def _dscp_cubetype() -> dict[str, Any]:
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "cubetypes" / "dscp-marker.yaml"
+    ct = next(d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "CubeType")
+    ct["metadata"]["generation"] = 1
+    return ct
+
+
+def _cubetype_status(c: Cluster, name: str) -> dict[str, Any]:
+    return c.api.request("GET", f"/apis/pcn.dev/v1alpha1/cubetypes/{name}").get("status") or {}
+
+
+def test_a_cubetype_compiles_and_its_functions_run_on_pods(cluster: Cluster) -> None:
+    """A CubeType whose source does not compile says where in its status (the
+    source's line) and makes no cube; fixed, it becomes Ready; a
+    NetworkFunction of it with a config its schema refuses says which field;
+    a valid one runs on a pod's chain, its counters in the node status; the
+    type deleted while in use keeps the cube until the function goes."""
+    agent = agent_mod.AGENT
+    ct = _dscp_cubetype()
+    good_source = ct["spec"]["source"]
+    broken = good_source.replace("u8 tos =", "u8 tos = no_such_thing +")
+    line = next(i for i, x in enumerate(broken.splitlines(), 1) if "no_such_thing" in x)
+    apply(cluster.api, {**ct, "spec": {**ct["spec"], "source": broken}})
+    nf = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+          "metadata": {"name": "mark", "namespace": "web", "generation": 1},
+          "spec": {"type": "dscp-marker", "config": {"dscp": 46}}}
+    chain = {"apiVersion": "pcn.dev/v1alpha1", "kind": "CubeChain",
+             "metadata": {"name": "mark-client", "namespace": "web", "generation": 1},
+             "spec": {"podSelector": {"matchLabels": {"app": "client"}},
+                      "egress": [{"function": "mark"}]}}
+    apply(cluster.api, nf)
+    apply(cluster.api, chain)
+
+    def failed() -> dict[str, Any] | None:
+        st = _cubetype_status(cluster, "dscp-marker")
+        conds = st.get("conditions") or []
+        return st if conds and conds[0]["status"] == "False" else None
+
+    st = wait_for("the compile error in the CubeType's status", failed, timeout=60)
+    mine = st["nodes"][cluster.node]
+    assert st["conditions"][0]["reason"] == "CompileFailed" and not mine["compiled"]
+    assert mine["errors"][0]["line"] == line, mine
+    assert "no_such_thing" in mine["errors"][0]["message"]
+    assert st["observedGeneration"] == 1
+    why = wait_for("the function's failure", lambda: _not_ready(cluster, "NetworkFunction",
+                                                                "mark"))
+    assert why[0] == "CubeTypeNotReady" and "no_such_thing" in why[1], why
+    assert cube_name("web", "mark") not in agent.node.rt.cubes
+
+    fixed = {**ct, "metadata": {**ct["metadata"], "generation": 2}}
+    apply(cluster.api, fixed)
+
+    def ready() -> dict[str, Any] | None:
+        st = _cubetype_status(cluster, "dscp-marker")
+        conds = st.get("conditions") or []
+        return st if conds and conds[0]["status"] == "True" and \
+            st.get("observedGeneration") == 2 else None
+
+    st = wait_for("the CubeType to be Ready", ready, timeout=60)
+    assert st["nodes"][cluster.node]["compiled"] and st["nodes"][cluster.node]["errors"] == []
+
+    apply(cluster.api, {**nf, "spec": {"type": "dscp-marker",
+                                       "config": {"dscp": 99, "protocl": "udp"}}})
+    why = wait_for("the invalid config's failure", lambda: (
+        w := _not_ready(cluster, "NetworkFunction", "mark")) and w[0] == "Invalid" and w)
+    assert "spec.config.dscp: 99 is greater than the maximum of 63" in why[1], why
+    assert "spec.config.protocl: not a parameter of this type" in why[1], why
+
+    apply(cluster.api, nf)
+    wait_for("the chain to be Ready", lambda: (
+        o := _ready(cluster, "CubeChain", "mark-client")) and o["status"]["realizedPods"] == 1)
+    wait_for("the function to be Ready", lambda: _ready(cluster, "NetworkFunction", "mark"))
+    by_name = {p.k8s_name: p for p in agent.node.pods.values()}
+    assert by_name["client"].ingress == [cube_name("web", "mark")]  # traffic from the pod
+    r = cluster.probe("client", ["tcp", cluster.pods["web-1"].ip, "8080", "--timeout", "3"])
+    assert r["ok"], r
+    status = agent.node_status()["functions"][cube_name("web", "mark")]
+    assert status["type"] == "dscp-marker" and status["params"]["dscp"] == 46
+    assert status["counters"]["marked"] >= 1, status
+    used = wait_for("usedBy in the CubeType's status", lambda: _cubetype_status(
+        cluster, "dscp-marker")["nodes"][cluster.node]["usedBy"])
+    assert used == ["web/mark"]
+
+    delete(cluster.api, fixed)
+    why = wait_for("the deleted type's report", lambda: (
+        w := _not_ready(cluster, "NetworkFunction", "mark")) and w[0] == "CubeTypeDeleted" and w)
+    assert cube_name("web", "mark") in agent.node.rt.cubes  # the data path as it was
+    delete(cluster.api, chain)
+    delete(cluster.api, nf)
+    wait_for("the cube and its type to go", lambda: cube_name("web", "mark")
+             not in agent.node.rt.cubes and "cubetype.dscp-marker" not in agent.node.rt.types)

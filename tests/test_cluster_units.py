@@ -255,6 +255,10 @@ def test_install_overlay_sets_the_api_address(layout: Layout, tmp_path: Path) ->
     names = {c["name"] for c in ds["spec"]["template"]["spec"]["containers"]
              + ds["spec"]["template"]["spec"]["initContainers"]}
     assert names == set(install.AGENT_CONTAINERS)
+    # socket load balancing off: the lab's nodes share the machine's cgroups
+    config = yaml.safe_load(k["patches"][1]["patch"])
+    assert (config["kind"], config["metadata"]["name"]) == ("ConfigMap", "pcn-config")
+    assert config["data"] == {"socketLB": "false"}
 
 
 def test_images_index_and_pause(tmp_path: Path) -> None:

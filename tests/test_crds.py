@@ -58,8 +58,11 @@ def test_models_validate_what_users_write() -> None:
         "kind": "NetworkFunction", "metadata": {"name": "fw", "namespace": "a"},
         "spec": {"type": "firewall", "config": {"rules": [
             {"action": "drop", "protocol": "tcp", "destinationPorts": "22"}]}}})
-    with pytest.raises(ValidationError, match="Input should be 'firewall'"):
-        NetworkFunction.model_validate({"kind": "NetworkFunction", "spec": {"type": "router"}})
+    with pytest.raises(ValidationError, match="String should match pattern"):
+        NetworkFunction.model_validate({"kind": "NetworkFunction", "spec": {"type": "Router"}})
+    # any other name is a CubeType's, its config checked by the agents against its schema
+    NetworkFunction.model_validate({"kind": "NetworkFunction", "spec": {
+        "type": "dscp-marker", "config": {"dscp": 46}}})
     with pytest.raises(ValidationError, match="not an IPv4"):
         NetworkFunction.model_validate({"kind": "NetworkFunction", "spec": {
             "type": "firewall", "config": {"rules": [{"action": "drop", "source": "1.2.3/40"}]}}})
@@ -87,7 +90,11 @@ def test_every_function_type_is_in_the_type_literal_and_the_schema() -> None:
     assert set(get_args(FunctionType)) == set(FUNCTION_TYPES)
     spec = crd(NetworkFunction)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
         "properties"]["spec"]
-    assert spec["properties"]["type"]["enum"] == list(FUNCTION_TYPES)
+    # a built-in type or a CubeType's name: the agents report an unknown one
+    assert spec["properties"]["type"]["pattern"] == "^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
+    assert all(t in spec["properties"]["type"]["description"] for t in FUNCTION_TYPES)
+    # a CubeType's parameters are kept, not pruned
+    assert spec["properties"]["config"]["x-kubernetes-preserve-unknown-fields"] is True
     config = spec["properties"]["config"]["properties"]
     for type_name, model in FUNCTION_TYPES.items():
         for field in model.model_fields:
@@ -163,7 +170,9 @@ def test_cel_rules_guard_each_types_fields() -> None:
         "properties"]["spec"]
     rules = spec["x-kubernetes-validations"]
     for type_name, model in FUNCTION_TYPES.items():
-        forbidden = [r for r in rules if r["rule"].startswith(f"self.type == '{type_name}'")]
+        builtin = ", ".join(f"'{t}'" for t in FUNCTION_TYPES)
+        forbidden = [r for r in rules if r["rule"].startswith(
+            f"!(self.type in [{builtin}]) || self.type == '{type_name}'")]
         assert len(forbidden) == 1
         assert all(f"!has(self.config.{f})" in forbidden[0]["rule"] for f in model.model_fields)
         for f, info in model.model_fields.items():

@@ -7,6 +7,7 @@ field at fault. Skipped when the binaries are absent (as on CI)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -117,7 +118,42 @@ def test_explain_shows_each_types_config(kubectl: list[str]) -> None:
                          ("rate", "policer"), ("burst", "policer"), ("scope", "policer")):
         assert f"{field}\t<" in out and f"({type_})" in out.split(f"{field}\t<")[1][:120], field
     spec = _explain(kubectl, "networkfunction.spec")
-    assert "enum: firewall, policer" in spec
+    assert "or the name of a CubeType" in " ".join(spec.split())
+
+
+def test_explain_documents_cubetype_fields(kubectl: list[str]) -> None:
+    out = " ".join(_explain(kubectl, "cubetype.spec").split())
+    for field in ("source", "parameters", "counters", "defaultHook", "description"):
+        assert f"{field} <" in out, field
+    assert "a parameter is an integer with minimum and maximum, a boolean, or a string with " \
+           "enum or format ipv4" in out
+    status = " ".join(_explain(kubectl, "cubetype.status.nodes").split())
+    assert "Per node, written by that node's agent" in status
+
+
+def test_a_cubetype_and_its_functions_keep_what_they_were_given(kubectl: list[str]) -> None:
+    """The example CubeType is accepted and its parameter schema is kept whole
+    (not pruned); a NetworkFunction of it keeps its parameters in spec.config."""
+    root = Path(__file__).resolve().parents[1]
+    docs = [d for d in yaml.safe_load_all(
+        (root / "examples" / "cubetypes" / "dscp-marker.yaml").read_text()) if d]
+    ct = next(d for d in docs if d["kind"] == "CubeType")
+    res = subprocess.run([*kubectl, "apply", "-f", "-"], input=yaml.safe_dump(ct), text=True,
+                         capture_output=True)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(subprocess.run([*kubectl, "get", "cubetype", "dscp-marker", "-o", "json"],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert got["spec"]["parameters"] == ct["spec"]["parameters"]
+    assert got["spec"]["source"] == ct["spec"]["source"]
+    res = _apply(kubectl, {"type": "dscp-marker", "config": {"dscp": 46, "protocol": "udp"}},
+                 "voice")
+    assert res.returncode == 0, res.stderr
+    nf = json.loads(subprocess.run([*kubectl, "get", "networkfunction", "voice", "-o", "json"],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert nf["spec"]["config"] == {"dscp": 46, "protocol": "udp"}
+    # a built-in type's fields stay forbidden on another built-in type only
+    res = _apply(kubectl, {"type": "dscp-marker", "config": {"rate": "10M"}}, "rate-param")
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.parametrize("spec", [
@@ -147,7 +183,7 @@ def test_valid_functions_are_accepted(kubectl: list[str], spec: dict) -> None:
      "spec.config: Forbidden: rules, defaultAction, allowReplies: field(s) of a firewall"),
     ({"type": "firewall", "config": {"rate": "10M"}},
      "spec.config: Forbidden: rate, burst, scope: field(s) of a policer"),
-    ({"type": "nat"}, 'spec.type: Unsupported value: "nat"'),
+    ({"type": "Nat"}, 'spec.type: Invalid value: "Nat"'),
 ], ids=["no-rate", "no-config", "rate-too-small", "rate-not-a-quantity", "burst-too-big",
         "bad-scope", "firewall-field-on-policer", "policer-field-on-firewall", "unknown-type"])
 def test_invalid_functions_are_refused_with_the_field(kubectl: list[str], spec: dict,

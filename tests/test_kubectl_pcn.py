@@ -314,10 +314,16 @@ def test_add_cube_config_file(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_unknown_type_lists_the_known_ones(lab: Lab) -> None:
-    res = lab.run("add-cube", "nat", "--rule", "drop", code=2)
-    assert res.stderr.strip() == ("Error: unknown function type 'nat'; known types: firewall, "
-                                  "flowmonitor, policer")
+    res = lab.run("add-cube", "NAT", "fw", "--rule", "drop", code=2)
+    assert res.stderr.strip() == "Error: unknown function type 'NAT'; built-in types: " \
+                                 "firewall, flowmonitor, policer, or a CubeType's name (lower-case " \
+                                 "letters, digits and dashes)"
     assert lab.requests() == [], "an input error must not reach the cluster"
+    # a name a CubeType could have is looked up, and the cluster's are listed
+    res = lab.run("add-cube", "nat", "--rule", "drop", code=2)
+    assert res.stderr.strip() == "Error: unknown function type 'nat'; built-in types: " \
+                                 "firewall, flowmonitor, policer; CubeTypes of the cluster: none"
+    assert lab.writes() == []
 
 
 def test_invalid_rule_shows_where(lab: Lab) -> None:
@@ -811,9 +817,9 @@ def test_installed_executables(lab: Lab) -> None:
     assert res.returncode == 0, res.stderr
     assert "networkfunction.pcn.dev/fw created" in res.stdout and "reading" in res.stderr
     assert lab.spec(NF, "fw")["config"]["rules"] == [{"action": "drop", "protocol": "icmp"}]
-    res = subprocess.run([str(BIN / "kubectl-pcn"), "add-cube", "nat"], capture_output=True,
+    res = subprocess.run([str(BIN / "kubectl-pcn"), "add-cube", "NAT", "fw"], capture_output=True,
                          text=True, timeout=60, check=False)
-    assert res.returncode == 2 and "known types: firewall, flowmonitor, policer" in res.stderr
+    assert res.returncode == 2 and "built-in types: firewall" in res.stderr
     res = subprocess.run([str(BIN / "kubectl_complete-pcn"), "--kubeconfig",
                           str(lab.kubeconfig), "-n", "web", "remove-cube", ""],
                          capture_output=True, text=True, timeout=60, check=False)
@@ -897,3 +903,62 @@ def test_policy_says_whether_a_connection_is_allowed_and_by_which_rule(lab: Lab)
     assert [b["port"] for b in via_name["backends"]] == [8080]
     no_port = lab.run("policy", "client", "svc/web", "--port", "81", "-n", "shop", code=2)
     assert "has no TCP port 81 (its TCP ports: web:80)" in no_port.output
+
+
+# ----------------------------------------------------------------------------- CubeTypes
+def _seed_dscp_cubetype(lab: Lab) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "cubetypes" / "dscp-marker.yaml"
+    apply(lab.api, next(d for d in yaml.safe_load_all(path.read_text())
+                        if d["kind"] == "CubeType"))
+
+
+def test_add_cube_of_a_cubetype_takes_its_parameters(lab: Lab) -> None:
+    _seed_dscp_cubetype(lab)
+    help_text = lab.run("add-cube", "dscp-marker", "--help").stdout
+    assert "Parameters of the CubeType dscp-marker (--param NAME=VALUE; default hook " \
+           "egress)" in help_text
+    assert "integer 0..63 (required): The DSCP to set" in " ".join(help_text.split())
+    assert "one of any|tcp|udp (default any)" in help_text
+    assert "--allow-replies" not in help_text  # a firewall's options are not its
+    res = lab.run("-n", "web", "add-cube", "dscp-marker", "voice", "-l", "app=voip",
+                  "--param", "dscp=46", "--param", "protocol=udp")
+    assert res.stdout.splitlines()[0] == "networkfunction.pcn.dev/voice created"
+    assert lab.spec(NF, "voice") == {"type": "dscp-marker",
+                                     "config": {"dscp": 46, "protocol": "udp"}}
+    # the CubeType's defaultHook: egress (traffic from the pods)
+    assert lab.spec(CC, "pods-app-voip")["egress"] == [{"function": "voice"}]
+    lab.run("-n", "web", "add-cube", "dscp-marker", "voice", "-l", "app=voip",
+            "--param", "destination=10.0.0.1")
+    assert lab.spec(NF, "voice")["config"] == {"dscp": 46, "protocol": "udp",
+                                               "destination": "10.0.0.1"}
+    bad = lab.run("-n", "web", "add-cube", "dscp-marker", "x", "--param", "dscp=64", code=2)
+    assert "spec.config.dscp: 64 is greater than the maximum of 63" in bad.stderr
+    bad = lab.run("-n", "web", "add-cube", "dscp-marker", "x", "--param", "dcsp=1", code=2)
+    assert "--param dcsp: not a parameter of dscp-marker; it takes destination, dscp, " \
+           "protocol" in bad.stderr
+    bad = lab.run("-n", "web", "add-cube", "dscp-marker", "x", "--rule", "drop tcp", code=2)
+    assert "dscp-marker is a CubeType: give its parameters with --param" in bad.stderr
+    bad = lab.run("-n", "web", "add-cube", "no-such-type", "x", code=2)
+    assert "unknown function type 'no-such-type'" in bad.stderr
+    assert "CubeTypes of the cluster: dscp-marker" in bad.stderr
+    assert lab.get(NF, "x") is None
+
+
+def test_chain_shows_a_custom_cubes_counters(lab: Lab) -> None:
+    _seed_dscp_cubetype(lab)
+    seed_pod(lab.api, "web", "phone", {"app": "voip"}, "node-a")
+    lab.run("-n", "web", "add-cube", "dscp-marker", "voice", "-l", "app=voip",
+            "--param", "dscp=46")
+    seed_status(lab.api, node_status("node-a", pods={
+        "web/phone": pod_entry("10.244.1.7", "br:p7", ["nf.web.voice"], [], 5, 6, 0)},
+        functions={"nf.web.voice": {
+            "namespace": "web", "name": "voice", "type": "dscp-marker",
+            "cubeType": "dscp-marker", "params": {"dscp": 46, "protocol": "any",
+                                                  "destination": "0.0.0.0"},
+            "counters": {"marked": 17, "unchanged": 2, "skipped": 0, "notIpv4": 1,
+                         "failed": 0}, "drops": 0}}))
+    out = lab.run("-n", "web", "chain", "phone").stdout
+    table = out.split("DSCP-MARKERS (counters on node node-a)\n")[1].splitlines()
+    assert table[0].split() == ["SIDE", "FUNCTION", "FAILED", "MARKED", "NOTIPV4", "SKIPPED",
+                                "UNCHANGED"]
+    assert table[1].split() == ["egress", "voice", "0", "17", "1", "0", "2"]

@@ -40,7 +40,7 @@ MANIFESTS = ROOT / "manifests"
 CRDS = ROOT / "crds"
 AGENT_PY = ROOT / "operator" / "pcn_agent" / "control" / "agent.py"
 NAMESPACE = "pcn-system"
-KINDS = ("NetworkFunction", "CubeChain", "NodePortRule")
+KINDS = ("NetworkFunction", "CubeChain", "NodePortRule", "CubeType")
 
 # What the agent needs from the API, mirroring operator/pcn_agent/control/agent.py
 # (kopf watches: list+watch, plus get; status patches; derived NodePortRules
@@ -58,6 +58,8 @@ EXPECTED_RBAC: dict[tuple[str, str], set[str]] = {
     ("pcn.dev", "networkfunctions/status"): {"patch"},
     ("pcn.dev", "cubechains/status"): {"patch"},
     ("pcn.dev", "nodeportrules/status"): {"patch"},
+    ("pcn.dev", "cubetypes"): {"get", "list", "watch"},
+    ("pcn.dev", "cubetypes/status"): {"patch"},
     ("", "events"): {"create"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
@@ -175,7 +177,7 @@ def test_kustomization_lists_existing_files_and_crds_via_directory(
     generated = sorted(p.name for p in CRDS.glob("pcn.dev_*.yaml"))
     assert sorted(crd_kust["resources"]) == generated, \
         "crds/kustomization.yaml must list every generated CRD file"
-    assert len(generated) == 3
+    assert len(generated) == 4
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
     assert sorted(c["spec"]["names"]["kind"] for c in crds) == sorted(KINDS)
     ids = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
@@ -356,6 +358,9 @@ def _agent_needs() -> dict[tuple[str, str], set[str]]:
                 api, plural = (ast.unparse(a).strip("'\"") for a in node.args[:2])
                 assert api in API_PATHS, f"{ast.unparse(node)}: unknown API path {api}"
                 add(API_PATHS[api], plural, f.attr)
+            elif on_kube and f.attr == "patch_status" and \
+                    isinstance(node.args[1], ast.Constant):  # a literal plural (CubeTypes)
+                add(API_PATHS[ast.unparse(node.args[0])], f"{node.args[1].value}/status", "patch")
             elif on_kube and f.attr == "event":
                 add("", "events", "create")
             elif on_kube and f.attr == "request":
@@ -527,7 +532,8 @@ def test_configmap_validates_with_cluster_settings(objects: list[dict[str, Any]]
         "sessionTimeoutTCPEstablished": 86400, "sessionTimeoutTCPFinWait": 120,
         "sessionTimeoutTCPCloseWait": 3600, "sessionTimeoutTCPTimeWait": 120,
         "sessionTimeoutTCPClose": 10, "sessionTimeoutUDP": 30, "sessionTimeoutUDPStream": 120,
-        "sessionTimeoutICMP": 30, "sessionGCInterval": 10}
+        "sessionTimeoutICMP": 30, "sessionGCInterval": 10, "socketLB": True,
+        "socketLBCgroup": ""}
     # the ConfigMap's values are the data path's defaults
     assert s.session_timeouts == SessionTimeouts()
     text = (MANIFESTS / "configmap.yaml").read_text()
@@ -826,3 +832,20 @@ def test_cni_scripts_run_with_the_project_python() -> None:
         out = subprocess.run([sys.executable, str(MANIFESTS / "cni" / f"{name}.py"), "--help"],
                              capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
+
+
+def test_only_cluster_admins_write_cubetypes(objects: list[dict[str, Any]]) -> None:
+    """A CubeType is C code every node compiles into its data path: no role
+    of pcn's grants creating or changing one (cluster-admin's '*' does); the
+    agent reads them and patches their status; everyone with view, edit or
+    admin in a namespace may read them (aggregated), to write functions."""
+    for role in (o for o in objects if o["kind"] in ("ClusterRole", "Role")):
+        verbs = granted(role).get(("pcn.dev", "cubetypes"), set())
+        assert verbs <= {"get", "list", "watch"}, role["metadata"]["name"]
+    viewer = one(objects, "ClusterRole", "pcn-cubetype-viewer")
+    assert granted(viewer) == {("pcn.dev", "cubetypes"): {"get", "list", "watch"}}
+    labels = viewer["metadata"]["labels"]
+    for role in ("view", "edit", "admin"):
+        assert labels[f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
+    assert granted(one(objects, "ClusterRole", "pcn-agent"))[("pcn.dev", "cubetypes/status")] \
+        == {"patch"}

@@ -12,10 +12,10 @@ import pytest
 from bpfunit import UnitNet, unit_net
 
 from pcn_agent.dataplane import maps
-from pcn_agent.dataplane.compiler import cflags, source_text
+from pcn_agent.dataplane.compiler import BpfModule, cflags, compile_cube, source_text
 from pcn_agent.dataplane.cubes import lbrp, policy
 from pcn_agent.dataplane.runtime import ENTRY
-from pcn_bpf import SOURCE_DIR
+from pcn_bpf import SOCKET_PROGRAMS, SOURCE_DIR
 from pcn_policy import rules as policyrules
 from pcn_testsupport import testrun
 
@@ -37,9 +37,21 @@ SCALAR_MAPS: dict[str, tuple[type, type]] = {
 @pytest.fixture(scope="module")
 def net() -> Iterator[UnitNet]:
     with unit_net(veths=0) as built:
+        assert built.rt.pin_dir is not None
         for t in MODULES[1:]:
-            built.rt.load_type(t)
-        yield built
+            if t in SOCKET_PROGRAMS:  # not a cube: compiled, its maps checked all the same
+                SOCKET_MODULES[t] = compile_cube(t, built.rt.pin_dir)
+            else:
+                built.rt.load_type(t)
+        try:
+            yield built
+        finally:
+            for module in SOCKET_MODULES.values():
+                module.cleanup()
+            SOCKET_MODULES.clear()
+
+
+SOCKET_MODULES: dict[str, BpfModule] = {}
 
 
 def c_sources() -> dict[str, str]:
@@ -82,7 +94,8 @@ def tables_named(net: UnitNet, name: str) -> dict[str, object]:
     found = {}
     for module in MODULES:
         try:
-            found[module] = net.rt.table(name, module)
+            found[module] = (SOCKET_MODULES[module][name.encode()] if module in SOCKET_MODULES
+                             else net.rt.table(name, module))
         except KeyError:
             continue
     assert found, f"no loaded module declares a map named {name!r}"

@@ -692,3 +692,59 @@ def test_every_crd_function_type_has_a_cube() -> None:
             other = next(m for t, m in FUNCTION_TYPES.items() if t != type_)
             cube.settings_of(other.model_validate({"rate": "1M"} if type_ == "firewall"
                                                   else {}))
+
+
+# --------------------------------------------------------------------------- CubeTypes
+def _custom_pass(config: dict[str, Any], cubetypes: dict[str, Any],
+                 last_good: dict[Any, Any] | None = None, type_: str = "dscp-marker") -> Any:
+    fn = {"apiVersion": "pcn.dev/v1alpha1", "kind": "NetworkFunction",
+          "metadata": {"namespace": "web", "name": "mark"},
+          "spec": {"type": type_, "config": config}}
+    pods = [pod("web", "api-1", {"app": "api"})]
+    return desired_state(Inputs("n1", S, pods=pods, attachments={"c1": ("web", "api-1")},
+                                functions=[fn], chains=[chain("web", "c", [], ["mark"])],
+                                cubetypes=cubetypes, last_good=last_good or {}))
+
+
+def test_functions_of_a_cubetype() -> None:
+    """A CubeType's function: its config checked against the type's schema
+    (the field named), realised only where the type compiled, kept in force
+    through an invalid edit, and kept (reported) when the type is deleted."""
+    from pcn_agent.control.reconcile import CubeTypeInfo
+    from pcn_agent.dataplane.cubes.custom import CustomSettings
+    from pcn_crds.cubetype import param_layout
+
+    params = param_layout({"type": "object", "required": ["dscp"], "properties": {
+        "dscp": {"type": "integer", "minimum": 0, "maximum": 63},
+        "protocol": {"type": "string", "enum": ["any", "udp"]}}})
+    ready = {"dscp-marker": CubeTypeInfo(True, params, ("marked",))}
+    key = ("NetworkFunction", "web", "mark")
+    cube = cube_name("web", "mark")
+
+    r = _custom_pass({"dscp": 46}, ready)
+    assert r.desired.functions[cube] == FunctionSpec("cubetype.dscp-marker", CustomSettings(
+        "dscp-marker", params, ("marked",), (("dscp", 46), ("protocol", "any"))))
+    assert r.desired.chains["c1"] == ((cube,), ()) and r.verdicts[key].ready
+
+    edited = _custom_pass({"dscp": 99, "proto": "udp"}, ready, r.last_good)
+    v = edited.verdicts[key]
+    assert v.reason == "Invalid" and "spec.config.dscp: 99 is greater than the maximum" \
+        in v.message and "spec.config.proto: not a parameter of this type" in v.message
+    assert "last valid version stays in force" in v.message
+    assert edited.desired.functions[cube] == r.desired.functions[cube]
+    fresh = _custom_pass({"dscp": 99}, ready)
+    assert cube not in fresh.desired.functions and "c1" not in fresh.desired.chains
+
+    missing = _custom_pass({"dscp": 1}, {})
+    assert missing.verdicts[key].reason == "CubeTypeNotFound"
+    assert cube not in missing.desired.functions
+    broken = _custom_pass({"dscp": 1}, {"dscp-marker": CubeTypeInfo(
+        False, message="line 3: use of undeclared identifier 'x'")})
+    assert broken.verdicts[key].reason == "CubeTypeNotReady"
+    assert "line 3: use of undeclared identifier" in broken.verdicts[key].message
+    assert cube not in broken.desired.functions
+
+    gone = _custom_pass({"dscp": 46}, {"dscp-marker": CubeTypeInfo(
+        True, params, ("marked",), deleted=True)})
+    assert gone.verdicts[key].reason == "CubeTypeDeleted"
+    assert gone.desired.functions[cube] == r.desired.functions[cube]

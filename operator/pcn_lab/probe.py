@@ -182,7 +182,7 @@ def serve(tcp_ports: list[int], udp_ports: list[int], rr_ports: list[int] | None
 
 
 def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int = 0,
-               rate: float = 0.0) -> dict:
+               rate: float = 0.0, peer: bool = False) -> dict:
     """Send `nbytes` (at `rate` bytes/s if set) and check the server's digest."""
     payload = random.Random(nbytes).randbytes(nbytes)
     start = time.monotonic()
@@ -193,6 +193,7 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
             s.bind(("0.0.0.0", src_port))
         s.connect((host, port))
         connected = time.monotonic()
+        seen = s.getpeername() if peer else None  # as the application sees its peer
         if rate > 0:
             chunk = max(1, int(rate / 50))
             for off in range(0, nbytes, chunk):
@@ -211,6 +212,7 @@ def tcp_client(host: str, port: int, nbytes: int, timeout: float, src_port: int 
         "ok": reply.get("sha256") == expected and reply.get("bytes") == nbytes,
         "bytes": nbytes, "received": reply.get("bytes"), "peer_seen": reply.get("peer"),
         "peer_port_seen": reply.get("peer_port"), "host": reply.get("host"),
+        **({"peer": f"{seen[0]}:{seen[1]}"} if seen else {}),
         "connect_ms": (connected - start) * 1000, "total_ms": (done - start) * 1000,
     }
 
@@ -373,18 +375,29 @@ def rr_client(host: str, port: int, count: int, timeout: float, size: int = 32,
 
 
 def udp_client(host: str, port: int, timeout: float, size: int = len(UDP_HELLO),
-               reply_size: int = 0) -> dict:
+               reply_size: int = 0, connected: bool = True) -> dict:
     """One datagram of `size` bytes on a connected socket (the kernel
     fragments what exceeds the path MTU), answered with `reply_size` bytes:
     ok when the answer comes from where we sent, names the length and
-    SHA-256 of what we sent, and is as long as asked."""
+    SHA-256 of what we sent, and is as long as asked. `peer` is where the
+    answer came from as the application sees it: getpeername() on the
+    connected socket, recvfrom()'s source with `connected` False (sendto()
+    and recvfrom() on an unconnected socket, "host:port")."""
     request = udp_request(size, reply_size)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(timeout)
-        s.connect((host, port))
         start = time.monotonic()
-        s.send(request)
-        data = s.recv(UDP_MAX)
+        if connected:
+            s.connect((host, port))
+            s.send(request)
+            data = s.recv(UDP_MAX)
+            src = s.getpeername()
+        else:
+            s.sendto(request, (host, port))
+            while True:  # only the answer from where we sent counts
+                data, src = s.recvfrom(UDP_MAX)
+                if src == (host, port) or time.monotonic() - start > timeout:
+                    break
         rtt = (time.monotonic() - start) * 1000
     reply = json.loads(data)
     ok = reply.get("len") == len(request) and \
@@ -393,7 +406,7 @@ def udp_client(host: str, port: int, timeout: float, size: int = len(UDP_HELLO),
         ok = ok and len(data) == reply_size
     return {"ok": ok, "peer_seen": reply.get("peer"), "peer_port_seen": reply.get("peer_port"),
             "host": reply.get("host"), "sent": len(request), "received": len(data),
-            "total_ms": rtt}
+            "peer": f"{src[0]}:{src[1]}", "total_ms": rtt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--timeout", type=float, default=5.0)
     t.add_argument("--src-port", type=int, default=0)
     t.add_argument("--rate", type=float, default=0.0, help="pace the upload, bytes per second")
+    t.add_argument("--peer", action="store_true",
+                   help="report getpeername() (the address the application sees) as `peer`")
     t.add_argument("--count", type=int, default=0,
                    help="open COUNT short connections instead and tally the servers")
     b = sub.add_parser("burst", help="COUNT short TCP connections, PARALLEL at a time, to a "
@@ -429,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="bytes of the datagram (more than the MTU: sent in fragments)")
     u.add_argument("--reply-size", type=int, default=0,
                    help="ask for an answer of this many bytes (default: the bare JSON)")
+    u.add_argument("--unconnected", action="store_true",
+                   help="sendto() and recvfrom() instead of connect(), send() and recv()")
     r = sub.add_parser("rr", help="request latency: COUNT new connections, each one small "
                                    "request and answer, to a `serve --rr` port")
     r.add_argument("host")
@@ -457,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
             result = tcp_many(args.host, args.port, args.count, args.timeout)
         elif args.cmd == "tcp":
             result = tcp_client(args.host, args.port, args.bytes, args.timeout, args.src_port,
-                                args.rate)
+                                args.rate, args.peer)
         else:
-            result = udp_client(args.host, args.port, args.timeout, args.size, args.reply_size)
+            result = udp_client(args.host, args.port, args.timeout, args.size, args.reply_size,
+                                not args.unconnected)
     except (OSError, ValueError) as exc:
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(exc, OSError) and exc.errno:
+            result["errno"] = errno.errorcode.get(exc.errno, str(exc.errno))
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

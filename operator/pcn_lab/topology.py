@@ -10,6 +10,7 @@ failure half-way through `build()`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import secrets
@@ -33,6 +34,7 @@ from pcn_agent.node.wiring import (
     PeerNode,
     Pod,
 )
+from pcn_lab.cgroups import LabCgroups
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,10 @@ class Lab:
     dataplane: bool = True  # False: namespaces and network only; agents build the data plane
     session_timeouts: SessionTimeouts = SessionTimeouts()  # the nodes' session lifetimes
     session_gc_interval_s: float = 10.0
+    # Socket load balancing (socklb.py): each node's pods run in a cgroup of
+    # that node (cgroups.py), where its sock_lb programs are attached.
+    socket_lb: bool = False
+    cgroups: LabCgroups | None = None
     nodes: dict[str, NodeDataplane] = field(default_factory=dict)
     pods: dict[str, LabPod] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
@@ -122,13 +128,17 @@ class Lab:
             self._underlay()
             if not self.dataplane:
                 return self
+            if self.socket_lb:
+                self.cgroups = LabCgroups(self.prefix)
             for i in range(1, self.nodes_count + 1):
+                cgroup = self.cgroups.node(self.node_name(i)) if self.cgroups else None
                 cfg = NodeConfig(
                     name=self.node_name(i), netns=self.node_name(i), uplink="uplink",
                     node_ip=self.node_ip(i), pod_cidr=self.pod_cidr(i),
                     vtep=self._vtep(i), mtu=self.pod_mtu, overlay=self.overlay,
                     session_timeouts=self.session_timeouts,
-                    session_gc_interval_s=self.session_gc_interval_s)
+                    session_gc_interval_s=self.session_gc_interval_s,
+                    socket_lb_cgroup=str(cgroup) if cgroup else None)
                 self.nodes[cfg.name] = NodeDataplane(cfg, self.pin_root).up()
             peers = self._peers()
             for node in self.nodes.values():
@@ -192,13 +202,34 @@ class Lab:
         node = self.nodes.get(name)
         return (node.cfg.netns if node is not None else None) or name
 
+    def _in_netns(self, netns: str, argv: list[str]) -> list[str]:
+        """`argv` run in `netns`, and, in a pod's namespace with socket load
+        balancing, in its node's cgroup (as the kubelet puts a pod's processes
+        in its pods cgroup)."""
+        full = ["ip", "netns", "exec", netns, *argv]
+        if self.cgroups is not None:
+            for lp in self.pods.values():
+                if lp.netns == netns:
+                    return self.cgroups.wrap(lp.node, full)
+        return full
+
     def exec(self, netns: str, argv: list[str], timeout: float = 30,
              check: bool = False) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
+        return subprocess.run(self._in_netns(netns, argv), capture_output=True,
                               text=True, timeout=timeout, check=check)
 
     def popen(self, netns: str, argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", netns, *argv], **kw)
+        return subprocess.Popen(self._in_netns(netns, argv), **kw)
+
+    def set_socket_lb(self, on: bool) -> None:
+        """Turn socket load balancing on or off on every node (off: the
+        lbrp translates every connection, as with socketLB: false)."""
+        if on and self.cgroups is None:
+            self.cgroups = LabCgroups(self.prefix)
+        for node in self.nodes.values():
+            cgroup = str(self.cgroups.node(node.cfg.name)) if on and self.cgroups else None
+            node.cfg = dataclasses.replace(node.cfg, socket_lb_cgroup=cgroup)  # for restarts
+            node.set_socket_lb(cgroup)
 
     def restart_node(self, i: int, while_down: Callable[[], object] | None = None
                      ) -> NodeDataplane:
@@ -284,12 +315,19 @@ class Lab:
             except OSError as exc:
                 errors.append(exc)
         self.namespaces.clear()
+        if self.cgroups is not None:
+            try:
+                self.cgroups.close()
+            except OSError as exc:
+                errors.append(exc)
         if errors:
             raise RuntimeError(f"lab teardown left errors: {errors}")
 
     def leftovers(self) -> list[str]:
         """Anything of this run still present: namespaces and pinned objects."""
         left = [ns for ns in pr_netns.listnetns() if ns.startswith(self.prefix)]
+        if self.cgroups is not None:
+            left += self.cgroups.leftovers()
         for i in range(1, self.nodes_count + 1):
             d = self.pin_root / self.node_name(i)
             if d.exists():

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 import kopf
 
+from pcn_agent.control.cubetypes import CubeTypes
 from pcn_agent.control.healthcheck import HealthServers
 from pcn_agent.control.kube import ApiError, Kube, discover
 from pcn_agent.control.manager import DataplaneManager
@@ -38,7 +39,7 @@ from pcn_agent.control.reconcile import (
 )
 from pcn_agent.control.settings import DEFAULT_FILE as DEFAULT_SETTINGS_FILE
 from pcn_agent.control.settings import ClusterSettings
-from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane import bpffs, socklb
 from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
 from pcn_agent.node.wiring import NodeConfig, NodeDataplane
 
@@ -93,6 +94,25 @@ def _key(body: Mapping[str, Any]) -> tuple[str, str]:
     return m.get("namespace") or "", m.get("name") or ""
 
 
+def socket_lb_cgroup(s: ClusterSettings) -> str | None:
+    """Where socket load balancing attaches (NodeConfig.socket_lb_cgroup):
+    None when the ConfigMap turns it off (socketLB: "false") or no pods
+    cgroup is found (then the lbrp translates everything, as before; logged).
+    The kubelet's pods cgroup is looked up under $PCN_CGROUP_ROOT (the
+    DaemonSet mounts the host's /sys/fs/cgroup there: the container's own
+    /sys/fs/cgroup shows only its own cgroup), else the cgroup v2 mount."""
+    if not s.socketLB:
+        return None
+    if s.socketLBCgroup:
+        return s.socketLBCgroup
+    root = os.environ.get("PCN_CGROUP_ROOT")
+    try:
+        return str(socklb.kubelet_pods_cgroup(Path(root) if root else None))
+    except (socklb.SocketLBError, OSError) as exc:
+        log.warning("socket load balancing off: %s", exc)
+        return None
+
+
 class Agent:
     def __init__(self, node_name: str, settings: ClusterSettings, kube: Kube,
                  netns: str | None = None, socket_path: str = "/run/pcn/agent.sock",
@@ -110,6 +130,7 @@ class Agent:
         self.api: LocalApiServer | None = None
         self.observer: Observer | None = None  # captures and flows (control.observe)
         self.health = HealthServers(netns)  # kube-proxy's healthCheckNodePorts
+        self.cubetypes = CubeTypes()  # CubeTypes compiled on this node
         self.trigger = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: list[asyncio.Task[None]] = []  # start_tasks(); ended by stop_tasks()
@@ -180,6 +201,10 @@ class Agent:
         if self.node is None and not await self._bring_up():
             return
         assert self.node is not None and self.manager is not None
+        loop = asyncio.get_running_loop()
+        manager, rt = self.manager, self.node.rt
+        await loop.run_in_executor(None, self.cubetypes.sync, rt,
+                                   list(self.store["CubeType"].values()), _types_in_use(manager))
         attachments = {k: (p.k8s_namespace, p.k8s_name)
                        for k, p in list(self.node.pods.items()) if getattr(p, "k8s_name", "")}
         inputs = Inputs(
@@ -197,6 +222,7 @@ class Agent:
             functions=list(self.store["NetworkFunction"].values()),
             chains=list(self.store["CubeChain"].values()),
             nodeportrules=list(self.store["NodePortRule"].values()),
+            cubetypes=self.cubetypes.infos(),
             last_good=self.last_good, tracking=bool(self.manager.current.policies))
         result = desired_state(inputs)
         if result.last_good != self.last_good:
@@ -223,8 +249,11 @@ class Agent:
         self.reconciles += 1
         self.reconcile_seconds.append(time.monotonic() - start)
         del self.reconcile_seconds[:-1000]
+        await loop.run_in_executor(None, self.cubetypes.release_unused, rt,
+                                   _types_in_use(manager))
         await self._sync_derived_rules(result.derived_rules)
         await self._write_statuses(result.verdicts)
+        await self._write_cubetype_statuses()
         await self.publish_status()
 
     def node_status(self) -> dict[str, Any]:
@@ -270,7 +299,7 @@ class Agent:
                         "rules": node.policy.counters(pod.port.id),
                         "drops": node.policy.drops(pod.port.id)}
             for cname, f in list(self.manager.functions.items()):
-                entry = {"type": f.type, **f.status()}
+                entry = {"type": f.function_type().removeprefix("cubetype."), **f.status()}
                 if cname.startswith("bw."):  # a pod's bandwidth annotation: under the pod
                     _, side, ns, pname = cname.split(".", 3)
                     pod_entry = out["pods"].get(f"{ns}/{pname}")
@@ -376,7 +405,8 @@ class Agent:
                          cluster_pod_cidr=s.podCIDR, service_cidr=s.serviceClusterIPRange,
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range,
                          session_timeouts=s.session_timeouts,
-                         session_gc_interval_s=s.sessionGCInterval)
+                         session_gc_interval_s=s.sessionGCInterval,
+                         socket_lb_cgroup=socket_lb_cgroup(s))
         try:
             rt = await asyncio.wrap_future(self.prepare())
             node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)
@@ -467,6 +497,51 @@ class Agent:
                 if not v.ready:
                     await self._warn(obj, v)
 
+    async def _write_cubetype_statuses(self) -> None:
+        """Each CubeType's status: this node's entry (compiled, errors at the
+        source's lines, the functions using it here) merged with the other
+        nodes', a Ready condition that is True when it compiled on every
+        node that reported, and the generation this node compiled."""
+        from pcn_agent.dataplane.cubes.custom import runtime_type
+
+        assert self.manager is not None
+        for (_, name), obj in list(self.store["CubeType"].items()):
+            st = self.cubetypes.states.get(name)
+            if st is None:
+                continue
+            used = sorted(f"{cname.split('.', 2)[1]}/{cname.split('.', 2)[2]}"
+                          for cname, f in list(self.manager.functions.items())
+                          if f.function_type() == runtime_type(name) and cname.startswith("nf."))
+            mine = st.node_status(used)
+            nodes = dict((obj.get("status") or {}).get("nodes") or {})
+            nodes[self.node_name] = mine
+            ready = [n for n, s in nodes.items() if s.get("ready")]
+            failing = [(n, s) for n, s in sorted(nodes.items()) if not s.get("ready")]
+            stage = (st.errors[0].get("stage") if st.errors else "") or ""
+            reason = {"schema": "InvalidSchema", "compile": "CompileFailed",
+                      "verify": "VerifierRejected"}.get(stage, "NotCompiled")
+            cond: dict[str, Any] = {
+                    "type": "Ready", "status": "False" if failing else "True",
+                    "reason": reason if not mine["ready"] else
+                    ("Compiled" if not failing else "NotCompiledEverywhere"),
+                    "message": (st.message if not mine["ready"] else
+                                (f"node {failing[0][0]}: {failing[0][1].get('message')}"
+                                 if failing else f"compiled on {len(ready)} node(s)")),
+                    "observedGeneration": st.generation}
+            status: dict[str, Any] = {"observedGeneration": st.generation, "conditions": [cond],
+                      "nodes": {self.node_name: mine}, "realizedNodes": len(ready),
+                      "realizedPods": 0}
+            wkey = ("CubeType", "", name)
+            if self.written.get(wkey) == status:
+                continue
+            sent = copy.deepcopy(status)
+            old = ((obj.get("status") or {}).get("conditions") or [{}])[0]
+            sent["conditions"][0]["lastTransitionTime"] = old.get("lastTransitionTime") \
+                if old.get("status") == cond["status"] else _now()
+            if await self._try(self.kube.patch_status(GROUP_PATH, "cubetypes", None, name, sent),
+                               {404}):
+                self.written[wkey] = status  # type: ignore[assignment]
+
     async def _warn(self, obj: Mapping[str, Any], v: Verdict) -> None:
         key = (_key(obj), obj.get("kind"), v.reason, v.message)
         if key in self.events_sent:
@@ -514,6 +589,12 @@ class Agent:
         if self.api is not None:
             self.api.stop()
         self.health.close()
+
+
+def _types_in_use(manager: DataplaneManager) -> set[str]:
+    """The runtime types of the functions' cubes (CubeTypes among them)."""
+    with manager.lock:
+        return {f.function_type() for f in manager.functions.values()}
 
 
 def _load_last_good(path: Path) -> dict[ObjectKey, Mapping[str, Any]]:
@@ -626,6 +707,7 @@ kopf.on.event("discovery.k8s.io", "v1", "endpointslices")(_observer("EndpointSli
 kopf.on.event("pcn.dev", "v1alpha1", "networkfunctions")(_observer("NetworkFunction"))
 kopf.on.event("pcn.dev", "v1alpha1", "cubechains")(_observer("CubeChain"))
 kopf.on.event("pcn.dev", "v1alpha1", "nodeportrules")(_observer("NodePortRule"))
+kopf.on.event("pcn.dev", "v1alpha1", "cubetypes")(_observer("CubeType"))
 
 
 def run(liveness: str | None, verbose: bool = False,

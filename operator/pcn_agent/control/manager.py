@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from pcn_agent.control.reconcile import Desired, FunctionSpec, Op, plan
+from pcn_agent.dataplane.cubes.custom import CustomFunction, is_custom
 from pcn_agent.dataplane.cubes.flowmonitor import FlowMonitor
 from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES, FlowMonitorFunction, FunctionCube
 from pcn_agent.node.wiring import NodeDataplane
@@ -42,7 +43,7 @@ class DataplaneManager:
 
         n = self.node
         for name, cube in list(n.rt.cubes.items()):
-            kind = FUNCTION_CUBES.get(cube.type)
+            kind = _kind(cube.type)
             if kind is not None:
                 self.functions[name] = kind.adopt(n.rt, name)
         # the node's address holds NodePorts and hostPorts, 127.0.0.1 hostPorts:
@@ -54,7 +55,8 @@ class DataplaneManager:
             if n.lb else {}
         nodeports = {k: NodePortSpec(v.policy, tuple(v.backends), v.local, v.affinity_timeout_s)
                      for k, v in n.dispatcher.nodeports.items()} if n.dispatcher else {}
-        functions = {name: FunctionSpec(f.type, f.settings) for name, f in self.functions.items()}
+        functions = {name: FunctionSpec(f.function_type(), f.settings)
+                     for name, f in self.functions.items()}
         chains = {k: (tuple(p.ingress), tuple(p.egress)) for k, p in n.pods.items()
                   if p.ingress or p.egress}
         policies = n.pod_policies()
@@ -144,11 +146,11 @@ class DataplaneManager:
         and restack it on the pods whose chains hold it: between the two,
         those pods' hooks name an instance that is gone, which lets packets
         pass (a firewall or policer without configuration passes)."""
-        kind = FUNCTION_CUBES.get(spec.type)
+        kind = _kind(spec.type)
         if kind is None:
             raise ValueError(f"unknown function type {spec.type!r}")
         f = self.functions.get(name)
-        if f is not None and f.type == spec.type:
+        if f is not None and f.function_type() == spec.type:
             f.configure(spec.settings)
             return
         if f is not None:
@@ -209,6 +211,14 @@ class DataplaneManager:
                                                "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes,
                                                "drops": c.drops}
         return out
+
+
+def _kind(type_name: str) -> type[FunctionCube] | None:
+    """The FunctionCube class of a runtime type: a built-in one, or a
+    CubeType's (custom.runtime_type)."""
+    if is_custom(type_name):
+        return CustomFunction
+    return FUNCTION_CUBES.get(type_name)
 
 
 def _advance(cur: Desired, op: Op) -> Desired:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane import maps
+from pcn_agent.dataplane.cubes.custom import CustomSettings, runtime_type
 from pcn_agent.dataplane.cubes.functions import FUNCTION_CUBES
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.dataplane.cubes.policer import TYPE as POLICER
@@ -27,6 +28,7 @@ from pcn_agent.dataplane.cubes.policer import PolicerSettings
 from pcn_agent.node.wiring import PeerNode
 from pcn_crds import CubeChain, NetworkFunction, NodePortRule
 from pcn_crds.common import Resource
+from pcn_crds.cubetype import Param, config_errors, config_values
 from pcn_crds.quantity import EGRESS_ANNOTATION, INGRESS_ANNOTATION, QuantityError, bandwidth_bits
 from pcn_policy import compiler as netpol
 from pcn_policy.rules import AddressSet, PodPolicy, used_sets
@@ -74,6 +76,20 @@ class FunctionSpec:
 
     type: str
     settings: Hashable
+
+
+@dataclass(frozen=True)
+class CubeTypeInfo:
+    """A CubeType as this node's agent holds it (control.cubetypes): whether
+    a version of it is compiled and in its program slot (`ready`), that
+    version's parameters and counters, and whether the object is gone
+    (`deleted`: its cubes stay as they were until their functions go)."""
+
+    ready: bool
+    params: tuple[Param, ...] = ()
+    counters: tuple[str, ...] = ()
+    deleted: bool = False
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,8 @@ class Inputs:
     # last applied state has pod policies): tracking then goes on even when
     # the last policy goes (see policies_of)
     tracking: bool = False
+    # CubeTypes by name, as compiled on this node (control.cubetypes)
+    cubetypes: Mapping[str, CubeTypeInfo] = field(default_factory=dict)
     # Fail closed: an object whose new version is invalid keeps the last valid
     # one in force (Result.last_good of the previous pass), reported not Ready.
     last_good: Mapping[ObjectKey, Obj] = field(default_factory=dict)
@@ -622,9 +640,54 @@ def functions_of(inputs: Inputs, verdicts: dict[ObjectKey, Verdict],
                 continue
             if good is not None:
                 good[key] = dict(inputs.last_good[key])
-        cube = FUNCTION_CUBES[nf.spec.type]
-        valid[(ns, name)] = FunctionSpec(cube.type, cube.settings_of(nf.spec.typed_config()))
+        if nf.spec.is_builtin():
+            cube = FUNCTION_CUBES[nf.spec.type]
+            valid[(ns, name)] = FunctionSpec(cube.type, cube.settings_of(nf.spec.typed_config()))
+            continue
+        spec = _custom_function(nf, inputs, v)
+        if spec is None and nf is not None and good is not None:
+            good.pop(key, None)  # not realisable: not a version to fall back on
+            kept = inputs.last_good.get(key)
+            if kept is not None:
+                try:
+                    old = NetworkFunction.from_body(kept)
+                except ValidationError:
+                    old = None
+                if old is not None and old.spec.type == nf.spec.type:
+                    spec = _custom_function(old, inputs, Verdict())
+                    if spec is not None:
+                        v.message += KEPT
+                        good[key] = dict(kept)
+        if spec is not None:
+            valid[(ns, name)] = spec
     return valid
+
+
+def _custom_function(nf: NetworkFunction, inputs: Inputs, v: Verdict) -> FunctionSpec | None:
+    """A NetworkFunction of a CubeType as a FunctionSpec, its spec.config
+    checked against the type's parameters (errors name the field); None
+    with the verdict saying why when it cannot be realised. A deleted
+    CubeType's functions keep their cubes, reported not Ready."""
+    type_name = nf.spec.type
+    info = inputs.cubetypes.get(type_name)
+    if info is None:
+        v.fail("CubeTypeNotFound", f"no CubeType {type_name!r} (nor a built-in type: "
+                                   f"{', '.join(sorted(FUNCTION_CUBES))})")
+        return None
+    if not info.ready:
+        v.fail("CubeTypeNotReady", f"CubeType {type_name} has not compiled on this node"
+                                   + (f": {info.message}" if info.message else ""))
+        return None
+    errors = config_errors(info.params, nf.spec.config)
+    if errors:
+        v.fail("Invalid", "; ".join(errors))
+        return None
+    if info.deleted:
+        v.fail("CubeTypeDeleted", f"CubeType {type_name} was deleted: the cube stays as it "
+                                  "was until this function is deleted")
+    settings = CustomSettings(type_name, info.params, info.counters,
+                              config_values(info.params, nf.spec.config))
+    return FunctionSpec(runtime_type(type_name), settings)
 
 
 def _missing_functions(chain: CubeChain, ns: str,

@@ -54,6 +54,20 @@ class ClusterSettings(BaseModel):
     sessionTimeoutICMP: int = _lifetime(30, "ICMP echo")
     sessionGCInterval: int = Field(10, ge=1, le=3600, description=(
         "Seconds between two passes of the session garbage collector."))
+    socketLB: bool = Field(True, description=(
+        "Translate pods' connections to ClusterIPs at the socket (cgroup connect/sendmsg "
+        "hooks, pcn_agent.dataplane.socklb) instead of per packet; the lbrp keeps what the "
+        "socket path cannot see. false: the lbrp translates everything."))
+    socketLBCgroup: str = Field("", description=(
+        "The cgroup v2 directory of the node's pods (absolute); empty: the kubelet's pods "
+        "cgroup (kubepods.slice or kubepods) under $PCN_CGROUP_ROOT or the cgroup v2 mount."))
+
+    @field_validator("socketLBCgroup")
+    @classmethod
+    def _cgroup(cls, v: str) -> str:
+        if v and (not v.startswith("/") or "/../" in f"{v}/"):
+            raise ValueError(f"socketLBCgroup {v!r} must be an absolute path without '..'")
+        return v
 
     @field_validator("mtu", mode="before")
     @classmethod

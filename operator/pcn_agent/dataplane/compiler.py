@@ -45,7 +45,8 @@ class BpfModule(Protocol):
 
     def __getitem__(self, name: bytes) -> BpfTable: ...
 
-    def load_func(self, func_name: str, prog_type: int) -> BpfFunction: ...
+    def load_func(self, func_name: str, prog_type: int, device: str | None = ...,
+                  attach_type: int = ...) -> BpfFunction: ...
 
     def perf_buffer_poll(self, timeout: int = ...) -> None: ...
 
@@ -70,6 +71,14 @@ def _inlined(cube_type: str, seen: set[str]) -> str:
     if not path.is_file():
         known = sorted(p.stem for p in SOURCE_DIR.glob("*.c"))
         raise CompileError(f"unknown cube type {cube_type!r}; known types: {', '.join(known)}")
+    return inline_headers(path.read_text(), path.name, seen)
+
+
+def inline_headers(text: str, what: str, seen: set[str] | None = None) -> str:
+    """`text` with each `#include "NAME"` of bpf/include/ replaced by the
+    header (itself inlined), each header once (`seen` holds those already
+    in). CompileError naming `what` for a header that does not exist."""
+    seen = set() if seen is None else seen
 
     def inline(text: str) -> str:
         def repl(m: re.Match[str]) -> str:
@@ -79,12 +88,12 @@ def _inlined(cube_type: str, seen: set[str]) -> str:
             seen.add(name)
             header = INCLUDE_DIR / name
             if not header.is_file():
-                raise CompileError(f"{path.name}: header {name} not found in {INCLUDE_DIR}")
+                raise CompileError(f"{what}: header {name} not found in {INCLUDE_DIR}")
             return f"/* --- {name} --- */\n" + inline(header.read_text()) + "\n"
 
         return _INCLUDE.sub(repl, text)
 
-    return inline(path.read_text())
+    return inline(text)
 
 
 def cflags(pin_dir: Path, defines: Mapping[str, int | str] | None = None) -> list[str]:
@@ -126,3 +135,58 @@ def compile_bundle(cube_types: Sequence[str], pin_dir: Path,
         raise CompileError(f"BCC could not compile cube type {what!r}: {exc}") from exc
     log.info("compiled %s in %.0f ms", what, (time.monotonic() - start) * 1000)
     return module
+
+
+class SourceCompileError(CompileError):
+    """A source text that BCC could not compile (stage "compile") or whose
+    program the kernel's verifier refused (stage "verify"); `output` is what
+    clang or the verifier wrote (diagnostics at /virtual/main.c lines, or the
+    verifier's log)."""
+
+    def __init__(self, stage: str, message: str, output: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.output = output
+
+
+def compile_source(text: str, pin_dir: Path, program: str) -> tuple[BpfModule, int]:
+    """Compile a whole C text (not a file of bpf/) and load its tc program
+    `program`: the module and the program's fd. SourceCompileError with the
+    diagnostics otherwise: BCC prints clang's and the verifier's messages on
+    file descriptor 2 and raises a bare Exception, so fd 2 is redirected to
+    a file for the compile and load (under the compile lock, which the
+    agent's other compiles also take) and what it caught is written back to
+    the real stderr afterwards, so no log line of another thread is lost."""
+    import os
+    import tempfile
+
+    from bcc import BPF
+
+    stage = "compile"
+    with _COMPILE_LOCK, tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        module: BpfModule | None = None
+        try:
+            start = time.monotonic()
+            module = BPF(text=text, cflags=cflags(pin_dir))
+            stage = "verify"
+            fd = module.load_func(program, int(BPF.SCHED_CLS)).fd
+        except Exception as exc:  # bcc raises plain Exception
+            failure: Exception | None = exc
+        else:
+            failure = None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        output = caught.read().decode(errors="replace")
+    if output:
+        os.write(2, output.encode())
+    if failure is not None:
+        if module is not None:
+            module.cleanup()
+        raise SourceCompileError(stage, f"{failure}", output) from failure
+    assert module is not None
+    log.info("compiled %s in %.0f ms", program, (time.monotonic() - start) * 1000)
+    return module, fd

@@ -249,6 +249,16 @@ class FwCfg(ct.Structure):
                 ("flags", ct.c_uint32)]
 
 
+CUBE_MAX_PARAMS = 16  # PCN_CUBE_MAX_PARAMS of bpf/include/pcn_cube_api.h
+
+
+class CubeParams(ct.Structure):
+    """A custom cube instance's parameter words (pcn_cube_api.h's
+    struct pcn_cube_params), by index."""
+
+    _fields_ = [("v", ct.c_uint64 * CUBE_MAX_PARAMS)]
+
+
 class TbfParams(ct.Structure):
     """pcn_tbf.h's bucket parameters: bytes per ns and bytes in 32.32 fixed point."""
 
@@ -295,6 +305,24 @@ class AffinityKey(ct.Structure):
 
 class Affinity(ct.Structure):
     _fields_ = [("backend", BackendVal), ("seen_ns", ct.c_uint64)]
+
+
+class SockRevKey(ct.Structure):
+    """pcn_sock.h struct pcn_sock_rev_key: a socket (its cookie) and a backend."""
+
+    _fields_ = [("cookie", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16),
+                ("pad", ct.c_uint16)]
+
+
+class SockRev(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class SockAffinityKey(ct.Structure):
+    """pcn_sock.h struct pcn_sock_affinity_key: the client is a network
+    namespace (bpf_get_netns_cookie), one per pod."""
+
+    _fields_ = [("svc", ct.c_uint32), ("pad", ct.c_uint32), ("netns", ct.c_uint64)]
 
 
 class FragKey(ct.Structure):
@@ -447,6 +475,8 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "lb_affinity": (AffinityKey, Affinity),
     "lb_vips": (ct.c_uint32, ct.c_uint32),
     "lb_cfgs": (ct.c_uint32, LbCfg),
+    "sock_rev": (SockRevKey, SockRev),
+    "sock_affinity": (SockAffinityKey, Affinity),
     "disp_cfgs": (ct.c_uint32, DispCfg),
     "disp_nets": (NetKey, ct.c_uint32),
     "disp_nodeports": (NodePortKey, ct.c_uint32),
@@ -468,6 +498,8 @@ MIRRORS: dict[str, tuple[type, type]] = {
     "pol_epoch": (ct.c_uint32, ct.c_uint32),
     "pol_scratch": (ct.c_uint32, PolScratch),
     "fm_flows": (FmKey, FmVal),
+    "pcn_cube_params": (ct.c_uint32, CubeParams),  # CubeTypes (pcn_cube_api.h)
+    "pcn_cube_ctrs": (ct.c_uint32, ct.c_uint64),
 }
 
 

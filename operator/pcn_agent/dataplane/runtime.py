@@ -29,6 +29,11 @@ from pcn_agent.dataplane.netns import iproute
 log = logging.getLogger(__name__)
 
 ENTRY = "entry"
+# Types whose program comes from elsewhere than bpf/<type>.c (CubeTypes:
+# pcn_agent.dataplane.cubes.custom compiles them and install_program() puts
+# them in a slot). An adopted runtime keeps their slots, whose programs stay
+# in the pinned program array, until they are installed again.
+EXTERNAL_PREFIX = "cubetype."
 STATE_ROOT = Path(os.environ.get("PCN_STATE_DIR", "/run/pcn/state"))
 
 # A specialised compile: (cube type, sorted defines).
@@ -134,6 +139,8 @@ class Runtime:
         self._netlink: NetlinkPerThread | None = None
         self.types: dict[str, CubeType] = {}
         self.variants: dict[VariantKey, CubeType] = {}  # specialised compiles
+        # external types a previous agent installed, not compiled again yet: slot by name
+        self.adopted_slots: dict[str, int] = {}
         self.cubes: dict[str, Cube] = {}
         self.ports: dict[int, PortState] = {}
         self._cube_ids = _IdPool(maps.MAX_CUBES, "cube")
@@ -205,6 +212,9 @@ class Runtime:
     def _adopt(self, state: dict[str, Any]) -> None:
         for type_name, slot in state["types"].items():
             self._slots.reserve(slot)
+            if type_name.startswith(EXTERNAL_PREFIX):
+                self.adopted_slots[type_name] = slot  # its program stays in the slot
+                continue
             self._load_type_into(type_name, slot)
         for c in state["cubes"]:
             cube = Cube(c["id"], c["name"], c["type"], dict(c["ports"]), c.get("slot"),
@@ -262,7 +272,8 @@ class Runtime:
         """Record what this runtime built, for the next agent to adopt."""
         with self._lock:
             state = {
-                "types": {t.name: t.slot for t in self.types.values()},
+                "types": {**self.adopted_slots,
+                          **{t.name: t.slot for t in self.types.values()}},
                 "cubes": [{"id": c.id, "name": c.name, "type": c.type, "ports": c.ports,
                            "slot": c.slot, "config": c.config} for c in self.cubes.values()],
                 "ports": [_port_dict(p) for p in self.ports.values()],
@@ -361,6 +372,50 @@ class Runtime:
     def has_variant(self, type_name: str, defines: Mapping[str, int | str]) -> bool:
         return (type_name, tuple(sorted(defines.items()))) in self.variants
 
+    def install_program(self, type_name: str, module: BpfModule, fd: int, program: str) -> int:
+        """Put an external type's loaded program (`fd` of `program` in
+        `module`) in its program-array slot, taking one the first time: one
+        map update, so every instance stacked anywhere runs the new program
+        from the next packet on, and none sees no program. The module it
+        replaces is released. Returns the slot."""
+        if not type_name.startswith(EXTERNAL_PREFIX):
+            raise RuntimeError_(f"{type_name!r} is not an external type ({EXTERNAL_PREFIX}...)")
+        with self._lock:
+            old = self.types.get(type_name)
+            if old is not None:
+                slot = old.slot
+            elif type_name in self.adopted_slots:
+                slot = self.adopted_slots.pop(type_name)
+            else:
+                slot = self._slots.take()
+            self.set_slot(slot, fd)
+            self.types[type_name] = CubeType(type_name, module, program, slot, fd)
+        if old is not None and old.module is not module:
+            old.module.cleanup()
+        return slot
+
+    def remove_type(self, type_name: str) -> None:
+        """Unload an external type no cube uses: its slot is emptied and freed.
+        RuntimeError_ while a cube of it exists."""
+        with self._lock:
+            users = sorted(c.name for c in self.cubes.values() if c.type == type_name)
+            if users:
+                raise RuntimeError_(f"type {type_name} is still used by {', '.join(users)}")
+            t = self.types.pop(type_name, None)
+            slot = t.slot if t is not None else self.adopted_slots.pop(type_name, None)
+            if slot is not None:
+                self.free_slot(slot)
+        if t is not None and t.module is not self._entry:
+            t.module.cleanup()
+
+    def _type_slot(self, type_name: str) -> int:
+        t = self.types.get(type_name)
+        if t is not None:
+            return t.slot
+        if type_name in self.adopted_slots:
+            return self.adopted_slots[type_name]
+        raise RuntimeError_(f"cube type {type_name!r} is not loaded")
+
     def _load_type_into(self, type_name: str, slot: int) -> CubeType:
         assert self.pin_dir is not None
         module = (self._entry if type_name in self.bundle
@@ -381,7 +436,7 @@ class Runtime:
         with self._lock:
             if name in self.cubes:
                 raise RuntimeError_(f"cube {name!r} already exists")
-            if not own_slot:
+            if not own_slot and type_name not in self.adopted_slots:
                 self.load_type(type_name)
             cube = Cube(self._cube_ids.take(), name, type_name,
                         slot=self._slots.take() if own_slot else None)
@@ -405,7 +460,7 @@ class Runtime:
     def stacked(self, name: str) -> StackedCube:
         """How to stack transparent cube `name` on a port hook."""
         cube = self.cube(name)
-        slot = cube.slot if cube.slot is not None else self.types[cube.type].slot
+        slot = cube.slot if cube.slot is not None else self._type_slot(cube.type)
         return StackedCube(slot, cube.id)
 
     def cube(self, name: str) -> Cube:

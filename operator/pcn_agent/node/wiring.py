@@ -35,6 +35,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pcn_agent.dataplane import bpffs, maps, sessions
+from pcn_agent.dataplane.compiler import CompileError
 from pcn_agent.dataplane.cubes.bridge import TYPE as BRIDGE_TYPE
 from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
@@ -47,6 +48,7 @@ from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
 from pcn_agent.dataplane.cubes.router import Router
 from pcn_agent.dataplane.runtime import STATE_ROOT, PortState, Runtime, RuntimeError_
 from pcn_agent.dataplane.slowpath import ArpResolver, SlowPath
+from pcn_agent.dataplane.socklb import SocketLB, SocketLBError
 from pcn_agent.node import localnet, podnet
 from pcn_policy.rules import AddressSet, PodPolicy
 
@@ -104,6 +106,10 @@ class NodeConfig:
     # how often the collector removes those that are over (sessionGCInterval)
     session_timeouts: sessions.SessionTimeouts = sessions.SessionTimeouts()
     session_gc_interval_s: float = 10.0
+    # the cgroup v2 directory whose processes (the node's pods) get socket
+    # load balancing (socklb.py): the kubelet's pods cgroup on a real node, a
+    # per-node directory in the lab; None: the lbrp alone translates
+    socket_lb_cgroup: str | None = None
 
     @property
     def host_pod_ip(self) -> str:
@@ -270,6 +276,7 @@ class NodeDataplane:
         self.arp: ArpResolver | None = None
         self.session_collector: sessions.SessionCollector | None = None
         self.session_gc: sessions.SessionGC | None = None
+        self.socket_lb: SocketLB | None = None
         self._batch_depth = 0
         self._vxlan_created = False
         # "vxlan -> none" when this agent adopted a data plane built with the
@@ -297,6 +304,7 @@ class NodeDataplane:
             self.slow.listen(self.rt.types["router"].module)
             self.arp = ArpResolver(self.rt, self.slow, self.rt.table("router_neigh", "router"))
             self._start_session_gc()
+            self.set_socket_lb(self.cfg.socket_lb_cgroup)
             self.save()
         except BaseException:  # Ctrl-C included: never leave a half-built node behind
             self.down()
@@ -317,6 +325,42 @@ class NodeDataplane:
                   "nat_sessions": self.rt.table("nat_sessions", DISPATCHER_TYPE)}
         self.session_collector = sessions.SessionCollector(tables, c.session_timeouts, interval)
         self.session_gc = sessions.SessionGC(self.session_collector, interval, c.name).start()
+
+    def set_socket_lb(self, cgroup: str | None) -> bool:
+        """Socket load balancing for the processes of `cgroup` (a cgroup v2
+        directory), or none (None): the programs of a previous agent or an
+        earlier call are detached first. A kernel or host where they cannot
+        be attached leaves the lbrp to translate everything (logged, not
+        raised: the node works either way). Returns whether they are attached."""
+        if self.socket_lb is not None:
+            self._forget_socket_affinity()
+            self.socket_lb.detach()
+            self.socket_lb = None
+        if self.rt.pin_dir is None:
+            return False
+        previous = self.rt.meta.pop("socket_lb_cgroup", None)
+        if isinstance(previous, str) and previous != cgroup:
+            # a previous agent's on another cgroup, found by their pins (on
+            # the same one, attach() replaces them once its own are in place)
+            SocketLB(self.cfg.name, self.rt.pin_dir, Path(previous)).detach_stale()
+        if cgroup is None:
+            return False
+        try:
+            self.socket_lb = SocketLB(self.cfg.name, self.rt.pin_dir, Path(cgroup)).attach()
+        except (SocketLBError, CompileError) as exc:
+            log.warning("node %s: no socket load balancing (%s); the lbrp translates "
+                        "every ClusterIP connection", self.cfg.name, exc)
+            return False
+        self.rt.meta["socket_lb_cgroup"] = cgroup
+        if self.lb is not None:
+            self.lb.services.affinity_tables.append(self.socket_lb.table("sock_affinity"))
+        return True
+
+    def _forget_socket_affinity(self) -> None:
+        if self.lb is not None and self.socket_lb is not None and self.socket_lb.module:
+            table = self.socket_lb.table("sock_affinity")
+            self.lb.services.affinity_tables = [
+                t for t in self.lb.services.affinity_tables if t is not table]
 
     def _stop_session_gc(self) -> None:
         if self.session_gc is not None:
@@ -590,6 +634,7 @@ class NodeDataplane:
     def down(self) -> None:
         """Remove everything this node created; safe to call twice or after a failed up()."""
         self._stop_session_gc()
+        self.set_socket_lb(None)
         for key in list(self.pods):
             self.remove_pod(key)
         if self.slow is not None:
@@ -611,6 +656,10 @@ class NodeDataplane:
         """Stop as a killed agent would: threads and file descriptors go, the
         data plane (programs, pinned maps, attachments, state file) stays."""
         self._stop_session_gc()
+        if self.socket_lb is not None:
+            self._forget_socket_affinity()
+            self.socket_lb.abandon()
+            self.socket_lb = None
         if self.slow is not None:
             self.slow.stop(remove=False)
             self.slow = None

@@ -142,10 +142,19 @@ def overlay(layout: Layout, manifests: Path, out: Path,
     patch = {"apiVersion": "apps/v1", "kind": "DaemonSet",
              "metadata": {"name": "pcn-agent", "namespace": "pcn-system"},
              "spec": {"template": {"spec": pod}}}
+    # The lab's nodes share this machine's cgroup tree, and their kubelets
+    # put pods under a cgroup root of each node's own (/<node>), where the
+    # agent's default (the kubelet's pods cgroup at the top of the tree)
+    # finds nothing, or, on a host that runs a kubelet of its own, the
+    # host's pods: socket load balancing stays off here, the lbrp translates.
+    config = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "pcn-config", "namespace": "pcn-system"},
+              "data": {"socketLB": "false"}}
     offline_kustomization(manifests, out / "base", gomodcache)
     return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
             "resources": ["base"],
-            "patches": [{"patch": yaml.safe_dump(patch, sort_keys=False)}]}
+            "patches": [{"patch": yaml.safe_dump(patch, sort_keys=False)},
+                        {"patch": yaml.safe_dump(config, sort_keys=False)}]}
 
 
 def write_overlay(layout: Layout, manifests: Path, agent_source: Path | None = None) -> Path:

@@ -80,6 +80,11 @@ class FunctionCube(ABC):
     def delete(self) -> None:
         """Remove the cube and its map entries (stack it on no port first)."""
 
+    def function_type(self) -> str:
+        """The type a FunctionSpec names for this cube: the class's, or for a
+        custom cube its CubeType's runtime type (custom.runtime_type)."""
+        return self.type
+
     def specialise(self, lock: threading.RLock) -> bool:
         """Swap in a program compiled for the settings in force, if the type
         has such programs (see Firewall.specialise). True when swapped."""

@@ -128,6 +128,10 @@ class ServiceTable:
         # Every table holding sessions of these services (the dispatcher adds
         # its NodePort sessions' table): UDP flows leave with their backend.
         self.session_tables: list[maps.BpfTable] = [self._sessions]
+        # Every table of affinity choices by service id (socket load balancing
+        # adds its per-netns one while attached, socklb.py): a backend that
+        # leaves, or a service that goes, is forgotten in all of them.
+        self.affinity_tables: list[maps.BpfTable] = [self._affinity]
         self.services: dict[tuple[str, int, str], Service] = {}
         self.external: dict[tuple[str, int, str], Service] = {}
         for s in (state or {}).get("services", []):
@@ -236,9 +240,10 @@ class ServiceTable:
         service `svc_id`, except those for a backend in `keep` ((ip, port) as
         the map holds them). Only services with affinity have entries, so the
         walk is short unless many clients use such services."""
-        for k, v in list(self._affinity.items()):
-            if k.svc == svc_id and (v.backend.ip, v.backend.port) not in keep:
-                maps.discard(self._affinity, k)
+        for table in self.affinity_tables:
+            for k, v in list(table.items()):
+                if k.svc == svc_id and (v.backend.ip, v.backend.port) not in keep:
+                    maps.discard(table, k)
 
     def _forget_udp_sessions(self, svc: Service, keep: builtins.set[tuple[int, int]]) -> None:
         """Remove the UDP sessions of `svc` whose backend is not in `keep`, both
