@@ -47,7 +47,7 @@ ENUM_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")
 # Names a CubeType cannot take: the built-in NetworkFunction types and the
 # cube types of bpf/*.c (a test keeps this list complete).
 RESERVED_NAMES = frozenset({"firewall", "policer", "flowmonitor", "packetcapture", "bridge",
-                            "router", "lbrp", "k8sdispatcher", "policy", "entry"})
+                            "router", "lbrp", "k8sdispatcher", "policy", "entry", "sock_lb"})
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 _PARAM_KEYS = {"integer": {"type", "minimum", "maximum", "default", "description"},
                "boolean": {"type", "default", "description"},
