@@ -924,7 +924,7 @@ def _parse_cluster_network_policy(o: Obj, warnings: list[str]) -> _Policy | None
                               (Direction.EGRESS, "egress", "to")):
         rules = []
         for i, r in enumerate(spec.get(key) or []):
-            ref = RuleRef(CNP_KIND, "", name, d, i)
+            ref = RuleRef(CNP_KIND, "", name, d, i, str(r.get("name") or ""))
             action = _ACTIONS.get(str(r.get("action")))
             if action is None:
                 warnings.append(f"{ref}: unknown action {r.get('action')!r}; taken as Deny "
