@@ -48,14 +48,13 @@ from . import rr
 from .netns import exec_in, stop
 from .references import Endpoint
 from .results import Result, now_iso
-from .scenarios import MTU, Context, Variant
+from .scenarios import Context, Variant, latency_results
 
 FIREWALL_SCALE = "firewall-scale"
 LEVELS = (0, 100, 1_000, 10_000)
 PCN = "pcn"
 NAMESPACE = "bench"
 APPLY_ROUNDS = 6
-WARMUP_REQUESTS = 50
 
 
 def variant(level: int) -> str:
@@ -150,24 +149,6 @@ class _Agent:
         return self.manager.functions[cube_name(NAMESPACE, variant(level))]
 
 
-def _rr(ctx: Context, clients: dict[str, tuple[Endpoint, str]], count: int
-        ) -> dict[str, rr.Latency]:
-    for client, dest in clients.values():
-        rr.run_client(client.netns, dest, rr.PORT, WARMUP_REQUESTS)
-    names = list(clients)
-    per_round = max(1, -(-count // ctx.runs))
-    out = {name: rr.Latency() for name in names}
-    for i in range(ctx.runs):
-        for k in range(len(names)):
-            name = names[(i + k) % len(names)]
-            client, dest = clients[name]
-            rep = rr.run_client(client.netns, dest, rr.PORT, per_round)
-            out[name].add(rep)
-            ctx.progress(f"{FIREWALL_SCALE}/{name}: rr round {i + 1}/{ctx.runs}: "
-                         f"p50 {rep['p50_ms'] * 1000:.0f} us, p99 {rep['p99_ms'] * 1000:.0f} us")
-    return out
-
-
 def _check_counted(fw: Firewall, level: int) -> dict[str, int]:
     """The last rule counted the pair's traffic, the others nothing (N = 0:
     the default did). Raises RuntimeError otherwise."""
@@ -228,8 +209,9 @@ def firewall_scale(ctx: Context) -> list[Result]:
             raise RuntimeError("the reference client reached the 10 000-rule firewall's server")
         for name in names:
             st.callback(stop, rr.start_server(lab.pods[pairs[name][1]].netns, pairs[name][1]))
-        lat = _rr(ctx, {name: (ep[pairs[name][0]], ep[pairs[name][1]].ip) for name in names},
-                  ctx.requests)
+        lat = ctx.request_latency(
+            FIREWALL_SCALE, {name: (ep[pairs[name][0]], ep[pairs[name][1]].ip) for name in names},
+            ctx.requests)
         variants = [Variant(name, ep[pairs[name][0]], ep[pairs[name][1]], extra=extras[name])
                     for name in names]
         # no TCP_RR: the rules measured are about the iperf3 flows
@@ -243,7 +225,7 @@ def firewall_scale(ctx: Context) -> list[Result]:
     for r in results:
         if "packets_by_rule" in extras[r.variant]:
             r.extra["packets_by_rule"] = extras[r.variant]["packets_by_rule"]
-    return results + _latency_results(lat, extras) + change
+    return results + latency_results(FIREWALL_SCALE, lat, extras) + change
 
 
 def _time_changes(ctx: Context, agent: _Agent, client: Endpoint, server: Endpoint
@@ -284,20 +266,6 @@ def _time_changes(ctx: Context, agent: _Agent, client: Endpoint, server: Endpoin
                {"stat": "median", "what": "desired_state (the 10000-rule object validated) + "
                                           "apply", "date": common["date"]}),
     ]
-
-
-def _latency_results(lat: dict[str, rr.Latency], extras: dict[str, dict[str, Any]]
-                     ) -> list[Result]:
-    out = []
-    for name, v in lat.items():
-        common = {"requests": len(v.samples_us), "date": now_iso(), "mtu": MTU,
-                  "what": "new TCP connection + 32 B request + answer, connect() to answer",
-                  **{k: x for k, x in extras.get(name, {}).items() if k != "packets_by_rule"}}
-        out.append(Result(FIREWALL_SCALE, name, "latency", v.p50, "us",
-                          {"stat": "median", **common}))
-        out.append(Result(FIREWALL_SCALE, name, "latency-p99", v.p99, "us",
-                          {"stat": "p99", **common}))
-    return out
 
 
 SCENARIOS: dict[str, Callable[[Context], list[Result]]] = {FIREWALL_SCALE: firewall_scale}

@@ -78,7 +78,7 @@ from .netns import exec_in, stop
 from .references import Endpoint
 from .results import Result, now_iso
 from .rr import percentile
-from .scenarios import MTU, Context, Variant
+from .scenarios import Context, Variant, latency_results
 
 POLICY_RECONCILE = "policy-reconcile"
 POLICY_POD_ADD = "policy-pod-add"
@@ -87,7 +87,6 @@ PCN, PCN_POLICY, PCN_POLICY_ONE = "pcn", "pcn-policy", "pcn-policy-1"
 RULES_PER_DIRECTION = 50
 ADMIN_RULES = 25  # of the 50: ClusterNetworkPolicy Admin Deny, the rest NetworkPolicy
 MISS_PORT_BASE = 20000  # ports of the rules that do not accept (no server listens there)
-WARMUP_REQUESTS = 50
 
 
 # ----------------------------------------------------------------------------- the agent's pass
@@ -369,26 +368,6 @@ def pair_policy(client: str, server: str, per_direction: int = RULES_PER_DIRECTI
     return sets, PodPolicy(side(Direction.INGRESS), side(Direction.EGRESS))
 
 
-def _rr(ctx: Context, clients: dict[str, tuple[Endpoint, str]], count: int
-        ) -> dict[str, rr.Latency]:
-    """Request latency of each variant (name -> (client, server address)),
-    ctx.runs interleaved rounds, samples pooled, after a warm-up."""
-    for client, dest in clients.values():
-        rr.run_client(client.netns, dest, rr.PORT, WARMUP_REQUESTS)
-    names = list(clients)
-    per_round = max(1, -(-count // ctx.runs))
-    out = {name: rr.Latency() for name in names}
-    for i in range(ctx.runs):
-        for k in range(len(names)):
-            name = names[(i + k) % len(names)]
-            client, dest = clients[name]
-            rep = rr.run_client(client.netns, dest, rr.PORT, per_round)
-            out[name].add(rep)
-            ctx.progress(f"{POLICY_THROUGHPUT}/{name}: rr round {i + 1}/{ctx.runs}: "
-                         f"p50 {rep['p50_ms'] * 1000:.0f} us, p99 {rep['p99_ms'] * 1000:.0f} us")
-    return out
-
-
 def _counted(node: NodeDataplane, key: str, per_direction: int) -> dict[str, int]:
     """Packets counted on pod `key` by the last rule of each direction, by
     all the other rules together, and by isolation (dropped)."""
@@ -459,8 +438,9 @@ def policy_throughput(ctx: Context) -> list[Result]:
                                    "isolate: the policy is not in force")
         for pair in PAIRS:
             st.callback(stop, rr.start_server(lab.pods[pair.server].netns, pair.server))
-        lat = _rr(ctx, {pair.variant: (ep[pair.client], ep[pair.server].ip) for pair in PAIRS},
-                  ctx.requests)
+        lat = ctx.request_latency(
+            POLICY_THROUGHPUT,
+            {pair.variant: (ep[pair.client], ep[pair.server].ip) for pair in PAIRS}, ctx.requests)
         variants = [Variant(pair.variant, ep[pair.client], ep[pair.server],
                             extra=extras[pair.variant]) for pair in PAIRS]
         # no TCP_RR: the rules measured are about the iperf3 flows
@@ -479,21 +459,7 @@ def policy_throughput(ctx: Context) -> list[Result]:
     for r in results:
         if "packets_by_rule" in extras[r.variant]:
             r.extra["packets_by_rule"] = extras[r.variant]["packets_by_rule"]
-    return results + _latency_results(lat, extras)
-
-
-def _latency_results(lat: dict[str, rr.Latency], extras: dict[str, dict[str, Any]]
-                     ) -> list[Result]:
-    out = []
-    for name, v in lat.items():
-        common = {"requests": len(v.samples_us), "date": now_iso(), "mtu": MTU,
-                  "what": "new TCP connection + 32 B request + answer, connect() to answer",
-                  **{k: x for k, x in extras.get(name, {}).items() if k != "packets_by_rule"}}
-        out.append(Result(POLICY_THROUGHPUT, name, "latency", v.p50, "us",
-                          {"stat": "median", **common}))
-        out.append(Result(POLICY_THROUGHPUT, name, "latency-p99", v.p99, "us",
-                          {"stat": "p99", **common}))
-    return out
+    return results + latency_results(POLICY_THROUGHPUT, lat, extras)
 
 
 SCENARIOS: dict[str, Callable[[Context], list[Result]]] = {

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 
 from pcn_lab.topology import Lab
 
-from . import iperf, tcprr
+from . import iperf, rr, tcprr
 from .netns import Namespaces, exec_in, stop
 from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair, vxlan_pair
 from .results import TCP_RR, THROUGHPUT, Result, now_iso
@@ -35,6 +36,7 @@ DIRECT_REFERENCE = "veth-1500"  # its limit: the physical network at its pods' M
 VXLAN_REFERENCE = "vxlan-kernel"  # the kernel's VXLAN alone, no pcn
 UNDERLAY_MTU = 1500
 POD_ADD = "pod-add"
+WARMUP_REQUESTS = 50  # rr requests before each variant's latency is measured
 
 
 @dataclass
@@ -75,6 +77,29 @@ class Context:
                       f"overlay {overlay}{', socket load balancing' if socket_lb else ''}, "
                       f"built in {time.monotonic() - t:.1f} s")
         return lab
+
+    def request_latency(self, label: str, clients: dict[str, tuple[Endpoint, str]],
+                        count: int, port: int = rr.PORT) -> dict[str, rr.Latency]:
+        """Request latency of each variant (name -> (client, server address)):
+        `runs` interleaved rounds of count/runs requests each (pcn_lab.probe
+        rr: new TCP connection, 32-byte request, answer, close), samples
+        pooled, after a warm-up of WARMUP_REQUESTS that also fails (raises
+        from rr.run_client) when a variant does not answer."""
+        names = list(clients)
+        for client, dest in clients.values():
+            rr.run_client(client.netns, dest, port, WARMUP_REQUESTS)
+        per_round = max(1, math.ceil(count / self.runs))
+        out = {name: rr.Latency() for name in names}
+        for i in range(self.runs):
+            for k in range(len(names)):
+                name = names[(i + k) % len(names)]
+                client, dest = clients[name]
+                rep = rr.run_client(client.netns, dest, port, per_round)
+                out[name].add(rep)
+                self.progress(f"{label}/{name}: rr round {i + 1}/{self.runs}: "
+                              f"p50 {rep['p50_ms'] * 1000:.0f} us, "
+                              f"p99 {rep['p99_ms'] * 1000:.0f} us")
+        return out
 
     def compare(self, scenario: str, variants: list[Variant],
                 tcp_rr: bool = True) -> list[Result]:
@@ -258,6 +283,22 @@ def cross_node(ctx: Context) -> list[Result]:
         for r in out:
             r.extra["loadavg_after"] = load
         return out
+
+
+def latency_results(scenario: str, lat: dict[str, rr.Latency],
+                    extras: dict[str, dict[str, Any]] | None = None) -> list[Result]:
+    """Each variant's request latency as two Results, `latency` (median)
+    and `latency-p99`, in µs, with the variant's extras (all but its
+    per-rule packet counts, which go on the throughput result)."""
+    out = []
+    for name, v in lat.items():
+        common = {"requests": len(v.samples_us), "date": now_iso(), "mtu": MTU,
+                  "what": "new TCP connection + 32 B request + answer, connect() to answer",
+                  **{k: x for k, x in (extras or {}).get(name, {}).items()
+                     if k != "packets_by_rule"}}
+        out.append(Result(scenario, name, "latency", v.p50, "us", {"stat": "median", **common}))
+        out.append(Result(scenario, name, "latency-p99", v.p99, "us", {"stat": "p99", **common}))
+    return out
 
 
 def _loadavg() -> str:

@@ -626,6 +626,24 @@ def test_admin_deny_overrides_network_policy_allow() -> None:
                                     Direction.INGRESS, 0)
 
 
+def test_a_named_admin_rule_is_reported_by_its_name() -> None:
+    """A ClusterNetworkPolicy rule's optional `name` goes with its index into
+    what kubectl pcn policy and the counters show, and survives the cube's
+    saved form; an unnamed rule's saved form is the five items of old."""
+    from pcn_agent.dataplane.cubes.policy import _ref_json, _ref_of
+    c = model(cnp("deny-y-to-x", "Admin", 10, {"namespaces": labels(ns="x")},
+                  ingress=[{"name": "no-y", "action": "Deny",
+                            "from": [{"namespaces": labels(ns="y")}]}]))
+    ref = explain(c, "y/a", "x/a", "TCP", 80).ingress.ref
+    assert ref == RuleRef("ClusterNetworkPolicy", "", "deny-y-to-x", Direction.INGRESS, 0, "no-y")
+    assert str(ref) == "ClusterNetworkPolicy deny-y-to-x ingress[0] (no-y)"
+    assert _ref_of(_ref_json(ref)) == ref
+    unnamed = RuleRef("NetworkPolicy", "x", "np", Direction.EGRESS, 2)
+    assert _ref_json(unnamed) == ["NetworkPolicy", "x", "np", int(Direction.EGRESS), 2]
+    assert _ref_of(_ref_json(unnamed)) == unnamed
+    assert str(unnamed) == "NetworkPolicy x/np egress[2]"
+
+
 def test_admin_accept_overrides_network_policy_isolation() -> None:
     c = model(cnp("dns", "Admin", 5, ALL_NS, egress=[
                   {"action": "Accept", "to": [{"pods": {"namespaceSelector": labels(ns="z"),

@@ -446,6 +446,12 @@ class _Delta:
     namespaces: set[str]
     ns_selectors: set[Selector]
     nodes: bool
+    touched: list[_Pod] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the changed pods that can be policy peers, before and after: what
+        # both the index's caches and the compiler's sets are dropped by
+        self.touched = [p for pair in self.pods for p in pair if p is not None and p.peer]
 
 
 def _namespace_labels(cluster: Cluster, pods: Iterable[_Pod]) -> dict[str, dict[str, str]]:
@@ -580,7 +586,7 @@ class _Index:
 
     def _forget(self, delta: _Delta) -> None:
         """Drop the cached selections `delta` could have changed."""
-        touched = [p for pair in delta.pods for p in pair if p is not None and p.peer]
+        touched = delta.touched
         if touched:
             self._sel_cache = {sel: hit for sel, hit in self._sel_cache.items()
                                if not any(sel.matches(p.labels) for p in touched)}
@@ -918,7 +924,7 @@ def _parse_cluster_network_policy(o: Obj, warnings: list[str]) -> _Policy | None
                               (Direction.EGRESS, "egress", "to")):
         rules = []
         for i, r in enumerate(spec.get(key) or []):
-            ref = RuleRef(CNP_KIND, "", name, d, i)
+            ref = RuleRef(CNP_KIND, "", name, d, i, str(r.get("name") or ""))
             action = _ACTIONS.get(str(r.get("action")))
             if action is None:
                 warnings.append(f"{ref}: unknown action {r.get('action')!r}; taken as Deny "
@@ -1000,9 +1006,8 @@ class _Compiler:
         delta = self.idx.refresh(cluster, limit)
         if delta is None:
             return False
-        touched = [p for pair in delta.pods for p in pair if p is not None and p.peer]
         self.sets = {m: s for m, s in self.sets.items()
-                     if not self._stale(m, touched, delta)}
+                     if not self._stale(m, delta.touched, delta)}
         self._policies(cluster)
         return True
 

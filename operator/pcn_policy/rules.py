@@ -73,18 +73,22 @@ class RuleRef:
     """Which rule of which policy a compiled rule comes from (what its hit
     counter is reported as). `index` is the rule's position in the policy's
     ingress or egress list; -1 stands for a NetworkPolicy's isolation (the
-    implicit deny at the end of the namespaced tier)."""
+    implicit deny at the end of the namespaced tier). `rule_name` is a
+    ClusterNetworkPolicy rule's optional `name` (network-policy-api
+    v1alpha2, at most 100 characters), shown beside the index."""
     kind: str  # "NetworkPolicy" or "ClusterNetworkPolicy"
     namespace: str  # "" for ClusterNetworkPolicy
     name: str
     direction: Direction
     index: int
+    rule_name: str = ""
 
     def __str__(self) -> str:
         where = f"{self.namespace}/{self.name}" if self.namespace else self.name
         side = "ingress" if self.direction == Direction.INGRESS else "egress"
         rule = "isolation" if self.index < 0 else f"{side}[{self.index}]"
-        return f"{self.kind} {where} {rule}"
+        named = f" ({self.rule_name})" if self.rule_name else ""
+        return f"{self.kind} {where} {rule}{named}"
 
 
 @dataclass(frozen=True)

@@ -95,11 +95,16 @@ def ct_lifetime_ns(proto: int, flags: int) -> int:
 
 # ------------------------------------------------------------------ JSON forms
 def _ref_json(r: RuleRef | None) -> list[Any] | None:
-    return None if r is None else [r.kind, r.namespace, r.name, int(r.direction), r.index]
+    if r is None:
+        return None
+    out: list[Any] = [r.kind, r.namespace, r.name, int(r.direction), r.index]
+    return out + [r.rule_name] if r.rule_name else out
 
 
 def _ref_of(j: list[Any] | None) -> RuleRef | None:
-    return None if j is None else RuleRef(j[0], j[1], j[2], Direction(j[3]), j[4])
+    # five items: saved before rules had names (or a rule without one)
+    return None if j is None else RuleRef(j[0], j[1], j[2], Direction(j[3]), j[4],
+                                          j[5] if len(j) > 5 else "")
 
 
 def _rule_json(r: Rule) -> dict[str, Any]:
