@@ -231,26 +231,36 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
 def _policy_text(policy: Mapping[str, Any] | None, node: str | None) -> list[str]:
     """The pod's network policies (next to the bridge, after the chain's
     functions on the way out and before them on the way in), one row per
-    rule in evaluation order, with what they let through and dropped."""
-    lines = ["", f"NETWORK POLICY (innermost on both sides; counters on node {node or NONE})"]
+    rule in evaluation order, with the packets of the connections it let in
+    or out (or refused): PACKETS those going the rule's way (to the pod on
+    an ingress row), REPLIES those going back, counted on the same row and
+    never added to the other side's (agents before the reply counters
+    report none: NONE)."""
+    lines = ["", f"NETWORK POLICY (innermost on both sides; counters on node {node or NONE}; "
+                 "replies: the same connections' packets the other way)"]
     if not policy:
         return lines + ["<none>: no NetworkPolicy or ClusterNetworkPolicy applies to the pod"]
     rows = []
     for r in policy.get("rules") or []:
-        if r["rule"] in ("default", "host") and not r.get("packets"):
+        if r["rule"] in ("default", "host") and not r.get("packets") and \
+                not r.get("replyPackets"):
             continue
         what = r["rule"]
         if r["rule"] == "isolation":
             what = "isolation by " + ", ".join(r.get("policies") or []) if r.get(
                 "policies") else "isolation"
+        replied = "replyPackets" in r
         rows.append([r.get("direction") or NONE, what, r.get("action") or NONE,
-                     r.get("packets", 0), human_bytes(r.get("bytes", 0))])
+                     r.get("packets", 0), human_bytes(r.get("bytes", 0)),
+                     r["replyPackets"] if replied else NONE,
+                     human_bytes(r.get("replyBytes", 0)) if replied else NONE])
     drops = policy.get("drops") or {}
     for side in ("ingress", "egress"):
         dr = drops.get(side) or {}
         rows.append([side, "dropped by policy", "DENY", dr.get("packets", 0),
-                     human_bytes(dr.get("bytes", 0))])
-    return lines + [table(["side", "rule", "action", "packets", "bytes"], rows)]
+                     human_bytes(dr.get("bytes", 0)), "", ""])
+    return lines + [table(["side", "rule", "action", "packets", "bytes", "replies",
+                           "reply bytes"], rows)]
 
 
 def namespace_chain_text(d: Mapping[str, Any], wide: bool) -> str:
