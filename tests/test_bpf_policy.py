@@ -17,7 +17,6 @@ import itertools
 import json
 import random
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from bpfunit import (
     TCP_FIN,
     TCP_SYN,
     UnitNet,
+    cube_lab,
     eth,
     fragments,
     icmp_echo,
@@ -40,7 +40,6 @@ from bpfunit import (
     random_mac,
     tcp,
     udp_csum,
-    unit_net,
 )
 
 from pcn_agent.dataplane import maps
@@ -113,19 +112,12 @@ class PolLab:
 
 @pytest.fixture(scope="module")
 def mod() -> Iterator[PolLab]:
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        a_port, b_port = b.add_port("a"), b.add_port("b")
-        rt.connect_netdev(a_port, "u1")
-        rt.connect_netdev(b_port, "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=b_port.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with cube_lab() as cl:
+        rt, a_port = cl.rt, cl.ports["a"]
         pol = PolicyCube(rt, "pol")
         rt.set_hook(a_port, maps.HOOK_INGRESS, [rt.stacked("pol")])
         rt.set_hook(a_port, maps.HOOK_EGRESS, [rt.stacked("pol")])
-        yield PolLab(net, pol, a_port, dst_mac)
+        yield PolLab(cl.net, pol, a_port, cl.dst_mac)
 
 
 @pytest.fixture
@@ -874,15 +866,8 @@ def test_an_agent_restart_keeps_policies_and_connections() -> None:
     """The pinned maps outlive the agent: a new runtime adopting them and a
     new PolicyCube find the pod's policy, its counters and its tracked
     connections, and change nothing."""
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        port, far = b.add_port("a"), b.add_port("b")
-        rt.connect_netdev(port, "u1")
-        rt.connect_netdev(far, "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=far.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with cube_lab() as cl:
+        net, rt, port, dst_mac = cl.net, cl.rt, cl.ports["a"], cl.dst_mac
         pol = PolicyCube(rt, "pol")
         rt.set_hook(port, maps.HOOK_INGRESS, [rt.stacked("pol")])
         rt.set_hook(port, maps.HOOK_EGRESS, [rt.stacked("pol")])
