@@ -50,6 +50,9 @@ def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
                               strict=False)]
         entry["defaultHits"] = int(counters.get("defaultHits") or 0)
         entry["drops"] = int(counters.get("drops") or 0)
+        if firewall and counters.get("allowReplies"):
+            # replies let through by tracking, counted apart from the rules
+            entry["replyHits"] = int(counters.get("replyHits") or 0)
     else:
         entry["rules"] = [{"rule": r, "hits": None} for r in rules_of(nf or {})]
         entry["defaultHits"] = None
@@ -180,7 +183,10 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
     if d["beyondLimit"]:
         lines.append(f"Dropped:   {', '.join(d['beyondLimit'])} (more than "
                      f"{ch.MAX_STACKED} functions on one side)")
-    rule_rows = []
+    rule_rows: list[list[Any]] = []
+    # a function on both sides is one cube with one set of counters: its
+    # rules are listed once, side "both", not once per side with the same hits
+    listed: dict[str, list[list[Any]]] = {}
     typed_rows: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
     for side, title in (("ingress", "INGRESS (traffic to the pod)"),
                         ("egress", "EGRESS (traffic from the pod)")):
@@ -205,11 +211,24 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
             if not firewall:
                 typed_rows.setdefault(e["type"], []).append((side, e))
                 continue
-            for i, r in enumerate(e["rules"], 1):
-                rule_rows.append([side, e["function"], i, r["rule"], _n(r["hits"])])
-            rule_rows.append([side, e["function"], "default", e["defaultAction"],
-                              _n(e["defaultHits"])])
+            if e["function"] in listed:
+                for row in listed[e["function"]]:
+                    row[0] = "both"
+                continue
+            rows_of = [[side, e["function"], i, r["rule"], _n(r["hits"])]
+                       for i, r in enumerate(e["rules"], 1)]
+            rows_of.append([side, e["function"], "default", e["defaultAction"],
+                            _n(e["defaultHits"])])
+            if "replyHits" in e:
+                rows_of.append([side, e["function"], "replies",
+                                "of connections it allowed (allowReplies)", e["replyHits"]])
+            listed[e["function"]] = rows_of
+            rule_rows += rows_of
         lines.append(table(headers, rows))
+    both = [f for f, rows_of in listed.items() if rows_of and rows_of[0][0] == "both"]
+    if both:
+        lines += ["", f"Note:      {', '.join(both)} on both sides: one cube, whose counters "
+                      "are both sides' together (shown on each side's row)"]
     if rule_rows:
         lines += ["", f"RULES (hits on node {d.get('node') or NONE})",
                   table(["side", "function", "#", "rule", "hits"], rule_rows)]

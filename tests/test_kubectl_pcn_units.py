@@ -362,3 +362,33 @@ def test_chain_shows_a_rules_replies_on_its_own_row_apart() -> None:
     old = {"rules": [{k: v for k, v in policy["rules"][0].items() if not k.startswith("reply")}]}
     row = next(r for r in "\n".join(_policy_text(old, "n1")).splitlines() if rule in r)
     assert row.split()[-2:] == ["<none>", "<none>"]
+
+
+def test_chain_lists_a_firewall_on_both_sides_once_with_its_replies() -> None:
+    """A firewall NetworkFunction on both sides of a pod is one cube: its
+    rules are listed once (side "both"), not twice with the same hits, and
+    with allowReplies the replies it let through are a line of their own."""
+    from kubectl_pcn.chainview import pod_chain_text
+
+    def fw(position: int) -> dict[str, Any]:
+        return {"position": position, "function": "fw", "type": "firewall", "chain": "c",
+                "defaultAction": "drop", "rules": [{"rule": "allow tcp dport 80", "hits": 12}],
+                "defaultHits": 3, "drops": 3, "realized": True, "replyHits": 9}
+
+    other = {**fw(2), "function": "solo", "rules": [], "defaultHits": 1}
+    del other["replyHits"]
+    d = {"namespace": "shop", "pod": "web-1", "node": "n1", "ip": "10.244.1.5", "port": "p1",
+         "labels": {}, "chains": [], "counters": None, "inSync": True, "skippedChains": {},
+         "beyondLimit": [], "ingress": [fw(1), other], "egress": [fw(1)], "bandwidth": None,
+         "policy": None}
+    out = pod_chain_text(d)
+    rules = out.split("RULES (hits on node n1)\n")[1].split("\n\n")[0].splitlines()[1:]
+    assert [r.split()[:3] for r in rules] == [["both", "fw", "1"], ["both", "fw", "default"],
+                                             ["both", "fw", "replies"],
+                                             ["ingress", "solo", "default"]]
+    assert rules[0].split()[-1] == "12" and rules[2].split()[-1] == "9"
+    assert "allowReplies" in rules[2]
+    assert "Note:      fw on both sides: one cube" in out
+    d["egress"] = []
+    once = pod_chain_text(d)
+    assert "Note:" not in once and "ingress   fw" in once
