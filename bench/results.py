@@ -398,7 +398,7 @@ def _policer_acceptance(results: Sequence[Result]) -> list[str]:
                      + (f" (wire {wire.value:.3f})" if wire is not None else ""))
     ok = all(low <= r.value <= high for r in tcp)
     refs = [f"{r.variant} {r.value:.3f}" for r in results
-            if r.scenario == "policer-rate" and r.variant.startswith(("tbf-", "udp-"))
+            if r.scenario == "policer-rate" and r.variant.startswith(("tbf-", "udp-", "short-"))
             and r.metric in ("tcp-ratio", "udp-ratio")]
     ceiling = _find(results, "policer-rate", "pcn-unpoliced", THROUGHPUT)
     tail = f"; unpoliced pcn {ceiling.value:.2f} Gbit/s" if ceiling is not None else ""
