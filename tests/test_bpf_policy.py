@@ -47,6 +47,7 @@ from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.firewall import Firewall
 from pcn_agent.dataplane.cubes.policy import (
     CTR_DROPS,
+    CTR_REPLY,
     MAX_RULES,
     PolicyCube,
     PolicyError,
@@ -831,6 +832,16 @@ def test_adoption_keeps_state(mod: PolLab) -> None:
         assert {c["rule"]: c["packets"] for c in again.counters(lab.pid)}[str(ref("in"))] == 1
         with pytest.raises(Exception, match="one policy cube"):
             PolicyCube(lab.net.rt, "pol2")
+        # an agent from before the reply counters left none: adoption makes them
+        ctrs = lab.net.rt.table("pol_ctrs", "policy")
+        cid = again.pods[lab.pid].counters[ref("in")]
+        del ctrs[maps.PolCtrKey(lab.pid, cid | CTR_REPLY)]
+        upgraded = PolicyCube(lab.net.rt, "pol")
+        assert upgraded.writes == 1
+        [conn] = upgraded.connections(lab.pid)  # the SYN above: its answer is a reply
+        assert lab.from_pod(tcp_pkt(POD, PEER, 80, conn["sport"], TCP_SYN | TCP_ACK)) == "pass"
+        assert {c["rule"]: c["replyPackets"]
+                for c in upgraded.counters(lab.pid)}[str(ref("in"))] == 1
     finally:
         lab.pol.remove_pod(lab.pid)
         lab.pol.gc_sets()

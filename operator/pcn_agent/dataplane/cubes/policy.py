@@ -207,10 +207,23 @@ class PolicyCube:
                     counters[ref] = i
             self.pods[int(port)] = _Pod(p["gen"], policy_of(p["policy"]), counters)
         self.writes = 0  # map updates and deletions done (for tests of idempotence)
+        self._reply_counters_adopted()
         self._sets_json: dict[str, dict[str, Any]] = {
             n: {"id": i} for n, i in self.set_ids.items()}
         self._pods_json: dict[str, dict[str, Any]] = {
             str(p): pod.json() for p, pod in self.pods.items()}
+
+    def _reply_counters_adopted(self) -> None:
+        """The reply counters (CTR_REPLY) of the adopted pods' counters, for
+        pods an agent from before them set up: the program counts only into
+        entries that exist, and an unchanged policy writes nothing."""
+        for port, pod in self.pods.items():
+            for cid in (*RESERVED_COUNTERS, *pod.counters.values()):
+                key = maps.PolCtrKey(port, cid | CTR_REPLY)
+                try:
+                    self._ctrs[key]
+                except KeyError:
+                    self._put(self._ctrs, key, self._ctrs.Leaf())
 
     # -------------------------------------------------------------- bookkeeping
     def _adopt_sets(self, saved: dict[str, Any]) -> dict[str, AddressSet]:
