@@ -41,6 +41,8 @@ POLICY_THROUGHPUT_TARGET = 0.95  # throughput under 100 rules / without policy (
 CROSS_NODE_VXLAN_TARGET = 0.90  # pcn cross-node over VXLAN / the underlay (issue 13)
 CROSS_NODE_DIRECT_TARGET = 0.95  # pcn with direct routing / the underlay at 1500 (issue 13)
 FIREWALL_SCALE_TARGET = 0.95  # firewall throughput with 10 000 rules / with 0 (issue 12)
+# iperf3 TCP through a policer / its configured rate, at 10M, 100M, 1G (issue 12)
+POLICER_TARGET = (0.95, 1.05)
 SOAK = "agent-restart-soak"  # bench.soak (issue 9): targets 0 connections failed, 0 bytes
 SOAK_CNI_SERVE_TARGET_S = 5.0  # lost, CNI served within 5 s of every restart
 
@@ -170,6 +172,7 @@ def acceptance(results: Sequence[Result]) -> list[str]:
     lines += _control_plane_acceptance(results)
     lines += _policy_acceptance(results)
     lines += _firewall_acceptance(results)
+    lines += _policer_acceptance(results)
     lines += _soak_acceptance(results)
     return lines
 
@@ -376,6 +379,32 @@ def _firewall_acceptance(results: Sequence[Result]) -> list[str]:
     return [f"acceptance: firewall throughput with 10000 rules {top.value:.2f} Gbit/s = "
             f"{ratio * 100:.0f}% of with 0 rules (target >= {FIREWALL_SCALE_TARGET * 100:.0f}%): "
             f"{_verdict(ratio >= FIREWALL_SCALE_TARGET)}; throughput, request p50: {detail}{tail}"]
+
+
+def _policer_acceptance(results: Sequence[Result]) -> list[str]:
+    """Every pcn policer's TCP ratio (bench.policer: iperf3's goodput over
+    the configured rate) within POLICER_TARGET, with the wire ratio (the
+    bucket's passed frames), the unpoliced path's throughput and the tbf
+    shaper's ratio at the same rate, measured in the same run."""
+    tcp = [r for r in results if r.scenario == "policer-rate" and r.metric == "tcp-ratio"
+           and r.variant.startswith("pcn-")]
+    if not tcp:
+        return []
+    low, high = POLICER_TARGET
+    parts = []
+    for r in tcp:
+        wire = _find(results, "policer-rate", r.variant, "wire-ratio")
+        parts.append(f"{r.variant.removeprefix('pcn-')} {r.value:.3f}"
+                     + (f" (wire {wire.value:.3f})" if wire is not None else ""))
+    ok = all(low <= r.value <= high for r in tcp)
+    refs = [f"{r.variant} {r.value:.3f}" for r in results
+            if r.scenario == "policer-rate" and r.variant.startswith(("tbf-", "udp-", "short-"))
+            and r.metric in ("tcp-ratio", "udp-ratio")]
+    ceiling = _find(results, "policer-rate", "pcn-unpoliced", THROUGHPUT)
+    tail = f"; unpoliced pcn {ceiling.value:.2f} Gbit/s" if ceiling is not None else ""
+    return [f"acceptance: policer TCP rate / configured (target {low:.2f}-{high:.2f}): "
+            f"{', '.join(parts)}: {_verdict(ok)}; references {', '.join(refs) or 'none'}"
+            f"{tail}"]
 
 
 def _soak_acceptance(results: Sequence[Result]) -> list[str]:

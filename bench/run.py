@@ -10,8 +10,9 @@ a pod's policy wired, throughput under 100 rules).
 `--only policy-reconcile,policy-pod-add,policy-throughput` (`make bench-policy`)
 runs just the network policy scenarios; `--only firewall-scale` the firewall
 cube with 0 to 10 000 rules; `--only cube-cost` each program's ns/packet
-(BPF_PROG_TEST_RUN) and size (bpf_prog_info). The services scenarios
-(pod-to-service, service-scale) compare with the upstream kube-proxy in
+(BPF_PROG_TEST_RUN) and size (bpf_prog_info); `--only policer-rate` iperf3
+through policers at 10M, 100M and 1G against the configured rate (bench.policer).
+The services scenarios (pod-to-service, service-scale) compare with the upstream kube-proxy in
 iptables and nftables modes and need `make k8s`'s binaries; every path
 compared gets a TCP_RR rate (sockperf) next to its iperf3 throughput.
 
@@ -46,6 +47,7 @@ from . import (
     firewall,
     iperf,
     netns,
+    policer,
     policy,
     results,
     scenarios,
@@ -54,7 +56,8 @@ from . import (
 from .scenarios import Context
 
 SCENARIOS = {**scenarios.SCENARIOS, **services.SCENARIOS, **controlplane.SCENARIOS,
-             **policy.SCENARIOS, **firewall.SCENARIOS, **cubecost.SCENARIOS}
+             **policy.SCENARIOS, **firewall.SCENARIOS, **cubecost.SCENARIOS,
+             **policer.SCENARIOS}
 
 log = logging.getLogger("bench")
 
@@ -126,7 +129,7 @@ def preflight() -> None:
     if os.geteuid() != 0:
         sys.exit("bench builds network namespaces and loads eBPF programs: run it as root")
     for tool in ("iperf3", "ip", "ss", "ping", "iptables-restore", "iptables-save", "nft",
-                 "openssl", "sockperf"):
+                 "openssl", "sockperf", "tc"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/setup.sh (make setup)")
     for plugin in ("bridge", "host-local"):

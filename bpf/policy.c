@@ -61,6 +61,13 @@
 #define POL_CTR_ISOLATION 4 /* + direction: the namespaced tier's implicit deny */
 #define POL_CTR_DROPS 6     /* + direction: every packet dropped by policy */
 #define POL_CTR_FIRST_RULE 8
+/* Or-ed into a counter id: the packets that crossed the other hook, the
+ * replies of the connections the counter's rule (or default) accepted or
+ * dropped. Kept apart so that a rule's own count is the traffic of its own
+ * direction and a user reading an ingress rule's row does not find the
+ * pod's answers added to it. Bit 15: pcn_frag.h records a counter id in 16
+ * bits, and the Python side allocates ids far below it (policy.py). */
+#define POL_CTR_REPLY 0x8000
 
 /* pcn_frag.h owners are cube ids elsewhere (below PCN_MAX_CUBES); the
  * policy's are per port and direction, as one datagram crosses two pods'
@@ -196,6 +203,14 @@ BPF_TABLE_PINNED("percpu_array", u32, struct pol_scratch, pol_scratch, 1,
 static __always_inline int pol_has_ports(u8 proto)
 {
     return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* POL_CTR_REPLY when a packet crossing the hook of direction `dir` goes the
+ * other way than the connection `opened` in (a policy direction), else 0;
+ * arithmetic, not a branch, for the rule loop's program. */
+static __always_inline u32 pol_reply_bit(u32 opened, u32 dir)
+{
+    return ((opened ^ dir) & 1) << 15;
 }
 
 static __always_inline void pol_count(u32 port, u32 id, u32 bytes)
@@ -395,7 +410,7 @@ int policy_rx(struct __sk_buff *skb)
         c = NULL;
     if (c && c->epoch == epoch) {
         pcn_ct_observe(c, pcn_ct_from_orig(c, src_is_a), tflags, now);
-        u32 ref = c->ref;
+        u32 ref = c->ref | pol_reply_bit(c->dir, dir);
         if (c->flags & PCN_CTF_REVOKED) {
             if (info.first_fragment)
                 pcn_frag_record(owner, &f, &info, POL_DENY, ref, now);
@@ -415,7 +430,7 @@ int policy_rx(struct __sk_buff *skb)
             struct pcn_ct *qc = pol_ct.lookup(&qk);
             if (qc && qc->epoch == epoch && !(qc->flags & PCN_CTF_REVOKED) &&
                 pcn_ct_live(qc, qt.flow.proto, now)) {
-                u32 ref = qc->ref;
+                u32 ref = qc->ref | pol_reply_bit(qc->dir, dir);
                 if (info.first_fragment)
                     pcn_frag_record(owner, &f, &info, POL_ACCEPT, ref, now);
                 return pol_finish(skb, port, dir, POL_ACCEPT, ref);
@@ -514,10 +529,12 @@ int policy_judge(struct __sk_buff *skb)
         n.flags = pcn_ct_next_flags(opener_is_a ? PCN_CTF_ORIG_A : 0, !t, tflags);
         pol_ct.update(&k, &n);
     }
+    /* the evaluation that decided asked about its own direction's policy */
+    u32 counted = ctr | pol_reply_bit(s->q[t].dir, dir);
     if (s->first_fragment) { /* the later fragments get the same verdict */
         struct pcn_flow f = s->f;
         struct pcn_l4info info = {.ip_id = s->ip_id, .icmp_type = s->icmp_type};
-        pcn_frag_record(s->owner, &f, &info, verdict, ctr, now);
+        pcn_frag_record(s->owner, &f, &info, verdict, counted, now);
     }
-    return pol_finish(skb, port, dir, verdict, ctr);
+    return pol_finish(skb, port, dir, verdict, counted);
 }

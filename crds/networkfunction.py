@@ -74,10 +74,15 @@ class FirewallConfig(Model):
 
 MIN_BURST = 64 * 1024  # bytes: one GSO packet, which a policer cannot split (bpf/policer.c)
 MAX_BURST = 2**30  # bytes: keeps the bucket's fixed-point sums in 64 bits (pcn_tbf.h)
-# A burst of the rate's half second. A policer drops instead of queueing, and
-# a TCP flow backs off at each loss: measured on veth pairs with GSO (the
-# policer e2e test), a 20 ms bucket let TCP reach 11-25 % of the rate, 100 ms
-# 47-49 %, 500 ms 96-99 % at 10 Mbit/s to 1 Gbit/s.
+# A burst of the rate's half second. A policer drops instead of queueing: when
+# the bucket runs dry, a sender far faster than the rate loses its whole
+# window and then its retransmissions, and waits for a retransmission timeout
+# (Linux's minimum: 200 ms, TCP_RTO_MIN) while the bucket refills only up to
+# its burst; a flow then gets about one burst per timeout. Measured on veth
+# pairs with GSO (the policer e2e test, bench policer-rate and its sweep), a
+# 20 ms bucket let TCP reach 11-25 % of the rate, 50 ms 27 %, 100 ms 47-51 %,
+# 200 ms 94-97 %, 500 ms 96-103 % at 10 Mbit/s to 1 Gbit/s: the burst must
+# outlast the timeout, with a margin for a busy sender.
 DEFAULT_BURST_S = 0.5
 
 

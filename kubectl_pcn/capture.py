@@ -13,6 +13,15 @@ Our stdin pipe stays open for as long as we want the capture: when it
 closes (we exit, or are interrupted), the command in the agent pod sees EOF
 and ends the capture; if the connection dies without it, the agent stops
 the capture once its heartbeats stop.
+
+Permissions on a cluster (RBAC): `get` on the pod in its namespace (to find
+its node), `list` on pods in the agents' namespace (to find that node's
+pcn-agent pod), and `kubectl exec`'s own: `create` on `pods/exec` there, and
+`get` too for kubectl's WebSocket exec (the API server authorizes the
+upgrade as `get`, and since Kubernetes 1.35 also as `create`: feature
+AuthorizePodWebsocketUpgradeCreatePermission, kubernetes#133515). Exec into
+the agent is root on the node's network: grant it to whom you would grant
+that. EXEC_ROLE is an example; a denied exec is reported naming it.
 """
 
 from __future__ import annotations
@@ -21,17 +30,42 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from .client import PODS, Cluster
-from .errors import PcnError
+from .errors import Forbidden, PcnError
 
 AGENT_LABEL = "app.kubernetes.io/name=pcn-agent"
 AGENT_CONTAINER = "agent"
 AGENT_COMMAND = "pcn-agent"
+
+
+# The least a user of `kubectl pcn capture` and `flows` needs on a cluster
+# (the agents' namespace is pcn-system unless --system-namespace says else).
+EXEC_ROLE = """\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pcn-observe, namespace: pcn-system}
+rules:
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
+- apiGroups: [""]
+  resources: [pods/exec]
+  verbs: [get, create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: pcn-observe, namespace: pcn-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: pcn-observe}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: alice}
+"""
 
 
 @dataclass(frozen=True)
@@ -42,6 +76,27 @@ class Route:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     via: str = ""  # for messages: "lab socket ..." or "pod pcn-system/pcn-agent-xyz"
+    exec_namespace: str = ""  # through `kubectl exec` into a pod of this namespace; "": not
+
+
+def exec_denied(r: Route, stderr: str) -> Forbidden | None:
+    """The error to raise when `stderr` of a command run through `r` says
+    that kubectl exec was refused by RBAC (kubectl prints the API server's
+    403: `Error from server (Forbidden): pods "..." is forbidden: User "..."
+    cannot create resource "pods/exec" ...`), else None."""
+    if not r.exec_namespace:
+        return None
+    lines = [ln.strip() for ln in stderr.splitlines() if "forbidden" in ln.lower()]
+    if not lines:
+        return None
+    ns = r.exec_namespace
+    return Forbidden(
+        f"forbidden: RBAC does not let you exec into {r.via}: `kubectl pcn capture` and "
+        f"`flows` run `kubectl exec` there, which needs the verbs get and create on "
+        f"pods/exec in namespace {ns} ({lines[0]})",
+        f"ask a cluster admin for a Role in namespace {ns} granting get and create on "
+        f"pods/exec (and get, list on pods), bound to you; `kubectl pcn capture --help` shows "
+        f"one. Check with: kubectl auth can-i create pods/exec -n {ns}")
 
 
 def pod_node(cluster: Cluster, namespace: str, name: str) -> str:
@@ -87,7 +142,7 @@ def route(cluster: Cluster, node: str, agents_namespace: str,
     kubectl = shutil.which("kubectl") or "kubectl"
     return Route((kubectl, *kubectl_args, "exec", "-i", "-n", agents_namespace, name, "-c",
                   AGENT_CONTAINER, "--", AGENT_COMMAND), (),
-                 f"pod {agents_namespace}/{name}")
+                 f"pod {agents_namespace}/{name}", agents_namespace)
 
 
 def kubectl_flags(kubeconfig: str | None, context: str | None) -> list[str]:
@@ -107,16 +162,35 @@ def capture_argv(r: Route, namespace: str, pod: str, filter_: str, count: int,
     return [*argv, "-v"] if verbose else argv
 
 
-def run_capture(r: Route, argv: Sequence[str], out: BinaryIO) -> int:
-    """Run the capture command, pcap to `out`, its stderr to ours; our end
-    of its stdin stays open until it ends (closing it stops the capture)."""
+def _relay(src: IO[bytes], dst: BinaryIO, kept: deque[str]) -> None:
+    """Copy `src` to `dst` line by line as it comes (the command's progress),
+    keeping its last lines in `kept`."""
+    for line in iter(src.readline, b""):
+        kept.append(line.decode(errors="replace"))
+        try:
+            dst.write(line)
+            dst.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def run_capture(r: Route, argv: Sequence[str], out: BinaryIO,
+                err: BinaryIO | None = None) -> int:
+    """Run the capture command, pcap to `out`, its stderr to `err` (ours by
+    default); our end of its stdin stays open until it ends (closing it
+    stops the capture). Returns its exit status; raises Forbidden when
+    kubectl exec was refused (exec_denied)."""
     env = {**os.environ, **dict(r.env)}
     try:
         proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                env=env)
+                                stderr=subprocess.PIPE, env=env)
     except FileNotFoundError:
         raise _not_found(argv[0]) from None
-    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+    kept: deque[str] = deque(maxlen=20)
+    relay = threading.Thread(target=_relay, args=(proc.stderr, err or sys.stderr.buffer, kept),
+                             daemon=True)
+    relay.start()
     try:
         while True:
             chunk = os.read(proc.stdout.fileno(), 65536)
@@ -145,6 +219,11 @@ def run_capture(r: Route, argv: Sequence[str], out: BinaryIO) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        relay.join(timeout=5)
+    if proc.returncode:
+        denied = exec_denied(r, "".join(kept))
+        if denied is not None:
+            raise denied
     return proc.returncode
 
 
@@ -160,6 +239,9 @@ def run_json(r: Route, argv: Sequence[str]) -> dict[str, Any]:
         raise _not_found(argv[0]) from None
     if p.returncode != 0:
         msg = p.stderr.decode(errors="replace").strip() or f"exit status {p.returncode}"
+        denied = exec_denied(r, msg)
+        if denied is not None:
+            raise denied
         raise PcnError(f"{' '.join(argv[-4:])} through {r.via} failed: {msg}")
     data: dict[str, Any] = json.loads(p.stdout)
     return data

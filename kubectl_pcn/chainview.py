@@ -50,6 +50,9 @@ def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
                               strict=False)]
         entry["defaultHits"] = int(counters.get("defaultHits") or 0)
         entry["drops"] = int(counters.get("drops") or 0)
+        if firewall and counters.get("allowReplies"):
+            # replies let through by tracking, counted apart from the rules
+            entry["replyHits"] = int(counters.get("replyHits") or 0)
     else:
         entry["rules"] = [{"rule": r, "hits": None} for r in rules_of(nf or {})]
         entry["defaultHits"] = None
@@ -180,7 +183,10 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
     if d["beyondLimit"]:
         lines.append(f"Dropped:   {', '.join(d['beyondLimit'])} (more than "
                      f"{ch.MAX_STACKED} functions on one side)")
-    rule_rows = []
+    rule_rows: list[list[Any]] = []
+    # a function on both sides is one cube with one set of counters: its
+    # rules are listed once, side "both", not once per side with the same hits
+    listed: dict[str, list[list[Any]]] = {}
     typed_rows: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
     for side, title in (("ingress", "INGRESS (traffic to the pod)"),
                         ("egress", "EGRESS (traffic from the pod)")):
@@ -205,11 +211,24 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
             if not firewall:
                 typed_rows.setdefault(e["type"], []).append((side, e))
                 continue
-            for i, r in enumerate(e["rules"], 1):
-                rule_rows.append([side, e["function"], i, r["rule"], _n(r["hits"])])
-            rule_rows.append([side, e["function"], "default", e["defaultAction"],
-                              _n(e["defaultHits"])])
+            if e["function"] in listed:
+                for row in listed[e["function"]]:
+                    row[0] = "both"
+                continue
+            rows_of = [[side, e["function"], i, r["rule"], _n(r["hits"])]
+                       for i, r in enumerate(e["rules"], 1)]
+            rows_of.append([side, e["function"], "default", e["defaultAction"],
+                            _n(e["defaultHits"])])
+            if "replyHits" in e:
+                rows_of.append([side, e["function"], "replies",
+                                "of connections it allowed (allowReplies)", e["replyHits"]])
+            listed[e["function"]] = rows_of
+            rule_rows += rows_of
         lines.append(table(headers, rows))
+    both = [f for f, rows_of in listed.items() if rows_of and rows_of[0][0] == "both"]
+    if both:
+        lines += ["", f"Note:      {', '.join(both)} on both sides: one cube, whose counters "
+                      "are both sides' together (shown on each side's row)"]
     if rule_rows:
         lines += ["", f"RULES (hits on node {d.get('node') or NONE})",
                   table(["side", "function", "#", "rule", "hits"], rule_rows)]
@@ -231,26 +250,36 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
 def _policy_text(policy: Mapping[str, Any] | None, node: str | None) -> list[str]:
     """The pod's network policies (next to the bridge, after the chain's
     functions on the way out and before them on the way in), one row per
-    rule in evaluation order, with what they let through and dropped."""
-    lines = ["", f"NETWORK POLICY (innermost on both sides; counters on node {node or NONE})"]
+    rule in evaluation order, with the packets of the connections it let in
+    or out (or refused): PACKETS those going the rule's way (to the pod on
+    an ingress row), REPLIES those going back, counted on the same row and
+    never added to the other side's (agents before the reply counters
+    report none: NONE)."""
+    lines = ["", f"NETWORK POLICY (innermost on both sides; counters on node {node or NONE}; "
+                 "replies: the same connections' packets the other way)"]
     if not policy:
         return lines + ["<none>: no NetworkPolicy or ClusterNetworkPolicy applies to the pod"]
     rows = []
     for r in policy.get("rules") or []:
-        if r["rule"] in ("default", "host") and not r.get("packets"):
+        if r["rule"] in ("default", "host") and not r.get("packets") and \
+                not r.get("replyPackets"):
             continue
         what = r["rule"]
         if r["rule"] == "isolation":
             what = "isolation by " + ", ".join(r.get("policies") or []) if r.get(
                 "policies") else "isolation"
+        replied = "replyPackets" in r
         rows.append([r.get("direction") or NONE, what, r.get("action") or NONE,
-                     r.get("packets", 0), human_bytes(r.get("bytes", 0))])
+                     r.get("packets", 0), human_bytes(r.get("bytes", 0)),
+                     r["replyPackets"] if replied else NONE,
+                     human_bytes(r.get("replyBytes", 0)) if replied else NONE])
     drops = policy.get("drops") or {}
     for side in ("ingress", "egress"):
         dr = drops.get(side) or {}
         rows.append([side, "dropped by policy", "DENY", dr.get("packets", 0),
-                     human_bytes(dr.get("bytes", 0))])
-    return lines + [table(["side", "rule", "action", "packets", "bytes"], rows)]
+                     human_bytes(dr.get("bytes", 0)), "", ""])
+    return lines + [table(["side", "rule", "action", "packets", "bytes", "replies",
+                           "reply bytes"], rows)]
 
 
 def namespace_chain_text(d: Mapping[str, Any], wide: bool) -> str:

@@ -16,6 +16,7 @@ from pcn_crds import FUNCTION_TYPES
 
 from . import __version__, actions, agents, chainview, completion, output, views
 from . import chains as ch
+from .capture import EXEC_ROLE
 from .client import (
     CLUSTER_NETWORK_POLICIES,
     CUBE_CHAINS,
@@ -722,6 +723,12 @@ def version(client_only: bool) -> None:
 
 # ----------------------------------------------------------------------------- capture, flows
 # (issue 12: packetcapture and flowmonitor; the transport is capture.py's)
+_EXEC_RBAC = """\b
+On a real cluster this runs `kubectl exec` into the pcn-agent pod of the
+pod's node (namespace pcn-system, or --system-namespace): RBAC must let you
+get and create pods/exec there (and get, list pods). For example:
+""" + "\n".join(f"  {line}" for line in EXEC_ROLE.splitlines()) + """
+In the lab (pcn-lab up) it uses the agents' local sockets: no RBAC."""
 def _agent_route(pod: str) -> tuple[str, Any]:
     from . import capture as cap
 
@@ -737,7 +744,8 @@ Examples:
   kubectl pcn capture web-1 -n demo -c 20 -w web.pcap
   kubectl pcn capture web-1 -n demo --filter 'tcp port 8080 and not host 10.244.1.1' | tcpdump -nr -
 Filter: host/net/port/portrange with src/dst, tcp/udp/icmp/sctp/ip/arp, and/or/not,
-parentheses (pcap-filter(7)'s syntax for these).""")
+parentheses (pcap-filter(7)'s syntax for these).
+""" + _EXEC_RBAC)
 @click.argument("pod", shell_complete=completion.names(_pods))
 @click.option("-f", "--filter", "filter_", default="", metavar="EXPR", help="What to capture.")
 @click.option("-c", "--count", type=click.IntRange(min=0), default=0,
@@ -780,7 +788,7 @@ def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: in
         sys.exit(code)
 
 
-@cli.command("flows")
+@cli.command("flows", epilog=_EXEC_RBAC)
 @click.argument("pod", shell_complete=completion.names(_pods))
 @click.option("--sort", type=click.Choice(["bytes", "packets", "last"]), default="bytes",
               show_default=True, help="Largest first; last: most recently seen first.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs, maps
-from pcn_agent.dataplane.runtime import Runtime
+from pcn_agent.dataplane.cubes.bridge import Bridge
+from pcn_agent.dataplane.runtime import PortState, Runtime
 from pcn_agent.node import podnet
 from pcn_lab.topology import PREFIX
 from pcn_testsupport import testrun
@@ -103,6 +105,51 @@ def unit_net(veths: int, pin_root: Path = bpffs.DEFAULT_ROOT) -> Iterator[UnitNe
             if (pin_root / name).exists():
                 bpffs.remove_instance(pin_root / name)
     assert net.leftovers() == [], f"unit net left {net.leftovers()}"
+
+
+# ---------------------------------------------------------------------- the cube lab
+@dataclass
+class CubeLab:
+    """What the transparent cubes' tests share: a unit net whose bridge `b`
+    has one port per name, connected to veths u1, u2, ... in that order,
+    and a destination MAC learned behind port `far`, so that a frame sent to
+    `dst_mac` through another port's entry program is forwarded there
+    (TC_ACT_REDIRECT) once the cubes stacked on its hooks let it through."""
+
+    net: UnitNet
+    bridge: Bridge
+    ports: dict[str, PortState]
+    dst_mac: str
+
+    @property
+    def rt(self) -> Runtime:
+        return self.net.rt
+
+
+def learn(rt: Runtime, bridge: Bridge, mac: str, port: PortState) -> None:
+    """The bridge's FDB entry for `mac` behind `port`, seen now."""
+    rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(bridge.cube.id, maps.mac_bytes(mac))] = \
+        maps.BridgeFdbVal(port=port.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+
+
+def wire_cube_lab(net: UnitNet, names: Sequence[str] = ("a", "b"), far: str = "b") -> CubeLab:
+    """CubeLab's bridge, ports and learned MAC in `net` (which has at least
+    len(names) veths); for a test that builds its own unit net (an agent
+    restart adopting it)."""
+    bridge = Bridge(net.rt, "b")
+    ports = {n: bridge.add_port(n) for n in names}
+    for i, n in enumerate(names, start=1):
+        net.rt.connect_netdev(ports[n], f"u{i}")
+    dst_mac = random_mac()
+    learn(net.rt, bridge, dst_mac, ports[far])
+    return CubeLab(net, bridge, ports, dst_mac)
+
+
+@contextmanager
+def cube_lab(names: Sequence[str] = ("a", "b"), far: str = "b") -> Iterator[CubeLab]:
+    """A CubeLab in a unit net of its own, removed on exit."""
+    with unit_net(veths=len(names)) as net:
+        yield wire_cube_lab(net, names, far)
 
 
 # ---------------------------------------------------------------------- addresses

@@ -11,7 +11,6 @@ bridge forwards what the cube lets through to u2 (TC_ACT_REDIRECT).
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from bpfunit import (
     ETH_P_IP,
     IPPROTO_UDP,
     UnitNet,
+    cube_lab,
     eth,
     inet_csum,
     ipv4,
@@ -31,7 +31,6 @@ from bpfunit import (
     random_mac,
     tcp,
     udp_csum,
-    unit_net,
 )
 
 from pcn_agent.dataplane import maps
@@ -71,20 +70,11 @@ class CtLab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[CtLab]:
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        ports = {n: b.add_port(n) for n in ("a", "b")}
-        for n, dev in (("a", "u1"), ("b", "u2")):
-            rt.connect_netdev(ports[n], dev)
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=ports["b"].id,
-                              seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with cube_lab() as cl:
         spec = example()["spec"]
-        built = build(rt, TYPE, spec["source"], spec["parameters"], spec["counters"])
-        rt.install_program(runtime_type(TYPE), built.module, built.fd, PROGRAM)
-        yield CtLab(net, ports, dst_mac, spec)
+        built = build(cl.rt, TYPE, spec["source"], spec["parameters"], spec["counters"])
+        cl.rt.install_program(runtime_type(TYPE), built.module, built.fd, PROGRAM)
+        yield CtLab(cl.net, cl.ports, cl.dst_mac, spec)
 
 
 Factory = Callable[[dict[str, Any]], CustomFunction]
@@ -232,15 +222,9 @@ def test_an_agent_restart_keeps_custom_cubes_running() -> None:
     type compiled again goes into the same slot."""
     from pcn_agent.dataplane.runtime import Runtime
 
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        port, far = b.add_port("a"), b.add_port("b")
-        rt.connect_netdev(port, "u1")
-        rt.connect_netdev(far, "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=far.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with cube_lab() as cl:
+        net, rt, dst_mac = cl.net, cl.rt, cl.dst_mac
+        port, far = cl.ports["a"], cl.ports["b"]
         spec = example()["spec"]
         built = build(rt, TYPE, spec["source"], spec["parameters"], spec["counters"])
         slot = rt.install_program(runtime_type(TYPE), built.module, built.fd, PROGRAM)

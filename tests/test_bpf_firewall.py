@@ -18,7 +18,6 @@ import ipaddress
 import itertools
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from bpfunit import (
     IPPROTO_UDP,
     UnitNet,
     arp,
+    cube_lab,
     eth,
     fragments,
     icmp_echo,
@@ -41,7 +41,6 @@ from bpfunit import (
     random_mac,
     tcp,
     udp_csum,
-    unit_net,
 )
 
 from pcn_agent.dataplane import maps
@@ -70,17 +69,8 @@ class FwLab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[FwLab]:
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        ports = {"a": b.add_port("a"), "b": b.add_port("b")}
-        rt.connect_netdev(ports["a"], "u1")
-        rt.connect_netdev(ports["b"], "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=ports["b"].id,
-                              seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-        yield FwLab(net, b, ports, dst_mac)
+    with cube_lab() as cl:
+        yield FwLab(cl.net, cl.bridge, cl.ports, cl.dst_mac)
 
 
 FwFactory = Callable[..., Firewall]

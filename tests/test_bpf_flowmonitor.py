@@ -27,17 +27,16 @@ from bpfunit import (
     TCP_SYN,
     UnitNet,
     arp,
+    cube_lab,
     eth,
     icmp_echo,
     ipv4,
     random_mac,
     tcp,
     udp_csum,
-    unit_net,
 )
 
 from pcn_agent.dataplane import maps
-from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.flowmonitor import MIRRORS, Flow, FlowMonitor, tcp_flags_text
 from pcn_agent.dataplane.runtime import PortState
 from pcn_testsupport.testrun import TC_ACT_OK, TC_ACT_REDIRECT
@@ -57,17 +56,8 @@ class FmLab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[FmLab]:
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        ports = {"a": b.add_port("a"), "b": b.add_port("b")}
-        rt.connect_netdev(ports["a"], "u1")
-        rt.connect_netdev(ports["b"], "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=ports["b"].id,
-                              seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-        yield FmLab(net, ports, dst_mac)
+    with cube_lab() as cl:
+        yield FmLab(cl.net, cl.ports, cl.dst_mac)
 
 
 MonFactory = Callable[..., FlowMonitor]

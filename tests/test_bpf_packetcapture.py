@@ -27,6 +27,7 @@ from bpfunit import (
     IPPROTO_UDP,
     UnitNet,
     arp,
+    cube_lab,
     eth,
     icmp_echo,
     ipv4,
@@ -34,11 +35,9 @@ from bpfunit import (
     random_mac,
     tcp,
     udp_csum,
-    unit_net,
 )
 
 from pcn_agent.dataplane import maps
-from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.packetcapture import (
     MIRRORS,
     Captured,
@@ -66,17 +65,8 @@ class CapLab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[CapLab]:
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        ports = {"a": b.add_port("a"), "b": b.add_port("b")}
-        rt.connect_netdev(ports["a"], "u1")
-        rt.connect_netdev(ports["b"], "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=ports["b"].id,
-                              seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-        yield CapLab(net, ports, dst_mac, CaptureRing(rt), {})
+    with cube_lab() as cl:
+        yield CapLab(cl.net, cl.ports, cl.dst_mac, CaptureRing(cl.rt), {})
 
 
 CapFactory = Callable[..., PacketCapture]

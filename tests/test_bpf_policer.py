@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from bpfunit import ETH_P_IP, IPPROTO_UDP, UnitNet, eth, ipv4, random_mac, udp_csum, unit_net
+from bpfunit import ETH_P_IP, IPPROTO_UDP, UnitNet, cube_lab, eth, ipv4, random_mac, udp_csum
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.cubes.bridge import Bridge
@@ -47,17 +47,8 @@ class PlcLab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[PlcLab]:
-    with unit_net(veths=3) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        ports = {n: b.add_port(n) for n in ("a", "b", "c")}
-        for n, dev in (("a", "u1"), ("b", "u2"), ("c", "u3")):
-            rt.connect_netdev(ports[n], dev)
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=ports["b"].id,
-                              seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
-        yield PlcLab(net, b, ports, dst_mac)
+    with cube_lab(("a", "b", "c")) as cl:
+        yield PlcLab(cl.net, cl.bridge, cl.ports, cl.dst_mac)
 
 
 Factory = Callable[..., Policer]

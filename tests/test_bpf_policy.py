@@ -17,7 +17,6 @@ import itertools
 import json
 import random
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from bpfunit import (
     TCP_FIN,
     TCP_SYN,
     UnitNet,
+    cube_lab,
     eth,
     fragments,
     icmp_echo,
@@ -40,7 +40,6 @@ from bpfunit import (
     random_mac,
     tcp,
     udp_csum,
-    unit_net,
 )
 
 from pcn_agent.dataplane import maps
@@ -48,6 +47,7 @@ from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.firewall import Firewall
 from pcn_agent.dataplane.cubes.policy import (
     CTR_DROPS,
+    CTR_REPLY,
     MAX_RULES,
     PolicyCube,
     PolicyError,
@@ -113,19 +113,12 @@ class PolLab:
 
 @pytest.fixture(scope="module")
 def mod() -> Iterator[PolLab]:
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        a_port, b_port = b.add_port("a"), b.add_port("b")
-        rt.connect_netdev(a_port, "u1")
-        rt.connect_netdev(b_port, "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=b_port.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with cube_lab() as cl:
+        rt, a_port = cl.rt, cl.ports["a"]
         pol = PolicyCube(rt, "pol")
         rt.set_hook(a_port, maps.HOOK_INGRESS, [rt.stacked("pol")])
         rt.set_hook(a_port, maps.HOOK_EGRESS, [rt.stacked("pol")])
-        yield PolLab(net, pol, a_port, dst_mac)
+        yield PolLab(cl.net, pol, a_port, cl.dst_mac)
 
 
 @pytest.fixture
@@ -375,7 +368,8 @@ def test_host_addresses_always_reach_the_pod(lab: PolLab) -> None:
     assert lab.from_pod(tcp_pkt(POD, NODE, 8080, sport, TCP_SYN | TCP_ACK)) == "pass"  # reply
     assert lab.from_pod(new_pkt(OUT, NODE, IPPROTO_TCP, 80)) == "drop"  # not the other way
     assert [c["rule"] for c in lab.pol.counters(lab.pid) if c["rule"] == "host"] == ["host"]
-    assert next(c for c in lab.pol.counters(lab.pid) if c["rule"] == "host")["packets"] == 2
+    host = next(c for c in lab.pol.counters(lab.pid) if c["rule"] == "host")
+    assert (host["packets"], host["replyPackets"]) == (1, 1)
 
 
 # ---------------------------------------------------------------------------- tracking
@@ -595,25 +589,90 @@ def test_counters_count_the_accepting_rule(lab: PolLab) -> None:
     syn = tcp_pkt(PEER, POD, 40600, 80)
     synack = tcp_pkt(POD, PEER, 80, 40600, TCP_SYN | TCP_ACK)
     assert lab.to_pod(syn) == "pass"
-    assert lab.from_pod(synack) == "pass"  # the reply counts for the same rule
+    assert lab.from_pod(synack) == "pass"  # the reply counts for the same rule, apart
     assert lab.to_pod(new_pkt(IN, "10.9.9.9", IPPROTO_UDP, 1)) == "drop"
     by_rule = {c["rule"]: c for c in lab.pol.counters(lab.pid)}
     frame_len = len(eth(lab.dst_mac, lab.dst_mac, ETH_P_IP, syn))
-    assert by_rule[str(ra)]["packets"] == 2
-    assert by_rule[str(ra)]["bytes"] == 2 * frame_len
+    assert (by_rule[str(ra)]["packets"], by_rule[str(ra)]["replyPackets"]) == (1, 1)
+    assert by_rule[str(ra)]["bytes"] == by_rule[str(ra)]["replyBytes"] == frame_len
     assert by_rule[str(ra)]["action"] == "ACCEPT" and by_rule[str(ra)]["direction"] == "ingress"
     assert by_rule[str(rb)]["packets"] == 0
     assert [c["packets"] for c in lab.pol.counters(lab.pid)
             if c["rule"] == "isolation"] == [1]
     # the counter stays with its rule across an unrelated change
     lab.pol.set_pod(lab.pid, one_way(IN, Rule("b", ref=rb), Rule("a", ref=ra)))
-    assert {c["rule"]: c["packets"] for c in lab.pol.counters(lab.pid)}[str(ra)] == 2
+    assert {c["rule"]: (c["packets"], c["replyPackets"])
+            for c in lab.pol.counters(lab.pid)}[str(ra)] == (1, 1)
     assert lab.pol.drops(lab.pid)["ingress"]["packets"] == 1
     t = lab.net.rt.table("pol_ctrs", "policy")
     assert int(sum(c.packets for c in t[maps.PolCtrKey(lab.pid, CTR_DROPS)])) == 1
 
 
 # ---------------------------------------------------------------------------- fragments
+def test_replies_are_counted_apart_on_the_row_of_what_opened_them(lab: PolLab) -> None:
+    """Every packet of a connection counts for what accepted it (a rule, or
+    the default of the direction it was opened in): the ones going its way
+    as packets, the others as replies; the pod's answers never add up with
+    what it received on an ingress rule's row, nor its peers' answers on an
+    egress row. Also for an ICMP error about a connection, one picked up
+    mid-stream by the reverse evaluation, the fragments of a reply, and a
+    reply dropped after a revocation."""
+    lab.pol.set_address_sets([aset("peer", f"{PEER}/32"), aset("other", f"{OTHER}/32")])
+    rin, rout = ref("in"), ref("out", OUT)
+    lab.pol.set_pod(lab.pid, PodPolicy(
+        DirectionPolicy((), (Rule("peer", (PortMatch(IPPROTO_TCP, 80, 80),
+                                           PortMatch(IPPROTO_UDP, 53, 53)), ref=rin),),
+                        True, (ref("iso", IN, -1),)),
+        DirectionPolicy((), (Rule("other", (PortMatch(IPPROTO_UDP, 5353, 5353),), ref=rout),),
+                        True, (ref("iso", OUT, -1),))))
+
+    def rows() -> dict[tuple[str, str], tuple[int, int]]:
+        return {(c["rule"], c["direction"]): (c["packets"], c["replyPackets"])
+                for c in lab.pol.counters(lab.pid)}
+
+    # in: 3 packets to the pod, 2 answers out
+    assert lab.to_pod(tcp_pkt(PEER, POD, 40800, 80)) == "pass"
+    assert lab.from_pod(tcp_pkt(POD, PEER, 80, 40800, TCP_SYN | TCP_ACK)) == "pass"
+    assert lab.to_pod(tcp_pkt(PEER, POD, 40800, 80, TCP_ACK)) == "pass"
+    assert lab.to_pod(tcp_pkt(PEER, POD, 40800, 80, TCP_ACK)) == "pass"
+    assert lab.from_pod(tcp_pkt(POD, PEER, 80, 40800, TCP_ACK)) == "pass"
+    # out: 1 query, 1 answer
+    assert lab.from_pod(udp_pkt(POD, OTHER, 40801, 5353)) == "pass"
+    assert lab.to_pod(udp_pkt(OTHER, POD, 5353, 40801)) == "pass"
+    got = rows()
+    assert got[(str(rin), "ingress")] == (3, 2) and got[(str(rout), "egress")] == (1, 1)
+    # an ICMP error about the pod's query comes back: a reply of the egress rule
+    query = udp_pkt(POD, OTHER, 40802, 5353)
+    assert lab.from_pod(query) == "pass"
+    assert lab.to_pod(ipv4("10.1.1.1", POD, IPPROTO_ICMP, icmp_error(3, 3, query[:28]))) == \
+        "pass"
+    assert rows()[(str(rout), "egress")] == (2, 2)
+    # a connection open before the pod was selected: the pod's mid-stream
+    # segment is accepted as the reply of one opened in, and counted so
+    assert lab.from_pod(tcp_pkt(POD, PEER, 80, 40803, TCP_ACK)) == "pass"
+    assert lab.to_pod(tcp_pkt(PEER, POD, 40803, 80, TCP_ACK)) == "pass"
+    assert rows()[(str(rin), "ingress")] == (4, 3)
+    # a fragmented answer: its first fragment and the ones after it are replies
+    assert lab.to_pod(udp_pkt(PEER, POD, 40804, 53)) == "pass"
+    data = bytes(range(256)) * 12
+    frags = fragments(POD, PEER, IPPROTO_UDP, udp_csum(POD, PEER, 53, 40804, data), 0x5201)
+    assert [lab.from_pod(p) for p in frags] == ["pass"] * 3
+    assert rows()[(str(rin), "ingress")] == (5, 6)
+    # revoked: the pod's next answer is judged again as the connection was
+    # opened (ingress), dropped by ingress isolation, counted there as a reply
+    lab.pol.set_address_set(aset("peer", f"{OTHER}/32"))
+    assert lab.from_pod(tcp_pkt(POD, PEER, 80, 40800, TCP_ACK)) == "drop"
+    got = rows()
+    assert got[(str(rin), "ingress")] == (5, 6) and got[("isolation", "ingress")] == (0, 1)
+    assert lab.pol.drops(lab.pid)["egress"]["packets"] == 1
+    # egress open: what the pod opens counts for egress's default, answers as replies
+    lab.pol.set_pod(lab.pid, one_way(IN, Rule("peer", ref=rin)))
+    assert lab.from_pod(udp_pkt(POD, PEER, 40805, 5353)) == "pass"
+    assert lab.to_pod(udp_pkt(PEER, POD, 5353, 40805)) == "pass"
+    got = rows()
+    assert got[("default", "egress")] == (1, 1) and got[("default", "ingress")] == (0, 0)
+
+
 def test_fragments_follow_their_first(lab: PolLab) -> None:
     lab.pol.set_address_set(aset("peer", f"{PEER}/32"))
     lab.pol.set_pod(lab.pid, one_way(IN, Rule("peer", (PortMatch(IPPROTO_UDP, 53, 53),),
@@ -773,6 +832,16 @@ def test_adoption_keeps_state(mod: PolLab) -> None:
         assert {c["rule"]: c["packets"] for c in again.counters(lab.pid)}[str(ref("in"))] == 1
         with pytest.raises(Exception, match="one policy cube"):
             PolicyCube(lab.net.rt, "pol2")
+        # an agent from before the reply counters left none: adoption makes them
+        ctrs = lab.net.rt.table("pol_ctrs", "policy")
+        cid = again.pods[lab.pid].counters[ref("in")]
+        del ctrs[maps.PolCtrKey(lab.pid, cid | CTR_REPLY)]
+        upgraded = PolicyCube(lab.net.rt, "pol")
+        assert upgraded.writes == 1
+        [conn] = upgraded.connections(lab.pid)  # the SYN above: its answer is a reply
+        assert lab.from_pod(tcp_pkt(POD, PEER, 80, conn["sport"], TCP_SYN | TCP_ACK)) == "pass"
+        assert {c["rule"]: c["replyPackets"]
+                for c in upgraded.counters(lab.pid)}[str(ref("in"))] == 1
     finally:
         lab.pol.remove_pod(lab.pid)
         lab.pol.gc_sets()
@@ -808,15 +877,8 @@ def test_an_agent_restart_keeps_policies_and_connections() -> None:
     """The pinned maps outlive the agent: a new runtime adopting them and a
     new PolicyCube find the pod's policy, its counters and its tracked
     connections, and change nothing."""
-    with unit_net(veths=2) as net:
-        rt = net.rt
-        b = Bridge(rt, "b")
-        port, far = b.add_port("a"), b.add_port("b")
-        rt.connect_netdev(port, "u1")
-        rt.connect_netdev(far, "u2")
-        dst_mac = random_mac()
-        rt.table("bridge_fdb", "bridge")[maps.BridgeFdbKey(b.cube.id, maps.mac_bytes(dst_mac))] = \
-            maps.BridgeFdbVal(port=far.id, seen_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with cube_lab() as cl:
+        net, rt, port, dst_mac = cl.net, cl.rt, cl.ports["a"], cl.dst_mac
         pol = PolicyCube(rt, "pol")
         rt.set_hook(port, maps.HOOK_INGRESS, [rt.stacked("pol")])
         rt.set_hook(port, maps.HOOK_EGRESS, [rt.stacked("pol")])
@@ -842,6 +904,7 @@ def test_an_agent_restart_keeps_policies_and_connections() -> None:
             # the connection goes on (the pod's egress is isolated: only as a reply)
             assert after.from_pod(tcp_pkt(POD, PEER, 80, 40900, TCP_ACK)) == "pass"
             assert after.from_pod(tcp_pkt(POD, PEER, 80, 40901, TCP_SYN)) == "drop"
-            assert {c["rule"]: c["packets"] for c in again.counters(port.id)}[str(ref("in"))] == 2
+            assert {c["rule"]: (c["packets"], c["replyPackets"])
+                    for c in again.counters(port.id)}[str(ref("in"))] == (1, 1)
         finally:
             rt2.close()

@@ -322,3 +322,73 @@ def test_output_helpers() -> None:
         "5s", "5m", "120m", "4d"]
     docs = output.documents([{"a": 1}, {"b": "x\ny"}], "yaml")
     assert docs == "a: 1\n---\nb: |-\n  x\n  y\n"
+
+
+# ----------------------------------------------------------------------------- chain: policy
+def test_chain_shows_a_rules_replies_on_its_own_row_apart() -> None:
+    """`kubectl pcn chain POD`'s NETWORK POLICY table: an ingress rule's row
+    counts what came in as PACKETS and the pod's answers as REPLIES (never on
+    the egress side's rows); egress's default shows what the pod opened and
+    its answers the same way; an agent that reports no reply counters shows
+    <none> there, not 0."""
+    from kubectl_pcn.chainview import _policy_text
+
+    rule = "NetworkPolicy shop/allow-client ingress[0]"
+    policy = {"rules": [
+        {"rule": rule, "action": "ACCEPT", "direction": "ingress", "packets": 10,
+         "bytes": 1000, "replyPackets": 7, "replyBytes": 70_000},
+        {"rule": "isolation", "action": "DENY", "direction": "ingress", "packets": 1,
+         "bytes": 60, "replyPackets": 0, "replyBytes": 0, "policies": [rule]},
+        {"rule": "default", "action": "ACCEPT", "direction": "ingress", "packets": 0,
+         "bytes": 0, "replyPackets": 0, "replyBytes": 0},
+        {"rule": "default", "action": "ACCEPT", "direction": "egress", "packets": 3,
+         "bytes": 300, "replyPackets": 2, "replyBytes": 200},
+        {"rule": "host", "action": "ACCEPT", "direction": "ingress", "packets": 0, "bytes": 0,
+         "replyPackets": 4, "replyBytes": 400}],
+        "drops": {"ingress": {"packets": 1, "bytes": 60}, "egress": {"packets": 0, "bytes": 0}}}
+    lines = _policy_text(policy, "n1")
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("SIDE"))
+    table_ = lines[head].split("\n")
+    assert table_[0].split() == ["SIDE", "RULE", "ACTION", "PACKETS", "BYTES", "REPLIES",
+                                 "REPLY", "BYTES"]
+    ingress_rule = next(r for r in table_[1:] if rule in r).split()
+    assert ingress_rule[0] == "ingress" and ingress_rule[-7:-2] == ["ACCEPT", "10", "1000",
+                                                                   "B", "7"]
+    egress_default = next(r for r in table_[1:] if r.startswith("egress") and "default" in r)
+    assert egress_default.split()[3:] == ["3", "300", "B", "2", "200", "B"]
+    assert not any(r.startswith("ingress") and "default" in r for r in table_[1:])  # all 0
+    host = next(r for r in table_[1:] if "host" in r)  # replies alone keep a row
+    assert host.split()[-2:] == ["400", "B"]
+    old = {"rules": [{k: v for k, v in policy["rules"][0].items() if not k.startswith("reply")}]}
+    row = next(r for r in "\n".join(_policy_text(old, "n1")).splitlines() if rule in r)
+    assert row.split()[-2:] == ["<none>", "<none>"]
+
+
+def test_chain_lists_a_firewall_on_both_sides_once_with_its_replies() -> None:
+    """A firewall NetworkFunction on both sides of a pod is one cube: its
+    rules are listed once (side "both"), not twice with the same hits, and
+    with allowReplies the replies it let through are a line of their own."""
+    from kubectl_pcn.chainview import pod_chain_text
+
+    def fw(position: int) -> dict[str, Any]:
+        return {"position": position, "function": "fw", "type": "firewall", "chain": "c",
+                "defaultAction": "drop", "rules": [{"rule": "allow tcp dport 80", "hits": 12}],
+                "defaultHits": 3, "drops": 3, "realized": True, "replyHits": 9}
+
+    other = {**fw(2), "function": "solo", "rules": [], "defaultHits": 1}
+    del other["replyHits"]
+    d = {"namespace": "shop", "pod": "web-1", "node": "n1", "ip": "10.244.1.5", "port": "p1",
+         "labels": {}, "chains": [], "counters": None, "inSync": True, "skippedChains": {},
+         "beyondLimit": [], "ingress": [fw(1), other], "egress": [fw(1)], "bandwidth": None,
+         "policy": None}
+    out = pod_chain_text(d)
+    rules = out.split("RULES (hits on node n1)\n")[1].split("\n\n")[0].splitlines()[1:]
+    assert [r.split()[:3] for r in rules] == [["both", "fw", "1"], ["both", "fw", "default"],
+                                             ["both", "fw", "replies"],
+                                             ["ingress", "solo", "default"]]
+    assert rules[0].split()[-1] == "12" and rules[2].split()[-1] == "9"
+    assert "allowReplies" in rules[2]
+    assert "Note:      fw on both sides: one cube" in out
+    d["egress"] = []
+    once = pod_chain_text(d)
+    assert "Note:" not in once and "ingress   fw" in once

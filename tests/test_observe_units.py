@@ -4,10 +4,16 @@ metrics (by function and direction, never by flow)."""
 
 from __future__ import annotations
 
+import io
 import socket
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from kubectl_pcn import capture as cap
 from kubectl_pcn import flows as fl
+from kubectl_pcn.errors import Forbidden, PcnError
 from pcn_agent.control import captureproto as proto
 from pcn_agent.control.metrics import AgentCollector
 
@@ -123,3 +129,68 @@ def test_flowmonitor_functions_reach_the_desired_state() -> None:
     assert r.desired.chains["k"] == ((mon, plain), (mon,))
     assert r.verdicts[("NetworkFunction", "web", "bad")].reason == "Invalid"
     assert r.verdicts[("NetworkFunction", "web", "big")].reason == "Invalid"
+
+
+# ---------------------------------------------------------------------------- exec denied
+DENIED = ('Error from server (Forbidden): pods "pcn-agent-x1" is forbidden: User "alice" '
+          'cannot create resource "pods/exec" in API group "" in the namespace "pcn-system"')
+
+
+def _fake_kubectl(tmp: Path, stderr: str, status: int, stdout: str = "") -> cap.Route:
+    """A stand-in for `kubectl exec ...` that prints `stdout` and `stderr` and
+    exits with `status`, routed as the real one is (exec_namespace set)."""
+    exe = tmp / "kubectl"
+    exe.write_text(f"#!/bin/sh\nprintf '%s' '{stdout}'\nprintf '%s\\n' '{stderr}' >&2\n"
+                   f"exit {status}\n")
+    exe.chmod(0o755)
+    return cap.Route((str(exe),), (), "pod pcn-system/pcn-agent-x1", "pcn-system")
+
+
+def test_flows_denied_exec_names_the_permission(tmp_path: Path) -> None:
+    r = _fake_kubectl(tmp_path, DENIED, 1)
+    with pytest.raises(Forbidden) as info:
+        cap.run_json(r, [*r.argv, "flows", "web-1", "-n", "demo"])
+    msg = info.value.message
+    assert "get and create on pods/exec in namespace pcn-system" in msg
+    assert "pod pcn-system/pcn-agent-x1" in msg and 'User "alice"' in msg
+    assert "kubectl auth can-i create pods/exec -n pcn-system" in msg
+    # another failure is not dressed up as RBAC
+    other = _fake_kubectl(tmp_path, "error: unable to upgrade connection: container not found",
+                          1)
+    with pytest.raises(PcnError) as info2:
+        cap.run_json(other, [*other.argv, "flows", "web-1", "-n", "demo"])
+    assert not isinstance(info2.value, Forbidden)
+    assert "container not found" in info2.value.message
+    # in the lab (no kubectl exec) nothing is read as RBAC's
+    lab = cap.Route(r.argv, (), "the lab's agent socket /x.sock")
+    assert cap.exec_denied(lab, DENIED) is None
+
+
+def test_capture_denied_exec_names_the_permission(tmp_path: Path) -> None:
+    r = _fake_kubectl(tmp_path, DENIED, 1)
+    out, err = io.BytesIO(), io.BytesIO()
+    with pytest.raises(Forbidden) as info:
+        cap.run_capture(r, [*r.argv, "capture", "web-1"], out, err)
+    assert "pods/exec" in info.value.message and out.getvalue() == b""
+    assert DENIED.encode() in err.getvalue()  # the command's stderr still reaches the user
+    # a capture that works: pcap out, progress relayed, status 0
+    ok = _fake_kubectl(tmp_path, "capturing demo/web-1", 0, stdout="PCAP")
+    out, err = io.BytesIO(), io.BytesIO()
+    assert cap.run_capture(ok, [*ok.argv, "capture", "web-1"], out, err) == 0
+    assert out.getvalue() == b"PCAP" and err.getvalue() == b"capturing demo/web-1\n"
+
+
+def test_help_of_capture_and_flows_names_the_permission() -> None:
+    from click.testing import CliRunner
+
+    from kubectl_pcn.cli import cli
+
+    for verb in ("capture", "flows"):
+        res = CliRunner().invoke(cli, [verb, "--help"])
+        assert res.exit_code == 0
+        assert "get and create pods/exec" in res.output and "resources: [pods/exec]" in res.output
+
+
+def test_readme_shows_the_same_role() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"```yaml\n{cap.EXEC_ROLE}```" in readme

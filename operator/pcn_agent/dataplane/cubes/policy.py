@@ -65,6 +65,10 @@ CTR_ISOLATION = 4  # + direction
 CTR_DROPS = 6  # + direction
 CTR_FIRST_RULE = 8
 RESERVED_COUNTERS = tuple(range(CTR_FIRST_RULE))
+# Or-ed into a counter id: the packets of its connections that went the other
+# way (replies), counted apart (policy.c POL_CTR_REPLY). Ids stay below it: at
+# most CTR_FIRST_RULE + 2 * MAX_RULES of them per pod.
+CTR_REPLY = 0x8000
 # pcn_ct.h PCN_CTF_*
 CTF_ORIG_A, CTF_REPLIED, CTF_FIN_ORIG, CTF_FIN_REPLY, CTF_RST, CTF_REVOKED = 1, 2, 4, 8, 16, 32
 _S = 1_000_000_000
@@ -208,10 +212,23 @@ class PolicyCube:
                     counters[ref] = i
             self.pods[int(port)] = _Pod(p["gen"], policy_of(p["policy"]), counters)
         self.writes = 0  # map updates and deletions done (for tests of idempotence)
+        self._reply_counters_adopted()
         self._sets_json: dict[str, dict[str, Any]] = {
             n: {"id": i} for n, i in self.set_ids.items()}
         self._pods_json: dict[str, dict[str, Any]] = {
             str(p): pod.json() for p, pod in self.pods.items()}
+
+    def _reply_counters_adopted(self) -> None:
+        """The reply counters (CTR_REPLY) of the adopted pods' counters, for
+        pods an agent from before them set up: the program counts only into
+        entries that exist, and an unchanged policy writes nothing."""
+        for port, pod in self.pods.items():
+            for cid in (*RESERVED_COUNTERS, *pod.counters.values()):
+                key = maps.PolCtrKey(port, cid | CTR_REPLY)
+                try:
+                    self._ctrs[key]
+                except KeyError:
+                    self._put(self._ctrs, key, self._ctrs.Leaf())
 
     # -------------------------------------------------------------- bookkeeping
     def _adopt_sets(self, saved: dict[str, Any]) -> dict[str, AddressSet]:
@@ -354,10 +371,18 @@ class PolicyCube:
                 nxt += 1
             out[r] = nxt
             used.add(nxt)
+        assert max(out.values(), default=0) < CTR_REPLY
         return out
 
     def _zero_counter(self, port_id: int, cid: int) -> None:
-        self._put(self._ctrs, maps.PolCtrKey(port_id, cid), self._ctrs.Leaf())
+        """Counter `cid` of the port and its replies' (the program only
+        counts into entries that exist)."""
+        for k in (cid, cid | CTR_REPLY):
+            self._put(self._ctrs, maps.PolCtrKey(port_id, k), self._ctrs.Leaf())
+
+    def _drop_counter(self, port_id: int, cid: int) -> None:
+        for k in (cid, cid | CTR_REPLY):
+            self._del(self._ctrs, maps.PolCtrKey(port_id, k))
 
     def set_pod(self, port_id: int, policy: PodPolicy) -> None:
         """Enforce `policy` on the pod behind port `port_id`: its rules are
@@ -406,7 +431,7 @@ class PolicyCube:
         if old is not None:
             self._delete_rules(port_id, old)
             for cid in set(old.counters.values()) - set(counters.values()):
-                self._del(self._ctrs, maps.PolCtrKey(port_id, cid))
+                self._drop_counter(port_id, cid)
         self.pods[port_id] = _Pod(gen, policy, counters)
         self._pods_json[str(port_id)] = self.pods[port_id].json()
         self.bump_epoch()
@@ -426,7 +451,7 @@ class PolicyCube:
         if pod is not None:
             self._delete_rules(port_id, pod)
             for cid in [*RESERVED_COUNTERS, *pod.counters.values()]:
-                self._del(self._ctrs, maps.PolCtrKey(port_id, cid))
+                self._drop_counter(port_id, cid)
         for k in [k for k, _ in self._ct.items() if k.scope == port_id]:
             self._del(self._ct, k)
         self._save()
@@ -439,15 +464,23 @@ class PolicyCube:
             return 0, 0
         return (int(sum(c.packets for c in per_cpu)), int(sum(c.bytes for c in per_cpu)))
 
+    def _counted(self, port_id: int, cid: int, **what: Any) -> dict[str, Any]:
+        """`what` with counter `cid`'s packets and bytes and its replies'."""
+        n, b = self._counter(port_id, cid)
+        rn, rb = self._counter(port_id, cid | CTR_REPLY)
+        return {**what, "packets": n, "bytes": b, "replyPackets": rn, "replyBytes": rb}
+
     def counters(self, port_id: int) -> list[dict[str, Any]]:
         """Per rule in force (by RuleRef, in evaluation order, ingress first):
         {"rule": str(RuleRef), "action": "ACCEPT"|"DENY"|"PASS", "direction":
-        "ingress"|"egress", "packets": n, "bytes": n} — packets of the
-        connections it accepted (or that it dropped), replies included; then
-        per isolated direction {"rule": "isolation", "action": "DENY",
-        "policies": [str(RuleRef)...], ...} (before them, "unnamed" for the
-        rules without a RuleRef, both ways, if any); then "default" (accepted as
-        nothing decided) per direction and "host" (from the node's addresses)
+        "ingress"|"egress", "packets": n, "bytes": n, "replyPackets": n,
+        "replyBytes": n} — packets of the connections it accepted (or that
+        it dropped) going its way (to the pod for an ingress rule), then
+        those going the other way, their replies; then per isolated
+        direction {"rule": "isolation", "action": "DENY", "policies":
+        [str(RuleRef)...], ...} (before them, "unnamed" for the rules without
+        a RuleRef, both ways, if any); then "default" (accepted as nothing
+        decided) per direction and "host" (from the node's addresses)
         entries. [] for a port without policy."""
         pod = self.pods.get(port_id)
         if pod is None:
@@ -459,27 +492,22 @@ class PolicyCube:
                 if r.ref is None or r.ref in seen:
                     continue
                 seen.add(r.ref)
-                n, b = self._counter(port_id, pod.counters[r.ref])
-                out.append({"rule": str(r.ref), "action": r.action.name,
-                            "direction": _side(direction), "packets": n, "bytes": b})
+                out.append(self._counted(port_id, pod.counters[r.ref], rule=str(r.ref),
+                                         action=r.action.name, direction=_side(direction)))
         if any(r.ref is None for d in (pod.policy.ingress, pod.policy.egress) for r in d.rules):
-            n, b = self._counter(port_id, CTR_UNNAMED)
-            out.append({"rule": "unnamed", "action": "", "direction": "", "packets": n,
-                        "bytes": b})
+            out.append(self._counted(port_id, CTR_UNNAMED, rule="unnamed", action="",
+                                     direction=""))
         for direction in Direction:
             d = pod.policy.direction(direction)
             if d.isolated:
-                n, b = self._counter(port_id, CTR_ISOLATION + direction)
-                out.append({"rule": "isolation", "action": Action.DENY.name,
-                            "direction": _side(direction), "packets": n, "bytes": b,
-                            "policies": [str(r) for r in d.isolated_by]})
+                out.append(self._counted(port_id, CTR_ISOLATION + direction, rule="isolation",
+                                         action=Action.DENY.name, direction=_side(direction),
+                                         policies=[str(r) for r in d.isolated_by]))
         for direction in Direction:
-            n, b = self._counter(port_id, CTR_DEFAULT + direction)
-            out.append({"rule": "default", "action": Action.ACCEPT.name,
-                        "direction": _side(direction), "packets": n, "bytes": b})
-        n, b = self._counter(port_id, CTR_HOST)
-        out.append({"rule": "host", "action": Action.ACCEPT.name, "direction": "ingress",
-                    "packets": n, "bytes": b})
+            out.append(self._counted(port_id, CTR_DEFAULT + direction, rule="default",
+                                     action=Action.ACCEPT.name, direction=_side(direction)))
+        out.append(self._counted(port_id, CTR_HOST, rule="host", action=Action.ACCEPT.name,
+                                 direction="ingress"))
         return out
 
     def drops(self, port_id: int) -> dict[str, dict[str, int]]:
