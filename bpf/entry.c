@@ -16,6 +16,7 @@ int pcn_ingress(struct __sk_buff *skb)
     struct pcn_iface *ifc = pcn_ifaces.lookup(&ifindex);
     if (!ifc || ifc->kind == PCN_IFACE_LOOPBACK)
         return TC_ACT_OK; /* not a pcn netdev: the kernel stack keeps it */
+    pcn_set_origin(skb, 1);
     if (ifc->kind == PCN_IFACE_INJECT)
         return pcn_inject(skb);
     return pcn_port_ingress(skb, ifc->port);
@@ -60,6 +61,8 @@ int pcn_egress(struct __sk_buff *skb)
     struct pcn_iface *ifc = pcn_ifaces.lookup(&ifindex);
     if (!ifc)
         return TC_ACT_OK;
+    /* a packet redirected here by an ingress walk still carries its mark */
+    pcn_set_origin(skb, 0);
     if (ifc->kind == PCN_IFACE_LOOPBACK)
         return pcn_loopback_out(skb, ifc->port);
     if (ifc->kind != PCN_IFACE_PORT)

@@ -7,7 +7,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pcn_agent.dataplane import tc
+from pcn_agent.dataplane import maps, tc
 from pcn_agent.node import wiring as node_mod
 from pcn_lab import checks
 from pcn_lab.topology import Lab
@@ -133,6 +133,34 @@ def test_port_counters_agree_with_traffic_sent(served: Lab) -> None:
     assert ca.tx_packets - before[2].tx_packets >= 20
     assert ca.rx_bytes - before[2].rx_bytes >= 20 * 98  # 64-byte echo + IP + Ethernet
     assert ca.drops == before[2].drops and cb.drops == before[3].drops
+
+
+def _link_stats(netns: str, ifname: str) -> dict[str, int]:
+    with IPRoute(netns=netns) as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+        return dict(link.get_attr("IFLA_STATS64"))
+
+
+@pytest.mark.parametrize("src", ["n1p1", "n2p1"])
+def test_packets_for_a_pod_enter_its_eth0_directly(served: Lab, src: str) -> None:
+    """Delivery to a pod skips the host end of its veth (bpf_redirect_peer,
+    pcn_chain.h pcn_port_deliver): the pod's eth0 receives every echo request,
+    the host end transmits none of them (only flooded copies: an ARP
+    request, if a cache expired). From a pod of the same node (the bridge)
+    and of the other node (VXLAN, router, bridge)."""
+    node = served.node(1)
+    dst = served.pods["n1p2"]
+    port = node.rt.ports[dst.pod.port.id]
+    assert port.flags & maps.PORT_PEER_NS, "a pod's port must deliver into its veth's peer"
+    _assert_ok(checks.ping(served, src, dst.ip, count=1))  # warm ARP caches
+    host_if = dst.pod.iface.host_ifname
+    before_host = _link_stats(node.cfg.netns or "", host_if)
+    before_pod = _link_stats(dst.netns, "eth0")
+    _assert_ok(checks.ping(served, src, dst.ip, count=20, interval=0.01))
+    host_tx = _link_stats(node.cfg.netns or "", host_if)["tx_packets"] - before_host["tx_packets"]
+    pod_rx = _link_stats(dst.netns, "eth0")["rx_packets"] - before_pod["rx_packets"]
+    assert pod_rx >= 20
+    assert host_tx <= 2, f"{host_tx} packets went out of the host end of the pod's veth"
 
 
 def test_attached_programs_are_the_shared_entry_program(served: Lab) -> None:

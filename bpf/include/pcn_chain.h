@@ -9,6 +9,8 @@
  *   cb[0] port id the packet is entering (standard cube) or stacked on
  *   cb[1] hook | position << 8 | context << 16 (transparent cubes)
  *   cb[2] instance id of the transparent cube being run
+ *   cb[3] PCN_AT_TC_INGRESS when the entry program runs on a netdev's tc
+ *         ingress hook (pcn_at_tc_ingress), anything else elsewhere
  * A port's whole configuration, its hooks included, is one hash value: the agent
  * replaces it with a single update, so a packet sees either the old chain or
  * the new one and is never lost in between.
@@ -31,6 +33,13 @@
 
 /* pcn_port.flags */
 #define PCN_PORT_HOST_SHARED 1 /* the netdev's addresses belong to the host stack too */
+#define PCN_PORT_PEER_NS 2     /* the netdev is a veth whose other end lives in another
+                                  network namespace (a pod's eth0): pcn_port_deliver */
+
+/* skb->cb[3] of a packet whose entry program runs on tc ingress. A magic
+ * value rather than a bit: tc hands the programs whatever the qdisc layer
+ * left in cb, so only an exact match written by our own entry program counts. */
+#define PCN_AT_TC_INGRESS 0x7063696eU /* "pcin" */
 
 #define PCN_IFACE_PORT 0   /* netdev peered with a port */
 #define PCN_IFACE_INJECT 1 /* the agent's slow-path injection device */
@@ -101,6 +110,29 @@ static __always_inline u32 pcn_meta_pos(struct __sk_buff *skb)
 static __always_inline u32 pcn_meta_ctx(struct __sk_buff *skb) { return PCN_META_LOAD(1) >> 16; }
 static __always_inline u32 pcn_meta_instance(struct __sk_buff *skb) { return PCN_META_LOAD(2); }
 
+/* Written once by the entry program (never by pcn_set_meta, so it survives
+ * every tail call of the packet's walk). */
+static __always_inline void pcn_set_origin(struct __sk_buff *skb, int at_ingress)
+{
+    skb->cb[3] = at_ingress ? PCN_AT_TC_INGRESS : 0;
+}
+
+/* bpf_redirect_peer only works from a tc ingress hook: the kernel drops what
+ * it is asked to redirect that way from egress (skb_do_redirect checks
+ * skb_at_tc_ingress), so the walk has to know where it started. */
+static __always_inline int pcn_at_tc_ingress(struct __sk_buff *skb)
+{
+    return PCN_META_LOAD(3) == PCN_AT_TC_INGRESS;
+}
+
+/* Whether a port peered with a netdev hands packets straight to the other
+ * end of its veth (see pcn_port_deliver). */
+static __always_inline int pcn_into_peer(struct __sk_buff *skb, const struct pcn_port *p)
+{
+    return p->peer_kind == PCN_PEER_NETDEV && (p->flags & PCN_PORT_PEER_NS) &&
+           pcn_at_tc_ingress(skb);
+}
+
 /* Run stacked cube `pos` of a hook, or report that the hook is exhausted (1). */
 static __always_inline int pcn_hook_run(struct __sk_buff *skb, u32 port_id, struct pcn_port *p,
                                         u32 hook, u32 pos, u32 ctx)
@@ -136,11 +168,24 @@ static __always_inline int pcn_port_ingress(struct __sk_buff *skb, u32 port_id)
     return pcn_to_cube(skb, port_id, p);
 }
 
-/* Past the egress hook: deliver to whatever the port is peered with. */
+/* Past the egress hook: deliver to whatever the port is peered with.
+ *
+ * A pod's veth (PCN_PORT_PEER_NS) reached from a tc ingress hook gets the
+ * packet with bpf_redirect_peer (Linux >= 5.10): it enters the pod's eth0
+ * receive path at once, in this softirq, instead of being transmitted on the
+ * host end, queued on this CPU's backlog by veth_xmit and received in a later
+ * pass of net_rx_action. That skips the host end's qdisc and tc egress hook,
+ * which is why pcn_send runs the port's egress cubes before coming here (the
+ * kernel also scrubs the packet, as a crossing of network namespaces does).
+ * Anywhere else (lo's egress hook, a veth in the same namespace) the plain
+ * redirect to the netdev's egress stays. */
 static __always_inline int pcn_port_deliver(struct __sk_buff *skb, u32 port_id, struct pcn_port *p)
 {
-    if (p->peer_kind == PCN_PEER_NETDEV)
+    if (p->peer_kind == PCN_PEER_NETDEV) {
+        if (pcn_into_peer(skb, p))
+            return bpf_redirect_peer(p->peer, 0);
         return bpf_redirect(p->peer, 0);
+    }
     if (p->peer_kind == PCN_PEER_PORT)
         return pcn_port_ingress(skb, p->peer);
     return pcn_drop(skb, port_id, p->cube_id, PCN_DROP_NO_PEER);
@@ -148,14 +193,17 @@ static __always_inline int pcn_port_deliver(struct __sk_buff *skb, u32 port_id, 
 
 /* A standard cube sends the packet out of one of its ports. A netdev peer runs
  * the egress hook on its own tc egress program (so clones from flooding pass
- * through it too); a port peer runs it here by tail calls. */
+ * through it too); a port peer runs it here by tail calls, and so does a
+ * pod's veth the packet will skip the host end of (pcn_port_deliver): every
+ * packet meets the port's egress cubes exactly once either way. */
 static __always_inline int pcn_send(struct __sk_buff *skb, u32 port_id)
 {
     struct pcn_port *p = pcn_ports.lookup(&port_id);
     if (!p)
         return pcn_drop(skb, port_id, 0, PCN_DROP_NO_PORT);
     pcn_count_tx(port_id, skb->len);
-    if (p->peer_kind == PCN_PEER_PORT && p->hooks[PCN_HOOK_EGRESS].n) {
+    if ((p->peer_kind == PCN_PEER_PORT || pcn_into_peer(skb, p)) &&
+        p->hooks[PCN_HOOK_EGRESS].n) {
         int r = pcn_hook_run(skb, port_id, p, PCN_HOOK_EGRESS, 0, PCN_CTX_CUBE);
         if (r != 1)
             return r;

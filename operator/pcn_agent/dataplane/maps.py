@@ -26,6 +26,9 @@ HOOK_INGRESS, HOOK_EGRESS = 0, 1
 IFACE_PORT, IFACE_INJECT, IFACE_LOOPBACK = 0, 1, 2
 LOOPBACK_IFINDEX = 1  # the kernel's: lo, in every network namespace
 PORT_HOST_SHARED = 1
+# a veth whose other end is in another network namespace (a pod's): delivered into
+# with bpf_redirect_peer from tc ingress walks (bpf/include/pcn_chain.h)
+PORT_PEER_NS = 2
 INJECT_MAGIC = 0x70636E21
 INJECT_TO_CUBE, INJECT_OUT_PORT = 1, 2
 

@@ -537,11 +537,38 @@ class Runtime:
             raise RuntimeError_(f"no netdev {ifname!r} in netns {self.netns or '(current)'}")
         return int(found[0])
 
-    def connect_netdev(self, port: PortState, ifname: str) -> None:
-        """Peer a port with a netdev: the entry program on its tc ingress."""
+    def veth_peer_elsewhere(self, ifindex: int) -> bool:
+        """Whether netdev `ifindex` is one end of a veth pair whose other end
+        lives in another network namespace: rtnetlink then reports the
+        other end's namespace (IFLA_LINK_NETNSID, rtnl_fill_link_netnsid),
+        which it leaves out when both ends share this one. Raises
+        pyroute2's NetlinkError for a missing device."""
+        assert self.ipr is not None
+        link = self.ipr.get_links(ifindex)[0]
+        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        return kind == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None
+
+    def connect_netdev(self, port: PortState, ifname: str, into_peer: bool = False) -> None:
+        """Peer a port with a netdev: the entry program on its tc ingress.
+
+        `into_peer` (a pod's host-side veth): what the port sends from a
+        walk that started on a tc ingress hook goes straight into the veth's
+        other end (bpf_redirect_peer, bpf/include/pcn_chain.h
+        pcn_port_deliver), its egress cubes run on the way. The kernel
+        drops such a redirect to a device without a peer or whose peer is
+        in the same namespace, so the flag (maps.PORT_PEER_NS) is set only
+        when veth_peer_elsewhere() holds; otherwise the port keeps the
+        plain redirect and a warning says why."""
         with self._lock:
             self.disconnect(port)
             ifindex = self.ifindex(ifname)
+            peer_ns = into_peer and self.veth_peer_elsewhere(ifindex)
+            if into_peer and not peer_ns:
+                log.warning("port %s:%s: %s is not a veth with its other end in another "
+                            "network namespace: packets go out of it by plain redirect",
+                            port.cube, port.name, ifname)
+            port.flags = (port.flags | maps.PORT_PEER_NS) if peer_ns \
+                else (port.flags & ~maps.PORT_PEER_NS)
             self.table("pcn_ifaces")[ct.c_uint32(ifindex)] = maps.Iface(port.id, maps.IFACE_PORT)
             port.peer_kind, port.peer, port.netdev = maps.PEER_NETDEV, ifindex, ifname
             self._write_port(port)

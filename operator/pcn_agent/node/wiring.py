@@ -829,7 +829,9 @@ class NodeDataplane:
         port = self.bridge.add_port(f"pod-{key}")
         try:
             self._write_pod_hooks(port, [], [])
-            self.rt.connect_netdev(port, host_if)
+            # the pod's eth0 is the veth's other end, in the pod's namespace: the
+            # data path delivers into it directly (Runtime.connect_netdev)
+            self.rt.connect_netdev(port, host_if, into_peer=True)
         except Exception:
             self.bridge.remove_port(port.name)
             raise
