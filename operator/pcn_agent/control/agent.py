@@ -32,6 +32,7 @@ from pcn_agent.control.prepare import start_prepare
 from pcn_agent.control.reconcile import (
     Inputs,
     ObjectKey,
+    ServiceIndex,
     Verdict,
     desired_state,
     node_addresses,
@@ -152,6 +153,8 @@ class Agent:
         # not open what the last valid version blocked.
         self.last_good_path = state_root / f"{node_name}.last-good.json"
         self.last_good: dict[ObjectKey, Mapping[str, Any]] = _load_last_good(self.last_good_path)
+        # Services and EndpointSlices: each pass computes only what changed
+        self.service_index = ServiceIndex()
 
     def prepare(self, started: concurrent.futures.Future[Runtime] | None = None
                 ) -> concurrent.futures.Future[Runtime]:
@@ -223,7 +226,8 @@ class Agent:
             chains=list(self.store["CubeChain"].values()),
             nodeportrules=list(self.store["NodePortRule"].values()),
             cubetypes=self.cubetypes.infos(),
-            last_good=self.last_good, tracking=bool(self.manager.current.policies))
+            last_good=self.last_good, tracking=bool(self.manager.current.policies),
+            service_index=self.service_index)
         result = desired_state(inputs)
         if result.last_good != self.last_good:
             self.last_good = result.last_good

@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pcn_agent.control.reconcile import Desired, FunctionSpec, Op, plan
 from pcn_agent.dataplane.cubes.custom import CustomFunction, is_custom
@@ -70,6 +72,12 @@ class DataplaneManager:
         start = time.monotonic()
         report = ApplyReport()
         with self.lock, self.node.batch():
+            # The service and NodePort tables are this pass's own copies,
+            # written in place as operations succeed: a copy per operation
+            # cost O(services) each, O(services^2) for an agent starting
+            # with thousands of them.
+            self.current = replace(self.current, services=dict(self.current.services),
+                                   nodeports=dict(self.current.nodeports))
             for op in plan(self.current, desired, self.node.pods.keys()):
                 try:
                     self._do(op)
@@ -222,21 +230,21 @@ def _kind(type_name: str) -> type[FunctionCube] | None:
 
 
 def _advance(cur: Desired, op: Op) -> Desired:
-    """The applied state after one successful operation."""
+    """The applied state after one successful operation. The service and
+    NodePort operations write into `cur`'s own tables (apply copies them
+    once per pass); the others give a new Desired."""
     if op.kind == "set-function":
         return replace(cur, functions={**cur.functions, op.key: op.value})
     if op.kind == "delete-function":
         return replace(cur, functions={k: v for k, v in cur.functions.items() if k != op.key})
     if op.kind == "set-peers":
         return replace(cur, peers=op.value)
-    if op.kind == "set-service":
-        return replace(cur, services={**cur.services, op.key: op.value})
-    if op.kind == "delete-service":
-        return replace(cur, services={k: v for k, v in cur.services.items() if k != op.key})
-    if op.kind == "set-nodeport":
-        return replace(cur, nodeports={**cur.nodeports, op.key: op.value})
-    if op.kind == "delete-nodeport":
-        return replace(cur, nodeports={k: v for k, v in cur.nodeports.items() if k != op.key})
+    if op.kind in ("set-service", "delete-service"):
+        _write(cur.services, op)
+        return cur
+    if op.kind in ("set-nodeport", "delete-nodeport"):
+        _write(cur.nodeports, op)
+        return cur
     if op.kind == "set-address-sets":
         return replace(cur, address_sets={**cur.address_sets, **op.value})
     if op.kind == "prune-address-sets":
@@ -253,3 +261,12 @@ def _advance(cur: Desired, op: Op) -> Desired:
             chains[op.key] = op.value
         return replace(cur, chains=chains)
     return cur
+
+
+def _write(table: Mapping[Any, Any], op: Op) -> None:
+    """Set or delete op.key in one of apply's own tables."""
+    assert isinstance(table, dict), "apply() gives the pass its own dict"
+    if op.kind.startswith("set-"):
+        table[op.key] = op.value
+    else:
+        table.pop(op.key, None)
