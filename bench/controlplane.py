@@ -1,28 +1,43 @@
-"""The control plane's speed, with the real agent against the emulated API server.
+"""The control plane's speed, with the real agent against a real API server.
 
 Each scenario builds a one-node lab without a data plane (namespaces and the
-physical network only), starts an EmulatedApiServer (kmock, on loopback, in a
-thread of this process) holding the Node, and runs the real `pcn-agent` as
-a subprocess, as pcn-lab and a DaemonSet do: NODE_NAME, PCN_NETNS (the node
-namespace), PCN_KUBE_URL, PCN_SOCKET, PCN_CONFIG, PCN_STATE_DIR, metrics and
-liveness off. The agent builds the node's data plane itself. What the data
-plane carries is read by this process from the agent's pinned lb_services and
+physical network only), an API server holding the Node, and runs the real
+`pcn-agent` as a subprocess, as pcn-lab and a DaemonSet do: NODE_NAME,
+PCN_NETNS (the node namespace), its API server (PCN_KUBE_URL or a
+kubeconfig), PCN_SOCKET, PCN_CONFIG, PCN_STATE_DIR, metrics and liveness
+off. The agent builds the node's data plane itself. What the data plane
+carries is read by this process from the agent's pinned lb_services and
 lb_slots maps (bench.bpfmaps, bpf syscalls): exactly what the lbrp program
 looks up, whatever the agent believes.
 
+The API server of endpoints-to-dataplane and agent-cold-start is the real
+one: etcd + kube-apiserver from `make k8s`'s cache (/var/cache/pcn/k8s),
+started by bench.kubeproxy.ControlPlane in a namespace of their own and
+reached through a relay on this namespace's loopback (`RealKube`), with the
+namespaces and the CRDs the agent watches (crds/ and network-policy-api's
+ClusterNetworkPolicy from the Go module cache); the agent reads a
+kubeconfig with the bench's token. Without that cache they fall back to
+kmock's emulator (`EmulatedKube`) and say so in their results ("note").
+cni-add and bench.soak use the emulator.
+
 Scenarios:
-* `endpoints-to-dataplane`: one Service; then N times the EndpointSlice's
-  endpoints are replaced by a different set of one or two addresses (a merge
-  PATCH, as a controller writes it). Each sample is the time from just before
-  the PATCH is sent to the first poll (every 0.5 ms) of the pinned maps that
-  shows the service's slot table holding exactly the new backends.
+* `endpoints-to-dataplane`: `--endpoint-services` Services (10 000) with an
+  EndpointSlice each of `--endpoints-per-service` ready endpoints (5: 50 000
+  endpoints) are created through the API before the agent starts (the time
+  that takes is reported as populate_s, apart); once the agent has all of
+  them in its maps, N times the EndpointSlice of one of them (svc-05000)
+  gets a different set of one or two endpoints (a merge PATCH, as a
+  controller writes it). Each sample is the time from just before the
+  PATCH is sent to the first poll (every 0.5 ms) of the pinned maps that
+  shows that service's slot table holding exactly the new backends.
   20-80 ms pause between changes, so each is an update of its own.
-* `agent-cold-start`: N Services with an EndpointSlice each (one or two
-  endpoints) are in the API before the agent starts. Time from starting the
-  agent process to the first poll (every 20 ms) at which every one of them
-  is in the pinned maps with its backends. Also reported: when the data plane
-  was up (the agent's local API socket appears right after it), and the time
-  from then to all services realised.
+* `agent-cold-start`: `--cold-services` Services (10 000) with their
+  EndpointSlices (5 endpoints each) are in the API before the agent starts.
+  Time from starting the agent process to the first poll (every 50 ms) at
+  which every one of them is in the pinned maps with its backends. Also
+  reported: when the data plane was up (the agent's local API socket
+  appears right after it), and the time from then to all services
+  realised.
 * `cni-add`: N pods added by the real `pcn-cni`, run as the kubelet stand-in
   runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> pcn-cni`, CNI_*
   environment, configuration on stdin, host-local IPAM) against the agent's
@@ -31,6 +46,10 @@ Scenarios:
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
+
+PCN_BENCH_AGENT_PROFILE=FILE samples the agent with py-spy into FILE.<tag>
+(endpoints-to-dataplane: during the changes only); `python -m
+bench.controlplane --top FILE.ep` lists where its time went.
 
 kmock's emulator records every request it serves and matches each new one
 against the whole record, so its requests get slower the more it has served
