@@ -191,6 +191,8 @@ def _remove_stray_node_files(ctx: Context) -> None:
         if state.exists():
             log.warning("removing state left by an interrupted node start: %s", state)
             state.unlink()
+        for f in state.parent.glob(f"{pins.name}.*.sqlite*") if state.parent.exists() else []:
+            f.unlink(missing_ok=True)  # the service store (dataplane.servicestore)
 
 
 def run_guarded(ctx: Context, prefix: str, body: Callable[[], None]
