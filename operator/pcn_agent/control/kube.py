@@ -67,7 +67,10 @@ def discover(kubeconfig: str | None = None, context: str | None = None) -> Endpo
         raise RuntimeError(f"no Kubernetes API found: set PCN_KUBE_URL, run in a cluster, or "
                            f"give a kubeconfig ({exc})") from exc
     token = None
-    auth = cfg.api_key.get("authorization") if cfg.api_key else None
+    # kubernetes >= 30 keeps "Bearer <token>" under BearerToken, older ones
+    # under authorization (kubernetes/config/kube_config.py)
+    auth = (cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")) \
+        if cfg.api_key else None
     if auth:
         token = auth.split(" ", 1)[1] if " " in auth else auth
     return Endpoint(cfg.host.rstrip("/"), token, cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file,
