@@ -43,6 +43,8 @@ class World:
         self.services: dict[tuple[str, str], Obj] = {}
         self.slices: dict[tuple[str, str], Obj] = {}
         self.serial = 0
+        # what the agent's store saw, for an index in journal mode: (kind, key, object or None)
+        self.events: list[tuple[str, tuple[str, str], Obj | None]] = []
         for _ in range(10):
             self.put_service()
         for _ in range(14):
@@ -86,11 +88,12 @@ class World:
             labels[r.choice(["service.kubernetes.io/service-proxy-name",
                              "service.kubernetes.io/headless"])] = "x"
         self.serial += 1
-        self.services[(ns, name)] = {
+        obj = self.services[(ns, name)] = {
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"namespace": ns, "name": name, "uid": f"u-{ns}-{name}",
                          "labels": labels, "resourceVersion": str(self.serial)},
             "spec": spec}
+        self.events.append(("Service", (ns, name), obj))
 
     def put_slice(self, key: tuple[str, str] | None = None) -> None:
         r = self.rng
@@ -114,12 +117,13 @@ class World:
         ports = [{"name": pname, "port": port + 1000 + r.choice([0, 0, 1]), "protocol": proto}
                  for pname, port, proto in r.sample(PORTS, r.randint(0, 3))]
         self.serial += 1
-        self.slices[(ns, name)] = {
+        obj = self.slices[(ns, name)] = {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"namespace": ns, "name": name, "labels": labels,
                          "resourceVersion": str(self.serial)},
             "addressType": r.choice(["IPv4"] * 9 + ["IPv6"]),
             "endpoints": endpoints, "ports": ports}
+        self.events.append(("EndpointSlice", (ns, name), obj))
 
     def change(self) -> str:
         r = self.rng
@@ -128,11 +132,15 @@ class World:
             key = r.choice(sorted(self.services)) if what == "svc~" else None
             self.put_service(key)
         elif what == "svc-" and self.services:
-            del self.services[r.choice(sorted(self.services))]
+            key = r.choice(sorted(self.services))
+            del self.services[key]
+            self.events.append(("Service", key, None))
         elif what == "sl+" or (what == "sl~" and self.slices):
             self.put_slice(r.choice(sorted(self.slices)) if what == "sl~" else None)
         elif what == "sl-" and self.slices:
-            del self.slices[r.choice(sorted(self.slices))]
+            key = r.choice(sorted(self.slices))
+            del self.slices[key]
+            self.events.append(("EndpointSlice", key, None))
         return what
 
     def inputs(self, index: ServiceIndex | None) -> Inputs:
@@ -143,23 +151,44 @@ class World:
                       service_index=index)
 
 
+def feed(w: World, index: ServiceIndex) -> None:
+    """Tell a journal-mode index what the store saw since the last call."""
+    for kind, key, obj in w.events:
+        index.observe(kind, key, obj)
+    w.events.clear()
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["scan", "journal"])
 @pytest.mark.parametrize("seed", range(6))
-def test_incremental_equals_full_after_random_changes(seed: int) -> None:
+def test_incremental_equals_full_after_random_changes(seed: int, journal: bool) -> None:
+    """After every change (several at once now and then: a pass sees what
+    came since the last one)."""
     w = World(seed)
     index = ServiceIndex()
+    if not journal:
+        w.events.clear()
     for step in range(400):
         what = w.change()
+        if w.rng.random() < 0.2:
+            what += "," + w.change()
+        if journal:
+            feed(w, index)
+        else:
+            w.events.clear()
         inc_inputs = w.inputs(index)
         full_inputs = w.inputs(None)
         inc, full = service_tables(inc_inputs), service_tables(full_inputs)
         assert inc == full, f"seed {seed} step {step} after {what}"
         if step % 20 == 0:
+            if journal:
+                feed(w, index)
             a, b = desired_state(w.inputs(index)), desired_state(w.inputs(None))
             assert a.desired == b.desired and a.derived_rules == b.derived_rules \
                 and a.health_checks == b.health_checks, f"seed {seed} step {step}"
 
 
-def test_one_slice_change_recomputes_one_service() -> None:
+@pytest.mark.parametrize("journal", [False, True], ids=["scan", "journal"])
+def test_one_slice_change_recomputes_one_service(journal: bool) -> None:
     """The point of the index: a change to one EndpointSlice computes that
     Service again, not the hundreds of others; an unchanged pass none."""
     w = World(1)
@@ -174,12 +203,19 @@ def test_one_slice_change_recomputes_one_service() -> None:
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [f"10.244.9.{k + 1}"]} for k in range(5)]}
     index = ServiceIndex()
+    if journal:
+        for key, obj in w.services.items():
+            index.observe("Service", key, obj)
+        for key, obj in w.slices.items():
+            index.observe("EndpointSlice", key, obj)
     service_tables(w.inputs(index))
     assert index.recomputed == len(w.services)
     service_tables(w.inputs(index))
     assert index.recomputed == 0
     old = w.slices[("big", "svc7-x")]
-    w.slices[("big", "svc7-x")] = {**old, "endpoints": [{"addresses": ["10.244.9.99"]}]}
+    new = w.slices[("big", "svc7-x")] = {**old, "endpoints": [{"addresses": ["10.244.9.99"]}]}
+    if journal:
+        index.observe("EndpointSlice", ("big", "svc7-x"), new)
     got = service_tables(w.inputs(index))
     assert index.recomputed == 1
     assert [(b.ip, b.port) for b in got.services[("10.97.0.8", 80, "tcp")].backends] == \
@@ -244,3 +280,28 @@ def test_an_endpoint_in_two_slices_does_not_depend_on_their_order() -> None:
     assert len(seen) == 1, seen
     # the last in name order (web-c, on n3) counts: no endpoint on this node
     assert full.services[("10.96.0.10", 80, "tcp")].backends == ()
+
+
+def test_journal_mode_takes_what_it_is_told() -> None:
+    """In journal mode the lists are not looked at (that scan is what the
+    mode saves): a change told is taken, one only in the lists is not; an
+    object told twice before a pass counts once; another kind is refused."""
+    svc = {"metadata": {"namespace": "a", "name": "web"},
+           "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "TCP"}]}}
+    index = ServiceIndex()
+    index.observe("Service", ("a", "web"), svc)
+    got = service_tables(Inputs(NODE, ClusterSettings(), service_index=index))
+    assert list(got.services) == [("10.96.0.10", 80, "tcp")]
+    other = {**svc, "spec": {**svc["spec"], "clusterIP": "10.96.0.11"}}
+    got = service_tables(Inputs(NODE, ClusterSettings(), services=[other],
+                                service_index=index))
+    assert list(got.services) == [("10.96.0.10", 80, "tcp")]
+    index.observe("Service", ("a", "web"), other)
+    index.observe("Service", ("a", "web"), svc)
+    index.observe("Service", ("a", "web"), other)
+    got = service_tables(Inputs(NODE, ClusterSettings(), service_index=index))
+    assert list(got.services) == [("10.96.0.11", 80, "tcp")] and index.recomputed == 1
+    index.observe("Service", ("a", "web"), None)
+    assert service_tables(Inputs(NODE, ClusterSettings(), service_index=index)).services == {}
+    with pytest.raises(ValueError):
+        index.observe("Pod", ("a", "p"), {})
