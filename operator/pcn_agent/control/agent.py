@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from pcn_agent.control.reconcile import (
 )
 from pcn_agent.control.settings import DEFAULT_FILE as DEFAULT_SETTINGS_FILE
 from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.control.watch import ListWatch
 from pcn_agent.dataplane import bpffs, socklb
 from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
 from pcn_agent.node.wiring import NodeConfig, NodeDataplane
@@ -56,6 +58,10 @@ WARM_PERIOD_S = 0.25  # see Agent._prepared_runtime
 STATUS_CONFIGMAP = "pcn-agent-status"  # one ConfigMap per node: <this>-<node>
 STATUS_PERIOD_S = 2.0
 GROUP_PATH = "/apis/pcn.dev/v1alpha1"
+# Watched by the agent itself (control.watch), not through kopf: the kinds a
+# cluster has thousands of, which the agent only reads
+WATCHED = (("Service", "v1", "/api/v1/services"),
+           ("EndpointSlice", "discovery.k8s.io/v1", "/apis/discovery.k8s.io/v1/endpointslices"))
 KINDS = {  # store kind -> (api path, plural, namespaced)
     "NetworkFunction": (GROUP_PATH, "networkfunctions", True),
     "CubeChain": (GROUP_PATH, "cubechains", True),
@@ -180,6 +186,19 @@ class Agent:
         if kind in ("Service", "EndpointSlice"):
             self.service_index.observe(kind, key, obj)  # its journal: no scan of the store
         self.wake()
+
+    def replace(self, kind: str, api_version: str, items: list[Mapping[str, Any]]) -> None:
+        """A LIST of `kind` (control.watch): objects not in `items` are
+        deleted, those whose resourceVersion changed (or new) stored."""
+        have = self.store[kind]
+        listed = {_key(o) for o in items}
+        for key in [k for k in have if k not in listed]:
+            self.observe(kind, "DELETED", have[key])
+        for item in items:
+            old = have.get(_key(item))
+            rv = (item.get("metadata") or {}).get("resourceVersion")
+            if old is None or not rv or (old.get("metadata") or {}).get("resourceVersion") != rv:
+                self.observe(kind, None, {"apiVersion": api_version, "kind": kind, **item})
 
     def wake(self) -> None:
         """Thread-safe: ask the loop for a reconcile."""
@@ -601,6 +620,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self.run(), name="pcn-agent reconcile loop"),
                       loop.create_task(self.heartbeat(), name="pcn-agent heartbeat")]
+        for kind, api_version, path in WATCHED:
+            lw = ListWatch(self.kube, path, kind, functools.partial(self.observe, kind),
+                           functools.partial(self.replace, kind, api_version))
+            self.tasks.append(loop.create_task(lw.run(), name=f"pcn-agent watch {kind}"))
 
     async def stop_tasks(self) -> None:
         """Cancel the tasks of start_tasks() and wait until they have ended (a
@@ -736,8 +759,7 @@ kopf.on.event("", "v1", "namespaces")(_observer("Namespace"))
 kopf.on.event("networking.k8s.io", "v1", "networkpolicies")(_observer("NetworkPolicy"))
 kopf.on.event("policy.networking.k8s.io", "v1alpha2",
               "clusternetworkpolicies")(_observer("ClusterNetworkPolicy"))
-kopf.on.event("", "v1", "services")(_observer("Service"))
-kopf.on.event("discovery.k8s.io", "v1", "endpointslices")(_observer("EndpointSlice"))
+# Services and EndpointSlices: WATCHED, in start_tasks
 kopf.on.event("pcn.dev", "v1alpha1", "networkfunctions")(_observer("NetworkFunction"))
 kopf.on.event("pcn.dev", "v1alpha1", "cubechains")(_observer("CubeChain"))
 kopf.on.event("pcn.dev", "v1alpha1", "nodeportrules")(_observer("NodePortRule"))
