@@ -25,7 +25,9 @@ Scenarios:
   EndpointSlice each of `--endpoints-per-service` ready endpoints (5: 50 000
   endpoints) are created through the API before the agent starts (the time
   that takes is reported as populate_s, apart); once the agent has all of
-  them in its maps, N times the EndpointSlice of one of them (svc-05000)
+  them in its maps and has settled (its CPU use under 0.2 of a CPU over a
+  second: it compiles its function cubes ahead of need after its first
+  pass; settled_s), N times the EndpointSlice of one of them (svc-05000)
   gets a different set of one or two endpoints (a merge PATCH, as a
   controller writes it). Each sample is the time from just before the
   PATCH is sent to the first poll (every 0.5 ms) of the pinned maps that
@@ -106,6 +108,7 @@ SERVICE_PORT, TARGET_PORT = 80, 8080
 POLL_S = 0.0005  # endpoints-to-dataplane: map polling period
 COLD_POLL_S = 0.05  # agent-cold-start, and waiting for all Services (a poll walks lb_services)
 CHANGE_TIMEOUT_S = 30.0
+IDLE_CPU, IDLE_MAX_S = 0.2, 90.0  # wait_idle: CPU seconds per second, longest wait
 READY_TIMEOUT_S = 300.0  # the agent compiles its cubes on a shared 2-CPU machine
 REQUEST_LOG_KEEP = 16
 STATUS_NAMESPACE = "pcn-system"  # the agent's status ConfigMap (PCN_NAMESPACE)
@@ -471,6 +474,32 @@ def wait_all_carried(agent: AgentProcess, maps: ServiceMaps, wanted: dict[str, l
         time.sleep(poll_s)
 
 
+def wait_idle(agent: AgentProcess, max_s: float = IDLE_MAX_S) -> float:
+    """Wait until the agent process uses less than IDLE_CPU of a CPU over
+    a second (utime + stime of all its threads, /proc/<pid>/stat fields 14
+    and 15), or `max_s`; the seconds waited. After its first pass the agent
+    compiles the function cubes ahead of need (manager.warm_up): seconds of
+    CPU that belong to its start, not to the changes timed after it."""
+    assert agent.proc is not None
+    stat = Path(f"/proc/{agent.proc.pid}/stat")
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    t0 = time.monotonic()
+    last = cpu_s()
+    while time.monotonic() - t0 < max_s:
+        agent.check_alive()
+        time.sleep(1.0)
+        now = cpu_s()
+        if now - last < IDLE_CPU:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def endpoints_to_dataplane(ctx: Context) -> list[Result]:
     rng = random.Random(4)
     n, per = ctx.endpoint_services, ctx.endpoints_per_service
@@ -484,8 +513,9 @@ def endpoints_to_dataplane(ctx: Context) -> list[Result]:
         maps = agent.wait_ready()
         st.callback(maps.close)
         t_all = wait_all_carried(agent, maps, wanted, COLD_POLL_S, t + READY_TIMEOUT_S)
+        idle_s = wait_idle(agent)
         ctx.progress(f"{ENDPOINTS}: agent's data plane up, all {n} Services in it "
-                     f"{t_all - t:.1f} s after its start")
+                     f"{t_all - t:.1f} s after its start; agent idle {idle_s:.1f} s later")
         net = ipaddress.IPv4Network(agent.pod_cidr)
         pool = [str(net.network_address + h) for h in range(20, 250)]
         k = n // 2  # the Service whose EndpointSlice changes: one among all the others
@@ -524,6 +554,7 @@ def endpoints_to_dataplane(ctx: Context) -> list[Result]:
     common = {"changes": len(samples), "date": now_iso(), **_stats_ms(samples),
               "services": n, "endpoints": n * per, "populate_s": round(populate_s, 1),
               "all_services_after_start_s": round(t_all - t, 2),
+              "settled_s": round(idle_s, 1),
               "agent": f"pcn-agent subprocess, {kube.what}", **_note(kube),
               "what": "merge PATCH of one Service's EndpointSlice sent (with the other "
                       "Services and EndpointSlices in the API) -> pinned lb_services/lb_slots "

@@ -35,6 +35,9 @@ class DataplaneManager:
         self.functions: dict[str, FunctionCube] = {}  # by cube name
         self.lock = threading.RLock()  # shared with the local API: one writer at a time
         self._stacked_pods: frozenset[str] = frozenset()  # attached pods at the last _tell_stacked
+        # the desired services of the last apply without a failure: the
+        # applied services equal them (reconcile.plan's `applied`)
+        self._services_applied: Mapping[Any, Any] | None = None
         if node.rt.adopted:
             self._adopt()
 
@@ -78,7 +81,8 @@ class DataplaneManager:
             # with thousands of them.
             self.current = replace(self.current, services=dict(self.current.services),
                                    nodeports=dict(self.current.nodeports))
-            for op in plan(self.current, desired, self.node.pods.keys()):
+            applied, self._services_applied = self._services_applied, None
+            for op in plan(self.current, desired, self.node.pods.keys(), applied):
                 try:
                     self._do(op)
                     self.current = _advance(self.current, op)
@@ -87,6 +91,8 @@ class DataplaneManager:
                 except Exception as exc:  # keep going: one bad object must not block others
                     log.exception("could not apply %s %s", op.kind, op.key)
                     report.errors.append((op, f"{type(exc).__name__}: {exc}"))
+            if not report.errors:  # current.services now equals desired.services
+                self._services_applied = desired.services
             pods = frozenset(self.node.pods)
             if pods != self._stacked_pods or any(
                     op.kind in ("set-chain", "set-function") for op in report.ops):

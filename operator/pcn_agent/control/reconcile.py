@@ -93,6 +93,17 @@ class CubeTypeInfo:
 
 
 @dataclass(frozen=True)
+class ServicesDelta:
+    """A Desired's `services` equals `base` (an earlier Desired's services
+    mapping: that very object) but at `keys` (ServiceIndex knows which keys
+    a pass touched): plan() then compares only those when the applied
+    state is known to equal `base` (see plan's `applied`)."""
+
+    base: Mapping[ServiceKey, ServiceSpec]
+    keys: frozenset[ServiceKey]
+
+
+@dataclass(frozen=True)
 class Desired:
     peers: frozenset[PeerNode] = frozenset()
     services: Mapping[ServiceKey, ServiceSpec] = field(default_factory=dict)
@@ -104,6 +115,7 @@ class Desired:
     # their rules refer to, by name
     policies: Mapping[str, PodPolicy] = field(default_factory=dict)
     address_sets: Mapping[str, AddressSet] = field(default_factory=dict)
+    services_delta: ServicesDelta | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -535,6 +547,8 @@ class ServiceTables:
     nodeports: dict[NodePortKey, NodePortSpec] = field(default_factory=dict)
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)
     health: dict[int, HealthCheck] = field(default_factory=dict)
+    # ServiceIndex: how `services` differs from what its previous call gave
+    delta: ServicesDelta | None = field(default=None, compare=False)
 
     def add(self, e: ServiceEntries) -> None:
         """Write one Service's entries over what the Services before it wrote."""
@@ -653,6 +667,7 @@ class ServiceIndex:
         self._slices_of: dict[tuple[str, str], dict[int, Obj]] = {}
         self._entries: dict[int, ServiceEntries] = {}
         self._out = ServiceTables()
+        self._given: dict[ServiceKey, ServiceSpec] | None = None  # the last call's services
         # key -> ids of the Services whose entries name it
         self._who: tuple[dict[Any, set[int]], ...] = ({}, {}, {}, {})
 
@@ -733,8 +748,12 @@ class ServiceIndex:
         for t, table in enumerate(tables):
             for k in touched[t]:
                 self._merge(t, table, k)
-        return ServiceTables(dict(out.services), dict(out.nodeports), dict(out.derived),
-                             dict(out.health))
+        given = dict(out.services)
+        delta = ServicesDelta(self._given, frozenset(touched[0])) \
+            if self._given is not None else None
+        self._given = given
+        return ServiceTables(given, dict(out.nodeports), dict(out.derived),
+                             dict(out.health), delta)
 
     def _retract(self, i: int, touched: tuple[set[Any], ...]) -> None:
         """Take Service `i`'s entries out of the key -> Services record."""
@@ -1145,7 +1164,7 @@ def desired_state(inputs: Inputs) -> Result:
     policies, address_sets = policies_of(inputs)
     desired = Desired(peers=peers_of(inputs), services=tables.services, nodeports=nodeports,
                       functions=used, chains=chains, policies=policies,
-                      address_sets=address_sets)
+                      address_sets=address_sets, services_delta=tables.delta)
     return Result(desired, verdicts, tables.derived, good, tables.health, bandwidth_errors)
 
 
@@ -1158,9 +1177,14 @@ class Op:
     value: Any = None
 
 
-def plan(current: Desired, desired: Desired, attached: Iterable[str] = ()) -> list[Op]:
+def plan(current: Desired, desired: Desired, attached: Iterable[str] = (),
+         applied: Mapping[ServiceKey, ServiceSpec] | None = None) -> list[Op]:
     """Operations from `current` to `desired`: functions come into being before
-    chains use them and go after chains stop using them."""
+    chains use them and go after chains stop using them. `applied`: a
+    services mapping that current.services is known to equal (the last
+    desired state applied without a failure); when desired.services_delta
+    is based on that very mapping, only the keys it names are compared
+    (O(changes) instead of O(services))."""
     ops: list[Op] = []
     for name, function in desired.functions.items():
         if current.functions.get(name) != function:
@@ -1171,12 +1195,23 @@ def plan(current: Desired, desired: Desired, attached: Iterable[str] = ()) -> li
     # to pass (ServiceIndex) and the applied state holds those very objects,
     # so ten thousand Services compare at the cost of a pointer each
     cur_services = current.services
-    for skey, service in desired.services.items():
-        have = cur_services.get(skey)
-        if have is not service and have != service:
-            ops.append(Op("set-service", skey, service))
-    for skey in cur_services.keys() - desired.services.keys():
-        ops.append(Op("delete-service", skey))
+    delta = desired.services_delta
+    if delta is not None and applied is not None and delta.base is applied:
+        for skey in sorted(delta.keys):
+            service = desired.services.get(skey)
+            have = cur_services.get(skey)
+            if service is None:
+                if have is not None:
+                    ops.append(Op("delete-service", skey))
+            elif have is not service and have != service:
+                ops.append(Op("set-service", skey, service))
+    else:
+        for skey, service in desired.services.items():
+            have = cur_services.get(skey)
+            if have is not service and have != service:
+                ops.append(Op("set-service", skey, service))
+        for skey in cur_services.keys() - desired.services.keys():
+            ops.append(Op("delete-service", skey))
     for npkey, nodeport in desired.nodeports.items():
         have_np = current.nodeports.get(npkey)
         if have_np is not nodeport and have_np != nodeport:
