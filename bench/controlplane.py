@@ -1,28 +1,45 @@
-"""The control plane's speed, with the real agent against the emulated API server.
+"""The control plane's speed, with the real agent against a real API server.
 
 Each scenario builds a one-node lab without a data plane (namespaces and the
-physical network only), starts an EmulatedApiServer (kmock, on loopback, in a
-thread of this process) holding the Node, and runs the real `pcn-agent` as
-a subprocess, as pcn-lab and a DaemonSet do: NODE_NAME, PCN_NETNS (the node
-namespace), PCN_KUBE_URL, PCN_SOCKET, PCN_CONFIG, PCN_STATE_DIR, metrics and
-liveness off. The agent builds the node's data plane itself. What the data
-plane carries is read by this process from the agent's pinned lb_services and
+physical network only), an API server holding the Node, and runs the real
+`pcn-agent` as a subprocess, as pcn-lab and a DaemonSet do: NODE_NAME,
+PCN_NETNS (the node namespace), its API server (PCN_KUBE_URL or a
+kubeconfig), PCN_SOCKET, PCN_CONFIG, PCN_STATE_DIR, metrics and liveness
+off. The agent builds the node's data plane itself. What the data plane
+carries is read by this process from the agent's pinned lb_services and
 lb_slots maps (bench.bpfmaps, bpf syscalls): exactly what the lbrp program
 looks up, whatever the agent believes.
 
+The API server of endpoints-to-dataplane and agent-cold-start is the real
+one: etcd + kube-apiserver from `make k8s`'s cache (/var/cache/pcn/k8s),
+started by bench.kubeproxy.ControlPlane in a namespace of their own and
+reached through a relay on this namespace's loopback (`RealKube`), with the
+namespaces and the CRDs the agent watches (crds/ and network-policy-api's
+ClusterNetworkPolicy from the Go module cache); the agent reads a
+kubeconfig with the bench's token. Without that cache they fall back to
+kmock's emulator (`EmulatedKube`) and say so in their results ("note").
+cni-add and bench.soak use the emulator.
+
 Scenarios:
-* `endpoints-to-dataplane`: one Service; then N times the EndpointSlice's
-  endpoints are replaced by a different set of one or two addresses (a merge
-  PATCH, as a controller writes it). Each sample is the time from just before
-  the PATCH is sent to the first poll (every 0.5 ms) of the pinned maps that
-  shows the service's slot table holding exactly the new backends.
+* `endpoints-to-dataplane`: `--endpoint-services` Services (10 000) with an
+  EndpointSlice each of `--endpoints-per-service` ready endpoints (5: 50 000
+  endpoints) are created through the API before the agent starts (the time
+  that takes is reported as populate_s, apart); once the agent has all of
+  them in its maps and has settled (its CPU use under 0.2 of a CPU over a
+  second: it compiles its function cubes ahead of need after its first
+  pass; settled_s), N times the EndpointSlice of one of them (svc-05000)
+  gets a different set of one or two endpoints (a merge PATCH, as a
+  controller writes it). Each sample is the time from just before the
+  PATCH is sent to the first poll (every 0.5 ms) of the pinned maps that
+  shows that service's slot table holding exactly the new backends.
   20-80 ms pause between changes, so each is an update of its own.
-* `agent-cold-start`: N Services with an EndpointSlice each (one or two
-  endpoints) are in the API before the agent starts. Time from starting the
-  agent process to the first poll (every 20 ms) at which every one of them
-  is in the pinned maps with its backends. Also reported: when the data plane
-  was up (the agent's local API socket appears right after it), and the time
-  from then to all services realised.
+* `agent-cold-start`: `--cold-services` Services (10 000) with their
+  EndpointSlices (5 endpoints each) are in the API before the agent starts.
+  Time from starting the agent process to the first poll (every 50 ms) at
+  which every one of them is in the pinned maps with its backends. Also
+  reported: when the data plane was up (the agent's local API socket
+  appears right after it), and the time from then to all services
+  realised.
 * `cni-add`: N pods added by the real `pcn-cni`, run as the kubelet stand-in
   runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> pcn-cni`, CNI_*
   environment, configuration on stdin, host-local IPAM) against the agent's
@@ -31,6 +48,10 @@ Scenarios:
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
+
+PCN_BENCH_AGENT_PROFILE=FILE samples the agent with py-spy into FILE.<tag>
+(endpoints-to-dataplane: during the changes only); `python -m
+bench.controlplane --top FILE.ep` lists where its time went.
 
 kmock's emulator records every request it serves and matches each new one
 against the whole record, so its requests get slower the more it has served
@@ -44,6 +65,8 @@ the requests in flight at once (a few watches, a few writes).
 
 from __future__ import annotations
 
+import argparse
+import collections
 import ipaddress
 import json
 import logging
@@ -61,11 +84,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pcn_agent.dataplane import bpffs
 from pcn_lab import kubelet
 from pcn_lab.apiserver import EmulatedApiServer, apply, object_path
 from pcn_lab.topology import Lab
 
+from . import kubeproxy
 from .bpfmaps import ServiceMaps
 from .netns import exec_in, stop
 from .results import Result, now_iso
@@ -80,24 +106,159 @@ CNI_ADD = "cni-add"
 NAMESPACE = "bench"
 SERVICE_PORT, TARGET_PORT = 80, 8080
 POLL_S = 0.0005  # endpoints-to-dataplane: map polling period
-COLD_POLL_S = 0.02  # agent-cold-start
+COLD_POLL_S = 0.05  # agent-cold-start, and waiting for all Services (a poll walks lb_services)
 CHANGE_TIMEOUT_S = 30.0
+IDLE_CPU, IDLE_MAX_S = 0.2, 90.0  # wait_idle: CPU seconds per second, longest wait
 READY_TIMEOUT_S = 300.0  # the agent compiles its cubes on a shared 2-CPU machine
 REQUEST_LOG_KEEP = 16
+STATUS_NAMESPACE = "pcn-system"  # the agent's status ConfigMap (PCN_NAMESPACE)
+CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
+class EmulatedKube:
+    """kmock's EmulatedApiServer on loopback, in a thread of this process."""
+
+    real = False
+    what = "kmock EmulatedApiServer"
+
+    def __init__(self, st: ExitStack) -> None:
+        self.server = EmulatedApiServer(keep_requests=REQUEST_LOG_KEEP).start()
+        st.callback(self.server.stop)
+        self.note = ""
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def agent_env(self, directory: Path) -> dict[str, str]:
+        return {"PCN_KUBE_URL": self.server.url}
+
+    def create(self, obj: dict[str, Any]) -> None:
+        apply(self.server, obj)
+
+    def create_all(self, objs: list[dict[str, Any]], workers: int = 4) -> float:
+        """POST `objs` with `workers` threads; the seconds it took."""
+        t = time.monotonic()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda o: self.server.request("POST", object_path(o, False), o), objs))
+        return time.monotonic() - t
+
+    def merge_patch(self, obj: dict[str, Any], body: dict[str, Any]) -> None:
+        self.server.request("PATCH", object_path(obj), body, "application/merge-patch+json")
+
+
+class RealKube:
+    """A bench-owned etcd + kube-apiserver from `make k8s`'s cache
+    (bench.kubeproxy.ControlPlane: their own namespace, a relay from this
+    namespace's loopback), with the namespaces and the CRDs the agent
+    watches (crds/pcn.dev_*.yaml and network-policy-api's
+    ClusterNetworkPolicy from the Go module cache, when there)."""
+
+    real = True
+
+    def __init__(self, ctx: Context, st: ExitStack, tag: str) -> None:
+        bins = kubeproxy.bin_dir()
+        api_ns = ctx.nss.create(f"{tag}api")
+        st.callback(ctx.nss.remove, api_ns)
+        self.control = kubeproxy.ControlPlane(api_ns, ctx.tmp / f"kube-{tag}", bins)
+        st.callback(self.control.close)
+        t = time.monotonic()
+        self.client = self.control.start()
+        for ns in (NAMESPACE, STATUS_NAMESPACE):
+            self.client.create({"apiVersion": "v1", "kind": "Namespace",
+                                "metadata": {"name": ns}})
+        crds = install_crds(self.client)
+        self.note = ""
+        self.what = f"kube-apiserver ({kubeproxy.version(bins).replace('Kubernetes ', '')})"
+        ctx.progress(f"kube-apiserver (etcd, {bins}) up in {api_ns} with {len(crds)} CRDs in "
+                     f"{time.monotonic() - t:.1f} s")
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.client.port}"
+
+    def agent_env(self, directory: Path) -> dict[str, str]:
+        """The agent finds the API through a kubeconfig (the bench token, the
+        self-signed certificate not verified: loopback only)."""
+        kc = directory / "kubeconfig"
+        kc.write_text(json.dumps(kubeproxy.kubeconfig(self.url)))
+        return {"KUBECONFIG": str(kc)}
+
+    def create(self, obj: dict[str, Any]) -> None:
+        self.client.create(obj)
+
+    def create_all(self, objs: list[dict[str, Any]], workers: int = 8) -> float:
+        return self.client.create_all(objs, workers)
+
+    def merge_patch(self, obj: dict[str, Any], body: dict[str, Any]) -> None:
+        self.client.request("PATCH", object_path(obj), body, "application/merge-patch+json")
+
+
+Kube = EmulatedKube | RealKube
+
+
+def kube_for(ctx: Context, st: ExitStack, tag: str) -> Kube:
+    """The real API server when `make k8s`'s binaries are there, else the
+    emulator, with a note saying so (the scenario's figures then measure
+    the emulator's bookkeeping as much as the agent, see the module text)."""
+    missing = kubeproxy.binaries_missing()
+    if not missing:
+        return RealKube(ctx, st, tag)
+    kube = EmulatedKube(st)
+    kube.note = (f"{kubeproxy.bin_dir()} lacks {', '.join(missing)} (run `make k8s`): "
+                 "measured against kmock's emulator, which slows down with many objects")
+    ctx.progress(f"NOTE: {kube.note}")
+    return kube
+
+
+def install_crds(client: kubeproxy.ApiClient, timeout: float = 60) -> list[str]:
+    """Create the CustomResourceDefinitions the agent watches and wait until
+    the API server serves them (condition Established, as `kubectl wait
+    --for condition=established` does); their names."""
+    files = sorted(CRD_DIR.glob("pcn.dev_*.yaml"))
+    try:
+        from pcn_lab.cluster import artifacts, policyapi
+
+        npa = policyapi.module_dir(artifacts.go_mod_cache()) / "config" / "crd" / "standard"
+        files += sorted(npa.glob("policy.networking.k8s.io_*.yaml"))
+    except (OSError, ValueError) as exc:  # the agent then warns that it cannot watch them
+        log.warning("no network-policy-api CRDs for the bench API server: %s", exc)
+    names = []
+    for f in files:
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc and doc.get("kind") == "CustomResourceDefinition":
+                client.request("POST", CRD_PATH, doc)
+                names.append(doc["metadata"]["name"])
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            conds = (client.request("GET", f"{CRD_PATH}/{name}").get("status") or {}) \
+                .get("conditions") or []
+            if any(c.get("type") == "Established" and c.get("status") == "True" for c in conds):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"CRD {name} not established after {timeout:.0f} s")
+            time.sleep(0.1)
+    return names
 
 
 class AgentProcess:
-    """A one-node lab (no data plane), an emulated API server with the Node,
-    and the real pcn-agent for that node as a subprocess."""
+    """A one-node lab (no data plane), an API server (`kube`: the emulator
+    unless given) with the Node, and the real pcn-agent for that node as a
+    subprocess. `api` is the emulator itself (pcn_lab.apiserver's helpers
+    take it), None with a real API server."""
 
-    def __init__(self, ctx: Context, st: ExitStack, tag: str) -> None:
+    def __init__(self, ctx: Context, st: ExitStack, tag: str, kube: Kube | None = None) -> None:
         self.ctx = ctx
+        self.tag = tag
         self.lab = Lab(nodes_count=1, pods_per_node=0, dataplane=False)
         ctx.labs.append(self.lab)  # its prefix and pins are checked for leftovers
         self.lab.build()
         st.callback(self.lab.close)
-        self.api = EmulatedApiServer(keep_requests=REQUEST_LOG_KEEP).start()
-        st.callback(self.api.stop)
+        self.kube: Kube = kube if kube is not None else EmulatedKube(st)
+        self.api: EmulatedApiServer | None = \
+            self.kube.server if isinstance(self.kube, EmulatedKube) else None
         self.node = self.lab.node_name(1)
         self.dir = ctx.tmp / f"agent-{tag}"
         self.dir.mkdir()
@@ -108,11 +269,12 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.profiler: subprocess.Popen[bytes] | None = None
         self._stop_registered = False
-        apply(self.api, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node},
-                         "spec": {"podCIDR": self.lab.pod_cidr(1)},
-                         "status": {"addresses": [{"type": "InternalIP",
-                                                   "address": self.lab.node_ip(1)}]}})
-        ctx.progress(f"lab {self.lab.prefix}: node namespace {self.node}, API {self.api.url}")
+        self.kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node},
+                          "spec": {"podCIDR": self.lab.pod_cidr(1)},
+                          "status": {"addresses": [{"type": "InternalIP",
+                                                    "address": self.lab.node_ip(1)}]}})
+        ctx.progress(f"lab {self.lab.prefix}: node namespace {self.node}, API {self.kube.url} "
+                     f"({self.kube.what})")
 
     @property
     def pod_cidr(self) -> str:
@@ -122,20 +284,23 @@ class AgentProcess:
     def gateway(self) -> str:
         return str(ipaddress.IPv4Network(self.pod_cidr).network_address + 1)
 
-    def start(self, st: ExitStack) -> float:
+    def start(self, st: ExitStack, profile: bool = True) -> float:
         """Start the agent (again, after halt()); returns time.monotonic() just
-        before the start. `st` stops it and removes its pins and state at the end."""
+        before the start. `st` stops it and removes its pins and state at the
+        end. `profile`: sample it from the start (see _profile), else only
+        from start_profile()."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"pcn-agent of {self.node} is already running")
         settings = self.dir / "config.json"
         settings.write_text(json.dumps({"podCIDR": "10.244.0.0/16", "mtu": str(MTU)}))
         exe = Path(sys.executable).parent / "pcn-agent"
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "pcn_agent.control.cli"]
-        env = {**os.environ, "NODE_NAME": self.node, "PCN_NETNS": self.node,
-               "PCN_KUBE_URL": self.api.url, "PCN_SOCKET": str(self.socket),
+        env = {k: v for k, v in os.environ.items() if k not in ("PCN_KUBE_URL", "KUBECONFIG")}
+        env = {**env, **self.kube.agent_env(self.dir), "NODE_NAME": self.node,
+               "PCN_NETNS": self.node, "PCN_SOCKET": str(self.socket),
                "PCN_CONFIG": str(settings), "PCN_METRICS_PORT": "0", "PCN_LIVENESS": "",
                "PCN_STATE_DIR": str(self.state_dir), "PCN_BPF_ROOT": str(self.lab.pin_root),
-               "PCN_NAMESPACE": "pcn-system"}
+               "PCN_NAMESPACE": STATUS_NAMESPACE}
         with open(self.log_path, "ab") as logf:
             t = time.monotonic()
             self.proc = subprocess.Popen(argv, env=env, stdout=logf, stderr=logf,
@@ -143,7 +308,8 @@ class AgentProcess:
         if not self._stop_registered:
             st.callback(self.stop)
             self._stop_registered = True
-        self._profile()
+        if profile:
+            self.start_profile()
         return t
 
     def halt(self, sig: signal.Signals, timeout: float = 60.0) -> tuple[float, int]:
@@ -169,18 +335,20 @@ class AgentProcess:
                                f"killed. Its log ends:\n{self.log_tail()}") from None
         return time.monotonic() - t, code
 
-    def _profile(self) -> None:
+    def start_profile(self) -> None:
         """PCN_BENCH_AGENT_PROFILE=FILE: sample the agent (every thread) with py-spy
-        (pip install py-spy) into FILE, collapsed stacks, until the agent stops."""
+        (pip install py-spy) into FILE.<agent tag> (ep, cold, cni, soak), collapsed
+        stacks, until the agent stops; `python -m bench.controlplane --top FILE.ep`
+        lists the functions that took the most samples."""
         out = os.environ.get("PCN_BENCH_AGENT_PROFILE")
-        if not out or self.proc is None:
+        if not out or self.proc is None or self.profiler is not None:
             return
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         # --nonblocking: pausing the agent would interrupt its BPF program loads (EAGAIN)
         self.profiler = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid),
                                           "--nonblocking", "--rate", "200", "--format", "raw",
-                                          "--output", out], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+                                          "--output", f"{out}.{self.tag}"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _stop_profiler(self) -> None:
         assert self.profiler is not None
@@ -224,7 +392,9 @@ class AgentProcess:
             stop(self.proc, timeout=15)
             self.proc = None
         bpffs.remove_instance(self.pin_dir)
-        (self.state_dir / f"{self.node}.json").unlink(missing_ok=True)
+        # its JSON state and the service store (dataplane.servicestore) beside it
+        for f in self.state_dir.glob(f"{self.node}.*"):
+            f.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ objects
@@ -260,31 +430,102 @@ def _stats_ms(samples: list[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ scenarios
+def populate(kube: Kube, n: int, per_service: int) -> tuple[dict[str, list[str]], float]:
+    """`n` Services svc-00000... (ClusterIPs from 10.96.16.0) with one
+    EndpointSlice each of `per_service` ready endpoints, every endpoint an
+    address of its own in the cluster's pod range (10.244.16.0 on: other
+    nodes' pods, as far as this node knows); all created through the API
+    before the agent starts. Returns ({ClusterIP: endpoint addresses}, seconds
+    the creation took)."""
+    base, pods = ipaddress.IPv4Address("10.96.16.0"), ipaddress.IPv4Address("10.244.16.0")
+    if n * per_service > 65536 - 16 * 256 or n > 65536 * 15:
+        raise ValueError(f"{n} Services x {per_service} endpoints do not fit the address ranges")
+    wanted: dict[str, list[str]] = {}
+    svcs, slices = [], []
+    for i in range(n):
+        vip = str(base + i)
+        ips = [str(pods + i * per_service + k) for k in range(per_service)]
+        wanted[vip] = ips
+        svcs.append(service(f"svc-{i:05d}", vip))
+        slices.append(endpoint_slice(f"svc-{i:05d}-x", f"svc-{i:05d}", ips))
+    return wanted, kube.create_all(svcs + slices)
+
+
+def wait_all_carried(agent: AgentProcess, maps: ServiceMaps, wanted: dict[str, list[str]],
+                     poll_s: float, deadline: float) -> float:
+    """Poll the pinned maps until every ClusterIP of `wanted` carries exactly
+    its backends; returns time.monotonic() of the poll that found them all.
+    A poll first counts lb_services' keys (one walk); only when there are
+    enough does it look every service up, so that polling does not take the
+    CPU the agent needs. The lbrp writes a new service's slots before its
+    lb_services entry: once the count is reached, the entries counted were
+    complete when counted."""
+    n, last = len(wanted), -1
+    while True:
+        agent.check_alive()
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"not all {n} services in the data plane ({last} entries in "
+                               f"lb_services); agent log:\n{agent.log_tail()}")
+        last = maps.services.count()
+        counted = time.monotonic()
+        if last >= n and all(_carried(maps, vip, ips) for vip, ips in wanted.items()):
+            return counted
+        time.sleep(poll_s)
+
+
+def wait_idle(agent: AgentProcess, max_s: float = IDLE_MAX_S) -> float:
+    """Wait until the agent process uses less than IDLE_CPU of a CPU over
+    a second (utime + stime of all its threads, /proc/<pid>/stat fields 14
+    and 15), or `max_s`; the seconds waited. After its first pass the agent
+    compiles the function cubes ahead of need (manager.warm_up): seconds of
+    CPU that belong to its start, not to the changes timed after it."""
+    assert agent.proc is not None
+    stat = Path(f"/proc/{agent.proc.pid}/stat")
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    t0 = time.monotonic()
+    last = cpu_s()
+    while time.monotonic() - t0 < max_s:
+        agent.check_alive()
+        time.sleep(1.0)
+        now = cpu_s()
+        if now - last < IDLE_CPU:
+            break
+        last = now
+    return time.monotonic() - t0
+
+
 def endpoints_to_dataplane(ctx: Context) -> list[Result]:
     rng = random.Random(4)
+    n, per = ctx.endpoint_services, ctx.endpoints_per_service
     with ExitStack() as st:
-        agent = AgentProcess(ctx, st, "ep")
-        t = agent.start(st)
+        kube = kube_for(ctx, st, "ep")
+        agent = AgentProcess(ctx, st, "ep", kube)
+        wanted, populate_s = populate(kube, n, per)
+        ctx.progress(f"{ENDPOINTS}: {n} Services and {n} EndpointSlices ({n * per} endpoints) "
+                     f"in the API in {populate_s:.1f} s; starting the agent")
+        t = agent.start(st, profile=False)
         maps = agent.wait_ready()
         st.callback(maps.close)
-        ctx.progress(f"{ENDPOINTS}: agent's data plane up in {time.monotonic() - t:.1f} s")
+        t_all = wait_all_carried(agent, maps, wanted, COLD_POLL_S, t + READY_TIMEOUT_S)
+        idle_s = wait_idle(agent)
+        ctx.progress(f"{ENDPOINTS}: agent's data plane up, all {n} Services in it "
+                     f"{t_all - t:.1f} s after its start; agent idle {idle_s:.1f} s later")
         net = ipaddress.IPv4Network(agent.pod_cidr)
         pool = [str(net.network_address + h) for h in range(20, 250)]
-        vip = "10.96.0.50"
-        ips = [pool[0]]
-        apply(agent.api, service("web", vip))
-        sl = endpoint_slice("web-abc", "web", ips)
-        apply(agent.api, sl)
-        deadline = time.monotonic() + CHANGE_TIMEOUT_S
-        while not _carried(maps, vip, ips):
-            agent.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service {vip} never reached the data plane; agent log:\n"
-                                   f"{agent.log_tail()}")
-            time.sleep(0.01)
-        path = object_path(sl)
+        k = n // 2  # the Service whose EndpointSlice changes: one among all the others
+        vip = str(ipaddress.IPv4Address("10.96.16.0") + k)
+        ips = wanted[vip]
+        sl = endpoint_slice(f"svc-{k:05d}-x", f"svc-{k:05d}", ips)
         samples: list[float] = []
-        ctx.progress(f"{ENDPOINTS}: timing {ctx.endpoint_changes} EndpointSlice changes")
+        agent.start_profile()  # PCN_BENCH_AGENT_PROFILE: the changes only
+        ctx.progress(f"{ENDPOINTS}: timing {ctx.endpoint_changes} EndpointSlice changes "
+                     f"of svc-{k:05d}")
         for i in range(ctx.endpoint_changes):
             while True:
                 new = sorted(rng.sample(pool, rng.choice((1, 2))))
@@ -293,7 +534,7 @@ def endpoints_to_dataplane(ctx: Context) -> list[Result]:
             body = {"endpoints": [{"addresses": [ip], "conditions": {"ready": True}}
                                   for ip in new]}
             t0 = time.perf_counter()
-            agent.api.request("PATCH", path, body, "application/merge-patch+json")
+            kube.merge_patch(sl, body)
             while not _carried(maps, vip, new):
                 if time.perf_counter() - t0 > CHANGE_TIMEOUT_S:
                     agent.check_alive()
@@ -308,67 +549,52 @@ def endpoints_to_dataplane(ctx: Context) -> list[Result]:
             time.sleep(rng.uniform(0.02, 0.08))
     p50, p99 = statistics.median(samples), percentile(samples, 99)
     ctx.progress(f"{ENDPOINTS}/pcn: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-                 f"(min {min(samples):.1f}, max {max(samples):.1f})")
+                 f"(min {min(samples):.1f}, max {max(samples):.1f}) with {n} Services, "
+                 f"{n * per} endpoints in the API")
     common = {"changes": len(samples), "date": now_iso(), **_stats_ms(samples),
-              "agent": "pcn-agent subprocess, kmock EmulatedApiServer",
-              "what": "merge PATCH of the EndpointSlice sent -> pinned lb_services/lb_slots "
+              "services": n, "endpoints": n * per, "populate_s": round(populate_s, 1),
+              "all_services_after_start_s": round(t_all - t, 2),
+              "settled_s": round(idle_s, 1),
+              "agent": f"pcn-agent subprocess, {kube.what}", **_note(kube),
+              "what": "merge PATCH of one Service's EndpointSlice sent (with the other "
+                      "Services and EndpointSlices in the API) -> pinned lb_services/lb_slots "
                       "hold exactly the new backends (polled every 0.5 ms)"}
     return [Result(ENDPOINTS, "pcn", "latency", p50, "ms",
                    {"stat": "median", "samples_ms": [round(x, 2) for x in samples], **common}),
             Result(ENDPOINTS, "pcn", "latency-p99", p99, "ms", {"stat": "p99", **common})]
 
 
+def _note(kube: Kube) -> dict[str, str]:
+    return {"note": kube.note} if kube.note else {}
+
+
 def agent_cold_start(ctx: Context) -> list[Result]:
-    n = ctx.cold_services
+    n, per = ctx.cold_services, ctx.endpoints_per_service
     with ExitStack() as st:
-        agent = AgentProcess(ctx, st, "cold")
-        net = ipaddress.IPv4Network(agent.pod_cidr)
-        base = ipaddress.IPv4Address("10.96.16.0")
-        wanted: dict[str, list[str]] = {}
-        objects = []
-        for i in range(n):
-            vip = str(base + i)
-            ips = [str(net.network_address + 20 + (i + k) % 230) for k in range(1 + i % 2)]
-            wanted[vip] = ips
-            objects.append(service(f"svc-{i:05d}", vip))
-            objects.append(endpoint_slice(f"svc-{i:05d}-x", f"svc-{i:05d}", ips))
-        t = time.monotonic()
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda o: agent.api.request("POST", object_path(o, False), o),
-                          objects))
-        ctx.progress(f"{COLD_START}: {n} Services and {n} EndpointSlices in the API "
-                     f"({time.monotonic() - t:.1f} s); starting the agent")
+        kube = kube_for(ctx, st, "cold")
+        agent = AgentProcess(ctx, st, "cold", kube)
+        wanted, populate_s = populate(kube, n, per)
+        ctx.progress(f"{COLD_START}: {n} Services and {n} EndpointSlices ({n * per} "
+                     f"endpoints) in the API in {populate_s:.1f} s; starting the agent")
         t0 = agent.start(st)
-        t_up: float | None = None
-        maps: ServiceMaps | None = None
         deadline = t0 + READY_TIMEOUT_S
-        last_count = -1
-        while True:
-            now = time.monotonic()
+        while not agent.socket.exists() or not ServiceMaps.exist(agent.pin_dir):
             agent.check_alive()
-            if now > deadline:
-                raise RuntimeError(f"not all {n} services in the data plane after "
-                                   f"{READY_TIMEOUT_S:.0f} s ({last_count} there); agent log:\n"
-                                   f"{agent.log_tail()}")
-            if t_up is None and agent.socket.exists():
-                t_up = now
-                ctx.progress(f"{COLD_START}: data plane up after {t_up - t0:.2f} s")
-            if maps is None and ServiceMaps.exist(agent.pin_dir):
-                maps = ServiceMaps(agent.pin_dir)
-                st.callback(maps.close)
-            if maps is not None and t_up is not None:
-                last_count = maps.services.count()
-                if last_count >= n and all(_carried(maps, vip, ips)
-                                           for vip, ips in wanted.items()):
-                    t_all = now
-                    break
-            time.sleep(COLD_POLL_S)
-    assert t_up is not None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the agent's data plane is not up after "
+                                   f"{READY_TIMEOUT_S:.0f} s; its log ends:\n{agent.log_tail()}")
+            time.sleep(0.01)
+        t_up = time.monotonic()
+        ctx.progress(f"{COLD_START}: data plane up after {t_up - t0:.2f} s")
+        maps = ServiceMaps(agent.pin_dir)
+        st.callback(maps.close)
+        t_all = wait_all_carried(agent, maps, wanted, COLD_POLL_S, deadline)
     total, up, after = t_all - t0, t_up - t0, t_all - t_up
     ctx.progress(f"{COLD_START}/pcn: all {n} services realised {total:.2f} s after the start "
                  f"(data plane up at {up:.2f} s, services {after:.2f} s after that)")
-    common = {"services": n, "date": now_iso(), "poll_s": COLD_POLL_S,
-              "agent": "pcn-agent subprocess, kmock EmulatedApiServer"}
+    common = {"services": n, "endpoints": n * per, "populate_s": round(populate_s, 1),
+              "date": now_iso(), "poll_s": COLD_POLL_S,
+              "agent": f"pcn-agent subprocess, {kube.what}", **_note(kube)}
     return [
         Result(COLD_START, "pcn", "time", total, "s",
                {"what": "agent process started -> every Service in the pinned maps with its "
@@ -425,3 +651,47 @@ def cni_add(ctx: Context) -> list[Result]:
 
 
 SCENARIOS = {ENDPOINTS: endpoints_to_dataplane, COLD_START: agent_cold_start, CNI_ADD: cni_add}
+
+
+# ------------------------------------------------------------------ profiles
+def top(path: Path, limit: int = 25) -> str:
+    """The functions that took the most samples in a py-spy raw profile
+    (collapsed stacks, "frame;frame;... count" per line, outermost first,
+    as start_profile() records them): by own samples (the innermost frame)
+    and by total samples (anywhere in the stack), each with its share of
+    all samples."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    n = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        c = int(count)
+        n += c
+        own[frames[-1]] += c
+        for f in set(frames):
+            total[f] += c
+    if not n:
+        return f"{path}: no samples"
+    out = [f"{path}: {n} samples"]
+    for title, counter in (("own", own), ("total", total)):
+        out.append(f"-- by {title} samples")
+        out += [f"{c * 100 / n:5.1f}%  {f}" for f, c in counter.most_common(limit)]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.controlplane",
+                                description="Summarise an agent profile recorded with "
+                                            "PCN_BENCH_AGENT_PROFILE=FILE (py-spy raw).")
+    p.add_argument("--top", type=Path, required=True, metavar="FILE", help="a profile")
+    p.add_argument("-n", type=int, default=25, help="functions listed per table (default 25)")
+    args = p.parse_args(argv)
+    print(top(args.top, args.n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

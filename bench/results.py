@@ -32,8 +32,10 @@ SERVICE_RR_TARGET = 1.15  # pcn pod-to-service TCP_RR rate / kube-proxy nftables
 SOCKLB_THROUGHPUT_TARGET = 1.05
 SOCKLB_RR_TARGET = 1.15
 SCALE_TARGET = 0.10  # pcn latency at the most services within 10% of at the fewest (issue 3)
-ENDPOINTS_P99_TARGET_MS = 200.0  # EndpointSlice write -> data plane, p99 (issue 4)
-COLD_START_TARGET_S = 10.0  # agent start -> 1000 Services realised (issue 4)
+# EndpointSlice write -> data plane, p99, with 10 000 Services / 50 000 endpoints
+# in the API (issue 13; 200 ms with one Service in issue 4)
+ENDPOINTS_P99_TARGET_MS = 50.0
+COLD_START_TARGET_S = 10.0  # agent start -> 10 000 Services realised (issue 13)
 CNI_ADD_P99_TARGET_MS = 200.0  # pcn-cni ADD, p99 (issue 4)
 POLICY_RECONCILE_TARGET_MS = 100.0  # one reconcile pass per policy-relevant change, p95 (issue 11)
 POLICY_POD_ADD_TARGET_MS = 50.0  # a new pod's policy into the data plane, p95 (issue 11)
@@ -297,8 +299,11 @@ def _control_plane_acceptance(results: Sequence[Result]) -> list[str]:
     p50 = _find(results, "endpoints-to-dataplane", "pcn", "latency")
     p99 = _find(results, "endpoints-to-dataplane", "pcn", "latency-p99")
     if p50 is not None and p99 is not None:
-        lines.append(f"acceptance: EndpointSlice change to data plane p50 {p50.value:.1f} ms, "
-                     f"p99 {p99.value:.1f} ms (target p99 < {ENDPOINTS_P99_TARGET_MS:.0f} ms): "
+        scale = (f" with {p99.extra['services']} Services / {p99.extra['endpoints']} endpoints"
+                 if "services" in p99.extra and "endpoints" in p99.extra else "")
+        lines.append(f"acceptance: EndpointSlice change to data plane{scale} p50 "
+                     f"{p50.value:.1f} ms, p99 {p99.value:.1f} ms (target p99 < "
+                     f"{ENDPOINTS_P99_TARGET_MS:.0f} ms): "
                      f"{_verdict(p99.value < ENDPOINTS_P99_TARGET_MS)}")
     cold = _find(results, "agent-cold-start", "pcn", "time")
     if cold is not None:

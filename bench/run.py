@@ -85,9 +85,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="numbers of services installed in service-scale (default 10,1000,10000)")
     p.add_argument("--endpoint-changes", type=int, default=100,
                    help="EndpointSlice changes timed in endpoints-to-dataplane (default 100)")
-    p.add_argument("--cold-services", type=int, default=1000,
+    p.add_argument("--endpoint-services", type=int, default=10000,
+                   help="Services (with an EndpointSlice each) in the API in "
+                        "endpoints-to-dataplane (default 10000)")
+    p.add_argument("--endpoints-per-service", type=int, default=5,
+                   help="endpoints of each of those Services, and of agent-cold-start's "
+                        "(default 5)")
+    p.add_argument("--cold-services", type=int, default=10000,
                    help="Services in the API before agent-cold-start's agent starts "
-                        "(default 1000)")
+                        "(default 10000)")
     p.add_argument("--cni-adds", type=int, default=50,
                    help="pods added by pcn-cni in cni-add (default 50)")
     p.add_argument("--policy-rounds", type=int, default=20,
@@ -115,9 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
         p.error("--scale levels must be between 1 and 60000")
     if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
-           args.policy_rounds) < 1:
-        p.error("--requests, --endpoint-changes, --cold-services, --cni-adds and "
-                "--policy-rounds must be positive")
+           args.policy_rounds, args.endpoint_services, args.endpoints_per_service) < 1:
+        p.error("--requests, --endpoint-changes, --endpoint-services, --endpoints-per-service, "
+                "--cold-services, --cni-adds and --policy-rounds must be positive")
+    if max(args.endpoint_services, args.cold_services) * args.endpoints_per_service > 61440:
+        p.error("at most 61440 endpoints (Services x --endpoints-per-service): each has an "
+                "address of its own in 10.244.16.0-10.244.255.255")
     if not 1 <= args.policy_pod_adds <= 50:
         p.error("--policy-pod-adds must be between 1 and 50 (the pods of one node)")
     if args.pin and (os.cpu_count() or 1) < 2:
@@ -185,6 +194,8 @@ def _remove_stray_node_files(ctx: Context) -> None:
         if state.exists():
             log.warning("removing state left by an interrupted node start: %s", state)
             state.unlink()
+        for f in state.parent.glob(f"{pins.name}.*.sqlite*") if state.parent.exists() else []:
+            f.unlink(missing_ok=True)  # the service store (dataplane.servicestore)
 
 
 def run_guarded(ctx: Context, prefix: str, body: Callable[[], None]
@@ -251,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                   duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
                   pinning=pinning, requests=args.requests, scale=args.scale_levels,
                   endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
+                  endpoint_services=args.endpoint_services,
+                  endpoints_per_service=args.endpoints_per_service,
                   cni_adds=args.cni_adds, policy_rounds=args.policy_rounds,
                   policy_pod_adds=args.policy_pod_adds)
     ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
@@ -283,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration, "warmup_s": iperf.OMIT_S, "runs": args.runs,
             "pinning": pinning.describe()}, "requests_per_variant": args.requests,
             "scale": list(args.scale_levels), "endpoint_changes": args.endpoint_changes,
-            "cold_services": args.cold_services, "cni_adds": args.cni_adds,
+            "cold_services": args.cold_services, "endpoint_services": args.endpoint_services,
+            "endpoints_per_service": args.endpoints_per_service, "cni_adds": args.cni_adds,
             "policy_rounds": args.policy_rounds, "policy_pod_adds": args.policy_pod_adds,
             "cpu_busy_before_pct": round(busy, 1),
             "cpu_busy_after_pct": round(busy_after, 1)}

@@ -45,7 +45,8 @@ def test_cleanup_leaves_no_task_of_the_agent_running(tmp_path: Path,
         for _ in range(5):  # the loops reach their waits
             await asyncio.sleep(0)
         started = [t for t in asyncio.all_tasks() if t is not me]
-        assert len(started) == 2, started  # the reconcile loop and the heartbeat
+        # the reconcile loop, the heartbeat and the watches of agent.WATCHED
+        assert len(started) == 2 + len(agent_mod.WATCHED), started
         await agent_mod.cleanup()
         return [t for t in asyncio.all_tasks() if t is not me]
 

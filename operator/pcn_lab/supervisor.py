@@ -449,7 +449,10 @@ def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
                   else []):
             bpffs.remove_instance(d)
             removed.append(f"pins {d}")
+        # the nodes' state files and their service stores (<node>.<cube>.services.sqlite*)
         for f in STATE_ROOT.glob(f"{state.prefix}-*.json") if STATE_ROOT.exists() else []:
+            f.unlink(missing_ok=True)
+        for f in STATE_ROOT.glob(f"{state.prefix}-*.sqlite*") if STATE_ROOT.exists() else []:
             f.unlink(missing_ok=True)
     if state.dir.exists() and not keep_dir:
         for f in sorted(state.dir.rglob("*"), reverse=True):

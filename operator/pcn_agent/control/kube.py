@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,13 +61,17 @@ def discover(kubeconfig: str | None = None, context: str | None = None) -> Endpo
 
     cfg = client.Configuration()
     try:
-        config.load_kube_config(config_file=kubeconfig, context=context,
-                                client_configuration=cfg)
+        # KUBECONFIG read now: the module reads it once, when first imported
+        config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"),
+                                context=context, client_configuration=cfg)
     except Exception as exc:
         raise RuntimeError(f"no Kubernetes API found: set PCN_KUBE_URL, run in a cluster, or "
                            f"give a kubeconfig ({exc})") from exc
     token = None
-    auth = cfg.api_key.get("authorization") if cfg.api_key else None
+    # kubernetes >= 30 keeps "Bearer <token>" under BearerToken, older ones
+    # under authorization (kubernetes/config/kube_config.py)
+    auth = (cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")) \
+        if cfg.api_key else None
     if auth:
         token = auth.split(" ", 1)[1] if " " in auth else auth
     return Endpoint(cfg.host.rstrip("/"), token, cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file,
@@ -109,6 +113,24 @@ class Kube:
             if r.status >= 400:
                 raise ApiError(r.status, text[:300])
             return json.loads(text) if text else None
+
+    async def watch(self, path: str, read_timeout: float) -> AsyncIterator[dict[str, Any]]:
+        """The events of a watch request (`path` with ?watch=true...), one JSON
+        object a line, until the server ends the stream; ApiError for an
+        error status. Lines are split here rather than by aiohttp's readline,
+        which refuses lines over 64 KiB (an EndpointSlice of 1 000 endpoints)."""
+        s = await self._s()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=read_timeout)
+        async with s.get(self.ep.server + path, timeout=timeout) as r:
+            if r.status >= 400:
+                raise ApiError(r.status, (await r.text())[:300])
+            buf = b""
+            async for chunk in r.content.iter_any():
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
 
     async def patch_status(self, group_path: str, plural: str, namespace: str | None, name: str,
                            status: Mapping[str, Any]) -> None:

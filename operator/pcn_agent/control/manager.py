@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pcn_agent.control.reconcile import Desired, FunctionSpec, Op, plan
 from pcn_agent.dataplane.cubes.custom import CustomFunction, is_custom
@@ -33,6 +35,9 @@ class DataplaneManager:
         self.functions: dict[str, FunctionCube] = {}  # by cube name
         self.lock = threading.RLock()  # shared with the local API: one writer at a time
         self._stacked_pods: frozenset[str] = frozenset()  # attached pods at the last _tell_stacked
+        # the desired services of the last apply without a failure: the
+        # applied services equal them (reconcile.plan's `applied`)
+        self._services_applied: Mapping[Any, Any] | None = None
         if node.rt.adopted:
             self._adopt()
 
@@ -70,7 +75,14 @@ class DataplaneManager:
         start = time.monotonic()
         report = ApplyReport()
         with self.lock, self.node.batch():
-            for op in plan(self.current, desired, self.node.pods.keys()):
+            # The service and NodePort tables are this pass's own copies,
+            # written in place as operations succeed: a copy per operation
+            # cost O(services) each, O(services^2) for an agent starting
+            # with thousands of them.
+            self.current = replace(self.current, services=dict(self.current.services),
+                                   nodeports=dict(self.current.nodeports))
+            applied, self._services_applied = self._services_applied, None
+            for op in plan(self.current, desired, self.node.pods.keys(), applied):
                 try:
                     self._do(op)
                     self.current = _advance(self.current, op)
@@ -79,6 +91,8 @@ class DataplaneManager:
                 except Exception as exc:  # keep going: one bad object must not block others
                     log.exception("could not apply %s %s", op.kind, op.key)
                     report.errors.append((op, f"{type(exc).__name__}: {exc}"))
+            if not report.errors:  # current.services now equals desired.services
+                self._services_applied = desired.services
             pods = frozenset(self.node.pods)
             if pods != self._stacked_pods or any(
                     op.kind in ("set-chain", "set-function") for op in report.ops):
@@ -222,21 +236,21 @@ def _kind(type_name: str) -> type[FunctionCube] | None:
 
 
 def _advance(cur: Desired, op: Op) -> Desired:
-    """The applied state after one successful operation."""
+    """The applied state after one successful operation. The service and
+    NodePort operations write into `cur`'s own tables (apply copies them
+    once per pass); the others give a new Desired."""
     if op.kind == "set-function":
         return replace(cur, functions={**cur.functions, op.key: op.value})
     if op.kind == "delete-function":
         return replace(cur, functions={k: v for k, v in cur.functions.items() if k != op.key})
     if op.kind == "set-peers":
         return replace(cur, peers=op.value)
-    if op.kind == "set-service":
-        return replace(cur, services={**cur.services, op.key: op.value})
-    if op.kind == "delete-service":
-        return replace(cur, services={k: v for k, v in cur.services.items() if k != op.key})
-    if op.kind == "set-nodeport":
-        return replace(cur, nodeports={**cur.nodeports, op.key: op.value})
-    if op.kind == "delete-nodeport":
-        return replace(cur, nodeports={k: v for k, v in cur.nodeports.items() if k != op.key})
+    if op.kind in ("set-service", "delete-service"):
+        _write(cur.services, op)
+        return cur
+    if op.kind in ("set-nodeport", "delete-nodeport"):
+        _write(cur.nodeports, op)
+        return cur
     if op.kind == "set-address-sets":
         return replace(cur, address_sets={**cur.address_sets, **op.value})
     if op.kind == "prune-address-sets":
@@ -253,3 +267,12 @@ def _advance(cur: Desired, op: Op) -> Desired:
             chains[op.key] = op.value
         return replace(cur, chains=chains)
     return cur
+
+
+def _write(table: Mapping[Any, Any], op: Op) -> None:
+    """Set or delete op.key in one of apply's own tables."""
+    assert isinstance(table, dict), "apply() gives the pass its own dict"
+    if op.kind.startswith("set-"):
+        table[op.key] = op.value
+    else:
+        table.pop(op.key, None)

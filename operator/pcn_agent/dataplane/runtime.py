@@ -153,6 +153,7 @@ class Runtime:
         self._lock = threading.RLock()
         self._entry: BpfModule | None = None
         self._watchers: dict[str, Callable[[PortState], None]] = {}
+        self._closers: list[Callable[[bool], None]] = []  # on_close()
 
     @property
     def is_open(self) -> bool:
@@ -297,10 +298,29 @@ class Runtime:
         self.types.clear()
         self.variants.clear()
 
+    def state_file(self, suffix: str) -> Path:
+        """Where state of this runtime's that is not in its JSON file lives
+        (`<state root>/<name>.<suffix>`; see on_close for its end)."""
+        return self.state_path.with_name(f"{self.name}.{suffix}")
+
+    def on_close(self, fn: Callable[[bool], None]) -> None:
+        """Call fn(remove) when the runtime closes (remove: its state goes
+        too, as its JSON file does) or is abandoned (fn(False))."""
+        self._closers.append(fn)
+
+    def _run_closers(self, remove: bool) -> None:
+        closers, self._closers = self._closers, []
+        for fn in closers:
+            try:
+                fn(remove)
+            except Exception:  # the rest of the close goes on
+                log.exception("closing state of runtime %s", self.name)
+
     def abandon(self) -> None:
         """Let go of the data plane as a crashing agent would: close every file
         descriptor, leave programs attached, maps pinned and state on disk."""
         with self._lock:
+            self._run_closers(False)
             self._release_modules()
             if self._netlink is not None:
                 self._netlink.close()
@@ -326,6 +346,7 @@ class Runtime:
                 bpffs.remove_instance(self.pin_dir)
             if remove:
                 self.state_path.unlink(missing_ok=True)
+            self._run_closers(remove)
             log.info("runtime %s closed", self.name)
 
     def __enter__(self) -> Runtime:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.runtime import Runtime, RuntimeError_
+from pcn_agent.dataplane.servicestore import ServiceStore
 
 TYPE = "lbrp"
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
@@ -115,11 +116,18 @@ class ServiceTable:
     `services` holds the entries that serve the cluster's own traffic (pods
     and the node: kube-proxy's internal policy, and its short-circuit of
     NodePorts reached from inside), `external` the NodePort entries for
-    traffic from outside the cluster under externalTrafficPolicy Local."""
+    traffic from outside the cluster under externalTrafficPolicy Local.
+
+    What a restarted agent adopts is `state` (an older agent's snapshot())
+    or, with `store`, the store's rows when `state` says {"store": true}
+    (LoadBalancer.save); otherwise the store is made to hold `state`'s
+    services. With a store, set() and delete() write their own row, so a
+    save costs one row per change rather than the whole table."""
 
     def __init__(self, rt: Runtime, module_type: str,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, store: ServiceStore | None = None) -> None:
         self.rt = rt
+        self.store = store
         self._svcs = rt.table("lb_services", module_type)
         self._slots = rt.table("lb_slots", module_type)
         self._sessions = rt.table("lb_sessions", module_type)
@@ -134,7 +142,14 @@ class ServiceTable:
         self.affinity_tables: list[maps.BpfTable] = [self._affinity]
         self.services: dict[tuple[str, int, str], Service] = {}
         self.external: dict[tuple[str, int, str], Service] = {}
-        for s in (state or {}).get("services", []):
+        rows = (state or {}).get("services", [])
+        if store is not None:
+            if (state or {}).get("store"):
+                rows = store.rows()
+            else:  # a new table, or an older agent's: the store starts from it
+                store.replace(((r["vip"], r["port"], r["proto"], r.get("external", False)), r)
+                              for r in rows)
+        for s in rows:
             svc = Service(s["id"], s["vip"], s["port"], s["proto"],
                           [Backend(**b) for b in s["backends"]], s["affinity_timeout_s"],
                           s["n_slots"], s.get("drop_if_empty", False), s.get("external", False))
@@ -156,14 +171,18 @@ class ServiceTable:
         return [*self.services.values(), *self.external.values()]
 
     def snapshot(self) -> dict[str, Any]:
-        """What save() records: asdict() of every Service, written out by hand
-        (asdict's generic recursion cost seconds for thousands of services)."""
-        return {"services": [
-            {"id": s.id, "vip": s.vip, "port": s.port, "proto": s.proto,
-             "backends": [{"ip": b.ip, "port": b.port, "weight": b.weight} for b in s.backends],
-             "affinity_timeout_s": s.affinity_timeout_s, "n_slots": s.n_slots,
-             "drop_if_empty": s.drop_if_empty, "external": s.external}
-            for s in self._all()]}
+        """What save() records without a store: row() of every Service."""
+        return {"services": [self.row(s) for s in self._all()]}
+
+    @staticmethod
+    def row(s: Service) -> dict[str, Any]:
+        """asdict() of a Service, written out by hand (asdict's generic
+        recursion cost seconds for thousands of services)."""
+        return {"id": s.id, "vip": s.vip, "port": s.port, "proto": s.proto,
+                "backends": [{"ip": b.ip, "port": b.port, "weight": b.weight}
+                             for b in s.backends],
+                "affinity_timeout_s": s.affinity_timeout_s, "n_slots": s.n_slots,
+                "drop_if_empty": s.drop_if_empty, "external": s.external}
 
     def set(self, vip: str, port: int, proto: str, backends: list[Backend],
             affinity_timeout_s: int = 0, *, drop_if_empty: bool = False,
@@ -210,6 +229,8 @@ class ServiceTable:
         svc.backends, svc.affinity_timeout_s, svc.n_slots = list(backends), affinity_timeout_s, len(slots)
         svc.drop_if_empty = drop_if_empty
         entries[key] = svc
+        if self.store is not None:
+            self.store.put((vip, port, proto, external), self.row(svc))
         return svc
 
     def delete(self, vip: str, port: int, proto: str, external: bool = False) -> bool:
@@ -217,6 +238,8 @@ class ServiceTable:
         svc = self._entries(external).pop(key, None)
         if svc is None:
             return False
+        if self.store is not None:
+            self.store.delete((*key, external))
         maps.discard(self._svcs, maps.SvcKey(maps.ip_be(vip), be16(port), proto_number(key[2]),
                                              _scope(external)))
         for i in range(svc.n_slots):
@@ -332,10 +355,15 @@ class LoadBalancer:
             self.cube = rt.cube(name)
         else:
             self.cube = rt.add_cube(name, TYPE)
-        self.services = ServiceTable(rt, TYPE, self.cube.config)
+        store = self.store = ServiceStore(rt.state_file(f"{name}.services.sqlite"))
+        rt.on_close(lambda remove: store.remove() if remove else store.close())
+        self.services = ServiceTable(rt, TYPE, self.cube.config, self.store)
 
     def save(self) -> None:
-        self.cube.config = self.services.snapshot()
+        """The services are the store's rows (committed here); the cube's
+        configuration only says so."""
+        self.store.commit()
+        self.cube.config = {"store": True}
 
     def configure(self, cfg: LbConfig) -> None:
         """Tell the instance about its node (idempotent; the map is pinned, so
