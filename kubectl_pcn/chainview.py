@@ -242,7 +242,13 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
                          _n(e["drops"]),
                          NONE if realized is None else ("yes" if realized else "no")])
             if not firewall:
-                typed_rows.setdefault(e["type"], []).append((side, e))
+                # one cube on both sides: its counters once, side "both"
+                typed = typed_rows.setdefault(e["type"], [])
+                twice = [i for i, (_, t) in enumerate(typed) if t["function"] == e["function"]]
+                if twice:
+                    typed[twice[0]] = ("both", typed[twice[0]][1])
+                else:
+                    typed.append((side, e))
                 continue
             rule_rows += [[side, e["function"], *row] for row in rule_listing(e["rules"])]
             rule_rows.append([side, e["function"], "default", e["defaultAction"],

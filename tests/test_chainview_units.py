@@ -99,3 +99,23 @@ def test_namespace_view_counts_every_rule() -> None:
     text = chainview.namespace_chain_text(d, wide=False)
     row = next(line for line in text.splitlines() if line.startswith("big-fw "))
     assert row.split()[2:4] == [str(N_RULES), str(2 * (5 + 7 + 99467))]
+
+
+def test_a_function_on_both_sides_has_one_row_of_counters() -> None:
+    """A flow monitor (or a capture point) on both sides is one cube: its
+    counters once, side "both" (the trial listed them under ingress and
+    egress)."""
+    nf = {"metadata": {"name": "talkers", "namespace": "demo"},
+          "spec": {"type": "flowmonitor", "config": {}}}
+    chain = _chain()
+    chain["spec"]["ingress"] = chain["spec"]["egress"] = [{"function": "talkers"}]
+    counters = {"namespace": "demo", "name": "talkers", "type": "flowmonitor",
+                "maxFlows": 1024, "fromPodPackets": 2500, "toPodPackets": 2957}
+    pod = {"ip": "10.244.1.10", "ingress": ["nf.demo.talkers"], "egress": ["nf.demo.talkers"]}
+    report = agents.NodeReport("n1", {"node": "n1", "pods": {"demo/web-1": pod},
+                                      "functions": {"nf.demo.talkers": counters}})
+    text = chainview.pod_chain_text(chainview.pod_chain_data(_pod(), [chain], [nf], [report]))
+    section = text.split("FLOWMONITORS")[1].split("NETWORK POLICY")[0]
+    rows = [line.split() for line in section.splitlines()[2:] if line.strip()]
+    assert [r[:2] for r in rows] == [["both", "talkers"]], text
+    assert "2500" in rows[0] and "2957" in rows[0]
