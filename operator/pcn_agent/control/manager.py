@@ -194,7 +194,11 @@ class DataplaneManager:
     def warm_up(self) -> None:
         """Compile what every function type's first instance runs ahead of
         need, so the first NetworkFunction takes effect without waiting for
-        a compile."""
+        a compile; the packetcapture type's among them, which the first
+        `kubectl pcn capture` on the node runs too (it missed a flow's first
+        seconds, its SYN among them, while it compiled: issue 12 trial). Off
+        the reconcile path: the agent runs it in the background once its
+        data plane is up; the compiles hold no lock."""
         for kind in FUNCTION_CUBES.values():
             try:
                 kind.warm_up(self.node.rt)
