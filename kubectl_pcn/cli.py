@@ -768,7 +768,9 @@ def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: in
     timestamps, each packet marked inbound or outbound: tcpdump -r and
     Wireshark read it) or classic pcap: on a cluster through the node's
     pcn-agent pod (kubectl exec), in the lab through its agent's socket.
-    Progress on stderr."""
+    When POD's chain has a packetcapture function (add-cube packetcapture),
+    the capture reads it (its filter narrowed by --filter) instead of adding
+    a cube. Progress on stderr."""
     from pcn_crds.capfilter import FilterError, compile_filter
 
     from . import capture as cap
@@ -781,7 +783,8 @@ def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: in
     if write == "-" and sys.stdout.isatty():
         raise InputError("a capture is binary: give -w FILE, or pipe it (| tcpdump -nr -)")
     node, r = _agent_route(pod)
-    s.progress(f"capturing {s.ns}/{pod} on node {node} through {r.via}")
+    # the agent's command says "capturing" once the capture copies packets
+    s.progress(f"asking node {node}'s agent for a capture of {s.ns}/{pod} through {r.via}")
     argv = cap.capture_argv(r, s.ns, pod, filter_, count, duration, snaplen, budget,
                             s.verbosity >= 2, fmt)
     if write == "-":

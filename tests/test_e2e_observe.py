@@ -401,15 +401,19 @@ def test_kubectl_pcn_capture_and_flows_in_the_lab(agent: Agent, kubectl: tuple[P
 # ---------------------------------------------------------------------------- restarts
 def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
     """Captures belong to the agent process that reads them: a new agent
-    takes them off the pods and removes them. Flow monitors are functions:
-    adopted with their bound and their (pinned) flows."""
+    takes them off the pods and removes them. Flow monitors and capture
+    points are functions: adopted with their settings (a monitor with its
+    pinned flows; a capture point idle, copying nothing)."""
     from pcn_agent.dataplane.cubes.packetcapture import PacketCapture
 
+    point = PacketCaptureSettings("udp", 100, 50)
     with Lab(nodes_count=1, pods_per_node=2) as lab:
         node = lab.node(1)
         mgr = DataplaneManager(node)
-        mgr.apply(replace(mgr.current, functions={MONITOR: FunctionSpec("flowmonitor", FlowMonitorSettings(77))},
-                          chains={"n1p1": ((MONITOR,), ())}))
+        mgr.apply(replace(mgr.current, functions={
+            MONITOR: FunctionSpec("flowmonitor", FlowMonitorSettings(77)),
+            CAPTURE_POINT: FunctionSpec("packetcapture", point)},
+            chains={"n1p1": ((MONITOR,), ()), "n1p2": ((CAPTURE_POINT,), (CAPTURE_POINT,))}))
         cap = PacketCapture(node.rt, "capture.1.n1p1", [])
         node.set_pod_taps("n1p1", [cap.name], [cap.name])
         assert len(node.pods["n1p1"].port.hooks[0]) == 3  # the capture, the lbrp, the monitor
@@ -417,7 +421,8 @@ def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
         before = {(f.src, f.dst, f.packets) for f in mgr.monitors[MONITOR].flows()}
         assert before
         new = lab.restart_node(1)
-        assert [c for c in new.rt.cubes.values() if c.type == "packetcapture"] == []
+        assert [c.name for c in new.rt.cubes.values() if c.type == "packetcapture"] == \
+            [CAPTURE_POINT]
         hooks = new.pods["n1p1"].port.hooks
         mon = new.rt.stacked(MONITOR)
         assert hooks[0][1:] == [mon] and len(hooks[0]) == 2 and len(hooks[1]) == 1
@@ -425,6 +430,11 @@ def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
         assert adopted.monitors[MONITOR].max_flows == 77
         assert adopted.current.functions[MONITOR] == FunctionSpec("flowmonitor", FlowMonitorSettings(77))
         assert {(f.src, f.dst, f.packets) for f in adopted.monitors[MONITOR].flows()} == before
+        assert adopted.current.functions[CAPTURE_POINT] == FunctionSpec("packetcapture", point)
+        fn = adopted.functions[CAPTURE_POINT]
+        assert isinstance(fn, PacketCaptureFunction) and fn.cap.budget == 0 and not fn.reader
+        assert fn.cap.program and new.rt.stacked(CAPTURE_POINT) in \
+            new.pods["n1p2"].port.hooks[0]
         lab.exec(lab.pods["n1p1"].netns, ["ping", "-c", "1", lab.pods["n1p2"].ip], check=True)
         assert sum(f.packets for f in adopted.monitors[MONITOR].flows()) > \
             sum(p for _, _, p in before)

@@ -30,6 +30,7 @@ from pcn_agent.control import captureproto as proto
 from pcn_agent.control.localapi import ApiError
 from pcn_agent.dataplane.cubes import packetcapture as pc
 from pcn_agent.dataplane.cubes.functions import PacketCaptureFunction
+from pcn_agent.node.wiring import CAPTURE_PREFIX
 from pcn_crds.capfilter import FilterError, compile_filter
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class Observer:
                     snaplen, budget = cap.snaplen, cap.budget
                 else:
                     self._ids += 1
-                    name = f"capture.{self._ids}.{pod.k8s_name}"[:60]
+                    name = f"{CAPTURE_PREFIX}{self._ids}.{pod.k8s_name}"[:60]
                     cap = pc.PacketCapture(self.node.rt, name, program, snaplen, budget)
                     base = {}
                     ring.register(cap.instance, sink)
