@@ -4,7 +4,10 @@ pcn_agent.control.captureproto) and the flow monitors' tables (`flows`).
 A capture reads the pod's packetcapture NetworkFunction when its chain has
 one nobody reads (PacketCaptureFunction: already compiled and in place,
 with its filter narrowed by the reader's, its snap length and rate bounded
-by the function's; afterwards it copies nothing again). Otherwise it is a
+by the function's; afterwards it copies nothing again). The function's one
+cube serves every pod of its chain on the node: the reader gets the copies
+made on its pod's port, and the other pods' matching packets count against
+the rate bound too. Otherwise it is a
 packetcapture cube stacked outermost on both hooks of one
 pod's port (NodeDataplane.set_pod_taps) for as long as its reader keeps the
 connection open and heartbeats: it ends at its frame count, its duration,
@@ -154,8 +157,9 @@ class Observer:
             if self._stop.is_set():
                 raise ApiError("the agent is stopping", TRY_AGAIN_LATER)
             if not self.node.rt.type_loaded(pc.TYPE):  # (a capture function loads it too)
-                # the agent compiles it in the background once up (manager.
-                # warm_up); a capture before that waits for it: say so
+                # the agent compiles it in the background after its first
+                # reconcile (manager.warm_up_capture); a capture before that
+                # waits for it: say so
                 _send_json(conn, {"progress": f"compiling the capture program on node "
                                               f"{self.node.cfg.name} (first use), a few "
                                               f"seconds; the capture starts after it"})
@@ -164,8 +168,13 @@ class Observer:
                 log.info("capture program compiled in %.1f s", time.monotonic() - t0)
             q: queue.Queue[pc.Captured] = queue.Queue(QUEUE_MAX)
             overflow = [0]
+            # a capture point serves every pod of its chain on the node: a
+            # reader gets the copies made on its pod's port only
+            only_port: list[int | None] = [None]
 
             def sink(c: pc.Captured) -> None:
+                if only_port[0] is not None and c.port != only_port[0]:
+                    return
                 try:
                     q.put_nowait(c)
                 except queue.Full:
@@ -183,6 +192,7 @@ class Observer:
                         raise ApiError(f"{exc} (with the filter of {fn.name})",
                                        INVALID_CONFIG) from None
                     base = cap.stats()
+                    only_port[0] = pod.port.id
                     ring.register(cap.instance, sink)
                     try:
                         fn.start_reading(program, snaplen, budget)

@@ -315,6 +315,11 @@ class PacketCaptureFunction(FunctionCube):
         self.reader = False
 
     @classmethod
+    def warm_up(cls, rt: Runtime) -> None:
+        """Nothing here: the agent compiles the type after its first
+        reconcile (DataplaneManager.warm_up_capture)."""
+
+    @classmethod
     def settings_of(cls, config: Model) -> PacketCaptureSettings:
         if not isinstance(config, PacketCaptureConfig):
             raise TypeError(f"not a packetcapture config: {type(config).__name__}")
