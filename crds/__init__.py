@@ -13,6 +13,7 @@ from .networkfunction import (
     FirewallRule,
     FlowMonitorConfig,
     NetworkFunction,
+    PacketCaptureConfig,
 )
 from .nodeportrule import NodePortRule, NodePortRuleSpec
 
@@ -20,5 +21,6 @@ __all__ = [
     "GROUP", "VERSION", "Condition", "ObjectMeta", "ResourceStatus", "CubeChain",
     "CubeChainSpec", "CubeType", "CubeTypeSpec", "FunctionRef", "LabelSelector", "FUNCTION_TYPES",
     "FirewallConfig", "FirewallRule", "FlowMonitorConfig", "NetworkFunction", "NodePortRule",
+    "PacketCaptureConfig",
     "NodePortRuleSpec",
 ]

@@ -174,12 +174,57 @@ class FlowMonitorConfig(Model):
         return self.maxFlows or DEFAULT_MAX_FLOWS
 
 
+SNAP_MAX = 8192  # the packetcapture cube's largest copy of a frame (CAP_SNAP_MAX), bytes
+DEFAULT_CAPTURE_RATE = 2000  # copies a second, as `kubectl pcn capture --rate`
+MAX_CAPTURE_RATE = 100_000
+
+
+class PacketCaptureConfig(Model):
+    """packetcapture: a capture point kept in the pods' chain, compiled and
+    attached once, so that `kubectl pcn capture POD` starts at once and reads
+    from it (with its filter, or a narrower --filter). While nobody reads,
+    it copies nothing: it counts the frames its filter matches (status:
+    matchedPackets)."""
+
+    filter: str | None = Field(None, max_length=1024, description=(
+        "What it captures, in tcpdump's syntax for host/net/port/portrange with "
+        "src/dst, tcp/udp/icmp/sctp/ip/arp, and/or/not and parentheses "
+        "(pcap-filter(7)); default: every frame."))
+    snapLength: int | None = Field(None, ge=1, le=SNAP_MAX, description=(
+        f"Bytes kept of each frame (1-{SNAP_MAX}); default {SNAP_MAX}."))
+    maxPacketsPerSecond: int | None = Field(None, ge=1, le=MAX_CAPTURE_RATE, description=(
+        "Frames copied a second at most while a capture reads (more are counted); "
+        f"default {DEFAULT_CAPTURE_RATE}."))
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, v: str | None) -> str | None:
+        from .capfilter import FilterError, compile_filter
+
+        if v is not None:
+            try:
+                compile_filter(v)
+            except FilterError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @property
+    def snaplen(self) -> int:
+        return self.snapLength or SNAP_MAX
+
+    @property
+    def budget(self) -> int:
+        return self.maxPacketsPerSecond or DEFAULT_CAPTURE_RATE
+
+
 # Each function type and the model of its config; the CRD schema, the agent
 # (pcn_agent.dataplane.cubes.functions) and kubectl pcn add-cube all follow
 # this table, so a new cube type is one entry here and one there.
 FUNCTION_TYPES: dict[str, type[Model]] = {"firewall": FirewallConfig, "policer": PolicerConfig,
-                                          "flowmonitor": FlowMonitorConfig}
-FunctionType = Literal["firewall", "policer", "flowmonitor"]  # FUNCTION_TYPES' keys (a test checks)
+                                          "flowmonitor": FlowMonitorConfig,
+                                          "packetcapture": PacketCaptureConfig}
+# FUNCTION_TYPES' keys (a test checks)
+FunctionType = Literal["firewall", "policer", "flowmonitor", "packetcapture"]
 # A built-in type or a CubeType's name (pcn_crds.cubetype, cluster-scoped).
 TYPE_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 
@@ -187,10 +232,11 @@ TYPE_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 class NetworkFunctionSpec(Model):
     type: str = Field(max_length=63, pattern=TYPE_PATTERN, description=(
         "The cube type: firewall (ordered allow/drop rules), policer (a token bucket "
-        "rate limit), flowmonitor (per-flow counters, `kubectl pcn flows`), or the name "
+        "rate limit), flowmonitor (per-flow counters, `kubectl pcn flows`), packetcapture "
+        "(a capture point `kubectl pcn capture` reads), or the name "
         "of a CubeType a cluster admin registered (`kubectl get cubetypes`). spec.config "
-        "holds the fields of that type, marked (firewall), (policer) or (flowmonitor), or "
-        "a CubeType's parameters (its spec.parameters)."))
+        "holds the fields of that type, marked (firewall), (policer), (flowmonitor) or "
+        "(packetcapture), or a CubeType's parameters (its spec.parameters)."))
     config: dict[str, Any] = Field(
         default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
         description="Configuration, typed by spec.type.")

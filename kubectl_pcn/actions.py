@@ -17,9 +17,13 @@ from . import chains as ch
 from . import objects
 from .client import CUBE_CHAINS, CUBE_TYPES, NETWORK_FUNCTIONS, Cluster, Resource
 from .errors import Conflict, InputError, PcnError
-from .rules import check_type, config_from_flags, custom_config
+from .rules import capture_hint, check_type, config_from_flags, custom_config
 
 ATTEMPTS = 3  # read-modify-write of a chain, when someone else writes it meanwhile
+BOTH = "both"  # --hook both: the function on both sides of the chain
+# A built-in type's side when add-cube gets no --hook (else ingress): a
+# capture point sees both directions
+DEFAULT_HOOKS = {"packetcapture": BOTH}
 
 
 @dataclass
@@ -77,7 +81,9 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
             raise InputError(f"{type_} is a CubeType: give its parameters with --param "
                              f"NAME=VALUE (`kubectl pcn add-cube {type_} --help`)")
         custom_config(cubetype, None, config_file, params, check=False)  # input errors first
-    hook = hook or ((cubetype or {}).get("spec") or {}).get("defaultHook") or "ingress"
+    hook = hook or ((cubetype or {}).get("spec") or {}).get("defaultHook") or \
+        DEFAULT_HOOKS.get(type_, "ingress")
+    hooks = ch.SIDES if hook == BOTH else (hook,)
     progress(f"reading networkfunction {namespace}/{name}")
     existing_nf = cluster.get(NETWORK_FUNCTIONS, namespace, name)
     existing_config = None
@@ -99,7 +105,8 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
         if choice.existing is not None:
             objects.existing_model(choice.existing, "CubeChain")
         sides = {s: ch.side_of(choice.existing or {}, s) for s in ch.SIDES}
-        sides[hook] = ch.place(sides[hook], name, placement, hook)
+        for h in hooks:
+            sides[h] = ch.place(sides[h], name, placement, h)
         desired_chain = objects.cube_chain(namespace, choice.name, choice.selector,
                                            sides["ingress"], sides["egress"], choice.priority,
                                            choice.existing)
@@ -112,10 +119,10 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
                 raise
             progress(f"cubechain {choice.name} changed meanwhile; trying again")
             continue
-        position = sides[hook].index(name) + 1
-        chain_change.note = (f"{hook}: {' -> '.join(sides[hook])} ({name} at position "
-                             f"{position} of {len(sides[hook])}; selects "
-                             f"{ch.format_selector(choice.selector)})")
+        chain_change.note = "; ".join(
+            f"{h}: {' -> '.join(sides[h])} ({name} at position {sides[h].index(name) + 1} "
+            f"of {len(sides[h])})" for h in hooks) + \
+            f" (selects {ch.format_selector(choice.selector)})"
         return [nf_change, chain_change]
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -129,15 +136,16 @@ def find_cubetype(cluster: Cluster, type_: str, progress: Callable[[str], None]
     if not re.match(TYPE_PATTERN, type_):  # no CubeType can have that name: ask no cluster
         raise InputError(f"unknown function type {type_!r}; built-in types: "
                          f"{', '.join(sorted(FUNCTION_TYPES))}, or a CubeType's name "
-                         "(lower-case letters, digits and dashes)")
+                         "(lower-case letters, digits and dashes)" + capture_hint(type_))
     progress(f"reading cubetype {type_}")
     found = cluster.get(CUBE_TYPES, None, type_)
     if found is None:
         names = sorted(o["metadata"]["name"] for o in cluster.list(CUBE_TYPES, None))
         raise InputError(f"unknown function type {type_!r}; built-in types: "
                          f"{', '.join(sorted(FUNCTION_TYPES))}; CubeTypes of the cluster: "
-                         f"{', '.join(names) or 'none'}")
+                         f"{', '.join(names) or 'none'}" + capture_hint(type_))
     return found
+
 
 
 def remove_cube(cluster: Cluster, *, namespace: str, name: str, dry_run: bool,

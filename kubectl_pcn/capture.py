@@ -155,10 +155,12 @@ def kubectl_flags(kubeconfig: str | None, context: str | None) -> list[str]:
 
 
 def capture_argv(r: Route, namespace: str, pod: str, filter_: str, count: int,
-                 duration: float, snaplen: int, budget: int, verbose: bool) -> list[str]:
+                 duration: float, snaplen: int, budget: int, verbose: bool,
+                 fmt: str = "pcapng") -> list[str]:
+    """`pcn-agent capture`'s command line; `fmt` pcapng or pcap (observecli.FORMATS)."""
     argv = [*r.argv, "capture", pod, "-n", namespace, "-f", filter_, "-c", str(count),
             "--duration", f"{duration:g}", "-s", str(snaplen), "--budget", str(budget), "-w", "-",
-            "--stop-on-stdin-eof"]
+            "--format", fmt, "--stop-on-stdin-eof"]
     return [*argv, "-v"] if verbose else argv
 
 

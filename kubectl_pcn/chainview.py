@@ -13,6 +13,14 @@ from . import chains as ch
 from .output import NONE, human_bytes, ready, table
 from .views import Obj, arrow, meta, rules_of, typed_table
 
+# The agents list a firewall's first 256 rules with their hits and, of the
+# later ones, the hits of the 256 most hit (pcn_agent.dataplane.cubes.
+# functions STATUS_RULES and STATUS_LATER_HITS): the status ConfigMap holds 1 MiB.
+AGENT_LATER_HITS = 256
+# The text view lists a firewall's rules when it has at most this many, else
+# this many of its most hit ones (-o json lists all)
+RULES_LISTED = 20
+
 
 def _valid_functions(nfs: Sequence[Obj]) -> dict[str, Obj]:
     from pydantic import ValidationError
@@ -30,6 +38,32 @@ def _valid_functions(nfs: Sequence[Obj]) -> dict[str, Obj]:
     return out
 
 
+def firewall_rules(texts: Sequence[str], hits: Sequence[int], total: int,
+                   later: Mapping[str, int], spec_rules: Sequence[str]) -> list[dict[str, Any]]:
+    """Every rule of a firewall, in order, as {"rule": text, "hits": n}.
+
+    The agent reports the first len(`texts`) rules with their `hits`, the
+    count of all (`total`, its rulesTotal) and the hits of the most hit later
+    rules by 0-based index (`later`, its laterHits). A later rule's text comes
+    from the NetworkFunction (`spec_rules`; "rule N" if the spec has fewer);
+    its hits from `later`, else 0 when `later` lists fewer than the agent's
+    bound (then it lists every later rule with hits), else None (unknown,
+    at most the least listed)."""
+    out = [{"rule": r, "hits": int(h)} for r, h in zip(texts, hits, strict=False)]
+    complete = len(later) < AGENT_LATER_HITS
+    for i in range(len(out), max(total, len(out))):
+        h = later.get(str(i))
+        out.append({"rule": spec_rules[i] if i < len(spec_rules) else f"rule {i + 1}",
+                    "hits": int(h) if h is not None else (0 if complete else None)})
+    return out
+
+
+def _rule_hits(rules: Sequence[Mapping[str, Any]]) -> int | None:
+    """The hits of all rules (None when no agent reported any)."""
+    hits = [r["hits"] for r in rules if r["hits"] is not None]
+    return sum(hits) if hits else None
+
+
 def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
                     counters: Mapping[str, Any] | None, realized: Sequence[str] | None,
                     namespace: str) -> dict[str, Any]:
@@ -45,9 +79,11 @@ def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
     if counters is not None and not firewall:
         entry["counters"], entry["settings"] = agents.type_counters(counters)
     if counters is not None:
-        entry["rules"] = [{"rule": r, "hits": h} for r, h in
-                          zip(counters.get("rules") or [], counters.get("hits") or [],
-                              strict=False)]
+        entry["rules"] = firewall_rules(
+            counters.get("rules") or [], counters.get("hits") or [],
+            int(counters.get("rulesTotal") or 0), counters.get("laterHits") or {},
+            rules_of(nf or {}) if int(counters.get("rulesTotal") or 0) > len(
+                counters.get("rules") or []) else [])
         entry["defaultHits"] = int(counters.get("defaultHits") or 0)
         entry["drops"] = int(counters.get("drops") or 0)
         if firewall and counters.get("allowReplies"):
@@ -57,6 +93,8 @@ def _function_entry(position: int, slot: ch.Slot, nf: Obj | None,
         entry["rules"] = [{"rule": r, "hits": None} for r in rules_of(nf or {})]
         entry["defaultHits"] = None
         entry["drops"] = None
+    entry["rulesTotal"] = len(entry["rules"])
+    entry["ruleHits"] = _rule_hits(entry["rules"])
     if realized is not None:
         entry["realized"] = f"nf.{namespace}.{slot.function}" in realized
     return entry
@@ -139,15 +177,17 @@ def namespace_chain_data(namespace: str, chains: Sequence[Obj], nfs: Sequence[Ob
         t = totals.get((namespace, fname))
         config = (nf.get("spec") or {}).get("config") or {}
         firewall = (nf.get("spec") or {}).get("type") == "firewall"
+        rules = (firewall_rules(t.rules, t.hits, t.rules_total, t.later_hits,
+                                rules_of(nf) if t.rules_total > len(t.rules) else [])
+                 if t else [{"rule": r, "hits": None} for r in rules_of(nf)])
         extra = {} if firewall else {"config": dict(config),
                                      "counters": t.counters if t else None,
                                      "settings": t.settings if t else None}
         fn_rows.append({**extra, "function": fname, "type": (nf.get("spec") or {}).get("type"),
                         "defaultAction": config.get("defaultAction", "allow")
                         if firewall else None,
-                        "rules": [{"rule": r, "hits": h} for r, h in zip(
-                            t.rules, t.hits, strict=False)] if t else
-                        [{"rule": r, "hits": None} for r in rules_of(nf)],
+                        "rules": rules, "rulesTotal": len(rules),
+                        "ruleHits": _rule_hits(rules),
                         "defaultHits": t.default_hits if t else None,
                         "drops": t.drops if t else None, "nodes": t.nodes if t else []})
     return {"namespace": namespace,
@@ -199,24 +239,28 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
                    "default hits", "drops", "realized"]
         rows = []
         for e in entries:
-            hits = [r["hits"] for r in e["rules"] if r["hits"] is not None]
             realized = e.get("realized")
             firewall = e["type"] == "firewall"
             rows.append([e["position"], e["function"], e["type"], e["chain"],
-                         len(e["rules"]) if firewall else NONE,
-                         (sum(hits) if hits else _n(None)) if firewall else NONE,
+                         e.get("rulesTotal", len(e["rules"])) if firewall else NONE,
+                         _n(e.get("ruleHits")) if firewall else NONE,
                          _n(e["defaultAction"]), _n(e["defaultHits"]) if firewall else NONE,
                          _n(e["drops"]),
                          NONE if realized is None else ("yes" if realized else "no")])
             if not firewall:
-                typed_rows.setdefault(e["type"], []).append((side, e))
+                # one cube on both sides: its counters once, side "both"
+                typed = typed_rows.setdefault(e["type"], [])
+                twice = [i for i, (_, t) in enumerate(typed) if t["function"] == e["function"]]
+                if twice:
+                    typed[twice[0]] = ("both", typed[twice[0]][1])
+                else:
+                    typed.append((side, e))
                 continue
             if e["function"] in listed:
                 for row in listed[e["function"]]:
                     row[0] = "both"
                 continue
-            rows_of = [[side, e["function"], i, r["rule"], _n(r["hits"])]
-                       for i, r in enumerate(e["rules"], 1)]
+            rows_of = [[side, e["function"], *row] for row in rule_listing(e["rules"])]
             rows_of.append([side, e["function"], "default", e["defaultAction"],
                             _n(e["defaultHits"])])
             if "replyHits" in e:
@@ -245,6 +289,27 @@ def pod_chain_text(d: Mapping[str, Any]) -> str:
                       for side, b in sorted(bandwidth.items())])]
     lines += _policy_text(d.get("policy"), d.get("node"))
     return "\n".join(lines)
+
+
+def rule_listing(rules: Sequence[Mapping[str, Any]], most: int = RULES_LISTED
+                 ) -> list[list[Any]]:
+    """The rows [number (1-based), rule, hits] that the text view lists of a
+    firewall's rules: all of them when they are at most `most`, else the
+    `most` most hit ones with hits (in rule order; the first `most` when no
+    agent reported hits) and a last row "... N more rules (M with hits),
+    -o json for all"."""
+    if len(rules) <= most:
+        return [[i, r["rule"], _n(r["hits"])] for i, r in enumerate(rules, 1)]
+    hit = [i for i, r in enumerate(rules) if r["hits"]]
+    if any(r["hits"] is not None for r in rules):
+        shown = sorted(sorted(hit, key=lambda i: -int(rules[i]["hits"]))[:most])
+    else:
+        shown = list(range(most))
+    rows: list[list[Any]] = [[i + 1, rules[i]["rule"], _n(rules[i]["hits"])] for i in shown]
+    more = f"{len(rules) - len(shown)} more rules"
+    if hit or any(r["hits"] is not None for r in rules):
+        more += f" ({len(hit) - len(set(hit) & set(shown))} with hits)"
+    return [*rows, ["...", f"{more}, -o json for all", ""]]
 
 
 def _policy_text(policy: Mapping[str, Any] | None, node: str | None) -> list[str]:
@@ -307,10 +372,10 @@ def namespace_chain_text(d: Mapping[str, Any], wide: bool) -> str:
     rows = []
     typed: dict[str, list[tuple[str, str, Mapping[str, Any]]]] = {}
     for f in d["functions"]:
-        hits = [r["hits"] for r in f["rules"] if r["hits"] is not None]
         firewall = f["type"] == "firewall"
-        rows.append([f["function"], f["type"], len(f["rules"]) if firewall else NONE,
-                     (sum(hits) if hits else NONE) if firewall else NONE,
+        rows.append([f["function"], f["type"],
+                     f.get("rulesTotal", len(f["rules"])) if firewall else NONE,
+                     _n(f.get("ruleHits")) if firewall else NONE,
                      _n(f["defaultAction"]), _n(f["defaultHits"]) if firewall else NONE,
                      _n(f["drops"]), ",".join(f["nodes"]) or NONE])
         if not firewall:

@@ -302,8 +302,10 @@ def _custom_type_help(ctx: click.Context, formatter: click.HelpFormatter, type_:
         return
     if found is None:
         with formatter.section(f"Parameters of {type_}"):
+            from .rules import capture_hint
+
             formatter.write_text(f"(no CubeType {type_} in the cluster; built-in types: "
-                                 f"{', '.join(FUNCTION_TYPES)})")
+                                 f"{', '.join(FUNCTION_TYPES)}{capture_hint(type_)})")
         return
     spec = found.get("spec") or {}
     try:
@@ -353,9 +355,9 @@ chain selecting it, in ascending --priority then name (see `kubectl pcn chain PO
 @click.argument("name", required=False, shell_complete=completion.names(_functions))
 @click.option("-l", "--selector", metavar="SEL",
               help="Pods it applies to, as kubectl selects: app=web,tier!=db,env in (a,b).")
-@click.option("--hook", type=click.Choice(ch.SIDES), default=None,
-              help="ingress: traffic to the pods; egress: traffic from them. Default: "
-                   "ingress, or a CubeType's defaultHook.")
+@click.option("--hook", type=click.Choice([*ch.SIDES, "both"]), default=None,
+              help="ingress: traffic to the pods; egress: traffic from them; both. Default: "
+                   "ingress (packetcapture: both), or a CubeType's defaultHook.")
 @click.option("--before", metavar="FUNCTION", shell_complete=completion.names(_functions),
               help="Place it just before this function of the chain's side.")
 @click.option("--after", metavar="FUNCTION", shell_complete=completion.names(_functions),
@@ -386,9 +388,15 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str | Non
              chain_name: str | None, priority: int | None, dry_run: str,
              params: tuple[str, ...] = (), **field_values: str | bool | None) -> None:
     """Create or update the NetworkFunction NAME (default: TYPE) of type TYPE
-    (firewall, policer, or a CubeType of the cluster) and insert it in a
-    CubeChain of the namespace. `kubectl pcn add-cube TYPE --help` lists the
-    options of that type, or a CubeType's parameters."""
+    (firewall, policer, flowmonitor, packetcapture, or a CubeType of the
+    cluster) and insert it in a CubeChain of the namespace. `kubectl pcn
+    add-cube TYPE --help` lists the options of that type, or a CubeType's
+    parameters.
+
+    A packetcapture is a capture point kept in the chain (compiled once):
+    `kubectl pcn capture POD` reads it, with its filter or a narrower
+    --filter. While nobody reads it, it copies nothing and only counts the
+    packets its filter matches (`kubectl pcn chain`)."""
     from .rules import field_options
 
     s = settings()
@@ -757,13 +765,20 @@ parentheses (pcap-filter(7)'s syntax for these).
 @click.option("--rate", "budget", type=click.IntRange(1, 100_000), default=2000,
               show_default=True, help="Packets copied a second, at most (more are counted).")
 @click.option("-w", "--write", "write", default="-", metavar="FILE|-",
-              help="The pcap file ('-': stdout).")
+              help="The capture file ('-': stdout).")
+@click.option("--format", "fmt", type=click.Choice(["pcapng", "pcap"]), default="pcapng",
+              show_default=True, help="pcapng marks each packet inbound (to the pod) or "
+              "outbound (from it); classic pcap has no direction.")
 @global_options
 def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: int, budget: int,
-                write: str) -> None:
-    """Capture POD's packets, both directions, as pcap (nanosecond timestamps):
-    on a cluster through the node's pcn-agent pod (kubectl exec), in the lab
-    through its agent's socket. Progress on stderr."""
+                write: str, fmt: str) -> None:
+    """Capture POD's packets, both directions, as pcapng (nanosecond
+    timestamps, each packet marked inbound or outbound: tcpdump -r and
+    Wireshark read it) or classic pcap: on a cluster through the node's
+    pcn-agent pod (kubectl exec), in the lab through its agent's socket.
+    When POD's chain has a packetcapture function (add-cube packetcapture),
+    the capture reads it (its filter narrowed by --filter) instead of adding
+    a cube. Progress on stderr."""
     from pcn_crds.capfilter import FilterError, compile_filter
 
     from . import capture as cap
@@ -774,11 +789,12 @@ def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: in
     except FilterError as exc:
         raise InputError(str(exc)) from None
     if write == "-" and sys.stdout.isatty():
-        raise InputError("pcap is binary: give -w FILE, or pipe it (| tcpdump -nr -)")
+        raise InputError("a capture is binary: give -w FILE, or pipe it (| tcpdump -nr -)")
     node, r = _agent_route(pod)
-    s.progress(f"capturing {s.ns}/{pod} on node {node} through {r.via}")
+    # the agent's command says "capturing" once the capture copies packets
+    s.progress(f"asking node {node}'s agent for a capture of {s.ns}/{pod} through {r.via}")
     argv = cap.capture_argv(r, s.ns, pod, filter_, count, duration, snaplen, budget,
-                            s.verbosity >= 2)
+                            s.verbosity >= 2, fmt)
     if write == "-":
         code = cap.run_capture(r, argv, sys.stdout.buffer)
     else:

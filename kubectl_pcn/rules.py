@@ -150,10 +150,26 @@ def custom_config(cubetype: Mapping[str, Any], existing: Mapping[str, Any] | Non
     return config
 
 
+# Types a user may mean when asking for a capture (`kubectl pcn capture` is a
+# verb of its own): their error points there
+_CAPTURE_WORDS = ("capture", "pcap", "sniff", "tcpdump", "wireshark")
+def capture_hint(type_: str) -> str:
+    """For a type name close to "capture" (capture, pcap, sniff...): where
+    captures are ("" for other names)."""
+    import difflib
+
+    low = type_.lower()
+    if any(w in low for w in _CAPTURE_WORDS) or difflib.get_close_matches(
+            low, ("capture", "packetcapture"), n=1, cutoff=0.75):
+        return ("; to capture a pod's packets now, run `kubectl pcn capture POD`; to keep a "
+                "capture point in the chain, add-cube packetcapture")
+    return ""
+
+
 def check_type(type_: str) -> str:
     if type_ not in FUNCTION_TYPES:
         raise InputError(f"unknown function type {type_!r}; known types: "
-                         f"{', '.join(sorted(FUNCTION_TYPES))}")
+                         f"{', '.join(sorted(FUNCTION_TYPES))}" + capture_hint(type_))
     return type_
 
 

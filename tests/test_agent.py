@@ -171,6 +171,16 @@ def test_service_and_endpoints_make_the_service_reachable(cluster: Cluster) -> N
     assert set(r["hosts"]) <= {"web-1", "web-2"}
 
 
+def test_the_capture_program_is_compiled_after_the_first_reconcile(cluster: Cluster) -> None:
+    """So that the node's first `kubectl pcn capture` starts at once (it
+    missed a flow's first seconds while it compiled: issue 12 trial),
+    without delaying the Services of the first reconcile."""
+    agent = agent_mod.AGENT
+    assert agent.reconciles >= 1
+    wait_for("the capture program", lambda: agent.node.rt.type_loaded("packetcapture"),
+             timeout=120)
+
+
 def test_scaling_endpoints_moves_traffic(cluster: Cluster) -> None:
     svc, sl = _svc_and_slice(cluster, ["web-2"])
     apply(cluster.api, svc)

@@ -191,7 +191,7 @@ def test_capture_and_flows_through_kubectl_exec(cluster: ClusterState, tmp_path:
                 cap.kill()
                 cap.wait()
         assert cap.returncode == 0, err
-        assert "2 packets captured (1 from the pod, 1 to it); count" in err, err
+        assert "2 packets captured (1 from the pod, 1 to it); stopped: 2 packets captured (-c 2)" in err, err
         tcpdump = shutil.which("tcpdump")
         if tcpdump is not None:
             out = subprocess.run([tcpdump, "-r", str(pcap), "-nn"], capture_output=True,

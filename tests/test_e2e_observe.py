@@ -30,12 +30,17 @@ from pathlib import Path
 import pytest
 
 from pcn_agent.control import captureproto as proto
+from pcn_agent.control import pcap as pcapfile
 from pcn_agent.control.localapi import LocalApiServer
 from pcn_agent.control.manager import DataplaneManager
 from pcn_agent.control.observe import Observer
-from pcn_agent.control.pcap import read_pcap
+from pcn_agent.control.pcap import read_pcap, read_pcapng
 from pcn_agent.control.reconcile import FunctionSpec
-from pcn_agent.dataplane.cubes.functions import FlowMonitorSettings
+from pcn_agent.dataplane.cubes.functions import (
+    FlowMonitorSettings,
+    PacketCaptureFunction,
+    PacketCaptureSettings,
+)
 from pcn_lab.apiserver import EmulatedApiServer, apply
 from pcn_lab.topology import Lab
 
@@ -133,15 +138,27 @@ def test_capture_and_flows_of_a_tcp_transfer(agent: Agent, tmp_path: Path) -> No
                                 chains={"n1p1": ((MONITOR,), (MONITOR,))}))
     assert MONITOR in agent.manager.monitors
     pcap = tmp_path / "c.pcap"
+    # the module's first capture: its program compiles first (in an agent,
+    # manager.warm_up compiles it in the background once the data plane is
+    # up), and the command says so before it says the capture started
+    assert not agent.node.rt.type_loaded("packetcapture")
     cap = subprocess.Popen([*AGENT, "capture", "n1p1", "-n", "default", "-f",
                             f"tcp port {PORT}", "-s", "128", "--budget", "100000",
-                            "--duration", "8", "-w", str(pcap)],
+                            "--duration", "8", "-w", str(pcap), "--format", "pcap"],
                            env=agent.env(), stderr=subprocess.PIPE, text=True)
     try:
         assert cap.stderr is not None
         first = cap.stderr.readline()
+        assert first.startswith("pcn-agent capture: compiling the capture program on node "
+                                f"{node.cfg.name} (first use)"), first
+        assert agent.captures() == []
+        first = cap.stderr.readline()
         assert first.startswith("capturing default/n1p1"), first
+        # "capturing" once the cube is on the pod's hooks (it copies from then on)
         assert len(agent.captures()) == 1
+        port = node.pods["n1p1"].port
+        cube = node.rt.stacked(agent.captures()[0])
+        assert cube in port.hooks[0] and cube in port.hooks[1]
         nbytes = 3_000_000
         got, cport = transfer(agent, nbytes)
         assert got == nbytes
@@ -151,7 +168,7 @@ def test_capture_and_flows_of_a_tcp_transfer(agent: Agent, tmp_path: Path) -> No
             cap.kill()
             cap.wait()
     assert cap.returncode == 0, err
-    assert "duration" in err
+    assert "stopped: 8 s elapsed (--duration 8)" in err, err
     # gone from the data plane once it ended
     assert agent.captures() == []
     assert node.taps == {}
@@ -227,6 +244,71 @@ def test_a_reader_that_closes_stops_the_capture(agent: Agent) -> None:
     assert agent.captures() == [] and agent.node.taps == {}
 
 
+CAPTURE_POINT = "nf.default.cap"
+
+
+def test_a_capture_reads_the_pods_packetcapture_function(agent: Agent, tmp_path: Path) -> None:
+    """A packetcapture NetworkFunction on the chain of both pods (both
+    sides): while nobody reads it, it counts what its filter matches and
+    copies nothing; `pcn-agent capture` of n1p2 reads it (no cube of its
+    own, the function's filter narrowed by --filter, only what n1p2's port
+    saw), and afterwards it copies nothing again."""
+    lab, node, manager = agent.lab, agent.node, agent.manager
+    server, client = lab.pods["n1p2"], lab.pods["n1p1"]
+    before = manager.current
+    c_from, c_to = before.chains.get("n1p1", ((), ()))
+    manager.apply(replace(before, functions={
+        **before.functions, CAPTURE_POINT: FunctionSpec(
+            "packetcapture", PacketCaptureSettings("icmp", 200, 1000))},
+        chains={**before.chains, "n1p2": ((CAPTURE_POINT,), (CAPTURE_POINT,)),
+                "n1p1": ((*c_from, CAPTURE_POINT), (*c_to, CAPTURE_POINT))}))
+    try:
+        fn = manager.functions[CAPTURE_POINT]
+        assert isinstance(fn, PacketCaptureFunction)
+        lab.exec(client.netns, ["ping", "-c", "2", "-i", "0.2", server.ip], check=True)
+        idle = fn.status()
+        # each of the 4 packets on both pods' ports
+        assert idle["matchedPackets"] == 8 and idle["copiedPackets"] == 0, idle
+        assert not idle["reading"] and fn.cap.budget == 0
+
+        out = tmp_path / "fn.pcapng"
+        cap = subprocess.Popen([*AGENT, "capture", "n1p2", "-n", "default", "-f",
+                                f"host {client.ip}", "-c", "4", "-s", "1000", "-w", str(out)],
+                               env=agent.env(), stderr=subprocess.PIPE, text=True)
+        try:
+            assert cap.stderr is not None
+            first = cap.stderr.readline()
+            assert first.startswith(
+                f"capturing default/n1p2 on node {node.cfg.name} through its capture point "
+                f"{CAPTURE_POINT} (filter '(icmp) and (host {client.ip})', snaplen 200, at most "
+                "1000 packets/s)"), first
+            assert agent.captures() == [CAPTURE_POINT]  # no on-demand cube
+            assert fn.reader and fn.cap.budget == 1000
+            lab.exec(client.netns, ["ping", "-c", "2", "-i", "0.2", server.ip], check=True)
+            _, err = cap.communicate(timeout=30)
+        finally:
+            if cap.poll() is None:
+                cap.kill()
+                cap.wait()
+        assert cap.returncode == 0, err
+        assert "4 packets captured (2 from the pod, 2 to it); stopped: 4 packets captured " \
+            "(-c 4)" in err, err
+        with out.open("rb") as f:
+            pf = read_pcapng(f)
+        assert len(pf.records) == 4 and pf.snaplen == 200
+        assert [r.direction for r in pf.records] == [pcapfile.INBOUND, pcapfile.OUTBOUND] * 2
+        after = fn.status()
+        # copied on both ports, n1p1's not sent to n1p2's reader (the last
+        # reply reaches n1p1's port just after the capture of n1p2 has its
+        # 4 and may find the capture stopped)
+        assert after["copiedPackets"] in (7, 8), after
+        assert not after["reading"] and fn.cap.budget == 0
+        assert agent.captures() == [CAPTURE_POINT] and node.taps == {}
+    finally:
+        manager.apply(before)
+    assert agent.captures() == []
+
+
 def test_errors_reach_the_command(agent: Agent) -> None:
     r = agent.run("capture", "n1p1", "-n", "default", "-f", "tcp port x")
     assert r.returncode == 1
@@ -287,10 +369,19 @@ def test_kubectl_pcn_capture_and_flows_in_the_lab(agent: Agent, kubectl: tuple[P
             cap.kill()
             cap.wait()
     assert cap.returncode == 0, err
-    assert "4 packets captured (2 from the pod, 2 to it); count" in err
-    with pcap.open("rb") as f:
-        recs = read_pcap(f).records
-    assert len(recs) == 4
+    assert "4 packets captured (2 from the pod, 2 to it); stopped: 4 packets captured " \
+        "(-c 4)" in err, err
+    with pcap.open("rb") as f:  # pcapng by default: each packet's direction marked
+        pf = read_pcapng(f)
+    recs = pf.records
+    assert len(recs) == 4 and pf.if_name == "default/n1p2" and pf.tsresol == 9
+    # n1p2 is pinged: the request comes in (inbound), the reply goes out
+    assert sorted(r.direction for r in recs) == [pcapfile.INBOUND] * 2 + [pcapfile.OUTBOUND] * 2
+    assert recs[0].direction == pcapfile.INBOUND
+    if TCPDUMP is not None:
+        out = subprocess.run([TCPDUMP, "-r", str(pcap), "-nn"], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+        assert out.count("ICMP echo request") == 2 and out.count("ICMP echo reply") == 2, out
     assert agent.captures() == []
 
     flows = subprocess.run([kpcn, "--kubeconfig", str(kc), "flows", "n1p1", "-n", "default",
@@ -318,15 +409,19 @@ def test_kubectl_pcn_capture_and_flows_in_the_lab(agent: Agent, kubectl: tuple[P
 # ---------------------------------------------------------------------------- restarts
 def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
     """Captures belong to the agent process that reads them: a new agent
-    takes them off the pods and removes them. Flow monitors are functions:
-    adopted with their bound and their (pinned) flows."""
+    takes them off the pods and removes them. Flow monitors and capture
+    points are functions: adopted with their settings (a monitor with its
+    pinned flows; a capture point idle, copying nothing)."""
     from pcn_agent.dataplane.cubes.packetcapture import PacketCapture
 
+    point = PacketCaptureSettings("udp", 100, 50)
     with Lab(nodes_count=1, pods_per_node=2) as lab:
         node = lab.node(1)
         mgr = DataplaneManager(node)
-        mgr.apply(replace(mgr.current, functions={MONITOR: FunctionSpec("flowmonitor", FlowMonitorSettings(77))},
-                          chains={"n1p1": ((MONITOR,), ())}))
+        mgr.apply(replace(mgr.current, functions={
+            MONITOR: FunctionSpec("flowmonitor", FlowMonitorSettings(77)),
+            CAPTURE_POINT: FunctionSpec("packetcapture", point)},
+            chains={"n1p1": ((MONITOR,), ()), "n1p2": ((CAPTURE_POINT,), (CAPTURE_POINT,))}))
         cap = PacketCapture(node.rt, "capture.1.n1p1", [])
         node.set_pod_taps("n1p1", [cap.name], [cap.name])
         assert len(node.pods["n1p1"].port.hooks[0]) == 3  # the capture, the lbrp, the monitor
@@ -334,7 +429,8 @@ def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
         before = {(f.src, f.dst, f.packets) for f in mgr.monitors[MONITOR].flows()}
         assert before
         new = lab.restart_node(1)
-        assert [c for c in new.rt.cubes.values() if c.type == "packetcapture"] == []
+        assert [c.name for c in new.rt.cubes.values() if c.type == "packetcapture"] == \
+            [CAPTURE_POINT]
         hooks = new.pods["n1p1"].port.hooks
         mon = new.rt.stacked(MONITOR)
         assert hooks[0][1:] == [mon] and len(hooks[0]) == 2 and len(hooks[1]) == 1
@@ -342,6 +438,11 @@ def test_a_restarted_agent_drops_captures_and_keeps_monitors() -> None:
         assert adopted.monitors[MONITOR].max_flows == 77
         assert adopted.current.functions[MONITOR] == FunctionSpec("flowmonitor", FlowMonitorSettings(77))
         assert {(f.src, f.dst, f.packets) for f in adopted.monitors[MONITOR].flows()} == before
+        assert adopted.current.functions[CAPTURE_POINT] == FunctionSpec("packetcapture", point)
+        fn = adopted.functions[CAPTURE_POINT]
+        assert isinstance(fn, PacketCaptureFunction) and fn.cap.budget == 0 and not fn.reader
+        assert fn.cap.program and new.rt.stacked(CAPTURE_POINT) in \
+            new.pods["n1p2"].port.hooks[0]
         lab.exec(lab.pods["n1p1"].netns, ["ping", "-c", "1", lab.pods["n1p2"].ip], check=True)
         assert sum(f.packets for f in adopted.monitors[MONITOR].flows()) > \
             sum(p for _, _, p in before)

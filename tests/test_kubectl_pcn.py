@@ -316,13 +316,14 @@ def test_add_cube_config_file(lab: Lab, tmp_path: Path) -> None:
 def test_unknown_type_lists_the_known_ones(lab: Lab) -> None:
     res = lab.run("add-cube", "NAT", "fw", "--rule", "drop", code=2)
     assert res.stderr.strip() == "Error: unknown function type 'NAT'; built-in types: " \
-                                 "firewall, flowmonitor, policer, or a CubeType's name (lower-case " \
-                                 "letters, digits and dashes)"
+                                 "firewall, flowmonitor, packetcapture, policer, or a " \
+                                 "CubeType's name (lower-case letters, digits and dashes)"
     assert lab.requests() == [], "an input error must not reach the cluster"
     # a name a CubeType could have is looked up, and the cluster's are listed
     res = lab.run("add-cube", "nat", "--rule", "drop", code=2)
     assert res.stderr.strip() == "Error: unknown function type 'nat'; built-in types: " \
-                                 "firewall, flowmonitor, policer; CubeTypes of the cluster: none"
+                                 "firewall, flowmonitor, packetcapture, policer; CubeTypes " \
+                                 "of the cluster: none"
     assert lab.writes() == []
 
 
@@ -606,6 +607,33 @@ def test_add_cube_help_shows_the_types_options(lab: Lab) -> None:
     assert "--rule RULE" in firewall and "--rate" not in firewall
     every = lab.run("add-cube", "--help").stdout
     assert "Options of a firewall" in every and "Options of a policer" in every
+
+
+def test_packetcapture_is_an_add_cube_type(lab: Lab) -> None:
+    """A capture point kept in the chain (issue 12 trial: packetcapture was
+    no add-cube type, and nothing pointed to `kubectl pcn capture`)."""
+    helptext = lab.run("add-cube", "packetcapture", "--help").stdout
+    assert "Options of a packetcapture (its spec.config):" in helptext
+    assert "--filter TEXT" in helptext or "--filter VALUE" in helptext, helptext
+    assert "--snap-length" in helptext and "--max-packets-per-second" in helptext
+    assert "copies nothing" in helptext and "--rule" not in helptext
+    seed_cluster(lab)
+    res = lab.run("-n", "web", "add-cube", "packetcapture", "cap", "--filter", "tcp port 80",
+                  "--snap-length", "256", "--selector", "app=web")
+    assert "networkfunction.pcn.dev/cap created" in res.stdout
+    assert lab.spec(NF, "cap") == {"type": "packetcapture", "config": {
+        "filter": "tcp port 80", "snapLength": 256}}
+    chain = lab.spec(CC, "pods-app-web")
+    assert [f["function"] for f in chain["ingress"]][-1] == "cap"
+    assert [f["function"] for f in chain["egress"]][-1] == "cap"  # both sides by default
+    res = lab.run("-n", "web", "add-cube", "packetcapture", "bad", "--filter", "hots 10.0.0.1",
+                  code=2)
+    assert "filter" in res.stderr
+    for typo in ("capture", "pcap", "packet-capture"):
+        res = lab.run("-n", "web", "add-cube", typo, code=2)
+        assert "run `kubectl pcn capture POD`" in res.stderr, res.stderr
+    res = lab.run("add-cube", "capture", "--help")
+    assert "run `kubectl pcn capture POD`" in " ".join(res.stdout.split()), res.stdout
 
 
 def test_add_cube_policer_and_its_counters_in_chain(lab: Lab) -> None:

@@ -165,7 +165,9 @@ def test_chain_selects_pods_in_order_with_user_semantics() -> None:
     assert not r.desired.functions[a].settings.allow_replies
     assert r.verdicts[("CubeChain", "web", "early")].pods == 1
     assert r.verdicts[("CubeChain", "web", "late")].pods == 2
-    assert r.verdicts[("NetworkFunction", "web", "fw-b")].pods >= 2
+    # pods, not pod sides: fw-b is on both of api-1's sides and db-1's ingress
+    assert r.verdicts[("NetworkFunction", "web", "fw-b")].pods == 2
+    assert r.verdicts[("NetworkFunction", "web", "fw-a")].pods == 1
 
 
 def test_firewall_reply_tracking_is_part_of_its_spec() -> None:

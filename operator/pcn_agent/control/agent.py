@@ -280,6 +280,11 @@ class Agent:
             self.apply_errors += 1
             self.last_error = f"{op.kind} {op.key}: {err}"
             self._blame(result.verdicts, op, err)
+        if self.reconciles == 0:
+            # after the first reconcile (Services, pods and functions in
+            # place), not with the functions' warm-up when the data plane
+            # comes up: its compile must not delay them
+            loop.run_in_executor(None, self.manager.warm_up_capture)
         self.reconciles += 1
         self.reconcile_seconds.append(time.monotonic() - start)
         del self.reconcile_seconds[:-1000]

@@ -8,7 +8,9 @@ request line:
      "snaplen": 8192, "budget": 2000, "count": 0, "duration": 0, "heartbeat": 5}
 
 (`count`/`duration` 0: unbounded; `heartbeat`: seconds without a heartbeat
-after which the agent stops the capture.) The agent answers one JSON line:
+after which the agent stops the capture.) The agent answers with any number of progress lines {"progress": TEXT}
+(for the user: the capture has not started; e.g. its program compiling on
+first use), then one JSON line:
 {"ok": false, "error": ..., "code": ...} and closes, or {"ok": true, "capture":
 NAME, "node": ..., "pod": ..., "snaplen": ..., "budget": ...} followed by
 frames:

@@ -208,12 +208,27 @@ class DataplaneManager:
     def warm_up(self) -> None:
         """Compile what every function type's first instance runs ahead of
         need, so the first NetworkFunction takes effect without waiting for
-        a compile."""
+        a compile. Off the reconcile path: the agent runs it in the
+        background once its data plane is up; the compiles hold no lock."""
         for kind in FUNCTION_CUBES.values():
             try:
                 kind.warm_up(self.node.rt)
             except Exception:
                 log.exception("could not compile the %s cube ahead of need", kind.type)
+
+    def warm_up_capture(self) -> None:
+        """Compile the packet capture program (the packetcapture type's,
+        which every `kubectl pcn capture` and capture point runs) ahead of
+        need: the first capture on a node missed a flow's first seconds, its
+        SYN among them, while it compiled (issue 12 trial). The agent runs it
+        in the background after its first reconcile, so that it does not
+        compete with the Services' first realisation; no lock held."""
+        from pcn_agent.dataplane.cubes import packetcapture
+
+        try:
+            self.node.rt.load_type(packetcapture.TYPE)
+        except Exception:
+            log.exception("could not compile the packet capture program ahead of need")
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per-cube drop counters and per-port traffic, for metrics."""

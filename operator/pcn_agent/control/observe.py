@@ -1,7 +1,14 @@
 """Observation ops of the agent's local API: packet captures (a stream, see
 pcn_agent.control.captureproto) and the flow monitors' tables (`flows`).
 
-A capture is a packetcapture cube stacked outermost on both hooks of one
+A capture reads the pod's packetcapture NetworkFunction when its chain has
+one nobody reads (PacketCaptureFunction: already compiled and in place,
+with its filter narrowed by the reader's, its snap length and rate bounded
+by the function's; afterwards it copies nothing again). The function's one
+cube serves every pod of its chain on the node: the reader gets the copies
+made on its pod's port, and the other pods' matching packets count against
+the rate bound too. Otherwise it is a
+packetcapture cube stacked outermost on both hooks of one
 pod's port (NodeDataplane.set_pod_taps) for as long as its reader keeps the
 connection open and heartbeats: it ends at its frame count, its duration,
 when the reader closes, or after `heartbeat` seconds without a heartbeat
@@ -25,6 +32,8 @@ from pcn_agent.cni.spec import INTERNAL, INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_
 from pcn_agent.control import captureproto as proto
 from pcn_agent.control.localapi import ApiError
 from pcn_agent.dataplane.cubes import packetcapture as pc
+from pcn_agent.dataplane.cubes.functions import PacketCaptureFunction
+from pcn_agent.node.wiring import CAPTURE_PREFIX
 from pcn_crds.capfilter import FilterError, compile_filter
 
 if TYPE_CHECKING:
@@ -147,10 +156,25 @@ class Observer:
                 raise ApiError(str(exc), INVALID_CONFIG) from None
             if self._stop.is_set():
                 raise ApiError("the agent is stopping", TRY_AGAIN_LATER)
+            if not self.node.rt.type_loaded(pc.TYPE):  # (a capture function loads it too)
+                # the agent compiles it in the background after its first
+                # reconcile (manager.warm_up_capture); a capture before that
+                # waits for it: say so
+                _send_json(conn, {"progress": f"compiling the capture program on node "
+                                              f"{self.node.cfg.name} (first use), a few "
+                                              f"seconds; the capture starts after it"})
+                t0 = time.monotonic()
+                self.node.rt.load_type(pc.TYPE)  # outside the manager's lock: pods attach
+                log.info("capture program compiled in %.1f s", time.monotonic() - t0)
             q: queue.Queue[pc.Captured] = queue.Queue(QUEUE_MAX)
             overflow = [0]
+            # a capture point serves every pod of its chain on the node: a
+            # reader gets the copies made on its pod's port only
+            only_port: list[int | None] = [None]
 
             def sink(c: pc.Captured) -> None:
+                if only_port[0] is not None and c.port != only_port[0]:
+                    return
                 try:
                     q.put_nowait(c)
                 except queue.Full:
@@ -158,18 +182,37 @@ class Observer:
 
             with self.lock:
                 pod = self._pod(request)
-                self._ids += 1
-                name = f"capture.{self._ids}.{pod.k8s_name}"[:60]
                 ring = self._ensure_ring()
-                cap = pc.PacketCapture(self.node.rt, name, program, snaplen, budget)
-                ring.register(cap.instance, sink)
-                try:
-                    self._stack(pod, name, add=True)
-                except BaseException:
-                    ring.unregister(cap.instance)
-                    cap.delete()
-                    raise
-                self.active[name] = cap
+                fn = self._capture_function(pod)
+                if fn is not None:  # the pod's capture point: read it
+                    name, cap = fn.name, fn.cap
+                    try:
+                        program = compile_filter(_narrower(fn.settings.filter, text))
+                    except FilterError as exc:
+                        raise ApiError(f"{exc} (with the filter of {fn.name})",
+                                       INVALID_CONFIG) from None
+                    base = cap.stats()
+                    only_port[0] = pod.port.id
+                    ring.register(cap.instance, sink)
+                    try:
+                        fn.start_reading(program, snaplen, budget)
+                    except BaseException:
+                        ring.unregister(cap.instance)
+                        raise
+                    snaplen, budget = cap.snaplen, cap.budget
+                else:
+                    self._ids += 1
+                    name = f"{CAPTURE_PREFIX}{self._ids}.{pod.k8s_name}"[:60]
+                    cap = pc.PacketCapture(self.node.rt, name, program, snaplen, budget)
+                    base = {}
+                    ring.register(cap.instance, sink)
+                    try:
+                        self._stack(pod, name, add=True)
+                    except BaseException:
+                        ring.unregister(cap.instance)
+                        cap.delete()
+                        raise
+                    self.active[name] = cap
         except ApiError as exc:
             _send_json(conn, {"ok": False, "error": str(exc), "code": exc.code})
             return
@@ -180,21 +223,36 @@ class Observer:
             return
         log.info("capture %s of %s/%s started (filter %r, snaplen %d, budget %d/s)", name,
                  pod.k8s_namespace, pod.k8s_name, text, snaplen, budget)
-        reason, sent = "error", 0
+        reason, sent = "stopped: an error in the agent (see its log)", 0
         try:
-            _send_json(conn, {"ok": True, "capture": name, "node": self.node.cfg.name,
-                              "pod": f"{pod.k8s_namespace}/{pod.k8s_name}",
-                              "snaplen": snaplen, "budget": budget})
+            head: dict[str, Any] = {
+                "ok": True, "capture": name, "node": self.node.cfg.name,
+                "pod": f"{pod.k8s_namespace}/{pod.k8s_name}", "snaplen": snaplen,
+                "budget": budget}
+            if fn is not None:
+                head["function"] = name
+                head["sides"] = [side for side, names in (("from-pod", pod.ingress),
+                                                          ("to-pod", pod.egress))
+                                 if name in names]
+                head["filter"] = _narrower(fn.settings.filter, text)
+            _send_json(conn, head)
             reason, sent = self._stream(conn, q, pod, count, duration, heartbeat)
         except OSError as exc:
-            reason = f"reader gone ({exc})"
+            reason = f"stopped: the reader went away ({exc})"
         finally:
             with self.lock:
                 ring.unregister(cap.instance)
-                self._stack(pod, name, add=False)
-                stats = cap.stats()
-                cap.delete()
-                self.active.pop(name, None)
+                if fn is not None:
+                    if self.manager.functions.get(name) is fn:  # not deleted meanwhile
+                        stats = {k: v - base.get(k, 0) for k, v in cap.stats().items()}
+                        fn.stop_reading()
+                    else:
+                        stats = {}
+                else:
+                    self._stack(pod, name, add=False)
+                    stats = cap.stats()
+                    cap.delete()
+                    self.active.pop(name, None)
             stats.update(sent=sent, agent_dropped=overflow[0] + q.qsize())
             log.info("capture %s ended: %s (%s)", name, reason, stats)
             try:
@@ -202,6 +260,15 @@ class Observer:
                 conn.sendall(proto.end_frame(reason, stats))
             except OSError:
                 pass
+
+    def _capture_function(self, pod: Pod) -> PacketCaptureFunction | None:
+        """The first packetcapture NetworkFunction of the pod's chain that
+        nobody reads (None: the capture is an on-demand cube of its own)."""
+        for n in dict.fromkeys([*pod.ingress, *pod.egress]):
+            f = self.manager.functions.get(n)
+            if isinstance(f, PacketCaptureFunction) and not f.reader:
+                return f
+        return None
 
     def _stack(self, pod: Pod, name: str, add: bool) -> None:
         """Add or take capture `name` to or from both of the pod's taps."""
@@ -222,19 +289,19 @@ class Observer:
         while True:
             now = time.monotonic()
             if count and sent >= count:
-                return "count", sent
+                return f"stopped: {sent} packets captured (-c {count})", sent
             if duration and now - start >= duration:
-                return "duration", sent
+                return f"stopped: {duration:g} s elapsed (--duration {duration:g})", sent
             if now - last_beat > heartbeat:
-                return f"no heartbeat from the reader for {heartbeat:g} s", sent
+                return f"stopped: no heartbeat from the reader for {heartbeat:g} s", sent
             if self._stop.is_set():
-                return "the agent is stopping", sent
+                return "stopped: the agent is stopping", sent
             if self.node.pods.get(pod.key) is not pod:
-                return "the pod is gone", sent
+                return "stopped: the pod is gone", sent
             readable, _, _ = select.select([conn], [], [], 0.05)
             if readable:
                 if not conn.recv(4096):
-                    return "the reader closed the stream", sent
+                    return "stopped: the reader closed the stream (interrupted)", sent
                 last_beat = now
             out = bytearray()
             while len(out) < SEND_CHUNK and not (count and sent >= count):
@@ -248,7 +315,15 @@ class Observer:
                 try:
                     conn.sendall(out)
                 except TimeoutError:
-                    return f"the reader did not read for {heartbeat:g} s", sent
+                    return f"stopped: the reader did not read for {heartbeat:g} s", sent
+
+
+def _narrower(function_filter: str, text: str) -> str:
+    """What a capture through a packetcapture function copies: its filter,
+    narrowed by the reader's (both must match)."""
+    if function_filter and text:
+        return f"({function_filter}) and ({text})"
+    return function_filter or text
 
 
 def _send_json(conn: socket.socket, obj: Mapping[str, Any]) -> None:

@@ -4,8 +4,10 @@ packets or flows. `kubectl pcn capture|flows` runs them in the node's
 pcn-agent pod with `kubectl exec` (as `kubectl sniff` runs tcpdump in a
 pod), or, in the emulated lab, next to the lab's agents.
 
-capture writes a classic pcap (nanosecond timestamps, LINKTYPE_ETHERNET)
-to stdout or -w FILE and progress to stderr; it heartbeats the agent while
+capture writes pcapng (nanosecond timestamps, LINKTYPE_ETHERNET, each
+packet marked inbound, to the pod, or outbound, from it: pcn_agent.control.
+pcap) or with --format pcap a classic pcap (no direction) to stdout or
+-w FILE, and progress to stderr; it heartbeats the agent while
 it reads, so a capture whose reader dies stops by itself. flows prints the
 agent's JSON answer.
 """
@@ -22,9 +24,13 @@ from typing import BinaryIO
 
 from pcn_agent.cni import localapi
 from pcn_agent.control import captureproto as proto
-from pcn_agent.control.pcap import PcapWriter
+from pcn_agent.control import pcap
 
 DEFAULT_SOCKET = "/run/pcn/agent.sock"
+FORMATS = ("pcapng", "pcap")
+# the direction of a copy as pcapng's epb_flags says it, from the pod's view
+# (its interface): what it receives is inbound, what it sends outbound
+_EPB_DIRECTION = {proto.HOOK_TO_POD: pcap.INBOUND, proto.HOOK_FROM_POD: pcap.OUTBOUND}
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -51,7 +57,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", type=int, default=2000, help="frames copied a second, at most")
     c.add_argument("--heartbeat", type=float, default=proto.DEFAULT_HEARTBEAT_S,
                    help="the agent stops the capture after S seconds without a heartbeat")
-    c.add_argument("-w", "--write", default="-", help="pcap file ('-': stdout)")
+    c.add_argument("-w", "--write", default="-", help="capture file ('-': stdout)")
+    c.add_argument("--format", choices=FORMATS, default="pcapng",
+                   help="pcapng (default: each packet marked inbound, to the pod, or "
+                        "outbound, from it) or classic pcap (no direction)")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="one line per packet on stderr: time, direction, length")
     c.add_argument("--stop-on-stdin-eof", action="store_true",
@@ -86,12 +95,25 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
     stop = threading.Event()
     try:
         head = json.loads(reader.line())
+        while "progress" in head and "ok" not in head:
+            print(f"pcn-agent capture: {head['progress']}", file=sys.stderr, flush=True)
+            head = json.loads(reader.line())
         if not head.get("ok"):
             print(f"pcn-agent capture: {head.get('error')}", file=sys.stderr)
             return 1
-        print(f"capturing {head['pod']} on node {head['node']} (filter {args.filter!r}, "
-              f"snaplen {head['snaplen']}, at most {head['budget']} packets/s)",
-              file=sys.stderr, flush=True)
+        # the agent answers once its capture cube copies packets, not before
+        if head.get("function"):  # the pod's packetcapture NetworkFunction
+            sides = head.get("sides") or []
+            only = "" if len(sides) == 2 else \
+                f"; it sits on one side: only packets {' '.join(sides)}"
+            print(f"capturing {head['pod']} on node {head['node']} through its capture "
+                  f"point {head['function']} (filter {head.get('filter', '')!r}, snaplen "
+                  f"{head['snaplen']}, at most {head['budget']} packets/s{only})",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"capturing {head['pod']} on node {head['node']} (filter {args.filter!r}, "
+                  f"snaplen {head['snaplen']}, at most {head['budget']} packets/s)",
+                  file=sys.stderr, flush=True)
 
         def beat() -> None:
             while not stop.wait(max(0.05, args.heartbeat / 3)):
@@ -119,7 +141,9 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
         stream: BinaryIO = out if out is not None else (
             open(args.write, "wb") if own else sys.stdout.buffer)  # noqa: SIM115
         try:
-            writer = PcapWriter(stream, int(head["snaplen"]))
+            writer: pcap.CaptureWriter = (
+                pcap.PcapngWriter(stream, int(head["snaplen"]), if_name=str(head["pod"]))
+                if args.format == "pcapng" else pcap.PcapWriter(stream, int(head["snaplen"])))
             writer.flush()
             by_dir = {d: 0 for d in proto.DIRECTIONS.values()}
             while True:
@@ -127,12 +151,13 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
                 if isinstance(item, dict):
                     stats = item.get("stats", {})
                     print(f"{writer.packets} packets captured ({by_dir['from-pod']} from the "
-                          f"pod, {by_dir['to-pod']} to it); {item.get('reason')}; matched "
-                          f"{stats.get('matched', 0)}, over the rate bound "
-                          f"{stats.get('rate_limited', 0)}, lost {stats.get('lost', 0)}",
+                          f"pod, {by_dir['to-pod']} to it); {item.get('reason')}; the filter "
+                          f"matched {stats.get('matched', 0)}, {stats.get('rate_limited', 0)} "
+                          f"not copied over the rate bound, {stats.get('lost', 0)} lost",
                           file=sys.stderr, flush=True)
                     return 0
-                writer.write(item.ts_ns, item.data, item.wire_len)
+                writer.write(item.ts_ns, item.data, item.wire_len,
+                             _EPB_DIRECTION.get(item.hook, pcap.DIRECTION_UNKNOWN))
                 writer.flush()
                 by_dir[item.direction] = by_dir.get(item.direction, 0) + 1
                 if args.verbose:

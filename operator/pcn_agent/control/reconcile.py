@@ -1043,6 +1043,9 @@ def _chain_of_pod(pod: Obj | None, pns: str, pname: str,
     # the annotations' policers always fit: the chains' functions get the rest
     room_to = MAX_STACKED - ("ingress" in bandwidth)
     room_from = MAX_STACKED - ("egress" in bandwidth)
+    # a function's verdict counts pods, not pod sides: one on both sides (a
+    # flow monitor) or in two chains of the pod counts the pod once
+    counted: set[str] = set()
     for _, cname, ns, chain in parsed:
         if ns != pns or pod is None or not chain.spec.podSelector.matches(dict(labels)):
             continue
@@ -1060,8 +1063,9 @@ def _chain_of_pod(pod: Obj | None, pns: str, pname: str,
                     continue
                 side.append(cn)
                 used[cn] = functions[(ns, r.function)]
-                fv = verdicts[("NetworkFunction", ns, r.function)]
-                fv.pods += 1
+                if cn not in counted:
+                    counted.add(cn)
+                    verdicts[("NetworkFunction", ns, r.function)].pods += 1
                 added = True
         if added or chain.spec.ingress or chain.spec.egress:
             v.pods += 1

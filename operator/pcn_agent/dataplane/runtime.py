@@ -363,12 +363,27 @@ class Runtime:
 
     # ---------------------------------------------------------------- types
     def load_type(self, type_name: str) -> CubeType:
-        """Compile a cube type once and register its program in the program array."""
+        """Compile a cube type once and register its program in the program
+        array. The compile (seconds) runs outside the runtime's lock, unless
+        the caller holds it, so pods attach meanwhile (as load_variant's); two
+        first uses at once compile twice and keep the first."""
         with self._lock:
             if type_name in self.types:
                 return self.types[type_name]
             assert self.pin_dir is not None, "Runtime.open() first"
-            return self._load_type_into(type_name, self._slots.take())
+            if type_name in self.bundle:
+                return self._load_type_into(type_name, self._slots.take())
+            pin_dir = self.pin_dir
+        module = compile_cube(type_name, pin_dir)
+        with self._lock:
+            if type_name in self.types:
+                module.cleanup()
+                return self.types[type_name]
+            return self._load_type_into(type_name, self._slots.take(), module)
+
+    def type_loaded(self, type_name: str) -> bool:
+        """Whether `type_name`'s shared program is compiled and loaded."""
+        return type_name in self.types
 
     def load_variant(self, type_name: str, defines: Mapping[str, int | str]) -> CubeType:
         """Compile (once) a cube type specialised by `defines`; the caller puts its
@@ -437,10 +452,11 @@ class Runtime:
             return self.adopted_slots[type_name]
         raise RuntimeError_(f"cube type {type_name!r} is not loaded")
 
-    def _load_type_into(self, type_name: str, slot: int) -> CubeType:
+    def _load_type_into(self, type_name: str, slot: int,
+                        compiled: BpfModule | None = None) -> CubeType:
         assert self.pin_dir is not None
-        module = (self._entry if type_name in self.bundle
-                  else compile_cube(type_name, self.pin_dir))
+        module = compiled if compiled is not None else (
+            self._entry if type_name in self.bundle else compile_cube(type_name, self.pin_dir))
         assert module is not None  # bundled types: the entry's module, loaded by open()
         prog = f"{type_name}_rx"
         fd = module.load_func(prog, _sched_cls()).fd

@@ -216,6 +216,9 @@ class Pod:
 
 
 TAP_TYPE = "packetcapture"  # pcn_agent.dataplane.cubes.packetcapture.TYPE
+# on-demand captures' cube names (pcn_agent.control.observe); a packetcapture
+# NetworkFunction's (nf.NS.NAME, a capture point in a chain) is adopted instead
+CAPTURE_PREFIX = "capture."
 BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE,
               POLICY_TYPE)  # in _build's order
 
@@ -890,9 +893,10 @@ class NodeDataplane:
         return None
 
     def _drop_leftover_taps(self) -> None:
-        """Captures a previous agent left stacked (their reader went with
-        it): off every pod's port, then gone."""
-        left = [c.name for c in self.rt.cubes.values() if c.type == TAP_TYPE]
+        """On-demand captures a previous agent left stacked (their reader
+        went with it): off every pod's port, then gone."""
+        left = [c.name for c in self.rt.cubes.values()
+                if c.type == TAP_TYPE and c.name.startswith(CAPTURE_PREFIX)]
         if not left:
             return
         for pod in self.pods.values():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import builtins
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -24,11 +24,19 @@ from pcn_agent.dataplane.cubes.firewall import GENERIC, Firewall
 from pcn_agent.dataplane.cubes.firewall import TYPE as FIREWALL
 from pcn_agent.dataplane.cubes.flowmonitor import TYPE as FLOWMONITOR
 from pcn_agent.dataplane.cubes.flowmonitor import FlowMonitor
+from pcn_agent.dataplane.cubes.packetcapture import TYPE as PACKETCAPTURE
+from pcn_agent.dataplane.cubes.packetcapture import PacketCapture
 from pcn_agent.dataplane.cubes.policer import TYPE as POLICER
 from pcn_agent.dataplane.cubes.policer import Policer, PolicerSettings
 from pcn_agent.dataplane.runtime import Runtime
+from pcn_crds.capfilter import Insn, compile_filter
 from pcn_crds.common import Model
-from pcn_crds.networkfunction import FirewallConfig, FlowMonitorConfig, PolicerConfig
+from pcn_crds.networkfunction import (
+    FirewallConfig,
+    FlowMonitorConfig,
+    PacketCaptureConfig,
+    PolicerConfig,
+)
 from pcn_crds.rules import parse_rule
 
 S = TypeVar("S")
@@ -279,6 +287,113 @@ class FlowMonitorFunction(FunctionCube):
         self.fm.delete()
 
 
+# ----------------------------------------------------------------------------- packetcapture
+@dataclass(frozen=True)
+class PacketCaptureSettings:
+    """A capture point's filter (capfilter text, "" for every frame), snap
+    length (bytes) and copies a second while read (PacketCaptureConfig)."""
+
+    filter: str
+    snaplen: int
+    budget: int
+
+
+class PacketCaptureFunction(FunctionCube):
+    """A packetcapture cube kept in the pods' chain: compiled and stacked
+    once, so a capture starts at once. While nobody reads it, it copies
+    nothing (its budget is 0: it counts the frames its filter matches);
+    `kubectl pcn capture` (pcn_agent.control.observe) reads it with
+    start_reading/stop_reading, one reader at a time."""
+
+    type = PACKETCAPTURE
+    config_model = PacketCaptureConfig
+
+    def __init__(self, cap: PacketCapture, settings: PacketCaptureSettings) -> None:
+        self.cap = cap
+        self.name = cap.name
+        self._settings = settings
+        self.reader = False
+
+    @classmethod
+    def warm_up(cls, rt: Runtime) -> None:
+        """Nothing here: the agent compiles the type after its first
+        reconcile (DataplaneManager.warm_up_capture)."""
+
+    @classmethod
+    def settings_of(cls, config: Model) -> PacketCaptureSettings:
+        if not isinstance(config, PacketCaptureConfig):
+            raise TypeError(f"not a packetcapture config: {type(config).__name__}")
+        return PacketCaptureSettings(config.filter or "", config.snaplen, config.budget)
+
+    @classmethod
+    def create(cls, rt: Runtime, name: str, settings: Hashable) -> PacketCaptureFunction:
+        s = _settings(settings, PacketCaptureSettings)
+        program = compile_filter(s.filter)
+        cap = PacketCapture(rt, name, program, s.snaplen, max(1, s.budget))
+        try:
+            f = cls(cap, s)
+            f._idle()
+        except BaseException:
+            cap.delete()
+            raise
+        return f
+
+    @classmethod
+    def adopt(cls, rt: Runtime, name: str) -> PacketCaptureFunction:
+        config = rt.cube(name).config
+        s = PacketCaptureSettings(str(config.get("filter", "")),
+                                  int(config.get("snaplen", 8192)),
+                                  int(config.get("maxRate", 2000)))
+        f = cls(PacketCapture.adopt(rt, name, compile_filter(s.filter)), s)
+        f._idle()  # its reader went with the previous agent
+        return f
+
+    def _idle(self) -> None:
+        s = self._settings
+        self.cap.reconfigure(compile_filter(s.filter), s.snaplen, 0)
+        self.cap.cube.config = {**self.cap.cube.config, "filter": s.filter,
+                                "maxRate": s.budget}
+
+    @property
+    def settings(self) -> PacketCaptureSettings:
+        return self._settings
+
+    def configure(self, settings: Hashable) -> None:
+        """New settings; a reader meanwhile keeps its own until it stops."""
+        self._settings = _settings(settings, PacketCaptureSettings)
+        if not self.reader:
+            self._idle()
+
+    def start_reading(self, program: Sequence[Insn], snaplen: int, budget: int) -> None:
+        """Copy what `program` matches (the function's filter, or a narrower
+        one), at most `snaplen` bytes and `budget` copies a second, each
+        bounded by the function's own. RuntimeError when someone reads it."""
+        if self.reader:
+            raise RuntimeError(f"{self.name} has a reader already")
+        s = self._settings
+        self.cap.reconfigure(program, min(snaplen, s.snaplen), min(budget, s.budget))
+        self.reader = True
+
+    def stop_reading(self) -> None:
+        """Back to counting its filter's matches, copying nothing."""
+        self.reader = False
+        self._idle()
+
+    def status(self) -> dict[str, Any]:
+        """Its settings, whether someone reads it, and the frames its filter
+        matched, copied to a reader, not copied over the rate bound (or for
+        want of a reader) and lost (a full ring buffer), since created."""
+        s = self._settings
+        st = self.cap.stats()
+        return {"filter": s.filter, "snapLength": s.snaplen, "maxPacketsPerSecond": s.budget,
+                "reading": self.reader, "matchedPackets": st["matched"],
+                "copiedPackets": st["copied"], "notCopiedPackets": st["rate_limited"],
+                "lostPackets": st["lost"]}
+
+    def delete(self) -> None:
+        self.cap.delete()
+
+
 def _settings(settings: Hashable, kind: type[S]) -> S:
     if not isinstance(settings, kind):
         raise TypeError(f"expected {kind.__name__}, got {type(settings).__name__}")
@@ -286,4 +401,5 @@ def _settings(settings: Hashable, kind: type[S]) -> S:
 
 
 FUNCTION_CUBES: dict[str, type[FunctionCube]] = {
-    c.type: c for c in (FirewallFunction, PolicerFunction, FlowMonitorFunction)}
+    c.type: c for c in (FirewallFunction, PolicerFunction, FlowMonitorFunction,
+                        PacketCaptureFunction)}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcn_agent.dataplane.runtime import Runtime
-from pcn_crds.capfilter import MAX_INSNS, Insn
+from pcn_crds.capfilter import MAX_INSNS, REJECT, Insn
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,49 @@ class PacketCapture:
         except BaseException:
             rt.remove_cube(name)
             raise
+
+    @classmethod
+    def adopt(cls, rt: Runtime, name: str, program: Sequence[Insn]) -> PacketCapture:
+        """The capture cube `name` a previous agent left in `rt` (a
+        packetcapture NetworkFunction's), whose maps hold `program` (the
+        caller compiles it again from the function's filter) and the snap
+        length and budget of its config."""
+        cap = cls.__new__(cls)
+        cap.rt, cap.name, cap.program = rt, name, list(program)
+        cap.cube = rt.cube(name)
+        cap.snaplen = int(cap.cube.config.get("snaplen", DEFAULT_SNAPLEN))
+        cap.budget = int(cap.cube.config.get("budget", 0))
+        t = rt.load_type(TYPE)
+        cap._cfg_t, cap._prog_t = t.module[b"cap_cfgs"], t.module[b"cap_prog"]
+        cap._budget_t, cap._stats_t = t.module[b"cap_budget"], t.module[b"cap_stats"]
+        return cap
+
+    def reconfigure(self, program: Sequence[Insn], snaplen: int, budget: int) -> None:
+        """Copy what `program` matches, `snaplen` bytes of each (1-SNAP_MAX),
+        at most `budget` a second (0-MAX_BUDGET; 0: copy nothing, count the
+        matches), from the next frame on. A frame meanwhile runs the old
+        program, or matches nothing, or runs the new one: the config entry
+        (the program's length) is rewritten first and last."""
+        if len(program) > MAX_INSNS:
+            raise ValueError(f"a capture filter holds at most {MAX_INSNS} match terms")
+        if not 1 <= snaplen <= SNAP_MAX:
+            raise ValueError(f"snaplen must lie within 1-{SNAP_MAX} bytes, got {snaplen}")
+        if not 0 <= budget <= MAX_BUDGET:
+            raise ValueError(f"the budget must lie within 0-{MAX_BUDGET} frames a second, "
+                             f"got {budget}")
+        cid = self.cube.id
+        # no frame must run a mix of two programs: one term only (its jumps
+        # past it reject), then a term that rejects both ways, meanwhile
+        # (n_insns 0 would match everything)
+        self._cfg_t[ct.c_uint32(cid)] = CapCfg(1, snaplen, 0, 0)
+        self._prog_t[ct.c_int(cid * MAX_INSNS)] = CapInsn(0, 0, REJECT, REJECT, 0, 0, 0, 0)
+        for i, x in enumerate(program):
+            self._prog_t[ct.c_int(cid * MAX_INSNS + i)] = CapInsn(
+                x.field, 0, x.jt, x.jf, 0, x.mask, x.lo, x.hi)
+        self._cfg_t[ct.c_uint32(cid)] = CapCfg(len(program), snaplen, budget, 0)
+        self.program, self.snaplen, self.budget = list(program), snaplen, budget
+        self.cube.config = {**self.cube.config, "snaplen": snaplen, "budget": budget,
+                            "insns": len(program)}
 
     @property
     def instance(self) -> int:
