@@ -9,7 +9,6 @@ import ipaddress
 import json
 import os
 import subprocess
-from typing import Any
 
 from pcn_agent.cni.spec import (
     INCOMPATIBLE_VERSION,
@@ -21,6 +20,10 @@ from pcn_agent.cni.spec import (
     Env,
     NetConf,
 )
+
+TYPE_CHECKING = False  # no typing import at run time: the plugin starts once per pod
+if TYPE_CHECKING:
+    from typing import Any
 
 IPAM_TIMEOUT_S = 60.0
 
@@ -75,20 +78,41 @@ class Ipam:
     def supports(self, version: str) -> bool:
         return version in self.versions()
 
-    def _stdin(self) -> bytes:
-        want = self.conf.cni_version
-        supported = self.versions()
-        if want in supported:
+    def _stdin(self, version: str) -> bytes:
+        if version == self.conf.cni_version:
             return json.dumps(self.conf.raw).encode()
-        if want == "1.1.0" and "1.0.0" in supported:
-            return json.dumps({**self.conf.raw, "cniVersion": "1.0.0"}).encode()
-        raise CniError(INCOMPATIBLE_VERSION,
-                       f"IPAM plugin {self.type} does not support cniVersion {want}",
-                       f"it supports {', '.join(supported)}; set the configuration's cniVersion "
-                       f"to one both pcn-cni ({', '.join(SUPPORTED_VERSIONS)}) and it support")
+        return json.dumps({**self.conf.raw, "cniVersion": version}).encode()
+
+    def _incompatible(self) -> CniError:
+        supported = self.versions()
+        return CniError(INCOMPATIBLE_VERSION,
+                        f"IPAM plugin {self.type} does not support cniVersion "
+                        f"{self.conf.cni_version}",
+                        f"it supports {', '.join(supported)}; set the configuration's cniVersion "
+                        f"to one both pcn-cni ({', '.join(SUPPORTED_VERSIONS)}) and it support")
 
     def run(self, command: str, overrides: dict[str, str] | None = None) -> dict[str, Any] | None:
-        out = self._exec(command, self._stdin(), overrides or {})
+        """Run `command` (ADD, DEL, CHECK, GC, STATUS); ADD's result, else None.
+
+        The configuration goes down as it is, without asking the plugin's
+        VERSION first (an exec more on every ADD): a plugin that does not speak
+        its cniVersion refuses before doing anything (CNI spec 1.1.0 section 2;
+        the reference plugins' skel checks the version first) with code 1, and
+        only then is VERSION asked, to hand a 1.1.0 configuration down as 1.0.0
+        (the result format is the same) or to say which versions it speaks."""
+        try:
+            out = self._exec(command, self._stdin(self.conf.cni_version), overrides or {})
+        except CniError as exc:
+            if exc.code != INCOMPATIBLE_VERSION:
+                raise
+            supported = self.versions()
+            if self.conf.cni_version == "1.1.0" and "1.1.0" not in supported \
+                    and "1.0.0" in supported:
+                out = self._exec(command, self._stdin("1.0.0"), overrides or {})
+            elif self.conf.cni_version not in supported:
+                raise self._incompatible() from None
+            else:
+                raise
         if command != "ADD":
             return None
         try:

@@ -19,14 +19,17 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
 
 from pcn_agent.cni.spec import DECODE_FAILURE, INTERNAL, TRY_AGAIN_LATER
 
-MAX_LINE = 1 << 20  # a request or response line is at most 1 MiB
+TYPE_CHECKING = False  # the plugin imports this module on every run: no typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
-Request = dict[str, Any]
-Response = dict[str, Any]
+    Request = dict[str, Any]
+    Response = dict[str, Any]
+
+MAX_LINE = 1 << 20  # a request or response line is at most 1 MiB
 
 
 class LocalApiError(Exception):

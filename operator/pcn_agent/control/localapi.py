@@ -20,11 +20,12 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pcn_agent.cni.localapi import MAX_LINE, Request, Response, read_line
+from pcn_agent.cni.localapi import MAX_LINE, read_line
 from pcn_agent.cni.spec import (
     DECODE_FAILURE,
     INTERNAL,
@@ -37,6 +38,7 @@ from pcn_agent.cni.spec import (
 )
 
 if TYPE_CHECKING:
+    from pcn_agent.cni.localapi import Request, Response
     from pcn_agent.node.wiring import NodeDataplane, Pod
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,11 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 5.0  # a client has this long to send its request
 LINGER_S = 1.0  # after answering, how long a client may go on sending before we close
 
-Handler = Callable[[Request], Response]
+Handler = Callable[["Request"], "Response"]
 # A streaming op (`capture`): gets the request and the connection, answers on
 # it itself for as long as it likes, and returns when it is done (the server
 # then closes the connection).
-StreamHandler = Callable[[Request, socket.socket], None]
+StreamHandler = Callable[["Request", socket.socket], None]
 
 
 class ApiError(Exception):
@@ -347,8 +349,15 @@ class DataplaneHandler:
         if op not in self.OPS:
             raise ApiError(f"unknown op {op!r}; this agent knows {', '.join(self.OPS)} "
                            f"(are pcn-cni and the agent the same version?)", INTERNAL)
+        asked = time.monotonic()
         with self.lock:
-            return getattr(self, f"op_{op}")(request)
+            began = time.monotonic()
+            response: Response = getattr(self, f"op_{op}")(request)
+        # the agent's part of the plugin's time (PCN_CNI_TRACE, bench cni-add):
+        # waiting for the node's lock, then the op itself
+        response["timing"] = {"lock_wait_ms": round((began - asked) * 1000, 3),
+                              "op_ms": round((time.monotonic() - began) * 1000, 3)}
+        return response
 
     # ---------------------------------------------------------------- helpers
     @property
