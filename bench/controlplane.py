@@ -55,6 +55,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 ENDPOINTS = "endpoints-to-dataplane"
 COLD_START = "agent-cold-start"
 CNI_ADD = "cni-add"
+CNI_ADD_PARALLEL = "cni-add-parallel"
 NAMESPACE = "bench"
 SERVICE_PORT, TARGET_PORT = 80, 8080
 POLL_S = 0.0005  # endpoints-to-dataplane: map polling period
@@ -388,40 +390,177 @@ def _cni_del(node: str, sb: kubelet.PodSandbox, conf: dict[str, Any]) -> None:
         log.warning("CNI DEL of %s failed: %s", sb.container_id, exc)
 
 
-def cni_add(ctx: Context) -> list[Result]:
-    samples: list[float] = []
-    with ExitStack() as st:
-        agent = AgentProcess(ctx, st, "cni")
+# The phases of one ADD, in order, from the plugin's PCN_CNI_TRACE marks
+# (pcn_agent.cni.commands) and the bench's own clock around the call; each is
+# the time from the previous mark to its own (ms).
+CNI_PHASES = {
+    "start": "the call -> the entry point runs: `ip netns exec`, exec, interpreter start",
+    "imports": "the plugin's imports",
+    "parse": "CNI_* and the configuration parsed",
+    "checks": "pod netns checked, no host link yet",
+    "ipam": "the IPAM plugin's ADD (an exec of host-local)",
+    "link": "veth pair, address, routes (rtnetlink, setns into the pod)",
+    "agent": "the agent's attach, round trip on its unix socket",
+    "agent-lock-wait": "of which: waiting for the agent's node lock",
+    "agent-op": "of which: the attach under that lock",
+    "result": "the result printed",
+    "exit": "interpreter exit, the bench sees the process end",
+}
+
+
+def _cni_phases(trace: dict[str, Any], t_call: float, t_return: float) -> dict[str, float]:
+    """One ADD's phases (ms, CNI_PHASES' keys) from its trace line and the
+    bench's time.monotonic() just before the call and just after it returned
+    (the plugin's marks are time.monotonic() too: one clock)."""
+    marks = dict(trace["marks"])
+    order = [("start", "entered"), ("imports", "imported"), ("parse", "parsed"),
+             ("checks", "checked"), ("ipam", "ipam"), ("link", "link"), ("agent", "agent"),
+             ("result", "done")]
+    out: dict[str, float] = {}
+    prev = t_call
+    for phase, name in order:
+        if name in marks:
+            out[phase] = (marks[name] - prev) * 1000
+            prev = marks[name]
+    out["exit"] = (t_return - prev) * 1000
+    agent = trace.get("agent") or {}
+    if "lock_wait_ms" in agent:
+        out["agent-lock-wait"] = float(agent["lock_wait_ms"])
+        out["agent-op"] = float(agent["op_ms"])
+    return out
+
+
+def _phase_table(per_add: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50 and p99 (ms) of each phase over the ADDs."""
+    out = {}
+    for phase in CNI_PHASES:
+        xs = [p[phase] for p in per_add if phase in p]
+        if xs:
+            out[phase] = {"p50_ms": round(statistics.median(xs), 2),
+                          "p99_ms": round(percentile(xs, 99), 2)}
+    return out
+
+
+def _phase_line(table: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['p50_ms']:.1f}" for k, v in table.items())
+
+
+class CniNode:
+    """The agent of a one-node lab, and ADDs on it by the real plugin with
+    PCN_CNI_TRACE on: each ADD's wall time and phases."""
+
+    def __init__(self, ctx: Context, st: ExitStack, tag: str) -> None:
+        self.ctx = ctx
+        self.st = st
+        self.agent = agent = AgentProcess(ctx, st, tag)
         t = agent.start(st)
         agent.wait_ready().close()
-        ctx.progress(f"{CNI_ADD}: agent's data plane up in {time.monotonic() - t:.1f} s")
-        conf = kubelet.network_config(agent.pod_cidr, agent.gateway, str(agent.socket),
-                                      str(agent.dir / "ipam"), mtu=MTU)
-        sandboxes = []
-        ctx.progress(f"{CNI_ADD}/pcn: timing {ctx.cni_adds} CNI ADDs (pcn-cni, host-local)")
-        for k in range(1, ctx.cni_adds + 1):
-            ns = ctx.nss.create(f"cni{k:03d}")  # the sandbox: made before CNI, not timed
-            st.callback(ctx.nss.remove, ns)
-            sb = kubelet.PodSandbox(NAMESPACE, f"pod-{k}", secrets.token_hex(16), ns)
-            t = time.perf_counter()
-            result = kubelet.run_cni(agent.node, "ADD", sb, conf)
-            samples.append((time.perf_counter() - t) * 1000)
-            st.callback(_cni_del, agent.node, sb, conf)
-            sb.ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
-            sandboxes.append(sb)
-        for sb in (sandboxes[0], sandboxes[-1]):  # the pods work (not timed)
-            ping = exec_in(sb.netns, ["ping", "-c", "1", "-W", "2", agent.gateway], check=False)
+        ctx.progress(f"{tag}: agent's data plane up in {time.monotonic() - t:.1f} s")
+        self.conf = kubelet.network_config(agent.pod_cidr, agent.gateway, str(agent.socket),
+                                           str(agent.dir / "ipam"), mtu=MTU)
+        self.trace = agent.dir / "cni-trace.jsonl"
+        self.sandboxes: list[kubelet.PodSandbox] = []
+        self._n = 0
+
+    def sandbox(self) -> kubelet.PodSandbox:
+        """A pod namespace (made before CNI, as a runtime makes the sandbox; not timed)."""
+        self._n += 1
+        ns = self.ctx.nss.create(f"cni{self._n:03d}")
+        self.st.callback(self.ctx.nss.remove, ns)
+        return kubelet.PodSandbox(NAMESPACE, f"pod-{self._n}", secrets.token_hex(16), ns)
+
+    def add(self, sb: kubelet.PodSandbox) -> tuple[float, float, float]:
+        """CNI ADD of `sb`: (ms, monotonic s before, after)."""
+        t0 = time.monotonic()
+        result = kubelet.run_cni(self.agent.node, "ADD", sb, self.conf,
+                                 extra_env={"PCN_CNI_TRACE": str(self.trace)})
+        t1 = time.monotonic()
+        self.st.callback(_cni_del, self.agent.node, sb, self.conf)
+        sb.ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
+        self.sandboxes.append(sb)
+        return (t1 - t0) * 1000, t0, t1
+
+    def phases(self, calls: dict[str, tuple[float, float]]) -> list[dict[str, float]]:
+        """Each ADD's phases, matched by container id to `calls` (its t0, t1)."""
+        out = []
+        for line in self.trace.read_text().splitlines():
+            tr = json.loads(line)
+            if tr.get("command") == "ADD" and tr.get("container_id") in calls:
+                out.append(_cni_phases(tr, *calls[tr["container_id"]]))
+        return out
+
+    def check_pods(self, pods: list[kubelet.PodSandbox]) -> None:
+        """The pods work (not timed): each pings its gateway."""
+        for sb in pods:
+            ping = exec_in(sb.netns, ["ping", "-c", "1", "-W", "2", self.agent.gateway],
+                           check=False)
             if ping.returncode != 0:
                 raise RuntimeError(f"pod {sb.name} added by pcn-cni cannot ping its gateway")
+
+
+def cni_add(ctx: Context) -> list[Result]:
+    samples: list[float] = []
+    calls: dict[str, tuple[float, float]] = {}
+    with ExitStack() as st:
+        node = CniNode(ctx, st, CNI_ADD)
+        ctx.progress(f"{CNI_ADD}/pcn: timing {ctx.cni_adds} CNI ADDs (pcn-cni, host-local)")
+        for _ in range(ctx.cni_adds):
+            sb = node.sandbox()
+            ms, t0, t1 = node.add(sb)
+            samples.append(ms)
+            calls[sb.container_id] = (t0, t1)
+        node.check_pods([node.sandboxes[0], node.sandboxes[-1]])
+        phases = _phase_table(node.phases(calls))
     p50, p99 = statistics.median(samples), percentile(samples, 99)
     ctx.progress(f"{CNI_ADD}/pcn: p50 {p50:.0f} ms, p99 {p99:.0f} ms "
-                 f"(min {min(samples):.0f}, max {max(samples):.0f})")
+                 f"(min {min(samples):.0f}, max {max(samples):.0f}); phases p50 (ms): "
+                 f"{_phase_line(phases)}")
     common = {"pods": len(samples), "date": now_iso(), **_stats_ms(samples),
-              "what": "kubelet.run_cni ADD: `ip netns exec <node> pcn-cni`, host-local IPAM, "
-                      "attach by a running pcn-agent"}
+              "phases": phases, "phase_meaning": CNI_PHASES,
+              "what": "kubelet.run_cni ADD: `ip netns exec <node> python -I -S "
+                      ".../pcn_agent/cni/__main__.py`, host-local IPAM, attach by a running "
+                      "pcn-agent; one at a time"}
     return [Result(CNI_ADD, "pcn", "latency", p50, "ms",
                    {"stat": "median", "samples_ms": [round(x, 1) for x in samples], **common}),
             Result(CNI_ADD, "pcn", "latency-p99", p99, "ms", {"stat": "p99", **common})]
 
 
-SCENARIOS = {ENDPOINTS: endpoints_to_dataplane, COLD_START: agent_cold_start, CNI_ADD: cni_add}
+def cni_add_parallel(ctx: Context) -> list[Result]:
+    n = ctx.cni_parallel
+    with ExitStack() as st:
+        node = CniNode(ctx, st, CNI_ADD_PARALLEL)
+        pods = [node.sandbox() for _ in range(n)]
+        node.add(node.sandbox())  # one ADD first, alone: the agent's first is not the point
+        ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: {n} CNI ADDs at once on one node")
+        gate = threading.Barrier(n)
+
+        def one(sb: kubelet.PodSandbox) -> tuple[float, float, float]:
+            gate.wait()  # every thread is ready: the ADDs start together
+            return node.add(sb)
+
+        with ThreadPoolExecutor(n) as pool:
+            timed = list(pool.map(one, pods))
+        samples = [ms for ms, _, _ in timed]
+        total = (max(t1 for _, _, t1 in timed) - min(t0 for _, t0, _ in timed)) * 1000
+        calls = {sb.container_id: (t0, t1) for sb, (_, t0, t1) in zip(pods, timed, strict=True)}
+        ips = {sb.ip for sb in pods}
+        if len(ips) != n:
+            raise RuntimeError(f"{n} parallel ADDs gave {len(ips)} distinct addresses")
+        node.check_pods(pods)
+        phases = _phase_table(node.phases(calls))
+    p50, p99 = statistics.median(samples), percentile(samples, 99)
+    ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: each ADD p50 {p50:.0f} ms, p99 {p99:.0f} ms; all "
+                 f"{n} done in {total:.0f} ms; phases p50 (ms): {_phase_line(phases)}")
+    common = {"pods": n, "date": now_iso(), **_stats_ms(samples), "total_ms": round(total, 1),
+              "phases": phases, "phase_meaning": CNI_PHASES,
+              "what": f"{n} kubelet.run_cni ADDs started at once (threads behind a barrier) "
+                      f"on one node, as in cni-add; each sample is one ADD's wall time"}
+    return [Result(CNI_ADD_PARALLEL, "pcn", "latency", p50, "ms",
+                   {"stat": "median", "samples_ms": [round(x, 1) for x in samples], **common}),
+            Result(CNI_ADD_PARALLEL, "pcn", "latency-p99", p99, "ms", {"stat": "p99", **common}),
+            Result(CNI_ADD_PARALLEL, "pcn", "total", total, "ms",
+                   {"what": f"first of the {n} ADDs started -> last returned", **common})]
+
+
+SCENARIOS = {ENDPOINTS: endpoints_to_dataplane, COLD_START: agent_cold_start, CNI_ADD: cni_add,
+             CNI_ADD_PARALLEL: cni_add_parallel}

@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 1000)")
     p.add_argument("--cni-adds", type=int, default=50,
                    help="pods added by pcn-cni in cni-add (default 50)")
+    p.add_argument("--cni-parallel", type=int, default=30,
+                   help="pods added by pcn-cni at once, on one node, in cni-add-parallel "
+                        "(default 30)")
     p.add_argument("--policy-rounds", type=int, default=20,
                    help="rounds of five changes (pod label, namespace label, policy added, "
                         "policy removed, pod added elsewhere) timed in policy-reconcile "
@@ -112,9 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
         p.error("--scale levels must be between 1 and 60000")
     if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
-           args.policy_rounds) < 1:
-        p.error("--requests, --endpoint-changes, --cold-services, --cni-adds and "
-                "--policy-rounds must be positive")
+           args.cni_parallel, args.policy_rounds) < 1:
+        p.error("--requests, --endpoint-changes, --cold-services, --cni-adds, --cni-parallel "
+                "and --policy-rounds must be positive")
     if not 1 <= args.policy_pod_adds <= 50:
         p.error("--policy-pod-adds must be between 1 and 50 (the pods of one node)")
     if args.pin and (os.cpu_count() or 1) < 2:
@@ -248,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                   duration=args.duration, runs=args.runs, pod_adds=args.pod_adds,
                   pinning=pinning, requests=args.requests, scale=args.scale_levels,
                   endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
-                  cni_adds=args.cni_adds, policy_rounds=args.policy_rounds,
+                  cni_adds=args.cni_adds, cni_parallel=args.cni_parallel,
+                  policy_rounds=args.policy_rounds,
                   policy_pod_adds=args.policy_pod_adds)
     ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
                  f"{args.duration:g} s per variant, {pinning.describe()}")
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "pinning": pinning.describe()}, "requests_per_variant": args.requests,
             "scale": list(args.scale_levels), "endpoint_changes": args.endpoint_changes,
             "cold_services": args.cold_services, "cni_adds": args.cni_adds,
+            "cni_parallel": args.cni_parallel,
             "policy_rounds": args.policy_rounds, "policy_pod_adds": args.policy_pod_adds,
             "cpu_busy_before_pct": round(busy, 1),
             "cpu_busy_after_pct": round(busy_after, 1)}

@@ -440,11 +440,16 @@ def _fail(version: str, code: int, msg: str, details: str) -> NoReturn:
 
 
 def _exit(status: int, environ: dict[str, str]) -> NoReturn:
+    """End the process: output flushed, then os._exit, skipping the
+    interpreter's teardown (module and object finalisation: ~5 ms of every
+    run, for a process that holds nothing that needs it)."""
     trace = environ.get("PCN_CNI_TRACE")
     if trace:
         mark("done")
         _write_trace(trace, environ)
-    sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

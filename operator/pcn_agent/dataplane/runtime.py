@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +284,9 @@ class Runtime:
             }
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+            # compact: json's C encoder only serves indent=None, and an agent
+            # saves after every pod attach (~5x faster at 50 pods than indent=1)
+            tmp.write_text(json.dumps(state, sort_keys=True, separators=(",", ":")))
             tmp.replace(self.state_path)
 
     def _release_modules(self) -> None:
@@ -709,9 +711,14 @@ class NetlinkPerThread:
             self._all.clear()
 
 
+_PORT_SCALARS = tuple(f.name for f in fields(PortState) if f.name != "hooks")
+
+
 def _port_dict(p: PortState) -> dict[str, Any]:
-    d = asdict(p)
-    d["hooks"] = {str(h): [asdict(s) for s in stack] for h, stack in p.hooks.items()}
+    """asdict(p) without its deep copies (every save writes every port)."""
+    d: dict[str, Any] = {name: getattr(p, name) for name in _PORT_SCALARS}
+    d["hooks"] = {str(h): [{"slot": s.slot, "instance": s.instance} for s in stack]
+                  for h, stack in p.hooks.items()}
     return d
 
 
