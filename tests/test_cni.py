@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from pcn_agent.cni import localapi, spec
+from pcn_agent.cni.ipam import run_program
 from pcn_agent.cni.link import host_ifname
 from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
 from pcn_agent.dataplane.netns import netns_path
@@ -257,6 +258,35 @@ def test_every_way_to_start_the_plugin_answers_alike(start: list[str]) -> None:
                                check=True).stdout
         return version, usage
     assert answers(start) == answers(PLUGIN)
+
+
+def _script(tmp: Path, body: str) -> str:
+    exe = tmp / f"prog-{secrets.token_hex(3)}"
+    exe.write_text("#!/bin/sh\n" + body + "\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_run_program_is_subprocess_run_for_plugins(tmp_path: Path) -> None:
+    """ipam.run_program, the plugin's subprocess.run(capture_output=True)."""
+    echo = _script(tmp_path, 'cat; echo "$CNI_COMMAND" >&2; exit 3')
+    big = secrets.token_bytes(1 << 20)  # far more than a pipe holds, both ways
+    assert run_program(echo, big, {"CNI_COMMAND": "ADD"}, 30) == (3, big, b"ADD\n")
+    assert run_program(echo, b"", {}, 30) == (3, b"", b"\n")
+    deaf = _script(tmp_path, "echo out; exit 0")  # never reads its stdin
+    assert run_program(deaf, big, {}, 30) == (0, b"out\n", b"")
+    killed = _script(tmp_path, "kill -TERM $$")
+    assert run_program(killed, b"", {}, 30)[0] == -15
+    slow = _script(tmp_path, "exec sleep 30")
+    t = time.monotonic()
+    with pytest.raises(TimeoutError):
+        run_program(slow, b"", {}, 0.3)
+    assert time.monotonic() - t < 10
+    with pytest.raises(FileNotFoundError):
+        run_program(str(tmp_path / "missing"), b"", {}, 30)
+    (tmp_path / "not-executable").write_text("x")
+    with pytest.raises(PermissionError):
+        run_program(str(tmp_path / "not-executable"), b"", {}, 30)
 
 
 def test_cni_args_and_env_parsing() -> None:
