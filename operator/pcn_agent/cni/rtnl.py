@@ -14,12 +14,15 @@ main table. The agent keeps using pyroute2.
 from __future__ import annotations
 
 import _socket  # not socket: its enums cost the plugin ~1.5 ms a run
-import ctypes
 import errno
 import os
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+TYPE_CHECKING = False  # no typing import at run time (see commands)
+if TYPE_CHECKING:
+    import ctypes
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -98,6 +101,10 @@ _libc: ctypes.CDLL | None = None
 
 
 def _setns(fd: int) -> None:
+    # ctypes only here: DEL, STATUS, GC and VERSION never enter a namespace
+    # and do without its import (~1 ms)
+    import ctypes
+
     global _libc
     if _libc is None:
         # the C library the interpreter already runs on (find_library would
