@@ -608,6 +608,8 @@ def test_concurrent_adds_and_dels(clean: CniLab) -> None:
     cl = clean
     pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(12)]
     gate = threading.Barrier(len(pods))
+    cl.run("STATUS").ok()  # the agent's op thread has its netlink socket
+    sockets = cl.node.rt.netlink_sockets()
 
     def add(p: tuple[str, str, str]) -> Run:
         gate.wait()
@@ -627,6 +629,8 @@ def test_concurrent_adds_and_dels(clean: CniLab) -> None:
     with ThreadPoolExecutor(len(pods)) as pool:
         for r in pool.map(lambda p: cl.delete(p[0], p[2]), pods):
             r.ok()
+    # the requests' threads have come and gone: no netlink socket per request
+    assert cl.node.rt.netlink_sockets() <= sockets
 
 
 def test_address_taken_over_from_a_stale_attachment(clean: CniLab) -> None:
