@@ -23,11 +23,39 @@ Scenarios:
   is in the pinned maps with its backends. Also reported: when the data plane
   was up (the agent's local API socket appears right after it), and the time
   from then to all services realised.
-* `cni-add`: N pods added by the real `pcn-cni`, run as the kubelet stand-in
-  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> pcn-cni`, CNI_*
-  environment, configuration on stdin, host-local IPAM) against the agent's
-  local API; each sample is one run_cni ADD call. The pod namespaces are made
-  outside the timing, as a runtime makes the sandbox before calling CNI.
+* `cni-add`: N pods added by the real plugin, run as the kubelet stand-in
+  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> python -I -S
+  .../pcn_agent/cni/__main__.py`, the start the image's CNI bundle uses;
+  CNI_* environment, configuration on stdin, host-local IPAM) against the
+  agent's local API, one at a time; each sample is one run_cni ADD call.
+  The pod namespaces are made outside the timing, as a runtime makes the
+  sandbox before calling CNI; timing starts once the agent is idle (under 10%
+  of a CPU over a second: its background compiles of function cube types
+  are done), pods being added to a settled node. With PCN_CNI_TRACE the plugin marks the end of
+  each phase on time.monotonic() and the agent reports its lock wait and op
+  time; the p50/p99 of each phase (CNI_PHASES) are in the results' extra.
+* `cni-add-parallel`: as `cni-add`, but 30 (--cni-parallel) ADDs started
+  together on one node (threads released by a barrier, after one ADD alone);
+  each sample is one ADD's wall time, `total` the first start to the last end.
+
+Where an ADD's time goes (ms, p50 of 30 serial ADDs against the same in-process
+agent handler, same machine and load, /tmp/cniwork-style probe; before = the
+plugin and agent of ad6d20c started by the `pcn-cni` console script):
+
+    phase     before  after  what changed
+    start       15.4    6.3  -I -S entry (no site: .pth files, editable-install hook)
+    imports     14.0    7.9  no dataclasses, typing, socket, subprocess; ctypes lazily
+    ipam         5.7    3.0  no VERSION exec before every command (asked only on refusal)
+    link         1.4    2.4  (ctypes' import now lands here)
+    agent        6.2    3.9  one state save per op, compact JSON, one op thread
+    exit         7.0    0.9  os._exit after flushing: no interpreter teardown
+    total       50.5   24.6  (p99 64.3 -> 33.4); CPU per ADD 42.3 -> 20.7 ms in
+                             processes (plugin, ip netns exec, host-local) + 6.3 -> 4.2
+                             in the agent
+
+With 30 at once the ADDs are CPU-bound: ~25 ms of CPU each on 2 cores is
+~375 ms before anything waits; the floor of a Python process per ADD is its
+interpreter start (~6 ms CPU with -I -S) plus json/re/enum (~3.5 ms).
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
@@ -57,6 +85,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -69,6 +98,7 @@ from pcn_lab.topology import Lab
 
 from .bpfmaps import ServiceMaps
 from .netns import exec_in, stop
+from .references import LinuxBridgeCNI
 from .results import Result, now_iso
 from .rr import percentile
 from .scenarios import MTU, Context
@@ -216,6 +246,32 @@ class AgentProcess:
             time.sleep(0.05)
         raise RuntimeError(f"pcn-agent's data plane not up after {timeout:.0f} s; its log "
                            f"ends:\n{self.log_tail()}")
+
+    def wait_idle(self, window_s: float = 1.0, busy_pct: float = 10.0,
+                  timeout: float = READY_TIMEOUT_S) -> float:
+        """Until the agent used less than `busy_pct` of one CPU over `window_s`
+        (its user+system time in /proc/<pid>/stat): once the data plane is up
+        it still compiles the function cube types in the background
+        (DataplaneManager.warm_up), seconds of CPU that a scenario timing
+        pod operations on a settled node must not share. Returns the seconds
+        waited; RuntimeError after `timeout`."""
+        assert self.proc is not None
+        tick = os.sysconf("SC_CLK_TCK")
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+
+        def cpu_s() -> float:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            self.check_alive()
+            before = cpu_s()
+            time.sleep(window_s)
+            if (cpu_s() - before) / window_s * 100 < busy_pct:
+                return time.monotonic() - t0
+        raise RuntimeError(f"pcn-agent still busy {timeout:.0f} s after its data plane came up; "
+                           f"its log ends:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Stop the agent (it leaves its data plane for a successor, as designed)
@@ -456,6 +512,8 @@ class CniNode:
         t = agent.start(st)
         agent.wait_ready().close()
         ctx.progress(f"{tag}: agent's data plane up in {time.monotonic() - t:.1f} s")
+        idle = agent.wait_idle()
+        ctx.progress(f"{tag}: agent idle (background compiles done) {idle:.1f} s later")
         self.conf = kubelet.network_config(agent.pod_cidr, agent.gateway, str(agent.socket),
                                            str(agent.dir / "ipam"), mtu=MTU)
         self.trace = agent.dir / "cni-trace.jsonl"
@@ -498,51 +556,112 @@ class CniNode:
                 raise RuntimeError(f"pod {sb.name} added by pcn-cni cannot ping its gateway")
 
 
+class BridgeNode:
+    """The reference: the CNI project's `bridge` plugin (Go, a Linux bridge,
+    the same host-local IPAM) on a node namespace of its own, run the same
+    way (`ip netns exec <node>`, configuration on stdin), so that pcn-cni's
+    times can be read against it within one run on a noisy machine."""
+
+    def __init__(self, ctx: Context, st: ExitStack, tag: str) -> None:
+        self.ctx = ctx
+        self.st = st
+        self.tag = tag
+        node = ctx.nss.create(f"{tag}-br")
+        st.callback(ctx.nss.remove, node)
+        self.cni = LinuxBridgeCNI(ctx.nss, node, ctx.tmp / f"{tag}-host-local", MTU,
+                                  network_name=f"{ctx.nss.prefix}-{tag}")
+        st.callback(self.cni.delete_all)  # CNI DEL before the namespaces go
+        self._n = 0
+
+    def sandbox(self) -> str:
+        self._n += 1
+        pod = self.ctx.nss.create(f"{self.tag}-b{self._n:03d}")
+        self.st.callback(self.ctx.nss.remove, pod)
+        return pod
+
+    def add(self, pod: str) -> tuple[float, float, float]:
+        """CNI ADD of the pod namespace `pod`: (ms, monotonic s before, after)."""
+        t0 = time.monotonic()
+        self.cni._invoke("ADD", pod, pod)
+        t1 = time.monotonic()
+        self.cni.added.append((pod, pod))
+        return (t1 - t0) * 1000, t0, t1
+
+
+def _latency_results(scenario: str, variant: str, samples: list[float],
+                     common: dict[str, Any]) -> list[Result]:
+    return [Result(scenario, variant, "latency", statistics.median(samples), "ms",
+                   {"stat": "median", "samples_ms": [round(x, 1) for x in samples],
+                    **_stats_ms(samples), **common}),
+            Result(scenario, variant, "latency-p99", percentile(samples, 99), "ms",
+                   {"stat": "p99", **_stats_ms(samples), **common})]
+
+
 def cni_add(ctx: Context) -> list[Result]:
     samples: list[float] = []
+    ref: list[float] = []
     calls: dict[str, tuple[float, float]] = {}
     with ExitStack() as st:
         node = CniNode(ctx, st, CNI_ADD)
-        ctx.progress(f"{CNI_ADD}/pcn: timing {ctx.cni_adds} CNI ADDs (pcn-cni, host-local)")
+        bridge = BridgeNode(ctx, st, "cniref")
+        bridge.add(bridge.sandbox())  # its bridge device is made by the first ADD
+        ctx.progress(f"{CNI_ADD}/pcn: timing {ctx.cni_adds} CNI ADDs (pcn-cni, host-local), "
+                     f"each followed by one of the reference `bridge` plugin")
         for _ in range(ctx.cni_adds):
             sb = node.sandbox()
             ms, t0, t1 = node.add(sb)
             samples.append(ms)
             calls[sb.container_id] = (t0, t1)
+            ref.append(bridge.add(bridge.sandbox())[0])
         node.check_pods([node.sandboxes[0], node.sandboxes[-1]])
         phases = _phase_table(node.phases(calls))
     p50, p99 = statistics.median(samples), percentile(samples, 99)
     ctx.progress(f"{CNI_ADD}/pcn: p50 {p50:.0f} ms, p99 {p99:.0f} ms "
-                 f"(min {min(samples):.0f}, max {max(samples):.0f}); phases p50 (ms): "
-                 f"{_phase_line(phases)}")
-    common = {"pods": len(samples), "date": now_iso(), **_stats_ms(samples),
-              "phases": phases, "phase_meaning": CNI_PHASES,
-              "what": "kubelet.run_cni ADD: `ip netns exec <node> python -I -S "
-                      ".../pcn_agent/cni/__main__.py`, host-local IPAM, attach by a running "
-                      "pcn-agent; one at a time"}
-    return [Result(CNI_ADD, "pcn", "latency", p50, "ms",
-                   {"stat": "median", "samples_ms": [round(x, 1) for x in samples], **common}),
-            Result(CNI_ADD, "pcn", "latency-p99", p99, "ms", {"stat": "p99", **common})]
+                 f"(min {min(samples):.0f}, max {max(samples):.0f}); reference bridge plugin "
+                 f"p50 {statistics.median(ref):.0f} ms, p99 {percentile(ref, 99):.0f} ms; "
+                 f"pcn phases p50 (ms): {_phase_line(phases)}")
+    common = {"pods": len(samples), "date": now_iso()}
+    return [*_latency_results(CNI_ADD, "pcn", samples, {
+                **common, "phases": phases, "phase_meaning": CNI_PHASES,
+                "what": "kubelet.run_cni ADD: `ip netns exec <node> python -I -S "
+                        ".../pcn_agent/cni/__main__.py`, host-local IPAM, attach by a running "
+                        "pcn-agent; one at a time"}),
+            *_latency_results(CNI_ADD, "linux-bridge", ref, {
+                **common, "what": "the reference `bridge` CNI plugin (Go; Linux bridge, "
+                                  "host-local IPAM) run the same way, each right after a "
+                                  "pcn-cni ADD"})]
+
+
+def _parallel(n: int, add: Callable[[Any], tuple[float, float, float]],
+              pods: list[Any]) -> tuple[list[float], float, list[tuple[float, float]]]:
+    """`add` on every pod at once (threads behind a barrier): each call's ms,
+    the total ms (first start to last end) and each call's (t0, t1)."""
+    gate = threading.Barrier(n)
+
+    def one(pod: Any) -> tuple[float, float, float]:
+        gate.wait()  # every thread is ready: the ADDs start together
+        return add(pod)
+
+    with ThreadPoolExecutor(n) as pool:
+        timed = list(pool.map(one, pods))
+    total = (max(t1 for _, _, t1 in timed) - min(t0 for _, t0, _ in timed)) * 1000
+    return [ms for ms, _, _ in timed], total, [(t0, t1) for _, t0, t1 in timed]
 
 
 def cni_add_parallel(ctx: Context) -> list[Result]:
     n = ctx.cni_parallel
     with ExitStack() as st:
         node = CniNode(ctx, st, CNI_ADD_PARALLEL)
+        bridge = BridgeNode(ctx, st, "cniparref")
         pods = [node.sandbox() for _ in range(n)]
+        ref_pods = [bridge.sandbox() for _ in range(n)]
         node.add(node.sandbox())  # one ADD first, alone: the agent's first is not the point
-        ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: {n} CNI ADDs at once on one node")
-        gate = threading.Barrier(n)
-
-        def one(sb: kubelet.PodSandbox) -> tuple[float, float, float]:
-            gate.wait()  # every thread is ready: the ADDs start together
-            return node.add(sb)
-
-        with ThreadPoolExecutor(n) as pool:
-            timed = list(pool.map(one, pods))
-        samples = [ms for ms, _, _ in timed]
-        total = (max(t1 for _, _, t1 in timed) - min(t0 for _, t0, _ in timed)) * 1000
-        calls = {sb.container_id: (t0, t1) for sb, (_, t0, t1) in zip(pods, timed, strict=True)}
+        bridge.add(bridge.sandbox())
+        ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: {n} CNI ADDs at once on one node, then {n} of "
+                     f"the reference `bridge` plugin")
+        samples, total, times = _parallel(n, node.add, pods)
+        ref, ref_total, _ = _parallel(n, bridge.add, ref_pods)
+        calls = {sb.container_id: t for sb, t in zip(pods, times, strict=True)}
         ips = {sb.ip for sb in pods}
         if len(ips) != n:
             raise RuntimeError(f"{n} parallel ADDs gave {len(ips)} distinct addresses")
@@ -550,15 +669,21 @@ def cni_add_parallel(ctx: Context) -> list[Result]:
         phases = _phase_table(node.phases(calls))
     p50, p99 = statistics.median(samples), percentile(samples, 99)
     ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: each ADD p50 {p50:.0f} ms, p99 {p99:.0f} ms; all "
-                 f"{n} done in {total:.0f} ms; phases p50 (ms): {_phase_line(phases)}")
-    common = {"pods": n, "date": now_iso(), **_stats_ms(samples), "total_ms": round(total, 1),
-              "phases": phases, "phase_meaning": CNI_PHASES,
-              "what": f"{n} kubelet.run_cni ADDs started at once (threads behind a barrier) "
-                      f"on one node, as in cni-add; each sample is one ADD's wall time"}
-    return [Result(CNI_ADD_PARALLEL, "pcn", "latency", p50, "ms",
-                   {"stat": "median", "samples_ms": [round(x, 1) for x in samples], **common}),
-            Result(CNI_ADD_PARALLEL, "pcn", "latency-p99", p99, "ms", {"stat": "p99", **common}),
-            Result(CNI_ADD_PARALLEL, "pcn", "total", total, "ms",
+                 f"{n} done in {total:.0f} ms; reference bridge plugin p50 "
+                 f"{statistics.median(ref):.0f} ms, p99 {percentile(ref, 99):.0f} ms, all in "
+                 f"{ref_total:.0f} ms; pcn phases p50 (ms): {_phase_line(phases)}")
+    common = {"pods": n, "date": now_iso()}
+    what = (f"{n} kubelet.run_cni ADDs started at once (threads behind a barrier) on one "
+            f"node, as in cni-add; each sample is one ADD's wall time")
+    ref_what = f"the reference `bridge` CNI plugin, {n} ADDs at once, right after pcn's"
+    return [*_latency_results(CNI_ADD_PARALLEL, "pcn", samples, {
+                **common, "total_ms": round(total, 1), "phases": phases,
+                "phase_meaning": CNI_PHASES, "what": what}),
+            Result(CNI_ADD_PARALLEL, "pcn", "latency-total", total, "ms",
+                   {"what": f"first of the {n} ADDs started -> last returned", **common}),
+            *_latency_results(CNI_ADD_PARALLEL, "linux-bridge", ref, {
+                **common, "total_ms": round(ref_total, 1), "what": ref_what}),
+            Result(CNI_ADD_PARALLEL, "linux-bridge", "latency-total", ref_total, "ms",
                    {"what": f"first of the {n} ADDs started -> last returned", **common})]
 
 

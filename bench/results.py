@@ -312,7 +312,8 @@ def _control_plane_acceptance(results: Sequence[Result]) -> list[str]:
     if c50 is not None and c99 is not None:
         lines.append(f"acceptance: CNI ADD p50 {c50.value:.0f} ms, p99 {c99.value:.0f} ms "
                      f"(target p99 < {CNI_ADD_P99_TARGET_MS:.0f} ms): "
-                     f"{_verdict(c99.value < CNI_ADD_P99_TARGET_MS)}")
+                     f"{_verdict(c99.value < CNI_ADD_P99_TARGET_MS)}"
+                     f"{_cni_reference(results, 'cni-add', c50, c99)}")
     q50 = _find(results, "cni-add-parallel", "pcn", "latency")
     q99 = _find(results, "cni-add-parallel", "pcn", "latency-p99")
     if q50 is not None and q99 is not None:
@@ -320,8 +321,19 @@ def _control_plane_acceptance(results: Sequence[Result]) -> list[str]:
                      f"each p50 {q50.value:.0f} ms, p99 {q99.value:.0f} ms, all in "
                      f"{q99.extra.get('total_ms', 0):.0f} ms (target p99 < "
                      f"{CNI_PARALLEL_P99_TARGET_MS:.0f} ms): "
-                     f"{_verdict(q99.value < CNI_PARALLEL_P99_TARGET_MS)}")
+                     f"{_verdict(q99.value < CNI_PARALLEL_P99_TARGET_MS)}"
+                     f"{_cni_reference(results, 'cni-add-parallel', q50, q99)}")
     return lines
+
+
+def _cni_reference(results: Sequence[Result], scenario: str, p50: Result, p99: Result) -> str:
+    """The same run's reference `bridge` plugin, for reading a noisy run."""
+    r50 = _find(results, scenario, REFERENCE_VARIANT, "latency")
+    r99 = _find(results, scenario, REFERENCE_VARIANT, "latency-p99")
+    if r50 is None or r99 is None or not r50.value or not r99.value:
+        return ""
+    return (f"; the reference bridge plugin in the same run p50 {r50.value:.0f} ms, p99 "
+            f"{r99.value:.0f} ms (pcn {p50.value / r50.value:.2f}x, {p99.value / r99.value:.2f}x)")
 
 
 def _policy_acceptance(results: Sequence[Result]) -> list[str]:
