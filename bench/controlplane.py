@@ -31,16 +31,24 @@ Scenarios:
   The pod namespaces are made outside the timing, as a runtime makes the
   sandbox before calling CNI; timing starts once the agent is idle (under 10%
   of a CPU over a second: its background compiles of function cube types
-  are done), pods being added to a settled node. With PCN_CNI_TRACE the plugin marks the end of
-  each phase on time.monotonic() and the agent reports its lock wait and op
-  time; the p50/p99 of each phase (CNI_PHASES) are in the results' extra.
+  are done), pods being added to a settled node. With PCN_CNI_TRACE the
+  plugin marks the end of each phase on time.monotonic() and the agent
+  reports its lock wait and op time; the p50/p99 of each phase (CNI_PHASES)
+  are in the results' extra. Each pcn ADD is followed by one of the
+  reference, variant `linux-bridge`: the CNI project's `bridge` plugin (Go,
+  the same host-local IPAM) on a node namespace of its own, run the same way,
+  so that pcn's times can be read as ratios within the run.
 * `cni-add-parallel`: as `cni-add`, but 30 (--cni-parallel) ADDs started
-  together on one node (threads released by a barrier, after one ADD alone);
-  each sample is one ADD's wall time, `total` the first start to the last end.
+  together on one node (threads released by a barrier, after one ADD alone),
+  then 30 of the reference; each sample is one ADD's wall time,
+  `latency-total` the first start to the last end.
 
-Where an ADD's time goes (ms, p50 of 30 serial ADDs against the same in-process
-agent handler, same machine and load, /tmp/cniwork-style probe; before = the
-plugin and agent of ad6d20c started by the `pcn-cni` console script):
+Where an ADD's time goes (ms, p50 of 30 serial ADDs, PCN_CNI_TRACE phases, in a
+one-node lab like tests/test_cni.py's: the local API served in-process by
+DataplaneHandler, no reconcile loop; before and after back to back on the
+same machine at load ~3 on 2 CPUs, 2026-12-01 09:03 UTC; before = the plugin
+and handler of ad6d20c, the plugin started by the `pcn-cni` console script,
+marks added by wrapping its functions):
 
     phase     before  after  what changed
     start       15.4    6.3  -I -S entry (no site: .pth files, editable-install hook)
