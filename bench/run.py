@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 10000)")
     p.add_argument("--cni-adds", type=int, default=50,
                    help="pods added by pcn-cni in cni-add (default 50)")
+    p.add_argument("--cni-parallel", type=int, default=30,
+                   help="pods added by pcn-cni at once, on one node, in cni-add-parallel "
+                        "(default 30)")
     p.add_argument("--policy-rounds", type=int, default=20,
                    help="rounds of five changes (pod label, namespace label, policy added, "
                         "policy removed, pod added elsewhere) timed in policy-reconcile "
@@ -121,9 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
         p.error("--scale levels must be between 1 and 60000")
     if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
-           args.policy_rounds, args.endpoint_services, args.endpoints_per_service) < 1:
+           args.cni_parallel, args.policy_rounds, args.endpoint_services,
+           args.endpoints_per_service) < 1:
         p.error("--requests, --endpoint-changes, --endpoint-services, --endpoints-per-service, "
-                "--cold-services, --cni-adds and --policy-rounds must be positive")
+                "--cold-services, --cni-adds, --cni-parallel and --policy-rounds must be positive")
     if max(args.endpoint_services, args.cold_services) * args.endpoints_per_service > 61440:
         p.error("at most 61440 endpoints (Services x --endpoints-per-service): each has an "
                 "address of its own in 10.244.16.0-10.244.255.255")
@@ -264,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                   endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
                   endpoint_services=args.endpoint_services,
                   endpoints_per_service=args.endpoints_per_service,
-                  cni_adds=args.cni_adds, policy_rounds=args.policy_rounds,
+                  cni_adds=args.cni_adds, cni_parallel=args.cni_parallel,
+                  policy_rounds=args.policy_rounds,
                   policy_pod_adds=args.policy_pod_adds)
     ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
                  f"{args.duration:g} s per variant, {pinning.describe()}")
@@ -298,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": list(args.scale_levels), "endpoint_changes": args.endpoint_changes,
             "cold_services": args.cold_services, "endpoint_services": args.endpoint_services,
             "endpoints_per_service": args.endpoints_per_service, "cni_adds": args.cni_adds,
+            "cni_parallel": args.cni_parallel,
             "policy_rounds": args.policy_rounds, "policy_pod_adds": args.policy_pod_adds,
             "cpu_busy_before_pct": round(busy, 1),
             "cpu_busy_after_pct": round(busy_after, 1)}

@@ -54,6 +54,7 @@ class Context:
     endpoints_per_service: int = 5  # endpoints of each of those Services (and cold start's)
     cold_services: int = 10000  # Services in the API before agent-cold-start's agent starts
     cni_adds: int = 50  # pods added in cni-add
+    cni_parallel: int = 30  # pods added at once in cni-add-parallel
     policy_rounds: int = 20  # rounds of the five changes timed in policy-reconcile
     policy_pod_adds: int = 50  # pods added in policy-pod-add (at most a node's 50)
     tcp_rr: bool = True  # compare() also measures each variant's TCP_RR rate

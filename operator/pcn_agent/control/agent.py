@@ -47,7 +47,7 @@ from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
 from pcn_agent.node.wiring import NodeConfig, NodeDataplane
 
 if TYPE_CHECKING:
-    from pcn_agent.control.localapi import LocalApiServer
+    from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
     from pcn_agent.control.observe import Observer
 
 log = logging.getLogger("pcn_agent.control.agent")
@@ -136,6 +136,7 @@ class Agent:
         self.node: NodeDataplane | None = None
         self.manager: DataplaneManager | None = None
         self.api: LocalApiServer | None = None
+        self.cni_handler: DataplaneHandler | None = None
         self.observer: Observer | None = None  # captures and flows (control.observe)
         self.health = HealthServers(netns)  # kube-proxy's healthCheckNodePorts
         self.cubetypes = CubeTypes()  # CubeTypes compiled on this node
@@ -490,7 +491,7 @@ class Agent:
         assert self.manager is not None
         from pcn_agent.control.observe import Observer
 
-        handler = DataplaneHandler(self.node, lock=self.manager.lock)
+        handler = self.cni_handler = DataplaneHandler(self.node, lock=self.manager.lock)
         self.observer = observer = Observer(self.node, self.manager)
 
         def serve(request: dict[str, Any]) -> dict[str, Any]:
@@ -647,6 +648,8 @@ class Agent:
             self.observer.close()  # ends the capture streams the API server waits for
         if self.api is not None:
             self.api.stop()
+        if self.cni_handler is not None:
+            self.cni_handler.close()
         self.health.close()
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,10 @@ class Runtime:
         """This thread's rtnetlink socket in the runtime's namespace (None when closed)."""
         return self._netlink.get() if self._netlink is not None else None
 
+    def netlink_sockets(self) -> int:
+        """rtnetlink sockets open for this runtime (one per live thread using it)."""
+        return self._netlink.open_sockets() if self._netlink is not None else 0
+
     # ----------------------------------------------------------------- life cycle
     def open(self, adopt: bool = True) -> Runtime:
         """Load the entry program; with `adopt`, take over the state a previous
@@ -285,7 +289,9 @@ class Runtime:
             }
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+            # compact: json's C encoder only serves indent=None, and an agent
+            # saves after every pod attach (~5x faster at 50 pods than indent=1)
+            tmp.write_text(json.dumps(state, sort_keys=True, separators=(",", ":")))
             tmp.replace(self.state_path)
 
     def _release_modules(self) -> None:
@@ -746,12 +752,14 @@ class NetlinkPerThread:
     pyroute2's synchronous IPRoute opens a fresh socket for every thread that
     uses it, in that thread's namespace; a socket opened by setns therefore
     only serves its own thread. `IPRoute(netns=...)` would follow the
-    namespace but forks a helper to do it (see pcn_agent.dataplane.netns)."""
+    namespace but forks a helper to do it (see pcn_agent.dataplane.netns).
+    The socket of a thread that has ended is closed when the next one is
+    opened: short-lived threads (a request's) leave no descriptor behind."""
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
         self._local = threading.local()
-        self._all: list[IPRoute] = []
+        self._all: list[tuple[threading.Thread, IPRoute]] = []
         self._lock = threading.Lock()
 
     def get(self) -> IPRoute:
@@ -760,22 +768,40 @@ class NetlinkPerThread:
             ipr = iproute(self.netns)
             self._local.ipr = ipr
             with self._lock:
-                self._all.append(ipr)
+                ended = [(t, old) for t, old in self._all if not t.is_alive()]
+                self._all = [(t, old) for t, old in self._all if t.is_alive()]
+                self._all.append((threading.current_thread(), ipr))
+            for _, old in ended:
+                _close_quietly(old)
         return ipr
+
+    def open_sockets(self) -> int:
+        """How many sockets are open (one per live thread that used this)."""
+        with self._lock:
+            return len(self._all)
 
     def close(self) -> None:
         with self._lock:
-            for ipr in self._all:
-                try:
-                    ipr.close()
-                except Exception:  # a thread's socket may already be gone
-                    log.debug("closing a netlink socket failed", exc_info=True)
+            for _, ipr in self._all:
+                _close_quietly(ipr)
             self._all.clear()
 
 
+def _close_quietly(ipr: IPRoute) -> None:
+    try:
+        ipr.close()
+    except Exception:  # a thread's socket may already be gone
+        log.debug("closing a netlink socket failed", exc_info=True)
+
+
+_PORT_SCALARS = tuple(f.name for f in fields(PortState) if f.name != "hooks")
+
+
 def _port_dict(p: PortState) -> dict[str, Any]:
-    d = asdict(p)
-    d["hooks"] = {str(h): [asdict(s) for s in stack] for h, stack in p.hooks.items()}
+    """asdict(p) without its deep copies (every save writes every port)."""
+    d: dict[str, Any] = {name: getattr(p, name) for name in _PORT_SCALARS}
+    d["hooks"] = {str(h): [{"slot": s.slot, "instance": s.instance} for s in stack]
+                  for h, stack in p.hooks.items()}
     return d
 
 
