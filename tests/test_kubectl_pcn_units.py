@@ -205,6 +205,23 @@ def test_config_from_flags() -> None:
         **existing, "allowReplies": True}
 
 
+@pytest.mark.parametrize("rate,advice", [
+    ("50mbit", "(write 50M: a quantity of bits takes no unit, only the multiplier; m would be "
+               "milli)"),
+    ("50Mbps", "(write 50M: a quantity of bits takes no unit, only the multiplier)"),
+    ("50m", "(m is milli, a thousandth: for mega write 50M)"),
+])
+def test_a_rate_that_is_no_quantity_says_what_to_write(rate: str, advice: str) -> None:
+    """--rate 50mbit printed only the quantity's regular expression (trial of
+    issue 12); 50m only that it was unreasonably small."""
+    with pytest.raises(InputError) as err:
+        config_from_flags("policer", None, None, (), None, {"rate": rate})
+    msg = err.value.message
+    assert msg.startswith(f"options: invalid policer config: rate: '{rate}' is "), msg
+    assert "use a Kubernetes quantity of bits per second such as 50M (50 Mbit/s) or 1G" in msg
+    assert advice in msg and "[0-9]" not in msg, msg
+
+
 def test_config_file_forms() -> None:
     plain = "rules:\n- {action: drop, protocol: tcp, destinationPorts: '22'}\ndefaultAction: drop\n"
     want = {"rules": [{"action": "drop", "protocol": "tcp", "destinationPorts": "22"}],
