@@ -83,6 +83,17 @@ def options_of(type_: str) -> set[str]:
         {o.flag for o in field_options() if o.type_ == type_}
 
 
+def own_options(type_: str) -> str:
+    """What a built-in type's config is given with, for a message about an
+    option of another type: "a policer takes --rate, --burst, --scope, or
+    --config FILE (`kubectl pcn add-cube policer --help`)"."""
+    special = [f for (t, _), f in SPECIAL_FIELDS.items() if t == type_]
+    flags = special + [o.flag for o in field_options() if o.type_ == type_]
+    listed = "".join(f"--{f}, " for f in flags)
+    return (f"a {type_} takes {listed}or --config FILE "
+            f"(`kubectl pcn add-cube {type_} --help`)")
+
+
 def cubetype_params(cubetype: Mapping[str, Any]) -> tuple[Param, ...]:
     """The parameters of a CubeType object (InputError when its schema is
     outside the restriction: its status says so too)."""
@@ -278,17 +289,18 @@ def config_from_flags(type_: str, existing: Mapping[str, Any] | None,
     if config_file is not None and (rules or default or fields):
         raise InputError("give either --config FILE or options that set fields, not both")
     if rules and type_ not in RULE_TYPES:
-        raise InputError(f"--rule applies to {', '.join(RULE_TYPES)} functions; give the "
-                         f"{type_} config with --config FILE")
+        raise InputError(f"--rule applies to {', '.join(RULE_TYPES)} functions, not "
+                         f"{type_}; {own_options(type_)}")
     if default and type_ != "firewall":
-        raise InputError(f"--default applies to firewall functions, not {type_}")
+        raise InputError(f"--default applies to firewall functions, not {type_}; "
+                         f"{own_options(type_)}")
     by_flag = {o.flag: o for o in field_options()}
     for flag in fields:
         o = by_flag.get(flag)
         if o is None or o.type_ != type_:
             owner = f"{o.type_} functions" if o else "no function type"
-            raise InputError(f"--{flag} applies to {owner}, not {type_}; see "
-                             f"`kubectl pcn add-cube {type_} --help`")
+            raise InputError(f"--{flag} applies to {owner}, not {type_}; "
+                             f"{own_options(type_)}")
     if config_file is not None:
         origin, text = config_file
         return load_config_file(text, type_, origin)
