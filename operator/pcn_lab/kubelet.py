@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -124,12 +125,51 @@ def start_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any
 
 
 def stop_pod(node_netns: str | None, sandbox: PodSandbox, config: dict[str, Any]) -> None:
-    """CNI DEL, then the namespace goes."""
+    """CNI DEL, then every process in the pod's namespace is killed, as
+    kubelet stops a pod's containers (a daemon started in it with `pcn-lab
+    exec`, e.g. `iperf3 -D`, outlived the pod and the lab), then the
+    namespace goes."""
     try:
         run_cni(node_netns, "DEL", sandbox, config)
     finally:
+        kill_netns_processes(netns_inodes([sandbox.netns]))
         if sandbox.netns in pr_netns.listnetns():
             pr_netns.remove(sandbox.netns)
+
+
+def netns_inodes(names: list[str]) -> set[int]:
+    """The inodes of the named network namespaces (/var/run/netns/NAME, a
+    bind mount of the namespace's nsfs file) that exist. A process is in the
+    namespace whose inode its /proc/PID/ns/net has, named or not: `ip netns
+    pids` compares the same."""
+    out = set()
+    for name in names:
+        try:
+            out.add(os.stat(f"{pr_netns.NETNS_RUN_DIR}/{name}").st_ino)
+        except OSError:
+            pass
+    return out
+
+
+def kill_netns_processes(inodes: set[int]) -> list[int]:
+    """SIGKILL every process (but this one) whose network namespace is one of
+    `inodes` (netns_inodes); the pids killed. A namespace whose name was
+    removed lives on while a process is in it, so the inodes are taken
+    before the names go."""
+    if not inodes:
+        return []
+    killed = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino not in inodes:
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+        except (OSError, ValueError):
+            pass  # gone meanwhile, or a kernel thread
+    return killed
 
 
 def container_ports(pod: dict[str, Any], tcp: int, udp: int) -> tuple[list[int], list[int]]:

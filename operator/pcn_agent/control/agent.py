@@ -574,8 +574,9 @@ class Agent:
             ready = [n for n, s in nodes.items() if s.get("ready")]
             failing = [(n, s) for n, s in sorted(nodes.items()) if not s.get("ready")]
             stage = (st.errors[0].get("stage") if st.errors else "") or ""
-            reason = {"schema": "InvalidSchema", "compile": "CompileFailed",
-                      "verify": "VerifierRejected"}.get(stage, "NotCompiled")
+            reason = {"name": "ReservedName", "schema": "InvalidSchema",
+                      "compile": "CompileFailed", "verify": "VerifierRejected",
+                      }.get(stage, "NotCompiled")
             cond: dict[str, Any] = {
                     "type": "Ready", "status": "False" if failing else "True",
                     "reason": reason if not mine["ready"] else
