@@ -450,7 +450,11 @@ class ControlPlane:
             "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
             "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
-            "--unsafe-no-fsync"])  # a throwaway store: its fsyncs would only slow the installs
+            "--unsafe-no-fsync",  # a throwaway store: its fsyncs would only slow the installs
+            # service-scale's 100 000 Services, EndpointSlices and ClusterIP
+            # IPAddress objects, with their history until the API server
+            # compacts it, pass etcd's default 2 GiB quota
+            "--quota-backend-bytes=8589934592"])
         self._spawn("kube-apiserver", [
             str(b / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_client}",
             f"--secure-port={self.api_port}", "--bind-address=127.0.0.1",

@@ -78,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000,
                    help="requests per variant (and per level) in the service latency scenarios "
                         "(default 2000)")
-    p.add_argument("--scale", default="10,1000,10000",
-                   help="numbers of services installed in service-scale (default 10,1000,10000)")
+    p.add_argument("--scale", default="10,1000,10000,100000",
+                   help="numbers of services installed in service-scale "
+                        "(default 10,1000,10000,100000)")
     p.add_argument("--endpoint-changes", type=int, default=100,
                    help="EndpointSlice changes timed in endpoints-to-dataplane (default 100)")
     p.add_argument("--cold-services", type=int, default=1000,

@@ -46,7 +46,7 @@ class Context:
     pod_adds: int
     pinning: iperf.Pinning
     requests: int = 2000  # rr requests per variant (latency scenarios)
-    scale: tuple[int, ...] = (10, 1000, 10000)  # services installed in service-scale
+    scale: tuple[int, ...] = (10, 1000, 10000, 100000)  # services installed in service-scale
     endpoint_changes: int = 100  # EndpointSlice writes timed in endpoints-to-dataplane
     cold_services: int = 1000  # Services in the API before agent-cold-start's agent starts
     cni_adds: int = 50  # pods added in cni-add
