@@ -88,8 +88,11 @@ BPF_TABLE_PINNED("lru_hash", struct pcn_affinity_key, struct pcn_affinity, lb_af
                  PCN_PIN("lb_affinity"));
 /* The addresses that have at least one internal service entry (the value is
  * unused): traffic to any other port of such an address is rejected, traffic
- * to an address of the Service range that is not here dropped. */
-BPF_TABLE_PINNED("hash", __be32, u32, lb_vips, PCN_LB_SERVICES_MAX, PCN_PIN("lb_vips"));
+ * to an address of the Service range that is not here dropped. Not
+ * preallocated: most clusters have far fewer addresses than the table is
+ * sized for (preallocated, 131 072 entries held 10 MiB whatever the use). */
+BPF_TABLE_PINNED("hash", __be32, u32, lb_vips, PCN_LB_SERVICES_MAX, PCN_PIN("lb_vips"),
+                 BPF_F_NO_PREALLOC);
 
 static __always_inline u32 pcn_mix32(u32 h)
 {

@@ -44,8 +44,12 @@ class LbSizes:
     backends: entries of lb_slots: one per backend of each service port
         with equal weights, up to 1024 for weighted ones (weighted_slots).
         The default, 1 048 576, holds 100 000 services of 5 backends twice
-        over; the map is not preallocated, so slots in use cost memory,
-        not the size.
+        over; the map is not preallocated, so slots in use cost memory, the
+        size only its buckets.
+
+    Kernel memory at the defaults (fdinfo memlock, Linux 6.18): 29 MiB with
+    no service (lb_services 11.0 preallocated, lb_vips 2.0, lb_slots 16.0),
+    70 MiB with 100 000 services of 5 backends (11.0, 8.9, 50.3).
     """
 
     services: int = 131072
