@@ -38,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.cubes.lbrp import LbSizes
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
 from . import (
@@ -110,8 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scale_levels = tuple(sorted({int(x) for x in args.scale.split(",") if x.strip()}))
     except ValueError:
         p.error(f"--scale takes numbers separated by commas, not {args.scale!r}")
-    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
-        p.error("--scale levels must be between 1 and 60000")
+    # the lab's nodes have the default service table (lbServiceMapMax)
+    top = LbSizes().services
+    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > top:
+        p.error(f"--scale levels must be between 1 and {top} (the default lbServiceMapMax)")
     if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
            args.policy_rounds) < 1:
         p.error("--requests, --endpoint-changes, --cold-services, --cni-adds and "

@@ -72,3 +72,15 @@ def test_kube_proxy_modes_past_their_level_or_too_slow_are_skipped_with_a_reason
     assert "more than 10000 services" in skipped["iptables"]
     assert skipped["nftables"].startswith("cold start not done within 300 s")
     assert sum("skipped" in line for line in ctx.lines) == 2
+
+
+def test_scale_levels_go_up_to_the_default_service_table() -> None:
+    import pytest
+
+    from bench.run import parse_args
+    from pcn_agent.dataplane.cubes.lbrp import LbSizes
+
+    assert parse_args(["--only", "service-scale"]).scale_levels == (10, 1000, 10000, 100000)
+    assert parse_args(["--scale", f"10,{LbSizes().services}"]).scale_levels[-1] == 131072
+    with pytest.raises(SystemExit):
+        parse_args(["--scale", f"10,{LbSizes().services + 1}"])
