@@ -86,7 +86,7 @@ def service_scale_png(results: Sequence[Result], path: Path) -> Path:
     if skipped:  # a missing point says why, not nothing
         note = "; ".join(f"{v} not run at {x:,}".replace(",", " ")
                          for v, x in sorted(skipped, key=lambda s: (s[1], s[0])))
-        ax2.annotate(f"{note} (too slow a cold start; see the results' reasons)",
+        ax2.annotate(f"{note} (see the reason of its skipped@N result)",
                      (0.5, -0.2), xycoords="axes fraction", ha="center", fontsize=7, wrap=True)
     ax2.grid(True, which="both", alpha=0.3)
     if installs:

@@ -38,7 +38,11 @@ Scenarios:
   (300 s); a mode not run at a level gets a `skipped@N` result with the
   reason. The API objects grow level to level (the previous level's last
   service gets unused backends), created through API_WORKERS connections in
-  parallel and timed apart from every figure (api_objects_created_s); pcn's
+  parallel and timed apart from every figure (api_objects_created_s); a
+  level whose objects would take more than API_CREATE_BUDGET_S (600 s) to
+  create at the rate of the previous level is run without kube-proxy (both
+  modes skipped@N, the reason saying so: on 2 busy vCPUs the API server
+  went from 100 to ~32 objects/s, an hour for 100 000 Services). pcn's
   table starts from empty at each level.
   Each level starts from empty tables, and its real backends listen on a
   target port of the level's own (8080, 8081, ...): the rr server closes
@@ -92,6 +96,12 @@ BACKENDS_PER_SERVICE = 5  # of every service-scale service but the measured one 
 KP_MAX_SERVICES = {"iptables": 10_000, "nftables": 100_000}
 KP_COLD_START_TIMEOUT_S = 300.0
 API_WORKERS = 8  # connections creating service-scale's API objects in parallel
+# How long creating a level's API objects may be expected to take, at the
+# rate measured at the previous level, before kube-proxy is skipped there:
+# on 2 busy vCPUs the bench's API server took 176 s for 9 000 Services +
+# EndpointSlices (100 objects/s) and slowed to ~32 objects/s past 19 000,
+# about an hour for 100 000.
+API_CREATE_BUDGET_S = 600.0
 LB_TABLES = ("lb_services", "lb_vips", "lb_slots")  # whose kernel memory is reported
 WARMUP_REQUESTS = 50
 
@@ -322,16 +332,20 @@ def _lb_memlock(node: NodeDataplane) -> dict[str, int]:
     return out
 
 
-def _kube_proxy_cold_start(ctx: Context, kp: KubeProxyNodes, n: int, ports: list[ServicePort]
-                           ) -> tuple[dict[str, float], dict[str, str]]:
+def _kube_proxy_cold_start(ctx: Context, kp: KubeProxyNodes, n: int, ports: list[ServicePort],
+                           no_api: str = "") -> tuple[dict[str, float], dict[str, str]]:
     """Start each mode's kube-proxy that service-scale runs with `n`
     services (KP_MAX_SERVICES), one at a time, and wait for its rules for
     `ports` (the endpoints of the last one): seconds per mode, and the modes
-    skipped with the reason (too many services for the mode, or a cold
-    start past KP_COLD_START_TIMEOUT_S, after which it is stopped)."""
+    skipped with the reason (too many services for the mode, `no_api`: why
+    the level's objects are not in the API, or a cold start past
+    KP_COLD_START_TIMEOUT_S, after which it is stopped)."""
     ready: dict[str, float] = {}
     skipped: dict[str, str] = {}
     for mode, proxy in kp.proxies.items():
+        if no_api:
+            skipped[mode] = no_api
+            continue
         if n > KP_MAX_SERVICES[mode]:
             skipped[mode] = (f"not run with more than {KP_MAX_SERVICES[mode]} services "
                              f"(bench.services.KP_MAX_SERVICES)")
@@ -364,6 +378,7 @@ def service_scale(ctx: Context) -> list[Result]:
                         for k, e in enumerate(eps[1:], start=1))], level_ports)
         installed: list[str] = []
         in_api = 0  # services 0 .. in_api-1 exist in the API
+        api_rate = 0.0  # objects per second the API server took at the last level
         for n, real_port in zip(ctx.scale, level_ports, strict=True):
             vips = [str(SCALE_VIPS + i) for i in range(n)]
             # pcn: from an empty table, every service through set_service in one batch
@@ -392,7 +407,13 @@ def service_scale(ctx: Context) -> list[Result]:
             ports = [_scale_port(i, vip, _scale_backends(i, n, BRIDGE_NET, kp_real, real_port))
                      for i, vip in enumerate(vips)]
             api_s: float | None = None
-            if any(n <= KP_MAX_SERVICES[m] for m in kp.proxies):
+            new = len(ports) - in_api
+            expected = 2 * new / api_rate if api_rate else 0.0
+            no_api = "" if expected <= API_CREATE_BUDGET_S else (
+                f"creating {new} Services + EndpointSlices in the bench API server would take "
+                f"~{expected / 60:.0f} min at the {api_rate:.0f} objects/s of the previous level "
+                f"(API_CREATE_BUDGET_S {API_CREATE_BUDGET_S:.0f} s)")
+            if not no_api and any(n <= KP_MAX_SERVICES[m] for m in kp.proxies):
                 if in_api:  # the previous level's last service: back to unused backends
                     prev = ports[in_api - 1]
                     kp.api.request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/bench/"
@@ -402,14 +423,14 @@ def service_scale(ctx: Context) -> list[Result]:
                                                             [("http", prev.endpoints[0][1],
                                                               "tcp")]),
                                    content_type="application/merge-patch+json")
-                new = len(ports) - in_api
                 api_s = kp.api.create_all(kubeproxy.service_objects(ports[in_api:]),
                                           workers=API_WORKERS)
+                api_rate = 2 * new / api_s if new >= 1000 else api_rate  # small levels: noise
                 in_api = n
                 ctx.progress(f"{SERVICE_SCALE}@{n}: {new} Services + EndpointSlices created in "
                              f"the API in {api_s:.1f} s ({API_WORKERS} connections; not part "
                              "of any figure)")
-            ready, skipped = _kube_proxy_cold_start(ctx, kp, n, ports)
+            ready, skipped = _kube_proxy_cold_start(ctx, kp, n, ports, no_api)
             counts = {m: kubeproxy.rule_count(kp.nodes[m], m) for m in ready}
             ctx.progress(f"{SERVICE_SCALE}@{n}: kube-proxy cold start to rules "
                          + (", ".join(f"{m} {ready[m]:.2f} s ({counts[m]} rules)" for m in ready)

@@ -84,3 +84,13 @@ def test_scale_levels_go_up_to_the_default_service_table() -> None:
     assert parse_args(["--scale", f"10,{LbSizes().services}"]).scale_levels[-1] == 131072
     with pytest.raises(SystemExit):
         parse_args(["--scale", f"10,{LbSizes().services + 1}"])
+
+
+def test_a_level_whose_api_objects_would_take_too_long_runs_without_kube_proxy() -> None:
+    ctx = _Ctx()
+    ipt, nft = _Proxy(1.0), _Proxy(2.0)
+    why = "creating 90000 Services + EndpointSlices would take ~94 min"
+    ready, skipped = _kube_proxy_cold_start(ctx, _Nodes({"iptables": ipt, "nftables": nft}),
+                                            100_000, ["p"], why)  # type: ignore[arg-type]
+    assert ready == {} and skipped == {"iptables": why, "nftables": why}
+    assert not ipt.started and not nft.started
