@@ -98,9 +98,9 @@ KP_COLD_START_TIMEOUT_S = 300.0
 API_WORKERS = 8  # connections creating service-scale's API objects in parallel
 # How long creating a level's API objects may be expected to take, at the
 # rate measured at the previous level, before kube-proxy is skipped there:
-# on 2 busy vCPUs the bench's API server took 176 s for 9 000 Services +
-# EndpointSlices (100 objects/s) and slowed to ~32 objects/s past 19 000,
-# about an hour for 100 000.
+# on 2 busy vCPUs the bench's API server took 93-176 s for 9 000 Services +
+# EndpointSlices (193-100 objects/s) and slowed to ~32 objects/s past
+# 19 000, about an hour for 100 000.
 API_CREATE_BUDGET_S = 600.0
 LB_TABLES = ("lb_services", "lb_vips", "lb_slots")  # whose kernel memory is reported
 WARMUP_REQUESTS = 50
