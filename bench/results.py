@@ -255,6 +255,8 @@ def _service_acceptance(results: Sequence[Result]) -> list[str]:
             r_hi = _find(results, "service-scale", v, f"latency@{levels[-1]}")
             if r_lo is not None and r_hi is not None:
                 tail += f"; {v} {r_lo.value:.0f} -> {r_hi.value:.0f} us"
+            elif _find(results, "service-scale", v, f"skipped@{levels[-1]}") is not None:
+                tail += f"; {v} not run at {levels[-1]} (see its skipped@{levels[-1]} reason)"
         lines.append(f"acceptance: pcn service latency (p50) with {levels[-1]} services "
                      f"{hi.value:.0f} us vs {lo.value:.0f} us with {levels[0]} "
                      f"({change * 100:+.1f}%, target within {SCALE_TARGET * 100:.0f}%): "

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 
 from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.cubes.lbrp import LbSizes
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
 from . import (
@@ -81,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000,
                    help="requests per variant (and per level) in the service latency scenarios "
                         "(default 2000)")
-    p.add_argument("--scale", default="10,1000,10000",
-                   help="numbers of services installed in service-scale (default 10,1000,10000)")
+    p.add_argument("--scale", default="10,1000,10000,100000",
+                   help="numbers of services installed in service-scale "
+                        "(default 10,1000,10000,100000)")
     p.add_argument("--endpoint-changes", type=int, default=100,
                    help="EndpointSlice changes timed in endpoints-to-dataplane (default 100)")
     p.add_argument("--endpoint-services", type=int, default=10000,
@@ -121,8 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scale_levels = tuple(sorted({int(x) for x in args.scale.split(",") if x.strip()}))
     except ValueError:
         p.error(f"--scale takes numbers separated by commas, not {args.scale!r}")
-    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
-        p.error("--scale levels must be between 1 and 60000")
+    # the lab's nodes have the default service table (lbServiceMapMax)
+    top = LbSizes().services
+    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > top:
+        p.error(f"--scale levels must be between 1 and {top} (the default lbServiceMapMax)")
     if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
            args.cni_parallel, args.policy_rounds, args.endpoint_services,
            args.endpoints_per_service) < 1:

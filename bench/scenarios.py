@@ -48,7 +48,7 @@ class Context:
     pod_adds: int
     pinning: iperf.Pinning
     requests: int = 2000  # rr requests per variant (latency scenarios)
-    scale: tuple[int, ...] = (10, 1000, 10000)  # services installed in service-scale
+    scale: tuple[int, ...] = (10, 1000, 10000, 100000)  # services installed in service-scale
     endpoint_changes: int = 100  # EndpointSlice writes timed in endpoints-to-dataplane
     endpoint_services: int = 10000  # Services in the API in endpoints-to-dataplane
     endpoints_per_service: int = 5  # endpoints of each of those Services (and cold start's)

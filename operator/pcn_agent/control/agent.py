@@ -173,7 +173,8 @@ class Agent:
         lists the cluster."""
         if self._prepared is None:
             self._prepared = started or start_prepare(self.node_name, self.netns,
-                                                      self.pin_root, self.state_root)
+                                                      self.pin_root, self.state_root,
+                                                      self.settings.lb_sizes)
         return self._prepared
 
     # ------------------------------------------------------------------ events
@@ -401,7 +402,10 @@ class Agent:
             return ""
         diffs = [f"{what} {old} -> {new}" for what, old, new in (
             ("overlay", self.settings.overlay, now.overlay),
-            ("pod MTU", self.settings.pod_mtu, now.pod_mtu)) if old != new]
+            ("pod MTU", self.settings.pod_mtu, now.pod_mtu),
+            ("lbServiceMapMax", self.settings.lbServiceMapMax, now.lbServiceMapMax),
+            ("lbBackendMapMax", self.settings.lbBackendMapMax, now.lbBackendMapMax))
+            if old != new]
         msg = ""
         if diffs:
             msg = (f"the ConfigMap changed ({', '.join(diffs)}): restart the agent to apply it "
@@ -446,7 +450,7 @@ class Agent:
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range,
                          session_timeouts=s.session_timeouts,
                          session_gc_interval_s=s.sessionGCInterval,
-                         socket_lb_cgroup=socket_lb_cgroup(s))
+                         socket_lb_cgroup=socket_lb_cgroup(s), lb_sizes=s.lb_sizes)
         try:
             rt = await self._prepared_runtime()
             node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)

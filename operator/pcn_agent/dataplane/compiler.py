@@ -165,9 +165,11 @@ class SourceCompileError(CompileError):
         self.output = output
 
 
-def compile_source(text: str, pin_dir: Path, program: str) -> tuple[BpfModule, int]:
-    """Compile a whole C text (not a file of bpf/) and load its tc program
-    `program`: the module and the program's fd. SourceCompileError with the
+def compile_source(text: str, pin_dir: Path, program: str,
+                   defines: Mapping[str, int | str] | None = None) -> tuple[BpfModule, int]:
+    """Compile a whole C text (not a file of bpf/) with `defines` (the
+    runtime's: a text that includes a shared header sees its maps' sizes)
+    and load its tc program `program`: the module and the program's fd. SourceCompileError with the
     diagnostics otherwise: BCC prints clang's and the verifier's messages on
     file descriptor 2 and raises a bare Exception, so fd 2 is redirected to
     a file for the compile and load (under the compile lock, which the
@@ -185,7 +187,7 @@ def compile_source(text: str, pin_dir: Path, program: str) -> tuple[BpfModule, i
         module: BpfModule | None = None
         try:
             start = time.monotonic()
-            module = BPF(text=text, cflags=cflags(pin_dir))
+            module = BPF(text=text, cflags=cflags(pin_dir, defines))
             stage = "verify"
             fd = module.load_func(program, int(BPF.SCHED_CLS)).fd
         except Exception as exc:  # bcc raises plain Exception

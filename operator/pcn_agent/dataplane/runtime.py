@@ -23,7 +23,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from pcn_agent.dataplane import bpffs, maps, programs, tc
-from pcn_agent.dataplane.compiler import BpfModule, compile_bundle, compile_cube
+from pcn_agent.dataplane.compiler import BpfModule, CompileError, compile_bundle, compile_cube
 from pcn_agent.dataplane.netns import iproute
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,21 @@ class Runtime:
 
     def __init__(self, name: str, netns: str | None = None,
                  pin_root: Path = bpffs.DEFAULT_ROOT, state_root: Path = STATE_ROOT,
-                 bundle: Sequence[str] = ()) -> None:
+                 bundle: Sequence[str] = (),
+                 defines: Mapping[str, int | str] | None = None) -> None:
         """`bundle`: cube types compiled together with the entry programs, in
         one module, when the runtime opens (one compile instead of several:
-        what a node always runs); others are compiled when first used."""
+        what a node always runs); others are compiled when first used.
+        `defines`: -D flags of every compile of this runtime (the sizes of
+        shared pinned maps, e.g. lbrp.LbSizes.defines()): all modules see
+        the same maps, so all must be built with the same sizes."""
         self.name = name
         self.bundle = tuple(bundle)
+        self.defines: dict[str, int | str] = dict(defines or {})
+        # pinned maps open() made anew because the previous agent's differed
+        # in size from this runtime's (their content is gone; owners refill)
+        self.resized: set[str] = set()
+        self._opening = False  # in open(): pinned maps are still the previous agent's
         self.netns = netns
         self.pin_root = pin_root
         self.pin_dir: Path | None = None
@@ -185,21 +194,69 @@ class Runtime:
             # tables it left, which no state describes.
             log.info("runtime %s: removing pins no saved state describes", self.name)
             bpffs.remove_instance(pin_dir)
-        self.pin_dir = bpffs.instance_dir(self.name, self.pin_root)
+        self.pin_dir = pin_dir = bpffs.instance_dir(self.name, self.pin_root)
         self._netlink = NetlinkPerThread(self.netns)
-        self._entry = entry = compile_bundle((ENTRY, *self.bundle), self.pin_dir)
-        names = programs.names(entry)
-        if state is not None:
-            self._take_over_programs(entry, state.get("programs", {}))
-        _load_in_parallel(entry, names)
-        self._program_ids = programs.loaded_ids(entry, names)
-        for prog in ("pcn_ingress", "pcn_egress"):
-            self._entry_fds[prog] = entry.load_func(prog, _sched_cls()).fd
-        if state is not None:
-            self._adopt(state)
+        self._opening = True
+        try:
+            bundle = (ENTRY, *self.bundle)
+            self._entry = entry = self._compile_sized(
+                "+".join(bundle), pin_dir, lambda: compile_bundle(bundle, pin_dir, self.defines))
+            names = programs.names(entry)
+            if state is not None:
+                self._take_over_programs(entry, state.get("programs", {}))
+            _load_in_parallel(entry, names)
+            self._program_ids = programs.loaded_ids(entry, names)
+            for prog in ("pcn_ingress", "pcn_egress"):
+                self._entry_fds[prog] = entry.load_func(prog, _sched_cls()).fd
+            if state is not None:
+                self._adopt(state)
+        finally:
+            self._opening = False
         log.info("runtime %s opened (netns %s, pins %s%s)", self.name, self.netns or "-",
                  self.pin_dir, ", adopted" if self.adopted else "")
         return self
+
+    def _compile_sized(self, what: str, pin_dir: Path,
+                       compile_module: Callable[[], BpfModule]) -> BpfModule:
+        """`compile_module()`, checked against the maps pinned in `pin_dir`.
+
+        BCC reuses a pinned map whatever size the source declares. While the
+        runtime opens, a pinned map of another size than this build's is one
+        the previous agent made with other sizes (the ConfigMap's
+        lbServiceMapMax or lbBackendMapMax changed since) and cannot be
+        resized: its pin is removed, the module compiled again (making the
+        map anew, empty) and its name put in `resized`, for its owner to
+        write its content again from the saved state (the previous agent's
+        programs use the old map until this agent replaces them; take-over
+        refuses programs of other maps). Once open, the maps are this
+        runtime's: a module that disagrees was built with other sizes than
+        the runtime's defines, and CompileError is raised."""
+        pinned = programs.pinned_maps(pin_dir)
+        module = compile_module()
+        stale = programs.stale_maps(module, pinned) if pinned else []
+        if not stale:
+            return module
+        module.cleanup()
+        if not self._opening:
+            raise CompileError(f"{what}: pinned maps of other sizes than it declares: " + ", ".join(
+                f"{m.name} {m.pinned[0]} != {m.declared[0]}" for m in stale))
+        for m in stale:
+            log.warning("runtime %s: pinned map %s holds %d entries (flags %#x), this agent's "
+                        "build %d (flags %#x): the ConfigMap's table sizes changed; making it "
+                        "anew (its entries are written again from the saved state, its sessions "
+                        "are lost)", self.name, m.name, m.pinned[0], m.pinned[1],
+                        m.declared[0], m.declared[1])
+            m.pin.unlink(missing_ok=True)
+        self.resized |= {m.name for m in stale}
+        return compile_module()
+
+    def _compile_type(self, type_name: str, pin_dir: Path,
+                      defines: Mapping[str, int | str]) -> BpfModule:
+        """A module of its own for `type_name`, with the runtime's defines and
+        `defines` (_compile_sized checks its maps)."""
+        merged = {**self.defines, **defines}
+        return self._compile_sized(f"cube type {type_name}", pin_dir,
+                                   lambda: compile_cube(type_name, pin_dir, merged))
 
     def _take_over_programs(self, entry: BpfModule, previous: Mapping[str, int]) -> None:
         """Skip the verifier for the bundle's programs the previous agent
@@ -380,7 +437,7 @@ class Runtime:
             if type_name in self.bundle:
                 return self._load_type_into(type_name, self._slots.take())
             pin_dir = self.pin_dir
-        module = compile_cube(type_name, pin_dir)
+        module = self._compile_type(type_name, pin_dir, {})
         with self._lock:
             if type_name in self.types:
                 module.cleanup()
@@ -401,7 +458,7 @@ class Runtime:
                 return self.variants[key]
             assert self.pin_dir is not None, "Runtime.open() first"
             pin_dir = self.pin_dir
-        module = compile_cube(type_name, pin_dir, defines)
+        module = self._compile_type(type_name, pin_dir, defines)
         prog = f"{type_name}_rx"
         fd = module.load_func(prog, _sched_cls()).fd
         with self._lock:
@@ -462,7 +519,8 @@ class Runtime:
                         compiled: BpfModule | None = None) -> CubeType:
         assert self.pin_dir is not None
         module = compiled if compiled is not None else (
-            self._entry if type_name in self.bundle else compile_cube(type_name, self.pin_dir))
+            self._entry if type_name in self.bundle
+            else self._compile_type(type_name, self.pin_dir, {}))
         assert module is not None  # bundled types: the entry's module, loaded by open()
         prog = f"{type_name}_rx"
         fd = module.load_func(prog, _sched_cls()).fd

@@ -226,7 +226,7 @@ def build(rt: Runtime, name: str, source: str, schema: Mapping[str, Any],
     wrapped = wrap(source, params, counters)
     assert rt.pin_dir is not None, "Runtime.open() first"
     try:
-        module, fd = compile_source(wrapped.text, rt.pin_dir, PROGRAM)
+        module, fd = compile_source(wrapped.text, rt.pin_dir, PROGRAM, rt.defines)
     except SourceCompileError as exc:
         diags = compile_errors(exc.output, wrapped) if exc.stage == "compile" else \
             verifier_errors(exc.output, wrapped)
