@@ -40,11 +40,47 @@ Scenarios:
   reported: when the data plane was up (the agent's local API socket
   appears right after it), and the time from then to all services
   realised.
-* `cni-add`: N pods added by the real `pcn-cni`, run as the kubelet stand-in
-  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> pcn-cni`, CNI_*
-  environment, configuration on stdin, host-local IPAM) against the agent's
-  local API; each sample is one run_cni ADD call. The pod namespaces are made
-  outside the timing, as a runtime makes the sandbox before calling CNI.
+* `cni-add`: N pods added by the real plugin, run as the kubelet stand-in
+  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> python -I -S
+  .../pcn_agent/cni/__main__.py`, the start the image's CNI bundle uses;
+  CNI_* environment, configuration on stdin, host-local IPAM) against the
+  agent's local API, one at a time; each sample is one run_cni ADD call.
+  The pod namespaces are made outside the timing, as a runtime makes the
+  sandbox before calling CNI; timing starts once the agent is idle (under 10%
+  of a CPU over a second: its background compiles of function cube types
+  are done), pods being added to a settled node. With PCN_CNI_TRACE the
+  plugin marks the end of each phase on time.monotonic() and the agent
+  reports its lock wait and op time; the p50/p99 of each phase (CNI_PHASES)
+  are in the results' extra. Each pcn ADD is followed by one of the
+  reference, variant `linux-bridge`: the CNI project's `bridge` plugin (Go,
+  the same host-local IPAM) on a node namespace of its own, run the same way,
+  so that pcn's times can be read as ratios within the run.
+* `cni-add-parallel`: as `cni-add`, but 30 (--cni-parallel) ADDs started
+  together on one node (threads released by a barrier, after one ADD alone),
+  then 30 of the reference; each sample is one ADD's wall time,
+  `latency-total` the first start to the last end.
+
+Where an ADD's time goes (ms, p50 of 30 serial ADDs, PCN_CNI_TRACE phases, in a
+one-node lab like tests/test_cni.py's: the local API served in-process by
+DataplaneHandler, no reconcile loop; before and after back to back on the
+same machine at load ~3 on 2 CPUs, 2026-12-01 09:03 UTC; before = the plugin
+and handler of ad6d20c, the plugin started by the `pcn-cni` console script,
+marks added by wrapping its functions):
+
+    phase     before  after  what changed
+    start       15.4    6.3  -I -S entry (no site: .pth files, editable-install hook)
+    imports     14.0    7.9  no dataclasses, typing, socket, subprocess; ctypes lazily
+    ipam         5.7    3.0  no VERSION exec before every command (asked only on refusal)
+    link         1.4    2.4  (ctypes' import now lands here)
+    agent        6.2    3.9  one state save per op, compact JSON, one op thread
+    exit         7.0    0.9  os._exit after flushing: no interpreter teardown
+    total       50.5   24.6  (p99 64.3 -> 33.4); CPU per ADD 42.3 -> 20.7 ms in
+                             processes (plugin, ip netns exec, host-local) + 6.3 -> 4.2
+                             in the agent
+
+With 30 at once the ADDs are CPU-bound: ~25 ms of CPU each on 2 cores is
+~375 ms before anything waits; the floor of a Python process per ADD is its
+interpreter start (~6 ms CPU with -I -S) plus json/re/enum (~3.5 ms).
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
@@ -78,7 +114,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -94,6 +132,7 @@ from pcn_lab.topology import Lab
 from . import kubeproxy
 from .bpfmaps import ServiceMaps
 from .netns import exec_in, stop
+from .references import LinuxBridgeCNI
 from .results import Result, now_iso
 from .rr import percentile
 from .scenarios import MTU, Context
@@ -103,6 +142,7 @@ log = logging.getLogger(__name__)
 ENDPOINTS = "endpoints-to-dataplane"
 COLD_START = "agent-cold-start"
 CNI_ADD = "cni-add"
+CNI_ADD_PARALLEL = "cni-add-parallel"
 NAMESPACE = "bench"
 SERVICE_PORT, TARGET_PORT = 80, 8080
 POLL_S = 0.0005  # endpoints-to-dataplane: map polling period
@@ -383,6 +423,35 @@ class AgentProcess:
         raise RuntimeError(f"pcn-agent's data plane not up after {timeout:.0f} s; its log "
                            f"ends:\n{self.log_tail()}")
 
+    def wait_idle(self, window_s: float = 1.0, busy_pct: float = 10.0,
+                  timeout: float = READY_TIMEOUT_S, strict: bool = True) -> float:
+        """Until the agent used less than `busy_pct` of one CPU over `window_s`
+        (its user+system time in /proc/<pid>/stat): once the data plane is up
+        it still compiles the function cube types in the background
+        (DataplaneManager.warm_up), seconds of CPU that a scenario timing
+        pod operations on a settled node must not share. Returns the seconds
+        waited; after `timeout`, RuntimeError (`strict`) or the seconds waited
+        (the scenario measures anyway, saying how long it waited)."""
+        assert self.proc is not None
+        tick = os.sysconf("SC_CLK_TCK")
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+
+        def cpu_s() -> float:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            self.check_alive()
+            before = cpu_s()
+            time.sleep(window_s)
+            if (cpu_s() - before) / window_s * 100 < busy_pct:
+                return time.monotonic() - t0
+        if not strict:
+            return time.monotonic() - t0
+        raise RuntimeError(f"pcn-agent still busy {timeout:.0f} s after its data plane came up; "
+                           f"its log ends:\n{self.log_tail()}")
+
     def stop(self) -> None:
         """Stop the agent (it leaves its data plane for a successor, as designed)
         and remove what it left: pins and state; the namespaces take the rest."""
@@ -474,32 +543,6 @@ def wait_all_carried(agent: AgentProcess, maps: ServiceMaps, wanted: dict[str, l
         time.sleep(poll_s)
 
 
-def wait_idle(agent: AgentProcess, max_s: float = IDLE_MAX_S) -> float:
-    """Wait until the agent process uses less than IDLE_CPU of a CPU over
-    a second (utime + stime of all its threads, /proc/<pid>/stat fields 14
-    and 15), or `max_s`; the seconds waited. After its first pass the agent
-    compiles the function cubes ahead of need (manager.warm_up): seconds of
-    CPU that belong to its start, not to the changes timed after it."""
-    assert agent.proc is not None
-    stat = Path(f"/proc/{agent.proc.pid}/stat")
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def cpu_s() -> float:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick
-
-    t0 = time.monotonic()
-    last = cpu_s()
-    while time.monotonic() - t0 < max_s:
-        agent.check_alive()
-        time.sleep(1.0)
-        now = cpu_s()
-        if now - last < IDLE_CPU:
-            break
-        last = now
-    return time.monotonic() - t0
-
-
 def endpoints_to_dataplane(ctx: Context) -> list[Result]:
     rng = random.Random(4)
     n, per = ctx.endpoint_services, ctx.endpoints_per_service
@@ -513,7 +556,7 @@ def endpoints_to_dataplane(ctx: Context) -> list[Result]:
         maps = agent.wait_ready()
         st.callback(maps.close)
         t_all = wait_all_carried(agent, maps, wanted, COLD_POLL_S, t + READY_TIMEOUT_S)
-        idle_s = wait_idle(agent)
+        idle_s = agent.wait_idle(busy_pct=IDLE_CPU * 100, timeout=IDLE_MAX_S, strict=False)
         ctx.progress(f"{ENDPOINTS}: agent's data plane up, all {n} Services in it "
                      f"{t_all - t:.1f} s after its start; agent idle {idle_s:.1f} s later")
         net = ipaddress.IPv4Network(agent.pod_cidr)
@@ -614,43 +657,249 @@ def _cni_del(node: str, sb: kubelet.PodSandbox, conf: dict[str, Any]) -> None:
         log.warning("CNI DEL of %s failed: %s", sb.container_id, exc)
 
 
-def cni_add(ctx: Context) -> list[Result]:
-    samples: list[float] = []
-    with ExitStack() as st:
-        agent = AgentProcess(ctx, st, "cni")
+# The phases of one ADD, in order, from the plugin's PCN_CNI_TRACE marks
+# (pcn_agent.cni.commands) and the bench's own clock around the call; each is
+# the time from the previous mark to its own (ms).
+CNI_PHASES = {
+    "start": "the call -> the entry point runs: `ip netns exec`, exec, interpreter start",
+    "imports": "the plugin's imports",
+    "parse": "CNI_* and the configuration parsed",
+    "checks": "pod netns checked, no host link yet",
+    "ipam": "the IPAM plugin's ADD (an exec of host-local)",
+    "link": "veth pair, address, routes (rtnetlink, setns into the pod)",
+    "agent": "the agent's attach, round trip on its unix socket",
+    "agent-lock-wait": "of which: waiting for the agent's node lock",
+    "agent-op": "of which: the attach under that lock",
+    "result": "the result printed",
+    "exit": "interpreter exit, the bench sees the process end",
+}
+
+
+def _cni_phases(trace: dict[str, Any], t_call: float, t_return: float) -> dict[str, float]:
+    """One ADD's phases (ms, CNI_PHASES' keys) from its trace line and the
+    bench's time.monotonic() just before the call and just after it returned
+    (the plugin's marks are time.monotonic() too: one clock)."""
+    marks = dict(trace["marks"])
+    order = [("start", "entered"), ("imports", "imported"), ("parse", "parsed"),
+             ("checks", "checked"), ("ipam", "ipam"), ("link", "link"), ("agent", "agent"),
+             ("result", "done")]
+    out: dict[str, float] = {}
+    prev = t_call
+    for phase, name in order:
+        if name in marks:
+            out[phase] = (marks[name] - prev) * 1000
+            prev = marks[name]
+    out["exit"] = (t_return - prev) * 1000
+    agent = trace.get("agent") or {}
+    if "lock_wait_ms" in agent:
+        out["agent-lock-wait"] = float(agent["lock_wait_ms"])
+        out["agent-op"] = float(agent["op_ms"])
+    return out
+
+
+def _phase_table(per_add: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50 and p99 (ms) of each phase over the ADDs."""
+    out = {}
+    for phase in CNI_PHASES:
+        xs = [p[phase] for p in per_add if phase in p]
+        if xs:
+            out[phase] = {"p50_ms": round(statistics.median(xs), 2),
+                          "p99_ms": round(percentile(xs, 99), 2)}
+    return out
+
+
+def _phase_line(table: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} {v['p50_ms']:.1f}" for k, v in table.items())
+
+
+class CniNode:
+    """The agent of a one-node lab, and ADDs on it by the real plugin with
+    PCN_CNI_TRACE on: each ADD's wall time and phases."""
+
+    def __init__(self, ctx: Context, st: ExitStack, tag: str) -> None:
+        self.ctx = ctx
+        self.st = st
+        self.agent = agent = AgentProcess(ctx, st, tag)
         t = agent.start(st)
         agent.wait_ready().close()
-        ctx.progress(f"{CNI_ADD}: agent's data plane up in {time.monotonic() - t:.1f} s")
-        conf = kubelet.network_config(agent.pod_cidr, agent.gateway, str(agent.socket),
-                                      str(agent.dir / "ipam"), mtu=MTU)
-        sandboxes = []
-        ctx.progress(f"{CNI_ADD}/pcn: timing {ctx.cni_adds} CNI ADDs (pcn-cni, host-local)")
-        for k in range(1, ctx.cni_adds + 1):
-            ns = ctx.nss.create(f"cni{k:03d}")  # the sandbox: made before CNI, not timed
-            st.callback(ctx.nss.remove, ns)
-            sb = kubelet.PodSandbox(NAMESPACE, f"pod-{k}", secrets.token_hex(16), ns)
-            t = time.perf_counter()
-            result = kubelet.run_cni(agent.node, "ADD", sb, conf)
-            samples.append((time.perf_counter() - t) * 1000)
-            st.callback(_cni_del, agent.node, sb, conf)
-            sb.ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
-            sandboxes.append(sb)
-        for sb in (sandboxes[0], sandboxes[-1]):  # the pods work (not timed)
-            ping = exec_in(sb.netns, ["ping", "-c", "1", "-W", "2", agent.gateway], check=False)
+        ctx.progress(f"{tag}: agent's data plane up in {time.monotonic() - t:.1f} s")
+        idle = agent.wait_idle()
+        ctx.progress(f"{tag}: agent idle (background compiles done) {idle:.1f} s later")
+        self.conf = kubelet.network_config(agent.pod_cidr, agent.gateway, str(agent.socket),
+                                           str(agent.dir / "ipam"), mtu=MTU)
+        self.trace = agent.dir / "cni-trace.jsonl"
+        self.sandboxes: list[kubelet.PodSandbox] = []
+        self._n = 0
+
+    def sandbox(self) -> kubelet.PodSandbox:
+        """A pod namespace (made before CNI, as a runtime makes the sandbox; not timed)."""
+        self._n += 1
+        ns = self.ctx.nss.create(f"cni{self._n:03d}")
+        self.st.callback(self.ctx.nss.remove, ns)
+        return kubelet.PodSandbox(NAMESPACE, f"pod-{self._n}", secrets.token_hex(16), ns)
+
+    def add(self, sb: kubelet.PodSandbox) -> tuple[float, float, float]:
+        """CNI ADD of `sb`: (ms, monotonic s before, after)."""
+        t0 = time.monotonic()
+        result = kubelet.run_cni(self.agent.node, "ADD", sb, self.conf,
+                                 extra_env={"PCN_CNI_TRACE": str(self.trace)})
+        t1 = time.monotonic()
+        self.st.callback(_cni_del, self.agent.node, sb, self.conf)
+        sb.ip = str(ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
+        self.sandboxes.append(sb)
+        return (t1 - t0) * 1000, t0, t1
+
+    def phases(self, calls: dict[str, tuple[float, float]]) -> list[dict[str, float]]:
+        """Each ADD's phases, matched by container id to `calls` (its t0, t1)."""
+        out = []
+        for line in self.trace.read_text().splitlines():
+            tr = json.loads(line)
+            if tr.get("command") == "ADD" and tr.get("container_id") in calls:
+                out.append(_cni_phases(tr, *calls[tr["container_id"]]))
+        return out
+
+    def check_pods(self, pods: list[kubelet.PodSandbox]) -> None:
+        """The pods work (not timed): each pings its gateway."""
+        for sb in pods:
+            ping = exec_in(sb.netns, ["ping", "-c", "1", "-W", "2", self.agent.gateway],
+                           check=False)
             if ping.returncode != 0:
                 raise RuntimeError(f"pod {sb.name} added by pcn-cni cannot ping its gateway")
+
+
+class BridgeNode:
+    """The reference: the CNI project's `bridge` plugin (Go, a Linux bridge,
+    the same host-local IPAM) on a node namespace of its own, run the same
+    way (`ip netns exec <node>`, configuration on stdin), so that pcn-cni's
+    times can be read against it within one run on a noisy machine."""
+
+    def __init__(self, ctx: Context, st: ExitStack, tag: str) -> None:
+        self.ctx = ctx
+        self.st = st
+        self.tag = tag
+        node = ctx.nss.create(f"{tag}-br")
+        st.callback(ctx.nss.remove, node)
+        self.cni = LinuxBridgeCNI(ctx.nss, node, ctx.tmp / f"{tag}-host-local", MTU,
+                                  network_name=f"{ctx.nss.prefix}-{tag}")
+        st.callback(self.cni.delete_all)  # CNI DEL before the namespaces go
+        self._n = 0
+
+    def sandbox(self) -> str:
+        self._n += 1
+        pod = self.ctx.nss.create(f"{self.tag}-b{self._n:03d}")
+        self.st.callback(self.ctx.nss.remove, pod)
+        return pod
+
+    def add(self, pod: str) -> tuple[float, float, float]:
+        """CNI ADD of the pod namespace `pod`: (ms, monotonic s before, after)."""
+        t0 = time.monotonic()
+        self.cni._invoke("ADD", pod, pod)
+        t1 = time.monotonic()
+        self.cni.added.append((pod, pod))
+        return (t1 - t0) * 1000, t0, t1
+
+
+def _latency_results(scenario: str, variant: str, samples: list[float],
+                     common: dict[str, Any]) -> list[Result]:
+    return [Result(scenario, variant, "latency", statistics.median(samples), "ms",
+                   {"stat": "median", "samples_ms": [round(x, 1) for x in samples],
+                    **_stats_ms(samples), **common}),
+            Result(scenario, variant, "latency-p99", percentile(samples, 99), "ms",
+                   {"stat": "p99", **_stats_ms(samples), **common})]
+
+
+def cni_add(ctx: Context) -> list[Result]:
+    samples: list[float] = []
+    ref: list[float] = []
+    calls: dict[str, tuple[float, float]] = {}
+    with ExitStack() as st:
+        node = CniNode(ctx, st, CNI_ADD)
+        bridge = BridgeNode(ctx, st, "cniref")
+        bridge.add(bridge.sandbox())  # its bridge device is made by the first ADD
+        ctx.progress(f"{CNI_ADD}/pcn: timing {ctx.cni_adds} CNI ADDs (pcn-cni, host-local), "
+                     f"each followed by one of the reference `bridge` plugin")
+        for _ in range(ctx.cni_adds):
+            sb = node.sandbox()
+            ms, t0, t1 = node.add(sb)
+            samples.append(ms)
+            calls[sb.container_id] = (t0, t1)
+            ref.append(bridge.add(bridge.sandbox())[0])
+        node.check_pods([node.sandboxes[0], node.sandboxes[-1]])
+        phases = _phase_table(node.phases(calls))
     p50, p99 = statistics.median(samples), percentile(samples, 99)
     ctx.progress(f"{CNI_ADD}/pcn: p50 {p50:.0f} ms, p99 {p99:.0f} ms "
-                 f"(min {min(samples):.0f}, max {max(samples):.0f})")
-    common = {"pods": len(samples), "date": now_iso(), **_stats_ms(samples),
-              "what": "kubelet.run_cni ADD: `ip netns exec <node> pcn-cni`, host-local IPAM, "
-                      "attach by a running pcn-agent"}
-    return [Result(CNI_ADD, "pcn", "latency", p50, "ms",
-                   {"stat": "median", "samples_ms": [round(x, 1) for x in samples], **common}),
-            Result(CNI_ADD, "pcn", "latency-p99", p99, "ms", {"stat": "p99", **common})]
+                 f"(min {min(samples):.0f}, max {max(samples):.0f}); reference bridge plugin "
+                 f"p50 {statistics.median(ref):.0f} ms, p99 {percentile(ref, 99):.0f} ms; "
+                 f"pcn phases p50 (ms): {_phase_line(phases)}")
+    common = {"pods": len(samples), "date": now_iso()}
+    return [*_latency_results(CNI_ADD, "pcn", samples, {
+                **common, "phases": phases, "phase_meaning": CNI_PHASES,
+                "what": "kubelet.run_cni ADD: `ip netns exec <node> python -I -S "
+                        ".../pcn_agent/cni/__main__.py`, host-local IPAM, attach by a running "
+                        "pcn-agent; one at a time"}),
+            *_latency_results(CNI_ADD, "linux-bridge", ref, {
+                **common, "what": "the reference `bridge` CNI plugin (Go; Linux bridge, "
+                                  "host-local IPAM) run the same way, each right after a "
+                                  "pcn-cni ADD"})]
 
 
-SCENARIOS = {ENDPOINTS: endpoints_to_dataplane, COLD_START: agent_cold_start, CNI_ADD: cni_add}
+def _parallel(n: int, add: Callable[[Any], tuple[float, float, float]],
+              pods: list[Any]) -> tuple[list[float], float, list[tuple[float, float]]]:
+    """`add` on every pod at once (threads behind a barrier): each call's ms,
+    the total ms (first start to last end) and each call's (t0, t1)."""
+    gate = threading.Barrier(n)
+
+    def one(pod: Any) -> tuple[float, float, float]:
+        gate.wait()  # every thread is ready: the ADDs start together
+        return add(pod)
+
+    with ThreadPoolExecutor(n) as pool:
+        timed = list(pool.map(one, pods))
+    total = (max(t1 for _, _, t1 in timed) - min(t0 for _, t0, _ in timed)) * 1000
+    return [ms for ms, _, _ in timed], total, [(t0, t1) for _, t0, t1 in timed]
+
+
+def cni_add_parallel(ctx: Context) -> list[Result]:
+    n = ctx.cni_parallel
+    with ExitStack() as st:
+        node = CniNode(ctx, st, CNI_ADD_PARALLEL)
+        bridge = BridgeNode(ctx, st, "cniparref")
+        pods = [node.sandbox() for _ in range(n)]
+        ref_pods = [bridge.sandbox() for _ in range(n)]
+        node.add(node.sandbox())  # one ADD first, alone: the agent's first is not the point
+        bridge.add(bridge.sandbox())
+        ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: {n} CNI ADDs at once on one node, then {n} of "
+                     f"the reference `bridge` plugin")
+        samples, total, times = _parallel(n, node.add, pods)
+        ref, ref_total, _ = _parallel(n, bridge.add, ref_pods)
+        calls = {sb.container_id: t for sb, t in zip(pods, times, strict=True)}
+        ips = {sb.ip for sb in pods}
+        if len(ips) != n:
+            raise RuntimeError(f"{n} parallel ADDs gave {len(ips)} distinct addresses")
+        node.check_pods(pods)
+        phases = _phase_table(node.phases(calls))
+    p50, p99 = statistics.median(samples), percentile(samples, 99)
+    ctx.progress(f"{CNI_ADD_PARALLEL}/pcn: each ADD p50 {p50:.0f} ms, p99 {p99:.0f} ms; all "
+                 f"{n} done in {total:.0f} ms; reference bridge plugin p50 "
+                 f"{statistics.median(ref):.0f} ms, p99 {percentile(ref, 99):.0f} ms, all in "
+                 f"{ref_total:.0f} ms; pcn phases p50 (ms): {_phase_line(phases)}")
+    common = {"pods": n, "date": now_iso()}
+    what = (f"{n} kubelet.run_cni ADDs started at once (threads behind a barrier) on one "
+            f"node, as in cni-add; each sample is one ADD's wall time")
+    ref_what = f"the reference `bridge` CNI plugin, {n} ADDs at once, right after pcn's"
+    return [*_latency_results(CNI_ADD_PARALLEL, "pcn", samples, {
+                **common, "total_ms": round(total, 1), "phases": phases,
+                "phase_meaning": CNI_PHASES, "what": what}),
+            Result(CNI_ADD_PARALLEL, "pcn", "latency-total", total, "ms",
+                   {"what": f"first of the {n} ADDs started -> last returned", **common}),
+            *_latency_results(CNI_ADD_PARALLEL, "linux-bridge", ref, {
+                **common, "total_ms": round(ref_total, 1), "what": ref_what}),
+            Result(CNI_ADD_PARALLEL, "linux-bridge", "latency-total", ref_total, "ms",
+                   {"what": f"first of the {n} ADDs started -> last returned", **common})]
+
+
+SCENARIOS = {ENDPOINTS: endpoints_to_dataplane, COLD_START: agent_cold_start, CNI_ADD: cni_add,
+             CNI_ADD_PARALLEL: cni_add_parallel}
 
 
 # ------------------------------------------------------------------ profiles

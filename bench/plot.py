@@ -25,8 +25,12 @@ def service_scale_png(results: Sequence[Result], path: Path) -> Path:
 
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     installs: dict[str, list[tuple[int, float]]] = {}
+    skipped: list[tuple[str, int]] = []  # (variant, level) not run, services.py says why
     for r in results:
         if r.scenario != "service-scale":
+            continue
+        if r.metric.startswith("skipped@"):
+            skipped.append((r.variant, int(r.metric.split("@")[1])))
             continue
         if r.metric.startswith("install@"):
             secs = r.value / 1000 if r.unit == "ms" else r.value
@@ -51,7 +55,7 @@ def service_scale_png(results: Sequence[Result], path: Path) -> Path:
             for x, y in points:
                 ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, dy),
                             ha="center", fontsize=8, color=COLORS.get(variant))
-    levels = sorted({x for points in series.values() for x, _ in points})
+    levels = sorted({x for points in [*series.values(), *installs.values()] for x, _ in points})
     ax.set_xscale("log")
     ax.set_xticks(levels, [f"{x:,}".replace(",", " ") for x in levels])
     ax.minorticks_off()
@@ -79,6 +83,11 @@ def service_scale_png(results: Sequence[Result], path: Path) -> Path:
                          textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8,
                          color=COLORS.get(variant))
     ax2.set_title("Installing all services")
+    if skipped:  # a missing point says why, not nothing
+        note = "; ".join(f"{v} not run at {x:,}".replace(",", " ")
+                         for v, x in sorted(skipped, key=lambda s: (s[1], s[0])))
+        ax2.annotate(f"{note} (see the reason of its skipped@N result)",
+                     (0.5, -0.2), xycoords="axes fraction", ha="center", fontsize=7, wrap=True)
     ax2.grid(True, which="both", alpha=0.3)
     if installs:
         ax2.legend(loc="upper left", fontsize=9)

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 
 from pcn_agent.dataplane import bpffs
+from pcn_agent.dataplane.cubes.lbrp import LbSizes
 from pcn_agent.dataplane.runtime import STATE_ROOT
 
 from . import (
@@ -81,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000,
                    help="requests per variant (and per level) in the service latency scenarios "
                         "(default 2000)")
-    p.add_argument("--scale", default="10,1000,10000",
-                   help="numbers of services installed in service-scale (default 10,1000,10000)")
+    p.add_argument("--scale", default="10,1000,10000,100000",
+                   help="numbers of services installed in service-scale "
+                        "(default 10,1000,10000,100000)")
     p.add_argument("--endpoint-changes", type=int, default=100,
                    help="EndpointSlice changes timed in endpoints-to-dataplane (default 100)")
     p.add_argument("--endpoint-services", type=int, default=10000,
@@ -96,6 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 10000)")
     p.add_argument("--cni-adds", type=int, default=50,
                    help="pods added by pcn-cni in cni-add (default 50)")
+    p.add_argument("--cni-parallel", type=int, default=30,
+                   help="pods added by pcn-cni at once, on one node, in cni-add-parallel "
+                        "(default 30)")
     p.add_argument("--policy-rounds", type=int, default=20,
                    help="rounds of five changes (pod label, namespace label, policy added, "
                         "policy removed, pod added elsewhere) timed in policy-reconcile "
@@ -118,12 +123,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scale_levels = tuple(sorted({int(x) for x in args.scale.split(",") if x.strip()}))
     except ValueError:
         p.error(f"--scale takes numbers separated by commas, not {args.scale!r}")
-    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > 60000:
-        p.error("--scale levels must be between 1 and 60000")
+    # the lab's nodes have the default service table (lbServiceMapMax)
+    top = LbSizes().services
+    if not args.scale_levels or min(args.scale_levels) < 1 or max(args.scale_levels) > top:
+        p.error(f"--scale levels must be between 1 and {top} (the default lbServiceMapMax)")
     if min(args.requests, args.endpoint_changes, args.cold_services, args.cni_adds,
-           args.policy_rounds, args.endpoint_services, args.endpoints_per_service) < 1:
+           args.cni_parallel, args.policy_rounds, args.endpoint_services,
+           args.endpoints_per_service) < 1:
         p.error("--requests, --endpoint-changes, --endpoint-services, --endpoints-per-service, "
-                "--cold-services, --cni-adds and --policy-rounds must be positive")
+                "--cold-services, --cni-adds, --cni-parallel and --policy-rounds must be positive")
     if max(args.endpoint_services, args.cold_services) * args.endpoints_per_service > 61440:
         p.error("at most 61440 endpoints (Services x --endpoints-per-service): each has an "
                 "address of its own in 10.244.16.0-10.244.255.255")
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                   endpoint_changes=args.endpoint_changes, cold_services=args.cold_services,
                   endpoint_services=args.endpoint_services,
                   endpoints_per_service=args.endpoints_per_service,
-                  cni_adds=args.cni_adds, policy_rounds=args.policy_rounds,
+                  cni_adds=args.cni_adds, cni_parallel=args.cni_parallel,
+                  policy_rounds=args.policy_rounds,
                   policy_pod_adds=args.policy_pod_adds)
     ctx.progress(f"run {prefix}: {', '.join(args.scenarios)}; iperf3 {args.runs} x "
                  f"{args.duration:g} s per variant, {pinning.describe()}")
@@ -298,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": list(args.scale_levels), "endpoint_changes": args.endpoint_changes,
             "cold_services": args.cold_services, "endpoint_services": args.endpoint_services,
             "endpoints_per_service": args.endpoints_per_service, "cni_adds": args.cni_adds,
+            "cni_parallel": args.cni_parallel,
             "policy_rounds": args.policy_rounds, "policy_pod_adds": args.policy_pod_adds,
             "cpu_busy_before_pct": round(busy, 1),
             "cpu_busy_after_pct": round(busy_after, 1)}

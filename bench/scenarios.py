@@ -48,12 +48,13 @@ class Context:
     pod_adds: int
     pinning: iperf.Pinning
     requests: int = 2000  # rr requests per variant (latency scenarios)
-    scale: tuple[int, ...] = (10, 1000, 10000)  # services installed in service-scale
+    scale: tuple[int, ...] = (10, 1000, 10000, 100000)  # services installed in service-scale
     endpoint_changes: int = 100  # EndpointSlice writes timed in endpoints-to-dataplane
     endpoint_services: int = 10000  # Services in the API in endpoints-to-dataplane
     endpoints_per_service: int = 5  # endpoints of each of those Services (and cold start's)
     cold_services: int = 10000  # Services in the API before agent-cold-start's agent starts
     cni_adds: int = 50  # pods added in cni-add
+    cni_parallel: int = 30  # pods added at once in cni-add-parallel
     policy_rounds: int = 20  # rounds of the five changes timed in policy-reconcile
     policy_pod_adds: int = 50  # pods added in policy-pod-add (at most a node's 50)
     tcp_rr: bool = True  # compare() also measures each variant's TCP_RR rate

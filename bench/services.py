@@ -23,15 +23,27 @@ Scenarios:
   interleaved as in pod-to-pod) and request latency: new TCP connection,
   32-byte request, ~80-byte answer, connection closed (pcn_lab.probe rr),
   pooled over interleaved rounds; median and p99.
-* `service-scale`: with N services installed (each with one or two
-  backends; the last one installed has two real ones), the request latency to
-  the last one installed, and the time to install the N services (pcn: all
-  set_service calls inside one node.batch(); kube-proxy: its cold start, from
-  a fresh process with empty tables (`kube-proxy --cleanup`) and the N
-  Services already in the API, to its rules for all N in the tables: list,
-  full sync, iptables-restore or one nft transaction). The API objects grow
-  level to level (the previous level's last service gets unused backends);
-  pcn's table starts from empty at each level.
+* `service-scale`: with N services installed (10, 1 000, 10 000, 100 000
+  by default: Context.scale; each with BACKENDS_PER_SERVICE = 5 backends,
+  unused pod addresses, but the last one installed, which has two real
+  ones: 500 000 backends at 100 000, in the lbrp's default table sizes), the
+  request latency to the last one installed, and the time to install the N
+  services (pcn: all set_service calls inside one node.batch(), with the
+  kernel memory of its service tables, map_memlock_bytes; kube-proxy: its
+  cold start, from a fresh process with empty tables (`kube-proxy
+  --cleanup`) and the N Services already in the API, to its rules for all N
+  in the tables: list, full sync, iptables-restore or one nft transaction).
+  kube-proxy's modes run up to KP_MAX_SERVICES (iptables 10 000: 46 s of
+  cold start there; nftables 100 000) and within KP_COLD_START_TIMEOUT_S
+  (300 s); a mode not run at a level gets a `skipped@N` result with the
+  reason. The API objects grow level to level (the previous level's last
+  service gets unused backends), created through API_WORKERS connections in
+  parallel and timed apart from every figure (api_objects_created_s); a
+  level whose objects would take more than API_CREATE_BUDGET_S (600 s) to
+  create at the rate of the previous level is run without kube-proxy (both
+  modes skipped@N, the reason saying so: on 2 busy vCPUs the API server
+  went from 100 to ~32 objects/s, an hour for 100 000 Services). pcn's
+  table starts from empty at each level.
   Each level starts from empty tables, and its real backends listen on a
   target port of the level's own (8080, 8081, ...): the rr server closes
   first, so the backends keep TIME_WAIT for (client:port, backend:port) for
@@ -47,12 +59,15 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from pcn_agent.dataplane.cubes.lbrp import Backend
 from pcn_agent.node import podnet
+from pcn_agent.node.wiring import NodeDataplane
 
 from . import iperf, kubeproxy, rr, tcprr
 from .kubeproxy import ControlPlane, KubeProxy, ServicePort
@@ -72,6 +87,22 @@ IPERF_SERVICE_PORT = 5201  # -> iperf.PORT
 BRIDGE_CLUSTER_CIDR = "10.245.0.0/16"  # kube-proxy's --cluster-cidr for the bridge pods
 SCALE_VIPS = ipaddress.IPv4Address("10.96.16.0")  # service i of service-scale: this + i
 FAKE_BACKENDS = range(200, 250)  # host numbers of unused pod addresses (never reached)
+BACKENDS_PER_SERVICE = 5  # of every service-scale service but the measured one (2 real)
+# The most services each kube-proxy mode is run with in service-scale, and
+# how long its cold start may take before the level is recorded as skipped
+# for it: iptables needed 46 s for 10 000 Services (one iptables-restore of
+# ~100 000 rules, rewritten whole at every sync), ten times that would tie
+# up the machine for the best part of an hour; nftables 6.7 s.
+KP_MAX_SERVICES = {"iptables": 10_000, "nftables": 100_000}
+KP_COLD_START_TIMEOUT_S = 300.0
+API_WORKERS = 8  # connections creating service-scale's API objects in parallel
+# How long creating a level's API objects may be expected to take, at the
+# rate measured at the previous level, before kube-proxy is skipped there:
+# on 2 busy vCPUs the bench's API server took 93-176 s for 9 000 Services +
+# EndpointSlices (193-100 objects/s) and slowed to ~32 objects/s past
+# 19 000, about an hour for 100 000.
+API_CREATE_BUDGET_S = 600.0
+LB_TABLES = ("lb_services", "lb_vips", "lb_slots")  # whose kernel memory is reported
 WARMUP_REQUESTS = 50
 
 
@@ -275,15 +306,61 @@ def pod_to_service(ctx: Context) -> list[Result]:
 def _scale_backends(i: int, n: int, subnet: ipaddress.IPv4Network,
                     real: list[str], real_port: int) -> tuple[tuple[str, int], ...]:
     """Backends of service i of n: the last one gets the real servers (on
-    `real_port`), the others one or two unused addresses of the pod subnet."""
+    `real_port`), the others BACKENDS_PER_SERVICE unused addresses of the
+    pod subnet (never reached)."""
     if i == n - 1:
         return tuple((ip, real_port) for ip in real)
-    hosts = [FAKE_BACKENDS[(i + k) % len(FAKE_BACKENDS)] for k in range(1 + i % 2)]
+    hosts = [FAKE_BACKENDS[(i + k) % len(FAKE_BACKENDS)] for k in range(BACKENDS_PER_SERVICE)]
     return tuple((str(subnet.network_address + h), rr.PORT) for h in hosts)
 
 
 def _scale_port(i: int, vip: str, backends: tuple[tuple[str, int], ...]) -> ServicePort:
     return ServicePort("bench", f"svc-{i:05d}", "http", vip, RR_SERVICE_PORT, "tcp", backends)
+
+
+def _lb_memlock(node: NodeDataplane) -> dict[str, int]:
+    """Kernel memory of the node's service tables, bytes per map, as the
+    kernel accounts it (the `memlock:` line of the map's fdinfo, which
+    bpftool shows as memlock: for a preallocated hash its whole size, for
+    lb_slots, not preallocated, its elements in use, Linux 6.4+)."""
+    out = {}
+    for name in LB_TABLES:
+        fd = node.rt.table(name, "lbrp").get_fd()  # type: ignore[attr-defined]
+        info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        m = re.search(r"^memlock:\s*(\d+)", info, re.M)
+        out[name] = int(m.group(1)) if m else -1
+    return out
+
+
+def _kube_proxy_cold_start(ctx: Context, kp: KubeProxyNodes, n: int, ports: list[ServicePort],
+                           no_api: str = "") -> tuple[dict[str, float], dict[str, str]]:
+    """Start each mode's kube-proxy that service-scale runs with `n`
+    services (KP_MAX_SERVICES), one at a time, and wait for its rules for
+    `ports` (the endpoints of the last one): seconds per mode, and the modes
+    skipped with the reason (too many services for the mode, `no_api`: why
+    the level's objects are not in the API, or a cold start past
+    KP_COLD_START_TIMEOUT_S, after which it is stopped)."""
+    ready: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    for mode, proxy in kp.proxies.items():
+        if no_api:
+            skipped[mode] = no_api
+            continue
+        if n > KP_MAX_SERVICES[mode]:
+            skipped[mode] = (f"not run with more than {KP_MAX_SERVICES[mode]} services "
+                             f"(bench.services.KP_MAX_SERVICES)")
+            continue
+        proxy.start()
+        try:
+            ready[mode] = proxy.wait_programmed(ports, [ports[-1]],
+                                                timeout=KP_COLD_START_TIMEOUT_S)
+        except RuntimeError as exc:
+            proxy.cleanup()
+            skipped[mode] = (f"cold start not done within {KP_COLD_START_TIMEOUT_S:.0f} s "
+                             f"(KP_COLD_START_TIMEOUT_S): {str(exc)[:300]}")
+    for mode, why in skipped.items():
+        ctx.progress(f"{SERVICE_SCALE}@{n}: {KP[mode]} skipped: {why}")
+    return ready, skipped
 
 
 def service_scale(ctx: Context) -> list[Result]:
@@ -299,10 +376,9 @@ def service_scale(ctx: Context) -> list[Result]:
         _servers(st, [(lab.pods["n1p2"].netns, "pcn-1"), (lab.pods["n1p3"].netns, "pcn-2"),
                       *((e.netns, f"{KP[m]}-{k}") for m, eps in kp.pods_by_mode.items()
                         for k, e in enumerate(eps[1:], start=1))], level_ports)
-        clients = {PCN: Endpoint(lab.pods["n1p1"].netns, lab.pods["n1p1"].ip),
-                   **{KP[m]: eps[0] for m, eps in kp.pods_by_mode.items()}}
         installed: list[str] = []
         in_api = 0  # services 0 .. in_api-1 exist in the API
+        api_rate = 0.0  # objects per second the API server took at the last level
         for n, real_port in zip(ctx.scale, level_ports, strict=True):
             vips = [str(SCALE_VIPS + i) for i in range(n)]
             # pcn: from an empty table, every service through set_service in one batch
@@ -319,43 +395,70 @@ def service_scale(ctx: Context) -> list[Result]:
                     installed.append(vip)
             pcn_install = time.perf_counter() - t
             assert node.lb is not None and len(node.lb.services.services) == n
+            backends = sum(len(s.backends) for s in node.lb.services.services.values())
+            memlock = _lb_memlock(node)
+            ctx.progress(f"{SERVICE_SCALE}@{n}: pcn installed {n} services, {backends} backends "
+                         f"in {pcn_install:.2f} s (one batch); service tables' kernel memory "
+                         + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memlock.items()))
             # kube-proxy: stopped, tables emptied, the API brought to these N services,
             # then a cold start timed until its rules hold all of them
             for proxy in kp.proxies.values():
                 proxy.cleanup()
             ports = [_scale_port(i, vip, _scale_backends(i, n, BRIDGE_NET, kp_real, real_port))
                      for i, vip in enumerate(vips)]
-            if in_api:  # the previous level's last service: back to unused backends
-                prev = ports[in_api - 1]
-                kp.api.request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/bench/"
-                               f"endpointslices/{prev.name}-bench",
-                               kubeproxy.endpoint_slice("bench", prev.name,
-                                                        [ip for ip, _ in prev.endpoints],
-                                                        [("http", prev.endpoints[0][1], "tcp")]),
-                               content_type="application/merge-patch+json")
-            api_s = kp.api.create_all(kubeproxy.service_objects(ports[in_api:]))
-            in_api = n
-            ready = kp.start_and_wait(ports, [ports[-1]])
-            counts = {m: kubeproxy.rule_count(kp.nodes[m], m) for m in kp.nodes}
-            ctx.progress(f"{SERVICE_SCALE}@{n}: installed in {pcn_install:.2f} s (pcn, one "
-                         "batch); kube-proxy cold start to rules "
-                         + ", ".join(f"{m} {ready[m]:.2f} s ({counts[m]} rules)" for m in ready)
-                         + f" (API objects created in {api_s:.1f} s); measuring {vips[-1]}")
+            api_s: float | None = None
+            new = len(ports) - in_api
+            expected = 2 * new / api_rate if api_rate else 0.0
+            no_api = "" if expected <= API_CREATE_BUDGET_S else (
+                f"creating {new} Services + EndpointSlices in the bench API server would take "
+                f"~{expected / 60:.0f} min at the {api_rate:.0f} objects/s of the previous level "
+                f"(API_CREATE_BUDGET_S {API_CREATE_BUDGET_S:.0f} s)")
+            if not no_api and any(n <= KP_MAX_SERVICES[m] for m in kp.proxies):
+                if in_api:  # the previous level's last service: back to unused backends
+                    prev = ports[in_api - 1]
+                    kp.api.request("PATCH", f"/apis/discovery.k8s.io/v1/namespaces/bench/"
+                                   f"endpointslices/{prev.name}-bench",
+                                   kubeproxy.endpoint_slice("bench", prev.name,
+                                                            [ip for ip, _ in prev.endpoints],
+                                                            [("http", prev.endpoints[0][1],
+                                                              "tcp")]),
+                                   content_type="application/merge-patch+json")
+                api_s = kp.api.create_all(kubeproxy.service_objects(ports[in_api:]),
+                                          workers=API_WORKERS)
+                api_rate = 2 * new / api_s if new >= 1000 else api_rate  # small levels: noise
+                in_api = n
+                ctx.progress(f"{SERVICE_SCALE}@{n}: {new} Services + EndpointSlices created in "
+                             f"the API in {api_s:.1f} s ({API_WORKERS} connections; not part "
+                             "of any figure)")
+            ready, skipped = _kube_proxy_cold_start(ctx, kp, n, ports, no_api)
+            counts = {m: kubeproxy.rule_count(kp.nodes[m], m) for m in ready}
+            ctx.progress(f"{SERVICE_SCALE}@{n}: kube-proxy cold start to rules "
+                         + (", ".join(f"{m} {ready[m]:.2f} s ({counts[m]} rules)" for m in ready)
+                            or "none run") + f"; measuring {vips[-1]}")
+            clients = {PCN: Endpoint(lab.pods["n1p1"].netns, lab.pods["n1p1"].ip),
+                       **{KP[m]: kp.pods_by_mode[m][0] for m in ready}}
             lat = _latency(ctx, f"{SERVICE_SCALE}@{n}", clients, vips[-1], RR_SERVICE_PORT,
                            ctx.requests)
+            level = {"services": n, "vip": vips[-1], "target_port": real_port}
             extra: dict[str, dict[str, object]] = {
-                PCN: {"services": n, "vip": vips[-1], "target_port": real_port},
-                **{KP[m]: {"services": n, "vip": vips[-1], "target_port": real_port,
-                           "rules": counts[m], "kube_proxy": kp.version, "mode": m}
-                   for m in kp.nodes}}
+                PCN: {**level, "backends": backends},
+                **{KP[m]: {**level, "rules": counts[m], "kube_proxy": kp.version, "mode": m}
+                   for m in ready}}
             results += _latency_results(SERVICE_SCALE, lat, f"@{n}", extra)
-            installs = [(PCN, pcn_install, "NodeDataplane.set_service x N in one node.batch()"),
-                        *((KP[m], ready[m], "kube-proxy cold start (N Services and "
-                                            "EndpointSlices in the API) until its rules hold "
-                                            "all N") for m in ready)]
-            for name, secs, how in installs:
-                results.append(Result(SERVICE_SCALE, name, f"install@{n}", secs * 1000, "ms",
-                                      {"services": n, "how": how, "date": now_iso()}))
+            api = {} if api_s is None else {"api_objects_created_s": round(api_s, 1)}
+            results.append(Result(SERVICE_SCALE, PCN, f"install@{n}", pcn_install * 1000, "ms",
+                                  {"services": n, "backends": backends, "date": now_iso(),
+                                   "how": "NodeDataplane.set_service x N in one node.batch()",
+                                   "map_memlock_bytes": memlock}))
+            for m, secs in ready.items():
+                results.append(Result(SERVICE_SCALE, KP[m], f"install@{n}", secs * 1000, "ms",
+                                      {"services": n, "date": now_iso(), **api,
+                                       "how": "kube-proxy cold start (N Services and "
+                                              "EndpointSlices in the API) until its rules hold "
+                                              "all N"}))
+            for m, why in skipped.items():
+                results.append(Result(SERVICE_SCALE, KP[m], f"skipped@{n}", 0, "",
+                                      {"services": n, "reason": why, "date": now_iso()}))
     return results
 
 

@@ -36,6 +36,7 @@ position in the text.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -145,6 +146,19 @@ _DIRS = {"src", "dst"}
 _KINDS = {"host", "net", "port", "portrange"}
 _PROTOS = {"ip", "arp", *PROTOCOLS}
 Dir = Literal["src", "dst", "src or dst", "src and dst"]
+_KEYWORDS = sorted((_AND | _OR | _NOT | _DIRS | _KINDS | _PROTOS) - {"&&", "||", "!"})
+# pcap-filter(7) primitives this subset lacks, and why: a typo of a keyword
+# gets a suggestion instead (_unknown_word), an address the address error.
+_UNSUPPORTED = {
+    **dict.fromkeys(("ip6", "icmp6", "ipv6"), "IPv4 only: pcn has no IPv6"),
+    **dict.fromkeys(("vlan", "mpls", "pppoed", "pppoes", "geneve", "vxlan"),
+                    "IPv4 only: encapsulated or tagged frames are not looked into"),
+    **dict.fromkeys(("ether", "gateway", "broadcast", "multicast", "less", "greater", "len",
+                     "proto", "inbound", "outbound", "rarp", "igmp", "igrp", "pim", "ah",
+                     "esp", "vrrp", "atalk", "decnet", "iso", "stp", "ipx", "netbeui"),
+                    "IPv4 only; the filter knows " + ", ".join(sorted(_KINDS | _PROTOS))),
+}
+_IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -186,7 +200,11 @@ class _Parser:
         if not self.toks:
             return None
         node = self.expr()
-        if self.peek() is not None:
+        left = self.peek()
+        if left is not None:
+            unknown = self._unknown_word(left)
+            if unknown is not None and "did you mean" in unknown.message:
+                raise unknown  # `tcp prot 80`
             raise self.error("expected 'and', 'or' or the end of the filter")
         return node
 
@@ -235,8 +253,24 @@ class _Parser:
             return "src or dst" if nxt[0].text.lower() == "or" else "src and dst"
         return "src" if w == "src" else "dst"
 
+    def _unknown_word(self, tok: _Tok) -> FilterError | None:
+        """The error for a word that is no keyword of this language (`hots`,
+        `ip6`, `vlan`), naming it, instead of reading it as an address; None
+        for anything else (an address, a number)."""
+        w = tok.text.lower()
+        if w in _UNSUPPORTED:
+            return self.error(f"{w}: not supported ({_UNSUPPORTED[w]})", tok)
+        if not _IDENT.fullmatch(tok.text) or w in _KEYWORDS:
+            return None
+        close = difflib.get_close_matches(w, _KEYWORDS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else \
+            f" (expected one of {', '.join(_KEYWORDS)} or an IPv4 address)"
+        return self.error(f"unknown keyword {w!r}{hint}", tok)
+
     def term(self) -> Node:
         start = self.peek()
+        if start is not None and (unknown := self._unknown_word(start)) is not None:
+            raise unknown
         proto: str | None = None
         if self.word() in _PROTOS:
             proto = self.take().text.lower()
@@ -247,6 +281,10 @@ class _Parser:
         elif proto is not None and direction is None:
             return _proto_test(proto)  # a protocol alone
         elif direction is not None or proto is not None:
+            nxt = self.peek()
+            unknown = self._unknown_word(nxt) if nxt is not None else None
+            if unknown is not None and "did you mean" in unknown.message:
+                raise unknown
             raise self.error("expected host, net, port or portrange")
         elif self.last is not None:
             quals = self.last  # tcpdump: an identifier alone repeats the last keywords

@@ -87,6 +87,9 @@ class Resource(Model):
     namespaced: ClassVar[bool]
     printer_columns: ClassVar[list[dict[str, Any]]]
     description: ClassVar[str]
+    # CEL rules on the whole object (x-kubernetes-validations at the schema's
+    # root, where self.metadata.name can be read)
+    root_rules: ClassVar[list[dict[str, Any]]] = []
 
     apiVersion: Literal["pcn.dev/v1alpha1"] = API_VERSION
     kind: str

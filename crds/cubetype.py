@@ -48,6 +48,30 @@ ENUM_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")
 # cube types of bpf/*.c (a test keeps this list complete).
 RESERVED_NAMES = frozenset({"firewall", "policer", "flowmonitor", "packetcapture", "bridge",
                             "router", "lbrp", "k8sdispatcher", "policy", "entry", "sock_lb"})
+
+
+def reserved_name_message(name: str) -> str:
+    """Why a CubeType cannot be called `name` (one of RESERVED_NAMES), and
+    what to do: the agent's status message (reason ReservedName); the CRD's
+    CEL rule (reserved_name_rule) says the same."""
+    return (f"{name} is the name of a built-in cube type; rename the CubeType "
+            f"(e.g. my-{name}) and the spec.type of the NetworkFunctions that use it")
+
+
+def reserved_name_rule() -> dict[str, str]:
+    """The CEL rule at the root of the CubeType schema that refuses a
+    reserved name at the API server, with reserved_name_message's text.
+    Kubernetes lets a root rule read self.metadata.name (CRD validation
+    rules, "Validation rules" in the CustomResourceDefinition docs)."""
+    names = ", ".join(f"'{n}'" for n in sorted(RESERVED_NAMES))
+    text = reserved_name_message("NAME").split("NAME")
+    assert len(text) == 3, text
+    return {"rule": f"!(self.metadata.name in [{names}])",
+            "messageExpression": f"self.metadata.name + '{text[1]}' + self.metadata.name + "
+                                 f"'{text[2]}'",
+            "reason": "FieldValueForbidden"}
+
+
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 _PARAM_KEYS = {"integer": {"type", "minimum", "maximum", "default", "description"},
                "boolean": {"type", "default", "description"},
@@ -100,7 +124,7 @@ class SourceError(Model):
         "Line of spec.source (1-based); absent when the error is not in it (a missing "
         "pcn_cube_handle, a verifier limit)."))
     column: int | None = None
-    stage: Literal["schema", "compile", "verify"] = "compile"
+    stage: Literal["name", "schema", "compile", "verify"] = "compile"
     message: str
 
 
@@ -137,6 +161,8 @@ class CubeType(Resource):
         REASON_COLUMN,
         AGE_COLUMN,
     ]
+
+    root_rules: ClassVar[list[dict[str, Any]]] = [reserved_name_rule()]
 
     kind: Literal["CubeType"] = "CubeType"
     spec: CubeTypeSpec

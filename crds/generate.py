@@ -78,7 +78,7 @@ def _schema_of(model: type[Resource]) -> dict[str, Any]:
     if model is NetworkFunction:
         spec["properties"]["config"] = _function_config_schema()
         spec["x-kubernetes-validations"] = _function_type_rules()
-    return {
+    root: dict[str, Any] = {
         "type": "object",
         "description": model.description,
         "required": ["spec"],
@@ -90,6 +90,9 @@ def _schema_of(model: type[Resource]) -> dict[str, Any]:
             "status": status,
         },
     }
+    if model.root_rules:
+        root["x-kubernetes-validations"] = copy.deepcopy(model.root_rules)
+    return root
 
 
 def _function_config_schema() -> dict[str, Any]:

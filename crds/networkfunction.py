@@ -7,7 +7,15 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .common import AGE_COLUMN, READY_COLUMN, REASON_COLUMN, Cidr, Model, Resource
-from .quantity import QUANTITY_PATTERN, QuantityError, bandwidth_bits, quantity_value
+from .quantity import (
+    BYTES_FORM,
+    RATE_FORM,
+    QuantityError,
+    bandwidth_bits,
+    milli_advice,
+    quantity_value,
+    unit_advice,
+)
 
 PortSpec = str  # "22" or "8000-8080"
 
@@ -86,25 +94,32 @@ MAX_BURST = 2**30  # bytes: keeps the bucket's fixed-point sums in 64 bits (pcn_
 DEFAULT_BURST_S = 0.5
 
 
-def _cel_quantity_range(low: str, high: str, what: str) -> dict[str, Any]:
-    """A CEL rule (Kubernetes' quantity library) for the API server to refuse
-    a quantity outside low..high, as the agent's validator does."""
-    return {"x-kubernetes-validations": [{
-        "rule": f"isQuantity(self) && quantity(self).compareTo(quantity('{low}')) >= 0 && "
-                f"quantity(self).compareTo(quantity('{high}')) <= 0",
-        "message": f"must be a quantity of {what} from {low} to {high}"}]}
+def _cel_quantity_range(low: str, high: str, what: str, form: str) -> dict[str, Any]:
+    """CEL rules (Kubernetes' quantity library) for the API server to refuse
+    text that is no quantity, saying what to write (`form`, as the client
+    says it), and a quantity outside low..high, as the agent's validator
+    does; "50m" is told that m is milli. No `pattern` besides: the API
+    server would print its regular expression as the message."""
+    milli = (f"'m is milli, a thousandth: ' + self + ' is below {low} {what}; for mega "
+             f"write M (50M is 50 million {what})'")
+    return {"x-kubernetes-validations": [
+        {"rule": "isQuantity(self)", "message": form},
+        {"rule": f"!isQuantity(self) || (quantity(self).compareTo(quantity('{low}')) >= 0 && "
+                 f"quantity(self).compareTo(quantity('{high}')) <= 0)",
+         "messageExpression": f"self.endsWith('m') ? {milli} : "
+                              f"'must be a quantity of {what} from {low} to {high}'"}]}
 
 
 class PolicerConfig(Model):
     """A token bucket: `rate` bits per second on average, `burst` bytes at once."""
 
-    rate: str = Field(pattern=QUANTITY_PATTERN, json_schema_extra=_cel_quantity_range(
-        "1k", "1P", "bits per second"), description=(
+    rate: str = Field(json_schema_extra=_cel_quantity_range(
+        "1k", "1P", "bits per second", RATE_FORM), description=(
         "Average rate in bits per second, a Kubernetes quantity as the "
         "kubernetes.io/ingress-bandwidth annotation takes it: 10M, 1G, 500k (1k to 1P). "
         "Counted on frames, Ethernet header included (a GSO packet's headers once)."))
-    burst: str | None = Field(None, pattern=QUANTITY_PATTERN, json_schema_extra=_cel_quantity_range(
-        "64Ki", "1Gi", "bytes"), description=(
+    burst: str | None = Field(None, json_schema_extra=_cel_quantity_range(
+        "64Ki", "1Gi", "bytes", BYTES_FORM), description=(
         "Bucket size in bytes, a quantity: 64Ki, 1M, 256k (64Ki to 1Gi). "
         "What may pass at once after a quiet period. Default: what the rate sends in "
         "half a second (TCP needs about that much to reach the rate), at least 64Ki."))
@@ -128,10 +143,12 @@ class PolicerConfig(Model):
             return v
         try:
             n = quantity_value(v)
-        except QuantityError as exc:
-            raise ValueError(str(exc)) from None
+        except QuantityError:
+            raise ValueError(f"{v!r} is not a quantity: {BYTES_FORM}"
+                             f"{unit_advice(v, 'byte')}") from None
         if not MIN_BURST <= n <= MAX_BURST:
-            raise ValueError(f"{v!r} ({n} bytes) must lie within 64Ki-1Gi bytes")
+            raise ValueError(f"{v!r} ({n} bytes) must lie within 64Ki-1Gi bytes"
+                             f"{milli_advice(v)}")
         return v
 
     def rate_bits(self) -> int:

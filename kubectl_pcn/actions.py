@@ -17,7 +17,7 @@ from . import chains as ch
 from . import objects
 from .client import CUBE_CHAINS, CUBE_TYPES, NETWORK_FUNCTIONS, Cluster, Resource
 from .errors import Conflict, InputError, PcnError
-from .rules import capture_hint, check_type, config_from_flags, custom_config
+from .rules import capture_hint, check_type, config_from_flags, custom_config, own_options
 
 ATTEMPTS = 3  # read-modify-write of a chain, when someone else writes it meanwhile
 BOTH = "both"  # --hook both: the function on both sides of the chain
@@ -65,16 +65,20 @@ def add_cube(cluster: Cluster, *, namespace: str, type_: str, name: str,
              config_file: tuple[str, str] | None, rules: Sequence[str], default: str | None,
              chain_name: str | None, priority: int | None, dry_run: bool,
              progress: Callable[[str], None], fields: Mapping[str, Any] | None = None,
-             params: Sequence[str] = ()) -> list[Change]:
+             params: Sequence[str] = (),
+             warn: Callable[[str], None] = lambda _: None) -> list[Change]:
     """`fields`: the config field options given (flag -> value, rules.field_options);
     `params`: NAME=VALUE parameters of a CubeType (TYPE names one that is not
-    built in); `hook` "" takes the CubeType's defaultHook (built-in: ingress)."""
+    built in); `hook` "" takes the CubeType's defaultHook (built-in: ingress).
+    `warn` is told when that CubeType is not Ready (cubetype_not_ready): the
+    function is still written, as `kubectl apply` of it would be."""
     cubetype = find_cubetype(cluster, type_, progress)
+    if cubetype is not None and (why := cubetype_not_ready(cubetype)) is not None:
+        warn(why)
     if cubetype is None:
         check_type(type_)
         if params:
-            raise InputError(f"--param applies to CubeTypes; a {type_} takes its options "
-                             f"(`kubectl pcn add-cube {type_} --help`)")
+            raise InputError(f"--param applies to CubeTypes; {own_options(type_)}")
         config_from_flags(type_, None, config_file, rules, default, fields)  # input errors first
     else:
         if rules or default or fields:
@@ -146,6 +150,31 @@ def find_cubetype(cluster: Cluster, type_: str, progress: Callable[[str], None]
                          f"{', '.join(names) or 'none'}" + capture_hint(type_))
     return found
 
+
+def cubetype_not_ready(cubetype: Mapping[str, Any]) -> str | None:
+    """None when the CubeType's Ready condition is True (for its current
+    generation); else why not, from its status: the condition's reason and
+    message and the nodes that failed (status.nodes, each node's agent's
+    own entry), or that no agent has reported on it yet."""
+    name = (cubetype.get("metadata") or {}).get("name")
+    generation = (cubetype.get("metadata") or {}).get("generation")
+    status = cubetype.get("status") or {}
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    after = ("; the function is written, and its cubes are made once the CubeType compiles "
+             "(`kubectl get cubetype " + f"{name} -o yaml` shows each node's errors)")
+    if cond is None:
+        return f"cubetype {name} is not Ready: no agent has compiled it yet{after}"
+    stale = generation is not None and cond.get("observedGeneration") not in (None, generation)
+    if cond.get("status") == "True" and not stale:
+        return None
+    if cond.get("status") == "True":
+        return (f"cubetype {name} is not Ready: generation {generation} is not compiled yet "
+                f"(the agents last compiled {cond.get('observedGeneration')}){after}")
+    nodes = status.get("nodes") or {}
+    failing = sorted(n for n, st in nodes.items() if not (st or {}).get("ready"))
+    where = f" on node(s) {', '.join(failing)}" if failing else ""
+    return (f"cubetype {name} is not Ready{where}: {cond.get('reason') or 'NotReady'}: "
+            f"{cond.get('message') or 'no message'}{after}")
 
 
 def remove_cube(cluster: Cluster, *, namespace: str, name: str, dry_run: bool,

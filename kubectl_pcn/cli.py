@@ -323,6 +323,17 @@ def _custom_type_help(ctx: click.Context, formatter: click.HelpFormatter, type_:
                            [("(none)", note or "it takes no parameters")])
 
 
+ADD_CUBE_HELP = (
+    "Create or update the NetworkFunction NAME (default: TYPE) of type TYPE "
+    f"({', '.join(FUNCTION_TYPES)}, or a CubeType of the cluster) and insert it in a "
+    "CubeChain of the namespace. `kubectl pcn add-cube TYPE --help` lists the "
+    "options of that type, or a CubeType's parameters.\n\n"
+    "A packetcapture is a capture point kept in the chain (compiled once): "
+    "`kubectl pcn capture POD` reads it, with its filter or a narrower --filter. "
+    "While nobody reads it, it copies nothing and only counts the packets its "
+    "filter matches (`kubectl pcn chain`).")
+
+
 def _field_options(f: F) -> F:
     """An option per config field of every function type (rules.field_options)."""
     from .rules import field_options
@@ -338,7 +349,7 @@ def _field_options(f: F) -> F:
     return f
 
 
-@cli.command("add-cube", cls=AddCubeCommand, epilog="""\b
+@cli.command("add-cube", cls=AddCubeCommand, help=ADD_CUBE_HELP, epilog="""\b
 Where the function goes:
   no --selector       the chain "default" of the namespace (selects every pod)
   --selector SEL      the namespace's chain whose podSelector is exactly SEL, else a
@@ -387,16 +398,7 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str | Non
              config_file: Any, rules: tuple[str, ...], default: str | None,
              chain_name: str | None, priority: int | None, dry_run: str,
              params: tuple[str, ...] = (), **field_values: str | bool | None) -> None:
-    """Create or update the NetworkFunction NAME (default: TYPE) of type TYPE
-    (firewall, policer, flowmonitor, packetcapture, or a CubeType of the
-    cluster) and insert it in a CubeChain of the namespace. `kubectl pcn
-    add-cube TYPE --help` lists the options of that type, or a CubeType's
-    parameters.
-
-    A packetcapture is a capture point kept in the chain (compiled once):
-    `kubectl pcn capture POD` reads it, with its filter or a narrower
-    --filter. While nobody reads it, it copies nothing and only counts the
-    packets its filter matches (`kubectl pcn chain`)."""
+    """ADD_CUBE_HELP (--help), which lists the built-in types from FUNCTION_TYPES."""
     from .rules import field_options
 
     s = settings()
@@ -416,7 +418,7 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str | Non
         default=default, chain_name=chain_name, priority=priority,
         dry_run=dry_run == "client", progress=s.progress,
         fields={o.flag: v for o in field_options() if (v := field_values.get(o.param)) is not None},
-        params=params)
+        params=params, warn=_warn)
     _output_changes(changes, dry_run == "client")
 
 

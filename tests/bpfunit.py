@@ -13,7 +13,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +71,12 @@ class UnitNet:
 
 
 @contextmanager
-def unit_net(veths: int, pin_root: Path = bpffs.DEFAULT_ROOT) -> Iterator[UnitNet]:
+def unit_net(veths: int, pin_root: Path = bpffs.DEFAULT_ROOT,
+             defines: Mapping[str, int | str] | None = None) -> Iterator[UnitNet]:
+    """`defines`: the runtime's -D flags (Runtime.defines, e.g. table sizes)."""
     prefix = f"{PREFIX}-{secrets.token_hex(4)}"
     name = f"{prefix}-unit"
-    rt = Runtime(name, netns=name, pin_root=pin_root)
+    rt = Runtime(name, netns=name, pin_root=pin_root, defines=defines)
     net = UnitNet(name, prefix, rt, pin_root)
     created = False
     try:

@@ -389,6 +389,26 @@ def _cubetype_status(c: Cluster, name: str) -> dict[str, Any]:
     return c.api.request("GET", f"/apis/pcn.dev/v1alpha1/cubetypes/{name}").get("status") or {}
 
 
+def test_a_cubetype_with_a_built_in_name_says_to_rename_it(cluster: Cluster) -> None:
+    """The API server refuses such a name (the CRD's CEL rule); one that got
+    past it (the lab's emulated server, an older CRD) is reported with reason
+    ReservedName and a new name to take, not as an invalid schema."""
+    ct = _dscp_cubetype()
+    ct["metadata"] = {**ct["metadata"], "name": "flowmonitor"}
+    apply(cluster.api, ct)
+    try:
+        st = wait_for("the CubeType's status", lambda: (
+            s := _cubetype_status(cluster, "flowmonitor")).get("conditions") and s, timeout=60)
+        cond = st["conditions"][0]
+        assert (cond["status"], cond["reason"]) == ("False", "ReservedName"), cond
+        assert cond["message"] == (
+            "flowmonitor is the name of a built-in cube type; rename the CubeType (e.g. "
+            "my-flowmonitor) and the spec.type of the NetworkFunctions that use it"), cond
+        assert st["nodes"][cluster.node]["errors"][0]["stage"] == "name"
+    finally:
+        delete(cluster.api, ct)
+
+
 def test_a_cubetype_compiles_and_its_functions_run_on_pods(cluster: Cluster) -> None:
     """A CubeType whose source does not compile says where in its status (the
     source's line) and makes no cube; fixed, it becomes Ready; a

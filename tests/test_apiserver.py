@@ -89,6 +89,37 @@ def test_namespaces_are_a_cluster_scoped_resource_and_a_prefix() -> None:
         assert gone.value.status == 404
 
 
+def test_not_found_is_worded_as_kube_apiserver_words_it() -> None:
+    """A missing object is NotFound with `<plural>.<group> "<name>" not
+    found`, as kubectl prints it from a real server; kmock's own message told
+    the reader to add the object to `kmock.objects[...]` (trial of issue 12)."""
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    with EmulatedApiServer() as api:
+        for method, path, message, details in (
+                ("GET", "/apis/pcn.dev/v1alpha1/namespaces/web/networkfunctions/nope",
+                 'networkfunctions.pcn.dev "nope" not found',
+                 {"name": "nope", "group": "pcn.dev", "kind": "networkfunctions"}),
+                ("DELETE", "/api/v1/namespaces/default/configmaps/gone",
+                 'configmaps "gone" not found',
+                 {"name": "gone", "group": "", "kind": "configmaps"}),
+                ("GET", "/apis/pcn.dev/v1alpha1/nosuchthings",
+                 "the server could not find the requested resource",
+                 {"group": "pcn.dev", "kind": "nosuchthings"})):
+            req = urllib.request.Request(api.url + path, method=method)
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=10)
+            body = _json.loads(err.value.read())
+            assert err.value.code == 404
+            assert (body["kind"], body["reason"], body["message"], body["details"]) == (
+                "Status", "NotFound", message, details), body
+            with pytest.raises(ApiServerError) as wrapped:
+                api.request(method, path)
+            assert str(wrapped.value) == f"HTTP 404: {message}"
+
+
 # ----------------------------------------------------------------------------- PUT
 def test_put_replaces_the_object_as_the_api_server_does() -> None:
     """PUT (update) replaces the whole object: fields left out are gone. The

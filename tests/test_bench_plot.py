@@ -58,3 +58,28 @@ def test_plots_need_their_data(tmp_path: Path) -> None:
     # throughput without any tcp-rr: the right panel says so, the plot is still drawn
     tp_only = [r for r in _results() if r.metric == "throughput"]
     assert plot.throughput_png(tp_only, tmp_path / "tp.png").exists()
+
+
+def test_service_scale_with_100000_and_a_skipped_reference(tmp_path: Path) -> None:
+    """The fourth level (100 000) is drawn like the others; a reference not
+    run there (a skipped@ entry, no point) is noted, not an error, and the
+    acceptance line says it was not run."""
+    from bench.results import acceptance
+
+    res: list[Result] = []
+    for n in (10, 1000, 10000, 100000):
+        res.append(Result("service-scale", "pcn", f"latency@{n}", 70.0 + n / 100000, "us"))
+        res.append(Result("service-scale", "pcn", f"install@{n}", n / 10, "ms"))
+        res.append(Result("service-scale", "kube-proxy-nftables", f"latency@{n}", 80.0, "us"))
+        res.append(Result("service-scale", "kube-proxy-nftables", f"install@{n}", n, "ms"))
+        if n < 100000:
+            res.append(Result("service-scale", "kube-proxy-iptables", f"latency@{n}", 90, "us"))
+        else:
+            res.append(Result("service-scale", "kube-proxy-iptables", f"skipped@{n}", 0, "",
+                              {"reason": "not run with more than 10000 services"}))
+    out = plot.service_scale_png(res, tmp_path / "s.png")
+    assert out.read_bytes()[:8] == PNG
+    line = next(x for x in acceptance(res) if "service latency" in x)
+    assert "with 100000 services 71 us vs 70 us with 10" in line
+    assert "kube-proxy-nftables 80 -> 80 us" in line
+    assert "kube-proxy-iptables not run at 100000" in line

@@ -43,7 +43,9 @@ def test_rate_between_two_namespaces() -> None:
         a, b = veth_pair(nss, 1500)
         server = tcprr.start_server(b.netns)
         run = tcprr.run_client(a.netns, b.ip, tcprr.PORT, 1)
-        assert run.received > 100 and 0.5 < run.seconds <= 1.5
+        # sockperf's valid duration: at most the 1 s asked (plus its rounding);
+        # how much of it is valid depends on the machine's load, not on us
+        assert run.received > 100 and 0 < run.seconds <= 1.5
         assert run.rate > 100 and run.half_rtt_us > 0
         with pytest.raises(RuntimeError, match="sockperf ping-pong"):
             tcprr.run_client(a.netns, b.ip, tcprr.PORT + 1, 1)  # nobody listens there

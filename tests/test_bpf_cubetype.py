@@ -215,6 +215,29 @@ def test_a_verifier_refusal_names_the_users_line(lab: CtLab) -> None:
     assert "packet" in d.message, d
 
 
+def test_an_undeclared_function_names_the_users_line(lab: CtLab) -> None:
+    """A misspelt helper is a compile error at the user's line naming the
+    function: clang's -w would hide its "implicit declaration" warning, and
+    the call to nothing then failed only in the verifier ("jump out of
+    range"), at no line (trial of issue 12)."""
+    source = (
+        "static int pcn_cube_handle(struct __sk_buff *skb, struct pcn_cube_ctx *ctx)\n"
+        "{\n"
+        "    u64 lim = pcn_cube_parm(ctx, PCN_PARAM_LIMIT);\n"
+        "    if (lim > 1000)\n"
+        "        return pcn_cube_drop(ctx);\n"
+        "    return pcn_cube_pass(ctx);\n"
+        "}\n")
+    schema = {"type": "object", "properties": {"limit": {"type": "integer", "minimum": 0,
+                                                           "maximum": 100}}}
+    with pytest.raises(CubeBuildError) as err:
+        build(lab.net.rt, "typo", source, schema, [])
+    d = err.value.diagnostics[0]
+    assert (d.stage, d.line) == ("compile", 3), d
+    assert "implicit declaration of function 'pcn_cube_parm'" in d.message, d
+    assert "did you mean 'pcn_cube_param'?" in d.message, d
+
+
 def test_an_agent_restart_keeps_custom_cubes_running() -> None:
     """A new runtime adopting the pins finds the type's slot with the
     program the previous agent put there (packets are still marked before

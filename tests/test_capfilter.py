@@ -154,6 +154,19 @@ def test_random_filters_compile_to_their_meaning() -> None:
     ("port and", 5, "and", "expected a value"),
     ("80", 0, "80", "IPv4 address"),
     ("host 10.0.0.1 $ 2", 14, "$", "unexpected character"),
+    # a typo or a primitive of tcpdump's this subset lacks is named as such, not
+    # read as an address ("host needs an IPv4 address: Expected 4 octets in
+    # 'hots'", trial of issue 12)
+    ("hots 10.0.0.1", 0, "hots", "unknown keyword 'hots' (did you mean host?)"),
+    ("host 10.0.0.1 or hots 10.0.0.2", 17, "hots", "unknown keyword 'hots' (did you mean host?)"),
+    ("tcp prot 80", 4, "prot", "unknown keyword 'prot' (did you mean port?)"),
+    ("tcp src prot 80", 8, "prot", "(did you mean port?)"),
+    ("tpc", 0, "tpc", "(did you mean tcp?)"),
+    ("zzz", 0, "zzz", "unknown keyword 'zzz' (expected one of and, arp, dst, host,"),
+    ("ip6", 0, "ip6", "ip6: not supported (IPv4 only"),
+    ("icmp6 or tcp", 0, "icmp6", "icmp6: not supported (IPv4 only"),
+    ("tcp and vlan", 8, "vlan", "vlan: not supported (IPv4 only"),
+    ("ether host 1", 0, "ether", "ether: not supported (IPv4 only"),
 ])
 def test_errors_name_the_token_and_its_position(text: str, position: int, token: str,
                                                 message: str) -> None:

@@ -10,6 +10,8 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,18 +23,25 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from pcn_agent.cni import localapi, spec
+from pcn_agent.cni.ipam import run_program
 from pcn_agent.cni.link import host_ifname
 from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
 from pcn_agent.dataplane.netns import netns_path
 from pcn_agent.node.wiring import NodeDataplane
+from pcn_lab import kubelet
 from pcn_lab.topology import Lab
 
 pytestmark = pytest.mark.netns
 
 CNI_PATH = "/usr/lib/cni"
 HOST_LOCAL = Path(CNI_PATH) / "host-local"
+# The plugin as nodes run it: the package's entry point with -I -S (the image's
+# CNI bundle, the lab's kubelet stand-in); the `pcn-cni` console script and
+# `python -m pcn_agent.cni` run the same code and are checked to answer alike.
+PLUGIN = kubelet.cni_binary()
 _SCRIPT = Path(sys.executable).with_name("pcn-cni")
-PLUGIN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pcn_agent.cni"]
+OTHER_STARTS = [[sys.executable, "-m", "pcn_agent.cni"]] + \
+    ([[str(_SCRIPT)]] if _SCRIPT.exists() else [])
 
 
 @dataclass
@@ -86,7 +95,7 @@ class CniLab:
 
     def run(self, command: str | None, conf: dict[str, Any] | bytes | None = None,
             container_id: str = "", netns: str = "", ifname: str = "eth0",
-            args: str = "", **env: str) -> Run:
+            args: str = "", plugin: list[str] | None = None, **env: str) -> Run:
         environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_PATH": CNI_PATH}
         for key, value in (("CNI_COMMAND", command), ("CNI_CONTAINERID", container_id),
                            ("CNI_NETNS", netns), ("CNI_IFNAME", ifname), ("CNI_ARGS", args)):
@@ -95,7 +104,8 @@ class CniLab:
         environ.update(env)
         environ = {k: v for k, v in environ.items() if v}
         data = conf if isinstance(conf, bytes) else json.dumps(conf or self.conf()).encode()
-        proc = subprocess.run(["ip", "netns", "exec", self.node_ns, *PLUGIN], input=data,
+        proc = subprocess.run(["ip", "netns", "exec", self.node_ns, *(plugin or PLUGIN)],
+                              input=data,
                               env=environ, capture_output=True, timeout=60, check=False)
         stdout = proc.stdout.decode()
         try:
@@ -237,6 +247,48 @@ def test_help_explains_it_is_run_by_the_runtime() -> None:
         assert word in proc.stdout
 
 
+@pytest.mark.parametrize("start", OTHER_STARTS, ids=lambda a: Path(a[-1]).name)
+def test_every_way_to_start_the_plugin_answers_alike(start: list[str]) -> None:
+    """The console script and `python -m` run the code the fast entry runs."""
+    def answers(argv: list[str]) -> tuple[bytes, bytes]:
+        version = subprocess.run(argv, input=b'{"cniVersion": "0.4.0"}',
+                                 env={"CNI_COMMAND": "VERSION"}, capture_output=True,
+                                 timeout=30, check=True).stdout
+        usage = subprocess.run([*argv, "--help"], capture_output=True, timeout=30,
+                               check=True).stdout
+        return version, usage
+    assert answers(start) == answers(PLUGIN)
+
+
+def _script(tmp: Path, body: str) -> str:
+    exe = tmp / f"prog-{secrets.token_hex(3)}"
+    exe.write_text("#!/bin/sh\n" + body + "\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_run_program_is_subprocess_run_for_plugins(tmp_path: Path) -> None:
+    """ipam.run_program, the plugin's subprocess.run(capture_output=True)."""
+    echo = _script(tmp_path, 'cat; echo "$CNI_COMMAND" >&2; exit 3')
+    big = secrets.token_bytes(1 << 20)  # far more than a pipe holds, both ways
+    assert run_program(echo, big, {"CNI_COMMAND": "ADD"}, 30) == (3, big, b"ADD\n")
+    assert run_program(echo, b"", {}, 30) == (3, b"", b"\n")
+    deaf = _script(tmp_path, "echo out; exit 0")  # never reads its stdin
+    assert run_program(deaf, big, {}, 30) == (0, b"out\n", b"")
+    killed = _script(tmp_path, "kill -TERM $$")
+    assert run_program(killed, b"", {}, 30)[0] == -15
+    slow = _script(tmp_path, "exec sleep 30")
+    t = time.monotonic()
+    with pytest.raises(TimeoutError):
+        run_program(slow, b"", {}, 0.3)
+    assert time.monotonic() - t < 10
+    with pytest.raises(FileNotFoundError):
+        run_program(str(tmp_path / "missing"), b"", {}, 30)
+    (tmp_path / "not-executable").write_text("x")
+    with pytest.raises(PermissionError):
+        run_program(str(tmp_path / "not-executable"), b"", {}, 30)
+
+
 def test_cni_args_and_env_parsing() -> None:
     env = spec.read_env("ADD", {"CNI_CONTAINERID": "abc", "CNI_NETNS": "/var/run/netns/x",
                                "CNI_IFNAME": "eth0", "CNI_PATH": "/a:/b",
@@ -315,6 +367,75 @@ def test_add_check_ping_del(clean: CniLab) -> None:
     cl.delete(a_id, a_path).ok()
     _ping(cl, b_ns, gw)  # the other pod is untouched
     cl.delete(b_id, b_path).ok()
+
+
+@pytest.mark.parametrize("start", OTHER_STARTS, ids=lambda a: Path(a[-1]).name)
+def test_every_way_to_start_the_plugin_adds_checks_and_deletes(clean: CniLab,
+                                                               start: list[str]) -> None:
+    cl = clean
+    cid, ns, path, result = cl.add(plugin=start)
+    _ping(cl, ns, cl.node.cfg.gateway)
+    cl.run("CHECK", cl.conf(prevResult=result), cid, path, plugin=start).ok()
+    cl.run("DEL", None, cid, path, plugin=start).ok()
+    assert cid not in cl.node.pods and host_ifname(cid) not in cl.node_links()
+
+
+def test_trace_times_each_phase_of_an_add(clean: CniLab) -> None:
+    """PCN_CNI_TRACE (what bench cni-add reads): one line per run, the ADD's
+    marks in order on time.monotonic()'s clock, the agent's lock wait and op."""
+    cl = clean
+    trace = cl.tmp / f"trace-{secrets.token_hex(4)}.jsonl"
+    before = time.monotonic()
+    cid, ns, path, _ = cl.add(PCN_CNI_TRACE=str(trace))
+    after = time.monotonic()
+    cl.run("DEL", None, cid, path, PCN_CNI_TRACE=str(trace)).ok()
+    add, dele = (json.loads(line) for line in trace.read_text().splitlines())
+    assert (add["command"], add["container_id"]) == ("ADD", cid)
+    names = [m[0] for m in add["marks"]]
+    assert names == ["entered", "imported", "parsed", "checked", "ipam", "link", "agent", "done"]
+    times = [m[1] for m in add["marks"]]
+    assert before < times[0] and times == sorted(times) and times[-1] < after
+    assert add["agent"]["lock_wait_ms"] >= 0 and add["agent"]["op_ms"] > 0
+    assert dele["command"] == "DEL" and [m[0] for m in dele["marks"]][-1] == "done"
+
+
+def _fake_ipam(cl: CniLab, versions: list[str]) -> tuple[str, Path]:
+    """An IPAM plugin speaking only `versions`, refusing any other cniVersion
+    with code 1 before doing anything, as the reference plugins' skel does;
+    it logs "COMMAND cniVersion" per run. (CNI_PATH entry, log)."""
+    d = cl.tmp / f"ipam-{secrets.token_hex(4)}"
+    d.mkdir()
+    log = d / "calls.log"
+    exe = d / "old-ipam"
+    exe.write_text(f"""#!{sys.executable}
+import json, os, sys
+conf = json.load(sys.stdin)
+with open({str(log)!r}, "a") as f:
+    f.write(os.environ["CNI_COMMAND"] + " " + conf["cniVersion"] + "\\n")
+if os.environ["CNI_COMMAND"] == "VERSION":
+    print(json.dumps({{"cniVersion": conf["cniVersion"], "supportedVersions": {versions!r}}}))
+    sys.exit(0)
+print(json.dumps({{"code": 1, "msg": "incompatible CNI versions"}}))
+sys.exit(1)
+""")
+    exe.chmod(0o755)
+    return f"{d}:{CNI_PATH}", log
+
+
+def test_ipam_that_does_not_speak_the_version_is_asked_only_then(clean: CniLab) -> None:
+    """The IPAM plugin gets the configuration as it is; VERSION is asked only
+    after it refused the version, and the error then says what it speaks."""
+    cl = clean
+    path, log = _fake_ipam(cl, ["0.3.1", "0.4.0"])
+    links = cl.node_links()
+    _, pod_path = cl.pod_ns()
+    conf = cl.conf()
+    conf["ipam"] = {**conf["ipam"], "type": "old-ipam"}
+    err = cl.run("ADD", conf, secrets.token_hex(8), pod_path, CNI_PATH=path).error(1)
+    assert "does not support cniVersion 1.0.0" in err["msg"]
+    assert "0.3.1, 0.4.0" in err["details"]
+    assert log.read_text().split("\n")[:-1] == ["ADD 1.0.0", "VERSION 1.0.0"]
+    _no_leaks(cl, links)
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.1.0"])
@@ -482,19 +603,34 @@ def test_add_with_an_existing_interface_name_rolls_back(clean: CniLab) -> None:
 
 
 def test_concurrent_adds_and_dels(clean: CniLab) -> None:
+    """ADDs started together (as a runtime starting many pods at once does) each
+    get their own address and a working link; DELs together leave nothing."""
     cl = clean
-    pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(6)]
+    pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(12)]
+    gate = threading.Barrier(len(pods))
+    cl.run("STATUS").ok()  # the agent's op thread has its netlink socket
+    sockets = cl.node.rt.netlink_sockets()
+
+    def add(p: tuple[str, str, str]) -> Run:
+        gate.wait()
+        return cl.run("ADD", None, p[0], p[2], args="IgnoreUnknown=1")
+
     with ThreadPoolExecutor(len(pods)) as pool:
-        runs = list(pool.map(lambda p: cl.run("ADD", None, p[0], p[2],
-                                              args="IgnoreUnknown=1"), pods))
+        runs = list(pool.map(add, pods))
     results = [r.ok() for r in runs]
     ips = {res["ips"][0]["address"] for res in results if res}
     assert len(ips) == len(pods)
     assert cl.cni_pods() == {p[0] for p in pods}
+    assert {cl.node.pods[p[0]].iface.address for p in pods} == ips
+    for (cid, ns, _), res in zip(pods, results, strict=True):
+        assert res is not None and res["interfaces"][0]["name"] == host_ifname(cid)
+        _ping(cl, ns, cl.node.cfg.gateway)
     _ping(cl, pods[0][1], results[-1]["ips"][0]["address"].split("/")[0])
     with ThreadPoolExecutor(len(pods)) as pool:
         for r in pool.map(lambda p: cl.delete(p[0], p[2]), pods):
             r.ok()
+    # the requests' threads have come and gone: no netlink socket per request
+    assert cl.node.rt.netlink_sockets() <= sockets
 
 
 def test_address_taken_over_from_a_stale_attachment(clean: CniLab) -> None:

@@ -122,8 +122,17 @@ def test_policer_config_validates_quantities() -> None:
         _nf({"type": "policer", "config": {"rate": "999"}})
     with pytest.raises(ValidationError, match="unreasonably large"):
         _nf({"type": "policer", "config": {"rate": "2P"}})
-    with pytest.raises(ValidationError, match="String should match pattern"):
-        _nf({"type": "policer", "config": {"rate": "10 Mbit"}})
+    # what to write, not a regular expression (trial of issue 12)
+    for text, advice in (("10 Mbit", "write 10M"), ("50mbit", "write 50M"),
+                         ("50Mbps", "write 50M"), ("10MB", "write 80M")):
+        with pytest.raises(ValidationError) as err:
+            _nf({"type": "policer", "config": {"rate": text}})
+        assert "use a Kubernetes quantity of bits per second such as 50M (50 Mbit/s) or 1G" \
+            in str(err.value) and advice in str(err.value) and "pattern" not in str(err.value)
+    with pytest.raises(ValidationError, match="m is milli, a thousandth: for mega write 50M"):
+        _nf({"type": "policer", "config": {"rate": "50m"}})
+    with pytest.raises(ValidationError, match="quantity of bytes such as 64Ki.*write 1M"):
+        _nf({"type": "policer", "config": {"rate": "10M", "burst": "1MB"}})
     with pytest.raises(ValidationError, match="within 64Ki-1Gi"):
         _nf({"type": "policer", "config": {"rate": "10M", "burst": "1k"}})
     # a field of another type is refused, with its name
@@ -165,6 +174,7 @@ def test_cel_rules_guard_each_types_fields() -> None:
     """What the merged spec.config schema cannot say, CEL rules on spec do (a
     real API server runs them in test_crds_apiserver.py)."""
     from pcn_crds.networkfunction import FUNCTION_TYPES
+    from pcn_crds.quantity import BYTES_FORM, RATE_FORM
 
     spec = crd(NetworkFunction)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
         "properties"]["spec"]
@@ -180,4 +190,9 @@ def test_cel_rules_guard_each_types_fields() -> None:
                 assert any(r["fieldPath"] == f".config.{f}" and r["reason"] ==
                            "FieldValueRequired" for r in rules), f
     config = spec["properties"]["config"]["properties"]
-    assert "quantity(self)" in config["rate"]["x-kubernetes-validations"][0]["rule"]
+    for field, form in (("rate", RATE_FORM), ("burst", BYTES_FORM)):
+        assert "pattern" not in config[field]  # the API server would print the expression
+        is_quantity, in_range = config[field]["x-kubernetes-validations"]
+        assert is_quantity == {"rule": "isQuantity(self)", "message": form}
+        assert "quantity(self).compareTo" in in_range["rule"]
+        assert "m is milli" in in_range["messageExpression"]

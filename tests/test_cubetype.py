@@ -6,6 +6,7 @@ with the wrapper of this commit) back to the lines of the user's source."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -177,6 +178,35 @@ def test_the_restriction_refuses_what_a_map_cannot_carry(schema: dict, error: st
 def test_reserved_names_cover_every_built_in_type() -> None:
     stems = {p.stem for p in (ROOT / "bpf").glob("*.c")}
     assert stems | set(FUNCTION_TYPES) <= RESERVED_NAMES
+
+
+def test_the_guide_lists_the_reserved_names() -> None:
+    """docs/writing-a-cube.md's list is RESERVED_NAMES (it once lacked
+    flowmonitor and packetcapture), in order."""
+    text = " ".join((ROOT / "docs" / "writing-a-cube.md").read_text().split())
+    listed = re.search(r"\(reserved names: ([a-z0-9_, ]+)\)", text)
+    assert listed is not None
+    assert listed.group(1).split(", ") == sorted(RESERVED_NAMES)
+
+
+def test_the_crd_refuses_the_reserved_names() -> None:
+    """The API server refuses a CubeType named after a built-in type (a CEL
+    rule at the schema's root reads metadata.name; a real API server runs it
+    in test_crds_apiserver.py), with the agent's message."""
+    from pcn_crds.cubetype import reserved_name_message
+    from pcn_crds.generate import crd
+
+    rules = crd(CubeType)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "x-kubernetes-validations"]
+    (rule,) = [r for r in rules if "self.metadata.name in" in r["rule"]]
+    names = re.findall(r"'([a-z0-9_]+)'", rule["rule"])
+    assert rule["rule"].startswith("!(") and sorted(names) == sorted(RESERVED_NAMES)
+    # the message expression, evaluated for one name as CEL would
+    parts = re.fullmatch(r"self\.metadata\.name \+ '([^']*)' \+ self\.metadata\.name \+ "
+                         r"'([^']*)'", rule["messageExpression"])
+    assert parts is not None, rule["messageExpression"]
+    assert f"firewall{parts.group(1)}firewall{parts.group(2)}" == \
+        reserved_name_message("firewall")
 
 
 # ----------------------------------------------------------------------------- configs

@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 from kubectl_pcn import __version__
 from kubectl_pcn.cli import cli
 from kubectl_pcn.completion import kubectl_complete
+from pcn_crds import FUNCTION_TYPES
 from pcn_lab.apiserver import RESOURCES, ApiServerError, EmulatedApiServer, apply, get
 
 BIN = Path(sys.executable).parent
@@ -607,6 +608,11 @@ def test_add_cube_help_shows_the_types_options(lab: Lab) -> None:
     assert "--rule RULE" in firewall and "--rate" not in firewall
     every = lab.run("add-cube", "--help").stdout
     assert "Options of a firewall" in every and "Options of a policer" in every
+    # the header names every built-in type (it once lacked flowmonitor)
+    header = " ".join(every.split("Options:")[0].split())
+    assert f"of type TYPE ({', '.join(FUNCTION_TYPES)}, or a CubeType of the cluster)" \
+        in header, header
+    assert "flowmonitor" in FUNCTION_TYPES
 
 
 def test_packetcapture_is_an_add_cube_type(lab: Lab) -> None:
@@ -645,10 +651,19 @@ def test_add_cube_policer_and_its_counters_in_chain(lab: Lab) -> None:
         "type": "policer", "config": {"rate": "10M", "scope": "shared"}}
     res = lab.run("-n", "web", "add-cube", "policer", "slow", "--rate", "10 M", code=2)
     assert "invalid policer config: rate" in res.stderr
+    # an option of another type names this type's own (trial of issue 12: --rule on a
+    # policer pointed to --config FILE only)
     res = lab.run("-n", "web", "add-cube", "firewall", "fw2", "--rate", "10M", code=2)
-    assert "--rate applies to policer functions, not firewall" in res.stderr
+    assert "--rate applies to policer functions, not firewall; a firewall takes --rule, " \
+           "--default, --allow-replies, or --config FILE" in res.stderr
     res = lab.run("-n", "web", "add-cube", "policer", "p2", "--rule", "drop udp", code=2)
-    assert "--rule applies to firewall" in res.stderr
+    assert "--rule applies to firewall functions, not policer; a policer takes --rate, " \
+           "--burst, --scope, or --config FILE (`kubectl pcn add-cube policer --help`)" \
+           in res.stderr
+    res = lab.run("-n", "web", "add-cube", "flowmonitor", "f2", "--default", "drop", code=2)
+    assert "a flowmonitor takes --max-flows, or --config FILE" in res.stderr
+    res = lab.run("-n", "web", "add-cube", "policer", "p2", "--param", "a=1", code=2)
+    assert "--param applies to CubeTypes; a policer takes --rate," in res.stderr
     policer = {"namespace": "web", "name": "slow", "type": "policer", "rate": 10_000_000,
                "burst": 625_000, "scope": "shared", "passedPackets": 900,
                "passedBytes": 1_200_000, "droppedPackets": 12, "droppedBytes": 18_000,
@@ -970,6 +985,38 @@ def test_add_cube_of_a_cubetype_takes_its_parameters(lab: Lab) -> None:
     assert "unknown function type 'no-such-type'" in bad.stderr
     assert "CubeTypes of the cluster: dscp-marker" in bad.stderr
     assert lab.get(NF, "x") is None
+
+
+def test_add_cube_of_a_cubetype_not_ready_warns(lab: Lab) -> None:
+    """The function is written (exit 0: it is valid, and GitOps may apply it
+    before the type compiles) but stderr says the type is not Ready, why and
+    where (trial of issue 12: silent)."""
+    _seed_dscp_cubetype(lab)
+    res = lab.run("-n", "web", "add-cube", "dscp-marker", "voice", "--param", "dscp=46")
+    assert "networkfunction.pcn.dev/voice created" in res.stdout
+    assert "warning: cubetype dscp-marker is not Ready: no agent has compiled it yet" \
+        in res.stderr, res.stderr
+    ct = get(lab.api, "CubeType", "dscp-marker", None)
+    lab.api.request("PATCH", "/apis/pcn.dev/v1alpha1/cubetypes/dscp-marker/status", {
+        "status": {"observedGeneration": ct["metadata"]["generation"], "conditions": [{
+            "type": "Ready", "status": "False", "reason": "CompileFailed",
+            "message": "line 3: use of undeclared identifier 'tos2'",
+            "observedGeneration": ct["metadata"]["generation"]}],
+            "nodes": {"node-a": {"ready": False, "message": "line 3: ..."},
+                      "node-b": {"ready": True, "compiled": True}}}},
+        "application/merge-patch+json")
+    res = lab.run("-n", "web", "add-cube", "dscp-marker", "voice", "--param", "dscp=40")
+    assert "networkfunction.pcn.dev/voice configured" in res.stdout
+    assert "warning: cubetype dscp-marker is not Ready on node(s) node-a: CompileFailed: " \
+           "line 3: use of undeclared identifier 'tos2'; the function is written" in res.stderr
+    lab.api.request("PATCH", "/apis/pcn.dev/v1alpha1/cubetypes/dscp-marker/status", {
+        "status": {"conditions": [{
+            "type": "Ready", "status": "True", "reason": "Compiled", "message": "",
+            "observedGeneration": ct["metadata"]["generation"]}],
+            "nodes": {"node-a": {"ready": True, "compiled": True}}}},
+        "application/merge-patch+json")
+    res = lab.run("-n", "web", "add-cube", "dscp-marker", "voice", "--param", "dscp=46")
+    assert "warning" not in res.stderr, res.stderr
 
 
 def test_chain_shows_a_custom_cubes_counters(lab: Lab) -> None:

@@ -57,9 +57,29 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, la
         yield d, state
     finally:
         prefix = state.prefix if state else ""
+        daemons = _daemons_in(prefix) if prefix else []
         down = run(d, "down")
         assert down.returncode == 0, down.stderr
         assert prefix and leftovers(prefix, d) == []
+        # what people start in a pod or on a node goes with the lab (`pcn-lab
+        # exec POD -- iperf3 -D` outlived `down` in the trial of issue 12)
+        assert [pid for pid in daemons if lab.alive(pid)] == [], down.stdout
+
+
+def _daemons_in(prefix: str) -> list[int]:
+    """A daemon (a detached sleep, as `iperf3 -D` detaches) in one pod's and
+    one node's namespace of the lab; their pids."""
+    names = [ns for ns in pr_netns.listnetns() if ns.startswith(prefix)]
+    pod = next(ns for ns in names if ns.startswith(f"{prefix}-p-"))
+    node = next(ns for ns in names if ns.endswith("-n1"))
+    pids = []
+    for ns in (pod, node):
+        r = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c",
+                            "sleep 600 </dev/null >/dev/null 2>&1 & echo $!"],
+                           capture_output=True, text=True, timeout=30, check=True)
+        pids.append(int(r.stdout))
+    assert all(lab.alive(p) for p in pids)
+    return pids
 
 
 def _wait(what: str, fn, timeout: float = 60):

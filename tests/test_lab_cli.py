@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 
 from pcn_lab import checks
 from pcn_lab import cli as lab
-from pcn_lab.supervisor import load_documents, workload_namespace
+from pcn_lab.manifests import workload_namespace
+from pcn_lab.supervisor import load_documents
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -133,3 +135,76 @@ def test_the_kubeconfig_namespace_is_the_workloads() -> None:
     assert workload_namespace([*docs, pod]) is None  # demo and default
     assert workload_namespace([pod, node]) == "default"
     assert workload_namespace([node]) is None
+
+
+def test_the_real_cluster_applies_what_the_emulated_lab_applies(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`pcn-lab up --kubernetes -f examples/` skipped examples/cubetypes/ (a
+    folder without a kustomization), which the emulated lab applies (trial
+    of issue 12): both follow pcn_lab.manifests now, and the CubeType (no
+    namespace) does not keep the kubeconfig's namespace from being demo."""
+    from types import SimpleNamespace
+
+    from pcn_lab.cluster import bringup, kubeconfig, kubectl, runner
+    from pcn_lab.manifests import manifest_files, manifest_targets
+
+    targets = manifest_targets(EXAMPLES)
+    assert targets == [("-f", EXAMPLES / "app.yaml"), ("-k", EXAMPLES / "argocd"),
+                       ("-f", EXAMPLES / "cubetypes" / "dscp-marker.yaml")]
+    assert manifest_files(EXAMPLES) == [
+        EXAMPLES / "app.yaml", *[EXAMPLES / "argocd" / f for f in (
+            "application.yaml", "no-ssh.yaml", "protect-web.yaml")],
+        EXAMPLES / "cubetypes" / "dscp-marker.yaml"]
+    assert "CubeType" in {d["kind"] for d in load_documents(EXAMPLES)}
+
+    applied: list[tuple[str, ...]] = []
+    monkeypatch.setattr(kubectl, "run", lambda kcfg, *args, **kw: applied.append(args) or
+                        subprocess.CompletedProcess(args, 0, "", ""))
+    monkeypatch.setattr(runner, "wait_for", lambda *a, **kw: None)
+    monkeypatch.setattr(kubeconfig, "for_cert", lambda *a, **kw: {})
+    monkeypatch.setattr(kubeconfig, "write", lambda *a, **kw: None)
+    b = bringup.Bringup.__new__(bringup.Bringup)
+    b.step = lambda name, msg: None  # type: ignore[method-assign]
+    monkeypatch.setattr(bringup.Bringup, "kcfg", tmp_path / "kubeconfig")
+    b.layout = None  # type: ignore[assignment]
+    b.state = SimpleNamespace(namespace=None, relay_port=1,  # type: ignore[assignment]
+                              save=lambda: None)
+    b.apply_user(EXAMPLES)
+    assert applied == [("apply", flag, str(p)) for flag, p in targets]
+    assert b.state.namespace == "demo"
+
+
+@pytest.mark.netns
+def test_a_daemon_outlives_its_namespaces_name_but_not_the_lab() -> None:
+    """A process keeps its network namespace alive after the name is removed
+    (what the lab's supervisor does to pods and nodes when it stops), so
+    `ip netns pids NAME` finds nothing then: down takes the namespaces'
+    inodes first and kills by those (kubelet.kill_netns_processes)."""
+    import secrets
+
+    from pyroute2 import netns as pr_netns
+
+    from pcn_lab import kubelet
+
+    name = f"pcnt-{secrets.token_hex(4)}-p-daemon"
+    pr_netns.create(name)
+    pid = 0
+    try:
+        r = subprocess.run(["ip", "netns", "exec", name, "sh", "-c",
+                            "sleep 600 </dev/null >/dev/null 2>&1 & echo $!"],
+                           capture_output=True, text=True, timeout=30, check=True)
+        pid = int(r.stdout)
+        inodes = kubelet.netns_inodes([name, "no-such-namespace"])
+        assert len(inodes) == 1
+        pr_netns.remove(name)
+        assert lab.alive(pid)  # the namespace lives on, nameless
+        assert kubelet.kill_netns_processes(inodes) == [pid]
+        deadline = time.monotonic() + 10
+        while lab.alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not lab.alive(pid)
+    finally:
+        if name in pr_netns.listnetns():
+            pr_netns.remove(name)
+        if pid and lab.alive(pid):
+            os.kill(pid, 9)

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from pcn_agent.control.settings import ClusterSettings
+from pcn_agent.dataplane.cubes.lbrp import LbSizes
 from pcn_agent.dataplane.sessions import SessionTimeouts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -533,7 +534,8 @@ def test_configmap_validates_with_cluster_settings(objects: list[dict[str, Any]]
         "sessionTimeoutTCPCloseWait": 3600, "sessionTimeoutTCPTimeWait": 120,
         "sessionTimeoutTCPClose": 10, "sessionTimeoutUDP": 30, "sessionTimeoutUDPStream": 120,
         "sessionTimeoutICMP": 30, "sessionGCInterval": 10, "socketLB": True,
-        "socketLBCgroup": ""}
+        "socketLBCgroup": "", "lbServiceMapMax": 131072, "lbBackendMapMax": 1048576}
+    assert s.lb_sizes == LbSizes()  # the ConfigMap's sizes are the tables' defaults
     # the ConfigMap's values are the data path's defaults
     assert s.session_timeouts == SessionTimeouts()
     text = (MANIFESTS / "configmap.yaml").read_text()

@@ -63,9 +63,24 @@ struct pcn_affinity {
     u64 seen_ns;
 };
 
-BPF_TABLE_PINNED("hash", struct pcn_svc_key, struct pcn_svc, lb_services, 65536,
+/* Table sizes come from the ConfigMap (lbServiceMapMax, lbBackendMapMax in
+ * pcn_agent.control.settings), passed by the agent to every compile that
+ * includes this header: the maps are pinned and shared, and BCC reuses a
+ * pinned map whatever size the source declares, so every module must agree
+ * (the runtime checks, dataplane/programs.py stale_maps). The defaults here
+ * are the settings' defaults, for builds outside the agent. */
+#ifndef PCN_LB_SERVICES_MAX
+#define PCN_LB_SERVICES_MAX 131072
+#endif
+#ifndef PCN_LB_BACKENDS_MAX
+#define PCN_LB_BACKENDS_MAX 1048576
+#endif
+
+BPF_TABLE_PINNED("hash", struct pcn_svc_key, struct pcn_svc, lb_services, PCN_LB_SERVICES_MAX,
                  PCN_PIN("lb_services"));
-BPF_TABLE_PINNED("hash", struct pcn_slot_key, struct pcn_backend, lb_slots, 524288,
+/* Not preallocated: the kernel holds memory for the slots in use, not for
+ * the million a default table may hold. */
+BPF_TABLE_PINNED("hash", struct pcn_slot_key, struct pcn_backend, lb_slots, PCN_LB_BACKENDS_MAX,
                  PCN_PIN("lb_slots"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct pcn_flow, struct pcn_xlate, lb_sessions, 262144,
                  PCN_PIN("lb_sessions"));
@@ -73,8 +88,11 @@ BPF_TABLE_PINNED("lru_hash", struct pcn_affinity_key, struct pcn_affinity, lb_af
                  PCN_PIN("lb_affinity"));
 /* The addresses that have at least one internal service entry (the value is
  * unused): traffic to any other port of such an address is rejected, traffic
- * to an address of the Service range that is not here dropped. */
-BPF_TABLE_PINNED("hash", __be32, u32, lb_vips, 65536, PCN_PIN("lb_vips"));
+ * to an address of the Service range that is not here dropped. Not
+ * preallocated: most clusters have far fewer addresses than the table is
+ * sized for (preallocated, 131 072 entries held 10 MiB whatever the use). */
+BPF_TABLE_PINNED("hash", __be32, u32, lb_vips, PCN_LB_SERVICES_MAX, PCN_PIN("lb_vips"),
+                 BPF_F_NO_PREALLOC);
 
 static __always_inline u32 pcn_mix32(u32 h)
 {

@@ -50,7 +50,7 @@ PACKAGES = ("pcn_agent.cni",)  # with its parents' __init__ only: the agent stay
 CNI_PLUGINS = ("/usr/lib/cni/host-local", "/usr/lib/cni/loopback")
 # Modules pcn-cni must be able to import from the bundle (checked after the build).
 SMOKE_IMPORTS = ("pcn_agent.cni.commands", "pcn_agent.cni.localapi", "pcn_agent.cni.rtnl",
-                 "ctypes", "ssl", "json", "socket", "subprocess", "zlib")
+                 "ctypes", "ssl", "json", "select", "socket", "subprocess", "zlib")
 # Parts of the standard library that a CNI plugin never imports.
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "turtle.py", "ensurepip", "lib2to3",
                "pydoc_data", "venv", "site-packages", "dist-packages", "__phello__"}

@@ -59,8 +59,18 @@ PLURALS = {info["kind"]: path for path, info in RESOURCES.items()}
 
 
 class ApiServerError(RuntimeError):
+    """An HTTP error from the emulated API server; the message is its Status's
+    message when the body is one (`networkfunctions.pcn.dev "x" not found`),
+    else the body's start."""
+
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
+        try:
+            body = json.loads(message)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and body.get("kind") == "Status" and body.get("message"):
+            message = str(body["message"])
+        super().__init__(f"HTTP {status}: {message[:300]}")
         self.status = status
 
 
@@ -175,7 +185,7 @@ class EmulatedApiServer:
             with urllib.request.urlopen(req, timeout=10) as r:
                 text = r.read().decode()
         except urllib.error.HTTPError as exc:
-            raise ApiServerError(exc.code, exc.read().decode()[:300]) from None
+            raise ApiServerError(exc.code, exc.read().decode()) from None
         return json.loads(text) if text else None
 
 

@@ -49,15 +49,17 @@ from pyroute2 import netns as pr_netns
 from pcn_lab import checks
 from pcn_lab.apiserver import ApiServerError, EmulatedApiServer, apply
 from pcn_lab.cluster.state import ClusterState
+from pcn_lab.kubelet import kill_netns_processes
+from pcn_lab.manifests import manifest_targets, workload_namespace
 from pcn_lab.supervisor import (
     LAB_ROOT,
     LabState,
     Supervisor,
     alive,
     cleanup,
+    lab_netns_inodes,
     load_documents,
     say,
-    workload_namespace,
     write_kubeconfig,
 )
 from pcn_lab.topology import EXTERNAL_IP
@@ -204,8 +206,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if cluster is not None:
         from pcn_lab.cluster import kubectl
 
-        flag = "-k" if (Path(args.filename) / "kustomization.yaml").is_file() else "-f"
-        return subprocess.call(kubectl.argv(cluster.kubeconfig, "apply", flag, args.filename))
+        try:  # what the emulated lab applies of the same path (pcn_lab.manifests)
+            targets = manifest_targets(Path(args.filename))
+        except FileNotFoundError as exc:
+            print(f"pcn-lab: {exc}", file=sys.stderr)
+            return 1
+        for flag, target in targets:
+            rc = subprocess.call(kubectl.argv(cluster.kubeconfig, "apply", flag, str(target)))
+            if rc != 0:
+                return rc
+        return 0
     state = _need_lab(args.dir)
     api = _client(state)
     try:
@@ -483,11 +493,15 @@ def cmd_down(args: argparse.Namespace) -> int:
                                     if leftover else ""))
         return 0
     say(f"stopping lab {state.run_id}")
+    namespaces = lab_netns_inodes(state)
     _stop_supervisor(state.supervisor_pid)
     for pid in state.agents.values():
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
-    removed = cleanup(state)
+    # what people started in pods and nodes (`pcn-lab exec ... iperf3 -D`):
+    # the supervisor removed their namespaces' names, not the processes
+    killed = kill_netns_processes(namespaces)
+    removed = cleanup(state) + [f"process {pid}" for pid in killed]
     print(f"lab {state.run_id} removed" + (f" ({len(removed)} leftovers cleaned)"
                                            if removed else ""))
     return 0

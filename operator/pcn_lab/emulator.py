@@ -23,7 +23,11 @@ from typing import Any
 import aiohttp.web
 import kmock
 from kmock._internal import parsing as kmock_parsing
-from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
+from kmock._internal.k8s import (
+    KubernetesError,
+    KubernetesObjectNotFoundError,
+    KubernetesResourceNotFoundError,
+)
 from kmock._internal.rendering import Request
 
 from pcn_lab.defaulting import service_defaults, used_addresses
@@ -82,6 +86,14 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self._reserved: tuple[set[str], set[int]] = (set(), set())
 
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
+        """kmock's handling with PUT and the server's defaults added, and its
+        404s worded as kube-apiserver words them (not_found)."""
+        try:
+            return await self._handle_lab(request)
+        except (KubernetesObjectNotFoundError, KubernetesResourceNotFoundError) as exc:
+            raise not_found(request, isinstance(exc, KubernetesObjectNotFoundError)) from None
+
+    async def _handle_lab(self, request: Request) -> aiohttp.web.StreamResponse:
         if request.method == kmock.method.PUT and request.resource is not None \
                 and request.name is not None:
             return aiohttp.web.json_response(await self._replace(request))
@@ -228,6 +240,28 @@ class LabEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         if isinstance(meta.get("generation"), int) and _content(old) != _content(new):
             meta["generation"] += 1
         return new
+
+
+def not_found(request: Request, object_missing: bool) -> KubernetesError:
+    """The 404 kube-apiserver answers, for kmock's (whose message told a
+    test author to add the object to `kmock.objects[...]`): a missing object
+    is reason NotFound, `<plural>.<group> "<name>" not found` (the core
+    group's plural alone), with details name, group and kind (the plural),
+    as apimachinery's errors.NewNotFound builds it; an unknown resource is
+    "the server could not find the requested resource"."""
+    res = request.resource
+    if object_missing and res is not None and request.name is not None:
+        group = res.group or ""
+        qualified = f"{res.plural}.{group}" if group else str(res.plural)
+        return KubernetesError(status=404, reason="NotFound",
+                               message=f'{qualified} "{request.name}" not found',
+                               details={"name": request.name, "group": group,
+                                        "kind": res.plural})
+    # (details not empty: kmock puts a traceback in empty ones)
+    return KubernetesError(status=404, reason="NotFound",
+                           message="the server could not find the requested resource",
+                           details={"group": (res.group or "") if res else "",
+                                    "kind": (res.plural or "") if res else ""})
 
 
 def _content(o: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pcn_agent.dataplane import bpffs
 from pcn_agent.dataplane.runtime import STATE_ROOT
 from pcn_lab import checks, controllers, kubelet
 from pcn_lab.apiserver import EmulatedApiServer, apply
+from pcn_lab.manifests import manifest_files
 from pcn_lab.topology import Lab
 
 log = logging.getLogger("pcn_lab.supervisor")
@@ -108,23 +109,11 @@ def write_kubeconfig(path: Path, url: str, namespace: str = "default") -> None:
     tmp.replace(path)
 
 
-def workload_namespace(docs: list[dict[str, Any]]) -> str | None:
-    """The one namespace all the namespaced objects of `docs` are in (an
-    object without one is in "default"); None when they are in several, or
-    there are none. (Namespaces and the lab's cluster-wide kinds do not count.)"""
-    from pcn_lab.apiserver import PLURALS, RESOURCES
-
-    names = {(d.get("metadata") or {}).get("namespace") or "default" for d in docs
-             if d.get("kind") in PLURALS and RESOURCES[PLURALS[d["kind"]]]["namespaced"]}
-    return names.pop() if len(names) == 1 else None
-
-
 def load_documents(path: Path) -> list[dict[str, Any]]:
-    """Kubernetes objects from a YAML file or every *.yaml/*.yml/*.json in a
-    directory (sorted), skipping kustomization files."""
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.suffix in (".yaml", ".yml", ".json")
-        and p.name not in ("kustomization.yaml", "kustomization.yml"))
+    """Kubernetes objects from a YAML file or the files a folder's
+    manifests come from (pcn_lab.manifests.manifest_files: what the real
+    cluster's `up --kubernetes -f` applies too), in that order."""
+    files = manifest_files(path)
     if not files:
         raise FileNotFoundError(f"no YAML files found at {path}")
     docs: list[dict[str, Any]] = []
@@ -431,6 +420,16 @@ class Supervisor:
 
 
 # ----------------------------------------------------------------------------- cleanup
+def lab_netns_inodes(state: LabState) -> set[int]:
+    """The inodes of the lab's network namespaces (its prefix): taken before
+    the lab stops, whose supervisor removes the pods' and nodes' names, so
+    that what still runs in them can be found after (kubelet.kill_netns_processes)."""
+    if not state.prefix:
+        return set()
+    return kubelet.netns_inodes([ns for ns in pr_netns.listnetns()
+                                 if ns.startswith(state.prefix)])
+
+
 def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
     """Remove whatever of a lab is left: namespaces, pins, agent state, and
     (unless `keep_dir`: logs and errors stay for `pcn-lab status`) its files.
@@ -439,7 +438,8 @@ def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
     if state.prefix:
         for ns in pr_netns.listnetns():
             if ns.startswith(state.prefix):
-                _kill_processes_in(ns)  # e.g. pod servers orphaned by a crash
+                # e.g. pod servers orphaned by a crash
+                kubelet.kill_netns_processes(kubelet.netns_inodes([ns]))
                 try:
                     pr_netns.remove(ns)
                     removed.append(f"netns {ns}")
@@ -463,16 +463,6 @@ def cleanup(state: LabState, keep_dir: bool = False) -> list[str]:
         state.dir.rmdir()
         removed.append(f"dir {state.dir}")
     return removed
-
-
-def _kill_processes_in(netns: str) -> None:
-    r = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
-                       timeout=10)
-    for pid in r.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 # ----------------------------------------------------------------------------- commands

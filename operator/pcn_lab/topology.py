@@ -24,7 +24,7 @@ from pyroute2 import netns as pr_netns
 
 from pcn_agent.control.settings import UNDERLAY_MTU, VXLAN_OVERHEAD
 from pcn_agent.dataplane import bpffs
-from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.dataplane.cubes.lbrp import Backend, LbSizes
 from pcn_agent.dataplane.sessions import SessionTimeouts
 from pcn_agent.node.wiring import (
     OVERLAY_VXLAN,
@@ -71,6 +71,8 @@ class Lab:
     # Socket load balancing (socklb.py): each node's pods run in a cgroup of
     # that node (cgroups.py), where its sock_lb programs are attached.
     socket_lb: bool = False
+    # the nodes' service table sizes (ConfigMap lbServiceMapMax, lbBackendMapMax)
+    lb_sizes: LbSizes = LbSizes()
     cgroups: LabCgroups | None = None
     nodes: dict[str, NodeDataplane] = field(default_factory=dict)
     pods: dict[str, LabPod] = field(default_factory=dict)
@@ -138,7 +140,7 @@ class Lab:
                     vtep=self._vtep(i), mtu=self.pod_mtu, overlay=self.overlay,
                     session_timeouts=self.session_timeouts,
                     session_gc_interval_s=self.session_gc_interval_s,
-                    socket_lb_cgroup=str(cgroup) if cgroup else None)
+                    socket_lb_cgroup=str(cgroup) if cgroup else None, lb_sizes=self.lb_sizes)
                 self.nodes[cfg.name] = NodeDataplane(cfg, self.pin_root).up()
             peers = self._peers()
             for node in self.nodes.values():

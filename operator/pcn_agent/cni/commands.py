@@ -19,9 +19,9 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
 
 from pcn_agent.cni import localapi, rtnl
 from pcn_agent.cni.ipam import Ipam, ipam_routes, pick_address
@@ -44,6 +44,10 @@ from pcn_agent.cni.spec import (
     read_command,
     read_env,
 )
+
+TYPE_CHECKING = False  # no typing import at run time: the plugin starts once per pod
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 HELP = f"""\
 pcn-cni: the CNI plugin of pcn, a Kubernetes network provider built from eBPF cubes.
@@ -89,7 +93,9 @@ Errors are printed on stdout as CNI error JSON and the exit code is non-zero.
 
 def _agent(conf: NetConf, request: dict[str, Any]) -> dict[str, Any]:
     try:
-        return localapi.call(conf.agent_socket, request, conf.agent_timeout)
+        response = localapi.call(conf.agent_socket, request, conf.agent_timeout)
+        _agent_timing.update(response.get("timing") or {})
+        return response
     except localapi.AgentError as exc:
         raise CniError(exc.code, f"the pcn agent refused {request['op']}: {exc}") from None
     except localapi.LocalApiError as exc:
@@ -112,6 +118,30 @@ def _step(what: str) -> Iterator[None]:
             raise CniError(INTERNAL, f"{what} failed: {os.strerror(code)}",
                            f"{type(exc).__name__} errno {code}") from exc
         raise CniError(INTERNAL, f"{what} failed: {exc}", type(exc).__name__) from exc
+
+
+# ------------------------------------------------------------------- trace
+# (phase, time.monotonic() in s when it ended); PCN_CNI_TRACE=FILE makes main()
+# append them, with the agent's own account of its part, to FILE as one JSON
+# line per run: {"command", "container_id", "marks": [[phase, t], ...],
+# "agent": {"lock_wait_ms", "op_ms"}}. bench/controlplane.py reads them.
+_marks: list[tuple[str, float]] = []
+_agent_timing: dict[str, Any] = {}
+
+
+def mark(phase: str) -> None:
+    """Note that `phase` of this run ended now."""
+    _marks.append((phase, time.monotonic()))
+
+
+def _write_trace(path: str, environ: dict[str, str]) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({"command": environ.get("CNI_COMMAND", ""),
+                                "container_id": environ.get("CNI_CONTAINERID", ""),
+                                "marks": _marks, "agent": _agent_timing}) + "\n")
+    except OSError as exc:
+        _stderr(f"cannot write PCN_CNI_TRACE {path}: {exc}")
 
 
 def _stderr(msg: str) -> None:
@@ -140,8 +170,10 @@ def cmd_add(conf: NetConf, env: Env, environ: dict[str, str]) -> dict[str, Any]:
                        "the container already has an attachment: the runtime must run DEL "
                        "before another ADD")
     ipam = Ipam(conf, env, environ)
+    mark("checked")
     result = ipam.run("ADD")
     assert result is not None
+    mark("ipam")
     created = attach_sent = False
     try:
         address, gateway = pick_address(result, ipam.type)
@@ -167,12 +199,14 @@ def cmd_add(conf: NetConf, env: Env, environ: dict[str, str]) -> dict[str, Any]:
                     dst = ipaddress.IPv4Network(r["dst"])
                     pod.replace_route(str(dst.network_address), dst.prefixlen, r["gw"], idx)
         host_mac = iface.host_mac
+        mark("link")
         attach_sent = True
         _agent(conf, {"op": "attach", "container_id": env.container_id, "netns": env.netns,
                       "ifname": env.ifname, "host_ifname": host_if, "ip": iface.address,
                       "mac": iface.mac, "mtu": conf.mtu, "gateway": gateway,
                       "k8s_namespace": env.k8s_namespace, "k8s_name": env.k8s_name,
                       "port_mappings": conf.port_mappings})
+        mark("agent")
     except BaseException as exc:
         problems = _rollback_add(conf, env, ipam, host_if, created, attach_sent)
         if problems:
@@ -359,12 +393,20 @@ def run(environ: dict[str, str], data: bytes) -> dict[str, Any] | None:
         return cmd_version(data)
     env = read_env(command, environ)
     conf = parse_conf(data)
+    mark("parsed")
     handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status,
                "GC": cmd_gc}[command]
     return handler(conf, env, environ)
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
+def main(argv: list[str] | None = None, entered: float | None = None) -> NoReturn:
+    """The plugin's process: argv (none but --help), CNI_* from the environment,
+    the configuration on stdin; the result or CNI error JSON on stdout, exit 0
+    or 1. `entered`: time.monotonic() when the entry point began, before its
+    imports (the trace's first mark)."""
+    if entered is not None:
+        _marks.append(("entered", entered))
+    mark("imported")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(HELP)
@@ -385,7 +427,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if result is not None:
         sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
-    sys.exit(0)
+    _exit(0, environ)
 
 
 def _fail(version: str, code: int, msg: str, details: str) -> NoReturn:
@@ -394,7 +436,20 @@ def _fail(version: str, code: int, msg: str, details: str) -> NoReturn:
         err["details"] = details
     sys.stdout.write(json.dumps(err) + "\n")
     sys.stdout.flush()
-    sys.exit(1)
+    _exit(1, dict(os.environ))
+
+
+def _exit(status: int, environ: dict[str, str]) -> NoReturn:
+    """End the process: output flushed, then os._exit, skipping the
+    interpreter's teardown (module and object finalisation: ~5 ms of every
+    run, for a process that holds nothing that needs it)."""
+    trace = environ.get("PCN_CNI_TRACE")
+    if trace:
+        mark("done")
+        _write_trace(trace, environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import errno
 import ipaddress
 import os
 import zlib
-from dataclasses import dataclass
 
 from pcn_agent.cni import rtnl
 from pcn_agent.cni.spec import INVALID_ENV, CniError, Env
@@ -45,11 +44,15 @@ def no_ipv6(ifname: str) -> None:
         pass  # IPv6 disabled in this kernel
 
 
-@dataclass(frozen=True)
 class PodLink:
-    address: str  # interface notation
-    mac: str  # of the pod's interface
-    host_mac: str
+    """What create_pod_link made (a plain class: see rtnl.Link)."""
+
+    __slots__ = ("address", "mac", "host_mac")
+
+    def __init__(self, address: str, mac: str, host_mac: str) -> None:
+        self.address = address  # interface notation, 10.244.1.5/24
+        self.mac = mac  # of the pod's interface
+        self.host_mac = host_mac
 
 
 def create_pod_link(env: Env, host_if: str, address: str, gateway: str,

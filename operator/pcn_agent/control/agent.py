@@ -47,7 +47,7 @@ from pcn_agent.dataplane.runtime import STATE_ROOT, Runtime
 from pcn_agent.node.wiring import NodeConfig, NodeDataplane
 
 if TYPE_CHECKING:
-    from pcn_agent.control.localapi import LocalApiServer
+    from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
     from pcn_agent.control.observe import Observer
 
 log = logging.getLogger("pcn_agent.control.agent")
@@ -136,6 +136,7 @@ class Agent:
         self.node: NodeDataplane | None = None
         self.manager: DataplaneManager | None = None
         self.api: LocalApiServer | None = None
+        self.cni_handler: DataplaneHandler | None = None
         self.observer: Observer | None = None  # captures and flows (control.observe)
         self.health = HealthServers(netns)  # kube-proxy's healthCheckNodePorts
         self.cubetypes = CubeTypes()  # CubeTypes compiled on this node
@@ -172,7 +173,8 @@ class Agent:
         lists the cluster."""
         if self._prepared is None:
             self._prepared = started or start_prepare(self.node_name, self.netns,
-                                                      self.pin_root, self.state_root)
+                                                      self.pin_root, self.state_root,
+                                                      self.settings.lb_sizes)
         return self._prepared
 
     # ------------------------------------------------------------------ events
@@ -400,7 +402,10 @@ class Agent:
             return ""
         diffs = [f"{what} {old} -> {new}" for what, old, new in (
             ("overlay", self.settings.overlay, now.overlay),
-            ("pod MTU", self.settings.pod_mtu, now.pod_mtu)) if old != new]
+            ("pod MTU", self.settings.pod_mtu, now.pod_mtu),
+            ("lbServiceMapMax", self.settings.lbServiceMapMax, now.lbServiceMapMax),
+            ("lbBackendMapMax", self.settings.lbBackendMapMax, now.lbBackendMapMax))
+            if old != new]
         msg = ""
         if diffs:
             msg = (f"the ConfigMap changed ({', '.join(diffs)}): restart the agent to apply it "
@@ -445,7 +450,7 @@ class Agent:
                          nodeport_range=s.nodeport_range, snat_range=s.snat_range,
                          session_timeouts=s.session_timeouts,
                          session_gc_interval_s=s.sessionGCInterval,
-                         socket_lb_cgroup=socket_lb_cgroup(s))
+                         socket_lb_cgroup=socket_lb_cgroup(s), lb_sizes=s.lb_sizes)
         try:
             rt = await self._prepared_runtime()
             node = NodeDataplane(cfg, self.pin_root, self.state_root, prepared=rt)
@@ -490,7 +495,7 @@ class Agent:
         assert self.manager is not None
         from pcn_agent.control.observe import Observer
 
-        handler = DataplaneHandler(self.node, lock=self.manager.lock)
+        handler = self.cni_handler = DataplaneHandler(self.node, lock=self.manager.lock)
         self.observer = observer = Observer(self.node, self.manager)
 
         def serve(request: dict[str, Any]) -> dict[str, Any]:
@@ -573,8 +578,9 @@ class Agent:
             ready = [n for n, s in nodes.items() if s.get("ready")]
             failing = [(n, s) for n, s in sorted(nodes.items()) if not s.get("ready")]
             stage = (st.errors[0].get("stage") if st.errors else "") or ""
-            reason = {"schema": "InvalidSchema", "compile": "CompileFailed",
-                      "verify": "VerifierRejected"}.get(stage, "NotCompiled")
+            reason = {"name": "ReservedName", "schema": "InvalidSchema",
+                      "compile": "CompileFailed", "verify": "VerifierRejected",
+                      }.get(stage, "NotCompiled")
             cond: dict[str, Any] = {
                     "type": "Ready", "status": "False" if failing else "True",
                     "reason": reason if not mine["ready"] else
@@ -647,6 +653,8 @@ class Agent:
             self.observer.close()  # ends the capture streams the API server waits for
         if self.api is not None:
             self.api.stop()
+        if self.cni_handler is not None:
+            self.cni_handler.close()
         self.health.close()
 
 

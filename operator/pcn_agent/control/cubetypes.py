@@ -30,7 +30,14 @@ from pydantic import ValidationError
 from pcn_agent.control.reconcile import CubeTypeInfo
 from pcn_agent.dataplane.cubes.custom import PROGRAM, CubeBuildError, build, runtime_type
 from pcn_agent.dataplane.runtime import Runtime
-from pcn_crds.cubetype import MAX_ERRORS, RESERVED_NAMES, CubeTypeSpec, Param, SchemaError
+from pcn_crds.cubetype import (
+    MAX_ERRORS,
+    RESERVED_NAMES,
+    CubeTypeSpec,
+    Param,
+    SchemaError,
+    reserved_name_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +129,7 @@ class CubeTypes:
         st.version, st.generation = version, generation
         st.compiled, st.errors = False, []
         if st.name in RESERVED_NAMES:
-            return self._failed(st, "schema", f"{st.name} is a built-in cube type's name")
+            return self._failed(st, "name", reserved_name_message(st.name))
         try:  # the spec only: the status the agents write is no reason to refuse it
             ct = CubeTypeSpec.model_validate(dict(spec))
         except ValidationError as exc:

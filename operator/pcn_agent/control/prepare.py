@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pcn_agent.dataplane.cubes.lbrp import LbSizes
     from pcn_agent.dataplane.runtime import Runtime
 
 
 def start_prepare(node_name: str, netns: str | None, pin_root: Path | None = None,
-                  state_root: Path | None = None) -> concurrent.futures.Future[Runtime]:
+                  state_root: Path | None = None,
+                  lb_sizes: LbSizes | None = None) -> concurrent.futures.Future[Runtime]:
     """Open the node's runtime and compile its cube types in a thread
-    (pcn_agent.node.wiring.prepare_runtime); the roots default to PCN_BPF_ROOT / PCN_STATE_DIR."""
+    (pcn_agent.node.wiring.prepare_runtime); the roots default to PCN_BPF_ROOT / PCN_STATE_DIR,
+    the service table sizes to the ConfigMap's (ClusterSettings.load(), read in
+    the thread; the future holds its error if the ConfigMap is invalid)."""
     fut: concurrent.futures.Future[Runtime] = concurrent.futures.Future()
 
     def work() -> None:
@@ -26,8 +30,14 @@ def start_prepare(node_name: str, netns: str | None, pin_root: Path | None = Non
             from pcn_agent.dataplane.runtime import STATE_ROOT
             from pcn_agent.node.wiring import prepare_runtime
 
+            if lb_sizes is None:
+                from pcn_agent.control.settings import ClusterSettings
+
+                sizes = ClusterSettings.load().lb_sizes
+            else:
+                sizes = lb_sizes
             fut.set_result(prepare_runtime(node_name, netns, pin_root or bpffs.DEFAULT_ROOT,
-                                           state_root or STATE_ROOT))
+                                           state_root or STATE_ROOT, sizes))
         except BaseException as exc:
             fut.set_exception(exc)
 

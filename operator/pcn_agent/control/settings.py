@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pcn_agent.dataplane.cubes.lbrp import MAX_TABLE_ENTRIES, LbSizes
 from pcn_agent.dataplane.sessions import MAX_LIFETIME_S, SessionTimeouts
 
 DEFAULT_FILE = Path("/etc/pcn/config.json")
@@ -58,6 +59,22 @@ class ClusterSettings(BaseModel):
         "Translate pods' connections to ClusterIPs at the socket (cgroup connect/sendmsg "
         "hooks, pcn_agent.dataplane.socklb) instead of per packet; the lbrp keeps what the "
         "socket path cannot see. false: the lbrp translates everything."))
+    # The service tables' sizes (pcn_agent.dataplane.cubes.lbrp.LbSizes), as
+    # Cilium's bpf-lb-map-max: compiled into the programs, so a change takes
+    # effect when the agents restart (each makes its tables anew at the new
+    # size and writes its services into them again).
+    lbServiceMapMax: int = Field(LbSizes.services, ge=16, le=MAX_TABLE_ENTRIES, description=(
+        "Entries of a node's service table: one per Service port (ClusterIP) and per "
+        "NodePort entry. A Service that would not fit is refused, with an error naming "
+        "this setting. The default holds 100 000 single-port Services. Kernel memory: "
+        "88 bytes per entry, preallocated (lb_services: 11 MiB at the default), plus 16 per "
+        "entry and 72 per address in use (lb_vips: 2 MiB empty, 9 MiB with 100 000)."))
+    lbBackendMapMax: int = Field(LbSizes.backends, ge=16, le=MAX_TABLE_ENTRIES, description=(
+        "Entries of a node's backend table: one per backend of each Service port (up to "
+        "1024 for one with weighted backends). The default holds 100 000 Services of 5 "
+        "backends twice over. Kernel memory: 16 bytes per entry (the hash buckets, rounded "
+        "up to a power of two: 16 MiB at the default) and 72 per slot in use (50 MiB with "
+        "500 000 backends)."))
     socketLBCgroup: str = Field("", description=(
         "The cgroup v2 directory of the node's pods (absolute); empty: the kubelet's pods "
         "cgroup (kubepods.slice or kubepods) under $PCN_CGROUP_ROOT or the cgroup v2 mount."))
@@ -123,6 +140,11 @@ class ClusterSettings(BaseModel):
         if self.mtu is not None:
             return self.mtu
         return UNDERLAY_MTU - (VXLAN_OVERHEAD if self.overlay == "vxlan" else 0)
+
+    @property
+    def lb_sizes(self) -> LbSizes:
+        """The node's service table sizes (NodeConfig.lb_sizes)."""
+        return LbSizes(self.lbServiceMapMax, self.lbBackendMapMax)
 
     @property
     def nodeport_range(self) -> tuple[int, int]:

@@ -437,6 +437,7 @@ class BpfTable(Protocol):
 
     Key: Any  # the ctypes type of a key
     Leaf: Any  # the ctypes type of a value (per CPU: an array, one per CPU)
+    max_entries: int  # as compiled (the runtime makes sure the kernel's map agrees)
 
     def __getitem__(self, key: Any) -> Any: ...
 

@@ -30,6 +30,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,25 @@ class _ProgInfo(ct.Structure):
 
 
 class _MapInfo(ct.Structure):
-    """The head of struct bpf_map_info."""
+    """The head of struct bpf_map_info (include/uapi/linux/bpf.h)."""
 
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32)]
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16)]
+
+
+@dataclass(frozen=True)
+class StaleMap:
+    """A map of a compiled module that is not what its source declares:
+    BCC reuses a pinned map whatever the declaration says (bcc's
+    BPF_TABLE_PINNED opens the pin and checks nothing), so a map pinned by
+    an agent built with other sizes (lbServiceMapMax, ...) comes back with
+    its old size. `pinned` and `declared`: (max_entries, map_flags)."""
+
+    name: str  # the table's, in C
+    pin: Path
+    pinned: tuple[int, int]
+    declared: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,8 @@ def _libbpf() -> Any:
     lib.bpf_prog_get_fd_by_id.restype = ct.c_int
     lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     lib.bpf_obj_get_info_by_fd.restype = ct.c_int
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    lib.bpf_obj_get.restype = ct.c_int
     return lib
 
 
@@ -96,6 +115,12 @@ def _libbcc() -> Any:
     lib.bpf_function_start.restype = ct.c_void_p
     lib.bpf_function_size.argtypes = [ct.c_void_p, ct.c_char_p]
     lib.bpf_function_size.restype = ct.c_size_t
+    lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_size_t]
+    lib.bpf_table_name.restype = ct.c_char_p
+    lib.bpf_table_max_entries_id.argtypes = [ct.c_void_p, ct.c_size_t]
+    lib.bpf_table_max_entries_id.restype = ct.c_size_t
+    lib.bpf_table_flags_id.argtypes = [ct.c_void_p, ct.c_size_t]
+    lib.bpf_table_flags_id.restype = ct.c_int
     return lib
 
 
@@ -121,6 +146,66 @@ def map_id(fd: int) -> int:
     info = _MapInfo()
     _info(fd, info)
     return int(info.id)
+
+
+def map_size(fd: int) -> tuple[int, int]:
+    """(max_entries, map_flags) of the map `fd`, as the kernel holds them
+    (bpf_map_info). Raises OSError."""
+    info = _MapInfo()
+    _info(fd, info)
+    return int(info.max_entries), int(info.map_flags)
+
+
+def pinned_maps(pin_dir: Path) -> dict[int, Path]:
+    """The maps pinned directly in `pin_dir`: map id -> pin path (pins that
+    cannot be opened, or are not maps, are left out)."""
+    lib = _libbpf()
+    out: dict[int, Path] = {}
+    try:
+        paths = [p for p in pin_dir.iterdir() if not p.is_dir()]
+    except FileNotFoundError:
+        return out
+    for path in paths:
+        fd = lib.bpf_obj_get(str(path).encode())
+        if fd < 0:
+            continue
+        try:
+            # a map's fd shows its type in fdinfo (kernel/bpf/syscall.c
+            # bpf_map_show_fdinfo); a program's would fill another info struct
+            if "map_type:" not in Path(f"/proc/self/fdinfo/{fd}").read_text():
+                continue
+            info = _MapInfo()
+            _info(fd, info)
+            out[int(info.id)] = path
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return out
+
+
+def stale_maps(module: Any, pinned: Mapping[int, Path]) -> list[StaleMap]:
+    """The maps of the bcc.BPF `module` among `pinned` (pinned_maps() taken
+    before the compile: maps the compile found, not made) whose kernel map
+    differs in max_entries or flags from the module's declaration (libbcc's
+    bpf_table_max_entries_id, bpf_table_flags_id): maps left by a build with
+    other sizes. Raises OSError when the kernel cannot describe a map."""
+    lib = _libbcc()
+    out: list[StaleMap] = []
+    for i in range(lib.bpf_num_tables(module.module)):
+        fd = lib.bpf_table_fd_id(module.module, i)
+        info = _MapInfo()
+        _info(fd, info)
+        pin = pinned.get(int(info.id))
+        if pin is None:
+            continue
+        declared = (int(lib.bpf_table_max_entries_id(module.module, i)),
+                    int(lib.bpf_table_flags_id(module.module, i)))
+        actual = (int(info.max_entries), int(info.map_flags))
+        if actual != declared:
+            name = lib.bpf_table_name(module.module, i).decode()
+            out.append(StaleMap(name, pin, actual, declared))
+    return out
 
 
 def instruction_tags(insns: bytes) -> set[bytes]:

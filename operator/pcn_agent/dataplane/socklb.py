@@ -36,6 +36,7 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -143,6 +144,9 @@ class SocketLB:
     name: str
     pin_dir: Path
     cgroup: Path
+    # the runtime's -D flags (Runtime.defines): the sizes of the service
+    # tables it shares with the lbrp
+    defines: Mapping[str, int | str] = field(default_factory=dict)
     module: BpfModule | None = field(default=None, repr=False)
     attached: dict[str, int] = field(default_factory=dict)  # program -> fd
 
@@ -161,7 +165,7 @@ class SocketLB:
         (nothing of ours left attached then)."""
         if not self.cgroup.is_dir():
             raise SocketLBError(f"cgroup {self.cgroup} does not exist")
-        self.module = compile_cube(TYPE, self.pin_dir)
+        self.module = compile_cube(TYPE, self.pin_dir, self.defines)
         # Affinity choices made while nobody kept them in step with the
         # service table (socket LB off, or between two agents) may name a
         # backend that left, or a service id given to another service.

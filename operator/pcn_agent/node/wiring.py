@@ -41,7 +41,7 @@ from pcn_agent.dataplane.cubes.bridge import Bridge
 from pcn_agent.dataplane.cubes.dispatcher import TYPE as DISPATCHER_TYPE
 from pcn_agent.dataplane.cubes.dispatcher import Dispatcher, DispatcherConfig, HostPort
 from pcn_agent.dataplane.cubes.lbrp import TYPE as LB_TYPE
-from pcn_agent.dataplane.cubes.lbrp import Backend, LbConfig, LoadBalancer, Service
+from pcn_agent.dataplane.cubes.lbrp import Backend, LbConfig, LbSizes, LoadBalancer, Service
 from pcn_agent.dataplane.cubes.policy import TYPE as POLICY_TYPE
 from pcn_agent.dataplane.cubes.policy import PolicyCube
 from pcn_agent.dataplane.cubes.router import TYPE as ROUTER_TYPE
@@ -110,6 +110,9 @@ class NodeConfig:
     # load balancing (socklb.py): the kubelet's pods cgroup on a real node, a
     # per-node directory in the lab; None: the lbrp alone translates
     socket_lb_cgroup: str | None = None
+    # the sizes of the node's service tables (ConfigMap lbServiceMapMax,
+    # lbBackendMapMax), compiled into its programs
+    lb_sizes: LbSizes = LbSizes()
 
     @property
     def host_pod_ip(self) -> str:
@@ -224,16 +227,19 @@ BASE_TYPES = (BRIDGE_TYPE, ROUTER_TYPE, LB_TYPE, DISPATCHER_TYPE,
 
 
 def prepare_runtime(name: str, netns: str | None, pin_root: Path = bpffs.DEFAULT_ROOT,
-                    state_root: Path = STATE_ROOT) -> Runtime:
+                    state_root: Path = STATE_ROOT, lb_sizes: LbSizes | None = None) -> Runtime:
     """Open node `name`'s runtime (adopting what a previous agent left) with
     the cube types every node runs compiled in one module with the entry
     programs, and load them into their slots. This is most of an agent's start
     and needs only the node's name, so the agent runs it while it still waits
     for its Node object; NodeDataplane(..., prepared=rt).up() goes on from it.
     On failure nothing new is left: a fresh runtime is removed, an adopting
-    one let go of (the data plane it found stays for the next try)."""
+    one let go of (the data plane it found stays for the next try).
+    `lb_sizes`: the node's service table sizes (NodeConfig.lb_sizes, which
+    NodeDataplane checks against the prepared runtime's; None: the defaults)."""
     start = time.monotonic()
-    rt = Runtime(name, netns, pin_root, state_root, bundle=BASE_TYPES)
+    rt = Runtime(name, netns, pin_root, state_root, bundle=BASE_TYPES,
+                 defines=(lb_sizes or LbSizes()).defines())
     try:
         rt.open(adopt=True)
         if not rt.adopted:
@@ -265,10 +271,14 @@ class NodeDataplane:
             if (self.prepared.name, self.prepared.netns) != (self.cfg.name, self.cfg.netns):
                 raise ValueError(f"prepared runtime {self.prepared.name} (netns "
                                  f"{self.prepared.netns}) is not node {self.cfg.name}'s")
+            if self.prepared.defines != self.cfg.lb_sizes.defines():
+                raise ValueError(f"prepared runtime {self.prepared.name} was built with "
+                                 f"{self.prepared.defines}, node {self.cfg.name} asks for "
+                                 f"{self.cfg.lb_sizes.defines()}")
             self.rt = self.prepared
         else:
             self.rt = Runtime(self.cfg.name, self.cfg.netns, self.pin_root, self.state_root,
-                              bundle=BASE_TYPES)
+                              bundle=BASE_TYPES, defines=self.cfg.lb_sizes.defines())
         self.slow: SlowPath | None = None
         self.bridge: Bridge | None = None
         self.router: Router | None = None
@@ -349,7 +359,8 @@ class NodeDataplane:
         if cgroup is None:
             return False
         try:
-            self.socket_lb = SocketLB(self.cfg.name, self.rt.pin_dir, Path(cgroup)).attach()
+            self.socket_lb = SocketLB(self.cfg.name, self.rt.pin_dir, Path(cgroup),
+                                      self.rt.defines).attach()
         except (SocketLBError, CompileError) as exc:
             log.warning("node %s: no socket load balancing (%s); the lbrp translates "
                         "every ClusterIP connection", self.cfg.name, exc)

@@ -47,6 +47,7 @@ from pcn_lab.cluster import (
 from pcn_lab.cluster.layout import API_PORT, Layout
 from pcn_lab.cluster.runner import say
 from pcn_lab.cluster.state import ClusterState, orphans
+from pcn_lab.manifests import cluster_scoped, manifest_targets
 from pcn_lab.topology import Lab
 
 CONTROL_PLANE_BINARIES = ("etcd", "etcdctl", "kube-apiserver", "kube-controller-manager",
@@ -308,23 +309,19 @@ class Bringup:
         say(f"  CoreDNS Ready in {time.monotonic() - t:.1f} s")
 
     def apply_user(self, path: Path) -> None:
-        """Apply a file, a folder's YAML files (-f) and its sub-folders that
-        are kustomizations (-k, e.g. examples/argocd), then wait for their pods."""
+        """Apply a file or a folder as the emulated lab does
+        (pcn_lab.manifests.manifest_targets: YAML files with -f,
+        kustomizations such as examples/argocd with -k, other sub-folders
+        such as examples/cubetypes by the same rules), then wait for their pods."""
         self.step("apply", f"applying {path}")
-        targets: list[tuple[str, Path]] = []
-        if path.is_file():
-            targets.append(("-f", path))
-        elif (path / "kustomization.yaml").is_file():
-            targets.append(("-k", path))
-        else:
-            targets += [("-f", p) for p in sorted(path.glob("*.yaml"))]
-            targets += [("-k", p.parent) for p in sorted(path.glob("*/kustomization.yaml"))]
+        targets = manifest_targets(path)
         namespaces = set()
         for flag, p in targets:
             print(kubectl.run(self.kcfg, "apply", flag, str(p)).stdout, end="")
             if flag == "-f":
                 for doc in yaml.safe_load_all(p.read_text()):
-                    if doc and doc.get("kind") != "Namespace":
+                    if doc and doc.get("kind") != "Namespace" and \
+                            not cluster_scoped(doc.get("kind")):  # a CubeType's
                         namespaces.add((doc.get("metadata") or {}).get("namespace") or "default")
         if len(namespaces) == 1:
             self.state.namespace = namespaces.pop()

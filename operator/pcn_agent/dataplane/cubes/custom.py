@@ -55,6 +55,7 @@ PROGRAM = "pcn_cube_rx"
 HANDLER = "pcn_cube_handle"
 
 _DIAG = re.compile(r"^/virtual/main\.c:(\d+):(\d+): (?:fatal )?error: (.*)$")
+_DID_YOU_MEAN = re.compile(r"^/virtual/main\.c:\d+:\d+: note: (did you mean '[^']+'\?)$")
 _VERIFIER_LINE = re.compile(r"^; (.*) @ main\.c:(\d+)$")
 
 
@@ -142,11 +143,17 @@ def compile_errors(output: str, wrapped: Wrapped) -> list[Diagnostic]:
     """clang's errors in BCC's output ("/virtual/main.c:LINE:COL: error:
     MSG"), at the user's lines; an error outside the source (in the wrapper:
     most often a missing or misdeclared pcn_cube_handle) has no line and says
-    so. Warnings and notes are left out; at most MAX_ERRORS."""
+    so. Warnings and notes are left out, but for clang's spelling
+    suggestion ("note: did you mean 'pcn_cube_param'?"), which is added to
+    the error before it; at most MAX_ERRORS."""
     out: list[Diagnostic] = []
     for raw in output.splitlines():
         m = _DIAG.match(raw.strip())
         if not m:
+            hint = _DID_YOU_MEAN.match(raw.strip())
+            if hint and out and "did you mean" not in out[-1].message:
+                d = out[-1]
+                out[-1] = Diagnostic(d.stage, d.line, d.column, f"{d.message} ({hint.group(1)})")
             continue
         line = wrapped.user_line(int(m.group(1)))
         msg = m.group(3)
@@ -219,7 +226,7 @@ def build(rt: Runtime, name: str, source: str, schema: Mapping[str, Any],
     wrapped = wrap(source, params, counters)
     assert rt.pin_dir is not None, "Runtime.open() first"
     try:
-        module, fd = compile_source(wrapped.text, rt.pin_dir, PROGRAM)
+        module, fd = compile_source(wrapped.text, rt.pin_dir, PROGRAM, rt.defines)
     except SourceCompileError as exc:
         diags = compile_errors(exc.output, wrapped) if exc.stage == "compile" else \
             verifier_errors(exc.output, wrapped)

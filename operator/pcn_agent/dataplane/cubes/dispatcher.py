@@ -166,6 +166,9 @@ class Dispatcher:
                     or b.ip == self.cfg.node_ip]
         else:
             mine = list(local)
+        ip = self.cfg.node_ip
+        self.services.check_room([(ip, port, proto, False, backends),
+                                  *([(ip, port, proto, True, mine)] if policy == "Local" else [])])
         self.services.set(self.cfg.node_ip, port, proto, backends, affinity_timeout_s)
         if policy == "Local":
             self.services.set(self.cfg.node_ip, port, proto, mine, affinity_timeout_s,

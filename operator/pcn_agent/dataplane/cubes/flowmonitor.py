@@ -116,7 +116,7 @@ class FlowMonitor:
         assert self.rt.pin_dir is not None, "Runtime.open() first"
         old_module, old_max = self._module, self.max_flows
         module = compile_cube(TYPE, self.rt.pin_dir,
-                              {"FM_MAX_FLOWS": max_flows,
+                              {**self.rt.defines, "FM_MAX_FLOWS": max_flows,
                                "FM_PIN": _pin_name(self.cube.id, max_flows)})
         from bcc import BPF  # late: pure users of this module need no kernel
 

@@ -21,7 +21,63 @@ from pcn_agent.dataplane.servicestore import ServiceStore
 TYPE = "lbrp"
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 MAX_SLOTS_PER_SERVICE = 1024
-MAX_SERVICES = 65535
+# Service ids are u32 in every map (pcn_svc.id, pcn_slot_key.svc, the
+# sessions' and affinity keys' svc): the table's size, not the id, bounds
+# how many services a node holds.
+MAX_SERVICE_ID = 0xFFFFFFFF
+# The settings whose values size the tables (pcn_agent.control.settings),
+# named in the errors that ask for a larger one.
+SERVICES_SETTING = "lbServiceMapMax"
+BACKENDS_SETTING = "lbBackendMapMax"
+TABLES = ("lb_services", "lb_slots", "lb_vips")  # what ServiceTable writes
+
+
+@dataclass(frozen=True)
+class LbSizes:
+    """Sizes of the node-wide service tables (bpf/include/pcn_lb.h), from the
+    ConfigMap, compiled in as -D flags (defines()) into every module that
+    includes the header (lbrp, k8sdispatcher, sock_lb).
+
+    services: entries of lb_services and lb_vips: one per Service port
+        (ClusterIP) and per NodePort entry (internal, and external under a
+        Local policy); Cilium's bpf-lb-map-max plays this part. The default,
+        131 072, holds 100 000 single-port Services with room for NodePorts.
+    backends: entries of lb_slots: one per backend of each service port
+        with equal weights, up to 1024 for weighted ones (weighted_slots).
+        The default, 1 048 576, holds 100 000 services of 5 backends twice
+        over; the map is not preallocated, so slots in use cost memory, the
+        size only its buckets.
+
+    Kernel memory at the defaults (fdinfo memlock, Linux 6.18): 29 MiB with
+    no service (lb_services 11.0 preallocated, lb_vips 2.0, lb_slots 16.0),
+    70 MiB with 100 000 services of 5 backends (11.0, 8.9, 50.3).
+    """
+
+    services: int = 131072
+    backends: int = 1048576
+
+    def __post_init__(self) -> None:
+        for what, v in (("services", self.services), ("backends", self.backends)):
+            if not 1 <= v <= MAX_TABLE_ENTRIES:
+                raise ValueError(f"{what} table size {v} outside 1-{MAX_TABLE_ENTRIES}")
+
+    def defines(self) -> dict[str, int | str]:
+        """-D flags of pcn_lb.h (compiler.cflags)."""
+        return {"PCN_LB_SERVICES_MAX": self.services, "PCN_LB_BACKENDS_MAX": self.backends}
+
+
+# A bound well below what the kernel takes (max_entries is u32; a
+# preallocated hash of 2^24 entries is already over a gigabyte).
+MAX_TABLE_ENTRIES = 1 << 24
+
+
+class TableFullError(RuntimeError_):
+    """A service that does not fit in the node's tables; nothing of it was
+    written. `setting`: the ConfigMap key to raise."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 AFFINITY_CLIENT_IP = maps.LB_AFFINITY_CLIENT_IP
@@ -154,8 +210,20 @@ class ServiceTable:
                           [Backend(**b) for b in s["backends"]], s["affinity_timeout_s"],
                           s["n_slots"], s.get("drop_if_empty", False), s.get("external", False))
             self._entries(svc.external)[(svc.vip, svc.port, svc.proto)] = svc
+        # How many entries the kernel's tables take (their compiled size).
+        self.max_services = int(self._svcs.max_entries)
+        self.max_slots = int(self._slots.max_entries)
+        # Ids: never used above _next_id; those below it that are free, the
+        # last freed first (a restarted agent gives the same ids as the old one).
         used = {svc.id for svc in self._all()}
-        self._free_ids = [i for i in range(MAX_SERVICES, 0, -1) if i not in used]
+        self._next_id = max(used, default=0) + 1
+        self._free_ids = [i for i in range(self._next_id - 1, 0, -1) if i not in used]
+        self.slots_used = sum(svc.n_slots for svc in self._all())
+        # The tables were made anew (sized otherwise than the previous agent's,
+        # Runtime.resized): every service of the saved state is written again.
+        if set(TABLES) & set(getattr(rt, "resized", ())):
+            for svc in self._all():
+                self._write(svc, weighted_slots(svc.backends))
         # Service ports per internal address (lb_vips holds the addresses);
         # written again on start: the pinned map of an older agent may lack it.
         self._vip_ports: dict[str, int] = {}
@@ -198,24 +266,21 @@ class ServiceTable:
         if not 1 <= port <= 65535:
             raise ValueError(f"service port {port} outside 1-65535")
         proto = proto.lower()
-        pnum = proto_number(proto)
+        proto_number(proto)  # ValueError for an unknown protocol, before anything is written
         key = (vip, port, proto)
         entries = self._entries(external)
         svc = entries.get(key)
         existed = svc is not None
-        if svc is None:
-            if not self._free_ids:
-                raise RuntimeError_("service table full")
-            svc = Service(self._free_ids.pop(), vip, port, proto, external=external)
         slots = weighted_slots(backends)
-        for i, b in enumerate(slots):
-            self._slots[maps.SlotKey(svc.id, i)] = maps.BackendVal(maps.ip_be(b.ip), be16(b.port))
-        flags = (AFFINITY_CLIENT_IP if affinity_timeout_s else 0) | \
-            (maps.LB_DROP_EMPTY if drop_if_empty else 0)
-        value = maps.Svc(svc.id, len(slots), flags, affinity_timeout_s)
-        self._svcs[maps.SvcKey(maps.ip_be(vip), be16(port), pnum, _scope(external))] = value
+        self._check(f"{vip}:{port}/{proto}", int(svc is None),
+                    len(slots) - (svc.n_slots if svc else 0))
+        if svc is None:
+            svc = Service(self._take_id(), vip, port, proto, external=external)
+        svc.affinity_timeout_s, svc.drop_if_empty = affinity_timeout_s, drop_if_empty
+        self._write(svc, slots)
         for i in range(len(slots), svc.n_slots):
             maps.discard(self._slots, maps.SlotKey(svc.id, i))
+        self.slots_used += len(slots) - svc.n_slots
         if existed:  # clients must not stick to a backend that left
             keep = {(maps.ip_be(b.ip), be16(b.port)) for b in slots}
             self._forget_affinity(svc.id, keep)
@@ -226,12 +291,62 @@ class ServiceTable:
             self._vip_ports[vip] = self._vip_ports.get(vip, 0) + 1
             if self._vip_ports[vip] == 1:
                 self._vips[ct.c_uint32(maps.ip_be(vip))] = ct.c_uint32(1)
-        svc.backends, svc.affinity_timeout_s, svc.n_slots = list(backends), affinity_timeout_s, len(slots)
-        svc.drop_if_empty = drop_if_empty
+        svc.backends, svc.n_slots = list(backends), len(slots)
         entries[key] = svc
         if self.store is not None:
             self.store.put((vip, port, proto, external), self.row(svc))
         return svc
+
+    def check_room(self, changes: list[tuple[str, int, str, bool, list[Backend]]]) -> None:
+        """TableFullError when the services `changes` would set, (vip, port,
+        proto, external, backends) each, do not all fit in the tables: the
+        kernel would refuse an update half-way (E2BIG). Writes nothing; a
+        caller that sets several entries for one object (a NodePort's
+        internal and external ones) asks for all before writing any."""
+        new = more_slots = 0
+        for vip, port, proto, external, backends in changes:
+            svc = self._entries(external).get((vip, port, proto.lower()))
+            new += svc is None
+            more_slots += len(weighted_slots(backends)) - (svc.n_slots if svc else 0)
+        vip, port, proto = changes[0][:3]
+        self._check(f"{vip}:{port}/{proto.lower()}", new, more_slots)
+
+    def _check(self, what: str, new: int, more_slots: int) -> None:
+        """TableFullError naming service `what` unless `new` more entries and
+        `more_slots` more slots fit."""
+        n = len(self.services) + len(self.external)
+        if new and n + new > self.max_services:
+            raise TableFullError(
+                f"service {what} does not fit: the node's service table (lb_services) has "
+                f"{self.max_services - n} of {self.max_services} entries left, it needs {new}; "
+                f"raise the ConfigMap's {SERVICES_SETTING} (now {self.max_services}) and "
+                "restart the agents", SERVICES_SETTING)
+        if more_slots > 0 and self.slots_used + more_slots > self.max_slots:
+            raise TableFullError(
+                f"service {what} does not fit: its backends need {more_slots} more slots and "
+                f"the backend table (lb_slots) has {self.max_slots - self.slots_used} of "
+                f"{self.max_slots} left; raise the ConfigMap's {BACKENDS_SETTING} (now "
+                f"{self.max_slots}) and restart the agents", BACKENDS_SETTING)
+
+    def _take_id(self) -> int:
+        if self._free_ids:
+            return self._free_ids.pop()
+        if self._next_id > MAX_SERVICE_ID:
+            raise RuntimeError_("service ids exhausted")
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _write(self, svc: Service, slots: list[Backend]) -> None:
+        """Write `svc`'s slot table and its lb_services entry (slots first: a
+        packet that finds the entry finds its slots); lb_vips is the
+        caller's."""
+        for i, b in enumerate(slots):
+            self._slots[maps.SlotKey(svc.id, i)] = maps.BackendVal(maps.ip_be(b.ip), be16(b.port))
+        flags = (AFFINITY_CLIENT_IP if svc.affinity_timeout_s else 0) | \
+            (maps.LB_DROP_EMPTY if svc.drop_if_empty else 0)
+        value = maps.Svc(svc.id, len(slots), flags, svc.affinity_timeout_s)
+        self._svcs[maps.SvcKey(maps.ip_be(svc.vip), be16(svc.port), proto_number(svc.proto),
+                               _scope(svc.external))] = value
 
     def delete(self, vip: str, port: int, proto: str, external: bool = False) -> bool:
         key = (vip, port, proto.lower())
@@ -244,6 +359,7 @@ class ServiceTable:
                                              _scope(external)))
         for i in range(svc.n_slots):
             maps.discard(self._slots, maps.SlotKey(svc.id, i))
+        self.slots_used -= svc.n_slots
         if not external:
             left = self._vip_ports.get(vip, 0) - 1
             if left > 0:
