@@ -370,6 +370,11 @@ def _agent_needs() -> dict[tuple[str, str], set[str]]:
                     f"agent.py makes a raw {where[1]} request in {where[0]}(): name what it " \
                     f"touches in RAW_REQUESTS and grant it in rbac.yaml"
                 add(*RAW_REQUESTS[where], where[1].lower())
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["WATCHED"]:
+            # the kinds the agent lists and watches itself (control/watch.py)
+            for _, _, path in ast.literal_eval(ast.unparse(node.value)):
+                parts = path.strip("/").split("/")  # api/v1/R or apis/GROUP/VERSION/R
+                add("" if parts[0] == "api" else parts[1], parts[-1], "list", "watch")
         if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["KINDS"]:
             kinds = ast.literal_eval(ast.unparse(node.value).replace("GROUP_PATH", "None"))
             for _, plural, _ in kinds.values():
