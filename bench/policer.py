@@ -273,11 +273,8 @@ def _server_ping(case: Case) -> None:
 def policer_rate(ctx: Context) -> list[Result]:
     names = [*(variant(r, s) for r in RATES for s in SIDES), SHORT_BURST, UNPOLICED]
     with ExitStack() as st:
-        lab = ctx.lab(st, nodes=1, pods=2 * len(names))
+        lab, pairs, ep = ctx.pair_lab(st, names)
         node = lab.node(1)
-        keys = sorted(lab.pods, key=lambda k: int(k.split("p")[-1]))
-        pairs = {name: (keys[2 * i], keys[2 * i + 1]) for i, name in enumerate(names)}
-        ep = {k: Endpoint(lab.pods[k].netns, lab.pods[k].ip) for k in lab.pods}
         manager, cubes = _policers(node, pairs)
         st.callback(lambda: manager.apply(Desired()))
         ctx.progress(f"{POLICER_RATE}: {len(cubes)} policers in force, default bursts "
