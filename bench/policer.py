@@ -60,7 +60,6 @@ every pcn TCP ratio against 0.95-1.05.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -192,14 +191,8 @@ def run_once(case: Case, duration: float) -> Sample:
         out, err = proc.communicate(timeout=duration + WARMUP_S + 30)
     finally:
         stop(proc)
-    try:
-        report = json.loads(out)
-    except json.JSONDecodeError:
-        raise RuntimeError(f"iperf3 client in {case.client.netns} failed "
-                           f"({proc.returncode}): {err.strip() or out.strip()}") from None
-    if "error" in report:
-        raise RuntimeError(f"{POLICER_RATE}/{case.name}: iperf3: {report['error']}")
-    end = report["end"]
+    end = iperf.report_end(f"{POLICER_RATE}/{case.name}: iperf3 client in {case.client.netns}",
+                           proc.returncode, out, err)
     goodput, lost = _goodput(end, case.udp)
     dropped = None
     if case.counters is not None and start is not None:
