@@ -169,11 +169,8 @@ def _check_counted(fw: Firewall, level: int) -> dict[str, int]:
 def firewall_scale(ctx: Context) -> list[Result]:
     names = [PCN, *(variant(level) for level in LEVELS)]
     with ExitStack() as st:
-        lab = ctx.lab(st, nodes=1, pods=2 * len(names))
+        lab, pairs, ep = ctx.pair_lab(st, names)
         node = lab.node(1)
-        keys = sorted(lab.pods, key=lambda k: int(k.split("p")[-1]))
-        pairs = {name: (keys[2 * i], keys[2 * i + 1]) for i, name in enumerate(names)}
-        ep = {k: Endpoint(lab.pods[k].netns, lab.pods[k].ip) for k in lab.pods}
         agent = _Agent(node, lab.node_name(1))
         extras: dict[str, dict[str, Any]] = {PCN: {
             "rules": None, "path": "pod -> pcn bridge -> pod, one node, no firewall"}}

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .netns import exec_in, popen_in, stop
 
@@ -58,20 +59,28 @@ def _wait_listening(netns: str, server: subprocess.Popen[str], port: int,
     raise RuntimeError(f"iperf3 server in {netns} not listening after {timeout:.0f} s")
 
 
+def report_end(what: str, returncode: int | None, out: str, err: str) -> dict[str, Any]:
+    """The `end` section of an iperf3 client's JSON report (-J); RuntimeError
+    naming `what` when the client printed none (it failed before measuring:
+    its stderr or stdout is in the message) or reported an error."""
+    try:
+        report = json.loads(out)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{what} failed ({returncode}): {err.strip() or out.strip()}") \
+            from None
+    if "error" in report:
+        raise RuntimeError(f"{what}: {report['error']}")
+    return dict(report["end"])
+
+
 def run_client(client_ns: str, server_ip: str, duration: float, pinning: Pinning,
                port: int = PORT) -> tuple[float, int]:
     """One iperf3 TCP run; returns (received Gbit/s, sender retransmits)."""
     argv = ["iperf3", "-c", server_ip, "-p", str(port), "-t", str(duration), "-O", str(OMIT_S),
             "-J", *_affinity(pinning.client)]
     proc = exec_in(client_ns, argv, timeout=duration + OMIT_S + 30, check=False)
-    try:
-        report = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise RuntimeError(f"iperf3 client in {client_ns} failed ({proc.returncode}): "
-                           f"{proc.stderr.strip() or proc.stdout.strip()}") from None
-    if "error" in report:
-        raise RuntimeError(f"iperf3 client in {client_ns} to {server_ip}: {report['error']}")
-    end = report["end"]
+    end = report_end(f"iperf3 client in {client_ns} to {server_ip}", proc.returncode,
+                     proc.stdout, proc.stderr)
     return end["sum_received"]["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0))
 
 

@@ -60,7 +60,6 @@ every pcn TCP ratio against 0.95-1.05.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -192,14 +191,8 @@ def run_once(case: Case, duration: float) -> Sample:
         out, err = proc.communicate(timeout=duration + WARMUP_S + 30)
     finally:
         stop(proc)
-    try:
-        report = json.loads(out)
-    except json.JSONDecodeError:
-        raise RuntimeError(f"iperf3 client in {case.client.netns} failed "
-                           f"({proc.returncode}): {err.strip() or out.strip()}") from None
-    if "error" in report:
-        raise RuntimeError(f"{POLICER_RATE}/{case.name}: iperf3: {report['error']}")
-    end = report["end"]
+    end = iperf.report_end(f"{POLICER_RATE}/{case.name}: iperf3 client in {case.client.netns}",
+                           proc.returncode, out, err)
     goodput, lost = _goodput(end, case.udp)
     dropped = None
     if case.counters is not None and start is not None:
@@ -273,11 +266,8 @@ def _server_ping(case: Case) -> None:
 def policer_rate(ctx: Context) -> list[Result]:
     names = [*(variant(r, s) for r in RATES for s in SIDES), SHORT_BURST, UNPOLICED]
     with ExitStack() as st:
-        lab = ctx.lab(st, nodes=1, pods=2 * len(names))
+        lab, pairs, ep = ctx.pair_lab(st, names)
         node = lab.node(1)
-        keys = sorted(lab.pods, key=lambda k: int(k.split("p")[-1]))
-        pairs = {name: (keys[2 * i], keys[2 * i + 1]) for i, name in enumerate(names)}
-        ep = {k: Endpoint(lab.pods[k].netns, lab.pods[k].ip) for k in lab.pods}
         manager, cubes = _policers(node, pairs)
         st.callback(lambda: manager.apply(Desired()))
         ctx.progress(f"{POLICER_RATE}: {len(cubes)} policers in force, default bursts "

@@ -81,6 +81,15 @@ class Context:
                       f"built in {time.monotonic() - t:.1f} s")
         return lab
 
+    def pair_lab(self, stack: ExitStack, names: list[str]
+                 ) -> tuple[Lab, dict[str, tuple[str, str]], dict[str, Endpoint]]:
+        """A one-node lab with a (client, server) pod pair per variant name:
+        (the lab, name -> (client pod, server pod), pod -> Endpoint)."""
+        lab = self.lab(stack, nodes=1, pods=2 * len(names))
+        keys = sorted(lab.pods, key=lambda k: int(k.split("p")[-1]))
+        pairs = {name: (keys[2 * i], keys[2 * i + 1]) for i, name in enumerate(names)}
+        return lab, pairs, {k: Endpoint(lab.pods[k].netns, lab.pods[k].ip) for k in lab.pods}
+
     def request_latency(self, label: str, clients: dict[str, tuple[Endpoint, str]],
                         count: int, port: int = rr.PORT) -> dict[str, rr.Latency]:
         """Request latency of each variant (name -> (client, server address)):

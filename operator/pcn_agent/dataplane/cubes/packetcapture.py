@@ -87,18 +87,25 @@ def parse_event(raw: bytes) -> Captured:
                     int(hdr.wire_len), body)
 
 
+def _check(program: Sequence[Insn], snaplen: int, budget: int, least_budget: int) -> None:
+    """ValueError naming the bound when a capture's filter, snap length or
+    budget (frames a second; 0, copying nothing, only for a capture point
+    nobody reads) is out of the cube's range."""
+    if len(program) > MAX_INSNS:
+        raise ValueError(f"a capture filter holds at most {MAX_INSNS} match terms")
+    if not 1 <= snaplen <= SNAP_MAX:
+        raise ValueError(f"snaplen must lie within 1-{SNAP_MAX} bytes, got {snaplen}")
+    if not least_budget <= budget <= MAX_BUDGET:
+        raise ValueError(f"the budget must lie within {least_budget}-{MAX_BUDGET} frames a "
+                         f"second, got {budget}")
+
+
 class PacketCapture:
     """One capture instance: a filter program, a snap length, a budget."""
 
     def __init__(self, rt: Runtime, name: str, program: Sequence[Insn],
                  snaplen: int = DEFAULT_SNAPLEN, budget: int = DEFAULT_BUDGET) -> None:
-        if len(program) > MAX_INSNS:
-            raise ValueError(f"a capture filter holds at most {MAX_INSNS} match terms")
-        if not 1 <= snaplen <= SNAP_MAX:
-            raise ValueError(f"snaplen must lie within 1-{SNAP_MAX} bytes, got {snaplen}")
-        if not 1 <= budget <= MAX_BUDGET:
-            raise ValueError(f"the budget must lie within 1-{MAX_BUDGET} frames a second, "
-                             f"got {budget}")
+        _check(program, snaplen, budget, least_budget=1)
         self.rt = rt
         self.name = name
         self.program = list(program)
@@ -149,13 +156,7 @@ class PacketCapture:
         matches), from the next frame on. A frame meanwhile runs the old
         program, or matches nothing, or runs the new one: the config entry
         (the program's length) is rewritten first and last."""
-        if len(program) > MAX_INSNS:
-            raise ValueError(f"a capture filter holds at most {MAX_INSNS} match terms")
-        if not 1 <= snaplen <= SNAP_MAX:
-            raise ValueError(f"snaplen must lie within 1-{SNAP_MAX} bytes, got {snaplen}")
-        if not 0 <= budget <= MAX_BUDGET:
-            raise ValueError(f"the budget must lie within 0-{MAX_BUDGET} frames a second, "
-                             f"got {budget}")
+        _check(program, snaplen, budget, least_budget=0)
         cid = self.cube.id
         # no frame must run a mix of two programs: one term only (its jumps
         # past it reject), then a term that rejects both ways, meanwhile
