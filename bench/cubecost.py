@@ -49,7 +49,8 @@ from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import maps
 from pcn_agent.node import wiring
-from pcn_testsupport import testrun
+from pcn_testsupport import frames, testrun
+from pcn_testsupport.frames import TCP_ACK, TCP_SYN
 
 from .results import Result, now_iso
 from .scenarios import Context
@@ -147,37 +148,17 @@ def ns_per_packet(fd: int, frame: bytes, *, cb: Sequence[int] = (), ifindex: int
         return Cost(statistics.median(singles), "single", once.retval, tuple(per_round))
 
 
-# --- frames (RFC 791 / 793 headers, checksums computed) ---
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+# --- frames ---
 
 
 def tcp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
               flags: int, payload: int = 64) -> bytes:
     """Ethernet + IPv4 (no options, DF) + TCP (no options) carrying `payload`
     zero bytes, both checksums right."""
-    import socket
-
-    data = bytes(payload)
-    seg = struct.pack("!HHIIBBHHH", sport, dport, 1000, 1 if flags & 0x10 else 0, 5 << 4,
-                      flags, 64240, 0, 0) + data
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(seg))
-    seg = seg[:16] + struct.pack("!H", _csum(pseudo + seg)) + seg[18:]
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 0x1234, 0x4000, 64, 6, 0,
-                      socket.inet_aton(src), socket.inet_aton(dst))
-    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
-    return (bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", ""))
-            + struct.pack("!H", 0x0800) + hdr + seg)
-
-
-TCP_SYN, TCP_ACK = 0x02, 0x10
+    seg = frames.tcp(src, dst, sport, dport, flags, seq=1000,
+                     ack=1 if flags & TCP_ACK else 0, data=bytes(payload))
+    return frames.eth(dst_mac, src_mac, frames.ETH_P_IP,
+                      frames.ipv4(src, dst, frames.IPPROTO_TCP, seg), pad=False)
 
 
 # --- the scenario ---

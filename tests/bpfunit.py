@@ -10,7 +10,6 @@ when a test fails half-way.
 from __future__ import annotations
 
 import secrets
-import socket
 import struct
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,8 +26,27 @@ from pcn_agent.dataplane.runtime import PortState, Runtime
 from pcn_agent.node import podnet
 from pcn_lab.topology import PREFIX
 from pcn_testsupport import testrun
+from pcn_testsupport.frames import ETH_P_IP as ETH_P_IP
+from pcn_testsupport.frames import IPPROTO_ICMP as IPPROTO_ICMP
+from pcn_testsupport.frames import IPPROTO_SCTP as IPPROTO_SCTP
+from pcn_testsupport.frames import IPPROTO_TCP as IPPROTO_TCP
+from pcn_testsupport.frames import IPPROTO_UDP as IPPROTO_UDP
+from pcn_testsupport.frames import TCP_ACK as TCP_ACK
+from pcn_testsupport.frames import TCP_FIN as TCP_FIN
+from pcn_testsupport.frames import TCP_PSH as TCP_PSH
+from pcn_testsupport.frames import TCP_RST as TCP_RST
+from pcn_testsupport.frames import TCP_SYN as TCP_SYN
+from pcn_testsupport.frames import eth as eth
+from pcn_testsupport.frames import inet_csum as inet_csum
+from pcn_testsupport.frames import ip_b as ip_b
+from pcn_testsupport.frames import ip_s as ip_s
+from pcn_testsupport.frames import ipv4 as ipv4
+from pcn_testsupport.frames import mac_b as mac_b
+from pcn_testsupport.frames import mac_s as mac_s
+from pcn_testsupport.frames import pseudo_header as pseudo_header
+from pcn_testsupport.frames import tcp as tcp
+from pcn_testsupport.frames import udp_csum as udp_csum
 
-ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 
@@ -162,49 +180,7 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def mac_b(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
-
-
-def mac_s(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
-
-
-def ip_b(ip: str) -> bytes:
-    return socket.inet_aton(ip)
-
-
-def ip_s(raw: bytes) -> str:
-    return socket.inet_ntoa(raw)
-
-
-# ---------------------------------------------------------------------- checksums
-def inet_csum(data: bytes) -> int:
-    """RFC 1071 checksum; 0 when computed over data that holds a valid checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 # ---------------------------------------------------------------------- builders
-def eth(dst: str, src: str, ethertype: int, payload: bytes, pad: bool = True) -> bytes:
-    """An Ethernet frame; padded to the 60-byte minimum unless `pad` is False
-    (a veth delivers short frames unpadded: only the IP length tells where
-    the datagram ends)."""
-    frame = mac_b(dst) + mac_b(src) + struct.pack("!H", ethertype) + payload
-    return frame.ljust(60, b"\0") if pad else frame  # minimum Ethernet frame without FCS
-
-
-def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: int = 0x1234) -> bytes:
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, ttl, proto, 0,
-                      ip_b(src), ip_b(dst))
-    csum = inet_csum(hdr)
-    return hdr[:10] + struct.pack("!H", csum) + hdr[12:] + payload
-
-
 IP_MF = 0x2000  # more fragments
 
 
@@ -378,30 +354,6 @@ def parse_ipv4(payload: bytes) -> Ipv4:
 
 
 # ---------------------------------------------------------------------- L4 with checksums
-IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP = 1, 6, 17, 132
-TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-
-
-def pseudo_header(src: str, dst: str, proto: int, length: int) -> bytes:
-    return ip_b(src) + ip_b(dst) + struct.pack("!BBH", 0, proto, length)
-
-
-def tcp(src: str, dst: str, sport: int, dport: int, flags: int = TCP_SYN, seq: int = 1000,
-        ack: int = 0, window: int = 64240, data: bytes = b"") -> bytes:
-    """A TCP segment (no options) with its checksum over the pseudo header of
-    `src` -> `dst`."""
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0, 0) + data
-    csum = inet_csum(pseudo_header(src, dst, IPPROTO_TCP, len(seg)) + seg)
-    return seg[:16] + struct.pack("!H", csum) + seg[18:]
-
-
-def udp_csum(src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:
-    """A UDP datagram with its checksum (0 is sent as 0xffff, RFC 768)."""
-    dgram = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
-    csum = inet_csum(pseudo_header(src, dst, IPPROTO_UDP, len(dgram)) + dgram) or 0xFFFF
-    return dgram[:6] + struct.pack("!H", csum) + dgram[8:]
-
-
 def l4_csum_ok(ip: Ipv4) -> bool:
     """Recompute the TCP/UDP checksum of a parsed datagram from scratch. A UDP
     checksum must be present: 0 on the wire means "none" (a computed 0 is sent

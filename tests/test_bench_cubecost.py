@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench import cubecost
+from pcn_testsupport.frames import inet_csum
 
 pytestmark = [pytest.mark.bpf,
               pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")]
@@ -84,8 +85,8 @@ def test_tcp_frame_checksums() -> None:
                            "10.96.0.50", 40000, 80, cubecost.TCP_ACK, payload=10)
     assert f[12:14] == b"\x08\x00" and len(f) == 14 + 20 + 20 + 10
     ip, seg = f[14:34], f[34:]
-    assert cubecost._csum(ip) == 0
+    assert inet_csum(ip) == 0
     pseudo = (socket.inet_aton("10.244.1.2") + socket.inet_aton("10.96.0.50")
               + struct.pack("!BBH", 0, 6, len(seg)))
-    assert cubecost._csum(pseudo + seg) == 0
+    assert inet_csum(pseudo + seg) == 0
     assert struct.unpack("!HH", seg[:4]) == (40000, 80) and seg[13] == cubecost.TCP_ACK
