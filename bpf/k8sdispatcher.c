@@ -53,6 +53,8 @@
 #define DISP_POLICY_CLUSTER 0
 #define DISP_POLICY_LOCAL 1
 #define DISP_POLICY_HOSTPORT 2  /* a pod's hostPort: Local, at any port */
+#define DISP_POLICY_ENDPOINT 3  /* no NodePort: the port of a NodePort's hostNetwork
+                                 * endpoint here, whose direct flows may clash */
 #define DISP_NET_POD 1       /* a pod network: its sources are masqueraded */
 #define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
 #define DISP_PORT_TRIES 16
@@ -266,6 +268,47 @@ static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 i
     return 0;
 }
 
+/* Whether the replies of flow `f` from `ip`:`port` (a backend on this node,
+ * or the host itself) would have the wire tuple of a live session of
+ * another flow: two clients behind one NAT, or a NodePort flow and a direct
+ * one to its endpoint, may share a source port. Such a flow's source port is
+ * remapped, as conntrack does for the newer of two clashing flows
+ * (nf_nat_used_tuple). */
+static __always_inline int disp_reply_clashes(const struct pcn_flow *f, __be32 ip, __be16 port,
+                                              u64 now)
+{
+    struct pcn_flow rev = {.saddr = ip, .daddr = f->saddr, .sport = port, .dport = f->sport,
+                           .proto = f->proto};
+    struct pcn_xlate *old = nat_sessions.lookup(&rev);
+    return old && disp_session_live(&rev, old, pcn_session_cfg(), now);
+}
+
+/* Whether the host has a connection of its own (a TCP socket past LISTEN, a
+ * connected UDP socket) with the tuple that flow `f` takes once translated
+ * to `ip`:`port`, the node's address: a direct flow to a hostNetwork
+ * endpoint opened before a NodePort flow that would reuse its tuple, which
+ * no session of ours records. */
+static __always_inline int disp_host_conn(struct __sk_buff *skb, const struct pcn_flow *f,
+                                          __be32 ip, __be16 port)
+{
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = f->saddr;
+    t.ipv4.daddr = ip;
+    t.ipv4.sport = f->sport;
+    t.ipv4.dport = port;
+    struct bpf_sock *sk;
+    if (f->proto == IPPROTO_TCP)
+        sk = bpf_sk_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    else
+        sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    int conn = f->proto == IPPROTO_TCP ? sk->state != BPF_TCP_LISTEN
+                                       : sk->state == BPF_TCP_ESTABLISHED;
+    bpf_sk_release(sk);
+    return conn;
+}
+
 /* A pod's new connection to the outside: masqueraded to the node's address,
  * or dropped when it cannot be (see the top of the file). */
 static __always_inline int disp_snat(struct __sk_buff *skb, struct disp_cfg *cfg,
@@ -304,13 +347,14 @@ static __always_inline int disp_deliver(struct __sk_buff *skb, const struct disp
     return f->daddr == cfg->node_ip ? TC_ACT_OK : pcn_pass(skb);
 }
 
-static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
-                                         struct pcn_flow *f, struct pcn_l4info *info, u64 now)
+/* A NodePort's (or hostPort's) backend for the first packet of flow `f`:
+ * -1 with `b` and `svc_id` set, else the verdict (not ours, rejected or
+ * dropped). */
+static __always_inline int disp_nodeport_select(struct __sk_buff *skb, const struct disp_cfg *cfg,
+                                                const struct disp_np_rule *rule,
+                                                struct pcn_flow *f, struct pcn_l4info *info,
+                                                u64 now, struct pcn_backend *b, u32 *svc_id)
 {
-    struct disp_np_key nk = {.inst = inst, .port = f->dport, .proto = f->proto};
-    struct disp_np_rule *rule = disp_nodeports.lookup(&nk);
-    if (!rule)
-        return TC_ACT_OK; /* a port of the host's own */
     /* A NodePort rule applies in the NodePort range only; a hostPort at any
      * port (kubelet keeps hostPorts and NodePorts apart, not the range). */
     u16 dport = bpf_ntohs(f->dport);
@@ -330,43 +374,58 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     struct pcn_svc_key sk = {.vip = cfg->node_ip, .port = f->dport, .proto = f->proto,
                              .scope = scope};
     struct pcn_svc *svc = lb_services.lookup(&sk);
-    struct pcn_backend b = {};
     if (!svc)
         return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
-    if (pcn_lb_select(svc, f, now, &b) < 0) {
+    if (pcn_lb_select(svc, f, now, b) < 0) {
         /* kube-proxy: no endpoint at all is rejected; none here while other
          * nodes have some (Local) is dropped */
         if (svc->n_slots == 0 && !(svc->flags & PCN_LB_DROP_EMPTY))
             return pcn_reject_back(skb, f, info);
         return pcn_filter_drop(skb, PCN_DROP_NO_BACKEND);
     }
+    *svc_id = svc->id;
+    return -1;
+}
 
+/* Open flow `f` to backend `b` (of service `svc_id`; 0 for a direct flow
+ * remapped, `clash`): both entries, then the packet translated. */
+static __always_inline int disp_nodeport_open(struct __sk_buff *skb, u32 inst,
+                                              const struct disp_cfg *cfg, struct pcn_flow *f,
+                                              struct pcn_l4info *info, u64 now,
+                                              const struct pcn_backend *b, u32 svc_id, int clash)
+{
     u8 state = pcn_session_first(f->proto, info->tcp_flags);
     u32 born = pcn_now_ms(now);
-    struct pcn_xlate to = {.ip = b.ip, .port = b.port, .is_src = 0,
-                           .kind = PCN_SESS_NODEPORT, .state = state, .svc = svc->id,
+    struct pcn_xlate to = {.ip = b->ip, .port = b->port, .is_src = 0,
+                           .kind = PCN_SESS_NODEPORT, .state = state, .svc = svc_id,
                            .born_ms = born, .seen_ns = now};
     struct pcn_xlate back = {.ip = cfg->node_ip, .port = f->dport, .is_src = 1,
-                             .kind = PCN_SESS_NODEPORT_REV, .state = state, .svc = svc->id,
+                             .kind = PCN_SESS_NODEPORT_REV, .state = state, .svc = svc_id,
                              .born_ms = born, .seen_ns = now};
-    int pod = disp_net_kind(inst, b.ip) & DISP_NET_POD;
-    int local = b.ip == cfg->node_ip || (b.ip & cfg->local_pods_mask) == cfg->local_pods;
-    if (!local) {
-        /* The backend answers an address of ours, never the client directly,
-         * so the reply comes back through this node: our VTEP address over
-         * the overlay for a pod, the node's address through the uplink for
-         * any other host. */
-        __be32 via = pod ? cfg->vtep_ip : cfg->node_ip;
+    int pod = disp_net_kind(inst, b->ip) & DISP_NET_POD;
+    int local = b->ip == cfg->node_ip || (b->ip & cfg->local_pods_mask) == cfg->local_pods;
+    /* The backend answers an address of ours, never the client directly, so
+     * the reply comes back through this node: our VTEP address over the
+     * overlay for a pod, the node's address through the uplink for any other
+     * host. A local one answers the client, at a port of its own when the
+     * client's would clash (disp_reply_clashes). */
+    __be32 via = pod ? cfg->vtep_ip : cfg->node_ip;
+    if (local)
+        via = clash || disp_reply_clashes(f, b->ip, b->port, now) ||
+                      (b->ip == cfg->node_ip && disp_host_conn(skb, f, b->ip, b->port))
+                  ? f->saddr
+                  : 0;
+    if (via) {
         back.ip2 = f->saddr;
         back.port2 = f->sport;
-        __be16 port = disp_alloc_port(f, via, b.ip, b.port, cfg->snat_lo, cfg->snat_hi, &back,
+        __be16 port = disp_alloc_port(f, via, b->ip, b->port, cfg->snat_lo, cfg->snat_hi, &back,
                                       now, info->tcp_flags);
         if (!port)
             return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
         to.ip2 = via;
         to.port2 = port;
     } else {
-        struct pcn_flow rev = {.saddr = b.ip, .daddr = f->saddr, .sport = b.port,
+        struct pcn_flow rev = {.saddr = b->ip, .daddr = f->saddr, .sport = b->port,
                                .dport = f->sport, .proto = f->proto};
         nat_sessions.update(&rev, &back);
     }
@@ -374,6 +433,36 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     if (disp_apply(skb, f, info, &to) < 0)
         return pcn_filter_drop(skb, PCN_DROP_REWRITE);
     return disp_deliver(skb, cfg, f);
+}
+
+static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                         struct pcn_flow *f, struct pcn_l4info *info, u64 now)
+{
+    struct disp_np_key nk = {.inst = inst, .port = f->dport, .proto = f->proto};
+    struct disp_np_rule *rule = disp_nodeports.lookup(&nk);
+    if (!rule)
+        return TC_ACT_OK; /* a port of the host's own */
+    struct pcn_backend b = {};
+    u32 svc_id = 0;
+    int clash = 0;
+    if (rule->policy == DISP_POLICY_ENDPOINT) {
+        /* A flow from outside straight to the port of a NodePort's
+         * hostNetwork endpoint here: the host's own, untouched, unless its
+         * replies clash with a NodePort session's (then remapped below). Only
+         * its first packet gets here: later ones are known (disp_known). */
+        if ((f->proto == IPPROTO_TCP &&
+             (info->tcp_flags & (PCN_TCP_SYN | PCN_TCP_ACK | PCN_TCP_RST)) != PCN_TCP_SYN) ||
+            !disp_reply_clashes(f, f->daddr, f->dport, now))
+            return TC_ACT_OK;
+        b.ip = f->daddr;
+        b.port = f->dport;
+        clash = 1;
+    } else {
+        int r = disp_nodeport_select(skb, cfg, rule, f, info, now, &b, &svc_id);
+        if (r >= 0)
+            return r;
+    }
+    return disp_nodeport_open(skb, inst, cfg, f, info, now, &b, svc_id, clash);
 }
 
 static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,

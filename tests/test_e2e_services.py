@@ -7,6 +7,7 @@ import contextlib
 import json
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
@@ -359,10 +360,10 @@ def test_a_nodeport_whose_endpoints_are_hostnetwork_servers(svc_lab: Lab, policy
                     want = {lab.node_name(entry)} if policy == "Local" and not here \
                         else {node1, node2}
                     r = _tcp(lab, client, lab.node_ip(entry), port, count=16)
-                    # One of the 16 failed once in four runs (ext through node 1,
-                    # Cluster; cause not found yet, noted in issue 11's note):
-                    # tolerated, a broken path fails them all.
-                    assert r["failures"] <= 1, (client, entry, r)
+                    # These once failed one time in a few hundred: a node had
+                    # masqueraded two flows to one port, one to a NodePort and
+                    # one to its endpoint (see the test below)
+                    assert r["ok"], (client, entry, r)
                     hosts = set(r["hosts"])
                     for _ in range(8):
                         u = checks.probe(lab, client, ["udp", lab.node_ip(entry), str(port),
@@ -373,6 +374,85 @@ def test_a_nodeport_whose_endpoints_are_hostnetwork_servers(svc_lab: Lab, policy
     finally:
         lab.delete_nodeport(port, "tcp")
         lab.delete_nodeport(port, "udp")
+
+
+_CLIENT_ON_ONE_PORT = r"""
+import json, socket, sys
+proto, node, sport, ports = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+out = []
+if proto == "udp":  # one socket, one datagram to each port in turn
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", sport))
+    s.settimeout(3)
+    for port in map(int, ports):
+        s.sendto(b"pcn-probe", (node, port))
+        try:
+            data, src = s.recvfrom(65535)
+            out.append([src[1], json.loads(data)["host"]])
+        except OSError as e:
+            out.append([None, repr(e)])
+else:  # a connection to each port in turn, all open, then each asked in turn
+    socks = []
+    for port in map(int, ports):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", sport))
+        s.settimeout(3)
+        try:
+            s.connect((node, port))
+            socks.append((s, s.getpeername()[1]))
+        except OSError as e:
+            socks.append((s, "connect " + repr(e)))
+    for s, peer in socks:
+        try:
+            s.sendall(b"pcn")
+            s.shutdown(socket.SHUT_WR)
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            out.append([peer, json.loads(buf)["host"] if buf else "no answer"])
+        except OSError as e:
+            out.append([None, repr(e)])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_flows_that_share_a_client_port_get_their_own_answers(svc_lab: Lab, proto: str) -> None:
+    """One client port reaching a hostNetwork server through two NodePorts and
+    directly (the replies of all three have one wire tuple once translated;
+    a node masquerading two pods' flows, or a pod's and the outside's, to the
+    same port does it too): each flow gets its own answers, as conntrack's
+    clash handling gives them with kube-proxy, the newer flow's source port
+    remapped. TCP in both orders: the direct connection first (the host's
+    socket shows it) and the NodePort one first (its session does)."""
+    lab = svc_lab
+    node1 = lab.node_name(1)
+    server = UDP if proto == "udp" else TCP
+    np1, np2 = 30093, 30094
+    b = [Backend(lab.node_ip(1), server)]
+    orders = [[np1, server, np2, np1, server, np2]] if proto == "udp" else \
+        [[np1, server, np2], [server, np1, np2]]
+    try:
+        with checks.servers(lab, [node1]):
+            for node in lab.nodes.values():
+                for np_ in (np1, np2):
+                    node.set_nodeport(np_, proto, "Cluster", b,
+                                      local=[x for x in b if x.ip == node.cfg.node_ip])
+            for i, order in enumerate(orders):
+                sport = 40000 + (int(lab.run_id, 16) + i) % 20000
+                r = lab.exec(lab.ext_ns, [sys.executable, "-c", _CLIENT_ON_ONE_PORT, proto,
+                                          lab.node_ip(1), str(sport), *map(str, order)],
+                             timeout=60)
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                assert [g[0] for g in got] == order, (order, got)
+                assert {g[1] for g in got} == {node1}, got
+    finally:
+        for np_ in (np1, np2):
+            lab.delete_nodeport(np_, proto)
 
 
 def test_an_external_ip_outside_the_service_range_serves_pods(svc_lab: Lab) -> None:

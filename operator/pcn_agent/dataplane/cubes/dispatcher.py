@@ -14,6 +14,7 @@ from pcn_agent.dataplane.runtime import Runtime
 TYPE = "k8sdispatcher"
 POLICIES = {"Cluster": 0, "Local": 1}
 POLICY_HOSTPORT = 2  # k8sdispatcher.c DISP_POLICY_HOSTPORT: Local, at any port
+POLICY_ENDPOINT = 3  # k8sdispatcher.c DISP_POLICY_ENDPOINT: a hostNetwork endpoint's port
 WILDCARD_HOST_IPS = ("", "0.0.0.0")  # a hostPort with no hostIP: every node address
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 NET_POD, NET_NO_SNAT = 1, 2
@@ -104,11 +105,39 @@ class Dispatcher:
         self.hostports: list[HostPort] = [HostPort(**h)
                                           for h in self.cube.config.get("hostports", [])]
         self._ports = tuple(self.cube.config.get("ports", (0, 0)))
+        self._endpoint_ports: set[tuple[int, str]] = {
+            (int(p), str(proto)) for p, proto in self.cube.config.get("endpoint_ports", [])}
+        self._sync_endpoint_ports()  # an older agent's cube has none
 
     def save(self) -> None:
         self.cube.config = {"nodeports": [asdict(n) for n in self.nodeports.values()],
                             "hostports": [asdict(h) for h in self.hostports],
-                            "ports": list(self._ports)}
+                            "ports": list(self._ports),
+                            "endpoint_ports": sorted(self._endpoint_ports)}
+
+    def _sync_endpoint_ports(self) -> None:
+        """Mark the ports of this node's hostNetwork NodePort endpoints (the
+        node's own address among a NodePort's backends) that no NodePort or
+        hostPort holds: a flow from outside straight to one of them whose
+        replies clash with a NodePort session's gets its source port remapped
+        (bpf/k8sdispatcher.c disp_direct). Other ports cost no lookup."""
+        ip = self.cfg.node_ip
+        held = set(self.nodeports) | {(h.port, h.proto) for h in self.hostports
+                                      if ip in self.hostport_addresses(h.host_ip)}
+        wanted = {(b.port, n.proto) for n in self.nodeports.values() for b in n.backends
+                  if b.ip == ip} - held
+        for port, proto in self._endpoint_ports - wanted:
+            key = maps.NodePortKey(self.cube.id, be16(port), proto_number(proto))
+            try:
+                ours = self._nodeports[key].policy == POLICY_ENDPOINT
+            except KeyError:
+                ours = False
+            if ours:  # else a NodePort or hostPort took the port over
+                maps.discard(self._nodeports, key)
+        for port, proto in wanted - self._endpoint_ports:
+            self._nodeports[maps.NodePortKey(self.cube.id, be16(port), proto_number(proto))] = \
+                ct.c_uint32(POLICY_ENDPOINT)
+        self._endpoint_ports = wanted
 
     def configure(self, uplink_port: int, overlay_port: int) -> None:
         """Write the node's addresses and networks (idempotent)."""
@@ -180,6 +209,7 @@ class Dispatcher:
         np_ = NodePort(port, proto, policy, tuple(backends),
                        None if local is None else tuple(local), affinity_timeout_s)
         self.nodeports[(port, proto)] = np_
+        self._sync_endpoint_ports()
         self.save()
         return np_
 
@@ -192,6 +222,7 @@ class Dispatcher:
             pass
         self.services.delete(self.cfg.node_ip, port, proto)
         self.services.delete(self.cfg.node_ip, port, proto, external=True)
+        self._sync_endpoint_ports()
         self.save()
         return found
 
@@ -282,6 +313,7 @@ class Dispatcher:
                     ct.c_uint32(POLICY_HOSTPORT)
         self.hostports = [h for h in self.hostports if h.owner != owner] + \
             list(dict.fromkeys(mappings))
+        self._sync_endpoint_ports()
         self.save()
 
     def sessions(self) -> list[dict[str, str | int]]:
