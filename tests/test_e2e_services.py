@@ -12,8 +12,9 @@ import time
 
 import pytest
 
+from pcn_agent.dataplane.cubes.dispatcher import POLICY_ENDPOINT
 from pcn_agent.dataplane.cubes.firewall import Firewall
-from pcn_agent.dataplane.cubes.lbrp import Backend
+from pcn_agent.dataplane.cubes.lbrp import Backend, be16
 from pcn_crds.rules import parse_rule
 from pcn_lab import checks
 from pcn_lab.topology import EXTERNAL_IP, Lab
@@ -450,6 +451,16 @@ def test_flows_that_share_a_client_port_get_their_own_answers(svc_lab: Lab, prot
                 got = json.loads(r.stdout.strip().splitlines()[-1])
                 assert [g[0] for g in got] == order, (order, got)
                 assert {g[1] for g in got} == {node1}, got
+        # the endpoint's port is marked while a NodePort has it, on its node only
+        d = lab.node(1).dispatcher
+        marked = [k for k, v in d._nodeports.items() if v.policy == POLICY_ENDPOINT]
+        assert [k.port for k in marked] == [be16(server)], marked
+        assert not [k for k, v in lab.node(2).dispatcher._nodeports.items()
+                    if v.policy == POLICY_ENDPOINT]
+        lab.delete_nodeport(np1, proto)
+        assert len([v for v in d._nodeports.values() if v.policy == POLICY_ENDPOINT]) == 1
+        lab.delete_nodeport(np2, proto)
+        assert not [v for v in d._nodeports.values() if v.policy == POLICY_ENDPOINT]
     finally:
         for np_ in (np1, np2):
             lab.delete_nodeport(np_, proto)
