@@ -268,6 +268,16 @@ class AddCubeCommand(click.Command):
         if custom:
             _custom_type_help(ctx, formatter, custom)
             return
+        if chosen is None:
+            # no TYPE: the types and how to see one's options (a trial of
+            # issue 12 read the firewall's options, listed first, as add-cube's)
+            with formatter.section("Types (`kubectl pcn add-cube TYPE --help` shows the "
+                                   "options of one)"):
+                formatter.write_dl([*((t, TYPE_SUMMARIES[t]) for t in FUNCTION_TYPES),
+                                    ("CUBETYPE", "a CubeType of the cluster (kubectl get "
+                                                 "cubetypes): its parameters are --param "
+                                                 "NAME=VALUE")])
+            return
         for type_, records in per_type.items():
             if records:
                 with formatter.section(f"Options of a {type_} (its spec.config)"):
@@ -275,6 +285,15 @@ class AddCubeCommand(click.Command):
 
 
 _CUSTOM_META = "pcn.add-cube.cubetype"
+# What each built-in type does, for add-cube's help without a TYPE (a test
+# checks there is one per FUNCTION_TYPES entry).
+TYPE_SUMMARIES = {
+    "firewall": "ordered allow/drop rules (--rule, --default), up to 10 000, first match wins",
+    "policer": "a token bucket rate limit (--rate, --burst, --scope)",
+    "flowmonitor": "per-flow counters (--max-flows), read with `kubectl pcn flows POD`",
+    "packetcapture": "a capture point (--filter, --snap-length), read with `kubectl pcn "
+                     "capture POD`",
+}
 
 
 def _early_globals(ctx: click.Context, args: list[str]) -> None:
@@ -824,7 +843,7 @@ def flows_cmd(pod: str, sort: str, top: int) -> None:
     data = cap.run_json(r, [*r.argv, "flows", pod, "-n", s.ns])
     picked = fl.rows(data, sort, top)
     if s.fmt in ("yaml", "json"):
-        click.echo(output.data({**data, "flows": picked}, s.fmt))
+        click.echo(output.data(fl.document(data, picked, sort, top), s.fmt))
     else:
         click.echo(fl.table(data, picked, s.fmt == "wide"))
 

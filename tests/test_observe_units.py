@@ -41,6 +41,18 @@ def test_sorting_and_top() -> None:
     assert fl.rows(DATA, "bytes", 1)[0]["function"] == "nf.demo.b"
 
 
+def test_json_output_is_sorted_and_cut_too() -> None:
+    """-o json|yaml holds the flows --sort orders and --top cuts, not every
+    monitor's flows unsorted (a trial of issue 12: -o json ignored both)."""
+    doc = fl.document(DATA, fl.rows(DATA, "packets", 2), "packets", 2)
+    assert [f["sport"] for f in doc["flows"]] == [2, 1]
+    assert (doc["sort"], doc["top"]) == ("packets", 2)
+    assert doc["monitors"] == [{"function": "nf.demo.a", "maxFlows": 64, "flowCount": 2},
+                               {"function": "nf.demo.b", "maxFlows": 8, "flowCount": 1}]
+    assert "flows" not in str(doc["monitors"])
+    assert (doc["pod"], doc["ip"], doc["node"]) == ("demo/web-1", "10.0.0.1", "n1")
+
+
 def test_table() -> None:
     text = fl.table(DATA, fl.rows(DATA, "bytes", 0), wide=True)
     lines = text.splitlines()
