@@ -206,3 +206,92 @@ def test_help_of_capture_and_flows_names_the_permission() -> None:
 def test_readme_shows_the_same_role() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"```yaml\n{cap.EXEC_ROLE}```" in readme
+
+
+# ----------------------------------------------------------------------------- flows progress
+def test_flows_says_what_the_agent_is_busy_with(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """A flows request that finds the data plane busy (a new flow monitor
+    compiles under the manager's lock: ~7 s of silence in a trial of issue
+    12) gets progress lines naming what it waits for, then its answer; the
+    client hands each to `progress` and returns the answer."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    from pcn_agent.cni import localapi
+    from pcn_agent.control import observe
+
+    monkeypatch.setattr(observe, "PROGRESS_FIRST_S", 0.01)
+    monkeypatch.setattr(observe, "PROGRESS_EVERY_S", 0.01)
+    pod = SimpleNamespace(ingress=["nf.demo.mon"], egress=[], k8s_namespace="demo",
+                          k8s_name="web-1", iface=SimpleNamespace(address="10.0.0.1/24"))
+    node = SimpleNamespace(cfg=SimpleNamespace(name="n1"),
+                           find_pod=lambda ns, name: pod if (ns, name) == ("demo", "web-1")
+                           else None)
+    manager = SimpleNamespace(lock=threading.RLock(), monitors={},
+                              busy="setting up the flowmonitor function nf.demo.mon")
+    obs = observe.Observer(node, manager)  # type: ignore[arg-type]
+    held, seen = threading.Event(), threading.Event()
+
+    def compile_under_lock() -> None:
+        with manager.lock:
+            held.set()
+            seen.wait(30)
+
+    worker = threading.Thread(target=compile_under_lock)
+    worker.start()
+    held.wait(30)
+    sock_path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            request = json.loads(localapi.read_line(conn))
+            obs.flows_stream(request, conn)
+
+    srv = threading.Thread(target=serve)
+    srv.start()
+    said: list[str] = []
+
+    def progress(text: str) -> None:
+        said.append(text)
+        seen.set()  # the "compile" ends once the reader was told
+
+    try:
+        answer = localapi.call(sock_path, {"op": "flows", "namespace": "demo",
+                                           "pod": "web-1"}, progress=progress)
+    finally:
+        seen.set()
+        worker.join(30)
+        srv.join(30)
+        server.close()
+    assert said and said[0].startswith("waiting for the agent on node n1 ("), said
+    assert said[0].endswith("s): setting up the flowmonitor function nf.demo.mon"), said
+    assert answer == {"ok": True, "pod": "demo/web-1", "ip": "10.0.0.1", "node": "n1",
+                      "monitors": []}
+
+
+def test_kubectl_flows_relays_progress_and_keeps_errors(tmp_path: Path) -> None:
+    """`kubectl pcn flows` shows the agent command's progress lines (ending in
+    "...") as they come; its other stderr lines only in the error."""
+    import sys
+
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import sys\n"
+        "print('pcn-agent flows: waiting for the agent on node n1 (1 s): busy...',"
+        " file=sys.stderr, flush=True)\n"
+        "print('a debug line', file=sys.stderr)\n"
+        "print('{\"pod\": \"demo/web-1\"}')\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    r = cap.Route((sys.executable, str(script)), via="test")
+    err = io.BytesIO()
+    assert cap.run_json(r, [*r.argv, "0"], err=err) == {"pod": "demo/web-1"}
+    assert err.getvalue() == \
+        b"pcn-agent flows: waiting for the agent on node n1 (1 s): busy...\n"
+    with pytest.raises(PcnError, match="a debug line"):
+        cap.run_json(r, [*r.argv, "1"], err=io.BytesIO())

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROGRESS_FIRST_S = 1.0  # a flows request waits this long in silence, then says why
+PROGRESS_EVERY_S = 5.0  # and again at this interval (below the client's read timeout)
 QUEUE_MAX = 20_000  # copies waiting for a slow reader before the agent drops them
 MAX_HEARTBEAT_S = 60.0
 SEND_CHUNK = 64 * 1024
@@ -94,6 +96,31 @@ class Observer:
         if request.get("op") != "flows":
             raise ApiError(f"unknown op {request.get('op')!r}", INTERNAL)
         return self.op_flows(request)
+
+    def flows_stream(self, request: dict[str, Any], conn: socket.socket) -> None:
+        """`flows` as the local API's streaming op: {"progress": TEXT} lines
+        while the data plane is busy (a new flow monitor compiles its own
+        program under the manager's lock, a few seconds: a trial of issue 12
+        waited ~7 s in silence), one every PROGRESS_EVERY_S, then op_flows'
+        answer line ({"ok": true, ...}, or {"ok": false, "error", "code"})."""
+        waited = 0.0
+        while not self.lock.acquire(timeout=PROGRESS_FIRST_S if not waited
+                                    else PROGRESS_EVERY_S):
+            waited += PROGRESS_FIRST_S if not waited else PROGRESS_EVERY_S
+            busy = self.manager.busy or "applying a change"
+            _send_json(conn, {"progress": f"waiting for the agent on node "
+                                          f"{self.node.cfg.name} ({waited:.0f} s): {busy}"})
+        try:
+            answer: dict[str, Any] = {"ok": True, **self.op_flows(request)}
+        except ApiError as exc:
+            answer = {"ok": False, "error": str(exc), "code": exc.code}
+        except Exception as exc:
+            log.exception("flows failed")
+            answer = {"ok": False, "error": f"flows failed in the agent: {exc}",
+                      "code": INTERNAL}
+        finally:
+            self.lock.release()
+        _send_json(conn, answer)
 
     def op_flows(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The flows of the pod's address in the flow monitors on its chain:

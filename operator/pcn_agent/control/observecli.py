@@ -9,7 +9,8 @@ packet marked inbound, to the pod, or outbound, from it: pcn_agent.control.
 pcap) or with --format pcap a classic pcap (no direction) to stdout or
 -w FILE, and progress to stderr; it heartbeats the agent while
 it reads, so a capture whose reader dies stops by itself. flows prints the
-agent's JSON answer.
+agent's JSON answer, and on stderr what the agent is busy with while it
+waits for it (a new flow monitor compiles for a few seconds).
 """
 
 from __future__ import annotations
@@ -178,8 +179,12 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
 
 def flows(args: argparse.Namespace) -> int:
     try:
-        answer = localapi.call(_socket_path(args), {"op": "flows", "namespace": args.namespace,
-                                                    "pod": args.pod})
+        # progress ("waiting for the agent ...: a flow monitor compiles") on
+        # stderr, ending in "...", which kubectl pcn flows relays as it comes
+        answer = localapi.call(
+            _socket_path(args), {"op": "flows", "namespace": args.namespace, "pod": args.pod},
+            progress=lambda text: print(f"pcn-agent flows: {text}...", file=sys.stderr,
+                                        flush=True))
     except localapi.LocalApiError as exc:
         print(f"pcn-agent flows: {exc}", file=sys.stderr)
         return 1
