@@ -295,3 +295,27 @@ def test_kubectl_flows_relays_progress_and_keeps_errors(tmp_path: Path) -> None:
         b"pcn-agent flows: waiting for the agent on node n1 (1 s): busy...\n"
     with pytest.raises(PcnError, match="a debug line"):
         cap.run_json(r, [*r.argv, "1"], err=io.BytesIO())
+
+
+# ----------------------------------------------------------------------------- capture accounting
+def test_capture_stats_partition_what_the_cube_matched() -> None:
+    """The end frame's stats: every packet the cube matched is captured,
+    not copied (rate bound, past -c) or lost (ring buffer, agent queue,
+    unsent), once; pcn-agent capture's end line says so."""
+    from pcn_agent.control.observe import capture_stats
+    from pcn_agent.control.observecli import accounting
+
+    # the cube: 1000 matched = 700 copied + 250 over the budget + 50 ring full;
+    # the agent: 700 copied = 600 sent + 40 queue full + 45 past -c + 15 unsent
+    kernel = {"matched": 1000, "copied": 700, "not_copied": 250, "lost": 50}
+    st = capture_stats(kernel, sent=600, queue_full=40, past_count=45, unsent=15)
+    assert (st["matched"], st["captured"], st["notCopied"], st["lost"]) == (1000, 600, 295, 105)
+    assert st["matched"] == st["captured"] + st["notCopied"] + st["lost"]
+    assert accounting(st) == (
+        "; of the 1000 packets the filter matched, 600 were captured, 295 not copied (250 over "
+        "the rate bound; 45 past -c) and 105 lost (50 for a full ring buffer; 40 for a full "
+        "agent queue; 15 not sent before the reader went)")
+    clean = capture_stats({"matched": 4, "copied": 4, "not_copied": 0, "lost": 0}, 4, 0, 0, 0)
+    assert accounting(clean) == \
+        "; of the 4 packets the filter matched, 4 were captured, 0 not copied and 0 lost"
+    assert accounting({}) == ""  # a capture point deleted meanwhile: nothing to account
