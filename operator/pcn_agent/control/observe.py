@@ -226,7 +226,9 @@ class Observer:
                 if left <= 0:
                     log.warning("the capture ring's reader did not poll for %g s", RING_SYNC_S)
                     return
-                self._polled.wait(left)
+                self._polled.wait(min(left, 0.2))
+        if not thread.is_alive():  # it stopped meanwhile (the agent is stopping)
+            ring.poll(0)
 
     def close(self) -> None:
         """Stop every capture (their streams end) and the ring thread."""
