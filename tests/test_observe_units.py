@@ -371,3 +371,34 @@ def test_the_capture_stream_never_waits_while_copies_are_queued(
         ("stopped: 300 packets captured (-c 300)", True, 300, 0)
     assert len(got) == 300 * (1 + proto.PACKET.size + 8192)
     assert [w for w in waits if w[0] > 0 and w[1] > 0] == []  # no wait with copies queued
+
+
+def test_the_copies_left_at_the_end_are_sent_or_counted() -> None:
+    """What is queued when a capture ends goes to a reader still there, in
+    pieces; to a reader gone, nothing, and every copy comes back as unsent."""
+    import threading
+
+    from pcn_agent.control import observe
+    from pcn_agent.dataplane.cubes.packetcapture import Captured
+
+    copies = [Captured(i, 1, 7, 1, 9000, bytes(8192)) for i in range(100)]
+    a, b = socket.socketpair()
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := b.recv(1 << 20):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert observe._send_rest(a, copies, 5) == (105, [])
+    finally:
+        a.close()
+        reader.join(30)
+        b.close()
+    assert len(got) == 100 * (1 + proto.PACKET.size + 8192)
+    a, b = socket.socketpair()
+    b.close()
+    with a:
+        assert observe._send_rest(a, copies, 5) == (5, copies)

@@ -58,7 +58,10 @@ PROGRESS_FIRST_S = 1.0  # a flows request waits this long in silence, then says 
 PROGRESS_EVERY_S = 5.0  # and again at this interval (below the client's read timeout)
 QUEUE_MAX = 20_000  # copies waiting for a slow reader before the agent drops them
 MAX_HEARTBEAT_S = 60.0
-SEND_CHUNK = 1024 * 1024  # bytes of copies per send: 128 of the largest (8 KiB)
+# bytes of copies per send (32 of the largest, 8 KiB); sends follow each other
+# without a pause while copies are queued, and each must end within the
+# heartbeat (a reader slower than SEND_CHUNK / heartbeat is taken for gone)
+SEND_CHUNK = 256 * 1024
 IDLE_WAIT_S = 0.05  # how long the stream waits for a copy before it checks its ends
 RING_SYNC_S = 5.0  # the longest wait for the ring's reader to deliver what is in it
 
@@ -376,14 +379,7 @@ class Observer:
             past_count = sent + len(left) - count
             left = left[: max(0, count - sent)]
         if reader_there and left:
-            try:
-                conn.settimeout(5.0)
-                offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                conn.sendall(b"".join(proto.packet_frame(c.ts_ns + offset, c.wire_len, c.hook,
-                                                         c.data) for c in left))
-                sent, left = sent + len(left), []
-            except OSError:
-                pass
+            sent, left = _send_rest(conn, left, sent)
         with self.lock:
             ring.unregister(cap.instance)
             if fn is not None:
@@ -467,6 +463,28 @@ class Observer:
                 tally.failed += n
                 raise
             tally.sent += n
+
+
+def _send_rest(conn: socket.socket, copies: list[pc.Captured], sent: int,
+               timeout: float = proto.DEFAULT_HEARTBEAT_S) -> tuple[int, list[pc.Captured]]:
+    """Send `copies` (the end of a capture whose reader is still there)
+    in SEND_CHUNK pieces, each within `timeout` seconds: (copies sent in
+    all, those not sent: the reader went or stalled)."""
+    offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    i = 0
+    while i < len(copies):
+        out, j = bytearray(), i
+        while j < len(copies) and (j == i or len(out) < SEND_CHUNK):
+            c = copies[j]
+            out += proto.packet_frame(c.ts_ns + offset, c.wire_len, c.hook, c.data)
+            j += 1
+        try:
+            conn.settimeout(timeout)
+            conn.sendall(out)
+        except OSError:
+            break
+        sent, i = sent + (j - i), j
+    return sent, copies[i:]
 
 
 def _narrower(function_filter: str, text: str) -> str:
