@@ -439,6 +439,12 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str | Non
         fields={o.flag: v for o in field_options() if (v := field_values.get(o.param)) is not None},
         params=params, warn=_warn)
     _output_changes(changes, dry_run == "client")
+    if type_ == "flowmonitor" and dry_run != "client" and any(
+            c.kind == "NetworkFunction" and c.action in ("created", "configured")
+            for c in changes):
+        # the agents compile it now, seconds during which it counts nothing yet
+        s.progress("each node's agent now compiles the flow monitor's program (a few seconds; "
+                   "it counts from then on, and `kubectl pcn flows` says when it waits for it)")
 
 
 # ----------------------------------------------------------------------------- remove-cube

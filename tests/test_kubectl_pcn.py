@@ -651,6 +651,25 @@ def test_packetcapture_is_an_add_cube_type(lab: Lab) -> None:
     assert "run `kubectl pcn capture POD`" in " ".join(res.stdout.split()), res.stdout
 
 
+def test_add_cube_flowmonitor_says_the_agents_compile_it(lab: Lab) -> None:
+    """A new flow monitor compiles on each node for seconds before it counts
+    (a trial of issue 12 met ~7 s of silence): add-cube says so, as progress
+    (-v 1 or a terminal), and only when the monitor was written."""
+    seed_cluster(lab)
+    res = lab.run("-v", "1", "-n", "web", "add-cube", "flowmonitor", "talkers", "--selector",
+                  "app=web", "--hook", "both")
+    assert "networkfunction.pcn.dev/talkers created" in res.stdout
+    assert "each node's agent now compiles the flow monitor's program (a few seconds" \
+        in res.stderr, res.stderr
+    again = lab.run("-v", "1", "-n", "web", "add-cube", "flowmonitor", "talkers", "--selector",
+                    "app=web", "--hook", "both")
+    assert "compiles" not in again.stderr, again.stderr  # unchanged: nothing to compile
+    dry = lab.run("-v", "1", "-n", "web", "add-cube", "flowmonitor", "t2", "--dry-run=client")
+    assert "compiles" not in dry.stderr
+    policer = lab.run("-v", "1", "-n", "web", "add-cube", "policer", "p", "--rate", "10M")
+    assert "compiles" not in policer.stderr
+
+
 def test_add_cube_policer_and_its_counters_in_chain(lab: Lab) -> None:
     seed_cluster(lab)
     res = lab.run("-n", "web", "add-cube", "policer", "slow", "--hook", "egress", "--rate",
