@@ -805,7 +805,9 @@ def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: in
     pcn-agent pod (kubectl exec), in the lab through its agent's socket.
     When POD's chain has a packetcapture function (add-cube packetcapture),
     the capture reads it (its filter narrowed by --filter) instead of adding
-    a cube. Progress on stderr."""
+    a cube. Progress on stderr, and at the end an account of every packet
+    the filter matched: matched = captured + not copied (over --rate, or
+    past -c) + lost (a full buffer, or the reader gone)."""
     from pcn_crds.capfilter import FilterError, compile_filter
 
     from . import capture as cap
