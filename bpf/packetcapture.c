@@ -5,14 +5,21 @@
  * Each copy carries the hook it was seen on (the port's ingress hook: what
  * the pod sends; its egress hook: what the pod receives), the port, the
  * frame's length on the wire and at most `snaplen` bytes of it. A per-second
- * budget bounds what one capture costs the node: frames past it, and frames
- * the ring buffer has no room for (nobody reading fast enough), are counted
- * and not copied.
+ * budget bounds what one capture costs the node.
+ *
+ * Its counters are an exact partition of what it matched: every frame the
+ * filter accepts counts as matched and as exactly one of copied (its record
+ * is in the ring buffer), not copied (the second's budget was spent, or the
+ * snap length left nothing to copy) and lost (the ring buffer had no room:
+ * nobody reading fast enough; or the copy failed), in one run of the
+ * program, so that matched == copied + not copied + lost whenever no frame is
+ * between the two increments (the agent reads them after the instance stopped
+ * matching).
  *
  * One program serves every capture of the agent: an instance's filter
- * (pcn_capfilter.h), snap length and budget are map entries keyed by its id.
- * Nothing here is pinned: a capture lives as long as the agent process that
- * reads it. */
+ * (pcn_capfilter.h), snap length, budget and port are map entries keyed by
+ * its id. Nothing here is pinned: a capture lives as long as the agent
+ * process that reads it. */
 #include "pcn_chain.h"
 #include "pcn_capfilter.h"
 #include "pcn_ratebudget.h"
@@ -20,20 +27,27 @@
 #ifndef CAP_SNAP_MAX
 #define CAP_SNAP_MAX 8192 /* pcn_agent.dataplane.cubes.packetcapture.SNAP_MAX */
 #endif
-#define CAP_RING_PAGES 256 /* 1 MiB with 4 KiB pages */
+/* 16 MiB with 4 KiB pages: a whole second of the default budget (2000
+ * copies) at the largest snap length, so that a reader stalled for up to a
+ * second (a busy agent) loses nothing at the default rate; 1 MiB held 126
+ * copies of GSO frames and lost most of a burst (issue 12 trial). */
+#ifndef CAP_RING_PAGES
+#define CAP_RING_PAGES 4096 /* pcn_agent.dataplane.cubes.packetcapture.RING_BYTES */
+#endif
 
-/* cap_stats[inst * CAP_STATS + k] */
-#define CAP_STAT_MATCHED 0 /* the filter accepted the frame */
-#define CAP_STAT_COPIED 1  /* ... and a copy went to the ring buffer */
-#define CAP_STAT_RATE 2    /* ... but the second's budget was spent */
-#define CAP_STAT_LOST 3    /* ... but the ring buffer was full */
+/* cap_stats[inst * CAP_STATS + k]: MATCHED == COPIED + NOT_COPIED + LOST */
+#define CAP_STAT_MATCHED 0    /* the filter accepted the frame */
+#define CAP_STAT_COPIED 1     /* ... and a copy went to the ring buffer */
+#define CAP_STAT_NOT_COPIED 2 /* ... but the budget was spent (or nothing to copy) */
+#define CAP_STAT_LOST 3       /* ... but the ring buffer was full (or the copy failed) */
 #define CAP_STATS 4
 
 struct cap_cfg {
     u32 n_insns;
     u32 snaplen;
     u32 budget; /* copies per second */
-    u32 pad;
+    u32 port;   /* only frames of this port match (a reader of a capture point
+                 * shared by several pods); 0: every port */
 };
 
 struct cap_event {
@@ -92,6 +106,13 @@ static __always_inline int cap_match(struct __sk_buff *skb, u32 inst, u32 n)
     return 0;
 }
 
+/* The frame's outcome after a match: exactly one of the three counters. */
+static __always_inline int cap_done(struct __sk_buff *skb, u32 inst, u32 what)
+{
+    cap_count(inst, what);
+    return pcn_pass(skb);
+}
+
 int packetcapture_rx(struct __sk_buff *skb)
 {
     u32 inst = pcn_meta_instance(skb);
@@ -100,31 +121,31 @@ int packetcapture_rx(struct __sk_buff *skb)
         return pcn_pass(skb);
     u32 snaplen = cfg->snaplen;
     u32 budget = cfg->budget;
+    if (cfg->port && cfg->port != pcn_meta_port(skb))
+        return pcn_pass(skb); /* another pod's frame: not this reader's to count */
     if (!cap_match(skb, inst, cfg->n_insns))
         return pcn_pass(skb);
     cap_count(inst, CAP_STAT_MATCHED);
 
     u64 now = bpf_ktime_get_ns();
     struct rate_budget *b = cap_budget.lookup(&inst);
-    if (!b || !ratebudget_take(b, now, budget)) {
-        cap_count(inst, CAP_STAT_RATE);
-        return pcn_pass(skb);
-    }
-    u32 zero = 0;
-    struct cap_scratch *s = cap_scratch.lookup(&zero);
-    if (!s)
-        return pcn_pass(skb);
+    if (!b || !ratebudget_take(b, now, budget))
+        return cap_done(skb, inst, CAP_STAT_NOT_COPIED);
     u32 len = skb->len;
     if (len > snaplen)
         len = snaplen;
     if (len == 0 || len > CAP_SNAP_MAX)
-        return pcn_pass(skb); /* snaplen is checked against CAP_SNAP_MAX by the agent */
+        return cap_done(skb, inst, CAP_STAT_NOT_COPIED); /* the agent bounds snaplen */
+    u32 zero = 0;
+    struct cap_scratch *s = cap_scratch.lookup(&zero);
+    if (!s)
+        return cap_done(skb, inst, CAP_STAT_LOST);
     /* the same value, in a form whose bounds (1..CAP_SNAP_MAX, a power of
      * two) the verifier sees on the register the helper gets: clang copies
      * `len` before the checks above otherwise */
     len = ((len - 1) & (CAP_SNAP_MAX - 1)) + 1;
     if (bpf_skb_load_bytes(skb, 0, s->data, len) < 0)
-        return pcn_pass(skb);
+        return cap_done(skb, inst, CAP_STAT_LOST);
     s->ev.ts_ns = now;
     s->ev.inst = inst;
     s->ev.port = pcn_meta_port(skb);
@@ -132,8 +153,6 @@ int packetcapture_rx(struct __sk_buff *skb)
     s->ev.cap_len = len;
     s->ev.hook = pcn_meta_hook(skb);
     if (cap_events.ringbuf_output(s, sizeof(s->ev) + len, 0) < 0)
-        cap_count(inst, CAP_STAT_LOST);
-    else
-        cap_count(inst, CAP_STAT_COPIED);
-    return pcn_pass(skb);
+        return cap_done(skb, inst, CAP_STAT_LOST);
+    return cap_done(skb, inst, CAP_STAT_COPIED);
 }

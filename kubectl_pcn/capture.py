@@ -229,23 +229,63 @@ def run_capture(r: Route, argv: Sequence[str], out: BinaryIO,
     return proc.returncode
 
 
-def run_json(r: Route, argv: Sequence[str]) -> dict[str, Any]:
-    """Run a command that prints JSON (flows); raise PcnError with its stderr."""
+def _relay_progress(src: IO[bytes], dst: BinaryIO, kept: list[bytes]) -> None:
+    """Keep every line of `src` (the command's stderr) in `kept`; copy its
+    progress lines (those ending in "...", as `pcn-agent flows` writes them
+    while the agent is busy) to `dst` as they come."""
+    for line in iter(src.readline, b""):
+        kept.append(line)
+        if line.rstrip().endswith(b"..."):
+            try:
+                dst.write(line)
+                dst.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def run_json(r: Route, argv: Sequence[str], err: BinaryIO | None = None,
+             timeout: float = 120.0) -> dict[str, Any]:
+    """Run a command that prints JSON (flows); its progress lines go to
+    `err` (our stderr by default) as they come; raise PcnError with its
+    stderr when it fails or takes more than `timeout` seconds."""
     import json
 
     env = {**os.environ, **dict(r.env)}
     try:
-        p = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                           timeout=60, check=False)
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
     except FileNotFoundError:
         raise _not_found(argv[0]) from None
-    if p.returncode != 0:
-        msg = p.stderr.decode(errors="replace").strip() or f"exit status {p.returncode}"
+    assert proc.stderr is not None and proc.stdout is not None
+    kept: list[bytes] = []
+    relay = threading.Thread(target=_relay_progress,
+                             args=(proc.stderr, err or sys.stderr.buffer, kept), daemon=True)
+    relay.start()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        out = proc.stdout.read()
+        proc.wait()
+    finally:
+        timer.cancel()
+        relay.join(timeout=5)
+    if expired.is_set():
+        raise PcnError(f"{' '.join(argv[-4:])} through {r.via} did not answer within "
+                       f"{timeout:g} s")
+    if proc.returncode != 0:
+        msg = b"".join(kept).decode(errors="replace").strip() or \
+            f"exit status {proc.returncode}"
         denied = exec_denied(r, msg)
         if denied is not None:
             raise denied
         raise PcnError(f"{' '.join(argv[-4:])} through {r.via} failed: {msg}")
-    data: dict[str, Any] = json.loads(p.stdout)
+    data: dict[str, Any] = json.loads(out)
     return data
 
 

@@ -268,6 +268,16 @@ class AddCubeCommand(click.Command):
         if custom:
             _custom_type_help(ctx, formatter, custom)
             return
+        if chosen is None:
+            # no TYPE: the types and how to see one's options (a trial of
+            # issue 12 read the firewall's options, listed first, as add-cube's)
+            with formatter.section("Types (`kubectl pcn add-cube TYPE --help` shows the "
+                                   "options of one)"):
+                formatter.write_dl([*((t, TYPE_SUMMARIES[t]) for t in FUNCTION_TYPES),
+                                    ("CUBETYPE", "a CubeType of the cluster (kubectl get "
+                                                 "cubetypes): its parameters are --param "
+                                                 "NAME=VALUE")])
+            return
         for type_, records in per_type.items():
             if records:
                 with formatter.section(f"Options of a {type_} (its spec.config)"):
@@ -275,6 +285,15 @@ class AddCubeCommand(click.Command):
 
 
 _CUSTOM_META = "pcn.add-cube.cubetype"
+# What each built-in type does, for add-cube's help without a TYPE (a test
+# checks there is one per FUNCTION_TYPES entry).
+TYPE_SUMMARIES = {
+    "firewall": "ordered allow/drop rules (--rule, --default), up to 10 000, first match wins",
+    "policer": "a token bucket rate limit (--rate, --burst, --scope)",
+    "flowmonitor": "per-flow counters (--max-flows), read with `kubectl pcn flows POD`",
+    "packetcapture": "a capture point (--filter, --snap-length), read with `kubectl pcn "
+                     "capture POD`",
+}
 
 
 def _early_globals(ctx: click.Context, args: list[str]) -> None:
@@ -420,6 +439,12 @@ def add_cube(type_: str, name: str | None, selector: str | None, hook: str | Non
         fields={o.flag: v for o in field_options() if (v := field_values.get(o.param)) is not None},
         params=params, warn=_warn)
     _output_changes(changes, dry_run == "client")
+    if type_ == "flowmonitor" and dry_run != "client" and any(
+            c.kind == "NetworkFunction" and c.action in ("created", "configured")
+            for c in changes):
+        # the agents compile it now, seconds during which it counts nothing yet
+        s.progress("each node's agent now compiles the flow monitor's program (a few seconds; "
+                   "it counts from then on, and `kubectl pcn flows` says when it waits for it)")
 
 
 # ----------------------------------------------------------------------------- remove-cube
@@ -780,7 +805,9 @@ def capture_cmd(pod: str, filter_: str, count: int, duration: float, snaplen: in
     pcn-agent pod (kubectl exec), in the lab through its agent's socket.
     When POD's chain has a packetcapture function (add-cube packetcapture),
     the capture reads it (its filter narrowed by --filter) instead of adding
-    a cube. Progress on stderr."""
+    a cube. Progress on stderr, and at the end an account of every packet
+    the filter matched: matched = captured + not copied (over --rate, or
+    past -c) + lost (a full buffer, or the reader gone)."""
     from pcn_crds.capfilter import FilterError, compile_filter
 
     from . import capture as cap
@@ -824,7 +851,7 @@ def flows_cmd(pod: str, sort: str, top: int) -> None:
     data = cap.run_json(r, [*r.argv, "flows", pod, "-n", s.ns])
     picked = fl.rows(data, sort, top)
     if s.fmt in ("yaml", "json"):
-        click.echo(output.data({**data, "flows": picked}, s.fmt))
+        click.echo(output.data(fl.document(data, picked, sort, top), s.fmt))
     else:
         click.echo(fl.table(data, picked, s.fmt == "wide"))
 

@@ -23,6 +23,19 @@ def rows(data: dict[str, Any], sort: str, top: int) -> list[dict[str, Any]]:
     return out[:top] if top else out
 
 
+def document(data: dict[str, Any], flows: Sequence[dict[str, Any]], sort: str,
+             top: int) -> dict[str, Any]:
+    """What `-o json|yaml` prints: the agent's answer with `flows` (rows():
+    every monitor's flows, each naming its function, sorted by `sort` and cut
+    to `top`) in place of the monitors' own flow lists, which would hold
+    every flow unsorted; each monitor keeps its function, maxFlows and
+    `flowCount` (how many flows it holds for the pod, before --top):
+    {"pod", "ip", "node", "sort", "top", "monitors": [...], "flows": [...]}."""
+    monitors = [{**{k: v for k, v in m.items() if k != "flows"},
+                 "flowCount": len(m.get("flows") or [])} for m in data.get("monitors") or []]
+    return {**data, "sort": sort, "top": top, "monitors": monitors, "flows": list(flows)}
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

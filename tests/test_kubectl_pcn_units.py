@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -454,3 +455,33 @@ def test_chain_lists_a_firewall_on_both_sides_once_with_its_replies() -> None:
     d["egress"] = []
     once = pod_chain_text(d)
     assert "Note:" not in once and "ingress   fw" in once
+
+
+def test_docs_suggesting_kubectl_explain_say_what_works_in_the_emulated_lab() -> None:
+    """`kubectl explain` needs the API server's OpenAPI schemas, which the
+    emulated lab does not serve (pcn_lab.apiproxy answers /openapi/v3 with no
+    paths); every place suggesting it says so and names what works there (a
+    trial of issue 12 ran it in the lab and got an error)."""
+    from pathlib import Path
+
+    from pcn_lab.apiproxy import ApiProxy
+
+    served = json.loads(bytes(ApiProxy._openapi("/openapi/v3").body))
+    assert served == {"paths": {}}  # nothing to explain in the lab
+    root = Path(__file__).resolve().parents[1]
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md")),
+            *sorted((root / "examples").rglob("*.yaml"))]
+    seen = 0
+    for doc in docs:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "kubectl explain" not in line:
+                continue
+            seen += 1
+            near = " ".join(" ".join(lines[max(0, i - 3): i + 8]).split())
+            where = f"{doc.relative_to(root)}:{i + 1}"
+            assert "emulated lab" in near, where
+            assert "add-cube TYPE --help" in near or "crds/pcn.dev_" in near, where
+            for name in re.findall(r"crds/(pcn\.dev_\w+\.yaml)", near):
+                assert (root / "crds" / name).is_file(), (where, name)
+    assert seen >= 2

@@ -24,6 +24,7 @@ from pcn_agent.cni.spec import DECODE_FAILURE, INTERNAL, TRY_AGAIN_LATER
 
 TYPE_CHECKING = False  # the plugin imports this module on every run: no typing at run time
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     Request = dict[str, Any]
@@ -58,9 +59,14 @@ class AgentError(LocalApiError):
         self.code = code
 
 
-def call(path: str | os.PathLike[str], request: Request, timeout: float = 10.0) -> Response:
+def call(path: str | os.PathLike[str], request: Request, timeout: float = 10.0,
+         progress: Callable[[str], None] | None = None) -> Response:
     """Send one request, return the agent's successful response. Raises
-    AgentUnavailable (no socket, refused), AgentTimeout, or AgentError."""
+    AgentUnavailable (no socket, refused), AgentTimeout, or AgentError.
+    With `progress`, the agent may send {"progress": TEXT} lines before its
+    answer (a streaming op such as `flows` does while the data plane is
+    busy): each goes to `progress`, and `timeout` (seconds) applies to each
+    line, not to the whole wait."""
     path = os.fspath(path)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -85,7 +91,11 @@ def call(path: str | os.PathLike[str], request: Request, timeout: float = 10.0) 
             raise AgentUnavailable(f"cannot connect to the pcn agent at {path}: {exc}") from None
         try:
             sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
-            line = read_line(sock)
+            reader = _LineReader(sock)
+            line = reader.line()
+            while progress is not None and _progress_text(line) is not None:
+                progress(str(_progress_text(line)))
+                line = reader.line()
         except TimeoutError:
             raise AgentTimeout(f"the pcn agent at {path} did not answer {request.get('op')!r} "
                                f"within {timeout:g} s: the agent is overloaded or stuck; check "
@@ -112,6 +122,40 @@ def call(path: str | os.PathLike[str], request: Request, timeout: float = 10.0) 
         raise AgentError(str(response.get("error") or "the pcn agent refused the request"),
                          int(response.get("code") or INTERNAL))
     return response
+
+
+def _progress_text(line: bytes) -> str | None:
+    """The TEXT of a {"progress": TEXT} line (no "ok"), else None."""
+    if not line.startswith(b'{"progress"'):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "ok" in obj:
+        return None
+    return str(obj.get("progress"))
+
+
+class _LineReader:
+    """Lines of a socket, keeping what it read past each one (read_line
+    reads whole chunks, so a second line may come in the first's)."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                out, self.buf = self.buf, b""
+                return out
+            self.buf += chunk
+            if len(self.buf) > MAX_LINE:
+                raise ValueError(f"line longer than {MAX_LINE} bytes")
+        out, _, self.buf = self.buf.partition(b"\n")
+        return out
 
 
 def read_line(sock: _socket.socket) -> bytes:

@@ -507,7 +507,8 @@ class Agent:
             return response
 
         self.api = LocalApiServer(self.socket_path, serve,
-                                  streams={"capture": observer.capture})
+                                  streams={"capture": observer.capture,
+                                           "flows": observer.flows_stream})
         self.api.start()
 
     # ------------------------------------------------------------------ writes

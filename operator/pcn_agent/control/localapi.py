@@ -4,8 +4,9 @@ turns attach/detach/check/status/gc requests into node data-plane calls.
 
 The socket is mode 0600 and root peers only, checked again with SO_PEERCRED;
 one JSON request line and one JSON response line per connection, except for
-streaming ops (`capture`, pcn_agent.control.captureproto), whose handler
-keeps the connection and answers on it for as long as the stream lasts.
+streaming ops (`capture`, pcn_agent.control.captureproto; `flows`, which
+sends progress lines while the data plane is busy), whose handler keeps the
+connection and answers on it for as long as the stream lasts.
 """
 
 from __future__ import annotations

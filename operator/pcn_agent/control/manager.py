@@ -34,6 +34,9 @@ class DataplaneManager:
         self.current = Desired()
         self.functions: dict[str, FunctionCube] = {}  # by cube name
         self.lock = threading.RLock()  # shared with the local API: one writer at a time
+        # what apply() does that takes long, for whoever waits for the lock
+        # (the local API's flows says it); "" when nothing slow is under way
+        self.busy = ""
         self._stacked_pods: frozenset[str] = frozenset()  # attached pods at the last _tell_stacked
         # the desired services of the last apply without a failure: the
         # applied services equal them (reconcile.plan's `applied`)
@@ -164,13 +167,19 @@ class DataplaneManager:
         if kind is None:
             raise ValueError(f"unknown function type {spec.type!r}")
         f = self.functions.get(name)
-        if f is not None and f.function_type() == spec.type:
-            f.configure(spec.settings)
-            return
-        if f is not None:
-            f.delete()
-            del self.functions[name]
-        self.functions[name] = kind.create(self.node.rt, name, spec.settings)
+        self.busy = f"setting up the {spec.type} function {name}" + (
+            " (a flow monitor compiles a program of its own for each table size: a few "
+            "seconds)" if spec.type == FlowMonitorFunction.type else "")
+        try:
+            if f is not None and f.function_type() == spec.type:
+                f.configure(spec.settings)
+                return
+            if f is not None:
+                f.delete()
+                del self.functions[name]
+            self.functions[name] = kind.create(self.node.rt, name, spec.settings)
+        finally:
+            self.busy = ""
         if f is not None:
             for pod, (from_pod, to_pod) in self.current.chains.items():
                 if name in from_pod or name in to_pod:

@@ -9,7 +9,8 @@ packet marked inbound, to the pod, or outbound, from it: pcn_agent.control.
 pcap) or with --format pcap a classic pcap (no direction) to stdout or
 -w FILE, and progress to stderr; it heartbeats the agent while
 it reads, so a capture whose reader dies stops by itself. flows prints the
-agent's JSON answer.
+agent's JSON answer, and on stderr what the agent is busy with while it
+waits for it (a new flow monitor compiles for a few seconds).
 """
 
 from __future__ import annotations
@@ -82,6 +83,27 @@ def _connect(path: str, request: dict[str, object]) -> tuple[socket.socket, prot
     return sock, proto.StreamReader(sock)
 
 
+def accounting(stats: dict[str, int]) -> str:
+    """The end line's account of what the capture's cube matched, from the
+    agent's stats (pcn_agent.control.observe.capture_stats), which partition
+    it: matched == captured + notCopied + lost. "" without them (a capture
+    point deleted during the capture)."""
+    if "matched" not in stats:
+        return ""
+    why_not = [f"{stats['rateLimited']} over the rate bound" if stats.get("rateLimited") else "",
+               f"{stats['pastCount']} past -c" if stats.get("pastCount") else ""]
+    why_lost = [f"{stats['ringFull']} for a full ring buffer" if stats.get("ringFull") else "",
+                f"{stats['queueFull']} for a full agent queue" if stats.get("queueFull") else "",
+                f"{stats['unsent']} not sent before the reader went" if stats.get("unsent")
+                else ""]
+    not_copied = "; ".join(w for w in why_not if w)
+    lost = "; ".join(w for w in why_lost if w)
+    return (f"; of the {stats['matched']} packets the filter matched, {stats['captured']} "
+            f"were captured, {stats['notCopied']} not copied"
+            f"{f' ({not_copied})' if not_copied else ''} and {stats['lost']} lost"
+            f"{f' ({lost})' if lost else ''}")
+
+
 def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
     request: dict[str, object] = {
         "op": proto.OP, "namespace": args.namespace, "pod": args.pod, "filter": args.filter,
@@ -149,12 +171,9 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
             while True:
                 item = reader.next()
                 if isinstance(item, dict):
-                    stats = item.get("stats", {})
                     print(f"{writer.packets} packets captured ({by_dir['from-pod']} from the "
-                          f"pod, {by_dir['to-pod']} to it); {item.get('reason')}; the filter "
-                          f"matched {stats.get('matched', 0)}, {stats.get('rate_limited', 0)} "
-                          f"not copied over the rate bound, {stats.get('lost', 0)} lost",
-                          file=sys.stderr, flush=True)
+                          f"pod, {by_dir['to-pod']} to it); {item.get('reason')}"
+                          f"{accounting(item.get('stats') or {})}", file=sys.stderr, flush=True)
                     return 0
                 writer.write(item.ts_ns, item.data, item.wire_len,
                              _EPB_DIRECTION.get(item.hook, pcap.DIRECTION_UNKNOWN))
@@ -178,8 +197,12 @@ def capture(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
 
 def flows(args: argparse.Namespace) -> int:
     try:
-        answer = localapi.call(_socket_path(args), {"op": "flows", "namespace": args.namespace,
-                                                    "pod": args.pod})
+        # progress ("waiting for the agent ...: a flow monitor compiles") on
+        # stderr, ending in "...", which kubectl pcn flows relays as it comes
+        answer = localapi.call(
+            _socket_path(args), {"op": "flows", "namespace": args.namespace, "pod": args.pod},
+            progress=lambda text: print(f"pcn-agent flows: {text}...", file=sys.stderr,
+                                        flush=True))
     except localapi.LocalApiError as exc:
         print(f"pcn-agent flows: {exc}", file=sys.stderr)
         return 1

@@ -364,14 +364,17 @@ class PacketCaptureFunction(FunctionCube):
         if not self.reader:
             self._idle()
 
-    def start_reading(self, program: Sequence[Insn], snaplen: int, budget: int) -> None:
+    def start_reading(self, program: Sequence[Insn], snaplen: int, budget: int,
+                      port: int = 0) -> None:
         """Copy what `program` matches (the function's filter, or a narrower
-        one), at most `snaplen` bytes and `budget` copies a second, each
-        bounded by the function's own. RuntimeError when someone reads it."""
+        one) on port `port` (the reader's pod's; 0: every pod's), at most
+        `snaplen` bytes and `budget` copies a second, each bounded by the
+        function's own; the other pods' frames pass uncounted meanwhile.
+        RuntimeError when someone reads it."""
         if self.reader:
             raise RuntimeError(f"{self.name} has a reader already")
         s = self._settings
-        self.cap.reconfigure(program, min(snaplen, s.snaplen), min(budget, s.budget))
+        self.cap.reconfigure(program, min(snaplen, s.snaplen), min(budget, s.budget), port)
         self.reader = True
 
     def stop_reading(self) -> None:
@@ -382,12 +385,14 @@ class PacketCaptureFunction(FunctionCube):
     def status(self) -> dict[str, Any]:
         """Its settings, whether someone reads it, and the frames its filter
         matched, copied to a reader, not copied over the rate bound (or for
-        want of a reader) and lost (a full ring buffer), since created."""
+        want of a reader) and lost (a full ring buffer), since created:
+        matchedPackets == copiedPackets + notCopiedPackets + lostPackets but
+        for frames in flight (PacketCapture.stats)."""
         s = self._settings
         st = self.cap.stats()
         return {"filter": s.filter, "snapLength": s.snaplen, "maxPacketsPerSecond": s.budget,
                 "reading": self.reader, "matchedPackets": st["matched"],
-                "copiedPackets": st["copied"], "notCopiedPackets": st["rate_limited"],
+                "copiedPackets": st["copied"], "notCopiedPackets": st["not_copied"],
                 "lostPackets": st["lost"]}
 
     def delete(self) -> None:

@@ -2,6 +2,16 @@
 that copies the frames its filter matches to the agent through a BPF ring
 buffer, at most `budget` copies a second, at most `snaplen` bytes each.
 
+Its counters (`PacketCapture.stats`) partition what it matched exactly:
+
+    matched == copied + not_copied + lost
+
+every matched frame counts once as copied (its record is in the ring
+buffer), not_copied (over the budget, or nothing to copy) or lost (the ring
+buffer had no room: nobody reading fast enough). Read them after
+`stop_matching` for the identity to hold to the frame (a frame the program
+runs meanwhile has one and not yet the other).
+
 One program serves every capture of a runtime (the type's shared slot); an
 instance is its map entries: the match program (pcn_crds.capfilter), the
 snap length and the budget. `CaptureRing` reads the type's one ring buffer
@@ -30,12 +40,13 @@ SNAP_MAX = 8192  # CAP_SNAP_MAX: the largest copy of one frame, bytes
 DEFAULT_SNAPLEN = SNAP_MAX
 DEFAULT_BUDGET = 2000  # copies per second
 MAX_BUDGET = 100_000
-STATS = ("matched", "copied", "rate_limited", "lost")  # CAP_STAT_* order
+STATS = ("matched", "copied", "not_copied", "lost")  # CAP_STAT_* order
+RING_BYTES = 4096 * 4096  # CAP_RING_PAGES pages: a second of DEFAULT_BUDGET at SNAP_MAX
 
 
 class CapCfg(ct.Structure):
     _fields_ = [("n_insns", ct.c_uint32), ("snaplen", ct.c_uint32), ("budget", ct.c_uint32),
-                ("pad", ct.c_uint32)]
+                ("port", ct.c_uint32)]  # port: only that port's frames match; 0: every port
 
 
 class CapInsn(ct.Structure):
@@ -150,10 +161,12 @@ class PacketCapture:
         cap._budget_t, cap._stats_t = t.module[b"cap_budget"], t.module[b"cap_stats"]
         return cap
 
-    def reconfigure(self, program: Sequence[Insn], snaplen: int, budget: int) -> None:
+    def reconfigure(self, program: Sequence[Insn], snaplen: int, budget: int,
+                    port: int = 0) -> None:
         """Copy what `program` matches, `snaplen` bytes of each (1-SNAP_MAX),
         at most `budget` a second (0-MAX_BUDGET; 0: copy nothing, count the
-        matches), from the next frame on. A frame meanwhile runs the old
+        matches), of port `port` only (a port id; 0: every port the cube is
+        stacked on), from the next frame on. A frame meanwhile runs the old
         program, or matches nothing, or runs the new one: the config entry
         (the program's length) is rewritten first and last."""
         _check(program, snaplen, budget, least_budget=0)
@@ -166,7 +179,7 @@ class PacketCapture:
         for i, x in enumerate(program):
             self._prog_t[ct.c_int(cid * MAX_INSNS + i)] = CapInsn(
                 x.field, 0, x.jt, x.jf, 0, x.mask, x.lo, x.hi)
-        self._cfg_t[ct.c_uint32(cid)] = CapCfg(len(program), snaplen, budget, 0)
+        self._cfg_t[ct.c_uint32(cid)] = CapCfg(len(program), snaplen, budget, port)
         self.program, self.snaplen, self.budget = list(program), snaplen, budget
         self.cube.config = {**self.cube.config, "snaplen": snaplen, "budget": budget,
                             "insns": len(program)}
@@ -175,9 +188,21 @@ class PacketCapture:
     def instance(self) -> int:
         return self.cube.id
 
+    def stop_matching(self) -> None:
+        """Match nothing from the next frame on (every frame passes,
+        uncounted): the counters stay as they are, and the ring buffer
+        receives no more of this instance's copies. `reconfigure` matches
+        again."""
+        try:
+            del self._cfg_t[ct.c_uint32(self.cube.id)]
+        except KeyError:
+            pass
+
     def stats(self) -> dict[str, int]:
-        """Frames the filter matched, copied, not copied for the budget
-        (rate_limited) and for a full ring buffer (lost), since the start."""
+        """Frames since the start: {"matched", "copied", "not_copied",
+        "lost"}, with matched == copied + not_copied + lost (exactly, once
+        the instance stopped matching): not_copied over the budget (or for
+        no byte to copy), lost for a full ring buffer (or a failed copy)."""
         base = self.cube.id * len(STATS)
         return {name: int(sum(self._stats_t[ct.c_int(base + k)]))
                 for k, name in enumerate(STATS)}
@@ -185,10 +210,7 @@ class PacketCapture:
     def delete(self) -> None:
         """Stop copying (the config goes first), then remove the cube. The
         caller takes it off every hook before."""
-        try:
-            del self._cfg_t[ct.c_uint32(self.cube.id)]
-        except KeyError:
-            pass
+        self.stop_matching()
         self.rt.remove_cube(self.name)
 
 
