@@ -227,7 +227,12 @@ def test_four_cubes_at_once_then_removed_one_by_one(cluster: Cluster, tmp_path: 
     payload = data["bytes"] - 52 * data["packets"]
     _say(f"flow monitor: {data['bytes']} L3 bytes in {data['packets']} packets, payload "
           f"{payload}; iperf3 received {received}")
-    assert abs(payload - received) <= 0.01 * received, (payload, received, data)
+    # Above what the server received by at most what the sender sent twice: a
+    # retransmitted segment that had arrived crosses the monitor again (after
+    # a timeout under the policer's drops, SACK resends more than was lost).
+    resent = report["end"]["sum_sent"].get("retransmits", 0) * 1448  # an MSS at most each
+    assert -0.01 * received <= payload - received <= 0.01 * received + resent, \
+        (payload, received, resent, data)
 
     # each cube removed in turn: no packet of an unrelated flow is lost
     stream = UdpStream(c, seconds=12)
