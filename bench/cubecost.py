@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyroute2 import netns as pr_netns
 
@@ -55,7 +56,9 @@ from pcn_testsupport import frames, testrun
 from pcn_testsupport.frames import TCP_ACK, TCP_SYN
 
 from .results import Result, now_iso
-from .scenarios import Context
+
+if TYPE_CHECKING:  # scenarios imports bench.bpfload, which reads prog_info from here
+    from .scenarios import Context
 
 BPF_PROG_INFO_SIZE = 232  # bytes of struct bpf_prog_info up to verified_insns (Linux 6.x)
 # offsets in struct bpf_prog_info (include/uapi/linux/bpf.h)

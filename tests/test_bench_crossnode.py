@@ -110,3 +110,16 @@ def test_cross_node_acceptance_names_the_kernel_with_pods_and_the_programs_cost(
         "CPU at 7.50 Gbit/s (load 1.00 1.00 1.00)" in lines[0]
     assert "direct routing 9.00 Gbit/s = 90%" in lines[1]
     assert "9.20 Gbit/s = 92% of it (direct-kernel-pods; pcn 98% of that) (load" in lines[1]
+
+
+@pytest.mark.parametrize("module", ["bench.scenarios", "bench.bpfload", "bench.cubecost",
+                                    "bench.run"])
+def test_each_bench_module_imports_first(module: str) -> None:
+    # bench.run imports bench.scenarios first, which imports bench.bpfload,
+    # which reads bench.cubecost: no module may need another half-initialised
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
