@@ -7,7 +7,9 @@ scheduler, no wire) and how big it is (bpf_prog_info).
   bpf_prog_info of include/uapi/linux/bpf.h): its name, `xlated_insns` (the
   instructions after the verifier's rewrites, xlated_prog_len / 8),
   `jited_bytes` (native code) and `verified_insns` (instructions the verifier
-  walked, Linux >= 5.16; 0 before).
+  walked, Linux >= 5.16; 0 before), and the kernel's run-time statistics
+  `run_time_ns` and `run_cnt` (counted only while BPF_ENABLE_STATS is on,
+  bench.bpfload).
 * `ns_per_packet(...)`: the cost of one run of a SCHED_CLS program on one
   frame, in ns. BPF_PROG_TEST_RUN with `repeat` N runs the program N times
   on the same skb and reports the mean time per run (net/bpf/test_run.c,
@@ -44,6 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyroute2 import netns as pr_netns
 
@@ -53,11 +56,14 @@ from pcn_testsupport import frames, testrun
 from pcn_testsupport.frames import TCP_ACK, TCP_SYN
 
 from .results import Result, now_iso
-from .scenarios import Context
+
+if TYPE_CHECKING:  # scenarios imports bench.bpfload, which reads prog_info from here
+    from .scenarios import Context
 
 BPF_PROG_INFO_SIZE = 232  # bytes of struct bpf_prog_info up to verified_insns (Linux 6.x)
 # offsets in struct bpf_prog_info (include/uapi/linux/bpf.h)
 _OFF_JITED_LEN, _OFF_XLATED_LEN, _OFF_NAME, _OFF_VERIFIED = 16, 20, 64, 216
+_OFF_RUN_TIME = 192  # run_time_ns, then run_cnt (u64 each)
 BPF_INSN_SIZE = 8
 STEADY_TRIES, STEADY_WAIT_S = 20, 0.1  # a frame's verdict must settle within 2 s
 
@@ -71,6 +77,11 @@ class ProgInfo:
     xlated_insns: int  # instructions after the verifier's rewrites
     jited_bytes: int  # native code size
     verified_insns: int  # instructions the verifier processed (0: kernel too old)
+    # the kernel's statistics of the program's runs, while BPF_ENABLE_STATS is
+    # on (kernel/bpf/syscall.c: bpf_prog_get_stats); a tail-called program's
+    # time counts for the program that ran first
+    run_time_ns: int = 0
+    run_cnt: int = 0
 
 
 def parse_prog_info(raw: bytes) -> ProgInfo:
@@ -81,7 +92,8 @@ def parse_prog_info(raw: bytes) -> ProgInfo:
     jited, xlated = struct.unpack_from("=II", raw, _OFF_JITED_LEN)
     name = raw[_OFF_NAME:_OFF_NAME + 16].split(b"\0", 1)[0].decode(errors="replace")
     verified = struct.unpack_from("=I", raw, _OFF_VERIFIED)[0]
-    return ProgInfo(name, prog_id, xlated // BPF_INSN_SIZE, jited, verified)
+    run_time, run_cnt = struct.unpack_from("=QQ", raw, _OFF_RUN_TIME)
+    return ProgInfo(name, prog_id, xlated // BPF_INSN_SIZE, jited, verified, run_time, run_cnt)
 
 
 def prog_info(fd: int) -> ProgInfo:

@@ -6,6 +6,10 @@
   network (veth, Linux bridge switch, veth), the limit of a cross-node path.
 * `vxlan_pair`: the kernel's VXLAN devices over a `switched_pair`, the limit
   of an encapsulated cross-node path.
+* `routed_pods`: a pod namespace behind each node of either, on a veth pair,
+  forwarded by the kernel's own IP routing: pcn's cross-node topology (a
+  pod's veth on each side) without pcn, as Flannel's host-gw (over the
+  underlay) and vxlan (over `vxlan_pair`) backends build it.
 * `LinuxBridgeCNI`: a "node" namespace and pod namespaces wired by the
   reference CNI `bridge` plugin with `host-local` IPAM, called exactly as a
   kubelet (container runtime) calls a CNI plugin.
@@ -31,6 +35,7 @@ VETH_NET = ipaddress.IPv4Network("192.168.251.0/24")
 BRIDGE_NET = ipaddress.IPv4Network("10.245.1.0/24")
 UNDERLAY_NET = ipaddress.IPv4Network("192.168.252.0/24")
 VXLAN_NET = ipaddress.IPv4Network("10.247.0.0/24")  # vxlan_pair's overlay
+ROUTED_PODS_NET = ipaddress.IPv4Network("10.249.0.0/16")  # routed_pods: node i's pod in 10.249.i/24
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,41 @@ def vxlan_pair(a: Endpoint, b: Endpoint, mtu: int) -> tuple[Endpoint, Endpoint]:
         ip = str(VXLAN_NET.network_address + i)
         _address(me.netns, "vx", ip, VXLAN_NET.prefixlen, mtu)
         ends.append(Endpoint(me.netns, ip))
+    return ends[0], ends[1]
+
+
+def _pod_net(i: int) -> ipaddress.IPv4Network:
+    """Node i's pod network in routed_pods: the i-th /24 of ROUTED_PODS_NET."""
+    return ipaddress.IPv4Network((int(ROUTED_PODS_NET.network_address) + (i << 8), 24))
+
+
+def routed_pods(nss: Namespaces, a: Endpoint, b: Endpoint, via: str, mtu: int,
+                tag: str = "") -> tuple[Endpoint, Endpoint]:
+    """A pod behind each of two "node" namespaces (`a`, `b`: the ends of a
+    `switched_pair` or a `vxlan_pair`), forwarded by the kernel: pod
+    namespace `-rp<i><tag>` with `eth0` at `mtu` (10.249.<i>.2/24) on a veth
+    pair whose node end `pod` is its gateway (10.249.<i>.1), the node
+    forwarding (net.ipv4.ip_forward=1 in its namespace only) with a route to
+    the other pod's /24 via the other end's address on `via` (the uplink:
+    direct routing; the VXLAN device `vx`: encapsulated). No netfilter rule
+    anywhere. Returns the two pods' Endpoints; the caller removes the pod
+    namespaces (`<prefix>-rp1<tag>`, `-rp2<tag>`)."""
+    ends = []
+    for i, (node, other) in enumerate(((a, b), (b, a)), start=1):
+        pod = nss.create(f"rp{i}{tag}")
+        net, peer_net = _pod_net(i), _pod_net(3 - i)
+        gw, ip = str(net.network_address + 1), str(net.network_address + 2)
+        with IPRoute(netns=node.netns) as ipr:
+            ipr.link("add", ifname="pod", kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
+        _address(node.netns, "pod", gw, net.prefixlen, mtu)
+        _address(pod, "eth0", ip, net.prefixlen, mtu)
+        with IPRoute(netns=pod) as ipr:
+            ipr.route("add", dst="0.0.0.0/0", gateway=gw)
+        with IPRoute(netns=node.netns) as ipr:
+            ipr.route("add", dst=str(peer_net), gateway=other.ip,
+                      oif=ipr.link_lookup(ifname=via)[0])
+        exec_in(node.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        ends.append(Endpoint(pod, ip))
     return ends[0], ends[1]
 
 

@@ -187,11 +187,15 @@ def _verdict(ok: bool) -> str:
 def _cross_node_acceptance(results: Sequence[Result]) -> list[str]:
     """pcn's cross-node throughput over VXLAN against the underlay at the
     pods' MTU (veth), and with direct routing against it at 1500 (veth-1500),
-    with the machine's load when they were measured."""
+    with the machine's load when they were measured; beside it what the
+    kernel gets on the same path without pcn (VXLAN alone, and pcn's
+    topology, a pod's veth on each node, forwarded by the kernel) and what
+    pcn's programs cost under that traffic (bench.bpfload), when measured."""
     lines = []
-    for variant, ref, target, what in (
-            ("pcn", LIMIT_VARIANT, CROSS_NODE_VXLAN_TARGET, "VXLAN"),
-            ("pcn-direct", "veth-1500", CROSS_NODE_DIRECT_TARGET, "direct routing")):
+    for variant, ref, target, what, pods_ref in (
+            ("pcn", LIMIT_VARIANT, CROSS_NODE_VXLAN_TARGET, "VXLAN", "vxlan-kernel-pods"),
+            ("pcn-direct", "veth-1500", CROSS_NODE_DIRECT_TARGET, "direct routing",
+             "direct-kernel-pods")):
         r = _find(results, "pod-to-pod-cross-node", variant, THROUGHPUT)
         base = _find(results, "pod-to-pod-cross-node", ref, THROUGHPUT)
         if r is None or base is None or not base.value:
@@ -203,6 +207,16 @@ def _cross_node_acceptance(results: Sequence[Result]) -> list[str]:
         if variant == "pcn" and kernel is not None and kernel.value:
             tail = (f"; the kernel's VXLAN alone {kernel.value:.2f} Gbit/s = "
                     f"{kernel.value / base.value * 100:.0f}% of it")
+        pods = _find(results, "pod-to-pod-cross-node", pods_ref, THROUGHPUT)
+        if pods is not None and pods.value:
+            tail += (f"; the kernel forwarding between pods' veths {pods.value:.2f} Gbit/s = "
+                     f"{pods.value / base.value * 100:.0f}% of it ({pods_ref}; pcn "
+                     f"{r.value / pods.value * 100:.0f}% of that)")
+        share = r.extra.get("bpf_cpu_share")
+        per_mb = r.extra.get("bpf_ns_per_mbyte")
+        if isinstance(share, float) and isinstance(per_mb, float):
+            tail += (f"; pcn's programs {per_mb:.0f} ns per MB, {share * 100:.1f}% of one CPU "
+                     f"at {r.extra.get('bpf_gbps_during', 0):.2f} Gbit/s")
         lines.append(f"acceptance: pcn cross-node throughput with {what} {r.value:.2f} Gbit/s "
                      f"= {ratio * 100:.0f}% of the underlay's {base.value:.2f} ({ref}; target "
                      f">= {target * 100:.0f}%): {_verdict(ratio >= target)}{tail}"

@@ -20,9 +20,16 @@ from pyroute2 import IPRoute
 
 from pcn_lab.topology import Lab
 
-from . import iperf, rr, tcprr
+from . import bpfload, iperf, rr, tcprr
 from .netns import Namespaces, exec_in, stop
-from .references import Endpoint, LinuxBridgeCNI, switched_pair, veth_pair, vxlan_pair
+from .references import (
+    Endpoint,
+    LinuxBridgeCNI,
+    routed_pods,
+    switched_pair,
+    veth_pair,
+    vxlan_pair,
+)
 from .results import TCP_RR, THROUGHPUT, Result, now_iso
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,10 @@ CROSS_NODE = "pod-to-pod-cross-node"
 DIRECT_VARIANT = "pcn-direct"  # pod-to-pod-cross-node with overlay none (issue 13)
 DIRECT_REFERENCE = "veth-1500"  # its limit: the physical network at its pods' MTU
 VXLAN_REFERENCE = "vxlan-kernel"  # the kernel's VXLAN alone, no pcn
+# pcn's topology (a pod's veth on each node) forwarded by the kernel, no pcn:
+# what the pods' veths themselves cost, over VXLAN and routed directly
+VXLAN_PODS_REFERENCE = "vxlan-kernel-pods"
+DIRECT_PODS_REFERENCE = "direct-kernel-pods"
 UNDERLAY_MTU = 1500
 POD_ADD = "pod-add"
 WARMUP_REQUESTS = 50  # rr requests before each variant's latency is measured
@@ -238,7 +249,13 @@ def cross_node(ctx: Context) -> list[Result]:
     """pcn over VXLAN (pods at 1450) and with direct routing (overlay none,
     pods at 1500), each against the lab's physical network without pcn at
     the same MTU (issue 13 targets: VXLAN >= 90 %, direct >= 95 % of it),
-    and node to node through pcn's programs on the uplinks."""
+    against the kernel's VXLAN alone, against pcn's own topology forwarded
+    by the kernel (a pod's veth on each node, routed over VXLAN or directly:
+    what the veths cost, which no program can save), and node to node
+    through pcn's programs on the uplinks. Then one more iperf3 run of each
+    pcn variant with the kernel's BPF statistics on (bench.bpfload): what
+    pcn's programs cost under that traffic, in ns per run and share of a
+    CPU, in the throughput Result's extra."""
     with ExitStack() as st:
         lab = ctx.lab(st, nodes=2, pods=1)
         pcn = Variant("pcn", _lab_endpoint(lab, "n1p1"), _lab_endpoint(lab, "n2p1"),
@@ -258,9 +275,17 @@ def cross_node(ctx: Context) -> list[Result]:
         a, b = switched_pair(ctx.nss, MTU)
         veth = Variant("veth", a, b, extra={"path": "uplink veth - Linux bridge switch - "
                                                     "uplink veth, no pcn"})
+        for tag in ("d", "x"):
+            for name in ("rp1", "rp2"):
+                st.callback(ctx.nss.remove, f"{ctx.nss.prefix}-{name}{tag}")
         a, b = switched_pair(ctx.nss, direct_lab.pod_mtu, tag="d")
         veth_direct = Variant(DIRECT_REFERENCE, a, b, extra={
             "path": "uplink veth - Linux bridge switch - uplink veth, no pcn",
+            "mtu": direct_lab.pod_mtu})
+        a, b = routed_pods(ctx.nss, a, b, "uplink", direct_lab.pod_mtu, tag="d")
+        direct_pods = Variant(DIRECT_PODS_REFERENCE, a, b, extra={
+            "path": "pod veth - kernel IP forwarding - uplink veth - Linux bridge switch - "
+                    "uplink veth - kernel IP forwarding - pod veth, no pcn",
             "mtu": direct_lab.pod_mtu})
 
         # The kernel's VXLAN alone on the same network: what encapsulation
@@ -270,6 +295,10 @@ def cross_node(ctx: Context) -> list[Result]:
         vxlan_kernel = Variant(VXLAN_REFERENCE, a, b, extra={
             "path": "kernel VXLAN devices over uplink veth - Linux bridge switch - uplink veth, "
                     "no pcn", "mtu": MTU})
+        a, b = routed_pods(ctx.nss, a, b, "vx", MTU, tag="x")
+        vxlan_pods = Variant(VXLAN_PODS_REFERENCE, a, b, extra={
+            "path": "pod veth - kernel IP forwarding - kernel VXLAN over the underlay - kernel "
+                    "IP forwarding - pod veth, no pcn", "mtu": MTU})
 
         # The lab's own underlay, node to node: the same path, but pcn's entry
         # programs sit on both uplinks (shared with the host stack). Its MTU goes
@@ -289,12 +318,37 @@ def cross_node(ctx: Context) -> list[Result]:
                        extra={"path": "the pcn lab's underlay, through pcn's programs on the "
                                       "uplinks"})
         ctx.progress(f"{CROSS_NODE}: load before the runs: {_loadavg()}")
-        out = ctx.compare(CROSS_NODE, [pcn, direct, veth, veth_direct, vxlan_kernel, host])
+        out = ctx.compare(CROSS_NODE, [pcn, direct, veth, veth_direct, direct_pods,
+                                       vxlan_kernel, vxlan_pods, host])
         load = _loadavg()
         ctx.progress(f"{CROSS_NODE}: load after the runs: {load}")
         for r in out:
             r.extra["loadavg_after"] = load
+        for v, v_lab in ((pcn, lab), (direct, direct_lab)):
+            extra = _bpf_load(ctx, v, v_lab)
+            for r in out:
+                if r.variant == v.name and r.metric == THROUGHPUT:
+                    r.extra.update(extra)
         return out
+
+
+def _bpf_load(ctx: Context, v: Variant, lab: Lab) -> dict[str, Any]:
+    """One iperf3 run of pcn variant `v` with the kernel's BPF statistics on
+    (bench.bpfload): its programs' cost under that traffic, as Result extras
+    ({} with a progress note when the kernel refuses the statistics)."""
+    if v.before is not None:
+        v.before()
+    server = iperf.start_server(v.server.netns, ctx.pinning)
+    try:
+        load = bpfload.measure(lab, lambda: iperf.run_client(
+            v.client.netns, v.server.ip, ctx.duration, ctx.pinning)[0])
+    except OSError as exc:
+        ctx.progress(f"{CROSS_NODE}/{v.name}: no BPF statistics ({exc})")
+        return {}
+    finally:
+        stop(server)
+    ctx.progress(f"{CROSS_NODE}/{v.name}: {load.summary()}")
+    return load.as_extra()
 
 
 def latency_results(scenario: str, lat: dict[str, rr.Latency],

@@ -196,11 +196,8 @@ static __always_inline int pcn_port_deliver(struct __sk_buff *skb, u32 port_id, 
  * through it too); a port peer runs it here by tail calls, and so does a
  * pod's veth the packet will skip the host end of (pcn_port_deliver): every
  * packet meets the port's egress cubes exactly once either way. */
-static __always_inline int pcn_send(struct __sk_buff *skb, u32 port_id)
+static __always_inline int pcn_send_port(struct __sk_buff *skb, u32 port_id, struct pcn_port *p)
 {
-    struct pcn_port *p = pcn_ports.lookup(&port_id);
-    if (!p)
-        return pcn_drop(skb, port_id, 0, PCN_DROP_NO_PORT);
     pcn_count_tx(port_id, skb->len);
     if ((p->peer_kind == PCN_PEER_PORT || pcn_into_peer(skb, p)) &&
         p->hooks[PCN_HOOK_EGRESS].n) {
@@ -209,6 +206,16 @@ static __always_inline int pcn_send(struct __sk_buff *skb, u32 port_id)
             return r;
     }
     return pcn_port_deliver(skb, port_id, p);
+}
+
+/* pcn_send_port for a cube that holds only the port's id (the router, which
+ * looked the port up for its MTU, passes it: one hash lookup less a packet). */
+static __always_inline int pcn_send(struct __sk_buff *skb, u32 port_id)
+{
+    struct pcn_port *p = pcn_ports.lookup(&port_id);
+    if (!p)
+        return pcn_drop(skb, port_id, 0, PCN_DROP_NO_PORT);
+    return pcn_send_port(skb, port_id, p);
 }
 
 /* A copy of the packet out of a netdev-peered port; the original stays with the
