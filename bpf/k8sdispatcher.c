@@ -465,14 +465,14 @@ static __always_inline int disp_nodeport(struct __sk_buff *skb, u32 inst, struct
     return disp_nodeport_open(skb, inst, cfg, f, info, now, &b, svc_id, clash);
 }
 
-static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg)
+static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                             u64 now)
 {
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
     int parsed = pcn_parse_flow(skb, &f, &info);
     if (parsed == PCN_PARSE_NOT_IPV4 || f.daddr != cfg->vtep_ip)
         return pcn_pass(skb); /* pod to pod: most of what comes over the overlay */
-    u64 now = bpf_ktime_get_ns();
     /* Replies of remote NodePort backends come here; what cannot be one (a
      * tiny first fragment, a later one of no datagram we know) goes on to
      * the router, which answers only echo requests to its own address. */
@@ -484,7 +484,7 @@ static __always_inline int disp_from_overlay(struct __sk_buff *skb, u32 inst, st
 }
 
 static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
-                                            struct disp_cfg *cfg)
+                                            struct disp_cfg *cfg, u64 now)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
@@ -499,7 +499,6 @@ static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
     if (parsed == PCN_PARSE_NOT_IPV4)
         return TC_ACT_OK;
     if (f.daddr == cfg->node_ip) {
-        u64 now = bpf_ktime_get_ns();
         if (parsed == PCN_PARSE_SHORT) /* a tiny first fragment cannot be translated */
             return info.first_fragment ? pcn_filter_drop(skb, PCN_DROP_FRAGMENT) : TC_ACT_OK;
         /* a later fragment whose first one is unknown is no translated
@@ -522,7 +521,8 @@ static __always_inline int disp_from_uplink(struct __sk_buff *skb, u32 inst,
     return TC_ACT_OK;
 }
 
-static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg)
+static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struct disp_cfg *cfg,
+                                          u64 now)
 {
     struct pcn_flow f = {};
     struct pcn_l4info info = {};
@@ -548,7 +548,6 @@ static __always_inline int disp_to_uplink(struct __sk_buff *skb, u32 inst, struc
             return pcn_pass(skb);
         return pcn_filter_drop(skb, info.first_fragment ? PCN_DROP_FRAGMENT : PCN_DROP_PARSE);
     }
-    u64 now = bpf_ktime_get_ns();
     if (pcn_frag_resolve(inst, &f, &info, now) < 0)
         return masq ? pcn_filter_drop(skb, PCN_DROP_FRAGMENT) : pcn_pass(skb);
     if (host && f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP &&
@@ -590,16 +589,14 @@ int k8sdispatcher_rx(struct __sk_buff *skb)
     if (!cfg)
         return pcn_pass(skb);
     u32 port = pcn_meta_port(skb);
-    /* The clock is read by each handler once it knows it needs it (sessions,
-     * fragments): not for the pods' packets it only lets through, most of
-     * what crosses the overlay port. */
+    u64 now = bpf_ktime_get_ns();
     int ingress = pcn_meta_hook(skb) == PCN_HOOK_INGRESS;
     /* One call site per handler: each is inlined, and a second copy of one
      * would double its share of the program. */
     int pods_return = ingress && port == cfg->uplink_port && disp_direct_return(skb, cfg);
     if (port == cfg->uplink_port && !pods_return)
-        return ingress ? disp_from_uplink(skb, inst, cfg) : disp_to_uplink(skb, inst, cfg);
+        return ingress ? disp_from_uplink(skb, inst, cfg, now) : disp_to_uplink(skb, inst, cfg, now);
     if (ingress && (port == cfg->overlay_port || pods_return))
-        return disp_from_overlay(skb, inst, cfg);
+        return disp_from_overlay(skb, inst, cfg, now);
     return pcn_pass(skb);
 }
