@@ -487,7 +487,7 @@ class Agent:
 
     def _start_local_api(self) -> None:
         try:
-            from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
+            from pcn_agent.control.localapi import CniService, DataplaneHandler, LocalApiServer
         except ImportError:  # pragma: no cover - the module ships with the package
             log.error("local API unavailable: the CNI plugin cannot attach pods")
             return
@@ -506,8 +506,11 @@ class Agent:
                 self.wake()  # a pod came or went: its chain may change
             return response
 
+        from pcn_agent.dataplane.netns import netns_path
+
+        cni = CniService(serve, netns_path(self.netns) if self.netns else None)
         self.api = LocalApiServer(self.socket_path, serve,
-                                  streams={"capture": observer.capture})
+                                  streams={"capture": observer.capture, "cni": cni})
         self.api.start()
 
     # ------------------------------------------------------------------ writes
