@@ -459,22 +459,24 @@ def execute(environ: dict[str, str], data: bytes) -> tuple[int, bytes]:
 
 
 def run_in_agent(environ: dict[str, str], data: bytes, agent: AgentCall,
-                 received: float) -> tuple[int, bytes, bytes]:
+                 received: float, started: float | None = None) -> tuple[int, bytes, bytes]:
     """The plugin's work done by the agent for pcn-cni's C launcher, on the
     calling thread (which must be in the node's network namespace): (exit
     status, stdout, stderr) for the launcher to hand on. `agent` answers
     local API requests in-process (raising localapi.LocalApiError as
     localapi.call does); `received`: time.monotonic() when the request
-    arrived (the trace's "entered" and "imported": nothing is imported per
-    run). PCN_CNI_TRACE in `environ` is written as by the plugin, with
-    "where": "agent"."""
+    arrived (the trace's "entered"), `started` when its turn came (its
+    "imported": nothing is imported per run, but an invocation may wait for
+    others; default: now). PCN_CNI_TRACE in `environ` is written as by the
+    plugin, with "where": "agent"."""
     global _local
     if _local is None:
         import threading
 
         _local = threading.local()
     inv = Invocation(agent, "agent")
-    inv.marks += [("entered", received), ("imported", received)]
+    inv.marks += [("entered", received),
+                  ("imported", time.monotonic() if started is None else started)]
     _local.inv = inv
     try:
         status, out = execute(environ, data)

@@ -635,8 +635,8 @@ class CniService:
             self._begin()
             try:
                 with self._slots, rtnl.netns(self.netns):
-                    status, out, err = cni_commands.run_in_agent(env, stdin.encode(), self.call,
-                                                                 received)
+                    status, out, err = cni_commands.run_in_agent(
+                        env, stdin.encode(), self.call, received, time.monotonic())
             finally:
                 self._end()
         conn.settimeout(READ_TIMEOUT_S)
