@@ -14,6 +14,7 @@ through pcn_agent.cni.rtnl on a netlink socket; no pyroute2, no `ip` processes).
 
 from __future__ import annotations
 
+import _thread
 import errno
 import ipaddress
 import json
@@ -163,13 +164,13 @@ class Invocation:
 
 
 _PROCESS = Invocation()
-_local: Any = None  # threading.local() once the agent runs invocations on threads
+# The invocation each of the agent's threads runs (_thread's C thread-local,
+# threading.local without importing threading: the plugin process has one).
+_local = _thread._local()
 
 
 def _inv() -> Invocation:
     """The invocation this thread runs (the process's own in the plugin)."""
-    if _local is None:
-        return _PROCESS
     return getattr(_local, "inv", None) or _PROCESS
 
 
@@ -469,11 +470,6 @@ def run_in_agent(environ: dict[str, str], data: bytes, agent: AgentCall,
     "imported": nothing is imported per run, but an invocation may wait for
     others; default: now). PCN_CNI_TRACE in `environ` is written as by the
     plugin, with "where": "agent"."""
-    global _local
-    if _local is None:
-        import threading
-
-        _local = threading.local()
     inv = Invocation(agent, "agent")
     inv.marks += [("entered", received),
                   ("imported", time.monotonic() if started is None else started)]
