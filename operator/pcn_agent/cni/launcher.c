@@ -148,6 +148,23 @@ static int write_all(int fd, const char *p, size_t n)
 	return 0;
 }
 
+/* To the agent: MSG_NOSIGNAL, so an agent that closed the connection is
+ * EPIPE and a CNI error, not SIGPIPE and an exit without one. */
+static int send_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t put = send(fd, p, n, MSG_NOSIGNAL);
+		if (put < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		p += put;
+		n -= (size_t)put;
+	}
+	return 0;
+}
+
 /* ---------------------------------------------------------------- config
  * Just enough JSON to find three top-level keys; a configuration this
  * cannot walk is left to the Python plugin, which reports the error. */
@@ -403,7 +420,7 @@ int main(int argc, char **argv)
 	buf_str(&req, "},\"stdin\":");
 	buf_json(&req, input.d ? input.d : "", input.n);
 	buf_str(&req, "}\n");
-	if (write_all(fd, req.d, req.n) < 0) {
+	if (send_all(fd, req.d, req.n) < 0) {
 		if (errno == EAGAIN || errno == EWOULDBLOCK)
 			fail(c.version, CNI_TRY_AGAIN_LATER, "the agent is alive but stuck; check its log",
 			     "the pcn agent at %s did not take the request within %g s", c.socket,
