@@ -89,21 +89,26 @@ interpreter start (~6 ms CPU with -I -S) plus json/re/enum (~3.5 ms).
 The C launcher (issue 13 item 5) removes the interpreter start, the imports
 and the exit (~15 ms of CPU per ADD) from every ADD: the agent, running and
 warm, does the rest on a thread of its own. `make bench BENCH_ARGS="--only
-cni-add,cni-add-parallel"`, load 1-3 on 2 CPUs from other work, 2026-12-01;
+cni-add,cni-add-parallel"` on 2 CPUs shared with other work, 2026-12-01;
 p50/p99 ms, and pcn / the `bridge` plugin of the same run:
 
-    scenario            before (Python plugin)       after (launcher)
-    cni-add             31/74   (2.36x/2.41x)        14/52  (1.19x/3.14x)
-    cni-add-parallel    1235/1392 (3.96x/3.92x)      310/447 (1.02x/1.16x)
+    run (UTC)  plugin, agent                 cni-add                 cni-add-parallel
+    11:50      Python, before (e5cf1b0)      31/74  (2.36x/2.41x)    1235/1392 (3.96x/3.92x)
+    12:32      Python (PCN_CNI_PLUGIN), now  24/48  (2.68x/3.33x)     512/566  (4.10x/3.35x)
+    12:33      launcher, now                 13/49  (1.20x/3.04x)     197/288  (1.29x/1.57x)
 
-(the serial p99s are single spikes of a loaded machine: the bridge plugin's
-own p99 moved between 16 and 106 ms over these runs). With 30 at once the
-Python plugin's phases were start 174, imports 304, link 462 ms (30
+(the serial p99s are one or two spikes of a shared machine: the bridge
+plugin's own p99 moved between 14 and 106 ms over the day's runs). With 30 at
+once the Python plugin's phases were start 174, imports 304, link 462 ms (30
 interpreters on 2 CPUs); with the launcher the agent's work for them shares
 one interpreter lock, so the agent runs 2 per CPU at once
-(CniService.concurrency: all 30 at once were 1.5-2x slower) and reconciles
-once after the burst instead of after each attach (each full reconcile held
-the node lock the next attach needed: lock wait p50 157 -> ~100 ms).
+(CniService.concurrency; 30 at a time, back to back with 4 and 8: p99
+516/410 ms against 297/379 and 304/391) and the others wait for their turn
+(the phase `imports`, ~120 ms p50 at 30), and it reconciles once after the
+burst instead of after each attach (each full reconcile held the node lock
+the next attach needed). What is left per ADD is CPU on 2 cores: `ip netns
+exec` and the launcher (~3 ms), host-local (~3 ms), the netlink work (~1-2
+ms) and the attach (~4 ms, most of it pyroute2 building the tc filters).
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
