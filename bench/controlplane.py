@@ -41,17 +41,21 @@ Scenarios:
   appears right after it), and the time from then to all services
   realised.
 * `cni-add`: N pods added by the real plugin, run as the kubelet stand-in
-  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> python -I -S
-  .../pcn_agent/cni/__main__.py`, the start the image's CNI bundle uses;
+  runs it (pcn_lab.kubelet.run_cni: `ip netns exec <node> .venv/lib/pcn-cni/pcn`,
+  pcn-cni's C launcher, which the image installs as /opt/cni/bin/pcn: it
+  hands the invocation to the agent, which runs the plugin's code in-process,
+  pcn_agent.control.localapi.CniService; PCN_CNI_PLUGIN=python runs the
+  Python plugin on its own instead, `python -I -S .../pcn_agent/cni/__main__.py`;
   CNI_* environment, configuration on stdin, host-local IPAM) against the
   agent's local API, one at a time; each sample is one run_cni ADD call.
   The pod namespaces are made outside the timing, as a runtime makes the
   sandbox before calling CNI; timing starts once the agent is idle (under 10%
   of a CPU over a second: its background compiles of function cube types
   are done), pods being added to a settled node. With PCN_CNI_TRACE the
-  plugin marks the end of each phase on time.monotonic() and the agent
-  reports its lock wait and op time; the p50/p99 of each phase (CNI_PHASES)
-  are in the results' extra. Each pcn ADD is followed by one of the
+  plugin (or the agent, for the launcher) marks the end of each phase on
+  time.monotonic() and the agent reports its lock wait and op time; the
+  p50/p99 of each phase (CNI_PHASES) are in the results' extra. Each pcn ADD
+  is followed by one of the
   reference, variant `linux-bridge`: the CNI project's `bridge` plugin (Go,
   the same host-local IPAM) on a node namespace of its own, run the same way,
   so that pcn's times can be read as ratios within the run.
@@ -81,6 +85,30 @@ marks added by wrapping its functions):
 With 30 at once the ADDs are CPU-bound: ~25 ms of CPU each on 2 cores is
 ~375 ms before anything waits; the floor of a Python process per ADD is its
 interpreter start (~6 ms CPU with -I -S) plus json/re/enum (~3.5 ms).
+
+The C launcher (issue 13 item 5) removes the interpreter start, the imports
+and the exit (~15 ms of CPU per ADD) from every ADD: the agent, running and
+warm, does the rest on a thread of its own. `make bench BENCH_ARGS="--only
+cni-add,cni-add-parallel"` on 2 CPUs shared with other work, 2026-12-01;
+p50/p99 ms, and pcn / the `bridge` plugin of the same run:
+
+    run (UTC)  plugin, agent                 cni-add                 cni-add-parallel
+    11:50      Python, before (e5cf1b0)      31/74  (2.36x/2.41x)    1235/1392 (3.96x/3.92x)
+    12:32      Python (PCN_CNI_PLUGIN), now  24/48  (2.68x/3.33x)     512/566  (4.10x/3.35x)
+    12:33      launcher, now                 13/49  (1.20x/3.04x)     197/288  (1.29x/1.57x)
+
+(the serial p99s are one or two spikes of a shared machine: the bridge
+plugin's own p99 moved between 14 and 106 ms over the day's runs). With 30 at
+once the Python plugin's phases were start 174, imports 304, link 462 ms (30
+interpreters on 2 CPUs); with the launcher the agent's work for them shares
+one interpreter lock, so the agent runs 2 per CPU at once
+(CniService.concurrency; 30 at a time, back to back with 4 and 8: p99
+516/410 ms against 297/379 and 304/391) and the others wait for their turn
+(the phase `imports`, ~120 ms p50 at 30), and it reconciles once after the
+burst instead of after each attach (each full reconcile held the node lock
+the next attach needed). What is left per ADD is CPU on 2 cores: `ip netns
+exec` and the launcher (~3 ms), host-local (~3 ms), the netlink work (~1-2
+ms) and the attach (~4 ms, most of it pyroute2 building the tc filters).
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
@@ -661,8 +689,10 @@ def _cni_del(node: str, sb: kubelet.PodSandbox, conf: dict[str, Any]) -> None:
 # (pcn_agent.cni.commands) and the bench's own clock around the call; each is
 # the time from the previous mark to its own (ms).
 CNI_PHASES = {
-    "start": "the call -> the entry point runs: `ip netns exec`, exec, interpreter start",
-    "imports": "the plugin's imports",
+    "start": "the call -> the plugin runs: `ip netns exec`, exec, then the C launcher's "
+             "connect and the agent's accept, or the Python plugin's interpreter start",
+    "imports": "the Python plugin's imports; with the launcher, the wait for a turn among "
+               "the agent's CNI invocations (CniService.concurrency at once)",
     "parse": "CNI_* and the configuration parsed",
     "checks": "pod netns checked, no host link yet",
     "ipam": "the IPAM plugin's ADD (an exec of host-local)",
@@ -834,8 +864,8 @@ def cni_add(ctx: Context) -> list[Result]:
     common = {"pods": len(samples), "date": now_iso()}
     return [*_latency_results(CNI_ADD, "pcn", samples, {
                 **common, "phases": phases, "phase_meaning": CNI_PHASES,
-                "what": "kubelet.run_cni ADD: `ip netns exec <node> python -I -S "
-                        ".../pcn_agent/cni/__main__.py`, host-local IPAM, attach by a running "
+                "what": f"kubelet.run_cni ADD: `ip netns exec <node> "
+                        f"{' '.join(kubelet.cni_binary())}`, host-local IPAM, attach by a running "
                         "pcn-agent; one at a time"}),
             *_latency_results(CNI_ADD, "linux-bridge", ref, {
                 **common, "what": "the reference `bridge` CNI plugin (Go; Linux bridge, "

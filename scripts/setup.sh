@@ -18,10 +18,10 @@ fi
 #    openssl makes the real-cluster lab's certificates, curl and util-linux's
 #    nsenter probe it; tcpdump reads the pcap files of `kubectl pcn capture` in tests;
 #    nftables is kube-proxy's nftables mode in the benchmarks, sockperf their TCP_RR
-#    rate.)
+#    rate; gcc and libc6-dev build pcn-cni's static C launcher.)
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-6.12-amd64 iproute2
       iperf3 iputils-ping containernetworking-plugins iptables nftables sockperf ethtool
-      lua5.1 openssl curl util-linux tcpdump)
+      lua5.1 openssl curl util-linux tcpdump gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -76,4 +76,9 @@ else
 fi
 "$venv/bin/python" -c 'import bcc, pyroute2, pcn_agent, pcn_bpf' \
     || { echo "the virtualenv cannot import bcc/pyroute2/pcn_agent: remove $venv and run make again" >&2; exit 1; }
+
+# 5. pcn-cni's C launcher (and its Python fallback) for the lab's kubelet
+#    stand-in and the tests: $venv/lib/pcn-cni/pcn, rebuilt when launcher.c changes.
+"$venv/bin/python" -c 'from pcn_lab.kubelet import cni_launcher; cni_launcher()' \
+    || { echo "building pcn-cni's launcher failed (it needs gcc and libc6-dev)" >&2; exit 1; }
 say "ready"

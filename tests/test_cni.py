@@ -1,6 +1,12 @@
 """pcn-cni run exactly as a container runtime runs it (CNI_* environment,
 network configuration on stdin) inside the node namespace of a one-node lab,
-whose data plane the agent's local API serves; Debian's host-local does IPAM."""
+whose data plane the agent's local API serves; Debian's host-local does IPAM.
+
+Every test runs against both plugins (the `plugin` parameter): "launcher",
+the C launcher the node installs as /opt/cni/bin/pcn, which hands the
+invocation to the agent (CniService runs the plugin's code in-process) and
+execs the Python plugin when the agent cannot take it; and "python", the
+reference plugin run on its own."""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from pyroute2 import netns as pr_netns
 from pcn_agent.cni import localapi, spec
 from pcn_agent.cni.ipam import run_program
 from pcn_agent.cni.link import host_ifname
-from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
+from pcn_agent.control.localapi import CniService, DataplaneHandler, LocalApiServer
 from pcn_agent.dataplane.netns import netns_path
 from pcn_agent.node.wiring import NodeDataplane
 from pcn_lab import kubelet
@@ -35,13 +41,22 @@ pytestmark = pytest.mark.netns
 
 CNI_PATH = "/usr/lib/cni"
 HOST_LOCAL = Path(CNI_PATH) / "host-local"
-# The plugin as nodes run it: the package's entry point with -I -S (the image's
-# CNI bundle, the lab's kubelet stand-in); the `pcn-cni` console script and
-# `python -m pcn_agent.cni` run the same code and are checked to answer alike.
-PLUGIN = kubelet.cni_binary()
+# The Python plugin as nodes ran it before the launcher (and as the launcher's
+# fallback runs it): the package's entry point with -I -S; the `pcn-cni`
+# console script, `python -m pcn_agent.cni` and the launcher (without an agent
+# to hand the invocation to) run the same code and are checked to answer alike.
+PYTHON = kubelet.cni_binary("python")
+LAUNCHER = kubelet.cni_binary("launcher")
+PLUGINS = {"launcher": LAUNCHER, "python": PYTHON}
 _SCRIPT = Path(sys.executable).with_name("pcn-cni")
-OTHER_STARTS = [[sys.executable, "-m", "pcn_agent.cni"]] + \
+OTHER_STARTS = [[sys.executable, "-m", "pcn_agent.cni"], LAUNCHER] + \
     ([[str(_SCRIPT)]] if _SCRIPT.exists() else [])
+
+
+@pytest.fixture(params=list(PLUGINS))
+def plugin(request: pytest.FixtureRequest) -> list[str]:
+    """Each plugin's command line, for the tests that need no lab."""
+    return PLUGINS[request.param]
 
 
 @dataclass
@@ -70,6 +85,7 @@ class CniLab:
     tmp: Path
     sock: Path
     network: str
+    plugin: list[str]
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
     @property
@@ -104,7 +120,7 @@ class CniLab:
         environ.update(env)
         environ = {k: v for k, v in environ.items() if v}
         data = conf if isinstance(conf, bytes) else json.dumps(conf or self.conf()).encode()
-        proc = subprocess.run(["ip", "netns", "exec", self.node_ns, *(plugin or PLUGIN)],
+        proc = subprocess.run(["ip", "netns", "exec", self.node_ns, *(plugin or self.plugin)],
                               input=data,
                               env=environ, capture_output=True, timeout=60, check=False)
         stdout = proc.stdout.decode()
@@ -168,8 +184,12 @@ def _root_links() -> set[str]:
         return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
-@pytest.fixture(scope="module")
-def cl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CniLab]:
+@pytest.fixture(scope="module", params=list(PLUGINS))
+def cl(request: pytest.FixtureRequest,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[CniLab]:
+    """A one-node lab whose local API serves the data plane's ops and, for the
+    launcher, whole CNI invocations (CniService, in the node's namespace), as
+    the agent does; runs the plugin `request.param`."""
     if not HOST_LOCAL.exists():
         pytest.skip("host-local IPAM plugin missing (apt-get install containernetworking-plugins)")
     root_before = _root_links()
@@ -180,8 +200,10 @@ def cl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CniLab]:
         lab.build()
         node = lab.node(1)
         sock = tmp / "agent.sock"
-        server = LocalApiServer(sock, DataplaneHandler(node)).start()
-        yield CniLab(lab, node, tmp, sock, f"pcn-test-{lab.run_id}")
+        handler = DataplaneHandler(node)
+        server = LocalApiServer(sock, handler, streams={
+            "cni": CniService(handler, netns_path(node.cfg.netns or ""))}).start()
+        yield CniLab(lab, node, tmp, sock, f"pcn-test-{lab.run_id}", PLUGINS[request.param])
     finally:
         if server is not None:
             server.stop()
@@ -214,10 +236,10 @@ def _pod_addresses(netns: str, ifname: str = "eth0") -> set[str]:
 
 
 # ------------------------------------------------------------------ no kernel
-def test_version() -> None:
+def test_version(plugin: list[str]) -> None:
     for asked, expected in (("1.0.0", "1.0.0"), ("0.4.0", "0.4.0"), (None, "1.1.0")):
         data = json.dumps({"cniVersion": asked}).encode() if asked else b""
-        proc = subprocess.run(PLUGIN, input=data, env={"CNI_COMMAND": "VERSION"},
+        proc = subprocess.run(plugin, input=data, env={"CNI_COMMAND": "VERSION"},
                               capture_output=True, timeout=30, check=False)
         assert proc.returncode == 0, proc.stdout
         out = json.loads(proc.stdout)
@@ -237,8 +259,8 @@ def test_plugin_code_never_imports_pyroute2() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_help_explains_it_is_run_by_the_runtime() -> None:
-    proc = subprocess.run([*PLUGIN, "--help"], capture_output=True, text=True, timeout=30,
+def test_help_explains_it_is_run_by_the_runtime(plugin: list[str]) -> None:
+    proc = subprocess.run([*plugin, "--help"], capture_output=True, text=True, timeout=30,
                           check=False)
     assert proc.returncode == 0
     assert "CNI plugin" in proc.stdout and "container runtime" in proc.stdout
@@ -257,7 +279,7 @@ def test_every_way_to_start_the_plugin_answers_alike(start: list[str]) -> None:
         usage = subprocess.run([*argv, "--help"], capture_output=True, timeout=30,
                                check=True).stdout
         return version, usage
-    assert answers(start) == answers(PLUGIN)
+    assert answers(start) == answers(PYTHON)
 
 
 def _script(tmp: Path, body: str) -> str:
@@ -396,6 +418,8 @@ def test_trace_times_each_phase_of_an_add(clean: CniLab) -> None:
     times = [m[1] for m in add["marks"]]
     assert before < times[0] and times == sorted(times) and times[-1] < after
     assert add["agent"]["lock_wait_ms"] >= 0 and add["agent"]["op_ms"] > 0
+    # the launcher's ADD ran in the agent, not in its Python fallback
+    assert add["where"] == dele["where"] == ("agent" if cl.plugin == LAUNCHER else "plugin")
     assert dele["command"] == "DEL" and [m[0] for m in dele["marks"]][-1] == "done"
 
 
@@ -602,11 +626,15 @@ def test_add_with_an_existing_interface_name_rolls_back(clean: CniLab) -> None:
         cl.delete(cid, path).ok()
 
 
+PARALLEL_ADDS = 30  # issue 13: 30 ADDs at once on one node
+
+
 def test_concurrent_adds_and_dels(clean: CniLab) -> None:
-    """ADDs started together (as a runtime starting many pods at once does) each
-    get their own address and a working link; DELs together leave nothing."""
+    """30 ADDs started together (as a runtime starting many pods at once does)
+    each get their own address and a working link (a ping to the gateway from
+    every pod, and across pods); DELs together leave nothing."""
     cl = clean
-    pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(12)]
+    pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(PARALLEL_ADDS)]
     gate = threading.Barrier(len(pods))
     cl.run("STATUS").ok()  # the agent's op thread has its netlink socket
     sockets = cl.node.rt.netlink_sockets()
@@ -622,9 +650,13 @@ def test_concurrent_adds_and_dels(clean: CniLab) -> None:
     assert len(ips) == len(pods)
     assert cl.cni_pods() == {p[0] for p in pods}
     assert {cl.node.pods[p[0]].iface.address for p in pods} == ips
+    assert set(cl.allocated().values()) == {p[0] for p in pods}
+    gw = cl.node.cfg.gateway
     for (cid, ns, _), res in zip(pods, results, strict=True):
         assert res is not None and res["interfaces"][0]["name"] == host_ifname(cid)
-        _ping(cl, ns, cl.node.cfg.gateway)
+        assert _pod_addresses(ns) == {res["ips"][0]["address"]}
+        ping = cl.exec(ns, ["ping", "-c", "1", "-W", "2", gw])
+        assert ping.returncode == 0, f"pod {ns} cannot ping its gateway: {ping.stdout}"
     _ping(cl, pods[0][1], results[-1]["ips"][0]["address"].split("/")[0])
     with ThreadPoolExecutor(len(pods)) as pool:
         for r in pool.map(lambda p: cl.delete(p[0], p[2]), pods):

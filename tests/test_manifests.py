@@ -649,22 +649,32 @@ def test_installer_writes_a_valid_cni_config(host: dict[str, Any], ds: dict[str,
 
 def test_installed_plugin_runs_from_the_host_path(host: dict[str, Any],
                                                   bundle: tuple[Path, dict[str, str]]) -> None:
-    """The launcher the runtime executes: the bundle alone, an empty environment."""
+    """What the runtime executes: the C launcher (static: nothing of the host),
+    which execs pcn-python, the Python plugin's script, when no agent takes
+    the invocation (none here); an empty environment."""
     assert _install(host, bundle[0], "--pod-cidr", "10.244.3.0/24") == 0
     plugin = host["dirs"]["bin"] / "pcn"
-    text = plugin.read_text()
-    assert text.startswith("#!/bin/sh\n") and os.access(plugin, os.X_OK)
+    assert plugin.read_bytes()[:4] == b"\x7fELF" and os.access(plugin, os.X_OK)
+    assert plugin.read_bytes() == (bundle[0] / bundle[1]["launcher"]).read_bytes()
+    ldd = subprocess.run(["ldd", str(plugin)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    script = host["dirs"]["bin"] / "pcn-python"
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh\n") and os.access(script, os.X_OK)
     assert f"b={host['dirs']['bundles']}/{bundle[1]['id']}\n" in text
-    out = subprocess.run([str(plugin)], input=b'{"cniVersion": "1.0.0"}', capture_output=True,
-                         env={"CNI_COMMAND": "VERSION"}, timeout=30, check=False)
-    assert out.returncode == 0, out.stderr.decode() + out.stdout.decode()
-    answer = json.loads(out.stdout)
-    assert "1.0.0" in answer["supportedVersions"]
-    # a CNI error still comes back as CNI error JSON, on stdout, exit 1
-    out = subprocess.run([str(plugin)], input=b"", capture_output=True, timeout=30, check=False,
-                         env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "x", "CNI_IFNAME": "eth0",
-                              "CNI_PATH": str(host["dirs"]["bin"])})
-    assert out.returncode == 1 and isinstance(json.loads(out.stdout)["code"], int)
+    nowhere = json.dumps({"cniVersion": "1.0.0", "agentSocket": "/nonexistent/pcn.sock"})
+    for exe in (plugin, script):
+        out = subprocess.run([str(exe)], input=nowhere.encode(), capture_output=True,
+                             env={"CNI_COMMAND": "VERSION"}, timeout=30, check=False)
+        assert out.returncode == 0, out.stderr.decode() + out.stdout.decode()
+        answer = json.loads(out.stdout)
+        assert "1.0.0" in answer["supportedVersions"]
+        # a CNI error still comes back as CNI error JSON, on stdout, exit 1
+        out = subprocess.run([str(exe)], input=b"", capture_output=True, timeout=30,
+                             check=False,
+                             env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "x",
+                                  "CNI_IFNAME": "eth0", "CNI_PATH": str(host["dirs"]["bin"])})
+        assert out.returncode == 1 and isinstance(json.loads(out.stdout)["code"], int)
 
 
 def test_installer_is_idempotent_and_prunes_old_bundles(
@@ -680,7 +690,7 @@ def test_installer_is_idempotent_and_prunes_old_bundles(
         (bundles / old / "bundle.json").write_text(json.dumps(meta_old))
     (bundles / ".tmp-crashed-1").mkdir()
     bin_dir = host["dirs"]["bin"]
-    plugin = bin_dir / "pcn"
+    plugin = bin_dir / "pcn-python"  # the Python plugin's script names the bundle
     for launcher in (plugin, bin_dir / "host-local"):
         launcher.write_text(launcher.read_text().replace(meta["id"], "0ld"))
     (bin_dir / "loopback").write_text("#!/bin/sh\n# the host's own loopback\n")

@@ -17,15 +17,22 @@ into one relocatable directory:
   cni/             the reference CNI plugins pcn delegates to (host-local, loopback
                    from Debian's containernetworking-plugins: linked against
                    glibc 2.34+, so they too run on the bundle's loader)
-  pcn-cni.py       the entry point
-  bundle.json      id (a hash of the content), loader, python, entry, cniPlugins
+  pcn-cni.py       the entry point of the Python plugin
+  pcn-cni          pcn-cni's C launcher (pcn_agent/cni/launcher.c, linked
+                   statically: it runs on any host of the CPU architecture), which
+                   hands each invocation to the agent and execs the Python plugin
+                   (installed next to it as <launcher>-python) when the agent
+                   cannot take it
+  bundle.json      id (a hash of the content), loader, python, entry, launcher,
+                   cniPlugins
 
 It is started as
   <dir>/lib/<loader> --library-path <dir>/lib <dir>/bin/python3 -I -S <dir>/pcn-cni.py
 so the bundle's own loader and glibc run it: it works on any host of the same
 CPU architecture whatever its libc or Python, and it needs no fixed path
 (Python finds its standard library next to its executable). install.py copies
-it to the host and writes the /opt/cni/bin/pcn launcher that runs that line.
+it to the host, installs the C launcher as /opt/cni/bin/pcn and writes
+/opt/cni/bin/pcn-python, the /bin/sh script that runs that line.
 
 Usage: python bundle.py OUT [--package NAME ...] [--cni-plugin PATH ...] [--no-check]
 """
@@ -170,11 +177,17 @@ def build(out: Path, packages: tuple[str, ...] = PACKAGES,
     shutil.copy2(os.path.realpath(loader), out / "lib" / loader.name)
 
     (out / "pcn-cni.py").write_text(ENTRY)
+    from pcn_agent.cni import launcher as cni_launcher
+
+    try:
+        cni_launcher.compile_launcher(out / "pcn-cni")
+    except cni_launcher.BuildError as exc:
+        raise BundleError(str(exc)) from None
     for tree in (out / "lib" / ver, out / "site"):
         if not compileall.compile_dir(tree, quiet=1, workers=0):
             raise BundleError(f"byte-compiling {tree} failed")
     meta = {"id": _tree_hash(out, "bundle.json"), "python": "bin/python3",
-            "loader": f"lib/{loader.name}", "entry": "pcn-cni.py",
+            "loader": f"lib/{loader.name}", "entry": "pcn-cni.py", "launcher": "pcn-cni",
             "pythonVersion": ".".join(map(str, sys.version_info[:3])),
             "packages": list(packages), "cniPlugins": sorted(p.name for p in (out / "cni").iterdir())}
     (out / "bundle.json").write_text(json.dumps(meta, indent=1) + "\n")

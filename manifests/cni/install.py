@@ -7,9 +7,14 @@ configuration must land in the host's directories (mounted under /host):
 1. the self-contained CNI runtime built by bundle.py (the image's
    /opt/pcn/cni-bundle) is copied to the host's /opt/pcn/cni/<id>/; a
    finished copy is renamed into place, so a half-copied bundle is never used;
-2. /opt/cni/bin/pcn, a small /bin/sh launcher, is replaced atomically: it
-   runs the bundle's Python through the bundle's own dynamic loader and
-   libraries, so nothing of the host but /bin/sh and the kernel is used;
+2. /opt/cni/bin/pcn, pcn-cni's C launcher from the bundle (static: nothing
+   of the host but the kernel), is replaced atomically: it hands each
+   invocation to the agent over PCN_SOCKET; /opt/cni/bin/pcn-python, a small
+   /bin/sh script the launcher execs when the agent cannot take an
+   invocation, runs the Python plugin: the bundle's Python through the
+   bundle's own dynamic loader and libraries (nothing of the host but /bin/sh).
+   A bundle without a launcher (an older image) gets the script as
+   /opt/cni/bin/pcn itself, as before;
 3. host-local and loopback (Debian's, in the bundle) get such launchers too
    when the host has no plugin of that name; a plugin someone else installed
    is left alone, a launcher of ours is pointed at the new bundle;
@@ -50,8 +55,10 @@ class InstallError(RuntimeError):
 
 
 def launcher(bundle: str, meta: dict[str, Any], plugin: str | None = None) -> str:
-    """The /opt/cni/bin/pcn script (or, with `plugin`, the one of a reference
-    plugin in the bundle); `bundle` is the host path of the bundle."""
+    """The script running the Python plugin, /opt/cni/bin/pcn-python (the C
+    launcher's fallback; /opt/cni/bin/pcn itself for a bundle without the
+    launcher), or, with `plugin`, the one of a reference plugin in the
+    bundle; `bundle` is the host path of the bundle."""
     what = f"CNI plugin {plugin} (Debian's containernetworking-plugins)" if plugin else \
         "pcn CNI plugin"
     run = f'"$b/cni/{plugin}"' if plugin else \
@@ -64,6 +71,38 @@ def launcher(bundle: str, meta: dict[str, Any], plugin: str | None = None) -> st
         "# bundle's own dynamic loader and libraries: nothing of the host but /bin/sh.\n"
         f"b={bundle}\n"
         f'exec "$b/{meta["loader"]}" --library-path "$b/lib" {run} "$@"\n')
+
+
+def bundle_of(bin_dir: Path) -> str | None:
+    """The host path of the bundle the installed plugin uses (from its
+    Python script: pcn-python, or pcn itself before the C launcher)."""
+    for name in ("pcn-python", "pcn"):
+        try:
+            text = (bin_dir / name).read_bytes()[:4096].decode()
+        except (OSError, UnicodeDecodeError):
+            continue  # absent, or the launcher's ELF
+        found = LAUNCHER_BUNDLE.search(text)
+        if found:
+            return found.group(1)
+    return None
+
+
+def install_launcher(bundle_src: Path, bundle: str, meta: dict[str, Any], bin_dir: Path) -> Path:
+    """/opt/cni/bin/pcn (the C launcher, copied from the bundle in the image,
+    `bundle_src`) and /opt/cni/bin/pcn-python (its fallback, the Python
+    plugin of the installed `bundle`); without a launcher in the bundle,
+    /opt/cni/bin/pcn is the Python plugin's script. Returns the plugin."""
+    plugin = bin_dir / "pcn"
+    if not meta.get("launcher"):
+        _write_atomic(plugin, launcher(bundle, meta), 0o755)
+        return plugin
+    # the fallback first: a new launcher must never find an old or no script
+    _write_atomic(bin_dir / "pcn-python", launcher(bundle, meta), 0o755)
+    tmp = plugin.with_name(f".{plugin.name}.tmp-{os.getpid()}")
+    shutil.copyfile(bundle_src / meta["launcher"], tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, plugin)
+    return plugin
 
 
 def ours(path: Path) -> bool:
@@ -240,19 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         conf_dir.mkdir(parents=True, exist_ok=True)
 
         bundle, meta = install_bundle(args.bundle, root, args.bundle_root)
-        plugin = bin_dir / "pcn"
-        old = LAUNCHER_BUNDLE.search(plugin.read_text()) if plugin.is_file() else None
+        old = bundle_of(bin_dir)
         copied = install_plugins(bundle, meta, bin_dir)
-        _write_atomic(plugin, launcher(bundle, meta), 0o755)
+        plugin = install_launcher(args.bundle, bundle, meta, bin_dir)
         conf = conflist(pod_cidr, settings.pod_mtu, args.socket)
         _write_atomic(conf_dir / CONFLIST, json.dumps(conf, indent=2) + "\n", 0o644)
-        keep = {meta["id"]} | ({Path(old.group(1)).name} if old else set())
+        keep = {meta["id"]} | ({Path(old).name} if old else set())
         removed = prune(_host(root, args.bundle_root), keep)
     except (InstallError, OSError, ValueError) as exc:
         print(f"install-cni: {exc}", file=sys.stderr)
         return 1
 
-    print(f"install-cni: {plugin} -> {bundle} (Python {meta['pythonVersion']}); "
+    print(f"install-cni: {plugin} -> {bundle} (Python {meta['pythonVersion']}"
+          f"{', C launcher' if meta.get('launcher') else ''}); "
           f"{conf_dir / CONFLIST}: pod CIDR {pod_cidr}, MTU {settings.pod_mtu}"
           + (f"; launchers for {', '.join(copied)}" if copied else "")
           + (f"; removed old bundles {', '.join(removed)}" if removed else ""))

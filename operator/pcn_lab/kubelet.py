@@ -29,14 +29,42 @@ class CniError(RuntimeError):
         self.result = result
 
 
-def cni_binary() -> list[str]:
-    """The plugin as the node runs it: the package's entry point on this
-    Python with -I -S, as the image's CNI bundle starts it
+PLUGINS = ("launcher", "python")
+
+
+def python_plugin() -> list[str]:
+    """The Python plugin (the reference implementation): the package's entry
+    point on this Python with -I -S, as the image's CNI bundle starts it
     (manifests/cni/bundle.py; pcn_agent/cni/__main__.py says why). The
     `pcn-cni` console script runs the same code, ~10 ms slower to start."""
     from pcn_agent.cni import __file__ as package_init
 
     return [sys.executable, "-I", "-S", str(Path(package_init).with_name("__main__.py"))]
+
+
+def cni_launcher() -> Path:
+    """pcn-cni's C launcher, built from the source tree into this Python's
+    prefix (the virtualenv: <prefix>/lib/pcn-cni/pcn, rebuilt when
+    launcher.c is newer), with <prefix>/lib/pcn-cni/pcn-python, its
+    fallback, running python_plugin()."""
+    from pcn_agent.cni import launcher
+
+    exe = launcher.compile_launcher(Path(sys.prefix) / "lib" / "pcn-cni" / "pcn")
+    launcher.write_fallback(exe, python_plugin())
+    return exe
+
+
+def cni_binary(plugin: str | None = None) -> list[str]:
+    """The plugin as the node runs it: "launcher" (the default: the C
+    launcher the image installs as /opt/cni/bin/pcn, handing each invocation
+    to the agent) or "python" (the reference plugin run on its own);
+    PCN_CNI_PLUGIN in the environment chooses when `plugin` is None."""
+    plugin = plugin or os.environ.get("PCN_CNI_PLUGIN") or "launcher"
+    if plugin == "python":
+        return python_plugin()
+    if plugin == "launcher":
+        return [str(cni_launcher())]
+    raise ValueError(f"PCN_CNI_PLUGIN={plugin!r}: expected one of {', '.join(PLUGINS)}")
 
 
 def network_config(pod_cidr: str, gateway: str, socket_path: str, data_dir: str, mtu: int,
@@ -63,10 +91,11 @@ class PodSandbox:
 
 def run_cni(node_netns: str | None, command: str, sandbox: PodSandbox, config: dict[str, Any],
             ifname: str = "eth0", timeout: float = 30,
-            extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+            extra_env: dict[str, str] | None = None,
+            plugin: str | None = None) -> dict[str, Any]:
     """Run the plugin once (inside `node_netns` if given) as a runtime does;
     its result, or CniError. `extra_env`: more variables for the plugin
-    (PCN_CNI_TRACE in the benchmarks)."""
+    (PCN_CNI_TRACE in the benchmarks); `plugin`: as cni_binary's."""
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "CNI_COMMAND": command, "CNI_CONTAINERID": sandbox.container_id,
@@ -78,7 +107,7 @@ def run_cni(node_netns: str | None, command: str, sandbox: PodSandbox, config: d
         **(extra_env or {}),
     }
     prefix = ["ip", "netns", "exec", node_netns] if node_netns else []
-    r = subprocess.run([*prefix, *cni_binary()], input=json.dumps(config), env=env,
+    r = subprocess.run([*prefix, *cni_binary(plugin)], input=json.dumps(config), env=env,
                        capture_output=True, text=True, timeout=timeout)
     out = json.loads(r.stdout) if r.stdout.strip() else {}
     if r.returncode != 0:

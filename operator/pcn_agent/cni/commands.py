@@ -14,6 +14,7 @@ through pcn_agent.cni.rtnl on a netlink socket; no pyroute2, no `ip` processes).
 
 from __future__ import annotations
 
+import _thread
 import errno
 import ipaddress
 import json
@@ -47,7 +48,12 @@ from pcn_agent.cni.spec import (
 
 TYPE_CHECKING = False  # no typing import at run time: the plugin starts once per pod
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn
+
+    # a local API request -> the agent's successful response (raises
+    # localapi.LocalApiError as localapi.call does)
+    AgentCall = Callable[[dict[str, Any]], dict[str, Any]]
 
 HELP = f"""\
 pcn-cni: the CNI plugin of pcn, a Kubernetes network provider built from eBPF cubes.
@@ -93,8 +99,8 @@ Errors are printed on stdout as CNI error JSON and the exit code is non-zero.
 
 def _agent(conf: NetConf, request: dict[str, Any]) -> dict[str, Any]:
     try:
-        response = localapi.call(conf.agent_socket, request, conf.agent_timeout)
-        _agent_timing.update(response.get("timing") or {})
+        response = _inv().call(conf, request)
+        _inv().agent_timing.update(response.get("timing") or {})
         return response
     except localapi.AgentError as exc:
         raise CniError(exc.code, f"the pcn agent refused {request['op']}: {exc}") from None
@@ -121,31 +127,72 @@ def _step(what: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------- trace
-# (phase, time.monotonic() in s when it ended); PCN_CNI_TRACE=FILE makes main()
-# append them, with the agent's own account of its part, to FILE as one JSON
-# line per run: {"command", "container_id", "marks": [[phase, t], ...],
-# "agent": {"lock_wait_ms", "op_ms"}}. bench/controlplane.py reads them.
-_marks: list[tuple[str, float]] = []
-_agent_timing: dict[str, Any] = {}
+class Invocation:
+    """What one run of the plugin keeps aside from its result: the trace
+    marks, the agent's timing, the messages for stderr, and how it reaches
+    the agent. The plugin process has one (`_PROCESS`); the agent runs
+    invocations for pcn-cni's C launcher on its own threads
+    (pcn_agent.control.localapi.CniService), each with its own, and calls
+    its handler directly instead of its socket.
+
+    marks: [(phase, time.monotonic() in s when it ended)]; PCN_CNI_TRACE=FILE
+    appends them, with the agent's own account of its part, to FILE as one
+    JSON line per run: {"command", "container_id", "marks": [[phase, t], ...],
+    "agent": {"lock_wait_ms", "op_ms"}, "where": "plugin" | "agent"}.
+    bench/controlplane.py reads them."""
+
+    __slots__ = ("marks", "agent_timing", "stderr", "agent", "where")
+
+    def __init__(self, agent: AgentCall | None = None, where: str = "plugin") -> None:
+        self.marks: list[tuple[str, float]] = []
+        self.agent_timing: dict[str, Any] = {}
+        self.stderr: list[str] = []
+        self.agent = agent  # None: the agent's socket (conf.agent_socket)
+        self.where = where
+
+    def call(self, conf: NetConf, request: dict[str, Any]) -> dict[str, Any]:
+        """One local API request; raises what localapi.call raises."""
+        if self.agent is not None:
+            return self.agent(request)
+        return localapi.call(conf.agent_socket, request, conf.agent_timeout)
+
+    def trace_line(self, environ: dict[str, str]) -> str:
+        return json.dumps({"command": environ.get("CNI_COMMAND", ""),
+                           "container_id": environ.get("CNI_CONTAINERID", ""),
+                           "marks": self.marks, "agent": self.agent_timing,
+                           "where": self.where}) + "\n"
+
+
+_PROCESS = Invocation()
+# The invocation each of the agent's threads runs (_thread's C thread-local,
+# threading.local without importing threading: the plugin process has one).
+_local = _thread._local()
+
+
+def _inv() -> Invocation:
+    """The invocation this thread runs (the process's own in the plugin)."""
+    return getattr(_local, "inv", None) or _PROCESS
 
 
 def mark(phase: str) -> None:
     """Note that `phase` of this run ended now."""
-    _marks.append((phase, time.monotonic()))
+    _inv().marks.append((phase, time.monotonic()))
 
 
-def _write_trace(path: str, environ: dict[str, str]) -> None:
+def _write_trace(path: str, environ: dict[str, str], inv: Invocation) -> None:
     try:
         with open(path, "a") as f:
-            f.write(json.dumps({"command": environ.get("CNI_COMMAND", ""),
-                                "container_id": environ.get("CNI_CONTAINERID", ""),
-                                "marks": _marks, "agent": _agent_timing}) + "\n")
+            f.write(inv.trace_line(environ))
     except OSError as exc:
         _stderr(f"cannot write PCN_CNI_TRACE {path}: {exc}")
 
 
 def _stderr(msg: str) -> None:
-    print(f"pcn-cni: {msg}", file=sys.stderr)
+    inv = _inv()
+    if inv is _PROCESS:
+        print(f"pcn-cni: {msg}", file=sys.stderr)
+    else:
+        inv.stderr.append(f"pcn-cni: {msg}\n")
 
 
 # ------------------------------------------------------------------- commands
@@ -237,8 +284,7 @@ def _rollback_add(conf: NetConf, env: Env, ipam: Ipam, host_if: str, created: bo
     problems = []
     if attach_sent:
         try:
-            localapi.call(conf.agent_socket, {"op": "detach", "container_id": env.container_id},
-                          conf.agent_timeout)
+            _inv().call(conf, {"op": "detach", "container_id": env.container_id})
         except localapi.AgentUnavailable:
             pass  # nothing was attached
         except localapi.LocalApiError as exc:
@@ -258,8 +304,7 @@ def _rollback_add(conf: NetConf, env: Env, ipam: Ipam, host_if: str, created: bo
 def cmd_del(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
     host_if = host_ifname(env.container_id)
     try:
-        localapi.call(conf.agent_socket, {"op": "detach", "container_id": env.container_id},
-                      conf.agent_timeout)
+        _inv().call(conf, {"op": "detach", "container_id": env.container_id})
     except localapi.AgentUnavailable as exc:
         # The agent is not running: the pod's link and address are still
         # released (a node without its agent must be able to delete pods);
@@ -326,7 +371,7 @@ def _expected_address(conf: NetConf, env: Env) -> str:
 
 def cmd_status(conf: NetConf, env: Env, environ: dict[str, str]) -> None:
     try:
-        status = localapi.call(conf.agent_socket, {"op": "status"}, conf.agent_timeout)
+        status = _inv().call(conf, {"op": "status"})
     except localapi.LocalApiError as exc:
         raise CniError(NOT_AVAILABLE, f"the pcn agent is not available: {exc}",
                        "pods cannot be added until the pcn agent runs on this node") from None
@@ -399,13 +444,54 @@ def run(environ: dict[str, str], data: bytes) -> dict[str, Any] | None:
     return handler(conf, env, environ)
 
 
+def execute(environ: dict[str, str], data: bytes) -> tuple[int, bytes]:
+    """One invocation's output, as the plugin prints it: (exit status 0 or 1,
+    stdout: the result or CNI error JSON, one line; empty for a command
+    without a result). Both the plugin process (main) and the agent serving
+    the C launcher (run_in_agent) answer through this."""
+    try:
+        result = run(environ, data)
+    except CniError as exc:
+        return 1, _error_json(peek_version(data), exc.code, exc.msg, exc.details)
+    except Exception as exc:  # a bug: still answer in the CNI's terms
+        return 1, _error_json(peek_version(data), INTERNAL, f"pcn-cni failed: {exc}",
+                              type(exc).__name__)
+    return 0, (json.dumps(result) + "\n").encode() if result is not None else b""
+
+
+def run_in_agent(environ: dict[str, str], data: bytes, agent: AgentCall,
+                 received: float, started: float | None = None) -> tuple[int, bytes, bytes]:
+    """The plugin's work done by the agent for pcn-cni's C launcher, on the
+    calling thread (which must be in the node's network namespace): (exit
+    status, stdout, stderr) for the launcher to hand on. `agent` answers
+    local API requests in-process (raising localapi.LocalApiError as
+    localapi.call does); `received`: time.monotonic() when the request
+    arrived (the trace's "entered"), `started` when its turn came (its
+    "imported": nothing is imported per run, but an invocation may wait for
+    others; default: now). PCN_CNI_TRACE in `environ` is written as by the
+    plugin, with "where": "agent"."""
+    inv = Invocation(agent, "agent")
+    inv.marks += [("entered", received),
+                  ("imported", time.monotonic() if started is None else started)]
+    _local.inv = inv
+    try:
+        status, out = execute(environ, data)
+        trace = environ.get("PCN_CNI_TRACE")
+        if trace and environ.get("CNI_COMMAND"):
+            mark("done")
+            _write_trace(trace, environ, inv)
+        return status, out, "".join(inv.stderr).encode()
+    finally:
+        _local.inv = None
+
+
 def main(argv: list[str] | None = None, entered: float | None = None) -> NoReturn:
     """The plugin's process: argv (none but --help), CNI_* from the environment,
     the configuration on stdin; the result or CNI error JSON on stdout, exit 0
     or 1. `entered`: time.monotonic() when the entry point began, before its
     imports (the trace's first mark)."""
     if entered is not None:
-        _marks.append(("entered", entered))
+        _PROCESS.marks.append(("entered", entered))
     mark("imported")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -418,25 +504,16 @@ def main(argv: list[str] | None = None, entered: float | None = None) -> NoRetur
     data = b""
     if environ.get("CNI_COMMAND") and not sys.stdin.isatty():
         data = sys.stdin.buffer.read()
-    try:
-        result = run(environ, data)
-    except CniError as exc:
-        _fail(peek_version(data), exc.code, exc.msg, exc.details)
-    except Exception as exc:  # a bug: still answer in the CNI's terms
-        _fail(peek_version(data), INTERNAL, f"pcn-cni failed: {exc}", type(exc).__name__)
-    if result is not None:
-        sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
-    _exit(0, environ)
+    status, out = execute(environ, data)
+    sys.stdout.buffer.write(out)
+    _exit(status, environ)
 
 
-def _fail(version: str, code: int, msg: str, details: str) -> NoReturn:
+def _error_json(version: str, code: int, msg: str, details: str) -> bytes:
     err: dict[str, Any] = {"cniVersion": version, "code": code, "msg": msg}
     if details:
         err["details"] = details
-    sys.stdout.write(json.dumps(err) + "\n")
-    sys.stdout.flush()
-    _exit(1, dict(os.environ))
+    return (json.dumps(err) + "\n").encode()
 
 
 def _exit(status: int, environ: dict[str, str]) -> NoReturn:
@@ -446,7 +523,7 @@ def _exit(status: int, environ: dict[str, str]) -> NoReturn:
     trace = environ.get("PCN_CNI_TRACE")
     if trace:
         mark("done")
-        _write_trace(trace, environ)
+        _write_trace(trace, environ, _PROCESS)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

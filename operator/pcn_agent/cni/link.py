@@ -26,7 +26,7 @@ def check_netns(path: str) -> None:
     except FileNotFoundError:
         raise CniError(INVALID_ENV, f"CNI_NETNS {path} does not exist",
                        "the pod's network namespace must exist before ADD/CHECK") from None
-    own = os.stat("/proc/self/ns/net")
+    own = os.stat("/proc/thread-self/ns/net")  # the agent runs ADDs on its threads
     if st.st_dev != own.st_dev:
         raise CniError(INVALID_ENV, f"CNI_NETNS {path} is not a network namespace",
                        "CNI_NETNS is the path of a network namespace, e.g. /var/run/netns/<name>")

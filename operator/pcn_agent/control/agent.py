@@ -487,7 +487,7 @@ class Agent:
 
     def _start_local_api(self) -> None:
         try:
-            from pcn_agent.control.localapi import DataplaneHandler, LocalApiServer
+            from pcn_agent.control.localapi import CniService, DataplaneHandler, LocalApiServer
         except ImportError:  # pragma: no cover - the module ships with the package
             log.error("local API unavailable: the CNI plugin cannot attach pods")
             return
@@ -498,17 +498,26 @@ class Agent:
         handler = self.cni_handler = DataplaneHandler(self.node, lock=self.manager.lock)
         self.observer = observer = Observer(self.node, self.manager)
 
+        from pcn_agent.dataplane.netns import netns_path
+
+        cni = CniService(handler, netns_path(self.netns) if self.netns else None,
+                         settled=self.wake)
+
         def serve(request: dict[str, Any]) -> dict[str, Any]:
             if request.get("op") in Observer.OPS:  # flows
                 return observer(request)
             response = handler(request)
-            if request.get("op") in ("attach", "detach", "gc"):
-                self.wake()  # a pod came or went: its chain may change
+            # a pod came or went: its chain may change; after a burst of
+            # pcn-cni invocations, one reconcile for them all
+            if request.get("op") in ("attach", "detach", "gc") \
+                    and not cni.defer():
+                self.wake()
             return response
 
+        cni.handler = serve
         self.api = LocalApiServer(self.socket_path, serve,
                                   streams={"capture": observer.capture,
-                                           "flows": observer.flows_stream})
+                                           "flows": observer.flows_stream, "cni": cni})
         self.api.start()
 
     # ------------------------------------------------------------------ writes

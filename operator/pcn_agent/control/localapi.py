@@ -5,8 +5,9 @@ turns attach/detach/check/status/gc requests into node data-plane calls.
 The socket is mode 0600 and root peers only, checked again with SO_PEERCRED;
 one JSON request line and one JSON response line per connection, except for
 streaming ops (`capture`, pcn_agent.control.captureproto; `flows`, which
-sends progress lines while the data plane is busy), whose handler keeps the
-connection and answers on it for as long as the stream lasts.
+sends progress lines while the data plane is busy; `cni`, CniService), whose
+handler keeps the connection and answers on it for as long as the stream
+lasts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pcn_agent.cni.localapi import MAX_LINE, read_line
+from pcn_agent.cni import commands as cni_commands
+from pcn_agent.cni import rtnl
+from pcn_agent.cni.localapi import MAX_LINE, AgentError, read_line
 from pcn_agent.cni.spec import (
     DECODE_FAILURE,
     INTERNAL,
@@ -526,3 +529,122 @@ class DataplaneHandler:
                 removed.append(self._describe(pod))
                 log.info("gc: detached stale container %s (%s)", key, pod.iface.host_ifname)
         return {"removed": removed}
+
+
+# ------------------------------------------------------------------- pcn-cni's launcher
+CNI_FRAME = b"PCNCNI1"  # the first word of the `cni` op's answer (cni/launcher.c reads it)
+
+
+def default_cni_concurrency() -> int:
+    """CNI invocations the agent runs at once: two per CPU (one in its
+    Python work, one waiting for IPAM or the kernel), 2 to 16."""
+    return max(2, min(16, 2 * (os.cpu_count() or 1)))
+
+
+class CniService:
+    """The `cni` streaming op: a whole CNI invocation of pcn-cni's C launcher
+    (operator/pcn_agent/cni/launcher.c), run by the agent on the
+    connection's thread with the reference plugin's code
+    (pcn_agent.cni.commands.run_in_agent), so a pod ADD costs no interpreter
+    start and no imports: the agent is running and warm.
+
+    Request (one JSON line): {"op": "cni", "env": {NAME: value, ...} (the
+    launcher's whole environment: CNI_*, PATH), "stdin": "<the network
+    configuration, as text>"}.
+    Answer: b"PCNCNI1 <status> <stdout bytes> <stderr bytes>\n", then the
+    plugin's stdout and stderr as they are: the result or CNI error JSON and
+    the exit status (0 or 1) the launcher passes on.
+
+    The thread enters the node's network namespace (`netns`, a path; None:
+    the agent's own, as in the DaemonSet's hostNetwork) for the run: the host
+    veth end is made there, and CNI_NETNS is opened from there. Local API
+    requests of the run (attach, detach, check, status, gc) go to `handler`
+    in-process, the same handler the socket serves. ADDs run in parallel up
+    to their attach, which the handler serialises (its node lock): IPAM and
+    the netlink work of concurrent ADDs overlap, `concurrency` at a time (the
+    others wait their turn before they start: their Python work shares one
+    interpreter lock, and 30 threads contending for it made every ADD slower;
+    30 ADDs at once in a one-node lab on 2 busy CPUs, back to back: all at
+    once p50 487/355 ms, max 549/417; 4 at a time p50 204/221, max 317/359;
+    2 at a time p50 333, max 565; 8 at a time p50 503/330, max 644/411).
+
+    `settled`: called (on the last one's thread) when the invocations in
+    flight have all ended after one of them asked for it (`defer`): the
+    agent reconciles the node once after a burst of pods rather than after
+    each (a full reconcile per attach made 30 ADDs at once wait for each
+    other's reconciles on the node lock)."""
+
+    def __init__(self, handler: Handler, netns: str | None = None,
+                 settled: Callable[[], None] | None = None,
+                 concurrency: int | None = None) -> None:
+        self.handler = handler
+        self.netns = netns
+        self.settled = settled
+        self.concurrency = concurrency or default_cni_concurrency()
+        self._slots = threading.Semaphore(self.concurrency)
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._deferred = False
+
+    def defer(self) -> bool:
+        """If invocations are in flight, note that `settled` must run once
+        they have all ended, and return True; else False (run it now)."""
+        with self._lock:
+            if self._inflight == 0 or self.settled is None:
+                return False
+            self._deferred = True
+            return True
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._inflight += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            fire = self._inflight == 0 and self._deferred
+            if fire:
+                self._deferred = False
+        if fire and self.settled is not None:
+            self.settled()
+
+    def call(self, request: Request) -> Response:
+        """A local API request in-process: the response as localapi.call
+        returns it (ok included), or AgentError as it raises."""
+        try:
+            result = self.handler(request)
+        except ApiError as exc:
+            raise AgentError(str(exc), exc.code) from None
+        except Exception as exc:
+            log.exception("local API %s (for pcn-cni) failed", request.get("op"))
+            raise AgentError(f"{request.get('op')} failed in the agent: {exc}", INTERNAL) \
+                from None
+        return {"ok": True, **result}
+
+    def __call__(self, request: Request, conn: socket.socket) -> None:
+        received = time.monotonic()
+        env, stdin = request.get("env"), request.get("stdin")
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()) \
+                or not isinstance(stdin, str):
+            status, err = 1, b""
+            out = json.dumps({"cniVersion": "1.0.0", "code": DECODE_FAILURE,
+                              "msg": "the pcn agent got a cni request without \"env\" (an "
+                                     "object of strings) and \"stdin\" (a string)",
+                              "details": "are pcn-cni's launcher and the agent the same "
+                                         "version?"}).encode() + b"\n"
+        else:
+            self._begin()
+            try:
+                with self._slots, rtnl.netns(self.netns):
+                    status, out, err = cni_commands.run_in_agent(
+                        env, stdin.encode(), self.call, received, time.monotonic())
+            finally:
+                self._end()
+        conn.settimeout(READ_TIMEOUT_S)
+        try:
+            conn.sendall(b"%s %d %d %d\n" % (CNI_FRAME, status, len(out), len(err)) + out + err)
+        except OSError as exc:
+            log.warning("pcn-cni launcher went away before the answer (%s %s): %s",
+                        env.get("CNI_COMMAND") if isinstance(env, dict) else "?",
+                        env.get("CNI_CONTAINERID") if isinstance(env, dict) else "?", exc)
