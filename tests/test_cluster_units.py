@@ -176,9 +176,9 @@ def test_mount_plan(layout: Layout) -> None:
     binds = [c for c in plan if c[:2] == ["mount", "--bind"]]
     assert len(binds) == len(NODE_BINDS)
     assert ["mount", "--bind", str(layout.node_path(n, "/run/netns")), "/run/netns"] in binds
-    assert plan.index(["mount", "--make-rshared", "/var/lib/kubelet"]) == \
-        plan.index(["mount", "--bind", str(layout.node_path(n, "/var/lib/kubelet")),
-                    "/var/lib/kubelet"]) + 1
+    for shared in ("/var/lib/kubelet", "/run/netns"):  # reach the agent's container too
+        assert plan.index(["mount", "--make-rshared", shared]) == \
+            plan.index(["mount", "--bind", str(layout.node_path(n, shared)), shared]) + 1
     assert ["mount", "-t", "bpf", "bpffs", "/sys/fs/bpf"] in plan
     assert ["mount", "--make-shared", "/sys/fs/bpf"] in plan
     assert ["mount", "-t", "cgroup", "-o", "none,name=systemd", "cgroup",

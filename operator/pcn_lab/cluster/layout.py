@@ -58,8 +58,11 @@ NODE_BINDS: tuple[tuple[str, str], ...] = (
     ("/var/log/containers", "log-containers"),
     ("/run/netns", "netns"),
 )
-# the binds that must propagate mounts both ways (kubelet's volumes)
-RSHARED = ("/var/lib/kubelet",)
+# the binds that must propagate mounts both ways: kubelet's volumes, and the
+# pods' network namespaces, which the agent's container (its /run/netns
+# mounted HostToContainer) opens for pcn-cni's launcher, as on a systemd host
+# whose mounts are shared from / down
+RSHARED = ("/var/lib/kubelet", "/run/netns")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ namespace over /sys, which hides the machine's /sys/fs/cgroup and
 
 1. bind-mounts the node's folders of the lab's data folder over
    /var/lib/kubelet, /var/lib/containerd, /run/containerd, ... (layout's
-   NODE_BINDS), /var/lib/kubelet made rshared (kubelet's volume mounts must
-   reach the containers);
+   NODE_BINDS), /var/lib/kubelet and /run/netns made rshared (kubelet's
+   volume mounts and containerd's pod namespaces must reach the containers:
+   the agent opens CNI_NETNS for pcn-cni's launcher);
 2. mounts a fresh bpffs on /sys/fs/bpf, shared (the agent's DaemonSet
    mounts it with Bidirectional propagation);
 3. mounts the machine's cgroup hierarchies again under /sys/fs/cgroup as
