@@ -129,3 +129,34 @@ def test_launcher_falls_back_to_the_python_plugin(tmp_path: Path) -> None:
     rc, out, _ = _launch(sock)
     assert rc == 1 and out is not None and out["code"] == 50
     assert str(sock) in out["msg"]
+
+
+def test_an_add_whose_netns_the_agent_cannot_see_goes_to_the_python_plugin(
+        tmp_path: Path) -> None:
+    """A CNI_NETNS path missing from the agent's mounts (a host whose
+    /run/netns does not propagate into the agent's container): the agent
+    answers with a local API error line naming the mount, on which the
+    launcher runs the Python plugin (from the caller's mounts), here with
+    the same missing path, so the plugin's own error comes back."""
+    calls: list[dict[str, Any]] = []
+    svc = CniService(lambda r: calls.append(r) or {}, None)
+    unseen = str(tmp_path / "cni-gone")
+    a, b = socket.socketpair()
+    with a, b:
+        svc({"op": "cni", "env": {"CNI_COMMAND": "ADD", "CNI_NETNS": unseen},
+             "stdin": json.dumps(STATUS_CONF)}, a)
+        a.shutdown(socket.SHUT_WR)
+        answer = json.loads(b.makefile("rb").read())
+    assert not answer["ok"] and unseen in answer["error"] and "HostToContainer" in answer["error"]
+    assert calls == []  # nothing was done in the agent
+    sock = tmp_path / "agent.sock"
+    with LocalApiServer(sock, lambda r: {}, streams={"cni": svc}):
+        conf = {**STATUS_CONF, "agentSocket": str(sock)}
+        p = subprocess.run(LAUNCHER, input=json.dumps(conf).encode(),
+                           env={"CNI_COMMAND": "ADD", "CNI_NETNS": unseen,
+                                "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0",
+                                "CNI_PATH": "/opt/cni/bin", "PATH": "/usr/bin:/bin"},
+                           capture_output=True, timeout=60, check=False)
+    out = json.loads(p.stdout)
+    assert p.returncode == 1 and unseen in out["msg"], out  # the Python plugin's error
+    assert "not visible to the agent" not in out["msg"]

@@ -12,6 +12,7 @@ lasts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -585,6 +586,16 @@ class CniService:
         self._lock = threading.Lock()
         self._inflight = 0
         self._deferred = False
+        self._warned_unseen = False
+
+    def _warn_unseen(self, path: str) -> None:
+        with self._lock:
+            first = not self._warned_unseen
+            self._warned_unseen = True
+        (log.warning if first else log.debug)(
+            "CNI_NETNS %s is not visible in the agent's mounts (its /run/netns must be "
+            "mounted from the host with HostToContainer propagation, the host's shared): "
+            "pcn-cni falls back to its Python plugin, slower", path)
 
     def defer(self) -> bool:
         """If invocations are in flight, note that `settled` must run once
@@ -633,6 +644,20 @@ class CniService:
                                      "object of strings) and \"stdin\" (a string)",
                               "details": "are pcn-cni's launcher and the agent the same "
                                          "version?"}).encode() + b"\n"
+        elif env.get("CNI_COMMAND") in ("ADD", "CHECK") and env.get("CNI_NETNS") and \
+                not os.path.exists(env["CNI_NETNS"]):
+            # The runtime's path is not in this container's mounts (a host whose
+            # /run/netns does not propagate to the agent): a local API error line,
+            # on which the launcher runs the Python plugin, from the caller's view.
+            self._warn_unseen(env["CNI_NETNS"])
+            conn.settimeout(READ_TIMEOUT_S)
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(_error(
+                    f"CNI_NETNS {env['CNI_NETNS']} is not visible to the agent: mount the "
+                    f"host's /run/netns into its container with HostToContainer "
+                    f"propagation from a shared mount; pcn-cni runs its Python plugin "
+                    f"meanwhile", INVALID_ENV)).encode() + b"\n")
+            return
         else:
             self._begin()
             try:
