@@ -379,6 +379,7 @@ def test_a_nodeport_whose_endpoints_are_hostnetwork_servers(svc_lab: Lab, policy
 
 _CLIENT_ON_ONE_PORT = r"""
 import json, socket, sys
+from pcn_lab.probe import recv_line
 proto, node, sport, ports = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 out = []
 if proto == "udp":  # one socket, one datagram to each port in turn
@@ -408,12 +409,7 @@ else:  # a connection to each port in turn, all open, then each asked in turn
         try:
             s.sendall(b"pcn")
             s.shutdown(socket.SHUT_WR)
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
+            buf = recv_line(s)
             out.append([peer, json.loads(buf)["host"] if buf else "no answer"])
         except OSError as e:
             out.append([None, repr(e)])

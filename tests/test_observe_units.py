@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,17 @@ from kubectl_pcn import flows as fl
 from kubectl_pcn.errors import Forbidden, PcnError
 from pcn_agent.control import captureproto as proto
 from pcn_agent.control.metrics import AgentCollector
+
+
+def _reader(sock: socket.socket, got: bytearray) -> threading.Thread:
+    """A thread reading `sock` into `got` until the other end closes."""
+    def read() -> None:
+        while chunk := sock.recv(1 << 20):
+            got.extend(chunk)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
 
 
 def flow(src: str, sport: int, packets: int, nbytes: int, last: float,
@@ -216,7 +228,6 @@ def test_flows_says_what_the_agent_is_busy_with(monkeypatch: pytest.MonkeyPatch,
     12) gets progress lines naming what it waits for, then its answer; the
     client hands each to `progress` and returns the answer."""
     import json
-    import threading
     from types import SimpleNamespace
 
     from pcn_agent.cni import localapi
@@ -328,7 +339,6 @@ def test_the_capture_stream_never_waits_while_copies_are_queued(
     sent, ~850 full-size frames a second, under the default bound of 2000
     (issue 12 trial: copies lost at the default rate)."""
     import queue
-    import threading
     from types import SimpleNamespace
 
     from pcn_agent.control import observe
@@ -354,13 +364,7 @@ def test_the_capture_stream_never_waits_while_copies_are_queued(
     tally = observe._Tally()
     a, b = socket.socketpair()
     got = bytearray()
-
-    def read() -> None:
-        while chunk := b.recv(1 << 20):
-            got.extend(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    reader = _reader(b, got)
     try:
         reason, there = obs._stream(a, q, pod, 300, 0, 30.0, tally)  # type: ignore[arg-type]
     finally:
@@ -376,7 +380,6 @@ def test_the_capture_stream_never_waits_while_copies_are_queued(
 def test_the_copies_left_at_the_end_are_sent_or_counted() -> None:
     """What is queued when a capture ends goes to a reader still there, in
     pieces; to a reader gone, nothing, and every copy comes back as unsent."""
-    import threading
 
     from pcn_agent.control import observe
     from pcn_agent.dataplane.cubes.packetcapture import Captured
@@ -384,13 +387,7 @@ def test_the_copies_left_at_the_end_are_sent_or_counted() -> None:
     copies = [Captured(i, 1, 7, 1, 9000, bytes(8192)) for i in range(100)]
     a, b = socket.socketpair()
     got = bytearray()
-
-    def read() -> None:
-        while chunk := b.recv(1 << 20):
-            got.extend(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    reader = _reader(b, got)
     try:
         assert observe._send_rest(a, copies, 5) == (105, [])
     finally:

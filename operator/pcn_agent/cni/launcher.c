@@ -133,27 +133,14 @@ static int read_all(int fd, struct buf *b, size_t limit)
 	}
 }
 
-static int write_all(int fd, const char *p, size_t n)
+/* All of `n` bytes to `fd`: with send(MSG_NOSIGNAL) to the agent's socket
+ * (`sock`), so that an agent that closed the connection is EPIPE and a CNI
+ * error, not SIGPIPE and an exit without one; with write() to stdout and
+ * stderr. */
+static int put_all(int fd, const char *p, size_t n, int sock)
 {
 	while (n) {
-		ssize_t put = write(fd, p, n);
-		if (put < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		p += put;
-		n -= (size_t)put;
-	}
-	return 0;
-}
-
-/* To the agent: MSG_NOSIGNAL, so an agent that closed the connection is
- * EPIPE and a CNI error, not SIGPIPE and an exit without one. */
-static int send_all(int fd, const char *p, size_t n)
-{
-	while (n) {
-		ssize_t put = send(fd, p, n, MSG_NOSIGNAL);
+		ssize_t put = sock ? send(fd, p, n, MSG_NOSIGNAL) : write(fd, p, n);
 		if (put < 0) {
 			if (errno == EINTR)
 				continue;
@@ -307,7 +294,7 @@ static void fail(const char *version, int code, const char *details, const char 
 		buf_json(&out, details, strlen(details));
 	}
 	buf_str(&out, "}\n");
-	write_all(1, out.d, out.n);
+	put_all(1, out.d, out.n, 0);
 	_exit(1);
 }
 
@@ -326,7 +313,7 @@ static void exec_python(char **argv, const struct buf *input, char *what, size_t
 	snprintf(plugin, sizeof(plugin), "%s-python", self);
 	/* a memfd rather than a pipe: any size, no writer process to keep */
 	int fd = memfd_create("pcn-cni-stdin", 0);
-	if (fd < 0 || write_all(fd, input->d ? input->d : "", input->n) || lseek(fd, 0, SEEK_SET) ||
+	if (fd < 0 || put_all(fd, input->d ? input->d : "", input->n, 0) || lseek(fd, 0, SEEK_SET) ||
 	    dup2(fd, 0) < 0) {
 		snprintf(what, what_size, "handing stdin on");
 		return;
@@ -420,7 +407,7 @@ int main(int argc, char **argv)
 	buf_str(&req, "},\"stdin\":");
 	buf_json(&req, input.d ? input.d : "", input.n);
 	buf_str(&req, "}\n");
-	if (send_all(fd, req.d, req.n) < 0) {
+	if (put_all(fd, req.d, req.n, 1) < 0) {
 		if (errno == EAGAIN || errno == EWOULDBLOCK)
 			fail(c.version, CNI_TRY_AGAIN_LATER, "the agent is alive but stuck; check its log",
 			     "the pcn agent at %s did not take the request within %g s", c.socket,
@@ -456,7 +443,7 @@ int main(int argc, char **argv)
 		     "the pcn agent at %s closed the connection without a complete answer to %s",
 		     c.socket, command);
 	const char *body = ans.d + start + (size_t)head;
-	write_all(1, body, out_n);
-	write_all(2, body + out_n, err_n);
+	put_all(1, body, out_n, 0);
+	put_all(2, body + out_n, err_n, 0);
 	return status;
 }
