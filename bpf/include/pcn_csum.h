@@ -8,7 +8,6 @@
 #include "pcn_helpers.h"
 
 #define PCN_IP_CSUM_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, check))
-#define PCN_IP_TTL_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, ttl))
 
 /* Decrement the TTL of a header the program may write in place (bounds
  * checked by the caller), as a router forwarding it does. TTL and protocol

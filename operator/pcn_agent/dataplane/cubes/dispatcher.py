@@ -120,7 +120,7 @@ class Dispatcher:
         node's own address among a NodePort's backends) that no NodePort or
         hostPort holds: a flow from outside straight to one of them whose
         replies clash with a NodePort session's gets its source port remapped
-        (bpf/k8sdispatcher.c disp_direct). Other ports cost no lookup."""
+        (bpf/k8sdispatcher.c disp_nodeport, DISP_POLICY_ENDPOINT). Other ports cost no lookup."""
         ip = self.cfg.node_ip
         held = set(self.nodeports) | {(h.port, h.proto) for h in self.hostports
                                       if ip in self.hostport_addresses(h.host_ip)}
