@@ -52,8 +52,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,6 +338,18 @@ def start_relay(api_netns: str, target_port: int, port_file: Path, log_file: Pat
         raise
 
 
+
+class CreateBudgetExceeded(RuntimeError):
+    """ApiClient.create_all stopped: at its rate so far, creating every object
+    would take `projected_s` s, past the budget it was given."""
+
+    def __init__(self, created: int, total: int, elapsed_s: float, projected_s: float) -> None:
+        super().__init__(f"{created} of {total} API objects created in {elapsed_s:.0f} s "
+                         f"({created / max(elapsed_s, 1e-9):.0f}/s): all of them would take "
+                         f"~{projected_s / 60:.0f} min")
+        self.created, self.total = created, total
+        self.elapsed_s, self.projected_s = elapsed_s, projected_s
+
 class ApiClient:
     """JSON over HTTPS to the bench's API server with the bench token, one
     kept-alive connection per thread. Raises RuntimeError with the server's
@@ -385,13 +397,35 @@ class ApiClient:
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", collection_path(obj), obj)
 
-    def create_all(self, objs: Sequence[dict[str, Any]], workers: int = 8) -> float:
+    def create_all(self, objs: Sequence[dict[str, Any]], workers: int = 8,
+                   progress: Callable[[int, int, float], None] | None = None,
+                   budget_s: float | None = None, every_s: float = 10.0) -> float:
         """Create `objs` (namespaced objects of one kind after another, in
-        order per kind) with `workers` threads; returns the seconds it took."""
+        order per kind) with `workers` threads; returns the seconds it took.
+
+        Every `every_s` s, `progress(created, total, elapsed_s)`. With
+        `budget_s`, raises CreateBudgetExceeded as soon as the rate so far
+        projects the whole past `budget_s` (the creates in flight end, the
+        queued ones are cancelled): an API server slows down as it fills
+        (the bench's went from ~550 to ~50 objects/s between 10 000 and
+        100 000 Services), so the rate of a smaller level does not predict a
+        larger one's. A failed create raises what `create` raised."""
         t = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            list(pool.map(self.create, objs))
+            pending = {pool.submit(self.create, o) for o in objs}
+            while pending:
+                done, pending = wait(pending, timeout=every_s, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()  # a failed create: raised here
+                created, elapsed = len(objs) - len(pending), time.perf_counter() - t
+                if not pending:
+                    break
+                if progress is not None:
+                    progress(created, len(objs), elapsed)
+                projected = elapsed * len(objs) / max(created, 1)
+                if budget_s is not None and projected > budget_s:
+                    raise CreateBudgetExceeded(created, len(objs), elapsed, projected)
         except BaseException:
             # an interrupted run (or a failed create) must not wait for the
             # rest of a long queue: 200 000 creates take an hour on a busy machine

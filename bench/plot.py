@@ -9,10 +9,15 @@ from pathlib import Path
 from .results import Result
 
 _METRIC = re.compile(r"^latency(-p99)?@(\d+)$")
-COLORS = {"pcn": "tab:blue", "kube-proxy-iptables": "tab:red",
-          "kube-proxy-nftables": "tab:orange", "linux-bridge": "tab:green", "veth": "tab:gray",
-          "node-to-node": "tab:purple"}
-_SPARE = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+# one colour per variant, pcn's in blues and the references in the others, so
+# that no two bars of one picture share a colour (matplotlib's default cycle
+# would repeat pcn's blue for the eleventh variant)
+COLORS = {"pcn": "tab:blue", "pcn-socklb": "#6baed6", "pcn-direct": "#08306b",
+          "kube-proxy-iptables": "tab:red", "kube-proxy-nftables": "tab:orange",
+          "linux-bridge": "tab:green", "veth": "tab:gray", "veth-1500": "#c7c7c7",
+          "node-to-node": "tab:purple", "vxlan-kernel": "tab:brown",
+          "vxlan-kernel-pods": "#e7ba52", "direct-kernel-pods": "tab:pink"}
+_SPARE = ("tab:olive", "tab:cyan", "#393b79", "#637939")
 
 
 def service_scale_png(results: Sequence[Result], path: Path) -> Path:
@@ -122,7 +127,13 @@ def throughput_png(results: Sequence[Result], path: Path) -> Path:
             by.setdefault((r.scenario, r.metric), {})[r.variant] = r.value
     if not by:
         raise ValueError("no throughput or tcp-rr results of the path scenarios to plot")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4))
+    # a variant keeps its colour in both pictures, and one legend under them
+    # both leaves every bar visible
+    spare = iter(_SPARE)
+    colour = {v: COLORS.get(v) or next(spare, None)
+              for v in sorted({v for bars in by.values() for v in bars})}
+    handles: dict[str, object] = {}
     for ax, metric, unit in ((axes[0], "throughput", "Gbit/s"),
                              (axes[1], "tcp-rr", "transactions/s")):
         scenarios = [s for s in PATHS if (s, metric) in by]
@@ -133,7 +144,6 @@ def throughput_png(results: Sequence[Result], path: Path) -> Path:
                     transform=ax.transAxes)
             ax.set_axis_off()
             continue
-        spare = iter(_SPARE)
         # each scenario's own variants side by side, centred on its tick
         width = 0.8 / max(len(by[(s, metric)]) for s in scenarios)
         pos: dict[tuple[int, str], float] = {}
@@ -145,7 +155,8 @@ def throughput_png(results: Sequence[Result], path: Path) -> Path:
             pts = [(pos[(i, v)], by[(s, metric)][v]) for i, s in enumerate(scenarios)
                    if (i, v) in pos]
             xs, ys = [x for x, _ in pts], [y for _, y in pts]
-            bars = ax.bar(xs, ys, width, label=v, color=COLORS.get(v) or next(spare, None))
+            bars = ax.bar(xs, ys, width, label=v, color=colour[v])
+            handles.setdefault(v, bars)
             ax.bar_label(bars, [f"{y:.1f}" if metric == "throughput" else f"{y / 1000:.1f}k"
                                 for y in ys], fontsize=7)
         ax.set_xticks(range(len(scenarios)),
@@ -154,8 +165,10 @@ def throughput_png(results: Sequence[Result], path: Path) -> Path:
         ax.set_title("Bulk TCP (iperf3)" if metric == "throughput"
                      else "TCP request/response on one connection (sockperf ping-pong)")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    order = sorted(handles, key=lambda v: (not v.startswith("pcn"), v))
+    fig.legend([handles[v] for v in order], order, loc="lower center",
+               ncol=min(6, len(order)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

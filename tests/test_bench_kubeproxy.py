@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +131,56 @@ def test_service_objects_refuse_ports_with_other_endpoints() -> None:
                                (("10.245.1.9", 8080),))]
     with pytest.raises(ValueError, match="bench/svc"):
         kp.service_objects(odd)
+
+
+class _SlowApi(kp.ApiClient):
+    """An ApiClient whose creates take `delay` s each and are recorded,
+    without an API server."""
+
+    def __init__(self, delay: float, fail_at: int = -1) -> None:
+        super().__init__(0)
+        self.delay, self.fail_at = delay, fail_at
+        self.created: list[str] = []
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        name = obj["metadata"]["name"]
+        if name == f"o{self.fail_at}":
+            raise RuntimeError(f"409 {name} exists")
+        time.sleep(self.delay)
+        self.created.append(name)
+        return obj
+
+
+def _objs(n: int) -> list[dict[str, Any]]:
+    return [{"metadata": {"name": f"o{i}"}} for i in range(n)]
+
+
+def test_create_all_reports_progress_and_creates_everything() -> None:
+    api = _SlowApi(0.01)
+    seen: list[tuple[int, int]] = []
+    secs = api.create_all(_objs(40), workers=2, every_s=0.05,
+                          progress=lambda done, total, _s: seen.append((done, total)))
+    assert sorted(api.created) == sorted(f"o{i}" for i in range(40))
+    assert secs > 0
+    assert seen and all(total == 40 and 0 <= done < 40 for done, total in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_create_all_stops_once_the_rate_projects_past_the_budget() -> None:
+    api = _SlowApi(0.05)
+    with pytest.raises(kp.CreateBudgetExceeded) as caught:
+        # 400 creates at ~40/s on 2 workers: ~10 s, far past a 1 s budget
+        api.create_all(_objs(400), workers=2, every_s=0.2, budget_s=1.0)
+    exc = caught.value
+    assert exc.total == 400 and 0 < exc.created < 400 and exc.projected_s > 1.0
+    time.sleep(0.2)  # the creates in flight end; the queued ones never start
+    assert len(api.created) < 60
+
+
+def test_create_all_raises_a_failed_create() -> None:
+    api = _SlowApi(0.0, fail_at=5)
+    with pytest.raises(RuntimeError, match="409 o5 exists"):
+        api.create_all(_objs(20), workers=2, every_s=0.05)
 
 
 def test_iptables_readiness() -> None:
