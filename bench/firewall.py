@@ -43,6 +43,7 @@ from pcn_agent.control.manager import DataplaneManager
 from pcn_agent.control.reconcile import Inputs, cube_name, desired_state
 from pcn_agent.control.settings import ClusterSettings
 from pcn_agent.dataplane.cubes.firewall import Firewall
+from pcn_agent.dataplane.cubes.functions import FirewallFunction
 
 from . import rr
 from .netns import exec_in, stop
@@ -146,7 +147,12 @@ class _Agent:
         return (t1 - t0) * 1000, (t2 - t1) * 1000
 
     def firewall(self, level: int) -> Firewall:
-        return self.manager.functions[cube_name(NAMESPACE, variant(level))]
+        """The firewall cube of `level`'s NetworkFunction (the manager holds
+        each function behind its FunctionCube)."""
+        fn = self.manager.functions[cube_name(NAMESPACE, variant(level))]
+        if not isinstance(fn, FirewallFunction):
+            raise RuntimeError(f"{variant(level)} is a {fn.type} function, not a firewall")
+        return fn.fw
 
 
 def _check_counted(fw: Firewall, level: int) -> dict[str, int]:

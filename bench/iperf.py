@@ -59,6 +59,26 @@ def _wait_listening(netns: str, server: subprocess.Popen[str], port: int,
     raise RuntimeError(f"iperf3 server in {netns} not listening after {timeout:.0f} s")
 
 
+def wait_idle(netns: str, port: int = PORT, timeout: float = 10) -> float:
+    """Wait until the iperf3 server on `port` in `netns` has no established
+    connection left (the seconds waited). An iperf3 server runs one test at
+    a time and answers a client that comes while it still ends the previous
+    one (its last data draining through a slow shaper, the results
+    exchange) with a refusal or a reset ("unable to receive control
+    message: Connection reset by peer"); runs back to back to one server
+    wait for it first. RuntimeError after `timeout` s."""
+    t0 = time.monotonic()
+    while True:
+        out = exec_in(netns, ["ss", "-Htn", "state", "established", f"sport = :{port}"],
+                      check=False).stdout
+        if not out.strip():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"iperf3 server in {netns} still busy after {timeout:.0f} s: "
+                               f"{out.strip()[:300]}")
+        time.sleep(0.05)
+
+
 def report_end(what: str, returncode: int | None, out: str, err: str) -> dict[str, Any]:
     """The `end` section of an iperf3 client's JSON report (-J); RuntimeError
     naming `what` when the client printed none (it failed before measuring:

@@ -326,6 +326,8 @@ def _measure(ctx: Context, cases: list[Case]) -> dict[str, list[Sample]]:
             c = cases[(i + k) % len(cases)]
             if c.before is not None:
                 c.before()
+            # the tbf cases share one server, back to back: the previous test must be over
+            iperf.wait_idle(c.server.netns, UDP_PORT if c.udp else iperf.PORT)
             s = run_once(c, seconds)
             out[c.name].append(s)
             if c.rate is None:

@@ -1,10 +1,16 @@
-"""The pure parts of the policer-rate benchmark (bench.policer's names and
-iperf3 parsing, bench.results' acceptance line): no kernel, no timing."""
+"""The policer-rate benchmark: its pure parts (bench.policer's names and
+iperf3 parsing, bench.results' acceptance line), and the wait between its
+back-to-back iperf3 runs to one server (two namespaces on a veth pair)."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import pytest
 
+from bench import iperf
+from bench.netns import Namespaces, new_run_prefix, stop
 from bench.policer import (
     MIN_MEASURE_S,
     POLICER_RATE,
@@ -20,6 +26,7 @@ from bench.policer import (
     udp_variant,
     variant,
 )
+from bench.references import veth_pair
 from bench.results import THROUGHPUT, Result, acceptance
 
 
@@ -77,3 +84,35 @@ def test_measured_seconds_keep_the_bursts_share_within_the_tolerance() -> None:
     assert MIN_MEASURE_S == pytest.approx(10.0)
     assert DEFAULT_BURST_S / measure_seconds(5) <= 0.05 + 1e-9
     assert measure_seconds(30) == 30
+
+
+def test_back_to_back_runs_wait_for_the_server_to_finish_the_last_test() -> None:
+    """An iperf3 server answers a client that comes while it still ends the
+    previous test with a reset: iperf.wait_idle waits while a connection to
+    it is established, and gives up with a message after its timeout."""
+    nss = Namespaces(new_run_prefix())
+    nss = Namespaces(new_run_prefix())
+    server = holder = None
+    try:
+        a, b = veth_pair(nss, 1500)
+        server = iperf.start_server(b.netns, iperf.Pinning())
+        assert iperf.wait_idle(b.netns, timeout=1) < 1  # nobody connected
+        # a client that holds a control connection open for 1.5 s
+        holder = subprocess.Popen(
+            ["ip", "netns", "exec", a.netns, "python3", "-c",
+             "import socket, time; s = socket.create_connection(("
+             f"{b.ip!r}, {iperf.PORT})); print('up', flush=True); time.sleep(1.5)"],
+            stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
+        with pytest.raises(RuntimeError, match="still busy"):
+            iperf.wait_idle(b.netns, timeout=0.2)
+        t = time.monotonic()
+        iperf.wait_idle(b.netns, timeout=10)
+        assert time.monotonic() - t > 0.2  # it waited for the holder to go
+        assert holder.wait(timeout=10) == 0
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        if server is not None:
+            stop(server)
+        nss.remove_all()
