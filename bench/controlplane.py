@@ -700,6 +700,8 @@ CNI_PHASES = {
     "agent": "the agent's attach, round trip on its unix socket",
     "agent-lock-wait": "of which: waiting for the agent's node lock",
     "agent-op": "of which: the attach under that lock",
+    "agent-save": "of which: the wait for the state save that covers the attach, and that "
+                  "save if no other did (a group commit: one save covers every op before it)",
     "result": "the result printed",
     "exit": "interpreter exit, the bench sees the process end",
 }
@@ -724,6 +726,8 @@ def _cni_phases(trace: dict[str, Any], t_call: float, t_return: float) -> dict[s
     if "lock_wait_ms" in agent:
         out["agent-lock-wait"] = float(agent["lock_wait_ms"])
         out["agent-op"] = float(agent["op_ms"])
+    if "save_ms" in agent:
+        out["agent-save"] = float(agent["save_ms"])
     return out
 
 
