@@ -229,6 +229,13 @@ def _ping(cl: CniLab, netns: str, dst: str) -> None:
     assert p.returncode == 0, f"ping {dst} from {netns}: {p.stdout} {p.stderr}"
 
 
+def _sysctl(cl: CniLab, netns: str, conf: str) -> str:
+    """net.ipv6.conf.<conf>.disable_ipv6 in `netns`."""
+    p = cl.exec(netns, ["cat", f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"])
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
 def _pod_addresses(netns: str, ifname: str = "eth0") -> set[str]:
     with IPRoute(netns=netns) as ipr:
         idx = ipr.link_lookup(ifname=ifname)[0]
@@ -360,6 +367,10 @@ def test_add_check_ping_del(clean: CniLab) -> None:
         assert link.get_attr("IFLA_MTU") == 1450
         routes = ipr.get_default_routes(family=2)
         assert [r.get_attr("RTA_GATEWAY") for r in routes] == [gw]
+    # IPv4 only: IPv6 off on both ends, the pod's default for later interfaces untouched.
+    assert _sysctl(cl, a_ns, "eth0") == _sysctl(cl, cl.node_ns, host["name"]) == "1"
+    fresh, _ = cl.pod_ns()
+    assert _sysctl(cl, a_ns, "default") == _sysctl(cl, fresh, "default")
     pod = cl.node.pods[a_id]
     assert (pod.k8s_namespace, pod.k8s_name, pod.origin) == ("default", f"web-{a_id[:6]}", "cni")
     assert pod.port.netdev == host_ifname(a_id)
