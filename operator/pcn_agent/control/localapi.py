@@ -323,7 +323,10 @@ def _hostports_note(hostports: list[dict[str, Any]]) -> str:
 
 class DataplaneHandler:
     """The local API's ops on a NodeDataplane; one request at a time (a lock,
-    which callers that also change the node may share through `lock`).
+    which callers that also change the node may share through `lock`). An
+    op is answered only once the node's saved state holds its changes (a
+    restarted agent adopts what the plugin was told); one save covers every
+    op done before it began (a group commit, see __call__).
 
     attach   container_id, netns, ifname, host_ifname, ip (interface notation),
              mac, [mtu], [gateway], [k8s_namespace], [k8s_name],
