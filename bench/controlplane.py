@@ -106,9 +106,38 @@ one interpreter lock, so the agent runs 2 per CPU at once
 516/410 ms against 297/379 and 304/391) and the others wait for their turn
 (the phase `imports`, ~120 ms p50 at 30), and it reconciles once after the
 burst instead of after each attach (each full reconcile held the node lock
-the next attach needed). What is left per ADD is CPU on 2 cores: `ip netns
+the next attach needed). What was left per ADD was CPU on 2 cores: `ip netns
 exec` and the launcher (~3 ms), host-local (~3 ms), the netlink work (~1-2
 ms) and the attach (~4 ms, most of it pyroute2 building the tc filters).
+
+Then (issue 13 item 5, 30 at once p99 < 250 ms), py-spy on the agent during
+30 ADDs at once (PCN_BENCH_AGENT_PROFILE, samples of the ADDs' threads) put
+a third of them in pyroute2 (0.9's sync IPRoute runs an event loop and
+decodes every attribute per call: two link lookups, a get_links, a clsact
+add and a filter replace per attach), an eighth in the full state save after
+every attach, and a fifth of what remained in the disable_ipv6 writes (the
+kernel restarts them while anyone holds the rtnl lock). Now: the attach's
+link lookup and tc work go through a lean rtnetlink socket
+(pcn_agent.dataplane.rtnl; one RTM_GETLINK gives index, kind and peer
+namespace), the saves are a group commit (DataplaneHandler: an op is
+answered once a save that began after it is done; one save covers the ops
+queued meanwhile; phase agent-save), a port's two hooks are one map write,
+and the pod's veth end is born with IPv6 off (its namespace's default,
+written without the lock). `make bench BENCH_ARGS="--only
+cni-add,cni-add-parallel"` (the launcher), 2026-12-01 16:11-16:14 UTC on 2
+CPUs at load 1.3-2.0, before (107e030) and after interleaved; p50/p99 ms,
+all 30 in ms, and the `bridge` plugin's of the same run:
+
+    run      cni-add pcn  bridge    30 at once pcn    all   bridge         all
+    after     12/17       13/24     156/233           234   201/235        237
+    before    16/49       14/36     204/307           310   157/198        199
+    after     10/16       10/14     133/204           204   177/221        223
+    before    15/64       12/17     191/277           280   160/210        211
+    after     11/19       11/18     134/203           205   173/203        205
+
+The agent's part of an ADD one at a time went from 4.5-5.5 ms (op 4.4-5.3)
+to 1.6-2.0 (op 0.6-0.8, save 0.8-1.0); with 30 at once the wait for a turn
+(phase imports) from 109-137 ms p50 to 56-68.
 
 On teardown the agent is stopped (SIGTERM), its pins and state removed, the
 pods deleted with CNI DEL, and the namespaces removed.
@@ -700,6 +729,8 @@ CNI_PHASES = {
     "agent": "the agent's attach, round trip on its unix socket",
     "agent-lock-wait": "of which: waiting for the agent's node lock",
     "agent-op": "of which: the attach under that lock",
+    "agent-save": "of which: the wait for the state save that covers the attach, and that "
+                  "save if no other did (a group commit: one save covers every op before it)",
     "result": "the result printed",
     "exit": "interpreter exit, the bench sees the process end",
 }
@@ -724,6 +755,8 @@ def _cni_phases(trace: dict[str, Any], t_call: float, t_return: float) -> dict[s
     if "lock_wait_ms" in agent:
         out["agent-lock-wait"] = float(agent["lock_wait_ms"])
         out["agent-op"] = float(agent["op_ms"])
+    if "save_ms" in agent:
+        out["agent-save"] = float(agent["save_ms"])
     return out
 
 

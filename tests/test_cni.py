@@ -32,6 +32,7 @@ from pcn_agent.cni import localapi, spec
 from pcn_agent.cni.ipam import run_program
 from pcn_agent.cni.link import host_ifname
 from pcn_agent.control.localapi import CniService, DataplaneHandler, LocalApiServer
+from pcn_agent.dataplane import maps
 from pcn_agent.dataplane.netns import netns_path
 from pcn_agent.node.wiring import NodeDataplane
 from pcn_lab import kubelet
@@ -228,6 +229,13 @@ def _ping(cl: CniLab, netns: str, dst: str) -> None:
     assert p.returncode == 0, f"ping {dst} from {netns}: {p.stdout} {p.stderr}"
 
 
+def _sysctl(cl: CniLab, netns: str, conf: str) -> str:
+    """net.ipv6.conf.<conf>.disable_ipv6 in `netns`."""
+    p = cl.exec(netns, ["cat", f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"])
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
 def _pod_addresses(netns: str, ifname: str = "eth0") -> set[str]:
     with IPRoute(netns=netns) as ipr:
         idx = ipr.link_lookup(ifname=ifname)[0]
@@ -359,6 +367,10 @@ def test_add_check_ping_del(clean: CniLab) -> None:
         assert link.get_attr("IFLA_MTU") == 1450
         routes = ipr.get_default_routes(family=2)
         assert [r.get_attr("RTA_GATEWAY") for r in routes] == [gw]
+    # IPv4 only: IPv6 off on both ends, the pod's default for later interfaces untouched.
+    assert _sysctl(cl, a_ns, "eth0") == _sysctl(cl, cl.node_ns, host["name"]) == "1"
+    fresh, _ = cl.pod_ns()
+    assert _sysctl(cl, a_ns, "default") == _sysctl(cl, fresh, "default")
     pod = cl.node.pods[a_id]
     assert (pod.k8s_namespace, pod.k8s_name, pod.origin) == ("default", f"web-{a_id[:6]}", "cni")
     assert pod.port.netdev == host_ifname(a_id)
@@ -404,7 +416,7 @@ def test_every_way_to_start_the_plugin_adds_checks_and_deletes(clean: CniLab,
 
 def test_trace_times_each_phase_of_an_add(clean: CniLab) -> None:
     """PCN_CNI_TRACE (what bench cni-add reads): one line per run, the ADD's
-    marks in order on time.monotonic()'s clock, the agent's lock wait and op."""
+    marks in order on time.monotonic()'s clock, the agent's lock wait, op and save."""
     cl = clean
     trace = cl.tmp / f"trace-{secrets.token_hex(4)}.jsonl"
     before = time.monotonic()
@@ -418,6 +430,8 @@ def test_trace_times_each_phase_of_an_add(clean: CniLab) -> None:
     times = [m[1] for m in add["marks"]]
     assert before < times[0] and times == sorted(times) and times[-1] < after
     assert add["agent"]["lock_wait_ms"] >= 0 and add["agent"]["op_ms"] > 0
+    # alone, the ADD's own flush saved its pod
+    assert add["agent"]["save_ms"] > 0 and add["agent"]["saved"] is True
     # the launcher's ADD ran in the agent, not in its Python fallback
     assert add["where"] == dele["where"] == ("agent" if cl.plugin == LAUNCHER else "plugin")
     assert dele["command"] == "DEL" and [m[0] for m in dele["marks"]][-1] == "done"
@@ -629,23 +643,45 @@ def test_add_with_an_existing_interface_name_rolls_back(clean: CniLab) -> None:
 PARALLEL_ADDS = 30  # issue 13: 30 ADDs at once on one node
 
 
+def _saved_pods(cl: CniLab) -> set[str]:
+    """The pods in the node's saved state: what a restarted agent adopts."""
+    return set(json.loads(cl.node.rt.state_path.read_text())["meta"]["pods"])
+
+
+def test_an_answered_add_or_del_is_in_the_saved_state(clean: CniLab) -> None:
+    """The agent answers an attach or a detach only once its state file
+    holds it (saves are grouped, never skipped): an agent restarted right
+    after an ADD succeeded adopts the pod, after a DEL forgets it."""
+    cl = clean
+    cid, _, path, _ = cl.add()
+    assert cid in _saved_pods(cl)
+    cl.delete(cid, path).ok()
+    assert cid not in _saved_pods(cl)
+
+
 def test_concurrent_adds_and_dels(clean: CniLab) -> None:
     """30 ADDs started together (as a runtime starting many pods at once does)
     each get their own address and a working link (a ping to the gateway from
-    every pod, and across pods); DELs together leave nothing."""
+    every pod, and across pods), each in the saved state when it is answered
+    (one save may cover several); DELs together leave nothing."""
     cl = clean
     pods = [(secrets.token_hex(32), *cl.pod_ns()) for _ in range(PARALLEL_ADDS)]
     gate = threading.Barrier(len(pods))
-    cl.run("STATUS").ok()  # the agent's op thread has its netlink socket
+    cl.run("STATUS").ok()  # the agent's op thread has its netlink sockets
     sockets = cl.node.rt.netlink_sockets()
 
-    def add(p: tuple[str, str, str]) -> Run:
+    def add(p: tuple[str, str, str]) -> tuple[Run, bool]:
         gate.wait()
-        return cl.run("ADD", None, p[0], p[2], args="IgnoreUnknown=1")
+        run = cl.run("ADD", None, p[0], p[2], args="IgnoreUnknown=1")
+        return run, p[0] in _saved_pods(cl)
 
     with ThreadPoolExecutor(len(pods)) as pool:
-        runs = list(pool.map(add, pods))
+        answered = list(pool.map(add, pods))
+    runs = [run for run, _ in answered]
     results = [r.ok() for r in runs]
+    assert all(saved for _, saved in answered), "an ADD was answered before its pod was saved"
+    assert all(cl.node.pods[p[0]].port.flags & maps.PORT_PEER_NS for p in pods), \
+        "a pod's port does not deliver into its veth's peer"
     ips = {res["ips"][0]["address"] for res in results if res}
     assert len(ips) == len(pods)
     assert cl.cni_pods() == {p[0] for p in pods}

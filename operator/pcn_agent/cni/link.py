@@ -9,6 +9,8 @@ import errno
 import ipaddress
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pcn_agent.cni import rtnl
 from pcn_agent.cni.spec import INVALID_ENV, CniError, Env
@@ -37,11 +39,43 @@ def check_netns(path: str) -> None:
 
 def no_ipv6(ifname: str) -> None:
     """pcn routes IPv4 only: keep the kernel from sending IPv6 neighbour and
-    router discovery into the data plane (the calling thread's namespace)."""
+    router discovery into the data plane (the calling thread's namespace).
+
+    Written only when it is not set already: the kernel serves a write of
+    an interface's disable_ipv6 only with the rtnl lock, and while any
+    other thread holds that lock (the netlink work of the ADDs alongside)
+    it restarts the write over and over (addrconf_sysctl_disable:
+    rtnl_trylock or restart_syscall), CPU spent for nothing; a read takes
+    no lock."""
+    key = f"net.ipv6.conf.{ifname}.disable_ipv6"
     try:
-        rtnl.write_sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", "1")
+        if rtnl.read_sysctl(key) != "1":
+            rtnl.write_sysctl(key, "1")
     except FileNotFoundError:
         pass  # IPv6 disabled in this kernel
+
+
+@contextmanager
+def _born_without_ipv6(netns: str) -> Iterator[None]:
+    """Interfaces made in the namespace at `netns` while the body runs start
+    with IPv6 disabled: its default disable_ipv6 (what a new interface's
+    settings are copied from, ipv6_add_dev) is 1 meanwhile, and as it was
+    after. The default is written without the rtnl lock (see no_ipv6), and
+    the pod's namespace is this ADD's alone."""
+    key = "net.ipv6.conf.default.disable_ipv6"
+    with rtnl.netns(netns):
+        try:
+            before = rtnl.read_sysctl(key)
+        except FileNotFoundError:
+            before = ""  # IPv6 disabled in this kernel
+        if before not in ("", "1"):
+            rtnl.write_sysctl(key, "1")
+    try:
+        yield
+    finally:
+        if before not in ("", "1"):
+            with rtnl.netns(netns):
+                rtnl.write_sysctl(key, before)
 
 
 class PodLink:
@@ -69,7 +103,8 @@ def create_pod_link(env: Env, host_if: str, address: str, gateway: str,
     with rtnl.Rtnl() as node:
         pod_fd = os.open(env.netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            node.create_veth(host_if, tmp, pod_fd, mtu)
+            with _born_without_ipv6(env.netns):  # the pod's end: no write to undo it
+                node.create_veth(host_if, tmp, pod_fd, mtu)
         finally:
             os.close(pod_fd)
         try:

@@ -144,6 +144,12 @@ def write_sysctl(key: str, value: str) -> None:
         f.write(value)
 
 
+def read_sysctl(key: str) -> str:
+    """A net.* sysctl of the calling thread's namespace, stripped."""
+    with open("/proc/sys/" + key.replace(".", "/")) as f:
+        return f.read().strip()
+
+
 def link_index(ifname: str) -> int | None:
     """The index of `ifname` in the calling thread's namespace, or None."""
     try:

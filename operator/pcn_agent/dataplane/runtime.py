@@ -24,7 +24,8 @@ from pyroute2 import IPRoute
 
 from pcn_agent.dataplane import bpffs, maps, programs, tc
 from pcn_agent.dataplane.compiler import BpfModule, CompileError, compile_bundle, compile_cube
-from pcn_agent.dataplane.netns import iproute
+from pcn_agent.dataplane.netns import entered, iproute
+from pcn_agent.dataplane.rtnl import Netdev, Rtnl
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,22 @@ class Runtime:
         """This thread's rtnetlink socket in the runtime's namespace (None when closed)."""
         return self._netlink.get() if self._netlink is not None else None
 
+    @property
+    def nl(self) -> Rtnl | None:
+        """This thread's lean rtnetlink socket in the runtime's namespace
+        (dataplane.rtnl: link lookups and tc on a pod's path; None when closed)."""
+        return self._netlink.lean() if self._netlink is not None else None
+
     def netlink_sockets(self) -> int:
-        """rtnetlink sockets open for this runtime (one per live thread using it)."""
+        """rtnetlink sockets open for this runtime (one or two, pyroute2's and
+        the lean one, per live thread using it)."""
         return self._netlink.open_sockets() if self._netlink is not None else 0
+
+    def _lean(self) -> Rtnl:
+        nl = self.nl
+        if nl is None:
+            raise RuntimeError_(f"runtime {self.name} is not open")
+        return nl
 
     # ----------------------------------------------------------------- life cycle
     def open(self, adopt: bool = True) -> Runtime:
@@ -396,9 +410,9 @@ class Runtime:
                 return
             for ifindex, parents in list(self._attached.items()):
                 for parent in parents:
-                    tc.detach(self.ipr, ifindex, parent)
+                    tc.detach(self._lean(), ifindex, parent)
                 if ifindex in self._own_clsact:
-                    tc.remove_clsact(self.ipr, ifindex)
+                    tc.remove_clsact(self._lean(), ifindex)
             self._attached.clear()
             self._own_clsact.clear()
             self._release_modules()
@@ -631,25 +645,32 @@ class Runtime:
             self._watchers[cube_name] = fn
 
     # ---------------------------------------------------------------- peering
+    def netdev(self, ifname: str = "", ifindex: int = 0) -> Netdev | None:
+        """The netdev named `ifname` (or of index `ifindex`) in the runtime's
+        namespace, as one RTM_GETLINK tells it (index, name, kind, peer
+        namespace), or None if there is none."""
+        return self._lean().link(ifindex, ifname)
+
     def ifindex(self, ifname: str) -> int:
-        assert self.ipr is not None
-        found = self.ipr.link_lookup(ifname=ifname)
-        if not found:
+        dev = self.netdev(ifname)
+        if dev is None:
             raise RuntimeError_(f"no netdev {ifname!r} in netns {self.netns or '(current)'}")
-        return int(found[0])
+        return dev.index
 
     def veth_peer_elsewhere(self, ifindex: int) -> bool:
         """Whether netdev `ifindex` is one end of a veth pair whose other end
         lives in another network namespace: rtnetlink then reports the
         other end's namespace (IFLA_LINK_NETNSID, rtnl_fill_link_netnsid),
         which it leaves out when both ends share this one. Raises
-        pyroute2's NetlinkError for a missing device."""
-        assert self.ipr is not None
-        link = self.ipr.get_links(ifindex)[0]
-        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        return kind == "veth" and link.get_attr("IFLA_LINK_NETNSID") is not None
+        RuntimeError_ for a missing device."""
+        dev = self.netdev(ifindex=ifindex)
+        if dev is None:
+            raise RuntimeError_(f"no netdev of ifindex {ifindex} in netns "
+                                f"{self.netns or '(current)'}")
+        return dev.veth_peer_elsewhere
 
-    def connect_netdev(self, port: PortState, ifname: str, into_peer: bool = False) -> None:
+    def connect_netdev(self, port: PortState, ifname: str, into_peer: bool = False,
+                       ifindex: int = 0) -> None:
         """Peer a port with a netdev: the entry program on its tc ingress.
 
         `into_peer` (a pod's host-side veth): what the port sends from a
@@ -659,11 +680,20 @@ class Runtime:
         drops such a redirect to a device without a peer or whose peer is
         in the same namespace, so the flag (maps.PORT_PEER_NS) is set only
         when veth_peer_elsewhere() holds; otherwise the port keeps the
-        plain redirect and a warning says why."""
+        plain redirect and a warning says why.
+
+        One RTM_GETLINK learns the device's index, kind and peer namespace
+        (by `ifindex` when the caller looked it up already, checked to
+        still be `ifname`). RuntimeError_ if there is no such device."""
         with self._lock:
             self.disconnect(port)
-            ifindex = self.ifindex(ifname)
-            peer_ns = into_peer and self.veth_peer_elsewhere(ifindex)
+            dev = self.netdev(ifname, ifindex)
+            if dev is None or dev.name != ifname:
+                raise RuntimeError_(f"no netdev {ifname!r}"
+                                    + (f" of ifindex {ifindex}" if ifindex else "")
+                                    + f" in netns {self.netns or '(current)'}")
+            ifindex = dev.index
+            peer_ns = into_peer and dev.veth_peer_elsewhere
             if into_peer and not peer_ns:
                 log.warning("port %s:%s: %s is not a veth with its other end in another "
                             "network namespace: packets go out of it by plain redirect",
@@ -712,9 +742,9 @@ class Runtime:
             if port.peer_kind == maps.PEER_NETDEV:
                 ifindex = port.peer
                 for parent in self._attached.pop(ifindex, set()):
-                    tc.detach(self.ipr, ifindex, parent)
+                    tc.detach(self._lean(), ifindex, parent)
                 if ifindex in self._own_clsact:
-                    tc.remove_clsact(self.ipr, ifindex)
+                    tc.remove_clsact(self._lean(), ifindex)
                     self._own_clsact.discard(ifindex)
                 try:
                     del self.table("pcn_ifaces")[ct.c_uint32(ifindex)]
@@ -730,10 +760,10 @@ class Runtime:
                 self._write_port(port)
 
     def _attach(self, ifindex: int, parent: str, prog: str) -> None:
-        assert self.ipr is not None
-        if tc.ensure_clsact(self.ipr, ifindex):
+        nl = self._lean()
+        if tc.ensure_clsact(nl, ifindex):
             self._own_clsact.add(ifindex)
-        tc.attach(self.ipr, ifindex, parent, self._entry_fds[prog], prog)
+        tc.attach(nl, ifindex, parent, self._entry_fds[prog], prog)
         self._attached.setdefault(ifindex, set()).add(parent)
 
     def _sync_egress_attach(self, port: PortState) -> None:
@@ -744,7 +774,7 @@ class Runtime:
         if port.hooks[maps.HOOK_EGRESS] and tc.EGRESS not in parents:
             self._attach(port.peer, tc.EGRESS, "pcn_egress")
         elif not port.hooks[maps.HOOK_EGRESS] and tc.EGRESS in parents:
-            tc.detach(self.ipr, port.peer, tc.EGRESS)
+            tc.detach(self._lean(), port.peer, tc.EGRESS)
             parents.discard(tc.EGRESS)
 
     # ---------------------------------------------------------------- chains
@@ -759,6 +789,21 @@ class Runtime:
                 self._sync_egress_attach(port)  # program in place before the hook is used
             self._write_port(port)
             if hook == maps.HOOK_EGRESS and not stack:
+                self._sync_egress_attach(port)
+
+    def set_hooks(self, port: PortState, ingress: Iterable[StackedCube],
+                  egress: Iterable[StackedCube]) -> None:
+        """set_hook of both sides in one map update (a new pod's port gets
+        both at once)."""
+        stacks = {maps.HOOK_INGRESS: list(ingress), maps.HOOK_EGRESS: list(egress)}
+        if any(len(stack) > maps.CHAIN_MAX for stack in stacks.values()):
+            raise RuntimeError_(f"at most {maps.CHAIN_MAX} cubes fit on one port hook")
+        with self._lock:
+            port.hooks.update(stacks)
+            if stacks[maps.HOOK_EGRESS]:
+                self._sync_egress_attach(port)  # program in place before the hook is used
+            self._write_port(port)
+            if not stacks[maps.HOOK_EGRESS]:
                 self._sync_egress_attach(port)
 
     def set_slot(self, slot: int, fd: int) -> None:
@@ -805,49 +850,63 @@ class Runtime:
 
 
 class NetlinkPerThread:
-    """One rtnetlink socket per thread, each opened inside `netns` by setns.
+    """rtnetlink sockets per thread, each opened inside `netns` by setns: a
+    pyroute2 IPRoute (get) and a lean dataplane.rtnl socket (lean), each
+    opened on the thread's first use.
 
     pyroute2's synchronous IPRoute opens a fresh socket for every thread that
     uses it, in that thread's namespace; a socket opened by setns therefore
     only serves its own thread. `IPRoute(netns=...)` would follow the
     namespace but forks a helper to do it (see pcn_agent.dataplane.netns).
-    The socket of a thread that has ended is closed when the next one is
+    The sockets of a thread that has ended are closed when the next one is
     opened: short-lived threads (a request's) leave no descriptor behind."""
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
         self._local = threading.local()
-        self._all: list[tuple[threading.Thread, IPRoute]] = []
+        self._all: list[tuple[threading.Thread, IPRoute | Rtnl]] = []
         self._lock = threading.Lock()
 
     def get(self) -> IPRoute:
-        ipr = getattr(self._local, "ipr", None)
+        ipr: IPRoute | None = getattr(self._local, "ipr", None)
         if ipr is None:
             ipr = iproute(self.netns)
             self._local.ipr = ipr
-            with self._lock:
-                ended = [(t, old) for t, old in self._all if not t.is_alive()]
-                self._all = [(t, old) for t, old in self._all if t.is_alive()]
-                self._all.append((threading.current_thread(), ipr))
-            for _, old in ended:
-                _close_quietly(old)
+            self._keep(ipr)
         return ipr
 
+    def lean(self) -> Rtnl:
+        nl: Rtnl | None = getattr(self._local, "lean", None)
+        if nl is None:
+            with entered(self.netns):
+                nl = Rtnl()
+            self._local.lean = nl
+            self._keep(nl)
+        return nl
+
+    def _keep(self, sock: IPRoute | Rtnl) -> None:
+        with self._lock:
+            ended = [old for t, old in self._all if not t.is_alive()]
+            self._all = [(t, old) for t, old in self._all if t.is_alive()]
+            self._all.append((threading.current_thread(), sock))
+        for old in ended:
+            _close_quietly(old)
+
     def open_sockets(self) -> int:
-        """How many sockets are open (one per live thread that used this)."""
+        """How many sockets are open (one or two per live thread that used this)."""
         with self._lock:
             return len(self._all)
 
     def close(self) -> None:
         with self._lock:
-            for _, ipr in self._all:
-                _close_quietly(ipr)
+            for _, sock in self._all:
+                _close_quietly(sock)
             self._all.clear()
 
 
-def _close_quietly(ipr: IPRoute) -> None:
+def _close_quietly(sock: IPRoute | Rtnl) -> None:
     try:
-        ipr.close()
+        sock.close()
     except Exception:  # a thread's socket may already be gone
         log.debug("closing a netlink socket failed", exc_info=True)
 

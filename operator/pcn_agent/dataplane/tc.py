@@ -1,7 +1,10 @@
-"""tc clsact attachment of the entry programs, with pyroute2.
+"""tc clsact attachment of the entry programs.
 
 Filters get an explicit priority and handle and are replaced, not stacked, so
 re-attaching (an agent restart, a program upgrade) swaps the program atomically.
+Attaching and detaching go through the runtime's lean socket (dataplane.rtnl:
+every pod attach and removal does them); listing, which tests and diagnostics
+use, through pyroute2.
 """
 
 from __future__ import annotations
@@ -12,43 +15,40 @@ import logging
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pcn_agent.dataplane.rtnl import Rtnl
+
 log = logging.getLogger(__name__)
 
 INGRESS = "ffff:fff2"
 EGRESS = "ffff:fff3"
 PRIO = 1
-HANDLE = ":1"
+HANDLE = 1  # ":1"
 _PARENT_NUM = {INGRESS: 0xFFFFFFF2, EGRESS: 0xFFFFFFF3}
 
 
-def ensure_clsact(ipr: IPRoute, ifindex: int) -> bool:
+def ensure_clsact(nl: Rtnl, ifindex: int) -> bool:
     """Add a clsact qdisc; returns True when this call created it."""
-    try:
-        ipr.tc("add", "clsact", ifindex)
-        return True
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:
-            return False
-        raise
+    return nl.add_clsact(ifindex)
 
 
-def attach(ipr: IPRoute, ifindex: int, parent: str, fd: int, name: str) -> None:
-    ipr.tc("replace-filter", "bpf", ifindex, HANDLE, fd=fd, name=name, parent=parent,
-           classid=1, direct_action=True, prio=PRIO)
+def attach(nl: Rtnl, ifindex: int, parent: str, fd: int, name: str) -> None:
+    """Run program `fd` (named `name`) on `parent` (INGRESS or EGRESS) of
+    the device, in place of what ran there."""
+    nl.replace_bpf_filter(ifindex, _PARENT_NUM[parent], PRIO, HANDLE, fd, name)
 
 
-def detach(ipr: IPRoute, ifindex: int, parent: str) -> None:
+def detach(nl: Rtnl, ifindex: int, parent: str) -> None:
     """Remove our filter; a missing device or filter is not an error."""
     try:
-        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=parent, prio=PRIO)
+        nl.del_bpf_filter(ifindex, _PARENT_NUM[parent], PRIO, HANDLE)
     except NetlinkError as exc:
         if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
             raise
 
 
-def remove_clsact(ipr: IPRoute, ifindex: int) -> None:
+def remove_clsact(nl: Rtnl, ifindex: int) -> None:
     try:
-        ipr.tc("del", "clsact", ifindex)
+        nl.del_clsact(ifindex)
     except NetlinkError as exc:
         if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
             raise

@@ -615,15 +615,38 @@ class NodeDataplane:
             self._sync_localnet(force=True)  # the chain the previous agent left, made exact
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Group many changes under one save (a burst of Service updates)."""
+    def batch(self, defer: bool = False) -> Iterator[None]:
+        """Group many changes under one save (a burst of Service updates).
+
+        `defer`: no save at the end; the changes stay unsaved until the next
+        save() or flush(). DataplaneHandler runs each op so and flushes before
+        it answers: a flush covers every op done before it began, so attaches
+        queued behind each other share one save (a group commit) and none is
+        answered before a saved state holds it."""
         self._batch_depth += 1
         try:
             yield
         finally:
             self._batch_depth -= 1
-            if not self._batch_depth and self.rt.ipr is not None and self._unsaved:
+            if not defer and not self._batch_depth and self.rt.ipr is not None \
+                    and self._unsaved:
                 self.save()
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether changes were made since the last save (in a batch, or a
+        deferred one that ended)."""
+        return self._unsaved
+
+    def flush(self) -> bool:
+        """Save the changes deferred batches left unsaved, if any and no batch
+        is open; returns whether it saved. Callers hold the lock that
+        serialises the node's changes (as for every change), so the saved
+        state is one the node was in."""
+        if not self._unsaved or self._batch_depth or self.rt.ipr is None:
+            return False
+        self.save()
+        return True
 
     def save(self) -> None:
         """Record the node's state for a restarted agent (after each change, or
@@ -638,7 +661,10 @@ class NodeDataplane:
         if self.dispatcher is not None:
             self.dispatcher.save()
         self.rt.meta["peers"] = [asdict(p) for p in self.peers.values()]
-        self.rt.meta["pods"] = {k: {"netns": p.netns, "iface": asdict(p.iface), "port": p.port.id,
+        # vars(): the interface's fields are all scalars, and asdict's deep
+        # copy costs 25 times as much, for every pod at every save
+        self.rt.meta["pods"] = {k: {"netns": p.netns, "iface": dict(vars(p.iface)),
+                                    "port": p.port.id,
                                     "ingress": p.ingress, "egress": p.egress,
                                     "k8s_namespace": p.k8s_namespace, "k8s_name": p.k8s_name,
                                     "origin": p.origin, "policy": p.policy}
@@ -838,14 +864,18 @@ class NodeDataplane:
         self.save()
         return pod
 
-    def attach_pod(self, key: str, host_if: str) -> PortState:
+    def attach_pod(self, key: str, host_if: str, ifindex: int = 0) -> PortState:
+        """A new bridge port for pod `key`, peered with its host veth end
+        `host_if` (`ifindex`: its index if the caller knows it, checked;
+        0: looked up). Raises RuntimeError_ if there is no such device, and
+        then leaves no port."""
         assert self.bridge is not None
         port = self.bridge.add_port(f"pod-{key}")
         try:
             self._write_pod_hooks(port, [], [])
             # the pod's eth0 is the veth's other end, in the pod's namespace: the
             # data path delivers into it directly (Runtime.connect_netdev)
-            self.rt.connect_netdev(port, host_if, into_peer=True)
+            self.rt.connect_netdev(port, host_if, into_peer=True, ifindex=ifindex)
         except Exception:
             self.bridge.remove_port(port.name)
             raise
@@ -874,12 +904,11 @@ class NodeDataplane:
         lb = [self.rt.stacked(LB)]
         pol = [self.rt.stacked(POLICY)] if policy else []
         tap_from, tap_to = self.taps.get(port.id, ([], []))
-        self.rt.set_hook(port, maps.HOOK_INGRESS,
-                         [self.rt.stacked(n) for n in tap_from] + lb
-                         + [self.rt.stacked(n) for n in ingress] + pol)
-        self.rt.set_hook(port, maps.HOOK_EGRESS,
-                         pol + [self.rt.stacked(n) for n in egress] + lb
-                         + [self.rt.stacked(n) for n in tap_to])
+        self.rt.set_hooks(port,
+                          [self.rt.stacked(n) for n in tap_from] + lb
+                          + [self.rt.stacked(n) for n in ingress] + pol,
+                          pol + [self.rt.stacked(n) for n in egress] + lb
+                          + [self.rt.stacked(n) for n in tap_to])
 
     def set_pod_taps(self, key: str, from_pod: list[str], to_pod: list[str]) -> None:
         """Put observation cubes (captures, by name) outermost on pod `key`'s
@@ -961,11 +990,13 @@ class NodeDataplane:
         self.save()
 
     def register_pod(self, key: str, netns: str, iface: podnet.PodInterface,
-                     k8s_namespace: str = "", k8s_name: str = "", origin: str = "") -> Pod:
+                     k8s_namespace: str = "", k8s_name: str = "", origin: str = "",
+                     ifindex: int = 0) -> Pod:
         """Attach a pod whose veth pair someone else made (the CNI plugin) and
-        record it: a new bridge port peered with `iface.host_ifname`. Creates
-        no veth, compiles nothing."""
-        port = self.attach_pod(key, iface.host_ifname)
+        record it: a new bridge port peered with `iface.host_ifname` (of
+        index `ifindex`, if the caller looked it up). Creates no veth,
+        compiles nothing."""
+        port = self.attach_pod(key, iface.host_ifname, ifindex)
         pod = Pod(key, netns, iface, port, k8s_namespace=k8s_namespace, k8s_name=k8s_name,
                   origin=origin)
         self.pods[key] = pod
