@@ -783,9 +783,12 @@ class CniNode:
         self.ctx = ctx
         self.st = st
         self.agent = agent = AgentProcess(ctx, st, tag)
+        ctx.progress(f"{tag}: starting a pcn-agent on a one-node lab (it compiles the "
+                     "node's programs)")
         t = agent.start(st)
         agent.wait_ready().close()
-        ctx.progress(f"{tag}: agent's data plane up in {time.monotonic() - t:.1f} s")
+        ctx.progress(f"{tag}: agent's data plane up in {time.monotonic() - t:.1f} s; waiting "
+                     "for its background compiles to end before timing")
         idle = agent.wait_idle()
         ctx.progress(f"{tag}: agent idle (background compiles done) {idle:.1f} s later")
         self.conf = kubelet.network_config(agent.pod_cidr, agent.gateway, str(agent.socket),

@@ -84,6 +84,9 @@ class Context:
         lab = Lab(nodes_count=nodes, pods_per_node=pods, overlay=overlay,
                   mtu=MTU if overlay == "vxlan" else None, socket_lb=socket_lb)
         self.labs.append(lab)  # its prefix is checked for leftovers at the end
+        # compiling the node's programs takes seconds: say so before, not only after
+        self.progress(f"pcn lab {lab.prefix}: building {nodes} node(s) of {pods} pod(s) "
+                      "(compiling the node's programs)")
         t = time.monotonic()
         lab.build()  # closes itself if the build fails
         stack.callback(lab.close)
