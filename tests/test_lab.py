@@ -279,32 +279,37 @@ def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
     p = subprocess.Popen([sys.executable, "-m", "pcn_lab.cli", "--dir", str(d), "up",
                           "--nodes", "1", "--pods-per-node", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Interrupt as soon as `up` says it waits for the agents: it is then in its
-    # wait loop, the supervisor building. (Polling for the lab's namespaces
-    # raced with a build that, pods attached in milliseconds, could be done
-    # before the poll saw them.)
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in p.stderr or []],
-                              daemon=True)
-    reader.start()
-    said = []
-    deadline = time.monotonic() + 60
-    while not said or "waiting for the agents" not in said[-1]:
-        said.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-    state = lab.LabState.load(d)
-    assert state is not None and state.prefix, said
-    p.send_signal(signal.SIGINT)
-    p.wait(timeout=120)
-    reader.join(timeout=10)  # what `up` said last, up to its end
-    while not lines.empty():
-        said.append(lines.get_nowait())
-    err = "".join(said)
-    assert p.returncode == 130, err
-    assert "interrupted" in err
-    _wait("everything to be gone", lambda: leftovers(state.prefix, d) == [] or None,
-          timeout=60)
-    # `down` after that is harmless
-    assert run(d, "down").returncode == 0
+    try:
+        # Interrupt as soon as `up` says it waits for the agents: it is then in its
+        # wait loop, the supervisor building. (Polling for the lab's namespaces
+        # raced with a build that, pods attached in milliseconds, could be done
+        # before the poll saw them.)
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(x) for x in p.stderr or []],
+                                  daemon=True)
+        reader.start()
+        said = []
+        deadline = time.monotonic() + 60
+        while not said or "waiting for the agents" not in said[-1]:
+            said.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        state = lab.LabState.load(d)
+        assert state is not None and state.prefix, said
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=120)
+        reader.join(timeout=10)  # what `up` said last, up to its end
+        while not lines.empty():
+            said.append(lines.get_nowait())
+        err = "".join(said)
+        assert p.returncode == 130, err
+        assert "interrupted" in err
+        _wait("everything to be gone", lambda: leftovers(state.prefix, d) == [] or None,
+              timeout=60)
+        # `down` after that is harmless
+        assert run(d, "down").returncode == 0
+    finally:  # a failed check must not leave the lab up (its supervisor, agents, pins)
+        if p.poll() is None:
+            p.kill()
+        run(d, "down")
 
 
 def test_down_after_a_crash_cleans_up(tmp_path: Path) -> None:
