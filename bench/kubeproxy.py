@@ -407,7 +407,7 @@ class ApiClient:
         `budget_s`, raises CreateBudgetExceeded as soon as the rate so far
         projects the whole past `budget_s` (the creates in flight end, the
         queued ones are cancelled): an API server slows down as it fills
-        (the bench's went from ~550 to ~50 objects/s between 10 000 and
+        (the bench's went from ~550 to ~13 objects/s between 10 000 and
         100 000 Services), so the rate of a smaller level does not predict a
         larger one's. A failed create raises what `create` raised."""
         t = time.perf_counter()

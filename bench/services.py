@@ -45,7 +45,7 @@ Scenarios:
   is every level above it (both modes skipped@N, the reason saying so: on
   2 busy vCPUs the API server went from 100 to ~32 objects/s, an hour for
   100 000 Services; on a quiet one from ~550 objects/s at 10 000 Services
-  to ~50 past 50 000). pcn's table starts from empty at each level.
+  to ~13 past 50 000). pcn's table starts from empty at each level.
   Each level starts from empty tables, and its real backends listen on a
   target port of the level's own (8080, 8081, ...): the rr server closes
   first, so the backends keep TIME_WAIT for (client:port, backend:port) for
