@@ -280,7 +280,7 @@ def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
                           "--nodes", "1", "--pods-per-node", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Interrupt as soon as `up` says it waits for the agents: it is then in its
+        # Interrupt as soon as `up` says what it waits for: it is then in its
         # wait loop, the supervisor building. (Polling for the lab's namespaces
         # raced with a build that, pods attached in milliseconds, could be done
         # before the poll saw them.)
@@ -290,7 +290,9 @@ def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
         reader.start()
         said = []
         deadline = time.monotonic() + 60
-        while not said or "waiting for the agents" not in said[-1]:
+        # its loop's first word: agents not up yet, or (API already up) pods next
+        while not said or not any(w in said[-1] for w in ("waiting for the agents",
+                                                          "starting pods")):
             said.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
         state = lab.LabState.load(d)
         assert state is not None and state.prefix, said
