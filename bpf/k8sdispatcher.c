@@ -57,8 +57,6 @@
                                  * endpoint here, whose direct flows may clash */
 #define DISP_NET_POD 1       /* a pod network: its sources are masqueraded */
 #define DISP_NET_NO_SNAT 2   /* inside the cluster: destinations never masqueraded */
-#define DISP_PORT_TRIES 16
-#define DISP_PORT_HARDER 4   /* then as many may take the port of a closed connection */
 #define DISP_KIND(k) (1u << (k)) /* a set of session kinds (pcn_session.h) */
 
 struct disp_cfg {
@@ -208,11 +206,9 @@ static __always_inline int disp_known(struct __sk_buff *skb, struct pcn_flow *f,
 }
 
 /* Give the reverse entry `old` at `rev` to a new connection (opened by a
- * packet with TCP `flags`) when its own connection is over: past its
- * lifetime (within the grace: later, the entry is the collector's), as
- * conntrack frees the tuple of an expired connection; or, when `harder`,
- * closed (pcn_session_evictable). The old connection's other entry goes
- * too. 1 when taken. */
+ * packet with TCP `flags`) when pcn_session_takeable says its own is over;
+ * the old connection's other entry goes too. pcn_lb.h's pcn_lb_take_over is
+ * the same for lb_sessions. 1 when taken. */
 static __always_inline int disp_take_over(const struct pcn_flow *rev, struct pcn_xlate *old,
                                           const struct pcn_xlate *rev_val,
                                           const struct pcn_session_cfg *cfg, u64 now, u8 flags,
@@ -224,16 +220,11 @@ static __always_inline int disp_take_over(const struct pcn_flow *rev, struct pcn
     struct pcn_flow pk = {};
     pcn_session_peer_key(rev, old, &pk);
     struct pcn_xlate *peer = nat_sessions.lookup(&pk);
-    int age = pcn_session_pair_age(cfg, rev, old, &pk, peer, now);
-    if (age == PCN_AGE_DEAD ||
-        (age == PCN_AGE_LIVE && !(harder && pcn_session_evictable(rev->proto, old, flags))))
-        return 0;
-    int drop_peer = pcn_session_paired(rev, old, &pk, peer) &&
-                    pcn_session_age(cfg, rev->proto, peer, now) != PCN_AGE_DEAD;
-    if (!pcn_session_claim(old, seen, now))
+    int take = pcn_session_takeable(cfg, rev, old, &pk, peer, now, flags, harder);
+    if (take == PCN_TAKE_NO || !pcn_session_claim(old, seen, now))
         return 0;
     *old = *rev_val;
-    if (drop_peer)
+    if (take == PCN_TAKE_WITH_PEER)
         nat_sessions.delete(&pk);
     return 1;
 }
@@ -251,10 +242,8 @@ static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 i
     u32 range = hi >= lo ? (u32)(hi - lo) + 1 : 1;
     u32 h = pcn_flow_hash(f);
 #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < DISP_PORT_TRIES + DISP_PORT_HARDER; i++) {
-        int harder = i >= DISP_PORT_TRIES; /* no port free: the first ones again, harder */
-        u32 n = harder ? i - DISP_PORT_TRIES : i;
-        __be16 port = bpf_htons(lo + (h + n * 7919) % range);
+    for (u32 i = 0; i < PCN_PORT_TRIES + PCN_PORT_HARDER; i++) {
+        __be16 port = pcn_port_try(h, i, lo, range);
         struct pcn_flow rev = {.saddr = peer, .daddr = ip, .sport = peer_port, .dport = port,
                                .proto = f->proto};
         if (f->proto == IPPROTO_ICMP)
@@ -262,7 +251,7 @@ static __always_inline __be16 disp_alloc_port(const struct pcn_flow *f, __be32 i
         if (nat_sessions.insert(&rev, rev_val) == 0)
             return port;
         struct pcn_xlate *old = nat_sessions.lookup(&rev);
-        if (old && disp_take_over(&rev, old, rev_val, cfg, now, flags, harder))
+        if (old && disp_take_over(&rev, old, rev_val, cfg, now, flags, i >= PCN_PORT_TRIES))
             return port;
     }
     return 0;

@@ -28,7 +28,6 @@
 #include "pcn_reject.h"
 #include "pcn_icmperr.h"
 
-#define LBRP_PORT_TRIES 16
 #define LBRP_LOOPBACK_IFINDEX 1 /* the kernel's LOOPBACK_IFINDEX: lo, in every namespace */
 
 /* An lbrp instance's view of its node (written by the agent). */
@@ -191,22 +190,27 @@ static __always_inline __be32 lbrp_masq_addr(struct __sk_buff *skb, const struct
     return 0;
 }
 
-/* Reserve a port on `ip` for the answers of backend `b`: inserts the reverse
- * session `back`, so that two sessions never share one. Returns the port
- * (network order) or 0 when none of the tries is free. */
+/* Reserve a port on `ip` for the answers of backend `b` to the flow `f`
+ * opened by a packet with TCP `flags`: inserts the reverse session `back`,
+ * so that two sessions never share one; a port whose connection is over is
+ * taken over, as the k8sdispatcher's masquerading does (disp_alloc_port).
+ * Returns the port (network order) or 0 when none of the tries is free. */
 static __always_inline __be16 lbrp_masq_port(const struct pcn_flow *f, const struct lbrp_cfg *cfg,
                                              __be32 ip, const struct pcn_backend *b,
-                                             struct pcn_xlate *back)
+                                             struct pcn_xlate *back, u64 now, u8 flags)
 {
     u16 lo = cfg->masq_lo, hi = cfg->masq_hi;
     u32 range = hi >= lo ? (u32)(hi - lo) + 1 : 1;
     u32 h = pcn_flow_hash(f);
 #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < LBRP_PORT_TRIES; i++) {
-        __be16 port = bpf_htons(lo + (h + i * 7919) % range);
+    for (u32 i = 0; i < PCN_PORT_TRIES + PCN_PORT_HARDER; i++) {
+        __be16 port = pcn_port_try(h, i, lo, range);
         struct pcn_flow rev = {.saddr = b->ip, .daddr = ip, .sport = b->port, .dport = port,
                                .proto = f->proto};
         if (lb_sessions.insert(&rev, back) == 0)
+            return port;
+        struct pcn_xlate *old = lb_sessions.lookup(&rev);
+        if (old && pcn_lb_take_over(&rev, old, back, now, flags, i >= PCN_PORT_TRIES))
             return port;
     }
     return 0;
@@ -266,7 +270,7 @@ static __always_inline int lbrp_forward(struct __sk_buff *skb, struct pcn_flow *
         /* the answer comes back by the ingress hook it left by */
         if (masq == cfg->hairpin_ip)
             back.kind = PCN_SESS_LB_HAIRPIN_REV;
-        __be16 port = lbrp_masq_port(f, cfg, masq, &b, &back);
+        __be16 port = lbrp_masq_port(f, cfg, masq, &b, &back, now, info->tcp_flags);
         if (!port)
             return pcn_filter_drop(skb, PCN_DROP_NAT_EXHAUSTED);
         to.ip2 = masq;

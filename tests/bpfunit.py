@@ -22,6 +22,7 @@ from pyroute2 import netns as pr_netns
 
 from pcn_agent.dataplane import bpffs, maps
 from pcn_agent.dataplane.cubes.bridge import Bridge
+from pcn_agent.dataplane.cubes.lbrp import be16
 from pcn_agent.dataplane.runtime import PortState, Runtime
 from pcn_agent.node import podnet
 from pcn_lab.topology import PREFIX
@@ -459,3 +460,36 @@ def age_sessions(table: maps.BpfTable, keys: Sequence[maps.Flow], seconds: float
             v.seen_ns -= ns
         v.born_ms = (v.born_ms - ns // 1_000_000) & 0xFFFFFFFF
         table[key] = v
+
+
+# ---------------------------------------------------------------------- hashes and ports
+# The C hash (pcn_flow_hash in bpf/include/pcn_lb.h) over the flow as the
+# kernel holds it: addresses and ports are the network-order bytes read as
+# little-endian integers.
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    h ^= h >> 16
+    return h
+
+
+def flow_hash(saddr: str, daddr: str, sport: int, dport: int, proto: int) -> int:
+    ports = ((be16(sport) << 16) | be16(dport)) & _M32
+    return _mix32(maps.ip_be(saddr) ^ _mix32(maps.ip_be(daddr) ^ _mix32(ports ^ proto)))
+
+
+PORT_TRIES, PORT_HARDER = 16, 4  # PCN_PORT_TRIES, PCN_PORT_HARDER (bpf/include/pcn_session.h)
+
+
+def port_tries(h: int, lo: int, hi: int) -> list[int]:
+    """The masquerading ports (host order) a flow of hash `h` tries in
+    [lo, hi], in order (pcn_port_try): the first PORT_TRIES, then the
+    PORT_HARDER harder ones."""
+    span = hi - lo + 1
+    step = 7919 if span % 7919 else 7907
+    return [lo + (h + n * step) % span for n in range(PORT_TRIES + PORT_HARDER)]

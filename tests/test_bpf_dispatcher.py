@@ -24,7 +24,8 @@ import itertools
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import pytest
 from bpfunit import (
@@ -35,6 +36,8 @@ from bpfunit import (
     IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    PORT_HARDER,
+    PORT_TRIES,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
@@ -45,6 +48,7 @@ from bpfunit import (
     assert_fragments,
     assert_frame,
     eth,
+    flow_hash,
     fragments,
     icmp_echo,
     icmp_error,
@@ -54,6 +58,7 @@ from bpfunit import (
     l4_ports,
     parse_eth,
     parse_ipv4,
+    port_tries,
     random_mac,
     requote,
     tcp,
@@ -1432,6 +1437,69 @@ def test_ports_past_the_grace_belong_to_the_collector(lab: DispLab, past: int) -
         assert lab.to_uplink(pkt).retval == TC_ACT_OK
     finally:
         cfg[ct.c_uint32(0)] = maps.SessionCfg()  # the defaults, no grace
+
+
+@contextmanager
+def snat_ports(lab: DispLab, lo: int, hi: int) -> Iterator[None]:
+    """The dispatcher masquerades to ports lo-hi while the body runs."""
+    lab.disp.cfg = replace(CFG, snat_range=(lo, hi))
+    lab.disp.configure(lab.ports["uplink"].id, lab.ports["vxlan"].id)
+    try:
+        yield
+    finally:
+        lab.disp.cfg = CFG
+        lab.disp.configure(lab.ports["uplink"].id, lab.ports["vxlan"].id)
+
+
+def hold_ports(lab: DispLab, server: str, ports: list[int], seen_ns: int) -> None:
+    """The masquerading `ports` towards `server`:80 held by established
+    connections of other pods, their last packet at `seen_ns`."""
+    table = nat_table(lab)
+    for port in ports:
+        table[maps.Flow(maps.ip_be(server), maps.ip_be(NODE_IP), be16(80), be16(port),
+                        IPPROTO_TCP)] = maps.Xlate(
+            ip=maps.ip_be(lab.pod()[0]), port=be16(33333), is_src=0, kind=4,
+            state=State.ESTABLISHED, seen_ns=seen_ns)
+
+
+@pytest.mark.parametrize("held_by", ["open", "uncollected"])
+def test_the_harder_tries_are_ports_not_tried_yet(lab: DispLab, held_by: str) -> None:
+    """A connection's first 16 ports of a wider range held by connections
+    still open, or by connections past their lifetime and the grace that
+    the collector has yet to remove (it lags behind on a busy node): neither
+    may be taken, so trying those ports again harder would fail the same
+    way. The harder tries go on to ports not tried yet; the first is free."""
+    lo, hi = 61100, 61163
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    tries = port_tries(flow_hash(pod, server, 33333, 80, IPPROTO_TCP), lo, hi)
+    assert len(set(tries)) == PORT_TRIES + PORT_HARDER
+    cfg = lab.net.rt.table("session_cfg", "k8sdispatcher")
+    write_config(cfg, SessionTimeouts(), grace_s=5)
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    past = {"open": 0, "uncollected": (86400 + 5 + 1) * 1_000_000_000}[held_by]
+    try:
+        hold_ports(lab, server, tries[:PORT_TRIES], now - past)
+        with snat_ports(lab, lo, hi):
+            res = lab.to_uplink(out_uplink(lab, pod, server, IPPROTO_TCP, 33333, 80))
+        assert res.retval == TC_ACT_OK
+        assert src_of(res) == (NODE_IP, tries[PORT_TRIES])
+    finally:
+        cfg[ct.c_uint32(0)] = maps.SessionCfg()  # the defaults, no grace
+
+
+def test_a_range_that_is_a_multiple_of_the_step_is_gone_through(lab: DispLab) -> None:
+    """7 919 ports (the tries' step): each try is still another port (a
+    step of 7 919 would try the first one 20 times)."""
+    lo, hi = 50000, 50000 + 7919 - 1
+    pod, _ = lab.pod()
+    server = counted(_server, "203.0.113.{}")
+    tries = port_tries(flow_hash(pod, server, 33333, 80, IPPROTO_TCP), lo, hi)
+    hold_ports(lab, server, tries[:1], time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with snat_ports(lab, lo, hi):
+        res = lab.to_uplink(out_uplink(lab, pod, server, IPPROTO_TCP, 33333, 80))
+    assert res.retval == TC_ACT_OK
+    assert src_of(res) == (NODE_IP, tries[1])
 
 
 def test_expired_nodeport_session_is_forgotten(lab: DispLab) -> None:

@@ -17,11 +17,13 @@ counters before and after, so the tests share one compiled runtime.
 
 from __future__ import annotations
 
+import ctypes as ct
 import itertools
 import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -30,6 +32,8 @@ from bpfunit import (
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    PORT_HARDER,
+    PORT_TRIES,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
@@ -39,6 +43,7 @@ from bpfunit import (
     assert_fragments,
     assert_frame,
     eth,
+    flow_hash,
     fragments,
     icmp_echo,
     icmp_error,
@@ -48,6 +53,7 @@ from bpfunit import (
     l4_ports,
     parse_eth,
     parse_ipv4,
+    port_tries,
     random_mac,
     requote,
     tcp,
@@ -193,26 +199,6 @@ def dest_of(res: TestRunResult) -> tuple[str, int]:
 
 def gw_tx(before: dict[str, PortCounters], after: dict[str, PortCounters]) -> int:
     return after["gw"].tx_packets - before["gw"].tx_packets
-
-
-# The C hash (pcn_flow_hash in bpf/include/pcn_lb.h) over the flow as the
-# kernel holds it: addresses and ports are the network-order bytes read as
-# little-endian integers.
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
-    h ^= h >> 16
-    return h
-
-
-def flow_hash(saddr: str, daddr: str, sport: int, dport: int, proto: int) -> int:
-    ports = ((be16(sport) << 16) | be16(dport)) & _M32
-    return _mix32(maps.ip_be(saddr) ^ _mix32(maps.ip_be(daddr) ^ _mix32(ports ^ proto)))
 
 
 # ---------------------------------------------------------------------------- ClusterIP
@@ -969,6 +955,138 @@ def test_icmp_error_of_a_pod_that_is_its_own_backend_reaches_it_translated(lab: 
     assert_frame(res.data, want)
     inner = parse_ipv4(parse_eth(res.data).payload).payload[8:]
     assert inner[:24] == quote_of(sent, 4)
+
+
+# -------------------------------------------------------------- hairpin ports
+@contextmanager
+def masq_ports(lab: LbLab, lo: int, hi: int) -> Iterator[None]:
+    """The lbrp masquerades to ports lo-hi while the body runs."""
+    cfg = lab.net.rt.table("lb_cfgs", "lbrp")
+    key = ct.c_uint32(lab.lb.cube.id)
+    saved = cfg[key]
+    narrowed = maps.LbCfg.from_buffer_copy(saved)
+    narrowed.masq_lo, narrowed.masq_hi = lo, hi
+    cfg[key] = narrowed
+    try:
+        yield
+    finally:
+        cfg[key] = saved
+
+
+@dataclass
+class Hairpin:
+    """One pod connecting to itself through `svc`:80 (backend port 8080)."""
+
+    lab: LbLab
+    svc: str
+    cl: str
+
+    def open(self, sport: int, flags: int = TCP_SYN) -> TestRunResult:
+        return self.lab.from_pod(tcp_frame(self.lab, self.cl, self.svc, sport, 80, flags=flags))
+
+    def answer(self, mport: int, flags: int) -> TestRunResult:
+        """The pod's packet as the backend, to the gateway at `mport`."""
+        return self.lab.from_pod(tcp_frame(self.lab, self.cl, GW_IP, 8080, mport, flags=flags))
+
+    def connect(self, sport: int, ends: list[tuple[bool, int]]) -> int:
+        """A connection answered, established, then the packets `ends`
+        (True: the client's); returns its masquerading port."""
+        src, mport = src_of(self.open(sport))
+        assert src == GW_IP
+        for client, flags in [(False, TCP_SYN | TCP_ACK), (True, TCP_ACK), *ends]:
+            res = self.open(sport, flags) if client else self.answer(mport, flags)
+            assert res.retval == TC_ACT_REDIRECT, (client, flags)
+        return mport
+
+    def keys(self, sport: int, mport: int) -> list[maps.Flow]:
+        """The connection's two entries."""
+        return [flow(self.cl, self.svc, sport, 80, IPPROTO_TCP),
+                flow(self.cl, GW_IP, 8080, mport, IPPROTO_TCP)]
+
+    def assert_owns(self, sport: int, res: TestRunResult) -> int:
+        """`res`, the first packet of the connection from `sport`, left
+        masqueraded, and the pod's answer on that port reaches it."""
+        assert res.retval == TC_ACT_REDIRECT
+        src, mport = src_of(res)
+        assert src == GW_IP
+        back = self.answer(mport, TCP_SYN | TCP_ACK)
+        assert back.retval == TC_ACT_REDIRECT
+        assert_frame(back.data, tcp_frame(self.lab, self.svc, self.cl, 80, sport,
+                                          flags=TCP_SYN | TCP_ACK))
+        return mport
+
+
+HAIRPIN_LO, HAIRPIN_HI = 61200, 61215  # 16 ports: the first 16 tries go through all of them
+HAIRPIN_ENDS = {"both-fin": [(True, TCP_FIN | TCP_ACK), (False, TCP_FIN | TCP_ACK), (True, TCP_ACK)],
+                "reset": [(False, TCP_RST | TCP_ACK)]}
+
+
+def fill_hairpin_ports(lab: LbLab, ends: list[tuple[bool, int]]) -> tuple[Hairpin, dict[int, int]]:
+    """Every port of HAIRPIN_LO-HI held by a hairpin connection that went
+    through `ends`: {its client port: its masquerading port}."""
+    pin = Hairpin(lab, vip(), client())
+    lab.lb.set_service(pin.svc, 80, "tcp", [Backend(pin.cl, 8080)])
+    held = {sport: pin.connect(sport, ends) for sport in range(47000, 47016)}
+    assert sorted(held.values()) == list(range(HAIRPIN_LO, HAIRPIN_HI + 1))
+    return pin, held
+
+
+def test_a_hairpin_port_of_a_connection_that_is_over_is_reused(lab: LbLab) -> None:
+    """The 16 masquerading ports held by established hairpin connections: a
+    17th gets none. Once their lifetime (24 h) has passed, the next takes
+    one over before any collector removed it, as the k8sdispatcher's
+    masquerading does and conntrack frees the tuple of an expired
+    connection; the old connection goes, both ways."""
+    with masq_ports(lab, HAIRPIN_LO, HAIRPIN_HI):
+        pin, held = fill_hairpin_ports(lab, [])
+        drops = lab.drops()
+        assert pin.open(47100).retval == TC_ACT_SHOT
+        assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+        table = lab.net.rt.table("lb_sessions", "lbrp")
+        for sport, mport in held.items():
+            age_sessions(table, pin.keys(sport, mport), 86400 + 1)
+        mport = pin.assert_owns(47101, pin.open(47101))
+        old = next(sport for sport, p in held.items() if p == mport)
+        assert lab.raw_session(pin.cl, pin.svc, old, 80, IPPROTO_TCP) is None
+
+
+@pytest.mark.parametrize("closing", sorted(HAIRPIN_ENDS))
+def test_a_new_hairpin_connection_takes_the_port_of_a_closed_one_when_none_is_left(
+        lab: LbLab, closing: str) -> None:
+    """All 16 ports held by hairpin connections that both sides closed
+    (TIME_WAIT, 120 s) or that were reset: a new TCP connection gets one at
+    once, as Linux's NAT evicts closed connections in its last attempts; a
+    packet that opens no connection does not."""
+    with masq_ports(lab, HAIRPIN_LO, HAIRPIN_HI):
+        pin, held = fill_hairpin_ports(lab, HAIRPIN_ENDS[closing])
+        drops = lab.drops()
+        assert pin.open(47200, TCP_ACK).retval == TC_ACT_SHOT  # picked up mid-way
+        assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+        mport = pin.assert_owns(47201, pin.open(47201))
+        old = next(sport for sport, p in held.items() if p == mport)
+        assert lab.raw_session(pin.cl, pin.svc, old, 80, IPPROTO_TCP) is None  # both ways
+        rev = lab.raw_session(pin.cl, GW_IP, 8080, mport, IPPROTO_TCP)
+        assert rev is not None and rev.port2 == be16(47201)
+
+
+def test_the_harder_hairpin_tries_are_ports_not_tried_yet(lab: LbLab) -> None:
+    """A connection's first 16 ports of a wider range held by connections
+    still open: its harder tries go on to ports it has not tried (a
+    connection that is open is never evicted, so trying its port again would
+    fail the same way), and it gets the first of them."""
+    pin = Hairpin(lab, vip(), client())
+    lab.lb.set_service(pin.svc, 80, "tcp", [Backend(pin.cl, 8080)])
+    lo, hi = 61300, 61363
+    tries = port_tries(flow_hash(pin.cl, pin.svc, 47300, 80, IPPROTO_TCP), lo, hi)
+    assert len(set(tries)) == PORT_TRIES + PORT_HARDER
+    table = lab.net.rt.table("lb_sessions", "lbrp")
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    for n, port in enumerate(tries[:PORT_TRIES]):  # held by open connections of the pod
+        table[flow(pin.cl, GW_IP, 8080, port, IPPROTO_TCP)] = maps.Xlate(
+            ip=maps.ip_be(pin.svc), port=be16(80), is_src=1, kind=7, state=State.ESTABLISHED,
+            ip2=maps.ip_be(pin.cl), port2=be16(48000 + n), seen_ns=now)
+    with masq_ports(lab, lo, hi):
+        assert pin.assert_owns(47300, pin.open(47300)) == tries[PORT_TRIES]
 
 
 # ---------------------------------------------------------------------------- the node itself

@@ -13,8 +13,10 @@ entries per connection (40 000).
 
 With the default lifetimes (TIME_WAIT 120 s), the issue's case: 12 000
 short connections from one pod to one server, which used to fail from the
-4 537th on. They need the ports of closed connections before their
-lifetime is over: a new connection takes one when no port is free."""
+4 537th on, and the same from a pod to itself through its Service (a
+hairpin, masqueraded by the lbrp from the same range). They need the ports
+of closed connections before their lifetime is over: a new connection
+takes one when no port is free."""
 
 from __future__ import annotations
 
@@ -111,19 +113,32 @@ def test_many_short_connections_none_fail_and_the_tables_stay_bounded(short_lab:
     assert left == []
 
 
-def test_the_issues_case_with_default_lifetimes() -> None:
-    with Lab(nodes_count=1, pods_per_node=1) as lab, checks.servers(lab, ["ext"]):
-        node = lab.node(1)
-        table = node.rt.table("nat_sessions", "k8sdispatcher")
-        with peak_size(table) as peak:
-            r = checks.probe(lab, "n1p1", ["burst", EXTERNAL_IP, str(checks.TCP_PORT),
-                                           "--count", str(ISSUE_COUNT), "--parallel", str(PARALLEL),
-                                           "--timeout", "5"], 600)
-        assert r.get("failures") == 0 and r.get("hosts") == {"ext": ISSUE_COUNT}, r
-        assert node.rt.cube_drops("k8s").get("nat_exhausted", 0) == 0
-        # every port towards the server held once, by one connection each way
-        # (a sample walks the table while connections come and go: it may
-        # see a connection leaving and one arriving, at most PARALLEL of each)
-        assert sum(1 for _ in table.items_lookup_batch()) <= 2 * SNAT_PORTS
-        assert peak.entries <= 2 * SNAT_PORTS + 2 * PARALLEL, peak
+ISSUE_TARGETS = {  # what the client connects to, the table and the cube of its ports, who answers
+    "masquerade": (EXTERNAL_IP, checks.TCP_PORT, ("nat_sessions", "k8sdispatcher"), "k8s", "ext"),
+    # the pod reaches itself through its Service: masqueraded to the pods'
+    # gateway by the lbrp (kube-proxy's hairpin masquerade), from the same range
+    "hairpin": (VIP, 80, ("lb_sessions", "lbrp"), "lb", "n1p1"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(ISSUE_TARGETS))
+def test_the_issues_case_with_default_lifetimes(target: str) -> None:
+    host, port, (table_name, cube_type), cube, answers = ISSUE_TARGETS[target]
+    with Lab(nodes_count=1, pods_per_node=1) as lab:
+        lab.set_service(VIP, 80, "tcp", [lab.backend("n1p1", checks.TCP_PORT)])
+        with checks.servers(lab, [answers]):
+            node = lab.node(1)
+            table = node.rt.table(table_name, cube_type)
+            with peak_size(table) as peak:
+                r = checks.probe(lab, "n1p1", ["burst", host, str(port), "--count",
+                                               str(ISSUE_COUNT), "--parallel", str(PARALLEL),
+                                               "--timeout", "5"], 600)
+            assert r.get("failures") == 0 and r.get("hosts") == {answers: ISSUE_COUNT}, r
+            assert node.rt.cube_drops(cube).get("nat_exhausted", 0) == 0
+            # every port towards the server held once, by one connection each
+            # way (a sample walks the table while connections come and go: it
+            # may see a connection leaving and one arriving, at most PARALLEL
+            # of each)
+            assert sum(1 for _ in table.items_lookup_batch()) <= 2 * SNAT_PORTS
+            assert peak.entries <= 2 * SNAT_PORTS + 2 * PARALLEL, peak
     assert lab.leftovers() == [], f"teardown left {lab.leftovers()}"

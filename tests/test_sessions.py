@@ -6,6 +6,7 @@ data path writes them, time moved by `now_ns`)."""
 from __future__ import annotations
 
 import ctypes as ct
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -314,6 +315,43 @@ def test_gc_thread_collects_every_interval_until_stopped() -> None:
     finally:
         gc.stop()
     assert "pcn-session-gc-t" not in {t.name for t in threading.enumerate()}  # joined
+
+
+@pytest.mark.parametrize(("took", "wait"), [(0.0, 10.0), (4.0, 6.0), (9.5, 1.0), (30.0, 1.0)])
+def test_passes_start_every_interval_but_never_back_to_back(took: float, wait: float) -> None:
+    assert sessions.next_pass_in(10.0, took) == pytest.approx(wait)
+
+
+class SlowCollector:
+    """Passes that report `seconds` each, the second one telling `done`."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        self.seconds = seconds
+        self.done = threading.Event()
+
+    def collect(self) -> sessions.CollectResult:
+        if not self.seconds:
+            self.done.set()
+            return sessions.CollectResult()
+        return sessions.CollectResult(scanned={"nat_sessions": 5000},
+                                      seconds=self.seconds.pop(0))
+
+
+def test_a_pass_longer_than_the_interval_is_logged_once_while_it_lasts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Past the grace (one interval), what a pass has not yet removed holds
+    its port: the operator is told, with the setting that helps, once per
+    spell of slow passes."""
+    c = SlowCollector([0.5, 0.5, 0.001, 0.5])
+    with caplog.at_level(logging.WARNING, logger="pcn_agent.dataplane.sessions"):
+        gc = SessionGC(c, 0.01, "slow").start()  # type: ignore[arg-type]
+        try:
+            assert c.done.wait(10)
+        finally:
+            gc.stop()
+    warned = [r.getMessage() for r in caplog.records if "longer than its interval" in r.message]
+    assert len(warned) == 2, warned
+    assert "5000 entries took 0.5 s" in warned[0] and "sessionGCInterval" in warned[0]
 
 
 def test_gc_collects_at_once_when_started(table: maps.BpfTable) -> None:

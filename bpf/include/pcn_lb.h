@@ -199,6 +199,29 @@ static __always_inline struct pcn_xlate *pcn_lb_session_live(const struct pcn_fl
     return pcn_session_pair_age(cfg, key, x, &pk, peer, now) == PCN_AGE_LIVE ? x : NULL;
 }
 
+/* k8sdispatcher.c's disp_take_over for lb_sessions: give the reverse entry
+ * `old` at `rev` to a new connection (opened by a packet with TCP `flags`)
+ * when pcn_session_takeable says its own is over; the old connection's other
+ * entry goes too. 1 when taken. */
+static __always_inline int pcn_lb_take_over(const struct pcn_flow *rev, struct pcn_xlate *old,
+                                            const struct pcn_xlate *rev_val, u64 now, u8 flags,
+                                            int harder)
+{
+    u64 seen = old->seen_ns;
+    if (!pcn_session_is_reply(old->kind))
+        return 0;
+    struct pcn_flow pk = {};
+    pcn_session_peer_key(rev, old, &pk);
+    struct pcn_xlate *peer = lb_sessions.lookup(&pk);
+    int take = pcn_session_takeable(pcn_session_cfg(), rev, old, &pk, peer, now, flags, harder);
+    if (take == PCN_TAKE_NO || !pcn_session_claim(old, seen, now))
+        return 0;
+    *old = *rev_val;
+    if (take == PCN_TAKE_WITH_PEER)
+        lb_sessions.delete(&pk);
+    return 1;
+}
+
 /* Record both directions of a translated connection. `fwd` is the flow as the
  * client sent it; replies arrive as `rev_wire`. */
 static __always_inline void pcn_lb_record(const struct pcn_flow *fwd, const struct pcn_xlate *to,

@@ -336,4 +336,53 @@ static __always_inline int pcn_session_claim(struct pcn_xlate *x, u64 seen, u64 
     return __sync_val_compare_and_swap(&x->seen_ns, seen, now) == seen;
 }
 
+/* Choosing a masquerading port (k8sdispatcher's disp_alloc_port, the lbrp's
+ * lbrp_masq_port): PCN_PORT_TRIES ports of the range, from the flow's hash a
+ * prime step apart, then PCN_PORT_HARDER more that may also take a closed
+ * connection's port, as Linux's NAT makes its last attempts harder
+ * (nf_nat_used_tuple_harder). The harder tries are ports not tried before
+ * (a range smaller than the tries is gone through again): a connection
+ * still open, or one past the grace that the collector has yet to remove,
+ * on one of the first ports must not make them fail. Each try costs the
+ * verifier its body again, hence so few (Linux makes up to 128). */
+#define PCN_PORT_TRIES 16
+#define PCN_PORT_HARDER 4
+
+/* The port (network order) of try `n` in [lo, lo + range). A step coprime
+ * with the range visits every port of it before any again: a prime, and
+ * another for the ranges that are multiples of the first. */
+static __always_inline __be16 pcn_port_try(u32 hash, u32 n, u16 lo, u32 range)
+{
+    u32 step = range % 7919 ? 7919 : 7907;
+    return bpf_htons(lo + (hash + n * step) % range);
+}
+
+#define PCN_TAKE_NO 0
+#define PCN_TAKE 1           /* the entry's connection had only this half left */
+#define PCN_TAKE_WITH_PEER 2 /* and its other half goes too */
+
+/* Whether a new connection (its first packet's TCP `flags`) may take the
+ * port of the reverse entry `old` at `rev` (`peer`: the entry at its peer
+ * key `pk`, or NULL): when its connection is over, past its lifetime
+ * (within the grace: later, the entry is the collector's), as conntrack
+ * frees the tuple of an expired connection; or, on a `harder` try, closed
+ * (pcn_session_evictable). The caller claims it (pcn_session_claim with the
+ * seen_ns it read before looking the peer up) and writes it. */
+static __always_inline int pcn_session_takeable(const struct pcn_session_cfg *cfg,
+                                                const struct pcn_flow *rev,
+                                                const struct pcn_xlate *old,
+                                                const struct pcn_flow *pk,
+                                                const struct pcn_xlate *peer, u64 now, u8 flags,
+                                                int harder)
+{
+    int age = pcn_session_pair_age(cfg, rev, old, pk, peer, now);
+    if (age == PCN_AGE_DEAD ||
+        (age == PCN_AGE_LIVE && !(harder && pcn_session_evictable(rev->proto, old, flags))))
+        return PCN_TAKE_NO;
+    return pcn_session_paired(rev, old, pk, peer) &&
+                   pcn_session_age(cfg, rev->proto, peer, now) != PCN_AGE_DEAD
+               ? PCN_TAKE_WITH_PEER
+               : PCN_TAKE;
+}
+
 #endif

@@ -25,7 +25,8 @@ Rules shared with the C, which this module mirrors:
   connection on the very same ports, rewriting the entry in place;
 * a TCP connection that both sides closed (TIME_WAIT) or reset may also give
   its port to a new TCP connection before its lifetime ends, when no other
-  port is free (k8sdispatcher.c, disp_take_over): the collector does not
+  port is free (k8sdispatcher.c's disp_take_over, pcn_lb.h's
+  pcn_lb_take_over for the lbrp's masquerading): the collector does not
   take part in that.
 """
 
@@ -354,13 +355,33 @@ class SessionGC:
             self._thread = None
 
     def _run(self) -> None:
+        lagging = False
         while not self._stop.is_set():
+            start = time.monotonic()
             try:
                 r = self.collector.collect()
                 if r.total_deleted:
                     log.debug("session GC: %s deleted of %s scanned in %.0f ms", r.deleted,
                               r.scanned, r.seconds * 1000)
+                if r.seconds > self.interval_s and not lagging:
+                    log.warning(
+                        "session GC: a pass over %s entries took %.1f s, longer than its "
+                        "interval of %.1f s, which is also the grace: connections that are "
+                        "over hold their masquerading ports until a pass removes them, so "
+                        "new connections may find none free (nat_exhausted drops); raise "
+                        "sessionGCInterval in the pcn ConfigMap", sum(r.scanned.values()),
+                        r.seconds, self.interval_s)
+                lagging = r.seconds > self.interval_s
             except Exception:  # a table gone mid-walk (shutdown): try again next time
                 log.exception("session garbage collection failed")
-            if self._stop.wait(self.interval_s):
+            if self._stop.wait(next_pass_in(self.interval_s, time.monotonic() - start)):
                 return
+
+
+def next_pass_in(interval_s: float, took_s: float) -> float:
+    """Seconds from the end of a pass that took `took_s` to the next: passes
+    start every `interval_s`, so that an entry past its grace waits at most
+    about one interval to be removed however long a pass takes, and at least
+    a tenth of the interval passes between two (a pass longer than the
+    interval must not keep a CPU busy)."""
+    return max(interval_s - took_s, interval_s / 10)

@@ -330,7 +330,8 @@ class NodeDataplane:
         """Give the data path the sessions' lifetimes and collect the sessions
         that are over every session_gc_interval_s. The grace (how long the data
         path may still reuse an expired entry in place, see sessions.py) is
-        one interval: ports are never held longer than lifetime + 2 intervals."""
+        one interval, and passes start every interval: a port is held for about
+        lifetime + 2 intervals at most, unless passes take longer (logged)."""
         c = self.cfg
         interval = c.session_gc_interval_s
         sessions.write_config(self.rt.table("session_cfg", LB_TYPE), c.session_timeouts, interval)
