@@ -354,7 +354,9 @@ static __always_inline int pcn_session_claim(struct pcn_xlate *x, u64 seen, u64 
 static __always_inline __be16 pcn_port_try(u32 hash, u32 n, u16 lo, u32 range)
 {
     u32 step = range % 7919 ? 7919 : 7907;
-    return bpf_htons(lo + (hash + n * step) % range);
+    /* hash % range first: hash + n * step would wrap past 2**32 for a hash
+     * near the top, shifting the later tries onto ports already tried */
+    return bpf_htons(lo + (hash % range + n * step) % range);
 }
 
 #define PCN_TAKE_NO 0
