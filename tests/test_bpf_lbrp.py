@@ -1414,3 +1414,74 @@ def test_udp_session_lives_short_unless_it_is_a_stream(lab: LbLab) -> None:
     age(lab, cl, svc, a, 60301, 53, 119, IPPROTO_UDP)
     assert dest_of(lab.from_pod(stream)) == (a.ip, 5353)
     assert states(lab, cl, svc, a, 60301, 53, IPPROTO_UDP) == (State.ESTABLISHED,) * 2
+
+
+# ------------------------------------------------ masquerading ports: more take-overs
+def test_the_nodes_own_connections_take_over_the_ports_of_expired_ones(lab: LbLab) -> None:
+    """The node's own connections to a service with a backend on another
+    node (masqueraded to its pod-network address): 16 unanswered SYNs hold
+    the 16 ports of the range; a 17th gets none; once past their lifetime
+    (SYN_SENT, 120 s) the next takes one over, and the old connection goes
+    both ways."""
+    np_ = next(_nodeport)
+    be = backend_ip()
+    lab.lb.set_service(NODE_IP, np_, "tcp", [Backend(be, 8080)])
+    table = lab.net.rt.table("lb_sessions", "lbrp")
+    with masq_ports(lab, HAIRPIN_LO, HAIRPIN_HI):
+        held = {}
+        for sport in range(46000, 46016):
+            res = lab.from_loopback(lo_frame(NODE_IP, NODE_IP, sport, np_))
+            assert res.retval == TC_ACT_REDIRECT
+            src, mport = src_of(res)
+            assert src == HOST_POD_IP
+            held[sport] = mport
+        assert sorted(held.values()) == list(range(HAIRPIN_LO, HAIRPIN_HI + 1))
+        assert lab.from_loopback(lo_frame(NODE_IP, NODE_IP, 46100, np_)).retval == TC_ACT_SHOT
+        for sport, mport in held.items():
+            age_sessions(table, [flow(NODE_IP, NODE_IP, sport, np_, IPPROTO_TCP),
+                                 flow(be, HOST_POD_IP, 8080, mport, IPPROTO_TCP)], 121)
+        res = lab.from_loopback(lo_frame(NODE_IP, NODE_IP, 46101, np_))
+        assert res.retval == TC_ACT_REDIRECT
+        src, mport = src_of(res)
+        assert src == HOST_POD_IP and mport in held.values()
+        old = next(s for s, p in held.items() if p == mport)
+        assert lab.raw_session(NODE_IP, NODE_IP, old, np_, IPPROTO_TCP) is None
+        rev = lab.raw_session(be, HOST_POD_IP, 8080, mport, IPPROTO_TCP)
+        assert rev is not None and rev.port2 == be16(46101)
+
+
+def test_a_udp_hairpin_port_is_taken_over_when_over_and_never_before(lab: LbLab) -> None:
+    """16 hairpin UDP flows, unanswered, hold the 16 ports: a new flow gets
+    none while they live (UDP is never evicted early, the harder tries are
+    for a TCP SYN); 31 s later (the unreplied lifetime, 30 s) it takes one."""
+    svc, cl = vip(), client()
+    lab.lb.set_service(svc, 53, "udp", [Backend(cl, 5353)])
+    table = lab.net.rt.table("lb_sessions", "lbrp")
+    with masq_ports(lab, HAIRPIN_LO, HAIRPIN_HI):
+        held = {}
+        for sport in range(47400, 47416):
+            res = lab.from_pod(udp_frame(lab, cl, svc, sport, 53))
+            assert res.retval == TC_ACT_REDIRECT
+            src, mport = src_of(res)
+            assert src == GW_IP
+            held[sport] = mport
+        assert sorted(held.values()) == list(range(HAIRPIN_LO, HAIRPIN_HI + 1))
+        drops = lab.drops()
+        assert lab.from_pod(udp_frame(lab, cl, svc, 47500, 53)).retval == TC_ACT_SHOT
+        assert lab.drops().get("nat_exhausted", 0) == drops.get("nat_exhausted", 0) + 1
+        for sport, mport in held.items():
+            age_sessions(table, [flow(cl, svc, sport, 53, IPPROTO_UDP),
+                                 flow(cl, GW_IP, 5353, mport, IPPROTO_UDP)], 29)
+        assert lab.from_pod(udp_frame(lab, cl, svc, 47501, 53)).retval == TC_ACT_SHOT
+        for sport, mport in held.items():
+            age_sessions(table, [flow(cl, svc, sport, 53, IPPROTO_UDP),
+                                 flow(cl, GW_IP, 5353, mport, IPPROTO_UDP)], 2)
+        res = lab.from_pod(udp_frame(lab, cl, svc, 47502, 53))
+        assert res.retval == TC_ACT_REDIRECT
+        src, mport = src_of(res)
+        old = next(s for s, p in held.items() if p == mport)
+        assert lab.raw_session(cl, svc, old, 53, IPPROTO_UDP) is None
+        back = lab.from_pod(udp_frame(lab, cl, GW_IP, 5353, mport, b"answer"))
+        assert back.retval == TC_ACT_REDIRECT
+        assert src_of(back) == (svc, 53)
+        assert l4_ports(parse_ipv4(parse_eth(back.data).payload)).dport == 47502
