@@ -1502,6 +1502,42 @@ def test_a_range_that_is_a_multiple_of_the_step_is_gone_through(lab: DispLab) ->
     assert src_of(res) == (NODE_IP, tries[1])
 
 
+def test_a_flow_whose_hash_is_near_the_top_goes_through_a_small_range(lab: DispLab) -> None:
+    """17 ports (fewer than the tries, not a power of two) and a flow whose
+    hash plus a few steps passes 2**32: its tries still go through every
+    port (a 32-bit sum would wrap, repeat ports and miss others). All but
+    one that a wrapping sum misses are held: the flow gets that one."""
+    lo, hi = 61200, 61216
+    span = hi - lo + 1
+
+    def missed_by_a_wrapping_sum(h: int) -> list[int]:
+        wrapped = {lo + ((h + n * 7919) & 0xFFFFFFFF) % span
+                   for n in range(PORT_TRIES + PORT_HARDER)}
+        return sorted(set(range(lo, hi + 1)) - wrapped)
+
+    pod, _ = lab.pod()
+    found = None
+    for _ in range(20):
+        server = counted(_server, "203.0.113.{}")
+        for sport in range(1024, 65536):
+            h = flow_hash(pod, server, sport, 80, IPPROTO_TCP)
+            if h >= 2**32 - 20 * 7919 and missed_by_a_wrapping_sum(h):
+                found = server, sport, missed_by_a_wrapping_sum(h)
+                break
+        if found:
+            break
+    assert found is not None
+    server, sport, missed = found
+    assert set(port_tries(flow_hash(pod, server, sport, 80, IPPROTO_TCP), lo, hi)) == \
+        set(range(lo, hi + 1))
+    hold_ports(lab, server, [p for p in range(lo, hi + 1) if p != missed[0]],
+               time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    with snat_ports(lab, lo, hi):
+        res = lab.to_uplink(out_uplink(lab, pod, server, IPPROTO_TCP, sport, 80))
+    assert res.retval == TC_ACT_OK
+    assert src_of(res) == (NODE_IP, missed[0])
+
+
 def test_expired_nodeport_session_is_forgotten(lab: DispLab) -> None:
     """A client's NodePort connection that never got past its SYN (120 s) is
     over: its next packet is a new connection with a fresh backend."""
