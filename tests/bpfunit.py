@@ -493,3 +493,22 @@ def port_tries(h: int, lo: int, hi: int) -> list[int]:
     span = hi - lo + 1
     step = 7919 if span % 7919 else 7907
     return [lo + (h + n * step) % span for n in range(PORT_TRIES + PORT_HARDER)]
+
+
+def port_missed_by_a_wrapping_sum(saddr: str, daddr: str, dport: int, lo: int,
+                                  hi: int) -> tuple[int, int] | None:
+    """A TCP source port from `saddr` to `daddr`:`dport` whose hash plus a
+    few steps passes 2**32, and a port of [lo, hi] that its tries would
+    miss if the sum wrapped at 32 bits (pcn_port_try once did): (source
+    port, missed port), or None when no source port has one."""
+    span = hi - lo + 1
+    tries = PORT_TRIES + PORT_HARDER
+    for sport in range(1024, 65536):
+        h = flow_hash(saddr, daddr, sport, dport, IPPROTO_TCP)
+        if h < 2**32 - tries * 7919:
+            continue
+        wrapped = {lo + ((h + n * 7919) & _M32) % span for n in range(tries)}
+        missed = sorted(set(range(lo, hi + 1)) - wrapped)
+        if missed:
+            return sport, missed[0]
+    return None
