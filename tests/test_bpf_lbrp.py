@@ -1004,6 +1004,18 @@ class Hairpin:
         return [flow(self.cl, self.svc, sport, 80, IPPROTO_TCP),
                 flow(self.cl, GW_IP, 8080, mport, IPPROTO_TCP)]
 
+    def hold(self, mports: list[int]) -> None:
+        """The masquerading ports `mports` held by open (established)
+        hairpin connections of the pod from client ports 48000, 48001...,
+        written straight into lb_sessions (their reply halves)."""
+        table = self.lab.net.rt.table("lb_sessions", "lbrp")
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for n, mport in enumerate(mports):
+            table[flow(self.cl, GW_IP, 8080, mport, IPPROTO_TCP)] = maps.Xlate(
+                ip=maps.ip_be(self.svc), port=be16(80), is_src=1, kind=7,
+                state=State.ESTABLISHED, ip2=maps.ip_be(self.cl), port2=be16(48000 + n),
+                seen_ns=now)
+
     def assert_owns(self, sport: int, res: TestRunResult) -> int:
         """`res`, the first packet of the connection from `sport`, left
         masqueraded, and the pod's answer on that port reaches it."""
@@ -1080,12 +1092,7 @@ def test_the_harder_hairpin_tries_are_ports_not_tried_yet(lab: LbLab) -> None:
     lo, hi = 61300, 61363
     tries = port_tries(flow_hash(pin.cl, pin.svc, 47300, 80, IPPROTO_TCP), lo, hi)
     assert len(set(tries)) == PORT_TRIES + PORT_HARDER
-    table = lab.net.rt.table("lb_sessions", "lbrp")
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    for n, port in enumerate(tries[:PORT_TRIES]):  # held by open connections of the pod
-        table[flow(pin.cl, GW_IP, 8080, port, IPPROTO_TCP)] = maps.Xlate(
-            ip=maps.ip_be(pin.svc), port=be16(80), is_src=1, kind=7, state=State.ESTABLISHED,
-            ip2=maps.ip_be(pin.cl), port2=be16(48000 + n), seen_ns=now)
+    pin.hold(tries[:PORT_TRIES])
     with masq_ports(lab, lo, hi):
         assert pin.assert_owns(47300, pin.open(47300)) == tries[PORT_TRIES]
 
@@ -1109,12 +1116,7 @@ def test_a_flow_whose_hash_is_near_the_top_still_goes_through_a_small_range(lab:
     h = flow_hash(pin.cl, pin.svc, sport, 80, IPPROTO_TCP)
     assert set(port_tries(h, lo, hi)) == set(range(lo, hi + 1))  # exact arithmetic: every port
     lab.lb.set_service(pin.svc, 80, "tcp", [Backend(pin.cl, 8080)])
-    table = lab.net.rt.table("lb_sessions", "lbrp")
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    for n, port in enumerate(p for p in range(lo, hi + 1) if p != missed):
-        table[flow(pin.cl, GW_IP, 8080, port, IPPROTO_TCP)] = maps.Xlate(
-            ip=maps.ip_be(pin.svc), port=be16(80), is_src=1, kind=7, state=State.ESTABLISHED,
-            ip2=maps.ip_be(pin.cl), port2=be16(48000 + n), seen_ns=now)
+    pin.hold([p for p in range(lo, hi + 1) if p != missed])
     with masq_ports(lab, lo, hi):
         assert pin.assert_owns(sport, pin.open(sport)) == missed
 

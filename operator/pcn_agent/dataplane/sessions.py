@@ -363,7 +363,8 @@ class SessionGC:
                 if r.total_deleted:
                     log.debug("session GC: %s deleted of %s scanned in %.0f ms", r.deleted,
                               r.scanned, r.seconds * 1000)
-                if r.seconds > self.interval_s and not lagging:
+                slow = r.seconds > self.interval_s
+                if slow and not lagging:
                     log.warning(
                         "session GC: a pass over %s entries took %.1f s, longer than its "
                         "interval of %.1f s, which is also the grace: connections that are "
@@ -371,7 +372,7 @@ class SessionGC:
                         "new connections may find none free (nat_exhausted drops); raise "
                         "sessionGCInterval in the pcn ConfigMap", sum(r.scanned.values()),
                         r.seconds, self.interval_s)
-                lagging = r.seconds > self.interval_s
+                lagging = slow
             except Exception:  # a table gone mid-walk (shutdown): try again next time
                 log.exception("session garbage collection failed")
             if self._stop.wait(next_pass_in(self.interval_s, time.monotonic() - start)):
